@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/deltatune compare --preset doering2024 --size demo --out demo-output
-	$(BIN)/deltatune results demo-output --format markdown
+	$(BIN)/deltatune results demo-output --format markdown --columns brief
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -34,8 +34,11 @@ from pathlib import Path
 HF_PEFT = {"lora", "ia3", "layernorm"}
 VARIANTS = {
     "deltatune": {},
+    "deltatune-fp32": {"precision": "fp32"},
     "deltatune-bf16": {"precision": "bf16"},
     "deltatune-no-bucketing": {"bucket_by_length": False},
+    "deltatune-torch-dropout": {"fast_dropout": False},
+    "deltatune-fp32-torch-dropout": {"precision": "fp32", "fast_dropout": False},
 }
 
 
@@ -226,7 +229,8 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     side, _, variant_name = args.worker.partition(":")
     if side == "hf":
-        variant = {"train_sampling_strategy": "group_by_length"} if variant_name == "group_by_length" else {}
+        variant = {"group_by_length": {"train_sampling_strategy": "group_by_length"}, "bf16": {"bf16": True},
+                   "": {}}[variant_name]
         result = worker_hf(args, variant)
     else:
         result = worker_deltatune(args, VARIANTS[args.worker])
@@ -260,9 +264,9 @@ def main() -> None:
     parser.add_argument("--task", default="rotten-tomatoes")
     parser.add_argument("--methods", default="full,bitfit,lora")
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--variants", default="deltatune,hf,deltatune-bf16,deltatune-no-bucketing",
-                        help="sides to run each round: deltatune, deltatune-bf16, deltatune-no-bucketing, hf, "
-                             "hf:group_by_length")
+    parser.add_argument("--variants", default="deltatune,hf,deltatune-fp32,deltatune-torch-dropout",
+                        help="sides to run each round: hf, hf:group_by_length, hf:bf16, or deltatune with its "
+                             "defaults (precision auto) or a lever changed: " + ", ".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="A B A B repetitions")

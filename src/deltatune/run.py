@@ -155,6 +155,7 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
         "train_examples_per_s": result.examples_per_s,
         "train_real_tokens_per_s": result.real_tokens_per_s,
         "padding_efficiency": result.padding_efficiency,
+        "precision": result.precision,
         "peak_memory_bytes": peak_memory_bytes(),
         "learning_curve": result.learning_curve,
         "versions": library_versions(),

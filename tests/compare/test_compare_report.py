@@ -12,7 +12,7 @@ from compare_fakes import EXPECTED_PLOTS, build_fake_experiment
 from deltatune.cli import main
 from deltatune.compare.browser import check_page, find_chromium
 from deltatune.compare.report import write_report
-from deltatune.compare.results import export_results
+from deltatune.compare.results import BRIEF_COLUMNS, export_results
 from deltatune.compare.summary import analyze, claims
 from deltatune.errors import DeltatuneError
 
@@ -85,6 +85,15 @@ def test_exports_in_every_format(experiment, tmp_path):
         export_results(experiment, "parquet")
     with pytest.raises(DeltatuneError, match="not one of csv, parquet, markdown"):
         export_results(experiment, "xlsx")
+
+
+def test_export_keeps_chosen_columns(experiment):
+    brief = export_results(experiment, "markdown", columns="brief").splitlines()
+    assert brief[0] == "| " + " | ".join(BRIEF_COLUMNS) + " |" and len(brief) == 93
+    chosen = list(csv.DictReader(io.StringIO(export_results(experiment, "csv", columns="method,primary_value"))))
+    assert list(chosen[0]) == ["method", "primary_value"] and len(chosen) == 91
+    with pytest.raises(DeltatuneError, match="no column 'pearsn'.*dev_pearson"):
+        export_results(experiment, "csv", columns="method,pearsn")
 
 
 def test_results_and_report_commands(experiment, tmp_path, capsys):

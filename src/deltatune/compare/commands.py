@@ -86,6 +86,8 @@ def add_results_parser(commands) -> None:
     results.add_argument("--table", default="cells", help="cells (one row per cell, default) or curves")
     results.add_argument("--out", help="write to this file (needed for parquet) instead of printing")
     results.add_argument("--all-cells", action="store_true", help="include cells no longer in the current spec")
+    results.add_argument("--columns", help="keep only these comma-separated columns, in order; 'brief' for the "
+                                           "settings, primary metric, cost and speed")
 
 
 def add_report_parser(commands) -> None:
@@ -177,7 +179,8 @@ def compare_command(args: argparse.Namespace) -> int:
 def results_command(args: argparse.Namespace) -> int:
     from deltatune.compare.results import export_results
 
-    text = export_results(args.exp_dir, args.format, args.out, include_stale=args.all_cells, table=args.table)
+    text = export_results(args.exp_dir, args.format, args.out, include_stale=args.all_cells, table=args.table,
+                          columns=args.columns)
     if text is not None:
         sys.stdout.write(text)
     else:

@@ -62,9 +62,19 @@ def _markdown_value(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+BRIEF_COLUMNS = ("task", "method", "variant", "data_fraction", "time_budget_s", "seed", "primary_metric",
+                 "primary_value", "trainable_params", "delta_bytes", "train_time_s", "train_examples_per_s",
+                 "peak_memory_bytes", "status")
+
+
 def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | None = None,
-                   include_stale: bool = False, table: str = "cells") -> str | None:
-    """The table in `format`; written to `out` when given (needed for parquet), else returned as text."""
+                   include_stale: bool = False, table: str = "cells",
+                   columns: str | list[str] | None = None) -> str | None:
+    """The table in `format`; written to `out` when given (needed for parquet), else returned as text.
+
+    `columns` keeps only those columns, in that order: a list, a comma-separated string, or "brief"
+    (the settings, the primary metric, cost and speed: a table that fits a terminal).
+    """
     problems = []
     if format not in FORMATS:
         problems.append(f"--format {format!r} is not one of {', '.join(FORMATS)}")
@@ -74,7 +84,8 @@ def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | N
         problems.append("--format parquet is binary: give --out FILE.parquet")
     if problems:
         raise DeltatuneError("; ".join(problems) + ".")
-    columns, rows = (cell_rows if table == "cells" else curve_rows)(exp_dir, include_stale)
+    all_columns, rows = (cell_rows if table == "cells" else curve_rows)(exp_dir, include_stale)
+    columns = _select_columns(all_columns, columns)
     if format == "parquet":
         try:
             import pyarrow as pa
@@ -86,7 +97,7 @@ def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | N
         return None
     if format == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         text = buffer.getvalue()
@@ -100,4 +111,17 @@ def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | N
     return text
 
 
-__all__ = ["export_results", "cell_rows", "curve_rows", "FORMATS", "TABLES"]
+def _select_columns(available: list[str], wanted: str | list[str] | None) -> list[str]:
+    if wanted is None:
+        return available
+    if wanted == "brief":
+        return [c for c in BRIEF_COLUMNS if c in available]
+    names = [n.strip() for n in wanted.split(",")] if isinstance(wanted, str) else list(wanted)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise DeltatuneError(f"--columns: no column {', '.join(map(repr, unknown))} in this table. "
+                             f"Choose from: {', '.join(available)} (or 'brief').")
+    return names
+
+
+__all__ = ["export_results", "BRIEF_COLUMNS", "cell_rows", "curve_rows", "FORMATS", "TABLES"]
