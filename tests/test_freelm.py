@@ -173,15 +173,22 @@ def test_proposition_set_has_one_true_and_the_requested_false_per_example():
         assert propositions.labels[2 * index:2 * index + 2] == [1, 0]
 
 
-def test_teacher_loss_falls_on_a_learnable_proposition_set():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_teacher_loss_falls_on_a_learnable_proposition_set(precision):
     # a wider tiny model: the 32-wide one is slow to leave the symmetric start of this XOR-like task
     model, method, _, _ = lora_freelm(hidden_size=64, intermediate_size=128)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     single = TaskPropositions("toy-mood", ("text",), (TOY_TEMPLATE,) * 3, TOY_PROPOSITIONS.prompt,
                               TOY_PROPOSITIONS.verbalisers)
     config = FreeLMConfig(train_tasks=("toy-mood",), steps=400, lm_ratio=0, teacher_batch_size=16, max_length=32,
-                          learning_rate=1e-2, quiet=True, seed=0)
+                          learning_rate=1e-2, quiet=True, seed=0, precision=precision)
     data = toy_data()
     result = train_freelm(model, build_tokenizer(), [data], [], config, method, propositions={"toy-mood": single})
+    assert result.precision == precision and result.summary()["precision"] == precision
+    # bf16 holds the frozen decoder weights in bf16 while training: afterwards they are the exact fp32 values
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert parameter.dtype == torch.float32 and torch.equal(parameter, frozen[name]), name
     assert result.mean_loss(TEACHER, first=True) > 0.6
     assert result.mean_loss(TEACHER, first=False) < 0.2
     propositions = build_proposition_set([data], build_tokenizer(), config, {"toy-mood": single})
@@ -373,3 +380,4 @@ def test_cli_collects_every_argument_problem(tmp_path, capsys):
     error = capsys.readouterr().err
     assert code == 2
     assert "lm_ratio=-1.0" in error and "Unknown method 'lroa'" in error and "Unknown task 'spam-ham'" in error
+

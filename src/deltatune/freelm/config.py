@@ -54,6 +54,9 @@ class FreeLMConfig:
     """Language-modelling perplexity on this many validation blocks before and after training (0 to skip)."""
     seed: int = 42
     """Seeds the example subsets, templates, negatives, batch order and the teacher head's initialisation."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on CPUs with
+    native bf16). Evaluation always runs in fp32."""
     threads: int | None = None
     """torch intra-op threads; default: torch's choice (all cores)."""
     quiet: bool = False
@@ -80,6 +83,8 @@ class FreeLMConfig:
         for name in ("dev_examples_per_task", "perplexity_blocks"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be 0 or more")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision={self.precision!r} must be one of auto, fp32, bf16")
         if self.schedule not in ("ratio", "interactive"):
             problems.append(f"schedule={self.schedule!r} must be 'ratio' or 'interactive'")
         if problems:

@@ -22,6 +22,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.config import FreeLMConfig
+from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.freelm.model import FreeLMModel
 from deltatune.freelm.schedule import LANGUAGE, TEACHER, signal_schedule
 from deltatune.freelm.scoring import (
@@ -42,7 +44,7 @@ from deltatune.freelm.scoring import (
 )
 from deltatune.tasks.propositions import TaskPropositions, propositions_for
 from deltatune.tasks.spec import TaskData
-from deltatune.train import collate, length_bucketed_batches, stratified_subset
+from deltatune.train import autocast_for, collate, length_bucketed_batches, stratified_subset
 
 
 @dataclass
@@ -125,6 +127,8 @@ class FreeLMResult:
     """Size of the teacher-signal training set (true and false propositions)."""
     history: list[dict] = field(default_factory=list)
     """One entry per step: step, signal, loss, learning rate."""
+    precision: str = "fp32"
+    """The precision training ran at ("auto" resolved)."""
 
     @property
     def propositions_per_s(self) -> float:
@@ -141,7 +145,7 @@ class FreeLMResult:
         return float(np.mean(picked)) if picked else float("nan")
 
     def summary(self) -> dict:
-        return {"steps": self.steps, "num_propositions": self.num_propositions,
+        return {"steps": self.steps, "precision": self.precision, "num_propositions": self.num_propositions,
                 "language_steps": self.language_steps, "teacher_steps": self.teacher_steps,
                 "propositions_seen": self.propositions_seen, "language_tokens_seen": self.language_tokens_seen,
                 "train_time_s": self.train_time_s, "language_time_s": self.language_time_s,
@@ -208,16 +212,32 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
             yield from length_bucketed_batches(teacher_data.lengths, config.teacher_batch_size, rng)
 
     teacher_iterator = teacher_batches() if teacher_data is not None else None
-    history: list[dict] = []
-    propositions_seen = language_tokens = 0
     time_by_signal = {LANGUAGE: 0.0, TEACHER: 0.0}
-    block_position = 0
     progress = None
     if not config.quiet:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=config.steps, desc="freelm", unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
+    precision = resolve_precision(config.precision)
+    with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext():
+        history, propositions_seen, language_tokens, cpu_time = _run_schedule(
+            model, schedule, optimizer, trainable, config, learning_rate, warmup_steps, teacher_iterator,
+            teacher_data, blocks, pad_token_id, precision, time_by_signal, callback, progress)
+    model.eval()
+    return FreeLMResult(train_cpu_time_s=cpu_time, steps=config.steps, language_steps=language_steps,
+                        teacher_steps=teacher_steps,
+                        propositions_seen=propositions_seen, language_tokens_seen=language_tokens,
+                        train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
+                        teacher_time_s=time_by_signal[TEACHER], precision=precision,
+                        num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history)
+
+
+def _run_schedule(model, schedule, optimizer, trainable, config, learning_rate, warmup_steps, teacher_iterator,
+                  teacher_data, blocks, pad_token_id, precision, time_by_signal, callback, progress):
+    """The step loop: returns the history, propositions and language tokens seen, and CPU seconds."""
+    history: list[dict] = []
+    propositions_seen = language_tokens = block_position = 0
     cpu_started = time.process_time()
     for step, signal in enumerate(schedule):
         started = time.perf_counter()
@@ -229,13 +249,15 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
             indices = next(teacher_iterator)
             batch = collate(teacher_data, indices, pad_token_id, regression=False)
             labels = batch.pop("labels")
-            logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
+            with autocast_for(precision):
+                logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
             loss = nn.functional.cross_entropy(logits.float(), labels)
             propositions_seen += len(indices)
         else:
             input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size])
             block_position += config.lm_batch_size
-            loss = model.language_loss(input_ids)
+            with autocast_for(precision):
+                loss = model.language_loss(input_ids)
             language_tokens += input_ids.numel()
         loss.backward()
         if config.max_grad_norm is not None:
@@ -254,13 +276,7 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     cpu_time = time.process_time() - cpu_started
     if progress is not None:
         progress.close()
-    model.eval()
-    return FreeLMResult(train_cpu_time_s=cpu_time, steps=config.steps, language_steps=language_steps,
-                        teacher_steps=teacher_steps,
-                        propositions_seen=propositions_seen, language_tokens_seen=language_tokens,
-                        train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
-                        teacher_time_s=time_by_signal[TEACHER],
-                        num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history)
+    return history, propositions_seen, language_tokens, cpu_time
 
 
 @torch.no_grad()
