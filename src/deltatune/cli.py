@@ -122,7 +122,7 @@ def command_eval(args: argparse.Namespace) -> int:
         raise DeltatuneError(f"{args.run_dir} is a FreeLM model (one model for all tasks): evaluate it with "
                              f"`deltatune freelm eval {args.run_dir} --tasks TASK,...`.")
     tuned = deltatune.load(args.run_dir, base=args.base)
-    metrics = tuned.evaluate(args.split)
+    metrics = tuned.evaluate(args.split, precision=args.precision)
     if args.json:
         print(json.dumps({"split": args.split, **metrics}, indent=2))
     else:
@@ -134,7 +134,7 @@ def command_predict(args: argparse.Namespace) -> int:
     import deltatune
 
     tuned = deltatune.load(args.run_dir, base=args.base)
-    (result,) = tuned.predict(*args.texts)
+    (result,) = tuned.predict(*args.texts, precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
     elif "score" in result:
@@ -278,12 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="dev", help="train, dev or test")
     evaluate.add_argument("--base", help="load the base model from here instead of the recorded name")
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                          help="bf16 autocast, fp32, or auto: bf16 on CPUs with native bf16 (default)")
 
     predict = commands.add_parser("predict", help="predict for one example (two texts for a pair task)")
     predict.add_argument("run_dir")
     predict.add_argument("texts", nargs="+")
     predict.add_argument("--base", help="load the base model from here instead of the recorded name")
     predict.add_argument("--json", action="store_true")
+    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                         help="bf16 autocast, fp32, or auto: bf16 on CPUs with native bf16 (default)")
 
     commands.add_parser("models", help="model aliases and where they come from")
     commands.add_parser("tasks", help="every task: fields, labels, metric, source")

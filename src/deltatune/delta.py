@@ -123,8 +123,10 @@ class TunedModel:
     manifest: dict
     directory: Path
 
-    def predict(self, *texts: str | list[str], batch_size: int = 64) -> list[dict]:
+    def predict(self, *texts: str | list[str], batch_size: int = 64, precision: str = "auto") -> list[dict]:
         """Predict for one example (`predict("a", "b")` for a pair) or lists of them.
+
+        `precision`: "auto" (bf16 autocast on CPUs with native bf16, else fp32), "fp32" or "bf16".
 
         Each result is {'label': name, 'probabilities': {name: p}} for classification, or
         {'score': value} for regression.
@@ -143,7 +145,7 @@ class TunedModel:
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
         encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.manifest.get("max_length", 128))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
-                                                batch_size), self.manifest.get("target_scale"))
+                                                batch_size, precision), self.manifest.get("target_scale"))
         if self.task.is_regression:
             return [{"score": float(o[0])} for o in outputs]
         results = []
@@ -154,7 +156,7 @@ class TunedModel:
                             "probabilities": dict(zip(self.task.labels, probabilities))})
         return results
 
-    def evaluate(self, split: str = "dev", batch_size: int = 64) -> dict[str, float]:
+    def evaluate(self, split: str = "dev", batch_size: int = 64, precision: str = "auto") -> dict[str, float]:
         """Metrics on a split of the task's data, rebuilt from the source recorded in the delta."""
         from deltatune.metrics import compute_metrics
         from deltatune.run import load_data_from_record
@@ -163,7 +165,7 @@ class TunedModel:
         data = load_data_from_record(self.manifest["data"])
         encoded = encode(self.tokenizer, self.task, data.split(split), self.manifest.get("max_length", 128))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
-                                                batch_size), self.manifest.get("target_scale"))
+                                                batch_size, precision), self.manifest.get("target_scale"))
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
 
 

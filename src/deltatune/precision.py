@@ -44,8 +44,11 @@ def resolve_precision(precision: str) -> str:
 
 
 @contextmanager
-def frozen_linear_weights_in_bf16(model: nn.Module):
-    """Within the block, frozen `nn.Linear` weights and biases are stored in bf16; afterwards, exactly fp32."""
+def frozen_linear_weights_in_bf16(model: nn.Module, include_trainable: bool = False):
+    """Within the block, frozen `nn.Linear` weights and biases are stored in bf16; afterwards, exactly fp32.
+
+    `include_trainable` casts trainable ones too: for prediction under `torch.no_grad`, where nothing trains.
+    """
     stashed: list[tuple[nn.Parameter, torch.Tensor]] = []
     # a weight tied to a non-linear module (an LM head tied to the embeddings) is also read outside a
     # matmul, where bf16 would change results: leave it
@@ -53,7 +56,7 @@ def frozen_linear_weights_in_bf16(model: nn.Module):
     for module in model.modules():
         if isinstance(module, nn.Linear):
             for parameter in module.parameters(recurse=False):
-                if (not parameter.requires_grad and parameter.dtype == torch.float32
+                if ((include_trainable or not parameter.requires_grad) and parameter.dtype == torch.float32
                         and id(parameter) not in shared):
                     stashed.append((parameter, parameter.data))
                     parameter.data = parameter.data.to(torch.bfloat16)

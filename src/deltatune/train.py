@@ -232,13 +232,16 @@ def predict_encoded(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_toke
     was_training = model.training
     model.eval()
     outputs: list[np.ndarray | None] = [None] * len(encoded)
-    for indices in length_bucketed_batches(encoded.lengths, batch_size, None):
-        batch = collate(encoded, indices, pad_token_id, task.is_regression)
-        batch.pop("labels")
-        with autocast_for(precision):
-            logits = model(**batch).logits.float()
-        for position, index in enumerate(indices):
-            outputs[index] = logits[position].numpy()
+    # under bf16, every linear weight is cast once for the whole split rather than once per batch
+    with frozen_linear_weights_in_bf16(model, include_trainable=True) if resolve_precision(precision) == "bf16" \
+            else nullcontext():
+        for indices in length_bucketed_batches(encoded.lengths, batch_size, None):
+            batch = collate(encoded, indices, pad_token_id, task.is_regression)
+            batch.pop("labels")
+            with autocast_for(precision):
+                logits = model(**batch).logits.float()
+            for position, index in enumerate(indices):
+                outputs[index] = logits[position].numpy()
     model.train(was_training)
     width = task.num_labels
     return np.stack(outputs) if outputs else np.zeros((0, width), dtype=np.float32)
