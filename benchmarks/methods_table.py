@@ -40,18 +40,19 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict:
 
 
 def table(records: list[dict], primary: str) -> str:
-    header = ["method", "trainable params", "trainable %", f"dev {primary}", "delta bytes", "train examples/s",
-              "train s", "peak memory GiB", "note"]
+    header = ["method", "trainable params", "trainable %", f"dev {primary}", f"dev {primary} at each evaluation",
+              "delta bytes", "train examples/s", "train s", "peak memory GiB", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['method']} | | | failed | | | | | {r['error'][:160]} |")
+            lines.append(f"| {r['method']} | | | failed | | | | | | {r['error'][:160]} |")
             continue
         note = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in r.get("method_report", {}).items())
+        curve = " → ".join(f"{point['metrics'][primary]:.3f}" for point in r.get("learning_curve", []))
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
-            f"{r['dev_metrics'][primary]:.4f} | {r['delta_bytes']:,} | {r['train_examples_per_s']:.1f} | "
+            f"{r['dev_metrics'][primary]:.4f} | {curve} | {r['delta_bytes']:,} | {r['train_examples_per_s']:.1f} | "
             f"{r['train_time_s']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} | {note} |")
     return "\n".join(lines)
 
@@ -74,7 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
-    for method in args.methods.split(","):
+    names = args.methods.split(",")
+    for method in sorted(names, key=lambda name: name != "full"):  # the baseline first
         record = run_method(method, args, args.out)
         records.append(record)
         status = record.get("error") or f"dev {record['dev_metrics']}"
@@ -83,8 +85,10 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     primary = get_task(args.task).metric
     text = (f"# Every method on {args.task} ({args.model}), {budget}\n\n"
-            f"Official dev split, seed {args.seed}, batch size {args.batch_size}, each method's default learning "
-            f"rate and options.\n\n{table(records, primary)}\n\nProduced by `{command}`.\n")
+            f"Official dev split, seed {args.seed}, batch size {args.batch_size}, precision "
+            f"{', '.join(sorted({r.get('precision', 'fp32') for r in records if 'error' not in r}))}, "
+            f"each method's default learning rate and options; dev evaluated once per epoch, the best "
+            f"evaluation kept.\n\n{table(records, primary)}\n\nProduced by `{command}`.\n")
     (args.out / "table.md").write_text(text, encoding="utf-8")
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)

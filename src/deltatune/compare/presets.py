@@ -10,7 +10,7 @@ adapters, lora; data fractions 0.1 0.3 0.6 1.0; 3 seeds; and a time-budget sweep
 training set.
 
 Sizes (estimates from `estimate_seconds`, at 80 training examples/s for MiniLM-L6 on a CPU):
-    demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 1 epoch        ~ 4 min
+    demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 3 epochs       ~ 5 min
     small  all four tasks and five methods, 2,000-example pools, 3 seeds, 2 epochs,
            time budgets 20 and 60 s                                                    ~ 4-5 h
     full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, 3 epochs,
@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "demo": {
             "title": "BitFit and LoRA against full fine-tuning on STS-B (Doering et al. 2024, demo size)",
             "description": ("A few-minute slice of Doering et al. 2024 (arXiv:2401.04051): MiniLM-L6 on STS-B, "
-                            "a 2,000-example training pool, one seed, one epoch. Too small for conclusions; "
+                            "a 2,000-example training pool, one seed, three epochs. Too small for conclusions; "
                             "run --size small or full for those."),
             "models": ["minilm-l6"],
             "tasks": ["stsb"],
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             "fractions": [0.25, 0.5, 1.0],
             "time_budgets": [None],
             "seeds": [0],
-            "train": {"epochs": 1, "batch_size": 16, "eval_every": 40},
+            "train": {"epochs": 3, "batch_size": 16, "eval_every": 60},
             "baseline": "full",
         },
     },
