@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from compare_fakes import EXPECTED_PLOTS, build_fake_experiment
@@ -141,3 +142,29 @@ def test_cells_from_different_code_versions_are_flagged(experiment):
     analysis.finished[0]["record"] = {**analysis.finished[0]["record"], "git": {"commit": "fedcba9876543210",
                                                                                  "dirty": True}}
     assert "WARNING: the cells ran on 2 different versions" in _versions(analysis)
+
+
+def test_a_tie_between_models_that_predict_one_class_is_no_evidence(experiment, tmp_path):
+    """full and bitfit both answer one class everywhere at 10%: that cell must not count as 'held'."""
+    from safetensors.numpy import load_file, save_file
+
+    from deltatune.compare.summary import analyze, claims
+
+    experiment = shutil.copytree(experiment, tmp_path / "copy")  # the fixture is shared: change a copy
+
+    for variant in ("full", "bitfit"):
+        for seed in (0, 1, 2):
+            path = experiment / "cells" / f"alpha-{variant}-0.1-0-{seed}" / "dev_outputs.safetensors"
+            tensors = load_file(str(path))
+            constant = np.zeros_like(tensors["outputs"])
+            constant[:, 1] = 1.0
+            save_file({"outputs": constant, "labels": tensors["labels"]}, str(path))
+    analysis = analyze(experiment)
+    (group,) = [g for g in analysis.groups if g.key.task == "alpha" and g.key.data_fraction == 0.1
+                and g.key.time_budget_s is None]
+    bitfit, lora = group.variants["bitfit"], group.variants["lora"]
+    assert bitfit.degenerate and bitfit.matches is None and bitfit.verdict.startswith("uninformative")
+    assert not lora.degenerate  # lora still learned: better than a one-class baseline, and counted
+    sentence = next(c for c in claims(analysis) if c.startswith("**bitfit**") and "data amounts" in c)
+    assert "no evidence either way on alpha at 10% of the data" in sentence
+    assert "held on alpha at 10%" not in sentence and "alpha at 10% of the data (worse" not in sentence

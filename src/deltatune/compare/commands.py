@@ -149,7 +149,7 @@ def compare_command(args: argparse.Namespace) -> int:
         return 0
     spec = parse_spec(mapping)
     estimate = estimate_seconds(spec)
-    estimate_text = (f"about {_format_duration(estimate)} at ~80 training examples/s, one cell at a time "
+    estimate_text = (f"about {_format_duration(estimate)} at ~200 training examples/s, one cell at a time "
                      "(MiniLM-L6 on a CPU)" if estimate is not None else None)
     if args.dry_run:
         print(f"{spec.title}: {len(spec.cells)} cells" + (f"; {estimate_text}" if estimate_text else ""))

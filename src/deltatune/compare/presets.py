@@ -9,12 +9,12 @@ subset (accuracy, for sentence-pair inference); methods full, bitfit, houlsby an
 adapters, lora; data fractions 0.1 0.3 0.6 1.0; 3 seeds; and a time-budget sweep at the whole
 training set.
 
-Sizes (estimates from `estimate_seconds`, at 80 training examples/s for MiniLM-L6 on a CPU):
+Sizes (estimates from `estimate_seconds`, at 200 training examples/s: MiniLM-L6 in bf16 on a 2-core CPU):
     demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 3 epochs       ~ 5 min
     small  all four tasks and five methods, 2,000-example pools, 3 seeds, 2 epochs,
-           time budgets 20 and 60 s                                                    ~ 4-5 h
+           time budgets 20 and 60 s                                                  ~ 3.5 h
     full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, 3 epochs,
-           time budgets 60, 180 and 600 s                                              ~ 13-14 h
+           time budgets 60, 180 and 600 s                                            ~ 13 h
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def preset_spec(name: str, size: str = "full") -> dict:
     return copy.deepcopy(sizes[size])
 
 
-def estimate_cell_seconds(cell, train_examples_per_s: float = 80.0, eval_examples_per_s: float = 400.0,
+def estimate_cell_seconds(cell, train_examples_per_s: float = 200.0, eval_examples_per_s: float = 1000.0,
                           startup_s: float = 8.0) -> float:
     """A rough wall-clock estimate of one cell (a task of unknown size counts as 1,000 training examples).
 
@@ -117,7 +117,7 @@ def estimate_cell_seconds(cell, train_examples_per_s: float = 80.0, eval_example
     return seconds + evaluations * dev_size / eval_examples_per_s + startup_s
 
 
-def estimate_seconds(spec, train_examples_per_s: float = 80.0) -> float | None:
+def estimate_seconds(spec, train_examples_per_s: float = 200.0) -> float | None:
     """A rough wall-clock estimate of a parsed GridSpec run one cell at a time; None if a task's size is unknown."""
     if any(cell.task.name not in APPROXIMATE_TRAIN_SIZES for cell in spec.cells):
         return None

@@ -55,6 +55,9 @@ class VariantResult:
     note: str | None = None
     """Why there is no comparison (no baseline in the group, no common seeds, dev outputs missing)."""
     times_to_target: list[float | None] = field(default_factory=list)
+    degenerate: bool = False
+    """Both this variant and the baseline predicted one class for every dev example (every seed): a
+    tie between two models that learned nothing yet, which says nothing about the methods."""
 
 
 @dataclass
@@ -226,6 +229,10 @@ def _compare_to_baseline(exp_dir: Path, group: Group, baseline: str | None, stat
                                                        statistics.confidence, statistics.seed)
             result.verdict = stats.verdict(result.comparison, statistics.margin_points)
             result.matches = stats.matches(result.comparison, statistics.margin_points)
+            if group.primary_metric not in stats.REGRESSION_METRICS and all(
+                    np.unique(p).size == 1 for p in method_predictions + baseline_predictions):
+                result.degenerate, result.matches = True, None
+                result.verdict = "uninformative: both predict one class"
 
 
 def _areas(groups: list[Group], baseline: str | None) -> list[AreaRow]:
@@ -272,7 +279,7 @@ def claims(analysis: Analysis) -> list[str]:
         for variant in analysis.variants:
             if variant == analysis.baseline:
                 continue
-            held, missed = [], []
+            held, missed, degenerate = [], [], []
             for group in analysis.groups:
                 if (group.key.time_budget_s is None) != (sweep == "data amounts"):
                     continue
@@ -281,14 +288,16 @@ def claims(analysis: Analysis) -> list[str]:
                     continue
                 place = _place(group, sweep, several_models=len({g.key.model for g in analysis.groups}) > 1)
                 difference, low, high = result.comparison.points()
-                if result.matches:
+                if result.degenerate:
+                    degenerate.append(place)
+                elif result.matches:
                     held.append(place)
                 elif high < 0:
                     missed.append(f"{place} (worse by {-difference:.1f} points [{-high:.1f}, {-low:.1f}])")
                 else:
                     missed.append(f"{place} (not shown: {difference:+.1f} [{low:+.1f}, {high:+.1f}], "
                                   f"interval wider than ±{margin:g})")
-            if not held and not missed:
+            if not held and not missed and not degenerate:
                 continue
             text = (f"**{variant}** matches {analysis.baseline} (no more than {margin:g} point"
                     f"{'s' if margin != 1 else ''} worse, {confidence}% paired bootstrap) across {sweep}: ")
@@ -297,6 +306,9 @@ def claims(analysis: Analysis) -> list[str]:
                 parts.append("held on " + ", ".join(held))
             if missed:
                 parts.append("did not hold on " + "; ".join(missed))
+            if degenerate:
+                parts.append("no evidence either way on " + ", ".join(degenerate) + f" (both it and {analysis.baseline} "
+                             "predicted a single class for every dev example: neither had learned the task yet)")
             sentences.append(text + "; ".join(parts) + ".")
     return sentences
 
