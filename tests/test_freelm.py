@@ -347,7 +347,7 @@ def test_run_saves_an_ordinary_delta_that_reloads_with_identical_scores(tmp_path
     with torch.no_grad():
         expected = torch.softmax(model.teacher_logits(encoded["input_ids"], encoded["attention_mask"]), -1)[0]
     tuned = deltatune.load(out)  # the generic loader: a 2-label proposition classifier
-    (prediction,) = tuned.predict(proposition)
+    (prediction,) = tuned.predict(proposition, precision="fp32")  # as the teacher logits above
     assert prediction["probabilities"]["true"] == pytest.approx(float(expected[1]), abs=1e-5)
 
 
