@@ -232,9 +232,9 @@ def predict_encoded(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_toke
     was_training = model.training
     model.eval()
     outputs: list[np.ndarray | None] = [None] * len(encoded)
+    precision = resolve_precision(precision)
     # under bf16, every linear weight is cast once for the whole split rather than once per batch
-    with frozen_linear_weights_in_bf16(model, include_trainable=True) if resolve_precision(precision) == "bf16" \
-            else nullcontext():
+    with frozen_linear_weights_in_bf16(model, include_trainable=True) if precision == "bf16" else nullcontext():
         for indices in length_bucketed_batches(encoded.lengths, batch_size, None):
             batch = collate(encoded, indices, pad_token_id, task.is_regression)
             batch.pop("labels")

@@ -221,9 +221,46 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     model.train()
     precision = resolve_precision(config.precision)
     with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext():
-        history, propositions_seen, language_tokens, cpu_time = _run_schedule(
-            model, schedule, optimizer, trainable, config, learning_rate, warmup_steps, teacher_iterator,
-            teacher_data, blocks, pad_token_id, precision, time_by_signal, callback, progress)
+        history: list[dict] = []
+        propositions_seen = language_tokens = block_position = 0
+        cpu_started = time.process_time()
+        for step, signal in enumerate(schedule):
+            started = time.perf_counter()
+            factor = (step + 1) / warmup_steps if step < warmup_steps else \
+                max(0.0, (config.steps - step) / max(1, config.steps - warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            if signal == TEACHER:
+                indices = next(teacher_iterator)
+                batch = collate(teacher_data, indices, pad_token_id, regression=False)
+                labels = batch.pop("labels")
+                with autocast_for(precision):
+                    logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
+                loss = nn.functional.cross_entropy(logits.float(), labels)
+                propositions_seen += len(indices)
+            else:
+                input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size])
+                block_position += config.lm_batch_size
+                with autocast_for(precision):
+                    loss = model.language_loss(input_ids)
+                language_tokens += input_ids.numel()
+            loss.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            # the head gets no gradient on language steps: set_to_none keeps AdamW from moving it there
+            optimizer.zero_grad(set_to_none=True)
+            time_by_signal[signal] += time.perf_counter() - started
+            history.append({"step": step + 1, "signal": signal, "loss": float(loss.item()),
+                            "learning_rate": learning_rate * factor})
+            if callback is not None:
+                callback(step + 1, signal, float(loss.item()))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(signal=signal[0], loss=f"{loss.item():.3f}", refresh=False)
+        cpu_time = time.process_time() - cpu_started
+        if progress is not None:
+            progress.close()
     model.eval()
     return FreeLMResult(train_cpu_time_s=cpu_time, steps=config.steps, language_steps=language_steps,
                         teacher_steps=teacher_steps,
@@ -231,52 +268,6 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                         train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
                         teacher_time_s=time_by_signal[TEACHER], precision=precision,
                         num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history)
-
-
-def _run_schedule(model, schedule, optimizer, trainable, config, learning_rate, warmup_steps, teacher_iterator,
-                  teacher_data, blocks, pad_token_id, precision, time_by_signal, callback, progress):
-    """The step loop: returns the history, propositions and language tokens seen, and CPU seconds."""
-    history: list[dict] = []
-    propositions_seen = language_tokens = block_position = 0
-    cpu_started = time.process_time()
-    for step, signal in enumerate(schedule):
-        started = time.perf_counter()
-        factor = (step + 1) / warmup_steps if step < warmup_steps else \
-            max(0.0, (config.steps - step) / max(1, config.steps - warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        if signal == TEACHER:
-            indices = next(teacher_iterator)
-            batch = collate(teacher_data, indices, pad_token_id, regression=False)
-            labels = batch.pop("labels")
-            with autocast_for(precision):
-                logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
-            loss = nn.functional.cross_entropy(logits.float(), labels)
-            propositions_seen += len(indices)
-        else:
-            input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size])
-            block_position += config.lm_batch_size
-            with autocast_for(precision):
-                loss = model.language_loss(input_ids)
-            language_tokens += input_ids.numel()
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        # the head gets no gradient on language steps: set_to_none keeps AdamW from moving it there
-        optimizer.zero_grad(set_to_none=True)
-        time_by_signal[signal] += time.perf_counter() - started
-        history.append({"step": step + 1, "signal": signal, "loss": float(loss.item()),
-                        "learning_rate": learning_rate * factor})
-        if callback is not None:
-            callback(step + 1, signal, float(loss.item()))
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(signal=signal[0], loss=f"{loss.item():.3f}", refresh=False)
-    cpu_time = time.process_time() - cpu_started
-    if progress is not None:
-        progress.close()
-    return history, propositions_seen, language_tokens, cpu_time
 
 
 @torch.no_grad()
