@@ -86,6 +86,27 @@ def prepend_to_mask(attention_mask: torch.Tensor | None, num_tokens: int, batch_
     return torch.cat([ones, attention_mask], dim=1)
 
 
+def prepend_soft_tokens(kwargs: dict, vectors: torch.Tensor, inputs_embeds: torch.Tensor, length: int,
+                        device: torch.device) -> dict:
+    """Backbone keywords with `vectors` (batch, tokens, hidden) in front of `inputs_embeds`.
+
+    The attention mask, token types (the prompt belongs to the first segment) and position ids (the
+    prompt takes 0..T-1, the input follows) are extended to match; input_ids give way to the embeddings.
+    """
+    batch_size, num_tokens = vectors.shape[:2]
+    kwargs["inputs_embeds"] = torch.cat([vectors, inputs_embeds], dim=1)
+    kwargs["input_ids"] = None
+    kwargs["attention_mask"] = prepend_to_mask(kwargs.get("attention_mask"), num_tokens, batch_size, length, device)
+    if kwargs.get("token_type_ids") is not None:
+        token_type_ids = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch_size, num_tokens), token_type_ids], 1)
+    if kwargs.get("position_ids") is not None:
+        position_ids = kwargs["position_ids"]
+        prompt_positions = torch.arange(num_tokens, device=position_ids.device).expand(position_ids.shape[0], -1)
+        kwargs["position_ids"] = torch.cat([prompt_positions, position_ids + num_tokens], dim=1)
+    return kwargs
+
+
 def check_position_budget(backbone: nn.Module, num_tokens: int, length: int, method_name: str) -> None:
     """Models with learned absolute positions (BERT) have a hard limit the virtual tokens count against."""
     embeddings = getattr(backbone, "embeddings", None)

@@ -48,7 +48,7 @@ from deltatune.methods._prompts import (
     backbone_of,
     batch_size_and_length,
     check_position_budget,
-    prepend_to_mask,
+    prepend_soft_tokens,
     reject_non_empty_cache,
 )
 from deltatune.methods.common import head_names
@@ -200,7 +200,7 @@ def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) ->
     reject_non_empty_cache(kwargs, METHOD_NAME)
     generator = backbone.input_dependent_prompt
     num_tokens = generator.num_tokens
-    batch_size, length, device = batch_size_and_length(kwargs)
+    _, length, device = batch_size_and_length(kwargs)
     check_position_budget(backbone, num_tokens, length, METHOD_NAME)
 
     inputs_embeds = kwargs.get("inputs_embeds")
@@ -208,17 +208,7 @@ def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) ->
         inputs_embeds = backbone.get_input_embeddings()(kwargs["input_ids"])
     states, state_mask = _encoder_states(generator, backbone, kwargs, inputs_embeds)
     prompts = generator(states, state_mask.to(states.device)).to(inputs_embeds.dtype)
-    kwargs["inputs_embeds"] = torch.cat([prompts, inputs_embeds], dim=1)
-    kwargs["input_ids"] = None
-    kwargs["attention_mask"] = prepend_to_mask(kwargs.get("attention_mask"), num_tokens, batch_size, length, device)
-    if kwargs.get("token_type_ids") is not None:  # the prompt belongs to the first segment
-        token_type_ids = kwargs["token_type_ids"]
-        kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch_size, num_tokens), token_type_ids], 1)
-    if kwargs.get("position_ids") is not None:  # the prompt takes positions 0..L-1, the input follows
-        position_ids = kwargs["position_ids"]
-        prompt_positions = torch.arange(num_tokens, device=position_ids.device).expand(position_ids.shape[0], -1)
-        kwargs["position_ids"] = torch.cat([prompt_positions, position_ids + num_tokens], dim=1)
-    return (), kwargs
+    return (), prepend_soft_tokens(kwargs, prompts, inputs_embeds, length, device)
 
 
 def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):

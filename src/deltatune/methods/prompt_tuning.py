@@ -34,7 +34,7 @@ from deltatune.methods._prompts import (
     backbone_of,
     batch_size_and_length,
     check_position_budget,
-    prepend_to_mask,
+    prepend_soft_tokens,
     reject_non_empty_cache,
 )
 from deltatune.methods.common import head_names
@@ -91,17 +91,7 @@ def _prepend_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     if inputs_embeds is None:
         inputs_embeds = backbone.get_input_embeddings()(kwargs["input_ids"])
     virtual = prompt.embeddings.to(inputs_embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
-    kwargs["inputs_embeds"] = torch.cat([virtual, inputs_embeds], dim=1)
-    kwargs["input_ids"] = None
-    kwargs["attention_mask"] = prepend_to_mask(kwargs.get("attention_mask"), num_tokens, batch_size, length, device)
-    if kwargs.get("token_type_ids") is not None:  # the prompt belongs to the first segment
-        token_type_ids = kwargs["token_type_ids"]
-        kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch_size, num_tokens), token_type_ids], 1)
-    if kwargs.get("position_ids") is not None:  # the prompt takes positions 0..L-1, the input follows
-        position_ids = kwargs["position_ids"]
-        prompt_positions = torch.arange(num_tokens, device=position_ids.device).expand(position_ids.shape[0], -1)
-        kwargs["position_ids"] = torch.cat([prompt_positions, position_ids + num_tokens], dim=1)
-    return (), kwargs
+    return (), prepend_soft_tokens(kwargs, virtual, inputs_embeds, length, device)
 
 
 def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
