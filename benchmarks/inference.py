@@ -36,7 +36,7 @@ def main() -> None:
 
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_model_for_task
-    from deltatune.train import encode, predict_encoded
+    from deltatune.batching import encode, predict_encoded
 
     data = load_task_data(args.task)
     task = data.task

@@ -32,7 +32,7 @@ def main() -> None:
     from deltatune.methods import build_method, prepare_model
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_model_for_task
-    from deltatune.train import TrainConfig, train
+    from deltatune.training import TrainConfig, train
 
     data = load_task_data(args.task)
 

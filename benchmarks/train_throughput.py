@@ -50,7 +50,7 @@ def load_setup(args):
 
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_model_for_task
-    from deltatune.train import stratified_subset
+    from deltatune.batching import stratified_subset
 
     data = load_task_data(args.task)
     task = data.task
@@ -108,7 +108,7 @@ def flops_per_token(model, mean_length: float) -> float:
 
 
 def evaluate_model(model, tokenizer, task, dev, max_length: int) -> dict:
-    from deltatune.train import encode, evaluate
+    from deltatune.batching import encode, evaluate
 
     return evaluate(model, encode(tokenizer, task, dev, max_length), task, tokenizer.pad_token_id or 0)
 
@@ -125,7 +125,7 @@ def summarize_steps(step_seconds, step_tokens, step_examples, warmup: int) -> di
 
 def worker_deltatune(args, variant: dict) -> dict:
     from deltatune.methods import build_method, prepare_model
-    from deltatune.train import TrainConfig, peak_memory_bytes, train
+    from deltatune.training import TrainConfig, peak_memory_bytes, train
 
     model, tokenizer, task, train_split, dev = load_setup(args)
     method = build_method(args.method, {})
@@ -149,7 +149,8 @@ def worker_hf(args, variant: dict) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     from deltatune.methods.common import head_names
-    from deltatune.train import encode, peak_memory_bytes
+    from deltatune.batching import encode
+    from deltatune.training import peak_memory_bytes
 
     model, tokenizer, task, train_split, dev = load_setup(args)
     if args.method in HF_PEFT:

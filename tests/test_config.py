@@ -4,7 +4,7 @@ import pytest
 
 from deltatune.config import build_config, field_help
 from deltatune.errors import DeltatuneError
-from deltatune.train import TrainConfig
+from deltatune.training import TrainConfig
 
 
 @dataclass(frozen=True)

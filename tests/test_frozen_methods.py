@@ -10,7 +10,7 @@ from conftest import build_tiny_model, build_tokenizer, make_sentiment_rows, tin
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
 from deltatune.tasks.spec import Split, TaskData, TaskSpec
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 
 TEXTS = ["the man plays guitar", "a good movie", "not very happy", "the dog eats food and sings a song"]
 TASK = TaskSpec("toy-sentiment", ("text",), ("negative", "positive"))

@@ -4,7 +4,7 @@ import torch
 
 from conftest import build_tiny_model, build_tokenizer
 from deltatune.tasks.spec import Split
-from deltatune.train import encode, predict_encoded
+from deltatune.batching import encode, predict_encoded
 from test_train import SENTIMENT
 
 

@@ -11,7 +11,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
 from deltatune.methods.common import head_names
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 
 peft = pytest.importorskip("peft")
 

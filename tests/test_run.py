@@ -6,7 +6,7 @@ import pytest
 
 from conftest import make_sentiment_rows, save_tiny_model_dir
 from deltatune.run import data_record, run_training
-from deltatune.train import TrainConfig
+from deltatune.training import TrainConfig
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_frozen_linear_weights_are_cast_for_the_block_and_restored_exactly():
 
 def test_bf16_training_with_frozen_weights_cast_once_matches_casting_every_step(monkeypatch):
     """Autocast casts a frozen fp32 weight the same way every forward, so casting it once changes nothing."""
-    import deltatune.train as train_module
+    import deltatune.training as train_module
 
     seen_dtypes = []
 
@@ -110,7 +110,7 @@ def test_bf16_training_with_frozen_weights_cast_once_matches_casting_every_step(
     monkeypatch.setattr(train_module, "frozen_linear_weights_in_bf16", spy)
     model, cast_once = trained("bitfit", epochs=1, precision="bf16")
     assert seen_dtypes and set(seen_dtypes) == {torch.bfloat16} and model.base_model.encoder.layer[0].attention.self.query.weight.dtype == torch.float32
-    monkeypatch.setattr("deltatune.train.frozen_linear_weights_in_bf16", lambda model, **options: nullcontext())
+    monkeypatch.setattr("deltatune.training.frozen_linear_weights_in_bf16", lambda model, **options: nullcontext())
     _, cast_each_step = trained("bitfit", epochs=1, precision="bf16")
     assert cast_once.precision == "bf16"
     assert [c["metrics"] for c in cast_once.learning_curve] == [c["metrics"] for c in cast_each_step.learning_curve]
@@ -128,7 +128,7 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
 
 def test_unknown_precision_is_refused_with_the_choices():
     from deltatune.errors import DeltatuneError
-    from deltatune.train import TrainConfig
+    from deltatune.training import TrainConfig
 
     with pytest.raises(DeltatuneError, match="precision='fp16' must be one of auto, fp32, bf16"):
         TrainConfig(precision="fp16")

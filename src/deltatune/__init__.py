@@ -25,7 +25,7 @@ def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "f
     """
     from deltatune.config import build_config
     from deltatune.run import data_record, run_training
-    from deltatune.train import TrainConfig
+    from deltatune.training import TrainConfig
 
     if (task is None) == (data is None):
         raise DeltatuneError("Pass exactly one of task= (a catalog task name) or data= (a data record).")

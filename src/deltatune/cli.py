@@ -24,7 +24,7 @@ from pathlib import Path
 
 from deltatune.config import build_config, describe_fields, field_help
 from deltatune.errors import DeltatuneError
-from deltatune.train import TrainConfig
+from deltatune.training import TrainConfig
 
 
 def _split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -132,7 +132,7 @@ class TunedModel:
         {'score': value} for regression.
         """
         from deltatune.tasks.spec import Split
-        from deltatune.train import encode, predict_encoded, to_task_units
+        from deltatune.batching import encode, predict_encoded, to_task_units
 
         columns = [[t] if isinstance(t, str) else list(t) for t in texts]
         if len(columns) != len(self.task.text_fields):
@@ -160,7 +160,7 @@ class TunedModel:
         """Metrics on a split of the task's data, rebuilt from the source recorded in the delta."""
         from deltatune.metrics import compute_metrics
         from deltatune.run import load_data_from_record
-        from deltatune.train import encode, outputs_to_predictions, predict_encoded, to_task_units
+        from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
 
         data = load_data_from_record(self.manifest["data"])
         encoded = encode(self.tokenizer, self.task, data.split(split), self.manifest.get("max_length", 128))

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from deltatune.run import data_record, run_training, summarize
-from deltatune.train import TrainConfig
+from deltatune.training import TrainConfig
 
 def comparison_table(records: list[dict]) -> str:
     metrics = list(records[0]["dev_metrics"])

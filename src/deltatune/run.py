@@ -32,7 +32,7 @@ from deltatune.delta import (
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
 from deltatune.tasks.spec import TaskData
-from deltatune.train import TrainConfig, peak_memory_bytes, seed_everything, train
+from deltatune.training import TrainConfig, peak_memory_bytes, seed_everything, train
 
 RUN_RECORD = "run.json"
 DEV_OUTPUTS = "dev_outputs.safetensors"

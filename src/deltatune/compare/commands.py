@@ -22,7 +22,7 @@ from pathlib import Path
 
 from deltatune.config import field_help
 from deltatune.errors import DeltatuneError
-from deltatune.train import TrainConfig
+from deltatune.training import TrainConfig
 
 _NOT_TRAIN_FLAGS = {"data_fraction", "seed", "time_budget_s", "num_examples", "quiet"}
 """TrainConfig fields that are grid axes (or meaningless for a grid), so they get no training flag."""

@@ -59,7 +59,7 @@ from typing import Any
 
 from deltatune.config import build_config, to_jsonable
 from deltatune.errors import DeltatuneError, did_you_mean
-from deltatune.train import TrainConfig
+from deltatune.training import TrainConfig
 
 IDENTITY_VERSION = 1
 """Bump when the meaning of a cell's settings changes in a way its hash would not show."""

@@ -34,7 +34,7 @@ from deltatune.freelm.model import PROPOSITION_TASK, FreeLMModel, build_freelm_m
 from deltatune.freelm.training import language_blocks, perplexity, seen_task_metrics, train_freelm
 from deltatune.methods import build_method, load_delta_state, prepare_model
 from deltatune.run import RUN_RECORD, check_output_directory, git_state, library_versions
-from deltatune.train import peak_memory_bytes, seed_everything
+from deltatune.training import peak_memory_bytes, seed_everything
 
 FREELM_KIND = "freelm"
 

@@ -27,7 +27,7 @@ from deltatune.freelm.scoring import (
     verbaliser_scores,
 )
 from deltatune.tasks.propositions import propositions_for
-from deltatune.train import stratified_subset
+from deltatune.batching import stratified_subset
 
 BASELINES = ("zero-shot", "k-shot")
 SYSTEMS = ("freelm",) + BASELINES

@@ -31,7 +31,7 @@ from deltatune.methods._prompts import cache_keyword
 from deltatune.metrics import compute_metrics
 from deltatune.tasks.propositions import TaskPropositions
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.train import Encoded, predict_encoded
+from deltatune.batching import Encoded, predict_encoded
 
 FIELD_TOKENS_RESERVED = 48
 """Tokens kept free for a proposition's frame and answer when its input texts are shortened."""
@@ -60,7 +60,7 @@ def field_budget(max_length: int, num_fields: int) -> int:
 
 
 def encode_propositions(tokenizer, propositions: Sequence[str], labels: Sequence[int], max_length: int) -> Encoded:
-    """Tokenised the way `deltatune.train.encode` does it (special tokens included), so a saved
+    """Tokenised the way `deltatune.batching.encode` does it (special tokens included), so a saved
     FreeLM delta loaded with `deltatune.load` scores a proposition exactly as FreeLM did."""
     encoded = tokenizer(list(propositions), truncation=True, max_length=max_length, padding=False)
     return Encoded({"input_ids": list(encoded["input_ids"])}, list(labels))

@@ -44,7 +44,7 @@ from deltatune.freelm.scoring import (
 )
 from deltatune.tasks.propositions import TaskPropositions, propositions_for
 from deltatune.tasks.spec import TaskData
-from deltatune.train import autocast_for, collate, length_bucketed_batches, stratified_subset
+from deltatune.batching import autocast_for, collate, length_bucketed_batches, stratified_subset
 
 
 @dataclass
@@ -305,7 +305,7 @@ def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskDat
 def teacher_accuracy(model: FreeLMModel, tokenizer, proposition_set: PropositionSet, max_length: int) -> float:
     """Share of propositions the teacher head judges correctly (true vs false)."""
     from deltatune.freelm.model import PROPOSITION_TASK
-    from deltatune.train import predict_encoded
+    from deltatune.batching import predict_encoded
 
     encoded = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, max_length)
     logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, tokenizer.pad_token_id or 0)

@@ -8,14 +8,8 @@ import torch
 from conftest import build_tiny_model, build_tokenizer, make_sentiment_rows
 from deltatune.methods import build_method, prepare_model
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.train import (
-    TrainConfig,
-    collate,
-    encode,
-    length_bucketed_batches,
-    stratified_subset,
-    train,
-)
+from deltatune.batching import collate, encode, length_bucketed_batches, stratified_subset
+from deltatune.training import TrainConfig, train
 
 SENTIMENT = TaskSpec("toy-sentiment", ("text",), ("negative", "positive"), metric="accuracy",
                      metrics=("accuracy", "f1"))
@@ -134,7 +128,7 @@ def test_regression_trains_on_a_pair_task():
 
 
 def test_slanted_triangular_schedule_rises_then_falls_to_a_32nd():
-    from deltatune.train import _lr_factor
+    from deltatune.training import _lr_factor
 
     factors = [_lr_factor(step, 10, 100, "slanted_triangular") for step in range(101)]
     assert factors[0] == pytest.approx(1 / 32) and factors[10] == pytest.approx(1.0)
@@ -145,7 +139,7 @@ def test_slanted_triangular_schedule_rises_then_falls_to_a_32nd():
 
 def test_discriminative_learning_rates_decay_by_depth():
     from deltatune.methods._layers import layer_layout
-    from deltatune.train import _optimizer_groups
+    from deltatune.training import _optimizer_groups
 
     model = build_tiny_model("bert")
     method = build_method("full")
@@ -162,7 +156,7 @@ def test_discriminative_learning_rates_decay_by_depth():
 
 
 def test_gradual_unfreezing_trains_the_top_first_then_everything():
-    from deltatune.train import GradualUnfreezing
+    from deltatune.training import GradualUnfreezing
 
     model = build_tiny_model("bert")
     prepare_model(model, build_method("full"))

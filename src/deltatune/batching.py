@@ -1,0 +1,176 @@
+"""Batching: tokenise a split once, cut it into length-bucketed batches, pad them, and run a model over
+them for raw outputs (logits or standardised scores), mapped back to task units.
+
+Training (`deltatune.training`), evaluation, prediction (`deltatune.delta.TunedModel`) and FreeLM all go
+through these functions, so an example is encoded and padded the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltatune.metrics import compute_metrics
+from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.tasks.spec import Split, TaskSpec
+
+
+@dataclass
+class Encoded:
+    """A tokenised split: one id list per example, plus the labels."""
+
+    features: dict[str, list[list[int]]]
+    """'input_ids' and, for models that use them, 'token_type_ids'."""
+    labels: list
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.features["input_ids"]]
+
+
+def encode(tokenizer, task: TaskSpec, split: Split, max_length: int) -> Encoded:
+    """Tokenise a split once, truncating to `max_length` and counting how many needed it."""
+    if not len(split):
+        return Encoded({"input_ids": []}, [])
+    columns = list(zip(*split.texts))
+    full = tokenizer(*columns, truncation=False, padding=False, verbose=False)
+    too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+    features = {key: list(full[key]) for key in ("input_ids", "token_type_ids") if key in full}
+    if too_long:
+        again = tokenizer(*[[column[i] for i in too_long] for column in columns], truncation=True,
+                          max_length=max_length, padding=False)
+        for key in features:
+            for position, index in enumerate(too_long):
+                features[key][index] = again[key][position]
+    return Encoded(features, list(split.labels), num_truncated=len(too_long))
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, generator: random.Random | None,
+                            chunk_batches: int = 50) -> list[list[int]]:
+    """Index batches of similar-length examples.
+
+    Training (`generator` given): shuffle, sort by length within chunks of `chunk_batches`
+    batches, cut into batches, shuffle the batch order, so batches stay random but padding is
+    small. Evaluation (`generator` None): sort everything by length.
+    """
+    order = list(range(len(lengths)))
+    if generator is None:
+        order.sort(key=lambda i: lengths[i])
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    generator.shuffle(order)
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        piece = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [piece[i:i + batch_size] for i in range(0, len(piece), batch_size)]
+    generator.shuffle(batches)
+    return batches
+
+
+def shuffled_batches(count: int, batch_size: int, generator: random.Random) -> list[list[int]]:
+    order = list(range(count))
+    generator.shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+
+
+def collate(encoded: Encoded, indices: list[int], pad_token_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    """Right-pad the chosen examples to the longest among them."""
+    width = max(len(encoded.features["input_ids"][i]) for i in indices)
+    batch = {}
+    for key, rows in encoded.features.items():
+        pad = pad_token_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in indices], dtype=torch.long)
+    lengths = torch.tensor([len(encoded.features["input_ids"][i]) for i in indices])
+    batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    label_type = torch.float32 if regression else torch.long
+    batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=label_type)
+    return batch
+
+
+def regression_scale(labels) -> tuple[float, float]:
+    """(mean, std) of regression targets; std 1 when they are all equal."""
+    values = np.asarray(labels, dtype=np.float64)
+    std = float(values.std())
+    return float(values.mean()), std if std > 0 else 1.0
+
+
+def to_task_units(outputs: np.ndarray, target_scale) -> np.ndarray:
+    """Raw regression outputs (standard units) back to the task's score units; classification unchanged."""
+    if target_scale is None:
+        return outputs
+    mean, std = target_scale
+    return outputs * std + mean
+
+
+def autocast_for(precision: str):
+    if resolve_precision(precision) == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_encoded(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int,
+                    batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+    """Raw outputs for every example, in the split's order: logits (classes) or scores."""
+    was_training = model.training
+    model.eval()
+    outputs: list[np.ndarray | None] = [None] * len(encoded)
+    precision = resolve_precision(precision)
+    # under bf16, every linear weight is cast once for the whole split rather than once per batch
+    with frozen_linear_weights_in_bf16(model, include_trainable=True) if precision == "bf16" else nullcontext():
+        for indices in length_bucketed_batches(encoded.lengths, batch_size, None):
+            batch = collate(encoded, indices, pad_token_id, task.is_regression)
+            batch.pop("labels")
+            with autocast_for(precision):
+                logits = model(**batch).logits.float()
+            for position, index in enumerate(indices):
+                outputs[index] = logits[position].numpy()
+    model.train(was_training)
+    width = task.num_labels
+    return np.stack(outputs) if outputs else np.zeros((0, width), dtype=np.float32)
+
+
+def outputs_to_predictions(outputs: np.ndarray, task: TaskSpec) -> np.ndarray:
+    return outputs[:, 0] if task.is_regression else outputs.argmax(axis=-1)
+
+
+def evaluate(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int,
+             batch_size: int = 64, precision: str = "fp32") -> dict[str, float]:
+    outputs = predict_encoded(model, encoded, task, pad_token_id, batch_size, precision)
+    return compute_metrics(task.metrics, outputs_to_predictions(outputs, task), encoded.labels)
+
+
+def stratified_subset(labels: list, count: int, seed: int, regression: bool) -> list[int]:
+    """`count` indices drawn so each class (or score decile) keeps its share; fixed by `seed`."""
+    if count >= len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    if regression:
+        ranked = sorted(range(len(labels)), key=lambda i: labels[i])
+        strata = [ranked[i * len(ranked) // 10:(i + 1) * len(ranked) // 10] for i in range(10)]
+    else:
+        by_class: dict = {}
+        for i, label in enumerate(labels):
+            by_class.setdefault(label, []).append(i)
+        strata = [by_class[key] for key in sorted(by_class)]
+    chosen: list[int] = []
+    remainders = []
+    for stratum in strata:
+        rng.shuffle(stratum)
+        exact = count * len(stratum) / len(labels)
+        take = int(exact)
+        chosen += stratum[:take]
+        remainders.append((exact - take, stratum[take:]))
+    # hand out the rounding remainder to the strata that lost most to rounding down
+    for _, rest in sorted(remainders, key=lambda r: -r[0])[:count - len(chosen)]:
+        chosen.append(rest[0])
+    return sorted(chosen)
