@@ -175,9 +175,7 @@ def command_methods(args: argparse.Namespace) -> int:
         entry = REGISTRY[name]
         print(f"{entry.name:{width}}{entry.summary}")
         if args.verbose:
-            rate = getattr(entry.method_class, "default_learning_rate", None)
-            if rate is not None:
-                print(f"{'':{width}}default learning rate {rate:g}")
+            print(f"{'':{width}}default learning rate {entry.method_class.default_learning_rate:g}")
             for field_name, type_name, default, help_text in describe_fields(entry.config_class):
                 print(f"{'':{width}}--method.{field_name}={default!r} ({type_name}) {help_text}")
     if not args.verbose:
