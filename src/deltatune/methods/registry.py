@@ -159,10 +159,10 @@ def _forget(model: nn.Module, name: str) -> None:
             del site.deltas[name]
         if site.active_delta == name:
             site.active_delta = None
-    record.stored.pop(name, None)
-    method = record.methods.pop(name, None)
+    method = record.methods.get(name)
     if method is not None:
         method.delta_name = None
+    record.forget(name)
     if record.active == name:
         record.active = None
 

@@ -254,6 +254,8 @@ class AttachedDeltas:
     stored: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     keep_base: bool = False
+    rewrites: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Per delta, the canonical names of the base parameters it rewrites (fixed once it is applied)."""
 
     def register(self, name: str, method: Method) -> None:
         check_delta_name(name)
@@ -263,11 +265,19 @@ class AttachedDeltas:
         if self.active is None and len(self.methods) == 1:
             self.active = name  # the first delta on a model is active, as when it is the only one
 
-    def rewritten(self, model: nn.Module, name: str, index: ParameterIndex | None = None) -> set[str]:
+    def rewritten(self, model: nn.Module, name: str, index: ParameterIndex | None = None) -> frozenset[str]:
         """Canonical names of the base parameters delta `name` rewrites."""
-        index = index or parameter_index(model)
-        trainable = self.methods[name].trainable_names(model)
-        return {canonical for canonical, (model_name, _) in index.base.items() if model_name in trainable}
+        if name not in self.rewrites:
+            index = index or parameter_index(model)
+            trainable = self.methods[name].trainable_names(model)
+            self.rewrites[name] = frozenset(canonical for canonical, (model_name, _) in index.base.items()
+                                            if model_name in trainable)
+        return self.rewrites[name]
+
+    def forget(self, name: str) -> None:
+        self.stored.pop(name, None)
+        self.rewrites.pop(name, None)
+        self.methods.pop(name, None)
 
 
 _ATTRIBUTE = "_deltatune_attached"
@@ -407,8 +417,7 @@ def detach_delta(model: nn.Module, name: str) -> None:
     for site in sites(model).values():
         if name in site.deltas:
             del site.deltas[name]
-    record.stored.pop(name, None)
-    del record.methods[name]
+    record.forget(name)
     for canonical in list(record.base):
         if canonical not in still_rewritten:
             del record.base[canonical]  # the live parameter holds it now (no active delta rewrites it)
