@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--format", default="peft", choices=("peft",))
     export.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
-    export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (e.g. a hub id)")
+    export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (default: the hub id of "
+                        "a deltatune alias, the absolute path of a local base, or the hub id the run used)")
     export.add_argument("--overwrite", action="store_true")
 
     analyze = commands.add_parser("analyze", help="per-layer distance between the fine-tuned and pretrained weights")

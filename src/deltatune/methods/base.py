@@ -210,9 +210,14 @@ class Method:
 
     def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
         """This method's delta `tensors` (as saved) in PEFT's adapter format."""
+        from deltatune.methods.registry import REGISTRY
+
+        exportable = sorted(name for name, entry in REGISTRY.items()
+                            if entry.method_class.export_peft is not Method.export_peft)
         raise DeltatuneError(f"A {self.name!r} delta cannot be exported to PEFT's format: PEFT has no equivalent "
-                             "of this method here (only lora and ia3 deltas can be exported). Use the deltatune "
-                             "delta directory itself (deltatune.load), or retrain with --method lora or ia3.")
+                             f"of this method here (deltas of {', '.join(exportable)} can be exported). Use the "
+                             f"deltatune delta directory itself (deltatune.load), or retrain with --method "
+                             f"{' or '.join(exportable)}.")
 
 
 def _signature(function) -> list[tuple[str, Any]]:
