@@ -162,12 +162,17 @@ def test_delta_reloads_into_a_fresh_base_with_identical_outputs(case_kind):
     torch.testing.assert_close(logits(base, batch), logits(trained, batch), rtol=0, atol=0)
 
 
-def test_a_tensor_the_method_does_not_save_is_refused_by_name(case_kind):
-    case, kind = case_kind
+def delta_and_a_base_to_load_it(case, kind):
     _, _, tensors = trained_delta(case, kind)
     base = fresh_base(kind)
     method = build_method(case.method, case.options)
     prepare_model(base, method)
+    return tensors, base, method
+
+
+def test_a_tensor_the_method_does_not_save_is_refused_by_name(case_kind):
+    case, kind = case_kind
+    tensors, base, method = delta_and_a_base_to_load_it(case, kind)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     embeddings = "bert.embeddings.word_embeddings.weight" if kind == "bert" else "model.embed_tokens.weight"
     extra = {**tensors, embeddings: torch.zeros_like(dict(base.named_parameters())[embeddings])}
@@ -182,10 +187,7 @@ def test_a_tensor_the_method_does_not_save_is_refused_by_name(case_kind):
 
 def test_a_tensor_of_another_dtype_is_refused_naming_both_dtypes(case_kind):
     case, kind = case_kind
-    _, _, tensors = trained_delta(case, kind)
-    base = fresh_base(kind)
-    method = build_method(case.method, case.options)
-    prepare_model(base, method)
+    tensors, base, method = delta_and_a_base_to_load_it(case, kind)
     name = sorted(tensors)[0]
     saved = str(tensors[name].dtype).removeprefix("torch.")
     with pytest.raises(DeltatuneError, match=rf"'{name}' has dtype int64 but the '{case.method}' method saves {saved}"):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods.base import Method
 from deltatune.methods.layers import describe_position, layer_layout
 
 RankBy = Literal["matrix_angle", "angle", "l1_mean"]
@@ -135,7 +136,7 @@ def layer_distances(pretrained: nn.Module, finetuned: nn.Module, rank_by: RankBy
     return rows
 
 
-def comparison_basis(model: nn.Module, method, pretrained_names: set[str]) -> str:
+def comparison_basis(model: nn.Module, method: Method, pretrained_names: set[str]) -> str:
     """'weights', 'merged' or 'unmerged': what comparing this method's model to the base measures."""
     if method.mergeable:
         return "merged"

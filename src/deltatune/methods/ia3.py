@@ -106,10 +106,7 @@ class IA3Linear(WrappedLinear):
         return self._active_scale().scale
 
     def _active_scale(self) -> IA3Scale:
-        part = self.active_part()
-        if part is None:
-            raise DeltatuneError("No (IA)³ delta is active on this layer; activate one first.")
-        return part
+        return self.required_part("(IA)³")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         part = self.active_part()

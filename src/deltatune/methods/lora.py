@@ -110,10 +110,7 @@ class LoRALinear(WrappedLinear):
         return self._active_update().dropout
 
     def _active_update(self) -> LoRAUpdate:
-        update = self.active_part()
-        if update is None:
-            raise DeltatuneError("No LoRA delta is active on this layer; activate one first.")
-        return update
+        return self.required_part("LoRA")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

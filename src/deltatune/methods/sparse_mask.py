@@ -173,10 +173,7 @@ class MaskedLinear(nn.Linear, DeltaSite):
         return self._active_scores().mask
 
     def _active_scores(self) -> MaskScores:
-        part = self.active_part()
-        if part is None:
-            raise DeltatuneError("No sparse-mask delta is active on this layer; activate one first.")
-        return part
+        return self.required_part("sparse-mask")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         part = self.active_part()

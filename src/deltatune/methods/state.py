@@ -83,6 +83,13 @@ class DeltaSite(nn.Module):
     def active_part(self) -> nn.Module | None:
         return None if self.active_delta is None else self.deltas[self.active_delta]
 
+    def required_part(self, method_name: str) -> nn.Module:
+        """The active part, for code that reads it; a DeltatuneError when no delta of the method is active."""
+        part = self.active_part()
+        if part is None:
+            raise DeltatuneError(f"No {method_name} delta is active on this layer; activate one first.")
+        return part
+
     def part(self, name: str) -> nn.Module | None:
         return self.deltas[name] if name in self.deltas else None
 
