@@ -194,7 +194,8 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
 
     learning_rate = config.learning_rate or (method.default_learning_rate if method is not None else 5e-4)
     groups = _optimizer_groups(model, method, learning_rate, config.weight_decay)
-    trainable = [p for group in groups for p in group["params"]]
+    # matrices first, then vectors: the order gradient clipping sums their norms in, kept as it always was
+    trainable = sorted((p for group in groups for p in group["params"]), key=lambda p: p.ndim < 2)
     if not trainable:
         raise DeltatuneError("Nothing in the model is trainable: apply a method (e.g. LoRA) before train_freelm.")
     for group in groups:
