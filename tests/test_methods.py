@@ -404,3 +404,31 @@ def test_a_delta_file_written_before_named_deltas_loads_unchanged(method_name, o
             assert len(parts) == 1 and torch.equal(own[parts[0]], tensor), name
     saved = delta_state(model, method)
     assert saved.keys() == tensors.keys() and all(torch.equal(saved[n], tensors[n]) for n in saved)
+
+
+def test_a_saved_bitfit_delta_with_a_backbone_weight_added_is_refused_by_deltatune_load(tmp_path):
+    """A delta file that also carries a frozen backbone weight must not overwrite it on load."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import save_tiny_model_dir
+    from deltatune.config import to_jsonable
+    from deltatune.delta import TENSORS, load, save_delta
+    from deltatune.sources.models import load_model_for_task
+    from deltatune.tasks.spec import TaskSpec
+
+    task = TaskSpec("toy", ("text",), ("negative", "positive"))
+    base_dir = save_tiny_model_dir(tmp_path / "base", "bert")
+    model, _ = load_model_for_task(str(base_dir), task)
+    fingerprint = fingerprint_backbone(model)
+    method = build_method("bitfit")
+    prepare_model(model, method)
+    save_delta(tmp_path / "run", model, method, {
+        "method": "bitfit", "method_config": to_jsonable(method.config), "task": task.to_dict(),
+        "base_model": {"name": str(base_dir), "fingerprint": fingerprint}})
+    assert load(tmp_path / "run").predict("a good movie")  # as saved, it loads
+    tensors = load_file(str(tmp_path / "run" / TENSORS))
+    tensors["bert.embeddings.word_embeddings.weight"] = torch.zeros(45, 32)
+    save_file(tensors, str(tmp_path / "run" / TENSORS))
+    with pytest.raises(DeltatuneError, match=r"unexpected tensors 'bert.embeddings.word_embeddings.weight' \(the "
+                                             r"'bitfit' method does not save them"):
+        load(tmp_path / "run")
