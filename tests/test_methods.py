@@ -19,6 +19,7 @@ from deltatune.methods import (
     attach_delta,
     build_method,
     delta_state,
+    detach_delta,
     load_delta_state,
     prepare_model,
 )
@@ -334,7 +335,8 @@ def test_deltas_of_every_method_share_one_base_and_each_gives_its_own_outputs(ki
     shared = fresh_base(kind)
     base_logits = logits(shared, batch)
     alone = {}
-    for seed, case in enumerate(CASES, start=1):
+    # full fine-tuning last: attached first, it would keep every base weight, and hide a delta that did not
+    for seed, case in enumerate(reversed(CASES), start=1):
         _, _, tensors = trained_delta(case, kind, seed=seed)
         single = fresh_base(kind)
         method = build_method(case.method, case.options)
@@ -432,3 +434,22 @@ def test_a_saved_bitfit_delta_with_a_backbone_weight_added_is_refused_by_deltatu
     with pytest.raises(DeltatuneError, match=r"unexpected tensors 'bert.embeddings.word_embeddings.weight' \(the "
                                              r"'bitfit' method does not save them"):
         load(tmp_path / "run")
+
+
+def test_a_detached_delta_leaves_the_others_and_the_base_as_they_were():
+    kind = "llama"
+    batch = inputs(kind)
+    shared = fresh_base(kind)
+    base_logits = logits(shared, batch)
+    alone = {}
+    for seed, case in enumerate((Case("bitfit"), Case("lora"), Case("ia3")), start=1):
+        _, _, tensors = trained_delta(case, kind, seed=seed)
+        attach_delta(shared, build_method(case.method, case.options), tensors, case.method, activate=True)
+        alone[case.method] = logits(shared, batch)
+    with pytest.raises(DeltatuneError, match="Delta 'ia3' is active; activate another delta"):
+        detach_delta(shared, "ia3")
+    detach_delta(shared, "lora")
+    assert not any(".deltas.lora." in name for name, _ in shared.named_parameters())
+    for name in ("bitfit", "ia3", None):
+        activate_delta(shared, name)
+        torch.testing.assert_close(logits(shared, batch), alone[name] if name else base_logits, rtol=0, atol=0)

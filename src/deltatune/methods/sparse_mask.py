@@ -149,20 +149,17 @@ class MaskScores(nn.Module):
 class MaskedLinear(nn.Linear, DeltaSite):
     """A Linear whose pretrained weight is multiplied by the active delta's learned binary mask.
 
-    It shares the original module's weight and bias (same parameter names, so the layer-distance
-    report and the base fingerprint see the usual `.weight`); each delta's scores are a part.
+    It is the original module, turned into this class in place (same weight and bias under the same
+    names, so the layer-distance report and the base fingerprint see the usual `.weight`, and the
+    same object, so hooks other deltas put on the layer keep running); each delta's scores are a part.
     """
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> "MaskedLinear":
-        masked = cls.__new__(cls)
-        nn.Module.__init__(masked)  # not nn.Linear.__init__: it would allocate and initialise a new weight
-        masked.in_features, masked.out_features = linear.in_features, linear.out_features
-        masked.register_parameter("weight", linear.weight)
-        masked.register_parameter("bias", linear.bias)
-        masked.init_site()
-        masked._merged_values = None  # the pretrained values of the zeroed entries while merged
-        return masked
+        linear.__class__ = cls  # not a new module: nn.Linear.__init__ would allocate and initialise a new weight
+        linear.init_site()
+        linear._merged_values = None  # the pretrained values of the zeroed entries while merged
+        return linear
 
     @property
     def mask_scores(self) -> nn.Parameter:
@@ -281,13 +278,9 @@ class SparseMask(Method):
                                  "'sparse-mask' has nothing to mask (it needs nn.Linear weights; GPT-2's Conv1D "
                                  "is not supported).")
         super().apply(model, name)
-        paths = {id(module): path for path, module in model.named_modules()}
         for linear in targets.values():
             if not isinstance(linear, MaskedLinear):
-                parent_name, _, child = paths[id(linear)].rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, masked := MaskedLinear.wrap(linear))
-                linear = masked
+                linear = MaskedLinear.wrap(linear)
             linear.add_part(model, name, MaskScores(linear.weight), "sparse-mask")
 
     def trainable_names(self, model: nn.Module) -> set[str]:

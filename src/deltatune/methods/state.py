@@ -318,7 +318,12 @@ def write_delta_tensors(model: nn.Module, delta: str, tensors: Mapping[str, torc
             parameter = index.base[canonical][1]
             value = tensor.to(parameter.device)
             if record.active != delta:
+                if value is tensor:
+                    value = tensor.clone()  # the caller's tensor stays the caller's
                 record.stored.setdefault(delta, {})[canonical] = value
+                live_is_base = record.active is None or canonical not in record.rewritten(model, record.active)
+                if record.keep_base and canonical not in record.base and live_is_base:
+                    record.base[canonical] = parameter.data
             elif record.keep_base:
                 record.base.setdefault(canonical, parameter.data)
                 parameter.data = value if value is not tensor else value.clone()
