@@ -311,8 +311,8 @@ def test_a_misspelt_hook_is_refused_when_the_class_is_defined():
         class Sloppy(Method):
             def on_step_ends(self, model, step, total_steps):
                 pass
-    with pytest.raises(TypeError, match=r"Sloppy.param_groups\(self, model, learning_rate\) does not match"):
-        class Sloppy(Method):  # noqa: F811  (the old, two-argument form of the hook)
+    with pytest.raises(TypeError, match=r"OldStyle.param_groups\(self, model, learning_rate\) does not match"):
+        class OldStyle(Method):  # the hook's old, two-argument form
             def param_groups(self, model, learning_rate):
                 return []
 
@@ -453,3 +453,24 @@ def test_a_detached_delta_leaves_the_others_and_the_base_as_they_were():
     for name in ("bitfit", "ia3", None):
         activate_delta(shared, name)
         torch.testing.assert_close(logits(shared, batch), alone[name] if name else base_logits, rtol=0, atol=0)
+
+
+def test_a_delta_trained_beside_an_attached_one_starts_from_the_base_and_leaves_it_alone():
+    kind = "bert"
+    batch = inputs(kind)
+    _, _, tensors = trained_delta(Case("lora"), kind)
+    model = fresh_base(kind)
+    base_logits = logits(model, batch)
+    attach_delta(model, build_method("lora"), tensors, "attached", activate=True)
+    attached_logits = logits(model, batch)
+    method = build_method("bitfit")
+    names = prepare_model(model, method, name="trained")
+    torch.testing.assert_close(logits(model, batch), base_logits, rtol=0, atol=0)  # BitFit starts at the base
+    assert not any(".deltas.attached." in name for name in names)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    torch.nn.functional.cross_entropy(model.train()(**batch).logits, torch.tensor([0, 1, 2])).backward()
+    optimizer.step()
+    trained_logits = logits(model.eval(), batch)
+    for name, expected in (("attached", attached_logits), (None, base_logits), ("trained", trained_logits)):
+        activate_delta(model, name)
+        torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=0)

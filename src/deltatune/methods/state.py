@@ -352,7 +352,11 @@ def read_delta_tensors(model: nn.Module, delta: str, names: set[str]) -> dict[st
 
 
 def activate_delta(model: nn.Module, name: str | None) -> None:
-    """Make delta `name` the one that runs (None: the base model alone). Copies no tensors."""
+    """Make delta `name` the one that runs (None: the base model alone).
+
+    Switching binds each delta's kept values into the base parameters and copies nothing; only a
+    delta applied for training beside others, never loaded, gets its own copy of its starting values.
+    """
     record = attached_deltas(model)
     if name is not None and name not in record.methods:
         raise DeltatuneError(f"No delta named {name!r} is attached to this model; attached: "
@@ -375,6 +379,13 @@ def activate_delta(model: nn.Module, name: str | None) -> None:
     current = record.active
     if current is not None:
         record.stored[current] = {canonical: index.base[canonical][1].data for canonical in rewritten[current]}
+    if name is not None:  # a delta applied but never loaded starts from the base values (or the live ones)
+        start = record.stored.setdefault(name, {})
+        for canonical in rewritten[name] - start.keys():
+            live = index.base[canonical][1].data
+            if canonical not in record.base and (current is None or canonical not in rewritten[current]):
+                record.base[canonical] = live  # nothing rewrote it yet: the live value is the base's
+            start[canonical] = record.base.get(canonical, live).clone()
     for canonical in set().union(*rewritten.values()):
         parameter = index.base[canonical][1]
         own = rewritten[name] if name is not None else set()
