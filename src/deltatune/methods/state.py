@@ -389,9 +389,11 @@ def activate_delta(model: nn.Module, name: str | None) -> None:
     for canonical in set().union(*rewritten.values()):
         parameter = index.base[canonical][1]
         own = rewritten[name] if name is not None else set()
-        value = record.stored[name][canonical] if canonical in own else record.base[canonical]
-        if parameter.data is not value:
-            parameter.data = value
+        kept = record.stored[name] if canonical in own else record.base
+        if kept[canonical].device != parameter.device:  # the model moved after the delta was attached
+            kept[canonical] = kept[canonical].to(parameter.device)
+        if parameter.data is not kept[canonical]:
+            parameter.data = kept[canonical]
     for site in sites(model).values():
         site.active_delta = name if name is not None and name in site.deltas else None
     record.active = name
