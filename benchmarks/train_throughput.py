@@ -85,7 +85,7 @@ def flops_per_token(model, mean_length: float) -> float:
     only), plus attention scores and mixing (4 x length x hidden per layer forward, x3 with backward)."""
     from torch import nn
 
-    from deltatune.methods._layers import layer_layout
+    from deltatune.methods.layers import layer_layout
 
     layout = layer_layout(model)
     name_of = {id(p): n for n, p in model.named_parameters()}

@@ -9,7 +9,7 @@ from conftest import build_tiny_model, build_tokenizer, tiny_bert_config
 from deltatune.config import to_jsonable
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
-from deltatune.methods.adapters import BottleneckAdapter
+from deltatune.methods.adapters import BottleneckAdapter, bottleneck_size
 from deltatune.methods.common import head_names
 
 KINDS = ["bert", "llama"]
@@ -40,7 +40,9 @@ def randomise_adapters(model, scale=0.3):
 
 
 def adapter_paths(model):
-    return sorted(n for n, m in model.named_modules() if isinstance(m, BottleneckAdapter))
+    """Where the adapters sit (their sites' names), one per site and delta."""
+    return sorted(n.removesuffix(".deltas.default") for n, m in model.named_modules()
+                  if isinstance(m, BottleneckAdapter))
 
 
 @pytest.mark.parametrize("kind, name, expected", [
@@ -86,14 +88,14 @@ def test_bert_adapter_acts_after_the_sublayer_projection_before_residual_and_lay
     with torch.no_grad():  # eval mode: the dropout between projection and adapter is the identity
         block = layer.attention.output
         projected = torch.nn.functional.linear(hidden, block.dense.weight, block.dense.bias)
-        adapter = block.adapter
+        adapter = block.adapter.active_part()
         expected = block.LayerNorm(projected + adapter.up(adapter.activation(adapter.down(projected))) + residual)
         torch.testing.assert_close(block(hidden, residual), expected)
 
         block = layer.output
         intermediate = torch.randn(2, 5, 64)
         projected = torch.nn.functional.linear(intermediate, block.dense.weight, block.dense.bias)
-        adapter = block.adapter
+        adapter = block.adapter.active_part()
         expected = block.LayerNorm(projected + adapter.up(adapter.activation(adapter.down(projected))) + residual)
         torch.testing.assert_close(block(intermediate, residual), expected)
 
@@ -103,8 +105,8 @@ def test_llama_adapter_acts_on_o_proj_and_down_proj_outputs():
     randomise_adapters(model)
     layer = model.model.layers[0]
     with torch.no_grad():
-        for projection, adapter, width in ((layer.self_attn.o_proj, layer.self_attn.adapter, HIDDEN),
-                                           (layer.mlp.down_proj, layer.mlp.adapter, 64)):
+        for projection, adapter, width in ((layer.self_attn.o_proj, layer.self_attn.adapter.active_part(), HIDDEN),
+                                           (layer.mlp.down_proj, layer.mlp.adapter.active_part(), 64)):
             x = torch.randn(2, 5, width)
             plain = torch.nn.functional.linear(x, projection.weight)
             torch.testing.assert_close(projection(x), plain + adapter.up(adapter.activation(adapter.down(plain))))
@@ -143,9 +145,9 @@ def test_bottleneck_size_and_reduction_factor_resolve_the_width():
     assert build_method("houlsby").config.bottleneck_size == 64
     assert build_method("pfeiffer").config.reduction_factor == 16
     method = build_method("houlsby", {"reduction_factor": "8"})  # as typed on the command line
-    assert method.config.bottleneck_size is None and method.bottleneck_size(384) == 48
-    assert build_method("pfeiffer", {"bottleneck_size": 10}).bottleneck_size(384) == 10
-    assert build_method("pfeiffer", {"reduction_factor": 1000}).bottleneck_size(384) == 1
+    assert method.config.bottleneck_size is None and bottleneck_size(method.config, 384) == 48
+    assert bottleneck_size(build_method("pfeiffer", {"bottleneck_size": 10}).config, 384) == 10
+    assert bottleneck_size(build_method("pfeiffer", {"reduction_factor": 1000}).config, 384) == 1
 
 
 @pytest.mark.parametrize("name", ["houlsby", "pfeiffer"])
@@ -193,8 +195,10 @@ def test_a_deep_copy_runs_its_own_adapters():
 
 def test_adapters_cannot_be_merged():
     for name in ("houlsby", "pfeiffer"):
-        method = build_method(name)
-        assert not hasattr(method, "merge") and not hasattr(method, "unmerge")
+        model, method, _ = adapted("bert", name)
+        assert not method.mergeable
+        with pytest.raises(DeltatuneError, match=f"'{name}' method cannot be merged"):
+            method.merge(model)
 
 
 def test_default_learning_rate():
@@ -222,4 +226,4 @@ def test_bert_adapter_comes_after_the_dropout_as_in_the_papers_code():
     intermediate, residual = torch.randn(2, 5, 64), torch.randn(2, 5, HIDDEN)
     with torch.no_grad():
         zeros = torch.zeros(2, 5, HIDDEN)
-        torch.testing.assert_close(block(intermediate, residual), block.LayerNorm(block.adapter(zeros) + residual))
+        torch.testing.assert_close(block(intermediate, residual), block.LayerNorm(block.adapter.active_part()(zeros) + residual))

@@ -19,7 +19,7 @@ from deltatune.analysis import (
 from deltatune.config import to_jsonable
 from deltatune.delta import fingerprint_backbone, save_delta
 from deltatune.errors import DeltatuneError
-from deltatune.methods import build_method, prepare_model
+from deltatune.methods import Method, build_method, prepare_model
 from deltatune.tasks.spec import TaskSpec
 
 TASK = TaskSpec("toy", ("text",), ("negative", "positive"))
@@ -48,7 +48,7 @@ def make_run_dir(out: Path, model_dir: Path, method_name: str, options: dict | N
 
 def move_layer(model, index: int, scale: float = 0.1, seed: int = 0) -> None:
     """Add noise to every parameter of one transformer layer (and nothing else)."""
-    from deltatune.methods._layers import layer_layout
+    from deltatune.methods.layers import layer_layout
 
     generator = torch.Generator().manual_seed(seed)
     layout = layer_layout(model)
@@ -155,7 +155,7 @@ def test_wrapped_weights_are_matched_by_dropping_one_name_segment():
 
 
 def test_comparison_basis():
-    class AddsItsOwnTensors:
+    class AddsItsOwnTensors(Method):
         def trainable_names(self, model):
             return {"prompt.embedding"}
 
@@ -163,7 +163,7 @@ def test_comparison_basis():
     names = {n for n, _ in model.named_parameters()}
     assert comparison_basis(model, build_method("layernorm"), names) == "weights"
     assert comparison_basis(model, build_method("full"), names) == "weights"
-    assert comparison_basis(model, AddsItsOwnTensors(), names) == "unmerged"
+    assert comparison_basis(model, AddsItsOwnTensors(None), names) == "unmerged"
     masked = build_tiny_model("bert")
     method = build_method("sparse-mask")
     prepare_model(masked, method)

@@ -100,8 +100,8 @@ def test_input_dependent_prompt_starts_as_plain_prompt_tuning(kind):
     plain, _, _ = adapted(kind, "prompt-tuning", {"init": "vocab", "num_virtual_tokens": 5})
     torch.manual_seed(11)
     dependent, _, _ = adapted(kind, "input-dependent-prompt", {"init": "vocab", "num_virtual_tokens": 5})
-    torch.testing.assert_close(plain.base_model.soft_prompt.embeddings,
-                               dependent.base_model.input_dependent_prompt.prompt, rtol=0, atol=0)
+    torch.testing.assert_close(plain.base_model.soft_prompt.deltas.default.embeddings,
+                               dependent.base_model.input_dependent_prompt.deltas.default.prompt, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(dependent(**batch).logits, plain(**batch).logits, rtol=0, atol=1e-6)
 
@@ -109,7 +109,7 @@ def test_input_dependent_prompt_starts_as_plain_prompt_tuning(kind):
 def test_input_dependent_prompts_differ_per_input_and_batches_match_single_examples():
     model, _, names = adapted("llama", "input-dependent-prompt", {"init": "vocab", "num_virtual_tokens": 3})
     randomise(model, {n for n in names if "input_dependent_prompt" in n}, scale=0.3)
-    generator = model.base_model.input_dependent_prompt
+    generator = model.base_model.input_dependent_prompt.active_part()
     batch = padded_batch()
     with torch.no_grad():
         embeds = model.base_model.get_input_embeddings()(batch["input_ids"])
@@ -128,7 +128,7 @@ def test_external_encoder_reads_the_text_is_frozen_and_stays_out_of_the_delta(ti
 
     options = {"encoder": str(tiny_bert_dir), "init": "vocab", "num_virtual_tokens": 4}
     model, method, names = adapted("llama", "input-dependent-prompt", options, tokenizer=build_tokenizer())
-    generator = model.base_model.input_dependent_prompt
+    generator = model.base_model.input_dependent_prompt.active_part()
     assert isinstance(generator.encoder, ExternalEncoder)
     assert generator.key.in_features == 32  # the tiny BERT's width (the decoder's is also 32 here)
     encoder_names = {n for n, _ in model.named_parameters() if ".encoder.model." in n}

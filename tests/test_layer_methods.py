@@ -10,10 +10,12 @@ from conftest import build_tiny_model, build_tokenizer, tiny_bert_config, tiny_l
 from deltatune.config import to_jsonable
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
-from deltatune.methods._layers import layer_layout, resolve_layer_indices
+from deltatune.methods.layers import layer_layout, resolve_layer_indices
 from deltatune.methods.common import head_names
+from deltatune.methods.freeze import selected_layers
 from deltatune.methods.sparse_mask import (
     MaskedLinear,
+    MaskScores,
     SparseMaskConfig,
     achieved_sparsity,
     masked_linears,
@@ -154,7 +156,7 @@ def test_freeze_selects_layers_and_always_trains_the_top(kind, options, layers):
     method = build_method("freeze", options)
     names = prepare_model(model, method)
     layout = layer_layout(model)
-    assert method.selected_layers(model) == layers
+    assert selected_layers(method.config, model) == layers
     assert names == layout.names_at(set(layers) | {layout.top})
     top = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} if kind == "bert" else {"model.norm.weight"}
     assert top | head_names(model) <= names  # pooler / final norm train with the head
@@ -269,6 +271,8 @@ def test_pack_bits_matches_numpy_packbits_and_round_trips():
 def test_straight_through_gradient_reaches_the_scores():
     torch.manual_seed(0)
     linear = MaskedLinear.wrap(torch.nn.Linear(4, 3))
+    linear.add_part(linear, "default", MaskScores(linear.weight), "sparse-mask")
+    linear.active_delta = "default"
     linear.weight.requires_grad_(False)
     with torch.no_grad():
         linear.mask_scores[0, 1] = -1.0  # one entry zeroed
@@ -405,7 +409,7 @@ def test_sparse_mask_layers_and_targets_choose_the_matrices():
     method = build_method("sparse-mask", {"layers": "-1", "targets": "q_proj,v_proj"})
     names = prepare_model(model, method)
     assert set(masked_linears(model)) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
-    assert names == {"model.layers.1.self_attn.q_proj.mask_scores",
-                     "model.layers.1.self_attn.v_proj.mask_scores"} | head_names(model)
+    assert names == {"model.layers.1.self_attn.q_proj.deltas.default.mask_scores",
+                     "model.layers.1.self_attn.v_proj.deltas.default.mask_scores"} | head_names(model)
     with pytest.raises(DeltatuneError, match=r"method.targets=\('query',\).*named like .*q_proj"):
         prepare_model(build_tiny_model("llama"), build_method("sparse-mask", {"targets": "query"}))

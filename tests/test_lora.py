@@ -12,6 +12,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, prepare_model
 from deltatune.methods.common import head_names
 from deltatune.methods.lora import LoRALinear
+from deltatune.methods.state import parameter_index
 from deltatune.peft_export import export_peft, write_peft_adapter
 
 peft = pytest.importorskip("peft")
@@ -53,13 +54,14 @@ def test_equal_weights_give_the_same_outputs_as_peft_lora(kind):
     model, method = base, build_method("lora", {"r": 4, "alpha": 12})
     prepare_model(model, method)
     peft_parameters = dict(reference.named_parameters())
+    canonical = parameter_index(model).canonical
     generator = torch.Generator().manual_seed(3)
     copied = 0
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith((".lora_A", ".lora_B")):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-                peft_parameters[f"base_model.model.{name}.default.weight"].copy_(parameter)
+                peft_parameters[f"base_model.model.{canonical[name]}.default.weight"].copy_(parameter)
                 copied += 1
     assert copied == 8  # two layers, two targets, A and B
     inputs = batch()
@@ -114,7 +116,7 @@ def test_base_weight_is_wrapped_not_copied_and_stays_frozen():
     wrapper = model.bert.encoder.layer[0].attention.self.query
     assert isinstance(wrapper, LoRALinear) and wrapper.base_layer is original
     assert not original.weight.requires_grad and not original.bias.requires_grad
-    assert "bert.encoder.layer.0.attention.self.query.lora_A" in names
+    assert "bert.encoder.layer.0.attention.self.query.deltas.default.lora_A" in names
     assert not any("key" in name for name in names)
 
 
@@ -247,6 +249,6 @@ def test_export_refuses_to_overwrite_and_refuses_methods_without_a_peft_form(tmp
     prepare_model(bitfit_model, bitfit)
     save_delta(tmp_path / "bitfit-run", bitfit_model, bitfit,
                {"method": "bitfit", "method_config": {}, "base_model": {"name": "tiny"}, "task": {}})
-    with pytest.raises(DeltatuneError, match=r"'bitfit' delta cannot be exported.*lora, ia3"):
+    with pytest.raises(DeltatuneError, match=r"'bitfit' delta cannot be exported.*deltas of ia3, lora can"):
         export_peft(tmp_path / "bitfit-run", tmp_path / "out")
     assert delta_state(bitfit_model, bitfit)  # (the delta itself is fine; only the PEFT form is missing)

@@ -68,8 +68,8 @@ def peft_prompt_model(kind, prompt):
 
 def test_prompt_tuning_matches_peft_on_bert_with_padding_and_segments():
     ours, _ = adapted("bert", "prompt-tuning", num_virtual_tokens=NUM_TOKENS, init="vocab")
-    randomise(ours, {"bert.soft_prompt.embeddings"})
-    reference = peft_prompt_model("bert", ours.bert.soft_prompt.embeddings)
+    randomise(ours, {"bert.soft_prompt.deltas.default.embeddings"})
+    reference = peft_prompt_model("bert", ours.bert.soft_prompt.deltas.default.embeddings)
     for batch in (padded_batch(), with_token_type_ids(padded_batch())):
         with torch.no_grad():
             torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=0)
@@ -81,8 +81,8 @@ def test_prompt_tuning_matches_peft_on_llama_example_by_example():
     Ours pools the last real token, so our padded batch must equal PEFT on each example alone.
     """
     ours, _ = adapted("llama", "prompt-tuning", num_virtual_tokens=NUM_TOKENS, init="vocab")
-    randomise(ours, {"model.soft_prompt.embeddings"})
-    reference = peft_prompt_model("llama", ours.model.soft_prompt.embeddings)
+    randomise(ours, {"model.soft_prompt.deltas.default.embeddings"})
+    reference = peft_prompt_model("llama", ours.model.soft_prompt.deltas.default.embeddings)
     batch = padded_batch()
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, logits_one_by_one(reference, batch), atol=1e-5, rtol=0)
@@ -103,7 +103,7 @@ def test_right_padded_batch_gives_each_example_its_own_logits(kind, name):
 def test_prompt_tuning_trains_only_the_prompt_and_head(kind):
     model, method = adapted(kind, "prompt-tuning", num_virtual_tokens=NUM_TOKENS, init="vocab")
     names = method.trainable_names(model)
-    assert names == {f"{'bert' if kind == 'bert' else 'model'}.soft_prompt.embeddings"} | head_names(model)
+    assert names == {f"{'bert' if kind == 'bert' else 'model'}.soft_prompt.deltas.default.embeddings"} | head_names(model)
     model(**padded_batch()).logits.sum().backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == names
 
@@ -115,7 +115,7 @@ def test_text_init_embeds_the_text_repeated_to_the_prompt_length():
     prepare_model(model, method)
     token_ids = build_tokenizer()("good movie", add_special_tokens=False)["input_ids"]
     expected = model.bert.embeddings.word_embeddings.weight[(token_ids * 4)[:7]]
-    torch.testing.assert_close(model.bert.soft_prompt.embeddings, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.bert.soft_prompt.deltas.default.embeddings, expected, rtol=0, atol=0)
 
 
 def test_text_init_finds_the_tokenizer_saved_with_the_model(tmp_path):
@@ -126,7 +126,7 @@ def test_text_init_finds_the_tokenizer_saved_with_the_model(tmp_path):
     prepare_model(model, build_method("prompt-tuning", {"num_virtual_tokens": 3, "init_text": "happy dog"}))
     token_ids = build_tokenizer()("happy dog", add_special_tokens=False)["input_ids"]
     expected = model.model.embed_tokens.weight[(token_ids * 2)[:3]]
-    torch.testing.assert_close(model.model.soft_prompt.embeddings, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.model.soft_prompt.deltas.default.embeddings, expected, rtol=0, atol=0)
 
 
 def test_text_init_without_a_tokenizer_says_what_to_do():
@@ -137,10 +137,10 @@ def test_text_init_without_a_tokenizer_says_what_to_do():
 def test_vocab_and_random_init():
     model, _ = adapted("bert", "prompt-tuning", num_virtual_tokens=NUM_TOKENS, init="vocab")
     vocabulary = model.bert.embeddings.word_embeddings.weight
-    for row in model.bert.soft_prompt.embeddings:
+    for row in model.bert.soft_prompt.deltas.default.embeddings:
         assert (vocabulary == row).all(dim=1).any()
     model, _ = adapted("bert", "prompt-tuning", num_virtual_tokens=200, init="random")
-    spread = model.bert.soft_prompt.embeddings.std() / model.bert.embeddings.word_embeddings.weight.std()
+    spread = model.bert.soft_prompt.deltas.default.embeddings.std() / model.bert.embeddings.word_embeddings.weight.std()
     assert 0.8 < spread < 1.2
 
 
@@ -159,7 +159,7 @@ def peft_prefix_model(kind, ours, projection):
                                      encoder_hidden_size=16)
     wrapped = peft.get_peft_model(model, config)
     encoder = wrapped.prompt_encoder["default"]
-    prefix = ours.base_model.prefix_tuning
+    prefix = ours.base_model.prefix_tuning.active_part()
     with torch.no_grad():
         if projection:
             encoder.embedding.weight.copy_(prefix.embedding)
@@ -231,9 +231,9 @@ def test_reparameterised_prefix_is_saved_as_plain_prefixes_and_reloads_exactly(k
     prepare_model(base, reloaded)
     load_delta_state(base, reloaded, tensors)
     base.eval()
-    prefix = base.base_model.prefix_tuning
+    prefix = base.base_model.prefix_tuning.active_part()
     assert not prefix.reparameterized and not hasattr(prefix, "embedding")
-    assert reloaded.trainable_names(base) == {f"{backbone}.prefix_tuning.prefixes"} | head_names(base)
+    assert reloaded.trainable_names(base) == {f"{backbone}.prefix_tuning.deltas.default.prefixes"} | head_names(base)
     with torch.no_grad():
         torch.testing.assert_close(base(**batch).logits, expected, rtol=0, atol=0)
 
@@ -251,7 +251,7 @@ def test_prefix_shapes_follow_the_key_value_width(kind):
     model, _ = adapted(kind, "prefix-tuning", num_virtual_tokens=NUM_TOKENS)
     # tiny BERT: 4 heads over 32 dims; tiny Llama: 2 key/value heads of width 8 (grouped-query attention)
     width = 32 if kind == "bert" else 2 * 8
-    assert tuple(model.base_model.prefix_tuning.prefixes.shape) == (2, 2, NUM_TOKENS, width)
+    assert tuple(model.base_model.prefix_tuning.deltas.default.prefixes.shape) == (2, 2, NUM_TOKENS, width)
 
 
 def test_loading_a_delta_with_another_prefix_length_is_an_error():

@@ -138,7 +138,7 @@ def test_slanted_triangular_schedule_rises_then_falls_to_a_32nd():
 
 
 def test_discriminative_learning_rates_decay_by_depth():
-    from deltatune.methods._layers import layer_layout
+    from deltatune.methods.layers import layer_layout
     from deltatune.training import _optimizer_groups
 
     model = build_tiny_model("bert")

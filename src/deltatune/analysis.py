@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._layers import describe_position, layer_layout
+from deltatune.methods.base import Method
+from deltatune.methods.layers import describe_position, layer_layout
 
 RankBy = Literal["matrix_angle", "angle", "l1_mean"]
 RANK_KEYS = {"matrix_angle": "mean_matrix_angle_deg", "angle": "angle_deg", "l1_mean": "l1_mean"}
@@ -135,9 +136,9 @@ def layer_distances(pretrained: nn.Module, finetuned: nn.Module, rank_by: RankBy
     return rows
 
 
-def comparison_basis(model: nn.Module, method, pretrained_names: set[str]) -> str:
+def comparison_basis(model: nn.Module, method: Method, pretrained_names: set[str]) -> str:
     """'weights', 'merged' or 'unmerged': what comparing this method's model to the base measures."""
-    if getattr(method, "merge", None) is not None:
+    if method.mergeable:
         return "merged"
     from deltatune.methods.common import head_names
 

@@ -175,9 +175,7 @@ def command_methods(args: argparse.Namespace) -> int:
         entry = REGISTRY[name]
         print(f"{entry.name:{width}}{entry.summary}")
         if args.verbose:
-            rate = getattr(entry.method_class, "default_learning_rate", None)
-            if rate is not None:
-                print(f"{'':{width}}default learning rate {rate:g}")
+            print(f"{'':{width}}default learning rate {entry.method_class.default_learning_rate:g}")
             for field_name, type_name, default, help_text in describe_fields(entry.config_class):
                 print(f"{'':{width}}--method.{field_name}={default!r} ({type_name}) {help_text}")
     if not args.verbose:
@@ -300,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--format", default="peft", choices=("peft",))
     export.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
-    export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (e.g. a hub id)")
+    export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (default: the hub id of "
+                        "a deltatune alias, the absolute path of a local base, or the hub id the run used)")
     export.add_argument("--overwrite", action="store_true")
 
     analyze = commands.add_parser("analyze", help="per-layer distance between the fine-tuned and pretrained weights")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
+from deltatune.methods import Method, build_method, prepare_model
 from deltatune.methods.common import head_names
 from deltatune.tasks.spec import TaskSpec
 
@@ -58,10 +58,10 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def save_delta(directory: Path, model: nn.Module, method, manifest: dict) -> int:
+def save_delta(directory: Path, model: nn.Module, method: Method, manifest: dict) -> int:
     """Write delta.safetensors and deltatune.json into `directory`; returns the tensor file's bytes."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in delta_state(model, method).items()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in method.delta_state(model).items()}
     save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": method.name})
     size = (directory / TENSORS).stat().st_size
     manifest = {"format_version": FORMAT_VERSION, **manifest, "delta_bytes": size}
@@ -119,7 +119,7 @@ class TunedModel:
     model: nn.Module
     tokenizer: object
     task: TaskSpec
-    method: object
+    method: Method
     manifest: dict
     directory: Path
 
@@ -188,6 +188,6 @@ def load(directory: str | Path, base: str | None = None) -> TunedModel:
             f"Load it onto {manifest['base_model']['name']!r} (pass --base to point at a copy of it).")
     method = build_method(manifest["method"], manifest["method_config"])
     prepare_model(model, method, tokenizer)
-    load_delta_state(model, method, tensors)
+    method.load_delta_state(model, tensors)
     model.eval()
     return TunedModel(model, tokenizer, task, method, manifest, directory)

@@ -1,16 +1,26 @@
-"""Export a LoRA or (IA)³ delta in PEFT's on-disk adapter format.
+"""Export a delta in PEFT's on-disk adapter format, for the methods that have a PEFT equivalent.
 
 The result is a directory with `adapter_config.json` and `adapter_model.safetensors` that
-Hugging Face PEFT loads onto the plain base model and that then gives the same outputs:
+Hugging Face PEFT loads onto the plain base model and that then gives deltatune's outputs:
 
-    base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N)
+    config = json.load(open(OUT / "adapter_config.json"))
+    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"],
+                                                              num_labels=len(config.get("id2label", [0])))
     model = peft.PeftModel.from_pretrained(base, OUT)
 
-The task head travels as PEFT's `modules_to_save` (task type SEQ_CLS), stored under its plain
-parameter name (`base_model.model.classifier.weight`), which is how PEFT itself saves it.
-Target modules are written as full module names, so PEFT adapts exactly the layers deltatune did,
-whatever suffixes or regexes chose them. Nothing here imports PEFT: the format is plain JSON and
-safetensors.
+Each method says how its tensors map onto PEFT's (`Method.export_peft`: LoRA and (IA)³ can, the
+others raise a DeltatuneError that says so). Around that, this module writes what every export
+needs:
+- the task head travels as PEFT's `modules_to_save` (task type SEQ_CLS), under its plain parameter
+  name (`base_model.model.classifier.weight`), which is how PEFT itself saves it;
+- a regression delta predicts standardised scores that deltatune maps back with the training
+  targets' mean and std (`target_scale` in deltatune.json); the export folds them into the head's
+  output layer (W·std, b·std + mean), so PEFT's raw output is deltatune's score. A head without a
+  bias (Llama's `score`) cannot hold the mean: such an export is refused, saying why;
+- label names as `id2label` / `label2id` (PEFT ignores keys it does not know, with a warning);
+- `base_model_name_or_path` a user can load: the hub id of a deltatune alias ('minilm-l6' ->
+  'sentence-transformers/all-MiniLM-L6-v2'), a local directory as an absolute path, a hub id as is.
+Nothing here imports PEFT: the format is plain JSON and safetensors.
 """
 
 from __future__ import annotations
@@ -24,11 +34,10 @@ from torch import nn
 
 from deltatune.delta import TunedModel, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
-from deltatune.methods import build_method, delta_state
+from deltatune.methods import Method, build_method
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXPORTABLE_METHODS = ("lora", "ia3")
 # PEFT prefixes every name of the wrapped model with this when it saves an adapter
 _PEFT_PREFIX = "base_model.model."
 
@@ -38,79 +47,72 @@ def export_peft(source: str | Path | TunedModel, out_dir: str | Path, *,
     """Write the delta `source` (a run/delta directory or a loaded TunedModel) as a PEFT adapter in `out_dir`.
 
     A directory is converted from its files alone, without loading the base model. The adapter
-    config records `base_model_name_or_path` (default: the base model name in the delta's manifest,
-    which for deltatune's own mirrors is a deltatune name such as 'minilm-l6', not a hub id).
-    Returns `out_dir`.
+    config records `base_model_name_or_path` (default: where the delta's base model can be loaded
+    from, see the module docstring). Returns `out_dir`.
     """
     if isinstance(source, TunedModel):
-        return write_peft_adapter(source.model, source.method, out_dir,
-                                  base_model_name_or_path or source.manifest["base_model"]["name"], overwrite=overwrite)
-    directory = Path(source)
-    manifest = read_manifest(directory)
-    _check_exportable(manifest["method"])
-    method = build_method(manifest["method"], manifest["method_config"])
-    return _write_adapter(method, read_tensors(directory), Path(out_dir),
-                          base_model_name_or_path or manifest["base_model"]["name"], overwrite)
-
-
-def write_peft_adapter(model: nn.Module, method, out_dir: str | Path, base_model_name_or_path: str | None = None,
-                       *, overwrite: bool = False) -> Path:
-    """Write `model`'s delta under `method` (LoRA or (IA)³, already applied) as a PEFT adapter in `out_dir`."""
-    _check_exportable(method.name)
-    return _write_adapter(method, delta_state(model, method), Path(out_dir), base_model_name_or_path, overwrite)
-
-
-def _check_exportable(method_name: str) -> None:
-    if method_name not in EXPORTABLE_METHODS:
-        raise DeltatuneError(
-            f"A {method_name!r} delta cannot be exported to PEFT's format: only deltas of the methods "
-            f"{', '.join(EXPORTABLE_METHODS)} can (they have a PEFT equivalent). Use the deltatune delta "
-            "directory itself, or retrain with --method lora.")
-
-
-def _write_adapter(method, tensors: dict[str, torch.Tensor], out_dir: Path, base_model_name_or_path: str | None,
-                   overwrite: bool) -> Path:
-    if method.name == "lora":
-        peft_tensors, targets, head_modules = _lora_tensors(tensors)
-        config = {
-            "peft_type": "LORA",
-            "r": method.config.r,
-            "lora_alpha": method.config.alpha,
-            "lora_dropout": method.config.dropout,
-            "target_modules": targets,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "use_rslora": False,
-            "use_dora": False,
-            "init_lora_weights": True,
-        }
+        manifest, method = source.manifest, source.method
+        tensors = method.delta_state(source.model)
     else:
-        peft_tensors, targets, feedforward, head_modules = _ia3_tensors(tensors)
-        config = {
-            "peft_type": "IA3",
-            "target_modules": targets,
-            "feedforward_modules": feedforward,
-            "fan_in_fan_out": False,
-            "init_ia3_weights": True,
-        }
-    if not targets:
+        manifest = read_manifest(Path(source))
+        method = build_method(manifest["method"], manifest["method_config"])
+        tensors = read_tensors(Path(source))
+    labels = tuple(manifest.get("task", {}).get("labels", ()))
+    return _write_adapter(method, tensors, Path(out_dir),
+                          base_model_name_or_path or loadable_base_name(manifest["base_model"]["name"]),
+                          overwrite, labels, manifest.get("target_scale"))
+
+
+def write_peft_adapter(model: nn.Module, method: Method, out_dir: str | Path, base_model_name_or_path: str | None = None,
+                       *, overwrite: bool = False, labels: tuple[str, ...] = (),
+                       target_scale: tuple[float, float] | None = None) -> Path:
+    """Write `model`'s delta under `method` (applied to it) as a PEFT adapter in `out_dir`.
+
+    `labels` are the class names (none for regression); `target_scale` the regression targets'
+    (mean, std) that deltatune maps the model's output back with.
+    """
+    return _write_adapter(method, method.delta_state(model), Path(out_dir), base_model_name_or_path, overwrite,
+                          tuple(labels), target_scale)
+
+
+def loadable_base_name(name: str) -> str:
+    """The name PEFT and transformers can load a deltatune base model by."""
+    from deltatune.sources.models import MODEL_ALIASES
+
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name].hub_id
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def _write_adapter(method: Method, tensors: dict[str, torch.Tensor], out_dir: Path, base_model_name_or_path: str | None,
+                   overwrite: bool, labels: tuple[str, ...], target_scale) -> Path:
+    adapter = method.export_peft(tensors)
+    if not adapter.config.get("target_modules"):
         raise DeltatuneError(f"The {method.name!r} delta holds no {method.name} tensors, only "
                              f"{sorted(tensors)[:5]}: it is incomplete. Re-create it by training again.")
-    config.update({
+    head = fold_target_scale(adapter.rest, target_scale) if target_scale else adapter.rest
+    config = {
+        **adapter.config,
         "task_type": "SEQ_CLS",
         # PEFT adds 'classifier' and 'score' for SEQ_CLS by itself; listing the head modules found
         # covers heads with other names too
-        "modules_to_save": head_modules,
+        "modules_to_save": sorted({name.rpartition(".")[0] for name in head}),
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "revision": None,
-    })
+    }
+    names = labels or (("score",) if target_scale else ())  # a regression head's one output, as deltatune names it
+    if names:
+        config["id2label"] = {str(index): label for index, label in enumerate(names)}
+        config["label2id"] = {label: index for index, label in enumerate(names)}
 
     existing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (out_dir / name).exists()]
     if existing and not overwrite:
         raise DeltatuneError(f"{out_dir} already holds a PEFT adapter ({', '.join(existing)}). Choose another "
                              "directory, or pass --overwrite to replace it.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    peft_tensors = {_PEFT_PREFIX + name: tensor for name, tensor in {**adapter.tensors, **head}.items()}
     partial = out_dir / f".{ADAPTER_WEIGHTS}.partial"
     save_file({name: t.detach().contiguous().cpu() for name, t in peft_tensors.items()}, str(partial),
               metadata={"format": "pt"})
@@ -119,36 +121,29 @@ def _write_adapter(method, tensors: dict[str, torch.Tensor], out_dir: Path, base
     return out_dir
 
 
-def _lora_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """PEFT names for LoRA tensors ('X.lora_A' -> 'base_model.model.X.lora_A.weight'), targets, head modules."""
-    renamed, targets, head = {}, [], []
-    for name, tensor in tensors.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf in ("lora_A", "lora_B"):
-            renamed[f"{_PEFT_PREFIX}{module}.{leaf}.weight"] = tensor
-            targets.append(module)
-        else:
-            renamed[_PEFT_PREFIX + name] = tensor
-            head.append(module)
-    return renamed, sorted(set(targets)), sorted(set(head))
+def fold_target_scale(head: dict[str, torch.Tensor], target_scale) -> dict[str, torch.Tensor]:
+    """The head with score = output · std + mean folded into its one-output layer: W·std, b·std + mean."""
+    mean, std = (float(value) for value in target_scale)
+    outputs = sorted(name.removesuffix(".weight") for name, tensor in head.items()
+                     if name.endswith(".weight") and tensor.ndim == 2 and tensor.shape[0] == 1)
+    if len(outputs) != 1:
+        raise DeltatuneError(f"Cannot tell which layer of the regression head {sorted(head)} gives the score "
+                             f"(expected one weight with one output row, found {outputs or 'none'}), so the "
+                             "target scale cannot be folded into it for PEFT.")
+    layer = outputs[0]
+    folded = dict(head)
+    weight = head[f"{layer}.weight"]
+    folded[f"{layer}.weight"] = (weight.double() * std).to(weight.dtype)
+    bias = head.get(f"{layer}.bias")
+    if bias is not None:
+        folded[f"{layer}.bias"] = (bias.double() * std + mean).to(bias.dtype)
+    elif mean != 0:
+        raise DeltatuneError(
+            f"This regression delta's scores are the model's output times {std:g} plus {mean:g} (the training "
+            f"targets' std and mean), but its head layer {layer!r} has no bias, so PEFT cannot add the mean: "
+            f"plain peft + transformers would predict every score {mean:g} too low. Use the deltatune delta "
+            "itself (deltatune.load), or a model whose head has a bias (the BERT family's does).")
+    return folded
 
 
-def _ia3_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str]]:
-    """PEFT names and shapes for (IA)³ vectors: an output scale is (out, 1), an input scale (1, in)."""
-    renamed, targets, feedforward, head = {}, [], [], []
-    for name, tensor in tensors.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf == "output_scale":
-            renamed[f"{_PEFT_PREFIX}{module}.ia3_l"] = tensor.reshape(-1, 1)
-            targets.append(module)
-        elif leaf == "input_scale":
-            renamed[f"{_PEFT_PREFIX}{module}.ia3_l"] = tensor.reshape(1, -1)
-            targets.append(module)
-            feedforward.append(module)
-        else:
-            renamed[_PEFT_PREFIX + name] = tensor
-            head.append(module)
-    return renamed, sorted(set(targets)), sorted(set(feedforward)), sorted(set(head))
-
-
-__all__ = ["export_peft", "write_peft_adapter", "EXPORTABLE_METHODS"]
+__all__ = ["export_peft", "fold_target_scale", "loadable_base_name", "write_peft_adapter"]

@@ -123,7 +123,6 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
 
     result = train(model, tokenizer, task, task_data.split("train"), task_data.split("dev"), method, config)
     wall_time = time.perf_counter() - started
-    describe = getattr(method, "describe", None)
 
     record = {
         "model": model_name,
@@ -135,7 +134,7 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
         "data_provenance": task_data.provenance,
         "method": method_name,
         "method_config": to_jsonable(method.config),
-        "method_report": describe(model) if describe is not None else {},
+        "method_report": method.describe(model),
         "train_config": to_jsonable(config),
         "num_train_examples": result.num_train_examples,
         "num_truncated": result.num_truncated,

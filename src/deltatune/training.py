@@ -4,7 +4,7 @@ It reads top to bottom: tokenise once, pick the training subset the data budget 
 length-bucketed batches, step AdamW with warm-up and linear decay, evaluate on dev every so often,
 keep the best dev state, stop on whichever budget (steps, epochs, seconds) runs out first or when
 dev stops improving. It never asks which method it is training: methods change its behaviour
-only through the optional hooks described in `deltatune.methods.registry`.
+only through the hooks of `deltatune.methods.base.Method`, which it calls directly.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from deltatune.batching import (
 )
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import fast_dropout
+from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
@@ -44,7 +45,7 @@ from deltatune.tasks.spec import Split, TaskSpec
 @dataclass(frozen=True)
 class TrainConfig:
     learning_rate: float | None = None
-    """Peak learning rate. Default: the method's own (`default_learning_rate`), else 5e-5."""
+    """Peak learning rate. Default: the method's own (`default_learning_rate`)."""
     batch_size: int = 32
     """Examples per optimizer step (divided over gradient_accumulation micro-batches)."""
     gradient_accumulation: int = 1
@@ -203,26 +204,9 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) ->
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def _optimizer_groups(model: nn.Module, method, learning_rate: float, config: TrainConfig) -> list[dict]:
-    """AdamW groups: the method's own, else by weight decay and (with layer_lr_decay) by layer depth."""
-    custom = getattr(method, "param_groups", None)
-    if custom is not None:
-        return custom(model, learning_rate)
-    position = {}
-    if config.layer_lr_decay is not None:
-        from deltatune.methods._layers import layer_layout
-
-        layout = layer_layout(model)
-        position = {name: layout.top - p for name, p in layout.position.items()}  # 0 at the top
-    groups: dict[tuple[int, bool], list] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            # biases and norm scales are not regularised toward zero (standard AdamW practice)
-            groups.setdefault((position.get(name, 0), parameter.ndim >= 2), []).append(parameter)
-    decay = config.layer_lr_decay or 1.0
-    return [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
-             "lr": learning_rate * decay**depth}
-            for (depth, decays), params in sorted(groups.items())]
+def _optimizer_groups(model: nn.Module, method: Method, learning_rate: float, config: TrainConfig) -> list[dict]:
+    """AdamW groups from the method, honouring weight decay and layer-wise learning-rate decay."""
+    return method.param_groups(model, learning_rate, OptimizerSettings(config.weight_decay, config.layer_lr_decay))
 
 
 class GradualUnfreezing:
@@ -231,7 +215,7 @@ class GradualUnfreezing:
     does not even compute their gradients (and the backward stops above them)."""
 
     def __init__(self, model: nn.Module, every: int) -> None:
-        from deltatune.methods._layers import layer_layout
+        from deltatune.methods.layers import layer_layout
 
         layout = layer_layout(model)
         self.every, self.top = every, layout.top
@@ -254,7 +238,7 @@ class GradualUnfreezing:
 
 
 def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
-          method, config: TrainConfig) -> TrainResult:
+          method: Method, config: TrainConfig) -> TrainResult:
     """Train `model` (already prepared by the method) and leave it holding its best dev state."""
     config = replace(config, precision=resolve_precision(config.precision))
     # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
@@ -268,7 +252,7 @@ def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_s
 
 
 def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
-           method, config: TrainConfig) -> TrainResult:
+           method: Method, config: TrainConfig) -> TrainResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     if not len(train_split):
@@ -297,7 +281,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
     warmup_steps = max(1, round(config.warmup_ratio * planned_steps)) if config.warmup_ratio else 0
     eval_every = config.eval_every or steps_per_epoch
 
-    learning_rate = config.learning_rate or getattr(method, "default_learning_rate", 5e-5)
+    learning_rate = config.learning_rate or method.default_learning_rate
     groups = _optimizer_groups(model, method, learning_rate, config)
     trainable = [p for group in groups for p in group["params"]]
     if not trainable:
@@ -306,7 +290,6 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
         group.setdefault("lr", learning_rate)
         group["initial_lr"] = group["lr"]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, foreach=True)
-    on_step_end = getattr(method, "on_step_end", None)
     unfreezing = GradualUnfreezing(model, config.unfreeze_every or steps_per_epoch) \
         if config.gradual_unfreezing else None
 
@@ -388,8 +371,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
             optimizer.zero_grad(set_to_none=True)
             step += 1
             examples_seen += len(indices)
-            if on_step_end is not None:
-                on_step_end(model, step, planned_steps)
+            method.on_step_end(model, step, planned_steps)
             if unfreezing is not None:
                 unfreezing.update(step)
             step_seconds.append(time.perf_counter() - started)

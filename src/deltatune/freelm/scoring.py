@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deltatune.freelm.model import PROPOSITION_TASK, TRUE_INDEX, FreeLMModel
-from deltatune.methods._prompts import cache_keyword
+from deltatune.methods.prompts import cache_keyword
 from deltatune.metrics import compute_metrics
 from deltatune.tasks.propositions import TaskPropositions
 from deltatune.tasks.spec import Split, TaskSpec

@@ -35,6 +35,7 @@ from deltatune.freelm.config import FreeLMConfig
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.freelm.model import FreeLMModel
 from deltatune.freelm.schedule import LANGUAGE, TEACHER, signal_schedule
+from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.freelm.scoring import (
     encode_propositions,
     field_budget,
@@ -158,10 +159,9 @@ class FreeLMResult:
                 "language_loss_last_10": self.mean_loss(LANGUAGE, False)}
 
 
-def _optimizer_groups(model: FreeLMModel, method, learning_rate: float, weight_decay: float) -> list[dict]:
-    custom = getattr(method, "param_groups", None) if method is not None else None
-    if custom is not None:
-        return custom(model.classifier, learning_rate)
+def _optimizer_groups(model: FreeLMModel, method: Method | None, learning_rate: float, weight_decay: float) -> list[dict]:
+    if method is not None:
+        return method.param_groups(model.classifier, learning_rate, OptimizerSettings(weight_decay=weight_decay))
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [group for group in ({"params": decay, "weight_decay": weight_decay},
@@ -169,7 +169,7 @@ def _optimizer_groups(model: FreeLMModel, method, learning_rate: float, weight_d
 
 
 def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
-                 config: FreeLMConfig, method=None,
+                 config: FreeLMConfig, method: Method | None = None,
                  propositions: dict[str, TaskPropositions] | None = None,
                  callback: Callable[[int, str, float], None] | None = None) -> FreeLMResult:
     """Train `model` (already adapted by `method`: whatever requires grad trains) with the two signals.
@@ -192,9 +192,10 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     blocks = language_blocks(tokenizer, language_texts, config.lm_sequence_length,
                              language_steps * config.lm_batch_size, config.seed)
 
-    learning_rate = config.learning_rate or getattr(method, "default_learning_rate", None) or 5e-4
+    learning_rate = config.learning_rate or (method.default_learning_rate if method is not None else 5e-4)
     groups = _optimizer_groups(model, method, learning_rate, config.weight_decay)
-    trainable = [p for group in groups for p in group["params"]]
+    # matrices first, then vectors: the order gradient clipping sums their norms in, kept as it always was
+    trainable = sorted((p for group in groups for p in group["params"]), key=lambda p: p.ndim < 2)
     if not trainable:
         raise DeltatuneError("Nothing in the model is trainable: apply a method (e.g. LoRA) before train_freelm.")
     for group in groups:

@@ -1,4 +1,4 @@
-"""Choosing which linear layers a method modifies: shared by LoRA and (IA)³.
+"""Choosing which linear layers a method modifies, and wrapping them: shared by LoRA and (IA)³.
 
 A target is one string, interpreted in one of two ways:
 - a **regex** when it starts with `re:` or contains a regex character other than `.`
@@ -9,18 +9,23 @@ A target is one string, interpreted in one of two ways:
   'bert.encoder.layer.0.attention.self.value'; 'alue' does not).
 
 Only `nn.Linear` layers of the pretrained backbone are candidates: the task head always trains in
-full, so adapting it too would only add parameters.
+full, so adapting it too would only add parameters. Layers are named canonically (see
+`deltatune.methods.state`): a layer another delta already wraps is still 'bert...query', and the
+layers inside other deltas' parts (an adapter's projections) are not candidates.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.common import head_names
+from deltatune.methods.state import DeltaSite, canonical_path
 
 REGEX_PREFIX = "re:"
 REGEX_CHARACTERS = frozenset("*+?[](){}|^$\\")
@@ -72,10 +77,67 @@ def target_problems(option: str, targets: tuple[str, ...]) -> list[str]:
 
 
 def backbone_linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every `nn.Linear` of the backbone by full dotted name, in model order (the task head left out)."""
+    """Every `nn.Linear` of the backbone by canonical dotted name, in model order (the task head, and
+    the layers inside deltas' parts, left out)."""
     head = head_names(model)
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and f"{name}.weight" not in head}
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, module in modules.items():
+        if isinstance(module, nn.Linear) and f"{name}.weight" not in head:
+            owner, canonical = canonical_path(modules, name)
+            if owner is None:
+                layers[canonical] = module
+    return layers
+
+
+class WrappedLinear(DeltaSite):
+    """A site around a linear layer (kept as `base_layer`, frozen, not copied): reads like the layer."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for code that reads `.weight` of what it takes for a Linear."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_delta is not None
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_delta!r}, merged={self.merged_delta!r}"
+
+
+def wrap_layers(model: nn.Module, names: list[str], site_class: type[DeltaSite],
+                wrap: Callable[[nn.Module], DeltaSite]) -> list[DeltaSite]:
+    """The `site_class` site at each canonical layer name, made by `wrap(layer)` where there is none yet.
+
+    A layer another method already wraps is wrapped once more (the outer site passes its input to
+    the inner one), so deltas of several methods can sit on one layer.
+    """
+    found = []
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, site_class):
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = wrap(layer)
+            setattr(parent, child_name, layer)
+        found.append(layer)
+    return found
 
 
 def example_layer_names(names: list[str], limit: int = 8) -> list[str]:

@@ -20,6 +20,7 @@ is unchanged at step 0. Parameter cost per adapter: 2·d·m + d + m; per model
 With the defaults, head and norms included: MiniLM-L6 (d=384) houlsby m=64 606k (2.7%), pfeiffer
 m=24 114k (0.5%); SmolLM2-135M (d=576, 30 layers) houlsby 4.5M (3.3%), pfeiffer m=36 1.26M (0.9%).
 Adapters are non-linear, so they cannot be merged into the base weights: there is no merge hook.
+Each site holds one adapter per named delta (`<parent>.adapter.deltas[name]`); the active one runs.
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
+from deltatune.methods.layers import find_layer_list, is_norm
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, base_parameters, own_parameter_names
 
 Activation = Literal["relu", "gelu", "tanh", "swish"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
 
-# Where each adapter site sits, per layer layout: (site name, parent module, module whose output the
-# adapter rewrites). The adapter is registered as `<parent>.adapter`; the site module gets a hook.
+# Where each adapter site sits inside a transformer block (the blocks themselves are found structurally,
+# see deltatune.methods.layers), per block layout: (site name, parent module, module whose output the
+# adapter rewrites). The adapters are registered under `<parent>.adapter`; the site module gets a hook.
 BERT_SITES = {"attention": ("attention.output", "attention.output.dropout"),
               "ffn": ("output", "output.dropout")}
 LLAMA_SITES = {"attention": ("self_attn", "self_attn.o_proj"),
@@ -128,24 +133,27 @@ class BottleneckAdapter(nn.Module):
         return hidden_states + self.up(self.activation(self.down(hidden_states)))
 
 
-def _run_adapter(module: nn.Module, args, output):
-    """Forward hook on a site module: pass its output through the adapter attached to it.
+class AdapterSite(DeltaSite):
+    """Each delta's adapter at one site (registered as `<parent>.adapter`); the active one runs."""
 
-    The adapter is looked up on the hooked module (not captured in a closure) so a deep copy of the
-    model runs its own copy of the adapter.
+
+def _run_adapter(module: nn.Module, args, output):
+    """Forward hook on a site module: pass its output through the active delta's adapter there.
+
+    The adapters are looked up on the hooked module (not captured in a closure) so a deep copy of
+    the model runs its own copy of them.
     """
-    return module._deltatune_adapter(output)
+    adapter = module._deltatune_adapter.active_part()
+    return output if adapter is None else adapter(output)
 
 
 def transformer_layers(model: nn.Module) -> tuple[list[nn.Module], dict[str, tuple[str, str]]]:
-    """The backbone's layer list and the adapter sites of its layout (BERT-style or Llama-style)."""
+    """The transformer blocks (found structurally) and the adapter sites of their layout."""
+    _, blocks = find_layer_list(model)
+    for layout in (BERT_SITES, LLAMA_SITES):
+        if all(_has_sites(block, layout) for block in blocks):
+            return list(blocks), layout
     backbone = getattr(model, "base_model", model)
-    encoder_layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if isinstance(encoder_layers, nn.ModuleList) and all(_has_sites(layer, BERT_SITES) for layer in encoder_layers):
-        return list(encoder_layers), BERT_SITES
-    decoder_layers = getattr(backbone, "layers", None)
-    if isinstance(decoder_layers, nn.ModuleList) and all(_has_sites(layer, LLAMA_SITES) for layer in decoder_layers):
-        return list(decoder_layers), LLAMA_SITES
     raise DeltatuneError(
         "Adapters know BERT-style layers (encoder.layer.N.attention.output.dense / output.dense) and "
         f"Llama-style layers (layers.N.self_attn.o_proj / mlp.down_proj); {type(backbone).__name__} has "
@@ -162,55 +170,49 @@ def _has_sites(layer: nn.Module, sites: dict[str, tuple[str, str]]) -> bool:
     return True
 
 
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm, or an RMSNorm/LayerNorm class of a model family (LlamaRMSNorm, ...)."""
-    name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm") or name.endswith("RMSNorm")
+def bottleneck_size(config: HoulsbyConfig | PfeifferConfig, hidden_size: int) -> int:
+    """The adapter width m on a model of `hidden_size`."""
+    if config.bottleneck_size is not None:
+        return config.bottleneck_size
+    return max(1, round(hidden_size / config.reduction_factor))
 
 
-class _Adapters:
+class _Adapters(Method):
     """Shared by houlsby and pfeiffer: only the sites and the defaults differ."""
 
-    sites: tuple[str, ...] = ()
+    _sites: tuple[str, ...] = ()
     # adapters start as the identity and are fresh, small modules: they need a learning rate 10-30x
     # higher than full fine-tuning to move within a short budget (Houlsby et al. swept 3e-5..3e-3,
     # AdapterHub recommends 1e-4..1e-3; 1e-3 suits small encoders and short budgets)
     default_learning_rate = 1e-3
 
-    def __init__(self, config) -> None:
-        self.config = config
-
-    def bottleneck_size(self, hidden_size: int) -> int:
-        if self.config.bottleneck_size is not None:
-            return self.config.bottleneck_size
-        return max(1, round(hidden_size / self.config.reduction_factor))
-
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         layers, layout = transformer_layers(model)
+        super().apply(model, name)
         hidden_size = model.config.get_text_config().hidden_size
-        size = self.bottleneck_size(hidden_size)
+        size = bottleneck_size(self.config, hidden_size)
         reference = next(model.parameters())
         for layer in layers:
-            for site in self.sites:
-                parent_name, target_name = layout[site]
+            for site_name in self._sites:
+                parent_name, target_name = layout[site_name]
                 parent, target = layer.get_submodule(parent_name), layer.get_submodule(target_name)
-                if hasattr(parent, "adapter"):
-                    raise RuntimeError(f"{self.name}: apply() ran twice on the same model")
+                site = getattr(parent, "adapter", None)
+                if not isinstance(site, AdapterSite):
+                    parent.adapter = site = AdapterSite()
+                    # stored outside the module registry: the adapters' parameters are named once, under
+                    # the parent, and the hook finds them from the module it runs on
+                    object.__setattr__(target, "_deltatune_adapter", site)
+                    target.register_forward_hook(_run_adapter)
                 adapter = BottleneckAdapter(hidden_size, size, self.config.activation,
                                             self.config.up_projection_init_std)
-                parent.adapter = adapter.to(device=reference.device, dtype=reference.dtype)
-                # stored outside the module registry: the adapter's parameters are named once, under
-                # its parent, and the hook finds it from the module it runs on
-                object.__setattr__(target, "_deltatune_adapter", adapter)
-                target.register_forward_hook(_run_adapter)
+                site.add_part(model, name, adapter.to(device=reference.device, dtype=reference.dtype), self.name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        adapter_ids = {id(p) for m in model.modules() if isinstance(m, BottleneckAdapter) for p in m.parameters()}
-        names = {n for n, p in model.named_parameters() if id(p) in adapter_ids}
+        names = own_parameter_names(model, self._applied_name())
         if self.config.train_layernorm:
             backbone = getattr(model, "base_model", model)
             norm_ids = {id(p) for m in backbone.modules() if is_norm(m) for p in m.parameters(recurse=False)}
-            names |= {n for n, p in model.named_parameters() if id(p) in norm_ids}
+            names |= {n for n, p in base_parameters(model).items() if id(p) in norm_ids}
         return names | head_names(model)
 
 
@@ -218,12 +220,11 @@ class _Adapters:
 class Houlsby(_Adapters):
     """Houlsby adapters: two bottleneck adapters per layer (after attention and after the FFN), plus LayerNorms."""
 
-    sites = ("attention", "ffn")
+    _sites = ("attention", "ffn")
 
 
 @register("pfeiffer", PfeifferConfig)
 class Pfeiffer(_Adapters):
     """Pfeiffer adapters: one bottleneck adapter per layer, after the FFN."""
 
-    sites = ("ffn",)
-
+    _sites = ("ffn",)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from deltatune.methods.base import Method
 from deltatune.methods.common import head_names, is_bias
 from deltatune.methods.registry import register
+from deltatune.methods.state import base_parameters
 
 
 @dataclass(frozen=True)
@@ -23,18 +25,12 @@ class BitFitConfig:
 
 
 @register("bitfit", BitFitConfig)
-class BitFit:
+class BitFit(Method):
     """BitFit: only bias terms (and the task head) train."""
 
     # biases move the model little per unit step: the paper tunes 1e-4..1e-3; 1e-3 suits small encoders
     default_learning_rate = 1e-3
 
-    def __init__(self, config: BitFitConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
-        pass
-
     def trainable_names(self, model: nn.Module) -> set[str]:
-        names = {n for n, _ in model.named_parameters() if is_bias(n)}
+        names = {n for n in base_parameters(model) if is_bias(n)}
         return names | head_names(model) if self.config.train_head else names

@@ -35,8 +35,10 @@ from typing import Literal
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._layers import EMBEDDINGS, layer_layout, resolve_layer_indices
+from deltatune.methods.base import Method
+from deltatune.methods.layers import EMBEDDINGS, layer_layout, resolve_layer_indices
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, base_parameters
 
 DEFAULT_TOP = 2
 
@@ -92,47 +94,45 @@ class FreezeConfig:
 
 
 @register("freeze", FreezeConfig)
-class Freeze:
+class Freeze(Method):
     """Partial freezing: only chosen transformer layers (top k, bottom k, listed, or the most critical) train."""
 
     # the chosen layers are ordinary pretrained weights trained as in full fine-tuning
     default_learning_rate = 5e-5
 
-    def __init__(self, config: FreezeConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         if self.config.critical is not None and not self.config.critical_layers:
             chosen = critical_layers(model, self.config.critical_from, self.config.critical,
                                      self.config.critical_metric)
             # recorded in the config, which the run writes into the delta's manifest after training
             self.config = dataclasses.replace(self.config, critical_layers=tuple(chosen))
-        self.selected_layers(model)  # fail now, on a bad index, rather than after loading everything
-
-    def selected_layers(self, model: nn.Module) -> list[int]:
-        """The block indices that train on this model."""
-        config = self.config
-        num_layers = layer_layout(model).num_layers
-        model_name = type(model).__name__
-        if config.layers:
-            return resolve_layer_indices("method.layers", config.layers, num_layers, model_name)
-        if config.critical is not None:
-            if not config.critical_layers:
-                raise RuntimeError("freeze: apply() must run before the critical layers are known")
-            return resolve_layer_indices("method.critical_layers", config.critical_layers, num_layers, model_name)
-        count = config.top if config.top is not None else config.bottom
-        option = "top" if config.top is not None else "bottom"
-        if count > num_layers:
-            raise DeltatuneError(f"method.{option}={count}, but {model_name} has only {num_layers} transformer "
-                                 f"layers; choose at most {num_layers} (or use the 'full' method).")
-        return list(range(num_layers - count, num_layers)) if option == "top" else list(range(count))
+        selected_layers(self.config, model)  # fail now, on a bad index, rather than after loading everything
+        super().apply(model, name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         layout = layer_layout(model)
-        positions = set(self.selected_layers(model)) | {layout.top}
+        positions = set(selected_layers(self.config, model)) | {layout.top}
         if self.config.train_embeddings:
             positions.add(EMBEDDINGS)
-        return layout.names_at(positions)
+        return layout.names_at(positions) & base_parameters(model).keys()
+
+
+def selected_layers(config: FreezeConfig, model: nn.Module) -> list[int]:
+    """The block indices that train on this model."""
+    num_layers = layer_layout(model).num_layers
+    model_name = type(model).__name__
+    if config.layers:
+        return resolve_layer_indices("method.layers", config.layers, num_layers, model_name)
+    if config.critical is not None:
+        if not config.critical_layers:
+            raise RuntimeError("freeze: apply() must run before the critical layers are known")
+        return resolve_layer_indices("method.critical_layers", config.critical_layers, num_layers, model_name)
+    count = config.top if config.top is not None else config.bottom
+    option = "top" if config.top is not None else "bottom"
+    if count > num_layers:
+        raise DeltatuneError(f"method.{option}={count}, but {model_name} has only {num_layers} transformer "
+                             f"layers; choose at most {num_layers} (or use the 'full' method).")
+    return list(range(num_layers - count, num_layers)) if option == "top" else list(range(count))
 
 
 def critical_layers(model: nn.Module, run_dir: str, count: int, metric: str) -> list[int]:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from deltatune.methods.base import Method
 from deltatune.methods.registry import register
+from deltatune.methods.state import base_parameters
 
 
 @dataclass(frozen=True)
@@ -19,16 +21,10 @@ class FullConfig:
 
 
 @register("full", FullConfig)
-class Full:
+class Full(Method):
     """Full fine-tuning: every weight of the model and the task head trains."""
 
     default_learning_rate = 5e-5
 
-    def __init__(self, config: FullConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
-        pass
-
     def trainable_names(self, model: nn.Module) -> set[str]:
-        return {n for n, _ in model.named_parameters()}
+        return set(base_parameters(model))

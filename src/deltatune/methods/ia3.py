@@ -8,7 +8,8 @@ feed-forward block's inner activation:
 
 All vectors start at one, so the model is unchanged before training. Scaling a layer's output is
 scaling the rows (and bias) of its weight, and scaling the down-projection's input is scaling its
-columns, so the vectors fold into the weights exactly (`merge`) and out again (`unmerge`).
+columns, so the vectors fold into the weights exactly (`merge`) and out again (`unmerge`). Each
+layer holds one scale per named delta (`IA3Linear.deltas[name]`); the active delta's applies.
 
 Parameter cost: d_k + d_v + d_ff per layer: 384 + 384 + 1536 = 2,304 per layer on MiniLM-L6
 (0.06% of the model) and 192 + 192 + 1536 = 1,920 per layer on SmolLM2-135M (0.04%; its keys and
@@ -28,9 +29,11 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._linear_targets import select_layers, target_problems
+from deltatune.methods._linear_targets import WrappedLinear, select_layers, target_problems, wrap_layers
+from deltatune.methods.base import Method, PeftAdapter
 from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, merge_sites, own_parameter_names
 
 # keys and values as BERT-family and Llama-family models name them
 DEFAULT_TARGETS = ("key", "value", "k_proj", "v_proj")
@@ -63,52 +66,65 @@ class IA3Config:
             raise DeltatuneError("; ".join(problems))
 
 
-class IA3Linear(nn.Module):
-    """An nn.Linear (kept as `base_layer`, frozen, not copied) with a learned scale on its output or input."""
+class IA3Scale(nn.Module):
+    """One delta's learned scale of one layer's output or input, named by the side it scales."""
 
-    def __init__(self, base_layer: nn.Linear, scale_input: bool) -> None:
+    def __init__(self, layer: WrappedLinear, scale_input: bool) -> None:
         super().__init__()
-        self.base_layer = base_layer
         self.scale_input = scale_input
-        size = base_layer.in_features if scale_input else base_layer.out_features
-        weight = base_layer.weight
+        size = layer.in_features if scale_input else layer.out_features
+        weight = layer.weight
         scale = nn.Parameter(torch.ones(size, dtype=weight.dtype, device=weight.device))
         # the name says which side is scaled, so the delta file alone tells how to apply it
         if scale_input:
             self.input_scale = scale
         else:
             self.output_scale = scale
-        self.merged = False
-        self._kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def scale(self) -> nn.Parameter:
         return self.input_scale if self.scale_input else self.output_scale
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, for code that reads `.weight` of what it takes for a Linear."""
-        return self.base_layer.weight
+    def extra_repr(self) -> str:
+        return f"scales={'input' if self.scale_input else 'output'}"
+
+
+class IA3Linear(WrappedLinear):
+    """An nn.Linear (kept as `base_layer`, frozen, not copied) with each delta's learned scale on its output
+    or input; the active delta's scale applies."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self._kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+    def scale_input(self) -> bool:
+        return self._active_scale().scale_input
+
+    @property
+    def scale(self) -> nn.Parameter:
+        return self._active_scale().scale
+
+    def _active_scale(self) -> IA3Scale:
+        return self.required_part("(IA)³")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        part = self.active_part()
+        if part is None or self.merged_delta is not None:
             return self.base_layer(x)
-        if self.scale_input:
-            return self.base_layer(x * self.scale)
-        return self.base_layer(x) * self.scale
+        if part.scale_input:
+            return self.base_layer(x * part.scale)
+        return self.base_layer(x) * part.scale
 
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
+        if self.merged_delta is not None or self.active_delta is None:
             return
+        part = self._active_scale()
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        scale = self.scale.to(weight.dtype)
+        scale = part.scale.to(weight.dtype)
         small = (scale.abs() < _UNDIVIDABLE).nonzero().flatten()
-        if self.scale_input:  # W (s ⊙ x) = (W diag(s)) x: scale the columns; the bias is untouched
+        if part.scale_input:  # W (s ⊙ x) = (W diag(s)) x: scale the columns; the bias is untouched
             self._kept = (small, weight[:, small].clone(), None) if len(small) else None
             weight.mul_(scale)
         else:  # s ⊙ (W x + b) = (diag(s) W) x + s ⊙ b: scale the rows and the bias
@@ -117,17 +133,18 @@ class IA3Linear(nn.Module):
             weight.mul_(scale[:, None])
             if bias is not None:
                 bias.mul_(scale)
-        self.merged = True
+        self.merged_delta = self.active_delta
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
+        if self.merged_delta is None:
             return
+        part = self.deltas[self.merged_delta]
         weight, bias = self.base_layer.weight, self.base_layer.bias
         # a zero scale leaves nothing to divide: divide by one there and restore the kept originals
-        scale = self.scale.to(weight.dtype)
+        scale = part.scale.to(weight.dtype)
         scale = torch.where(scale.abs() < _UNDIVIDABLE, torch.ones_like(scale), scale)
-        if self.scale_input:
+        if part.scale_input:
             weight.div_(scale)
         else:
             weight.div_(scale[:, None])
@@ -135,37 +152,25 @@ class IA3Linear(nn.Module):
                 bias.div_(scale)
         if self._kept is not None:
             indices, kept_weight, kept_bias = self._kept
-            if self.scale_input:
+            if part.scale_input:
                 weight[:, indices] = kept_weight
             else:
                 weight[indices] = kept_weight
                 if kept_bias is not None:
                     bias[indices] = kept_bias
             self._kept = None
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"scales={'input' if self.scale_input else 'output'}, merged={self.merged}"
-
-
-def ia3_modules(model: nn.Module) -> dict[str, IA3Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, IA3Linear)}
+        self.merged_delta = None
 
 
 @register("ia3", IA3Config)
-class IA3:
+class IA3(Method):
     """(IA)³: learned vectors rescale attention keys, values and the feed-forward inner activation."""
 
     # a multiplicative scale around 1 moves the model slowly per unit step and has few parameters
     # to overfit with: the paper trains it with 3e-3 (T-Few recipe, Adafactor)
     default_learning_rate = 3e-3
 
-    def __init__(self, config: IA3Config) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
-        if ia3_modules(model):
-            raise DeltatuneError("(IA)³ is already applied to this model; apply it once, to a freshly loaded model.")
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         scaled_output = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)
         scaled_input = []
         if self.config.feedforward_targets:
@@ -177,30 +182,35 @@ class IA3:
                 f"method.targets={self.config.targets!r} and method.feedforward_targets="
                 f"{self.config.feedforward_targets!r} both match {both[:3]!r}: a layer gets either an output "
                 "scale (targets) or an input scale (feedforward_targets), not both. Narrow one of them.")
+        super().apply(model, name)
         for names, scale_input in ((scaled_output, False), (scaled_input, True)):
-            for name in names:
-                parent_name, _, child_name = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                setattr(parent, child_name, IA3Linear(getattr(parent, child_name), scale_input))
+            for layer in wrap_layers(model, names, IA3Linear, IA3Linear):
+                layer.add_part(model, name, IA3Scale(layer, scale_input), "(IA)³")
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        names = {f"{name}.{'input_scale' if module.scale_input else 'output_scale'}"
-                 for name, module in ia3_modules(model).items()}
-        return names | head_names(model)
+        return own_parameter_names(model, self._applied_name()) | head_names(model)
 
     def merge(self, model: nn.Module) -> None:
         """Fold every scale into its base weight (rows and bias, or columns): outputs stay the same."""
-        for module in self._modules_of(model).values():
-            module.merge()
+        merge_sites(model, self, IA3Linear, merge=True)
 
     def unmerge(self, model: nn.Module) -> None:
         """Divide every scale back out of its base weight (undoes `merge` up to float rounding)."""
-        for module in self._modules_of(model).values():
-            module.unmerge()
+        merge_sites(model, self, IA3Linear, merge=False)
 
-    @staticmethod
-    def _modules_of(model: nn.Module) -> dict[str, IA3Linear]:
-        modules = ia3_modules(model)
-        if not modules:
-            raise DeltatuneError("This model has no (IA)³ layers: apply the method (or load an (IA)³ delta) first.")
-        return modules
+    def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
+        """PEFT's IA3: one 'ia3_l' per layer, (out, 1) for an output scale and (1, in) for an input scale."""
+        renamed, rest, targets, feedforward = {}, {}, set(), set()
+        for name, tensor in tensors.items():
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("output_scale", "input_scale"):
+                scale_input = leaf == "input_scale"
+                renamed[f"{module}.ia3_l"] = tensor.reshape(1, -1) if scale_input else tensor.reshape(-1, 1)
+                targets.add(module)
+                if scale_input:
+                    feedforward.add(module)
+            else:
+                rest[name] = tensor
+        config = {"peft_type": "IA3", "target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
+                  "fan_in_fan_out": False, "init_ia3_weights": True}
+        return PeftAdapter(config, renamed, rest)

@@ -43,16 +43,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._prompts import (
+from deltatune.methods.base import Method, OptimizerSettings, layer_depths
+from deltatune.methods.common import head_names
+from deltatune.methods.prompt_tuning import PromptTuningConfig, initial_prompt, install_prompt_site
+from deltatune.methods.prompts import (
     arguments_as_keywords,
     backbone_of,
     batch_size_and_length,
     check_position_budget,
+    drop_leading_positions,
+    find_tokenizer,
     prepend_soft_tokens,
     reject_non_empty_cache,
 )
-from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite
 
 METHOD_NAME = "input-dependent-prompt"
 EMBEDDINGS = "embeddings"
@@ -194,11 +199,17 @@ def _encoder_states(generator: PromptGenerator, backbone: nn.Module, kwargs: dic
     return generator.encoder(texts)
 
 
-def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+class GeneratorSite(DeltaSite):
+    """Each delta's prompt generator (registered as `<backbone>.input_dependent_prompt`); the active one runs."""
+
+
+def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: input_ids -> inputs_embeds with p(x) in front."""
+    generator = backbone.input_dependent_prompt.active_part()
+    if generator is None:
+        return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
     reject_non_empty_cache(kwargs, METHOD_NAME)
-    generator = backbone.input_dependent_prompt
     num_tokens = generator.num_tokens
     _, length, device = batch_size_and_length(kwargs)
     check_position_budget(backbone, num_tokens, length, METHOD_NAME)
@@ -213,11 +224,8 @@ def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) ->
 
 def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
     """Forward hook: the last hidden state lines up with input_ids again (for Llama's last-token pooling)."""
-    num_tokens = backbone.input_dependent_prompt.num_tokens
-    if isinstance(output, tuple):
-        return (output[0][:, num_tokens:], *output[1:])
-    output["last_hidden_state"] = output["last_hidden_state"][:, num_tokens:]
-    return output
+    generator = backbone.input_dependent_prompt.active_part()
+    return output if generator is None else drop_leading_positions(output, generator.num_tokens)
 
 
 def load_external_encoder(name: str, max_length: int) -> ExternalEncoder:
@@ -242,35 +250,28 @@ def load_external_encoder(name: str, max_length: int) -> ExternalEncoder:
 
 
 @register(METHOD_NAME, InputDependentPromptConfig)
-class InputDependentPrompt:
+class InputDependentPrompt(Method):
     """Input-dependent prompt tuning: a frozen encoder + learned cross-attention write each input's soft prompt."""
 
     # P needs prompt tuning's large step (see prompt-tuning); the projections get a tenth of it
     # through param_groups (method.generator_learning_rate_ratio)
     default_learning_rate = 3e-2
 
-    def __init__(self, config: InputDependentPromptConfig) -> None:
-        self.config = config
-        self.tokenizer = None
-        """The decoder's tokenizer (for init=text and for an external encoder); when unset, it is loaded
-        from the model's own directory."""
-
-    def apply(self, model: nn.Module) -> None:
-        from deltatune.methods.prompt_tuning import PromptTuning, PromptTuningConfig
-
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
-        if hasattr(backbone, "input_dependent_prompt"):
-            raise RuntimeError(f"{METHOD_NAME}: apply() ran twice on the same model")
         word_embeddings = backbone.get_input_embeddings().weight
         needs_tokenizer = self.config.init == "text" or self.config.encoder != EMBEDDINGS
         if needs_tokenizer and self.tokenizer is None:
-            self.tokenizer = self._find_tokenizer(model)
+            self.tokenizer = find_tokenizer(
+                model, f"{METHOD_NAME} needs the decoder's tokenizer (for method.init=text and for an external "
+                       "method.encoder)",
+                "Use method.init=vocab with method.encoder=embeddings, or set the method's `tokenizer` attribute "
+                "before applying it.")
         # the static part starts exactly as plain prompt tuning's prompt would
-        initialiser = PromptTuning(PromptTuningConfig(self.config.num_virtual_tokens, self.config.init,
-                                                      self.config.init_text))
-        initialiser.tokenizer = self.tokenizer
         with torch.no_grad():
-            initial = initialiser.initial_prompt(model, word_embeddings).to(word_embeddings.dtype)
+            initial = initial_prompt(PromptTuningConfig(self.config.num_virtual_tokens, self.config.init,
+                                                        self.config.init_text),
+                                     self.tokenizer, model, word_embeddings).to(word_embeddings.dtype)
         encoder = None
         if self.config.encoder != EMBEDDINGS:
             encoder = load_external_encoder(self.config.encoder, self.config.encoder_max_length)
@@ -278,47 +279,37 @@ class InputDependentPrompt:
         generator = PromptGenerator(initial, encoder.width if encoder is not None else word_embeddings.shape[1],
                                     self.config.attention_size, self.config.num_heads, encoder)
         generator.decoder_tokenizer = self.tokenizer
-        backbone.input_dependent_prompt = generator.to(word_embeddings.device)
-        backbone.register_forward_pre_hook(_prepend_generated_prompt, with_kwargs=True)
-        backbone.register_forward_hook(_drop_prompt_positions)
+        super().apply(model, name)
+        site = install_prompt_site(backbone, "input_dependent_prompt", GeneratorSite, _prepend_generated_prompt,
+                                   _drop_prompt_positions)
+        site.add_part(model, name, generator.to(word_embeddings.device), self.name)
 
-    def _find_tokenizer(self, model: nn.Module):
-        location = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-        problem = "the model was not loaded from a directory"
-        if location:
-            from transformers import AutoTokenizer
-
-            try:  # which exception transformers raises depends on what is missing
-                return AutoTokenizer.from_pretrained(location, local_files_only=True)
-            except Exception as error:
-                problem = f"loading it from {location!r} failed ({str(error).splitlines()[0]})"
-        raise DeltatuneError(
-            f"{METHOD_NAME} needs the decoder's tokenizer (for method.init=text and for an external "
-            f"method.encoder), but {problem}. Use method.init=vocab with method.encoder=embeddings, or set the "
-            "method's `tokenizer` attribute before applying it.")
-
-    @staticmethod
-    def _generator(model: nn.Module) -> PromptGenerator:
-        return backbone_of(model).input_dependent_prompt
+    def _generator(self, model: nn.Module) -> PromptGenerator:
+        return backbone_of(model).input_dependent_prompt.deltas[self._applied_name()]
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         generator = self._generator(model)
         own = {id(generator.prompt)} | {id(p) for p in generator.generator_parameters()}
         return {n for n, p in model.named_parameters() if id(p) in own} | head_names(model)
 
-    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict]:
-        """P and the head at the full rate, the projections at generator_learning_rate_ratio of it;
-        weight decay (0.01, the loop's default) on the projections and head matrices only."""
+    def param_groups(self, model: nn.Module, learning_rate: float, settings: OptimizerSettings) -> list[dict]:
+        """P and the head at the full rate, the projections at generator_learning_rate_ratio of it; weight
+        decay on the projections and head matrices only; each times layer_lr_decay^depth when set."""
         generator = self._generator(model)
-        projections = generator.generator_parameters()
         head = [p for n, p in model.named_parameters() if n in head_names(model) and p.requires_grad]
-        groups = [
-            {"params": [generator.prompt], "lr": learning_rate, "weight_decay": 0.0},
-            {"params": projections, "lr": learning_rate * self.config.generator_learning_rate_ratio,
-             "weight_decay": 0.01},
-            {"params": [p for p in head if p.ndim >= 2], "lr": learning_rate, "weight_decay": 0.01},
-            {"params": [p for p in head if p.ndim < 2], "lr": learning_rate, "weight_decay": 0.0},
-        ]
-        for group in groups:
-            group["params"] = [p for p in group["params"] if p.requires_grad]
-        return [group for group in groups if group["params"]]
+        ratio = self.config.generator_learning_rate_ratio
+        roles = [([generator.prompt], 1.0, False), (generator.generator_parameters(), ratio, True),
+                 ([p for p in head if p.ndim >= 2], 1.0, True), ([p for p in head if p.ndim < 2], 1.0, False)]
+        depths = layer_depths(model, settings)
+        depth_of = {id(p): depths.get(n, 0) for n, p in model.named_parameters()}
+        decay = settings.layer_lr_decay or 1.0
+        groups = []
+        for parameters, scale, decays in roles:
+            by_depth: dict[int, list] = {}
+            for parameter in parameters:
+                if parameter.requires_grad:
+                    by_depth.setdefault(depth_of[id(parameter)], []).append(parameter)
+            groups += [{"params": params, "lr": learning_rate * scale * decay**depth,
+                        "weight_decay": settings.weight_decay if decays else 0.0}
+                       for depth, params in sorted(by_depth.items())]
+        return groups

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
+from deltatune.methods.layers import is_norm
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, base_modules
 
 
 @dataclass(frozen=True)
@@ -32,17 +35,10 @@ class LayerNormConfig:
     Empty: every LayerNorm / RMSNorm of the model."""
 
 
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm or RMSNorm, torch's or a model's own class (LlamaRMSNorm, T5LayerNorm, ...)."""
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return True
-    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
 def norm_modules(model: nn.Module, targets: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """The norm modules of `model` (outside the task head), restricted to `targets` when given."""
+    """The base model's norm modules (outside the task head), restricted to `targets` when given."""
     head = head_names(model)
-    found = {name: module for name, module in model.named_modules()
+    found = {name: module for name, module in base_modules(model).items()
              if is_norm(module) and not any(f"{name}.{p}" in head for p, _ in module.named_parameters())}
     if not targets:
         return found
@@ -59,20 +55,18 @@ def norm_modules(model: nn.Module, targets: tuple[str, ...] = ()) -> dict[str, n
 
 
 @register("layernorm", LayerNormConfig)
-class LayerNormTuning:
+class LayerNormTuning(Method):
     """LayerNorm tuning: only the gains and biases of the normalisation layers (and the task head) train."""
 
     # a few thousand scale/shift parameters near 1 and 0: like BitFit they need a large step to matter
     default_learning_rate = 1e-3
 
-    def __init__(self, config: LayerNormConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         modules = norm_modules(model, self.config.targets)
         if not modules:
             raise DeltatuneError(f"{type(model).__name__} has no LayerNorm or RMSNorm layer, so the 'layernorm' "
                                  "method has nothing to tune; choose another method (e.g. bitfit or lora).")
+        super().apply(model, name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         names = {f"{module_name}.{parameter_name}"

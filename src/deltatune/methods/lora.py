@@ -6,7 +6,8 @@ Each chosen linear layer h = W x + b keeps W and b frozen and gains a trainable 
 
 A starts Kaiming-uniform (as nn.Linear initialises its weight) and B at zero, so B A = 0 and the
 model is unchanged before training. After training, B A can be folded into W (`merge`) so that
-inference costs nothing extra, and taken out again (`unmerge`).
+inference costs nothing extra, and taken out again (`unmerge`). Each layer holds one branch per
+named delta (`LoRALinear.deltas[name]`); the active delta's branch runs.
 
 Parameter cost: r · (d_in + d_out) per adapted layer. With the defaults (r=8 on the query and
 value projections) that is 2 · 8 · (384 + 384) = 12,288 per layer on MiniLM-L6 (0.33% of the model
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._linear_targets import select_layers, target_problems
+from deltatune.methods._linear_targets import WrappedLinear, select_layers, target_problems, wrap_layers
+from deltatune.methods.base import Method, PeftAdapter
 from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, merge_sites, own_parameter_names
 
 # The query and value projections, which the paper found the best pair to adapt (its Table 5),
 # under the names BERT-family and Llama-family models give them.
@@ -63,107 +66,117 @@ class LoRAConfig:
             raise DeltatuneError("; ".join(problems))
 
 
-class LoRALinear(nn.Module):
-    """An nn.Linear (kept as `base_layer`, frozen, not copied) plus the low-rank branch B·A."""
+class LoRAUpdate(nn.Module):
+    """One delta's low-rank branch (alpha / r) · B A of one layer."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=weight.dtype, device=weight.device))
+        weight = layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, dtype=weight.dtype, device=weight.device))
         # the same initialisation nn.Linear gives its weight (and the paper's code gives A)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / r
         # no module at all when dropout is off, so the forward pass does not even call an identity
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.merged = False
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, for code that reads `.weight` of what it takes for a Linear."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        branch_input = x if self.dropout is None else self.dropout(x)
-        down = F.linear(branch_input, self.lora_A)
-        # addmm does "result + scaling · down @ B^T" in one kernel: measured ~10% faster per layer
-        # (forward + backward) than a separate matmul, scale and add
-        out_features = result.shape[-1]
-        updated = torch.addmm(result.reshape(-1, out_features), down.reshape(-1, down.shape[-1]), self.lora_B.t(),
-                              alpha=self.scaling)
-        return updated.view(result.shape)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update (alpha / r) · B A in W's shape and dtype."""
-        return (self.lora_B @ self.lora_A * self.scaling).to(self.base_layer.weight.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base_layer.weight.add_(self.delta_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight.sub_(self.delta_weight())
-            self.merged = False
+    def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The update (alpha / r) · B A in W's shape, in `dtype`."""
+        return (self.lora_B @ self.lora_A * self.scaling).to(dtype)
 
     def extra_repr(self) -> str:
         dropout = self.dropout.p if self.dropout is not None else 0.0
-        return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, dropout={dropout:g}, merged={self.merged}"
+        return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, dropout={dropout:g}"
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+class LoRALinear(WrappedLinear):
+    """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's low-rank branch B·A;
+    the active delta's branch runs."""
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self._active_update().lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self._active_update().lora_B
+
+    @property
+    def scaling(self) -> float:
+        return self._active_update().scaling
+
+    @property
+    def dropout(self) -> nn.Dropout | None:
+        return self._active_update().dropout
+
+    def _active_update(self) -> LoRAUpdate:
+        return self.required_part("LoRA")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        update = self.active_part()
+        if update is None or self.merged_delta is not None:
+            return result
+        branch_input = x if update.dropout is None else update.dropout(x)
+        down = F.linear(branch_input, update.lora_A)
+        # addmm does "result + scaling · down @ B^T" in one kernel: measured ~10% faster per layer
+        # (forward + backward) than a separate matmul, scale and add
+        out_features = result.shape[-1]
+        updated = torch.addmm(result.reshape(-1, out_features), down.reshape(-1, down.shape[-1]), update.lora_B.t(),
+                              alpha=update.scaling)
+        return updated.view(result.shape)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged_delta is None and self.active_delta is not None:
+            self.base_layer.weight.add_(self._active_update().delta_weight(self.base_layer.weight.dtype))
+            self.merged_delta = self.active_delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_delta is not None:
+            update = self.deltas[self.merged_delta]
+            self.base_layer.weight.sub_(update.delta_weight(self.base_layer.weight.dtype))
+            self.merged_delta = None
 
 
 @register("lora", LoRAConfig)
-class LoRA:
+class LoRA(Method):
     """LoRA: a trainable low-rank update (alpha/r)·B·A beside frozen linear layers (query and value by default)."""
 
     # B starts at zero and the update is damped by alpha/r, so LoRA wants a much larger step than
     # full fine-tuning: the paper uses 4e-4..5e-4 for RoBERTa-base on GLUE (its Table 9)
     default_learning_rate = 5e-4
 
-    def __init__(self, config: LoRAConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
-        if lora_modules(model):
-            raise DeltatuneError("LoRA is already applied to this model; apply it once, to a freshly loaded model.")
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         names = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)
-        for name in names:
-            parent_name, _, child_name = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base_layer = getattr(parent, child_name)
-            setattr(parent, child_name, LoRALinear(base_layer, self.config.r, self.config.alpha, self.config.dropout))
+        super().apply(model, name)
+        for layer in wrap_layers(model, names, LoRALinear, LoRALinear):
+            layer.add_part(model, name, LoRAUpdate(layer, self.config.r, self.config.alpha, self.config.dropout),
+                           "LoRA")
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        names = {f"{name}.{part}" for name in lora_modules(model) for part in ("lora_A", "lora_B")}
-        return names | head_names(model)
+        return own_parameter_names(model, self._applied_name()) | head_names(model)
 
     def merge(self, model: nn.Module) -> None:
         """Fold every B·A into its base weight: outputs stay the same, the extra matmuls go away."""
-        for module in self._modules_of(model).values():
-            module.merge()
+        merge_sites(model, self, LoRALinear, merge=True)
 
     def unmerge(self, model: nn.Module) -> None:
         """Take every B·A back out of its base weight (undoes `merge` up to float rounding)."""
-        for module in self._modules_of(model).values():
-            module.unmerge()
+        merge_sites(model, self, LoRALinear, merge=False)
 
-    @staticmethod
-    def _modules_of(model: nn.Module) -> dict[str, LoRALinear]:
-        modules = lora_modules(model)
-        if not modules:
-            raise DeltatuneError("This model has no LoRA layers: apply the method (or load a LoRA delta) first.")
-        return modules
+    def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
+        """PEFT's LoRA: 'X.lora_A' -> 'X.lora_A.weight'; the target modules by full name."""
+        renamed, rest, targets = {}, {}, set()
+        for name, tensor in tensors.items():
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("lora_A", "lora_B"):
+                renamed[f"{module}.{leaf}.weight"] = tensor
+                targets.add(module)
+            else:
+                rest[name] = tensor
+        config = {"peft_type": "LORA", "r": self.config.r, "lora_alpha": self.config.alpha,
+                  "lora_dropout": self.config.dropout, "target_modules": sorted(targets), "bias": "none",
+                  "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+        return PeftAdapter(config, renamed, rest)

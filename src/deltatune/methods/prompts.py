@@ -1,12 +1,14 @@
-"""What prompt tuning and prefix tuning share: finding the backbone and rewriting its call.
+"""What the methods that rewrite the backbone's call share (prompt tuning, prefix tuning,
+input-dependent prompts, recursive LMs): finding the backbone and rewriting its call.
 
-Both methods leave the training loop alone. The loop calls the task model with right-padded
+These methods leave the training loop alone. The loop calls the task model with right-padded
 `input_ids`, `attention_mask` and sometimes `token_type_ids`; the task model calls its backbone
 (`model.bert`, `model.model`, ...). A forward pre-hook on the backbone rewrites that call: prompt
 tuning turns `input_ids` into `inputs_embeds` with the soft prompt in front, prefix tuning passes
 the prefix keys/values as a cache. Either way the attention mask gains ones for the virtual
-tokens. The hooks are plain functions that find their parameters on the module they run on, so a
-deep copy of the model runs its own copy of them.
+tokens. The hooks are plain functions that find their parameters on the module they run on (the
+active delta's part of the method's site there), so a deep copy of the model runs its own copy of
+them, and with no delta of the method active they leave the call alone.
 """
 
 from __future__ import annotations
@@ -31,11 +33,22 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def qualified_name(model: nn.Module, module: nn.Module) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name
-    raise RuntimeError("module is not part of the model")
+def find_tokenizer(model: nn.Module, why: str, fix: str):
+    """The tokenizer saved next to the model (a local directory or the hub cache); never downloads.
+
+    `why` says what the method needs it for and `fix` how to do without, for the error message.
+    """
+    location = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    problem = "the model was not loaded from a directory"
+    if location:
+        from transformers import AutoTokenizer
+
+        # which exception transformers raises depends on what is missing (OSError, ValueError, ...)
+        try:
+            return AutoTokenizer.from_pretrained(location, local_files_only=True)
+        except Exception as error:
+            problem = f"loading it from {location!r} failed ({str(error).splitlines()[0]})"
+    raise DeltatuneError(f"{why}, but {problem}. {fix}")
 
 
 @cache
@@ -118,6 +131,14 @@ def check_position_budget(backbone: nn.Module, num_tokens: int, length: int, met
             f"{method_name} puts {num_tokens} virtual tokens before the input, and this model has "
             f"{limit} positions, so inputs can be at most {limit - num_tokens} tokens long; got {length}. "
             f"Pass --max-length={limit - num_tokens} (or fewer), or lower method.num_virtual_tokens.")
+
+
+def drop_leading_positions(output, num_tokens: int):
+    """A backbone output whose last hidden state loses its first `num_tokens` positions."""
+    if isinstance(output, tuple):
+        return (output[0][:, num_tokens:], *output[1:])
+    output["last_hidden_state"] = output["last_hidden_state"][:, num_tokens:]
+    return output
 
 
 def batch_size_and_length(kwargs: dict) -> tuple[int, int, torch.device]:

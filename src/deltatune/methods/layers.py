@@ -14,7 +14,8 @@ without an edit: it is the `nn.ModuleList` whose children all share one class an
 most parameters. Parameters outside it are placed below or above it by their registration order
 (Hugging Face models register embeddings before the blocks and the final norm / pooler after).
 An encoder-decoder model has two such lists; only the larger is found, which is why the methods
-using this module are defined for encoder-only and decoder-only models.
+using this module are defined for encoder-only and decoder-only models. Normalisation layers are
+recognised by kind, too (`is_norm`), not by their names in one family.
 """
 
 from __future__ import annotations
@@ -114,6 +115,13 @@ def resolve_layer_indices(option: str, indices: tuple[int, ...], num_layers: int
             f"{option}={tuple(indices)}: {model_name} has {num_layers} transformer layers, so indices must be "
             f"in {-num_layers}..{num_layers - 1} (negative counts from the top); got {problems}.")
     return sorted(resolved)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or RMSNorm, torch's or a model family's own class (LlamaRMSNorm, T5LayerNorm, ...)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def describe_position(position: int, num_layers: int) -> str:

@@ -1,0 +1,454 @@
+"""Where a method's tensors live in the model, under a name, and how a delta's tensors are checked.
+
+Every method keeps its state under a *delta name* ("default" unless told otherwise), so several
+deltas can sit on one loaded base at once and one of them is active:
+
+- A method that adds modules (LoRA, (IA)³, adapters, prompts, prefixes, masks, connectors) puts a
+  `DeltaSite` where they go. The site holds one part per delta name in `site.deltas[name]` and runs
+  the part of `site.active_delta` (none: the site passes its input through unchanged).
+- A method that trains the model's own tensors (the task head always; BitFit's biases, LayerNorm
+  tuning's norms, full fine-tuning, freeze) rewrites *base parameters*. The active delta's values
+  are the live parameters; the others' values, and the base model's own values, are kept aside by
+  reference (`AttachedDeltas`) and bound into the parameters (`parameter.data = ...`) when their
+  delta becomes active: switching copies nothing.
+
+Inside the model a delta's own parameters carry the delta name (`...query.deltas.default.lora_A`);
+a wrapped layer's weight gains a `base_layer` segment (`...query.base_layer.weight`). The delta
+file stores neither: its names are *canonical*, with every `deltas.NAME` and site `base_layer`
+segment dropped (`...query.lora_A`, `...query.weight`), so a delta loads under any name, beside any
+other delta, and files written before named deltas existed load unchanged.
+
+A delta's tensors are checked in one place (`check_delta_tensors`): every expected tensor present,
+nothing unexpected (a backbone weight in a BitFit delta is an error naming it, not a silent
+overwrite), each with the shape and dtype the method saves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from deltatune.errors import DeltatuneError
+
+if TYPE_CHECKING:
+    from deltatune.methods.base import Method
+
+DEFAULT_DELTA = "default"
+"""The name a delta gets when none is given (PEFT calls it the default adapter name, too)."""
+_DELTA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PARTS = "deltas"
+_WRAPPED = "base_layer"
+
+
+def check_delta_name(name: str) -> None:
+    """Delta names become part of parameter names: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not _DELTA_NAME.fullmatch(name):
+        raise DeltatuneError(f"Delta name {name!r} is not usable: give 1 to 64 letters, digits, '_' or '-' "
+                             "(e.g. 'stsb' or 'sentiment-2'); it becomes part of the model's parameter names.")
+
+
+class DeltaSite(nn.Module):
+    """A place in the model where a method keeps its part of each named delta.
+
+    `deltas[name]` is that delta's part (a module holding its parameters); `active_delta` names
+    the part that runs (None: none does). A site that wraps a layer keeps it as `base_layer`.
+    `merged_delta` names a part folded into the base weights (only mergeable sites set it).
+    """
+
+    def __init__(self, base_layer: nn.Module | None = None) -> None:
+        super().__init__()
+        if base_layer is not None:
+            self.base_layer = base_layer  # registered first: the wrapped weights keep their place in the order
+        self.init_site()
+
+    def init_site(self) -> None:
+        """Set up the site's attributes (for sites built without calling `__init__`)."""
+        self.deltas = nn.ModuleDict()
+        self.active_delta: str | None = None
+        self.merged_delta: str | None = None
+
+    def add_part(self, model: nn.Module, name: str, part: nn.Module, method_name: str) -> None:
+        """Hold `part` for delta `name`; it runs when `name` is the model's active delta."""
+        if name in self.deltas:
+            raise already_applied(method_name, name)
+        self.deltas[name] = part
+        if attached_deltas(model).active == name:
+            self.active_delta = name
+
+    def active_part(self) -> nn.Module | None:
+        return None if self.active_delta is None else self.deltas[self.active_delta]
+
+    def required_part(self, method_name: str) -> nn.Module:
+        """The active part, for code that reads it; a DeltatuneError when no delta of the method is active."""
+        part = self.active_part()
+        if part is None:
+            raise DeltatuneError(f"No {method_name} delta is active on this layer; activate one first.")
+        return part
+
+    def part(self, name: str) -> nn.Module | None:
+        return self.deltas[name] if name in self.deltas else None
+
+    def merge(self) -> None:
+        """Fold the active part into the base weights (sites of mergeable methods override this)."""
+        raise TypeError(f"{type(self).__name__} cannot merge")
+
+    def unmerge(self) -> None:
+        raise TypeError(f"{type(self).__name__} cannot unmerge")
+
+
+def already_applied(method_name: str, name: str) -> DeltatuneError:
+    return DeltatuneError(f"{method_name} is already applied to this model as delta {name!r}; apply a method "
+                          "once per delta, to a freshly loaded model, or attach another delta under a new name.")
+
+
+def sites(model: nn.Module) -> dict[str, DeltaSite]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, DeltaSite)}
+
+
+def sites_of(model: nn.Module, delta: str | None, site_class: type[DeltaSite]) -> dict[str, DeltaSite]:
+    """The `site_class` sites holding a part of delta `delta`, by canonical name, in model order."""
+    modules = dict(model.named_modules())
+    return {canonical_path(modules, name)[1]: module for name, module in modules.items()
+            if isinstance(module, site_class) and delta is not None and delta in module.deltas}
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def canonical_path(modules: Mapping[str, nn.Module], path: str) -> tuple[str | None, str]:
+    """(the delta owning `path`, or None for the base model; `path` without delta-name and wrapper segments)."""
+    parts = path.split(".")
+    kept: list[str] = []
+    owner = None
+    prefix = ""
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        module = modules.get(prefix)
+        skip = 0
+        if isinstance(module, DeltaSite):
+            if part == _PARTS and index + 1 < len(parts):
+                owner, skip = parts[index + 1], 2
+            elif part == _WRAPPED:
+                skip = 1
+        step = parts[index:index + max(skip, 1)]
+        prefix = ".".join([prefix, *step]) if prefix else ".".join(step)
+        if not skip:
+            kept.append(part)
+        index += max(skip, 1)
+    return owner, ".".join(kept)
+
+
+@dataclass
+class ParameterIndex:
+    """Every parameter of a model by owner and canonical name."""
+
+    base: dict[str, tuple[str, nn.Parameter]] = field(default_factory=dict)
+    """Canonical name -> (name in the model, parameter) for the base model's own parameters."""
+    own: dict[str, dict[str, tuple[str, nn.Parameter]]] = field(default_factory=dict)
+    """Delta name -> canonical name -> (name in the model, parameter) for parameters a delta added."""
+    canonical: dict[str, str] = field(default_factory=dict)
+    """Name in the model -> canonical name, for every parameter."""
+
+    def of(self, delta: str) -> dict[str, tuple[str, nn.Parameter]]:
+        return self.own.get(delta, {})
+
+
+def parameter_index(model: nn.Module) -> ParameterIndex:
+    modules = dict(model.named_modules())
+    index = ParameterIndex()
+    for name, parameter in model.named_parameters():
+        owner, canonical = canonical_path(modules, name)
+        index.canonical[name] = canonical
+        if owner is None:
+            index.base[canonical] = (name, parameter)
+        else:
+            index.own.setdefault(owner, {})[canonical] = (name, parameter)
+    return index
+
+
+def canonical_module_name(model: nn.Module, module: nn.Module) -> str:
+    """The canonical dotted name of a module of `model` (see the module docstring)."""
+    modules = dict(model.named_modules())
+    for name, candidate in modules.items():
+        if candidate is module:
+            return canonical_path(modules, name)[1]
+    raise ValueError("the module is not part of the model")
+
+
+def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The base model's own parameters by their name in the model (what no delta added)."""
+    return {name: parameter for name, parameter in parameter_index(model).base.values()}
+
+
+def own_parameter_names(model: nn.Module, delta: str) -> set[str]:
+    """Names in the model of the parameters delta `delta` added (its sites' parts)."""
+    return {name for name, _ in parameter_index(model).of(delta).values()}
+
+
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The base model's own modules (what no delta added) by their name in the model."""
+    modules = dict(model.named_modules())
+    return {name: module for name, module in modules.items() if canonical_path(modules, name)[0] is None}
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a delta tensor must look like."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+
+def _listing(names, limit: int = 5) -> str:
+    names = sorted(names)
+    shown = ", ".join(map(repr, names[:limit]))
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
+
+def check_delta_tensors(method_name: str, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec],
+                        hint: str = "Was it saved by another deltatune version, with other method options, "
+                                    "or for another model?") -> None:
+    """Raise one DeltatuneError listing every missing, unexpected, misshapen or mistyped tensor."""
+    problems = []
+    missing = expected.keys() - tensors.keys()
+    unexpected = tensors.keys() - expected.keys()
+    if missing:
+        problems.append(f"missing tensors {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listing(unexpected)} (the {method_name!r} method does not save "
+                        "them; loading them could overwrite weights of the base model)")
+    for name in sorted(expected.keys() & tensors.keys()):
+        tensor, spec = tensors[name], expected[name]
+        if tuple(tensor.shape) != spec.shape:
+            problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)} but this model expects {spec.shape}")
+        elif tensor.dtype != spec.dtype:
+            problems.append(f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')} but the "
+                            f"{method_name!r} method saves {str(spec.dtype).removeprefix('torch.')}")
+    if problems:
+        raise DeltatuneError(f"The delta does not fit the {method_name!r} method on this model: "
+                             f"{'; '.join(problems)}. {hint}")
+
+
+# --------------------------------------------------------------------------------- attached deltas
+
+
+@dataclass
+class AttachedDeltas:
+    """The deltas applied to one model, which one is active, and the base tensors they replace.
+
+    `stored[name]` holds delta `name`'s values of the base parameters it rewrites while another
+    delta is active; `base` holds the base model's own values of parameters some delta rewrites,
+    when known. A delta loaded or trained into the live parameters without `keep_base` (the
+    single-delta path: `deltatune.load`, training) overwrites them in place, so their base values
+    are gone; attaching a second delta that would need them is refused.
+    """
+
+    methods: dict[str, Method] = field(default_factory=dict)
+    active: str | None = None
+    stored: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    keep_base: bool = False
+    rewrites: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Per delta, the canonical names of the base parameters it rewrites (fixed once it is applied)."""
+
+    def register(self, name: str, method: Method) -> None:
+        check_delta_name(name)
+        if name in self.methods:
+            raise already_applied(f"{self.methods[name].name!r}", name)
+        self.methods[name] = method
+        if self.active is None and len(self.methods) == 1:
+            self.active = name  # the first delta on a model is active, as when it is the only one
+
+    def rewritten(self, model: nn.Module, name: str, index: ParameterIndex | None = None) -> frozenset[str]:
+        """Canonical names of the base parameters delta `name` rewrites."""
+        if name not in self.rewrites:
+            index = index or parameter_index(model)
+            trainable = self.methods[name].trainable_names(model)
+            self.rewrites[name] = frozenset(canonical for canonical, (model_name, _) in index.base.items()
+                                            if model_name in trainable)
+        return self.rewrites[name]
+
+    def forget(self, name: str) -> None:
+        self.stored.pop(name, None)
+        self.rewrites.pop(name, None)
+        self.methods.pop(name, None)
+
+
+_ATTRIBUTE = "_deltatune_attached"
+
+
+def attached_deltas(model: nn.Module) -> AttachedDeltas:
+    """The model's record of its deltas (created empty on first use)."""
+    record = model.__dict__.get(_ATTRIBUTE)
+    if record is None:
+        record = AttachedDeltas()
+        model.__dict__[_ATTRIBUTE] = record
+    return record
+
+
+def write_delta_tensors(model: nn.Module, delta: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put delta `delta`'s tensors (canonical names, already checked) where they belong.
+
+    Its own parameters are copied into its parts. Base parameters it rewrites are copied into the
+    live parameters when it is active (keeping nothing: the single-delta path), bound by reference
+    when it is active and the model keeps base values, and kept aside for later when it is not.
+    """
+    record = attached_deltas(model)
+    index = parameter_index(model)
+    own = index.of(delta)
+    with torch.no_grad():
+        for canonical, tensor in tensors.items():
+            if canonical in own:
+                parameter = own[canonical][1]
+                parameter.copy_(tensor)
+                continue
+            parameter = index.base[canonical][1]
+            value = tensor.to(parameter.device)
+            if record.active != delta:
+                if value is tensor:
+                    value = tensor.clone()  # the caller's tensor stays the caller's
+                record.stored.setdefault(delta, {})[canonical] = value
+                live_is_base = record.active is None or canonical not in record.rewritten(model, record.active)
+                if record.keep_base and canonical not in record.base and live_is_base:
+                    record.base[canonical] = parameter.data
+            elif record.keep_base:
+                record.base.setdefault(canonical, parameter.data)
+                parameter.data = value if value is not tensor else value.clone()
+            else:
+                parameter.copy_(value)
+
+
+def read_delta_tensors(model: nn.Module, delta: str, names: set[str]) -> dict[str, torch.Tensor]:
+    """Delta `delta`'s values of the parameters `names` (names in the model), under canonical names."""
+    record = attached_deltas(model)
+    index = parameter_index(model)
+    stored = record.stored.get(delta, {}) if record.active != delta else {}
+    state = {}
+    for name, parameter in model.named_parameters():
+        if name not in names:
+            continue
+        canonical = index.canonical[name]
+        if canonical in index.base and record.active != delta:
+            if canonical not in stored:
+                raise DeltatuneError(f"Delta {delta!r} is not active and holds no value of {canonical!r}; "
+                                     "activate it first (deltatune.methods.activate_delta).")
+            state[canonical] = stored[canonical]
+        else:
+            state[canonical] = parameter.detach()
+    return state
+
+
+def activate_delta(model: nn.Module, name: str | None) -> None:
+    """Make delta `name` the one that runs (None: the base model alone).
+
+    Switching binds each delta's kept values into the base parameters and copies nothing; only a
+    delta applied for training beside others, never loaded, gets its own copy of its starting values.
+    """
+    record = attached_deltas(model)
+    if name is not None and name not in record.methods:
+        raise DeltatuneError(f"No delta named {name!r} is attached to this model; attached: "
+                             f"{', '.join(map(repr, record.methods)) or 'none'}.")
+    merged = [site_name for site_name, site in sites(model).items() if site.merged_delta is not None]
+    if merged:
+        raise DeltatuneError(f"Delta {sites(model)[merged[0]].merged_delta!r} is merged into the base weights "
+                             f"(e.g. at {merged[0]!r}); unmerge it before switching deltas.")
+    index = parameter_index(model)
+    rewritten = {delta: record.rewritten(model, delta, index) for delta in record.methods}
+    needed = set().union(*rewritten.values()) - (rewritten[name] if name is not None else set())
+    unknown = sorted(needed - record.base.keys())
+    if unknown:
+        owners = sorted(delta for delta, names in rewritten.items() if set(unknown) & names)
+        raise DeltatuneError(
+            f"Cannot switch to {'the base model' if name is None else repr(name)}: it needs the base model's own "
+            f"values of {_listing(unknown, 3)}, but delta(s) {', '.join(map(repr, owners))} were loaded or trained "
+            "into those weights in place, so they are gone. Load the base afresh and attach every delta with "
+            "attach_delta.")
+    current = record.active
+    if current is not None:
+        record.stored[current] = {canonical: index.base[canonical][1].data for canonical in rewritten[current]}
+    if name is not None:  # a delta applied but never loaded starts from the base values (or the live ones)
+        start = record.stored.setdefault(name, {})
+        for canonical in rewritten[name] - start.keys():
+            live = index.base[canonical][1].data
+            if canonical not in record.base and (current is None or canonical not in rewritten[current]):
+                record.base[canonical] = live  # nothing rewrote it yet: the live value is the base's
+            start[canonical] = record.base.get(canonical, live).clone()
+    for canonical in set().union(*rewritten.values()):
+        parameter = index.base[canonical][1]
+        own = rewritten[name] if name is not None else set()
+        kept = record.stored[name] if canonical in own else record.base
+        if kept[canonical].device != parameter.device:  # the model moved after the delta was attached
+            kept[canonical] = kept[canonical].to(parameter.device)
+        if parameter.data is not kept[canonical]:
+            parameter.data = kept[canonical]
+    for site in sites(model).values():
+        site.active_delta = name if name is not None and name in site.deltas else None
+    record.active = name
+
+
+def needs_unknown_base(model: nn.Module, rewrites: set[str]) -> list[str]:
+    """Base parameters other deltas rewrote in place that a delta rewriting only `rewrites` would need."""
+    record = attached_deltas(model)
+    index = parameter_index(model)
+    needed = set()
+    for delta in record.methods:
+        needed |= record.rewritten(model, delta, index)
+    return sorted((needed - rewrites) - record.base.keys())
+
+
+def merge_sites(model: nn.Module, method: Method, site_class: type[DeltaSite], merge: bool) -> None:
+    """Merge (or unmerge) the parts of `method`'s delta at every `site_class` site of `model`."""
+    name = method.delta_name
+    found = list(sites_of(model, name, site_class).values())
+    if not found:
+        raise DeltatuneError(f"This model has no {method.name!r} layers of delta {name!r}: apply the method (or "
+                             "load its delta) first.")
+    if merge and attached_deltas(model).active != name:
+        raise DeltatuneError(f"Delta {name!r} is not the active one; activate it before merging it.")
+    for site in found:
+        if merge:
+            site.merge()
+        else:
+            site.unmerge()
+
+
+def detach_delta(model: nn.Module, name: str) -> None:
+    """Remove delta `name` from the model (switch to another first if it is active)."""
+    record = attached_deltas(model)
+    if name not in record.methods:
+        raise DeltatuneError(f"No delta named {name!r} is attached to this model; attached: "
+                             f"{', '.join(map(repr, record.methods)) or 'none'}.")
+    if record.active == name:
+        raise DeltatuneError(f"Delta {name!r} is active; activate another delta (or None, the base model) "
+                             "before detaching it.")
+    index = parameter_index(model)
+    still_rewritten = set()
+    for delta in record.methods:
+        if delta != name:
+            still_rewritten |= record.rewritten(model, delta, index)
+    for site in sites(model).values():
+        if name in site.deltas:
+            del site.deltas[name]
+    record.forget(name)
+    for canonical in list(record.base):
+        if canonical not in still_rewritten:
+            del record.base[canonical]  # the live parameter holds it now (no active delta rewrites it)
+
+
+__all__ = ["DEFAULT_DELTA", "AttachedDeltas", "DeltaSite", "ParameterIndex", "TensorSpec", "activate_delta",
+           "attached_deltas", "base_modules", "base_parameters", "canonical_module_name", "canonical_path", "check_delta_name", "check_delta_tensors",
+           "detach_delta", "merge_sites", "own_parameter_names", "parameter_index", "read_delta_tensors", "sites", "sites_of",
+           "write_delta_tensors"]
