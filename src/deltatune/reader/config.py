@@ -6,6 +6,7 @@ Kept apart from the model code so that building the command line imports nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from deltatune.errors import DeltatuneError
 
@@ -48,6 +49,9 @@ class ReaderConfig:
     """Questions decoded together."""
     seed: int = 0
     """Seeds the training subset, its order, and the re-ranker's initialisation."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast for the decoder's matmuls (frozen weights cast once, restored exactly), fp32, or auto
+    (bf16 on CPUs with native bf16)."""
     threads: int | None = None
     """torch intra-op threads; default: torch's choice."""
     quiet: bool = False
@@ -67,6 +71,8 @@ class ReaderConfig:
         for name in ("learning_rate", "reranker_learning_rate"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision={self.precision!r} must be one of auto, fp32, bf16")
         if problems:
             raise DeltatuneError("; ".join(problems))
 

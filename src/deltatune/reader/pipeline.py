@@ -11,13 +11,16 @@ from __future__ import annotations
 import random
 import sys
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from deltatune.batching import autocast_for
 from deltatune.errors import DeltatuneError
+from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.reader.config import ReaderConfig
 from deltatune.reader.data import QADataset, QAExample, contains_answer, exact_match, token_f1
 from deltatune.reader.model import (
@@ -46,6 +49,16 @@ class FrozenReader:
     reranker: Reranker | None = None
     _passage_cache: dict[int, list[int]] = field(default_factory=dict, repr=False)
     _stop_tokens: set[int] | None = field(default=None, repr=False)
+
+    def precision_context(self):
+        """bf16 autocast with the frozen linear weights cast once (and restored exactly), or nothing."""
+        precision = resolve_precision(self.config.precision)
+        if precision != "bf16":
+            return nullcontext()
+        stack = ExitStack()
+        stack.enter_context(frozen_linear_weights_in_bf16(self.causal_lm))
+        stack.enter_context(autocast_for(precision))
+        return stack
 
     def freeze_decoder(self) -> None:
         for parameter in self.causal_lm.parameters():
@@ -206,7 +219,8 @@ def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index) -> 
     reranker_losses = train_reranker(reader, dataset, examples, ids, scores) if config.top_k and config.rerank else []
     passages = ranked_passages(reader, dataset, examples, ids, scores, config.top_k) if config.top_k else \
         [[] for _ in examples]
-    prompt_losses = train_prompt(reader, dataset, examples, passages) if config.prompt_tokens else []
+    with reader.precision_context():
+        prompt_losses = train_prompt(reader, dataset, examples, passages) if config.prompt_tokens else []
     after = frozen_weights_digest(reader.causal_lm)
     if after != before:
         raise RuntimeError("the frozen decoder's weights changed during reader training")
@@ -215,7 +229,8 @@ def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index) -> 
             "reranker_loss_last_10": float(np.mean(reranker_losses[-10:])) if reranker_losses else None,
             "prompt_loss_first_10": float(np.mean(prompt_losses[:10])) if prompt_losses else None,
             "prompt_loss_last_10": float(np.mean(prompt_losses[-10:])) if prompt_losses else None,
-            "decoder_weights_sha256": after, "prompt_losses": prompt_losses}
+            "decoder_weights_sha256": after, "precision": resolve_precision(config.precision),
+            "prompt_losses": prompt_losses}
 
 
 # ------------------------------------------------------------------------------------------- answering
@@ -241,8 +256,9 @@ def answer_questions(reader: FrozenReader, dataset: QADataset, examples: list[QA
     else:
         passages = [[] for _ in examples]
     contexts = [reader.context(dataset, e, p) for e, p in zip(examples, passages)]
-    generated = generate_answers(reader.causal_lm, contexts, reader.prompt if use_prompt else None,
-                                 config.answer_tokens, reader.stop_tokens(), config.eval_batch_size)
+    with reader.precision_context():
+        generated = generate_answers(reader.causal_lm, contexts, reader.prompt if use_prompt else None,
+                                     config.answer_tokens, reader.stop_tokens(), config.eval_batch_size)
     return [reader.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated], facts
 
 
