@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, tiny_llama_config
+from test_freelm import one_thread  # noqa: F401 (an autouse fixture: tiny models run fastest on one thread)
 from deltatune.errors import DeltatuneError
 from deltatune.reader.cloze import BLANK, ClozeConfig, detokenize, load_wikitext_cloze
 from deltatune.reader.config import ReaderConfig
@@ -22,14 +23,6 @@ from deltatune.reader.data import (
 from deltatune.reader.model import frozen_weights_digest
 from deltatune.reader.pipeline import FrozenReader, answer_questions, score_answers, train_reader
 from deltatune.reader.retrieval import BM25Index
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_causal_lm(seed=0):

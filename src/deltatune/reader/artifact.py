@@ -15,9 +15,6 @@ difference to each other system.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,20 +98,11 @@ def run_reader_training(model_name: str, data: str, config: ReaderConfig | None 
 
 
 def _publish(out_path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
-    """Write into a staging directory next to `out_path`, then rename it into place."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
+    from deltatune.freelm.artifact import published_directory
+
+    with published_directory(out_path) as staging:
         save_file(tensors, str(staging / TENSORS), metadata={"format": "deltatune", "kind": KIND})
         write_json_atomic(staging / MANIFEST, record)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(staging, out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_reader_manifest(directory: str | Path) -> dict:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import typing
 from pathlib import Path
 
-from deltatune.config import build_config, field_help
+from deltatune.config import build_config
+from deltatune.freelm.command import add_config_flags
 from deltatune.reader.config import ReaderConfig
 
 EVALUATION_FILE = "reader_eval.json"
@@ -34,17 +34,7 @@ def add_reader_parser(commands) -> None:
     train.add_argument("--out", help="directory for the trained parts and the record (omit to save nothing)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     train.add_argument("--json", action="store_true", help="print the whole record as JSON")
-    helps = field_help(ReaderConfig)
-    hints = typing.get_type_hints(ReaderConfig)
-    group = train.add_argument_group("reader (ReaderConfig)")
-    for field in dataclasses.fields(ReaderConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if hints[field.name] is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{helps.get(field.name, '')} (default: {field.default})")
-        else:
-            group.add_argument(flag, dest=field.name, default=None, metavar="VALUE",
-                               help=f"{helps.get(field.name, '')} (default: {field.default})")
+    add_config_flags(train.add_argument_group("reader (ReaderConfig)"), ReaderConfig)
 
     evaluate = actions.add_parser("eval", help="exact match and F1 of the reader against closed-book and "
                                   "open-book answering by the same decoder")
