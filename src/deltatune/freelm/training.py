@@ -212,14 +212,25 @@ class FreeLMResult:
                 "language_loss_last_10": self.mean_loss(LANGUAGE, False), "dev_curve": self.dev_curve}
 
 
-def _optimizer_groups(model: FreeLMModel, method, learning_rate: float, weight_decay: float) -> list[dict]:
+def _optimizer_groups(model: FreeLMModel, method, learning_rate: float, weight_decay: float,
+                      head_learning_rate: float | None = None) -> list[dict]:
+    """The method's groups (or decay / no-decay), with the teacher head in a group of its own when it has
+    its own learning rate."""
+    from deltatune.methods.common import head_names
+
+    head = {id(p) for n, p in model.classifier.named_parameters() if n in head_names(model.classifier)}
     custom = getattr(method, "param_groups", None) if method is not None else None
     if custom is not None:
-        return custom(model.classifier, learning_rate)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [group for group in ({"params": decay, "weight_decay": weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+        groups = custom(model.classifier, learning_rate)
+    else:
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if head_learning_rate is not None:
+        head_parameters = [p for group in groups for p in group["params"] if id(p) in head]
+        groups = [{**group, "params": [p for p in group["params"] if id(p) not in head]} for group in groups]
+        groups.append({"params": head_parameters, "weight_decay": 0.0, "lr": head_learning_rate})
+    return [group for group in groups if group["params"]]
 
 
 def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
@@ -247,7 +258,7 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                              language_steps * config.lm_batch_size, config.seed)
 
     learning_rate = config.learning_rate or getattr(method, "default_learning_rate", None) or 5e-4
-    groups = _optimizer_groups(model, method, learning_rate, config.weight_decay)
+    groups = _optimizer_groups(model, method, learning_rate, config.weight_decay, config.head_learning_rate)
     trainable = [p for group in groups for p in group["params"]]
     if not trainable:
         raise DeltatuneError("Nothing in the model is trainable: apply a method (e.g. LoRA) before train_freelm.")
