@@ -44,10 +44,11 @@ class FreeLMConfig:
     true-vs-false log-odds (what zero-shot answering picks by); 'both': their sum."""
     learning_rate: float | None = None
     """Peak learning rate. Default: the method's own (LoRA: 5e-4)."""
-    head_learning_rate: float | None = 3e-2
-    """Peak learning rate of the teacher head (none: the same as the decoder's). The head starts from
-    noise and is only 2·d weights, like a prompt-tuned classifier's head (3e-2); at the decoder's 5e-4 to
-    1e-3 it barely moves in hundreds of steps."""
+    head_learning_rate: float | None = None
+    """Peak learning rate of the teacher head; none: the same as the decoder's."""
+    standardize_head: bool = True
+    """Train the teacher head on centred, standardised last-token states (the decoder's states share one
+    large common direction); it is folded back into one plain linear head after training."""
     weight_decay: float = 0.01
     """AdamW weight decay on weight matrices."""
     warmup_ratio: float = 0.06

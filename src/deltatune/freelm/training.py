@@ -22,7 +22,7 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +33,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.config import FreeLMConfig
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
-from deltatune.freelm.model import TRUE_INDEX, FreeLMModel
+from deltatune.freelm.model import TRUE_INDEX, FreeLMModel, fold_head, standardize_head
 from deltatune.freelm.schedule import LANGUAGE, TEACHER, signal_schedule
 from deltatune.freelm.scoring import (
     encode_propositions,
@@ -257,6 +257,9 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     blocks = language_blocks(tokenizer, language_texts, config.lm_sequence_length,
                              language_steps * config.lm_batch_size, config.seed)
 
+    if config.standardize_head and teacher_data is not None:
+        standardize_head(model, last_token_states(model, teacher_data, pad_token_id, config.seed,
+                                                  resolve_precision(config.precision)))
     learning_rate = config.learning_rate or getattr(method, "default_learning_rate", None) or 5e-4
     groups = _optimizer_groups(model, method, learning_rate, config.weight_decay, config.head_learning_rate)
     trainable = [p for group in groups for p in group["params"]]
@@ -285,7 +288,7 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
         progress = tqdm(total=config.steps, desc="freelm", unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
     precision = resolve_precision(config.precision)
-    with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext():
+    with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext(), _folding_head(model):
         history: list[dict] = []
         dev_curve: list[dict] = []
         propositions_seen = language_tokens = block_position = 0
@@ -340,6 +343,34 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                         teacher_time_s=time_by_signal[TEACHER], precision=precision,
                         num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history,
                         dev_curve=dev_curve)
+
+
+@contextmanager
+def _folding_head(model: FreeLMModel):
+    """Whatever happens in training, the model leaves it with a plain linear teacher head."""
+    try:
+        yield
+    finally:
+        fold_head(model)
+
+
+@torch.no_grad()
+def last_token_states(model: FreeLMModel, encoded, pad_token_id: int, seed: int, precision: str,
+                      count: int = 256, batch_size: int = 32) -> torch.Tensor:
+    """The decoder's final states at the last token of `count` propositions drawn with `seed`."""
+    chosen = random.Random(seed).sample(range(len(encoded)), min(count, len(encoded)))
+    was_training = model.training
+    model.eval()
+    states = []
+    for start in range(0, len(chosen), batch_size):
+        batch = collate(encoded, chosen[start:start + batch_size], pad_token_id, regression=False)
+        with autocast_for(precision):
+            hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).last_hidden_state
+        last = batch["attention_mask"].sum(dim=1) - 1
+        states.append(hidden[torch.arange(len(last)), last].float())
+    model.train(was_training)
+    return torch.cat(states)
 
 
 @torch.no_grad()
