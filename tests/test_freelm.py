@@ -271,6 +271,40 @@ def test_full_training_moves_every_decoder_weight_and_the_teacher_head():
     assert moved == set(before)  # every layer, the embeddings (tied to the LM head) and the teacher head
 
 
+def test_head_transform_centres_and_standardises_and_folds_into_a_plain_head():
+    from deltatune.freelm.model import StandardizedHead, fold_head, head_transform, standardize_head
+
+    generator = torch.Generator().manual_seed(0)
+    common = torch.zeros(32)
+    common[[3, 7]] = torch.tensor([40.0, -25.0])  # a few huge shared dimensions, as in real decoder states
+    states = common + torch.randn(200, 32, generator=generator) * torch.linspace(0.1, 2.0, 32)
+    transformed = states @ head_transform(states).T  # the features the head's weight V sees
+    assert transformed.mean(0).abs().max() < 1e-3
+    torch.testing.assert_close(transformed.std(0), torch.ones(32), atol=1e-3, rtol=0)
+
+    model = build_freelm_model(tiny_causal_lm())
+    tokens = build_tokenizer()(["the movie is good", "a dog"], padding=True, return_tensors="pt")
+    standardize_head(model, torch.randn(50, 32, generator=generator))
+    assert isinstance(model.classifier.score, StandardizedHead)
+    assert torch.equal(model.teacher_logits(tokens["input_ids"], tokens["attention_mask"]), torch.zeros(2, 2))
+    with torch.no_grad():
+        model.classifier.score.weight.normal_(generator=generator)
+    before = model.teacher_logits(tokens["input_ids"], tokens["attention_mask"])
+    fold_head(model)
+    assert type(model.classifier.score) is torch.nn.Linear and model.classifier.score.weight.requires_grad
+    torch.testing.assert_close(model.teacher_logits(tokens["input_ids"], tokens["attention_mask"]), before)
+
+
+def test_training_leaves_a_plain_linear_teacher_head():
+    model, method, _, _ = lora_freelm()
+    config = FreeLMConfig(train_tasks=("toy-mood",), steps=2, lm_ratio=0, teacher_batch_size=4, max_length=32,
+                          quiet=True)
+    train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
+                 propositions={"toy-mood": TOY_PROPOSITIONS})
+    assert type(model.classifier.score) is torch.nn.Linear
+    assert torch.count_nonzero(model.classifier.score.weight) > 0  # trained from its zero start
+
+
 def test_evaluation_intervals_come_from_the_paired_bootstrap():
     from deltatune.compare.stats import paired_bootstrap
     from deltatune.freelm.evaluation import add_intervals

@@ -72,12 +72,10 @@ def reranker_loss(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
 
 
 def mean_embeddings(embeddings: nn.Embedding, token_lists: list[list[int]]) -> torch.Tensor:
-    """(n, d): the mean input embedding of each token list (zeros for an empty one)."""
-    rows = []
-    for ids in token_lists:
-        rows.append(embeddings.weight[torch.tensor(ids, dtype=torch.long)].mean(0) if ids
-                    else embeddings.weight.new_zeros(embeddings.weight.shape[1]))
-    return torch.stack(rows).detach()
+    """(n, d): the mean input embedding of each token list (zeros for an empty one), in one bag lookup."""
+    flat = torch.tensor([token for ids in token_lists for token in ids], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(ids) for ids in token_lists[:-1]], dtype=torch.long).cumsum(0)
+    return F.embedding_bag(flat, embeddings.weight, offsets, mode="mean").detach()
 
 
 def frozen_weights_digest(model: nn.Module) -> str:

@@ -132,12 +132,18 @@ def ranked_passages(reader: FrozenReader, dataset: QADataset, examples: list[QAE
 
 def _rerank_scores(reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray,
                    scores: np.ndarray) -> torch.Tensor:
+    questions, passages = _candidate_vectors(reader, dataset, examples, ids)
+    return reader.reranker(questions, passages, torch.tensor(scores, dtype=torch.float32))
+
+
+def _candidate_vectors(reader: FrozenReader, dataset: QADataset, examples: list[QAExample],
+                       ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The re-ranker's frozen inputs: mean input embeddings of each question (n, d) and candidate (n, N, d)."""
     embeddings = reader.causal_lm.get_input_embeddings()
     questions = mean_embeddings(embeddings, [reader.tokenizer(e.question, add_special_tokens=False)["input_ids"]
                                              for e in examples])
     flat = [reader.passage_tokens(dataset, int(i)) for i in ids.reshape(-1)]
-    passages = mean_embeddings(embeddings, flat).reshape(ids.shape[0], ids.shape[1], -1)
-    return reader.reranker(questions, passages, torch.tensor(scores, dtype=torch.float32))
+    return questions, mean_embeddings(embeddings, flat).reshape(ids.shape[0], ids.shape[1], -1)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -159,10 +165,12 @@ def train_reranker(reader: FrozenReader, dataset: QADataset, examples: list[QAEx
     optimizer = torch.optim.AdamW(reader.reranker.parameters(), lr=config.reranker_learning_rate, weight_decay=0.0)
     rng = random.Random(config.seed)
     usable = [i for i in range(len(examples)) if bool(positive[i].any())]
+    questions, passages = _candidate_vectors(reader, dataset, examples, ids)  # frozen: computed once
+    bm25 = torch.tensor(scores, dtype=torch.float32)
     losses = []
     for _ in range(config.reranker_steps if usable else 0):
         batch = rng.sample(usable, min(32, len(usable)))
-        batch_scores = _rerank_scores(reader, dataset, [examples[i] for i in batch], ids[batch], scores[batch])
+        batch_scores = reader.reranker(questions[batch], passages[batch], bm25[batch])
         loss = reranker_loss(batch_scores, positive[batch])
         loss.backward()
         optimizer.step()
