@@ -136,7 +136,7 @@ def generate_answers(causal_lm: nn.Module, contexts: list[list[int]], prompt: So
         chunk = order[start:start + batch_size]
         inputs, mask, positions = _embed_rows(causal_lm, [contexts[i] for i in chunk], prompt, pad_left=True)
         output = backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = output.past_key_values if getattr(output, "past_key_values", None) is not None else output.cache
+        cache = _cache_of(output)
         done = torch.zeros(len(chunk), dtype=torch.bool)
         last_hidden, last_position = output.last_hidden_state[:, -1], positions[:, -1]
         for _ in range(max_new_tokens):
@@ -153,9 +153,15 @@ def generate_answers(causal_lm: nn.Module, contexts: list[list[int]], prompt: So
             last_position = last_position + 1
             output = backbone(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
                               use_cache=True, **{cache_keyword(backbone): cache})
-            cache = output.past_key_values if getattr(output, "past_key_values", None) is not None else output.cache
+            cache = _cache_of(output)
             last_hidden = output.last_hidden_state[:, -1]
     return results
+
+
+def _cache_of(output):
+    """The key/value cache of a forward's output (transformers 5 names it `cache`, 4 `past_key_values`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 __all__ = ["PASSAGE_PREFIX", "Reranker", "SoftPrompt", "answer_loss", "frozen_weights_digest", "generate_answers",
