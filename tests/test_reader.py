@@ -137,7 +137,8 @@ def test_training_changes_only_the_prompt_and_reranker_and_saves_and_reloads(tmp
     summary = train_reader(reader, dataset, index)
     assert frozen_weights_digest(causal) == before == summary["decoder_weights_sha256"]
     assert not any(p.requires_grad for p in causal.parameters())
-    assert set(reader.trained_parameters()) == {"prompt.vectors", "reranker.projection", "reranker.bm25_weight"}
+    assert set(reader.trained_parameters()) == {"prompt.vectors", "reranker.projection", "reranker.dense_weight",
+                                                "reranker.bm25_weight"}
     assert len(summary["prompt_losses"]) == 6 and summary["train_questions"] == 8
 
     examples = dataset.split("test")
@@ -168,6 +169,20 @@ def test_closed_book_reads_no_passage_and_prompt_steps_lower_the_answer_loss():
     assert summary["prompt_loss_last_10"] < summary["prompt_loss_first_10"]
     answers, facts = answer_questions(reader, dataset, dataset.split("test"), None, top_k=0)
     assert facts == {"top_k": 0} and len(answers) == 2
+
+
+def test_an_untrained_reranker_keeps_bm25s_order():
+    from deltatune.reader.model import Reranker, reranker_loss
+
+    reranker = Reranker(8, rank=4)
+    generator = torch.Generator().manual_seed(0)
+    bm25 = torch.rand(3, 5, generator=generator) * 10
+    scores = reranker(torch.randn(3, 8, generator=generator), torch.randn(3, 5, 8, generator=generator), bm25)
+    assert torch.equal(scores.argsort(dim=1), bm25.argsort(dim=1))
+    positive = torch.zeros(3, 5, dtype=torch.bool)
+    positive[0, 2] = positive[0, 4] = True  # rows without a positive passage do not count
+    expected = -torch.logsumexp(torch.log_softmax(scores[0], 0)[[2, 4]], 0)
+    torch.testing.assert_close(reranker_loss(scores, positive), expected)
 
 
 def test_reader_config_collects_problems():
@@ -201,8 +216,9 @@ def test_cli_trains_and_evaluates_against_a_closed_book_prompt(tmp_path, capsys,
     assert main(["reader", "eval", str(tmp_path / "r"), "--against", str(tmp_path / "closed"), "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "closed-book" in table and "open-book" in table and "run:closed" in table and "reader -" in table
+    assert "nan" not in table
     report = json.loads((tmp_path / "r" / "reader_eval.json").read_text())
-    assert set(report["systems"]) == {"closed-book", "open-book", "reader", "run:closed"}
+    assert set(report["systems"]) == {"closed-book", "open-book", "bm25-reader", "reader", "run:closed"}
     for system in report["systems"].values():
         low, high = system["f1_interval"]
         assert low <= system["f1"] <= high

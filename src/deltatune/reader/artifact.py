@@ -7,6 +7,7 @@ summary). Loading rebuilds the reader on the named decoder and refuses a decoder
 Evaluation answers the same questions with several systems on one frozen decoder:
   closed-book   the decoder alone, the question only;
   open-book     the decoder reading BM25's top-k passages, nothing trained;
+  bm25-reader   the trained soft prompt reading BM25's top-k, without the re-ranker;
   reader        the trained run: re-ranked passages and its soft prompt;
   and any other saved runs passed as `against` (e.g. a closed-book prompt-tuning run, top_k 0).
 Each gets exact match and F1 with a 95% bootstrap interval over questions, and the reader's paired
@@ -42,7 +43,7 @@ from deltatune.run import check_output_directory, git_state, library_versions
 MANIFEST = "reader.json"
 TENSORS = "reader.safetensors"
 KIND = "frozen-reader"
-SYSTEMS = ("closed-book", "open-book")
+SYSTEMS = ("closed-book", "open-book", "bm25-reader")
 
 
 def load_qa_data(data: str, hub_splits: tuple[str, ...] = ("train", "validation"),
@@ -188,6 +189,8 @@ def evaluate_reader(directory: str | Path, split: str = "test", baselines: tuple
         run("closed-book", reader, 0, False, False)
     if "open-book" in baselines:
         run("open-book", reader, top_k, False, False)
+    if "bm25-reader" in baselines and config.top_k:
+        run("bm25-reader", reader, top_k, True, False)
     run("reader", reader, config.top_k, True, True)
     for other in against:
         other_reader = load_reader(other, reader.causal_lm, reader.tokenizer)
@@ -224,8 +227,7 @@ def format_report(report: dict) -> str:
     lines.append("EM and F1 in points with 95% bootstrap intervals over questions.")
     for name, system in report["systems"].items():
         if name != "reader":
-            low, high = system["reader_minus_exact_match_interval"] if "reader_minus_exact_match_interval" in system \
-                else (float("nan"), float("nan"))
+            low, high = system["reader_minus_this_exact_match_interval"]
             lines.append(f"reader - {name}: EM {100 * system['reader_minus_this_exact_match']:+.2f} "
                          f"[{100 * low:+.2f}, {100 * high:+.2f}], F1 {100 * system['reader_minus_this_f1']:+.2f} "
                          f"[{100 * system['reader_minus_this_f1_interval'][0]:+.2f}, "

@@ -40,8 +40,9 @@ def add_reader_parser(commands) -> None:
                                   "open-book answering by the same decoder")
     evaluate.add_argument("run_dir", help="the --out directory of `deltatune reader train`")
     evaluate.add_argument("--split", default="test", help="split to evaluate on (default: test)")
-    evaluate.add_argument("--baselines", default="closed-book,open-book",
-                          help="comma-separated: closed-book, open-book, or none (default: both)")
+    evaluate.add_argument("--baselines", default="closed-book,open-book,bm25-reader",
+                          help="comma-separated: closed-book, open-book, bm25-reader (the trained prompt without the "
+                               "re-ranker), or none (default: all three)")
     evaluate.add_argument("--against", default="", help="comma-separated other reader runs to compare, e.g. a "
                           "closed-book prompt-tuning run (--top-k 0)")
     evaluate.add_argument("--max-examples", type=int, help="questions (seeded subset; default: the run's "

@@ -12,8 +12,8 @@ What trains (the decoder's weights never change; `frozen_weights_digest` checks 
     answer's next-token loss given the passages (prompt tuning for the frozen reader, Lester et al. 2021);
     with k = 0 passages the same prompt is closed-book prompt tuning, the reader's natural baseline;
   - the re-ranker, a bi-encoder over the frozen decoder's input embeddings:
-        e(x) = mean_t E[x_t]   (frozen),   s(q, p) = (W e(q)) · (W e(p)) / √r + a · bm25(q, p) / max bm25,
-    W ∈ R^{r×d}, a scalar: r·d + 1 parameters (64 × 576 + 1 = 36,865), trained with the listwise
+        e(x) = mean_t E[x_t] (frozen),  s(q, p) = g (W e(q)) · (W e(p)) / √r + a · bm25(q, p) / max bm25,
+    W ∈ R^{r×d}, g (from 0) and a scalars: r·d + 2 parameters (64 × 576 + 2 = 36,866), trained with the listwise
     loss −log Σ_{p ∋ answer} softmax_p s(q, p) over the N candidates (a passage "∋ answer" when it
     contains a gold answer), the weak supervision dense retrievers learn from.
 """
@@ -45,12 +45,16 @@ class SoftPrompt(nn.Module):
 
 
 class Reranker(nn.Module):
-    """s(q, p) = (W e(q)) · (W e(p)) / √r + a · bm25 / max bm25, e = mean frozen input embedding."""
+    """s(q, p) = g · (W e(q)) · (W e(p)) / √r + a · bm25 / max bm25, e = mean frozen input embedding.
+
+    g starts at 0, so an untrained re-ranker keeps BM25's order exactly and training can only move away
+    from it where the training questions say so (a random W alone scrambled the order)."""
 
     def __init__(self, hidden_size: int, rank: int = 64, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.projection = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) / hidden_size ** 0.5)
+        self.dense_weight = nn.Parameter(torch.tensor(0.0))
         self.bm25_weight = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, question: torch.Tensor, passages: torch.Tensor, bm25: torch.Tensor) -> torch.Tensor:
@@ -59,7 +63,7 @@ class Reranker(nn.Module):
         p = passages @ self.projection.T
         dense = (p * q[:, None, :]).sum(-1) / self.projection.shape[0] ** 0.5
         scale = bm25.max(dim=1, keepdim=True).values.clamp(min=1e-6)
-        return dense + self.bm25_weight * bm25 / scale
+        return self.dense_weight * dense + self.bm25_weight * bm25 / scale
 
 
 def reranker_loss(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
