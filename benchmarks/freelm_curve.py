@@ -1,7 +1,7 @@
 """FreeLM diagnostic run: the teacher loss and the seen-task dev accuracy (best-scoring proposition, template 0)
 printed every --every steps. `python benchmarks/freelm_curve.py --method bitfit --loss contrastive --lr 1e-3`
 (THREADS=1 by default; the numbers in docs/results/freelm-diagnosis.json came from it)."""
-import argparse, json, sys, time
+import argparse, json, time
 import torch
 from deltatune.freelm.config import FreeLMConfig
 from deltatune.freelm.artifact import prepare_freelm_model

@@ -71,6 +71,36 @@ def test_jsonl_problems_are_collected_with_line_numbers(tmp_path):
         load_qa_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_hub_loading_reads_squad_columns_and_shares_contexts(monkeypatch):
+    import datasets
+
+    from deltatune.reader.data import load_qa_hub
+
+    rows = {"id": ["a", "b", "c"], "question": ["who plays?", "what is good?", "who again?"],
+            "context": ["the man plays guitar", "the movie is good", "the man plays guitar"],
+            "answers": [{"text": ["the man"], "answer_start": [0]}, {"text": ["movie"], "answer_start": [4]},
+                        {"text": ["man", "the man"], "answer_start": [4, 0]}]}
+    calls = []
+
+    def fake_load(dataset_id, config=None, split=None):
+        calls.append((dataset_id, config, split))
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    dataset = load_qa_hub("rajpurkar/squad", ("train", "validation"), max_examples=3)
+    assert calls == [("rajpurkar/squad", None, "train"), ("rajpurkar/squad", None, "validation")]
+    assert dataset.passages == ["the man plays guitar", "the movie is good"]
+    assert [e.passage_id for e in dataset.split("dev")] == [0, 1, 0]
+    assert dataset.split("train")[2].answers == ("man", "the man")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DeltatuneError, match="Could not load 'rajpurkar/squad'.*local JSONL"):
+        load_qa_hub("rajpurkar/squad")
+
+
 WIKI = {
     "train": ["= Alpha Band =", "The Alpha Band formed in 1990 in Red City with John Smith on guitar .",
               "= = History = =", "John Smith left the group in 1995 , and Red City mourned the news .",
