@@ -21,7 +21,7 @@ from deltatune.freelm import (
 )
 from deltatune.freelm.artifact import load_freelm, prepare_freelm_model, run_freelm_training
 from deltatune.freelm.scoring import choose_demonstrations, demonstration_prefix, predictions_from_scores, task_metrics
-from deltatune.freelm.training import build_proposition_set, teacher_accuracy
+from deltatune.freelm.training import build_proposition_set, example_batches, teacher_accuracy, teacher_loss
 from deltatune.methods import build_method
 from deltatune.tasks import TASKS
 from deltatune.tasks.propositions import PropositionTemplate, TaskPropositions, equal_bins
@@ -129,13 +129,14 @@ def test_teacher_head_and_language_head_share_one_decoder():
 
 def test_training_alternates_in_the_configured_ratio_and_each_signal_trains_what_it_should():
     model, method, names, _ = lora_freelm()
-    head = model.classifier.score.weight
     lora_a = model.classifier.model.layers[0].self_attn.q_proj.lora_A
     events = []
-    previous = {"head": head.detach().clone(), "lora": lora_a.detach().clone()}
+    previous = {"head": None, "lora": lora_a.detach().clone()}
 
     def record(step, signal, loss):
-        events.append((signal, not torch.equal(head, previous["head"]), not torch.equal(lora_a, previous["lora"])))
+        head = model.classifier.score.weight  # the standardized head that trains in place of `score`
+        events.append((signal, previous["head"] is not None and not torch.equal(head, previous["head"]),
+                       not torch.equal(lora_a, previous["lora"])))
         previous["head"], previous["lora"] = head.detach().clone(), lora_a.detach().clone()
 
     config = FreeLMConfig(train_tasks=("toy-mood",), steps=9, lm_ratio=2, teacher_batch_size=4, lm_batch_size=2,
@@ -146,8 +147,9 @@ def test_training_alternates_in_the_configured_ratio_and_each_signal_trains_what
     assert [entry["signal"] for entry in result.history] == [signal for signal, _, _ in events]
     assert (result.teacher_steps, result.language_steps) == (3, 6)
     assert (result.propositions_seen, result.language_tokens_seen) == (12, 6 * 2 * 8)
-    for signal, head_moved, lora_moved in events:
-        assert head_moved == (signal == TEACHER), "the teacher head trains on teacher steps only"
+    for step, (signal, head_moved, lora_moved) in enumerate(events):
+        if step:  # the first step has nothing to compare the head with
+            assert head_moved == (signal == TEACHER), "the teacher head trains on teacher steps only"
         assert lora_moved, "the shared decoder adaptation trains on both signals"
 
 
@@ -193,6 +195,138 @@ def test_teacher_loss_falls_on_a_learnable_proposition_set(precision):
     assert result.mean_loss(TEACHER, first=False) < 0.2
     propositions = build_proposition_set([data], build_tokenizer(), config, {"toy-mood": single})
     assert teacher_accuracy(model, build_tokenizer(), propositions, 32) > 0.95
+
+
+def test_an_examples_true_and_false_propositions_share_one_template():
+    data = toy_data(30)
+    config = FreeLMConfig(train_tasks=("toy-mood",), max_length=32, seed=1)
+    propositions = build_proposition_set([data], build_tokenizer(), config, {"toy-mood": TOY_PROPOSITIONS})
+    members = propositions.group_members()
+    assert len(members) == 30 and all(len(group) == 2 for group in members)
+    frames = set()
+    for group in members:
+        true, false = (propositions.texts[i] for i in group)
+        def frame(text):
+            return text.replace("happy", "ANSWER").replace("sad", "ANSWER")
+        assert true != false and frame(true) == frame(false)  # the same template, only the answer differs
+        frames.add(0 if "so the man is" in true else 1 if true.startswith(("happy", "sad")) else 2)
+    assert frames == {0, 1, 2}  # the template is still drawn among the paraphrases, per example
+
+
+def test_example_batches_keep_every_example_whole():
+    propositions = build_proposition_set([toy_data(40)], build_tokenizer(),
+                                         FreeLMConfig(train_tasks=("toy-mood",), max_length=32),
+                                         {"toy-mood": TOY_PROPOSITIONS})
+    lengths = [len(text.split()) for text in propositions.texts]
+    batches = example_batches(propositions, lengths, 8, random.Random(0))
+    assert sorted(i for batch in batches for i in batch) == list(range(len(propositions)))  # each once a pass
+    for batch in batches:
+        assert len(batch) <= 8
+        groups = [propositions.groups[i] for i in batch]
+        assert all(groups.count(g) == 2 for g in groups)  # both propositions of every example present
+
+
+def test_contrastive_teacher_loss_is_the_gold_candidates_softmax_and_ignores_shared_shifts():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 2, requires_grad=True)
+    labels = torch.tensor([1, 0, 0, 1, 0])
+    groups = torch.tensor([0, 0, 0, 1, 1])  # two examples: three candidates, then two
+    loss = teacher_loss(logits, labels, groups, "contrastive")
+    odds = logits[:, 1] - logits[:, 0]
+    expected = -(torch.log_softmax(odds[:3], 0)[0] + torch.log_softmax(odds[3:], 0)[0]) / 2
+    torch.testing.assert_close(loss, expected)
+    shifted = logits.detach() + torch.tensor([[0.0, 3.0]] * 3 + [[-2.0, 0.0]] * 2)  # per-example shifts cancel
+    torch.testing.assert_close(teacher_loss(shifted, labels, groups, "contrastive"), loss.detach())
+    binary = teacher_loss(logits, labels, groups, "binary")
+    torch.testing.assert_close(binary, torch.nn.functional.cross_entropy(logits, labels))
+    torch.testing.assert_close(teacher_loss(logits, labels, groups, "both"), binary + loss)
+    with pytest.raises(DeltatuneError, match="teacher_loss='hinge'"):
+        FreeLMConfig(teacher_loss="hinge")
+
+
+def test_eval_every_records_a_dev_curve():
+    model, method, _, _ = lora_freelm()
+    config = FreeLMConfig(train_tasks=("toy-mood",), steps=6, lm_ratio=0, teacher_batch_size=4, max_length=32,
+                          dev_examples_per_task=8, eval_every=3, quiet=True)
+    result = train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
+                          propositions={"toy-mood": TOY_PROPOSITIONS})
+    assert [point["step"] for point in result.dev_curve] == [3, 6]
+    for point in result.dev_curve:
+        assert 0 <= point["toy-mood"]["accuracy"] <= 1 and point["toy-mood"]["num_examples"] == 8
+    assert result.summary()["dev_curve"] == result.dev_curve
+    assert model.training is False  # back in evaluation mode after training, as before
+
+
+def test_full_training_moves_every_decoder_weight_and_the_teacher_head():
+    causal = tiny_causal_lm()
+    method = build_method("full", {})
+    model, names, _, _ = prepare_freelm_model(causal, build_tokenizer(), method)
+    assert names == {n for n, _ in model.classifier.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.classifier.named_parameters()}
+    config = FreeLMConfig(train_tasks=("toy-mood",), steps=4, lm_ratio=1, teacher_batch_size=4, lm_batch_size=2,
+                          lm_sequence_length=8, max_length=32, learning_rate=1e-3, warmup_ratio=0, quiet=True)
+    train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
+                 propositions={"toy-mood": TOY_PROPOSITIONS})
+    moved = {n for n, p in model.classifier.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(before)  # every layer, the embeddings (tied to the LM head) and the teacher head
+
+
+def test_head_transform_centres_and_standardises_and_folds_into_a_plain_head():
+    from deltatune.freelm.model import StandardizedHead, fold_head, head_transform, standardize_head
+
+    generator = torch.Generator().manual_seed(0)
+    common = torch.zeros(32)
+    common[[3, 7]] = torch.tensor([40.0, -25.0])  # a few huge shared dimensions, as in real decoder states
+    states = common + torch.randn(200, 32, generator=generator) * torch.linspace(0.1, 2.0, 32)
+    transformed = states @ head_transform(states).T  # the features the head's weight V sees
+    assert transformed.mean(0).abs().max() < 1e-3
+    torch.testing.assert_close(transformed.std(0), torch.ones(32), atol=1e-3, rtol=0)
+
+    model = build_freelm_model(tiny_causal_lm())
+    tokens = build_tokenizer()(["the movie is good", "a dog"], padding=True, return_tensors="pt")
+    standardize_head(model, torch.randn(50, 32, generator=generator))
+    assert isinstance(model.classifier.score, StandardizedHead)
+    assert torch.equal(model.teacher_logits(tokens["input_ids"], tokens["attention_mask"]), torch.zeros(2, 2))
+    with torch.no_grad():
+        model.classifier.score.weight.normal_(generator=generator)
+    before = model.teacher_logits(tokens["input_ids"], tokens["attention_mask"])
+    fold_head(model)
+    assert type(model.classifier.score) is torch.nn.Linear and model.classifier.score.weight.requires_grad
+    torch.testing.assert_close(model.teacher_logits(tokens["input_ids"], tokens["attention_mask"]), before)
+
+
+def test_training_leaves_a_plain_linear_teacher_head():
+    model, method, _, _ = lora_freelm()
+    config = FreeLMConfig(train_tasks=("toy-mood",), steps=2, lm_ratio=0, teacher_batch_size=4, max_length=32,
+                          quiet=True)
+    train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
+                 propositions={"toy-mood": TOY_PROPOSITIONS})
+    assert type(model.classifier.score) is torch.nn.Linear
+    assert torch.count_nonzero(model.classifier.score.weight) > 0  # trained from its zero start
+
+
+def test_evaluation_intervals_come_from_the_paired_bootstrap():
+    from deltatune.compare.stats import paired_bootstrap
+    from deltatune.freelm.evaluation import add_intervals
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 80)
+    freelm = np.where(rng.random(80) < 0.8, labels, 1 - labels)
+    zero_shot = np.where(rng.random(80) < 0.55, labels, 1 - labels)
+    report = {"tasks": {"toy": {"metric": "accuracy", "labels": labels.tolist(), "systems": {
+        "freelm": {"predictions": freelm.tolist()}, "zero-shot": {"predictions": zero_shot.tolist()}}}}}
+    systems = add_intervals(report, samples=300)["tasks"]["toy"]["systems"]
+    low, high = systems["freelm"]["interval"]
+    assert low < (freelm == labels).mean() < high
+    expected = paired_bootstrap([freelm], [zero_shot], labels, "accuracy", 300)
+    assert systems["freelm"]["minus_zero-shot"] == {"difference": expected.difference,
+                                                     "interval": [expected.low, expected.high]}
+    for metric, values in (("mcc", freelm), ("pearson", freelm + rng.normal(0, 0.1, 80))):
+        report["tasks"]["toy"].update(metric=metric)
+        report["tasks"]["toy"]["systems"]["freelm"]["predictions"] = values.tolist()
+        low, high = add_intervals(report, samples=300)["tasks"]["toy"]["systems"]["freelm"]["interval"]
+        from deltatune.metrics import METRICS
+        assert low < METRICS[metric](values, labels) < high
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot

@@ -229,6 +229,12 @@ def command_freelm(args: argparse.Namespace, method_options: dict[str, str]) -> 
     return run_freelm_command(args, method_options)
 
 
+def command_reader(args: argparse.Namespace) -> int:
+    from deltatune.reader.command import run_reader_command
+
+    return run_reader_command(args)
+
+
 def command_compare(args: argparse.Namespace) -> int:
     from deltatune.compare.commands import compare_command
 
@@ -320,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_freelm_parser(commands)
 
+    from deltatune.reader.command import add_reader_parser
+
+    add_reader_parser(commands)
+
     from deltatune.compare.commands import add_compare_parser, add_report_parser, add_results_parser
 
     add_compare_parser(commands)
@@ -341,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     "fetch": lambda: command_fetch(args), "demo": lambda: command_demo(args),
                     "export": lambda: command_export(args), "analyze": lambda: command_analyze(args),
                     "freelm": lambda: command_freelm(args, method_options),
+                    "reader": lambda: command_reader(args),
                     "compare": lambda: command_compare(args), "results": lambda: command_results(args),
                     "report": lambda: command_report(args)}
         return handlers[args.command]()

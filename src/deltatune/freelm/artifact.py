@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -145,11 +146,21 @@ def run_freelm_training(model_name: str, config: FreeLMConfig | None = None, met
         "freelm": summary,
         "versions": record["versions"],
     }
+    with published_directory(out_path) as staging:
+        record["delta_bytes"] = save_delta(staging, model.classifier, method, manifest)
+        write_json_atomic(staging / RUN_RECORD, record)
+    return record
+
+
+@contextmanager
+def published_directory(out_path: Path):
+    """Yield a staging directory next to `out_path`; when the block succeeds, give it the umask's usual
+    permissions and rename it into place (replacing an older `out_path`), so `out_path` is either complete
+    or untouched. The caller has checked, with `check_output_directory`, that it may replace `out_path`."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
     try:
-        record["delta_bytes"] = save_delta(staging, model.classifier, method, manifest)
-        write_json_atomic(staging / RUN_RECORD, record)
+        yield staging
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)
@@ -160,7 +171,6 @@ def run_freelm_training(model_name: str, config: FreeLMConfig | None = None, met
         os.replace(staging, out_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return record
 
 
 def load_freelm(directory: str | Path, base: str | None = None) -> tuple[FreeLMModel, object, object, dict]:
@@ -205,5 +215,5 @@ def attach_freelm_delta(causal_lm: nn.Module, tokenizer, directory: str | Path, 
 
 
 __all__ = ["FREELM_KIND", "PreparedFreeLM", "attach_freelm_delta", "load_freelm", "prepare_freelm_model",
-           "read_freelm_manifest",
+           "published_directory", "read_freelm_manifest",
            "run_freelm_training"]

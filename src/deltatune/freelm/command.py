@@ -37,17 +37,7 @@ def add_freelm_parser(commands) -> None:
     train.add_argument("--out", help="directory for the delta and run record (omit to save nothing)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     train.add_argument("--json", action="store_true", help="print the whole run record as JSON")
-    helps = field_help(FreeLMConfig)
-    hints = typing.get_type_hints(FreeLMConfig)
-    group = train.add_argument_group("FreeLM (FreeLMConfig)")
-    for field in dataclasses.fields(FreeLMConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if hints[field.name] is bool:
-            group.add_argument(flag, dest=field.name, action="store_true", default=None, help=helps.get(field.name))
-        else:
-            default = ",".join(field.default) if isinstance(field.default, tuple) else field.default
-            group.add_argument(flag, dest=field.name, default=None, metavar="VALUE",
-                               help=f"{helps.get(field.name, '')} (default: {default})")
+    add_config_flags(train.add_argument_group("FreeLM (FreeLMConfig)"), FreeLMConfig)
 
     evaluate = actions.add_parser("eval", help="zero-shot evaluation: FreeLM vs the base model's zero-shot and "
                                   "k-shot prompting")
@@ -68,6 +58,24 @@ def add_freelm_parser(commands) -> None:
     evaluate.add_argument("--out-json", help=f"where to write the report (default: RUN_DIR/{EVALUATION_FILE})")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def add_config_flags(group, config_class: type) -> None:
+    """One flag per field of a frozen config dataclass (--field-name), its help the field's docstring; every
+    flag defaults to None, so only what the user typed overrides the config's defaults. A bool field that
+    defaults to true gets --no-NAME as well."""
+    helps = field_help(config_class)
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        default = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+        if hints[field.name] is bool:
+            action = argparse.BooleanOptionalAction if field.default else "store_true"
+            group.add_argument(flag, dest=field.name, action=action, default=None,
+                               help=f"{helps.get(field.name, '')} (default: {default})")
+        else:
+            group.add_argument(flag, dest=field.name, default=None, metavar="VALUE",
+                               help=f"{helps.get(field.name, '')} (default: {default})")
 
 
 def freelm_config_from(args: argparse.Namespace) -> FreeLMConfig:
@@ -158,4 +166,4 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_freelm_parser", "freelm_config_from", "run_freelm_command", "summarize_training"]
+__all__ = ["add_config_flags", "add_freelm_parser", "freelm_config_from", "run_freelm_command", "summarize_training"]

@@ -36,9 +36,19 @@ class FreeLMConfig:
     max_examples_per_task: int = 2000
     """Training examples drawn from each task (stratified, fixed by the seed)."""
     negatives_per_example: int = 1
-    """False propositions (wrong answers) per training example, next to its one true proposition."""
+    """False propositions (wrong answers) per training example, next to its one true proposition (all in
+    the example's one template, so they differ only in the answer)."""
+    teacher_loss: Literal["binary", "contrastive", "both"] = "both"
+    """'binary': cross-entropy of each proposition's true/false label (the paper's teacher signal);
+    'contrastive': cross-entropy of the true proposition among its example's candidates, over their
+    true-vs-false log-odds (what zero-shot answering picks by); 'both': their sum."""
     learning_rate: float | None = None
     """Peak learning rate. Default: the method's own (LoRA: 5e-4)."""
+    head_learning_rate: float | None = None
+    """Peak learning rate of the teacher head; none: the same as the decoder's."""
+    standardize_head: bool = True
+    """Train the teacher head on centred, standardised last-token states (the decoder's states share one
+    large common direction); it is folded back into one plain linear head after training."""
     weight_decay: float = 0.01
     """AdamW weight decay on weight matrices."""
     warmup_ratio: float = 0.06
@@ -50,6 +60,9 @@ class FreeLMConfig:
     dev_examples_per_task: int = 100
     """After training, zero-shot metrics (first template) on this many dev examples of each training task
     (0 to skip)."""
+    eval_every: int = 0
+    """Every this many steps, the same zero-shot dev check on the training tasks, recorded as the run's
+    dev curve next to the loss history (0: only after training)."""
     perplexity_blocks: int = 16
     """Language-modelling perplexity on this many validation blocks before and after training (0 to skip)."""
     seed: int = 42
@@ -76,15 +89,18 @@ class FreeLMConfig:
             problems.append(f"lm_sequence_length={self.lm_sequence_length} must be at least 2")
         if self.max_length < 16:
             problems.append(f"max_length={self.max_length} must be at least 16 (a proposition needs room)")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            problems.append(f"learning_rate={self.learning_rate} must be positive")
+        for name in ("learning_rate", "head_learning_rate"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        for name in ("dev_examples_per_task", "perplexity_blocks"):
+        for name in ("dev_examples_per_task", "perplexity_blocks", "eval_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be 0 or more")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision={self.precision!r} must be one of auto, fp32, bf16")
+        if self.teacher_loss not in ("binary", "contrastive", "both"):
+            problems.append(f"teacher_loss={self.teacher_loss!r} must be one of binary, contrastive, both")
         if self.schedule not in ("ratio", "interactive"):
             problems.append(f"schedule={self.schedule!r} must be 'ratio' or 'interactive'")
         if problems:

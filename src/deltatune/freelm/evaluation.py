@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from deltatune.delta import write_json_atomic
@@ -22,6 +23,7 @@ from deltatune.freelm.artifact import attach_freelm_delta, read_freelm_manifest
 from deltatune.freelm.scoring import (
     choose_demonstrations,
     demonstration_prefix,
+    predictions_from_scores,
     proposition_scores,
     task_metrics,
     verbaliser_scores,
@@ -75,7 +77,8 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
     for task_name, (data, subset) in examples.items():
         propositions = propositions_for(data.task)
         results[task_name] = {"metric": data.task.metric, "num_examples": len(subset), "split": split,
-                              "train_task": task_name in manifest["freelm"]["train_tasks"], "systems": {}}
+                              "train_task": task_name in manifest["freelm"]["train_tasks"], "systems": {},
+                              "labels": list(subset.labels)}
         if "zero-shot" in baselines:
             log(f"{task_name}: base model zero-shot on {len(subset)} examples")
             started = _clock()
@@ -109,9 +112,10 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
         results[task_name]["systems"]["freelm"] = {
             **_system_result(data.task, propositions, scores, subset, started),
             "templates": templates}
-    return {"delta": str(directory), "base_model": manifest["base_model"]["name"], "method": manifest["method"],
-            "train_tasks": manifest["freelm"]["train_tasks"], "training": manifest["freelm"]["training"],
-            "split": split, "max_examples": max_examples, "seed": seed, "k": k, "tasks": results}
+    return add_intervals({"delta": str(directory), "base_model": manifest["base_model"]["name"],
+                          "method": manifest["method"], "train_tasks": manifest["freelm"]["train_tasks"],
+                          "training": manifest["freelm"]["training"], "split": split, "max_examples": max_examples,
+                          "seed": seed, "k": k, "tasks": results})
 
 
 def _clock() -> tuple[float, float]:
@@ -121,7 +125,33 @@ def _clock() -> tuple[float, float]:
 def _system_result(task, propositions, scores, subset, started: tuple[float, float]) -> dict:
     seconds, cpu_seconds = time.perf_counter() - started[0], time.process_time() - started[1]
     return {"metrics": task_metrics(task, propositions, scores, subset.labels), "time_s": seconds,
-            "cpu_time_s": cpu_seconds, "examples_per_s": len(subset) / seconds if seconds else 0.0}
+            "cpu_time_s": cpu_seconds, "examples_per_s": len(subset) / seconds if seconds else 0.0,
+            "predictions": predictions_from_scores(task, propositions, scores).tolist()}
+
+
+def add_intervals(report: dict, samples: int = 1000) -> dict:
+    """95% paired-bootstrap intervals over examples (`deltatune.compare.stats.paired_bootstrap`) of each
+    system's primary metric and of FreeLM minus each baseline, added to every task of `report`.
+
+    A system's own interval is its difference from a predictor that scores exactly 0 on every resample
+    (a constant prediction: Pearson, MCC and F1 are 0 for it; for accuracy, a label that never occurs)."""
+    from deltatune.compare.stats import paired_bootstrap
+
+    for result in report["tasks"].values():
+        labels, metric = np.asarray(result["labels"]), result["metric"]
+        zero = np.full(len(labels), -1 if metric == "accuracy" else 0)
+        systems = result["systems"]
+        for name, system in systems.items():
+            interval = paired_bootstrap([np.asarray(system["predictions"])], [zero], labels, metric, samples)
+            system["interval"] = [interval.low, interval.high]
+        if "freelm" not in systems:
+            continue
+        for name in (n for n in systems if n != "freelm"):
+            difference = paired_bootstrap([np.asarray(systems["freelm"]["predictions"])],
+                                          [np.asarray(systems[name]["predictions"])], labels, metric, samples)
+            systems["freelm"][f"minus_{name}"] = {"difference": difference.difference,
+                                                   "interval": [difference.low, difference.high]}
+    return report
 
 
 def format_table(report: dict) -> str:
@@ -134,18 +164,25 @@ def format_table(report: dict) -> str:
         label = task + (" (seen)" if result["train_task"] else "")
         metric_names = list(next(iter(result["systems"].values()))["metrics"]) if result["systems"] else []
         for position, metric in enumerate(metric_names):
-            cells = [f"{result['systems'][s]['metrics'][metric]:.4f}" if s in result["systems"] else "-"
-                     for s in systems]
+            cells = [_cell(result["systems"][s], metric, metric == result["metric"]) if s in result["systems"]
+                     else "-" for s in systems]
             shown_metric = metric + (" *" if metric == result["metric"] else "")
             rows.append([label if position == 0 else "", shown_metric, *cells])
+        freelm = result["systems"].get("freelm", {})
+        for baseline in (s for s in systems if f"minus_{s}" in freelm):
+            difference = freelm[f"minus_{baseline}"]
+            low, high = difference["interval"]
+            rows.append(["", f"FreeLM - {names[baseline]}", f"{difference['difference']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                         *([""] * (len(systems) - 1))])
         rows.append(["", "examples/s", *(f"{result['systems'][s]['examples_per_s']:.1f}" if s in result["systems"]
                                          else "-" for s in systems)])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     training = report.get("training", {})
-    footer = [f"* the task's primary metric; {report['max_examples'] or 'all'} examples of the {report['split']} split "
-              f"per task (stratified, seed {report['seed']})."]
+    footer = [f"* the task's primary metric, with its 95% paired-bootstrap interval over examples; "
+              f"{report['max_examples'] or 'all'} examples of the {report['split']} split per task (stratified, "
+              f"seed {report['seed']})."]
     if training:
         footer.append(f"FreeLM training: {training['steps']} steps ({training['teacher_steps']} teacher, "
                       f"{training['language_steps']} language) in {training['train_time_s']:.0f} s "
@@ -155,6 +192,14 @@ def format_table(report: dict) -> str:
     return "\n".join(lines + [""] + footer)
 
 
+def _cell(system: dict, metric: str, primary: bool) -> str:
+    value = f"{system['metrics'][metric]:.4f}"
+    if primary and "interval" in system:
+        low, high = system["interval"]
+        value += f" [{low:.3f}, {high:.3f}]"
+    return value
+
+
 def write_report(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,4 +207,4 @@ def write_report(report: dict, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["BASELINES", "evaluate_freelm", "format_table", "write_report"]
+__all__ = ["BASELINES", "add_intervals", "evaluate_freelm", "format_table", "write_report"]

@@ -115,6 +115,74 @@ def _materialise_head(classifier: nn.Module, config, dtype: torch.dtype) -> None
         raise DeltatuneError(f"{type(classifier).__name__} has parameters FreeLM could not build: {leftover[:5]}")
 
 
+class StandardizedHead(nn.Module):
+    """The teacher head during training: logits = V (D P h), V trained, D P fixed (see `standardize_head`).
+
+    P = I − u uᵀ removes the direction u of the mean last-token state and D = diag(1/σ) scales what is
+    left to unit spread, so V sees centred, standardised features. Folded back into one plain linear
+    layer, W = V D P, when training ends (`fold_head`): the saved head is an ordinary `score` layer.
+    """
+
+    def __init__(self, transform: torch.Tensor, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, transform.shape[0]))
+        self.register_buffer("transform", transform)
+
+    def folded_weight(self) -> torch.Tensor:
+        return self.weight @ self.transform
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.folded_weight().to(hidden.dtype))
+
+
+def head_transform(states: torch.Tensor, minimum_spread: float = 1e-3) -> torch.Tensor:
+    """D P for last-token states (n, d): P projects out the mean state's direction (after it the mean is
+    exactly 0), D divides each dimension by its spread; returned as one (d, d) matrix."""
+    states = states.double()
+    mean = states.mean(0)
+    direction = mean / mean.norm().clamp(min=1e-12)
+    projection = torch.eye(states.shape[1], dtype=states.dtype) - torch.outer(direction, direction)
+    spread = (states @ projection).std(0)
+    spread = spread.clamp(min=minimum_spread * float(spread.mean()))
+    return (torch.diag(1 / spread) @ projection).float()
+
+
+def standardize_head(model: FreeLMModel, states: torch.Tensor) -> None:
+    """Swap the classifier's linear head for a `StandardizedHead` fitted to `states` (it starts at zero:
+    every proposition begins at log-odds 0)."""
+    name, head = _linear_head(model.classifier)
+    replacement = StandardizedHead(head_transform(states), head.out_features).to(head.weight.dtype)
+    replacement.weight.requires_grad_(head.weight.requires_grad)
+    _set_module(model.classifier, name, replacement)
+
+
+def fold_head(model: FreeLMModel) -> None:
+    """Put a plain linear head with the equivalent weight W = V D P back (no-op without a standardized one)."""
+    for name, module in model.classifier.named_modules():
+        if isinstance(module, StandardizedHead):
+            linear = nn.Linear(module.weight.shape[1], module.weight.shape[0], bias=False, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.folded_weight())
+            linear.weight.requires_grad_(module.weight.requires_grad)
+            _set_module(model.classifier, name, linear)
+
+
+def _linear_head(classifier: nn.Module) -> tuple[str, nn.Linear]:
+    from deltatune.methods.common import head_names
+
+    names = head_names(classifier)
+    for name, module in classifier.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" in names and module.bias is None:
+            return name, module
+    raise DeltatuneError(f"{type(classifier).__name__}'s teacher head is not one bias-free linear layer "
+                         f"({sorted(names)}); run with --no-standardize-head.")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
+
+
 def build_freelm_model(causal_lm: nn.Module) -> FreeLMModel:
     """FreeLM's model around a loaded causal LM (its backbone and LM head are shared, not copied)."""
     lm_head = causal_lm.get_output_embeddings()
@@ -124,5 +192,5 @@ def build_freelm_model(causal_lm: nn.Module) -> FreeLMModel:
     return FreeLMModel(build_classifier_sharing_backbone(causal_lm), lm_head)
 
 
-__all__ = ["FreeLMModel", "PROPOSITION_TASK", "TRUE_INDEX", "build_classifier_sharing_backbone",
-           "build_freelm_model"]
+__all__ = ["FreeLMModel", "PROPOSITION_TASK", "StandardizedHead", "TRUE_INDEX", "build_classifier_sharing_backbone",
+           "build_freelm_model", "fold_head", "head_transform", "standardize_head"]

@@ -69,7 +69,7 @@ def encode_propositions(tokenizer, propositions: Sequence[str], labels: Sequence
 @torch.no_grad()
 def proposition_scores(model: FreeLMModel, tokenizer, propositions: TaskPropositions,
                        rows: Sequence[tuple[str, ...]], template_indices: Sequence[int] | None = None,
-                       max_length: int = 128, batch_size: int = 32) -> np.ndarray:
+                       max_length: int = 128, batch_size: int = 32, precision: str = "fp32") -> np.ndarray:
     """(examples, candidates) teacher log-odds that each candidate's proposition is true, averaged
     over the chosen templates (default: all of the task's templates)."""
     templates = list(template_indices) if template_indices is not None else list(range(len(propositions.templates)))
@@ -80,7 +80,7 @@ def proposition_scores(model: FreeLMModel, tokenizer, propositions: TaskProposit
         return np.zeros((0, propositions.num_candidates), dtype=np.float32)
     encoded = encode_propositions(tokenizer, texts, [0] * len(texts), max_length)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, pad_token_id, batch_size)
+    logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, pad_token_id, batch_size, precision)
     log_odds = logits[:, TRUE_INDEX] - logits[:, 1 - TRUE_INDEX]
     return log_odds.reshape(len(rows), len(templates), propositions.num_candidates).mean(axis=1)
 

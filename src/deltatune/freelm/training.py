@@ -22,7 +22,7 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +33,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.config import FreeLMConfig
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
-from deltatune.freelm.model import FreeLMModel
+from deltatune.freelm.model import TRUE_INDEX, FreeLMModel, fold_head, standardize_head
 from deltatune.freelm.schedule import LANGUAGE, TEACHER, signal_schedule
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.freelm.scoring import (
@@ -50,22 +50,37 @@ from deltatune.batching import autocast_for, collate, length_bucketed_batches, s
 
 @dataclass
 class PropositionSet:
-    """Teacher-signal training data: proposition texts, true (1) / false (0), and their task."""
+    """Teacher-signal training data: proposition texts, true (1) / false (0), their task, and the
+    example each came from (an example's propositions share one template and differ in the answer)."""
 
     texts: list[str]
     labels: list[int]
     tasks: list[str]
+    groups: list[int] = field(default_factory=list)
+    """The index of the training example each proposition was built from; consecutive."""
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def group_members(self) -> list[list[int]]:
+        """Proposition indices of each example, in order."""
+        members: list[list[int]] = []
+        for index, group in enumerate(self.groups):
+            if not members or self.groups[members[-1][0]] != group:
+                members.append([])
+            members[-1].append(index)
+        return members
 
 
 def build_proposition_set(task_data: Sequence[TaskData], tokenizer, config: FreeLMConfig,
                           propositions: dict[str, TaskPropositions] | None = None) -> PropositionSet:
     """For every training example: its gold answer's proposition (true) and `negatives_per_example`
-    wrong answers' (false), each in a template drawn at random from the task's paraphrases."""
+    wrong answers' (false), all in one template drawn at random from the task's paraphrases.
+
+    One template per example, not per proposition: the true and false propositions then differ only in
+    the answer, so the teacher must judge the answer against the input, not the wording of a template."""
     rng = random.Random(config.seed)
-    texts, labels, tasks = [], [], []
+    texts, labels, tasks, groups = [], [], [], []
     for data in task_data:
         task_propositions = (propositions or {}).get(data.task.name) or propositions_for(data.task)
         if task_propositions.num_candidates < 2:
@@ -79,12 +94,49 @@ def build_proposition_set(task_data: Sequence[TaskData], tokenizer, config: Free
             gold = task_propositions.candidate_of(train.labels[index])
             wrong = [c for c in range(task_propositions.num_candidates) if c != gold]
             negatives = rng.sample(wrong, min(config.negatives_per_example, len(wrong)))
+            template = rng.randrange(len(task_propositions.templates))
+            group = groups[-1] + 1 if groups else 0
             for candidate, truth in [(gold, 1)] + [(c, 0) for c in negatives]:
-                template = rng.randrange(len(task_propositions.templates))
                 texts.append(task_propositions.proposition(row, candidate, template))
                 labels.append(truth)
                 tasks.append(data.task.name)
-    return PropositionSet(texts, labels, tasks)
+                groups.append(group)
+    return PropositionSet(texts, labels, tasks, groups)
+
+
+def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, kind: str) -> torch.Tensor:
+    """The teacher signal on a batch of whole examples' propositions (see FreeLMConfig.teacher_loss).
+
+    contrastive: for each example e with candidates c and log-odds s_c = logit_true(c) − logit_false(c),
+    −log softmax_c(s)[gold]. Its gradient Σ_c (p_c − y_c) ∇s_c sums to zero over an example's candidates,
+    so whatever all of them share (the decoder's large common component of the last-token state) cancels
+    and every update goes into telling the candidates apart.
+    """
+    logits = logits.float()
+    losses = []
+    if kind in ("binary", "both"):
+        losses.append(nn.functional.cross_entropy(logits, labels))
+    if kind in ("contrastive", "both"):
+        log_odds = logits[:, TRUE_INDEX] - logits[:, 1 - TRUE_INDEX]
+        _, group_index = torch.unique_consecutive(groups, return_inverse=True)
+        count = int(group_index.max()) + 1
+        # a log-softmax within each group: subtract each group's log-sum-exp
+        maximum = torch.full((count,), -torch.inf).scatter_reduce(0, group_index, log_odds.detach(), "amax")
+        shifted = torch.exp(log_odds - maximum[group_index])
+        log_normaliser = torch.log(torch.zeros(count).index_add(0, group_index, shifted)) + maximum
+        log_probabilities = log_odds - log_normaliser[group_index]
+        losses.append(-(log_probabilities * labels).sum() / labels.sum().clamp(min=1))
+    return sum(losses)
+
+
+def example_batches(proposition_set: PropositionSet, lengths: list[int], batch_size: int,
+                    generator: random.Random) -> list[list[int]]:
+    """Length-bucketed batches of about `batch_size` propositions made of whole examples."""
+    members = proposition_set.group_members()
+    per_group = max(1, round(batch_size / max(1, round(len(proposition_set) / max(1, len(members))))))
+    group_lengths = [max(lengths[i] for i in group) for group in members]
+    return [[index for group in batch for index in members[group]]
+            for batch in length_bucketed_batches(group_lengths, per_group, generator)]
 
 
 def language_blocks(tokenizer, texts: Sequence[str], block_length: int, count: int, seed: int) -> list[list[int]]:
@@ -128,6 +180,8 @@ class FreeLMResult:
     """Size of the teacher-signal training set (true and false propositions)."""
     history: list[dict] = field(default_factory=list)
     """One entry per step: step, signal, loss, learning rate."""
+    dev_curve: list[dict] = field(default_factory=list)
+    """With eval_every: one entry per check, {"step": N, TASK: {metric: value, ...}, ...}."""
     precision: str = "fp32"
     """The precision training ran at ("auto" resolved)."""
 
@@ -156,16 +210,27 @@ class FreeLMResult:
                 "teacher_loss_first_10": self.mean_loss(TEACHER, True),
                 "teacher_loss_last_10": self.mean_loss(TEACHER, False),
                 "language_loss_first_10": self.mean_loss(LANGUAGE, True),
-                "language_loss_last_10": self.mean_loss(LANGUAGE, False)}
+                "language_loss_last_10": self.mean_loss(LANGUAGE, False), "dev_curve": self.dev_curve}
 
 
-def _optimizer_groups(model: FreeLMModel, method: Method | None, learning_rate: float, weight_decay: float) -> list[dict]:
+def _optimizer_groups(model: FreeLMModel, method: Method | None, learning_rate: float, weight_decay: float,
+                      head_learning_rate: float | None = None) -> list[dict]:
+    """The method's groups (or decay / no-decay), with the teacher head in a group of its own when it has
+    its own learning rate."""
+    from deltatune.methods.common import head_names
+
+    head = {id(p) for n, p in model.classifier.named_parameters() if n in head_names(model.classifier)}
     if method is not None:
-        return method.param_groups(model.classifier, learning_rate, OptimizerSettings(weight_decay=weight_decay))
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [group for group in ({"params": decay, "weight_decay": weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+        groups = method.param_groups(model.classifier, learning_rate, OptimizerSettings(weight_decay=weight_decay))
+    else:
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if head_learning_rate is not None:
+        head_parameters = [p for group in groups for p in group["params"] if id(p) in head]
+        groups = [{**group, "params": [p for p in group["params"] if id(p) not in head]} for group in groups]
+        groups.append({"params": head_parameters, "weight_decay": 0.0, "lr": head_learning_rate})
+    return [group for group in groups if group["params"]]
 
 
 def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
@@ -192,8 +257,11 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     blocks = language_blocks(tokenizer, language_texts, config.lm_sequence_length,
                              language_steps * config.lm_batch_size, config.seed)
 
+    if config.standardize_head and teacher_data is not None:
+        standardize_head(model, last_token_states(model, teacher_data, pad_token_id, config.seed,
+                                                  resolve_precision(config.precision)))
     learning_rate = config.learning_rate or (method.default_learning_rate if method is not None else 5e-4)
-    groups = _optimizer_groups(model, method, learning_rate, config.weight_decay)
+    groups = _optimizer_groups(model, method, learning_rate, config.weight_decay, config.head_learning_rate)
     # matrices first, then vectors: the order gradient clipping sums their norms in, kept as it always was
     trainable = sorted((p for group in groups for p in group["params"]), key=lambda p: p.ndim < 2)
     if not trainable:
@@ -208,9 +276,9 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     torch.manual_seed(config.seed)
 
     def teacher_batches():
-        """Length-bucketed proposition batches, reshuffled every pass over the set."""
+        """Length-bucketed batches of whole examples' propositions, reshuffled every pass over the set."""
         while True:
-            yield from length_bucketed_batches(teacher_data.lengths, config.teacher_batch_size, rng)
+            yield from example_batches(proposition_set, teacher_data.lengths, config.teacher_batch_size, rng)
 
     teacher_iterator = teacher_batches() if teacher_data is not None else None
     time_by_signal = {LANGUAGE: 0.0, TEACHER: 0.0}
@@ -221,8 +289,9 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
         progress = tqdm(total=config.steps, desc="freelm", unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
     precision = resolve_precision(config.precision)
-    with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext():
+    with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext(), _folding_head(model):
         history: list[dict] = []
+        dev_curve: list[dict] = []
         propositions_seen = language_tokens = block_position = 0
         cpu_started = time.process_time()
         for step, signal in enumerate(schedule):
@@ -237,7 +306,8 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                 labels = batch.pop("labels")
                 with autocast_for(precision):
                     logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
-                loss = nn.functional.cross_entropy(logits.float(), labels)
+                loss = teacher_loss(logits, labels, torch.tensor([proposition_set.groups[i] for i in indices]),
+                                    config.teacher_loss)
                 propositions_seen += len(indices)
             else:
                 input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size])
@@ -256,6 +326,10 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                             "learning_rate": learning_rate * factor})
             if callback is not None:
                 callback(step + 1, signal, float(loss.item()))
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                dev_curve.append({"step": step + 1, **seen_task_metrics(model, tokenizer, task_data, config,
+                                                                        propositions, precision)})
+                model.train()
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(signal=signal[0], loss=f"{loss.item():.3f}", refresh=False)
@@ -268,7 +342,36 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                         propositions_seen=propositions_seen, language_tokens_seen=language_tokens,
                         train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
                         teacher_time_s=time_by_signal[TEACHER], precision=precision,
-                        num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history)
+                        num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history,
+                        dev_curve=dev_curve)
+
+
+@contextmanager
+def _folding_head(model: FreeLMModel):
+    """Whatever happens in training, the model leaves it with a plain linear teacher head."""
+    try:
+        yield
+    finally:
+        fold_head(model)
+
+
+@torch.no_grad()
+def last_token_states(model: FreeLMModel, encoded, pad_token_id: int, seed: int, precision: str,
+                      count: int = 256, batch_size: int = 32) -> torch.Tensor:
+    """The decoder's final states at the last token of `count` propositions drawn with `seed`."""
+    chosen = random.Random(seed).sample(range(len(encoded)), min(count, len(encoded)))
+    was_training = model.training
+    model.eval()
+    states = []
+    for start in range(0, len(chosen), batch_size):
+        batch = collate(encoded, chosen[start:start + batch_size], pad_token_id, regression=False)
+        with autocast_for(precision):
+            hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).last_hidden_state
+        last = batch["attention_mask"].sum(dim=1) - 1
+        states.append(hidden[torch.arange(len(last)), last].float())
+    model.train(was_training)
+    return torch.cat(states)
 
 
 @torch.no_grad()
@@ -285,8 +388,12 @@ def perplexity(model: FreeLMModel, blocks: Sequence[list[int]], batch_size: int 
 
 
 def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], config: FreeLMConfig,
-                      propositions: dict[str, TaskPropositions] | None = None) -> dict[str, dict]:
-    """Zero-shot (proposition-scoring) metrics on a stratified subset of each training task's dev split."""
+                      propositions: dict[str, TaskPropositions] | None = None,
+                      precision: str = "fp32") -> dict[str, dict]:
+    """Zero-shot (proposition-scoring) metrics on a stratified subset of each training task's dev split.
+
+    `precision` must be the training precision when called between training steps (the frozen weights
+    are held in bf16 then)."""
     results = {}
     for data in task_data:
         if not config.dev_examples_per_task or "dev" not in data.splits:
@@ -297,7 +404,7 @@ def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskDat
         subset = dev.subset(chosen)
         # the first template only: a cheap check that training took; `deltatune freelm eval` averages them all
         scores = proposition_scores(model, tokenizer, task_propositions, subset.texts, [0],
-                                    max_length=config.max_length)
+                                    max_length=config.max_length, precision=precision)
         results[data.task.name] = {**task_metrics(data.task, task_propositions, scores, subset.labels),
                                    "num_examples": len(subset)}
     return results
@@ -313,5 +420,6 @@ def teacher_accuracy(model: FreeLMModel, tokenizer, proposition_set: Proposition
     return float((logits.argmax(axis=-1) == np.asarray(proposition_set.labels)).mean())
 
 
-__all__ = ["FreeLMConfig", "FreeLMResult", "PropositionSet", "build_proposition_set", "language_blocks",
+__all__ = ["FreeLMConfig", "FreeLMResult", "PropositionSet", "build_proposition_set", "example_batches",
+           "language_blocks", "teacher_loss",
            "perplexity", "seen_task_metrics", "teacher_accuracy", "train_freelm"]
