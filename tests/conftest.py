@@ -103,6 +103,8 @@ def tiny_llama_dir(tmp_path):
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch, request):
-    """Unit tests get an empty cache; tests marked `mirror` share the real one (fetching is slow)."""
+    """Unit tests get an empty cache and no hub (no traffic leaves the machine); tests marked `mirror` share
+    the real cache (fetching is slow)."""
     if "mirror" not in request.keywords:
         monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")

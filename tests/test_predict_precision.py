@@ -5,7 +5,7 @@ import torch
 from conftest import build_tiny_model, build_tokenizer
 from deltatune.tasks.spec import Split
 from deltatune.batching import encode, predict_encoded
-from test_train import SENTIMENT
+from test_training import SENTIMENT
 
 
 def test_bf16_prediction_is_close_to_fp32_and_leaves_the_weights_exact():

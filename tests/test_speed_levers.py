@@ -9,7 +9,7 @@ from conftest import build_tiny_model, build_tokenizer
 from deltatune import precision
 from deltatune.fast_dropout import ATTENTION_NAME, attention_forward, fast_dropout, keep_mask, masked_dropout
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
-from test_train import trained
+from test_training import trained
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
