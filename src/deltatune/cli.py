@@ -23,10 +23,19 @@ import sys
 import typing
 from pathlib import Path
 
+# Only light modules here: torch and transformers are imported inside main(), so Ctrl-C while they load
+# is handled like any other interruption instead of ending in a traceback from an import.
 from deltatune.config import build_config, describe_fields, field_help
-from deltatune.delta import json_text
 from deltatune.errors import DeltatuneError
-from deltatune.training import TrainConfig
+
+if typing.TYPE_CHECKING:
+    from deltatune.training import TrainConfig
+
+
+def json_text(data) -> str:
+    from deltatune.delta import json_text as strict_json
+
+    return strict_json(data)
 
 
 def _split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -50,6 +59,8 @@ def _split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    from deltatune.training import TrainConfig
+
     helps = field_help(TrainConfig)
     group = parser.add_argument_group("training (TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
@@ -63,6 +74,8 @@ def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config_from(args: argparse.Namespace) -> TrainConfig:
+    from deltatune.training import TrainConfig
+
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     return build_config(TrainConfig, overrides, prefix="--")

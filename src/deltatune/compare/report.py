@@ -539,11 +539,19 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None,
         raise DeltatuneError(f"{exp_dir} has no finished cells yet ({len(analysis.failed)} failed); nothing to report.")
     if out.exists() and not out.is_dir():
         raise DeltatuneError(f"--out {out} is a file, not a directory. Give a directory for report.html and report.md.")
-    out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((html_path, render_html(analysis)), (markdown_path, render_markdown(analysis))):
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
+    pages = ((html_path, render_html(analysis)), (markdown_path, render_markdown(analysis)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, text in pages:
+            temporary = path.with_suffix(path.suffix + ".tmp")
+            try:
+                temporary.write_text(text, encoding="utf-8")
+                temporary.replace(path)
+            finally:
+                temporary.unlink(missing_ok=True)
+    except OSError as error:
+        raise DeltatuneError(f"Cannot write the report into {out}: {error.strerror or error}. Give a directory you "
+                             "can write to (--out DIR).") from None
     return html_path, markdown_path
 
 

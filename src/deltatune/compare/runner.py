@@ -248,9 +248,17 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
     if jobs < 1:
         raise DeltatuneError(f"--jobs {jobs} must be at least 1.")
     exp_dir = Path(exp_dir).resolve()
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / "cells").mkdir(exist_ok=True)
-    (exp_dir / "logs").mkdir(exist_ok=True)
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise DeltatuneError(f"--out {exp_dir} is a file, not a directory. Give a directory for the experiment.")
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "cells").mkdir(exist_ok=True)
+        (exp_dir / "logs").mkdir(exist_ok=True)
+    except OSError as error:
+        if is_disk_full(error):
+            raise DeltatuneError(_disk_full_message(exp_dir, "creating the experiment directory", None)) from None
+        raise DeltatuneError(f"Cannot create the experiment directory {exp_dir}: {error.strerror or error}. Give an "
+                             "--out you can write to.") from None
     lock = _lock(exp_dir)
     try:
         with _disk_full_as("opening the results store"), closing(store.connect(exp_dir)) as connection:
