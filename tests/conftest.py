@@ -86,6 +86,17 @@ def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def write_sentiment_csv(path: Path, rows: int, seed: int = 0) -> Path:
+    """make_sentiment_rows as a CSV file with a text and a label column."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(rows, seed))
+    return path
+
+
 @pytest.fixture
 def tokenizer():
     return build_tokenizer()

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 
 import deltatune
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from conftest import make_sentiment_rows, save_tiny_model_dir, write_sentiment_csv
 from deltatune.cli import main
 from deltatune.errors import DeltatuneError
 
@@ -387,7 +387,7 @@ def template(tmp_path_factory) -> Path:
     """The workspace every case copies: built once (one tiny training run)."""
     root = tmp_path_factory.mktemp("workspace")
     save_tiny_model_dir(root / "tiny", "bert")
-    write_rows(root / "toy.csv", make_sentiment_rows(80))
+    write_sentiment_csv(root / "toy.csv", 80)
     (root / "thesis.tex").write_text("\\documentclass{article} my thesis", encoding="utf-8")
     previous = Path.cwd()
     os.chdir(root)

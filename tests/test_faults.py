@@ -5,7 +5,6 @@ everywhere). After each, nothing half-written is kept, earlier results are intac
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from conftest import save_tiny_model_dir, write_sentiment_csv
 from deltatune.compare import store
 from deltatune.compare.spec import parse_spec, read_spec_file
 from deltatune.errors import DeltatuneError
@@ -28,10 +27,7 @@ from deltatune.errors import DeltatuneError
 def workspace(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("faults")
     save_tiny_model_dir(directory / "tiny", "bert")
-    with open(directory / "toy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(120))
+    write_sentiment_csv(directory / "toy.csv", 120)
     return directory
 
 

@@ -16,14 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import deltatune.compare.spec  # noqa: F401  imported now, so the first example is not timed with it
+import deltatune.methods  # noqa: F401
 from deltatune.errors import DeltatuneError
 from deltatune.sources.data import load_local_data
 
 BOUNDED = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 """Fixed examples (derandomize) keep runs repeatable; 60 each keeps every test to seconds."""
-
-import deltatune.compare.spec  # noqa: E402  warm imports, so the first example is not timed with them
-import deltatune.methods  # noqa: E402
 
 # the pieces CSV/TSV/JSON parsing goes wrong on: delimiters, quotes, escapes, line ends, markers, odd unicode
 PIECES = st.sampled_from([",", "\t", '"', "'", "\\", "\n", "\r\n", "\r", " ", "text", "label", "good", "bad",

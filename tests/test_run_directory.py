@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 
 import pytest
 
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from conftest import save_tiny_model_dir, write_sentiment_csv
 from deltatune.delta import json_text, write_json_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.run import RUN_FILES, data_record, run_training
@@ -20,11 +19,7 @@ from deltatune.training import TrainConfig
 @pytest.fixture
 def local(tmp_path):
     model = save_tiny_model_dir(tmp_path / "tiny", "bert")
-    path = tmp_path / "toy.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(80))
+    path = write_sentiment_csv(tmp_path / "toy.csv", 80)
     return str(model), data_record("toy", local={"path": str(path), "text_fields": ["text"]})
 
 

@@ -97,6 +97,30 @@ def check_output_directory(out: Path, overwrite: bool, run_files: frozenset[str]
 # One writer per target
 
 
+def lock_or_holder(handle) -> str | None:
+    """flock the open lock file without waiting: None once it is ours; if another process holds it, close
+    `handle` and return what that process wrote about itself."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return holder
+
+
+def write_holder(handle) -> None:
+    """Say in the held lock file who holds it, for the message another process shows."""
+    handle.seek(0)
+    handle.truncate()
+    command = " ".join(["deltatune", *sys.argv[1:]])[:200] if sys.argv else "python"
+    handle.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}: {command}")
+    handle.flush()
+
+
 class TargetLock:
     """An exclusive flock on `.NAME.lock` beside `out`, naming its holder; `release()` removes the file."""
 
@@ -107,7 +131,7 @@ class TargetLock:
 
     def acquire(self) -> "TargetLock":
         try:
-            import fcntl
+            import fcntl  # noqa: F401  (what lock_or_holder uses)
         except ImportError:  # no flock (Windows): the staging rename still keeps each run whole
             return self
         for _ in range(20):  # the file can be removed by its last holder between open and flock: try again
@@ -119,25 +143,17 @@ class TargetLock:
                     raise disk_full_error(self.out, "its lock file") from None
                 raise DeltatuneError(f"Cannot write beside --out {self.out} ({error.strerror or error}: "
                                      f"{self.path}). Give an --out in a directory you can write to.") from None
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                handle.close()
+            holder = lock_or_holder(handle)
+            if holder is not None:
                 raise DeltatuneError(
                     f"--out {self.out} is being written by another deltatune process ({holder}). Wait for it to "
-                    "finish, stop it, or choose another --out.") from None
+                    "finish, stop it, or choose another --out.")
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
-                handle.seek(0)
-                handle.truncate()
-                command = " ".join(["deltatune", *sys.argv[1:]])[:200] if sys.argv else "python"
-                handle.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}: {command}")
-                handle.flush()
+                write_holder(handle)
                 self.handle = handle
                 return self
             handle.close()
@@ -168,7 +184,8 @@ def clean_leftovers(out: Path, run_files: frozenset[str]) -> list[str]:
     done = []
     temporaries = frozenset(f".{name}.partial" for name in run_files)
     for leftover in _siblings(out, PARTIAL_MARK):
-        if leftover.is_dir() and not leftover.is_symlink() and first_foreign_entry(leftover, run_files | temporaries) is None:
+        ours = leftover.is_dir() and not leftover.is_symlink()
+        if ours and first_foreign_entry(leftover, run_files | temporaries) is None:
             shutil.rmtree(leftover, ignore_errors=True)
             done.append(f"removed {leftover.name} (left by a run that was killed while saving)")
     for aside in _siblings(out, REPLACED_MARK):
@@ -272,4 +289,5 @@ def _use_default_permissions(directory: Path) -> None:
 
 
 __all__ = ["check_output_directory", "clean_leftovers", "staged_directory", "replace_directory", "TargetLock",
+           "lock_or_holder", "write_holder",
            "DiskFullError", "is_disk_full", "disk_full_error", "free_space", "first_foreign_entry"]

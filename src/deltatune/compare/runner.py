@@ -43,7 +43,7 @@ from deltatune.compare.cell import CELL_RESULT, DISK_FULL_EXIT, cell_paths
 from deltatune.compare.presets import estimate_cell_seconds
 from deltatune.compare.spec import Cell, GridSpec
 from deltatune.errors import DeltatuneError
-from deltatune.run_directory import free_space, is_disk_full
+from deltatune.run_directory import free_space, is_disk_full, lock_or_holder, write_holder
 
 LOCK_NAME = ".runner.lock"
 STOP_GRACE_S = 10.0
@@ -112,22 +112,20 @@ def machine_description(jobs: int, threads: int | None) -> dict:
 def _lock(exp_dir: Path):
     """An exclusive lock on the experiment directory, released by the OS even if the runner is killed."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (what lock_or_holder uses)
     except ImportError:  # no flock (Windows): run without the guard
         return None
-    handle = open(exp_dir / LOCK_NAME, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+        handle = open(exp_dir / LOCK_NAME, "a+")
+    except OSError as error:
+        if is_disk_full(error):
+            raise DeltatuneError(_disk_full_message(exp_dir, "taking the experiment's lock", None)) from None
+        raise
+    holder = lock_or_holder(handle)
+    if holder is not None:
         raise DeltatuneError(f"Another `deltatune compare` ({holder}) is running on {exp_dir}. Wait for it to "
-                             "finish, or stop it (it can be resumed later) before starting another.") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
+                             "finish, or stop it (it can be resumed later) before starting another.")
+    write_holder(handle)
     return handle
 
 
