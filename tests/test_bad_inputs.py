@@ -183,6 +183,12 @@ def predict_from_elsewhere(workspace: Path) -> list[str]:
     return ["predict", "../relrun", "a good film"]
 
 
+def copy_model(workspace: Path, name: str, drop: tuple[str, ...] = ()) -> None:
+    shutil.copytree(workspace / "tiny", workspace / name)
+    for file_name in drop:
+        (workspace / name / file_name).unlink()
+
+
 def api(function: Callable[[Path], object]) -> Callable[[Path], object]:
     function.is_api = True
     return function
@@ -372,6 +378,23 @@ CASES = [
     Case("a grid time budget of inf", lambda w: ["compare", "spec.yaml", "--dry-run"], 2,
          ("time_budgets[0]=inf",),
          setup=write_text("spec.yaml", "tasks: [stsb]\nmethods: [full]\ntime_budgets: [.inf]\n")),
+    Case("a model directory without tokenizer files", lambda w: [*TRAIN[:2], "bare", *TRAIN[3:]], 2,
+         ("has no tokenizer files",), setup=lambda w: copy_model(w, "bare", drop=("tokenizer.json",
+                                                                                 "tokenizer_config.json"))),
+    Case("a model directory with damaged weights", lambda w: [*TRAIN[:2], "broken", *TRAIN[3:]], 2,
+         ("Could not load 'broken'", "save it again"),
+         setup=lambda w: (copy_model(w, "broken"), (w / "broken" / "model.safetensors").write_bytes(b"garbage"))),
+    Case("a model directory of an unknown architecture", lambda w: [*TRAIN[:2], "alien", *TRAIN[3:]], 2,
+         ("Could not load 'alien'", "nonexistent"),
+         setup=lambda w: (copy_model(w, "alien"),
+                          (w / "alien" / "config.json").write_text('{"model_type": "nonexistent"}'))),
+    Case("the training file again as --dev-data", lambda w: [*TRAIN, "--dev-data", "copy.csv"], 2,
+         ("same content as the train file", "trained on"), setup=lambda w: shutil.copy(w / "toy.csv", w / "copy.csv")),
+    Case("compare --out names a file", lambda w: ["compare", "--tasks", "stsb", "--methods", "full", "--out",
+                                                  "thesis.tex"], 2, ("is a file, not a directory",),
+         kept=("thesis.tex",)),
+    Case("results --out names a directory", lambda w: ["results", "exp", "--out", "run"], 2, ("is a directory",),
+         kept=("run",), setup=build_experiment_with_html_names),
     Case("unicode paths", lambda w: [*TRAIN[:4], "données.csv", *TRAIN[5:], "--out", "résultats/実験"], 0,
          ("saved to résultats/実験",), present=("résultats/実験/deltatune.json",),
          setup=lambda w: shutil.copy(w / "toy.csv", w / "données.csv")),

@@ -241,3 +241,15 @@ def _finished(experiment: Path) -> int:
         return len(store.load_cells(experiment, status="finished"))
     except (sqlite3.Error, DeltatuneError):
         return 0
+
+
+@pytest.mark.parametrize("delay", [0.3, 4.0])
+def test_ctrl_c_at_start_up_or_in_training_is_one_line_and_leaves_nothing(workspace, tmp_path, delay):
+    out = tmp_path / "run"
+    process = start(train_command(workspace, out, "--method", "full", "--max-steps", "100000"))
+    time.sleep(delay)  # 0.3 s: still importing torch; 4 s: loading or training
+    process.send_signal(signal.SIGINT)
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert "interrupted; nothing half-written was kept" in errors and "Traceback" not in errors
+    assert not out.exists() and leftovers(tmp_path, "run") == []

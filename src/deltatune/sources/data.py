@@ -580,6 +580,7 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
     if test_path is not None:
         files["test"] = Path(test_path)
     tables = {split: _read_table(file) for split, file in files.items()}
+    _refuse_shared_files(files)
     for table in tables.values():
         _check_columns(table, text_fields, label_field)
 
@@ -638,6 +639,21 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
         "dropped": {}, "notes": [], "splits": split_provenance,
     }
     return TaskData(task, splits, provenance)
+
+
+def _refuse_shared_files(files: dict[str, Path]) -> None:
+    """Scoring on the training rows themselves would report memorisation as skill."""
+    seen: dict[str, str] = {}
+    for split, file in files.items():
+        digest = _sha256_bytes(file.read_bytes())
+        if digest in seen:
+            other = seen[digest]
+            used = "trained on" if other == "train" else "was selected on"
+            raise DeltatuneError(
+                f"The {split} file {file} has the same content as the {other} file {files[other]}: {split} scores "
+                f"would be measured on rows the model {used}. Give a separate file, or leave it out and deltatune "
+                "makes a split from the training file.")
+        seen[digest] = split
 
 
 def _sha256_bytes(data: bytes) -> str:

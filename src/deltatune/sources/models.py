@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.sources.cache import cache_dir, mirror_path
@@ -243,10 +244,19 @@ def _check_model_directory(directory: Path) -> None:
             )
         else:
             problems.append("it has no *.safetensors weights")
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        # without them transformers builds an empty tokenizer: every word becomes [UNK], and training learns nothing
+        problems.append(f"it has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                        "beside the model with `tokenizer.save_pretrained(DIR)`")
     if problems:
         raise DeltatuneError(
             f"{str(directory)!r} is not a model directory deltatune can load: " + "; ".join(problems) + "."
         )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+"""Files one of which a saved tokenizer always writes."""
 
 
 def _unknown_model_error(source: _Source, error: BaseException | None) -> DeltatuneError:
@@ -343,7 +353,7 @@ def _from_pretrained(loader: Any, source: _Source, **kwargs: Any) -> Any:
         kwargs["local_files_only"] = True  # offline, a hub model already in the hub cache still loads
     try:
         return loader.from_pretrained(source.location, **kwargs)
-    except _hub_errors() as error:
+    except (*_hub_errors(), SafetensorError) as error:
         if unreachable is not None:
             raise DeltatuneError(
                 f"Model {source.name!r} is not a deltatune alias ({did_you_mean(source.name, MODEL_ALIASES)}), not "
@@ -353,12 +363,12 @@ def _from_pretrained(loader: Any, source: _Source, **kwargs: Any) -> Any:
                 "weights.") from error
         if source.kind == "hub":
             raise _unknown_model_error(source, error) from error
-        if isinstance(error, OSError):
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DeltatuneError(
-                f"Could not load {source.name!r} from {source.location}: {first_line}"
-            ) from error
-        raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise DeltatuneError(
+            f"Could not load {source.name!r} from {source.location}: {first_line}. A model directory holds what "
+            "save_pretrained writes (config.json, *.safetensors weights, the tokenizer files); save it again or "
+            "restore it from a copy."
+        ) from error
 
 
 def _head_or_pooler(model: Any, key: str) -> bool:
