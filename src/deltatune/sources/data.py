@@ -593,6 +593,7 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
             labels = _sorted_label_names({value for column in raw.values() for value in column})
         values = {split: _label_indices(tables[split], raw[split], labels, label_field) for split in tables}
         _refuse_single_class(raw, labels, files, label_field)
+        _warn_unlikely_classes(labels, sum(len(column) for column in raw.values()), label_field)
 
     stem = Path(path).stem
     splits: dict[str, Split] = {split: Split(texts[split], values[split]) for split in tables}
@@ -939,6 +940,24 @@ def _refuse_single_class(names: dict[str, list[str]], labels: tuple[str, ...], f
         "examples of the other classes, or use --regression if the column holds scores.")
 
 
+def _warn_unlikely_classes(labels: tuple[str, ...], rows: int, label_field: str) -> None:
+    """Say so when the label column looks like scores or an id rather than classes (it still trains)."""
+    def number(name: str) -> float | None:
+        try:
+            return float(name)
+        except ValueError:
+            return None
+
+    values = [number(name) for name in labels]
+    if all(value is not None for value in values) and any(not value.is_integer() for value in values):
+        logger.warning("Column %r holds numbers such as %s, read as %d class names. If they are scores, pass "
+                       "--regression (regression=True).", label_field, ", ".join(labels[:3]), len(labels))
+    elif len(labels) > 20 and len(labels) > rows / 2:
+        logger.warning("Column %r has %d distinct values in %d rows, read as classes with about %.1f examples "
+                       "each: is it an id or a text column? Name the label column with --label-field, or pass "
+                       "--regression for scores.", label_field, len(labels), rows, rows / len(labels))
+
+
 def _warn_unseen_labels(splits: dict[str, Split], labels: tuple[str, ...]) -> None:
     """Say so when dev or test data hold a class the training data never show: the model cannot predict it."""
     seen = set(splits["train"].labels)
@@ -947,7 +966,9 @@ def _warn_unseen_labels(splits: dict[str, Split], labels: tuple[str, ...]) -> No
             continue
         unseen = collections.Counter(labels[index] for index in splits[split].labels if index not in seen)
         if unseen:
-            listed = ", ".join(f"{name!r} ({count} rows)" for name, count in sorted(unseen.items()))
+            shown = sorted(unseen.items())[:5]
+            listed = ", ".join(f"{name!r} ({count} row{'s' if count > 1 else ''})" for name, count in shown)
+            listed += f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
             logger.warning("The %s data hold labels the training data never show: %s. The model cannot learn "
                            "them, so those rows count as errors; add training examples of them.", split, listed)
 
