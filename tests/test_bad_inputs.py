@@ -231,7 +231,8 @@ CASES = [
         "eval", "run", "--split", "test", "--data-changed-ok"], 0, ("toy test: accuracy",), setup=append_row),
     Case("TunedModel.evaluate after the data file changed",
          api(lambda w: deltatune.load(w / "run").evaluate("dev")), 2, ("data_changed_ok=True",), setup=append_row),
-    Case("eval after the data file was deleted", lambda w: ["eval", "run"], 2, ("No data file at", "toy.csv"),
+    Case("eval after the data file was deleted", lambda w: ["eval", "run"], 2, ("toy.csv that run was trained on is "
+                                                                               "gone",),
          setup=delete_data),
     # ---- two writers, one target
     Case("train while another process writes the same --out", lambda w: [*TRAIN, "--out", "busy"], 2,
@@ -369,7 +370,7 @@ CASES = [
          ("method.alpha='nan': must be a finite number",)),
     # ---- damaged run directories
     Case("a manifest whose task is not a task", lambda w: ["predict", "run", "good"], 2,
-         ("is damaged", "task"), setup=damage_manifest),
+         ("is damaged", "its task is str 'toy', not a task spec"), setup=damage_manifest),
     # ---- other commands
     Case("export --out names a file", lambda w: ["export", "lora-run", "--out", "thesis.tex"], 2,
          ("is a file, not a directory",), kept=("thesis.tex",),

@@ -157,10 +157,13 @@ def _manifest_problems(manifest: dict) -> list[str]:
     base_model = manifest["base_model"]
     if not isinstance(base_model, dict) or not all(isinstance(base_model.get(k), str) for k in ("name", "fingerprint")):
         problems.append("base_model lacks its name or fingerprint")
-    try:
-        TaskSpec.from_dict(manifest["task"])
-    except (DeltatuneError, KeyError, TypeError, ValueError, AttributeError) as error:
-        problems.append(f"its task is not a valid task ({type(error).__name__}: {str(error)[:120]})")
+    if not isinstance(manifest["task"], dict):
+        problems.append(f"its task is {type(manifest['task']).__name__} {manifest['task']!r:.40}, not a task spec")
+    else:
+        try:
+            TaskSpec.from_dict(manifest["task"])
+        except (DeltatuneError, KeyError, TypeError, ValueError, AttributeError) as error:
+            problems.append(f"its task is not a valid task spec ({type(error).__name__}: {str(error)[:120]})")
     return problems
 
 
@@ -249,7 +252,7 @@ class TunedModel:
         _check_run_options(batch_size, precision)
         if not isinstance(data_changed_ok, bool):
             raise DeltatuneError(f"data_changed_ok must be True or False, got {data_changed_ok!r}.")
-        data = load_data_from_record(self.manifest["data"])
+        data = load_data_from_record(self.manifest["data"], run=str(self.directory))
         selected = data.split(split)
         if not data_changed_ok:
             check_data_unchanged(data, *recorded_data(self.manifest, self.directory), run=str(self.directory))

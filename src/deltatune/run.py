@@ -129,11 +129,18 @@ def _local_record_problems(local: dict) -> list[str]:
     return problems
 
 
-def load_data_from_record(record: dict) -> TaskData:
+def load_data_from_record(record: dict, run: str | None = None) -> TaskData:
+    """The data a record describes; `run` (the run directory it was recorded in) makes a missing file's
+    error say where the path came from."""
     from deltatune.sources.data import load_local_data, load_task_data
 
     if record["kind"] == "local":
         arguments = {k: v for k, v in record.items() if k != "kind"}
+        gone = [str(arguments[key]) for key in ("path", "dev_path", "test_path")
+                if run is not None and arguments.get(key) and not Path(arguments[key]).exists()]
+        if gone:
+            raise DeltatuneError(f"The data file {gone[0]} that {run} was trained on is gone. Put it back (the run "
+                                 "records its sha256 in run.json) to evaluate on it.")
         for key in ("text_fields", "labels"):
             if arguments.get(key) is not None:
                 arguments[key] = tuple(arguments[key])
