@@ -213,7 +213,7 @@ def _disk_full_as(what: str):
 def _disk_full_message(exp_dir: Path, what: str, summary: GridRunSummary | None) -> str:
     done = (f" {summary.finished_now} cell(s) finished and were recorded in this run; the cells in flight were "
             "stopped and not recorded." if summary is not None else "")
-    return (f"No space left on the device holding {exp_dir}{free_space(exp_dir)} while {what}. The grid stopped;"
+    return (f"No space left on the device holding {exp_dir}{free_space(exp_dir)} while {what}. The grid stopped."
             f"{done} The results store and every earlier result are intact. Free some space and run the same "
             "command again to resume.")
 
