@@ -151,6 +151,15 @@ def damage_manifest(workspace: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
+def poison_delta(workspace: Path) -> None:
+    """A delta saved by a diverged run before deltatune refused to save one: every tensor NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = workspace / "run" / "delta.safetensors"
+    save_file({name: torch.full_like(t, float("nan")) for name, t in load_file(str(path)).items()}, str(path))
+
+
 def record_huge_max_length(workspace: Path) -> None:
     """A delta from before max_length was capped at the model's positions."""
     path = workspace / "run" / "deltatune.json"
@@ -224,6 +233,8 @@ CASES = [
     # ---- divergence
     Case("a diverging run", lambda w: [*TRAIN, "--method", "full", "--learning-rate", "1e6", "--out", "div"], 2,
          ("Training diverged at step", "learning rate", "nothing was saved"), absent=("div",), check=no_leftovers),
+    Case("predict with a NaN delta saved by an older deltatune", lambda w: ["predict", "run", "good"], 2,
+         ("gives NaN or infinite outputs", "lower learning rate"), setup=poison_delta),
     # ---- data changed since training
     Case("eval --split test after the data file changed", lambda w: ["eval", "run", "--split", "test"], 2,
          ("changed since it was trained", "toy.csv", "sha256", "--data-changed-ok"), setup=append_row),

@@ -216,6 +216,7 @@ class TunedModel:
         encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length)
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
+        self._refuse_non_finite(outputs)
         if self.task.is_regression:
             return [{"score": float(o[0])} for o in outputs]
         results = []
@@ -225,6 +226,15 @@ class TunedModel:
             results.append({"label": self.task.labels[best],
                             "probabilities": dict(zip(self.task.labels, probabilities))})
         return results
+
+    def _refuse_non_finite(self, outputs) -> None:
+        """A delta saved from a diverged run (before deltatune refused to save one) outputs NaN: say so."""
+        import numpy as np
+
+        if not np.isfinite(outputs).all():
+            raise DeltatuneError(f"The delta in {self.directory} gives NaN or infinite outputs: its weights are not "
+                                 "finite (it was saved from a run that diverged). Train it again with a lower "
+                                 "learning rate.")
 
     @property
     def max_length(self) -> int:
@@ -259,6 +269,7 @@ class TunedModel:
         encoded = encode(self.tokenizer, self.task, selected, self.max_length)
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
+        self._refuse_non_finite(outputs)
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
 
 
