@@ -415,6 +415,8 @@ CASES = [
          kept=("thesis.tex",)),
     Case("results --out names a directory", lambda w: ["results", "exp", "--out", "run"], 2, ("is a directory",),
          kept=("run",), setup=build_experiment_with_html_names),
+    Case("DELTATUNE_CACHE names a file", lambda w: ["fetch", "stsb"], 2, ("DELTATUNE_CACHE", "cannot be used"),
+         env={"DELTATUNE_CACHE": "{workspace}/thesis.tex"}, kept=("thesis.tex",)),
     Case("unicode paths", lambda w: [*TRAIN[:4], "données.csv", *TRAIN[5:], "--out", "résultats/実験"], 0,
          ("saved to résultats/実験",), present=("résultats/実験/deltatune.json",),
          setup=lambda w: shutil.copy(w / "toy.csv", w / "données.csv")),
