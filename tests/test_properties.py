@@ -130,7 +130,8 @@ SPEC_KEYS = ["title", "models", "tasks", "methods", "fractions", "time_budgets",
              "path", "text_fields", "task", "r", "epochs", "learning_rate", "batch_size", "unknown"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**65), st.floats(allow_nan=True),
                     st.sampled_from(["stsb", "full", "lora", "bitfit", "minilm-l6", "owner/name", "../x", "~",
-                                     "data.csv", "text", "", "none", "<script>"]),
+                                     "data.csv", "text", "", "none", "<script>", "a\x00b.csv", "/dev/null",
+                                     ".", "data.csv/"]),
                     st.text(max_size=10))
 SPEC_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(SPEC_KEYS), inner, max_size=5)), max_leaves=20)

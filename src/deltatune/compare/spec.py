@@ -558,6 +558,9 @@ def _check_task(value: Any, where: str, base: Path, default_cap: int | None, def
     for key in ("path", "dev_path", "test_path"):
         if value.get(key) is None:
             continue
+        if "\x00" in str(value[key]):
+            problems.append(f"{where}: {key} {str(value[key])!r} holds a NUL character; give a file path")
+            return None
         path = Path(str(value[key])).expanduser()
         path = (path if path.is_absolute() else base / path).resolve()
         if not path.is_file():
