@@ -533,7 +533,7 @@ def _check_task(value: Any, where: str, base: Path, default_cap: int | None, def
             problems.append(f"{where}: unknown key {key!r} for a catalog task. "
                             f"{did_you_mean(str(key), CATALOG_TASK_KEYS)}")
         name = value["task"]
-        if name not in TASKS:
+        if not isinstance(name, str) or name not in TASKS:
             problems.append(f"{where}: unknown task {name!r}. {did_you_mean(str(name), TASKS)} For your own data "
                             "give {name: ..., path: FILE, text_fields: [...]}.")
             return None
