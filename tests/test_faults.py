@@ -243,11 +243,23 @@ def _finished(experiment: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("delay", [0.3, 4.0])
-def test_ctrl_c_at_start_up_or_in_training_is_one_line_and_leaves_nothing(workspace, tmp_path, delay):
+def torch_is_loading(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("moment", ["importing torch", "training"])
+def test_ctrl_c_at_start_up_or_in_training_is_one_line_and_leaves_nothing(workspace, tmp_path, moment):
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc to see when torch starts loading")
     out = tmp_path / "run"
     process = start(train_command(workspace, out, "--method", "full", "--max-steps", "100000"))
-    time.sleep(delay)  # 0.3 s: still importing torch; 4 s: loading or training
+    wait_until(lambda: torch_is_loading(process.pid), interval=0.01, what="torch to start loading")
+    if moment == "training":
+        wait_until(lambda: lock_is_held(tmp_path / ".run.lock"), what="the run to take its lock")
+        time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     output, errors = process.communicate(timeout=120)
     assert process.returncode == 130, errors
