@@ -123,6 +123,7 @@ def test_a_second_train_on_the_same_out_fails_at_once_and_names_the_first(worksp
     assert (out / "run.json").is_file() and leftovers(tmp_path, "run") == []
 
 
+@pytest.mark.slow  # the lock itself is covered above, deterministically; this is the race as users meet it
 def test_two_trains_started_together_one_wins_and_the_other_says_so(workspace, tmp_path):
     out = tmp_path / "run"
     processes = [start(train_command(workspace, out, "--method", "bitfit", "--max-steps", "3", "--seed", str(seed)))
