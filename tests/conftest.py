@@ -86,6 +86,17 @@ def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def write_sentiment_csv(path: Path, rows: int, seed: int = 0) -> Path:
+    """make_sentiment_rows as a CSV file with a text and a label column."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(rows, seed))
+    return path
+
+
 @pytest.fixture
 def tokenizer():
     return build_tokenizer()
@@ -103,6 +114,8 @@ def tiny_llama_dir(tmp_path):
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch, request):
-    """Unit tests get an empty cache; tests marked `mirror` share the real one (fetching is slow)."""
+    """Unit tests get an empty cache and no hub (no traffic leaves the machine); tests marked `mirror` share
+    the real cache (fetching is slow)."""
     if "mirror" not in request.keywords:
         monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -27,14 +27,45 @@ def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "f
     from deltatune.run import data_record, run_training
     from deltatune.training import TrainConfig
 
-    if (task is None) == (data is None):
-        raise DeltatuneError("Pass exactly one of task= (a catalog task name) or data= (a data record).")
+    _check_train_arguments(model, task, method, out, method_options, source, data, overwrite)
     config = build_config(TrainConfig, train_options)
-    return run_training(model, data or data_record(task, source=source), method, method_options, config,
+    return run_training(str(model), data or data_record(task, source=source), method, method_options, config,
                         out=out, overwrite=overwrite)
 
 
-def load(directory, base: str | None = None):
+def _check_train_arguments(model, task, method, out, method_options, source, data, overwrite) -> None:
+    """Wrong types at the public boundary get one clear error instead of a TypeError from deep inside."""
+    import os
+
+    def shown(value) -> str:
+        return f"{type(value).__name__} {value!r:.80}"
+
+    problems = []
+    if not isinstance(model, (str, os.PathLike)):
+        problems.append(f"model must be an alias, a directory or a hub id (text), got {shown(model)}")
+    if (task is None) == (data is None):
+        problems.append("pass exactly one of task= (a catalog task name) or data= (see deltatune.data_record)")
+    if task is not None and not isinstance(task, str):
+        problems.append(f"task must be a catalog task name such as 'stsb', got {shown(task)}")
+    if data is not None and (not isinstance(data, dict) or data.get("kind") not in ("local", "catalog")):
+        problems.append(f"data must be what deltatune.data_record(...) returns, got {shown(data)}")
+    if not isinstance(method, str):
+        problems.append(f"method must be a method name such as 'lora', got {shown(method)}")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        problems.append(f"out must be a directory path, got {shown(out)}")
+    if method_options is not None and (not isinstance(method_options, dict)
+                                       or not all(isinstance(key, str) for key in method_options)):
+        problems.append(f"method_options must be a dict of option names to values, e.g. {{'r': 8}}, got "
+                        f"{shown(method_options)}")
+    if not isinstance(source, str):
+        problems.append(f"source must be 'auto', 'mirror' or 'hub', got {shown(source)}")
+    if not isinstance(overwrite, bool):
+        problems.append(f"overwrite must be True or False, got {shown(overwrite)}")
+    if problems:
+        raise DeltatuneError("deltatune.train(): " + "; ".join(problems) + ".")
+
+
+def load(directory: str, base: str | None = None):
     """A saved delta applied to its base model: `.predict(...)`, `.evaluate(split)`."""
     from deltatune.delta import load as load_delta
 

@@ -17,14 +17,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import errno
+import logging
 import sys
 import typing
 from pathlib import Path
 
+# Only light modules here: torch and transformers are imported inside main(), so Ctrl-C while they load
+# is handled like any other interruption instead of ending in a traceback from an import.
 from deltatune.config import build_config, describe_fields, field_help
 from deltatune.errors import DeltatuneError
-from deltatune.training import TrainConfig
+
+if typing.TYPE_CHECKING:
+    from deltatune.training import TrainConfig
+
+
+def json_text(data) -> str:
+    from deltatune.delta import json_text as strict_json
+
+    return strict_json(data)
 
 
 def _split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -48,6 +59,8 @@ def _split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    from deltatune.training import TrainConfig
+
     helps = field_help(TrainConfig)
     group = parser.add_argument_group("training (TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
@@ -61,6 +74,8 @@ def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config_from(args: argparse.Namespace) -> TrainConfig:
+    from deltatune.training import TrainConfig
+
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     return build_config(TrainConfig, overrides, prefix="--")
@@ -107,7 +122,7 @@ def command_train(args: argparse.Namespace, method_options: dict[str, str]) -> i
         raise DeltatuneError("\n".join(problems))
     record = run_training(args.model, _data_from(args), args.method, method_options, _train_config_from(args),
                           out=args.out, overwrite=args.overwrite)
-    print(json.dumps(record, indent=2) if args.json else summarize(record))
+    print(json_text(record) if args.json else summarize(record))
     if args.out:
         print(f"saved to {args.out}")
     return 0
@@ -122,9 +137,9 @@ def command_eval(args: argparse.Namespace) -> int:
         raise DeltatuneError(f"{args.run_dir} is a FreeLM model (one model for all tasks): evaluate it with "
                              f"`deltatune freelm eval {args.run_dir} --tasks TASK,...`.")
     tuned = deltatune.load(args.run_dir, base=args.base)
-    metrics = tuned.evaluate(args.split, precision=args.precision)
+    metrics = tuned.evaluate(args.split, precision=args.precision, data_changed_ok=args.data_changed_ok)
     if args.json:
-        print(json.dumps({"split": args.split, **metrics}, indent=2))
+        print(json_text({"split": args.split, **metrics}))
     else:
         print(f"{tuned.task.name} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
@@ -136,7 +151,7 @@ def command_predict(args: argparse.Namespace) -> int:
     tuned = deltatune.load(args.run_dir, base=args.base)
     (result,) = tuned.predict(*args.texts, precision=args.precision)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result))
     elif "score" in result:
         print(f"score {result['score']:.4f}")
     else:
@@ -201,8 +216,15 @@ def command_fetch(args: argparse.Namespace) -> int:
 def command_export(args: argparse.Namespace) -> int:
     from deltatune.peft_export import export_peft
 
-    out = export_peft(args.run_dir, args.out, base_model_name_or_path=args.base_model_name_or_path,
-                      overwrite=args.overwrite)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DeltatuneError(f"--out {args.out} is a file, not a directory. Give a directory for "
+                             "adapter_config.json and adapter_model.safetensors.")
+    try:
+        out = export_peft(args.run_dir, args.out, base_model_name_or_path=args.base_model_name_or_path,
+                          overwrite=args.overwrite)
+    except OSError as error:
+        raise DeltatuneError(f"Cannot write the adapter to --out {args.out}: {error.strerror or error}. Give a "
+                             "directory you can write to.") from None
     print(f"wrote a PEFT adapter to {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0
 
@@ -211,7 +233,7 @@ def command_analyze(args: argparse.Namespace) -> int:
     from deltatune.analysis import analyze_run, format_report
 
     rows = analyze_run(args.run_dir, base=args.base, rank_by=args.rank_by)
-    print(json.dumps(rows, indent=2) if args.json else format_report(rows))
+    print(json_text(rows) if args.json else format_report(rows))
     return 0
 
 
@@ -282,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="dev", help="train, dev or test")
     evaluate.add_argument("--base", help="load the base model from here instead of the recorded name")
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--data-changed-ok", action="store_true",
+                          help="evaluate even if the data differ from what the delta was trained on (its "
+                               "recorded sha256); re-made splits may then overlap the training rows")
     evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                           help="bf16 autocast, fp32, or auto: bf16 on CPUs with native bf16 (default)")
 
@@ -338,8 +363,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WarningLines(logging.StreamHandler):
+    """Prints deltatune's warnings (a clamped max_length, labels training never shows) as
+    'deltatune: warning: ...' on whatever sys.stderr is at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("deltatune: warning: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_warnings() -> None:
+    package_logger = logging.getLogger("deltatune")
+    if not any(isinstance(handler, _WarningLines) for handler in package_logger.handlers):
+        package_logger.addHandler(_WarningLines())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _show_warnings()
     try:
         argv, method_options = _split_method_options(argv)
         args = build_parser().parse_args(argv)
@@ -361,6 +411,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltatune: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `deltatune results ... | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRORS:
+            raise  # anything else is a bug in deltatune: keep the traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"deltatune: error: {error.strerror or error}{where}. {_ENVIRONMENT_ERRORS[error.errno]}",
+              file=sys.stderr)
+        return 2
+
+
+_ENVIRONMENT_ERRORS = {
+    errno.EACCES: "Give paths you can read and write, or fix the permissions.",
+    errno.EPERM: "Give paths you can read and write, or fix the permissions.",
+    errno.EROFS: "That file system is read-only: write somewhere else.",
+    errno.ENOSPC: "The disk is full: free some space and run again (finished results are kept).",
+    errno.EDQUOT: "The disk quota is used up: free some space and run again (finished results are kept).",
+}
+"""OSErrors that are the user's environment, not a deltatune bug: printed as one line with the fix."""
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -91,9 +92,12 @@ def _convert(value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("must be a number")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError("must be a number") from None
+        if not math.isfinite(number):  # nan slips through every `x <= 0` check; inf overflows step counts
+            raise ValueError("must be a finite number")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list, tuple)):
             raise ValueError("must be text")

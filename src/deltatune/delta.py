@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ def save_delta(directory: Path, model: nn.Module, method: Method, manifest: dict
     """Write delta.safetensors and deltatune.json into `directory`; returns the tensor file's bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in method.delta_state(model).items()}
+    _refuse_non_finite(tensors)
     save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": method.name})
     size = (directory / TENSORS).stat().st_size
     manifest = {"format_version": FORMAT_VERSION, **manifest, "delta_bytes": size}
@@ -69,10 +71,49 @@ def save_delta(directory: Path, model: nn.Module, method: Method, manifest: dict
     return size
 
 
+def _refuse_non_finite(tensors: dict[str, torch.Tensor]) -> None:
+    bad = [name for name, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DeltatuneError(f"The trained tensors {shown} hold NaN or infinite values, so nothing was saved: "
+                             "training diverged. Train again with a lower learning rate.")
+
+
+NON_FINITE_KEY = "non_finite_values"
+"""Where a JSON file deltatune writes says which numbers were NaN or infinite (they are written as null)."""
+
+
+def json_text(data, indent: int | None = 2) -> str:
+    """Strict JSON (no bare NaN/Infinity, which most JSON readers reject): non-finite numbers become null,
+    and a top-level object gains NON_FINITE_KEY listing where each was and what it was."""
+    found: dict[str, str] = {}
+
+    def clean(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[where or "value"] = f"{value} (written as null)"
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    cleaned = clean(data, "")
+    if found and isinstance(cleaned, dict):
+        cleaned[NON_FINITE_KEY] = found
+    return json.dumps(cleaned, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Write `data` as strict JSON (see `json_text`) through a temporary file, so `path` is whole or absent."""
     temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json_text(data) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -94,10 +135,36 @@ def read_manifest(directory: str | Path) -> dict:
     if missing:
         raise DeltatuneError(f"{path} lacks the keys {', '.join(missing)}; it was not written by deltatune "
                              "or has been edited. Re-create the delta by training again.")
-    if manifest["format_version"] > FORMAT_VERSION:
+    version = manifest["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _damaged(path, [f"format_version {version!r} is not a positive whole number"])
+    if version > FORMAT_VERSION:
         raise DeltatuneError(f"{path} has format version {manifest['format_version']}, newer than this "
                              f"deltatune understands ({FORMAT_VERSION}). Upgrade deltatune.")
+    if not isinstance(manifest["method"], str) or not isinstance(manifest["method_config"], dict):
+        raise _damaged(path, ["its method is not a name with a mapping of settings"])
     return manifest
+
+
+def _damaged(path: Path, problems: list[str]) -> DeltatuneError:
+    return DeltatuneError(f"{path} is damaged ({'; '.join(problems)}); it was not written by this deltatune or has "
+                          "been edited. Re-create the delta by training again, or restore the file from a copy.")
+
+
+def _manifest_problems(manifest: dict) -> list[str]:
+    """What in a manifest's entries for loading has the wrong shape (each would otherwise fail deep inside)."""
+    problems = []
+    base_model = manifest["base_model"]
+    if not isinstance(base_model, dict) or not all(isinstance(base_model.get(k), str) for k in ("name", "fingerprint")):
+        problems.append("base_model lacks its name or fingerprint")
+    if not isinstance(manifest["task"], dict):
+        problems.append(f"its task is {type(manifest['task']).__name__} {manifest['task']!r:.40}, not a task spec")
+    else:
+        try:
+            TaskSpec.from_dict(manifest["task"])
+        except (DeltatuneError, KeyError, TypeError, ValueError, AttributeError) as error:
+            problems.append(f"its task is not a valid task spec ({type(error).__name__}: {str(error)[:120]})")
+    return problems
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -134,7 +201,8 @@ class TunedModel:
         from deltatune.tasks.spec import Split
         from deltatune.batching import encode, predict_encoded, to_task_units
 
-        columns = [[t] if isinstance(t, str) else list(t) for t in texts]
+        _check_run_options(batch_size, precision)
+        columns = [_text_column(t, position) for position, t in enumerate(texts, 1)]
         if len(columns) != len(self.task.text_fields):
             raise DeltatuneError(
                 f"Task {self.task.name!r} takes {len(self.task.text_fields)} text(s) per example "
@@ -142,10 +210,13 @@ class TunedModel:
         if len({len(c) for c in columns}) != 1:
             raise DeltatuneError("Every text field needs the same number of examples.")
         rows = list(zip(*columns))
+        if not rows:
+            return []
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
-        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.manifest.get("max_length", 128))
+        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length)
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
+        self._refuse_non_finite(outputs)
         if self.task.is_regression:
             return [{"score": float(o[0])} for o in outputs]
         results = []
@@ -156,28 +227,101 @@ class TunedModel:
                             "probabilities": dict(zip(self.task.labels, probabilities))})
         return results
 
-    def evaluate(self, split: str = "dev", batch_size: int = 64, precision: str = "auto") -> dict[str, float]:
-        """Metrics on a split of the task's data, rebuilt from the source recorded in the delta."""
+    def _refuse_non_finite(self, outputs) -> None:
+        """A delta saved from a diverged run (before deltatune refused to save one) outputs NaN: say so."""
+        import numpy as np
+
+        if not np.isfinite(outputs).all():
+            raise DeltatuneError(f"The delta in {self.directory} gives NaN or infinite outputs: its weights are not "
+                                 "finite (it was saved from a run that diverged). Train it again with a lower "
+                                 "learning rate.")
+
+    @property
+    def max_length(self) -> int:
+        """The delta's max_length, capped at what the model can take (old deltas may record more)."""
+        from deltatune.run import position_limit
+
+        recorded = self.manifest.get("max_length", 128)
+        limit = position_limit(self.model, self.tokenizer)
+        return min(recorded, limit) if limit else recorded
+
+    def evaluate(self, split: str = "dev", batch_size: int = 64, precision: str = "auto",
+                 data_changed_ok: bool = False) -> dict[str, float]:
+        """Metrics on a split of the task's data, rebuilt from the source recorded in the delta.
+
+        The data must be the ones the delta was trained on (their recorded fingerprint is checked):
+        a split re-made from changed data could overlap the training rows. `data_changed_ok=True`
+        evaluates anyway.
+        """
         from deltatune.metrics import compute_metrics
-        from deltatune.run import load_data_from_record
+        from deltatune.run import check_data_unchanged, load_data_from_record, recorded_data
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
 
-        data = load_data_from_record(self.manifest["data"])
-        encoded = encode(self.tokenizer, self.task, data.split(split), self.manifest.get("max_length", 128))
+        if not isinstance(split, str):
+            raise DeltatuneError(f"split must be 'train', 'dev' or 'test', got {type(split).__name__} {split!r}.")
+        _check_run_options(batch_size, precision)
+        if not isinstance(data_changed_ok, bool):
+            raise DeltatuneError(f"data_changed_ok must be True or False, got {data_changed_ok!r}.")
+        data = load_data_from_record(self.manifest["data"], run=str(self.directory))
+        selected = data.split(split)
+        if not data_changed_ok:
+            check_data_unchanged(data, *recorded_data(self.manifest, self.directory), run=str(self.directory))
+        encoded = encode(self.tokenizer, self.task, selected, self.max_length)
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
+        self._refuse_non_finite(outputs)
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
+
+
+def _text_column(value, position: int) -> list[str]:
+    """One text field's examples: a string, or a list/tuple of strings."""
+    column = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if column is None or not all(isinstance(text, str) for text in column):
+        raise DeltatuneError(f"predict() text {position} must be a string or a list of strings, got "
+                             f"{type(value).__name__} {value!r:.80}.")
+    return column
+
+
+def _check_run_options(batch_size, precision) -> None:
+    from deltatune.precision import PRECISIONS
+
+    problems = []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    if precision not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if problems:
+        raise DeltatuneError("; ".join(problems) + ".")
+
+
+def _base_model_location(manifest: dict) -> str:
+    """Where the base model recorded in a manifest is; a recorded directory that is gone is an error saying so."""
+    base_model = manifest["base_model"]
+    name = base_model["name"]
+    if Path(name).is_absolute() and not Path(name).is_dir():
+        given = f" (given as {base_model['given']!r})" if base_model.get("given") else ""
+        raise DeltatuneError(f"This delta's base model was the directory {name}{given}, which no longer exists. "
+                             "Pass --base (base=) pointing at a copy of that model.")
+    return name
 
 
 def load(directory: str | Path, base: str | None = None) -> TunedModel:
     """Rebuild base + delta from a delta directory; `base` overrides where the base model comes from."""
     from deltatune.sources.models import load_model_for_task
 
+    if not isinstance(directory, (str, os.PathLike)):
+        raise DeltatuneError(f"load() takes the path of a delta directory (a `deltatune train --out`), got "
+                             f"{type(directory).__name__} {directory!r:.80}.")
+    if base is not None and not isinstance(base, (str, os.PathLike)):
+        raise DeltatuneError(f"base must be a model name or directory, got {type(base).__name__} {base!r:.80}.")
     directory = Path(directory)
     manifest = read_manifest(directory)
+    problems = _manifest_problems(manifest)
+    if problems:
+        raise _damaged(directory / MANIFEST, problems)
     tensors = read_tensors(directory)
     task = TaskSpec.from_dict(manifest["task"])
-    base_name = base or manifest["base_model"]["name"]
+    base_name = str(base) if base is not None else _base_model_location(manifest)
     model, tokenizer = load_model_for_task(base_name, task)
     expected = manifest["base_model"]["fingerprint"]
     actual = fingerprint_backbone(model)

@@ -5,9 +5,9 @@ This is what `make demo` runs: the shortest path from a fresh clone to a real re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from deltatune.delta import json_text
 from deltatune.run import data_record, run_training, summarize
 from deltatune.training import TrainConfig
 
@@ -28,10 +28,15 @@ def comparison_table(records: list[dict]) -> str:
 
 def run_demo(out: Path, model: str = "minilm-l6", task: str = "stsb", methods=("full", "bitfit"),
              epochs: float = 1.0, quiet: bool = False) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
+    from deltatune.methods import get_method_entry
+    from deltatune.tasks import get_task
+
+    config = TrainConfig(epochs=epochs, quiet=quiet)  # every argument checked before anything is written
+    get_task(task)
+    for method in methods:
+        get_method_entry(method)
     records = []
     for method in methods:
-        config = TrainConfig(epochs=epochs, quiet=quiet)
         record = run_training(model, data_record(task), method, {}, config, out=out / method, overwrite=True)
         print(summarize(record), flush=True)
         records.append(record)
@@ -40,7 +45,7 @@ def run_demo(out: Path, model: str = "minilm-l6", task: str = "stsb", methods=("
     report = (f"# deltatune demo: {task} on {model}\n\n{epochs:g} epoch(s) each, official dev split, "
               f"seed {TrainConfig.seed}, each method's default learning rate.\n\n{table}\n\nProduced by `{command}`.\n")
     (out / "comparison.md").write_text(report, encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+    (out / "comparison.json").write_text(json_text(records), encoding="utf-8")
     print("\n" + table)
     print(f"\nwritten: {out / 'comparison.md'} (and each method's delta and run.json under {out}/)")
     return records

@@ -3,18 +3,19 @@
 `run_training` is what `deltatune train` and `deltatune.train()` call: resolve the task data,
 load the base model, apply the method, train, and write the delta and `run.json` into the output
 directory. Everything is written to a temporary sibling directory and renamed into place at the
-end, so a run that fails or is interrupted leaves no half-written output, and an existing run
-directory is never overwritten unless asked.
+end, so a run that fails or is interrupted leaves no half-written output; an existing run
+directory is replaced only when asked, and nothing else ever is (see `deltatune.run_directory`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from deltatune.config import to_jsonable
 from deltatune.delta import (
     MANIFEST,
+    TENSORS,
     fingerprint_backbone,
     model_bytes,
     save_delta,
@@ -31,12 +33,19 @@ from deltatune.delta import (
 )
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
+from deltatune.run_directory import TargetLock, clean_leftovers, staged_directory
+from deltatune.run_directory import check_output_directory as _check_output_directory
 from deltatune.tasks.spec import TaskData
 from deltatune.training import TrainConfig, peak_memory_bytes, seed_everything, train
+
+logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
 DEV_OUTPUTS = "dev_outputs.safetensors"
 """Per-example dev outputs of the saved (best) state and the gold labels, for paired comparisons."""
+RUN_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD, DEV_OUTPUTS})
+"""Every file a run directory may hold: `--overwrite` replaces a directory only if it holds nothing else.
+A new file written into run directories must be added here."""
 
 
 def library_versions() -> dict[str, str]:
@@ -67,18 +76,71 @@ def git_state() -> dict[str, object]:
         return {"commit": None, "dirty": None}
 
 
+LOCAL_DATA_KEYS = ("path", "text_fields", "label_field", "labels", "regression", "name", "metric", "dev_path",
+                   "test_path")
+"""What a local data record may hold: the arguments of `deltatune.sources.data.load_local_data`."""
+
+
 def data_record(task: str, source: str = "auto", local: dict | None = None) -> dict:
     """How to load the data again later (for `deltatune eval`): a catalog task or local files."""
+    problems = []
+    if not isinstance(task, str) or not task.strip():
+        problems.append(f"the name must be text (a catalog task such as 'stsb', or a name for your data), got {task!r}")
+    if not isinstance(source, str):
+        problems.append(f"source must be 'auto', 'mirror' or 'hub', got {source!r}")
     if local is not None:
-        return {"kind": "local", **{k: (str(v) if isinstance(v, Path) else v) for k, v in local.items()}}
+        if not isinstance(local, dict):
+            problems.append(f"local must be a dict like {{'path': 'reviews.csv', 'text_fields': ['text']}}, got "
+                            f"{type(local).__name__} {local!r}")
+        else:
+            problems += _local_record_problems(local)
+    if problems:
+        raise DeltatuneError("Cannot describe the data: " + "; ".join(problems) + ".")
+    if local is not None:
+        return {"kind": "local", **{k: (str(v) if isinstance(v, (Path, os.PathLike)) else v) for k, v in local.items()}}
     return {"kind": "catalog", "task": task, "source": source}
 
 
-def load_data_from_record(record: dict) -> TaskData:
+def _local_record_problems(local: dict) -> list[str]:
+    from deltatune.errors import did_you_mean
+
+    problems = [f"unknown key local[{key!r}]. {did_you_mean(str(key), LOCAL_DATA_KEYS)}"
+                for key in local if key not in LOCAL_DATA_KEYS]
+    if "path" not in local:
+        problems.append("local needs 'path', the training file")
+    for key in ("path", "dev_path", "test_path"):
+        value = local.get(key)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            problems.append(f"local[{key!r}] must be a file path, got {type(value).__name__} {value!r}")
+    fields = local.get("text_fields")
+    if isinstance(fields, str):
+        problems.append(f"local['text_fields'] must be a list of column names, e.g. [{fields!r}], not the text "
+                        f"{fields!r}")
+    elif not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) for f in fields):
+        problems.append(f"local['text_fields'] must be a list of one or two column names, got {fields!r}")
+    labels = local.get("labels")
+    if labels is not None and (isinstance(labels, str) or not isinstance(labels, (list, tuple))):
+        problems.append(f"local['labels'] must be a list of class names, got {labels!r}")
+    for key in ("label_field", "name", "metric"):
+        if local.get(key) is not None and not isinstance(local[key], str):
+            problems.append(f"local[{key!r}] must be text, got {local[key]!r}")
+    if "regression" in local and not isinstance(local["regression"], bool):
+        problems.append(f"local['regression'] must be True or False, got {local['regression']!r}")
+    return problems
+
+
+def load_data_from_record(record: dict, run: str | None = None) -> TaskData:
+    """The data a record describes; `run` (the run directory it was recorded in) makes a missing file's
+    error say where the path came from."""
     from deltatune.sources.data import load_local_data, load_task_data
 
     if record["kind"] == "local":
         arguments = {k: v for k, v in record.items() if k != "kind"}
+        gone = [str(arguments[key]) for key in ("path", "dev_path", "test_path")
+                if run is not None and arguments.get(key) and not Path(arguments[key]).exists()]
+        if gone:
+            raise DeltatuneError(f"The data file {gone[0]} that {run} was trained on is gone. Put it back (the run "
+                                 "records its sha256 in run.json) to evaluate on it.")
         for key in ("text_fields", "labels"):
             if arguments.get(key) is not None:
                 arguments[key] = tuple(arguments[key])
@@ -86,13 +148,43 @@ def load_data_from_record(record: dict) -> TaskData:
     return load_task_data(record["task"], source=record.get("source", "auto"))
 
 
+def recorded_data(manifest: dict, directory: Path) -> tuple[str | None, dict]:
+    """The data fingerprint and local files ({split: {path, sha256}}) a run recorded; run.json for old deltas."""
+    if manifest.get("data_fingerprint"):
+        return manifest["data_fingerprint"], manifest.get("data_files") or {}
+    try:
+        record = json.loads((directory / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, {}
+    return record.get("data_fingerprint"), (record.get("data_provenance") or {}).get("files") or {}
+
+
+def check_data_unchanged(data: TaskData, fingerprint: str | None, files: dict, run: str) -> None:
+    """Refuse to score a run on data that differ from what it was trained on, saying which file changed."""
+    if fingerprint is None or data.fingerprint() == fingerprint:
+        return
+    current = data.provenance.get("files") or {}
+    changes = [f"the {split} file {current[split]['path']} had sha256 {old['sha256'][:12]} when the run was "
+               f"trained and has {current[split]['sha256'][:12]} now"
+               for split, old in files.items() if split in current and current[split]["sha256"] != old["sha256"]]
+    what = "; ".join(changes) or ("the examples deltatune reads from the same source differ (the source or the "
+                                  "way deltatune splits it changed)")
+    raise DeltatuneError(
+        f"The data of {run} changed since it was trained: {what}. Splits re-made from changed data can overlap "
+        "the rows the model trained on, so the score would not be honest. Restore the data, or train again on the "
+        "new data; pass --data-changed-ok (data_changed_ok=True) to evaluate anyway.")
+
+
 def check_output_directory(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a finished run" if (out / MANIFEST).exists() else "files"
-            raise DeltatuneError(f"--out {out} already holds {what}. Choose another directory, or pass "
-                                 "--overwrite to replace it (the old run is deleted only after the new one "
-                                 "finishes).")
+    """Refuse an --out that is a file, is not a deltatune run directory, or holds a run and overwrite is off."""
+    _check_output_directory(Path(out), overwrite, RUN_FILES)
+
+
+def position_limit(model, tokenizer) -> int | None:
+    """The most tokens the model can take: its position table, or the tokenizer's limit, whichever is smaller."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 1_000_000]
+    return min(limits) if limits else None
 
 
 def run_training(model_name: str, data: dict, method_name: str, method_overrides: dict | None = None,
@@ -101,20 +193,35 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
     """Train `method_name` on `model_name` for the task `data` describes (see `data_record`).
 
     Returns the run record (also written to OUT/run.json). With `out` None nothing is saved.
+    While it runs, OUT is locked against other deltatune processes (`.OUT.lock` beside it).
     """
-    from deltatune.sources.models import describe_model_source, load_model_for_task
-
     config = config or TrainConfig()
     method = build_method(method_name, method_overrides or {})  # config errors before any loading
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        check_output_directory(out_path, overwrite)
+    if out is None:
+        return _train_and_save(model_name, data, method_name, method, config, None, overwrite)
+    out_path = Path(out)
+    check_output_directory(out_path, overwrite)  # before taking the lock: a refused --out gets no lock file
+    lock = TargetLock(out_path).acquire()
+    try:
+        for what in clean_leftovers(out_path, RUN_FILES):
+            logger.warning("%s: %s", out_path, what)
+        check_output_directory(out_path, overwrite)  # again: nothing else can write it now
+        return _train_and_save(model_name, data, method_name, method, config, out_path, overwrite)
+    finally:
+        lock.release()
+
+
+def _train_and_save(model_name: str, data: dict, method_name: str, method, config: TrainConfig,
+                    out_path: Path | None, overwrite: bool) -> dict:
+    from deltatune.sources.models import describe_model_source, load_model_for_task, recorded_model_name
 
     started = time.perf_counter()
     task_data = load_data_from_record(data)
     task = task_data.task
     seed_everything(config.seed)  # the head's initialisation depends on it
     model, tokenizer = load_model_for_task(model_name, task)
+    requested_max_length = config.max_length
+    config = _fit_max_length(config, position_limit(model, tokenizer), model_name)
     base_fingerprint = fingerprint_backbone(model)
     total_params = sum(p.numel() for p in model.parameters())
     full_bytes = model_bytes(model)
@@ -122,10 +229,13 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
     trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
 
     result = train(model, tokenizer, task, task_data.split("train"), task_data.split("dev"), method, config)
+    if result.diverged is not None and not result.best_metrics:
+        raise DeltatuneError(f"{result.diverged}. No dev evaluation came before it, so nothing was saved.")
     wall_time = time.perf_counter() - started
+    stored_model = recorded_model_name(model_name)
 
     record = {
-        "model": model_name,
+        "model": stored_model,
         "model_source": describe_model_source(model_name),
         "model_fingerprint": base_fingerprint,
         "task": task.name,
@@ -142,7 +252,8 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
         "total_params": total_params,
         "trainable_percent": 100.0 * trainable_params / total_params,
         "full_model_bytes": full_bytes,
-        "dev_metrics": result.best_metrics,
+        # every evaluation NaN (a constant regressor's correlation): report the last one rather than nothing
+        "dev_metrics": result.best_metrics or (result.learning_curve[-1]["metrics"] if result.learning_curve else {}),
         "primary_metric": task.metric,
         "best_step": result.best_step,
         "steps": result.steps,
@@ -161,56 +272,72 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
         "git": git_state(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if stored_model != model_name:
+        record["model_as_given"] = model_name
+    if requested_max_length != config.max_length:
+        record["max_length_requested"] = requested_max_length
+    if result.diverged is not None:
+        record["diverged"] = result.diverged
     if out_path is None:
         record["delta_bytes"] = None
+        _raise_if_diverged(result, record, None)
         return record
 
     manifest = {
         "method": method_name,
         "method_config": record["method_config"],
-        "base_model": {"name": model_name, "fingerprint": base_fingerprint, "source": record["model_source"],
-                       "total_params": total_params},
+        "base_model": {"name": stored_model, "fingerprint": base_fingerprint, "source": record["model_source"],
+                       "total_params": total_params,
+                       **({"given": model_name} if stored_model != model_name else {})},
         "task": task.to_dict(),
         "data": data,
+        "data_fingerprint": record["data_fingerprint"],
+        "data_files": task_data.provenance.get("files") or {},
         "max_length": config.max_length,
         "target_scale": list(result.target_scale) if result.target_scale else None,
-        "metrics": {"dev": result.best_metrics},
+        "metrics": {"dev": record["dev_metrics"]},
         "versions": record["versions"],
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
+    with staged_directory(out_path, RUN_FILES, overwrite) as staging:
         record["delta_bytes"] = save_delta(staging, model, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
         save_file({"outputs": torch.from_numpy(np.ascontiguousarray(result.best_dev_outputs, dtype=np.float32)),
                    "labels": torch.tensor(result.dev_labels, dtype=torch.float32)}, str(staging / DEV_OUTPUTS))
-        _use_default_permissions(staging)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(staging, out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _raise_if_diverged(result, record, out_path)
     return record
 
 
-def _use_default_permissions(directory: Path) -> None:
-    """Temporary directories and files are private (0700/0600); a finished run gets the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+def _fit_max_length(config: TrainConfig, limit: int | None, model_name: str) -> TrainConfig:
+    """max_length capped at what the model can take, saying so: longer inputs would crash it at prediction."""
+    if limit is None or config.max_length <= limit:
+        return config
+    # the default fits every real model; only an explicit setting is worth a warning (the record says both)
+    level = logging.INFO if config.max_length == TrainConfig.max_length else logging.WARNING
+    logger.log(level, "max_length=%d is more than %s can take (%d positions): using max_length=%d.",
+               config.max_length, model_name, limit, limit)
+    return replace(config, max_length=limit)
+
+
+def _raise_if_diverged(result, record: dict, out_path: Path | None) -> None:
+    if result.diverged is None:
+        return
+    metric = record["primary_metric"]
+    kept = (f"The best dev state before it (step {result.best_step}, dev {metric} "
+            f"{result.best_metrics.get(metric, float('nan')):.4f}) ")
+    kept += f"was saved to {out_path} (stopped_by 'diverged')" if out_path is not None else "was not saved (no --out)"
+    raise DeltatuneError(f"{result.diverged}. {kept}.")
 
 
 def summarize(record: dict) -> str:
     """A few lines a person reads after a run."""
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in record["dev_metrics"].items())
+    metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                        for k, v in record["dev_metrics"].items()) or "(no dev evaluation)"
     delta = record.get("delta_bytes")
     size = (f"delta {delta / 1e6:.2f} MB vs full model {record['full_model_bytes'] / 1e6:.1f} MB "
             f"({100 * delta / record['full_model_bytes']:.2f}%)" if delta else "not saved")
     truncated = sum(record["num_truncated"].values())
     lines = [
-        f"{record['method']} on {record['task']} ({record['model']}): dev {metrics}",
+        f"{record['method']} on {record['task']} ({record.get('model_as_given', record['model'])}): dev {metrics}",
         f"  trainable {record['trainable_params']:,} of {record['total_params']:,} params "
         f"({record['trainable_percent']:.3f}%); {size}",
         f"  {record['steps']} steps ({record['stopped_by']}), {record['train_time_s']:.1f} s training, "

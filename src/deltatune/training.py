@@ -130,6 +130,7 @@ class TrainConfig:
             problems.append(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        problems += _range_problems(self)
         if problems:
             raise DeltatuneError("; ".join(problems))
 
@@ -147,6 +148,24 @@ def peak_memory_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _range_problems(config: TrainConfig) -> list[str]:
+    """Values that would pass the checks above yet fail deep inside training or silently mis-train."""
+    problems = [f"{name}={getattr(config, name)} must be a finite number"
+                for name in ("learning_rate", "epochs", "time_budget_s", "weight_decay", "max_grad_norm",
+                             "warmup_ratio", "data_fraction", "layer_lr_decay")
+                if isinstance(getattr(config, name), float) and not math.isfinite(getattr(config, name))]
+    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
+        problems.append(f"max_grad_norm={config.max_grad_norm} must be positive (or none to disable clipping); "
+                        "a negative one would reverse every gradient")
+    if not config.weight_decay >= 0:
+        problems.append(f"weight_decay={config.weight_decay} must be zero or positive")
+    if config.threads is not None and config.threads < 1:
+        problems.append(f"threads={config.threads} must be at least 1 (or left unset for torch's choice)")
+    if not 0 <= config.seed < 2**63:
+        problems.append(f"seed={config.seed} must be between 0 and 2**63 - 1")
+    return problems
+
+
 @dataclass
 class TrainResult:
     best_metrics: dict[str, float]
@@ -158,7 +177,7 @@ class TrainResult:
     train_time_s: float
     eval_time_s: float
     stopped_by: str
-    """What ended training: 'epochs', 'max_steps', 'time_budget' or 'early_stopping'."""
+    """What ended training: 'epochs', 'max_steps', 'time_budget', 'early_stopping' or 'diverged'."""
     num_train_examples: int
     num_truncated: dict[str, int]
     learning_curve: list[dict] = field(default_factory=list)
@@ -174,6 +193,8 @@ class TrainResult:
     step_real_tokens: list[int] = field(default_factory=list)
     precision: str = "fp32"
     """The precision training ran at ("auto" resolved)."""
+    diverged: str | None = None
+    """Why training stopped on a non-finite loss or gradient (a sentence with the fix); None if it did not."""
 
     @property
     def examples_per_s(self) -> float:
@@ -202,6 +223,21 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) ->
     if schedule == "constant":
         return 1.0
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def divergence(step: int, loss: float, gradient_norm: torch.Tensor | None, learning_rate: float) -> str | None:
+    """Why optimizer step `step` must not be taken (a non-finite loss or gradient norm), or None.
+
+    One NaN step turns every weight into NaN, and training would go on saving and reporting them.
+    """
+    if math.isfinite(loss):
+        if gradient_norm is None or bool(torch.isfinite(gradient_norm)):
+            return None
+        what = f"the gradient norm became {float(gradient_norm)}"
+    else:
+        what = f"the training loss became {loss}"
+    return (f"Training diverged at step {step}: {what} (peak learning rate {learning_rate:g}). Lower the "
+            f"learning rate, e.g. --learning-rate {learning_rate / 10:g}")
 
 
 def _optimizer_groups(model: nn.Module, method: Method, learning_rate: float, config: TrainConfig) -> list[dict]:
@@ -307,6 +343,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
     step_real_tokens: list[int] = []
     train_time = eval_time = 0.0
     stopped_by = "max_steps" if config.max_steps else "epochs"
+    diverged = None
 
     def run_evaluation() -> bool:
         """Evaluate on dev, keep the best state; True when early stopping says stop."""
@@ -319,7 +356,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
         curve.append({"step": step, "examples_seen": examples_seen, "train_time_s": round(train_time, 3),
                       "metrics": metrics})
         value = metrics[task.metric]
-        if not math.isnan(value) and value > best_value:
+        if not math.isnan(value) and value > best_value and np.isfinite(outputs).all():
             best_value, best_step, best_metrics, evals_since_best = value, step, metrics, 0
             best_outputs = outputs
             with torch.no_grad():
@@ -364,8 +401,14 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
                 loss_total += loss.item()
                 real_tokens += int(batch["attention_mask"].sum())
                 padded_tokens += batch["attention_mask"].numel()
+            gradient_norm = None
             if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=True)
+                gradient_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=True)
+            diverged = divergence(step + 1, loss_total, gradient_norm, learning_rate)
+            if diverged is not None:  # stop before the step: the best dev state so far stays as it was
+                optimizer.zero_grad(set_to_none=True)
+                stopped_by, stop = "diverged", True
+                break
             optimizer.step()
             # drop the gradients now rather than zeroing them: the memory is not needed until next backward
             optimizer.zero_grad(set_to_none=True)
@@ -394,7 +437,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
         progress.close()
     if unfreezing is not None:
         unfreezing.finish()
-    if not curve or curve[-1]["step"] != step:
+    if diverged is None and (not curve or curve[-1]["step"] != step):
         run_evaluation()
 
     with torch.no_grad():  # leave the model holding its best dev state
@@ -409,7 +452,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
         num_truncated={"train": train_data.num_truncated, "dev": dev_data.num_truncated},
         learning_curve=curve, best_dev_outputs=best_outputs, dev_labels=list(dev_data.labels),
         step_seconds=step_seconds, step_real_tokens=step_real_tokens, target_scale=target_scale,
-        precision=config.precision,
+        precision=config.precision, diverged=diverged,
     )
 
 

@@ -185,11 +185,14 @@ def test_jsonl_and_json_array_and_parquet_read_the_same_data(tmp_path):
 def test_tsv_with_pandas_style_quoting_and_glue_style_literal_quotes(tmp_path):
     quoted = tmp_path / "quoted.tsv"
     quoted.write_text('text\tlabel\n"a ""quoted"" word"\tyes\n"tab\tinside"\tno\nplain\tyes\n', encoding="utf-8")
-    data = load_local_data(quoted, ("text",), dev_path=quoted)
+    dev = tmp_path / "dev.tsv"  # a dev file of its own, so the training file is not cut into splits
+    dev.write_text("text\tlabel\nmore\tyes\nless\tno\n", encoding="utf-8")
+    data = load_local_data(quoted, ("text",), dev_path=dev)
     assert data.splits["train"].texts == [('a "quoted" word',), ("tab\tinside",), ("plain",)]
     literal = tmp_path / "glue.tsv"  # an unbalanced quote must not swallow the following lines
     literal.write_text('sentence\tlabel\n"Hello, he said\t1\nfine\t0\nok "x" y\t1\n', encoding="utf-8")
-    data = load_local_data(literal, ("sentence",), dev_path=literal)
+    dev.write_text("sentence\tlabel\nmore\t1\nless\t0\n", encoding="utf-8")
+    data = load_local_data(literal, ("sentence",), dev_path=dev)
     assert data.splits["train"].texts == [('"Hello, he said',), ("fine",), ('ok "x" y',)]
 
 

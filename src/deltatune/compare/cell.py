@@ -17,6 +17,7 @@ orphan must not keep training while a resumed runner starts the same cell again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,10 @@ from pathlib import Path
 
 CELL_RESULT = "cell.json"
 """Written last into a finished cell's directory: which cell it is and how long the process took."""
+DISK_FULL_EXIT = 28
+"""The cell's exit status when the disk filled up (ENOSPC's number): the runner stops the grid rather than
+record the cell as failed, so a resume after freeing space runs it again. No report file is needed for it,
+which matters because on a full disk there may be no room to write one."""
 
 
 def cell_paths(exp_dir: Path, cell_id: str) -> dict[str, Path]:
@@ -104,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:  # noqa: BLE001 - every failure is reported to the runner, then re-raised
         from deltatune.errors import DeltatuneError
 
+        from deltatune.run_directory import is_disk_full
+
         if isinstance(error, KeyboardInterrupt):
             raise
+        if is_disk_full(error):
+            with contextlib.suppress(OSError):
+                print(f"disk full: {error}", file=sys.stderr)
+            return DISK_FULL_EXIT
         trace = traceback.format_exc()
         if isinstance(error, DeltatuneError):  # the user's to fix: the message says how
             message = str(error)

@@ -179,8 +179,15 @@ def compare_command(args: argparse.Namespace) -> int:
 def results_command(args: argparse.Namespace) -> int:
     from deltatune.compare.results import export_results
 
-    text = export_results(args.exp_dir, args.format, args.out, include_stale=args.all_cells, table=args.table,
-                          columns=args.columns)
+    if args.out and Path(args.out).is_dir():
+        raise DeltatuneError(f"--out {args.out} is a directory; give a file name, e.g. --out {Path(args.out) / 'cells'}"
+                             f".{'md' if args.format == 'markdown' else args.format}")
+    try:
+        text = export_results(args.exp_dir, args.format, args.out, include_stale=args.all_cells, table=args.table,
+                              columns=args.columns)
+    except OSError as error:
+        raise DeltatuneError(f"Cannot write --out {args.out}: {error.strerror or error}. Give a file in a directory "
+                             "you can write to.") from None
     if text is not None:
         sys.stdout.write(text)
     else:

@@ -196,7 +196,8 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
             if result is None:
                 continue
             for index, cell in enumerate(result.cells):
-                curve = analysis.curves.get(cell["cell_id"], [])
+                # an undefined metric (the correlation of constant predictions) is stored as null: no point for it
+                curve = [p for p in analysis.curves.get(cell["cell_id"], []) if p["primary_value"] is not None]
                 plot.line([p["train_time_s"] for p in curve], [100 * p["primary_value"] for p in curve],
                           colors[variant], label=variant if index == 0 else None, width=1.8,
                           opacity=0.85 if index == 0 else 0.5, markers=True,
@@ -466,9 +467,16 @@ def _html_simple_table(header: list[str], rows: list[list[str]]) -> str:
             + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
 
 
+def _md(text, one_line: bool = True) -> str:
+    """Text for report.md: names and errors come from the user's spec and data, and Markdown renders raw HTML,
+    so <, > and & are written as entities (a label like <script> stays text, as in the HTML report)."""
+    text = escape(str(text), quote=False)
+    return " ".join(text.split("\n")) if one_line else text
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def clean(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+        return _md(text).replace("|", "\\|")
 
     lines = ["| " + " | ".join(clean(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
@@ -476,17 +484,17 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(analysis: Analysis) -> str:
-    lines = [f"# {analysis.title}", ""]
+    lines = [f"# {_md(analysis.title)}", ""]
     if analysis.description:
-        lines += [analysis.description, ""]
-    lines += [f"- **{k}**: {v}" for k, v in _facts(analysis)] + [""]
+        lines += [_md(analysis.description, one_line=False), ""]
+    lines += [f"- **{k}**: {_md(v)}" for k, v in _facts(analysis)] + [""]
     lines += ["## Claims checked", ""]
     sentences = claims(analysis)
-    lines += [f"- {s}" for s in sentences] if sentences else ["No comparison against a baseline yet."]
+    lines += [f"- {_md(s)}" for s in sentences] if sentences else ["No comparison against a baseline yet."]
     lines.append("")
     for task in analysis.tasks:
         metric = analysis.groups_for(task)[0].primary_metric
-        lines += [f"## {task} (dev {metric} × 100)", ""]
+        lines += [f"## {_md(task)} (dev {_md(metric)} × 100)", ""]
         header = ["condition", "method", "seeds", "dev", f"Δ vs {analysis.baseline or 'baseline'} [CI]", "verdict",
                   "trainable", "delta", "train s", "time to target"]
         rows = []
@@ -504,7 +512,7 @@ def render_markdown(analysis: Analysis) -> str:
                   _markdown_table(*_area_table(analysis)), ""]
     ttt = _time_to_target_table(analysis)
     if ttt[1]:
-        lines += [f"## Time to {analysis.statistics.target_fraction:g} × {analysis.baseline}'s best "
+        lines += [f"## Time to {analysis.statistics.target_fraction:g} × {_md(analysis.baseline)}'s best "
                   "(training seconds)",
                   "", _markdown_table(*ttt), ""]
     if analysis.failed:
@@ -521,19 +529,29 @@ def render_markdown(analysis: Analysis) -> str:
 def write_report(exp_dir: str | Path, out_dir: str | Path | None = None,
                  include_stale: bool = False) -> tuple[Path, Path]:
     """Write report.html and report.md (into `out_dir`, default EXP_DIR); returns their paths."""
+    from deltatune.errors import DeltatuneError
+
     exp_dir = Path(exp_dir)
     out = Path(out_dir) if out_dir is not None else exp_dir
-    out.mkdir(parents=True, exist_ok=True)
-    analysis = analyze(exp_dir, include_stale=include_stale)
+    analysis = analyze(exp_dir, include_stale=include_stale)  # before any directory is made: EXP_DIR may be wrong
     html_path, markdown_path = out / REPORT_HTML, out / REPORT_MARKDOWN
     if not analysis.finished:
-        from deltatune.errors import DeltatuneError
-
         raise DeltatuneError(f"{exp_dir} has no finished cells yet ({len(analysis.failed)} failed); nothing to report.")
-    for path, text in ((html_path, render_html(analysis)), (markdown_path, render_markdown(analysis))):
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
+    if out.exists() and not out.is_dir():
+        raise DeltatuneError(f"--out {out} is a file, not a directory. Give a directory for report.html and report.md.")
+    pages = ((html_path, render_html(analysis)), (markdown_path, render_markdown(analysis)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, text in pages:
+            temporary = path.with_suffix(path.suffix + ".tmp")
+            try:
+                temporary.write_text(text, encoding="utf-8")
+                temporary.replace(path)
+            finally:
+                temporary.unlink(missing_ok=True)
+    except OSError as error:
+        raise DeltatuneError(f"Cannot write the report into {out}: {error.strerror or error}. Give a directory you "
+                             "can write to (--out DIR).") from None
     return html_path, markdown_path
 
 

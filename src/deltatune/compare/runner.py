@@ -11,7 +11,10 @@ What makes it safe to interrupt at any moment:
     orphan for the same cell;
   * Ctrl-C or SIGTERM stops the running cells and exits; they are not recorded (they did not
     finish) and run again on resume. A cell that fails on its own (an exception, a crash, the
-    out-of-memory killer) is recorded as failed with its error, and the grid goes on.
+    out-of-memory killer) is recorded as failed with its error, and the grid goes on;
+  * a full disk (in a cell, or writing the store) stops the grid the same orderly way, with one
+    error that says so: no cell is recorded as failed for it, so a resume after freeing space
+    completes the grid.
 
 A lock file keeps two runners off one experiment directory at the same time.
 """
@@ -21,10 +24,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -34,10 +39,11 @@ from pathlib import Path
 from typing import Callable
 
 from deltatune.compare import store
-from deltatune.compare.cell import CELL_RESULT, cell_paths
+from deltatune.compare.cell import CELL_RESULT, DISK_FULL_EXIT, cell_paths
 from deltatune.compare.presets import estimate_cell_seconds
 from deltatune.compare.spec import Cell, GridSpec
 from deltatune.errors import DeltatuneError
+from deltatune.run_directory import free_space, is_disk_full, lock_or_holder, write_holder
 
 LOCK_NAME = ".runner.lock"
 STOP_GRACE_S = 10.0
@@ -106,22 +112,20 @@ def machine_description(jobs: int, threads: int | None) -> dict:
 def _lock(exp_dir: Path):
     """An exclusive lock on the experiment directory, released by the OS even if the runner is killed."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (what lock_or_holder uses)
     except ImportError:  # no flock (Windows): run without the guard
         return None
-    handle = open(exp_dir / LOCK_NAME, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+        handle = open(exp_dir / LOCK_NAME, "a+")
+    except OSError as error:
+        if is_disk_full(error):
+            raise DeltatuneError(_disk_full_message(exp_dir, "taking the experiment's lock", None)) from None
+        raise
+    holder = lock_or_holder(handle)
+    if holder is not None:
         raise DeltatuneError(f"Another `deltatune compare` ({holder}) is running on {exp_dir}. Wait for it to "
-                             "finish, or stop it (it can be resumed later) before starting another.") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
+                             "finish, or stop it (it can be resumed later) before starting another.")
+    write_holder(handle)
     return handle
 
 
@@ -160,12 +164,58 @@ def _describe_payload(payload: dict) -> str:
             f"{budget} seed={payload.get('seed')}")
 
 
-def _record_result_directory(connection, payload: dict, final: Path) -> dict:
-    """Record a complete result directory; returns the run record."""
+def _record_result_directory(connection, payload: dict, final: Path) -> tuple[dict, str | None]:
+    """Record a complete result directory; returns the run record and, if it cannot be compared, why.
+
+    A cell whose primary dev metric is undefined (NaN, stored as null) is recorded as failed with the
+    reason: averages and statistics over it would be meaningless.
+    """
     record = json.loads((final / "run.json").read_text(encoding="utf-8"))
     cell_info = json.loads((final / CELL_RESULT).read_text(encoding="utf-8"))
-    store.record_finished(connection, payload, record, f"cells/{payload['cell_id']}", cell_info.get("cell_time_s"))
-    return record
+    problem = _undefined_metric(record)
+    if problem is not None:
+        store.record_failed(connection, payload, problem, cell_info.get("cell_time_s"))
+    else:
+        store.record_finished(connection, payload, record, f"cells/{payload['cell_id']}",
+                              cell_info.get("cell_time_s"))
+    return record, problem
+
+
+def _undefined_metric(record: dict) -> str | None:
+    primary = record.get("primary_metric")
+    value = (record.get("dev_metrics") or {}).get(primary)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return None
+    return (f"The cell trained, but its dev {primary} is undefined ({value}): the model gave the same output for "
+            "every dev example, so it cannot be compared. Try another learning rate or more steps, then run again "
+            "with --retry-failed.")
+
+
+class _DiskFull(Exception):
+    """Raised inside the runner when the disk is full; `what` says what was being written."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+@contextlib.contextmanager
+def _disk_full_as(what: str):
+    """Turn a full disk (OSError ENOSPC, sqlite's 'database or disk is full') into _DiskFull."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as error:
+        if is_disk_full(error):
+            raise _DiskFull(what) from error
+        raise
+
+
+def _disk_full_message(exp_dir: Path, what: str, summary: GridRunSummary | None) -> str:
+    done = (f" {summary.finished_now} cell(s) finished and were recorded in this run; the cells in flight were "
+            "stopped and not recorded." if summary is not None else "")
+    return (f"No space left on the device holding {exp_dir}{free_space(exp_dir)} while {what}. The grid stopped."
+            f"{done} The results store and every earlier result are intact. Free some space and run the same "
+            "command again to resume.")
 
 
 class _StopRequest:
@@ -196,13 +246,23 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
     if jobs < 1:
         raise DeltatuneError(f"--jobs {jobs} must be at least 1.")
     exp_dir = Path(exp_dir).resolve()
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / "cells").mkdir(exist_ok=True)
-    (exp_dir / "logs").mkdir(exist_ok=True)
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise DeltatuneError(f"--out {exp_dir} is a file, not a directory. Give a directory for the experiment.")
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "cells").mkdir(exist_ok=True)
+        (exp_dir / "logs").mkdir(exist_ok=True)
+    except OSError as error:
+        if is_disk_full(error):
+            raise DeltatuneError(_disk_full_message(exp_dir, "creating the experiment directory", None)) from None
+        raise DeltatuneError(f"Cannot create the experiment directory {exp_dir}: {error.strerror or error}. Give an "
+                             "--out you can write to.") from None
     lock = _lock(exp_dir)
     try:
-        with closing(store.connect(exp_dir)) as connection:
+        with _disk_full_as("opening the results store"), closing(store.connect(exp_dir)) as connection:
             return _run_locked(spec, exp_dir, connection, jobs, retry_failed, say, command, threads)
+    except _DiskFull as full:
+        raise DeltatuneError(_disk_full_message(exp_dir, full.what, getattr(full, "summary", None))) from None
     finally:
         if lock is not None:
             lock.close()
@@ -216,12 +276,13 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
     recorded_settings = {row["cell_id"]: json.loads(row["settings"])
                          for row in connection.execute("SELECT cell_id, settings FROM cells")}
     stale = [_describe_payload(settings) for cell_id, settings in recorded_settings.items() if cell_id not in current]
-    store.mark_current(connection, current)
-    store.set_meta(connection, spec=spec.raw, title=spec.title, description=spec.description,
-                   baseline=spec.baseline, statistics=vars(spec.statistics),
-                   methods=[m.name for m in spec.methods], method_kinds={m.name: m.method for m in spec.methods},
-                   tasks=[t.name for t in spec.tasks], total_cells=len(spec.cells), command=command,
-                   machine=machine_description(jobs, threads), updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with _disk_full_as("updating the results store"):
+        store.mark_current(connection, current)
+        store.set_meta(connection, spec=spec.raw, title=spec.title, description=spec.description,
+                       baseline=spec.baseline, statistics=vars(spec.statistics),
+                       methods=[m.name for m in spec.methods], method_kinds={m.name: m.method for m in spec.methods},
+                       tasks=[t.name for t in spec.tasks], total_cells=len(spec.cells), command=command,
+                       machine=machine_description(jobs, threads), updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # whatever a killed runner or cell left half-written goes; nothing can be running (we hold the lock)
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
@@ -233,8 +294,9 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
         final = cell_paths(exp_dir, cell.cell_id)["final"]
         if status.get(cell.cell_id) != "finished" and (final / CELL_RESULT).is_file():
             try:
-                _record_result_directory(connection, current[cell.cell_id], final)
-                recovered += 1
+                with _disk_full_as("recording a finished cell"):
+                    _, problem = _record_result_directory(connection, current[cell.cell_id], final)
+                recovered += problem is None
             except (OSError, ValueError, KeyError):
                 shutil.rmtree(final, ignore_errors=True)  # unreadable: run it again
     status = store.statuses(connection)
@@ -291,10 +353,14 @@ def _execute(pending: list[Cell], current: dict[str, dict], exp_dir: Path, conne
     def start(cell: Cell) -> None:
         paths = cell_paths(exp_dir, cell.cell_id)
         temporary = paths["payload"].with_suffix(".tmp")
-        temporary.write_text(json.dumps(current[cell.cell_id], indent=2), encoding="utf-8")
-        os.replace(temporary, paths["payload"])
-        paths["error"].unlink(missing_ok=True)
-        log = open(paths["log"], "w", encoding="utf-8")
+        with _disk_full_as("writing a cell's settings"):
+            try:
+                temporary.write_text(json.dumps(current[cell.cell_id], indent=2), encoding="utf-8")
+                os.replace(temporary, paths["payload"])
+            finally:
+                temporary.unlink(missing_ok=True)
+            paths["error"].unlink(missing_ok=True)
+            log = open(paths["log"], "w", encoding="utf-8")
         environment = {**os.environ, "DELTATUNE_CELL_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
                        "OMP_NUM_THREADS": str(threads)}
         process = subprocess.Popen(
@@ -311,14 +377,22 @@ def _execute(pending: list[Cell], current: dict[str, dict], exp_dir: Path, conne
         payload = current[item.cell.cell_id]
         paths = cell_paths(exp_dir, item.cell.cell_id)
         if code == 0 and (paths["final"] / CELL_RESULT).is_file():
-            record = _record_result_directory(connection, payload, paths["final"])
+            with _disk_full_as("recording a finished cell"):
+                record, problem = _record_result_directory(connection, payload, paths["final"])
+            if problem is not None:
+                summary.failed_now += 1
+                say(f"{status_line()} FAILED {item.cell.describe()}: {problem}")
+                return
             summary.finished_now += 1
             durations.append(elapsed)
             done_estimates.append(expected[item.cell.cell_id])
             primary = record["primary_metric"]
+            value = record["dev_metrics"].get(primary)
             say(f"{status_line()} finished {item.cell.describe()}: {primary} "
-                f"{record['dev_metrics'][primary]:.4f} in {_format_duration(elapsed)}")
+                f"{value if value is None else format(value, '.4f')} in {_format_duration(elapsed)}")
             return
+        if code == DISK_FULL_EXIT:  # not the cell's fault: not recorded, it runs again on resume
+            raise _DiskFull(f"cell {item.cell.describe()} was writing its result")
         error = None
         with contextlib.suppress(OSError, ValueError):
             error = json.loads(paths["error"].read_text(encoding="utf-8"))["message"]
@@ -327,27 +401,35 @@ def _execute(pending: list[Cell], current: dict[str, dict], exp_dir: Path, conne
             tail = _log_tail(paths["log"])
             if tail:
                 error += f" Last lines of {paths['log']}:\n{tail}"
-        store.record_failed(connection, payload, error, elapsed)
+        with _disk_full_as("recording a failed cell"):
+            store.record_failed(connection, payload, error, elapsed)
         summary.failed_now += 1  # (a failure says nothing about how long the others take: not in the ETA)
         first_line = error.strip().splitlines()[0] if error.strip() else error
         say(f"{status_line()} FAILED {item.cell.describe()}: {first_line} (log: {paths['log']})")
 
     with _StopRequest() as stop:
-        while (queue or running) and stop.requested is None:
-            while queue and len(running) < jobs and stop.requested is None:
-                start(queue.popleft())
-            time.sleep(POLL_S)
-            for cell_id, item in list(running.items()):
-                code = item.process.poll()
-                if code is not None and stop.requested is None:
-                    del running[cell_id]
-                    finish(item, code)
+        try:
+            while (queue or running) and stop.requested is None:
+                while queue and len(running) < jobs and stop.requested is None:
+                    start(queue.popleft())
+                time.sleep(POLL_S)
+                for cell_id, item in list(running.items()):
+                    code = item.process.poll()
+                    if code is not None and stop.requested is None:
+                        del running[cell_id]
+                        finish(item, code)
+                        last_event = time.monotonic()
+                if running and time.monotonic() - last_event > HEARTBEAT_S:
+                    still = ", ".join(f"{item.cell.describe()} ({_format_duration(time.monotonic() - item.started)})"
+                                      for item in running.values())
+                    say(f"{status_line()} still running: {still}")
                     last_event = time.monotonic()
-            if running and time.monotonic() - last_event > HEARTBEAT_S:
-                still = ", ".join(f"{item.cell.describe()} ({_format_duration(time.monotonic() - item.started)})"
-                                  for item in running.values())
-                say(f"{status_line()} still running: {still}")
-                last_event = time.monotonic()
+        except _DiskFull as full:
+            with contextlib.suppress(_DiskFull, OSError, sqlite3.Error):  # stopping must not fail on the full disk
+                _stop_running(running, exp_dir, connection, current, summary, say, "a full disk")
+            summary.interrupted = True
+            full.summary = summary
+            raise
         if stop.requested is not None:
             _stop_running(running, exp_dir, connection, current, summary, say, stop.requested)
     summary.left = len(queue) + len(running) if summary.interrupted else len(queue)
@@ -372,8 +454,12 @@ def _stop_running(running: dict[str, _Running], exp_dir: Path, connection, curre
     for cell_id in list(running):
         final = cell_paths(exp_dir, cell_id)["final"]
         if running[cell_id].process.returncode == 0 and (final / CELL_RESULT).is_file():
-            _record_result_directory(connection, current[cell_id], final)
-            summary.finished_now += 1
+            with _disk_full_as("recording a finished cell"):
+                _, problem = _record_result_directory(connection, current[cell_id], final)
+            if problem is None:
+                summary.finished_now += 1
+            else:
+                summary.failed_now += 1
             del running[cell_id]
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)

@@ -53,6 +53,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,10 @@ def read_spec_file(path: str | Path) -> dict:
         raise DeltatuneError(f"Spec file {str(path)!r} does not exist. Give a YAML grid spec, or use "
                              "--preset doering2024, or build the grid from flags (see `deltatune compare --help`).")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_spec_loader())
+    except UnicodeDecodeError as error:
+        raise DeltatuneError(f"Spec file {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8 "
+                             "YAML.") from None
     except yaml.YAMLError as error:
         raise DeltatuneError(f"Spec file {str(path)!r} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -233,6 +237,28 @@ def read_spec_file(path: str | Path) -> dict:
                              f"not {type(data).__name__}.")
     data.setdefault("_base_dir", str(path.resolve().parent))
     return data
+
+
+def _spec_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+    import yaml
+
+    class SpecLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in keys:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice; give it once",
+                                                        key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                keys.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return SpecLoader
 
 
 def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
@@ -338,6 +364,8 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
     baseline = raw.get("baseline")
     if baseline is None:
         baseline = "full" if "full" in methods_seen else None
+    elif not isinstance(baseline, str):
+        problems.append(f"baseline={baseline!r} must be the name of one of the spec's methods")
     elif baseline not in methods_seen and baseline not in _declared_method_names(raw):
         problems.append(f"baseline={baseline!r} is not one of the spec's methods. "
                         f"{did_you_mean(str(baseline), _declared_method_names(raw))}")
@@ -425,7 +453,7 @@ def _check_axes(merged: dict, wheres: dict[str, str], base: Path, default_cap: i
                                        "time_budgets", where, problems) or []):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             budgets.append(None)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             problems.append(f"{where}time_budgets[{i}]={value!r} must be seconds (a positive number) or null "
                             "for no budget")
         else:
@@ -434,8 +462,8 @@ def _check_axes(merged: dict, wheres: dict[str, str], base: Path, default_cap: i
     where = wheres["seeds"]
     for i, value in enumerate(_as_list(merged["seeds"] if merged["seeds"] is not None else [42],
                                        "seeds", where, problems) or []):
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{where}seeds[{i}]={value!r} must be a whole number")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            problems.append(f"{where}seeds[{i}]={value!r} must be a whole number from 0 to 2**63 - 1")
         else:
             seeds.append(value)
     train = _check_train(merged["train"], wheres["train"], problems)
@@ -505,7 +533,7 @@ def _check_task(value: Any, where: str, base: Path, default_cap: int | None, def
             problems.append(f"{where}: unknown key {key!r} for a catalog task. "
                             f"{did_you_mean(str(key), CATALOG_TASK_KEYS)}")
         name = value["task"]
-        if name not in TASKS:
+        if not isinstance(name, str) or name not in TASKS:
             problems.append(f"{where}: unknown task {name!r}. {did_you_mean(str(name), TASKS)} For your own data "
                             "give {name: ..., path: FILE, text_fields: [...]}.")
             return None
@@ -530,6 +558,9 @@ def _check_task(value: Any, where: str, base: Path, default_cap: int | None, def
     for key in ("path", "dev_path", "test_path"):
         if value.get(key) is None:
             continue
+        if "\x00" in str(value[key]):
+            problems.append(f"{where}: {key} {str(value[key])!r} holds a NUL character; give a file path")
+            return None
         path = Path(str(value[key])).expanduser()
         path = (path if path.is_absolute() else base / path).resolve()
         if not path.is_file():

@@ -93,7 +93,12 @@ def cache_dir() -> Path:
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "deltatune"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        source = "DELTATUNE_CACHE" if explicit else "the default location"
+        raise DeltatuneError(f"The deltatune cache {root} ({source}) cannot be used: {error.strerror or error}. Set "
+                             "DELTATUNE_CACHE to a directory you can write to.") from None
     return root
 
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import collections
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import json
+import logging
 import math
 import random
 import re
@@ -42,6 +45,8 @@ from deltatune.metrics import METRICS, REGRESSION_METRICS
 from deltatune.sources.cache import DISTRIBUTIONS, mirror_path
 from deltatune.tasks import GLUE_TASKS, OFFLINE_TASKS, TASKS, get_task
 from deltatune.tasks.spec import Split, TaskData, TaskSpec
+
+logger = logging.getLogger(__name__)
 
 SPLIT_SEED = 0
 """The seed of every split deltatune makes. Changing it changes every made split, and with it
@@ -347,16 +352,21 @@ def _load_from_hub(task: TaskSpec) -> TaskData:
         raise DeltatuneError(
             f"Loading {task.name!r} from the hub needs the `datasets` package: pip install datasets"
         ) from None
+    from deltatune.sources.models import hub_unreachable_reason
+
     dev_split = "validation_matched" if task.name == "mnli" else "validation"
+    unreachable = hub_unreachable_reason()
     try:
-        loaded = datasets.load_dataset(_GLUE_HUB_ID, task.name)
+        with _datasets_offline(datasets, unreachable is not None):  # a cached copy still loads, at once
+            loaded = datasets.load_dataset(_GLUE_HUB_ID, task.name)
     except Exception as error:  # network errors surface as many types (ConnectionError, OSError, hub errors)
         offline = ", ".join(OFFLINE_TASKS)
+        why = (f"the hub could not be reached ({unreachable}) and the data are not in the local cache"
+               if unreachable is not None else "the hub could not be reached or refused the request")
         raise DeltatuneError(
             f"Could not load task {task.name!r} from the Hugging Face hub ({_GLUE_HUB_ID}, config "
-            f"{task.name!r}): {type(error).__name__}: {str(error)[:300]}. The hub could not be reached "
-            f"or refused the request. Tasks that work offline, from packaged mirrors: {offline}. "
-            "Or pass your own CSV, JSONL or Parquet file."
+            f"{task.name!r}): {type(error).__name__}: {str(error)[:300]}. {why[0].upper()}{why[1:]}. Tasks that "
+            f"work offline, from packaged mirrors: {offline}. Or pass your own CSV, JSONL or Parquet file."
         ) from error
 
     splits, split_provenance, dropped = {}, {}, {}
@@ -395,6 +405,21 @@ def _load_from_hub(task: TaskSpec) -> TaskData:
                   "results, or hold out part of train with stratified_split for a test set."],
     }
     return TaskData(task, splits, provenance)
+
+
+@contextlib.contextmanager
+def _datasets_offline(datasets_module, offline: bool):
+    """`datasets` in offline mode for the block (it reads HF_HUB_OFFLINE once, at import)."""
+    config = getattr(datasets_module, "config", None)
+    if not offline or not hasattr(config, "HF_HUB_OFFLINE"):
+        yield
+        return
+    before = config.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = before
 
 
 def _hub_label_mapping(task: TaskSpec, feature) -> Callable[[int], int]:
@@ -528,6 +553,11 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
     problems = []
     if len(text_fields) not in (1, 2):
         problems.append(f"text_fields must name one or two columns, got {text_fields!r}")
+    elif len(set(text_fields)) != len(text_fields):
+        problems.append(f"text_fields names the column {text_fields[0]!r} twice; a pair needs two different columns")
+    if label_field in text_fields:
+        problems.append(f"the label column {label_field!r} is also a text field, so the model would read the answer; "
+                        "name the label column with label_field (--label-field) and the inputs with text_fields")
     if regression and labels is not None:
         problems.append("labels are for classification; drop them or drop regression=True")
     if metric is not None:
@@ -550,6 +580,7 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
     if test_path is not None:
         files["test"] = Path(test_path)
     tables = {split: _read_table(file) for split, file in files.items()}
+    _refuse_shared_files(files)
     for table in tables.values():
         _check_columns(table, text_fields, label_field)
 
@@ -557,10 +588,12 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
     if regression:
         values = {split: _scores_of(table, label_field) for split, table in tables.items()}
     else:
-        raw = {split: _label_names_of(table, label_field) for split, table in tables.items()}
+        raw = {split: _label_names_of(table, label_field, labels or ()) for split, table in tables.items()}
         if labels is None:
             labels = _sorted_label_names({value for column in raw.values() for value in column})
         values = {split: _label_indices(tables[split], raw[split], labels, label_field) for split in tables}
+        _refuse_single_class(raw, labels, files, label_field)
+        _warn_unlikely_classes(labels, sum(len(column) for column in raw.values()), label_field)
 
     stem = Path(path).stem
     splits: dict[str, Split] = {split: Split(texts[split], values[split]) for split in tables}
@@ -585,6 +618,8 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
         splits.update(made)
         split_provenance.update(made_provenance)
     splits = {split: splits[split] for split in ("train", "dev", "test") if split in splits}
+    if not regression:
+        _warn_unseen_labels(splits, labels)
 
     if regression:
         all_scores = [score for split in splits.values() for score in split.labels]
@@ -607,6 +642,21 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
     return TaskData(task, splits, provenance)
 
 
+def _refuse_shared_files(files: dict[str, Path]) -> None:
+    """Scoring on the training rows themselves would report memorisation as skill."""
+    seen: dict[str, str] = {}
+    for split, file in files.items():
+        digest = _sha256_bytes(file.read_bytes())
+        if digest in seen:
+            other = seen[digest]
+            used = "trained on" if other == "train" else "was selected on"
+            raise DeltatuneError(
+                f"The {split} file {file} has the same content as the {other} file {files[other]}: {split} scores "
+                f"would be measured on rows the model {used}. Give a separate file, or leave it out and deltatune "
+                "makes a split from the training file.")
+        seen[digest] = split
+
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -618,6 +668,9 @@ def _read_table(path: Path) -> _Table:
             f"Unsupported data file {str(path)!r}: suffix {path.suffix or '(none)'!r}. deltatune reads "
             f"{', '.join(_SUFFIXES)}; export your data to one of these (e.g. CSV with a header row)."
         )
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a pipe or device)"
+        raise DeltatuneError(f"Data file {str(path)!r} is {kind}. Give the path of a CSV, TSV, JSONL or Parquet file.")
     if not path.is_file():
         raise DeltatuneError(f"No data file at {str(path)!r}. Check the path (relative paths are from "
                              f"the current directory, {Path.cwd()}).")
@@ -643,6 +696,12 @@ def _read_table(path: Path) -> _Table:
 def _read_utf8(path: Path) -> str:
     raw = path.read_bytes()
     skipped = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    zero = raw.find(b"\x00")
+    if zero >= 0:
+        line = raw[:zero].count(b"\n") + 1
+        raise DeltatuneError(f"{path} holds a NUL byte at byte offset {zero} (line {line}): "
+                             "it is a binary file (or UTF-16), not UTF-8 text. Give a CSV, TSV or JSON lines file "
+                             "saved as UTF-8.")
     try:
         return raw[skipped:].decode("utf-8")
     except UnicodeDecodeError as error:
@@ -669,6 +728,7 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> _Table:
                 quoted = literal  # GLUE-style TSV: quotes are text, one record per line
     (_, header), rows = quoted[0], quoted[1:]
     columns = [column.strip() for column in header]
+    _refuse_duplicate_columns(path, columns)
     records = []
     for row_number, (line, row) in enumerate(rows, 1):
         if len(row) > len(columns):
@@ -677,8 +737,36 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> _Table:
                 f"{len(columns)} ({', '.join(columns)}). A text holding a "
                 f"{'tab' if delimiter == chr(9) else 'comma'} must be quoted (\"...\"); fix that row."
             )
+        if len(row) < len(columns) and "\n" in row[-1]:
+            raise DeltatuneError(
+                f"{path} row {row_number} (line {line}) has a quoted field that runs over several lines, and the row "
+                f"has fewer fields than the header ({len(row)} of {len(columns)}): probably a quote (\") that is "
+                "never closed. Fix the quoting on that line."
+            )
         records.append((f"row {row_number} (line {line})", dict(zip(columns, row))))
     return _Table(path, columns, records)
+
+
+def _refuse_duplicate_columns(path: Path, columns: list[str]) -> None:
+    seen: set[str] = set()
+    for column in columns:
+        if column in seen:
+            raise DeltatuneError(f"{path} has two columns named {column!r}; deltatune will not guess which one you "
+                                 "mean. Rename one of them in the header.")
+        seen.add(column)
+
+
+def _object_without_duplicate_keys(path: Path, where: str):
+    """A json.loads object_pairs_hook: a key given twice in one object is an error, not 'the last one wins'."""
+    def build(pairs: list[tuple[str, object]]) -> dict:
+        record: dict = {}
+        for key, value in pairs:
+            if key in record:
+                raise DeltatuneError(f"{path} {where} has the key {key!r} twice in one object; deltatune will not "
+                                     "guess which value you mean. Keep one of them.")
+            record[key] = value
+        return record
+    return build
 
 
 def _parse_delimited(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
@@ -702,10 +790,12 @@ def _read_json_lines(path: Path, text: str) -> _Table:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
+            record = json.loads(line, object_pairs_hook=_object_without_duplicate_keys(path, f"line {line_number}"))
+        except (json.JSONDecodeError, RecursionError) as error:
+            detail = (f"{error.msg}, column {error.colno}" if isinstance(error, json.JSONDecodeError)
+                      else "nested too deeply")
             raise DeltatuneError(
-                f"{path} line {line_number} is not valid JSON ({error.msg}, column {error.colno}). "
+                f"{path} line {line_number} is not valid JSON ({detail}). "
                 "A JSONL file holds one JSON object per line."
             ) from None
         if not isinstance(record, dict):
@@ -718,10 +808,14 @@ def _read_json_lines(path: Path, text: str) -> _Table:
 
 def _read_json_array(path: Path, text: str) -> _Table:
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DeltatuneError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}). Give a JSON "
+        items = json.loads(text, object_pairs_hook=_object_without_duplicate_keys(path, "(JSON array)"))
+    except (json.JSONDecodeError, RecursionError) as error:
+        detail = f"{error.msg}, line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+        raise DeltatuneError(f"{path} is not valid JSON ({detail}). Give a JSON "
                              "array of objects, or JSON lines (one object per line).") from None
+    if not isinstance(items, list):
+        raise DeltatuneError(f"{path} holds a JSON {type(items).__name__}, not an array of objects. Give a JSON "
+                             "array of objects, or JSON lines (one object per line).")
     records, columns = [], {}
     for item_number, item in enumerate(items, 1):
         if not isinstance(item, dict):
@@ -745,7 +839,13 @@ def _read_parquet(path: Path) -> _Table:
     if table.num_rows == 0:
         raise DeltatuneError(f"{path} has no rows (columns: {', '.join(table.column_names)}). "
                              "Give a file with data.")
-    records = [(f"row {number}", record) for number, record in enumerate(table.to_pylist(), 1)]
+    _refuse_duplicate_columns(path, list(table.column_names))
+    try:
+        rows = table.to_pylist()
+    except Exception as error:  # columns pyarrow cannot turn into Python values
+        raise DeltatuneError(f"{path} has a column deltatune cannot read ({type(error).__name__}: {error}). "
+                             "Store texts as strings and labels as strings or numbers.") from None
+    records = [(f"row {number}", record) for number, record in enumerate(rows, 1)]
     return _Table(path, list(table.column_names), records)
 
 
@@ -777,6 +877,10 @@ def _texts_of(table: _Table, text_fields: tuple[str, ...]) -> list[tuple[str, ..
         empty = [column for column, value in zip(text_fields, values) if _is_missing(value)]
         if empty:
             bad.append(f"{location} ({', '.join(empty)})")
+        nested = [column for column, value in zip(text_fields, values) if not _is_scalar(value)]
+        if nested:
+            raise _rows_error(table, [location], f"a text that is a {type(record[nested[0]]).__name__}, not a "
+                              f"string (column {nested[0]!r})", "Each text field must hold one string per row.")
         texts.append(tuple(value if isinstance(value, str) else str(value) for value in values))
     if bad:
         raise _rows_error(table, bad, "empty or missing text",
@@ -784,22 +888,89 @@ def _texts_of(table: _Table, text_fields: tuple[str, ...]) -> list[tuple[str, ..
     return texts
 
 
-def _label_name(value) -> str | None:
-    """A label value as a class name: '1' for 1, 1.0 and ' 1 '; None when missing."""
+def _is_scalar(value) -> bool:
+    """A string, number or boolean (what a table cell holds); JSON lists and objects are not."""
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+MISSING_MARKERS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                             "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+"""Texts that pandas reads as a missing value (its default na_values). In a label column they mean "no
+label", as an empty cell or JSON null does, unless the user lists the text as a class name."""
+
+
+def _label_name(value, class_names: tuple[str, ...] = ()) -> str | None:
+    """A label value as a class name: '1' for 1, 1.0 and ' 1 '; None when missing (empty, null, NaN, 'NA', ...)."""
     if _is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    name = str(value).strip()
+    return None if name in MISSING_MARKERS and name not in class_names else name
 
 
-def _label_names_of(table: _Table, label_field: str) -> list[str]:
-    names = [_label_name(record.get(label_field)) for _, record in table.records]
-    bad = [location for (location, _), name in zip(table.records, names) if name is None]
+def _label_names_of(table: _Table, label_field: str, class_names: tuple[str, ...] = ()) -> list[str]:
+    nested = [f"{location} ({type(record.get(label_field)).__name__})" for location, record in table.records
+              if not _is_scalar(record.get(label_field))]
+    if nested:
+        raise _rows_error(table, nested, f"a label in column {label_field!r} that is a JSON list or object",
+                          "A label is one class name (a string or a number) per row.")
+    names = [_label_name(record.get(label_field), class_names) for _, record in table.records]
+    bad = [f"{location} ({record.get(label_field)!r})"
+           for (location, record), name in zip(table.records, names) if name is None]
     if bad:
-        raise _rows_error(table, bad, f"no label (column {label_field!r} is empty)",
-                          "Remove those rows or give them a label.")
+        raise _rows_error(table, bad, f"no label in column {label_field!r} (empty, null, or a missing-value marker "
+                          "such as NaN, NA, null or None)",
+                          "Remove those rows or give them a label; if such a text is a real class name, list it "
+                          "in --labels (labels=).")
     return names
+
+
+def _refuse_single_class(names: dict[str, list[str]], labels: tuple[str, ...], files: dict[str, Path],
+                         label_field: str) -> None:
+    """A classifier needs two classes in the data: with one, it learns nothing and scores 1.0 on it."""
+    present = {name for column in names.values() for name in column}
+    if len(present) >= 2:
+        return
+    found = f"only the class {next(iter(present))!r}" if present else "no class at all"
+    listed = f" (labels lists {', '.join(map(repr, labels))}, but the others never occur)" if len(labels) > 1 else ""
+    raise DeltatuneError(
+        f"{', '.join(str(f) for f in files.values())}: column {label_field!r} holds {found}{listed}. A classifier "
+        "needs examples of at least two classes (with one it learns nothing and scores a meaningless 1.0). Add "
+        "examples of the other classes, or use --regression if the column holds scores.")
+
+
+def _warn_unlikely_classes(labels: tuple[str, ...], rows: int, label_field: str) -> None:
+    """Say so when the label column looks like scores or an id rather than classes (it still trains)."""
+    def number(name: str) -> float | None:
+        try:
+            return float(name)
+        except ValueError:
+            return None
+
+    values = [number(name) for name in labels]
+    if all(value is not None for value in values) and any(not value.is_integer() for value in values):
+        logger.warning("Column %r holds numbers such as %s, read as %d class names. If they are scores, pass "
+                       "--regression (regression=True).", label_field, ", ".join(labels[:3]), len(labels))
+    elif len(labels) > 20 and len(labels) > rows / 2:
+        logger.warning("Column %r has %d distinct values in %d rows, read as classes with about %.1f examples "
+                       "each: is it an id or a text column? Name the label column with --label-field, or pass "
+                       "--regression for scores.", label_field, len(labels), rows, rows / len(labels))
+
+
+def _warn_unseen_labels(splits: dict[str, Split], labels: tuple[str, ...]) -> None:
+    """Say so when dev or test data hold a class the training data never show: the model cannot predict it."""
+    seen = set(splits["train"].labels)
+    for split in ("dev", "test"):
+        if split not in splits:
+            continue
+        unseen = collections.Counter(labels[index] for index in splits[split].labels if index not in seen)
+        if unseen:
+            shown = sorted(unseen.items())[:5]
+            listed = ", ".join(f"{name!r} ({count} row{'s' if count > 1 else ''})" for name, count in shown)
+            listed += f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
+            logger.warning("The %s data hold labels the training data never show: %s. The model cannot learn "
+                           "them, so those rows count as errors; add training examples of them.", split, listed)
 
 
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -829,7 +1000,7 @@ def _label_indices(table: _Table, names: list[str], labels: tuple[str, ...], lab
 
 
 def _scores_of(table: _Table, label_field: str) -> list[float]:
-    scores = []
+    scores, bad = [], []
     for location, record in table.records:
         value = record.get(label_field)
         try:
@@ -838,13 +1009,15 @@ def _scores_of(table: _Table, label_field: str) -> list[float]:
             score = float(value)
             if not math.isfinite(score):
                 raise ValueError
-        except (TypeError, ValueError):
-            raise DeltatuneError(
-                f"{table.path} {location}: label {value!r} in column {label_field!r} is not a number, and "
-                "regression=True needs a finite score in every row. Fix the row, or load the task as "
-                "classification (regression=False)."
-            ) from None
+        except (TypeError, ValueError, OverflowError):
+            bad.append(f"{location} ({value!r})")
+            score = 0.0
         scores.append(score)
+    if bad:
+        raise _rows_error(table, bad, f"a label in column {label_field!r} that is not a number (or is empty, a "
+                          "missing-value marker such as NaN or NA, or infinite)",
+                          "regression needs a finite score in every row: fix or remove those rows, or load the "
+                          "task as classification (without --regression).")
     return scores
 
 

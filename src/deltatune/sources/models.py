@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.sources.cache import cache_dir, mirror_path
@@ -149,6 +153,57 @@ def resolve_model(name: str) -> str:
     return _locate(name).location
 
 
+def recorded_model_name(name: str) -> str:
+    """What a run records as its base model: an existing directory as an absolute path (so the run works
+    from any directory), an alias or hub id as given."""
+    if name in MODEL_ALIASES:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long the one connection attempt to the hub may take before deltatune calls it unreachable."""
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when it can.
+
+    huggingface_hub retries an unreachable host for about a minute before it gives up; one short
+    connection attempt (name lookup included, once per process and endpoint) answers in a few
+    seconds. HF_HUB_OFFLINE is honoured without any network at all.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return _probe_hub(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_hub(endpoint_url: str) -> str | None:
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(endpoint_url)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(str(error) or type(error).__name__)
+
+    # a thread, because the name lookup itself ignores the socket timeout
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    if outcome and outcome[0] is None:
+        return None
+    why = outcome[0] if outcome else "no answer"
+    return f"no connection to {host}:{port} within {HUB_PROBE_TIMEOUT_S:g} s: {why}"
+
+
 def describe_model_source(name: str) -> str:
     """One line for a run record: what `name` is and where its files live. Never fetches anything."""
     if name in MODEL_ALIASES:
@@ -193,10 +248,19 @@ def _check_model_directory(directory: Path) -> None:
             )
         else:
             problems.append("it has no *.safetensors weights")
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        # without them transformers builds an empty tokenizer: every word becomes [UNK], and training learns nothing
+        problems.append(f"it has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                        "beside the model with `tokenizer.save_pretrained(DIR)`")
     if problems:
         raise DeltatuneError(
             f"{str(directory)!r} is not a model directory deltatune can load: " + "; ".join(problems) + "."
         )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+"""Files one of which a saved tokenizer always writes."""
 
 
 def _unknown_model_error(source: _Source, error: BaseException | None) -> DeltatuneError:
@@ -288,19 +352,27 @@ def _from_pretrained(loader: Any, source: _Source, **kwargs: Any) -> Any:
     """`loader.from_pretrained` on `source`, offline for local directories, with hub failures explained."""
     if source.kind == "hub" and (_looks_like_a_path(source.name) or _looks_like_misspelt_alias(source.name)):
         raise _unknown_model_error(source, None)
-    if source.is_local:
-        kwargs["local_files_only"] = True
+    unreachable = hub_unreachable_reason() if source.kind == "hub" else None
+    if source.is_local or unreachable is not None:
+        kwargs["local_files_only"] = True  # offline, a hub model already in the hub cache still loads
     try:
         return loader.from_pretrained(source.location, **kwargs)
-    except _hub_errors() as error:
+    except (*_hub_errors(), SafetensorError) as error:
+        if unreachable is not None:
+            raise DeltatuneError(
+                f"Model {source.name!r} is not a deltatune alias ({did_you_mean(source.name, MODEL_ALIASES)}), not "
+                f"a local directory, and the Hugging Face hub cannot be reached ({unreachable}); as a hub id it could "
+                "only come from the local hub cache, which does not have it. Connect to the network (and unset "
+                "HF_HUB_OFFLINE), or give an alias or a local directory holding config.json and *.safetensors "
+                "weights.") from error
         if source.kind == "hub":
             raise _unknown_model_error(source, error) from error
-        if isinstance(error, OSError):
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DeltatuneError(
-                f"Could not load {source.name!r} from {source.location}: {first_line}"
-            ) from error
-        raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise DeltatuneError(
+            f"Could not load {source.name!r} from {source.location}: {first_line}. A model directory holds what "
+            "save_pretrained writes (config.json, *.safetensors weights, the tokenizer files); save it again or "
+            "restore it from a copy."
+        ) from error
 
 
 def _head_or_pooler(model: Any, key: str) -> bool:
