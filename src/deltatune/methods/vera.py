@@ -7,7 +7,7 @@ every adapted layer; each layer trains only two scaling vectors:
                                     Λ_d = diag(λ_d), λ_d ∈ R^r (starts at d_initial, 0.1)
 
 so the model is unchanged before training. A and B are drawn Kaiming-uniform from a CPU generator
-seeded with `projection_seed`, at the widest input and output of the adapted layers, and each
+seeded with `projection_seed` (bound √(6 / fan_in)), at the widest input and output of the adapted layers, and each
 layer uses their top-left block (A[:, :d_in], B[:d_out, :]): exactly PEFT's `VeraConfig`
 (`projection_prng_key`), so outputs equal PEFT's at equal seed and vectors. The matrices are not
 saved: loading a delta draws them again from the seed in its config, which gives the same numbers
@@ -64,10 +64,11 @@ class VeRAConfig:
 
 
 def draw_projections(r: int, in_features: int, out_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared frozen A (r × in) and B (out × r), Kaiming-uniform from a CPU generator seeded with `seed`."""
+    """The shared frozen A (r × in) and B (out × r), drawn from a CPU generator seeded with `seed`."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    projection_A = nn.init.kaiming_uniform_(torch.empty(r, in_features), a=math.sqrt(5), generator=generator)
-    projection_B = nn.init.kaiming_uniform_(torch.empty(out_features, r), a=math.sqrt(5), generator=generator)
+    # He's uniform init (gain √2, bound √(6 / fan_in)), as the paper and PEFT draw them
+    projection_A = nn.init.kaiming_uniform_(torch.empty(r, in_features), generator=generator)
+    projection_B = nn.init.kaiming_uniform_(torch.empty(out_features, r), generator=generator)
     return projection_A, projection_B
 
 
