@@ -153,13 +153,19 @@ def test_dora_layer_computes_the_magnitude_times_the_normalised_direction():
     torch.testing.assert_close(layer(x), x @ expected_weight.T + layer.base_layer.bias, atol=1e-5, rtol=0)
 
 
-def test_dora_and_pissa_refuse_export_to_peft_format():
-    for name in ("dora", "pissa"):
-        model = build_tiny_model("bert")
-        method = build_method(name)
-        prepare_model(model, method)
-        with pytest.raises(DeltatuneError, match=rf"A '{name}' delta cannot be exported to PEFT's format"):
-            method.export_peft(delta_state(model, method))
+@pytest.mark.parametrize("kind, method_name", [("bert", "dora"), ("llama", "dora"), ("bert", "pissa"),
+                                              ("llama", "pissa")])
+def test_a_delta_exported_to_peft_format_loads_in_peft_with_deltatunes_outputs(tmp_path, kind, method_name):
+    from deltatune.delta import load
+    from deltatune.peft_export import export_peft
+    from test_peft_export import SENTIMENT, TEXTS, peft_outputs, run_directory
+
+    run = run_directory(tmp_path, kind, method_name, SENTIMENT)
+    logits, config = peft_outputs(export_peft(run, tmp_path / "adapter"))
+    assert (config["use_dora"], config["r"]) == ((True, 8) if method_name == "dora" else (False, 16))
+    expected = [[row["probabilities"][label] for label in SENTIMENT.labels]
+                for row in load(run).predict(TEXTS, precision="fp32")]
+    torch.testing.assert_close(torch.softmax(logits, dim=-1), torch.tensor(expected), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)

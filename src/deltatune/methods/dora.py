@@ -20,7 +20,8 @@ MiniLM-L6 and 8 · 1152 + 576 + 8 · 768 + 192 = 16,128 per layer on SmolLM2-135
 
 W' is a weight like W, so it folds into the base weight (`merge`); unmerging divides the magnitude
 back out with the norm kept at merge time (rows whose magnitude is about zero are kept aside, as
-they could not be divided back).
+they could not be divided back). A DoRA delta exports to PEFT's format (`deltatune export --format
+peft`), where it loads as `LoraConfig(use_dora=True)`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from deltatune.methods._linear_targets import WrappedLinear, select_layers, wrap_layers
-from deltatune.methods.base import Method
+from deltatune.methods.base import Method, PeftAdapter
 from deltatune.methods.lora import DEFAULT_TARGETS, LoRA, LoRAConfig, LoRAUpdate
 from deltatune.methods.registry import register
 from deltatune.methods.state import DEFAULT_DELTA, merge_sites
@@ -130,5 +131,11 @@ class DoRA(LoRA):
         """Restore every adapted weight (undoes `merge` up to float rounding)."""
         merge_sites(model, self, DoRALinear, merge=False)
 
-    # PEFT stores DoRA's magnitudes per layer under its own names; export is not written yet
-    export_peft = Method.export_peft
+    def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
+        """PEFT's LoRA with use_dora: LoRA's names, and 'X.magnitude' -> 'X.lora_magnitude_vector'."""
+        adapter = super().export_peft(tensors)
+        magnitudes = {name: tensor for name, tensor in adapter.rest.items() if name.endswith(".magnitude")}
+        renamed = {**adapter.tensors, **{f"{name.removesuffix('.magnitude')}.lora_magnitude_vector": tensor
+                                         for name, tensor in magnitudes.items()}}
+        rest = {name: tensor for name, tensor in adapter.rest.items() if name not in magnitudes}
+        return PeftAdapter({**adapter.config, "use_dora": True}, renamed, rest)

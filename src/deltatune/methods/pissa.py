@@ -21,11 +21,13 @@ returns: twice LoRA's size, as when PEFT converts a PiSSA adapter to load on the
 Parameter cost: r · (d_in + d_out) trained per adapted layer, as LoRA (74,113 with the head on
 MiniLM-L6 with the defaults); the delta holds 2 · r · (d_in + d_out) per layer. `use_rslora` and
 `loraplus_lr_ratio` work as for LoRA. Merging folds s · (B A − B₀ A₀) into W (`merge`), which puts
-the residual back correctly: the merged weight is W_res + s · B A.
+the residual back correctly: the merged weight is W_res + s · B A. Exported to PEFT's format, a
+PiSSA delta becomes the plain rank-2r LoRA [B, −B₀][A; A₀] on the original weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.methods._linear_targets import WrappedLinear, select_layers, wrap_layers
-from deltatune.methods.base import Method
+from deltatune.methods.base import Method, PeftAdapter
 from deltatune.methods.common import head_names
 from deltatune.methods.lora import DEFAULT_TARGETS, LoRA, LoRAConfig, LoRAUpdate
 from deltatune.methods.registry import register
@@ -136,5 +138,22 @@ class PiSSA(LoRA):
         """Take the update back out of every adapted weight (undoes `merge` up to float rounding)."""
         merge_sites(model, self, PiSSALinear, merge=False)
 
-    # PEFT loads PiSSA onto the original weights only after converting it to a rank-2r LoRA
-    export_peft = Method.export_peft
+    def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
+        """PEFT's plain LoRA of rank 2r on the original weights: B' = [B, −B₀], A' = [A; A₀], same scale.
+
+        This is how PEFT itself converts a PiSSA adapter to load without the residual weights.
+        """
+        widened = {}
+        for name, tensor in tensors.items():
+            module, _, leaf = name.rpartition(".")
+            if leaf == "lora_A":
+                widened[name] = torch.cat([tensor, tensors[f"{module}.initial_A"]])
+            elif leaf == "lora_B":
+                widened[name] = torch.cat([tensor, -tensors[f"{module}.initial_B"]], dim=1)
+            elif leaf not in ("initial_A", "initial_B"):
+                widened[name] = tensor
+        adapter = super().export_peft(widened)
+        rank = 2 * self.config.r
+        scaling = self.config.alpha / (math.sqrt(self.config.r) if self.config.use_rslora else self.config.r)
+        return PeftAdapter({**adapter.config, "r": rank, "lora_alpha": scaling * rank, "use_rslora": False},
+                           adapter.tensors, adapter.rest)
