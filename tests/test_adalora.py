@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import build_tiny_model
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
 from deltatune.methods.adalora import SVDLinear
 from deltatune.methods.state import parameter_index
+from test_lora import batch
 
 peft = pytest.importorskip("peft")
 
@@ -18,13 +19,6 @@ PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 OPTIONS = {"init_r": 4, "target_r": 2, "alpha": 8, "initial_fraction": 0.2, "final_fraction": 0.3,
            "update_every": 2, "orth_reg_weight": 0.5}
 STEPS = 10
-
-
-def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy dog", "the dog eats food"],
-                                padding=True, return_tensors="pt")
-    encoded.pop("token_type_ids", None)
-    return dict(encoded)
 
 
 def ours_and_peft(kind):
@@ -53,7 +47,7 @@ def ours_and_peft(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_equal_weights_give_peft_outputs_and_loss_with_the_orthogonality_term(kind):
     model, method, reference, _ = ours_and_peft(kind)
-    inputs, labels = batch(), torch.tensor([0, 1, 2, 1])
+    inputs, labels = batch(), torch.tensor([0, 1, 2])
     ours = model(**inputs).logits
     torch.testing.assert_close(ours, reference(**inputs).logits, atol=1e-5, rtol=0)
     regularised = torch.nn.functional.cross_entropy(ours, labels) + method.extra_loss(model)
@@ -64,7 +58,7 @@ def test_equal_weights_give_peft_outputs_and_loss_with_the_orthogonality_term(ki
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_ranks_pruned_step_by_step_are_peft_rank_allocator_s(kind):
     model, method, reference, pairs = ours_and_peft(kind)
-    inputs, labels = batch(), torch.tensor([0, 1, 2, 1])
+    inputs, labels = batch(), torch.tensor([0, 1, 2])
     ours_optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     peft_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.05)
     kept_over_time = []

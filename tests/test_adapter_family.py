@@ -7,24 +7,13 @@ beside transformers 5, so these tests compute each method's output from its form
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import build_tiny_model
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
 from deltatune.methods.adapters import AdapterSite
 from deltatune.methods.compacter import CompacterAdapter, PHMLinear
 from deltatune.methods.parallel_adapter import ParallelAdapter
-
-
-def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy dog"], padding=True,
-                                return_tensors="pt")
-    encoded.pop("token_type_ids", None)
-    return dict(encoded)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+from test_lora import batch, logits
 
 
 def moved(model, seed=0, scale=0.3):

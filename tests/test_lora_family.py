@@ -5,13 +5,14 @@ import copy
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import build_tiny_model
 from deltatune.errors import DeltatuneError
 from deltatune.methods import OptimizerSettings, build_method, delta_state, prepare_model
 from deltatune.methods.dora import DoRALinear
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.pissa import PiSSALinear
 from deltatune.methods.state import parameter_index
+from test_lora import batch, logits
 
 peft = pytest.importorskip("peft")
 
@@ -19,18 +20,6 @@ KINDS = ["bert", "llama"]
 PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 PEFT_NAMES = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
               "magnitude": "lora_magnitude_vector.default.weight"}
-
-
-def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy dog"], padding=True,
-                                return_tensors="pt")
-    encoded.pop("token_type_ids", None)
-    return dict(encoded)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def ours_and_peft(kind, method_name, options, **peft_options):

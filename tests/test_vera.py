@@ -5,28 +5,17 @@ import copy
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import build_tiny_model
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
 from deltatune.methods.state import parameter_index
 from deltatune.methods.vera import VeRALinear, draw_projections
+from test_lora import batch, logits
 
 peft = pytest.importorskip("peft")
 
 KINDS = ["bert", "llama"]
 PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
-
-
-def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy dog"], padding=True,
-                                return_tensors="pt")
-    encoded.pop("token_type_ids", None)
-    return dict(encoded)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.mark.parametrize("kind", KINDS)

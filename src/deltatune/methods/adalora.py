@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._linear_targets import WrappedLinear, select_layers, target_problems, wrap_layers
+from deltatune.methods._linear_targets import (
+    AddedUpdateLinear,
+    WrappedLinear,
+    select_layers,
+    target_problems,
+    wrap_layers,
+)
 from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
 from deltatune.methods.lora import DEFAULT_TARGETS
@@ -125,29 +131,13 @@ class SVDUpdate(nn.Module):
                 + torch.linalg.matrix_norm(self.lora_B.t() @ self.lora_B - identity))
 
 
-class SVDLinear(WrappedLinear):
+class SVDLinear(AddedUpdateLinear):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's SVD-form update."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        update = self.active_part()
-        if update is None or self.merged_delta is not None:
-            return result
-        branch_input = x if update.dropout is None else update.dropout(x)
-        down = F.linear(branch_input, update.lora_A * update.lora_E[:, None])
-        return result + F.linear(down, update.lora_B) * update.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged_delta is None and self.active_delta is not None:
-            self.base_layer.weight.add_(self.deltas[self.active_delta].delta_weight(self.base_layer.weight.dtype))
-            self.merged_delta = self.active_delta
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged_delta is not None:
-            self.base_layer.weight.sub_(self.deltas[self.merged_delta].delta_weight(self.base_layer.weight.dtype))
-            self.merged_delta = None
+    def added(self, part: SVDUpdate, x: torch.Tensor) -> torch.Tensor:
+        branch_input = x if part.dropout is None else part.dropout(x)
+        down = F.linear(branch_input, part.lora_A * part.lora_E[:, None])
+        return F.linear(down, part.lora_B) * part.scaling
 
 
 class _GradientTap:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.methods._linear_targets import WrappedLinear, select_layers, wrap_layers
+from deltatune.methods._linear_targets import AddedUpdateLinear, WrappedLinear, select_layers, wrap_layers
 from deltatune.methods.base import Method, PeftAdapter
 from deltatune.methods.common import head_names
 from deltatune.methods.lora import DEFAULT_TARGETS, LoRA, LoRAConfig, LoRAUpdate
@@ -76,31 +76,15 @@ class PiSSAUpdate(LoRAUpdate):
         return ((self.lora_B @ self.lora_A - self.initial_B @ self.initial_A) * self.scaling).to(dtype)
 
 
-class PiSSALinear(WrappedLinear):
+class PiSSALinear(AddedUpdateLinear):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's principal-part update."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        update = self.active_part()
-        if update is None or self.merged_delta is not None:
-            return result
-        branch_input = x if update.dropout is None else update.dropout(x)
-        trained = F.linear(F.linear(branch_input, update.lora_A), update.lora_B)
+    def added(self, part: PiSSAUpdate, x: torch.Tensor) -> torch.Tensor:
+        branch_input = x if part.dropout is None else part.dropout(x)
+        trained = F.linear(F.linear(branch_input, part.lora_A), part.lora_B)
         # the starting pair sees the undropped input: it stands for the frozen residual weight
-        initial = F.linear(F.linear(x, update.initial_A), update.initial_B)
-        return result + (trained - initial) * update.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged_delta is None and self.active_delta is not None:
-            self.base_layer.weight.add_(self.deltas[self.active_delta].delta_weight(self.base_layer.weight.dtype))
-            self.merged_delta = self.active_delta
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged_delta is not None:
-            self.base_layer.weight.sub_(self.deltas[self.merged_delta].delta_weight(self.base_layer.weight.dtype))
-            self.merged_delta = None
+        initial = F.linear(F.linear(x, part.initial_A), part.initial_B)
+        return (trained - initial) * part.scaling
 
 
 @register("pissa", PiSSAConfig)

@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._linear_targets import WrappedLinear, select_layers, target_problems, wrap_layers
+from deltatune.methods._linear_targets import (
+    AddedUpdateLinear,
+    WrappedLinear,
+    select_layers,
+    target_problems,
+    wrap_layers,
+)
 from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
 from deltatune.methods.lora import DEFAULT_TARGETS
@@ -110,30 +116,14 @@ class VeRAScales(nn.Module):
         return ((self.lambda_b[:, None] * projection_B) @ (self.lambda_d[:, None] * projection_A)).to(dtype)
 
 
-class VeRALinear(WrappedLinear):
+class VeRALinear(AddedUpdateLinear):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's Λ_b B Λ_d A x."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        scales = self.active_part()
-        if scales is None or self.merged_delta is not None:
-            return result
-        projection_A, projection_B = scales.matrices()
-        branch_input = x if scales.dropout is None else scales.dropout(x)
-        down = scales.lambda_d * F.linear(branch_input, projection_A.to(x.dtype))
-        return result + scales.lambda_b * F.linear(down, projection_B.to(x.dtype))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged_delta is None and self.active_delta is not None:
-            self.base_layer.weight.add_(self.deltas[self.active_delta].delta_weight(self.base_layer.weight.dtype))
-            self.merged_delta = self.active_delta
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged_delta is not None:
-            self.base_layer.weight.sub_(self.deltas[self.merged_delta].delta_weight(self.base_layer.weight.dtype))
-            self.merged_delta = None
+    def added(self, part: VeRAScales, x: torch.Tensor) -> torch.Tensor:
+        projection_A, projection_B = part.matrices()
+        branch_input = x if part.dropout is None else part.dropout(x)
+        down = part.lambda_d * F.linear(branch_input, projection_A.to(x.dtype))
+        return part.lambda_b * F.linear(down, projection_B.to(x.dtype))
 
 
 @register("vera", VeRAConfig)
