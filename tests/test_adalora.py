@@ -102,3 +102,23 @@ def test_config_problems_are_collected():
     for expected in ("method.target_r=6 must be between 1 and method.init_r=4", "leave no steps to prune in",
                      "method.update_every=0", "method.beta1=1.0"):
         assert expected in str(error.value)
+
+
+def test_the_training_loop_prunes_to_the_budget_and_adds_the_regulariser():
+    from conftest import build_tokenizer
+    from deltatune.training import TrainConfig, train
+    from test_training import SENTIMENT, sentiment_splits
+
+    torch.manual_seed(0)
+    model = build_tiny_model("llama")
+    method = build_method("adalora", {"init_r": 4, "target_r": 2, "orth_reg_weight": 1.0})
+    prepare_model(model, method)
+    before = method.extra_loss(model).item()
+    train_split, dev_split = sentiment_splits()
+    # one evaluation, at the end, so the kept state is the final, pruned one
+    config = TrainConfig(max_steps=12, batch_size=16, learning_rate=1e-2, eval_every=1000, quiet=True, seed=3)
+    train(model, build_tokenizer(), SENTIMENT, train_split, dev_split, method, config)
+    ranks = method.describe(model)
+    assert ranks["total_rank"] == 2 * 4 and set(ranks["ranks"]) == {
+        f"model.layers.{i}.self_attn.{name}" for i in range(2) for name in ("q_proj", "v_proj")}
+    assert method.extra_loss(model).item() < before

@@ -78,8 +78,7 @@ class MAMConfig(PrefixTuningConfig):
 class MAM(PrefixTuning):
     """MAM adapter: prefix tuning on attention plus a scaled parallel adapter beside each FFN (He et al. 2022)."""
 
-    # between prefix tuning's 1e-2 and the adapters' 1e-3: the paper trains MAM with 5e-5 on BART-large
-    # for generation, far too little for a short budget on a small encoder
+    # between prefix tuning's 1e-2 and the adapters' 1e-3, since both halves train under one rate
     default_learning_rate = 3e-3
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:

@@ -130,8 +130,8 @@ class VeRALinear(AddedUpdateLinear):
 class VeRA(Method):
     """VeRA: shared frozen random matrices, and two trained scaling vectors per adapted layer."""
 
-    # only vectors train, each scaling a whole random projection: the paper uses lrs around 1e-2
-    # for RoBERTa on GLUE (its Table 8: 4e-3..1e-2 for the vectors)
+    # only vectors train, few of them, each scaling a whole frozen projection: they need a much larger
+    # step than LoRA's matrices (the paper trains them at rates of the order of 1e-2)
     default_learning_rate = 1e-2
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
