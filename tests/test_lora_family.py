@@ -203,3 +203,4 @@ def test_pissa_trains_only_the_pair_and_saves_the_starting_pair_too():
     principal = left[:, :2] @ torch.diag(values[:2]) @ right[:2]
     part = weight.deltas["default"]
     torch.testing.assert_close(part.scaling * part.initial_B @ part.initial_A, principal, atol=1e-5, rtol=0)
+

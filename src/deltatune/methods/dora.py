@@ -52,7 +52,8 @@ class DoRAUpdate(LoRAUpdate):
     def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__(layer, r, alpha, dropout, rslora)
         with torch.no_grad():
-            self.magnitude = nn.Parameter(row_norms(layer.weight, self.delta_weight(layer.weight.dtype)))
+            self.magnitude = nn.Parameter(row_norms(layer.weight, self.delta_weight(layer.weight.dtype))
+                                          .to(layer.weight.dtype))
 
     def factor(self, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖W + s·B·A‖ per output feature, the norm detached (DoRA's section 4.3)."""
@@ -60,8 +61,9 @@ class DoRAUpdate(LoRAUpdate):
 
 
 def row_norms(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """‖W + update‖ over each output feature's row, computed in W's dtype."""
-    return torch.linalg.norm(weight + update, dim=1).to(weight.dtype)
+    """‖W + update‖ over each output feature's row, summed in float32 even when W is stored in bf16
+    (training at --precision auto), so the norm is as exact as the magnitude it divides."""
+    return torch.linalg.norm(weight.float() + update.float(), dim=1)
 
 
 class DoRALinear(WrappedLinear):
@@ -93,7 +95,7 @@ class DoRALinear(WrappedLinear):
         norms = row_norms(weight, delta)
         small = (update.magnitude.abs() < _UNDIVIDABLE).nonzero().flatten()
         self._kept = (norms, small, weight[small].clone())
-        weight.add_(delta).mul_((update.magnitude / norms)[:, None])
+        weight.add_(delta).mul_((update.magnitude / norms).to(weight.dtype)[:, None])
         self.merged_delta = self.active_delta
 
     @torch.no_grad()
@@ -105,7 +107,7 @@ class DoRALinear(WrappedLinear):
         norms, small, kept = self._kept
         magnitude = torch.where(update.magnitude.abs() < _UNDIVIDABLE, torch.ones_like(update.magnitude),
                                 update.magnitude)
-        weight.mul_((norms / magnitude)[:, None]).sub_(update.delta_weight(weight.dtype))
+        weight.mul_((norms / magnitude).to(weight.dtype)[:, None]).sub_(update.delta_weight(weight.dtype))
         weight[small] = kept
         self._kept = None
         self.merged_delta = None
