@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.methods._linear_targets import WrappedLinear, select_layers, wrap_layers
-from deltatune.methods.base import Method, PeftAdapter
-from deltatune.methods.lora import DEFAULT_TARGETS, LoRA, LoRAConfig, LoRAUpdate
+from deltatune.methods._linear_targets import WrappedLinear
+from deltatune.methods._lora_variants import LoRAVariant
+from deltatune.methods.base import PeftAdapter
+from deltatune.methods.lora import LoRAConfig, LoRAUpdate
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, merge_sites
 
 # Below this magnitude a row could not be divided back out after merging; it is kept aside instead.
 _UNDIVIDABLE = 1e-12
@@ -114,24 +114,11 @@ class DoRALinear(WrappedLinear):
 
 
 @register("dora", DoRAConfig)
-class DoRA(LoRA):
+class DoRA(LoRAVariant):
     """DoRA: LoRA on the direction of each weight plus a trained magnitude per output feature."""
 
-    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
-        names = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)
-        Method.apply(self, model, name)
-        config = self.config
-        for layer in wrap_layers(model, names, DoRALinear, DoRALinear):
-            layer.add_part(model, name, DoRAUpdate(layer, config.r, config.alpha, config.dropout, config.use_rslora),
-                           "DoRA")
-
-    def merge(self, model: nn.Module) -> None:
-        """Replace every adapted weight by m ⊙ (W + s·B·A) / ‖W + s·B·A‖: outputs stay the same."""
-        merge_sites(model, self, DoRALinear, merge=True)
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Restore every adapted weight (undoes `merge` up to float rounding)."""
-        merge_sites(model, self, DoRALinear, merge=False)
+    _site_class = DoRALinear
+    _update_class = DoRAUpdate
 
     def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
         """PEFT's LoRA with use_dora: LoRA's names, and 'X.magnitude' -> 'X.lora_magnitude_vector'."""

@@ -34,19 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.methods._linear_targets import AddedUpdateLinear, WrappedLinear, select_layers, wrap_layers
-from deltatune.methods.base import Method, PeftAdapter
+from deltatune.methods._linear_targets import AddedUpdateLinear, WrappedLinear
+from deltatune.methods._lora_variants import LoRAVariant
+from deltatune.methods.base import PeftAdapter
 from deltatune.methods.common import head_names
-from deltatune.methods.lora import DEFAULT_TARGETS, LoRA, LoRAConfig, LoRAUpdate
+from deltatune.methods.lora import LoRAConfig, LoRAUpdate
 from deltatune.methods.registry import register
-from deltatune.methods.state import (
-    DEFAULT_DELTA,
-    TensorSpec,
-    merge_sites,
-    own_parameter_names,
-    parameter_index,
-    read_delta_tensors,
-)
+from deltatune.methods.state import TensorSpec, own_parameter_names, parameter_index, read_delta_tensors
 
 
 @dataclass(frozen=True)
@@ -88,16 +82,11 @@ class PiSSALinear(AddedUpdateLinear):
 
 
 @register("pissa", PiSSAConfig)
-class PiSSA(LoRA):
+class PiSSA(LoRAVariant):
     """PiSSA: LoRA started from each weight's principal singular vectors, the residual frozen."""
 
-    def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
-        names = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)
-        Method.apply(self, model, name)
-        config = self.config
-        for layer in wrap_layers(model, names, PiSSALinear, PiSSALinear):
-            layer.add_part(model, name, PiSSAUpdate(layer, config.r, config.alpha, config.dropout, config.use_rslora),
-                           "PiSSA")
+    _site_class = PiSSALinear
+    _update_class = PiSSAUpdate
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         return {name for name in self._saved_names(model) if not name.endswith((".initial_A", ".initial_B"))}
@@ -113,14 +102,6 @@ class PiSSA(LoRA):
         index, names = parameter_index(model), self._saved_names(model)
         return {index.canonical[name]: TensorSpec.of(parameter)
                 for name, parameter in model.named_parameters() if name in names}
-
-    def merge(self, model: nn.Module) -> None:
-        """Fold s · (B A − B₀ A₀) into every adapted weight: it becomes W_res + s · B A."""
-        merge_sites(model, self, PiSSALinear, merge=True)
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Take the update back out of every adapted weight (undoes `merge` up to float rounding)."""
-        merge_sites(model, self, PiSSALinear, merge=False)
 
     def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
         """PEFT's plain LoRA of rank 2r on the original weights: B' = [B, −B₀], A' = [A; A₀], same scale.
