@@ -21,9 +21,9 @@ Two options of the whole LoRA family (`lora`, `dora`, `pissa`), as PEFT has them
   alpha / sqrt(r) instead of alpha / r, which keeps the update's size stable as r grows (with
   alpha / r, a larger rank learns no faster: the paper's rank-stabilisation argument). Same cost.
 - LoRA+ (Hayou, Ghosh & Yu 2024, arXiv:2402.12354), `loraplus_lr_ratio=16`: B learns at lr · ratio
-  and A at lr, since with B starting at zero, equal rates update B too slowly in wide layers. As in
-  the authors' code and PEFT's `create_loraplus_optimizer`, every vector parameter (biases, DoRA's
-  magnitudes) gets the larger rate too. Weight decay and layer-wise LR decay apply as for any
+  and A at lr, since with B starting at zero, equal rates update B too slowly in wide layers. As
+  PEFT's `create_loraplus_optimizer` (which follows the authors' code) does, every vector parameter
+  (biases, DoRA's magnitudes) gets the larger rate too. Weight decay and layer-wise LR decay apply as for any
   method. Same cost; 1 (the default) is plain LoRA.
 """
 
