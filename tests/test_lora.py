@@ -249,6 +249,6 @@ def test_export_refuses_to_overwrite_and_refuses_methods_without_a_peft_form(tmp
     prepare_model(bitfit_model, bitfit)
     save_delta(tmp_path / "bitfit-run", bitfit_model, bitfit,
                {"method": "bitfit", "method_config": {}, "base_model": {"name": "tiny"}, "task": {}})
-    with pytest.raises(DeltatuneError, match=r"'bitfit' delta cannot be exported.*deltas of ia3, lora can"):
+    with pytest.raises(DeltatuneError, match=r"'bitfit' delta cannot be exported.*deltas of dora, ia3, lora, pissa can"):
         export_peft(tmp_path / "bitfit-run", tmp_path / "out")
     assert delta_state(bitfit_model, bitfit)  # (the delta itself is fine; only the PEFT form is missing)

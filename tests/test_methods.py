@@ -38,6 +38,12 @@ class Case:
     """The delta holds at most this fraction of the model's parameters (on these tiny models)."""
     mergeable: bool = False
     """The method offers merge/unmerge (folding its delta into the base weights)."""
+    variant: str = ""
+    """Tells apart several rows of one method (its options as a name)."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.variant}" if self.variant else self.method
 
 
 CASES = [
@@ -55,6 +61,17 @@ CASES = [
     Case("input-dependent-prompt", {"init": "vocab", "num_virtual_tokens": 4, "attention_size": 8, "num_heads": 2},
          identity_at_start=False, max_delta_fraction=0.1),  # defaults (a=128) are wider than the tiny d=32
     Case("recursive-lm", {"connector_size": 8}, max_delta_fraction=0.05),  # combine=add starts at the base model
+    Case("lora", {"use_rslora": True, "loraplus_lr_ratio": 16}, max_delta_fraction=0.1, mergeable=True,
+         variant="rslora-loraplus"),
+    Case("dora", max_delta_fraction=0.12, mergeable=True),
+    Case("pissa", {"r": 4}, max_delta_fraction=0.1, mergeable=True),  # stores the starting pair too: 2x LoRA r=4
+    Case("vera", {"r": 16}, max_delta_fraction=0.05, mergeable=True),  # default r=256 is far wider than d=32
+    Case("adalora", {"init_r": 4, "target_r": 2}, max_delta_fraction=0.1, mergeable=True),
+    Case("compacter", max_delta_fraction=0.05),
+    Case("compacter-pp", max_delta_fraction=0.05),
+    Case("parallel-adapter", {"bottleneck_size": 4}, max_delta_fraction=0.1),  # default m=d/2 is 16 here
+    Case("mam", {"num_virtual_tokens": 4, "mlp_hidden_size": 16, "bottleneck_size": 4}, identity_at_start=False,
+         max_delta_fraction=0.15),
 ]
 KINDS = ["bert", "llama"]
 
@@ -75,7 +92,7 @@ def fresh(kind, seed=0):
 
 
 @pytest.fixture(params=[(case, kind) for case in CASES for kind in KINDS],
-                ids=lambda p: f"{p[0].method}-{p[1]}")
+                ids=lambda p: f"{p[0].label}-{p[1]}")
 def case_kind(request):
     return request.param
 
@@ -342,8 +359,8 @@ def test_deltas_of_every_method_share_one_base_and_each_gives_its_own_outputs(ki
         method = build_method(case.method, case.options)
         prepare_model(single, method)
         load_delta_state(single, method, tensors)
-        alone[case.method] = logits(single.eval(), batch)
-        attach_delta(shared, build_method(case.method, case.options), tensors, case.method)
+        alone[case.label] = logits(single.eval(), batch)
+        attach_delta(shared, build_method(case.method, case.options), tensors, case.label)
     for name in [*reversed(list(alone)), None, *alone]:
         activate_delta(shared, name)
         torch.testing.assert_close(logits(shared, batch), alone[name] if name else base_logits, rtol=0, atol=0)

@@ -24,7 +24,16 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def field_help(config_class: type) -> dict[str, str]:
-    """Field name -> the string literal written just after it in the class body (its help)."""
+    """Field name -> the string literal written just after it in the class body (its help); a field
+    a config inherits keeps the help its base class gives it."""
+    helps: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        if dataclasses.is_dataclass(klass):
+            helps.update(_own_field_help(klass))
+    return helps
+
+
+def _own_field_help(config_class: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(config_class))
     except (OSError, TypeError):

@@ -396,7 +396,7 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
                 labels = batch.pop("labels")
                 with autocast_for(config.precision):
                     logits = model(**batch).logits
-                loss = task_loss(logits, labels, task.is_regression) * (len(part) / len(indices))
+                loss = (task_loss(logits, labels, task.is_regression) + method.extra_loss(model)) * (len(part) / len(indices))
                 loss.backward()
                 loss_total += loss.item()
                 real_tokens += int(batch["attention_mask"].sum())

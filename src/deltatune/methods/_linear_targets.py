@@ -1,4 +1,4 @@
-"""Choosing which linear layers a method modifies, and wrapping them: shared by LoRA and (IA)³.
+"""Choosing which linear layers a method modifies, and wrapping them: shared by the LoRA family and (IA)³.
 
 A target is one string, interpreted in one of two ways:
 - a **regex** when it starts with `re:` or contains a regex character other than `.`
@@ -119,6 +119,36 @@ class WrappedLinear(DeltaSite):
 
     def extra_repr(self) -> str:
         return f"active={self.active_delta!r}, merged={self.merged_delta!r}"
+
+
+class AddedUpdateLinear(WrappedLinear):
+    """A wrapped layer whose delta parts each add an update linear in the input: h = W x + b + part's term.
+
+    A subclass says what its part adds (`added`); the part's `delta_weight(dtype)` is the same update
+    as a matrix of W's shape, which `merge` adds to the base weight and `unmerge` takes back out.
+    """
+
+    def added(self, part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        part = self.active_part()
+        if part is None or self.merged_delta is not None:
+            return result
+        return result + self.added(part, x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged_delta is None and self.active_delta is not None:
+            self.base_layer.weight.add_(self.deltas[self.active_delta].delta_weight(self.base_layer.weight.dtype))
+            self.merged_delta = self.active_delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_delta is not None:
+            self.base_layer.weight.sub_(self.deltas[self.merged_delta].delta_weight(self.base_layer.weight.dtype))
+            self.merged_delta = None
 
 
 def wrap_layers(model: nn.Module, names: list[str], site_class: type[DeltaSite],

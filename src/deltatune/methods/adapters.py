@@ -203,9 +203,12 @@ class _Adapters(Method):
                     # the parent, and the hook finds them from the module it runs on
                     object.__setattr__(target, "_deltatune_adapter", site)
                     target.register_forward_hook(_run_adapter)
-                adapter = BottleneckAdapter(hidden_size, size, self.config.activation,
-                                            self.config.up_projection_init_std)
+                adapter = self._new_adapter(hidden_size, size)
                 site.add_part(model, name, adapter.to(device=reference.device, dtype=reference.dtype), self.name)
+
+    def _new_adapter(self, hidden_size: int, size: int) -> nn.Module:
+        """One adapter (a module mapping hidden states to hidden states) for one site."""
+        return BottleneckAdapter(hidden_size, size, self.config.activation, self.config.up_projection_init_std)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         names = own_parameter_names(model, self._applied_name())

@@ -10,6 +10,7 @@ Hooks (the defaults in brackets):
     apply(model, name)                 add the method's modules for delta `name` [register the delta]
     trainable_names(model)             parameter names that train and are saved (required)
     on_step_end(model, step, total)    per-step updates: masks, schedules [nothing]
+    extra_loss(model)                  a regulariser added to the task loss [0.0]
     param_groups(model, lr, settings)  AdamW groups honouring weight decay and layer-wise LR decay
                                        [decay on matrices only; lr · decay^depth]
     describe(model)                    facts for the run record [{}]
@@ -186,6 +187,10 @@ class Method:
 
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Runs after every optimizer step (`step` counts from 1)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
+        """A term the training loop adds to the task loss of every batch (a regulariser of the method's own)."""
+        return 0.0
 
     def describe(self, model: nn.Module) -> dict:
         """Facts about the trained delta for the run record."""

@@ -15,6 +15,16 @@ over 6 layers) and 8 · (576 + 576) + 8 · (576 + 192) = 15,360 per layer on Smo
 over 30 layers), plus the task head.
 
 Targets: see `deltatune.methods._linear_targets` (name suffixes, or regexes with `re:`).
+
+Two options of the whole LoRA family (`lora`, `dora`, `pissa`), as PEFT has them:
+- rsLoRA (Kalajdzievski 2023, arXiv:2312.03732), `use_rslora=true`: the update is scaled by
+  alpha / sqrt(r) instead of alpha / r, which keeps the update's size stable as r grows (with
+  alpha / r, a larger rank learns no faster: the paper's rank-stabilisation argument). Same cost.
+- LoRA+ (Hayou, Ghosh & Yu 2024, arXiv:2402.12354), `loraplus_lr_ratio=16`: B learns at lr · ratio
+  and A at lr, since with B starting at zero, equal rates update B too slowly in wide layers. As
+  PEFT's `create_loraplus_optimizer` (which follows the authors' code) does, every vector parameter
+  (biases, DoRA's magnitudes) gets the larger rate too. Weight decay and layer-wise LR decay apply as for any
+  method. Same cost; 1 (the default) is plain LoRA.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods._linear_targets import WrappedLinear, select_layers, target_problems, wrap_layers
-from deltatune.methods.base import Method, PeftAdapter
+from deltatune.methods.base import Method, OptimizerSettings, PeftAdapter, decay_groups
 from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
 from deltatune.methods.state import DEFAULT_DELTA, merge_sites, own_parameter_names
@@ -52,9 +62,17 @@ class LoRAConfig:
     (* + ? [ ] ( ) { } | ^ $ \\) is a regex that must fully match the module's dotted name. Each target
     must match some layer, except in the default, which lists BERT's (query, value) and Llama's
     (q_proj, v_proj) attention projections as alternatives."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)."""
+    loraplus_lr_ratio: float = 1.0
+    """LoRA+: B (and every vector parameter) learns at this multiple of the learning rate (Hayou et al.
+    2024 recommend 16); 1 is plain LoRA."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not self.loraplus_lr_ratio > 0:
+            problems.append(f"method.loraplus_lr_ratio={self.loraplus_lr_ratio} must be positive (1 is plain "
+                            "LoRA; LoRA+ recommends 16)")
         if self.r < 1:
             problems.append(f"method.r={self.r} must be at least 1 (8 is typical)")
         if not self.alpha > 0:
@@ -69,14 +87,14 @@ class LoRAConfig:
 class LoRAUpdate(nn.Module):
     """One delta's low-rank branch (alpha / r) · B A of one layer."""
 
-    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float, rslora: bool = False) -> None:
         super().__init__()
         weight = layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, dtype=weight.dtype, device=weight.device))
         # the same initialisation nn.Linear gives its weight (and the paper's code gives A)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         # no module at all when dropout is off, so the forward pass does not even call an identity
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
@@ -152,11 +170,30 @@ class LoRA(Method):
         names = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)
         super().apply(model, name)
         for layer in wrap_layers(model, names, LoRALinear, LoRALinear):
-            layer.add_part(model, name, LoRAUpdate(layer, self.config.r, self.config.alpha, self.config.dropout),
-                           "LoRA")
+            layer.add_part(model, name, LoRAUpdate(layer, self.config.r, self.config.alpha, self.config.dropout,
+                                                   self.config.use_rslora), "LoRA")
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         return own_parameter_names(model, self._applied_name()) | head_names(model)
+
+    def param_groups(self, model: nn.Module, learning_rate: float, settings: OptimizerSettings) -> list[dict]:
+        """The usual groups; with LoRA+ each is split, B and vectors at lr · loraplus_lr_ratio."""
+        groups = decay_groups(model, learning_rate, settings)
+        ratio = self.config.loraplus_lr_ratio
+        if ratio == 1:
+            return groups
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+
+        def faster(parameter: nn.Parameter) -> bool:
+            return parameter.ndim < 2 or names[id(parameter)].endswith(".lora_B")
+
+        split = []
+        for group in groups:
+            for fast in (False, True):
+                params = [parameter for parameter in group["params"] if faster(parameter) == fast]
+                if params:
+                    split.append({**group, "params": params, "lr": group["lr"] * (ratio if fast else 1.0)})
+        return split
 
     def merge(self, model: nn.Module) -> None:
         """Fold every B·A into its base weight: outputs stay the same, the extra matmuls go away."""
@@ -178,5 +215,6 @@ class LoRA(Method):
                 rest[name] = tensor
         config = {"peft_type": "LORA", "r": self.config.r, "lora_alpha": self.config.alpha,
                   "lora_dropout": self.config.dropout, "target_modules": sorted(targets), "bias": "none",
-                  "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+                  "fan_in_fan_out": False, "use_rslora": self.config.use_rslora, "use_dora": False,
+                  "init_lora_weights": True}
         return PeftAdapter(config, renamed, rest)

@@ -205,7 +205,7 @@ class PrefixTuning(Method):
                     for head, parameter in model.named_parameters() if head in head_names(model)}
         expected[prefix_name] = TensorSpec((prefix.shape.num_layers, 2, prefix.num_tokens,
                                             prefix.shape.key_value_width), reference.dtype)
-        check_delta_tensors("prefix-tuning", tensors, expected,
+        check_delta_tensors(self.name, tensors, expected,
                             f"method.num_virtual_tokens={prefix.num_tokens} here: was the delta saved with another "
                             "prefix length, by another deltatune version, or for another model?")
         # the loaded prefixes train if the form they replace did (prepare_model ran before loading)
