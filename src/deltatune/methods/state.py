@@ -610,7 +610,7 @@ class _RowwiseModule:
         if (isinstance(self.module, nn.Linear) and "bias" in self.leaves
                 and all(group.get("weight", weight.data) is weight.data for group in values)
                 and all(group["bias"].shape == self.module.bias.shape for group in values)):
-            return "bias", torch.stack([group["bias"] for group in values])
+            return "bias", torch.stack([group["bias"].to(weight.dtype) for group in values])
         sets: dict[tuple, tuple[dict, list[int]]] = {}
         for group, group_values in enumerate(values):
             key = tuple(id(value) for value in group_values.values())
