@@ -247,6 +247,18 @@ def command_report(args: argparse.Namespace) -> int:
     return report_command(args)
 
 
+def run_serve_command(args: argparse.Namespace) -> int:
+    from deltatune.serve.command import run_serve_command as run
+
+    return run(args)
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from deltatune.merge import merge_command as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Adapt pretrained language models cheaply, "
                                      "ship each task as a tiny delta, and find out which method is best.")
@@ -325,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(commands)
     add_results_parser(commands)
     add_report_parser(commands)
+    from deltatune.merge import add_merge_parser
+    from deltatune.serve.command import add_serve_parser
+
+    add_serve_parser(commands)
+    add_merge_parser(commands)
     return parser
 
 
@@ -342,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                     "export": lambda: command_export(args), "analyze": lambda: command_analyze(args),
                     "freelm": lambda: command_freelm(args, method_options),
                     "compare": lambda: command_compare(args), "results": lambda: command_results(args),
-                    "report": lambda: command_report(args)}
+                    "report": lambda: command_report(args), "serve": lambda: run_serve_command(args),
+                    "merge": lambda: merge_command(args)}
         return handlers[args.command]()
     except DeltatuneError as error:
         print(f"deltatune: error: {error}", file=sys.stderr)

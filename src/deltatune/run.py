@@ -31,6 +31,7 @@ from deltatune.delta import (
 )
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
+from deltatune.model_card import write_model_card
 from deltatune.tasks.spec import TaskData
 from deltatune.training import TrainConfig, peak_memory_bytes, seed_everything, train
 
@@ -182,6 +183,7 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
     try:
         record["delta_bytes"] = save_delta(staging, model, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
+        write_model_card(staging, {**manifest, "delta_bytes": record["delta_bytes"]}, record)
         save_file({"outputs": torch.from_numpy(np.ascontiguousarray(result.best_dev_outputs, dtype=np.float32)),
                    "labels": torch.tensor(result.dev_labels, dtype=torch.float32)}, str(staging / DEV_OUTPUTS))
         _use_default_permissions(staging)
