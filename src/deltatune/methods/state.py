@@ -585,7 +585,9 @@ class _RowwiseModule:
     """A base module's forward in a mixed batch: each row with its delta's values of the module's tensors.
 
     A linear layer whose deltas differ only in the bias (BitFit) runs one matmul and adds each row's
-    bias; any other module (norms, task heads) runs once per distinct set of values on its rows, and
+    bias; any other linear layer (a task head) gathers each row's weight and bias (zero-padded to the
+    widest head) into one batched matmul; a LayerNorm normalises once and applies each row's gain and
+    shift; any other module (RMSNorm) runs once per distinct set of values on its rows, and
     outputs of different widths (heads of tasks with different label counts) are padded with zeros.
     """
 
@@ -611,6 +613,11 @@ class _RowwiseModule:
                 and all(group.get("weight", weight.data) is weight.data for group in values)
                 and all(group["bias"].shape == self.module.bias.shape for group in values)):
             return "bias", torch.stack([group["bias"].to(weight.dtype) for group in values])
+        if isinstance(self.module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
+            return "linear", _stack_linear(values, self.module)
+        if (isinstance(self.module, nn.LayerNorm) and self.module.elementwise_affine
+                and all(group[leaf].shape == getattr(self.module, leaf).shape for group in values for leaf in self.leaves)):
+            return "norm", {leaf: torch.stack([group[leaf] for group in values]) for leaf in self.leaves}
         sets: dict[tuple, tuple[dict, list[int]]] = {}
         for group, group_values in enumerate(values):
             key = tuple(id(value) for value in group_values.values())
@@ -625,6 +632,20 @@ class _RowwiseModule:
             output = F.linear(inputs, self.module.weight, None)
             shape = (output.shape[0],) + (1,) * (output.ndim - 2) + (output.shape[-1],)
             return output + plan[routing.index].to(output.dtype).view(shape)
+        if kind == "linear":  # each row's own weight (a task head: rows of several widths, zero-padded)
+            weights, biases = plan
+            rows = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+            output = torch.bmm(rows, weights[routing.index].transpose(1, 2).to(rows.dtype))
+            if biases is not None:
+                output = output + biases[routing.index].unsqueeze(1).to(output.dtype)
+            return output.view(*inputs.shape[:-1], weights.shape[1])
+        if kind == "norm":  # normalise once, then each row's own gain and shift
+            module = self.module
+            output = F.layer_norm(inputs, module.normalized_shape, None, None, module.eps)
+            shape = (output.shape[0],) + (1,) * (output.ndim - 2) + (output.shape[-1],)
+            gains = plan["weight"][routing.index].view(shape) if "weight" in plan else module.weight
+            shifts = plan["bias"][routing.index].view(shape) if "bias" in plan else module.bias
+            return output * gains + shifts if shifts is not None else output * gains
         outputs = []
         parameters = {leaf: getattr(self.module, leaf) for leaf in self.leaves}
         live = {leaf: parameter.data for leaf, parameter in parameters.items()}
@@ -645,6 +666,22 @@ class _RowwiseModule:
         for rows, output in outputs:
             result[rows, ..., :output.shape[-1]] = output
         return result
+
+
+def _stack_linear(values: list[dict[str, torch.Tensor]], module: nn.Linear):
+    """Each group's weight (and bias) of a linear layer, zero-padded to the most output rows."""
+    weights = [group.get("weight", module.weight.data) for group in values]
+    width = max(weight.shape[0] for weight in weights)
+    stack = weights[0].new_zeros(len(weights), width, weights[0].shape[1])
+    for group, weight in enumerate(weights):
+        stack[group, :weight.shape[0]] = weight
+    if module.bias is None:
+        return stack, None
+    biases = stack.new_zeros(len(values), width)
+    for group, group_values in enumerate(values):
+        bias = group_values.get("bias", module.bias.data)
+        biases[group, :bias.shape[0]] = bias
+    return stack, biases
 
 
 @contextmanager
