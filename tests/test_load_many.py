@@ -5,13 +5,14 @@ label counts, a pair task, a regression task with a target scale, and a full fin
 runs in forward passes of its own).
 """
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 
 import deltatune
-from conftest import save_tiny_model_dir
+from conftest import make_sentiment_rows, save_tiny_model_dir
 from deltatune.config import to_jsonable
 from deltatune.delta import fingerprint_backbone, model_bytes, save_delta
 from deltatune.errors import DeltatuneError
@@ -26,19 +27,34 @@ SCORES = TaskSpec("scores", ("text",), score_range=(0.0, 5.0), metric="pearson",
 TEXTS = ["the man plays guitar", "a good movie", "not very happy dog", "the film was really great", "cat eats food"]
 
 
-def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, seed: int, options=None,
-             data: dict | None = None) -> Path:
-    """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start."""
-    torch.manual_seed(seed)
-    model, _ = load_model_for_task(str(base_dir), task)
-    fingerprint = fingerprint_backbone(model)
+def write_toy_csv(path: Path, rows: int) -> dict:
+    """A local sentiment CSV and the data record that trains on it."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(rows))
+    return deltatune.data_record("toy", local={"path": str(path), "text_fields": ["text"]})
+
+
+def moved_delta(model, method_name: str, options: dict | None, seed: int, scale: float = 0.1):
+    """`method_name` applied to `model` with every trainable tensor moved off its start, as training would."""
     method = build_method(method_name, options or {})
     prepare_model(model, method)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return method
+
+
+def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, seed: int, options=None,
+             data: dict | None = None) -> Path:
+    """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start."""
+    torch.manual_seed(seed)
+    model, _ = load_model_for_task(str(base_dir), task)
+    fingerprint = fingerprint_backbone(model)
+    method = moved_delta(model, method_name, options, seed)
     manifest = {"method": method_name, "method_config": to_jsonable(method.config), "task": task.to_dict(),
                 "base_model": {"name": str(base_dir), "fingerprint": fingerprint}, "max_length": 32,
                 "target_scale": [2.5, 1.2] if task.is_regression else None, "data": data or {},

@@ -1,7 +1,6 @@
 """`deltatune merge`: task arithmetic, soups, TIES and DARE on task vectors, checked against their formulas
 and against PEFT's `add_weighted_adapter` at equal inputs; refusals; merged runs that load and evaluate."""
 
-import csv
 import json
 
 import pytest
@@ -9,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from conftest import save_tiny_model_dir
 from deltatune.cli import main
 from deltatune.errors import DeltatuneError
 from deltatune.merge import MergeConfig, merge_runs, merge_task_vectors
-from test_load_many import SENTIMENT, TEXTS, TOPIC, make_run
+from test_load_many import SENTIMENT, TEXTS, TOPIC, make_run, write_toy_csv
 
 LAYERS = [f"bert.encoder.layer.{i}.attention.self.{target}" for i in range(2) for target in ("query", "value")]
 
@@ -189,15 +188,10 @@ def test_merges_that_make_no_sense_are_refused_saying_why(tmp_path, base):
 
 
 def test_merge_from_the_command_line_evaluates_against_each_delta_and_eval_works_on_the_result(tmp_path, base, capsys):
-    path = tmp_path / "toy.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(160))
-    data = deltatune.data_record("toy", local={"path": str(path), "text_fields": ["text"]})
+    data = write_toy_csv(tmp_path / "toy.csv", 96)
     runs = [tmp_path / f"seed{seed}" for seed in (1, 2)]
     for seed, run in zip((1, 2), runs):
-        deltatune.train(str(base), data=data, method="lora", out=str(run), max_steps=20, batch_size=16, seed=seed,
+        deltatune.train(str(base), data=data, method="lora", out=str(run), max_steps=8, batch_size=16, seed=seed,
                         learning_rate=3e-2, quiet=True)
     assert main(["merge", *map(str, runs), "--how", "linear", "--out", str(tmp_path / "soup"), "--evaluate", "dev"]) == 0
     printed = capsys.readouterr().out

@@ -13,7 +13,8 @@ from conftest import build_tiny_model
 from deltatune.errors import DeltatuneError
 from deltatune.methods import REGISTRY, activate_delta, attach_delta, build_method
 from deltatune.methods.state import PER_ROW, mixed_rows
-from test_methods import KINDS, Case, fresh_base, inputs, logits, trained_delta
+from test_load_many import moved_delta
+from test_methods import KINDS, fresh_base, inputs, logits
 
 # two deltas per method: (options of the first, options of the second)
 PER_ROW_CASES = {
@@ -44,18 +45,9 @@ def six_rows(kind):
 def attach_trained(shared, kind, name, method, options, seed, num_labels=3):
     """A delta of `method` trained (as far as a test needs) on a base whose head has `num_labels` outputs."""
     model = build_tiny_model(kind, num_labels=num_labels, seed=0)
-    case = Case(method, options)
-    from deltatune.methods import delta_state, prepare_model
-
-    method_object = build_method(method, options)
-    prepare_model(model, method_object)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    tensors = {key: value.clone() for key, value in delta_state(model, method_object).items()}
-    attach_delta(shared, build_method(case.method, case.options), tensors, name)
+    method_object = moved_delta(model, method, options, seed, scale=0.05)
+    tensors = {key: value.clone() for key, value in method_object.delta_state(model).items()}
+    attach_delta(shared, build_method(method, options), tensors, name)
     return tensors
 
 

@@ -1,16 +1,16 @@
 """Every run directory carries a model card: Hugging Face metadata, the cost, the metrics, and a command
 that trains the same run again (checked by running it)."""
 
-import csv
 import json
 import shlex
 
 import yaml
 
 import deltatune
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from conftest import save_tiny_model_dir
 from deltatune.cli import main
 from deltatune.model_card import model_card
+from test_load_many import write_toy_csv
 
 
 def front_matter(text):
@@ -20,12 +20,7 @@ def front_matter(text):
 
 def test_a_trained_run_has_a_card_whose_command_trains_it_again(tmp_path, monkeypatch):
     base = save_tiny_model_dir(tmp_path / "base", "bert")
-    path = tmp_path / "toy.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(96))
-    data = deltatune.data_record("toy", local={"path": str(path), "text_fields": ["text"]})
+    data = write_toy_csv(tmp_path / "toy.csv", 96)
     record = deltatune.train(str(base), data=data, method="lora", method_options={"r": 4}, out=str(tmp_path / "run"),
                              max_steps=6, batch_size=16, learning_rate=1e-2, quiet=True, seed=5)
     text = (tmp_path / "run" / "README.md").read_text()
