@@ -176,3 +176,19 @@ def test_load_many_is_validated_before_anything_loads(runs, tmp_path):
     served = deltatune.load_many([runs["sentiment-lora"]])
     with pytest.raises(DeltatuneError, match="Serve deltas of one base model together"):
         served.attach(stranger)
+
+
+def test_bf16_mixed_batches_stay_close_to_fp32_and_leave_the_weights_exact(runs):
+    served = deltatune.load_many([runs["sentiment-lora"], runs["topic-bitfit"], runs["topic-full"], runs["scores-ia3"]])
+    names = [name for name in served.tasks for _ in TEXTS]
+    inputs = TEXTS * len(served.tasks)
+    weights = {name: parameter.detach().clone() for name, parameter in served.model.named_parameters()}
+    exact = served.predict(inputs, task=names, precision="fp32")
+    rounded = served.predict(inputs, task=names, precision="bf16")
+    for fine, coarse in zip(exact, rounded):
+        if "score" in fine:
+            assert coarse["score"] == pytest.approx(fine["score"], abs=0.1)
+        else:
+            assert max(abs(coarse["probabilities"][k] - v) for k, v in fine["probabilities"].items()) < 0.05
+    assert all(torch.equal(parameter, weights[name]) for name, parameter in served.model.named_parameters())
+    assert served.predict(inputs, task=names, precision="fp32") == exact

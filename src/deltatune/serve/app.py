@@ -143,6 +143,17 @@ class Batcher:
                 for pending in batch:
                     self.per_task.subtract(pending.names)
 
+    async def detach(self, name: str) -> None:
+        """Detach delta `name` once the requests already queued for it are answered (new ones get 404)."""
+        self.closing.add(name)
+        try:
+            deadline = time.perf_counter() + self.settings.request_timeout_s
+            while self.per_task[name] > 0 and time.perf_counter() < deadline:
+                await asyncio.sleep(0.005)
+            await self.run_on_model(self.engine.detach, name)
+        finally:
+            self.closing.discard(name)
+
     def _predict(self, rows, names) -> list[dict]:
         return self.engine.predict(rows, task=names, batch_size=self.settings.max_batch_size,
                                    precision=self.settings.precision)
@@ -323,16 +334,8 @@ def create_app(engine: MultiTaskModel, settings: ServeSettings):
 
     @app.delete("/v1/tasks/{name}", dependencies=[*guarded, Depends(admin)])
     async def detach(name: str) -> dict:
-        batcher = batcher_holder["batcher"]
         served_task(name, "name", engine)
-        batcher.closing.add(name)
-        try:
-            deadline = time.perf_counter() + settings.request_timeout_s
-            while batcher.per_task[name] > 0 and time.perf_counter() < deadline:
-                await asyncio.sleep(0.005)  # its queued requests are answered first
-            await batcher.run_on_model(engine.detach, name)
-        finally:
-            batcher.closing.discard(name)
+        await batcher_holder["batcher"].detach(name)
         return {"detached": name}
 
     return app

@@ -105,6 +105,7 @@ class MultiTaskModel:
             self._close_session()
             method = build_method(manifest["method"], manifest["method_config"])
             attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
+            activate_delta(self.model, None)  # between calls the model is the base alone, whatever was attached
             self.model.eval()
             served = ServedTask(name, task, method.name, method.batch_mixing, manifest, directory,
                                 (directory / "delta.safetensors").stat().st_size, self._resident_bytes(name))
@@ -117,8 +118,6 @@ class MultiTaskModel:
             if name not in self.tasks:
                 raise DeltatuneError(f"No task named {name!r} is served; served: {', '.join(self.tasks) or 'none'}.")
             self._close_session()
-            if attached_deltas(self.model).active == name:
-                activate_delta(self.model, None)
             detach_delta(self.model, name)
             del self.tasks[name]
 
@@ -250,6 +249,7 @@ class MultiTaskModel:
                     stack.enter_context(frozen_linear_weights_in_bf16(self.model, include_trainable=True))
                 for batch in self._batches(encoded, rows_of_delta, batch_size):
                     self._forward(encoded, batch, names, outputs, precision)
+            activate_delta(self.model, None)
         return outputs
 
     def _forward(self, encoded: Encoded, batch: list[int], names: list[str], outputs: list,
