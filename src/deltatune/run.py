@@ -33,6 +33,7 @@ from deltatune.delta import (
 )
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
+from deltatune.model_card import CARD, write_model_card
 from deltatune.run_directory import TargetLock, clean_leftovers, staged_directory
 from deltatune.run_directory import check_output_directory as _check_output_directory
 from deltatune.tasks.spec import TaskData
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
 DEV_OUTPUTS = "dev_outputs.safetensors"
 """Per-example dev outputs of the saved (best) state and the gold labels, for paired comparisons."""
-RUN_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD, DEV_OUTPUTS})
+RUN_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD, DEV_OUTPUTS, CARD})
 """Every file a run directory may hold: `--overwrite` replaces a directory only if it holds nothing else.
 A new file written into run directories must be added here."""
 
@@ -301,6 +302,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method, confi
     with staged_directory(out_path, RUN_FILES, overwrite) as staging:
         record["delta_bytes"] = save_delta(staging, model, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
+        write_model_card(staging, {**manifest, "delta_bytes": record["delta_bytes"]}, record)
         save_file({"outputs": torch.from_numpy(np.ascontiguousarray(result.best_dev_outputs, dtype=np.float32)),
                    "labels": torch.tensor(result.dev_labels, dtype=torch.float32)}, str(staging / DEV_OUTPUTS))
     _raise_if_diverged(result, record, out_path)

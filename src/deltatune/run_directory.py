@@ -38,7 +38,7 @@ REPLACED_MARK = ".replaced-"
 # What may be replaced
 
 
-def _protected_reason(out: Path) -> str | None:
+def protected_reason(out: Path) -> str | None:
     """Why `out` must never be replaced as a run directory, or None."""
     resolved = out.resolve()
     if resolved == Path(resolved.anchor):
@@ -52,6 +52,10 @@ def _protected_reason(out: Path) -> str | None:
     if resolved in cwd.parents:
         return "an ancestor of the current directory"
     return None
+
+
+COMMON_NAMES = frozenset({"README.md"})
+"""Run files whose names are common outside deltatune: a directory holding only these is not a run."""
 
 
 def first_foreign_entry(directory: Path, allowed: frozenset[str]) -> str | None:
@@ -70,7 +74,7 @@ def check_output_directory(out: Path, overwrite: bool, run_files: frozenset[str]
     if out.exists() and not out.is_dir():
         raise DeltatuneError(f"--out {out} is a file, not a directory. Give a directory for the run "
                              f"(e.g. --out {out.with_suffix('')}-run).")
-    protected = _protected_reason(out)
+    protected = protected_reason(out)
     if protected is not None:
         raise DeltatuneError(f"--out {out} is {protected}: a run is written into a directory of its own and "
                              f"replaces it, so deltatune never writes a run there. Give a new directory, "
@@ -83,6 +87,8 @@ def check_output_directory(out: Path, overwrite: bool, run_files: frozenset[str]
     except PermissionError:
         raise DeltatuneError(f"--out {out} cannot be read (permission denied). Give a directory you can "
                              "write to.") from None
+    if foreign is None and not empty and all(entry.name in COMMON_NAMES for entry in out.iterdir()):
+        foreign = sorted(entry.name for entry in out.iterdir())[0]  # a README.md alone is the user's, not a run
     if foreign is not None:
         raise DeltatuneError(
             f"--out {out} holds {foreign!r}, which a deltatune run does not write: deltatune replaces only its "

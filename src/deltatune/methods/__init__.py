@@ -15,14 +15,17 @@ loaded base at once and one of them is active:
 - Methods whose delta is per row (LoRA, (IA)³, BitFit, LayerNorm tuning, Houlsby and Pfeiffer
   adapters, prompt and prefix tuning, input-dependent prompts, recursive LMs) keep one part per
   delta at each `DeltaSite` they add (`site.deltas[name]`): all parts are in memory at once, and a
-  site runs the part of `site.active_delta`. A batch that mixes deltas row by row (serving) can
-  gather each row's part by a per-row index at the same sites, without changing what is stored.
+  site runs the part of `site.active_delta`. In a batch that mixes deltas row by row (serving,
+  `mixed_rows(model)`), each site gathers each row's part by a per-row index, without changing
+  what is stored; these methods declare `batch_mixing = "per-row"`.
 - Methods that rewrite the base model's own tensors (full fine-tuning, freeze, and every method's
   task head; BitFit and LayerNorm tuning too, whose tensors are small enough to gather per row
   later) hold a named set of values that is bound into the live parameters when its delta becomes
   active (`parameter.data = ...`, no copy); the base model's values are kept beside them. Sparse
   masks are parts at their sites, but a masked weight is dense, so a mixed batch runs one forward
-  per delta, as for full fine-tuning.
+  per delta, as for full fine-tuning (`batch_mixing = "grouped"`, the default for any method). In a
+  mixed batch, the small base tensors of per-row deltas (BitFit's biases, LayerNorm gains, every
+  task head, of any number of labels) are applied row by row.
 - Delta files never contain the delta name: tensors are stored under canonical names (the model's
   own names, without `deltas.NAME` and wrapper segments), so a delta loads under any name and files
   from before named deltas existed load unchanged. See `deltatune.methods.state`.
@@ -49,7 +52,7 @@ from deltatune.methods.registry import (
     prepare_model,
     register,
 )
-from deltatune.methods.state import DEFAULT_DELTA
+from deltatune.methods.state import DEFAULT_DELTA, mixed_rows
 
 _INFRASTRUCTURE = {"base", "common", "layers", "prompts", "registry", "state"}
 for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -58,4 +61,4 @@ for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 __all__ = ["DEFAULT_DELTA", "REGISTRY", "Method", "OptimizerSettings", "PeftAdapter", "activate_delta", "active_delta",
            "attach_delta", "attached_delta_names", "build_method", "delta_state", "detach_delta", "get_method_entry",
-           "load_delta_state", "prepare_model", "register"]
+           "load_delta_state", "mixed_rows", "prepare_model", "register"]

@@ -23,6 +23,8 @@ class LoRAVariant(LoRA):
 
     _site_class: ClassVar[type[WrappedLinear]]
     _update_class: ClassVar[type[nn.Module]]
+    # the per-row gather is LoRA's own site's; these sites run one delta per forward pass
+    batch_mixing = "grouped"
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         names = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)

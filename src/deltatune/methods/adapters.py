@@ -20,7 +20,8 @@ is unchanged at step 0. Parameter cost per adapter: 2·d·m + d + m; per model
 With the defaults, head and norms included: MiniLM-L6 (d=384) houlsby m=64 606k (2.7%), pfeiffer
 m=24 114k (0.5%); SmolLM2-135M (d=576, 30 layers) houlsby 4.5M (3.3%), pfeiffer m=36 1.26M (0.9%).
 Adapters are non-linear, so they cannot be merged into the base weights: there is no merge hook.
-Each site holds one adapter per named delta (`<parent>.adapter.deltas[name]`); the active one runs.
+Each site holds one adapter per named delta (`<parent>.adapter.deltas[name]`); the active one runs, or,
+in a batch mixing deltas row by row, each row's own (weights gathered per row).
 """
 
 from __future__ import annotations
@@ -143,8 +144,58 @@ def _run_adapter(module: nn.Module, args, output):
     The adapters are looked up on the hooked module (not captured in a closure) so a deep copy of
     the model runs its own copy of them.
     """
-    adapter = module._deltatune_adapter.active_part()
+    site = module._deltatune_adapter
+    if site.row_routing is not None:
+        return _adapt_rows(site, output)
+    adapter = site.active_part()
     return output if adapter is None else adapter(output)
+
+
+def _adapt_rows(site: AdapterSite, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A mixed batch: each row through its own delta's adapter (rows without one here pass unchanged).
+
+    When the routed adapters share one activation, their weights are stacked (zero-padded to the widest
+    bottleneck; a zero row adds act(0) = 0) and gathered per row: two batched matmuls for the whole
+    batch. Otherwise each adapter runs on its own rows.
+    """
+    routing = site.row_routing
+    parts = site.row_parts()
+    stacks = routing.stacked(site, lambda: _stack_adapters(parts))
+    if stacks is None:
+        return hidden_states
+    if stacks == "per-adapter":
+        result = hidden_states.clone()
+        for group, adapter in enumerate(parts):
+            rows = routing.rows(group)
+            if adapter is not None and len(rows):
+                result[rows] = adapter(hidden_states[rows])
+        return result
+    activation, down, down_bias, up, up_bias = stacks
+    index = routing.index
+    rows = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
+    inner = activation(torch.baddbmm(down_bias[index].unsqueeze(1), rows, down[index].transpose(1, 2)))
+    update = torch.baddbmm(up_bias[index].unsqueeze(1), inner, up[index].transpose(1, 2))
+    return hidden_states + update.view(hidden_states.shape)
+
+
+@torch.no_grad()
+def _stack_adapters(parts: list[BottleneckAdapter | None]):
+    present = [adapter for adapter in parts if adapter is not None]
+    if not present:
+        return None
+    if len({repr(adapter.activation) for adapter in present}) > 1:
+        return "per-adapter"
+    width = max(adapter.down.out_features for adapter in present)
+    hidden = present[0].up.out_features
+    reference = present[0].down.weight
+    down, down_bias = reference.new_zeros(len(parts), width, hidden), reference.new_zeros(len(parts), width)
+    up, up_bias = reference.new_zeros(len(parts), hidden, width), reference.new_zeros(len(parts), hidden)
+    for group, adapter in enumerate(parts):
+        if adapter is not None:
+            size = adapter.down.out_features
+            down[group, :size], down_bias[group, :size] = adapter.down.weight, adapter.down.bias
+            up[group, :, :size], up_bias[group] = adapter.up.weight, adapter.up.bias
+    return present[0].activation, down, down_bias, up, up_bias
 
 
 def transformer_layers(model: nn.Module) -> tuple[list[nn.Module], dict[str, tuple[str, str]]]:
@@ -179,6 +230,8 @@ def bottleneck_size(config: HoulsbyConfig | PfeifferConfig, hidden_size: int) ->
 
 class _Adapters(Method):
     """Shared by houlsby and pfeiffer: only the sites and the defaults differ."""
+
+    batch_mixing = "per-row"
 
     _sites: tuple[str, ...] = ()
     # adapters start as the identity and are fresh, small modules: they need a learning rate 10-30x

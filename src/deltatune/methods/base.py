@@ -19,7 +19,8 @@ Hooks (the defaults in brackets):
     delta_state(model)                 what delta.safetensors stores [the trainable tensors]
     load_delta_state(model, tensors)   the inverse, strictly checked [copy by canonical name]
     export_peft(tensors)               the delta in PEFT's adapter format [cannot: raises]
-Attributes: `name` (set by @register), `default_learning_rate`, `learning_rate_candidates`
+Attributes: `name` (set by @register), `batch_mixing` ("per-row" or "grouped", the default: how a
+batch mixing several deltas runs), `default_learning_rate`, `learning_rate_candidates`
 (derived from the default unless a method sets its own), `config`, `tokenizer` (given by
 `prepare_model` to methods that embed text), `delta_name` (set by `apply`).
 """
@@ -37,9 +38,12 @@ from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.methods.layers import layer_layout
 from deltatune.methods.state import (
     DEFAULT_DELTA,
+    GROUPED,
+    PER_ROW,
     TensorSpec,
     attached_deltas,
     check_delta_tensors,
+    head_specs,
     parameter_index,
     read_delta_tensors,
     write_delta_tensors,
@@ -110,6 +114,12 @@ class Method:
     learning_rate_candidates: ClassVar[tuple[float, ...]] = _candidates_around(5e-5)
     """Learning rates worth trying on dev for this method; by default a third of, and three times,
     default_learning_rate around it. A method sets its own by declaring the attribute."""
+    batch_mixing: ClassVar[str] = GROUPED
+    """How a batch that mixes this method's deltas with other deltas runs (serving many tasks at once):
+    "per-row" (one forward pass for the whole batch: the method's sites run each row with its own delta's
+    part, gathered by a per-row index; the base tensors it rewrites, if any, are applied row by row) or
+    "grouped" (the default: one forward pass per delta, with that delta active). A method declares
+    "per-row" only when its sites implement it (see `deltatune.methods.state.mixed_rows`)."""
     config: Any
     """The method's frozen config dataclass."""
     tokenizer: Any
@@ -138,6 +148,8 @@ class Method:
             if callable(value) and callable(base) and _signature(value) != _signature(base):
                 raise TypeError(f"{cls.__name__}.{attribute}{inspect.signature(value)} does not match the hook "
                                 f"Method.{attribute}{inspect.signature(base)}.")
+        if cls.batch_mixing not in (PER_ROW, GROUPED):
+            raise TypeError(f"{cls.__name__}.batch_mixing={cls.batch_mixing!r} must be {PER_ROW!r} or {GROUPED!r}.")
         if "learning_rate_candidates" not in vars(cls):
             cls.learning_rate_candidates = _candidates_around(cls.default_learning_rate)
 
@@ -170,7 +182,8 @@ class Method:
 
     def _expected_tensors(self, model: nn.Module) -> dict[str, TensorSpec]:
         index, names = parameter_index(model), self.trainable_names(model)
-        return {index.canonical[name]: TensorSpec.of(parameter)
+        heads = head_specs(model)
+        return {index.canonical[name]: heads.get(index.canonical[name]) or TensorSpec.of(parameter)
                 for name, parameter in model.named_parameters() if name in names}
 
     def _applied_name(self) -> str:

@@ -28,6 +28,9 @@ class BitFitConfig:
 class BitFit(Method):
     """BitFit: only bias terms (and the task head) train."""
 
+    # its tensors are small: a batch mixing deltas applies each row's own (deltatune.methods.state.mixed_rows)
+    batch_mixing = "per-row"
+
     # biases move the model little per unit step: the paper tunes 1e-4..1e-3; 1e-3 suits small encoders
     default_learning_rate = 1e-3
 

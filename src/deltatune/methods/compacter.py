@@ -134,6 +134,8 @@ class RuleSite(DeltaSite):
 class _Compacter(_Adapters):
     """Bottleneck adapters at the Houlsby or Pfeiffer sites, with PHM projections sharing one rule."""
 
+    batch_mixing = "grouped"  # PHM projections have no per-row gather (plain adapters' does not fit them)
+
     # above plain adapters' 1e-3: every projection is a product of a small shared rule and factors,
     # so a step moves the adapter's weights less than the same step on a plain matrix
     default_learning_rate = 3e-3

@@ -9,7 +9,8 @@ feed-forward block's inner activation:
 All vectors start at one, so the model is unchanged before training. Scaling a layer's output is
 scaling the rows (and bias) of its weight, and scaling the down-projection's input is scaling its
 columns, so the vectors fold into the weights exactly (`merge`) and out again (`unmerge`). Each
-layer holds one scale per named delta (`IA3Linear.deltas[name]`); the active delta's applies.
+layer holds one scale per named delta (`IA3Linear.deltas[name]`); the active delta's applies, or, in a
+batch mixing deltas row by row, each row's own (gathered per row).
 
 Parameter cost: d_k + d_v + d_ff per layer: 384 + 384 + 1536 = 2,304 per layer on MiniLM-L6
 (0.06% of the model) and 192 + 192 + 1536 = 1,920 per layer on SmolLM2-135M (0.04%; its keys and
@@ -109,12 +110,42 @@ class IA3Linear(WrappedLinear):
         return self.required_part("(IA)³")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_routing is not None:
+            return self._forward_rows(x)
         part = self.active_part()
         if part is None or self.merged_delta is not None:
             return self.base_layer(x)
         if part.scale_input:
             return self.base_layer(x * part.scale)
         return self.base_layer(x) * part.scale
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixed batch: each row scaled by its own delta's vector (ones for rows without a scale here)."""
+        routing = self.row_routing
+        input_scales, output_scales = routing.stacked(self, self._stack_rows)
+        if input_scales is not None:
+            x = x * _per_row(input_scales[routing.index], x.ndim)
+        result = self.base_layer(x)
+        if output_scales is not None:
+            result = result * _per_row(output_scales[routing.index], result.ndim)
+        return result
+
+    @torch.no_grad()
+    def _stack_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every routed delta's input and output scales as (groups, width) stacks, or None for a side none scales."""
+        parts = self.row_parts()
+        stacks = []
+        for scale_input, width in ((True, self.in_features), (False, self.out_features)):
+            chosen = [(group, part) for group, part in enumerate(parts)
+                      if part is not None and part.scale_input == scale_input]
+            if not chosen:
+                stacks.append(None)
+                continue
+            stack = chosen[0][1].scale.new_ones(len(parts), width)
+            for group, part in chosen:
+                stack[group] = part.scale
+            stacks.append(stack)
+        return stacks[0], stacks[1]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -162,9 +193,16 @@ class IA3Linear(WrappedLinear):
         self.merged_delta = None
 
 
+def _per_row(scales: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(rows, width) scales shaped to broadcast over a (rows, ..., width) activation."""
+    return scales.view(scales.shape[0], *([1] * (ndim - 2)), scales.shape[-1])
+
+
 @register("ia3", IA3Config)
 class IA3(Method):
     """(IA)³: learned vectors rescale attention keys, values and the feed-forward inner activation."""
+
+    batch_mixing = "per-row"
 
     # a multiplicative scale around 1 moves the model slowly per unit step and has few parameters
     # to overfit with: the paper trains it with 3e-3 (T-Few recipe, Adafactor)

@@ -58,6 +58,9 @@ def norm_modules(model: nn.Module, targets: tuple[str, ...] = ()) -> dict[str, n
 class LayerNormTuning(Method):
     """LayerNorm tuning: only the gains and biases of the normalisation layers (and the task head) train."""
 
+    # its tensors are small: a batch mixing deltas applies each row's own (deltatune.methods.state.mixed_rows)
+    batch_mixing = "per-row"
+
     # a few thousand scale/shift parameters near 1 and 0: like BitFit they need a large step to matter
     default_learning_rate = 1e-3
 

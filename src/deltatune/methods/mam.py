@@ -78,6 +78,8 @@ class MAMConfig(PrefixTuningConfig):
 class MAM(PrefixTuning):
     """MAM adapter: prefix tuning on attention plus a scaled parallel adapter beside each FFN (He et al. 2022)."""
 
+    batch_mixing = "grouped"  # the parallel half has no per-row gather
+
     # between prefix tuning's 1e-2 and the adapters' 1e-3, since both halves train under one rate
     default_learning_rate = 3e-3
 

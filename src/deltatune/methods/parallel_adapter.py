@@ -133,6 +133,8 @@ def add_parallel_adapters(model: nn.Module, name: str, config, method_name: str)
 class ParallelAdapterMethod(_Adapters):
     """Parallel adapter: a scaled bottleneck beside each layer's feed-forward block (He et al. 2022)."""
 
+    batch_mixing = "grouped"  # its site has no per-row gather
+
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         transformer_layers(model)  # fails, naming the model, before anything is registered
         Method.apply(self, model, name)

@@ -19,7 +19,8 @@ onwards (positions L..L+n-1: BERT's learned positions and Llama's rotary positio
 and BERT then takes at most max_position_embeddings - L real tokens). The prefix keys carry no
 rotary rotation. The attention mask gains L ones in front; input_ids reach the task head untouched,
 so Llama's last-non-pad pooling works on right-padded batches. Each named delta has its own prefixes
-(`<backbone>.prefix_tuning.deltas[name]`); the active delta's are attended to.
+(`<backbone>.prefix_tuning.deltas[name]`); the active delta's are attended to, or, in a batch mixing
+deltas row by row, each row's own (shorter prefixes padded with masked-out slots).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from deltatune.methods.state import (
     TensorSpec,
     canonical_module_name,
     check_delta_tensors,
+    head_specs,
     own_parameter_names,
-    parameter_index,
     read_delta_tensors,
     write_delta_tensors,
 )
@@ -146,7 +147,10 @@ class PrefixSite(DeltaSite):
 
 def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: pass the prefixes as a pre-filled cache, widen the mask."""
-    prefix = backbone.prefix_tuning.active_part()
+    site = backbone.prefix_tuning
+    if site.row_routing is not None:
+        return _insert_prefixes_per_row(backbone, site, args, kwargs)
+    prefix = site.active_part()
     if prefix is None:
         return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
@@ -160,9 +164,60 @@ def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     return (), kwargs
 
 
+def _insert_prefixes_per_row(backbone: nn.Module, site: PrefixSite, args: tuple, kwargs: dict):
+    """A mixed batch: each row attends to its own delta's prefixes (masked-out slots pad shorter ones).
+
+    Row r's real tokens are numbered from its own prefix length L_r, as when its delta runs alone.
+    """
+    routing = site.row_routing
+    stacked = routing.stacked(site, lambda: _stack_prefixes(site.row_parts()))
+    if stacked is None:
+        return None
+    key_values, lengths, shape = stacked
+    kwargs = arguments_as_keywords(backbone, args, kwargs)
+    reject_non_empty_cache(kwargs, "prefix-tuning")
+    batch_size, length, device = batch_size_and_length(kwargs)
+    row_lengths = lengths[routing.index]
+    check_position_budget(backbone, int(row_lengths.max()), length, "prefix-tuning")
+    dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else key_values.dtype
+    num_tokens = key_values.shape[3]
+    per_row = key_values[routing.index].to(dtype).view(batch_size, shape.num_layers, 2, num_tokens,
+                                                      shape.num_key_value_heads, shape.head_dim)
+    per_row = per_row.permute(1, 2, 0, 4, 3, 5)  # (layers, key/value, batch, heads, L, head_dim)
+    kwargs[cache_keyword(backbone)] = DynamicCache([(layer[0], layer[1]) for layer in per_row])
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones(batch_size, length, dtype=torch.long, device=device)
+    slots = torch.arange(num_tokens, device=device)
+    prefix_mask = (slots[None, :] < row_lengths[:, None]).to(attention_mask.dtype)
+    kwargs["attention_mask"] = torch.cat([prefix_mask, attention_mask], dim=1)
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=device).expand(batch_size, -1)
+    kwargs["position_ids"] = positions + row_lengths[:, None]
+    return (), kwargs
+
+
+@torch.no_grad()
+def _stack_prefixes(parts: list[Prefix | None]):
+    """The routed deltas' prefixes zero-padded to the longest, each one's length (0: none), and their shape."""
+    present = [prefix for prefix in parts if prefix is not None]
+    if not present:
+        return None
+    reference = present[0].key_values()
+    lengths = torch.tensor([0 if prefix is None else prefix.num_tokens for prefix in parts], device=reference.device)
+    stack = reference.new_zeros(len(parts), reference.shape[0], 2, int(lengths.max()), reference.shape[-1])
+    for group, prefix in enumerate(parts):
+        if prefix is not None:
+            stack[group, :, :, :prefix.num_tokens] = prefix.key_values()
+    return stack, lengths, present[0].shape
+
+
 @register("prefix-tuning", PrefixTuningConfig)
 class PrefixTuning(Method):
     """Prefix tuning / P-tuning v2: trainable key/value prefixes in every attention layer (and the task head)."""
+
+    batch_mixing = "per-row"
 
     # P-tuning v2 trained prefixes of BERT/RoBERTa-size models with lrs of 5e-3..1e-2: the prefixes
     # are fresh, unit-scale vectors that must move far, yet a step acts on every layer at once, so
@@ -200,9 +255,7 @@ class PrefixTuning(Method):
         prefix = site.deltas[name]
         prefix_name = f"{canonical_module_name(model, site)}.prefixes"
         reference = next(model.parameters())
-        index = parameter_index(model)
-        expected = {index.canonical[head]: TensorSpec.of(parameter)
-                    for head, parameter in model.named_parameters() if head in head_names(model)}
+        expected = head_specs(model)
         expected[prefix_name] = TensorSpec((prefix.shape.num_layers, 2, prefix.num_tokens,
                                             prefix.shape.key_value_width), reference.dtype)
         check_delta_tensors(self.name, tensors, expected,

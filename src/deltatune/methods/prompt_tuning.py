@@ -13,7 +13,9 @@ How it sits in the model, matching PEFT's `PromptTuningConfig` for SEQ_CLS:
   - Positions run 0..L+n-1: the real tokens move up by L (PEFT does the same). Models with learned
     absolute positions therefore take at most max_position_embeddings - L real tokens.
   - Each named delta has its own prompt (`<backbone>.soft_prompt.deltas[name]`); the active one is
-    prepended, and with no prompt-tuning delta active the backbone runs as it is.
+    prepended, and with no prompt-tuning delta active the backbone runs as it is. In a batch mixing
+    deltas row by row, each row gets its own delta's prompt at positions 0..L_r-1, its input after it,
+    and masked-out slots at the end (`place_soft_tokens_per_row`).
   - Llama-style heads pool the last non-pad token, found from input_ids. PEFT hands the model
     inputs_embeds instead, so the head falls back to the last position, which is padding in a
     right-padded batch. Here the task model still receives input_ids: the prompt is added inside
@@ -40,8 +42,10 @@ from deltatune.methods.prompts import (
     check_position_budget,
     drop_leading_positions,
     find_tokenizer,
+    place_soft_tokens_per_row,
     prepend_soft_tokens,
     reject_non_empty_cache,
+    select_positions,
 )
 from deltatune.methods.registry import register
 from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, own_parameter_names
@@ -90,7 +94,10 @@ class PromptSite(DeltaSite):
 
 def _prepend_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: input_ids -> inputs_embeds with the prompt in front."""
-    prompt = backbone.soft_prompt.active_part()
+    site = backbone.soft_prompt
+    if site.row_routing is not None:
+        return _prepend_prompts_per_row(backbone, site, args, kwargs)
+    prompt = site.active_part()
     if prompt is None:
         return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
@@ -113,8 +120,48 @@ def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
     the sequence by input_ids (Llama's last-non-pad pooling) find the right token. Pooled outputs
     computed inside the backbone (BERT's pooler on position 0) are left as they are.
     """
-    prompt = backbone.soft_prompt.active_part()
+    site = backbone.soft_prompt
+    if site.row_routing is not None:
+        offsets = site.row_routing.state.get(("prompt offsets", id(site)))
+        return output if offsets is None else select_positions(output, offsets)
+    prompt = site.active_part()
     return output if prompt is None else drop_leading_positions(output, prompt.num_tokens)
+
+
+def _prepend_prompts_per_row(backbone: nn.Module, site: PromptSite, args: tuple, kwargs: dict):
+    """A mixed batch: each row gets its own delta's prompt (none for rows of other deltas)."""
+    routing = site.row_routing
+    stacked = routing.stacked(site, lambda: _stack_prompts(site.row_parts()))
+    if stacked is None:
+        return None
+    prompts, lengths = stacked
+    kwargs = arguments_as_keywords(backbone, args, kwargs)
+    reject_non_empty_cache(kwargs, "prompt-tuning")
+    _, length, device = batch_size_and_length(kwargs)
+    row_lengths = lengths[routing.index]
+    check_position_budget(backbone, int(row_lengths.max()), length, "prompt-tuning")
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = backbone.get_input_embeddings()(kwargs["input_ids"])
+    kwargs, offsets = place_soft_tokens_per_row(kwargs, prompts[routing.index], row_lengths, inputs_embeds,
+                                                length, device)
+    routing.state[("prompt offsets", id(site))] = offsets
+    return (), kwargs
+
+
+@torch.no_grad()
+def _stack_prompts(parts: list[SoftPrompt | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The routed deltas' prompts zero-padded to the longest, and each one's length (0: no prompt)."""
+    present = [prompt for prompt in parts if prompt is not None]
+    if not present:
+        return None
+    reference = present[0].embeddings
+    lengths = torch.tensor([0 if prompt is None else prompt.num_tokens for prompt in parts], device=reference.device)
+    stack = reference.new_zeros(len(parts), int(lengths.max()), reference.shape[1])
+    for group, prompt in enumerate(parts):
+        if prompt is not None:
+            stack[group, :prompt.num_tokens] = prompt.embeddings
+    return stack, lengths
 
 
 def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[DeltaSite], pre_hook, post_hook) -> DeltaSite:
@@ -123,7 +170,9 @@ def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[De
     if not isinstance(site, site_class):
         site = site_class()
         setattr(backbone, attribute, site)
-        backbone.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        # first of the backbone's pre-hooks: in a batch mixing prompts with prefixes, the prefix hook
+        # numbers the positions the prompt hook laid out
+        backbone.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
         backbone.register_forward_hook(post_hook)
     return site
 
@@ -131,6 +180,8 @@ def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[De
 @register("prompt-tuning", PromptTuningConfig)
 class PromptTuning(Method):
     """Prompt tuning: L trainable soft-token embeddings in front of the input (and the task head)."""
+
+    batch_mixing = "per-row"
 
     # Lester et al. used lr 0.3 with Adafactor, whose steps scale with each tensor's RMS. AdamW steps
     # every entry by about lr regardless of scale, and embedding entries are ~0.02-0.1, so 0.3 would

@@ -120,6 +120,52 @@ def prepend_soft_tokens(kwargs: dict, vectors: torch.Tensor, inputs_embeds: torc
     return kwargs
 
 
+def place_soft_tokens_per_row(kwargs: dict, vectors: torch.Tensor, row_lengths: torch.Tensor,
+                              inputs_embeds: torch.Tensor, length: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Backbone keywords where row r reads its own first `row_lengths[r]` of `vectors` (batch, T, hidden),
+    then its input, then unused slots, masked out (a batch mixing deltas with prompts of several lengths).
+
+    Each row sees exactly what `prepend_soft_tokens` gives it alone: its prompt at positions 0..T_r-1 (so
+    a head reading position 0 reads the prompt's first token) and its input from position T_r on. Returns
+    the keywords and, per row, where its input tokens sit (for `select_positions` on the output).
+    """
+    batch_size, num_tokens, hidden = vectors.shape
+    total = num_tokens + length
+    offsets = row_lengths[:, None] + torch.arange(length, device=device)
+    spread = offsets[..., None].expand(-1, -1, hidden)
+    embeds = inputs_embeds.new_zeros(batch_size, total, hidden)
+    embeds[:, :num_tokens] = vectors.to(inputs_embeds.dtype)
+    kwargs["inputs_embeds"] = embeds.scatter(1, spread, inputs_embeds)
+    kwargs["input_ids"] = None
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones(batch_size, length, dtype=torch.long, device=device)
+    slots = torch.arange(num_tokens, device=device)
+    mask = attention_mask.new_zeros(batch_size, total)
+    mask[:, :num_tokens] = (slots[None, :] < row_lengths[:, None]).to(mask.dtype)
+    kwargs["attention_mask"] = mask.scatter(1, offsets, attention_mask)
+    input_positions = kwargs.get("position_ids")
+    if input_positions is None:
+        input_positions = torch.arange(length, device=device).expand(batch_size, -1)
+    positions = torch.zeros(batch_size, total, dtype=torch.long, device=device)
+    positions[:, :num_tokens] = slots
+    kwargs["position_ids"] = positions.scatter(1, offsets, input_positions + row_lengths[:, None])
+    if kwargs.get("token_type_ids") is not None:
+        token_type_ids = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = token_type_ids.new_zeros(batch_size, total).scatter(1, offsets, token_type_ids)
+    return kwargs, offsets
+
+
+def select_positions(output, offsets: torch.Tensor):
+    """A backbone output whose last hidden state keeps, per row, only the positions `offsets` (batch, n)."""
+    hidden = output[0] if isinstance(output, tuple) else output["last_hidden_state"]
+    selected = torch.gather(hidden, 1, offsets[..., None].expand(-1, -1, hidden.shape[-1]))
+    if isinstance(output, tuple):
+        return (selected, *output[1:])
+    output["last_hidden_state"] = selected
+    return output
+
+
 def check_position_budget(backbone: nn.Module, num_tokens: int, length: int, method_name: str) -> None:
     """Models with learned absolute positions (BERT) have a hard limit the virtual tokens count against."""
     embeddings = getattr(backbone, "embeddings", None)

@@ -61,9 +61,9 @@ from deltatune.methods.state import (
     TensorSpec,
     attached_deltas,
     check_delta_tensors,
+    head_specs,
     merge_sites,
     own_parameter_names,
-    parameter_index,
     read_delta_tensors,
     sites_of,
     write_delta_tensors,
@@ -308,11 +308,9 @@ class SparseMask(Method):
     def load_delta_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         name = self._applied_name()
         modules = masked_linears(model, name)
-        index = parameter_index(model)
         expected = {f"{path}.mask": TensorSpec(((module.weight.numel() + 7) // 8,), torch.uint8)
                     for path, module in modules.items()}
-        expected.update({index.canonical[head]: TensorSpec.of(parameter)
-                         for head, parameter in model.named_parameters() if head in head_names(model)})
+        expected.update(head_specs(model))
         check_delta_tensors("sparse-mask", tensors, expected,
                             "Was it saved with other method.layers / method.targets, or for another model?")
         with torch.no_grad():

@@ -5,7 +5,9 @@ deltas can sit on one loaded base at once and one of them is active:
 
 - A method that adds modules (LoRA, (IA)³, adapters, prompts, prefixes, masks, connectors) puts a
   `DeltaSite` where they go. The site holds one part per delta name in `site.deltas[name]` and runs
-  the part of `site.active_delta` (none: the site passes its input through unchanged).
+  the part of `site.active_delta` (none: the site passes its input through unchanged). In a batch
+  that mixes deltas row by row (`mixed_rows`), a site of a method that declares
+  `batch_mixing = "per-row"` runs each row with its own delta's part, gathered by a per-row index.
 - A method that trains the model's own tensors (the task head always; BitFit's biases, LayerNorm
   tuning's norms, full fine-tuning, freeze) rewrites *base parameters*. The active delta's values
   are the live parameters; the others' values, and the base model's own values, are kept aside by
@@ -26,11 +28,13 @@ overwrite), each with the shape and dtype the method saves.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
@@ -71,6 +75,7 @@ class DeltaSite(nn.Module):
         self.deltas = nn.ModuleDict()
         self.active_delta: str | None = None
         self.merged_delta: str | None = None
+        self.row_routing: RowRouting | None = None
 
     def add_part(self, model: nn.Module, name: str, part: nn.Module, method_name: str) -> None:
         """Hold `part` for delta `name`; it runs when `name` is the model's active delta."""
@@ -90,8 +95,12 @@ class DeltaSite(nn.Module):
             raise DeltatuneError(f"No {method_name} delta is active on this layer; activate one first.")
         return part
 
-    def part(self, name: str) -> nn.Module | None:
-        return self.deltas[name] if name in self.deltas else None
+    def part(self, name: str | None) -> nn.Module | None:
+        return self.deltas[name] if name is not None and name in self.deltas else None
+
+    def row_parts(self) -> list[nn.Module | None]:
+        """In a mixed batch (`row_routing` set): this site's part of each routed delta (None where it has none)."""
+        return [self.part(name) for name in self.row_routing.names]
 
     def merge(self) -> None:
         """Fold the active part into the base weights (sites of mergeable methods override this)."""
@@ -206,10 +215,35 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    any_rows: bool = False
+    """The first dimension may differ: a task head's output layer has one row per label of its task."""
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorSpec:
         return cls(tuple(tensor.shape), tensor.dtype)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        if self.any_rows:
+            return len(shape) == len(self.shape) and shape[0] >= 1 and shape[1:] == self.shape[1:]
+        return shape == self.shape
+
+    def describe(self) -> str:
+        return f"({', '.join(['any', *map(str, self.shape[1:])])})" if self.any_rows else str(self.shape)
+
+
+def head_specs(model: nn.Module) -> dict[str, TensorSpec]:
+    """The task head's tensors by canonical name. Heads are per task: the output layer's tensors (one row
+    per label) may have any number of rows, so deltas of tasks with different label counts share a base."""
+    from deltatune.methods.common import head_names
+
+    index = parameter_index(model)
+    head = head_names(model)
+    # the output layer: the head's last linear layer (BERT's classifier, Llama's score, RoBERTa's out_proj)
+    layers = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and f"{name}.weight" in head]
+    output = {f"{layers[-1]}.weight", f"{layers[-1]}.bias"} if layers else set()
+    return {index.canonical[name]: TensorSpec(tuple(parameter.shape), parameter.dtype, any_rows=name in output)
+            for name, parameter in model.named_parameters() if name in head}
 
 
 def _listing(names, limit: int = 5) -> str:
@@ -232,8 +266,9 @@ def check_delta_tensors(method_name: str, tensors: Mapping[str, torch.Tensor], e
                         "them; loading them could overwrite weights of the base model)")
     for name in sorted(expected.keys() & tensors.keys()):
         tensor, spec = tensors[name], expected[name]
-        if tuple(tensor.shape) != spec.shape:
-            problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)} but this model expects {spec.shape}")
+        if not spec.fits(tuple(tensor.shape)):
+            problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)} but this model expects "
+                            f"{spec.describe()}")
         elif tensor.dtype != spec.dtype:
             problems.append(f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')} but the "
                             f"{method_name!r} method saves {str(spec.dtype).removeprefix('torch.')}")
@@ -326,6 +361,8 @@ def write_delta_tensors(model: nn.Module, delta: str, tensors: Mapping[str, torc
                     record.base[canonical] = parameter.data
             elif record.keep_base:
                 record.base.setdefault(canonical, parameter.data)
+                parameter.data = value if value is not tensor else value.clone()
+            elif parameter.shape != value.shape:  # a task head with another number of labels
                 parameter.data = value if value is not tensor else value.clone()
             else:
                 parameter.copy_(value)
@@ -448,7 +485,229 @@ def detach_delta(model: nn.Module, name: str) -> None:
             del record.base[canonical]  # the live parameter holds it now (no active delta rewrites it)
 
 
+# ------------------------------------------------------------------------------------- mixed batches
+
+PER_ROW = "per-row"
+GROUPED = "grouped"
+
+
+@dataclass
+class RowRouting:
+    """Which delta each row of one batch runs: group `index[row]` of `names` (None: the base model alone)."""
+
+    names: tuple[str | None, ...]
+    index: torch.Tensor
+    """(rows,) long: each row's position in `names`."""
+    cache: dict = field(default_factory=dict)
+    """What sites stack from their parts for these `names` (shared by batches routing the same names)."""
+    _rows: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+    """What this batch's forward pass passes between hooks (a pre-hook's row offsets for its post-hook)."""
+
+    def rows(self, *groups: int) -> torch.Tensor:
+        """The rows (ascending) of the given groups in this batch."""
+        if groups not in self._rows:
+            mask = torch.zeros_like(self.index, dtype=torch.bool)
+            for group in groups:
+                mask |= self.index == group
+            self._rows[groups] = mask.nonzero().flatten()
+        return self._rows[groups]
+
+    def stacked(self, owner: nn.Module, build):
+        """`build()` once per owner (a site, a module) for these names; later batches reuse it."""
+        key = ("stack", id(owner))
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
+
+class RowMixer:
+    """Routes the rows of each forward pass to their own deltas (made by `mixed_rows`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.record = attached_deltas(model)
+        self.sites = list(sites(model).values())
+        self.routing: RowRouting | None = None
+        self._caches: dict[tuple, dict] = {}
+        self._patched: list[nn.Module] = []
+
+    def route(self, row_deltas: list[str | None]) -> RowRouting:
+        """The next forward pass runs row i with delta `row_deltas[i]` (None: the base model alone)."""
+        order = {name: position for position, name in enumerate(self.record.methods)}
+        unknown = sorted({name for name in row_deltas if name is not None and name not in order})
+        if unknown:
+            raise DeltatuneError(f"No delta named {unknown[0]!r} is attached to this model; attached: "
+                                 f"{', '.join(map(repr, order)) or 'none'}.")
+        grouped = sorted({name for name in row_deltas
+                          if name is not None and self.record.methods[name].batch_mixing != PER_ROW})
+        if grouped:
+            method = self.record.methods[grouped[0]]
+            raise DeltatuneError(f"Delta {grouped[0]!r} ({method.name}) cannot share a forward pass with other "
+                                 f"deltas row by row (its method declares batch_mixing={method.batch_mixing!r}); "
+                                 "run its rows in a forward pass of their own with the delta active.")
+        # a fixed order of names, so batches that route the same deltas share what sites stack
+        names = tuple(sorted(set(row_deltas), key=lambda name: -1 if name is None else order[name]))
+        position = {name: group for group, name in enumerate(names)}
+        device = next(self.model.parameters()).device
+        index = torch.tensor([position[name] for name in row_deltas], dtype=torch.long, device=device)
+        self.routing = RowRouting(names, index, self._caches.setdefault((names, device), {}))
+        for site in self.sites:
+            site.row_routing = self.routing
+        return self.routing
+
+    def _install(self) -> None:
+        """Every base module whose tensors a per-row delta rewrites runs each row with its delta's values."""
+        index = parameter_index(self.model)
+        modules = dict(self.model.named_modules())
+        owned: dict[str, dict[str, str]] = {}
+        for name, method in self.record.methods.items():
+            if method.batch_mixing != PER_ROW:
+                continue
+            for canonical in self.record.rewritten(self.model, name, index):
+                module_name, _, leaf = index.base[canonical][0].rpartition(".")
+                owned.setdefault(module_name, {})[leaf] = canonical
+        for module_name, leaves in owned.items():
+            module = modules[module_name]
+            module.forward = _RowwiseModule(self, module, leaves)
+            self._patched.append(module)
+
+    def _remove(self) -> None:
+        for module in self._patched:
+            del module.forward
+        self._patched.clear()
+        for site in self.sites:
+            site.row_routing = None
+        self.routing = None
+
+
+class _RowwiseModule:
+    """A base module's forward in a mixed batch: each row with its delta's values of the module's tensors.
+
+    A linear layer whose deltas differ only in the bias (BitFit) runs one matmul and adds each row's
+    bias; any other linear layer (a task head) gathers each row's weight and bias (zero-padded to the
+    widest head) into one batched matmul; a LayerNorm normalises once and applies each row's gain and
+    shift; any other module (RMSNorm) runs once per distinct set of values on its rows, and
+    outputs of different widths (heads of tasks with different label counts) are padded with zeros.
+    """
+
+    def __init__(self, mixer: RowMixer, module: nn.Module, leaves: dict[str, str]) -> None:
+        self.mixer, self.module, self.leaves = mixer, module, leaves
+        self.original = type(module).forward.__get__(module)
+
+    def _values(self, name: str | None) -> dict[str, torch.Tensor]:
+        record = self.mixer.record
+        rewritten = record.rewritten(self.mixer.model, name) if name is not None else frozenset()
+        stored = record.stored.get(name, {})
+        values = {}
+        for leaf, canonical in self.leaves.items():
+            live = getattr(self.module, leaf).data
+            value = stored[canonical] if canonical in rewritten else live
+            values[leaf] = value if value.device == live.device else value.to(live.device)
+        return values
+
+    def _plan(self, names: tuple[str | None, ...]):
+        values = [self._values(name) for name in names]
+        weight = getattr(self.module, "weight", None)
+        if (isinstance(self.module, nn.Linear) and "bias" in self.leaves
+                and all(group.get("weight", weight.data) is weight.data for group in values)
+                and all(group["bias"].shape == self.module.bias.shape for group in values)):
+            return "bias", torch.stack([group["bias"].to(weight.dtype) for group in values])
+        if isinstance(self.module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
+            return "linear", _stack_linear(values, self.module)
+        if (isinstance(self.module, nn.LayerNorm) and self.module.elementwise_affine
+                and all(group[leaf].shape == getattr(self.module, leaf).shape for group in values for leaf in self.leaves)):
+            return "norm", {leaf: torch.stack([group[leaf] for group in values]) for leaf in self.leaves}
+        sets: dict[tuple, tuple[dict, list[int]]] = {}
+        for group, group_values in enumerate(values):
+            key = tuple(id(value) for value in group_values.values())
+            sets.setdefault(key, (group_values, []))[1].append(group)
+        return "groups", list(sets.values())
+
+    def __call__(self, *args, **kwargs):
+        routing = self.mixer.routing
+        kind, plan = routing.stacked(self, lambda: self._plan(routing.names))
+        inputs = args[0]
+        if kind == "bias":
+            output = F.linear(inputs, self.module.weight, None)
+            shape = (output.shape[0],) + (1,) * (output.ndim - 2) + (output.shape[-1],)
+            return output + plan[routing.index].to(output.dtype).view(shape)
+        if kind == "linear":  # each row's own weight (a task head: rows of several widths, zero-padded)
+            weights, biases = plan
+            rows = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+            output = torch.bmm(rows, weights[routing.index].transpose(1, 2).to(rows.dtype))
+            if biases is not None:
+                output = output + biases[routing.index].unsqueeze(1).to(output.dtype)
+            return output.view(*inputs.shape[:-1], weights.shape[1])
+        if kind == "norm":  # normalise once, then each row's own gain and shift
+            module = self.module
+            output = F.layer_norm(inputs, module.normalized_shape, None, None, module.eps)
+            shape = (output.shape[0],) + (1,) * (output.ndim - 2) + (output.shape[-1],)
+            gains = plan["weight"][routing.index].view(shape) if "weight" in plan else module.weight
+            shifts = plan["bias"][routing.index].view(shape) if "bias" in plan else module.bias
+            return output * gains + shifts if shifts is not None else output * gains
+        outputs = []
+        parameters = {leaf: getattr(self.module, leaf) for leaf in self.leaves}
+        live = {leaf: parameter.data for leaf, parameter in parameters.items()}
+        try:
+            for group_values, groups in plan:
+                rows = routing.rows(*groups)
+                for leaf, value in group_values.items():
+                    parameters[leaf].data = value
+                sliced = [argument[rows] if isinstance(argument, torch.Tensor) and argument.shape[:1] == inputs.shape[:1]
+                          else argument for argument in args]
+                outputs.append((rows, self.original(*sliced, **kwargs)))
+        finally:
+            for leaf, parameter in parameters.items():
+                parameter.data = live[leaf]
+        first = outputs[0][1]
+        width = max(output.shape[-1] for _, output in outputs)
+        result = first.new_zeros((inputs.shape[0], *first.shape[1:-1], width))
+        for rows, output in outputs:
+            result[rows, ..., :output.shape[-1]] = output
+        return result
+
+
+def _stack_linear(values: list[dict[str, torch.Tensor]], module: nn.Linear):
+    """Each group's weight (and bias) of a linear layer, zero-padded to the most output rows."""
+    weights = [group.get("weight", module.weight.data) for group in values]
+    width = max(weight.shape[0] for weight in weights)
+    stack = weights[0].new_zeros(len(weights), width, weights[0].shape[1])
+    for group, weight in enumerate(weights):
+        stack[group, :weight.shape[0]] = weight
+    if module.bias is None:
+        return stack, None
+    biases = stack.new_zeros(len(values), width)
+    for group, group_values in enumerate(values):
+        bias = group_values.get("bias", module.bias.data)
+        biases[group, :bias.shape[0]] = bias
+    return stack, biases
+
+
+@contextmanager
+def mixed_rows(model: nn.Module) -> Iterator[RowMixer]:
+    """Within the block, forward passes mix deltas row by row: `mixer.route(["a", "b", "a"])` before each.
+
+    Only deltas whose method declares `batch_mixing = "per-row"` can be routed. The base model is
+    active inside (a row routed to None runs it alone); the active delta is restored afterwards.
+    """
+    record = attached_deltas(model)
+    merged = [site_name for site_name, site in sites(model).items() if site.merged_delta is not None]
+    if merged:
+        raise DeltatuneError(f"Delta {sites(model)[merged[0]].merged_delta!r} is merged into the base weights "
+                             f"(e.g. at {merged[0]!r}); unmerge it before mixing deltas in one batch.")
+    previous = record.active
+    activate_delta(model, None)
+    mixer = RowMixer(model)
+    try:
+        mixer._install()
+        yield mixer
+    finally:
+        mixer._remove()
+        activate_delta(model, previous)
+
+
 __all__ = ["DEFAULT_DELTA", "AttachedDeltas", "DeltaSite", "ParameterIndex", "TensorSpec", "activate_delta",
-           "attached_deltas", "base_modules", "base_parameters", "canonical_module_name", "canonical_path", "check_delta_name", "check_delta_tensors",
-           "detach_delta", "merge_sites", "own_parameter_names", "parameter_index", "read_delta_tensors", "sites", "sites_of",
+           "GROUPED", "PER_ROW", "RowMixer", "RowRouting", "attached_deltas", "base_modules", "base_parameters", "canonical_module_name", "canonical_path", "check_delta_name", "check_delta_tensors",
+           "detach_delta", "head_specs", "merge_sites", "mixed_rows", "own_parameter_names", "parameter_index", "read_delta_tensors", "sites", "sites_of",
            "write_delta_tensors"]

@@ -1,0 +1,368 @@
+"""Serving many deltas from one base: throughput, memory, PEFT's mixed-adapter batches, and a live load test.
+
+    python benchmarks/serve.py --runs runs/serve-bench --train-steps 60 --requests 2048 --batch-size 64 \\
+        --rounds 3 --load-seconds 60 --clients 32 --out docs/results/serve.md
+
+Sixteen deltas over MiniLM-L6 (4 LoRA, 4 BitFit, 4 (IA)3, 4 Pfeiffer adapters), each trained briefly on
+one of four single-text offline tasks (rotten-tomatoes, sms-spam, trec, disaster-tweets) with its own
+seed (kept in --runs and reused when already there). Requests are dev texts of those tasks, each sent
+to one of the 16 deltas uniformly at random. Measured, in one process with alternating rounds
+(medians, ratios taken within each round):
+
+- the 16 deltas served by `deltatune.load_many` on the mixed requests, against one single-task
+  `TunedModel` (a LoRA delta) on the same texts at the same batch size;
+- 16 LoRA deltas in deltatune against PEFT's mixed-adapter batches (`adapter_names=` per row) with the
+  same 16 LoRAs (the 4 trained LoRAs under 4 names each), on the same batches (same rows, same padding),
+  both in fp32. PEFT's adapters carry no heads (PEFT cannot merge different heads into one batch), so
+  its side computes the base model's head: the same work, other numbers;
+- resident memory (RSS after loading and one prediction, each in a fresh process): the 16 deltas on one
+  base, one single-task TunedModel, and 16 separately loaded TunedModels;
+- a load test of the live server (`deltatune serve` in its own process on 127.0.0.1): `--clients`
+  threads sending requests for `--load-seconds` (bounded in time and count, it stops by itself), a
+  delta attached a third of the way in and detached at two thirds; every answer is compared with the
+  offline prediction for the same task and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TASKS = ("rotten-tomatoes", "sms-spam", "trec", "disaster-tweets")
+METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
+
+
+# ------------------------------------------------------------------------------------- set-up
+
+def prepare_runs(args) -> dict[str, Path]:
+    """The 16 deltas: name -> run directory (trained now when missing)."""
+    import deltatune
+
+    runs = {}
+    for method_index, method in enumerate(METHODS):
+        for task_index, task in enumerate(TASKS):
+            name = f"{task}-{method}"
+            directory = args.runs / name
+            if not (directory / "deltatune.json").is_file():
+                print(f"training {name} ({args.train_steps} steps)", flush=True)
+                deltatune.train(args.model, task=task, method=method, out=str(directory), max_steps=args.train_steps,
+                                batch_size=16, seed=100 + 4 * method_index + task_index, quiet=True)
+            runs[name] = directory
+    return runs
+
+
+def request_pool(args, runs: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """`--requests` (text, delta) pairs: a delta drawn uniformly, a dev text of its task."""
+    from deltatune.sources.data import load_task_data
+
+    texts = {task: [row[0] for row in load_task_data(task).split("dev").texts[:args.texts_per_task]] for task in TASKS}
+    rng = random.Random(args.seed)
+    names = [rng.choice(list(runs)) for _ in range(args.requests)]
+    return [rng.choice(texts[name.rsplit("-", 1)[0]]) for name in names], names
+
+
+def peft_model(args, lora_runs: list[Path], copies: int):
+    """The base with the LoRA deltas as PEFT adapters (heads left out), each under `copies` names."""
+    import peft
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.peft_export import export_peft
+    from deltatune.sources.models import resolve_model
+
+    adapters = []
+    for run in lora_runs:
+        directory = args.runs / "peft" / run.name
+        if not (directory / "adapter_config.json").is_file():
+            export_peft(run, directory)
+            config = json.loads((directory / "adapter_config.json").read_text())
+            config["modules_to_save"], config["task_type"] = None, None
+            (directory / "adapter_config.json").write_text(json.dumps(config))
+            tensors = load_file(str(directory / "adapter_model.safetensors"))
+            save_file({k: v for k, v in tensors.items() if "classifier" not in k}, str(directory / "adapter_model.safetensors"))
+        adapters.append(directory)
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model(args.model), num_labels=2)
+    names = [f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs]
+    model = peft.PeftModel.from_pretrained(base, str(adapters[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[names.index(name) % len(adapters)]), adapter_name=name)
+    return model.eval(), names
+
+
+# --------------------------------------------------------------------------------- throughput
+
+def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) -> dict:
+    import torch
+
+    import deltatune
+    from deltatune.batching import collate, encode, length_bucketed_batches
+    from deltatune.tasks.spec import Split
+
+    shared = deltatune.load_many(list(runs.values()), names=list(runs))
+    single = deltatune.load(runs[f"{TASKS[0]}-lora"])
+    lora_runs = [runs[f"{task}-lora"] for task in TASKS]
+    copies = 4
+    loras = deltatune.load_many([run for _ in range(copies) for run in lora_runs],
+                                names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs])
+    peft, peft_names = peft_model(args, lora_runs, copies)
+    rng = random.Random(args.seed + 1)
+    lora_names = [rng.choice(peft_names) for _ in texts]
+
+    def run_peft():
+        encoded = encode(single.tokenizer, single.task, Split([(t,) for t in texts], [0] * len(texts)), 128)
+        outputs = []
+        with torch.no_grad():
+            for batch in length_bucketed_batches(encoded.lengths, args.batch_size, None):
+                features = collate(encoded, batch, single.tokenizer.pad_token_id or 0, False)
+                features.pop("labels")
+                outputs.append(peft(**features, adapter_names=[lora_names[i] for i in batch]).logits)
+        return outputs
+
+    sides = {
+        "deltatune, 16 deltas of 4 methods, mixed": lambda: shared.predict(texts, task=names, batch_size=args.batch_size),
+        "one single-task TunedModel (LoRA)": lambda: single.predict(texts, batch_size=args.batch_size),
+        "deltatune, 16 LoRAs mixed, fp32": lambda: loras.predict(texts, task=lora_names, batch_size=args.batch_size,
+                                                                 precision="fp32"),
+        "PEFT, 16 LoRAs mixed (adapter_names), fp32": run_peft,
+    }
+    for run in sides.values():  # warm-up
+        run()
+    rates = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, run in sides.items():
+            gc.collect()
+            started = time.perf_counter()
+            run()
+            rates[name].append(len(texts) / (time.perf_counter() - started))
+    return {"rates": rates, "offline": statistics.median(rates["deltatune, 16 deltas of 4 methods, mixed"]),
+            "threads": torch.get_num_threads(), "memory": shared.memory()}
+
+
+# ------------------------------------------------------------------------------------- memory
+
+def measure_memory(kind: str, args, runs: dict[str, Path]) -> int:
+    """Resident bytes of this process after loading `kind` and one prediction (run in a fresh process)."""
+    import deltatune
+
+    texts = ["a fine film", "call now to win a prize"] * 32
+    if kind == "shared":
+        served = deltatune.load_many(list(runs.values()), names=list(runs))
+        served.predict(texts, task=[list(runs)[i % len(runs)] for i in range(len(texts))])
+        keep = [served]
+    else:
+        chosen = list(runs.values()) if kind == "separate" else [runs[f"{TASKS[0]}-lora"]]
+        keep = [deltatune.load(run) for run in chosen]
+        for tuned in keep:
+            tuned.predict(texts)
+    gc.collect()
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def memory(args) -> dict[str, int]:
+    values = {}
+    for kind in ("single", "shared", "separate"):
+        output = subprocess.run([sys.executable, __file__, "--measure-memory", kind, "--runs", str(args.runs),
+                                 "--model", args.model], capture_output=True, text=True, check=True)
+        values[kind] = json.loads(output.stdout.strip().splitlines()[-1])["rss"]
+    return values
+
+
+# ---------------------------------------------------------------------------------- load test
+
+def post(port: int, method: str, path: str, body=None, timeout: float = 60.0):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=json.dumps(body) if body is not None else None,
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def start_server(args, runs: dict[str, Path]) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "deltatune.cli", "serve", *map(str, runs.values()), "--port", str(port),
+               "--allow-admin", "--delta-root", str(args.runs), "--max-batch-size", str(args.batch_size),
+               "--max-queue", "4096", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if post(port, "GET", "/health")[0] == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.5)
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read().decode())
+    process.kill()
+    raise RuntimeError("the server did not start within 300 s")
+
+
+def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], offline: list[dict]) -> dict:
+    """`--clients` threads for `--load-seconds`, each sending `--inputs-per-request` inputs per request."""
+    process, port = start_server(args, runs)
+    # the server names each delta by its task, made unique, in the order the runs were given
+    listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
+    server_name = {name: entry["name"] for name, entry in zip(runs, listed)}
+    stats = {"latencies": [], "ok_inputs": 0, "rejected_503": 0, "errors": [], "same_label": 0, "compared": 0,
+             "max_probability_difference": 0.0, "requests": 0}
+    lock = threading.Lock()
+    started = time.monotonic()
+    deadline = started + args.load_seconds
+
+    def client(number: int) -> None:
+        rng = random.Random(number)
+        while time.monotonic() < deadline and stats["requests"] < args.max_requests:
+            picks = [rng.randrange(len(texts)) for _ in range(args.inputs_per_request)]
+            body = [{"task": server_name[names[i]], "input": texts[i]} for i in picks]
+            sent = time.perf_counter()
+            try:
+                status, answer = post(port, "POST", "/v1/predict", body)
+            except OSError as error:
+                status, answer = None, str(error)
+            latency = time.perf_counter() - sent
+            with lock:
+                stats["requests"] += 1
+                if status == 200:
+                    stats["latencies"].append(latency)
+                    stats["ok_inputs"] += len(picks)
+                    for i, got in zip(picks, answer["predictions"]):
+                        stats["compared"] += 1
+                        stats["same_label"] += got["label"] == offline[i]["label"]
+                        difference = max(abs(got["probabilities"][k] - v) for k, v in offline[i]["probabilities"].items())
+                        stats["max_probability_difference"] = max(stats["max_probability_difference"], difference)
+                elif status == 503:
+                    stats["rejected_503"] += 1
+                else:
+                    stats["errors"].append((status, str(answer)[:200]))
+
+    admin = {}
+
+    def administer() -> None:
+        time.sleep(args.load_seconds / 3)
+        extra = runs[f"{TASKS[1]}-bitfit"].name
+        admin["attach"] = post(port, "POST", "/v1/tasks", {"path": extra, "name": "attached-live"})[0]
+        answers = [post(port, "POST", "/v1/predict", {"task": "attached-live", "inputs": ["win a prize now"]})[0]
+                   for _ in range(5)]
+        admin["requests_to_attached"] = answers
+        time.sleep(max(0.0, started + 2 * args.load_seconds / 3 - time.monotonic()))
+        admin["detach"] = post(port, "DELETE", "/v1/tasks/attached-live")[0]
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(args.clients)]
+    threads.append(threading.Thread(target=administer))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    process.send_signal(signal.SIGTERM)
+    exit_code = process.wait(timeout=120)
+    latencies = sorted(stats.pop("latencies"))
+    return {**stats, "elapsed_s": elapsed, "inputs_per_s": stats["ok_inputs"] / elapsed, "admin": admin,
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+            "server_exit_code": exit_code}
+
+
+# -------------------------------------------------------------------------------------- report
+
+def report(args, results: dict) -> str:
+    rates, load, memory_bytes = results["rates"], results["load"], results["memory_rss"]
+    mixed = "deltatune, 16 deltas of 4 methods, mixed"
+    single = "one single-task TunedModel (LoRA)"
+    ours, peft = "deltatune, 16 LoRAs mixed, fp32", "PEFT, 16 LoRAs mixed (adapter_names), fp32"
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
+    lines = [f"Model {args.model}; {args.requests} requests of dev texts of {', '.join(TASKS)}, each for one of 16 "
+             f"deltas drawn uniformly; batch size {args.batch_size}; {args.rounds} alternating rounds; "
+             f"{results['threads']} threads; load average before: {results['load_before']}.", "",
+             "| side | inputs/s (median) | ratio |", "|---|---|---|"]
+    for name in rates:
+        against = {mixed: (single, "vs single-task TunedModel"), ours: (peft, "vs PEFT")}.get(name)
+        text = f"{ratio(name, against[0]):.2f}x {against[1]}" if against else "1.00x"
+        lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {text} |")
+    mib = 2 ** 20
+    lines += ["", "| resident memory (RSS, fresh process, after one prediction) | MiB | vs one TunedModel |", "|---|---|---|"]
+    for kind, label in (("single", "one single-task TunedModel"), ("shared", "16 deltas on one base (load_many)"),
+                        ("separate", "16 separately loaded TunedModels")):
+        lines.append(f"| {label} | {memory_bytes[kind] / mib:.0f} | {memory_bytes[kind] / memory_bytes['single']:.2f}x |")
+    lines += ["", f"Live server: {args.clients} clients x {args.inputs_per_request} input(s) per request for "
+                  f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores).", "",
+              "| requests | answered inputs/s | vs offline mixed | p50 ms | p99 ms | 503 | other errors | same label as offline | max probability difference |",
+              "|---|---|---|---|---|---|---|---|---|",
+              f"| {load['requests']} | {load['inputs_per_s']:.1f} | {load['inputs_per_s'] / results['offline']:.2f}x | "
+              f"{load['p50_ms']:.0f} | {load['p99_ms']:.0f} | {load['rejected_503']} | {len(load['errors'])} | "
+              f"{load['same_label']}/{load['compared']} | {load['max_probability_difference']:.2g} |", "",
+              f"Attach during the test: HTTP {load['admin'].get('attach')}; requests to it: "
+              f"{load['admin'].get('requests_to_attached')}; detach: HTTP {load['admin'].get('detach')}; server exit "
+              f"code after SIGTERM: {load['server_exit_code']}.",
+              "", f"Produced by `python benchmarks/serve.py {' '.join(sys.argv[1:])}`."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--runs", type=Path, default=Path("runs/serve-bench"), help="where the 16 deltas are kept")
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--requests", type=int, default=2048)
+    parser.add_argument("--texts-per-task", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--load-seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--inputs-per-request", type=int, default=2)
+    parser.add_argument("--max-requests", type=int, default=200_000, help="the load test stops after this many")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--measure-memory", choices=("single", "shared", "separate"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    runs = prepare_runs(args)
+    if args.measure_memory:
+        print(json.dumps({"rss": measure_memory(args.measure_memory, args, runs)}))
+        return
+    results = {"load_before": " ".join(f"{value:.2f}" for value in os.getloadavg())}
+    texts, names = request_pool(args, runs)
+    results.update(throughput(args, runs, texts, names))
+    results["memory_rss"] = memory(args)
+    import deltatune
+
+    shared = deltatune.load_many(list(runs.values()), names=list(runs))
+    offline = shared.predict(texts, task=names, batch_size=args.batch_size)
+    del shared
+    gc.collect()
+    results["load"] = load_test(args, runs, texts, names, offline)
+    results["load_after"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    text = report(args, results) + f"\nLoad average after: {results['load_after']}."
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""`deltatune serve RUN_DIR... [--host 127.0.0.1] [--port 8000]`: the HTTP API under uvicorn.
+
+Every option is a `ServeSettings` field (its help is the field's docstring). The settings are checked
+before any model loads (a non-loopback --host without --api-key or --insecure is refused), then the
+base model loads once with every delta attached, and uvicorn serves until SIGINT or SIGTERM, on
+which it stops accepting connections, lets the requests in flight finish, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from pathlib import Path
+
+from deltatune.config import field_help
+from deltatune.errors import DeltatuneError
+
+API_KEY_VARIABLE = "DELTATUNE_API_KEY"
+
+
+def add_serve_parser(commands) -> None:
+    from deltatune.serve.settings import ServeSettings
+
+    serve = commands.add_parser("serve", help="serve many task deltas from one base model over HTTP (FastAPI)",
+                                description="Serve the deltas of RUN_DIR... (trained on one base model) over "
+                                "HTTP: POST /v1/predict, GET /v1/tasks, GET /health, OpenAPI at /docs. Needs "
+                                "the serve extra: pip install 'deltatune[serve]'.")
+    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of the deltas to serve")
+    serve.add_argument("--base", help="load the base model from here instead of the recorded name")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    helps = field_help(ServeSettings)
+    hints = typing.get_type_hints(ServeSettings)
+    for settings_field in dataclasses.fields(ServeSettings):
+        flag = "--" + settings_field.name.replace("_", "-")
+        hint = hints[settings_field.name]
+        if hint is bool:
+            serve.add_argument(flag, dest=settings_field.name, action="store_true", help=helps.get(settings_field.name))
+            continue
+        kind = int if hint is int else float if hint is float else str
+        extra = f" (default: {settings_field.default})" if settings_field.default is not None else ""
+        if settings_field.name == "api_key":
+            extra = f" (or the environment variable {API_KEY_VARIABLE}, which keeps it out of process listings)"
+        serve.add_argument(flag, dest=settings_field.name, type=kind, default=settings_field.default,
+                           metavar="VALUE", help=f"{helps.get(settings_field.name, '')}{extra}")
+
+
+def settings_from(args: argparse.Namespace):
+    from deltatune.serve.settings import ServeSettings
+
+    values = {settings_field.name: getattr(args, settings_field.name) for settings_field in dataclasses.fields(ServeSettings)}
+    values["api_key"] = values["api_key"] or os.environ.get(API_KEY_VARIABLE) or None
+    if values["delta_root"] is not None:
+        values["delta_root"] = Path(values["delta_root"])
+    return ServeSettings(**values)
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as error:
+        raise DeltatuneError(f"`deltatune serve` needs FastAPI and uvicorn ({error}); install them with "
+                             "pip install 'deltatune[serve]'.") from None
+    from deltatune.serve.app import create_app
+    from deltatune.serve.multi import load_many
+
+    settings = settings_from(args)  # refused here, before the model loads, if the bind is unsafe
+    engine = load_many(args.run_dirs, base=args.base)
+    app = create_app(engine, settings)
+    names = ", ".join(f"{name} ({served.method})" for name, served in engine.tasks.items())
+    print(f"deltatune serve: {len(engine.tasks)} task(s) on {engine.base_name}: {names}", flush=True)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+    uvicorn.Server(config).run()
+    return 0
+
+
+__all__ = ["add_serve_parser", "run_serve_command", "settings_from"]

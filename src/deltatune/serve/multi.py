@@ -1,0 +1,381 @@
+"""One loaded base model, many attached task deltas, and predictions for any mix of their tasks.
+
+`load_many([run_dir, ...])` loads the base once, checks every delta was trained on it (by the weight
+fingerprint each delta records), and attaches each delta under a name (its task's name, made unique).
+`MultiTaskModel.predict(inputs, task=...)` answers for one task, or for one task per input:
+
+- rows whose delta's method declares `batch_mixing = "per-row"` (LoRA, (IA)3, BitFit, LayerNorm
+  tuning, adapters, prompt and prefix tuning) share forward passes: batches are cut by length across
+  tasks, and each row gathers its own delta's tensors (`deltatune.methods.state.mixed_rows`);
+- rows of other deltas (full fine-tuning, freeze, sparse masks, ...) run in forward passes of their
+  own, one delta at a time, with that delta active;
+- each row's own head gives its task's outputs, mapped to labels or to score units by its own
+  regression scale.
+
+The model is used by one thread at a time (`lock`). A long-running caller (the HTTP server) keeps the
+mixed-batch state open across calls with `serving()`; attaching or detaching a delta closes and
+reopens it, so neither needs a restart.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltatune.batching import Encoded, collate, encode, length_bucketed_batches, to_task_units
+from deltatune.delta import fingerprint_backbone, read_manifest, read_tensors
+from deltatune.errors import DeltatuneError
+from deltatune.methods import activate_delta, attach_delta, build_method, detach_delta
+from deltatune.methods.state import PER_ROW, attached_deltas, mixed_rows, parameter_index
+from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.tasks.spec import Split, TaskSpec
+
+Example = str | Sequence[str]
+
+
+@dataclass(frozen=True)
+class ServedTask:
+    """One attached delta and the task it answers."""
+
+    name: str
+    """The delta's name on the model: what `predict(task=...)` and the HTTP API call it."""
+    task: TaskSpec
+    method: str
+    batch_mixing: str
+    """'per-row' (shares forward passes with other deltas) or 'grouped' (forward passes of its own)."""
+    manifest: dict
+    directory: Path
+    delta_bytes: int
+    """Size of its delta.safetensors."""
+    resident_bytes: int
+    """Memory it holds beside the base model (a full fine-tuning delta holds a whole model's weights)."""
+
+    def describe(self, base_fingerprint: str) -> dict:
+        task = self.task
+        return {"name": self.name, "task": task.name, "text_fields": list(task.text_fields),
+                "labels": list(task.labels), "regression": task.is_regression, "metric": task.metric,
+                "dev_metrics": self.manifest.get("metrics", {}).get("dev", {}), "method": self.method,
+                "batch_mixing": self.batch_mixing, "delta_bytes": self.delta_bytes,
+                "resident_bytes": self.resident_bytes, "base_model": self.manifest["base_model"]["name"],
+                "base_fingerprint": base_fingerprint}
+
+
+class MultiTaskModel:
+    """A frozen base model with many task deltas attached; predicts for any mix of their tasks."""
+
+    def __init__(self, model: nn.Module, tokenizer, base_name: str, fingerprint: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.fingerprint = fingerprint
+        self.tasks: dict[str, ServedTask] = {}
+        self.lock = threading.RLock()
+        self._session: ExitStack | None = None
+        self._session_precision: str | None = None
+        self._mixer = None
+        self._keep_open = 0
+
+    # ------------------------------------------------------------------------------ deltas
+
+    def attach(self, run_dir: str | Path, name: str | None = None) -> ServedTask:
+        """Attach the delta of `run_dir` under `name` (default: its task's name, made unique)."""
+        directory = Path(run_dir)
+        manifest = read_manifest(directory)
+        expected = manifest["base_model"]["fingerprint"]
+        if expected != self.fingerprint:
+            raise DeltatuneError(
+                f"{directory} was trained on base model {manifest['base_model']['name']!r} (weights fingerprint "
+                f"{expected[:12]}), but the loaded base {self.base_name!r} has fingerprint {self.fingerprint[:12]}. "
+                "Serve deltas of one base model together; start another process for the other base.")
+        tensors = read_tensors(directory)
+        task = TaskSpec.from_dict(manifest["task"])
+        with self.lock:
+            name = name if name is not None else self._unique_name(task.name)
+            if name in self.tasks:
+                raise DeltatuneError(f"A delta named {name!r} is already attached ({self.tasks[name].directory}); "
+                                     "choose another name, or detach it first.")
+            self._close_session()
+            method = build_method(manifest["method"], manifest["method_config"])
+            attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
+            activate_delta(self.model, None)  # between calls the model is the base alone, whatever was attached
+            self.model.eval()
+            served = ServedTask(name, task, method.name, method.batch_mixing, manifest, directory,
+                                (directory / "delta.safetensors").stat().st_size, self._resident_bytes(name))
+            self.tasks[name] = served
+            return served
+
+    def detach(self, name: str) -> None:
+        """Remove delta `name`; the others and the base are left as they were."""
+        with self.lock:
+            if name not in self.tasks:
+                raise DeltatuneError(f"No task named {name!r} is served; served: {', '.join(self.tasks) or 'none'}.")
+            self._close_session()
+            detach_delta(self.model, name)
+            del self.tasks[name]
+
+    def _unique_name(self, task_name: str) -> str:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", task_name).strip("-")[:60] or "task"
+        name, number = stem, 2
+        while name in self.tasks or name in attached_deltas(self.model).methods:
+            name, number = f"{stem}-{number}", number + 1
+        return name
+
+    def _resident_bytes(self, name: str) -> int:
+        """Bytes delta `name` holds beside the base: its own parts and its values of base tensors it rewrites."""
+        record = attached_deltas(self.model)
+        index = parameter_index(self.model)
+        tensors = [parameter for _, parameter in index.of(name).values()]
+        if record.active == name:
+            tensors += [index.base[canonical][1] for canonical in record.rewritten(self.model, name, index)]
+        else:
+            tensors += list(record.stored.get(name, {}).values())
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    def memory(self) -> dict:
+        """Bytes of the base model's tensors and of what each delta holds beside them."""
+        index = parameter_index(self.model)
+        base = sum(parameter.numel() * parameter.element_size() for _, parameter in index.base.values())
+        base += sum(buffer.numel() * buffer.element_size() for buffer in self.model.buffers())
+        with self.lock:
+            deltas = {name: self._resident_bytes(name) for name in self.tasks}
+        return {"base_bytes": base, "delta_bytes": deltas, "total_bytes": base + sum(deltas.values())}
+
+    # -------------------------------------------------------------------------- prediction
+
+    def predict(self, inputs: Example | Sequence[Example], task: str | Sequence[str], *, batch_size: int = 64,
+                precision: str = "auto") -> list[dict]:
+        """Predict for `inputs`: a list of examples (an example is a text, or a list of texts for a pair task).
+
+        `task` names one served task for all inputs, or gives one task per input. Each result is
+        {'task', 'label', 'probabilities'} for classification or {'task', 'score'} for regression.
+        """
+        rows, names = self._check_inputs(inputs, task, batch_size, precision)
+        with self.lock:
+            outputs = self._raw_outputs(rows, names, batch_size, precision)
+            if not self._keep_open:
+                self._close_session()
+        return [self._result(self.tasks[name], output) for name, output in zip(names, outputs)]
+
+    def evaluate(self, task: str, split: str = "dev", *, batch_size: int = 64, precision: str = "auto",
+                 limit: int | None = None) -> dict[str, float]:
+        """Metrics of task `task`'s delta on a split of its data (rebuilt from the source its run recorded)."""
+        from deltatune.batching import outputs_to_predictions
+        from deltatune.metrics import compute_metrics
+        from deltatune.run import load_data_from_record
+
+        served = self._served(task, "task")
+        data = load_data_from_record(served.manifest["data"]).split(split)
+        if limit is not None:
+            data = data.subset(range(min(limit, len(data))))
+        with self.lock:
+            outputs = self._raw_outputs(list(data.texts), [task] * len(data), batch_size, precision)
+            if not self._keep_open:
+                self._close_session()
+        scaled = to_task_units(np.stack(outputs), served.manifest.get("target_scale"))
+        return compute_metrics(served.task.metrics, outputs_to_predictions(scaled, served.task), data.labels)
+
+    @contextmanager
+    def serving(self) -> Iterator[MultiTaskModel]:
+        """Keep the mixed-batch state (and bf16 weight copies) open across `predict` calls within the block."""
+        with self.lock:
+            self._keep_open += 1
+        try:
+            yield self
+        finally:
+            with self.lock:
+                self._keep_open -= 1
+                if not self._keep_open:
+                    self._close_session()
+
+    def _served(self, name, field: str) -> ServedTask:
+        if not isinstance(name, str) or name not in self.tasks:
+            raise DeltatuneError(f"{field}: no task named {name!r} is served; served: "
+                                 f"{', '.join(map(repr, self.tasks)) or 'none'}.")
+        return self.tasks[name]
+
+    def _check_inputs(self, inputs, task, batch_size, precision) -> tuple[list[tuple[str, ...]], list[str]]:
+        """Every example and task checked at once: one DeltatuneError naming each bad field."""
+        if isinstance(inputs, str):
+            inputs = [inputs]  # one text: one example
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise DeltatuneError(f"inputs must be a non-empty list of examples (a text, or a list of texts for a "
+                                 f"pair task), got {type(inputs).__name__} {str(inputs)[:40]!r}.")
+        names = [task] * len(inputs) if isinstance(task, str) else task
+        if not isinstance(names, (list, tuple)) or len(names) != len(inputs):
+            raise DeltatuneError(f"task must be one task name or a list of one per input ({len(inputs)}), got "
+                                 f"{str(task)[:60]!r}.")
+        if precision not in PRECISIONS:
+            raise DeltatuneError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DeltatuneError(f"batch_size={batch_size!r} must be a positive integer.")
+        problems, rows = [], []
+        for position, (example, name) in enumerate(zip(inputs, names)):
+            try:
+                served = self._served(name, f"task[{position}]" if not isinstance(task, str) else "task")
+                rows.append(check_example(example, served.task, f"inputs[{position}]"))
+            except DeltatuneError as error:
+                problems.append(str(error))
+        if problems:
+            shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+            raise DeltatuneError(" ".join(dict.fromkeys(shown)))
+        return rows, list(names)
+
+    def _raw_outputs(self, rows: list[tuple[str, ...]], names: list[str], batch_size: int,
+                     precision: str) -> list[np.ndarray]:
+        """Each row's raw head outputs (its task's width), per-row deltas in shared forward passes."""
+        precision = resolve_precision(precision)
+        encoded = self._encode(rows, names)
+        outputs: list[np.ndarray | None] = [None] * len(rows)
+        mixed = [row for row, name in enumerate(names) if self.tasks[name].batch_mixing == PER_ROW]
+        if mixed:
+            mixer = self._open_session(precision)
+            for batch in self._batches(encoded, mixed, batch_size):
+                mixer.route([names[row] for row in batch])
+                self._forward(encoded, batch, names, outputs)
+        for name in dict.fromkeys(name for name in names if self.tasks[name].batch_mixing != PER_ROW):
+            self._close_session()
+            activate_delta(self.model, name)
+            rows_of_delta = [row for row, row_name in enumerate(names) if row_name == name]
+            with ExitStack() as stack:
+                if precision == "bf16":
+                    stack.enter_context(frozen_linear_weights_in_bf16(self.model, include_trainable=True))
+                for batch in self._batches(encoded, rows_of_delta, batch_size):
+                    self._forward(encoded, batch, names, outputs, precision)
+            activate_delta(self.model, None)
+        return outputs
+
+    def _forward(self, encoded: Encoded, batch: list[int], names: list[str], outputs: list,
+                 precision: str | None = None) -> None:
+        from deltatune.batching import autocast_for
+
+        features = collate(encoded, batch, self.tokenizer.pad_token_id or 0, regression=False)
+        features.pop("labels")
+        with torch.no_grad(), autocast_for(precision or self._session_precision):
+            logits = self.model(**features).logits.float().cpu()
+        for position, row in enumerate(batch):
+            outputs[row] = logits[position, :self.tasks[names[row]].task.num_labels].numpy()
+
+    @staticmethod
+    def _batches(encoded: Encoded, rows: list[int], batch_size: int) -> list[list[int]]:
+        lengths = [encoded.lengths[row] for row in rows]
+        return [[rows[position] for position in batch] for batch in length_bucketed_batches(lengths, batch_size, None)]
+
+    def _encode(self, rows: list[tuple[str, ...]], names: list[str]) -> Encoded:
+        """Tokenise each task's rows as that task was trained (its fields and max length), in row order."""
+        features: dict[str, list] = {}
+        for name in dict.fromkeys(names):
+            served = self.tasks[name]
+            positions = [row for row, row_name in enumerate(names) if row_name == name]
+            split = Split([rows[row] for row in positions], [0] * len(positions))
+            part = encode(self.tokenizer, served.task, split, served.manifest.get("max_length", 128))
+            for key, values in part.features.items():
+                column = features.setdefault(key, [None] * len(rows))
+                for row, value in zip(positions, values):
+                    column[row] = value
+        if "token_type_ids" in features:  # tasks encoded without them (none here today) get zeros
+            features["token_type_ids"] = [value if value is not None else [0] * len(ids) for value, ids
+                                          in zip(features["token_type_ids"], features["input_ids"])]
+        return Encoded(features, [0] * len(rows))
+
+    def _open_session(self, precision: str):
+        """The mixed-batch state: base active, per-row routing installed, bf16 weight copies if asked."""
+        if self._session is not None and self._session_precision == precision:
+            return self._mixer
+        self._close_session()
+        stack = ExitStack()
+        try:
+            self._mixer = stack.enter_context(mixed_rows(self.model))
+            if precision == "bf16":
+                stack.enter_context(frozen_linear_weights_in_bf16(self.model, include_trainable=True))
+        except BaseException:
+            stack.close()
+            raise
+        self._session, self._session_precision = stack, precision
+        return self._mixer
+
+    def _close_session(self) -> None:
+        if self._session is not None:
+            session, self._session, self._mixer, self._session_precision = self._session, None, None, None
+            session.close()
+
+    @staticmethod
+    def _result(served: ServedTask, output: np.ndarray) -> dict:
+        task = served.task
+        scaled = to_task_units(output[None, :], served.manifest.get("target_scale"))[0]
+        if task.is_regression:
+            return {"task": served.name, "score": float(scaled[0])}
+        probabilities = torch.softmax(torch.from_numpy(scaled), dim=-1).tolist()
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        return {"task": served.name, "label": task.labels[best],
+                "probabilities": dict(zip(task.labels, probabilities))}
+
+
+def check_example(example, task: TaskSpec, field: str) -> tuple[str, ...]:
+    """An example as a tuple of texts, one per field of `task`; a DeltatuneError naming `field` otherwise."""
+    texts = (example,) if isinstance(example, str) else example
+    fields = task.text_fields
+    if not isinstance(texts, (list, tuple)):
+        raise DeltatuneError(f"{field} must be a text or a list of {len(fields)} texts ({', '.join(fields)}), got "
+                             f"{type(example).__name__}.")
+    if len(texts) != len(fields):
+        raise DeltatuneError(f"{field} has {len(texts)} text(s) but task {task.name!r} takes {len(fields)} "
+                             f"({', '.join(fields)}).")
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DeltatuneError(f"{field}[{position}] must be a string, got {type(text).__name__}.")
+    return tuple(texts)
+
+
+def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None,
+              base: str | None = None) -> MultiTaskModel:
+    """Load the base model once and attach every delta of `run_dirs`, each under its own name.
+
+    `names` gives the names (default: each run's task name, made unique: 'stsb', 'stsb-2');
+    `base` overrides where the base model is loaded from. All deltas must have been trained on the
+    same base model (checked by its weight fingerprint) before anything is loaded.
+    """
+    from deltatune.sources.models import load_model_for_task
+
+    if isinstance(run_dirs, (str, Path)):
+        raise DeltatuneError(f"load_many takes a list of run directories, got the single path {str(run_dirs)!r}; "
+                             "pass [path], or use deltatune.load for one delta.")
+    run_dirs = [Path(directory) for directory in run_dirs]
+    if not run_dirs:
+        raise DeltatuneError("load_many needs at least one run directory.")
+    if names is not None:
+        names = list(names)
+        if len(names) != len(run_dirs) or len(set(names)) != len(names):
+            raise DeltatuneError(f"names={names!r} must give one distinct name per run directory ({len(run_dirs)}).")
+    manifests = [read_manifest(directory) for directory in run_dirs]
+    by_fingerprint: dict[str, list[str]] = {}
+    for directory, manifest in zip(run_dirs, manifests):
+        by_fingerprint.setdefault(manifest["base_model"]["fingerprint"], []).append(
+            f"{directory} ({manifest['base_model']['name']!r})")
+    if len(by_fingerprint) > 1:
+        groups = "; ".join(f"{fingerprint[:12]}: {', '.join(dirs)}" for fingerprint, dirs in by_fingerprint.items())
+        raise DeltatuneError(f"These deltas were trained on {len(by_fingerprint)} different base models ({groups}); "
+                             "one process serves the deltas of one base. Start one per base.")
+    base_name = base or manifests[0]["base_model"]["name"]
+    model, tokenizer = load_model_for_task(base_name, TaskSpec.from_dict(manifests[0]["task"]))
+    fingerprint = fingerprint_backbone(model)
+    expected = next(iter(by_fingerprint))
+    if fingerprint != expected:
+        raise DeltatuneError(
+            f"These deltas were trained on base model {manifests[0]['base_model']['name']!r} (weights fingerprint "
+            f"{expected[:12]}), but {base_name!r} has fingerprint {fingerprint[:12]}. Load them onto "
+            f"{manifests[0]['base_model']['name']!r} (pass base= to point at a copy of it).")
+    served = MultiTaskModel(model, tokenizer, base_name, fingerprint)
+    for position, directory in enumerate(run_dirs):
+        served.attach(directory, names[position] if names is not None else None)
+    return served
+
+
+__all__ = ["MultiTaskModel", "ServedTask", "check_example", "load_many"]

@@ -1,0 +1,194 @@
+"""Many deltas on one loaded base (`deltatune.load_many`): each task answers as its own delta does alone.
+
+Run directories are made here on a tiny local base: deltas of several methods, tasks with different
+label counts, a pair task, a regression task with a target scale, and a full fine-tuning delta (which
+runs in forward passes of its own).
+"""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune
+from conftest import make_sentiment_rows, save_tiny_model_dir
+from deltatune.config import to_jsonable
+from deltatune.delta import fingerprint_backbone, model_bytes, save_delta
+from deltatune.errors import DeltatuneError
+from deltatune.methods import build_method, prepare_model
+from deltatune.sources.models import load_model_for_task
+from deltatune.tasks.spec import TaskSpec
+
+SENTIMENT = TaskSpec("sentiment", ("text",), ("negative", "positive"))
+TOPIC = TaskSpec("topic", ("text",), ("music", "animals", "food"))
+PAIRS = TaskSpec("pairs", ("first", "second"), ("different", "same"))
+SCORES = TaskSpec("scores", ("text",), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
+TEXTS = ["the man plays guitar", "a good movie", "not very happy dog", "the film was really great", "cat eats food"]
+
+
+def write_toy_csv(path: Path, rows: int) -> dict:
+    """A local sentiment CSV and the data record that trains on it."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(rows))
+    return deltatune.data_record("toy", local={"path": str(path), "text_fields": ["text"]})
+
+
+def moved_delta(model, method_name: str, options: dict | None, seed: int, scale: float = 0.1):
+    """`method_name` applied to `model` with every trainable tensor moved off its start, as training would."""
+    method = build_method(method_name, options or {})
+    prepare_model(model, method)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return method
+
+
+def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, seed: int, options=None,
+             data: dict | None = None) -> Path:
+    """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start."""
+    torch.manual_seed(seed)
+    model, _ = load_model_for_task(str(base_dir), task)
+    fingerprint = fingerprint_backbone(model)
+    method = moved_delta(model, method_name, options, seed)
+    manifest = {"method": method_name, "method_config": to_jsonable(method.config), "task": task.to_dict(),
+                "base_model": {"name": str(base_dir), "fingerprint": fingerprint}, "max_length": 32,
+                "target_scale": [2.5, 1.2] if task.is_regression else None, "data": data or {},
+                "metrics": {"dev": {task.metric: 0.5}}}
+    save_delta(directory, model, method, manifest)
+    return directory
+
+
+@pytest.fixture
+def runs(tmp_path):
+    base = save_tiny_model_dir(tmp_path / "base", "bert")
+    specs = {"sentiment-lora": ("lora", SENTIMENT), "topic-bitfit": ("bitfit", TOPIC),
+             "pairs-adapter": ("pfeiffer", PAIRS), "scores-ia3": ("ia3", SCORES),
+             "topic-full": ("full", TOPIC), "sentiment-prefix": ("prefix-tuning", SENTIMENT)}
+    options = {"prefix-tuning": {"num_virtual_tokens": 4}, "pfeiffer": {"bottleneck_size": 4}}
+    return {name: make_run(tmp_path / name, base, method, task, seed, options.get(method))
+            for seed, (name, (method, task)) in enumerate(specs.items(), start=1)}
+
+
+def inputs_for(task: TaskSpec):
+    return [(text, TEXTS[-1 - i]) if len(task.text_fields) == 2 else text for i, text in enumerate(TEXTS)]
+
+
+def alone(run: Path, task: TaskSpec):
+    rows = inputs_for(task)
+    columns = [list(column) for column in zip(*[row if isinstance(row, tuple) else (row,) for row in rows])]
+    return deltatune.load(run).predict(*columns, precision="fp32")
+
+
+def assert_same(served: dict, single: dict):
+    if "score" in single:
+        assert served["score"] == pytest.approx(single["score"], abs=1e-4)
+    else:
+        assert served["label"] == single["label"]
+        for label, probability in single["probabilities"].items():
+            assert served["probabilities"][label] == pytest.approx(probability, abs=1e-5)
+
+
+def test_one_base_many_tasks_each_answers_as_its_delta_alone_in_mixed_batches(runs):
+    served = deltatune.load_many(list(runs.values()))
+    assert list(served.tasks) == ["sentiment", "topic", "pairs", "scores", "topic-2", "sentiment-2"]
+    expected = {name: alone(run, served.tasks[name].task) for name, run in zip(served.tasks, runs.values())}
+    # one task per input, interleaved: the per-row deltas share forward passes, the full delta runs apart
+    order = [(name, row) for row in range(len(TEXTS)) for name in served.tasks]
+    inputs = [inputs_for(served.tasks[name].task)[row] for name, row in order]
+    results = served.predict(inputs, task=[name for name, _ in order], batch_size=4, precision="fp32")
+    for (name, row), result in zip(order, results):
+        assert result["task"] == name
+        assert_same(result, expected[name][row])
+    for name in served.tasks:  # and one task at a time
+        single = served.predict(inputs_for(served.tasks[name].task), task=name, precision="fp32")
+        for result, reference in zip(single, expected[name]):
+            assert_same(result, reference)
+    assert {task.batch_mixing for task in served.tasks.values()} == {"per-row", "grouped"}
+
+
+def test_load_many_twice_and_names_given(runs):
+    first = deltatune.load_many([runs["sentiment-lora"], runs["topic-bitfit"]], names=["a", "b"])
+    second = deltatune.load_many([runs["topic-bitfit"]])
+    assert list(first.tasks) == ["a", "b"] and list(second.tasks) == ["topic"]
+    assert first.predict("a good movie", task="b", precision="fp32")[0] == \
+        second.predict(["a good movie"], task="topic", precision="fp32")[0] | {"task": "b"}
+
+
+def test_a_full_fine_tuning_delta_reports_a_whole_model_of_memory(runs):
+    served = deltatune.load_many([runs["topic-full"], runs["sentiment-lora"]])
+    memory = served.memory()
+    model = load_model_for_task(str(runs["topic-full"].parent / "base"), TOPIC)[0]
+    whole = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    assert memory["delta_bytes"]["topic"] == whole  # every weight, the head included: a whole model
+    assert memory["base_bytes"] == model_bytes(model)
+    assert memory["delta_bytes"]["sentiment"] < 0.2 * whole
+    assert served.tasks["topic"].resident_bytes == memory["delta_bytes"]["topic"]
+
+
+def test_deltas_attach_and_detach_at_run_time(runs):
+    served = deltatune.load_many([runs["sentiment-lora"]])
+    before = served.predict(TEXTS, task="sentiment", precision="fp32")
+    with served.serving():  # the mixed-batch state stays open across calls, and attach/detach reopen it
+        served.predict(TEXTS, task="sentiment", precision="fp32")
+        served.attach(runs["topic-bitfit"])
+        assert [r["label"] for r in served.predict(TEXTS, task="topic", precision="fp32")] == \
+            [r["label"] for r in alone(runs["topic-bitfit"], TOPIC)]
+        served.detach("topic")
+        assert served.predict(TEXTS, task="sentiment", precision="fp32") == before
+    with pytest.raises(DeltatuneError, match=r"task: no task named 'topic' is served; served: 'sentiment'"):
+        served.predict(TEXTS, task="topic")
+    with pytest.raises(DeltatuneError, match="No task named 'topic' is served"):
+        served.detach("topic")
+    with pytest.raises(DeltatuneError, match="already attached"):
+        served.attach(runs["topic-bitfit"], name="sentiment")
+
+
+def test_bad_inputs_are_refused_naming_the_field(runs):
+    served = deltatune.load_many([runs["pairs-adapter"], runs["sentiment-lora"]])
+    with pytest.raises(DeltatuneError, match=r"inputs\[1\] has 1 text\(s\) but task 'pairs' takes 2 \(first, second\)"):
+        served.predict([["a", "b"], "only one"], task="pairs")
+    with pytest.raises(DeltatuneError, match=r"inputs\[0\]\[1\] must be a string, got int"):
+        served.predict([["a", 3]], task="pairs")
+    with pytest.raises(DeltatuneError, match=r"task\[1\]: no task named 'nope'"):
+        served.predict(["a", "b"], task=["sentiment", "nope"])
+    with pytest.raises(DeltatuneError, match=r"inputs must be a non-empty list"):
+        served.predict([], task="sentiment")
+    with pytest.raises(DeltatuneError, match=r"one per input \(2\)"):
+        served.predict(["a", "b"], task=["sentiment"])
+
+
+def test_load_many_is_validated_before_anything_loads(runs, tmp_path):
+    with pytest.raises(DeltatuneError, match="takes a list of run directories, got the single path"):
+        deltatune.load_many(str(runs["sentiment-lora"]))
+    with pytest.raises(DeltatuneError, match="at least one run directory"):
+        deltatune.load_many([])
+    with pytest.raises(DeltatuneError, match="one distinct name per run directory"):
+        deltatune.load_many([runs["sentiment-lora"], runs["topic-bitfit"]], names=["x", "x"])
+    other_base = save_tiny_model_dir(tmp_path / "other-base", "bert", seed=5)
+    stranger = make_run(tmp_path / "stranger", other_base, "lora", SENTIMENT, 9)
+    with pytest.raises(DeltatuneError, match="trained on 2 different base models"):
+        deltatune.load_many([runs["sentiment-lora"], stranger])
+    served = deltatune.load_many([runs["sentiment-lora"]])
+    with pytest.raises(DeltatuneError, match="Serve deltas of one base model together"):
+        served.attach(stranger)
+
+
+def test_bf16_mixed_batches_stay_close_to_fp32_and_leave_the_weights_exact(runs):
+    served = deltatune.load_many([runs["sentiment-lora"], runs["topic-bitfit"], runs["topic-full"], runs["scores-ia3"]])
+    names = [name for name in served.tasks for _ in TEXTS]
+    inputs = TEXTS * len(served.tasks)
+    weights = {name: parameter.detach().clone() for name, parameter in served.model.named_parameters()}
+    exact = served.predict(inputs, task=names, precision="fp32")
+    rounded = served.predict(inputs, task=names, precision="bf16")
+    for fine, coarse in zip(exact, rounded):
+        if "score" in fine:
+            assert coarse["score"] == pytest.approx(fine["score"], abs=0.1)
+        else:
+            assert max(abs(coarse["probabilities"][k] - v) for k, v in fine["probabilities"].items()) < 0.05
+    assert all(torch.equal(parameter, weights[name]) for name, parameter in served.model.named_parameters())
+    assert served.predict(inputs, task=names, precision="fp32") == exact
