@@ -133,6 +133,7 @@ class TunedModel:
         """
         from deltatune.tasks.spec import Split
         from deltatune.batching import encode, predict_encoded, to_task_units
+        from deltatune.heads import encodes_texts_separately
 
         columns = [[t] if isinstance(t, str) else list(t) for t in texts]
         if len(columns) != len(self.task.text_fields):
@@ -143,7 +144,8 @@ class TunedModel:
             raise DeltatuneError("Every text field needs the same number of examples.")
         rows = list(zip(*columns))
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
-        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.manifest.get("max_length", 128))
+        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.manifest.get("max_length", 128),
+                         encodes_texts_separately(self.model))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
         if self.task.is_regression:
@@ -161,9 +163,11 @@ class TunedModel:
         from deltatune.metrics import compute_metrics
         from deltatune.run import load_data_from_record
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
+        from deltatune.heads import encodes_texts_separately
 
         data = load_data_from_record(self.manifest["data"])
-        encoded = encode(self.tokenizer, self.task, data.split(split), self.manifest.get("max_length", 128))
+        encoded = encode(self.tokenizer, self.task, data.split(split), self.manifest.get("max_length", 128),
+                         encodes_texts_separately(self.model))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
@@ -171,6 +175,7 @@ class TunedModel:
 
 def load(directory: str | Path, base: str | None = None) -> TunedModel:
     """Rebuild base + delta from a delta directory; `base` overrides where the base model comes from."""
+    from deltatune.heads import LEGACY_HEAD
     from deltatune.sources.models import load_model_for_task
 
     directory = Path(directory)
@@ -178,7 +183,8 @@ def load(directory: str | Path, base: str | None = None) -> TunedModel:
     tensors = read_tensors(directory)
     task = TaskSpec.from_dict(manifest["task"])
     base_name = base or manifest["base_model"]["name"]
-    model, tokenizer = load_model_for_task(base_name, task)
+    head = manifest.get("head") or LEGACY_HEAD
+    model, tokenizer = load_model_for_task(base_name, task, head=head["kind"], pooling=head["pooling"])
     expected = manifest["base_model"]["fingerprint"]
     actual = fingerprint_backbone(model)
     if actual != expected:

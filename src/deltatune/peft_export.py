@@ -43,14 +43,27 @@ def export_peft(source: str | Path | TunedModel, out_dir: str | Path, *,
     Returns `out_dir`.
     """
     if isinstance(source, TunedModel):
+        _check_head(source.manifest)
         return write_peft_adapter(source.model, source.method, out_dir,
                                   base_model_name_or_path or source.manifest["base_model"]["name"], overwrite=overwrite)
     directory = Path(source)
     manifest = read_manifest(directory)
     _check_exportable(manifest["method"])
+    _check_head(manifest)
     method = build_method(manifest["method"], manifest["method_config"])
     return _write_adapter(method, read_tensors(directory), Path(out_dir),
                           base_model_name_or_path or manifest["base_model"]["name"], overwrite)
+
+
+def _check_head(manifest: dict) -> None:
+    """PEFT rebuilds transformers' own classification head; a delta trained with another head would load wrong."""
+    head = manifest.get("head") or {}
+    if not head.get("transformers_head", True):
+        raise DeltatuneError(
+            f"This delta was trained with a {head.get('kind')} head pooling by {head.get('pooling')}, which "
+            "transformers' AutoModelForSequenceClassification (what PEFT loads the adapter onto) does not have, "
+            "so PEFT would give different outputs. Train with the model's native head (--head cross-encoder "
+            "--pooling cls for BERT-family models, last for decoders) to export to PEFT.")
 
 
 def write_peft_adapter(model: nn.Module, method, out_dir: str | Path, base_model_name_or_path: str | None = None,
