@@ -97,6 +97,8 @@ class Freeze:
 
     # the chosen layers are ordinary pretrained weights trained as in full fine-tuning
     default_learning_rate = 5e-5
+    # `lr_search: auto`: as full fine-tuning
+    learning_rate_candidates = (2e-5, 5e-5, 1e-4, 2e-4)
 
     def __init__(self, config: FreezeConfig) -> None:
         self.config = config

@@ -159,6 +159,8 @@ class IA3:
     # a multiplicative scale around 1 moves the model slowly per unit step and has few parameters
     # to overfit with: the paper trains it with 3e-3 (T-Few recipe, Adafactor)
     default_learning_rate = 3e-3
+    # `lr_search: auto`: around the paper's rate
+    learning_rate_candidates = (1e-3, 3e-3, 1e-2, 3e-2)
 
     def __init__(self, config: IA3Config) -> None:
         self.config = config

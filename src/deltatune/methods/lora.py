@@ -133,6 +133,8 @@ class LoRA:
     # B starts at zero and the update is damped by alpha/r, so LoRA wants a much larger step than
     # full fine-tuning: the paper uses 4e-4..5e-4 for RoBERTa-base on GLUE (its Table 9)
     default_learning_rate = 5e-4
+    # `lr_search: auto`: the paper's rate and up to ten times it, for short budgets
+    learning_rate_candidates = (5e-4, 1e-3, 2e-3, 5e-3)
 
     def __init__(self, config: LoRAConfig) -> None:
         self.config = config

@@ -121,6 +121,8 @@ class RecursiveLM:
 
     # the connector is a freshly initialised MLP, like an adapter: a rate in the adapters' range
     default_learning_rate = 1e-3
+    # `lr_search: auto`: as the adapters
+    learning_rate_candidates = (3e-4, 1e-3, 3e-3, 1e-2)
 
     def __init__(self, config: RecursiveLMConfig) -> None:
         self.config = config

@@ -215,6 +215,8 @@ class SparseMask:
     # the mask depends only on the ranking of the scores, which AdamW makes independent of the learning
     # rate's scale; so the default suits the task head, which shares it (as for BitFit and LayerNorm tuning)
     default_learning_rate = 1e-3
+    # `lr_search: auto`: the rate matters for the head (see above), so BitFit's range
+    learning_rate_candidates = (3e-4, 1e-3, 3e-3, 1e-2)
 
     def __init__(self, config: SparseMaskConfig) -> None:
         self.config = config

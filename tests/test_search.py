@@ -1,0 +1,102 @@
+"""The learning-rate search: successive halving on dev, and a survivor that trains exactly as a single run."""
+
+import csv
+import math
+
+import pytest
+
+from conftest import make_sentiment_rows, save_tiny_model_dir
+from deltatune.search import learning_rate_candidates, search_cost, successive_halving
+from deltatune.training import TrainConfig
+
+
+class ScriptedTrainer:
+    """A stand-in for `Trainer`: its best dev score at each step is given, so the ranking is known."""
+
+    class Best:
+        value, step = -math.inf, 0
+
+    def __init__(self, scores_by_step: dict[int, float], planned_steps: int = 80) -> None:
+        self.scores, self.planned = scores_by_step, planned_steps
+        self.best, self.step, self.train_time, self.stopped_by, self.closed = self.Best(), 0, 0.0, None, False
+
+    def advance(self, until: float = 1.0) -> None:
+        self.step = round(until * self.planned)
+        self.train_time = self.step / 10
+        reached = [value for step, value in self.scores.items() if step <= self.step]
+        self.best.value, self.best.step = max(reached), max(s for s in self.scores if s <= self.step)
+        if until >= 1.0:
+            self.stopped_by = "epochs"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_successive_halving_stops_the_losers_at_their_rung_and_keeps_the_best():
+    # rate 3 starts slow but ends best; rate 4 leads at the first rung and fades; rates 1 and 2 are poor
+    scripts = {1.0: {10: 0.1, 20: 0.2, 80: 0.3}, 2.0: {10: 0.2, 20: 0.3, 80: 0.4},
+               3.0: {10: 0.5, 20: 0.7, 80: 0.9}, 4.0: {10: 0.6, 20: 0.65, 80: 0.7}}
+    trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
+    result = successive_halving(trainers.__getitem__, list(scripts), (0.125, 0.25), "accuracy")
+    assert result.trainer is trainers[3.0] and result.record["chosen"] == 3.0
+    by_rate = {c["learning_rate"]: c for c in result.record["candidates"]}
+    assert by_rate[1.0]["steps"] == by_rate[2.0]["steps"] == 10  # stopped at the first rung (1/8 of 80 steps)
+    assert by_rate[4.0]["steps"] == 20 and by_rate[4.0]["stopped_at_rung"] == 1
+    assert by_rate[3.0]["steps"] == 80 and by_rate[3.0]["rung_scores"] == [0.5, 0.7]
+    assert by_rate[1.0]["rung_scores"] == [0.1] and by_rate[4.0]["rung_scores"] == [0.6, 0.65]
+    assert trainers[1.0].closed and trainers[4.0].closed and not trainers[3.0].closed
+    # the chosen rate has the best dev score of every candidate
+    assert by_rate[3.0]["best_dev"] == max(c["best_dev"] for c in result.record["candidates"])
+    assert result.record["planned_cost_runs"] == pytest.approx(1.5)
+
+
+def test_search_cost_of_the_default_rungs():
+    assert search_cost(4, (0.125, 0.25)) == pytest.approx(1.5)
+    assert search_cost(3, (0.125, 0.25)) == pytest.approx(3 / 8 + 2 / 8 + 3 / 4)
+    assert search_cost(1, (0.125, 0.25)) == pytest.approx(1.0)
+    assert search_cost(2, ()) == pytest.approx(2.0)
+
+
+def test_candidates_come_from_the_spec_or_the_method():
+    from deltatune.methods import build_method
+
+    bitfit = build_method("bitfit")
+    assert learning_rate_candidates(TrainConfig(lr_search="auto"), bitfit) == bitfit.learning_rate_candidates
+    assert bitfit.default_learning_rate in bitfit.learning_rate_candidates
+    assert learning_rate_candidates(TrainConfig(lr_search=(3e-3, 1e-3)), bitfit) == (1e-3, 3e-3)
+    with pytest.raises(Exception, match="lr_search"):
+        TrainConfig(lr_search=(0.0,))
+
+
+@pytest.fixture
+def local(tmp_path):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny-bert", "bert")
+    path = tmp_path / "toy.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(200))
+    from deltatune.run import data_record
+
+    return str(model_dir), data_record("toy", local={"path": str(path), "text_fields": ["text"]})
+
+
+def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):
+    from deltatune.run import run_training
+
+    model, data = local
+    # 40 planned steps; rungs at 10 and 20 coincide with evaluations every 10 steps
+    settings = dict(max_steps=40, batch_size=8, eval_every=10, quiet=True, seed=3, precision="fp32")
+    searched = run_training(model, data, "full", {},
+                            TrainConfig(lr_search=(1e-7, 3e-3, 1e-2), lr_search_rungs=(0.25, 0.5), **settings))
+    search = searched["lr_search"]
+    chosen = search["chosen"]
+    assert chosen == searched["learning_rate"]
+    best = max(search["candidates"], key=lambda c: c["best_dev"])
+    assert best["learning_rate"] == chosen and searched["dev_metrics"]["accuracy"] == best["best_dev"]
+    assert [c["steps"] for c in search["candidates"]].count(40) == 1  # one survivor; the others stopped at rungs
+    single = run_training(model, data, "full", {}, TrainConfig(learning_rate=chosen, **settings))
+    def curve(record):
+        return [(point["step"], point["metrics"]) for point in record["learning_curve"]]
+    assert curve(searched) == curve(single)
+    assert searched["dev_metrics"] == single["dev_metrics"] and searched["test_metrics"] == single["test_metrics"]
