@@ -1,13 +1,12 @@
 """The learning-rate search: successive halving on dev, and a survivor that trains exactly as a single run."""
 
-import csv
 import math
 
 import pytest
 
-from conftest import make_sentiment_rows, save_tiny_model_dir
 from deltatune.search import learning_rate_candidates, search_cost, successive_halving
 from deltatune.training import TrainConfig
+from test_run import local  # noqa: F401 - the fixture: a tiny BERT directory and a toy CSV
 
 
 class ScriptedTrainer:
@@ -66,19 +65,6 @@ def test_candidates_come_from_the_spec_or_the_method():
     assert learning_rate_candidates(TrainConfig(lr_search=(3e-3, 1e-3)), bitfit) == (1e-3, 3e-3)
     with pytest.raises(Exception, match="lr_search"):
         TrainConfig(lr_search=(0.0,))
-
-
-@pytest.fixture
-def local(tmp_path):
-    model_dir = save_tiny_model_dir(tmp_path / "tiny-bert", "bert")
-    path = tmp_path / "toy.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(200))
-    from deltatune.run import data_record
-
-    return str(model_dir), data_record("toy", local={"path": str(path), "text_fields": ["text"]})
 
 
 def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):
