@@ -52,17 +52,17 @@ def run_method(method: str, head: str, args: argparse.Namespace) -> dict:
 
 
 def _candidates(record: dict) -> str:
+    from deltatune.run import describe_search
+
     search = record.get("lr_search")
     if not search:
         return f"{record['learning_rate']:g}"
-    tried = ", ".join(f"{c['learning_rate']:g}" + (f" {c['best_dev']:.3f}" if c["best_dev"] is not None else "")
-                      for c in search["candidates"])
-    return f"**{search['chosen']:g}** ({tried})"
+    return f"**{search['chosen']:g}** ({describe_search(search)})"
 
 
 def table(records: list[dict], primary: str, show_head: bool) -> str:
     header = ["method", *(["head"] if show_head else []), "trainable params (%)", f"test {primary}",
-              f"dev {primary}", "learning rate (candidates: best dev)", "steps (best at)", "converged",
+              f"dev {primary}", "learning rate (candidates: dev at the rungs)", "steps (best at)", "converged",
               "delta bytes", "train s (whole search)", "examples/s", "peak memory GiB", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:

@@ -10,22 +10,29 @@ from test_run import local  # noqa: F401 - the fixture: a tiny BERT directory an
 
 
 class ScriptedTrainer:
-    """A stand-in for `Trainer`: its best dev score at each step is given, so the ranking is known."""
+    """A stand-in for `Trainer`: its dev score at each step is given, so the ranking is known."""
 
     class Best:
         value, step = -math.inf, 0
 
+    class Data:
+        rung_dev = list(range(500))
+
     def __init__(self, scores_by_step: dict[int, float], planned_steps: int = 80) -> None:
         self.scores, self.planned = scores_by_step, planned_steps
-        self.best, self.step, self.train_time, self.stopped_by, self.closed = self.Best(), 0, 0.0, None, False
+        self.best, self.data, self.step, self.train_time = self.Best(), self.Data(), 0, 0.0
+        self.stopped_by, self.closed = None, False
 
     def advance(self, until: float = 1.0) -> None:
         self.step = round(until * self.planned)
         self.train_time = self.step / 10
-        reached = [value for step, value in self.scores.items() if step <= self.step]
-        self.best.value, self.best.step = max(reached), max(s for s in self.scores if s <= self.step)
+        self.best.value = max(value for step, value in self.scores.items() if step <= self.step)
         if until >= 1.0:
             self.stopped_by = "epochs"
+
+    def score(self, encoded) -> float:
+        assert encoded is self.data.rung_dev
+        return self.scores[self.step]
 
     def close(self) -> None:
         self.closed = True
@@ -44,9 +51,10 @@ def test_successive_halving_stops_the_losers_at_their_rung_and_keeps_the_best():
     assert by_rate[3.0]["steps"] == 80 and by_rate[3.0]["rung_scores"] == [0.5, 0.7]
     assert by_rate[1.0]["rung_scores"] == [0.1] and by_rate[4.0]["rung_scores"] == [0.6, 0.65]
     assert trainers[1.0].closed and trainers[4.0].closed and not trainers[3.0].closed
-    # the chosen rate has the best dev score of every candidate
+    # the chosen rate had the best dev score at the last rung, and the best dev score of all
+    assert by_rate[3.0]["rung_scores"][-1] > by_rate[4.0]["rung_scores"][-1]
     assert by_rate[3.0]["best_dev"] == max(c["best_dev"] for c in result.record["candidates"])
-    assert result.record["planned_cost_runs"] == pytest.approx(1.5)
+    assert result.record["planned_cost_runs"] == pytest.approx(1.5) and result.record["rung_examples"] == 500
 
 
 def test_search_cost_of_the_default_rungs():
@@ -71,18 +79,21 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):
     from deltatune.run import run_training
 
     model, data = local
-    # 40 planned steps; rungs at 10 and 20 coincide with evaluations every 10 steps
-    settings = dict(max_steps=40, batch_size=8, eval_every=10, quiet=True, seed=3, precision="fp32")
+    settings = dict(max_steps=40, batch_size=8, eval_every=6, quiet=True, seed=3, precision="fp32")
     searched = run_training(model, data, "full", {},
                             TrainConfig(lr_search=(1e-7, 3e-3, 1e-2), lr_search_rungs=(0.25, 0.5), **settings))
     search = searched["lr_search"]
     chosen = search["chosen"]
     assert chosen == searched["learning_rate"]
-    best = max(search["candidates"], key=lambda c: c["best_dev"])
-    assert best["learning_rate"] == chosen and searched["dev_metrics"]["accuracy"] == best["best_dev"]
-    assert [c["steps"] for c in search["candidates"]].count(40) == 1  # one survivor; the others stopped at rungs
+    steps = {c["learning_rate"]: c["steps"] for c in search["candidates"]}
+    assert sorted(steps.values()) == [10, 20, 40]  # cut at the rungs (1/4 and 1/2 of 40 steps); one survivor
+    survivor = next(c for c in search["candidates"] if c["steps"] == 40)
+    assert survivor["learning_rate"] == chosen and len(survivor["rung_scores"]) == 2
+    assert max(c["rung_scores"][-1] for c in search["candidates"] if c["steps"] >= 20) == survivor["rung_scores"][-1]
+    # the survivor trained, was evaluated and kept its checkpoint exactly as a single run at its rate
     single = run_training(model, data, "full", {}, TrainConfig(learning_rate=chosen, **settings))
+
     def curve(record):
         return [(point["step"], point["metrics"]) for point in record["learning_curve"]]
-    assert curve(searched) == curve(single)
+    assert curve(searched) == curve(single) and [p["step"] for p in single["learning_curve"]][:2] == [6, 12]
     assert searched["dev_metrics"] == single["dev_metrics"] and searched["test_metrics"] == single["test_metrics"]

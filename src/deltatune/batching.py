@@ -36,6 +36,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: list[int]) -> "Encoded":
+        return Encoded({key: [rows[i] for i in indices] for key, rows in self.features.items()},
+                       [self.labels[i] for i in indices])
+
     @property
     def lengths(self) -> list[int]:
         """Each example's padded width: its longest sequence."""

@@ -307,9 +307,13 @@ def summarize(record: dict) -> str:
 def _search_summary(search: dict | None) -> str:
     if not search:
         return ""
-    tried = ", ".join(f"{c['learning_rate']:g}: {c['best_dev']:.4f}" if c["best_dev"] is not None
-                      else f"{c['learning_rate']:g}: -" for c in search["candidates"])
-    return f", chosen on dev from {tried} (best dev {search['metric']} each)"
+    return f", chosen on dev from {describe_search(search)}"
+
+
+def describe_search(search: dict) -> str:
+    """'0.0005: 0.871, 0.001: 0.883 → 0.885, ...': each candidate's rung scores on dev, in order."""
+    return ", ".join(f"{c['learning_rate']:g}: " + " → ".join(f"{v:.3f}" for v in c["rung_scores"])
+                     + (" (stopped)" if c["stopped_at_rung"] is not None else "") for c in search["candidates"])
 
 
 __all__ = ["run_training", "summarize", "data_record", "load_data_from_record"]

@@ -3,17 +3,18 @@
 A comparison of methods at one fixed learning rate measures the learning rate as much as the method:
 BitFit's biases need about a hundred times full fine-tuning's rate. So every candidate rate trains from
 the same start (the same head initialisation, the same method initialisation, the same batches), and at
-each rung, a fraction of the planned steps (Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband), the
-remaining candidates are ranked by their best dev score so far and the better half (rounded up) goes on:
+each rung, a fraction of the planned steps (successive halving: Jamieson & Talwalkar 2016; Li et al. 2018,
+Hyperband), the remaining candidates are scored on a fixed stratified part of dev (`RUNG_DEV_EXAMPLES`,
+at least 500 examples) and the better half (rounded up) goes on:
 
     4 candidates, rungs (1/8, 1/4):  4 train to 1/8 of the plan, the best 2 to 1/4, the best 1 to the end
-                                      cost 4/8 + 2/8 + 3/4 = 1.5 runs instead of 4
+                                      training 4/8 + 2/8 + 3/4 = 1.5 runs instead of 4
 
 Each candidate's learning-rate schedule is laid over the whole planned run, and a paused candidate keeps
-its batch order and its random state, so the one that survives has trained exactly as a single run at its
-rate would have (the rung evaluations are ordinary dev evaluations in its curve). Ranking on the best dev
-score so far makes the survivor the candidate with the best dev score of all. The test split plays no
-part: it is scored once, on the survivor's kept state.
+its batch order and its random state and gains no evaluation from the pause, so the survivor has trained,
+been evaluated and kept its checkpoint exactly as a single run at its rate would have. Scoring the rungs on
+part of dev keeps their cost (every live candidate, at every rung) to about a quarter of full
+evaluations. The test split plays no part: it is scored once, on the survivor's kept state.
 """
 
 from __future__ import annotations
@@ -57,14 +58,18 @@ def search_cost(num_candidates: int, rungs: Sequence[float]) -> float:
 class Candidate:
     learning_rate: float
     trainer: Trainer
-    rung_scores: list[float | None] = field(default_factory=list)
-    """Best dev score so far at each rung it reached."""
+    rung_scores: list[float] = field(default_factory=list)
+    """Its score on the rung part of dev at each rung it reached."""
     stopped_at_rung: int | None = None
 
     @property
     def best(self) -> float:
-        value = self.trainer.best.value
-        return -math.inf if value is None or math.isnan(value) else value
+        """Its best dev score so far (-inf before any evaluation; NaN evaluations never count)."""
+        return self.trainer.best.value
+
+    def rank_score(self) -> float:
+        value = self.rung_scores[-1]
+        return -math.inf if math.isnan(value) else value
 
     def describe(self) -> dict:
         return {"learning_rate": self.learning_rate, "rung_scores": self.rung_scores,
@@ -93,9 +98,9 @@ def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates:
             break
         for candidate in alive:
             candidate.trainer.advance(rung)
-            candidate.rung_scores.append(None if candidate.best == -math.inf else candidate.best)
+            candidate.rung_scores.append(candidate.trainer.score(candidate.trainer.data.rung_dev))
         # stable sort: on a tie the smaller rate (listed first) goes on
-        ranked = sorted(alive, key=lambda c: -c.best)
+        ranked = sorted(alive, key=lambda c: -c.rank_score())
         keep = math.ceil(len(alive) / 2)
         for candidate in ranked[keep:]:
             candidate.stopped_at_rung = index
@@ -103,7 +108,7 @@ def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates:
         alive = ranked[:keep]
         if say is not None:
             say(f"rung {index + 1} at {rung:g} of the plan: " + ", ".join(
-                f"lr {c.learning_rate:g} {metric} {c.best:.4f}" + ("" if c in alive else " (stopped)")
+                f"lr {c.learning_rate:g} {metric} {c.rung_scores[-1]:.4f}" + ("" if c in alive else " (stopped)")
                 for c in ranked))
     for candidate in alive:
         candidate.trainer.advance()
@@ -114,6 +119,7 @@ def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates:
             candidate.trainer.close()
     record = {"candidates": [c.describe() for c in candidates], "rungs": list(rungs), "metric": metric,
               "chosen": chosen.learning_rate, "split": "dev",
+              "rung_examples": len(chosen.trainer.data.rung_dev),
               "planned_cost_runs": search_cost(len(candidates), rungs),
               "train_time_s": round(sum(c.trainer.train_time for c in candidates), 3),
               "steps": sum(c.trainer.step for c in candidates)}

@@ -102,8 +102,8 @@ class TrainConfig:
     learning_rate. Run by `deltatune train` / `deltatune.train` and every grid cell."""
     lr_search_rungs: tuple[float, ...] = (0.125, 0.25)
     """Successive halving: at each of these fractions of the planned steps (or of the time budget) every
-    remaining learning rate is ranked by its best dev score so far and the better half (rounded up) goes
-    on. With 4 candidates and (0.125, 0.25) the search costs 4/8 + 2/8 + 3/4 = 1.5 runs."""
+    remaining learning rate is scored on a fixed part of dev (see `RUNG_DEV_EXAMPLES`) and the better half
+    (rounded up) goes on. With 4 candidates and (0.125, 0.25) the search trains 4/8 + 2/8 + 3/4 = 1.5 runs."""
     head: Literal["auto", "cross-encoder", "bi-encoder"] = "auto"
     """The task head: the text (or pair) as one sequence, or each text of a pair encoded alone and compared
     (see `deltatune.heads`); auto picks per model family and task."""
@@ -300,6 +300,11 @@ class GradualUnfreezing:
                 parameter.requires_grad_(True)
 
 
+RUNG_DEV_EXAMPLES = 500
+"""A learning-rate search ranks its candidates at each rung on this many dev examples (stratified, fixed by the
+seed), or a quarter of dev if that is more: a quarter of the cost of scoring all of dev, several times at once."""
+
+
 @dataclass
 class TrainingData:
     """A task's splits tokenised once, shared by every run that trains on them (e.g. learning-rate candidates)."""
@@ -310,6 +315,8 @@ class TrainingData:
     test: Encoded | None
     target_scale: tuple[float, float] | None
     pad_token_id: int
+    rung_dev: Encoded
+    """The part of dev a learning-rate search ranks its candidates on (`RUNG_DEV_EXAMPLES`)."""
 
 
 def prepare_data(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
@@ -336,7 +343,9 @@ def prepare_data(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split
     if scale is not None:
         offset, factor = scale
         train_data.labels = [(y - offset) / factor for y in train_data.labels]
-    return TrainingData(train_data, dev_data, test_data, scale, pad_token_id)
+    rung_size = max(RUNG_DEV_EXAMPLES, len(dev_data) // 4)
+    rung_dev = dev_data.subset(stratified_subset(dev_data.labels, rung_size, config.seed, task.is_regression))
+    return TrainingData(train_data, dev_data, test_data, scale, pad_token_id, rung_dev)
 
 
 @dataclass(frozen=True)
@@ -408,8 +417,9 @@ class Trainer:
     quarter of the plan (steps, or the time budget) is done, `advance()` to the end, `finish()` restores the
     best dev state, evaluates it on test and returns the result.
 
-    A paused trainer keeps its batch order, its place in the epoch and its own torch random state, so
-    several trainers can take turns in one process and each trains exactly as it would alone.
+    A paused trainer keeps its batch order, its place in the epoch and its own torch random state, and a
+    pause adds no evaluation to its curve, so several trainers can take turns in one process and each trains
+    and evaluates exactly as it would alone.
     """
 
     def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData, config: TrainConfig,
@@ -466,8 +476,8 @@ class Trainer:
         return share
 
     def advance(self, until: float = 1.0) -> None:
-        """Train until `until` of the plan is done (or a budget or early stopping ends the run), then make sure
-        the state reached has been evaluated on dev."""
+        """Train until `until` of the plan is done or a budget or early stopping ends the run (then the final
+        state is evaluated on dev)."""
         torch.set_rng_state(self.rng_state)
         self.model.train()
         progress = self._progress_bar()
@@ -480,9 +490,18 @@ class Trainer:
                 self.evaluate()
         if progress is not None:
             progress.close()
-        if not self.curve or self.curve[-1]["step"] != self.step:
+        if self.done and (not self.curve or self.curve[-1]["step"] != self.step):
             self.evaluate()
         self.rng_state = torch.get_rng_state()
+
+    def score(self, encoded: Encoded) -> float:
+        """The primary metric of the current state on `encoded` (a rung of a learning-rate search): not part
+        of the curve, and no state is kept."""
+        started = time.perf_counter()
+        outputs = self._outputs(encoded)
+        value = compute_metrics((self.task.metric,), outputs_to_predictions(outputs, self.task), encoded.labels)
+        self.eval_time += time.perf_counter() - started
+        return value[self.task.metric]
 
     def _step(self) -> None:
         """One optimizer step over one batch (in micro-batches when accumulating gradients)."""

@@ -442,10 +442,11 @@ def render_html(analysis: Analysis) -> str:
     return "\n".join(parts)
 
 
-_SEARCH_NOTE = ("Each cell trains every candidate learning rate from the same start; at each rung the better half "
-                "(by best dev score so far) goes on, the rest stop. Scores are dev × 100 at each rung and, for the "
-                "survivor, at the end; the chosen rate is the survivor. Cost: optimizer steps of all candidates "
-                "together, and as a multiple of the chosen run's own steps.")
+_SEARCH_NOTE = ("Each cell trains every candidate learning rate from the same start; at each rung the candidates "
+                "are scored on a fixed stratified part of dev and the better half goes on, the rest stop. Shown: "
+                "dev × 100 at each rung (that part of dev) and, for the survivor, its best on all of dev at the "
+                "end; the chosen rate is the survivor. Cost: optimizer steps of all candidates together, and as a "
+                "multiple of the chosen run's own steps.")
 
 
 def _claims_note(analysis: Analysis) -> str:
