@@ -155,3 +155,31 @@ def test_untrained_bi_encoder_is_the_embedding_cosine_baseline(tmp_path, tiny_be
     low, high = data.task.score_range
     assert ((baseline.outputs["dev"] - low) / (high - low)).max() <= 1 + 1e-6
     assert baseline.metrics["dev"]["pearson"] != 0 and set(baseline.metrics) == {"dev", "test"}
+
+
+def test_prompting_baselines_score_with_a_decoder_and_refuse_an_encoder(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tokenizer, make_sentiment_rows, tiny_llama_config
+    from deltatune.baselines import run_baseline
+    from deltatune.run import data_record, load_data_from_record
+
+    torch.manual_seed(0)
+    decoder = tmp_path / "tiny-decoder"
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(decoder)
+    build_tokenizer().save_pretrained(decoder)
+    with open(tmp_path / "toy.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(60))
+    data = load_data_from_record(data_record("toy", local={"path": str(tmp_path / "toy.csv"), "text_fields": ["text"]}))
+    zero = run_baseline("zero-shot", str(decoder), data)
+    few = run_baseline("few-shot", str(decoder), data, seed=1, shots=2)
+    for result in (zero, few):
+        assert result.outputs["test"].shape == (len(data.split("test")), 2) and set(result.metrics) == {"dev", "test"}
+        assert 0 <= result.metrics["test"]["accuracy"] <= 1
+    assert few.details["shots"] == 2 and not np.array_equal(few.outputs["dev"], zero.outputs["dev"])
+    with pytest.raises(DeltatuneError, match="need a decoder.*is an encoder"):
+        run_baseline("zero-shot", str(tiny_bert_dir), data)
+    with pytest.raises(DeltatuneError, match="embedding-cosine scores sentence pairs"):
+        run_baseline("embedding-cosine", str(tiny_bert_dir), data)
