@@ -9,12 +9,15 @@ subset (accuracy, for sentence-pair inference); methods full, bitfit, houlsby an
 adapters, lora; data fractions 0.1 0.3 0.6 1.0; 3 seeds; and a time-budget sweep at the whole
 training set.
 
-Sizes (estimates from `estimate_seconds`, at 200 training examples/s: MiniLM-L6 in bf16 on a 2-core CPU):
-    demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 3 epochs       ~ 5 min
-    small  all four tasks and five methods, 2,000-example pools, 3 seeds, 2 epochs,
-           time budgets 20 and 60 s                                                  ~ 3.5 h
-    full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, 3 epochs,
-           time budgets 60, 180 and 600 s                                            ~ 13 h
+Every size chooses each method's learning rate on dev (successive halving over its candidates), trains
+at least `min_steps` and stops early on dev, judges on the test split, and adds no-training rows
+(majority; embedding-cosine for STS-B). Sizes, with `estimate_seconds` (one cell at a time on a 2-core
+CPU with AMX, MiniLM-L6 in bf16; an upper bound, since early stopping usually ends cells sooner; about
+twice as long on a CPU without AMX such as AMD Zen 4):
+    demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 2 learning rates per method
+    small  all four tasks and five methods, 2,000-example pools, 3 seeds, time budgets 20 and 60 s
+    full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, time budgets 30, 90 and 270 s
+`deltatune compare --preset doering2024 --size S --dry-run` prints the cells and the estimate.
 """
 
 from __future__ import annotations
@@ -80,14 +83,15 @@ PRESETS: dict[str, dict[str, dict]] = {
             "models": ["minilm-l6"],
             "tasks": ["stsb"],
             "max_train_examples": 2000,
+            # two candidates each, from the middle of the method's own range (`learning_rate_candidates`)
             "methods": [{"name": "full", "method": "full", "train": {"lr_search": [5e-5, 1e-4]}},
                         {"name": "bitfit", "method": "bitfit", "train": {"lr_search": [3e-3, 1e-2]}},
-                        {"name": "lora", "method": "lora", "train": {"lr_search": [1e-3, 2e-3]}}],
+                        {"name": "lora", "method": "lora", "train": {"lr_search": [2e-3, 5e-3]}}],
             "fractions": [0.25, 0.5, 1.0],
             "time_budgets": [None],
             "seeds": [0],
-            "train": {"batch_size": 32, "epochs": 4, "min_steps": 100, "eval_every": 25,
-                      "early_stopping_patience": 3, "lr_search_rungs": [0.25]},
+            "train": {"batch_size": 32, "epochs": 3, "min_steps": 80, "eval_every": 20,
+                      "early_stopping_patience": 2, "lr_search_rungs": [0.25]},
             "baselines": ["embedding-cosine"],
             "baseline": "full",
         },

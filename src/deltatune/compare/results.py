@@ -67,8 +67,7 @@ def _markdown_value(value) -> str:
 
 
 BRIEF_COLUMNS = ("task", "variant", "data_fraction", "time_budget_s", "seed", "primary_metric", "evaluation_split",
-                 "primary_value", "dev_value", "learning_rate", "converged", "steps", "trainable_params",
-                 "delta_bytes", "train_time_s", "status")
+                 "primary_value", "dev_value", "learning_rate", "converged", "steps", "train_time_s", "status")
 
 
 def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | None = None,
