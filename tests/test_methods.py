@@ -491,3 +491,84 @@ def test_a_delta_trained_beside_an_attached_one_starts_from_the_base_and_leaves_
     for name, expected in (("attached", attached_logits), (None, base_logits), ("trained", trained_logits)):
         activate_delta(model, name)
         torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=0)
+
+def assert_delta_reloads(trained, method, base, case, batch) -> None:
+    """The delta of `trained`, loaded into `base` (the same backbone), gives exactly the same outputs."""
+    trained.eval()
+    tensors = {n: t.clone() for n, t in delta_state(trained, method).items()}
+    with torch.no_grad():  # the head is re-initialised differently on the fresh model: the delta must carry it
+        for name, parameter in base.named_parameters():
+            if name in head_names(base):
+                parameter.normal_()
+    reloaded_method = build_method(case.method, case.options)
+    prepare_model(base, reloaded_method)
+    load_delta_state(base, reloaded_method, tensors)
+    base.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same contract with deltatune's own heads (`deltatune.heads`): a pooled cross-encoder and the
+# bi-encoder, whose batch stacks both texts of each pair along the batch.
+
+HEADS = {"bert": [("cross-encoder", "mean", 3), ("bi-encoder", "mean", 1), ("bi-encoder", "last", 3)],
+         "llama": [("bi-encoder", "last", 3)]}
+"""(kind, pooling, labels): a 3-class pooled cross-encoder, a similarity bi-encoder, a 3-class bi-encoder; on
+Llama the one that exercises both the stacked pairs and last-token pooling."""
+
+
+def fresh_with_head(kind, head_kind, pooling, num_labels, seed=0):
+    from transformers import AutoModel
+
+    from conftest import tiny_bert_config, tiny_llama_config
+    from deltatune.heads import HeadConfig, build_task_model
+    from deltatune.tasks.spec import TaskSpec
+
+    torch.manual_seed(seed)
+    config = tiny_bert_config() if kind == "bert" else tiny_llama_config()
+    task = (TaskSpec("pairs", ("a", "b"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
+            if num_labels == 1 else TaskSpec("pairs", ("a", "b"), ("x", "y", "z")))
+    return build_task_model(AutoModel.from_config(config), task, HeadConfig(head_kind, pooling)).eval()
+
+
+def head_inputs(head_kind):
+    from deltatune.batching import collate, encode
+    from deltatune.tasks.spec import Split, TaskSpec
+
+    task = TaskSpec("pairs", ("a", "b"), ("x", "y", "z"))
+    split = Split([("the man plays guitar", "a man"), ("a good movie", "good film"), ("not very happy", "sad")],
+                  [0, 1, 2])
+    batch = collate(encode(build_tokenizer(), task, split, 32, head_kind == "bi-encoder"), [0, 1, 2], 0, False)
+    batch.pop("labels")
+    batch.pop("token_type_ids", None)
+    return batch
+
+
+@pytest.mark.parametrize("case,kind,head", [(case, kind, head) for case in CASES for kind in KINDS for head in HEADS[kind]],
+                         ids=lambda p: getattr(p, "method", None) or (p if isinstance(p, str) else f"{p[0]}-{p[1]}"))
+def test_every_method_works_with_each_head(case, kind, head):
+    head_kind, pooling, num_labels = head
+    batch = head_inputs(head_kind)
+    model = fresh_with_head(kind, head_kind, pooling, num_labels)
+    with torch.no_grad():
+        before = model(**batch).logits
+    method = build_method(case.method, case.options)
+    names = prepare_model(model, method)
+    assert head_names(model) <= names
+    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+    model.eval()
+    if case.identity_at_start:
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-6)
+    # one step moves only what the method trains
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in names}
+    model.train()
+    logits = model(**batch).logits
+    loss = logits.float().pow(2).mean() if num_labels == 1 else torch.nn.functional.cross_entropy(
+        logits, torch.tensor([0, 1, 2]))
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    # the delta reloads into a fresh model with the same head: identical outputs
+    assert_delta_reloads(model, method, fresh_with_head(kind, head_kind, pooling, num_labels), case, batch)

@@ -27,8 +27,10 @@ def test_a_trained_run_has_a_card_whose_command_trains_it_again(tmp_path, monkey
     front = front_matter(text)
     assert front["library_name"] == "deltatune" and front["pipeline_tag"] == "text-classification"
     assert {"deltatune", "lora", "toy"} <= set(front["tags"]) and "base_model" not in front  # a local base has no hub id
-    (result,) = front["model-index"][0]["results"]
-    assert result["dataset"]["split"] == "dev" and result["metrics"][0]["value"] == round(record["dev_metrics"]["accuracy"], 6)
+    results = {result["dataset"]["split"]: result for result in front["model-index"][0]["results"]}
+    assert set(results) == {"dev", "test"}  # the toy data have a test split, scored once on the kept state
+    assert results["dev"]["metrics"][0]["value"] == round(record["dev_metrics"]["accuracy"], 6)
+    assert results["test"]["metrics"][0]["value"] == round(record["test_metrics"]["accuracy"], 6)
     assert f"{record['trainable_params']:,}" in text and f"{record['delta_bytes']:,} bytes" in text
     command = next(line for line in text.splitlines() if line.startswith("deltatune train"))
     assert "--method.r=4" in command and "--max-steps 6" in command and "--seed 5" in command

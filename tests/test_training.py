@@ -174,3 +174,38 @@ def test_gradual_unfreezing_trains_the_top_first_then_everything():
                             schedule="slanted_triangular", warmup_ratio=0.1)
     assert result.best_metrics["accuracy"] >= 0.8
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_min_steps_takes_more_epochs_when_the_data_are_few():
+    _, result = trained(epochs=1, min_steps=25)  # 160 examples of batch 16: 10 steps an epoch
+    assert result.steps == 25 and result.planned_steps == 25 and result.stopped_by == "min_steps"
+    _, result = trained(epochs=3, min_steps=5)
+    assert result.steps == 30 and result.stopped_by == "epochs"
+
+
+def test_a_curve_still_rising_at_its_end_is_not_converged():
+    from deltatune.training import still_improving
+
+    assert still_improving([0.5, 0.6, 0.7], 0.005) == (True, pytest.approx(0.1))
+    assert still_improving([0.5, 0.7, 0.703], 0.005)[0] is False  # levelled off within the tolerance
+    assert still_improving([0.5, 0.8, 0.7], 0.005)[0] is False  # its best came before the end
+    assert still_improving([0.6], 0.005) == (True, None)  # one point cannot show convergence
+    _, flat = trained(epochs=3, eval_every=5, learning_rate=1e-12)  # nothing moves: converged at once
+    assert flat.converged and flat.last_gain is not None and abs(flat.last_gain) < 1e-9
+    rising, gain = still_improving([p["metrics"]["accuracy"] for p in flat.learning_curve], 0.005)
+    assert (not rising, gain) == (flat.converged, flat.last_gain)
+
+
+def test_the_kept_state_is_scored_on_test_once():
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_model("bert"), build_tokenizer()
+    method = build_method("full")
+    prepare_model(model, method)
+    train_split, dev_split = sentiment_splits()
+    test_split = sentiment_splits(n_train=2, n_dev=30)[1]
+    result = train(model, tokenizer, SENTIMENT, train_split, dev_split, method,
+                   TrainConfig(epochs=2, batch_size=16, learning_rate=3e-3, quiet=True), test_split=test_split)
+    assert result.test_outputs.shape == (30, 2) and len(result.test_labels) == 30
+    predictions = result.test_outputs.argmax(axis=1)
+    assert result.test_metrics["accuracy"] == pytest.approx(float((predictions == result.test_labels).mean()))
+    assert all(point["step"] for point in result.learning_curve)  # the curve holds dev evaluations only

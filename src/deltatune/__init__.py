@@ -19,11 +19,12 @@ from deltatune.errors import DeltatuneError
 
 def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "full",
           out: str | None = None, method_options: dict | None = None, source: str = "auto",
-          data: dict | None = None, overwrite: bool = False, **train_options) -> dict:
+          data: dict | None = None, overwrite: bool = False, say=None, **train_options) -> dict:
     """Train `method` on `model` for a catalog `task` (or your own `data`, see `deltatune.data_record`).
 
-    `train_options` are `TrainConfig` fields (epochs=3, learning_rate=1e-3, time_budget_s=60, ...).
-    Returns the run record; with `out` the delta and record are saved there.
+    `train_options` are `TrainConfig` fields (epochs=3, learning_rate=1e-3, lr_search="auto", head="bi-encoder",
+    ...). `say` (e.g. `print`) hears how a learning-rate search goes. Returns the run record; with `out` the
+    delta and record are saved there.
     """
     from deltatune.config import build_config
     from deltatune.run import data_record, run_training
@@ -32,7 +33,7 @@ def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "f
     _check_train_arguments(model, task, method, out, method_options, source, data, overwrite)
     config = build_config(TrainConfig, train_options)
     return run_training(str(model), data or data_record(task, source=source), method, method_options, config,
-                        out=out, overwrite=overwrite)
+                        out=out, overwrite=overwrite, say=say)
 
 
 def _check_train_arguments(model, task, method, out, method_options, source, data, overwrite) -> None:

@@ -155,10 +155,13 @@ def analyze_run(run_dir: str | Path, base: str | None = None, rank_by: RankBy = 
     (see the module docstring) and `method`.
     """
     from deltatune.delta import load
+    from deltatune.heads import head_of
     from deltatune.sources.models import load_model_for_task
 
     tuned = load(run_dir, base=base)
-    pretrained, _ = load_model_for_task(base or tuned.manifest["base_model"]["name"], tuned.task)
+    head = head_of(tuned.model)  # the same head, so both models have the same parameters
+    pretrained, _ = load_model_for_task(base or tuned.manifest["base_model"]["name"], tuned.task,
+                                        head=head.kind, pooling=head.pooling)
     basis = comparison_basis(tuned.model, tuned.method, {n for n, _ in pretrained.named_parameters()})
     if basis == "merged":
         tuned.method.merge(tuned.model)

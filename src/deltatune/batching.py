@@ -20,28 +20,54 @@ from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 
 
+SECOND_TEXT = "second_input_ids"
+"""For a bi-encoder, the second text of each pair, tokenised on its own (`input_ids` holds the first)."""
+
+
 @dataclass
 class Encoded:
     """A tokenised split: one id list per example, plus the labels."""
 
     features: dict[str, list[list[int]]]
-    """'input_ids' and, for models that use them, 'token_type_ids'."""
+    """'input_ids' and, for models that use them, 'token_type_ids'; for a bi-encoder also 'second_input_ids'."""
     labels: list
     num_truncated: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: list[int]) -> "Encoded":
+        return Encoded({key: [rows[i] for i in indices] for key, rows in self.features.items()},
+                       [self.labels[i] for i in indices])
+
     @property
     def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.features["input_ids"]]
+        """Each example's padded width: its longest sequence."""
+        lengths = [len(ids) for ids in self.features["input_ids"]]
+        if SECOND_TEXT in self.features:
+            lengths = [max(a, len(b)) for a, b in zip(lengths, self.features[SECOND_TEXT])]
+        return lengths
 
 
-def encode(tokenizer, task: TaskSpec, split: Split, max_length: int) -> Encoded:
-    """Tokenise a split once, truncating to `max_length` and counting how many needed it."""
+def encode(tokenizer, task: TaskSpec, split: Split, max_length: int, texts_separately: bool = False) -> Encoded:
+    """Tokenise a split once, truncating to `max_length` and counting how many needed it.
+
+    `texts_separately` (a bi-encoder): each text of a pair becomes its own sequence.
+    """
     if not len(split):
         return Encoded({"input_ids": []}, [])
     columns = list(zip(*split.texts))
+    if texts_separately:
+        first, second = (_tokenise(tokenizer, [column], max_length) for column in columns)
+        features = {"input_ids": first[0]["input_ids"], SECOND_TEXT: second[0]["input_ids"]}
+        too_long = set(first[1]) | set(second[1])
+        return Encoded(features, list(split.labels), num_truncated=len(too_long))
+    features, too_long = _tokenise(tokenizer, columns, max_length)
+    return Encoded(features, list(split.labels), num_truncated=len(too_long))
+
+
+def _tokenise(tokenizer, columns: list, max_length: int) -> tuple[dict[str, list[list[int]]], list[int]]:
+    """Features of one sequence per row (of one text, or a pair as one sequence) and which rows were cut."""
     full = tokenizer(*columns, truncation=False, padding=False, verbose=False)
     too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
     features = {key: list(full[key]) for key in ("input_ids", "token_type_ids") if key in full}
@@ -51,7 +77,7 @@ def encode(tokenizer, task: TaskSpec, split: Split, max_length: int) -> Encoded:
         for key in features:
             for position, index in enumerate(too_long):
                 features[key][index] = again[key][position]
-    return Encoded(features, list(split.labels), num_truncated=len(too_long))
+    return features, too_long
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, generator: random.Random | None,
@@ -83,13 +109,19 @@ def shuffled_batches(count: int, batch_size: int, generator: random.Random) -> l
 
 
 def collate(encoded: Encoded, indices: list[int], pad_token_id: int, regression: bool) -> dict[str, torch.Tensor]:
-    """Right-pad the chosen examples to the longest among them."""
-    width = max(len(encoded.features["input_ids"][i]) for i in indices)
+    """Right-pad the chosen examples to the longest among them.
+
+    A bi-encoder's batch holds 2n rows: the first texts of the n examples, then their second texts.
+    """
+    rows = {key: [values[i] for i in indices] for key, values in encoded.features.items() if key != SECOND_TEXT}
+    if SECOND_TEXT in encoded.features:
+        rows["input_ids"] = rows["input_ids"] + [encoded.features[SECOND_TEXT][i] for i in indices]
+    width = max(len(ids) for ids in rows["input_ids"])
     batch = {}
-    for key, rows in encoded.features.items():
+    for key, values in rows.items():
         pad = pad_token_id if key == "input_ids" else 0
-        batch[key] = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in indices], dtype=torch.long)
-    lengths = torch.tensor([len(encoded.features["input_ids"][i]) for i in indices])
+        batch[key] = torch.tensor([row + [pad] * (width - len(row)) for row in values], dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids in rows["input_ids"]])
     batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
     label_type = torch.float32 if regression else torch.long
     batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=label_type)

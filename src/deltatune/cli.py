@@ -122,8 +122,9 @@ def command_train(args: argparse.Namespace, method_options: dict[str, str]) -> i
             problems.append(str(error))
     if problems:  # every argument problem at once, before anything slow happens
         raise DeltatuneError("\n".join(problems))
-    record = run_training(args.model, _data_from(args), args.method, method_options, _train_config_from(args),
-                          out=args.out, overwrite=args.overwrite)
+    config = _train_config_from(args)
+    record = run_training(args.model, _data_from(args), args.method, method_options, config,
+                          out=args.out, overwrite=args.overwrite, say=None if config.quiet else print)
     print(json_text(record) if args.json else summarize(record))
     if args.out:
         print(f"saved to {args.out}")

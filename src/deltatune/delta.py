@@ -200,6 +200,7 @@ class TunedModel:
         """
         from deltatune.tasks.spec import Split
         from deltatune.batching import encode, predict_encoded, to_task_units
+        from deltatune.heads import encodes_texts_separately
 
         _check_run_options(batch_size, precision)
         columns = [_text_column(t, position) for position, t in enumerate(texts, 1)]
@@ -213,7 +214,8 @@ class TunedModel:
         if not rows:
             return []
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
-        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length)
+        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length,
+                         encodes_texts_separately(self.model))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
         self._refuse_non_finite(outputs)
@@ -256,6 +258,7 @@ class TunedModel:
         from deltatune.metrics import compute_metrics
         from deltatune.run import check_data_unchanged, load_data_from_record, recorded_data
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
+        from deltatune.heads import encodes_texts_separately
 
         if not isinstance(split, str):
             raise DeltatuneError(f"split must be 'train', 'dev' or 'test', got {type(split).__name__} {split!r}.")
@@ -266,7 +269,7 @@ class TunedModel:
         selected = data.split(split)
         if not data_changed_ok:
             check_data_unchanged(data, *recorded_data(self.manifest, self.directory), run=str(self.directory))
-        encoded = encode(self.tokenizer, self.task, selected, self.max_length)
+        encoded = encode(self.tokenizer, self.task, selected, self.max_length, encodes_texts_separately(self.model))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
                                                 batch_size, precision), self.manifest.get("target_scale"))
         self._refuse_non_finite(outputs)
@@ -307,6 +310,7 @@ def _base_model_location(manifest: dict) -> str:
 
 def load(directory: str | Path, base: str | None = None) -> TunedModel:
     """Rebuild base + delta from a delta directory; `base` overrides where the base model comes from."""
+    from deltatune.heads import LEGACY_HEAD
     from deltatune.sources.models import load_model_for_task
 
     if not isinstance(directory, (str, os.PathLike)):
@@ -322,7 +326,8 @@ def load(directory: str | Path, base: str | None = None) -> TunedModel:
     tensors = read_tensors(directory)
     task = TaskSpec.from_dict(manifest["task"])
     base_name = str(base) if base is not None else _base_model_location(manifest)
-    model, tokenizer = load_model_for_task(base_name, task)
+    head = manifest.get("head") or LEGACY_HEAD
+    model, tokenizer = load_model_for_task(base_name, task, head=head["kind"], pooling=head["pooling"])
     expected = manifest["base_model"]["fingerprint"]
     actual = fingerprint_backbone(model)
     if actual != expected:

@@ -33,8 +33,14 @@ def export_hf(run_dir: str | Path, out: str | Path, *, base: str | None = None, 
     import deltatune
     from deltatune.methods.state import sites
 
+    from deltatune.delta import read_manifest
+    from deltatune.heads import foreign_head
+
     out = Path(out)
     _check_destination(out, overwrite)
+    problem = foreign_head(read_manifest(Path(run_dir)), run_dir, "an export to a plain transformers model")
+    if problem is not None:
+        raise DeltatuneError(problem)
     tuned = deltatune.load(run_dir, base=base)
     method = tuned.method
     if sites(tuned.model):

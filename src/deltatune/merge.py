@@ -159,7 +159,10 @@ def read_sources(run_dirs: list[str | Path]) -> list[Source]:
     if len(run_dirs) < 2:
         raise DeltatuneError(f"deltatune merge needs at least two run directories, got {len(run_dirs)}.")
     sources = [Source(Path(directory), read_manifest(directory), read_tensors(Path(directory))) for directory in run_dirs]
-    problems = []
+    from deltatune.heads import foreign_head
+
+    problems = [problem for source in sources
+                if (problem := foreign_head(source.manifest, source.directory, "deltatune merge")) is not None]
     fingerprints = {source.manifest["base_model"]["fingerprint"] for source in sources}
     if len(fingerprints) > 1:
         listing = ", ".join(f"{source.directory} ({source.manifest['base_model']['name']!r}, "

@@ -9,6 +9,7 @@ directory is replaced only when asked, and nothing else ever is (see `deltatune.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,18 +35,21 @@ from deltatune.delta import (
 )
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
+from deltatune.heads import PooledTaskModel, head_of
 from deltatune.model_card import CARD, write_model_card
 from deltatune.run_directory import TargetLock, clean_leftovers, staged_directory
 from deltatune.run_directory import check_output_directory as _check_output_directory
 from deltatune.tasks.spec import TaskData
-from deltatune.training import TrainConfig, peak_memory_bytes, seed_everything, train
+from deltatune.training import TrainConfig, Trainer, TrainResult, peak_memory_bytes, prepare_data, seed_everything
 
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
 DEV_OUTPUTS = "dev_outputs.safetensors"
-"""Per-example dev outputs of the saved (best) state and the gold labels, for paired comparisons."""
-RUN_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD, DEV_OUTPUTS, CARD})
+"""Per-example dev outputs of the saved (best) state and the gold labels."""
+TEST_OUTPUTS = "test_outputs.safetensors"
+"""Per-example test outputs of the saved state and the gold labels: what paired comparisons between runs use."""
+RUN_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD, DEV_OUTPUTS, TEST_OUTPUTS, CARD})
 """Every file a run directory may hold: `--overwrite` replaces a directory only if it holds nothing else.
 A new file written into run directories must be added here."""
 
@@ -190,16 +195,19 @@ def position_limit(model, tokenizer) -> int | None:
 
 def run_training(model_name: str, data: dict, method_name: str, method_overrides: dict | None = None,
                  config: TrainConfig | None = None, out: str | Path | None = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict:
     """Train `method_name` on `model_name` for the task `data` describes (see `data_record`).
 
-    Returns the run record (also written to OUT/run.json). With `out` None nothing is saved.
-    While it runs, OUT is locked against other deltatune processes (`.OUT.lock` beside it).
+    With `config.lr_search`, every candidate learning rate trains from the same start and the best on
+    dev is kept (`deltatune.search`); `say` hears how each rung went. The kept state is evaluated on the
+    test split when the task has one. Returns the run record (also written to OUT/run.json). With `out`
+    None nothing is saved. While it runs, OUT is locked against other deltatune processes (`.OUT.lock` beside it).
     """
     config = config or TrainConfig()
     method = build_method(method_name, method_overrides or {})  # config errors before any loading
     if out is None:
-        return _train_and_save(model_name, data, method_name, method, config, None, overwrite)
+        return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, None,
+                               overwrite, say)
     out_path = Path(out)
     check_output_directory(out_path, overwrite)  # before taking the lock: a refused --out gets no lock file
     lock = TargetLock(out_path).acquire()
@@ -207,29 +215,34 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
         for what in clean_leftovers(out_path, RUN_FILES):
             logger.warning("%s: %s", out_path, what)
         check_output_directory(out_path, overwrite)  # again: nothing else can write it now
-        return _train_and_save(model_name, data, method_name, method, config, out_path, overwrite)
+        return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, out_path,
+                               overwrite, say)
     finally:
         lock.release()
 
 
-def _train_and_save(model_name: str, data: dict, method_name: str, method, config: TrainConfig,
-                    out_path: Path | None, overwrite: bool) -> dict:
+def _train_and_save(model_name: str, data: dict, method_name: str, method_overrides: dict, method,
+                    config: TrainConfig, out_path: Path | None, overwrite: bool,
+                    say: Callable[[str], None] | None) -> dict:
     from deltatune.sources.models import describe_model_source, load_model_for_task, recorded_model_name
 
     started = time.perf_counter()
     task_data = load_data_from_record(data)
     task = task_data.task
     seed_everything(config.seed)  # the head's initialisation depends on it
-    model, tokenizer = load_model_for_task(model_name, task)
+    model, tokenizer = load_model_for_task(model_name, task, head=config.head, pooling=config.pooling)
     requested_max_length = config.max_length
     config = _fit_max_length(config, position_limit(model, tokenizer), model_name)
     base_fingerprint = fingerprint_backbone(model)
     total_params = sum(p.numel() for p in model.parameters())
     full_bytes = model_bytes(model)
-    trainable_names = prepare_model(model, method, tokenizer)
+    prepared = prepare_data(model, tokenizer, task, task_data.split("train"), task_data.split("dev"),
+                            task_data.splits.get("test"), config)
+    trainer, search = _train(model, tokenizer, task, prepared, method_name, method_overrides, method, config, say)
+    model, method = trainer.model, trainer.method
+    trainable_names = set(method.trainable_names(model))
     trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
-
-    result = train(model, tokenizer, task, task_data.split("train"), task_data.split("dev"), method, config)
+    result = trainer.finish()
     if result.diverged is not None and not result.best_metrics:
         raise DeltatuneError(f"{result.diverged}. No dev evaluation came before it, so nothing was saved.")
     wall_time = time.perf_counter() - started
@@ -246,6 +259,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method, confi
         "method": method_name,
         "method_config": to_jsonable(method.config),
         "method_report": method.describe(model),
+        "head": head_of(model).to_dict(),
         "train_config": to_jsonable(config),
         "num_train_examples": result.num_train_examples,
         "num_truncated": result.num_truncated,
@@ -253,20 +267,8 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method, confi
         "total_params": total_params,
         "trainable_percent": 100.0 * trainable_params / total_params,
         "full_model_bytes": full_bytes,
-        # every evaluation NaN (a constant regressor's correlation): report the last one rather than nothing
-        "dev_metrics": result.best_metrics or (result.learning_curve[-1]["metrics"] if result.learning_curve else {}),
-        "primary_metric": task.metric,
-        "best_step": result.best_step,
-        "steps": result.steps,
-        "stopped_by": result.stopped_by,
-        "examples_seen": result.examples_seen,
-        "train_time_s": result.train_time_s,
-        "eval_time_s": result.eval_time_s,
+        **_outcome(result, task.metric, search),
         "wall_time_s": wall_time,
-        "train_examples_per_s": result.examples_per_s,
-        "train_real_tokens_per_s": result.real_tokens_per_s,
-        "padding_efficiency": result.padding_efficiency,
-        "precision": result.precision,
         "peak_memory_bytes": peak_memory_bytes(),
         "learning_curve": result.learning_curve,
         "versions": library_versions(),
@@ -296,17 +298,81 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method, confi
         "data_files": task_data.provenance.get("files") or {},
         "max_length": config.max_length,
         "target_scale": list(result.target_scale) if result.target_scale else None,
-        "metrics": {"dev": record["dev_metrics"]},
+        "head": {"kind": head_of(model).kind, "pooling": head_of(model).pooling,
+                 "transformers_head": not isinstance(model, PooledTaskModel)},
+        "metrics": {"dev": record["dev_metrics"], **({"test": result.test_metrics} if result.test_metrics else {})},
+        "learning_rate": result.learning_rate,
         "versions": record["versions"],
     }
     with staged_directory(out_path, RUN_FILES, overwrite) as staging:
         record["delta_bytes"] = save_delta(staging, model, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
         write_model_card(staging, {**manifest, "delta_bytes": record["delta_bytes"]}, record)
-        save_file({"outputs": torch.from_numpy(np.ascontiguousarray(result.best_dev_outputs, dtype=np.float32)),
-                   "labels": torch.tensor(result.dev_labels, dtype=torch.float32)}, str(staging / DEV_OUTPUTS))
+        save_outputs(staging / DEV_OUTPUTS, result.best_dev_outputs, result.dev_labels)
+        if result.test_outputs is not None:
+            save_outputs(staging / TEST_OUTPUTS, result.test_outputs, result.test_labels)
     _raise_if_diverged(result, record, out_path)
     return record
+
+
+def save_outputs(path: Path, outputs, labels) -> None:
+    """Per-example outputs and gold labels as safetensors (what the paired statistics read)."""
+    save_file({"outputs": torch.from_numpy(np.ascontiguousarray(outputs, dtype=np.float32)),
+               "labels": torch.tensor(labels, dtype=torch.float32)}, str(path))
+
+
+def _train(model, tokenizer, task, prepared, method_name: str, method_overrides: dict, method,
+           config: TrainConfig, say: Callable[[str], None] | None) -> tuple[Trainer, dict | None]:
+    """Train at one learning rate, or search over several; returns the trainer to finish and the search record."""
+    from deltatune.search import learning_rate_candidates, successive_halving
+
+    if config.lr_search is None:
+        prepare_model(model, method, tokenizer)
+        trainer = Trainer(model, method, task, prepared, config)
+        trainer.advance()
+        return trainer, None
+    rates = learning_rate_candidates(config, method)
+    # every candidate starts where a single run would: the same head, then the method initialised from the
+    # random state a single run's method would see
+    start_state = torch.get_rng_state()
+    remaining = list(rates)
+
+    def make_trainer(rate: float) -> Trainer:
+        remaining.remove(rate)
+        candidate = model if not remaining else copy.deepcopy(model)  # the last one takes the original
+        torch.set_rng_state(start_state)
+        candidate_method = build_method(method_name, method_overrides)
+        prepare_model(candidate, candidate_method, tokenizer)
+        return Trainer(candidate, candidate_method, task, prepared, config, learning_rate=rate)
+
+    search = successive_halving(make_trainer, rates, config.lr_search_rungs, task.metric, say)
+    return search.trainer, search.record
+
+
+def _outcome(result: TrainResult, metric: str, search: dict | None) -> dict:
+    """The record's account of training: metrics on dev and test, steps, convergence, the rate, speed."""
+    return {
+        # every evaluation NaN (a constant regressor's correlation): report the last one rather than nothing
+        "dev_metrics": result.best_metrics or (result.learning_curve[-1]["metrics"] if result.learning_curve else {}),
+        "test_metrics": result.test_metrics,
+        "evaluation_split": "test" if result.test_metrics is not None else "dev",
+        "primary_metric": metric,
+        "learning_rate": result.learning_rate,
+        "lr_search": search,
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "planned_steps": result.planned_steps,
+        "stopped_by": result.stopped_by,
+        "converged": result.converged,
+        "last_gain": result.last_gain,
+        "examples_seen": result.examples_seen,
+        "train_time_s": result.train_time_s,
+        "eval_time_s": result.eval_time_s,
+        "train_examples_per_s": result.examples_per_s,
+        "train_real_tokens_per_s": result.real_tokens_per_s,
+        "padding_efficiency": result.padding_efficiency,
+        "precision": result.precision,
+    }
 
 
 def _fit_max_length(config: TrainConfig, limit: int | None, model_name: str) -> TrainConfig:
@@ -332,25 +398,46 @@ def _raise_if_diverged(result, record: dict, out_path: Path | None) -> None:
 
 def summarize(record: dict) -> str:
     """A few lines a person reads after a run."""
-    metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}"
-                        for k, v in record["dev_metrics"].items()) or "(no dev evaluation)"
+    def scores(metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in metrics.items()) or "(no dev evaluation)"
+
     delta = record.get("delta_bytes")
     size = (f"delta {delta / 1e6:.2f} MB vs full model {record['full_model_bytes'] / 1e6:.1f} MB "
             f"({100 * delta / record['full_model_bytes']:.2f}%)" if delta else "not saved")
     truncated = sum(record["num_truncated"].values())
-    lines = [
-        f"{record['method']} on {record['task']} ({record.get('model_as_given', record['model'])}): dev {metrics}",
-        f"  trainable {record['trainable_params']:,} of {record['total_params']:,} params "
-        f"({record['trainable_percent']:.3f}%); {size}",
-        f"  {record['steps']} steps ({record['stopped_by']}), {record['train_time_s']:.1f} s training, "
-        f"{record['train_examples_per_s']:.1f} examples/s, {record['train_real_tokens_per_s']:.0f} real tokens/s, "
-        f"padding efficiency {record['padding_efficiency']:.2f}, peak memory "
-        f"{record['peak_memory_bytes'] / 2**30:.2f} GiB",
-    ]
+    head = record.get("head") or {}
+    test = record.get("test_metrics")
+    lines = [f"{record['method']} on {record['task']} ({record.get('model_as_given', record['model'])}): "
+             + (f"test {scores(test)} (dev {scores(record['dev_metrics'])})" if test
+                else f"dev {scores(record['dev_metrics'])} (the task has no test split)"),
+             f"  head {head.get('kind', '?')}, pooling {head.get('pooling', '?')}; learning rate "
+             f"{record['learning_rate']:g}" + _search_summary(record.get("lr_search")),
+             f"  trainable {record['trainable_params']:,} of {record['total_params']:,} params "
+             f"({record['trainable_percent']:.3f}%); {size}",
+             f"  {record['steps']} steps ({record['stopped_by']}), best dev at step {record['best_step']}"
+             + ("" if record.get("converged", True) else
+                f"; NOT CONVERGED: dev was still rising at the end (+{100 * (record.get('last_gain') or 0):.2f} "
+                "points at the last evaluation); train longer (--epochs, --min-steps)"),
+             f"  {record['train_time_s']:.1f} s training, {record['train_examples_per_s']:.1f} examples/s, "
+             f"{record['train_real_tokens_per_s']:.0f} real tokens/s, padding efficiency "
+             f"{record['padding_efficiency']:.2f}, peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB"]
     if truncated:
         lines.append(f"  {truncated} example(s) longer than max_length={record['train_config']['max_length']} "
                      "were truncated")
     return "\n".join(lines)
+
+
+def _search_summary(search: dict | None) -> str:
+    if not search:
+        return ""
+    return f", chosen on dev from {describe_search(search)}"
+
+
+def describe_search(search: dict) -> str:
+    """'0.0005: 0.871, 0.001: 0.883 → 0.885, ...': each candidate's rung scores on dev, in order."""
+    return ", ".join(f"{c['learning_rate']:g}: " + " → ".join(f"{v:.3f}" for v in c["rung_scores"])
+                     + (" (stopped)" if c["stopped_at_rung"] is not None else "") for c in search["candidates"])
 
 
 __all__ = ["run_training", "summarize", "data_record", "load_data_from_record"]

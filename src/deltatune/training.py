@@ -1,10 +1,18 @@
 """The one training loop.
 
-It reads top to bottom: tokenise once, pick the training subset the data budget allows, build
-length-bucketed batches, step AdamW with warm-up and linear decay, evaluate on dev every so often,
-keep the best dev state, stop on whichever budget (steps, epochs, seconds) runs out first or when
-dev stops improving. It never asks which method it is training: methods change its behaviour
-only through the hooks of `deltatune.methods.base.Method`, which it calls directly.
+It reads top to bottom: tokenise once (`prepare_data`), pick the training subset the data budget allows,
+plan the steps (epochs, at least `min_steps`), build length-bucketed batches, step AdamW with warm-up and
+linear decay, evaluate on dev every so often, keep the best dev state (`BestState`), stop on whichever
+budget (steps, epochs, seconds) runs out first or when dev stops improving, then evaluate the kept state
+on the test split, which chose nothing. A run whose dev curve was still rising at its end is flagged
+not converged (`still_improving`).
+
+`Trainer` is that loop as an object that can pause at a fraction of its plan and resume exactly where it
+stopped (same batches, same dropout masks, same learning-rate schedule), which is what a learning-rate
+search by successive halving needs (`deltatune.search`); `train` runs one `Trainer` to the end. The loop
+never asks which method it is training: methods change its behaviour only through the hooks of
+`deltatune.methods.base.Method`, which it calls directly. A non-finite loss or gradient stops training
+before the step is taken (`divergence`): the best dev state so far is kept and nothing non-finite is saved.
 """
 
 from __future__ import annotations
@@ -23,19 +31,20 @@ import torch
 from torch import nn
 
 from deltatune.batching import (
+    Encoded,
     autocast_for,
     collate,
     encode,
     length_bucketed_batches,
     outputs_to_predictions,
     predict_encoded,
-    regression_scale,
     shuffled_batches,
     stratified_subset,
     to_task_units,
 )
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import fast_dropout
+from deltatune.heads import encodes_texts_separately, target_scale
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
@@ -53,7 +62,10 @@ class TrainConfig:
     epochs: float = 3.0
     """Passes over the training data (fractions allowed)."""
     max_steps: int | None = None
-    """Train for exactly this many optimizer steps, ignoring epochs."""
+    """Train for exactly this many optimizer steps, ignoring epochs and min_steps."""
+    min_steps: int | None = None
+    """Train for at least this many optimizer steps, taking more epochs when the data are few, so small data
+    fractions are not starved of updates."""
     time_budget_s: float | None = None
     """Wall-clock seconds of training; when spent, training stops cleanly and still evaluates."""
     data_fraction: float = 1.0
@@ -82,6 +94,24 @@ class TrainConfig:
     """Evaluate on dev every this many steps. Default: once per epoch (and always at the end)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a dev improvement; none to disable."""
+    convergence_tolerance: float = 0.005
+    """A run is flagged not converged when its best dev evaluation was its last and beat every earlier one
+    by more than this (in metric units: 0.005 is half a point of accuracy or Pearson); a curve with a
+    single evaluation cannot show convergence and is flagged too."""
+    lr_search: tuple[float, ...] | Literal["auto"] | None = None
+    """Learning rates to try, each from the same start, choosing on dev by successive halving (see
+    lr_search_rungs); 'auto' takes the method's own candidates (`learning_rate_candidates`). Overrides
+    learning_rate. Run by `deltatune train` / `deltatune.train` and every grid cell."""
+    lr_search_rungs: tuple[float, ...] = (0.125, 0.25)
+    """Successive halving: at each of these fractions of the planned steps (or of the time budget) every
+    remaining learning rate is scored on a fixed part of dev (see `RUNG_DEV_EXAMPLES`) and the better half
+    (rounded up) goes on. With 4 candidates and (0.125, 0.25) the search trains 4/8 + 2/8 + 3/4 = 1.5 runs."""
+    head: Literal["auto", "cross-encoder", "bi-encoder"] = "auto"
+    """The task head: the text (or pair) as one sequence, or each text of a pair encoded alone and compared
+    (see `deltatune.heads`); auto picks per model family and task."""
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    """What the head reads: the first token, the mean over real tokens, or the last real token; auto takes
+    the checkpoint's own sentence-embedding pooling, else cls for encoders and last for decoders."""
     max_length: int = 128
     """Truncate inputs to this many tokens (the number truncated is reported)."""
     eval_batch_size: int = 64
@@ -112,7 +142,7 @@ class TrainConfig:
             problems.append(f"data_fraction={self.data_fraction} must be in (0, 1]")
         if self.epochs <= 0:
             problems.append(f"epochs={self.epochs} must be positive")
-        for name in ("max_steps", "num_examples", "eval_every", "early_stopping_patience"):
+        for name in ("max_steps", "min_steps", "num_examples", "eval_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name}={value} must be at least 1 (or left unset)")
@@ -131,6 +161,13 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         problems += _range_problems(self)
+        if self.convergence_tolerance < 0:
+            problems.append(f"convergence_tolerance={self.convergence_tolerance} must not be negative")
+        if isinstance(self.lr_search, tuple) and (not self.lr_search or min(self.lr_search) <= 0):
+            problems.append(f"lr_search={self.lr_search} must be positive learning rates, or auto")
+        rungs = self.lr_search_rungs
+        if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
+            problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")
         if problems:
             raise DeltatuneError("; ".join(problems))
 
@@ -169,6 +206,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
 @dataclass
 class TrainResult:
     best_metrics: dict[str, float]
+    """Dev metrics of the kept (best dev) state."""
     best_step: int
     steps: int
     examples_seen: int
@@ -177,17 +215,27 @@ class TrainResult:
     train_time_s: float
     eval_time_s: float
     stopped_by: str
-    """What ended training: 'epochs', 'max_steps', 'time_budget', 'early_stopping' or 'diverged'."""
+    """What ended training: 'epochs', 'min_steps', 'max_steps', 'time_budget', 'early_stopping' or 'diverged'."""
     num_train_examples: int
     num_truncated: dict[str, int]
+    learning_rate: float
+    planned_steps: int
+    converged: bool
+    """False when the dev curve was still rising at the end (see `still_improving`)."""
+    last_gain: float | None
+    """How much the last evaluation beat every earlier one (metric units; None with fewer than two)."""
     learning_curve: list[dict] = field(default_factory=list)
     """One entry per evaluation: step, examples seen, training seconds so far, dev metrics."""
     best_dev_outputs: np.ndarray | None = None
-    """The model's raw dev outputs (logits or scores) at the best evaluation, in dev order: what paired
-    statistics between methods need."""
+    """The model's raw dev outputs (logits or scores, in task units) at the best evaluation, in dev order."""
     dev_labels: list | None = None
+    test_metrics: dict[str, float] | None = None
+    """Metrics of the kept state on the test split; None when the task has none."""
+    test_outputs: np.ndarray | None = None
+    """Per-example test outputs of the kept state, in test order: what paired statistics between methods use."""
+    test_labels: list | None = None
     target_scale: tuple[float, float] | None = None
-    """Regression only: (mean, std) that map the model's raw output to task units."""
+    """Regression only: (offset, scale) that map the model's raw output to task units."""
     step_seconds: list[float] = field(default_factory=list)
     """Wall seconds of each optimizer step (benchmarks take medians over these)."""
     step_real_tokens: list[int] = field(default_factory=list)
@@ -273,24 +321,28 @@ class GradualUnfreezing:
                 parameter.requires_grad_(True)
 
 
-def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
-          method: Method, config: TrainConfig) -> TrainResult:
-    """Train `model` (already prepared by the method) and leave it holding its best dev state."""
-    config = replace(config, precision=resolve_precision(config.precision))
-    # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
-    cast_frozen = config.precision == "bf16" and not config.gradual_unfreezing
-    with ExitStack() as stack:
-        if config.fast_dropout:
-            stack.enter_context(fast_dropout(model))
-        if cast_frozen:
-            stack.enter_context(frozen_linear_weights_in_bf16(model))
-        return _train(model, tokenizer, task, train_split, dev_split, method, config)
+RUNG_DEV_EXAMPLES = 500
+"""A learning-rate search ranks its candidates at each rung on this many dev examples (stratified, fixed by the
+seed), or a quarter of dev if that is more: a quarter of the cost of scoring all of dev, several times at once."""
 
 
-def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
-           method: Method, config: TrainConfig) -> TrainResult:
-    if config.threads:
-        torch.set_num_threads(config.threads)
+@dataclass
+class TrainingData:
+    """A task's splits tokenised once, shared by every run that trains on them (e.g. learning-rate candidates)."""
+
+    train: Encoded
+    """The training subset the data budget allows, its regression targets already in the head's raw units."""
+    dev: Encoded
+    test: Encoded | None
+    target_scale: tuple[float, float] | None
+    pad_token_id: int
+    rung_dev: Encoded
+    """The part of dev a learning-rate search ranks its candidates on (`RUNG_DEV_EXAMPLES`)."""
+
+
+def prepare_data(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
+                 test_split: Split | None, config: TrainConfig) -> TrainingData:
+    """Tokenise the training subset, dev and test once, the way `model`'s head reads them."""
     if not len(train_split):
         raise DeltatuneError(f"Task {task.name!r} has no training examples.")
     if not len(dev_split):
@@ -298,163 +350,318 @@ def _train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model_max = getattr(model.config, "max_position_embeddings", None) or config.max_length
     max_length = min(config.max_length, model_max)
+    separately = encodes_texts_separately(model)
 
     # the data budget: a stratified subset fixed by the seed, so every method sees the same one
     wanted = config.num_examples or max(1, round(config.data_fraction * len(train_split)))
     subset = stratified_subset(train_split.labels, wanted, config.seed, task.is_regression)
-    train_data = encode(tokenizer, task, train_split.subset(subset), max_length)
-    dev_data = encode(tokenizer, task, dev_split, max_length)
-    # Regression heads learn standardised targets: a fresh head outputs about 0, and with a small learning
-    # rate (LoRA, adapters) it would spend the whole budget walking its bias to a mean like STS-B's 2.7.
-    # The model's raw output is in standard units; `target_scale` maps it back (saved with the delta).
-    target_scale = regression_scale(train_data.labels) if task.is_regression else None
-    if target_scale is not None:
-        mean, std = target_scale
-        train_data.labels = [(y - mean) / std for y in train_data.labels]
+    train_data = encode(tokenizer, task, train_split.subset(subset), max_length, separately)
+    dev_data = encode(tokenizer, task, dev_split, max_length, separately)
+    test_data = encode(tokenizer, task, test_split, max_length, separately) if test_split is not None and len(
+        test_split) else None
+    # the model learns targets in its head's raw units; `scale` maps them back (and is saved with the delta)
+    scale = target_scale(model, task, train_data.labels)
+    if scale is not None:
+        offset, factor = scale
+        train_data.labels = [(y - offset) / factor for y in train_data.labels]
+    rung_size = max(RUNG_DEV_EXAMPLES, len(dev_data) // 4)
+    rung_dev = dev_data.subset(stratified_subset(dev_data.labels, rung_size, config.seed, task.is_regression))
+    return TrainingData(train_data, dev_data, test_data, scale, pad_token_id, rung_dev)
 
-    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    planned_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-    warmup_steps = max(1, round(config.warmup_ratio * planned_steps)) if config.warmup_ratio else 0
-    eval_every = config.eval_every or steps_per_epoch
 
-    learning_rate = config.learning_rate or method.default_learning_rate
-    groups = _optimizer_groups(model, method, learning_rate, config)
-    trainable = [p for group in groups for p in group["params"]]
-    if not trainable:
-        raise DeltatuneError(f"Method {method.name!r} left nothing to train on this model.")
-    for group in groups:
-        group.setdefault("lr", learning_rate)
-        group["initial_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, foreach=True)
-    unfreezing = GradualUnfreezing(model, config.unfreeze_every or steps_per_epoch) \
-        if config.gradual_unfreezing else None
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    planned_steps: int
+    warmup_steps: int
+    eval_every: int
+    ends_by: str
+    """What the plan's length comes from: 'max_steps', 'min_steps' or 'epochs'."""
 
-    micro_batch = config.batch_size // config.gradient_accumulation
-    rng = random.Random(config.seed)
-    trainable_ids = {id(p) for p in trainable}
-    trainable_named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable_ids]
-    best_state: dict[str, torch.Tensor] = {}  # filled at the first evaluation, then overwritten in place
-    best_metrics: dict[str, float] = {}
-    best_outputs = np.zeros((0, task.num_labels), dtype=np.float32)
-    best_value, best_step, evals_since_best = -math.inf, 0, 0
-    curve: list[dict] = []
-    step = examples_seen = real_tokens = padded_tokens = 0
-    step_seconds: list[float] = []
-    step_real_tokens: list[int] = []
-    train_time = eval_time = 0.0
-    stopped_by = "max_steps" if config.max_steps else "epochs"
-    diverged = None
 
-    def run_evaluation() -> bool:
-        """Evaluate on dev, keep the best state; True when early stopping says stop."""
-        nonlocal best_value, best_step, best_metrics, evals_since_best, eval_time, best_outputs
-        started = time.perf_counter()
-        outputs = to_task_units(predict_encoded(model, dev_data, task, pad_token_id, config.eval_batch_size,
-                                                config.precision), target_scale)
-        metrics = compute_metrics(task.metrics, outputs_to_predictions(outputs, task), dev_data.labels)
-        eval_time += time.perf_counter() - started
-        curve.append({"step": step, "examples_seen": examples_seen, "train_time_s": round(train_time, 3),
-                      "metrics": metrics})
-        value = metrics[task.metric]
-        if not math.isnan(value) and value > best_value and np.isfinite(outputs).all():
-            best_value, best_step, best_metrics, evals_since_best = value, step, metrics, 0
-            best_outputs = outputs
-            with torch.no_grad():
-                for n, p in trainable_named:
-                    if n in best_state:
-                        best_state[n].copy_(p)
-                    else:
-                        best_state[n] = p.detach().clone()
-        else:
-            evals_since_best += 1
-        return config.early_stopping_patience is not None and evals_since_best >= config.early_stopping_patience
+def plan_steps(num_examples: int, config: TrainConfig) -> StepPlan:
+    """max_steps if given; else the epochs, raised to min_steps when the data are few."""
+    steps_per_epoch = math.ceil(num_examples / config.batch_size)
+    from_epochs = math.ceil(config.epochs * steps_per_epoch)
+    if config.max_steps:
+        planned, ends_by = config.max_steps, "max_steps"
+    elif config.min_steps and config.min_steps > from_epochs:
+        planned, ends_by = config.min_steps, "min_steps"
+    else:
+        planned, ends_by = from_epochs, "epochs"
+    warmup = max(1, round(config.warmup_ratio * planned)) if config.warmup_ratio else 0
+    return StepPlan(steps_per_epoch, planned, warmup, config.eval_every or steps_per_epoch, ends_by)
 
-    progress = None
-    if not config.quiet:
-        from tqdm.auto import tqdm
 
-        progress = tqdm(total=planned_steps, desc=f"{method.name} on {task.name}", unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
-    model.train()
-    torch.manual_seed(config.seed)
-    stop = False
-    while not stop and step < planned_steps:
-        if config.bucket_by_length:
-            batches = length_bucketed_batches(train_data.lengths, config.batch_size, rng)
-        else:
-            batches = shuffled_batches(len(train_data), config.batch_size, rng)
-        for indices in batches:
-            started = time.perf_counter()
-            lr_factor = _lr_factor(step, warmup_steps, planned_steps, config.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor
-            loss_total = 0.0
-            tokens_before = real_tokens
-            for start in range(0, len(indices), micro_batch):
-                part = indices[start:start + micro_batch]
-                batch = collate(train_data, part, pad_token_id, task.is_regression)
-                labels = batch.pop("labels")
-                with autocast_for(config.precision):
-                    logits = model(**batch).logits
-                loss = (task_loss(logits, labels, task.is_regression) + method.extra_loss(model)) * (len(part) / len(indices))
-                loss.backward()
-                loss_total += loss.item()
-                real_tokens += int(batch["attention_mask"].sum())
-                padded_tokens += batch["attention_mask"].numel()
-            gradient_norm = None
-            if config.max_grad_norm is not None:
-                gradient_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=True)
-            diverged = divergence(step + 1, loss_total, gradient_norm, learning_rate)
-            if diverged is not None:  # stop before the step: the best dev state so far stays as it was
-                optimizer.zero_grad(set_to_none=True)
-                stopped_by, stop = "diverged", True
+class BestState:
+    """The best dev evaluation so far, and a copy of the trainable tensors as they were at it."""
+
+    def __init__(self, named_parameters: list[tuple[str, nn.Parameter]]) -> None:
+        self.named_parameters = named_parameters
+        self.tensors: dict[str, torch.Tensor] = {}  # filled at the first improvement, then overwritten in place
+        self.value, self.step, self.metrics, self.outputs = -math.inf, 0, {}, None
+        self.evaluations_since = 0
+
+    def offer(self, value: float, step: int, metrics: dict[str, float], outputs: np.ndarray) -> None:
+        """Keep this state if it beats the best so far (NaN never does)."""
+        if math.isnan(value) or value <= self.value or not np.isfinite(outputs).all():
+            self.evaluations_since += 1
+            return
+        self.value, self.step, self.metrics, self.outputs, self.evaluations_since = value, step, metrics, outputs, 0
+        with torch.no_grad():
+            for name, parameter in self.named_parameters:
+                if name in self.tensors:
+                    self.tensors[name].copy_(parameter)
+                else:
+                    self.tensors[name] = parameter.detach().clone()
+
+    def restore(self) -> None:
+        """Put the kept tensors back into the model (absent only if every evaluation was NaN: keep the last)."""
+        with torch.no_grad():
+            for name, parameter in self.named_parameters:
+                if name in self.tensors:
+                    parameter.copy_(self.tensors[name])
+
+
+def still_improving(values: list[float], tolerance: float) -> tuple[bool, float | None]:
+    """(True when the curve's best is its last point and beat every earlier one by more than `tolerance`,
+    the last point's gain over the best earlier one). One point cannot show convergence: (True, None)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if len(values) < 2:
+        return True, None
+    gain = values[-1] - max(values[:-1])
+    return gain > tolerance, gain
+
+
+class Trainer:
+    """The training loop for one model at one learning rate, resumable: `advance(0.25)` trains until a
+    quarter of the plan (steps, or the time budget) is done, `advance()` to the end, `finish()` restores the
+    best dev state, evaluates it on test and returns the result.
+
+    A paused trainer keeps its batch order, its place in the epoch and its own torch random state, and a
+    pause adds no evaluation to its curve, so several trainers can take turns in one process and each trains
+    and evaluates exactly as it would alone.
+    """
+
+    def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData, config: TrainConfig,
+                 learning_rate: float | None = None) -> None:
+        self.config = config = replace(config, precision=resolve_precision(config.precision))
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model, self.method, self.task, self.data = model, method, task, data
+        self.plan = plan_steps(len(data.train), config)
+        self.learning_rate = learning_rate or config.learning_rate or method.default_learning_rate
+        self.contexts = ExitStack()
+        if config.fast_dropout:
+            self.contexts.enter_context(fast_dropout(model))
+        # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
+        if config.precision == "bf16" and not config.gradual_unfreezing:
+            self.contexts.enter_context(frozen_linear_weights_in_bf16(model))
+
+        groups = _optimizer_groups(model, method, self.learning_rate, config)
+        self.trainable = [p for group in groups for p in group["params"]]
+        if not self.trainable:
+            self.contexts.close()
+            raise DeltatuneError(f"Method {method.name!r} left nothing to train on this model.")
+        for group in groups:
+            group.setdefault("lr", self.learning_rate)
+            group["initial_lr"] = group["lr"]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True)
+        self.unfreezing = GradualUnfreezing(model, config.unfreeze_every or self.plan.steps_per_epoch) \
+            if config.gradual_unfreezing else None
+        trainable_ids = {id(p) for p in self.trainable}
+        self.best = BestState([(n, p) for n, p in model.named_parameters() if id(p) in trainable_ids])
+
+        self.batch_order = random.Random(config.seed)
+        self.batches: list[list[int]] = []
+        self.next_batch = 0
+        self.rng_state = _seeded_rng_state(config.seed)
+        self.curve: list[dict] = []
+        self.step = self.examples_seen = self.real_tokens = self.padded_tokens = 0
+        self.step_seconds: list[float] = []
+        self.step_real_tokens: list[int] = []
+        self.train_time = self.eval_time = 0.0
+        self.stopped_by: str | None = None
+        self.diverged: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stopped_by is not None
+
+    @property
+    def progress(self) -> float:
+        """The share of the plan done: steps, or seconds of the time budget, whichever is further along."""
+        share = self.step / self.plan.planned_steps
+        if self.config.time_budget_s is not None:
+            share = max(share, self.train_time / self.config.time_budget_s)
+        return share
+
+    def advance(self, until: float = 1.0) -> None:
+        """Train until `until` of the plan is done or a budget or early stopping ends the run (then the final
+        state is evaluated on dev)."""
+        torch.set_rng_state(self.rng_state)
+        self.model.train()
+        progress = self._progress_bar()
+        while not self.done and self.progress < until:
+            self._step()
+            if self.diverged is not None:
                 break
-            optimizer.step()
-            # drop the gradients now rather than zeroing them: the memory is not needed until next backward
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            examples_seen += len(indices)
-            method.on_step_end(model, step, planned_steps)
-            if unfreezing is not None:
-                unfreezing.update(step)
-            step_seconds.append(time.perf_counter() - started)
-            step_real_tokens.append(real_tokens - tokens_before)
-            train_time += step_seconds[-1]
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_total:.4f}", ex_s=f"{examples_seen / train_time:.0f}",
-                                     refresh=False)
-            if config.time_budget_s is not None and train_time >= config.time_budget_s:
-                stopped_by, stop = "time_budget", True
-            elif step >= planned_steps:
-                stop = True
-            if step % eval_every == 0 or stop:
-                if run_evaluation():
-                    stopped_by, stop = "early_stopping", True
-            if stop:
-                break
-    if progress is not None:
-        progress.close()
-    if unfreezing is not None:
-        unfreezing.finish()
-    if diverged is None and (not curve or curve[-1]["step"] != step):
-        run_evaluation()
+            self._check_budgets()
+            if self.step % self.plan.eval_every == 0 or self.done:
+                self.evaluate()
+        if progress is not None:
+            progress.close()
+        if self.done and self.diverged is None and (not self.curve or self.curve[-1]["step"] != self.step):
+            self.evaluate()
+        self.rng_state = torch.get_rng_state()
 
-    with torch.no_grad():  # leave the model holding its best dev state
-        for name, parameter in trainable_named:
-            if name in best_state:  # absent only if every evaluation was NaN: keep the final weights
-                parameter.copy_(best_state[name])
-    model.eval()
-    return TrainResult(
-        best_metrics=best_metrics, best_step=best_step, steps=step, examples_seen=examples_seen,
-        real_tokens_seen=real_tokens, padded_tokens_seen=padded_tokens, train_time_s=train_time,
-        eval_time_s=eval_time, stopped_by=stopped_by, num_train_examples=len(train_data),
-        num_truncated={"train": train_data.num_truncated, "dev": dev_data.num_truncated},
-        learning_curve=curve, best_dev_outputs=best_outputs, dev_labels=list(dev_data.labels),
-        step_seconds=step_seconds, step_real_tokens=step_real_tokens, target_scale=target_scale,
-        precision=config.precision, diverged=diverged,
-    )
+    def score(self, encoded: Encoded) -> float:
+        """The primary metric of the current state on `encoded` (a rung of a learning-rate search): not part
+        of the curve, and no state is kept."""
+        started = time.perf_counter()
+        outputs = self._outputs(encoded)
+        value = compute_metrics((self.task.metric,), outputs_to_predictions(outputs, self.task), encoded.labels)
+        self.eval_time += time.perf_counter() - started
+        return value[self.task.metric]
 
+    def _step(self) -> None:
+        """One optimizer step over one batch (in micro-batches when accumulating gradients)."""
+        config = self.config
+        if self.next_batch == len(self.batches):  # a new epoch: a new batch order
+            self.batches = (length_bucketed_batches(self.data.train.lengths, config.batch_size, self.batch_order)
+                            if config.bucket_by_length else
+                            shuffled_batches(len(self.data.train), config.batch_size, self.batch_order))
+            self.next_batch = 0
+        indices = self.batches[self.next_batch]
+        self.next_batch += 1
+        started = time.perf_counter()
+        factor = _lr_factor(self.step, self.plan.warmup_steps, self.plan.planned_steps, config.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        micro_batch = config.batch_size // config.gradient_accumulation
+        tokens_before = self.real_tokens
+        loss_total = 0.0
+        for start in range(0, len(indices), micro_batch):
+            part = indices[start:start + micro_batch]
+            batch = collate(self.data.train, part, self.data.pad_token_id, self.task.is_regression)
+            labels = batch.pop("labels")
+            with autocast_for(config.precision):
+                logits = self.model(**batch).logits
+            loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
+                * (len(part) / len(indices))
+            loss.backward()
+            loss_total += loss.item()
+            self.real_tokens += int(batch["attention_mask"].sum())
+            self.padded_tokens += batch["attention_mask"].numel()
+        gradient_norm = None
+        if config.max_grad_norm is not None:
+            gradient_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm, foreach=True)
+        self.diverged = divergence(self.step + 1, loss_total, gradient_norm, self.learning_rate)
+        if self.diverged is not None:  # stop before the step: the best dev state so far stays as it was
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stopped_by = "diverged"
+            return
+        self.optimizer.step()
+        # drop the gradients now rather than zeroing them: the memory is not needed until next backward
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.examples_seen += len(indices)
+        self.method.on_step_end(self.model, self.step, self.plan.planned_steps)
+        if self.unfreezing is not None:
+            self.unfreezing.update(self.step)
+        self.step_seconds.append(time.perf_counter() - started)
+        self.step_real_tokens.append(self.real_tokens - tokens_before)
+        self.train_time += self.step_seconds[-1]
+
+    def _check_budgets(self) -> None:
+        if self.config.time_budget_s is not None and self.train_time >= self.config.time_budget_s:
+            self.stopped_by = "time_budget"
+        elif self.step >= self.plan.planned_steps:
+            self.stopped_by = self.plan.ends_by
+
+    def evaluate(self) -> None:
+        """Score the current state on dev, add it to the curve, keep it if it is the best; early stopping."""
+        started = time.perf_counter()
+        outputs = self._outputs(self.data.dev)
+        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.dev.labels)
+        self.eval_time += time.perf_counter() - started
+        self.curve.append({"step": self.step, "examples_seen": self.examples_seen,
+                           "train_time_s": round(self.train_time, 3), "metrics": metrics})
+        self.best.offer(metrics[self.task.metric], self.step, metrics, outputs)
+        patience = self.config.early_stopping_patience
+        if not self.done and patience is not None and self.best.evaluations_since >= patience:
+            self.stopped_by = "early_stopping"
+
+    def _outputs(self, encoded: Encoded) -> np.ndarray:
+        raw = predict_encoded(self.model, encoded, self.task, self.data.pad_token_id, self.config.eval_batch_size,
+                              self.config.precision)
+        return to_task_units(raw, self.data.target_scale)
+
+    def _progress_bar(self):
+        if self.config.quiet:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.plan.planned_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    desc=f"{self.method.name} on {self.task.name} at lr {self.learning_rate:g}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Undo the training-time changes to the model (fast dropout, bf16 frozen weights)."""
+        if self.unfreezing is not None:
+            self.unfreezing.finish()
+        self.contexts.close()
+
+    def finish(self) -> TrainResult:
+        """Leave the model holding its best dev state, evaluate that state on test, and say how it went."""
+        self.close()
+        self.best.restore()
+        self.model.eval()
+        test_metrics = test_outputs = None
+        if self.data.test is not None:
+            started = time.perf_counter()
+            test_outputs = self._outputs(self.data.test)
+            test_metrics = compute_metrics(self.task.metrics, outputs_to_predictions(test_outputs, self.task),
+                                           self.data.test.labels)
+            self.eval_time += time.perf_counter() - started
+        rising, gain = still_improving([point["metrics"][self.task.metric] for point in self.curve],
+                                       self.config.convergence_tolerance)
+        width = self.task.num_labels
+        return TrainResult(
+            best_metrics=self.best.metrics, best_step=self.best.step, steps=self.step,
+            examples_seen=self.examples_seen, real_tokens_seen=self.real_tokens, padded_tokens_seen=self.padded_tokens,
+            train_time_s=self.train_time, eval_time_s=self.eval_time, stopped_by=self.stopped_by or "paused",
+            num_train_examples=len(self.data.train),
+            num_truncated={"train": self.data.train.num_truncated, "dev": self.data.dev.num_truncated,
+                           **({"test": self.data.test.num_truncated} if self.data.test is not None else {})},
+            learning_rate=self.learning_rate, planned_steps=self.plan.planned_steps, converged=not rising,
+            last_gain=gain, learning_curve=self.curve,
+            best_dev_outputs=self.best.outputs if self.best.outputs is not None else np.zeros((0, width), np.float32),
+            dev_labels=list(self.data.dev.labels), test_metrics=test_metrics, test_outputs=test_outputs,
+            test_labels=list(self.data.test.labels) if self.data.test is not None else None,
+            target_scale=self.data.target_scale, step_seconds=self.step_seconds,
+            step_real_tokens=self.step_real_tokens, precision=self.config.precision, diverged=self.diverged)
+
+
+def _seeded_rng_state(seed: int) -> torch.Tensor:
+    """torch's default-generator state after seeding with `seed`, without leaving the generator changed."""
+    saved = torch.get_rng_state()
+    torch.manual_seed(seed)
+    state = torch.get_rng_state()
+    torch.set_rng_state(saved)
+    return state
+
+
+def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
+          method: Method, config: TrainConfig, test_split: Split | None = None) -> TrainResult:
+    """Train `model` (already prepared by the method) at one learning rate and leave it holding its best dev
+    state; with `test_split`, that state is also evaluated on test. (`config.lr_search` is run by
+    `deltatune.run.run_training`, which builds a fresh model per learning rate.)"""
+    data = prepare_data(model, tokenizer, task, train_split, dev_split, test_split, config)
+    trainer = Trainer(model, method, task, data, config)
+    trainer.advance()
+    return trainer.finish()
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -30,28 +30,44 @@ def report(experiment):
 
 def test_analysis_finds_the_planted_differences(experiment):
     analysis = analyze(experiment)
-    assert len(analysis.finished) == 90 and len(analysis.failed) == 1
+    assert len(analysis.finished) == 92 and len(analysis.failed) == 1
     assert analysis.tasks == ["alpha", "beta"]
     # the data sweep comes before the time budgets
     assert [(g.key.data_fraction, g.key.time_budget_s) for g in analysis.groups_for("alpha")] == \
         [(0.1, None), (0.5, None), (1.0, None), (1.0, 5.0), (1.0, 20.0)]
+    dev_gaps = []
     for group in analysis.groups:
         bitfit, lora = group.variants["bitfit"], group.variants["lora"]
-        assert bitfit.verdict.startswith("worse by") and not bitfit.matches, (group.key, bitfit.verdict)
-        assert lora.comparison.low < 0.05 and not lora.verdict.startswith("worse"), (group.key, lora.verdict)
+        # verdicts read test, where bitfit is worse; on dev it is as good as full
+        assert bitfit.split == "test" and bitfit.verdict.startswith("worse by") and not bitfit.matches
+        assert bitfit.mean < group.variants["full"].mean - 0.06
+        dev_gaps.append(np.mean(group.variants["full"].dev_values) - np.mean(bitfit.dev_values))
+        assert not lora.verdict.startswith("worse"), (group.key, lora.verdict)
         assert group.variants["full"].comparison is None and len(bitfit.values) == 3
+        # the no-training row of the task sits in every group, compared on the same test examples
+        untrained = group.variants["majority" if group.key.task == "alpha" else "embedding-cosine"]
+        assert untrained.kind == "baseline" and untrained.comparison is not None
+        assert bitfit.untrained == untrained.variant and bitfit.versus_untrained is not None
+    assert abs(np.mean(dev_gaps)) < 0.02
+    # far behind but still rising: inconclusive, not 'worse by'
+    unconverged = analysis.groups_for("beta")[0].variants["lora"]
+    assert unconverged.comparison.high < 0 and unconverged.inconclusive
+    assert unconverged.verdict == "inconclusive: not converged after 50 steps"
     areas = {(a.task, a.variant, a.time_budget_s): a for a in analysis.areas}
     assert areas[("alpha", "bitfit", None)].difference < -0.05 and areas[("alpha", "full", None)].difference is None
     assert areas[("alpha", "full", None)].fractions == [0.1, 0.5, 1.0]
+    assert ("alpha", "majority", None) not in areas
     largest = analysis.groups_for("alpha")[2]
-    assert largest.target == pytest.approx(0.95 * largest.variants["full"].mean)
-    # lora's curves rise faster than full's; bitfit never reaches full's level
-    assert all(t is None for t in largest.variants["bitfit"].times_to_target)
-    assert max(largest.variants["lora"].times_to_target) < min(largest.variants["full"].times_to_target)
+    assert largest.target == pytest.approx(0.95 * np.mean(largest.variants["full"].dev_values))
     sentences = claims(analysis)
     bitfit_data = next(s for s in sentences if s.startswith("**bitfit**") and "data amounts" in s)
     assert "did not hold on alpha at 10% of the data (worse by" in bitfit_data and "held on" not in bitfit_data
+    lora_data = next(s for s in sentences if s.startswith("**lora**") and "data amounts" in s)
+    assert "inconclusive on 1" in lora_data and "beta at 10% of the data (not converged after 50 steps)" in lora_data
+    assert "beta at 10% of the data (worse" not in lora_data
     assert any(s.startswith("**lora**") and "time budgets" in s for s in sentences)
+    nothing = next(s for s in sentences if s.startswith("**Doing nothing**: embedding-cosine"))
+    assert "full beat it under" in nothing and "not on beta at 10% of the data" in nothing
 
 
 def test_the_html_report_is_self_contained_and_has_every_plot(report):
@@ -70,18 +86,22 @@ def test_the_html_report_is_self_contained_and_has_every_plot(report):
 
 def test_exports_in_every_format(experiment, tmp_path):
     rows = list(csv.DictReader(io.StringIO(export_results(experiment, "csv"))))
-    assert len(rows) == 91 and {"dev_accuracy", "dev_pearson", "primary_value", "peak_memory_bytes",
+    assert len(rows) == 93 and {"dev_accuracy", "test_accuracy", "dev_pearson", "primary_value", "dev_value",
+                                "evaluation_split", "learning_rate", "converged", "kind", "peak_memory_bytes",
                                 "delta_bytes", "train_time_s", "method_config", "error"} <= set(rows[0])
-    assert sum(row["status"] == "failed" for row in rows) == 1
+    assert sum(row["status"] == "failed" for row in rows) == 1 and sum(row["kind"] == "baseline" for row in rows) == 2
+    first = rows[0]  # the reported value is the test one; dev stays beside it
+    assert first["evaluation_split"] == "test" and first["primary_value"] == first["test_accuracy"]
+    assert first["dev_value"] == first["dev_accuracy"] != first["test_accuracy"]
     markdown = export_results(experiment, "markdown")
-    assert markdown.splitlines()[0].startswith("| cell_id | status |") and len(markdown.splitlines()) == 93
+    assert markdown.splitlines()[0].startswith("| cell_id | status |") and len(markdown.splitlines()) == 95
     curves = list(csv.DictReader(io.StringIO(export_results(experiment, "csv", table="curves"))))
     assert len(curves) == 90 * 5 and curves[0]["train_time_s"]
     import pyarrow.parquet as pq
 
     export_results(experiment, "parquet", tmp_path / "cells.parquet")
     table = pq.read_table(tmp_path / "cells.parquet")
-    assert table.num_rows == 91 and "primary_value" in table.column_names
+    assert table.num_rows == 93 and "primary_value" in table.column_names
     with pytest.raises(DeltatuneError, match="--out FILE.parquet"):
         export_results(experiment, "parquet")
     with pytest.raises(DeltatuneError, match="not one of csv, parquet, markdown"):
@@ -90,9 +110,9 @@ def test_exports_in_every_format(experiment, tmp_path):
 
 def test_export_keeps_chosen_columns(experiment):
     brief = export_results(experiment, "markdown", columns="brief").splitlines()
-    assert brief[0] == "| " + " | ".join(BRIEF_COLUMNS) + " |" and len(brief) == 93
+    assert brief[0] == "| " + " | ".join(BRIEF_COLUMNS) + " |" and len(brief) == 95
     chosen = list(csv.DictReader(io.StringIO(export_results(experiment, "csv", columns="method,primary_value"))))
-    assert list(chosen[0]) == ["method", "primary_value"] and len(chosen) == 91
+    assert list(chosen[0]) == ["method", "primary_value"] and len(chosen) == 93
     with pytest.raises(DeltatuneError, match="no column 'pearsn'.*dev_pearson"):
         export_results(experiment, "csv", columns="method,pearsn")
 
@@ -154,7 +174,7 @@ def test_a_tie_between_models_that_predict_one_class_is_no_evidence(experiment, 
 
     for variant in ("full", "bitfit"):
         for seed in (0, 1, 2):
-            path = experiment / "cells" / f"alpha-{variant}-0.1-0-{seed}" / "dev_outputs.safetensors"
+            path = experiment / "cells" / f"alpha-{variant}-0.1-0-{seed}" / "test_outputs.safetensors"
             tensors = load_file(str(path))
             constant = np.zeros_like(tensors["outputs"])
             constant[:, 1] = 1.0

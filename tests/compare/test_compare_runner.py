@@ -223,3 +223,33 @@ def test_exit_descriptions_name_the_signal():
     assert _describe_exit(-9) == "was killed by SIGKILL (often the out-of-memory killer)"
     assert _describe_exit(1) == "exited with code 1"
     assert [_format_duration(s) for s in (None, 5, 125, 7300)] == ["?", "5 s", "2 min 05 s", "2 h 01 min"]
+
+
+def test_a_searched_cell_and_a_no_training_row_reach_the_store_and_the_report(workspace):
+    path = workspace / "searched.yaml"
+    path.write_text(textwrap.dedent(f"""
+        models: [tiny-bert]
+        tasks: [{{name: toy, path: toy.csv, text_fields: [text]}}]
+        methods: [bitfit]
+        seeds: [0]
+        train: {{max_steps: 16, batch_size: 16, eval_every: 4, threads: 1, lr_search: [0.0001, 0.01],
+                 lr_search_rungs: [0.25]}}
+        baselines: [majority]
+    """), encoding="utf-8")
+    spec = parse_spec(read_spec_file(path))
+    messages: list[str] = []
+    summary = run_grid(spec, workspace / "searched", say=messages.append)
+    assert summary.finished_now == 2 and summary.failed_now == 0, messages
+    cells = {c["kind"]: c for c in store.load_cells(workspace / "searched")}
+    trained, untrained = cells["train"], cells["baseline"]
+    search = trained["record"]["lr_search"]
+    best = max(search["candidates"], key=lambda c: c["rung_scores"][-1])  # one rung: the better goes on
+    assert trained["learning_rate"] == search["chosen"] == best["learning_rate"]
+    assert trained["evaluation_split"] == "test" and trained["primary_value"] == trained["test_metrics"]["accuracy"]
+    assert trained["converged"] in (0, 1) and trained["dev_value"] == trained["dev_metrics"]["accuracy"]
+    assert untrained["variant"] == "majority" and untrained["primary_value"] == untrained["test_metrics"]["accuracy"]
+    assert (workspace / "searched" / untrained["run_dir"] / "test_outputs.safetensors").is_file()
+    _, markdown = write_report(workspace / "searched")
+    text = markdown.read_text(encoding="utf-8")
+    assert "majority (no training)" in text and "## Learning-rate search (dev)" in text
+    assert f"{search['chosen']:g}" in text and "test accuracy × 100; dev beside it" in text

@@ -215,3 +215,24 @@ def test_cli_dry_run_and_invalid_specs_run_nothing(workspace, capsys):
     assert main(["compare", "--preset", "doering2024", "--size", "demo", "--seeds", "0", "1", "--print-spec"]) == 0
     assert "seeds:\n- 0\n- 1" in capsys.readouterr().out
     assert json.loads(json.dumps(preset_spec("doering2024", "demo")))  # presets are plain data
+
+
+def test_baselines_and_the_learning_rate_search_in_a_spec(workspace):
+    spec = parse_spec(read_spec_file(write_spec(workspace, GRID + """
+    lr_search: auto
+    baselines: [majority, embedding-cosine, few-shot]
+    """)))
+    # lr_search at the top is short for train: {lr_search: ...}, so it is part of every cell's identity
+    assert all(cell.train["lr_search"] == "auto" for cell in spec.cells)
+    assert spec.baselines == ("majority", "embedding-cosine", "few-shot")
+    rows = {(c.task.name, c.baseline, c.seed) for c in spec.baseline_cells}
+    # embedding-cosine scores similarity pairs only (stsb, not the one-text toy task); few-shot runs once per seed
+    assert rows == {("stsb", "majority", 0), ("toy", "majority", 0), ("stsb", "embedding-cosine", 0),
+                    ("stsb", "few-shot", 0), ("stsb", "few-shot", 1), ("toy", "few-shot", 0), ("toy", "few-shot", 1)}
+    assert len({c.cell_id for c in spec.every_cell}) == len(spec.cells) + 7
+    again = parse_spec(read_spec_file(write_spec(workspace, GRID + "    baselines: [majority]\n", "again.yaml")))
+    assert {c.cell_id for c in again.baseline_cells} <= {c.cell_id for c in spec.baseline_cells}
+    with pytest.raises(DeltatuneError, match="unknown baseline 'majorty'.*Did you mean 'majority'"):
+        parse_spec(read_spec_file(write_spec(workspace, GRID + "    baselines: [majorty]\n", "bad.yaml")))
+    with pytest.raises(DeltatuneError, match="lr_search"):
+        parse_spec(read_spec_file(write_spec(workspace, GRID + "    lr_search: [0]\n", "bad2.yaml")))

@@ -51,7 +51,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def run_cell(exp_dir: Path, cell_id: str) -> dict:
-    """Train the cell and leave its complete result directory in place; returns the run record."""
+    """Train the cell (or score its no-training baseline) and leave its complete result directory in place;
+    returns the run record."""
     from deltatune.delta import write_json_atomic
     from deltatune.run import run_training
 
@@ -61,10 +62,14 @@ def run_cell(exp_dir: Path, cell_id: str) -> dict:
     paths = cell_paths(exp_dir, cell_id)
     payload = json.loads(paths["payload"].read_text(encoding="utf-8"))
     threads = int(os.environ.get("DELTATUNE_CELL_THREADS", "0")) or None
-    config = train_config_for(payload, threads=threads, num_examples=_capped_examples(payload))
     shutil.rmtree(paths["staging"], ignore_errors=True)
-    record = run_training(payload["model"], payload["data"], payload["method"], payload["method_overrides"],
-                          config, out=paths["staging"])
+    if payload.get("kind") == "baseline":
+        record = run_baseline_cell(payload, paths["staging"], threads)
+    else:
+        config = train_config_for(payload, threads=threads, num_examples=_capped_examples(payload))
+        # the learning-rate search says how each rung went in the cell's log
+        record = run_training(payload["model"], payload["data"], payload["method"], payload["method_overrides"],
+                              config, out=paths["staging"], say=lambda text: print(text, flush=True))
     if not payload.get("keep_delta"):
         # the record keeps delta_bytes; the tensors themselves (90 MB per full fine-tuning cell) go
         (paths["staging"] / "delta.safetensors").unlink(missing_ok=True)
@@ -74,6 +79,45 @@ def run_cell(exp_dir: Path, cell_id: str) -> dict:
     if paths["final"].exists():
         shutil.rmtree(paths["final"])
     os.replace(paths["staging"], paths["final"])
+    return record
+
+
+def run_baseline_cell(payload: dict, staging: Path, threads: int | None) -> dict:
+    """Score a no-training baseline on dev and test and write its record and per-example outputs into `staging`."""
+    import torch
+
+    from deltatune.baselines import run_baseline
+    from deltatune.batching import stratified_subset
+    from deltatune.delta import write_json_atomic
+    from deltatune.run import DEV_OUTPUTS, RUN_RECORD, TEST_OUTPUTS, git_state, library_versions, save_outputs
+    from deltatune.run import load_data_from_record
+    from deltatune.training import peak_memory_bytes
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_data_from_record(payload["data"])
+    train = data.split("train")
+    pool = None  # the grid's training pool: what a baseline may look at (the majority class, demonstrations)
+    if payload.get("max_train_examples") and payload["max_train_examples"] < len(train):
+        pool = stratified_subset(train.labels, payload["max_train_examples"], payload["seed"], data.task.is_regression)
+    result = run_baseline(payload["method"], payload["model"], data, pool, seed=payload["seed"],
+                          max_length=payload["train"].get("max_length", 128))
+    metric = data.task.metric
+    record = {"kind": "baseline", "baseline": payload["method"], "method": payload["method"], "model": payload["model"],
+              "task": data.task.name, "data": payload["data"], "data_fingerprint": data.fingerprint(),
+              "primary_metric": metric, "dev_metrics": result.metrics["dev"], "test_metrics": result.metrics.get("test"),
+              "evaluation_split": "test" if "test" in result.metrics else "dev", "details": result.details,
+              "learning_curve": [], "trainable_params": 0, "total_params": None, "trainable_percent": 0.0,
+              "delta_bytes": None, "full_model_bytes": None, "train_time_s": 0.0, "eval_time_s": result.seconds,
+              "wall_time_s": result.seconds, "train_examples_per_s": None, "num_train_examples": len(pool or train),
+              "steps": 0, "best_step": 0, "stopped_by": None, "examples_seen": 0, "learning_rate": None,
+              "converged": None, "peak_memory_bytes": peak_memory_bytes(), "versions": library_versions(),
+              "git": git_state(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    staging.mkdir(parents=True)
+    write_json_atomic(staging / RUN_RECORD, record)
+    for split, name in (("dev", DEV_OUTPUTS), ("test", TEST_OUTPUTS)):
+        if split in result.outputs:
+            save_outputs(staging / name, result.outputs[split], result.labels[split])
     return record
 
 

@@ -57,6 +57,8 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--seeds", nargs="+", type=int, metavar="SEED")
     compare.add_argument("--max-train-examples", type=int, help="take fractions of a fixed pool of this many examples")
     compare.add_argument("--baseline", help="the method every other is compared against (default: full)")
+    compare.add_argument("--baselines", nargs="+", metavar="NAME",
+                         help="rows without training: majority, embedding-cosine, zero-shot, few-shot")
     compare.add_argument("--title", help="the report's title")
     compare.add_argument("--keep-deltas", action="store_true", default=None,
                          help="keep every cell's delta.safetensors (default: keep only run.json and dev outputs)")
@@ -114,7 +116,7 @@ def build_spec_mapping(args: argparse.Namespace) -> dict:
     spec = spec_from_flags(models=args.models, tasks=args.tasks, methods=args.methods, fractions=args.fractions,
                            time_budgets=args.time_budgets, seeds=args.seeds, train=train, base=base,
                            max_train_examples=args.max_train_examples, baseline=args.baseline, title=args.title,
-                           keep_deltas=args.keep_deltas)
+                           keep_deltas=args.keep_deltas, baselines=args.baselines)
     if not base and not (args.tasks and args.methods):
         raise DeltatuneError("Say what to compare: a spec file (deltatune compare grid.yaml --out DIR), a preset "
                              "(--preset doering2024 --size demo), or at least --tasks and --methods.")
@@ -149,11 +151,15 @@ def compare_command(args: argparse.Namespace) -> int:
         return 0
     spec = parse_spec(mapping)
     estimate = estimate_seconds(spec)
-    estimate_text = (f"about {_format_duration(estimate)} at ~200 training examples/s, one cell at a time "
-                     "(MiniLM-L6 on a CPU)" if estimate is not None else None)
+    estimate_text = None
+    if estimate is not None:
+        estimate_text = (f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with AMX "
+                         f"(MiniLM-L6 in bf16), about {_format_duration(2 * estimate)} on one without (e.g. AMD "
+                         "Zen 4); early stopping usually ends cells sooner")
     if args.dry_run:
-        print(f"{spec.title}: {len(spec.cells)} cells" + (f"; {estimate_text}" if estimate_text else ""))
-        for cell in spec.cells:
+        untrained = f" and {len(spec.baseline_cells)} without training" if spec.baseline_cells else ""
+        print(f"{spec.title}: {len(spec.cells)} cells{untrained}" + (f"; {estimate_text}" if estimate_text else ""))
+        for cell in spec.every_cell:
             print(f"  {cell.cell_id}  [{cell.grid}] {cell.describe()}")
         return 0
     if not args.out:

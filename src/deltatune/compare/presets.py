@@ -9,12 +9,15 @@ subset (accuracy, for sentence-pair inference); methods full, bitfit, houlsby an
 adapters, lora; data fractions 0.1 0.3 0.6 1.0; 3 seeds; and a time-budget sweep at the whole
 training set.
 
-Sizes (estimates from `estimate_seconds`, at 200 training examples/s: MiniLM-L6 in bf16 on a 2-core CPU):
-    demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 3 epochs       ~ 5 min
-    small  all four tasks and five methods, 2,000-example pools, 3 seeds, 2 epochs,
-           time budgets 20 and 60 s                                                  ~ 3.5 h
-    full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, 3 epochs,
-           time budgets 60, 180 and 600 s                                            ~ 13 h
+Every size chooses each method's learning rate on dev (successive halving over its candidates), trains
+at least `min_steps` and stops early on dev, judges on the test split, and adds no-training rows
+(majority; embedding-cosine for STS-B). Sizes, with `estimate_seconds` (one cell at a time on a 2-core
+CPU with AMX, MiniLM-L6 in bf16; an upper bound, since early stopping usually ends cells sooner; about
+twice as long on a CPU without AMX such as AMD Zen 4):
+    demo   stsb only, full/bitfit/lora, a 2,000-example pool, 1 seed, 2 learning rates per method
+    small  all four tasks and five methods, 2,000-example pools, 3 seeds, time budgets 20 and 60 s
+    full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, time budgets 30, 90 and 270 s
+`deltatune compare --preset doering2024 --size S --dry-run` prints the cells and the estimate.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ _DOERING_DESCRIPTION = (
     "fine-tuning across data amounts and time budgets? MiniLM-L6; STS-B, rotten-tomatoes (for SST-2), "
     "sms-spam (MCC, for CoLA) and an SNLI subset.")
 
+_SMALL_TRAIN = {"batch_size": 32, "epochs": 6, "min_steps": 200, "eval_every": 50, "early_stopping_patience": 3}
+"""Every cell: at least 200 steps (a 200-example fraction is not starved), at most 6 epochs, stopping once
+dev has not improved for 150 steps; evaluations every 50 steps."""
+
 PRESETS: dict[str, dict[str, dict]] = {
     "doering2024": {
         "full": {
@@ -38,12 +45,15 @@ PRESETS: dict[str, dict[str, dict]] = {
             "tasks": ["stsb", "rotten-tomatoes", "sms-spam", {"task": "snli", "max_train_examples": 5000}],
             "methods": _DOERING_METHODS,
             "seeds": [0, 1, 2],
-            "train": {"epochs": 3, "batch_size": 32, "eval_every": 60},
+            "train": {"batch_size": 32, "epochs": 10, "min_steps": 300, "eval_every": 60,
+                      "early_stopping_patience": 4},
+            "lr_search": "auto",
+            "baselines": ["majority", "embedding-cosine"],
             "baseline": "full",
             "grids": [
                 {"name": "data", "fractions": [0.1, 0.3, 0.6, 1.0], "time_budgets": [None]},
                 {"name": "time", "fractions": [1.0], "time_budgets": [30, 90, 270],
-                 "train": {"epochs": 50, "eval_every": 60}},
+                 "train": {"epochs": 50, "early_stopping_patience": None}},
             ],
         },
         "small": {
@@ -54,26 +64,35 @@ PRESETS: dict[str, dict[str, dict]] = {
             "max_train_examples": 2000,
             "methods": _DOERING_METHODS,
             "seeds": [0, 1, 2],
-            "train": {"epochs": 2, "batch_size": 32, "eval_every": 40},
+            "train": _SMALL_TRAIN,
+            "lr_search": "auto",
+            "baselines": ["majority", "embedding-cosine"],
             "baseline": "full",
             "grids": [
                 {"name": "data", "fractions": [0.1, 0.3, 0.6, 1.0], "time_budgets": [None]},
-                {"name": "time", "fractions": [1.0], "time_budgets": [20, 60], "train": {"epochs": 50}},
+                {"name": "time", "fractions": [1.0], "time_budgets": [20, 60],
+                 "train": {"epochs": 50, "early_stopping_patience": None}},
             ],
         },
         "demo": {
             "title": "BitFit and LoRA against full fine-tuning on STS-B (Doering et al. 2024, demo size)",
             "description": ("A few-minute slice of Doering et al. 2024 (arXiv:2401.04051): MiniLM-L6 on STS-B, "
-                            "a 2,000-example training pool, one seed, three epochs. Too small for conclusions; "
-                            "run --size small or full for those."),
+                            "a 2,000-example training pool, one seed; each method's learning rate chosen on dev "
+                            "from two candidates, training until dev stops improving, verdicts on the official "
+                            "test split. Too small for conclusions; run --size small or full for those."),
             "models": ["minilm-l6"],
             "tasks": ["stsb"],
             "max_train_examples": 2000,
-            "methods": ["full", "bitfit", "lora"],
+            # two candidates each, from the middle of the method's own range (`learning_rate_candidates`)
+            "methods": [{"name": "full", "method": "full", "train": {"lr_search": [5e-5, 1e-4]}},
+                        {"name": "bitfit", "method": "bitfit", "train": {"lr_search": [3e-3, 1e-2]}},
+                        {"name": "lora", "method": "lora", "train": {"lr_search": [2e-3, 5e-3]}}],
             "fractions": [0.25, 0.5, 1.0],
             "time_budgets": [None],
             "seeds": [0],
-            "train": {"epochs": 3, "batch_size": 16, "eval_every": 60},
+            "train": {"batch_size": 32, "epochs": 3, "min_steps": 80, "eval_every": 20,
+                      "early_stopping_patience": 2, "lr_search_rungs": [0.25]},
+            "baselines": ["embedding-cosine"],
             "baseline": "full",
         },
     },
@@ -85,6 +104,19 @@ APPROXIMATE_TRAIN_SIZES = {"stsb": 5749, "rotten-tomatoes": 10246, "sms-spam": 3
 
 APPROXIMATE_DEV_SIZES = {"stsb": 1500, "rotten-tomatoes": 1281, "sms-spam": 484, "snli": 4994, "trec": 545,
                          "movie-scores": 1060, "disaster-tweets": 761}
+APPROXIMATE_TEST_SIZES = {"stsb": 1379, "rotten-tomatoes": 1281, "sms-spam": 484, "snli": 9824, "trec": 500,
+                          "movie-scores": 1061, "disaster-tweets": 762}
+
+TRAIN_EXAMPLES_PER_S = {"full": 130.0, "freeze": 250.0, "sparse-mask": 110.0, "houlsby": 220.0}
+"""MiniLM-L6 training speed in bf16 on a 2-core CPU with AMX (examples of ~27 tokens per second); a method not
+listed trains at DEFAULT_EXAMPLES_PER_S. A 2-core AMD Zen 4 without AMX runs about half as fast."""
+DEFAULT_EXAMPLES_PER_S = 260.0
+EVAL_EXAMPLES_PER_S = 1000.0
+STARTUP_S = 8.0
+"""A cell process: start Python, import torch and transformers, load the model, tokenise the data."""
+BASELINE_SECONDS = {"majority": 2.0, "embedding-cosine": 12.0, "zero-shot": 120.0, "few-shot": 240.0}
+"""Work of a no-training row beyond startup (embedding-cosine: fp32 encoding of STS-B's dev and test; the
+prompting rows: SmolLM2-135M scoring a few thousand examples)."""
 
 
 def preset_spec(name: str, size: str = "full") -> dict:
@@ -97,31 +129,56 @@ def preset_spec(name: str, size: str = "full") -> dict:
     return copy.deepcopy(sizes[size])
 
 
-def estimate_cell_seconds(cell, train_examples_per_s: float = 200.0, eval_examples_per_s: float = 1000.0,
-                          startup_s: float = 8.0) -> float:
-    """A rough wall-clock estimate of one cell (a task of unknown size counts as 1,000 training examples).
+def estimate_cell_seconds(cell, speed_scale: float = 1.0) -> float:
+    """A wall-clock estimate of one cell, with no early stopping (so usually more than it takes).
 
-    The runner scales these by how long finished cells really took, for its ETA.
+    A task of unknown size counts as 1,000 training examples. `speed_scale` multiplies every speed (0.5 for
+    a CPU without AMX). The runner scales these by how long finished cells really took, for its ETA.
     """
+    from deltatune.compare.spec import BaselineCell
+
+    if isinstance(cell, BaselineCell):
+        return STARTUP_S + BASELINE_SECONDS.get(cell.baseline, 10.0) / speed_scale
+    from deltatune.search import search_cost
+    from deltatune.training import plan_steps
+
+    config = _train_config(cell)
     train_size = APPROXIMATE_TRAIN_SIZES.get(cell.task.name, 1000)
-    dev_size = APPROXIMATE_DEV_SIZES.get(cell.task.name, 200)
     pool = min(train_size, cell.task.max_train_examples or train_size)
-    examples = cell.data_fraction * pool * (cell.train.get("epochs") or 3.0)
-    if cell.train.get("max_steps"):
-        examples = cell.train["max_steps"] * cell.train.get("batch_size", 32)
-    seconds = examples / train_examples_per_s
+    examples = max(1, round(cell.data_fraction * pool))
+    plan = plan_steps(examples, config)
+    speed = TRAIN_EXAMPLES_PER_S.get(cell.method.method, DEFAULT_EXAMPLES_PER_S) * speed_scale
+    seconds = plan.planned_steps * config.batch_size / speed
     if cell.time_budget_s is not None:
         seconds = min(seconds, cell.time_budget_s)
-    steps = seconds * train_examples_per_s / cell.train.get("batch_size", 32)
-    evaluations = 1 + steps // (cell.train.get("eval_every") or max(1, pool * cell.data_fraction / 32))
-    return seconds + evaluations * dev_size / eval_examples_per_s + startup_s
+    runs = search_cost(_candidate_count(cell, config), config.lr_search_rungs) if config.lr_search else 1.0
+    evaluations = runs * (seconds * speed / config.batch_size) / plan.eval_every + 2 * len(config.lr_search_rungs) + 1
+    dev, test = APPROXIMATE_DEV_SIZES.get(cell.task.name, 200), APPROXIMATE_TEST_SIZES.get(cell.task.name, 200)
+    return runs * seconds + (evaluations * dev + test) / (EVAL_EXAMPLES_PER_S * speed_scale) + STARTUP_S
 
 
-def estimate_seconds(spec, train_examples_per_s: float = 200.0) -> float | None:
-    """A rough wall-clock estimate of a parsed GridSpec run one cell at a time; None if a task's size is unknown."""
-    if any(cell.task.name not in APPROXIMATE_TRAIN_SIZES for cell in spec.cells):
+def _train_config(cell):
+    from deltatune.compare.spec import train_config_for
+
+    return train_config_for(cell.payload())
+
+
+def _candidate_count(cell, config) -> int:
+    from deltatune.search import FALLBACK_FACTORS
+
+    if config.lr_search == "auto":
+        from deltatune.methods import get_method_entry
+
+        declared = getattr(get_method_entry(cell.method.method).method_class, "learning_rate_candidates", ())
+        return len(declared) or len(FALLBACK_FACTORS)
+    return len(set(config.lr_search))
+
+
+def estimate_seconds(spec, speed_scale: float = 1.0) -> float | None:
+    """A wall-clock estimate of a parsed GridSpec run one cell at a time; None if a task's size is unknown."""
+    if any(cell.task.name not in APPROXIMATE_TRAIN_SIZES for cell in spec.every_cell):
         return None
-    return sum(estimate_cell_seconds(cell, train_examples_per_s) for cell in spec.cells)
+    return sum(estimate_cell_seconds(cell, speed_scale) for cell in spec.every_cell)
 
 
 __all__ = ["PRESETS", "preset_spec", "estimate_seconds", "estimate_cell_seconds"]

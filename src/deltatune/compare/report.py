@@ -2,7 +2,9 @@
 
 The HTML opens from disk with no server and no network: the charts are inline SVG, the style is
 inline CSS, and there is no script at all. The Markdown carries the same tables and the claims,
-for a README or a pull request.
+for a README or a pull request. Every number says which split it is on: the reported metric, the
+intervals and the verdicts on test (where the task has a test split), the learning curves, the
+learning-rate search and the checkpoint choice on dev.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import time
 from html import escape
 from pathlib import Path
 
-from deltatune.compare.summary import Analysis, Group, analyze, claims
+from deltatune.compare import stats
+from deltatune.compare.summary import Analysis, Group, VariantResult, analyze, claims
 from deltatune.compare.svg import Plot, bar_chart, method_colors
 
 REPORT_HTML = "report.html"
@@ -92,6 +95,31 @@ def _seconds(value: float | None) -> str:
     return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
+def _split(analysis: Analysis) -> str:
+    """The split the reported numbers are on."""
+    splits = {cell["evaluation_split"] for cell in analysis.finished}
+    return splits.pop() if len(splits) == 1 else "test/dev"
+
+
+def _rate(result: VariantResult) -> str:
+    rates = sorted({r for r in result.learning_rates if r is not None})
+    return "/".join(f"{r:g}" for r in rates) if rates else "–"
+
+
+def _convergence(result: VariantResult) -> str:
+    """'yes', 'no (360 steps)' or, over seeds, '2/3' (converged of seeds)."""
+    flags = [f for f in result.converged if f is not None]
+    if not flags:
+        return "–"
+    if len(flags) == 1:
+        return "yes" if flags[0] else f"no ({result.steps[0]} steps)"
+    return f"{sum(flags)}/{len(flags)}"
+
+
+def _label(result: VariantResult) -> str:
+    return result.variant + (" (no training)" if result.kind == "baseline" else "")
+
+
 def _condition(group: Group) -> str:
     text = f"{100 * group.key.data_fraction:g}% of the data"
     if group.key.time_budget_s is not None:
@@ -102,7 +130,7 @@ def _condition(group: Group) -> str:
 def _verdict_class(result, baseline: str | None) -> str:
     if result.variant == baseline:
         return "base"
-    if result.verdict is None:
+    if result.verdict is None or result.inconclusive:
         return "unclear"
     if result.matches:
         return "good"
@@ -162,7 +190,7 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
     suffix, on_model = (f"@{model}", f" on {Path(model).name}") if several else ("", "")
     main = _main_groups(analysis, task, model)
     metric = (main or analysis.groups_for(task))[0].primary_metric
-    metric_label = f"dev {metric} × 100"
+    metric_label = f"{_split(analysis)} {metric} × 100"
     if main:
         plot = Plot(f"fraction:{task}{suffix}", f"{task}{on_model}: {metric} against training data",
                     "fraction of the training data",
@@ -172,6 +200,9 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
         for variant in analysis.variants:
             rows = [(g.key.data_fraction, g.variants[variant]) for g in main if variant in g.variants]
             if not rows:
+                continue
+            if rows[0][1].kind == "baseline":  # no training: one level for every fraction
+                plot.hline(100 * rows[0][1].mean, colors[variant], label=f"{variant} (no training)")
                 continue
             xs = [x for x, _ in rows]
             plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
@@ -184,16 +215,16 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
             plot.points(seed_x, seed_y, colors[variant], radius=2.2, opacity=0.45,
                         tooltips=[f"{variant} at {x:g}, seed {s}: {100 * v:.2f}"
                                   for x, r in rows for s, v in zip(r.seeds, r.values)])
-        plots.append((plot.render(), "Each method's dev metric as the training set grows (stratified subsets, "
-                                     "the same for every method)."))
+        plots.append((plot.render(), f"Each method's {_split(analysis)} metric as the training set grows "
+                                     "(stratified subsets, the same for every method); dashed: rows without training."))
 
         largest = main[-1]
-        plot = Plot(f"time:{task}{suffix}", f"{task}{on_model}: {metric} against training time",
-                    "training seconds (evaluation time excluded)", metric_label, x_from_zero=True,
+        plot = Plot(f"time:{task}{suffix}", f"{task}{on_model}: dev {metric} against training time",
+                    "training seconds (evaluation time excluded)", f"dev {metric} × 100", x_from_zero=True,
                     subtitle=f"learning curves at fraction {largest.key.data_fraction:g}; one line per seed")
         for variant in analysis.variants:
             result = largest.variants.get(variant)
-            if result is None:
+            if result is None or result.kind == "baseline":
                 continue
             for index, cell in enumerate(result.cells):
                 # an undefined metric (the correlation of constant predictions) is stored as null: no point for it
@@ -207,7 +238,9 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
             plot.hline(100 * largest.target, "#9a9a9a",
                        label=f"target: {analysis.statistics.target_fraction:g} × {analysis.baseline}'s best")
         plots.append((plot.render(), "How fast each method gets there: dev metric at each evaluation against "
-                                     "the training clock. Time-to-target is where a curve first crosses the line."))
+                                     "the training clock (at the chosen learning rate). A curve whose last point is "
+                                     "its best by more than the tolerance had not converged. Time-to-target is "
+                                     "where a curve first crosses the line."))
 
         plot = Plot(f"params:{task}{suffix}", f"{task}{on_model}: {metric} against trainable parameters",
                     "trainable parameters (log)", metric_label, x_log=True,
@@ -233,7 +266,7 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
                     subtitle="line: mean over seeds · band: min–max")
         for variant in analysis.variants:
             rows = [(g.key.time_budget_s, g.variants[variant]) for g in budgets if variant in g.variants]
-            if not rows:
+            if not rows or rows[0][1].kind == "baseline":
                 continue
             xs = [x for x, _ in rows]
             plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
@@ -246,7 +279,8 @@ def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
 
 
 def cost_plots(analysis: Analysis, colors: dict[str, str]) -> list[tuple[str, str]]:
-    variants = [v for v in analysis.variants if any(c["variant"] == v for c in analysis.finished)]
+    variants = [v for v in analysis.variants if any(c["variant"] == v and c["kind"] == "train"
+                                                    for c in analysis.finished)]
     memory, delta = [], []
     for variant in variants:
         cells = [c for c in analysis.finished if c["variant"] == variant]
@@ -279,12 +313,23 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
                           + _versions(analysis)),
              ("parallelism", f"{machine.get('jobs', '?')} cell(s) at a time, {machine.get('threads_per_cell', '?')} "
                              "thread(s) each"),
+             ("evaluation", _evaluation_fact(analysis)),
              ("statistics", f"{analysis.statistics.bootstrap_samples} paired bootstrap resamples (examples and seeds), "
                             f"{round(100 * analysis.statistics.confidence)}% intervals, 'matches' = not worse than "
                             f"{analysis.baseline or 'the baseline'} by more than {analysis.statistics.margin_points:g} "
                             "point(s)"),
              ("generated", time.strftime("%Y-%m-%d %H:%M %Z"))]
     return facts
+
+
+def _evaluation_fact(analysis: Analysis) -> str:
+    split = _split(analysis)
+    searched = any((c.get("record") or {}).get("lr_search") for c in analysis.finished)
+    text = ("checkpoint" + (" and learning rate (successive halving)" if searched else "") + " chosen on dev; "
+            f"reported metrics, intervals and verdicts on {split}")
+    if split != "test":
+        text += " (WARNING: a task without a test split is judged on the dev data that chose the checkpoint)"
+    return text + "; a run whose dev curve still rose at its end is 'not converged' and gets no worse-by verdict"
 
 
 def _versions(analysis: Analysis) -> str:
@@ -332,6 +377,7 @@ def render_html(analysis: Analysis) -> str:
 
     sentences = claims(analysis)
     parts.append("<h2>Claims checked</h2>")
+    parts.append(f'<p class="note">{escape(_claims_note(analysis))}</p>')
     if sentences:
         parts.append('<ul class="claims">' + "".join(f"<li>{_markdown_bold(s)}</li>" for s in sentences) + "</ul>")
     else:
@@ -359,10 +405,16 @@ def render_html(analysis: Analysis) -> str:
         parts.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
     parts.append("</div>")
 
+    search = _search_table(analysis)
+    if search[1]:
+        parts.append("<h2>Learning-rate search (dev)</h2>")
+        parts.append(f'<p class="note">{escape(_SEARCH_NOTE)}</p>')
+        parts.append(_html_simple_table(*search))
     if analysis.areas:
         parts.append("<h2>Area under the data-fraction curve</h2>")
         parts.append('<p class="note">Trapezoid area under metric-against-fraction divided by the fraction range: '
-                     "the average dev metric across the data amounts tried (× 100), mean ± std over seeds.</p>")
+                     f"the average {_split(analysis)} metric across the data amounts tried (× 100), mean ± std over "
+                     "seeds.</p>")
         parts.append(_html_simple_table(*_area_table(analysis)))
     ttt = _time_to_target_table(analysis)
     if ttt[1]:
@@ -391,34 +443,91 @@ def render_html(analysis: Analysis) -> str:
     return "\n".join(parts)
 
 
+_SEARCH_NOTE = ("Each cell trains every candidate learning rate from the same start; at each rung the candidates "
+                "are scored on a fixed stratified part of dev and the better half goes on, the rest stop. Shown: "
+                "dev × 100 at each rung (that part of dev) and, for the survivor, its best on all of dev at the "
+                "end; the chosen rate is the survivor. Cost: optimizer steps of all candidates together, and as a "
+                "multiple of the chosen run's own steps.")
+
+
+def _claims_note(analysis: Analysis) -> str:
+    return (f"Verdicts compare each method with {analysis.baseline or 'the baseline'} on the same {_split(analysis)} "
+            "examples and seeds. A run whose dev curve was still rising at its end is not judged worse: its "
+            "verdict is 'inconclusive: not converged', counted apart below.")
+
+
 def _markdown_bold(text: str) -> str:
     pieces = escape(text).split("**")
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(pieces))
 
 
+def _row_cells(analysis: Analysis, result: VariantResult) -> list[str]:
+    """What the per-task tables show for one variant under one condition (plain text)."""
+    verdict = "baseline" if result.variant == analysis.baseline else result.verdict or result.note or "–"
+    versus = "–"
+    if result.versus_untrained is not None:
+        difference, low, high = result.versus_untrained.points()
+        versus = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return [str(len(result.values)), _mean_std(result.mean, result.std, len(result.values)),
+            _mean_std(*_dev_mean_std(result), len(result.values)), _difference(result), verdict, versus,
+            _rate(result), _convergence(result), _count(result.trainable_params) if result.kind == "train" else "–",
+            _bytes(result.delta_bytes), _seconds(result.train_time_s) if result.kind == "train" else "–",
+            _time_to_target(result)]
+
+
+def _dev_mean_std(result: VariantResult) -> tuple[float, float]:
+    return stats.mean_and_std(result.dev_values)
+
+
+def _table_header(analysis: Analysis) -> list[str]:
+    split = _split(analysis)
+    untrained = "Δ vs best untrained [CI]"
+    return ["seeds", f"{split} (× 100)", "dev (× 100)", f"Δ vs {analysis.baseline or 'baseline'} on {split} [CI]",
+            "verdict", untrained, "learning rate", "converged", "trainable", "delta", "train time", "time to target"]
+
+
 def _html_table(analysis: Analysis, task: str, colors: dict[str, str]) -> str:
-    header = ["method", "seeds", "dev (× 100)", f"Δ vs {analysis.baseline or 'baseline'} [CI]", "verdict",
-              "trainable", "delta", "train time", "examples/s", "time to target"]
-    numeric = {1, 2, 3, 5, 6, 7, 8}
-    rows = ["<table><tr>" + "".join(f'<th class="number">{h}</th>' if i in numeric else f"<th>{h}</th>"
-                                    for i, h in enumerate(header)) + "</tr>"]
+    header = ["method", *_table_header(analysis)]
+    numeric = {1, 2, 3, 4, 6, 7, 9, 10, 11}
+    rows = ["<table><tr>" + "".join(f'<th class="number">{escape(h)}</th>' if i in numeric else
+                                    f"<th>{escape(h)}</th>" for i, h in enumerate(header)) + "</tr>"]
     for group, results in _task_rows(analysis, task):
         rows.append(f'<tr class="condition"><td colspan="{len(header)}">{escape(_condition(group))}'
                     f"{' · ' + escape(group.key.model) if len({g.key.model for g in analysis.groups}) > 1 else ''}"
                     "</td></tr>")
         for result in results:
-            verdict = ("baseline" if result.variant == analysis.baseline else result.verdict or (result.note or "–"))
             swatch = f'<span class="swatch" style="background:{colors[result.variant]}"></span>'
-            cells = [swatch + escape(result.variant),
-                     str(len(result.values)), _mean_std(result.mean, result.std, len(result.values)),
-                     _difference(result),
-                     f'<span class="verdict {_verdict_class(result, analysis.baseline)}">{escape(verdict)}</span>',
-                     _count(result.trainable_params), _bytes(result.delta_bytes), _seconds(result.train_time_s),
-                     f"{result.examples_per_s:.0f}" if result.examples_per_s else "–", _time_to_target(result)]
+            cells = [escape(c) for c in _row_cells(analysis, result)]
+            cells[4] = f'<span class="verdict {_verdict_class(result, analysis.baseline)}">{cells[4]}</span>'
+            cells = [swatch + escape(_label(result)), *cells]
             rows.append("<tr>" + "".join(f'<td class="number">{c}</td>' if i in numeric else f"<td>{c}</td>"
                                          for i, c in enumerate(cells)) + "</tr>")
     rows.append("</table>")
     return "".join(rows)
+
+
+def _search_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    """Every cell that searched its learning rate: each candidate's best dev score at each rung it reached."""
+    header = ["task", "method", "condition", "seed", "candidates: best dev at each rung → at the end", "chosen",
+              "cost (steps, all candidates)"]
+    rows = []
+    for cell in sorted(analysis.finished, key=lambda c: (c["task"], analysis.variants.index(c["variant"]),
+                                                         c["data_fraction"], c["time_budget_s"] or 0, c["seed"])):
+        search = (cell.get("record") or {}).get("lr_search")
+        if not search:
+            continue
+        shown = []
+        for candidate in search["candidates"]:
+            scores = [f"{100 * v:.1f}" if v is not None else "–" for v in candidate["rung_scores"]]
+            if candidate["stopped_at_rung"] is None:
+                scores.append(f"{100 * candidate['best_dev']:.1f}" if candidate["best_dev"] is not None else "–")
+            shown.append(f"{candidate['learning_rate']:g}: " + " → ".join(scores)
+                         + (" (stopped)" if candidate["stopped_at_rung"] is not None else ""))
+        condition = f"fraction {cell['data_fraction']:g}" + (
+            f", {cell['time_budget_s']:g} s" if cell["time_budget_s"] is not None else "")
+        rows.append([cell["task"], cell["variant"], condition, str(cell["seed"]), "; ".join(shown),
+                     f"{search['chosen']:g}", f"{search['steps']} ({search['steps'] / max(1, cell['steps']):.2f}×)"])
+    return header, rows
 
 
 def _area_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -450,14 +559,19 @@ def _time_to_target_table(analysis: Analysis) -> tuple[list[str], list[list[str]
 
 
 def _cell_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    header = ["cell", "task", "method", "fraction", "budget", "seed", "dev (× 100)", "steps", "stopped by",
-              "train s", "peak memory"]
+    header = ["cell", "task", "method", "fraction", "budget", "seed", f"{_split(analysis)} (× 100)", "dev (× 100)",
+              "learning rate", "steps", "stopped by", "converged", "train s", "peak memory"]
     rows = []
     for cell in sorted(analysis.finished, key=lambda c: (c["task"], c["variant"], c["data_fraction"],
                                                          c["time_budget_s"] or 0, c["seed"])):
-        rows.append([cell["cell_id"], cell["task"], cell["variant"], f"{cell['data_fraction']:g}",
+        converged = cell.get("converged")
+        rows.append([cell["cell_id"], cell["task"], cell["variant"] + (" (no training)" if cell["kind"] == "baseline"
+                                                                        else ""),
+                     f"{cell['data_fraction']:g}" if cell["kind"] == "train" else "–",
                      f"{cell['time_budget_s']:g}" if cell["time_budget_s"] is not None else "–", str(cell["seed"]),
-                     _points(cell["primary_value"]), str(cell["steps"]), cell["stopped_by"] or "–",
+                     _points(cell["primary_value"]), _points(cell["dev_value"]),
+                     f"{cell['learning_rate']:g}" if cell.get("learning_rate") else "–", str(cell["steps"]),
+                     cell["stopped_by"] or "–", "–" if converged is None else ("yes" if converged else "no"),
                      _seconds(cell["train_time_s"]), _bytes(cell["peak_memory_bytes"])])
     return header, rows
 
@@ -488,25 +602,19 @@ def render_markdown(analysis: Analysis) -> str:
     if analysis.description:
         lines += [_md(analysis.description, one_line=False), ""]
     lines += [f"- **{k}**: {_md(v)}" for k, v in _facts(analysis)] + [""]
-    lines += ["## Claims checked", ""]
+    lines += ["## Claims checked", "", _claims_note(analysis), ""]
     sentences = claims(analysis)
     lines += [f"- {_md(s)}" for s in sentences] if sentences else ["No comparison against a baseline yet."]
     lines.append("")
     for task in analysis.tasks:
         metric = analysis.groups_for(task)[0].primary_metric
-        lines += [f"## {_md(task)} (dev {_md(metric)} × 100)", ""]
-        header = ["condition", "method", "seeds", "dev", f"Δ vs {analysis.baseline or 'baseline'} [CI]", "verdict",
-                  "trainable", "delta", "train s", "time to target"]
-        rows = []
-        for group, results in _task_rows(analysis, task):
-            for result in results:
-                verdict = ("baseline" if result.variant == analysis.baseline
-                           else result.verdict or result.note or "–")
-                rows.append([_condition(group), result.variant, str(len(result.values)),
-                             _mean_std(result.mean, result.std, len(result.values)), _difference(result), verdict,
-                             _count(result.trainable_params), _bytes(result.delta_bytes),
-                             _seconds(result.train_time_s), _time_to_target(result)])
-        lines += [_markdown_table(header, rows), ""]
+        lines += [f"## {_md(task)} ({_split(analysis)} {_md(metric)} × 100; dev beside it)", ""]
+        rows = [[_condition(group), _label(result), *_row_cells(analysis, result)]
+                for group, results in _task_rows(analysis, task) for result in results]
+        lines += [_markdown_table(["condition", "method", *_table_header(analysis)], rows), ""]
+    search = _search_table(analysis)
+    if search[1]:
+        lines += ["## Learning-rate search (dev)", "", _SEARCH_NOTE, "", _markdown_table(*search), ""]
     if analysis.areas:
         lines += ["## Area under the data-fraction curve (× 100, mean ± std over seeds)", "",
                   _markdown_table(*_area_table(analysis)), ""]
@@ -521,8 +629,8 @@ def render_markdown(analysis: Analysis) -> str:
                                   [[c["cell_id"], c["variant"], c["task"], f"{c['data_fraction']:g}", str(c["seed"]),
                                     (c["error"] or "").strip().splitlines()[0] if c["error"] else ""]
                                    for c in analysis.failed]), ""]
-    lines += ["Intervals: paired bootstrap over dev examples, with seeds resampled too (multi-bootstrap, Sellam et "
-              "al. 2022); Δ in points (metric × 100). The HTML report (report.html) has the plots.", ""]
+    lines += [f"Intervals: paired bootstrap over {_split(analysis)} examples, with seeds resampled too (multi-bootstrap, "
+              "Sellam et al. 2022); Δ in points (metric × 100). The HTML report (report.html) has the plots.", ""]
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """`deltatune results EXP_DIR --format csv|parquet|markdown`: the store as a flat table, one row per cell.
 
 The columns are the run record's numbers (params, sizes, memory, times, throughput), the cell's
-settings, one `dev_<metric>` column per metric, and the method config as JSON text. `--table
+settings, the primary metric on the evaluation split (`primary_value`, test where the task has one) and on
+dev (`dev_value`), one `test_<metric>` and one `dev_<metric>` column per metric, the chosen learning rate,
+whether the run converged, and the method config as JSON text. `--table
 curves` exports the learning curves instead (one row per dev evaluation).
 """
 
@@ -23,11 +25,13 @@ TABLES = ("cells", "curves")
 def cell_rows(exp_dir: str | Path, include_stale: bool = False) -> tuple[list[str], list[dict]]:
     cells = store.load_cells(exp_dir, include_stale=include_stale)
     metric_names = sorted({name for cell in cells for name in (cell["dev_metrics"] or {})})
-    columns = [*store.SCALAR_COLUMNS, *(f"dev_{name}" for name in metric_names), "method_config"]
+    columns = [*store.SCALAR_COLUMNS, *(f"test_{name}" for name in metric_names),
+               *(f"dev_{name}" for name in metric_names), "method_config"]
     rows = []
     for cell in cells:
         row = {column: cell.get(column) for column in store.SCALAR_COLUMNS}
         for name in metric_names:
+            row[f"test_{name}"] = (cell["test_metrics"] or {}).get(name)
             row[f"dev_{name}"] = (cell["dev_metrics"] or {}).get(name)
         row["method_config"] = json.dumps(cell["method_config"], sort_keys=True)
         rows.append(row)
@@ -62,9 +66,8 @@ def _markdown_value(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-BRIEF_COLUMNS = ("task", "method", "variant", "data_fraction", "time_budget_s", "seed", "primary_metric",
-                 "primary_value", "trainable_params", "delta_bytes", "train_time_s", "train_examples_per_s",
-                 "peak_memory_bytes", "status")
+BRIEF_COLUMNS = ("task", "variant", "data_fraction", "time_budget_s", "seed", "primary_metric", "evaluation_split",
+                 "primary_value", "dev_value", "learning_rate", "converged", "steps", "train_time_s", "status")
 
 
 def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | None = None,

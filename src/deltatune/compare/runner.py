@@ -41,7 +41,7 @@ from typing import Callable
 from deltatune.compare import store
 from deltatune.compare.cell import CELL_RESULT, DISK_FULL_EXIT, cell_paths
 from deltatune.compare.presets import estimate_cell_seconds
-from deltatune.compare.spec import Cell, GridSpec
+from deltatune.compare.spec import BaselineCell, Cell, GridSpec
 from deltatune.errors import DeltatuneError
 from deltatune.run_directory import free_space, is_disk_full, lock_or_holder, write_holder
 
@@ -83,7 +83,7 @@ class GridRunSummary:
 
 @dataclass
 class _Running:
-    cell: Cell
+    cell: Cell | BaselineCell
     process: subprocess.Popen
     started: float
     log: object
@@ -158,7 +158,22 @@ def _log_tail(path: Path, lines: int = 12) -> str:
     return ""
 
 
+def _outcome(record: dict) -> str:
+    """'test pearson 0.8512 (dev 0.8731), lr 0.001, not converged' for the runner's log."""
+    primary = record["primary_metric"]
+    text = f"dev {primary} {record['dev_metrics'][primary]:.4f}"
+    if record.get("test_metrics"):
+        text = f"test {primary} {record['test_metrics'][primary]:.4f} ({text})"
+    if record.get("learning_rate"):
+        text += f", lr {record['learning_rate']:g}"
+    if record.get("converged") is False:
+        text += f", NOT CONVERGED after {record['steps']} steps"
+    return text
+
+
 def _describe_payload(payload: dict) -> str:
+    if payload.get("kind") == "baseline":
+        return f"{payload.get('variant')} (no training) on {payload.get('task')} seed={payload.get('seed')}"
     budget = f" budget={payload['time_budget_s']:g}s" if payload.get("time_budget_s") is not None else ""
     return (f"{payload.get('variant')} on {payload.get('task')} fraction={payload.get('data_fraction'):g}"
             f"{budget} seed={payload.get('seed')}")
@@ -272,7 +287,8 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
                 say: Callable[[str], None], command: str | None, threads: int | None) -> GridRunSummary:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-    current = {cell.cell_id: cell.payload() for cell in spec.cells}
+    every_cell = spec.every_cell
+    current = {cell.cell_id: cell.payload() for cell in every_cell}
     recorded_settings = {row["cell_id"]: json.loads(row["settings"])
                          for row in connection.execute("SELECT cell_id, settings FROM cells")}
     stale = [_describe_payload(settings) for cell_id, settings in recorded_settings.items() if cell_id not in current]
@@ -281,8 +297,9 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
         store.set_meta(connection, spec=spec.raw, title=spec.title, description=spec.description,
                        baseline=spec.baseline, statistics=vars(spec.statistics),
                        methods=[m.name for m in spec.methods], method_kinds={m.name: m.method for m in spec.methods},
-                       tasks=[t.name for t in spec.tasks], total_cells=len(spec.cells), command=command,
-                       machine=machine_description(jobs, threads), updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                       baselines=list(spec.baselines), tasks=[t.name for t in spec.tasks], total_cells=len(every_cell),
+                       command=command, machine=machine_description(jobs, threads),
+                       updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # whatever a killed runner or cell left half-written goes; nothing can be running (we hold the lock)
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
@@ -290,7 +307,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
 
     status = store.statuses(connection)
     recovered = 0
-    for cell in spec.cells:
+    for cell in every_cell:
         final = cell_paths(exp_dir, cell.cell_id)["final"]
         if status.get(cell.cell_id) != "finished" and (final / CELL_RESULT).is_file():
             try:
@@ -300,14 +317,15 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
             except (OSError, ValueError, KeyError):
                 shutil.rmtree(final, ignore_errors=True)  # unreadable: run it again
     status = store.statuses(connection)
-    finished_before = sum(status.get(c.cell_id) == "finished" for c in spec.cells) - recovered
-    failed_kept = 0 if retry_failed else sum(status.get(c.cell_id) == "failed" for c in spec.cells)
-    pending = [c for c in spec.cells
+    finished_before = sum(status.get(c.cell_id) == "finished" for c in every_cell) - recovered
+    failed_kept = 0 if retry_failed else sum(status.get(c.cell_id) == "failed" for c in every_cell)
+    pending = [c for c in every_cell
                if status.get(c.cell_id) != "finished" and (retry_failed or status.get(c.cell_id) != "failed")]
-    summary = GridRunSummary(total=len(spec.cells), finished_before=finished_before, recovered=recovered,
+    summary = GridRunSummary(total=len(every_cell), finished_before=finished_before, recovered=recovered,
                              failed_kept=failed_kept, left=len(pending), stale=stale)
 
-    say(f"{spec.title}: {len(spec.cells)} cells in the grid; {finished_before} finished earlier"
+    untrained = f" (and {len(spec.baseline_cells)} without training)" if spec.baseline_cells else ""
+    say(f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
         + (f", {recovered} finished but unrecorded (now recorded)" if recovered else "")
         + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
         + f"; {len(pending)} to run, {jobs} at a time, {threads} thread(s) each.")
@@ -321,7 +339,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
     return summary
 
 
-def _execute(pending: list[Cell], current: dict[str, dict], exp_dir: Path, connection, jobs: int, threads: int,
+def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection, jobs: int, threads: int,
              say: Callable[[str], None], summary: GridRunSummary) -> None:
     queue = collections.deque(pending)
     running: dict[str, _Running] = {}
@@ -350,7 +368,7 @@ def _execute(pending: list[Cell], current: dict[str, dict], exp_dir: Path, conne
                 + (f" · {failed} failed" if failed else "")
                 + f" · {len(running)} running · {left} waiting · ETA {_format_duration(eta)}]")
 
-    def start(cell: Cell) -> None:
+    def start(cell: Cell | BaselineCell) -> None:
         paths = cell_paths(exp_dir, cell.cell_id)
         temporary = paths["payload"].with_suffix(".tmp")
         with _disk_full_as("writing a cell's settings"):
@@ -386,10 +404,7 @@ def _execute(pending: list[Cell], current: dict[str, dict], exp_dir: Path, conne
             summary.finished_now += 1
             durations.append(elapsed)
             done_estimates.append(expected[item.cell.cell_id])
-            primary = record["primary_metric"]
-            value = record["dev_metrics"].get(primary)
-            say(f"{status_line()} finished {item.cell.describe()}: {primary} "
-                f"{value if value is None else format(value, '.4f')} in {_format_duration(elapsed)}")
+            say(f"{status_line()} finished {item.cell.describe()}: {_outcome(record)} in {_format_duration(elapsed)}")
             return
         if code == DISK_FULL_EXIT:  # not the cell's fault: not recorded, it runs again on resume
             raise _DiskFull(f"cell {item.cell.describe()} was writing its result")

@@ -22,12 +22,24 @@ the union of their cells runs, each distinct cell once.
     fractions: [0.1, 0.3, 0.6, 1.0]
     time_budgets: [null]
     seeds: [0, 1, 2]
-    train: {epochs: 3, batch_size: 32}
+    train: {epochs: 10, min_steps: 300, early_stopping_patience: 3, eval_every: 30, batch_size: 32}
+    lr_search: auto
+    baselines: [majority, embedding-cosine]
     keep_deltas: false
     baseline: full
     grids:
       - {name: data}
       - {name: time, fractions: [1.0], time_budgets: [30, 120], train: {epochs: 20}}
+
+`lr_search` (a list of learning rates, or `auto` for each method's own candidates) makes every cell
+choose its learning rate on dev by successive halving (`deltatune.search`); it is a training setting, so a
+method variant can carry its own (`train: {lr_search: [1e-3, 1e-2]}`), and top-level `lr_search: X` is
+short for `train: {lr_search: X}`. Every cell evaluates its kept state on the task's test split, which is
+what the report's numbers, intervals and verdicts use; dev chooses the checkpoint and the learning rate.
+
+`baselines` adds rows that involve no training (`deltatune.baselines`: majority, embedding-cosine,
+zero-shot, few-shot) for every model and task they apply to: one cell each (few-shot: one per seed),
+shown beside the methods under every condition of that task.
 
 `keep_deltas: false` (the default) deletes each cell's delta.safetensors once it is written and
 measured (its size stays in the record): a full fine-tuning delta of MiniLM-L6 is 90 MB, and a
@@ -62,14 +74,15 @@ from deltatune.config import build_config, to_jsonable
 from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.training import TrainConfig
 
-IDENTITY_VERSION = 1
-"""Bump when the meaning of a cell's settings changes in a way its hash would not show."""
+IDENTITY_VERSION = 2
+"""Bump when the meaning of a cell's settings changes in a way its hash would not show. (2: cells evaluate
+on test and record the head; their settings include the head, pooling, min_steps and lr_search.)"""
 
 AXES = ("models", "tasks", "methods", "fractions", "time_budgets", "seeds", "train")
 """The keys a sub-grid under `grids` may override."""
 
 TOP_LEVEL_KEYS = (*AXES, "title", "description", "grids", "keep_deltas", "baseline", "statistics",
-                  "max_train_examples", "source")
+                  "max_train_examples", "source", "baselines", "lr_search")
 
 AXIS_TRAIN_FIELDS = {"data_fraction": "fractions", "seed": "seeds", "time_budget_s": "time_budgets"}
 """TrainConfig fields that are grid axes, and the spec key to use instead."""
@@ -176,6 +189,38 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class BaselineCell:
+    """One no-training row of the grid (`deltatune.baselines`) for a model and task."""
+
+    cell_id: str
+    model: str
+    task: TaskEntry
+    baseline: str
+    seed: int
+    max_length: int
+    grid: str = "baselines"
+
+    def identity(self) -> dict:
+        from deltatune.baselines import DEFAULT_SHOTS, SEEDED
+
+        return {"identity_version": IDENTITY_VERSION, "kind": "baseline", "baseline": self.baseline,
+                "model": self.model, "data": self.task.data, "data_sha256": self.task.data_sha256,
+                "max_train_examples": self.task.max_train_examples, "max_length": self.max_length,
+                "seed": self.seed if self.baseline in SEEDED else None,
+                "shots": DEFAULT_SHOTS if self.baseline == "few-shot" else None}
+
+    def describe(self) -> str:
+        return f"{self.baseline} (no training) on {self.task.name} ({_short_model(self.model)}) seed={self.seed}"
+
+    def payload(self) -> dict:
+        return {"cell_id": self.cell_id, "kind": "baseline", "grid": self.grid, "model": self.model,
+                "task": self.task.name, "data": self.task.data, "max_train_examples": self.task.max_train_examples,
+                "method": self.baseline, "variant": self.baseline, "method_overrides": {}, "method_config": {},
+                "data_fraction": 1.0, "time_budget_s": None, "seed": self.seed,
+                "train": {"max_length": self.max_length}, "keep_delta": False, "identity": self.identity()}
+
+
+@dataclass(frozen=True)
 class GridSpec:
     """A validated spec: its cells and the settings the statistics and report use."""
 
@@ -190,6 +235,14 @@ class GridSpec:
     keep_deltas: bool
     raw: dict
     """The spec as given (after CLI overrides), for the record."""
+    baseline_cells: tuple[BaselineCell, ...] = ()
+    baselines: tuple[str, ...] = ()
+    """The no-training rows asked for, in the spec's order."""
+
+    @property
+    def every_cell(self) -> tuple:
+        """The training cells, then the no-training ones: everything the runner runs."""
+        return (*self.cells, *self.baseline_cells)
 
 
 def cell_identity(model: str, task: TaskEntry, method: MethodVariant, train: dict, data_fraction: float,
@@ -266,6 +319,9 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
     raw = dict(raw)
     base = Path(raw.pop("_base_dir", None) or base_dir or ".").resolve()
     problems: list[str] = []
+    if raw.get("lr_search") is not None:  # short for train: {lr_search: ...}
+        if isinstance(raw.get("train") or {}, dict):
+            raw["train"] = {"lr_search": raw["lr_search"], **(raw.get("train") or {})}
 
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
@@ -361,6 +417,8 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
                                 cells[cell_id] = cell
                                 where_cell[cell_id] = grid_name
 
+    baselines = _check_baselines(raw.get("baselines"), problems)
+    baseline_cells = _baseline_cells(baselines, cells.values(), tasks_seen, problems)
     baseline = raw.get("baseline")
     if baseline is None:
         baseline = "full" if "full" in methods_seen else None
@@ -379,7 +437,71 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
                              "fraction and seed.")
     return GridSpec(title=title, description=description, cells=tuple(cells.values()),
                     methods=tuple(methods_seen.values()), tasks=tuple(tasks_seen.values()), baseline=baseline,
-                    statistics=statistics, keep_deltas=keep_deltas, raw=raw)
+                    statistics=statistics, keep_deltas=keep_deltas, raw=raw, baseline_cells=baseline_cells,
+                    baselines=baselines)
+
+
+def _check_baselines(value: Any, problems: list[str]) -> tuple[str, ...]:
+    from deltatune.baselines import BASELINES
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"baselines={value!r} must be a list of names from {', '.join(BASELINES)}")
+        return ()
+    for name in value:
+        if name not in BASELINES:
+            problems.append(f"baselines: unknown baseline {name!r}. {did_you_mean(name, BASELINES)}")
+    if len(set(value)) != len(value):
+        problems.append(f"baselines lists {', '.join(sorted({v for v in value if value.count(v) > 1}))} more than once")
+    return tuple(dict.fromkeys(v for v in value if v in BASELINES))
+
+
+def _baseline_cells(baselines: tuple[str, ...], cells, tasks: dict[str, TaskEntry],
+                    problems: list[str]) -> tuple[BaselineCell, ...]:
+    """One cell per (model, task, baseline) the grid trains on and the baseline applies to; few-shot per seed."""
+    from deltatune.baselines import SEEDED, applies_to
+
+    if not baselines:
+        return ()
+    combinations: dict[tuple[str, str], dict] = {}
+    for cell in cells:
+        entry = combinations.setdefault((cell.model, cell.task.name), {"seeds": set(), "max_length": set()})
+        entry["seeds"].add(cell.seed)
+        entry["max_length"].add(cell.train.get("max_length", 128))
+    made: dict[str, BaselineCell] = {}
+    specs: dict[str, Any] = {}
+    for (model, task_name), entry in combinations.items():
+        task = tasks[task_name]
+        if task_name not in specs:
+            specs[task_name] = _task_spec(task, problems)
+        if specs[task_name] is None:
+            continue
+        for name in baselines:
+            if applies_to(name, specs[task_name]) is not None:
+                continue  # said in the report: the row is absent where the baseline does not apply
+            for seed in sorted(entry["seeds"]) if name in SEEDED else [min(entry["seeds"])]:
+                cell = BaselineCell("", model, task, name, seed, max(entry["max_length"]))
+                cell_id = identity_hash(cell.identity())
+                made[cell_id] = dataclasses.replace(cell, cell_id=cell_id)
+    return tuple(made.values())
+
+
+def _task_spec(task: TaskEntry, problems: list[str]):
+    """The TaskSpec of a grid task: catalog tasks from the catalog, local files by reading them."""
+    from deltatune.tasks import TASKS
+
+    if task.data.get("kind") == "catalog":
+        return TASKS[task.data["task"]]
+    from deltatune.run import load_data_from_record
+
+    try:
+        return load_data_from_record(task.data).task
+    except DeltatuneError as error:
+        problems.append(f"baselines: task {task.name!r}: {error}")
+        return None
 
 
 def _declared_method_names(raw: dict) -> set[str]:
@@ -714,5 +836,5 @@ def parse_method_flag(text: str) -> dict | str:
     return {"name": label, "method": method, "config": config}
 
 
-__all__ = ["GridSpec", "Cell", "MethodVariant", "TaskEntry", "StatisticsConfig", "parse_spec", "read_spec_file",
+__all__ = ["GridSpec", "Cell", "BaselineCell", "MethodVariant", "TaskEntry", "StatisticsConfig", "parse_spec", "read_spec_file",
            "spec_from_flags", "identity_hash", "train_config_for", "parse_method_flag"]

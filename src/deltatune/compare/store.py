@@ -2,7 +2,10 @@
 
 Tables:
     cells           one row per cell of any spec that ever ran here: its settings, status
-                    ('finished' or 'failed'), the run record's numbers, the error of a failed cell
+                    ('finished' or 'failed'), kind ('train', or 'baseline' for a no-training row), the run
+                    record's numbers, the error of a failed cell. `primary_value` is the primary metric on
+                    `evaluation_split` (test where the task has one, else dev); `dev_value` is it on dev,
+                    where the checkpoint and learning rate were chosen
     learning_curve  one row per dev evaluation of a finished cell: step, examples seen, training
                     seconds so far, the primary metric and all metrics (JSON)
     meta            the current spec and the command that ran it
@@ -39,7 +42,8 @@ CREATE TABLE IF NOT EXISTS cells (
     train_time_s REAL, eval_time_s REAL, wall_time_s REAL, cell_time_s REAL,
     train_examples_per_s REAL, num_train_examples INTEGER, steps INTEGER, best_step INTEGER,
     stopped_by TEXT, examples_seen INTEGER, run_dir TEXT, error TEXT, record TEXT,
-    recorded_at TEXT NOT NULL
+    recorded_at TEXT NOT NULL,
+    kind TEXT, evaluation_split TEXT, dev_value REAL, test_metrics TEXT, converged INTEGER, learning_rate REAL
 );
 CREATE TABLE IF NOT EXISTS learning_curve (
     cell_id TEXT NOT NULL REFERENCES cells(cell_id) ON DELETE CASCADE,
@@ -49,13 +53,18 @@ CREATE TABLE IF NOT EXISTS learning_curve (
 );
 """
 
-SCALAR_COLUMNS = ("cell_id", "status", "in_spec", "grid", "model", "task", "method", "variant", "data_fraction",
-                  "time_budget_s", "seed", "primary_metric", "primary_value", "trainable_params",
+SCALAR_COLUMNS = ("cell_id", "status", "in_spec", "kind", "grid", "model", "task", "method", "variant",
+                  "data_fraction", "time_budget_s", "seed", "primary_metric", "evaluation_split", "primary_value",
+                  "dev_value", "learning_rate", "converged", "trainable_params",
                   "total_params", "trainable_percent", "delta_bytes", "full_model_bytes", "peak_memory_bytes",
                   "train_time_s", "eval_time_s", "wall_time_s", "cell_time_s", "train_examples_per_s",
                   "num_train_examples", "steps", "best_step", "stopped_by", "examples_seen", "run_dir", "error",
                   "recorded_at")
-"""What `deltatune results` exports per cell, in this order (plus dev_* metrics and method_config)."""
+"""What `deltatune results` exports per cell, in this order (plus test_* and dev_* metrics and method_config)."""
+
+ADDED_COLUMNS = {"kind": "TEXT", "evaluation_split": "TEXT", "dev_value": "REAL", "test_metrics": "TEXT",
+                 "converged": "INTEGER", "learning_rate": "REAL"}
+"""Columns newer than the first stores: added to an older store when it is opened for writing."""
 
 _RECORD_NUMBERS = ("trainable_params", "total_params", "trainable_percent", "delta_bytes", "full_model_bytes",
                    "peak_memory_bytes", "train_time_s", "eval_time_s", "wall_time_s", "train_examples_per_s",
@@ -76,6 +85,11 @@ def connect(exp_dir: str | Path) -> sqlite3.Connection:
     # rollback journal + synchronous FULL: a commit that returned survives kill -9 and power loss
     connection.execute("PRAGMA synchronous = FULL")
     connection.executescript(SCHEMA)
+    present = {row["name"] for row in connection.execute("PRAGMA table_info(cells)")}
+    with connection:
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                connection.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind}")
     return connection
 
 
@@ -101,7 +115,14 @@ def record_finished(connection: sqlite3.Connection, payload: dict, record: dict,
     columns = _cell_columns(payload)
     columns.update({key: record.get(key) for key in _RECORD_NUMBERS})
     primary = record["primary_metric"]
-    columns.update(status="finished", primary_metric=primary, primary_value=record["dev_metrics"].get(primary),
+    split = record.get("evaluation_split") or "dev"
+    reported = record.get("test_metrics") if split == "test" else record["dev_metrics"]
+    converged = record.get("converged")
+    columns.update(status="finished", primary_metric=primary, primary_value=reported.get(primary),
+                   evaluation_split=split, dev_value=record["dev_metrics"].get(primary),
+                   test_metrics=json.dumps(record.get("test_metrics"), sort_keys=True),
+                   converged=None if converged is None else int(converged), learning_rate=record.get("learning_rate"),
+                   kind=record.get("kind", "train"),
                    dev_metrics=json.dumps(record["dev_metrics"], sort_keys=True), run_dir=run_dir,
                    cell_time_s=cell_time_s, error=None, in_spec=1,
                    record=json.dumps({k: v for k, v in record.items() if k != "learning_curve"}, sort_keys=True),
@@ -120,6 +141,7 @@ def record_finished(connection: sqlite3.Connection, payload: dict, record: dict,
 def record_failed(connection: sqlite3.Connection, payload: dict, error: str, cell_time_s: float | None) -> None:
     columns = _cell_columns(payload)
     columns.update(status="failed", error=error, cell_time_s=cell_time_s, in_spec=1,
+                   kind=payload.get("kind", "train"),
                    recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     with connection:
         connection.execute("DELETE FROM cells WHERE cell_id = ?", (payload["cell_id"],))
@@ -166,8 +188,10 @@ def load_cells(exp_dir: str | Path, include_stale: bool = False, status: str | N
     cells = []
     for row in rows:
         cell = dict(row)
-        for key in ("method_config", "dev_metrics", "settings", "record"):
+        for key in ("method_config", "dev_metrics", "test_metrics", "settings", "record"):
             cell[key] = json.loads(cell[key]) if cell.get(key) else None
+        cell["kind"] = cell.get("kind") or "train"
+        cell["evaluation_split"] = cell.get("evaluation_split") or "dev"  # stores from before test evaluation
         cells.append(cell)
     return cells
 

@@ -238,6 +238,8 @@ class _Adapters(Method):
     # higher than full fine-tuning to move within a short budget (Houlsby et al. swept 3e-5..3e-3,
     # AdapterHub recommends 1e-4..1e-3; 1e-3 suits small encoders and short budgets)
     default_learning_rate = 1e-3
+    # `lr_search: auto`: AdapterHub's range and a step above it
+    learning_rate_candidates = (2e-4, 5e-4, 1e-3, 3e-3)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         layers, layout = transformer_layers(model)

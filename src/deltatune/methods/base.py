@@ -150,7 +150,11 @@ class Method:
                                 f"Method.{attribute}{inspect.signature(base)}.")
         if cls.batch_mixing not in (PER_ROW, GROUPED):
             raise TypeError(f"{cls.__name__}.batch_mixing={cls.batch_mixing!r} must be {PER_ROW!r} or {GROUPED!r}.")
-        if "learning_rate_candidates" not in vars(cls):
+        # a class that sets its own default rate without its own candidates searches around that default;
+        # one that sets neither (Houlsby under the adapters' base, DoRA under LoRA's) inherits both
+        if "learning_rate_candidates" not in vars(cls) and ("default_learning_rate" in vars(cls)
+                                                            or cls.default_learning_rate not in
+                                                            cls.learning_rate_candidates):
             cls.learning_rate_candidates = _candidates_around(cls.default_learning_rate)
 
     # ----------------------------------------------------------------------------------- the delta

@@ -99,6 +99,8 @@ class Freeze(Method):
 
     # the chosen layers are ordinary pretrained weights trained as in full fine-tuning
     default_learning_rate = 5e-5
+    # `lr_search: auto`: as full fine-tuning
+    learning_rate_candidates = (2e-5, 5e-5, 1e-4, 2e-4)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         if self.config.critical is not None and not self.config.critical_layers:

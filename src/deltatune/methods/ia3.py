@@ -207,6 +207,8 @@ class IA3(Method):
     # a multiplicative scale around 1 moves the model slowly per unit step and has few parameters
     # to overfit with: the paper trains it with 3e-3 (T-Few recipe, Adafactor)
     default_learning_rate = 3e-3
+    # `lr_search: auto`: around the paper's rate
+    learning_rate_candidates = (1e-3, 3e-3, 1e-2, 3e-2)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         scaled_output = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)

@@ -256,6 +256,8 @@ class InputDependentPrompt(Method):
     # P needs prompt tuning's large step (see prompt-tuning); the projections get a tenth of it
     # through param_groups (method.generator_learning_rate_ratio)
     default_learning_rate = 3e-2
+    # `lr_search: auto`: as prompt tuning
+    learning_rate_candidates = (3e-3, 1e-2, 3e-2, 1e-1)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)

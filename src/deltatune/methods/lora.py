@@ -201,6 +201,8 @@ class LoRA(Method):
     # B starts at zero and the update is damped by alpha/r, so LoRA wants a much larger step than
     # full fine-tuning: the paper uses 4e-4..5e-4 for RoBERTa-base on GLUE (its Table 9)
     default_learning_rate = 5e-4
+    # `lr_search: auto`: the paper's rate and up to ten times it, for short budgets
+    learning_rate_candidates = (5e-4, 1e-3, 2e-3, 5e-3)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         names = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)

@@ -188,6 +188,8 @@ class PromptTuning(Method):
     # blow the prompt up; 3e-2 still moves it far per step, which prompt tuning needs (the whole
     # signal passes through L vectors, and small lrs barely leave the initialisation).
     default_learning_rate = 3e-2
+    # `lr_search: auto`: around the default (Lester et al. used 0.3 with Adafactor)
+    learning_rate_candidates = (3e-3, 1e-2, 3e-2, 1e-1)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)

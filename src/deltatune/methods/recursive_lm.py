@@ -136,6 +136,8 @@ class RecursiveLM(Method):
 
     # the connector is a freshly initialised MLP, like an adapter: a rate in the adapters' range
     default_learning_rate = 1e-3
+    # `lr_search: auto`: as the adapters
+    learning_rate_candidates = (3e-4, 1e-3, 3e-3, 1e-2)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)

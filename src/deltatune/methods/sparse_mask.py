@@ -270,6 +270,8 @@ class SparseMask(Method):
     # the mask depends only on the ranking of the scores, which AdamW makes independent of the learning
     # rate's scale; so the default suits the task head, which shares it (as for BitFit and LayerNorm tuning)
     default_learning_rate = 1e-3
+    # `lr_search: auto`: the rate matters for the head (see above), so BitFit's range
+    learning_rate_candidates = (3e-4, 1e-3, 3e-3, 1e-2)
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         targets = _masked_targets(self.config, model)

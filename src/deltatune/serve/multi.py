@@ -342,6 +342,7 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     `base` overrides where the base model is loaded from. All deltas must have been trained on the
     same base model (checked by its weight fingerprint) before anything is loaded.
     """
+    from deltatune.heads import foreign_head
     from deltatune.sources.models import load_model_for_task
 
     if isinstance(run_dirs, (str, Path)):
@@ -355,6 +356,10 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
         if len(names) != len(run_dirs) or len(set(names)) != len(names):
             raise DeltatuneError(f"names={names!r} must give one distinct name per run directory ({len(run_dirs)}).")
     manifests = [read_manifest(directory) for directory in run_dirs]
+    for directory, manifest in zip(run_dirs, manifests):
+        problem = foreign_head(manifest, directory, "load_many")
+        if problem is not None:
+            raise DeltatuneError(problem)
     by_fingerprint: dict[str, list[str]] = {}
     for directory, manifest in zip(run_dirs, manifests):
         by_fingerprint.setdefault(manifest["base_model"]["fingerprint"], []).append(

@@ -454,19 +454,39 @@ def _sync_pad_token(model: Any, tokenizer: Any) -> None:
         generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_model_for_task(name: str, task: TaskSpec, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """A sequence-classification model for `task` on the pretrained backbone `name`, and its tokenizer.
+def load_model_for_task(name: str, task: TaskSpec, dtype: torch.dtype = torch.float32, head: str = "auto",
+                        pooling: str = "auto") -> tuple[Any, Any]:
+    """A task model for `task` on the pretrained backbone `name`, and its tokenizer.
 
-    The head is new (random, from torch's global seed: seed before calling for a repeatable run);
-    every other weight must come from the checkpoint, or this raises rather than train a random
-    backbone. A checkpoint's own head of another size is replaced, not an error.
+    `head` ('auto', 'cross-encoder', 'bi-encoder') and `pooling` ('auto', 'cls', 'mean', 'last') choose the
+    head (see `deltatune.heads`); the resolved choice is the model's `head_config`. The head is new (random,
+    from torch's global seed: seed before calling for a repeatable run); every other weight must come from
+    the checkpoint, or this raises rather than train a random backbone. A checkpoint's own head of another
+    size is replaced, not an error.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig
+
+    from deltatune.heads import resolve_head, uses_native_head
 
     source = _locate(name)
     if source.is_local:
         _check_model_directory(Path(source.location))
     tokenizer = _tokenizer_for(source)
+    model_config = _from_pretrained(AutoConfig, source)
+    chosen = resolve_head(head, pooling, task, model_config, source.location if source.is_local else None)
+    if uses_native_head(chosen, model_config):
+        model = _load_transformers_head(source, task, dtype)
+    else:
+        model = _load_pooled_head(source, task, dtype, chosen)
+    model.head_config = chosen
+    _sync_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _load_transformers_head(source: _Source, task: TaskSpec, dtype: torch.dtype) -> Any:
+    """transformers' own `*ForSequenceClassification` for the task."""
+    from transformers import AutoModelForSequenceClassification
+
     labels = task.labels if not task.is_regression else ("score",)
     with _quiet_loading():
         model, info = _from_pretrained(
@@ -478,8 +498,22 @@ def load_model_for_task(name: str, task: TaskSpec, dtype: torch.dtype = torch.fl
             dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
         )
     _check_loading_info(model, info, source, head_may_be_new=True)
-    _sync_pad_token(model, tokenizer)
-    return model, tokenizer
+    return model
+
+
+def _load_pooled_head(source: _Source, task: TaskSpec, dtype: torch.dtype, head: Any) -> Any:
+    """The bare backbone with a `deltatune.heads.PooledTaskModel` head around it."""
+    from transformers import AutoModel
+
+    from deltatune.heads import build_task_model
+
+    with _quiet_loading():
+        backbone, info = _from_pretrained(AutoModel, source, dtype=dtype, use_safetensors=True,
+                                          output_loading_info=True)
+    # the pooler is dropped by every head but the cross-encoder reading [CLS]: a checkpoint without one is fine
+    info = {**info, "missing_keys": [key for key in info.get("missing_keys", ()) if not key.startswith("pooler.")]}
+    _check_loading_info(backbone, info, source, head_may_be_new=False)
+    return build_task_model(backbone, task, head)
 
 
 def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

@@ -1,0 +1,132 @@
+"""Each method at its own best learning rate: a search over candidates by successive halving on dev.
+
+A comparison of methods at one fixed learning rate measures the learning rate as much as the method:
+BitFit's biases need about a hundred times full fine-tuning's rate. So every candidate rate trains from
+the same start (the same head initialisation, the same method initialisation, the same batches), and at
+each rung, a fraction of the planned steps (successive halving: Jamieson & Talwalkar 2016; Li et al. 2018,
+Hyperband), the remaining candidates are scored on a fixed stratified part of dev (`RUNG_DEV_EXAMPLES`,
+at least 500 examples) and the better half (rounded up) goes on:
+
+    4 candidates, rungs (1/8, 1/4):  4 train to 1/8 of the plan, the best 2 to 1/4, the best 1 to the end
+                                      training 4/8 + 2/8 + 3/4 = 1.5 runs instead of 4
+
+Each candidate's learning-rate schedule is laid over the whole planned run, and a paused candidate keeps
+its batch order and its random state and gains no evaluation from the pause, so the survivor has trained,
+been evaluated and kept its checkpoint exactly as a single run at its rate would have. Scoring the rungs on
+part of dev keeps their cost (every live candidate, at every rung) to about a quarter of full
+evaluations. The test split plays no part: it is scored once, on the survivor's kept state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from deltatune.errors import DeltatuneError
+from deltatune.training import TrainConfig, Trainer
+
+FALLBACK_FACTORS = (1 / 3, 1.0, 3.0)
+"""Candidates around the default learning rate for a method that declares none of its own."""
+
+
+def learning_rate_candidates(config: TrainConfig, method) -> tuple[float, ...]:
+    """The rates `config.lr_search` asks for: its own list, or the method's (`learning_rate_candidates`)."""
+    if config.lr_search is None:
+        raise DeltatuneError("lr_search is not set: there is nothing to search")
+    if config.lr_search != "auto":
+        return tuple(sorted(set(config.lr_search)))
+    declared = getattr(method, "learning_rate_candidates", None)
+    if declared:
+        return tuple(sorted(declared))
+    default = getattr(method, "default_learning_rate", 5e-5)
+    return tuple(float(f"{default * factor:.3g}") for factor in FALLBACK_FACTORS)
+
+
+def search_cost(num_candidates: int, rungs: Sequence[float]) -> float:
+    """Planned training of the whole search in units of one full run (no early stopping), e.g. 1.5."""
+    cost, alive, done = 0.0, num_candidates, 0.0
+    for rung in rungs:
+        if alive <= 1:
+            break
+        cost += alive * (rung - done)
+        alive, done = math.ceil(alive / 2), rung
+    return cost + alive * (1.0 - done)
+
+
+@dataclass
+class Candidate:
+    learning_rate: float
+    trainer: Trainer
+    rung_scores: list[float] = field(default_factory=list)
+    """Its score on the rung part of dev at each rung it reached."""
+    stopped_at_rung: int | None = None
+
+    @property
+    def best(self) -> float:
+        """Its best dev score so far (-inf before any evaluation; NaN evaluations never count)."""
+        return self.trainer.best.value
+
+    def rank_score(self) -> float:
+        """Its score at the latest rung; a candidate that diverged ranks last, whatever its state scores."""
+        value = self.rung_scores[-1]
+        return -math.inf if math.isnan(value) or self.trainer.diverged is not None else value
+
+    def describe(self) -> dict:
+        return {"learning_rate": self.learning_rate, "rung_scores": self.rung_scores,
+                "best_dev": None if self.best == -math.inf else self.best, "best_step": self.trainer.best.step,
+                "steps": self.trainer.step, "train_time_s": round(self.trainer.train_time, 3),
+                "stopped_at_rung": self.stopped_at_rung, "stopped_by": self.trainer.stopped_by,
+                **({"diverged": self.trainer.diverged} if self.trainer.diverged is not None else {})}
+
+
+@dataclass
+class SearchResult:
+    """The survivor's trainer (its `finish()` gives the run's result) and what the search saw."""
+
+    trainer: Trainer
+    record: dict
+    """Candidates, rungs, every candidate's dev scores at the rungs, the chosen rate, the total cost."""
+
+
+def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates: Sequence[float],
+                       rungs: Sequence[float], metric: str, say: Callable[[str], None] | None = None
+                       ) -> SearchResult:
+    """Run the search; every trainer but the survivor's is closed. See the module docstring."""
+    candidates = [Candidate(rate, make_trainer(rate)) for rate in learning_rates]
+    alive = list(candidates)
+    for index, rung in enumerate(rungs):
+        if len(alive) <= 1:
+            break
+        for candidate in alive:
+            candidate.trainer.advance(rung)
+            candidate.rung_scores.append(candidate.trainer.score(candidate.trainer.data.rung_dev))
+        # stable sort: on a tie the smaller rate (listed first) goes on
+        ranked = sorted(alive, key=lambda c: -c.rank_score())
+        keep = math.ceil(len(alive) / 2)
+        for candidate in ranked[keep:]:
+            candidate.stopped_at_rung = index
+            candidate.trainer.close()
+        alive = ranked[:keep]
+        if say is not None:
+            say(f"rung {index + 1} at {rung:g} of the plan: " + ", ".join(
+                f"lr {c.learning_rate:g} {metric} {c.rung_scores[-1]:.4f}" + ("" if c in alive else " (stopped)")
+                for c in ranked))
+    for candidate in alive:
+        candidate.trainer.advance()
+    # a diverged candidate is chosen only when every survivor diverged (its message then reaches the user)
+    chosen = max(alive, key=lambda c: (c.trainer.diverged is None, c.best))
+    for candidate in alive:
+        if candidate is not chosen:
+            candidate.stopped_at_rung = len(rungs)
+            candidate.trainer.close()
+    record = {"candidates": [c.describe() for c in candidates], "rungs": list(rungs), "metric": metric,
+              "chosen": chosen.learning_rate, "split": "dev",
+              "rung_examples": len(chosen.trainer.data.rung_dev),
+              "planned_cost_runs": search_cost(len(candidates), rungs),
+              "train_time_s": round(sum(c.trainer.train_time for c in candidates), 3),
+              "steps": sum(c.trainer.step for c in candidates)}
+    return SearchResult(chosen.trainer, record)
+
+
+__all__ = ["learning_rate_candidates", "search_cost", "successive_halving", "SearchResult"]

@@ -1,0 +1,116 @@
+"""The learning-rate search: successive halving on dev, and a survivor that trains exactly as a single run."""
+
+import math
+
+import pytest
+
+from deltatune.search import learning_rate_candidates, search_cost, successive_halving
+from deltatune.training import TrainConfig
+from test_run import local  # noqa: F401 - the fixture: a tiny BERT directory and a toy CSV
+
+
+class ScriptedTrainer:
+    """A stand-in for `Trainer`: its dev score at each step is given, so the ranking is known."""
+
+    class Best:
+        value, step = -math.inf, 0
+
+    class Data:
+        rung_dev = list(range(500))
+
+    def __init__(self, scores_by_step: dict[int, float], planned_steps: int = 80, diverges_at: int | None = None) -> None:
+        self.scores, self.planned, self.diverges_at = scores_by_step, planned_steps, diverges_at
+        self.best, self.data, self.step, self.train_time = self.Best(), self.Data(), 0, 0.0
+        self.stopped_by, self.closed, self.diverged = None, False, None
+
+    def advance(self, until: float = 1.0) -> None:
+        if self.diverged is not None:
+            return
+        self.step = round(until * self.planned)
+        if self.diverges_at is not None and self.step >= self.diverges_at:  # stopped before that step
+            self.step, self.stopped_by = self.diverges_at - 1, "diverged"
+            self.diverged = f"Training diverged at step {self.diverges_at}"
+        self.train_time = self.step / 10
+        self.best.value = max(value for step, value in self.scores.items() if step <= self.step)
+        if until >= 1.0:
+            self.stopped_by = "epochs"
+
+    def score(self, encoded) -> float:
+        assert encoded is self.data.rung_dev
+        return self.scores[self.step]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_successive_halving_stops_the_losers_at_their_rung_and_keeps_the_best():
+    # rate 3 starts slow but ends best; rate 4 leads at the first rung and fades; rates 1 and 2 are poor
+    scripts = {1.0: {10: 0.1, 20: 0.2, 80: 0.3}, 2.0: {10: 0.2, 20: 0.3, 80: 0.4},
+               3.0: {10: 0.5, 20: 0.7, 80: 0.9}, 4.0: {10: 0.6, 20: 0.65, 80: 0.7}}
+    trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
+    result = successive_halving(trainers.__getitem__, list(scripts), (0.125, 0.25), "accuracy")
+    assert result.trainer is trainers[3.0] and result.record["chosen"] == 3.0
+    by_rate = {c["learning_rate"]: c for c in result.record["candidates"]}
+    assert by_rate[1.0]["steps"] == by_rate[2.0]["steps"] == 10  # stopped at the first rung (1/8 of 80 steps)
+    assert by_rate[4.0]["steps"] == 20 and by_rate[4.0]["stopped_at_rung"] == 1
+    assert by_rate[3.0]["steps"] == 80 and by_rate[3.0]["rung_scores"] == [0.5, 0.7]
+    assert by_rate[1.0]["rung_scores"] == [0.1] and by_rate[4.0]["rung_scores"] == [0.6, 0.65]
+    assert trainers[1.0].closed and trainers[4.0].closed and not trainers[3.0].closed
+    # the chosen rate had the best dev score at the last rung, and the best dev score of all
+    assert by_rate[3.0]["rung_scores"][-1] > by_rate[4.0]["rung_scores"][-1]
+    assert by_rate[3.0]["best_dev"] == max(c["best_dev"] for c in result.record["candidates"])
+    assert result.record["planned_cost_runs"] == pytest.approx(1.5) and result.record["rung_examples"] == 500
+
+
+def test_a_candidate_that_diverged_ranks_last_and_is_never_chosen_over_one_that_did_not():
+    # rate 4 scores best on the rung part of dev with the state it kept, but its loss became NaN
+    scripts = {1.0: {10: 0.1, 20: 0.2, 80: 0.3}, 2.0: {10: 0.2, 20: 0.3, 80: 0.4},
+               4.0: {9: 0.9, 10: 0.9, 20: 0.9, 80: 0.9}}
+    trainers = {rate: ScriptedTrainer(script, diverges_at=10 if rate == 4.0 else None)
+                for rate, script in scripts.items()}
+    result = successive_halving(trainers.__getitem__, list(scripts), (0.125, 0.25), "accuracy")
+    by_rate = {c["learning_rate"]: c for c in result.record["candidates"]}
+    assert result.record["chosen"] == 2.0 and by_rate[4.0]["stopped_at_rung"] == 0
+    assert by_rate[4.0]["diverged"].startswith("Training diverged at step 10") and "diverged" not in by_rate[2.0]
+
+
+def test_search_cost_of_the_default_rungs():
+    assert search_cost(4, (0.125, 0.25)) == pytest.approx(1.5)
+    assert search_cost(3, (0.125, 0.25)) == pytest.approx(3 / 8 + 2 / 8 + 3 / 4)
+    assert search_cost(1, (0.125, 0.25)) == pytest.approx(1.0)
+    assert search_cost(2, ()) == pytest.approx(2.0)
+
+
+def test_candidates_come_from_the_spec_or_the_method():
+    from deltatune.methods import build_method
+
+    bitfit = build_method("bitfit")
+    assert learning_rate_candidates(TrainConfig(lr_search="auto"), bitfit) == bitfit.learning_rate_candidates
+    assert bitfit.default_learning_rate in bitfit.learning_rate_candidates
+    assert learning_rate_candidates(TrainConfig(lr_search=(3e-3, 1e-3)), bitfit) == (1e-3, 3e-3)
+    with pytest.raises(Exception, match="lr_search"):
+        TrainConfig(lr_search=(0.0,))
+
+
+def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):
+    from deltatune.run import run_training
+
+    model, data = local
+    settings = dict(max_steps=40, batch_size=8, eval_every=6, quiet=True, seed=3, precision="fp32")
+    searched = run_training(model, data, "full", {},
+                            TrainConfig(lr_search=(1e-7, 3e-3, 1e-2), lr_search_rungs=(0.25, 0.5), **settings))
+    search = searched["lr_search"]
+    chosen = search["chosen"]
+    assert chosen == searched["learning_rate"]
+    steps = {c["learning_rate"]: c["steps"] for c in search["candidates"]}
+    assert sorted(steps.values()) == [10, 20, 40]  # cut at the rungs (1/4 and 1/2 of 40 steps); one survivor
+    survivor = next(c for c in search["candidates"] if c["steps"] == 40)
+    assert survivor["learning_rate"] == chosen and len(survivor["rung_scores"]) == 2
+    assert max(c["rung_scores"][-1] for c in search["candidates"] if c["steps"] >= 20) == survivor["rung_scores"][-1]
+    # the survivor trained, was evaluated and kept its checkpoint exactly as a single run at its rate
+    single = run_training(model, data, "full", {}, TrainConfig(learning_rate=chosen, **settings))
+
+    def curve(record):
+        return [(point["step"], point["metrics"]) for point in record["learning_curve"]]
+    assert curve(searched) == curve(single) and [p["step"] for p in single["learning_curve"]][:2] == [6, 12]
+    assert searched["dev_metrics"] == single["dev_metrics"] and searched["test_metrics"] == single["test_metrics"]
