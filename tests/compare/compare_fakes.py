@@ -78,7 +78,9 @@ def build_fake_experiment(exp_dir: Path) -> Path:
                     value = _metric(regression, outputs, labels)
                     dev_value = _metric(regression, dev_outputs, labels)
                     rising = budget is None and (task, variant, fraction) == UNCONVERGED
-                    train = {"epochs": 3.0 if budget is None else 50.0, "batch_size": 32}
+                    # each method searches its own learning rates, as the presets' methods do: still one comparison
+                    train = {"epochs": 3.0 if budget is None else 50.0, "batch_size": 32,
+                             "lr_search": {"full": [5e-5, 1e-4], "lora": [2e-3, 5e-3], "bitfit": [3e-3, 1e-2]}[variant]}
                     payload = {"cell_id": cell_id, "grid": "data" if budget is None else "time", "model": "fake-model",
                                "task": task, "method": method, "variant": variant, "method_config": {},
                                "data_fraction": fraction, "time_budget_s": budget, "seed": seed, "train": train,

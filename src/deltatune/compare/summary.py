@@ -143,8 +143,14 @@ class Analysis:
         return [g for g in self.groups if g.key.task == task]
 
 
+LEARNING_RATE_SETTINGS = ("learning_rate", "lr_search", "lr_search_rungs")
+"""Training settings that may differ between the methods compared: each method at its own best learning rate,
+searched over its own candidates, is the comparison."""
+
+
 def _settings_key(cell: dict) -> str:
-    train = dict((cell.get("settings") or {}).get("train") or {})
+    train = {key: value for key, value in ((cell.get("settings") or {}).get("train") or {}).items()
+             if key not in LEARNING_RATE_SETTINGS}
     cap = (cell.get("settings") or {}).get("max_train_examples")
     return json.dumps({"train": train, "max_train_examples": cap}, sort_keys=True)
 
