@@ -49,16 +49,22 @@ def moved_delta(model, method_name: str, options: dict | None, seed: int, scale:
 
 
 def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, seed: int, options=None,
-             data: dict | None = None) -> Path:
-    """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start."""
+             data: dict | None = None, head: tuple[str, str] | None = None) -> Path:
+    """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start;
+    `head` (kind, pooling) trains one of deltatune's own heads instead of the model's."""
+    from deltatune.heads import PooledTaskModel
+
     torch.manual_seed(seed)
-    model, _ = load_model_for_task(str(base_dir), task)
+    kind, pooling = head or ("auto", "auto")
+    model, _ = load_model_for_task(str(base_dir), task, head=kind, pooling=pooling)
     fingerprint = fingerprint_backbone(model)
     method = moved_delta(model, method_name, options, seed)
     manifest = {"method": method_name, "method_config": to_jsonable(method.config), "task": task.to_dict(),
                 "base_model": {"name": str(base_dir), "fingerprint": fingerprint}, "max_length": 32,
                 "target_scale": [2.5, 1.2] if task.is_regression else None, "data": data or {},
-                "metrics": {"dev": {task.metric: 0.5}}}
+                "metrics": {"dev": {task.metric: 0.5}},
+                "head": {"kind": model.head_config.kind, "pooling": model.head_config.pooling,
+                         "transformers_head": not isinstance(model, PooledTaskModel)}}
     save_delta(directory, model, method, manifest)
     return directory
 
@@ -192,3 +198,23 @@ def test_bf16_mixed_batches_stay_close_to_fp32_and_leave_the_weights_exact(runs)
             assert max(abs(coarse["probabilities"][k] - v) for k, v in fine["probabilities"].items()) < 0.05
     assert all(torch.equal(parameter, weights[name]) for name, parameter in served.model.named_parameters())
     assert served.predict(inputs, task=names, precision="fp32") == exact
+
+
+def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_path):
+    """Deltas trained with a mean-pooled head (MiniLM-L6's default) load together and answer as alone."""
+    base = save_tiny_model_dir(tmp_path / "base", "bert")
+    mean = {"kind": ("cross-encoder", "mean")}
+    pooled = {"sentiment-lora": make_run(tmp_path / "a", base, "lora", SENTIMENT, 1, head=mean["kind"]),
+              "topic-bitfit": make_run(tmp_path / "b", base, "bitfit", TOPIC, 2, head=mean["kind"])}
+    served = deltatune.load_many(list(pooled.values()), names=["sentiment", "topic"])
+    for name, task, run in (("sentiment", SENTIMENT, pooled["sentiment-lora"]), ("topic", TOPIC, pooled["topic-bitfit"])):
+        answers = served.predict(inputs_for(task), task=name, precision="fp32")
+        for answer, single in zip(answers, alone(run, task)):
+            assert_same(answer, single)
+    native = make_run(tmp_path / "c", base, "lora", SENTIMENT, 3)
+    with pytest.raises(DeltatuneError, match=r"trained with 2 different heads \(cross-encoder pooling by mean: .*; "
+                                             r"cross-encoder pooling by native: "):
+        deltatune.load_many([pooled["sentiment-lora"], native])
+    pairs = make_run(tmp_path / "d", base, "lora", PAIRS, 4, head=("bi-encoder", "mean"))
+    with pytest.raises(DeltatuneError, match="bi-encoder head .* which load_many does not serve yet"):
+        deltatune.load_many([pairs])

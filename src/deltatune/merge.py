@@ -159,10 +159,11 @@ def read_sources(run_dirs: list[str | Path]) -> list[Source]:
     if len(run_dirs) < 2:
         raise DeltatuneError(f"deltatune merge needs at least two run directories, got {len(run_dirs)}.")
     sources = [Source(Path(directory), read_manifest(directory), read_tensors(Path(directory))) for directory in run_dirs]
-    from deltatune.heads import foreign_head
+    from deltatune.serve.multi import shared_head
 
-    problems = [problem for source in sources
-                if (problem := foreign_head(source.manifest, source.directory, "deltatune merge")) is not None]
+    shared_head([source.directory for source in sources], [source.manifest for source in sources], "deltatune merge",
+                allow_bi_encoder=True)
+    problems = []
     fingerprints = {source.manifest["base_model"]["fingerprint"] for source in sources}
     if len(fingerprints) > 1:
         listing = ", ".join(f"{source.directory} ({source.manifest['base_model']['name']!r}, "
@@ -364,7 +365,11 @@ def load_checked_base(manifest: dict):
     from deltatune.sources.models import load_model_for_task
     from deltatune.tasks.spec import TaskSpec
 
-    model, _ = load_model_for_task(manifest["base_model"]["name"], TaskSpec.from_dict(manifest["task"]))
+    from deltatune.heads import LEGACY_HEAD
+
+    head = manifest.get("head") or LEGACY_HEAD
+    model, _ = load_model_for_task(manifest["base_model"]["name"], TaskSpec.from_dict(manifest["task"]),
+                                   head=head["kind"], pooling=head["pooling"])
     if fingerprint_backbone(model) != manifest["base_model"]["fingerprint"]:
         raise DeltatuneError(f"The base model {manifest['base_model']['name']!r} no longer has the weights these "
                              "deltas were trained on (its fingerprint differs); merge on the original base.")
@@ -385,6 +390,7 @@ def _write_merged(directory: Path, first: Source, body: Body, heads: dict, scale
               **({"seed": config.seed} if "dare" in config.how else {}), **body.notes}
     manifest = {"format_version": 1, "method": body.method, "method_config": body.method_config,
                 "base_model": first.manifest["base_model"], "task": first.manifest["task"],
+                **({"head": first.manifest["head"]} if "head" in first.manifest else {}),
                 "data": first.manifest.get("data"), "max_length": first.manifest.get("max_length", 128),
                 "target_scale": scale, "metrics": {}, "merge": record,
                 "versions": first.manifest.get("versions", {}), "delta_bytes": (directory / TENSORS).stat().st_size}
