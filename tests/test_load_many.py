@@ -207,10 +207,11 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
     pooled = {"sentiment-lora": make_run(tmp_path / "a", base, "lora", SENTIMENT, 1, head=mean["kind"]),
               "topic-bitfit": make_run(tmp_path / "b", base, "bitfit", TOPIC, 2, head=mean["kind"])}
     served = deltatune.load_many(list(pooled.values()), names=["sentiment", "topic"])
-    for name, task, run in (("sentiment", SENTIMENT, pooled["sentiment-lora"]), ("topic", TOPIC, pooled["topic-bitfit"])):
-        answers = served.predict(inputs_for(task), task=name, precision="fp32")
-        for answer, single in zip(answers, alone(run, task)):
-            assert_same(answer, single)
+    expected = {"sentiment": alone(pooled["sentiment-lora"], SENTIMENT), "topic": alone(pooled["topic-bitfit"], TOPIC)}
+    tasks = ["sentiment", "topic", "topic", "sentiment", "topic"]  # one batch, rows of both deltas
+    for row, (answer, name) in enumerate(zip(served.predict(inputs_for(SENTIMENT), task=tasks, precision="fp32"),
+                                             tasks)):
+        assert_same(answer, expected[name][row])
     native = make_run(tmp_path / "c", base, "lora", SENTIMENT, 3)
     with pytest.raises(DeltatuneError, match=r"trained with 2 different heads \(cross-encoder pooling by mean: .*; "
                                              r"cross-encoder pooling by native: "):
