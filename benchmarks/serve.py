@@ -57,8 +57,10 @@ def prepare_runs(args) -> dict[str, Path]:
             directory = args.runs / name
             if not (directory / "deltatune.json").is_file():
                 print(f"training {name} ({args.train_steps} steps)", flush=True)
+                # the model's own [CLS] head, which PEFT's side rebuilds (MiniLM-L6's default pools by mean)
                 deltatune.train(args.model, task=task, method=method, out=str(directory), max_steps=args.train_steps,
-                                batch_size=16, seed=100 + 4 * method_index + task_index, quiet=True)
+                                batch_size=16, seed=100 + 4 * method_index + task_index, quiet=True,
+                                head="cross-encoder", pooling="cls")
             runs[name] = directory
     return runs
 

@@ -191,7 +191,7 @@ def test_a_method_variant_can_carry_its_own_training_settings(workspace):
 
 
 def test_presets_are_valid_at_every_size():
-    for size, cells in (("demo", 3 * 3), ("small", 4 * 5 * 3 * (4 + 2)), ("full", 4 * 5 * 3 * (4 + 3))):
+    for size, cells in (("demo", 3 * 2), ("small", 4 * 5 * 3 * (4 + 2)), ("full", 4 * 5 * 3 * (4 + 3))):
         spec = parse_spec(preset_spec("doering2024", size))
         assert len(spec.cells) == cells
         assert spec.baseline == "full"
@@ -205,7 +205,7 @@ def test_presets_are_valid_at_every_size():
 def test_cli_dry_run_and_invalid_specs_run_nothing(workspace, capsys):
     assert main(["compare", "--preset", "doering2024", "--size", "demo", "--dry-run"]) == 0
     output = capsys.readouterr().out
-    assert "9 cells" in output and "lora on stsb" in output
+    assert "6 cells" in output and "lora on stsb" in output
     out = workspace / "experiment"
     bad = write_spec(workspace, "models: [tiny-bert]\ntasks: [stbs]\nmethods: [lroa]\n")
     assert main(["compare", str(bad), "--out", str(out)]) == 2
