@@ -32,7 +32,7 @@ import deltatune
 for module in pkgutil.walk_packages(deltatune.__path__, "deltatune."):
     try:
         original(module.name)
-    except Exception:
+    except BaseException:  # SystemExit too: a module that runs something when imported
         failures[module.name] = traceback.format_exc(limit=3)
 print(json.dumps({"edges": edges, "failures": failures}))
 """

@@ -107,7 +107,7 @@ def _train_and_save(model_name: str, data: str, config: ReaderConfig, out_path: 
     return record
 
 
-def _publish(out_path: Path, tensors: dict[str, torch.Tensor], record: dict, overwrite: bool) -> None:
+def _publish(out_path: Path, tensors: dict[str, torch.Tensor], record: dict, overwrite: bool = False) -> None:
     with staged_directory(out_path, READER_FILES, overwrite, what="the reader") as staging:
         save_file(tensors, str(staging / TENSORS), metadata={"format": "deltatune", "kind": KIND})
         write_json_atomic(staging / MANIFEST, record)
