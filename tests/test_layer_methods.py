@@ -8,6 +8,7 @@ import torch
 
 from conftest import build_tiny_model, build_tokenizer, tiny_bert_config, tiny_llama_config
 from deltatune.config import to_jsonable
+from deltatune.critical_layers import resolve_critical_layers
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
 from deltatune.methods.layers import layer_layout, resolve_layer_indices
@@ -229,6 +230,7 @@ def test_freeze_critical_layers_come_from_a_full_fine_tuning_run(tmp_path, tiny_
     run = make_run_dir(tmp_path / "full-run", tiny_bert_dir, "full", mutate=lambda m, _: move_layer(m, 1))
     model, _ = load_model_for_task(str(tiny_bert_dir), TASK)
     method = build_method("freeze", {"critical": "1", "critical_from": str(run)})
+    resolve_critical_layers(method, model)  # before apply, which never reads another run
     names = prepare_model(model, method)
     assert method.config.critical_layers == (1,)
     assert any(".layer.1." in n for n in names) and not any(".layer.0." in n for n in names)
@@ -241,7 +243,7 @@ def test_freeze_critical_layers_come_from_a_full_fine_tuning_run(tmp_path, tiny_
     assert prepare_model(fresh, again) == names
 
     with pytest.raises(DeltatuneError, match=r"method.critical_from=.* is not a directory"):
-        prepare_model(fresh, build_method("freeze", {"critical": "1", "critical_from": str(run)}))
+        resolve_critical_layers(build_method("freeze", {"critical": "1", "critical_from": str(run)}), fresh)
 
 
 def test_freeze_critical_from_a_run_where_nothing_moved_is_an_error(tmp_path, tiny_bert_dir):
@@ -251,7 +253,7 @@ def test_freeze_critical_from_a_run_where_nothing_moved_is_an_error(tmp_path, ti
     run = make_run_dir(tmp_path / "still", tiny_bert_dir, "full")
     model, _ = load_model_for_task(str(tiny_bert_dir), TASK)
     with pytest.raises(DeltatuneError, match="no transformer layer moved"):
-        prepare_model(model, build_method("freeze", {"critical": "1", "critical_from": str(run)}))
+        resolve_critical_layers(build_method("freeze", {"critical": "1", "critical_from": str(run)}), model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,3 +415,13 @@ def test_sparse_mask_layers_and_targets_choose_the_matrices():
                      "model.layers.1.self_attn.v_proj.deltas.default.mask_scores"} | head_names(model)
     with pytest.raises(DeltatuneError, match=r"method.targets=\('query',\).*named like .*q_proj"):
         prepare_model(build_tiny_model("llama"), build_method("sparse-mask", {"targets": "query"}))
+
+
+def test_freeze_apply_never_reads_another_run(tmp_path, tiny_bert_dir):
+    from deltatune.sources.models import load_model_for_task
+    from test_analysis import TASK
+
+    model, _ = load_model_for_task(str(tiny_bert_dir), TASK)
+    method = build_method("freeze", {"critical": "1", "critical_from": str(tmp_path / "no-such-run")})
+    with pytest.raises(DeltatuneError, match=r"needs its layers chosen .* before the method is applied"):
+        prepare_model(model, method)

@@ -146,3 +146,145 @@ def test_a_directory_holding_only_a_readme_is_not_a_run_and_is_never_replaced(tm
     with pytest.raises(DeltatuneError, match="holds 'README.md', which a deltatune run does not write"):
         check_output_directory(target, True, RUN_FILES)
     assert (target / "README.md").read_text() == "my notes"
+
+
+# --------------------------------------------------------------------------------------------
+# The same guarantees for every directory deltatune publishes: FreeLM, the reader, export, merge
+
+
+def train_freelm(out, overwrite=False, model=None):
+    from deltatune.freelm.artifact import run_freelm_training
+    from deltatune.freelm.config import FreeLMConfig
+    from test_freelm import SMALL_RUN
+
+    return run_freelm_training(str(model), FreeLMConfig(**SMALL_RUN), out=out, overwrite=overwrite)
+
+
+def train_reader(out, overwrite=False, model=None):
+    from deltatune.reader.artifact import run_reader_training
+    from deltatune.reader.config import ReaderConfig
+    from test_reader import toy_dataset
+
+    config = ReaderConfig(top_k=2, candidates=4, prompt_tokens=4, passage_tokens=8, steps=2, batch_size=2,
+                          reranker_steps=2, train_examples=4, answer_tokens=3, quiet=True)
+    return run_reader_training(str(model), "toy", config, out=out, overwrite=overwrite, dataset=toy_dataset())
+
+
+WRITERS = {"freelm": (train_freelm, ("delta.safetensors", "deltatune.json", "run.json")),
+           "reader": (train_reader, ("reader.safetensors", "reader.json"))}
+
+
+@pytest.fixture
+def causal_model(tmp_path, offline_data):
+    from test_freelm import tiny_causal_lm
+    from conftest import build_tokenizer
+
+    path = tmp_path / "tiny-causal"
+    tiny_causal_lm(seed=5).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def offline_data(monkeypatch):
+    import deltatune.sources.data as data
+    from test_freelm import fake_corpus, fake_task_data
+
+    monkeypatch.setattr(data, "load_task_data", fake_task_data)
+    monkeypatch.setattr(data, "load_text_corpus", fake_corpus)
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_freelm_and_reader_directories_are_refused_locked_and_cleaned_like_train_runs(writer, tmp_path, causal_model,
+                                                                                      monkeypatch):
+    train, files = WRITERS[writer]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(DeltatuneError, match="holds 'notes.txt', which a deltatune run does not write"):
+        train(mine, overwrite=True, model=causal_model)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and leftovers(tmp_path) == []
+    monkeypatch.chdir(tmp_path / "mine")
+    with pytest.raises(DeltatuneError, match="is the current directory"):
+        train(".", overwrite=True, model=causal_model)
+    with pytest.raises(DeltatuneError, match="an ancestor of the current directory"):
+        train(tmp_path, overwrite=True, model=causal_model)
+    monkeypatch.chdir(tmp_path)
+
+    out = tmp_path / "run"
+    held = TargetLock(out).acquire()
+    with pytest.raises(DeltatuneError, match=f"being written by another deltatune process \\(pid {os.getpid()}"):
+        train(out, model=causal_model)
+    held.release()
+
+    stale = tmp_path / ".run.partial-killed"
+    stale.mkdir()
+    (stale / files[0]).write_text("half")
+    train(out, model=causal_model)
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert leftovers(tmp_path) == [], "the killed run's staging directory is cleaned and the lock goes"
+    with pytest.raises(DeltatuneError, match="already holds a finished run"):
+        train(out, model=causal_model)
+    (out / files[0]).write_bytes(b"old")
+    train(out, overwrite=True, model=causal_model)
+    assert (out / files[0]).read_bytes() != b"old"
+
+
+def test_a_full_disk_while_saving_a_reader_is_one_error_and_keeps_the_old_one(tmp_path, causal_model, monkeypatch):
+    import errno
+
+    import deltatune.reader.artifact as artifact
+    from deltatune.run_directory import DiskFullError
+
+    out = tmp_path / "reader"
+    train_reader(out, model=causal_model)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact, "save_file", full)
+    with pytest.raises(DiskFullError, match=r"No space left on the device holding .*reader.* while writing the reader"):
+        train_reader(out, overwrite=True, model=causal_model)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_export_and_merge_publish_whole_directories_or_nothing(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    import deltatune.hf_export as hf_export
+    from conftest import save_tiny_model_dir
+    from deltatune.merge import MergeConfig, merge_runs
+    from deltatune.run_directory import DiskFullError
+    from test_load_many import SENTIMENT, TOPIC, make_run
+
+    base = save_tiny_model_dir(tmp_path / "base", "bert")
+    sentiment = make_run(tmp_path / "sentiment", base, "lora", SENTIMENT, 1)
+    topic = make_run(tmp_path / "topic", base, "lora", TOPIC, 2)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_export, "_write_provenance", full)
+        with pytest.raises(DiskFullError, match="while writing the export"):
+            hf_export.export_hf(sentiment, exports / "sentiment")
+    assert list(exports.iterdir()) == [], "no half-written export and no staging directory"
+
+    merged = tmp_path / "merged"
+    written = merge_runs([sentiment, topic], merged, MergeConfig(how="task-arithmetic"))
+    assert len(written) == 2 and leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory in (merged, *written):  # one directory per task, readable like any other directory
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    with pytest.raises(DeltatuneError, match="already exists"):
+        merge_runs([sentiment, topic], merged, MergeConfig(how="task-arithmetic"))

@@ -12,9 +12,8 @@ find out which way of adapting is best.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from deltatune.errors import DeltatuneError
+from deltatune.version import __version__
 
 
 def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "full",

@@ -28,6 +28,7 @@ import torch
 from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.metrics import compute_metrics
 from deltatune.tasks.spec import Split, TaskData, TaskSpec
+from deltatune.padding import padding_id
 
 BASELINES = ("majority", "embedding-cosine", "zero-shot", "few-shot")
 SEEDED = frozenset({"few-shot"})
@@ -112,7 +113,7 @@ def _embedding_cosine(model_name: str, task: TaskSpec, splits: dict[str, Split],
     model, tokenizer = load_model_for_task(model_name, task, head="bi-encoder", pooling=pooling)
     model.eval()
     scale = target_scale(model, task, [])
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token_id = padding_id(tokenizer)
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
     outputs = {}
     for split, data in splits.items():

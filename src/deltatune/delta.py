@@ -27,6 +27,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, build_method, prepare_model
 from deltatune.methods.common import head_names
 from deltatune.tasks.spec import TaskSpec
+from deltatune.padding import padding_id
 
 FORMAT_VERSION = 1
 MANIFEST = "deltatune.json"
@@ -216,7 +217,7 @@ class TunedModel:
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
         encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length,
                          encodes_texts_separately(self.model))
-        outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
+        outputs = to_task_units(predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer),
                                                 batch_size, precision), self.manifest.get("target_scale"))
         self._refuse_non_finite(outputs)
         if self.task.is_regression:
@@ -241,7 +242,7 @@ class TunedModel:
     @property
     def max_length(self) -> int:
         """The delta's max_length, capped at what the model can take (old deltas may record more)."""
-        from deltatune.run import position_limit
+        from deltatune.sources.models import position_limit
 
         recorded = self.manifest.get("max_length", 128)
         limit = position_limit(self.model, self.tokenizer)
@@ -256,7 +257,7 @@ class TunedModel:
         evaluates anyway.
         """
         from deltatune.metrics import compute_metrics
-        from deltatune.run import check_data_unchanged, load_data_from_record, recorded_data
+        from deltatune.sources.records import check_data_unchanged, load_data_from_record, recorded_data
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
         from deltatune.heads import encodes_texts_separately
 
@@ -270,7 +271,7 @@ class TunedModel:
         if not data_changed_ok:
             check_data_unchanged(data, *recorded_data(self.manifest, self.directory), run=str(self.directory))
         encoded = encode(self.tokenizer, self.task, selected, self.max_length, encodes_texts_separately(self.model))
-        outputs = to_task_units(predict_encoded(self.model, encoded, self.task, self.tokenizer.pad_token_id or 0,
+        outputs = to_task_units(predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer),
                                                 batch_size, precision), self.manifest.get("target_scale"))
         self._refuse_non_finite(outputs)
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)

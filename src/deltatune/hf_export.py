@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from deltatune.errors import DeltatuneError
+from deltatune.run_directory import protected_reason, staged_directory
 
 EXPORT_RECORD = "deltatune_export.json"
 """Written into every export: what it was made from. An existing --out is replaced only if it holds one."""
@@ -51,24 +50,18 @@ def export_hf(run_dir: str | Path, out: str | Path, *, base: str | None = None, 
                 "delta with deltatune itself (deltatune.load, deltatune serve).")
         method.merge(tuned.model)
     plain = _plain_model(tuned)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=_existing_parent(out)))
-    try:
+    # an existing --out is checked again just before it is replaced: a file may have appeared there meanwhile
+    with staged_directory(out, frozenset(), overwrite, what="the export",
+                          check=lambda: _check_destination(out, overwrite)) as staging:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer = tuned.tokenizer
         tokenizer.model_max_length = int(tuned.manifest.get("max_length", tokenizer.model_max_length))
         tokenizer.save_pretrained(staging)
         _write_provenance(staging, tuned, Path(run_dir))
-        if out.exists():
-            shutil.rmtree(out)  # only an earlier export (checked above)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
-    from deltatune.run_directory import protected_reason
-
     protected = protected_reason(out)
     if protected is not None:
         raise DeltatuneError(f"--out {out} is {protected}: an export is written into a directory of its own and "
@@ -81,11 +74,6 @@ def _check_destination(out: Path, overwrite: bool) -> None:
         if not (out / EXPORT_RECORD).is_file():
             raise DeltatuneError(f"--out {out} holds files that are not a deltatune export (no {EXPORT_RECORD}); "
                                  "deltatune replaces only what it wrote. Choose another directory.")
-
-
-def _existing_parent(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent
 
 
 def _plain_model(tuned):

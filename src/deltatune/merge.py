@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +42,8 @@ from safetensors.torch import save_file
 
 from deltatune.delta import MANIFEST, TENSORS, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
+from deltatune.run_directory import staged_directory
+from deltatune.padding import padding_id
 
 HOWS = ("linear", "task-arithmetic", "ties", "dare", "dare-ties")
 DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5, "dare-ties": 0.5}
@@ -319,8 +318,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
 
     config = config or MergeConfig()
     out = Path(out)
-    if out.exists():
-        raise DeltatuneError(f"--out {out} already exists; choose a new directory for the merged delta.")
+    _check_new_directory(out)
     sources = read_sources(run_dirs)
     if config.weights is not None and len(config.weights) != len(sources):
         raise DeltatuneError(f"--weights gives {len(config.weights)} weight(s) for {len(sources)} run directories; "
@@ -334,9 +332,9 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
     groups: dict[str, list[int]] = {}
     for position, source in enumerate(sources):
         groups.setdefault(source.task_key, []).append(position)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    try:
-        written = []
+    written = []
+    with staged_directory(out, frozenset(), False, what="the merged delta",
+                          check=lambda: _check_new_directory(out)) as staging:
         for positions in groups.values():
             members = [sources[position] for position in positions]
             heads, scale = merge_heads(members, [weights[position] for position in positions], head)
@@ -344,11 +342,13 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
             directory = staging if len(groups) == 1 else staging / _directory_name(task_name, written)
             _write_merged(directory, members[0], body, heads, scale, sources, weights, config)
             written.append(directory.relative_to(staging))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [out / relative for relative in written]
+
+
+def _check_new_directory(out: Path) -> None:
+    """A merge writes only new directories: an existing `out` is never touched."""
+    if out.exists():
+        raise DeltatuneError(f"--out {out} already exists; choose a new directory for the merged delta.")
 
 
 def _directory_name(task_name: str, taken: list[Path]) -> str:
@@ -427,12 +427,12 @@ def _evaluate(tuned, split: str, limit: int | None) -> dict[str, float]:
         return tuned.evaluate(split)
     from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
     from deltatune.metrics import compute_metrics
-    from deltatune.run import load_data_from_record
+    from deltatune.sources.records import load_data_from_record
 
     data = load_data_from_record(tuned.manifest["data"]).split(split)
     data = data.subset(range(min(limit, len(data))))
     encoded = encode(tuned.tokenizer, tuned.task, data, tuned.manifest.get("max_length", 128))
-    outputs = to_task_units(predict_encoded(tuned.model, encoded, tuned.task, tuned.tokenizer.pad_token_id or 0),
+    outputs = to_task_units(predict_encoded(tuned.model, encoded, tuned.task, padding_id(tuned.tokenizer)),
                             tuned.manifest.get("target_scale"))
     return compute_metrics(tuned.task.metrics, outputs_to_predictions(outputs, tuned.task), encoded.labels)
 

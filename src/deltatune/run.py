@@ -10,7 +10,6 @@ directory is replaced only when asked, and nothing else ever is (see `deltatune.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import platform
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltatune.config import to_jsonable
+from deltatune.critical_layers import resolve_critical_layers
 from deltatune.delta import (
     MANIFEST,
     TENSORS,
@@ -37,14 +37,21 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
 from deltatune.heads import PooledTaskModel, head_of
 from deltatune.model_card import CARD, write_model_card
-from deltatune.run_directory import TargetLock, clean_leftovers, staged_directory
+from deltatune.run_directory import locked_target, staged_directory
 from deltatune.run_directory import check_output_directory as _check_output_directory
-from deltatune.tasks.spec import TaskData
+from deltatune.sources.models import position_limit
+from deltatune.sources.records import (  # noqa: F401  (data records lived here; `deltatune.run` still offers them)
+    LOCAL_DATA_KEYS,
+    RUN_RECORD,
+    check_data_unchanged,
+    data_record,
+    load_data_from_record,
+    recorded_data,
+)
 from deltatune.training import TrainConfig, Trainer, TrainResult, peak_memory_bytes, prepare_data, seed_everything
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "run.json"
 DEV_OUTPUTS = "dev_outputs.safetensors"
 """Per-example dev outputs of the saved (best) state and the gold labels."""
 TEST_OUTPUTS = "test_outputs.safetensors"
@@ -59,7 +66,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from deltatune import __version__
+    from deltatune.version import __version__
 
     return {"deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": numpy.__version__,
@@ -82,115 +89,9 @@ def git_state() -> dict[str, object]:
         return {"commit": None, "dirty": None}
 
 
-LOCAL_DATA_KEYS = ("path", "text_fields", "label_field", "labels", "regression", "name", "metric", "dev_path",
-                   "test_path")
-"""What a local data record may hold: the arguments of `deltatune.sources.data.load_local_data`."""
-
-
-def data_record(task: str, source: str = "auto", local: dict | None = None) -> dict:
-    """How to load the data again later (for `deltatune eval`): a catalog task or local files."""
-    problems = []
-    if not isinstance(task, str) or not task.strip():
-        problems.append(f"the name must be text (a catalog task such as 'stsb', or a name for your data), got {task!r}")
-    if not isinstance(source, str):
-        problems.append(f"source must be 'auto', 'mirror' or 'hub', got {source!r}")
-    if local is not None:
-        if not isinstance(local, dict):
-            problems.append(f"local must be a dict like {{'path': 'reviews.csv', 'text_fields': ['text']}}, got "
-                            f"{type(local).__name__} {local!r}")
-        else:
-            problems += _local_record_problems(local)
-    if problems:
-        raise DeltatuneError("Cannot describe the data: " + "; ".join(problems) + ".")
-    if local is not None:
-        return {"kind": "local", **{k: (str(v) if isinstance(v, (Path, os.PathLike)) else v) for k, v in local.items()}}
-    return {"kind": "catalog", "task": task, "source": source}
-
-
-def _local_record_problems(local: dict) -> list[str]:
-    from deltatune.errors import did_you_mean
-
-    problems = [f"unknown key local[{key!r}]. {did_you_mean(str(key), LOCAL_DATA_KEYS)}"
-                for key in local if key not in LOCAL_DATA_KEYS]
-    if "path" not in local:
-        problems.append("local needs 'path', the training file")
-    for key in ("path", "dev_path", "test_path"):
-        value = local.get(key)
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            problems.append(f"local[{key!r}] must be a file path, got {type(value).__name__} {value!r}")
-    fields = local.get("text_fields")
-    if isinstance(fields, str):
-        problems.append(f"local['text_fields'] must be a list of column names, e.g. [{fields!r}], not the text "
-                        f"{fields!r}")
-    elif not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) for f in fields):
-        problems.append(f"local['text_fields'] must be a list of one or two column names, got {fields!r}")
-    labels = local.get("labels")
-    if labels is not None and (isinstance(labels, str) or not isinstance(labels, (list, tuple))):
-        problems.append(f"local['labels'] must be a list of class names, got {labels!r}")
-    for key in ("label_field", "name", "metric"):
-        if local.get(key) is not None and not isinstance(local[key], str):
-            problems.append(f"local[{key!r}] must be text, got {local[key]!r}")
-    if "regression" in local and not isinstance(local["regression"], bool):
-        problems.append(f"local['regression'] must be True or False, got {local['regression']!r}")
-    return problems
-
-
-def load_data_from_record(record: dict, run: str | None = None) -> TaskData:
-    """The data a record describes; `run` (the run directory it was recorded in) makes a missing file's
-    error say where the path came from."""
-    from deltatune.sources.data import load_local_data, load_task_data
-
-    if record["kind"] == "local":
-        arguments = {k: v for k, v in record.items() if k != "kind"}
-        gone = [str(arguments[key]) for key in ("path", "dev_path", "test_path")
-                if run is not None and arguments.get(key) and not Path(arguments[key]).exists()]
-        if gone:
-            raise DeltatuneError(f"The data file {gone[0]} that {run} was trained on is gone. Put it back (the run "
-                                 "records its sha256 in run.json) to evaluate on it.")
-        for key in ("text_fields", "labels"):
-            if arguments.get(key) is not None:
-                arguments[key] = tuple(arguments[key])
-        return load_local_data(**arguments)
-    return load_task_data(record["task"], source=record.get("source", "auto"))
-
-
-def recorded_data(manifest: dict, directory: Path) -> tuple[str | None, dict]:
-    """The data fingerprint and local files ({split: {path, sha256}}) a run recorded; run.json for old deltas."""
-    if manifest.get("data_fingerprint"):
-        return manifest["data_fingerprint"], manifest.get("data_files") or {}
-    try:
-        record = json.loads((directory / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, {}
-    return record.get("data_fingerprint"), (record.get("data_provenance") or {}).get("files") or {}
-
-
-def check_data_unchanged(data: TaskData, fingerprint: str | None, files: dict, run: str) -> None:
-    """Refuse to score a run on data that differ from what it was trained on, saying which file changed."""
-    if fingerprint is None or data.fingerprint() == fingerprint:
-        return
-    current = data.provenance.get("files") or {}
-    changes = [f"the {split} file {current[split]['path']} had sha256 {old['sha256'][:12]} when the run was "
-               f"trained and has {current[split]['sha256'][:12]} now"
-               for split, old in files.items() if split in current and current[split]["sha256"] != old["sha256"]]
-    what = "; ".join(changes) or ("the examples deltatune reads from the same source differ (the source or the "
-                                  "way deltatune splits it changed)")
-    raise DeltatuneError(
-        f"The data of {run} changed since it was trained: {what}. Splits re-made from changed data can overlap "
-        "the rows the model trained on, so the score would not be honest. Restore the data, or train again on the "
-        "new data; pass --data-changed-ok (data_changed_ok=True) to evaluate anyway.")
-
-
 def check_output_directory(out: Path, overwrite: bool) -> None:
     """Refuse an --out that is a file, is not a deltatune run directory, or holds a run and overwrite is off."""
     _check_output_directory(Path(out), overwrite, RUN_FILES)
-
-
-def position_limit(model, tokenizer) -> int | None:
-    """The most tokens the model can take: its position table, or the tokenizer's limit, whichever is smaller."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 1_000_000]
-    return min(limits) if limits else None
 
 
 def run_training(model_name: str, data: dict, method_name: str, method_overrides: dict | None = None,
@@ -208,17 +109,9 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
     if out is None:
         return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, None,
                                overwrite, say)
-    out_path = Path(out)
-    check_output_directory(out_path, overwrite)  # before taking the lock: a refused --out gets no lock file
-    lock = TargetLock(out_path).acquire()
-    try:
-        for what in clean_leftovers(out_path, RUN_FILES):
-            logger.warning("%s: %s", out_path, what)
-        check_output_directory(out_path, overwrite)  # again: nothing else can write it now
+    with locked_target(Path(out), RUN_FILES, overwrite) as out_path:
         return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, out_path,
                                overwrite, say)
-    finally:
-        lock.release()
 
 
 def _train_and_save(model_name: str, data: dict, method_name: str, method_overrides: dict, method,
@@ -327,6 +220,7 @@ def _train(model, tokenizer, task, prepared, method_name: str, method_overrides:
     from deltatune.search import learning_rate_candidates, successive_halving
 
     if config.lr_search is None:
+        resolve_critical_layers(method, model)
         prepare_model(model, method, tokenizer)
         trainer = Trainer(model, method, task, prepared, config)
         trainer.advance()
@@ -342,6 +236,7 @@ def _train(model, tokenizer, task, prepared, method_name: str, method_overrides:
         candidate = model if not remaining else copy.deepcopy(model)  # the last one takes the original
         torch.set_rng_state(start_state)
         candidate_method = build_method(method_name, method_overrides)
+        resolve_critical_layers(candidate_method, candidate)
         prepare_model(candidate, candidate_method, tokenizer)
         return Trainer(candidate, candidate_method, task, prepared, config, learning_rate=rate)
 

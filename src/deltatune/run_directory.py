@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deltatune.errors import DeltatuneError
@@ -32,6 +33,8 @@ from deltatune.errors import DeltatuneError
 LOCK_SUFFIX = ".lock"
 PARTIAL_MARK = ".partial-"
 REPLACED_MARK = ".replaced-"
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,37 +240,79 @@ def disk_full_error(where: Path, what: str) -> DiskFullError:
 
 
 @contextlib.contextmanager
-def staged_directory(out: Path, run_files: frozenset[str], overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh staging directory beside `out`; when the block finishes, publish it as `out`.
+def staging_directory(out: Path, what: str = "the run") -> Iterator[Path]:
+    """Yield a fresh, private staging directory `.NAME.partial-*` beside `out`; it is gone when the block ends.
 
-    Publishing re-checks `out` (a file may have appeared there meanwhile), moves an existing run
-    aside, renames the staging directory into place and only then deletes the old run. On any
-    failure the staging directory goes and `out` is as it was. A full disk becomes one clear error.
+    Whatever the block does not rename away is deleted, on success and on failure alike. A full disk
+    while creating or filling it becomes one clear `DiskFullError` naming `what` was being written.
     """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     except OSError as error:
         if is_disk_full(error):
-            raise disk_full_error(out, "the run") from None
-        raise DeltatuneError(f"Cannot create the run directory beside {out}: {error.strerror or error}. "
-                             "Give an --out in a directory you can write to.") from None
+            raise disk_full_error(out, what) from None
+        raise DeltatuneError(f"Cannot create a directory beside {out} for {what}: {error.strerror or error}. "
+                             "Give a path in a directory you can write to.") from None
     try:
         try:
             yield staging
-            _use_default_permissions(staging)
-            check_output_directory(out, overwrite, run_files)
-            replace_directory(staging, out)
-        except OSError as error:
+        except Exception as error:  # OSError, and safetensors' own error type for a full disk
             if is_disk_full(error):
-                raise disk_full_error(out, "the run") from None
-            raise
-        except Exception as error:  # safetensors reports a full disk as its own error type
-            if is_disk_full(error):
-                raise disk_full_error(out, "the run") from None
+                raise disk_full_error(out, what) from None
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, run_files: frozenset[str], overwrite: bool, what: str = "the run",
+                     check: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a fresh staging directory beside `out`; when the block finishes, publish it as `out`.
+
+    Publishing re-checks `out` (a file may have appeared there meanwhile) with `check`, by default
+    `check_output_directory(out, overwrite, run_files)`, moves an existing `out` aside, renames the
+    staging directory into place and only then deletes the old one. On any failure the staging
+    directory goes and `out` is as it was. A full disk becomes one clear error.
+    """
+    with staging_directory(out, what) as staging:
+        yield staging
+        _use_default_permissions(staging)
+        if check is None:
+            check_output_directory(out, overwrite, run_files)
+        else:
+            check()
+        replace_directory(staging, out)
+
+
+@contextlib.contextmanager
+def locked_target(out: Path, run_files: frozenset[str], overwrite: bool) -> Iterator[Path]:
+    """Hold `out` for one writer while the block runs: check it, lock it, clean what killed writers left.
+
+    `out` is checked before the lock is taken (a refused --out gets no lock file) and again once it is
+    held, since nothing else can write it then. The lock goes when the block ends, however it ends.
+    """
+    check_output_directory(out, overwrite, run_files)
+    lock = TargetLock(out).acquire()
+    try:
+        for what in clean_leftovers(out, run_files):
+            logger.warning("%s: %s", out, what)
+        check_output_directory(out, overwrite, run_files)
+        yield out
+    finally:
+        lock.release()
+
+
+def publish_first(new: Path, out: Path) -> None:
+    """Rename `new` to `out` unless another process published `out` first (its copy is as good: keep it).
+
+    For caches, where every writer builds the same content and the first one to finish wins.
+    """
+    try:
+        os.replace(new, out)
+    except OSError:
+        if not out.exists():
+            raise
 
 
 def replace_directory(new: Path, out: Path) -> None:
@@ -291,9 +336,13 @@ def _use_default_permissions(directory: Path) -> None:
     os.umask(umask)
     os.chmod(directory, 0o777 & ~umask)
     for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+        if path.is_dir() and not path.is_symlink():  # a merge of several tasks writes one directory per task
+            _use_default_permissions(path)
+        else:
+            os.chmod(path, 0o666 & ~umask)
 
 
-__all__ = ["check_output_directory", "clean_leftovers", "staged_directory", "replace_directory", "TargetLock",
+__all__ = ["check_output_directory", "clean_leftovers", "staged_directory", "staging_directory", "locked_target",
+           "publish_first", "replace_directory", "TargetLock",
            "lock_or_holder", "write_holder",
            "DiskFullError", "is_disk_full", "disk_full_error", "free_space", "first_foreign_entry"]

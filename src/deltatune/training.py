@@ -49,6 +49,7 @@ from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
+from deltatune.padding import padding_id
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,7 @@ def prepare_data(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split
         raise DeltatuneError(f"Task {task.name!r} has no training examples.")
     if not len(dev_split):
         raise DeltatuneError(f"Task {task.name!r} has no dev examples to select checkpoints on.")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token_id = padding_id(tokenizer)
     model_max = getattr(model.config, "max_position_embeddings", None) or config.max_length
     max_length = min(config.max_length, model_max)
     separately = encodes_texts_separately(model)

@@ -55,6 +55,7 @@ def run_cell(exp_dir: Path, cell_id: str) -> dict:
     returns the run record."""
     from deltatune.delta import write_json_atomic
     from deltatune.run import run_training
+    from deltatune.run_directory import replace_directory
 
     from deltatune.compare.spec import train_config_for
 
@@ -76,9 +77,7 @@ def run_cell(exp_dir: Path, cell_id: str) -> dict:
     write_json_atomic(paths["staging"] / CELL_RESULT,
                       {"cell_id": cell_id, "identity": payload["identity"],
                        "cell_time_s": time.perf_counter() - started, "pid": os.getpid()})
-    if paths["final"].exists():
-        shutil.rmtree(paths["final"])
-    os.replace(paths["staging"], paths["final"])
+    replace_directory(paths["staging"], paths["final"])
     return record
 
 
@@ -90,7 +89,7 @@ def run_baseline_cell(payload: dict, staging: Path, threads: int | None) -> dict
     from deltatune.batching import stratified_subset
     from deltatune.delta import write_json_atomic
     from deltatune.run import DEV_OUTPUTS, RUN_RECORD, TEST_OUTPUTS, git_state, library_versions, save_outputs
-    from deltatune.run import load_data_from_record
+    from deltatune.sources.records import load_data_from_record
     from deltatune.training import peak_memory_bytes
 
     if threads:
@@ -130,7 +129,7 @@ def _capped_examples(payload: dict) -> int | None:
     cap = payload.get("max_train_examples")
     if cap is None:
         return None
-    from deltatune.run import load_data_from_record
+    from deltatune.sources.records import load_data_from_record
 
     available = len(load_data_from_record(payload["data"]).split("train"))
     if cap >= available:

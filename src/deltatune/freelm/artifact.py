@@ -9,11 +9,7 @@ perplexity before and after), and `run.json` holds the full record with the per-
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +17,10 @@ import torch
 from torch import nn
 
 from deltatune.config import to_jsonable
+from deltatune.critical_layers import resolve_critical_layers
 from deltatune.delta import (
+    MANIFEST,
+    TENSORS,
     fingerprint_backbone,
     model_bytes,
     read_manifest,
@@ -34,10 +33,13 @@ from deltatune.freelm.config import FreeLMConfig
 from deltatune.freelm.model import PROPOSITION_TASK, FreeLMModel, build_freelm_model
 from deltatune.freelm.training import language_blocks, perplexity, seen_task_metrics, train_freelm
 from deltatune.methods import build_method, load_delta_state, prepare_model
-from deltatune.run import RUN_RECORD, check_output_directory, git_state, library_versions
+from deltatune.run import RUN_RECORD, git_state, library_versions
+from deltatune.run_directory import locked_target, staged_directory
 from deltatune.training import peak_memory_bytes, seed_everything
 
 FREELM_KIND = "freelm"
+FREELM_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD})
+"""Every file a FreeLM run directory holds: `--overwrite` replaces a directory only if it holds nothing else."""
 
 
 class PreparedFreeLM(NamedTuple):
@@ -59,6 +61,7 @@ def prepare_freelm_model(causal_lm: nn.Module, tokenizer, method) -> PreparedFre
     model = build_freelm_model(causal_lm)
     fingerprint = fingerprint_backbone(model.classifier)
     base_params = sum(p.numel() for p in model.classifier.parameters())
+    resolve_critical_layers(method, model.classifier)
     names = prepare_model(model.classifier, method, tokenizer)  # methods that embed text get the decoder's tokenizer
     return PreparedFreeLM(model, names, fingerprint, base_params)
 
@@ -67,17 +70,24 @@ def run_freelm_training(model_name: str, config: FreeLMConfig | None = None, met
                         method_overrides: dict | None = None, out: str | Path | None = None,
                         overwrite: bool = False) -> dict:
     """Train FreeLM on `model_name` (a causal decoder) and save it to `out`; returns the run record."""
-    from deltatune.sources.data import load_task_data, load_text_corpus
-    from deltatune.sources.models import describe_model_source, load_causal_lm
     from deltatune.tasks import get_task
 
     config = config or FreeLMConfig()
     method = build_method(method_name, method_overrides or {})  # config errors before any loading
     for task in config.train_tasks:
         get_task(task)
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        check_output_directory(out_path, overwrite)
+    if out is None:
+        return _train_and_save(model_name, config, method_name, method, None, overwrite)
+    with locked_target(Path(out), FREELM_FILES, overwrite) as out_path:
+        return _train_and_save(model_name, config, method_name, method, out_path, overwrite)
+
+
+def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, method, out_path: Path | None,
+                    overwrite: bool) -> dict:
+    """Train FreeLM and, with `out_path` (locked by the caller), publish the run there; returns the record."""
+    from deltatune.sources.data import load_task_data, load_text_corpus
+    from deltatune.sources.models import describe_model_source, load_causal_lm
+
     if config.threads:
         torch.set_num_threads(config.threads)
 
@@ -146,31 +156,10 @@ def run_freelm_training(model_name: str, config: FreeLMConfig | None = None, met
         "freelm": summary,
         "versions": record["versions"],
     }
-    with published_directory(out_path) as staging:
+    with staged_directory(out_path, FREELM_FILES, overwrite, what="the FreeLM run") as staging:
         record["delta_bytes"] = save_delta(staging, model.classifier, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
     return record
-
-
-@contextmanager
-def published_directory(out_path: Path):
-    """Yield a staging directory next to `out_path`; when the block succeeds, give it the umask's usual
-    permissions and rename it into place (replacing an older `out_path`), so `out_path` is either complete
-    or untouched. The caller has checked, with `check_output_directory`, that it may replace `out_path`."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        for path in staging.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(staging, out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_freelm(directory: str | Path, base: str | None = None) -> tuple[FreeLMModel, object, object, dict]:
@@ -215,5 +204,5 @@ def attach_freelm_delta(causal_lm: nn.Module, tokenizer, directory: str | Path, 
 
 
 __all__ = ["FREELM_KIND", "PreparedFreeLM", "attach_freelm_delta", "load_freelm", "prepare_freelm_model",
-           "published_directory", "read_freelm_manifest",
+           "read_freelm_manifest",
            "run_freelm_training"]

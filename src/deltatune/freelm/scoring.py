@@ -32,6 +32,7 @@ from deltatune.metrics import compute_metrics
 from deltatune.tasks.propositions import TaskPropositions
 from deltatune.tasks.spec import Split, TaskSpec
 from deltatune.batching import Encoded, predict_encoded
+from deltatune.padding import padding_id
 
 FIELD_TOKENS_RESERVED = 48
 """Tokens kept free for a proposition's frame and answer when its input texts are shortened."""
@@ -79,7 +80,7 @@ def proposition_scores(model: FreeLMModel, tokenizer, propositions: TaskProposit
     if not texts:
         return np.zeros((0, propositions.num_candidates), dtype=np.float32)
     encoded = encode_propositions(tokenizer, texts, [0] * len(texts), max_length)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token_id = padding_id(tokenizer)
     logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, pad_token_id, batch_size, precision)
     log_odds = logits[:, TRUE_INDEX] - logits[:, 1 - TRUE_INDEX]
     return log_odds.reshape(len(rows), len(templates), propositions.num_candidates).mean(axis=1)
@@ -143,7 +144,7 @@ def verbaliser_scores(causal_lm: nn.Module, tokenizer, propositions: TaskProposi
     for start in range(0, len(order), batch_size):
         chunk = [sequences[s] for s in order[start:start + batch_size]]
         hidden, lengths = _hidden_states(backbone, [ids for _, ids, _ in chunk], prefix_cache, prefix_length,
-                                         tokenizer.pad_token_id or 0)
+                                         padding_id(tokenizer))
         for row, (example, ids, candidate) in enumerate(chunk):
             if candidate is None:
                 log_probs = torch.log_softmax(lm_head(hidden[row, lengths[row] - 1]).float(), dim=-1)

@@ -46,6 +46,7 @@ from deltatune.freelm.scoring import (
 from deltatune.tasks.propositions import TaskPropositions, propositions_for
 from deltatune.tasks.spec import TaskData
 from deltatune.batching import autocast_for, collate, length_bucketed_batches, stratified_subset
+from deltatune.padding import padding_id
 
 
 @dataclass
@@ -247,7 +248,7 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     schedule = signal_schedule(config.steps, config.lm_ratio, config.schedule, config.stage_steps)
     teacher_steps = schedule.count(TEACHER)
     language_steps = schedule.count(LANGUAGE)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token_id = padding_id(tokenizer)
 
     proposition_set = build_proposition_set(task_data, tokenizer, config, propositions) if teacher_steps else None
     if proposition_set is not None and not len(proposition_set):
@@ -416,7 +417,7 @@ def teacher_accuracy(model: FreeLMModel, tokenizer, proposition_set: Proposition
     from deltatune.batching import predict_encoded
 
     encoded = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, max_length)
-    logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, tokenizer.pad_token_id or 0)
+    logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, padding_id(tokenizer))
     return float((logits.argmax(axis=-1) == np.asarray(proposition_set.labels)).mean())
 
 

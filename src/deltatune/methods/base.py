@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -48,6 +48,13 @@ from deltatune.methods.state import (
     read_delta_tensors,
     write_delta_tensors,
 )
+
+if TYPE_CHECKING:
+    from deltatune.methods.registry import MethodEntry
+
+REGISTRY: dict[str, MethodEntry] = {}
+"""Every registered method by name (filled by `deltatune.methods.registry.register`); kept here, below the
+registry, because the default `export_peft` names the methods that can export."""
 
 
 @dataclass(frozen=True)
@@ -232,8 +239,6 @@ class Method:
 
     def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
         """This method's delta `tensors` (as saved) in PEFT's adapter format."""
-        from deltatune.methods.registry import REGISTRY
-
         exportable = sorted(name for name, entry in REGISTRY.items()
                             if entry.method_class.export_peft is not Method.export_peft)
         raise DeltatuneError(f"A {self.name!r} delta cannot be exported to PEFT's format: PEFT has no equivalent "

@@ -9,7 +9,8 @@ set S of blocks:
 
 Choose S with exactly one of `layers` (explicit indices), `top` k, `bottom` k, or `critical` k (the k
 blocks that moved most in a previous full fine-tuning run, read from its layer-distance report, see
-`deltatune.analysis`). With none given, `top=2`.
+`deltatune.analysis`). With none given, `top=2`. The critical layers are chosen before the method is
+applied (`deltatune.critical_layers`, which training calls), so applying it never loads another run.
 
 What trains above the last block: the task head, and also BERT's pooler and the final norm
 (Llama's `model.norm`, GPT-2's `ln_f`). The pooler exists only to feed the classifier ([CLS] →
@@ -27,9 +28,7 @@ MiniLM-L6 3.70M of 22.7M (16.3%, of which the pooler is 0.15M); SmolLM2-135M 7.0
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from torch import nn
@@ -104,10 +103,10 @@ class Freeze(Method):
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         if self.config.critical is not None and not self.config.critical_layers:
-            chosen = critical_layers(model, self.config.critical_from, self.config.critical,
-                                     self.config.critical_metric)
-            # recorded in the config, which the run writes into the delta's manifest after training
-            self.config = dataclasses.replace(self.config, critical_layers=tuple(chosen))
+            # choosing them reads another run; that happens before the method is applied, never here
+            raise DeltatuneError(f"freeze: method.critical={self.config.critical} needs its layers chosen from "
+                                 f"{self.config.critical_from!r} before the method is applied; call "
+                                 "deltatune.critical_layers.resolve_critical_layers(method, model) first.")
         selected_layers(self.config, model)  # fail now, on a bad index, rather than after loading everything
         super().apply(model, name)
 
@@ -135,29 +134,3 @@ def selected_layers(config: FreezeConfig, model: nn.Module) -> list[int]:
         raise DeltatuneError(f"method.{option}={count}, but {model_name} has only {num_layers} transformer "
                              f"layers; choose at most {num_layers} (or use the 'full' method).")
     return list(range(num_layers - count, num_layers)) if option == "top" else list(range(count))
-
-
-def critical_layers(model: nn.Module, run_dir: str, count: int, metric: str) -> list[int]:
-    """The `count` transformer layers that moved most in the run at `run_dir`, by `metric`."""
-    from deltatune.analysis import RANK_KEYS, analyze_run
-
-    if not Path(run_dir).is_dir():
-        raise DeltatuneError(f"method.critical_from={run_dir!r} is not a directory. Point it at the --out "
-                             "directory of a finished full fine-tuning run on the same base model.")
-    rows = analyze_run(run_dir, rank_by=metric)
-    num_layers = layer_layout(model).num_layers
-    blocks = [row for row in rows if 0 <= row["layer"] < num_layers and row["name"].startswith("layer")]
-    if len(blocks) != num_layers:
-        raise DeltatuneError(f"method.critical_from={run_dir!r} was trained on a model with {len(blocks)} "
-                             f"transformer layers, but this model has {num_layers}: use a run on the same base model.")
-    if rows and rows[0].get("basis") == "unmerged":
-        raise DeltatuneError(f"method.critical_from={run_dir!r} holds a {rows[0].get('method')!r} run, which "
-                             "trained tensors of its own rather than the model's weights; use a full fine-tuning run.")
-    key = RANK_KEYS[metric]
-    moved = sorted(blocks, key=lambda row: (-row[key], -row["l1_mean"], row["layer"]))
-    if moved[0][key] == 0:
-        raise DeltatuneError(f"method.critical_from={run_dir!r}: no transformer layer moved in that run, so none "
-                             "is more critical than another; use a full fine-tuning run.")
-    if count > num_layers:
-        raise DeltatuneError(f"method.critical={count}, but the model has only {num_layers} transformer layers.")
-    return sorted(row["layer"] for row in moved[:count])

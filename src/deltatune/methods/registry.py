@@ -21,7 +21,7 @@ from torch import nn
 
 from deltatune.config import build_config
 from deltatune.errors import DeltatuneError, did_you_mean
-from deltatune.methods.base import Method
+from deltatune.methods.base import REGISTRY, Method
 from deltatune.methods.state import (
     DEFAULT_DELTA,
     activate_delta,
@@ -45,9 +45,6 @@ class MethodEntry:
     def summary(self) -> str:
         doc = (self.method_class.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
-
-
-REGISTRY: dict[str, MethodEntry] = {}
 
 
 def register(name: str, config_class: type):

@@ -38,12 +38,15 @@ from deltatune.reader.pipeline import (
     train_reader,
 )
 from deltatune.reader.retrieval import BM25Index
-from deltatune.run import check_output_directory, git_state, library_versions
+from deltatune.run import git_state, library_versions
+from deltatune.run_directory import locked_target, staged_directory
 
 MANIFEST = "reader.json"
 TENSORS = "reader.safetensors"
 KIND = "frozen-reader"
 SYSTEMS = ("closed-book", "open-book", "bm25-reader")
+READER_FILES = frozenset({MANIFEST, TENSORS})
+"""Every file a reader directory holds: `--overwrite` replaces a directory only if it holds nothing else."""
 
 
 def load_qa_data(data: str, hub_splits: tuple[str, ...] = ("train", "validation"),
@@ -72,12 +75,18 @@ def run_reader_training(model_name: str, data: str, config: ReaderConfig | None 
                         out: str | Path | None = None, overwrite: bool = False,
                         dataset: QADataset | None = None) -> dict:
     """Train a frozen reader on `data` over the decoder `model_name`; save it to `out`; return the record."""
+    config = config or ReaderConfig()
+    if out is None:
+        return _train_and_save(model_name, data, config, None, overwrite, dataset)
+    with locked_target(Path(out), READER_FILES, overwrite) as out_path:
+        return _train_and_save(model_name, data, config, out_path, overwrite, dataset)
+
+
+def _train_and_save(model_name: str, data: str, config: ReaderConfig, out_path: Path | None, overwrite: bool,
+                    dataset: QADataset | None) -> dict:
+    """Train the reader and, with `out_path` (locked by the caller), publish it there; returns the record."""
     from deltatune.sources.models import load_causal_lm
 
-    config = config or ReaderConfig()
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        check_output_directory(out_path, overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
     dataset = dataset or load_qa_data(data)
@@ -93,15 +102,13 @@ def run_reader_training(model_name: str, data: str, config: ReaderConfig | None 
               "training": summary, "versions": library_versions(), "git": git_state(),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if out_path is not None:
-        _publish(out_path, tensors, record)
+        _publish(out_path, tensors, record, overwrite)
         record["delta_bytes"] = (out_path / TENSORS).stat().st_size
     return record
 
 
-def _publish(out_path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
-    from deltatune.freelm.artifact import published_directory
-
-    with published_directory(out_path) as staging:
+def _publish(out_path: Path, tensors: dict[str, torch.Tensor], record: dict, overwrite: bool = False) -> None:
+    with staged_directory(out_path, READER_FILES, overwrite, what="the reader") as staging:
         save_file(tensors, str(staging / TENSORS), metadata={"format": "deltatune", "kind": KIND})
         write_json_atomic(staging / MANIFEST, record)
 

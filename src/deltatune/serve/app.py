@@ -342,7 +342,7 @@ def create_app(engine: MultiTaskModel, settings: ServeSettings):
 
 
 def _version() -> str:
-    from deltatune import __version__
+    from deltatune.version import __version__
 
     return __version__
 

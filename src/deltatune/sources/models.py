@@ -26,9 +26,7 @@ import functools
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,8 @@ import torch
 from safetensors import SafetensorError
 
 from deltatune.errors import DeltatuneError, did_you_mean
+from deltatune.padding import ensure_pad_token
+from deltatune.run_directory import publish_first, staging_directory
 from deltatune.sources.cache import cache_dir, mirror_path
 from deltatune.tasks.spec import TaskSpec
 
@@ -422,14 +422,18 @@ def _sane_max_length(tokenizer: Any, location: str) -> None:
         tokenizer.model_max_length = int(limit)
 
 
+def position_limit(model, tokenizer) -> int | None:
+    """The most tokens the model can take: its position table, or the tokenizer's limit, whichever is smaller."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 1_000_000]
+    return min(limits) if limits else None
+
+
 def _tokenizer_for(source: _Source) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Decoders usually have no pad token; padding with eos is the common convention, and the
-        # attention mask (plus the model's pad_token_id, set from this) keeps it out of the result.
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     _sane_max_length(tokenizer, source.location)
     return tokenizer
@@ -542,7 +546,7 @@ def convert_gguf_to_safetensors(gguf_file: Path, destination: Path) -> Path:
 
     transformers can read GGUF directly, but the loaded model carries a `quantization_config`
     and takes seconds to dequantise on every load; converting once gives a plain directory that
-    loads like any hub download. The result is built in a `.partial-*` directory next to
+    loads like any hub download. The result is built in a `.NAME.partial-*` directory next to
     `destination`, checked (it must reload with exactly the same logits), and renamed into place:
     `destination` either holds the complete conversion or does not exist.
     """
@@ -556,9 +560,7 @@ def convert_gguf_to_safetensors(gguf_file: Path, destination: Path) -> Path:
         return destination
     if not gguf_file.is_file():
         raise DeltatuneError(f"GGUF file {str(gguf_file)!r} does not exist.")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=".partial-", dir=destination.parent))
-    try:
+    with staging_directory(destination, f"the conversion of {gguf_file.name}") as temporary:
         logger.info("Converting %s to safetensors in %s (once)", gguf_file.name, destination)
         source = _Source(str(gguf_file), str(gguf_file.parent), "local")
         try:
@@ -613,13 +615,7 @@ def convert_gguf_to_safetensors(gguf_file: Path, destination: Path) -> Path:
             "dropped": ["quantization_config"],
             "versions": versions,
         }, indent=2) + "\n")
-        try:
-            os.replace(temporary, destination)
-        except OSError:
-            if not destination.is_dir():  # another process finished first: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        publish_first(temporary, destination)
     return destination
 
 
