@@ -113,3 +113,28 @@ def test_the_command_line_reports_to_tensorboard_outside_the_run_directory(tmp_p
 
     assert main(train_args(model_dir, data, tmp_path / "other", "--report-to", "wandb")) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_a_compare_spec_passes_report_to_to_its_cells_without_changing_their_identity(tmp_path):
+    import csv
+
+    from conftest import make_sentiment_rows, save_tiny_model_dir
+    from deltatune.compare.spec import parse_spec, read_spec_file, train_config_for
+
+    save_tiny_model_dir(tmp_path / "tiny-bert", "bert")
+    with open(tmp_path / "toy.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_sentiment_rows(40))
+
+    def cells(train: str):
+        path = tmp_path / "grid.yaml"
+        path.write_text("models: [tiny-bert]\ntasks: [{name: toy, path: toy.csv, text_fields: [text]}]\n"
+                        f"methods: [bitfit]\ntrain: {train}\n", encoding="utf-8")
+        return parse_spec(read_spec_file(path)).cells
+
+    (plain,), (logged,) = cells("{epochs: 1}"), cells("{epochs: 1, report_to: [tensorboard], log_dir: logs}")
+    assert plain.cell_id == logged.cell_id
+    payload = {"train": logged.train, "data_fraction": 1.0, "seed": logged.seed, "time_budget_s": None}
+    config = train_config_for(payload)
+    assert config.report_to == ("tensorboard",) and config.log_dir == "logs"

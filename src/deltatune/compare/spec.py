@@ -782,13 +782,12 @@ def _check_train(value: Any, where: str, problems: list[str]) -> dict:
         problems.append(f"{where}{error}".replace("\n", "\n    "))
         return {}
     resolved = to_jsonable(config)
+    logging_settings = {name: resolved[name] for name in LOGGING_FIELDS if name in overrides}
     for name in (*AXIS_TRAIN_FIELDS, "num_examples", *EXECUTION_ONLY_FIELDS):
         resolved.pop(name, None)
     if "threads" in overrides:  # an explicit thread count is the user's choice, and kept in the record
         resolved["threads"] = config.threads
-    for name in LOGGING_FIELDS:
-        if name in overrides:
-            resolved[name] = to_jsonable(getattr(config, name))
+    resolved.update(logging_settings)
     return resolved
 
 
