@@ -116,16 +116,12 @@ def test_the_command_line_reports_to_tensorboard_outside_the_run_directory(tmp_p
 
 
 def test_a_compare_spec_passes_report_to_to_its_cells_without_changing_their_identity(tmp_path):
-    import csv
-
     from conftest import make_sentiment_rows, save_tiny_model_dir
     from deltatune.compare.spec import parse_spec, read_spec_file, train_config_for
+    from test_cli import write_csv
 
     save_tiny_model_dir(tmp_path / "tiny-bert", "bert")
-    with open(tmp_path / "toy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(40))
+    write_csv(tmp_path / "toy.csv", make_sentiment_rows(40))
 
     def cells(train: str):
         path = tmp_path / "grid.yaml"
