@@ -17,6 +17,7 @@ before the step is taken (`divergence`): the best dev state so far is kept and n
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import resource
@@ -45,6 +46,7 @@ from deltatune.batching import (
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import fast_dropout
 from deltatune.heads import encodes_texts_separately, target_scale
+from deltatune.loggers import ScalarLoggers, missing_logger_packages, open_loggers
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
@@ -130,6 +132,13 @@ class TrainConfig:
     """torch intra-op threads; default: torch's choice (all cores)."""
     quiet: bool = False
     """No progress bar."""
+    report_to: tuple[Literal["tensorboard", "mlflow"], ...] = ()
+    """Also write the training scalars (loss, learning rate, examples/s per step; dev metrics per evaluation;
+    test metrics at the end) to these loggers: tensorboard, mlflow (the `logging` extra). They never change
+    what is trained."""
+    log_dir: str | None = None
+    """Where the loggers write (TensorBoard event files under tensorboard/, an MLflow file store under
+    mlruns/). Default: runs/logs."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -169,6 +178,7 @@ class TrainConfig:
         rungs = self.lr_search_rungs
         if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
             problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")
+        problems += missing_logger_packages(self.report_to)
         if problems:
             raise DeltatuneError("; ".join(problems))
 
@@ -263,6 +273,7 @@ SLANTED_TRIANGULAR_RATIO = 32
 
 
 def _lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (counted from 0) as a fraction of the peak."""
     if schedule == "slanted_triangular":
         cut = max(1, warmup_steps)
         rise = step / cut if step < cut else 1 - (step - cut) / max(1, total_steps - cut)
@@ -272,6 +283,15 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) ->
     if schedule == "constant":
         return 1.0
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, plan: StepPlan, schedule: str
+                ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule over the whole plan as a torch scheduler: it sets each group's rate for step
+    0 now and for the next step at each `step()`, so a paused trainer that holds it resumes on schedule."""
+    factor = functools.partial(_lr_factor, warmup_steps=plan.warmup_steps, total_steps=plan.planned_steps,
+                               schedule=schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def divergence(step: int, loss: float, gradient_norm: torch.Tensor | None, learning_rate: float) -> str | None:
@@ -434,14 +454,46 @@ def still_improving(values: list[float], tolerance: float) -> tuple[bool, float 
     return gain > tolerance, gain
 
 
+@dataclass
+class Meters:
+    """What training has cost so far: optimizer steps' wall seconds and tokens, examples seen, and the seconds
+    spent training and evaluating (evaluation is not training time, so examples/s measures training alone)."""
+
+    examples_seen: int = 0
+    real_tokens: int = 0
+    """Tokens that were text (attention mask 1)."""
+    padded_tokens: int = 0
+    """Tokens computed on, padding included."""
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall seconds of each optimizer step (benchmarks take medians over these)."""
+    step_real_tokens: list[int] = field(default_factory=list)
+
+    def add_micro_batch(self, attention_mask: torch.Tensor) -> None:
+        self.real_tokens += int(attention_mask.sum())
+        self.padded_tokens += attention_mask.numel()
+
+    def add_step(self, seconds: float, examples: int, real_tokens: int) -> None:
+        self.step_seconds.append(seconds)
+        self.step_real_tokens.append(real_tokens)
+        self.examples_seen += examples
+        self.train_time += seconds
+
+    def add_evaluation(self, started: float) -> None:
+        """Count the seconds since `started` (a `time.perf_counter()` reading) as evaluation."""
+        self.eval_time += time.perf_counter() - started
+
+
 class Trainer:
     """The training loop for one model at one learning rate, resumable: `advance(0.25)` trains until a
     quarter of the plan (steps, or the time budget) is done, `advance()` to the end, `finish()` restores the
     best dev state, evaluates it on test and returns the result.
 
-    A paused trainer keeps its batch order, its place in the epoch and its own torch random state, and a
-    pause adds no evaluation to its curve, so several trainers can take turns in one process and each trains
-    and evaluates exactly as it would alone.
+    A paused trainer keeps its batch order, its place in the epoch, its learning-rate scheduler and its own
+    torch random state, and a pause adds no evaluation to its curve, so several trainers can take turns in
+    one process and each trains and evaluates exactly as it would alone. The loggers of `config.report_to`
+    hear every step and evaluation; they only read.
     """
 
     def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData, config: TrainConfig,
@@ -466,8 +518,8 @@ class Trainer:
             raise DeltatuneError(f"Method {method.name!r} left nothing to train on this model.")
         for group in groups:
             group.setdefault("lr", self.learning_rate)
-            group["initial_lr"] = group["lr"]
         self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True)
+        self.scheduler = lr_schedule(self.optimizer, self.plan, config.schedule)
         self.unfreezing = GradualUnfreezing(model, config.unfreeze_every or self.plan.steps_per_epoch) \
             if config.gradual_unfreezing else None
         trainable_ids = {id(p) for p in self.trainable}
@@ -478,12 +530,16 @@ class Trainer:
         self.next_batch = 0
         self.rng_state = _seeded_rng_state(config.seed)
         self.curve: list[dict] = []
-        self.step = self.examples_seen = self.real_tokens = self.padded_tokens = 0
-        self.step_seconds: list[float] = []
-        self.step_real_tokens: list[int] = []
-        self.train_time = self.eval_time = 0.0
+        self.step = 0
+        self.meters = Meters()
         self.stopped_by: str | None = None
         self.diverged: str | None = None
+        self.loggers: ScalarLoggers = open_loggers(
+            config.report_to, config.log_dir, f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}")
+
+    @property
+    def train_time(self) -> float:
+        return self.meters.train_time
 
     @property
     def done(self) -> bool:
@@ -494,7 +550,7 @@ class Trainer:
         """The share of the plan done: steps, or seconds of the time budget, whichever is further along."""
         share = self.step / self.plan.planned_steps
         if self.config.time_budget_s is not None:
-            share = max(share, self.train_time / self.config.time_budget_s)
+            share = max(share, self.meters.train_time / self.config.time_budget_s)
         return share
 
     def advance(self, until: float = 1.0) -> None:
@@ -524,42 +580,48 @@ class Trainer:
         started = time.perf_counter()
         outputs = self._outputs(encoded)
         value = compute_metrics((self.task.metric,), outputs_to_predictions(outputs, self.task), encoded.labels)
-        self.eval_time += time.perf_counter() - started
+        self.meters.add_evaluation(started)
         return value[self.task.metric]
 
-    def _step(self) -> None:
-        """One optimizer step over one batch (in micro-batches when accumulating gradients)."""
-        config = self.config
-        if self.next_batch == len(self.batches):  # a new epoch: a new batch order
+    def _next_batch(self) -> list[int]:
+        """The indices of the next batch; a new epoch gets a new batch order."""
+        if self.next_batch == len(self.batches):
+            config = self.config
             self.batches = (length_bucketed_batches(self.data.train.lengths, config.batch_size, self.batch_order)
                             if config.bucket_by_length else
                             shuffled_batches(len(self.data.train), config.batch_size, self.batch_order))
             self.next_batch = 0
-        indices = self.batches[self.next_batch]
         self.next_batch += 1
-        started = time.perf_counter()
-        factor = _lr_factor(self.step, self.plan.warmup_steps, self.plan.planned_steps, config.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        micro_batch = config.batch_size // config.gradient_accumulation
-        tokens_before = self.real_tokens
+        return self.batches[self.next_batch - 1]
+
+    def _forward_backward(self, indices: list[int]) -> float:
+        """Accumulate the gradients of one batch (in micro-batches); returns its mean loss."""
+        micro_batch = self.config.batch_size // self.config.gradient_accumulation
         loss_total = 0.0
         for start in range(0, len(indices), micro_batch):
             part = indices[start:start + micro_batch]
             batch = collate(self.data.train, part, self.data.pad_token_id, self.task.is_regression)
             labels = batch.pop("labels")
-            with autocast_for(config.precision):
+            with autocast_for(self.config.precision):
                 logits = self.model(**batch).logits
             loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
                 * (len(part) / len(indices))
             loss.backward()
             loss_total += loss.item()
-            self.real_tokens += int(batch["attention_mask"].sum())
-            self.padded_tokens += batch["attention_mask"].numel()
+            self.meters.add_micro_batch(batch["attention_mask"])
+        return loss_total
+
+    def _step(self) -> None:
+        """One optimizer step over one batch (in micro-batches when accumulating gradients)."""
+        indices = self._next_batch()
+        started = time.perf_counter()
+        learning_rate = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves on
+        tokens_before = self.meters.real_tokens
+        loss = self._forward_backward(indices)
         gradient_norm = None
-        if config.max_grad_norm is not None:
-            gradient_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm, foreach=True)
-        self.diverged = divergence(self.step + 1, loss_total, gradient_norm, self.learning_rate)
+        if self.config.max_grad_norm is not None:
+            gradient_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm, foreach=True)
+        self.diverged = divergence(self.step + 1, loss, gradient_norm, self.learning_rate)
         if self.diverged is not None:  # stop before the step: the best dev state so far stays as it was
             self.optimizer.zero_grad(set_to_none=True)
             self.stopped_by = "diverged"
@@ -567,17 +629,18 @@ class Trainer:
         self.optimizer.step()
         # drop the gradients now rather than zeroing them: the memory is not needed until next backward
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         self.step += 1
-        self.examples_seen += len(indices)
         self.method.on_step_end(self.model, self.step, self.plan.planned_steps)
         if self.unfreezing is not None:
             self.unfreezing.update(self.step)
-        self.step_seconds.append(time.perf_counter() - started)
-        self.step_real_tokens.append(self.real_tokens - tokens_before)
-        self.train_time += self.step_seconds[-1]
+        seconds = time.perf_counter() - started
+        self.meters.add_step(seconds, len(indices), self.meters.real_tokens - tokens_before)
+        self.loggers.log({"train/loss": loss, "train/learning_rate": learning_rate,
+                          "train/examples_per_s": len(indices) / seconds if seconds else 0.0}, self.step)
 
     def _check_budgets(self) -> None:
-        if self.config.time_budget_s is not None and self.train_time >= self.config.time_budget_s:
+        if self.config.time_budget_s is not None and self.meters.train_time >= self.config.time_budget_s:
             self.stopped_by = "time_budget"
         elif self.step >= self.plan.planned_steps:
             self.stopped_by = self.plan.ends_by
@@ -587,9 +650,10 @@ class Trainer:
         started = time.perf_counter()
         outputs = self._outputs(self.data.dev)
         metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.dev.labels)
-        self.eval_time += time.perf_counter() - started
-        self.curve.append({"step": self.step, "examples_seen": self.examples_seen,
-                           "train_time_s": round(self.train_time, 3), "metrics": metrics})
+        self.meters.add_evaluation(started)
+        self.curve.append({"step": self.step, "examples_seen": self.meters.examples_seen,
+                           "train_time_s": round(self.meters.train_time, 3), "metrics": metrics})
+        self.loggers.log({f"dev/{name}": value for name, value in metrics.items()}, self.step)
         self.best.offer(metrics[self.task.metric], self.step, metrics, outputs)
         patience = self.config.early_stopping_patience
         if not self.done and patience is not None and self.best.evaluations_since >= patience:
@@ -609,31 +673,43 @@ class Trainer:
                     desc=f"{self.method.name} on {self.task.name} at lr {self.learning_rate:g}", file=sys.stderr)
 
     def close(self) -> None:
-        """Undo the training-time changes to the model (fast dropout, bf16 frozen weights)."""
+        """Undo the training-time changes to the model (fast dropout, bf16 frozen weights); close the loggers."""
+        self._undo_training_changes()
+        self.loggers.close()
+
+    def _undo_training_changes(self) -> None:
         if self.unfreezing is not None:
             self.unfreezing.finish()
         self.contexts.close()
 
+    def _test(self) -> tuple[dict[str, float] | None, np.ndarray | None]:
+        """The kept state's metrics and outputs on test (None, None when the task has no test split)."""
+        if self.data.test is None:
+            return None, None
+        started = time.perf_counter()
+        outputs = self._outputs(self.data.test)
+        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.test.labels)
+        self.meters.add_evaluation(started)
+        self.loggers.log({f"test/{name}": value for name, value in metrics.items()}, self.step)
+        return metrics, outputs
+
     def finish(self) -> TrainResult:
         """Leave the model holding its best dev state, evaluate that state on test, and say how it went."""
-        self.close()
+        self._undo_training_changes()
         self.best.restore()
         self.model.eval()
-        test_metrics = test_outputs = None
-        if self.data.test is not None:
-            started = time.perf_counter()
-            test_outputs = self._outputs(self.data.test)
-            test_metrics = compute_metrics(self.task.metrics, outputs_to_predictions(test_outputs, self.task),
-                                           self.data.test.labels)
-            self.eval_time += time.perf_counter() - started
+        try:
+            test_metrics, test_outputs = self._test()
+        finally:
+            self.loggers.close()
         rising, gain = still_improving([point["metrics"][self.task.metric] for point in self.curve],
                                        self.config.convergence_tolerance)
-        width = self.task.num_labels
+        width, meters = self.task.num_labels, self.meters
         return TrainResult(
             best_metrics=self.best.metrics, best_step=self.best.step, steps=self.step,
-            examples_seen=self.examples_seen, real_tokens_seen=self.real_tokens, padded_tokens_seen=self.padded_tokens,
-            train_time_s=self.train_time, eval_time_s=self.eval_time, stopped_by=self.stopped_by or "paused",
-            num_train_examples=len(self.data.train),
+            examples_seen=meters.examples_seen, real_tokens_seen=meters.real_tokens,
+            padded_tokens_seen=meters.padded_tokens, train_time_s=meters.train_time, eval_time_s=meters.eval_time,
+            stopped_by=self.stopped_by or "paused", num_train_examples=len(self.data.train),
             num_truncated={"train": self.data.train.num_truncated, "dev": self.data.dev.num_truncated,
                            **({"test": self.data.test.num_truncated} if self.data.test is not None else {})},
             learning_rate=self.learning_rate, planned_steps=self.plan.planned_steps, converged=not rising,
@@ -641,8 +717,8 @@ class Trainer:
             best_dev_outputs=self.best.outputs if self.best.outputs is not None else np.zeros((0, width), np.float32),
             dev_labels=list(self.data.dev.labels), test_metrics=test_metrics, test_outputs=test_outputs,
             test_labels=list(self.data.test.labels) if self.data.test is not None else None,
-            target_scale=self.data.target_scale, step_seconds=self.step_seconds,
-            step_real_tokens=self.step_real_tokens, precision=self.config.precision, diverged=self.diverged)
+            target_scale=self.data.target_scale, step_seconds=meters.step_seconds,
+            step_real_tokens=meters.step_real_tokens, precision=self.config.precision, diverged=self.diverged)
 
 
 def _seeded_rng_state(seed: int) -> torch.Tensor:

@@ -87,9 +87,12 @@ TOP_LEVEL_KEYS = (*AXES, "title", "description", "grids", "keep_deltas", "baseli
 AXIS_TRAIN_FIELDS = {"data_fraction": "fractions", "seed": "seeds", "time_budget_s": "time_budgets"}
 """TrainConfig fields that are grid axes, and the spec key to use instead."""
 
-EXECUTION_ONLY_FIELDS = ("quiet", "threads")
+EXECUTION_ONLY_FIELDS = ("quiet", "threads", "report_to", "log_dir")
 """TrainConfig fields that change how a cell runs but not what it computes: left out of its identity.
 (threads is chosen per machine and --jobs; results match to float rounding.)"""
+
+LOGGING_FIELDS = ("report_to", "log_dir")
+"""Execution-only fields a cell still runs with when the spec sets them (where its training scalars go)."""
 
 LOCAL_TASK_KEYS = ("name", "path", "text_fields", "label_field", "labels", "regression", "metric",
                    "dev_path", "test_path", "max_train_examples")
@@ -255,7 +258,8 @@ def cell_identity(model: str, task: TaskEntry, method: MethodVariant, train: dic
         "max_train_examples": task.max_train_examples,
         "method": method.method,
         "method_config": method.resolved_config,
-        "train": {**train, "data_fraction": float(data_fraction), "seed": int(seed),
+        "train": {**{k: v for k, v in train.items() if k not in LOGGING_FIELDS},
+                  "data_fraction": float(data_fraction), "seed": int(seed),
                   "time_budget_s": None if time_budget_s is None else float(time_budget_s)},
     }
 
@@ -778,10 +782,12 @@ def _check_train(value: Any, where: str, problems: list[str]) -> dict:
         problems.append(f"{where}{error}".replace("\n", "\n    "))
         return {}
     resolved = to_jsonable(config)
+    logging_settings = {name: resolved[name] for name in LOGGING_FIELDS if name in overrides}
     for name in (*AXIS_TRAIN_FIELDS, "num_examples", *EXECUTION_ONLY_FIELDS):
         resolved.pop(name, None)
     if "threads" in overrides:  # an explicit thread count is the user's choice, and kept in the record
         resolved["threads"] = config.threads
+    resolved.update(logging_settings)
     return resolved
 
 
