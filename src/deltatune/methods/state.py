@@ -610,7 +610,8 @@ class _RowwiseModule:
         values = [self._values(name) for name in names]
         weight = getattr(self.module, "weight", None)
         if (isinstance(self.module, nn.Linear) and "bias" in self.leaves
-                and all(group.get("weight", weight.data) is weight.data for group in values)
+                # `.data` is a new tensor object on every access: the storage says whether it is the same weight
+                and all("weight" not in group or group["weight"].data_ptr() == weight.data_ptr() for group in values)
                 and all(group["bias"].shape == self.module.bias.shape for group in values)):
             return "bias", torch.stack([group["bias"].to(weight.dtype) for group in values])
         if isinstance(self.module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
@@ -620,7 +621,7 @@ class _RowwiseModule:
             return "norm", {leaf: torch.stack([group[leaf] for group in values]) for leaf in self.leaves}
         sets: dict[tuple, tuple[dict, list[int]]] = {}
         for group, group_values in enumerate(values):
-            key = tuple(id(value) for value in group_values.values())
+            key = tuple(value.data_ptr() for value in group_values.values())
             sets.setdefault(key, (group_values, []))[1].append(group)
         return "groups", list(sets.values())
 
