@@ -188,3 +188,10 @@ def test_a_tie_between_models_that_predict_one_class_is_no_evidence(experiment, 
     sentence = next(c for c in claims(analysis) if c.startswith("**bitfit**") and "data amounts" in c)
     assert "no evidence either way on alpha at 10% of the data" in sentence
     assert "held on alpha at 10%" not in sentence and "alpha at 10% of the data (worse" not in sentence
+
+
+def test_markdown_export_keeps_small_learning_rates_readable():
+    from deltatune.compare.results import _markdown_value
+
+    assert [_markdown_value(v) for v in (5e-05, 0.0001, 0.003, 0.8529, 0.0, 12345.6)] == \
+        ["5e-05", "0.0001", "0.003", "0.8529", "0.0000", "12346"]

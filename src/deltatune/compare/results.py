@@ -62,6 +62,8 @@ def _markdown_value(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
+        if value and abs(value) < 0.01:  # learning rates: four decimals would print 5e-05 as 0.0001
+            return f"{value:.3g}"
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
