@@ -264,5 +264,31 @@ def foreign_head(manifest: dict, directory, what: str) -> str | None:
             "last for decoders).")
 
 
-__all__ = ["foreign_head", "HEAD_KINDS", "POOLINGS", "HeadConfig", "PooledTaskModel", "build_task_model", "declared_pooling",
+def shared_head(run_dirs: list[Path], manifests: list[dict], what: str = "load_many",
+                allow_bi_encoder: bool = False) -> dict:
+    """The one head every delta was trained with (kind and pooling): the shared forward pass reads it.
+
+    Deltas trained with different heads (a [CLS] classifier beside a mean-pooled one) would need
+    different forward passes of the base, so they are refused, naming the runs; so are bi-encoders,
+    whose batches hold two rows per input, unless `allow_bi_encoder` (a merge, which runs no batch)."""
+    heads: dict[tuple[str, str], list[str]] = {}
+    for directory, manifest in zip(run_dirs, manifests):
+        head = manifest.get("head") or LEGACY_HEAD
+        if head.get("transformers_head", False):  # the model family's own head, however it was recorded
+            head = LEGACY_HEAD
+        heads.setdefault((head["kind"], head["pooling"]), []).append(str(directory))
+    if len(heads) > 1:
+        listing = "; ".join(f"{kind} pooling by {pooling}: {', '.join(dirs)}" for (kind, pooling), dirs in heads.items())
+        raise DeltatuneError(f"These deltas were trained with {len(heads)} different heads ({listing}); {what} takes "
+                             "deltas of one head. Give each group on its own, or train them with one --head and "
+                             "--pooling.")
+    (kind, pooling), dirs = next(iter(heads.items()))
+    if kind == "bi-encoder" and not allow_bi_encoder:
+        raise DeltatuneError(f"{dirs[0]} was trained with a bi-encoder head (each text of a pair encoded alone), which "
+                             f"{what} does not serve yet. Use deltatune.load for it, or train with --head "
+                             "cross-encoder.")
+    return {"kind": kind, "pooling": pooling}
+
+
+__all__ = ["shared_head", "foreign_head", "HEAD_KINDS", "POOLINGS", "HeadConfig", "PooledTaskModel", "build_task_model", "declared_pooling",
            "encodes_texts_separately", "head_of", "native_pooling", "pool", "resolve_head", "target_scale"]

@@ -158,7 +158,7 @@ def read_sources(run_dirs: list[str | Path]) -> list[Source]:
     if len(run_dirs) < 2:
         raise DeltatuneError(f"deltatune merge needs at least two run directories, got {len(run_dirs)}.")
     sources = [Source(Path(directory), read_manifest(directory), read_tensors(Path(directory))) for directory in run_dirs]
-    from deltatune.serve.multi import shared_head
+    from deltatune.heads import shared_head
 
     shared_head([source.directory for source in sources], [source.manifest for source in sources], "deltatune merge",
                 allow_bi_encoder=True)

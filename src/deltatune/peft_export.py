@@ -34,6 +34,7 @@ from torch import nn
 
 from deltatune.delta import TunedModel, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
+from deltatune.heads import foreign_head
 from deltatune.methods import Method, build_method
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,22 +58,14 @@ def export_peft(source: str | Path | TunedModel, out_dir: str | Path, *,
         manifest = read_manifest(Path(source))
         method = build_method(manifest["method"], manifest["method_config"])
         tensors = read_tensors(Path(source))
-    _check_head(manifest)
+    problem = foreign_head(manifest, getattr(source, "directory", source),
+                           "PEFT (it loads the adapter onto transformers' own AutoModelForSequenceClassification)")
+    if problem is not None:
+        raise DeltatuneError(problem)
     labels = tuple(manifest.get("task", {}).get("labels", ()))
     return _write_adapter(method, tensors, Path(out_dir),
                           base_model_name_or_path or loadable_base_name(manifest["base_model"]["name"]),
                           overwrite, labels, manifest.get("target_scale"))
-
-
-def _check_head(manifest: dict) -> None:
-    """PEFT rebuilds transformers' own classification head; a delta trained with another head would load wrong."""
-    head = manifest.get("head") or {}
-    if not head.get("transformers_head", True):
-        raise DeltatuneError(
-            f"This delta was trained with a {head.get('kind')} head pooling by {head.get('pooling')}, which "
-            "transformers' AutoModelForSequenceClassification (what PEFT loads the adapter onto) does not have, "
-            "so PEFT would give different outputs. Train with the model's native head (--head cross-encoder "
-            "--pooling cls for BERT-family models, last for decoders) to export to PEFT.")
 
 
 def write_peft_adapter(model: nn.Module, method: Method, out_dir: str | Path, base_model_name_or_path: str | None = None,

@@ -335,34 +335,6 @@ def check_example(example, task: TaskSpec, field: str) -> tuple[str, ...]:
     return tuple(texts)
 
 
-def shared_head(run_dirs: list[Path], manifests: list[dict], what: str = "load_many",
-                allow_bi_encoder: bool = False) -> dict:
-    """The one head every delta was trained with (kind and pooling): the shared forward pass reads it.
-
-    Deltas trained with different heads (a [CLS] classifier beside a mean-pooled one) would need
-    different forward passes of the base, so they are refused, naming the runs; so are bi-encoders,
-    whose batches hold two rows per input, unless `allow_bi_encoder` (a merge, which runs no batch)."""
-    from deltatune.heads import LEGACY_HEAD
-
-    heads: dict[tuple[str, str], list[str]] = {}
-    for directory, manifest in zip(run_dirs, manifests):
-        head = manifest.get("head") or LEGACY_HEAD
-        if head.get("transformers_head", False):  # the model family's own head, however it was recorded
-            head = LEGACY_HEAD
-        heads.setdefault((head["kind"], head["pooling"]), []).append(str(directory))
-    if len(heads) > 1:
-        listing = "; ".join(f"{kind} pooling by {pooling}: {', '.join(dirs)}" for (kind, pooling), dirs in heads.items())
-        raise DeltatuneError(f"These deltas were trained with {len(heads)} different heads ({listing}); {what} takes "
-                             "deltas of one head. Give each group on its own, or train them with one --head and "
-                             "--pooling.")
-    (kind, pooling), dirs = next(iter(heads.items()))
-    if kind == "bi-encoder" and not allow_bi_encoder:
-        raise DeltatuneError(f"{dirs[0]} was trained with a bi-encoder head (each text of a pair encoded alone), which "
-                             f"{what} does not serve yet. Use deltatune.load for it, or train with --head "
-                             "cross-encoder.")
-    return {"kind": kind, "pooling": pooling}
-
-
 def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None,
               base: str | None = None) -> MultiTaskModel:
     """Load the base model once and attach every delta of `run_dirs`, each under its own name.
@@ -384,6 +356,8 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
         if len(names) != len(run_dirs) or len(set(names)) != len(names):
             raise DeltatuneError(f"names={names!r} must give one distinct name per run directory ({len(run_dirs)}).")
     manifests = [read_manifest(directory) for directory in run_dirs]
+    from deltatune.heads import shared_head
+
     head = shared_head(run_dirs, manifests)
     by_fingerprint: dict[str, list[str]] = {}
     for directory, manifest in zip(run_dirs, manifests):
