@@ -1,16 +1,20 @@
 """FreeLM diagnostic run: the teacher loss and the seen-task dev accuracy (best-scoring proposition, template 0)
 printed every --every steps. `python benchmarks/freelm_curve.py --method bitfit --loss contrastive --lr 1e-3`
 (THREADS=1 by default; the numbers in docs/results/freelm-diagnosis.json came from it)."""
-import argparse, json, time
+import argparse
+import json
+import time
+
 import torch
-from deltatune.freelm.config import FreeLMConfig
+
 from deltatune.freelm.artifact import prepare_freelm_model
-from deltatune.freelm.training import train_freelm, seen_task_metrics
+from deltatune.freelm.config import FreeLMConfig
+from deltatune.freelm.training import seen_task_metrics, train_freelm
 from deltatune.methods import build_method
 from deltatune.precision import resolve_precision
 from deltatune.sources.data import load_task_data, load_text_corpus
 from deltatune.sources.models import load_causal_lm
-from deltatune.training import seed_everything, peak_memory_bytes
+from deltatune.training import peak_memory_bytes, seed_everything
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tasks", default="rotten-tomatoes")

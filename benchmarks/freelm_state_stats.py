@@ -1,11 +1,15 @@
 """`python benchmarks/freelm_state_stats.py`: statistics of SmolLM2-135M's last-token states on 256 FreeLM training propositions (the head's input)."""
-import json, torch
+import json
+
+import torch
+
 from deltatune.freelm.config import FreeLMConfig
 from deltatune.freelm.model import build_freelm_model
-from deltatune.freelm.training import build_proposition_set, last_token_states
 from deltatune.freelm.scoring import encode_propositions
+from deltatune.freelm.training import build_proposition_set, last_token_states
 from deltatune.sources.data import load_task_data
 from deltatune.sources.models import load_causal_lm
+
 torch.set_num_threads(1)
 config = FreeLMConfig(max_examples_per_task=200)
 data = [load_task_data(t) for t in config.train_tasks]

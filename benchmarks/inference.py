@@ -34,9 +34,9 @@ def main() -> None:
     import torch
     from transformers import pipeline
 
+    from deltatune.batching import encode, predict_encoded
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_model_for_task
-    from deltatune.batching import encode, predict_encoded
 
     data = load_task_data(args.task)
     task = data.task

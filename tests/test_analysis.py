@@ -9,8 +9,8 @@ import torch
 
 from conftest import build_tiny_model
 from deltatune.analysis import (
-    angle_degrees,
     analyze_run,
+    angle_degrees,
     comparison_basis,
     format_report,
     layer_distances,
@@ -198,7 +198,7 @@ def test_analyze_run_of_a_full_fine_tuning_delta(tmp_path, tiny_bert_dir):
 
 def test_analyze_run_of_a_layernorm_delta_moves_only_norms(tmp_path, tiny_llama_dir):
     def move_norms(model, method):
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1)
 

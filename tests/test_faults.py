@@ -91,7 +91,7 @@ def test_kill_9_while_saving_leaves_a_staging_directory_the_next_run_removes(wor
     AutoModel.from_config(tiny_bert_config(hidden_size=256, intermediate_size=2048, num_hidden_layers=4)
                           ).save_pretrained(tmp_path / "wide")
     out = tmp_path / "run"
-    for attempt in range(5):
+    for _ in range(5):
         process = start(train_command(workspace, out, "--method", "full", "--max-steps", "1", model=tmp_path / "wide"))
         caught = False
         while process.poll() is None:

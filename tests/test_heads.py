@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tokenizer, save_tiny_model_dir
 from deltatune.batching import collate, encode
 from deltatune.errors import DeltatuneError
 from deltatune.heads import PooledTaskModel, declared_pooling, head_of, pool, resolve_head
@@ -96,9 +95,10 @@ def write_pairs(path, count, seed):
 
 @pytest.mark.parametrize("kind,pooling", [("bi-encoder", "mean"), ("cross-encoder", "mean")])
 def test_head_is_saved_and_reloaded_with_the_delta(tmp_path, tiny_bert_dir, kind, pooling):
+    from safetensors.numpy import load_file
+
     import deltatune
     from deltatune.run import load_data_from_record
-    from safetensors.numpy import load_file
 
     data = deltatune.data_record("pairs", local={"path": str(write_pairs(tmp_path / "pairs.csv", 200, 0)),
                                                  "text_fields": ["a", "b"], "label_field": "score",
@@ -134,12 +134,12 @@ def test_peft_export_refuses_a_head_peft_cannot_rebuild(tmp_path, tiny_bert_dir)
 
 
 def test_untrained_bi_encoder_is_the_embedding_cosine_baseline(tmp_path, tiny_bert_dir):
+    import deltatune
     from deltatune.baselines import run_baseline
     from deltatune.batching import predict_encoded, to_task_units
     from deltatune.heads import target_scale
     from deltatune.methods import build_method, prepare_model
     from deltatune.run import load_data_from_record
-    import deltatune
 
     data = load_data_from_record(deltatune.data_record(
         "pairs", local={"path": str(write_pairs(tmp_path / "pairs.csv", 100, 2)), "text_fields": ["a", "b"],

@@ -11,9 +11,9 @@ from deltatune.config import to_jsonable
 from deltatune.critical_layers import resolve_critical_layers
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
-from deltatune.methods.layers import layer_layout, resolve_layer_indices
 from deltatune.methods.common import head_names
 from deltatune.methods.freeze import selected_layers
+from deltatune.methods.layers import layer_layout, resolve_layer_indices
 from deltatune.methods.sparse_mask import (
     MaskedLinear,
     MaskScores,

@@ -13,7 +13,6 @@ from deltatune.methods import build_method, prepare_model
 from deltatune.training import TrainConfig, _lr_factor, plan_steps, train
 from test_training import SENTIMENT, sentiment_splits
 
-
 needs_logging_extra = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("mlflow") is None,
     reason="the logging extra is not installed")

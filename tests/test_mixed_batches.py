@@ -64,7 +64,7 @@ def check_rows(mixed, alone, rows):
     for row, name in enumerate(rows):
         expected = alone[name][row]
         torch.testing.assert_close(mixed[row, :expected.shape[-1]], expected, rtol=0, atol=2e-5,
-                                   msg=lambda message: f"row {row} ({name}): {message}")
+                                   msg=lambda message, row=row, name=name: f"row {row} ({name}): {message}")
 
 
 @pytest.mark.parametrize("kind", KINDS)

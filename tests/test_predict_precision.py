@@ -3,8 +3,8 @@
 import torch
 
 from conftest import build_tiny_model, build_tokenizer
-from deltatune.tasks.spec import Split
 from deltatune.batching import encode, predict_encoded
+from deltatune.tasks.spec import Split
 from test_training import SENTIMENT
 
 

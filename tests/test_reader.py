@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, tiny_llama_config
-from test_freelm import one_thread  # noqa: F401 (an autouse fixture: tiny models run fastest on one thread)
 from deltatune.errors import DeltatuneError
 from deltatune.reader.cloze import BLANK, ClozeConfig, detokenize, load_wikitext_cloze
 from deltatune.reader.config import ReaderConfig
@@ -23,6 +22,7 @@ from deltatune.reader.data import (
 from deltatune.reader.model import frozen_weights_digest
 from deltatune.reader.pipeline import FrozenReader, answer_questions, score_answers, train_reader
 from deltatune.reader.retrieval import BM25Index
+from test_freelm import one_thread  # noqa: F401 (an autouse fixture: tiny models run fastest on one thread)
 
 
 def tiny_causal_lm(seed=0):
@@ -223,8 +223,8 @@ def test_reader_config_collects_problems():
 
 
 def test_cli_trains_and_evaluates_against_a_closed_book_prompt(tmp_path, capsys, monkeypatch):
-    from deltatune.cli import main
     import deltatune.reader.artifact as artifact
+    from deltatune.cli import main
 
     model_dir = tmp_path / "tiny"
     tiny_causal_lm(seed=5).save_pretrained(model_dir)

@@ -176,8 +176,8 @@ WRITERS = {"freelm": (train_freelm, ("delta.safetensors", "deltatune.json", "run
 
 @pytest.fixture
 def causal_model(tmp_path, offline_data):
-    from test_freelm import tiny_causal_lm
     from conftest import build_tokenizer
+    from test_freelm import tiny_causal_lm
 
     path = tmp_path / "tiny-causal"
     tiny_causal_lm(seed=5).save_pretrained(path)

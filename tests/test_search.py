@@ -92,7 +92,7 @@ def test_candidates_come_from_the_spec_or_the_method():
         TrainConfig(lr_search=(0.0,))
 
 
-def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):
+def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: F811 - the fixture imported above
     from deltatune.run import run_training
 
     model, data = local

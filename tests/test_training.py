@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, build_tokenizer, make_sentiment_rows
+from deltatune.batching import collate, encode, length_bucketed_batches, stratified_subset
 from deltatune.methods import build_method, prepare_model
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.batching import collate, encode, length_bucketed_batches, stratified_subset
 from deltatune.training import TrainConfig, train
 
 SENTIMENT = TaskSpec("toy-sentiment", ("text",), ("negative", "positive"), metric="accuracy",

@@ -27,8 +27,8 @@ import torch
 
 from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.metrics import compute_metrics
-from deltatune.tasks.spec import Split, TaskData, TaskSpec
 from deltatune.padding import padding_id
+from deltatune.tasks.spec import Split, TaskData, TaskSpec
 
 BASELINES = ("majority", "embedding-cosine", "zero-shot", "few-shot")
 SEEDED = frozenset({"few-shot"})
@@ -126,13 +126,17 @@ def _embedding_cosine(model_name: str, task: TaskSpec, splits: dict[str, Split],
 def _prompting(model_name: str, task: TaskSpec, train: Split, splits: dict[str, Split], shots: int,
                seed: int) -> tuple[dict[str, np.ndarray], dict]:
     """Verbaliser scoring by the base decoder (`deltatune.freelm.scoring`), zero-shot or with `shots` examples."""
-    from deltatune.freelm.scoring import choose_demonstrations, demonstration_prefix, predictions_from_scores
-    from deltatune.freelm.scoring import verbaliser_scores
+    from transformers import AutoConfig
+
+    from deltatune.freelm.scoring import (
+        choose_demonstrations,
+        demonstration_prefix,
+        predictions_from_scores,
+        verbaliser_scores,
+    )
     from deltatune.heads import is_encoder
     from deltatune.sources.models import load_causal_lm, resolve_model
     from deltatune.tasks.propositions import propositions_for
-
-    from transformers import AutoConfig
 
     if is_encoder(AutoConfig.from_pretrained(resolve_model(model_name))):
         raise DeltatuneError(f"Prompting baselines need a decoder (a causal language model); {model_name!r} is an "

@@ -19,7 +19,6 @@ from deltatune.metrics import compute_metrics
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 
-
 SECOND_TEXT = "second_input_ids"
 """For a bi-encoder, the second text of each pair, tokenised on its own (`input_ids` holds the first)."""
 
@@ -36,7 +35,7 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: list[int]) -> "Encoded":
+    def subset(self, indices: list[int]) -> Encoded:
         return Encoded({key: [rows[i] for i in indices] for key, rows in self.features.items()},
                        [self.labels[i] for i in indices])
 

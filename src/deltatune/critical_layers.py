@@ -31,8 +31,6 @@ def resolve_critical_layers(method: Method, model: nn.Module) -> None:
 
 def critical_layers(model: nn.Module, run_dir: str, count: int, metric: str) -> list[int]:
     """The `count` transformer layers that moved most in the run at `run_dir`, by `metric`."""
-    from deltatune.analysis import RANK_KEYS, analyze_run
-
     if not Path(run_dir).is_dir():
         raise DeltatuneError(f"method.critical_from={run_dir!r} is not a directory. Point it at the --out "
                              "directory of a finished full fine-tuning run on the same base model.")

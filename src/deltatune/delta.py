@@ -26,8 +26,8 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, build_method, prepare_model
 from deltatune.methods.common import head_names
-from deltatune.tasks.spec import TaskSpec
 from deltatune.padding import padding_id
+from deltatune.tasks.spec import TaskSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "deltatune.json"
@@ -199,9 +199,9 @@ class TunedModel:
         Each result is {'label': name, 'probabilities': {name: p}} for classification, or
         {'score': value} for regression.
         """
-        from deltatune.tasks.spec import Split
         from deltatune.batching import encode, predict_encoded, to_task_units
         from deltatune.heads import encodes_texts_separately
+        from deltatune.tasks.spec import Split
 
         _check_run_options(batch_size, precision)
         columns = [_text_column(t, position) for position, t in enumerate(texts, 1)]
@@ -256,10 +256,10 @@ class TunedModel:
         a split re-made from changed data could overlap the training rows. `data_changed_ok=True`
         evaluates anyway.
         """
-        from deltatune.metrics import compute_metrics
-        from deltatune.sources.records import check_data_unchanged, load_data_from_record, recorded_data
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
         from deltatune.heads import encodes_texts_separately
+        from deltatune.metrics import compute_metrics
+        from deltatune.sources.records import check_data_unchanged, load_data_from_record, recorded_data
 
         if not isinstance(split, str):
             raise DeltatuneError(f"split must be 'train', 'dev' or 'test', got {type(split).__name__} {split!r}.")

@@ -11,6 +11,7 @@ from deltatune.delta import json_text
 from deltatune.run import data_record, run_training, summarize
 from deltatune.training import TrainConfig
 
+
 def comparison_table(records: list[dict]) -> str:
     metrics = list(records[0]["dev_metrics"])
     header = ["method", "trainable params", "%", *[f"dev {m}" for m in metrics], "train s", "examples/s",

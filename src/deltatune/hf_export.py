@@ -30,10 +30,9 @@ EXPORT_RECORD = "deltatune_export.json"
 def export_hf(run_dir: str | Path, out: str | Path, *, base: str | None = None, overwrite: bool = False) -> Path:
     """Write the run `run_dir` as a plain transformers model directory `out`; returns `out`."""
     import deltatune
-    from deltatune.methods.state import sites
-
     from deltatune.delta import read_manifest
     from deltatune.heads import foreign_head
+    from deltatune.methods.state import sites
 
     out = Path(out)
     _check_destination(out, overwrite)
@@ -109,8 +108,8 @@ def _plain_model(tuned):
 
 
 def _write_provenance(directory: Path, tuned, run_dir: Path) -> None:
-    from deltatune.model_card import write_model_card
     from deltatune.delta import write_json_atomic
+    from deltatune.model_card import write_model_card
 
     manifest = tuned.manifest
     write_json_atomic(directory / EXPORT_RECORD, {

@@ -42,8 +42,8 @@ from safetensors.torch import save_file
 
 from deltatune.delta import MANIFEST, TENSORS, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
-from deltatune.run_directory import staged_directory
 from deltatune.padding import padding_id
+from deltatune.run_directory import staged_directory
 
 HOWS = ("linear", "task-arithmetic", "ties", "dare", "dare-ties")
 DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5, "dare-ties": 0.5}
@@ -362,10 +362,9 @@ def _directory_name(task_name: str, taken: list[Path]) -> str:
 def load_checked_base(manifest: dict):
     """The base model a delta records, loaded and checked against its weight fingerprint."""
     from deltatune.delta import fingerprint_backbone
+    from deltatune.heads import LEGACY_HEAD
     from deltatune.sources.models import load_model_for_task
     from deltatune.tasks.spec import TaskSpec
-
-    from deltatune.heads import LEGACY_HEAD
 
     head = manifest.get("head") or LEGACY_HEAD
     model, _ = load_model_for_task(manifest["base_model"]["name"], TaskSpec.from_dict(manifest["task"]),

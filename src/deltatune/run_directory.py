@@ -138,7 +138,7 @@ class TargetLock:
         self.path = out.parent / f".{out.name}{LOCK_SUFFIX}"
         self.handle = None
 
-    def acquire(self) -> "TargetLock":
+    def acquire(self) -> TargetLock:
         try:
             import fcntl  # noqa: F401  (what lock_or_holder uses)
         except ImportError:  # no flock (Windows): the staging rename still keeps each run whole

@@ -285,7 +285,7 @@ def test_non_utf8_file_says_where_and_how_to_re_encode(tmp_path, cache_untouched
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.csv"
-    path.write_bytes(b"\xef\xbb\xbf" + "text,label\n".encode() + b"".join(
+    path.write_bytes(b"\xef\xbb\xbf" + b"text,label\n" + b"".join(
         f"caf\u00e9 {i},{i % 2}\n".encode() for i in range(20)))
     data = load_local_data(path, ("text",))
     assert data.task.labels == ("0", "1") and any(t[0].startswith("caf\u00e9") for t in data.splits["train"].texts)

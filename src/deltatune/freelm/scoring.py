@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from deltatune.batching import Encoded, predict_encoded
 from deltatune.freelm.model import PROPOSITION_TASK, TRUE_INDEX, FreeLMModel
 from deltatune.methods.prompts import cache_keyword
 from deltatune.metrics import compute_metrics
+from deltatune.padding import padding_id
 from deltatune.tasks.propositions import TaskPropositions
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.batching import Encoded, predict_encoded
-from deltatune.padding import padding_id
 
 FIELD_TOKENS_RESERVED = 48
 """Tokens kept free for a proposition's frame and answer when its input texts are shortened."""
@@ -145,7 +145,7 @@ def verbaliser_scores(causal_lm: nn.Module, tokenizer, propositions: TaskProposi
         chunk = [sequences[s] for s in order[start:start + batch_size]]
         hidden, lengths = _hidden_states(backbone, [ids for _, ids, _ in chunk], prefix_cache, prefix_length,
                                          padding_id(tokenizer))
-        for row, (example, ids, candidate) in enumerate(chunk):
+        for row, (example, _, candidate) in enumerate(chunk):
             if candidate is None:
                 log_probs = torch.log_softmax(lm_head(hidden[row, lengths[row] - 1]).float(), dim=-1)
                 for c, verbaliser in enumerate(verbalisers):

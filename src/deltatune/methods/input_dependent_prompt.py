@@ -126,7 +126,7 @@ class ExternalEncoder(nn.Module):
     def width(self) -> int:
         return self.model.config.hidden_size
 
-    def train(self, mode: bool = True) -> "ExternalEncoder":
+    def train(self, mode: bool = True) -> ExternalEncoder:
         super().train(mode)
         self.model.eval()  # frozen means no dropout either: the same input always gets the same states
         return self

@@ -155,7 +155,7 @@ class MaskedLinear(nn.Linear, DeltaSite):
     """
 
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> "MaskedLinear":
+    def wrap(cls, linear: nn.Linear) -> MaskedLinear:
         linear.__class__ = cls  # not a new module: nn.Linear.__init__ would allocate and initialise a new weight
         linear.init_site()
         linear._merged_values = None  # the pretrained values of the zeroed entries while merged

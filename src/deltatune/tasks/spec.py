@@ -57,7 +57,7 @@ class TaskSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TaskSpec":
+    def from_dict(cls, data: dict) -> TaskSpec:
         data = dict(data)
         data["text_fields"] = tuple(data["text_fields"])
         data["labels"] = tuple(data.get("labels", ()))
@@ -81,7 +81,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices) -> "Split":
+    def subset(self, indices) -> Split:
         return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices])
 
 
