@@ -19,13 +19,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.common import head_names
-from deltatune.methods.state import DeltaSite, canonical_path
+from deltatune.methods.state import DeltaSite, PartT, SiteT, canonical_path
 
 REGEX_PREFIX = "re:"
 REGEX_CHARACTERS = frozenset("*+?[](){}|^$\\")
@@ -90,10 +91,13 @@ def backbone_linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return layers
 
 
-class WrappedLinear(DeltaSite):
+class WrappedLinear(DeltaSite[PartT]):
     """A site around a linear layer (kept as `base_layer`, frozen, not copied): reads like the layer."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    # the layer itself, or another method's site around it (which reads like the layer in turn)
+    base_layer: nn.Linear | WrappedLinear[Any]
+
+    def __init__(self, base_layer: nn.Linear | WrappedLinear[Any]) -> None:
         super().__init__(base_layer)
 
     @property
@@ -121,14 +125,25 @@ class WrappedLinear(DeltaSite):
         return f"active={self.active_delta!r}, merged={self.merged_delta!r}"
 
 
-class AddedUpdateLinear(WrappedLinear):
+class WeightUpdate(nn.Module):
+    """A delta's part that adds an update linear in the layer's input, which can be written as a matrix."""
+
+    def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The update as a matrix of W's shape, in `dtype`."""
+        raise NotImplementedError
+
+
+UpdateT = TypeVar("UpdateT", bound=WeightUpdate)
+
+
+class AddedUpdateLinear(WrappedLinear[UpdateT], Generic[UpdateT]):
     """A wrapped layer whose delta parts each add an update linear in the input: h = W x + b + part's term.
 
     A subclass says what its part adds (`added`); the part's `delta_weight(dtype)` is the same update
     as a matrix of W's shape, which `merge` adds to the base weight and `unmerge` takes back out.
     """
 
-    def added(self, part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def added(self, part: UpdateT, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,18 +156,18 @@ class AddedUpdateLinear(WrappedLinear):
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged_delta is None and self.active_delta is not None:
-            self.base_layer.weight.add_(self.deltas[self.active_delta].delta_weight(self.base_layer.weight.dtype))
+            self.base_layer.weight.add_(self.part_of(self.active_delta).delta_weight(self.base_layer.weight.dtype))
             self.merged_delta = self.active_delta
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged_delta is not None:
-            self.base_layer.weight.sub_(self.deltas[self.merged_delta].delta_weight(self.base_layer.weight.dtype))
+            self.base_layer.weight.sub_(self.part_of(self.merged_delta).delta_weight(self.base_layer.weight.dtype))
             self.merged_delta = None
 
 
-def wrap_layers(model: nn.Module, names: list[str], site_class: type[DeltaSite],
-                wrap: Callable[[nn.Module], DeltaSite]) -> list[DeltaSite]:
+def wrap_layers(model: nn.Module, names: list[str], site_class: type[SiteT],
+                wrap: Callable[[nn.Linear | WrappedLinear[Any]], SiteT]) -> list[SiteT]:
     """The `site_class` site at each canonical layer name, made by `wrap(layer)` where there is none yet.
 
     A layer another method already wraps is wrapped once more (the outer site passes its input to
@@ -164,6 +179,8 @@ def wrap_layers(model: nn.Module, names: list[str], site_class: type[DeltaSite],
         if not isinstance(layer, site_class):
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
+            # the names come from `select_layers`: linear layers, or other methods' sites around them
+            assert isinstance(layer, (nn.Linear, WrappedLinear))
             layer = wrap(layer)
             setattr(parent, child_name, layer)
         found.append(layer)

@@ -8,21 +8,21 @@ LoRA's options (`use_rslora`, `loraplus_lr_ratio`) and its parameter groups come
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from deltatune.methods._linear_targets import WrappedLinear, select_layers, wrap_layers
 from deltatune.methods.base import Method
-from deltatune.methods.lora import DEFAULT_TARGETS, LoRA
+from deltatune.methods.lora import DEFAULT_TARGETS, LoRA, LoRAUpdate
 from deltatune.methods.state import DEFAULT_DELTA, merge_sites
 
 
 class LoRAVariant(LoRA):
     """LoRA with `_update_class` parts at `_site_class` sites."""
 
-    _site_class: ClassVar[type[WrappedLinear]]
-    _update_class: ClassVar[type[nn.Module]]
+    _site_class: ClassVar[type[WrappedLinear[Any]]]
+    _update_class: ClassVar[type[LoRAUpdate]]
     # the per-row gather is LoRA's own site's; these sites run one delta per forward pass
     batch_mixing = "grouped"
 

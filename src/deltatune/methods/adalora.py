@@ -34,6 +34,7 @@ ranks are in the run record (`describe`). P Λ Q is a matrix of W's shape, so it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.methods._linear_targets import (
     AddedUpdateLinear,
+    WeightUpdate,
     WrappedLinear,
     select_layers,
     target_problems,
@@ -107,16 +109,15 @@ class AdaLoRAConfig:
             raise DeltatuneError("; ".join(problems))
 
 
-class SVDUpdate(nn.Module):
+class SVDUpdate(WeightUpdate):
     """One delta's update s · P Λ Q of one layer (lora_B = P, lora_E = λ, lora_A = Q, as PEFT names them)."""
 
-    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, layer: WrappedLinear[Any], r: int, alpha: float, dropout: float) -> None:
         super().__init__()
-        weight = layer.weight
-        options = {"dtype": weight.dtype, "device": weight.device}
-        self.lora_A = nn.Parameter(torch.randn(r, layer.in_features, **options) * 0.02)
-        self.lora_E = nn.Parameter(torch.zeros(r, **options))
-        self.lora_B = nn.Parameter(torch.randn(layer.out_features, r, **options) * 0.02)
+        dtype, device = layer.weight.dtype, layer.weight.device
+        self.lora_A = nn.Parameter(torch.randn(r, layer.in_features, dtype=dtype, device=device) * 0.02)
+        self.lora_E = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.randn(layer.out_features, r, dtype=dtype, device=device) * 0.02)
         self.scaling = alpha / (r + 1e-5)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
@@ -131,7 +132,7 @@ class SVDUpdate(nn.Module):
                 + torch.linalg.matrix_norm(self.lora_B.t() @ self.lora_B - identity))
 
 
-class SVDLinear(AddedUpdateLinear):
+class SVDLinear(AddedUpdateLinear[SVDUpdate]):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's SVD-form update."""
 
     def added(self, part: SVDUpdate, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,7 @@ class AdaLoRA(Method):
         return own_parameter_names(model, self._applied_name()) | head_names(model)
 
     def _updates(self, model: nn.Module) -> dict[str, SVDUpdate]:
-        return {site: layer.deltas[self._applied_name()]
+        return {site: layer.part_of(self._applied_name())
                 for site, layer in sites_of(model, self._applied_name(), SVDLinear).items()}
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
@@ -243,9 +244,9 @@ class AdaLoRA(Method):
         """S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij) per layer, for layers with every score known."""
         scores = {}
         for site in updates:
-            parts = [self._importance.get(f"{site}.{leaf}") for leaf in ("lora_E", "lora_A", "lora_B")]
-            if None not in parts:
-                values, rows, columns = (part.score() for part in parts)
+            keys = [f"{site}.{leaf}" for leaf in ("lora_E", "lora_A", "lora_B")]
+            if all(key in self._importance for key in keys):
+                values, rows, columns = (self._importance[key].score() for key in keys)
                 scores[site] = values + rows.mean(dim=1) + columns.mean(dim=0)
         return scores
 

@@ -27,17 +27,17 @@ in a batch mixing deltas row by row, each row's own (weights gathered per row).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import Method
-from deltatune.methods.common import head_names
+from deltatune.methods.common import head_names, text_config
 from deltatune.methods.layers import find_layer_list, is_norm
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, base_parameters, own_parameter_names
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, RowRouting, base_parameters, own_parameter_names, site_at
 
 Activation = Literal["relu", "gelu", "tanh", "swish"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
@@ -134,32 +134,31 @@ class BottleneckAdapter(nn.Module):
         return hidden_states + self.up(self.activation(self.down(hidden_states)))
 
 
-class AdapterSite(DeltaSite):
+class AdapterSite(DeltaSite[nn.Module]):
     """Each delta's adapter at one site (registered as `<parent>.adapter`); the active one runs."""
 
 
-def _run_adapter(module: nn.Module, args, output):
+def _run_adapter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook on a site module: pass its output through the active delta's adapter there.
 
     The adapters are looked up on the hooked module (not captured in a closure) so a deep copy of
     the model runs its own copy of them.
     """
-    site = module._deltatune_adapter
+    site = site_at(module, "_deltatune_adapter", AdapterSite)
     if site.row_routing is not None:
-        return _adapt_rows(site, output)
+        return _adapt_rows(site, site.row_routing, output)
     adapter = site.active_part()
     return output if adapter is None else adapter(output)
 
 
-def _adapt_rows(site: AdapterSite, hidden_states: torch.Tensor) -> torch.Tensor:
+def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Tensor) -> torch.Tensor:
     """A mixed batch: each row through its own delta's adapter (rows without one here pass unchanged).
 
     When the routed adapters share one activation, their weights are stacked (zero-padded to the widest
     bottleneck; a zero row adds act(0) = 0) and gathered per row: two batched matmuls for the whole
     batch. Otherwise each adapter runs on its own rows.
     """
-    routing = site.row_routing
-    parts = site.row_parts()
+    parts = site.row_parts(routing)
     stacks = routing.stacked(site, lambda: _stack_adapters(parts))
     if stacks is None:
         return hidden_states
@@ -179,23 +178,25 @@ def _adapt_rows(site: AdapterSite, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _stack_adapters(parts: list[BottleneckAdapter | None]):
+def _stack_adapters(parts: list[nn.Module | None]) -> Any:
+    """None (no routed delta has an adapter here), "per-adapter" (they cannot be stacked), or the stacks."""
     present = [adapter for adapter in parts if adapter is not None]
     if not present:
         return None
-    if len({repr(adapter.activation) for adapter in present}) > 1:
+    bottlenecks = [adapter for adapter in present if isinstance(adapter, BottleneckAdapter)]
+    if len(bottlenecks) < len(present) or len({repr(adapter.activation) for adapter in bottlenecks}) > 1:
         return "per-adapter"
-    width = max(adapter.down.out_features for adapter in present)
-    hidden = present[0].up.out_features
-    reference = present[0].down.weight
+    width = max(adapter.down.out_features for adapter in bottlenecks)
+    hidden = bottlenecks[0].up.out_features
+    reference = bottlenecks[0].down.weight
     down, down_bias = reference.new_zeros(len(parts), width, hidden), reference.new_zeros(len(parts), width)
     up, up_bias = reference.new_zeros(len(parts), hidden, width), reference.new_zeros(len(parts), hidden)
     for group, adapter in enumerate(parts):
-        if adapter is not None:
+        if isinstance(adapter, BottleneckAdapter):
             size = adapter.down.out_features
             down[group, :size], down_bias[group, :size] = adapter.down.weight, adapter.down.bias
             up[group, :, :size], up_bias[group] = adapter.up.weight, adapter.up.bias
-    return present[0].activation, down, down_bias, up, up_bias
+    return bottlenecks[0].activation, down, down_bias, up, up_bias
 
 
 def transformer_layers(model: nn.Module) -> tuple[list[nn.Module], dict[str, tuple[str, str]]]:
@@ -225,6 +226,7 @@ def bottleneck_size(config: HoulsbyConfig | PfeifferConfig, hidden_size: int) ->
     """The adapter width m on a model of `hidden_size`."""
     if config.bottleneck_size is not None:
         return config.bottleneck_size
+    assert config.reduction_factor is not None  # the config's __post_init__ sets one of the two
     return max(1, round(hidden_size / config.reduction_factor))
 
 
@@ -244,7 +246,7 @@ class _Adapters(Method):
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         layers, layout = transformer_layers(model)
         super().apply(model, name)
-        hidden_size = model.config.get_text_config().hidden_size
+        hidden_size = text_config(model).hidden_size
         size = bottleneck_size(self.config, hidden_size)
         reference = next(model.parameters())
         for layer in layers:

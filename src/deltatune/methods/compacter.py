@@ -34,6 +34,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.adapters import ACTIVATIONS, Activation, _Adapters, validate_adapter_config
+from deltatune.methods.common import text_config
 from deltatune.methods.registry import register
 from deltatune.methods.state import DEFAULT_DELTA, DeltaSite
 
@@ -84,6 +85,8 @@ class PHMRule(nn.Module):
 class PHMLinear(nn.Module):
     """y = (Σ_i A_i ⊗ s_i t_iᵀ) x + b, the A_i shared (held by reference, registered at the rule site)."""
 
+    _rule: PHMRule
+
     def __init__(self, in_features: int, out_features: int, rule: PHMRule, rank: int,
                  left_init_std: float | None = None) -> None:
         super().__init__()
@@ -127,7 +130,7 @@ class CompacterAdapter(nn.Module):
         return hidden_states + self.up(self.activation(self.down(hidden_states)))
 
 
-class RuleSite(DeltaSite):
+class RuleSite(DeltaSite[PHMRule]):
     """Each delta's shared rule matrices (registered once per model as `<backbone>.phm_rule`)."""
 
 
@@ -141,7 +144,7 @@ class _Compacter(_Adapters):
     default_learning_rate = 3e-3
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
-        hidden_size = model.config.get_text_config().hidden_size
+        hidden_size = text_config(model).hidden_size
         if hidden_size % self.config.phm_dim:
             raise DeltatuneError(f"method.phm_dim={self.config.phm_dim} must divide the hidden size {hidden_size} "
                                  f"of {type(model).__name__}; pick a divisor such as 2 or 4.")

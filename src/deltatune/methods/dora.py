@@ -27,6 +27,7 @@ peft`), where it loads as `LoraConfig(use_dora=True)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ class DoRAConfig(LoRAConfig):
 class DoRAUpdate(LoRAUpdate):
     """One delta's low-rank direction update B·A and magnitude vector m of one layer."""
 
-    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+    def __init__(self, layer: WrappedLinear[Any], r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__(layer, r, alpha, dropout, rslora)
         with torch.no_grad():
             self.magnitude = nn.Parameter(row_norms(layer.weight, self.delta_weight(layer.weight.dtype))
@@ -66,10 +67,10 @@ def row_norms(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight.float() + update.float(), dim=1)
 
 
-class DoRALinear(WrappedLinear):
+class DoRALinear(WrappedLinear[DoRAUpdate]):
     """An nn.Linear (kept as `base_layer`, frozen) whose weight each delta re-decomposes; the active one runs."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Linear | WrappedLinear[Any]) -> None:
         super().__init__(base_layer)
         self._kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -89,7 +90,7 @@ class DoRALinear(WrappedLinear):
     def merge(self) -> None:
         if self.merged_delta is not None or self.active_delta is None:
             return
-        update: DoRAUpdate = self.deltas[self.active_delta]
+        update = self.part_of(self.active_delta)
         weight = self.base_layer.weight
         delta = update.delta_weight(weight.dtype)
         norms = row_norms(weight, delta)
@@ -102,8 +103,9 @@ class DoRALinear(WrappedLinear):
     def unmerge(self) -> None:
         if self.merged_delta is None:
             return
-        update: DoRAUpdate = self.deltas[self.merged_delta]
+        update = self.part_of(self.merged_delta)
         weight = self.base_layer.weight
+        assert self._kept is not None  # `merge` kept them when it set merged_delta
         norms, small, kept = self._kept
         magnitude = torch.where(update.magnitude.abs() < _UNDIVIDABLE, torch.ones_like(update.magnitude),
                                 update.magnitude)

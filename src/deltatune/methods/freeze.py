@@ -130,6 +130,7 @@ def selected_layers(config: FreezeConfig, model: nn.Module) -> list[int]:
         return resolve_layer_indices("method.critical_layers", config.critical_layers, num_layers, model_name)
     count = config.top if config.top is not None else config.bottom
     option = "top" if config.top is not None else "bottom"
+    assert count is not None  # the config's __post_init__ demands exactly one of layers, top, bottom, critical
     if count > num_layers:
         raise DeltatuneError(f"method.{option}={count}, but {model_name} has only {num_layers} transformer "
                              f"layers; choose at most {num_layers} (or use the 'full' method).")

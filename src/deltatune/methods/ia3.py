@@ -25,6 +25,7 @@ down-projection input, as in the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from deltatune.methods._linear_targets import WrappedLinear, select_layers, targ
 from deltatune.methods.base import Method, PeftAdapter
 from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, merge_sites, own_parameter_names
+from deltatune.methods.state import DEFAULT_DELTA, RowRouting, merge_sites, own_parameter_names
 
 # keys and values as BERT-family and Llama-family models name them
 DEFAULT_TARGETS = ("key", "value", "k_proj", "v_proj")
@@ -70,7 +71,7 @@ class IA3Config:
 class IA3Scale(nn.Module):
     """One delta's learned scale of one layer's output or input, named by the side it scales."""
 
-    def __init__(self, layer: WrappedLinear, scale_input: bool) -> None:
+    def __init__(self, layer: WrappedLinear[Any], scale_input: bool) -> None:
         super().__init__()
         self.scale_input = scale_input
         size = layer.in_features if scale_input else layer.out_features
@@ -90,11 +91,11 @@ class IA3Scale(nn.Module):
         return f"scales={'input' if self.scale_input else 'output'}"
 
 
-class IA3Linear(WrappedLinear):
+class IA3Linear(WrappedLinear[IA3Scale]):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) with each delta's learned scale on its output
     or input; the active delta's scale applies."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Linear | WrappedLinear[Any]) -> None:
         super().__init__(base_layer)
         self._kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
@@ -111,7 +112,7 @@ class IA3Linear(WrappedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_routing is not None:
-            return self._forward_rows(x)
+            return self._forward_rows(x, self.row_routing)
         part = self.active_part()
         if part is None or self.merged_delta is not None:
             return self.base_layer(x)
@@ -119,10 +120,9 @@ class IA3Linear(WrappedLinear):
             return self.base_layer(x * part.scale)
         return self.base_layer(x) * part.scale
 
-    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_rows(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """A mixed batch: each row scaled by its own delta's vector (ones for rows without a scale here)."""
-        routing = self.row_routing
-        input_scales, output_scales = routing.stacked(self, self._stack_rows)
+        input_scales, output_scales = routing.stacked(self, lambda: self._stack_rows(routing))
         if input_scales is not None:
             x = x * _per_row(input_scales[routing.index], x.ndim)
         result = self.base_layer(x)
@@ -131,10 +131,10 @@ class IA3Linear(WrappedLinear):
         return result
 
     @torch.no_grad()
-    def _stack_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _stack_rows(self, routing: RowRouting) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Every routed delta's input and output scales as (groups, width) stacks, or None for a side none scales."""
-        parts = self.row_parts()
-        stacks = []
+        parts = self.row_parts(routing)
+        stacks: list[torch.Tensor | None] = []
         for scale_input, width in ((True, self.in_features), (False, self.out_features)):
             chosen = [(group, part) for group, part in enumerate(parts)
                       if part is not None and part.scale_input == scale_input]
@@ -170,7 +170,7 @@ class IA3Linear(WrappedLinear):
     def unmerge(self) -> None:
         if self.merged_delta is None:
             return
-        part = self.deltas[self.merged_delta]
+        part = self.part_of(self.merged_delta)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         # a zero scale leaves nothing to divide: divide by one there and restore the kept originals
         scale = part.scale.to(weight.dtype)
@@ -187,7 +187,7 @@ class IA3Linear(WrappedLinear):
                 weight[:, indices] = kept_weight
             else:
                 weight[indices] = kept_weight
-                if kept_bias is not None:
+                if kept_bias is not None and bias is not None:
                     bias[indices] = kept_bias
             self._kept = None
         self.merged_delta = None

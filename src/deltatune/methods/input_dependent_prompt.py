@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import Method, OptimizerSettings, layer_depths
-from deltatune.methods.common import head_names
+from deltatune.methods.common import head_names, text_config
 from deltatune.methods.prompt_tuning import PromptTuningConfig, initial_prompt, install_prompt_site
 from deltatune.methods.prompts import (
     arguments_as_keywords,
@@ -55,9 +56,10 @@ from deltatune.methods.prompts import (
     find_tokenizer,
     prepend_soft_tokens,
     reject_non_empty_cache,
+    word_embeddings,
 )
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, DeltaSite
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, site_at
 
 METHOD_NAME = "input-dependent-prompt"
 EMBEDDINGS = "embeddings"
@@ -124,7 +126,7 @@ class ExternalEncoder(nn.Module):
 
     @property
     def width(self) -> int:
-        return self.model.config.hidden_size
+        return text_config(self.model).hidden_size
 
     def train(self, mode: bool = True) -> ExternalEncoder:
         super().train(mode)
@@ -162,7 +164,7 @@ class PromptGenerator(nn.Module):
     def num_tokens(self) -> int:
         return self.prompt.shape[0]
 
-    def generator_parameters(self) -> list[nn.Parameter]:
+    def generator_parameters(self) -> list[torch.Tensor]:
         return [self.query.weight, self.key.weight, self.value.weight, self.output.weight]
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -199,13 +201,13 @@ def _encoder_states(generator: PromptGenerator, backbone: nn.Module, kwargs: dic
     return generator.encoder(texts)
 
 
-class GeneratorSite(DeltaSite):
+class GeneratorSite(DeltaSite[PromptGenerator]):
     """Each delta's prompt generator (registered as `<backbone>.input_dependent_prompt`); the active one runs."""
 
 
-def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _prepend_generated_prompt(backbone: PreTrainedModel, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: input_ids -> inputs_embeds with p(x) in front."""
-    generator = backbone.input_dependent_prompt.active_part()
+    generator = site_at(backbone, "input_dependent_prompt", GeneratorSite).active_part()
     if generator is None:
         return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
@@ -222,9 +224,9 @@ def _prepend_generated_prompt(backbone: nn.Module, args: tuple, kwargs: dict) ->
     return (), prepend_soft_tokens(kwargs, prompts, inputs_embeds, length, device)
 
 
-def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
+def _drop_prompt_positions(backbone: nn.Module, args: tuple, output: Any) -> Any:
     """Forward hook: the last hidden state lines up with input_ids again (for Llama's last-token pooling)."""
-    generator = backbone.input_dependent_prompt.active_part()
+    generator = site_at(backbone, "input_dependent_prompt", GeneratorSite).active_part()
     return output if generator is None else drop_leading_positions(output, generator.num_tokens)
 
 
@@ -261,7 +263,7 @@ class InputDependentPrompt(Method):
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
-        word_embeddings = backbone.get_input_embeddings().weight
+        table = word_embeddings(backbone).weight
         needs_tokenizer = self.config.init == "text" or self.config.encoder != EMBEDDINGS
         if needs_tokenizer and self.tokenizer is None:
             self.tokenizer = find_tokenizer(
@@ -273,21 +275,21 @@ class InputDependentPrompt(Method):
         with torch.no_grad():
             initial = initial_prompt(PromptTuningConfig(self.config.num_virtual_tokens, self.config.init,
                                                         self.config.init_text),
-                                     self.tokenizer, model, word_embeddings).to(word_embeddings.dtype)
+                                     self.tokenizer, model, table).to(table.dtype)
         encoder = None
         if self.config.encoder != EMBEDDINGS:
             encoder = load_external_encoder(self.config.encoder, self.config.encoder_max_length)
-            encoder.to(word_embeddings.device)
-        generator = PromptGenerator(initial, encoder.width if encoder is not None else word_embeddings.shape[1],
+            encoder.to(table.device)
+        generator = PromptGenerator(initial, encoder.width if encoder is not None else table.shape[1],
                                     self.config.attention_size, self.config.num_heads, encoder)
         generator.decoder_tokenizer = self.tokenizer
         super().apply(model, name)
         site = install_prompt_site(backbone, "input_dependent_prompt", GeneratorSite, _prepend_generated_prompt,
                                    _drop_prompt_positions)
-        site.add_part(model, name, generator.to(word_embeddings.device), self.name)
+        site.add_part(model, name, generator.to(table.device), self.name)
 
     def _generator(self, model: nn.Module) -> PromptGenerator:
-        return backbone_of(model).input_dependent_prompt.deltas[self._applied_name()]
+        return site_at(backbone_of(model), "input_dependent_prompt", GeneratorSite).part_of(self._applied_name())
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         generator = self._generator(model)
@@ -300,7 +302,8 @@ class InputDependentPrompt(Method):
         generator = self._generator(model)
         head = [p for n, p in model.named_parameters() if n in head_names(model) and p.requires_grad]
         ratio = self.config.generator_learning_rate_ratio
-        roles = [([generator.prompt], 1.0, False), (generator.generator_parameters(), ratio, True),
+        roles: list[tuple[list[torch.Tensor], float, bool]] = [
+            ([generator.prompt], 1.0, False), (generator.generator_parameters(), ratio, True),
                  ([p for p in head if p.ndim >= 2], 1.0, True), ([p for p in head if p.ndim < 2], 1.0, False)]
         depths = layer_depths(model, settings)
         depth_of = {id(p): depths.get(n, 0) for n, p in model.named_parameters()}

@@ -59,7 +59,7 @@ class LayerLayout:
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's transformer block list and its dotted name; DeltatuneError when it has none."""
-    best_name, best_list, best_size = None, None, 0
+    best_name, best_list, best_size = "", None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue

@@ -32,17 +32,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods._linear_targets import WrappedLinear, select_layers, target_problems, wrap_layers
+from deltatune.methods._linear_targets import (
+    WeightUpdate,
+    WrappedLinear,
+    select_layers,
+    target_problems,
+    wrap_layers,
+)
 from deltatune.methods.base import Method, OptimizerSettings, PeftAdapter, decay_groups
 from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, merge_sites, own_parameter_names
+from deltatune.methods.state import DEFAULT_DELTA, RowRouting, merge_sites, own_parameter_names
 
 # The query and value projections, which the paper found the best pair to adapt (its Table 5),
 # under the names BERT-family and Llama-family models give them.
@@ -85,10 +92,10 @@ class LoRAConfig:
             raise DeltatuneError("; ".join(problems))
 
 
-class LoRAUpdate(nn.Module):
+class LoRAUpdate(WeightUpdate):
     """One delta's low-rank branch (alpha / r) · B A of one layer."""
 
-    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float, rslora: bool = False) -> None:
+    def __init__(self, layer: WrappedLinear[Any], r: int, alpha: float, dropout: float, rslora: bool = False) -> None:
         super().__init__()
         weight = layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, dtype=weight.dtype, device=weight.device))
@@ -108,7 +115,7 @@ class LoRAUpdate(nn.Module):
         return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, dropout={dropout:g}"
 
 
-class LoRALinear(WrappedLinear):
+class LoRALinear(WrappedLinear[LoRAUpdate]):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's low-rank branch B·A;
     the active delta's branch runs."""
 
@@ -134,7 +141,7 @@ class LoRALinear(WrappedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.row_routing is not None:
-            return self._forward_rows(x, result)
+            return self._forward_rows(x, result, self.row_routing)
         update = self.active_part()
         if update is None or self.merged_delta is not None:
             return result
@@ -147,13 +154,12 @@ class LoRALinear(WrappedLinear):
                               alpha=update.scaling)
         return updated.view(result.shape)
 
-    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """A mixed batch: each row's own B·A, gathered by the row's index (rows without a branch here get 0).
 
         One batched matmul pair for the whole batch, however many deltas it mixes: no per-delta split.
         """
-        routing = self.row_routing
-        stacks = routing.stacked(self, self._stack_rows)
+        stacks = routing.stacked(self, lambda: self._stack_rows(routing))
         if stacks is None:
             return result
         down_weights, up_weights = stacks
@@ -163,9 +169,9 @@ class LoRALinear(WrappedLinear):
         return result + up.view(result.shape)
 
     @torch.no_grad()
-    def _stack_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _stack_rows(self, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every routed delta's A (zero-padded to the largest rank) and scaled B; zeros where a delta has none."""
-        parts = self.row_parts()
+        parts = self.row_parts(routing)
         present = [part for part in parts if part is not None]
         if not present:
             return None
@@ -188,7 +194,7 @@ class LoRALinear(WrappedLinear):
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged_delta is not None:
-            update = self.deltas[self.merged_delta]
+            update = self.part_of(self.merged_delta)
             self.base_layer.weight.sub_(update.delta_weight(self.base_layer.weight.dtype))
             self.merged_delta = None
 

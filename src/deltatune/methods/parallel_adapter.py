@@ -37,8 +37,9 @@ from deltatune.methods.adapters import (
     validate_adapter_config,
 )
 from deltatune.methods.base import Method
+from deltatune.methods.common import text_config
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, DeltaSite
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, site_at
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,14 @@ class ParallelAdapter(BottleneckAdapter):
         return f"scaling={self.scaling:g}"
 
 
-class ParallelAdapterSite(DeltaSite):
+class ParallelAdapterSite(DeltaSite[ParallelAdapter]):
     """Each delta's parallel adapter at one FFN (registered as `<ffn>.parallel_adapter`); the active one runs."""
 
 
 def _add_beside_bert_output(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook on BERT's `output` (dense, dropout, LayerNorm(h + input_tensor)): the branch's
     output joins input_tensor, so it is added to the FFN's output before the residual's LayerNorm."""
-    adapter = module.parallel_adapter.active_part()
+    adapter = site_at(module, "parallel_adapter", ParallelAdapterSite).active_part()
     if adapter is None:
         return None
     hidden_states, input_tensor = args
@@ -105,14 +106,14 @@ def _add_beside_bert_output(module: nn.Module, args: tuple) -> tuple | None:
 
 def _add_beside_mlp(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook on Llama's `mlp`: add the branch, which reads the MLP's input."""
-    adapter = module.parallel_adapter.active_part()
+    adapter = site_at(module, "parallel_adapter", ParallelAdapterSite).active_part()
     return output if adapter is None else output + adapter(args[0])
 
 
 def add_parallel_adapters(model: nn.Module, name: str, config, method_name: str) -> None:
     """A parallel adapter beside every layer's FFN, as delta `name`'s part of each site."""
     layers, layout = transformer_layers(model)
-    hidden_size = model.config.get_text_config().hidden_size
+    hidden_size = text_config(model).hidden_size
     size = bottleneck_size(config, hidden_size)
     reference = next(model.parameters())
     parent_name = layout["ffn"][0]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ class PiSSAConfig(LoRAConfig):
 class PiSSAUpdate(LoRAUpdate):
     """One delta's update s·(B A − B₀ A₀) of one layer: A, B train from W's principal part A₀, B₀."""
 
-    def __init__(self, layer: WrappedLinear, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+    def __init__(self, layer: WrappedLinear[Any], r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__(layer, r, alpha, dropout, rslora)
         weight = layer.weight
         with torch.no_grad():
@@ -70,7 +71,7 @@ class PiSSAUpdate(LoRAUpdate):
         return ((self.lora_B @ self.lora_A - self.initial_B @ self.initial_A) * self.scaling).to(dtype)
 
 
-class PiSSALinear(AddedUpdateLinear):
+class PiSSALinear(AddedUpdateLinear[PiSSAUpdate]):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's principal-part update."""
 
     def added(self, part: PiSSAUpdate, x: torch.Tensor) -> torch.Tensor:

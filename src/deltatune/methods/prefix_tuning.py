@@ -47,12 +47,14 @@ from deltatune.methods.registry import register
 from deltatune.methods.state import (
     DEFAULT_DELTA,
     DeltaSite,
+    RowRouting,
     TensorSpec,
     canonical_module_name,
     check_delta_tensors,
     head_specs,
     own_parameter_names,
     read_delta_tensors,
+    site_at,
     write_delta_tensors,
 )
 
@@ -141,15 +143,15 @@ class Prefix(nn.Module):
         return DynamicCache([(layer[0], layer[1]) for layer in per_head])
 
 
-class PrefixSite(DeltaSite):
+class PrefixSite(DeltaSite[Prefix]):
     """Each delta's prefixes (registered as `<backbone>.prefix_tuning`); the active one is attended to."""
 
 
 def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: pass the prefixes as a pre-filled cache, widen the mask."""
-    site = backbone.prefix_tuning
+    site = site_at(backbone, "prefix_tuning", PrefixSite)
     if site.row_routing is not None:
-        return _insert_prefixes_per_row(backbone, site, args, kwargs)
+        return _insert_prefixes_per_row(backbone, site, site.row_routing, args, kwargs)
     prefix = site.active_part()
     if prefix is None:
         return None
@@ -164,13 +166,13 @@ def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     return (), kwargs
 
 
-def _insert_prefixes_per_row(backbone: nn.Module, site: PrefixSite, args: tuple, kwargs: dict):
+def _insert_prefixes_per_row(backbone: nn.Module, site: PrefixSite, routing: RowRouting, args: tuple,
+                             kwargs: dict) -> tuple[tuple, dict] | None:
     """A mixed batch: each row attends to its own delta's prefixes (masked-out slots pad shorter ones).
 
     Row r's real tokens are numbered from its own prefix length L_r, as when its delta runs alone.
     """
-    routing = site.row_routing
-    stacked = routing.stacked(site, lambda: _stack_prefixes(site.row_parts()))
+    stacked = routing.stacked(site, lambda: _stack_prefixes(site.row_parts(routing)))
     if stacked is None:
         return None
     key_values, lengths, shape = stacked
@@ -246,15 +248,15 @@ class PrefixTuning(Method):
         """The head and the final prefixes; a reparameterisation MLP is evaluated once and dropped."""
         name = self._applied_name()
         state = read_delta_tensors(model, name, head_names(model))
-        site = backbone_of(model).prefix_tuning
+        site = site_at(backbone_of(model), "prefix_tuning", PrefixSite)
         with torch.no_grad():
-            state[f"{canonical_module_name(model, site)}.prefixes"] = site.deltas[name].key_values().detach().clone()
+            state[f"{canonical_module_name(model, site)}.prefixes"] = site.part_of(name).key_values().detach().clone()
         return state
 
     def load_delta_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         name = self._applied_name()
-        site = backbone_of(model).prefix_tuning
-        prefix = site.deltas[name]
+        site = site_at(backbone_of(model), "prefix_tuning", PrefixSite)
+        prefix = site.part_of(name)
         prefix_name = f"{canonical_module_name(model, site)}.prefixes"
         reference = next(model.parameters())
         expected = head_specs(model)

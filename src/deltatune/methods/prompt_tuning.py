@@ -26,11 +26,13 @@ How it sits in the model, matching PEFT's `PromptTuningConfig` for SEQ_CLS:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import Method
@@ -46,9 +48,10 @@ from deltatune.methods.prompts import (
     prepend_soft_tokens,
     reject_non_empty_cache,
     select_positions,
+    word_embeddings,
 )
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, own_parameter_names
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, RowRouting, SiteT, own_parameter_names, site_at
 
 
 @dataclass(frozen=True)
@@ -88,15 +91,15 @@ class SoftPrompt(nn.Module):
         return self.embeddings.shape[0]
 
 
-class PromptSite(DeltaSite):
+class PromptSite(DeltaSite[SoftPrompt]):
     """Each delta's soft prompt (registered as `<backbone>.soft_prompt`); the active one is prepended."""
 
 
-def _prepend_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _prepend_prompt(backbone: PreTrainedModel, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook on the backbone: input_ids -> inputs_embeds with the prompt in front."""
-    site = backbone.soft_prompt
+    site = site_at(backbone, "soft_prompt", PromptSite)
     if site.row_routing is not None:
-        return _prepend_prompts_per_row(backbone, site, args, kwargs)
+        return _prepend_prompts_per_row(backbone, site, site.row_routing, args, kwargs)
     prompt = site.active_part()
     if prompt is None:
         return None
@@ -113,14 +116,14 @@ def _prepend_prompt(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     return (), prepend_soft_tokens(kwargs, virtual, inputs_embeds, length, device)
 
 
-def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
+def _drop_prompt_positions(backbone: PreTrainedModel, args: tuple, output: Any) -> Any:
     """Forward hook on the backbone: its last hidden state lines up with input_ids again.
 
     The prompt positions have done their work inside attention; removing them lets heads that index
     the sequence by input_ids (Llama's last-non-pad pooling) find the right token. Pooled outputs
     computed inside the backbone (BERT's pooler on position 0) are left as they are.
     """
-    site = backbone.soft_prompt
+    site = site_at(backbone, "soft_prompt", PromptSite)
     if site.row_routing is not None:
         offsets = site.row_routing.state.get(("prompt offsets", id(site)))
         return output if offsets is None else select_positions(output, offsets)
@@ -128,10 +131,10 @@ def _drop_prompt_positions(backbone: nn.Module, args: tuple, output):
     return output if prompt is None else drop_leading_positions(output, prompt.num_tokens)
 
 
-def _prepend_prompts_per_row(backbone: nn.Module, site: PromptSite, args: tuple, kwargs: dict):
+def _prepend_prompts_per_row(backbone: PreTrainedModel, site: PromptSite, routing: RowRouting, args: tuple,
+                             kwargs: dict) -> tuple[tuple, dict] | None:
     """A mixed batch: each row gets its own delta's prompt (none for rows of other deltas)."""
-    routing = site.row_routing
-    stacked = routing.stacked(site, lambda: _stack_prompts(site.row_parts()))
+    stacked = routing.stacked(site, lambda: _stack_prompts(site.row_parts(routing)))
     if stacked is None:
         return None
     prompts, lengths = stacked
@@ -164,7 +167,8 @@ def _stack_prompts(parts: list[SoftPrompt | None]) -> tuple[torch.Tensor, torch.
     return stack, lengths
 
 
-def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[DeltaSite], pre_hook, post_hook) -> DeltaSite:
+def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[SiteT], pre_hook: Callable[..., Any],
+                        post_hook: Callable[..., Any]) -> SiteT:
     """The site `backbone.<attribute>`, created with its hooks the first time a delta needs it."""
     site = getattr(backbone, attribute, None)
     if not isinstance(site, site_class):
@@ -193,12 +197,12 @@ class PromptTuning(Method):
 
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
-        word_embeddings = backbone.get_input_embeddings().weight
+        table = word_embeddings(backbone).weight
         with torch.no_grad():
-            initial = initial_prompt(self.config, self.tokenizer, model, word_embeddings)
+            initial = initial_prompt(self.config, self.tokenizer, model, table)
         super().apply(model, name)
         site = install_prompt_site(backbone, "soft_prompt", PromptSite, _prepend_prompt, _drop_prompt_positions)
-        site.add_part(model, name, SoftPrompt(initial.to(word_embeddings.dtype)), self.name)
+        site.add_part(model, name, SoftPrompt(initial.to(table.dtype)), self.name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         return own_parameter_names(model, self._applied_name()) | head_names(model)
@@ -219,10 +223,10 @@ def initial_prompt(config: PromptTuningConfig, tokenizer, model: nn.Module,
         model, "prompt-tuning with method.init=text embeds method.init_text with the model's tokenizer",
         "Use method.init=vocab or method.init=random, or set the method's `tokenizer` attribute before applying it.")
     # no [CLS]/[SEP] or BOS: the prompt should start from the text's words, not copies of markers
-    token_ids = list(tokenizer(config.init_text, add_special_tokens=False)["input_ids"])
-    if not token_ids:
+    text_ids = list(tokenizer(config.init_text, add_special_tokens=False)["input_ids"])
+    if not text_ids:
         raise DeltatuneError(f"method.init_text={config.init_text!r} has no tokens for this model's "
                              "tokenizer; give a text with words in it, or use method.init=vocab.")
-    repeats = -(-length // len(token_ids))  # ceil: repeat a short text, then cut to length
-    token_ids = torch.tensor((token_ids * repeats)[:length], device=word_embeddings.device)
+    repeats = -(-length // len(text_ids))  # ceil: repeat a short text, then cut to length
+    token_ids = torch.tensor((text_ids * repeats)[:length], device=word_embeddings.device)
     return word_embeddings[token_ids].clone()

@@ -18,19 +18,30 @@ from functools import cache
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods.common import text_config
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
+def backbone_of(model: nn.Module) -> PreTrainedModel:
     """The pretrained transformer inside a task model (`BertModel`, `LlamaModel`, ...)."""
     backbone = getattr(model, "base_model", model)
-    if backbone is model:
+    if backbone is model or not isinstance(backbone, PreTrainedModel):
         raise DeltatuneError(
             f"{type(model).__name__} is not a task model with a separate backbone (like "
             "BertForSequenceClassification or LlamaForSequenceClassification); prompt and prefix tuning "
             "need one to attach to.")
     return backbone
+
+
+def word_embeddings(backbone: PreTrainedModel) -> nn.Embedding:
+    """The backbone's table of input embeddings."""
+    embeddings = backbone.get_input_embeddings()
+    if not isinstance(embeddings, nn.Embedding):
+        raise DeltatuneError(f"{type(backbone).__name__}'s input embeddings are a {type(embeddings).__name__}, not "
+                             "a table of word embeddings; soft prompts are learned in such a table's space.")
+    return embeddings
 
 
 def find_tokenizer(model: nn.Module, why: str, fix: str):
@@ -52,14 +63,14 @@ def find_tokenizer(model: nn.Module, why: str, fix: str):
 
 
 @cache
-def _forward_parameter_names(module_class: type) -> tuple[str, ...]:
+def _forward_parameter_names(module_class: type[nn.Module]) -> tuple[str, ...]:
     parameters = list(inspect.signature(module_class.forward).parameters.values())[1:]  # drop self
     return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def arguments_as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The call's positional arguments moved into keywords (task models pass input_ids positionally)."""
-    names = _forward_parameter_names(type(module))
+    names = _forward_parameter_names(type(module))  # type: ignore[arg-type]  # a class is hashable; mypy sees an unbound __hash__
     if len(args) > len(names):
         raise RuntimeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
     return {**dict(zip(names, args)), **kwargs}
@@ -171,7 +182,7 @@ def check_position_budget(backbone: nn.Module, num_tokens: int, length: int, met
     embeddings = getattr(backbone, "embeddings", None)
     if getattr(embeddings, "position_embeddings", None) is None:
         return  # rotary or relative positions (Llama): no table to run off the end of
-    limit = backbone.config.max_position_embeddings
+    limit = text_config(backbone).max_position_embeddings
     if num_tokens + length > limit:
         raise DeltatuneError(
             f"{method_name} puts {num_tokens} virtual tokens before the input, and this model has "

@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import Method
 from deltatune.methods.common import head_names
-from deltatune.methods.prompts import arguments_as_keywords, backbone_of, reject_non_empty_cache
+from deltatune.methods.prompts import arguments_as_keywords, backbone_of, reject_non_empty_cache, word_embeddings
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, own_parameter_names
+from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, own_parameter_names, site_at
 
 METHOD_NAME = "recursive-lm"
 
@@ -82,7 +83,7 @@ def _accepts(module: nn.Module, name: str) -> bool:
 
 def _first_pass_settings(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook: both passes run without a key/value cache (a cache would hold two passes)."""
-    site = backbone.recursion
+    site = site_at(backbone, "recursion", RecursionSite)
     if site.in_second_pass or site.active_part() is None:
         return None
     kwargs = arguments_as_keywords(backbone, args, kwargs)
@@ -92,9 +93,9 @@ def _first_pass_settings(backbone: nn.Module, args: tuple, kwargs: dict) -> tupl
     return (), kwargs
 
 
-def _second_pass(backbone: nn.Module, args: tuple, kwargs: dict, output):
+def _second_pass(backbone: PreTrainedModel, args: tuple, kwargs: dict, output: Any) -> Any:
     """Forward hook: run the backbone again on the connector's rewrite of the input; return that pass."""
-    site = backbone.recursion
+    site = site_at(backbone, "recursion", RecursionSite)
     recursion = site.active_part()
     if site.in_second_pass or recursion is None:
         return output
@@ -121,7 +122,7 @@ class Recursion(nn.Module):
         self.combine = combine
 
 
-class RecursionSite(DeltaSite):
+class RecursionSite(DeltaSite[Recursion]):
     """Each delta's connector (registered as `<backbone>.recursion`), and the flag that keeps the second
     pass from recursing again."""
 
@@ -142,7 +143,7 @@ class RecursiveLM(Method):
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         backbone = backbone_of(model)
         super().apply(model, name)
-        embeddings = backbone.get_input_embeddings().weight
+        embeddings = word_embeddings(backbone).weight
         connector = Connector(embeddings.shape[1], self.config.connector_size,
                               zero_output=self.config.combine == "add", dtype=embeddings.dtype)
         site = getattr(backbone, "recursion", None)

@@ -146,7 +146,7 @@ class MaskScores(nn.Module):
         return self.mask_scores.detach() > 0
 
 
-class MaskedLinear(nn.Linear, DeltaSite):
+class MaskedLinear(nn.Linear, DeltaSite[MaskScores]):
     """A Linear whose pretrained weight is multiplied by the active delta's learned binary mask.
 
     It is the original module, turned into this class in place (same weight and bias under the same
@@ -154,11 +154,15 @@ class MaskedLinear(nn.Linear, DeltaSite):
     same object, so hooks other deltas put on the layer keep running); each delta's scores are a part.
     """
 
+    _merged_values: tuple[torch.Tensor, torch.Tensor] | None
+    """The zeroed entries and their pretrained values, while merged."""
+
     @classmethod
     def wrap(cls, linear: nn.Linear) -> MaskedLinear:
         linear.__class__ = cls  # not a new module: nn.Linear.__init__ would allocate and initialise a new weight
+        assert isinstance(linear, cls)
         linear.init_site()
-        linear._merged_values = None  # the pretrained values of the zeroed entries while merged
+        linear._merged_values = None
         return linear
 
     @property
@@ -193,6 +197,7 @@ class MaskedLinear(nn.Linear, DeltaSite):
         """Put the pretrained values of the zeroed entries back."""
         if self.merged_delta is None:
             return
+        assert self._merged_values is not None  # `merge` kept them when it set merged_delta
         dropped, values = self._merged_values
         self.weight[dropped] = values
         self._merged_values, self.merged_delta = None, None
@@ -211,9 +216,11 @@ def masked_linears(model: nn.Module, name: str | None = None) -> dict[str, Maske
 def achieved_sparsity(model: nn.Module, name: str | None = None) -> float:
     """The fraction of the masked weights' entries delta `name` (default: the active one) zeroes."""
     name = name if name is not None else attached_deltas(model).active
+    if name is None:
+        return 0.0  # no delta is active: nothing is masked
     modules = masked_linears(model, name).values()
     total = sum(m.weight.numel() for m in modules)
-    return sum(int((~m.deltas[name].mask).sum()) for m in modules) / total if total else 0.0
+    return sum(int((~m.part_of(name).mask).sum()) for m in modules) / total if total else 0.0
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -294,15 +301,16 @@ class SparseMask(Method):
 
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         sparsity = self.config.sparsity_at(step, total_steps)
-        for name, module in masked_linears(model, self._applied_name()).items():
+        delta = self._applied_name()
+        for name, module in masked_linears(model, delta).items():
             if module.merged_delta is not None:
                 raise RuntimeError(f"sparse-mask: {name} is merged; unmerge before training")
-            project_to_sparsity(module.deltas[self.delta_name].mask_scores, module.weight, sparsity)
+            project_to_sparsity(module.part_of(delta).mask_scores, module.weight, sparsity)
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The masks as bits (`<module>.mask`, uint8) plus the head's tensors."""
         name = self._applied_name()
-        state = {f"{path}.mask": pack_bits(module.deltas[name].mask)
+        state = {f"{path}.mask": pack_bits(module.part_of(name).mask)
                  for path, module in masked_linears(model, name).items()}
         state.update(read_delta_tensors(model, name, head_names(model)))
         return state
@@ -319,7 +327,7 @@ class SparseMask(Method):
             for path, module in modules.items():
                 mask = unpack_bits(tensors[f"{path}.mask"], module.weight.shape)
                 # only the sign of a score is the mask: kept entries +INITIAL_SCORE, zeroed ones -INITIAL_SCORE
-                module.deltas[name].mask_scores.copy_(torch.where(mask, INITIAL_SCORE, -INITIAL_SCORE))
+                module.part_of(name).mask_scores.copy_(torch.where(mask, INITIAL_SCORE, -INITIAL_SCORE))
         write_delta_tensors(model, name, {key: tensor for key, tensor in tensors.items() if not key.endswith(".mask")})
 
     def merge(self, model: nn.Module) -> None:

@@ -28,10 +28,10 @@ overwrite), each with the shape and dtype the method saves.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,19 @@ def check_delta_name(name: str) -> None:
                              "(e.g. 'stsb' or 'sentiment-2'); it becomes part of the model's parameter names.")
 
 
-class DeltaSite(nn.Module):
+PartT = TypeVar("PartT", bound=nn.Module)
+SiteT = TypeVar("SiteT", bound="DeltaSite")
+
+
+class DeltaSite(nn.Module, Generic[PartT]):
     """A place in the model where a method keeps its part of each named delta.
 
-    `deltas[name]` is that delta's part (a module holding its parameters); `active_delta` names
-    the part that runs (None: none does). A site that wraps a layer keeps it as `base_layer`.
-    `merged_delta` names a part folded into the base weights (only mergeable sites set it).
+    `deltas[name]` is that delta's part (a module holding its parameters, of type `PartT`);
+    `active_delta` names the part that runs (None: none does). A site that wraps a layer keeps it as
+    `base_layer`. `merged_delta` names a part folded into the base weights (only mergeable sites set it).
     """
+
+    base_layer: nn.Module
 
     def __init__(self, base_layer: nn.Module | None = None) -> None:
         super().__init__()
@@ -77,7 +83,7 @@ class DeltaSite(nn.Module):
         self.merged_delta: str | None = None
         self.row_routing: RowRouting | None = None
 
-    def add_part(self, model: nn.Module, name: str, part: nn.Module, method_name: str) -> None:
+    def add_part(self, model: nn.Module, name: str, part: PartT, method_name: str) -> None:
         """Hold `part` for delta `name`; it runs when `name` is the model's active delta."""
         if name in self.deltas:
             raise already_applied(method_name, name)
@@ -85,22 +91,27 @@ class DeltaSite(nn.Module):
         if attached_deltas(model).active == name:
             self.active_delta = name
 
-    def active_part(self) -> nn.Module | None:
-        return None if self.active_delta is None else self.deltas[self.active_delta]
+    def part_of(self, name: str) -> PartT:
+        """Delta `name`'s part (a KeyError when this site holds none)."""
+        # nn.ModuleDict is untyped; every part in it came through `add_part`, which takes a PartT
+        return cast(PartT, self.deltas[name])
 
-    def required_part(self, method_name: str) -> nn.Module:
+    def active_part(self) -> PartT | None:
+        return None if self.active_delta is None else self.part_of(self.active_delta)
+
+    def required_part(self, method_name: str) -> PartT:
         """The active part, for code that reads it; a DeltatuneError when no delta of the method is active."""
         part = self.active_part()
         if part is None:
             raise DeltatuneError(f"No {method_name} delta is active on this layer; activate one first.")
         return part
 
-    def part(self, name: str | None) -> nn.Module | None:
-        return self.deltas[name] if name is not None and name in self.deltas else None
+    def part(self, name: str | None) -> PartT | None:
+        return self.part_of(name) if name is not None and name in self.deltas else None
 
-    def row_parts(self) -> list[nn.Module | None]:
-        """In a mixed batch (`row_routing` set): this site's part of each routed delta (None where it has none)."""
-        return [self.part(name) for name in self.row_routing.names]
+    def row_parts(self, routing: RowRouting) -> list[PartT | None]:
+        """In a mixed batch: this site's part of each delta `routing` routes (None where it has none)."""
+        return [self.part(name) for name in routing.names]
 
     def merge(self) -> None:
         """Fold the active part into the base weights (sites of mergeable methods override this)."""
@@ -115,11 +126,19 @@ def already_applied(method_name: str, name: str) -> DeltatuneError:
                           "once per delta, to a freshly loaded model, or attach another delta under a new name.")
 
 
-def sites(model: nn.Module) -> dict[str, DeltaSite]:
+def site_at(module: nn.Module, attribute: str, site_class: type[SiteT]) -> SiteT:
+    """The `site_class` site a method keeps on `module` as `attribute` (hooks get the module, not the site)."""
+    site = getattr(module, attribute)
+    if not isinstance(site, site_class):
+        raise TypeError(f"{type(module).__name__}.{attribute} is a {type(site).__name__}, not a {site_class.__name__}")
+    return site
+
+
+def sites(model: nn.Module) -> dict[str, DeltaSite[Any]]:
     return {name: module for name, module in model.named_modules() if isinstance(module, DeltaSite)}
 
 
-def sites_of(model: nn.Module, delta: str | None, site_class: type[DeltaSite]) -> dict[str, DeltaSite]:
+def sites_of(model: nn.Module, delta: str | None, site_class: type[SiteT]) -> dict[str, SiteT]:
     """The `site_class` sites holding a part of delta `delta`, by canonical name, in model order."""
     modules = dict(model.named_modules())
     return {canonical_path(modules, name)[1]: module for name, module in modules.items()
@@ -426,7 +445,7 @@ def activate_delta(model: nn.Module, name: str | None) -> None:
     for canonical in set().union(*rewritten.values()):
         parameter = index.base[canonical][1]
         own = rewritten[name] if name is not None else set()
-        kept = record.stored[name] if canonical in own else record.base
+        kept = record.stored[name] if name is not None and canonical in own else record.base
         if kept[canonical].device != parameter.device:  # the model moved after the delta was attached
             kept[canonical] = kept[canonical].to(parameter.device)
         if parameter.data is not kept[canonical]:
@@ -440,13 +459,13 @@ def needs_unknown_base(model: nn.Module, rewrites: set[str]) -> list[str]:
     """Base parameters other deltas rewrote in place that a delta rewriting only `rewrites` would need."""
     record = attached_deltas(model)
     index = parameter_index(model)
-    needed = set()
+    needed: set[str] = set()
     for delta in record.methods:
         needed |= record.rewritten(model, delta, index)
     return sorted((needed - rewrites) - record.base.keys())
 
 
-def merge_sites(model: nn.Module, method: Method, site_class: type[DeltaSite], merge: bool) -> None:
+def merge_sites(model: nn.Module, method: Method, site_class: type[DeltaSite[Any]], merge: bool) -> None:
     """Merge (or unmerge) the parts of `method`'s delta at every `site_class` site of `model`."""
     name = method.delta_name
     found = list(sites_of(model, name, site_class).values())
@@ -472,7 +491,7 @@ def detach_delta(model: nn.Module, name: str) -> None:
         raise DeltatuneError(f"Delta {name!r} is active; activate another delta (or None, the base model) "
                              "before detaching it.")
     index = parameter_index(model)
-    still_rewritten = set()
+    still_rewritten: set[str] = set()
     for delta in record.methods:
         if delta != name:
             still_rewritten |= record.rewritten(model, delta, index)
@@ -513,7 +532,7 @@ class RowRouting:
             self._rows[groups] = mask.nonzero().flatten()
         return self._rows[groups]
 
-    def stacked(self, owner: nn.Module, build):
+    def stacked(self, owner: object, build: Callable[[], Any]) -> Any:
         """`build()` once per owner (a site, a module) for these names; later batches reuse it."""
         key = ("stack", id(owner))
         if key not in self.cache:
@@ -598,7 +617,7 @@ class _RowwiseModule:
     def _values(self, name: str | None) -> dict[str, torch.Tensor]:
         record = self.mixer.record
         rewritten = record.rewritten(self.mixer.model, name) if name is not None else frozenset()
-        stored = record.stored.get(name, {})
+        stored = record.stored.get(name, {}) if name is not None else {}
         values = {}
         for leaf, canonical in self.leaves.items():
             live = getattr(self.module, leaf).data
@@ -606,18 +625,19 @@ class _RowwiseModule:
             values[leaf] = value if value.device == live.device else value.to(live.device)
         return values
 
-    def _plan(self, names: tuple[str | None, ...]):
+    def _plan(self, names: tuple[str | None, ...]) -> tuple[str, Any]:
         values = [self._values(name) for name in names]
-        weight = getattr(self.module, "weight", None)
-        if (isinstance(self.module, nn.Linear) and "bias" in self.leaves
+        module = self.module
+        if (isinstance(module, nn.Linear) and "bias" in self.leaves
                 # `.data` is a new tensor object on every access: the storage says whether it is the same weight
-                and all("weight" not in group or group["weight"].data_ptr() == weight.data_ptr() for group in values)
-                and all(group["bias"].shape == self.module.bias.shape for group in values)):
-            return "bias", torch.stack([group["bias"].to(weight.dtype) for group in values])
-        if isinstance(self.module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
-            return "linear", _stack_linear(values, self.module)
-        if (isinstance(self.module, nn.LayerNorm) and self.module.elementwise_affine
-                and all(group[leaf].shape == getattr(self.module, leaf).shape for group in values for leaf in self.leaves)):
+                and all("weight" not in group or group["weight"].data_ptr() == module.weight.data_ptr()
+                        for group in values)
+                and all(group["bias"].shape == module.bias.shape for group in values)):
+            return "bias", torch.stack([group["bias"].to(module.weight.dtype) for group in values])
+        if isinstance(module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
+            return "linear", _stack_linear(values, module)
+        if (isinstance(module, nn.LayerNorm) and module.elementwise_affine
+                and all(group[leaf].shape == getattr(module, leaf).shape for group in values for leaf in self.leaves)):
             return "norm", {leaf: torch.stack([group[leaf] for group in values]) for leaf in self.leaves}
         sets: dict[tuple, tuple[dict, list[int]]] = {}
         for group, group_values in enumerate(values):
@@ -625,12 +645,17 @@ class _RowwiseModule:
             sets.setdefault(key, (group_values, []))[1].append(group)
         return "groups", list(sets.values())
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         routing = self.mixer.routing
+        if routing is None:
+            raise DeltatuneError("A forward pass inside mixed_rows needs its rows routed first: call "
+                                 "mixer.route(row_deltas) with one delta name (or None) per row before it.")
         kind, plan = routing.stacked(self, lambda: self._plan(routing.names))
         inputs = args[0]
+        module = self.module
         if kind == "bias":
-            output = F.linear(inputs, self.module.weight, None)
+            assert isinstance(module, nn.Linear)  # `_plan` chose "bias" for a linear layer only
+            output = F.linear(inputs, module.weight, None)
             shape = (output.shape[0],) + (1,) * (output.ndim - 2) + (output.shape[-1],)
             return output + plan[routing.index].to(output.dtype).view(shape)
         if kind == "linear":  # each row's own weight (a task head: rows of several widths, zero-padded)
@@ -641,7 +666,7 @@ class _RowwiseModule:
                 output = output + biases[routing.index].unsqueeze(1).to(output.dtype)
             return output.view(*inputs.shape[:-1], weights.shape[1])
         if kind == "norm":  # normalise once, then each row's own gain and shift
-            module = self.module
+            assert isinstance(module, nn.LayerNorm)  # `_plan` chose "norm" for a LayerNorm only
             output = F.layer_norm(inputs, module.normalized_shape, None, None, module.eps)
             shape = (output.shape[0],) + (1,) * (output.ndim - 2) + (output.shape[-1],)
             gains = plan["weight"][routing.index].view(shape) if "weight" in plan else module.weight

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.methods._linear_targets import (
     AddedUpdateLinear,
+    WeightUpdate,
     WrappedLinear,
     select_layers,
     target_problems,
@@ -81,20 +83,25 @@ def draw_projections(r: int, in_features: int, out_features: int, seed: int) -> 
 class Projections(nn.Module):
     """One delta's shared random matrices, as buffers (frozen, never saved: drawn from the seed)."""
 
+    projection_A: torch.Tensor
+    projection_B: torch.Tensor
+
     def __init__(self, projection_A: torch.Tensor, projection_B: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("projection_A", projection_A, persistent=False)
         self.register_buffer("projection_B", projection_B, persistent=False)
 
 
-class ProjectionSite(DeltaSite):
+class ProjectionSite(DeltaSite[Projections]):
     """Each delta's shared matrices (registered once per model as `<backbone>.vera_projections`)."""
 
 
-class VeRAScales(nn.Module):
+class VeRAScales(WeightUpdate):
     """One delta's trained vectors λ_b and λ_d of one layer, and where its shared matrices are."""
 
-    def __init__(self, layer: WrappedLinear, projections: Projections, d_initial: float, dropout: float) -> None:
+    _projections: Projections
+
+    def __init__(self, layer: WrappedLinear[Any], projections: Projections, d_initial: float, dropout: float) -> None:
         super().__init__()
         weight = layer.weight
         r = projections.projection_A.shape[0]
@@ -116,7 +123,7 @@ class VeRAScales(nn.Module):
         return ((self.lambda_b[:, None] * projection_B) @ (self.lambda_d[:, None] * projection_A)).to(dtype)
 
 
-class VeRALinear(AddedUpdateLinear):
+class VeRALinear(AddedUpdateLinear[VeRAScales]):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's Λ_b B Λ_d A x."""
 
     def added(self, part: VeRAScales, x: torch.Tensor) -> torch.Tensor:
