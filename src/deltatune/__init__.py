@@ -12,8 +12,13 @@ find out which way of adapting is best.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from deltatune.errors import DeltatuneError
 from deltatune.version import __version__
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "full",
@@ -31,8 +36,10 @@ def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "f
 
     _check_train_arguments(model, task, method, out, method_options, source, data, overwrite)
     config = build_config(TrainConfig, train_options)
-    return run_training(str(model), data or data_record(task, source=source), method, method_options, config,
-                        out=out, overwrite=overwrite, say=say)
+    if data is None:
+        assert task is not None  # _check_train_arguments demands exactly one of task and data
+        data = data_record(task, source=source)
+    return run_training(str(model), data, method, method_options, config, out=out, overwrite=overwrite, say=say)
 
 
 def _check_train_arguments(model, task, method, out, method_options, source, data, overwrite) -> None:
@@ -67,7 +74,7 @@ def _check_train_arguments(model, task, method, out, method_options, source, dat
         raise DeltatuneError("deltatune.train(): " + "; ".join(problems) + ".")
 
 
-def load(directory: str, base: str | None = None):
+def load(directory: str | Path, base: str | None = None):
     """A saved delta applied to its base model: `.predict(...)`, `.evaluate(split)`."""
     from deltatune.delta import load as load_delta
 

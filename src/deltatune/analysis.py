@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -82,8 +82,8 @@ def match_parameters(pretrained: nn.Module, finetuned: nn.Module) -> dict[str, t
         if name in base:
             continue
         parts = name.split(".")
-        candidates = {".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts) - 1)}
-        candidates = [c for c in candidates if c in base and c not in matched and base[c].shape == tensor.shape]
+        dropped_one = {".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts) - 1)}
+        candidates = [c for c in dropped_one if c in base and c not in matched and base[c].shape == tensor.shape]
         if len(candidates) == 1:
             matched[candidates[0]] = tensor.detach()
     return matched
@@ -106,7 +106,7 @@ def layer_distances(pretrained: nn.Module, finetuned: nn.Module, rank_by: RankBy
         raise DeltatuneError(
             f"The fine-tuned model lacks {len(missing)} of the pretrained parameters (e.g. {missing[0]!r}): "
             "it is not a fine-tuned version of this pretrained model.")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for position in range(-1, layout.num_layers + 1):
         names = [n for n in base if layout.position[n] == position and n not in layout.head]
         if not names:

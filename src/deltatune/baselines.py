@@ -72,7 +72,7 @@ def run_baseline(name: str, model_name: str, task_data: TaskData, train_indices:
     train = task_data.split("train")
     if train_indices is not None:
         train = train.subset(train_indices)
-    splits = {split: task_data.split(split) for split in ("dev", "test") if split in task_data.splits}
+    splits: dict[str, Split] = {split: task_data.split(split) for split in ("dev", "test") if split in task_data.splits}
     started = time.perf_counter()
     details: dict = {}
     if name == "majority":

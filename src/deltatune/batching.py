@@ -59,8 +59,8 @@ def encode(tokenizer, task: TaskSpec, split: Split, max_length: int, texts_separ
     if texts_separately:
         first, second = (_tokenise(tokenizer, [column], max_length) for column in columns)
         features = {"input_ids": first[0]["input_ids"], SECOND_TEXT: second[0]["input_ids"]}
-        too_long = set(first[1]) | set(second[1])
-        return Encoded(features, list(split.labels), num_truncated=len(too_long))
+        cut = set(first[1]) | set(second[1])
+        return Encoded(features, list(split.labels), num_truncated=len(cut))
     features, too_long = _tokenise(tokenizer, columns, max_length)
     return Encoded(features, list(split.labels), num_truncated=len(too_long))
 
@@ -167,7 +167,9 @@ def predict_encoded(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_toke
                 outputs[index] = logits[position].numpy()
     model.train(was_training)
     width = task.num_labels
-    return np.stack(outputs) if outputs else np.zeros((0, width), dtype=np.float32)
+    predicted = [output for output in outputs if output is not None]
+    assert len(predicted) == len(outputs)  # the batches cover every example once
+    return np.stack(predicted) if predicted else np.zeros((0, width), dtype=np.float32)
 
 
 def outputs_to_predictions(outputs: np.ndarray, task: TaskSpec) -> np.ndarray:

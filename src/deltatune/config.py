@@ -38,9 +38,12 @@ def _own_field_help(config_class: type) -> dict[str, str]:
         source = textwrap.dedent(inspect.getsource(config_class))
     except (OSError, TypeError):
         return {}
-    body = ast.parse(source).body[0].body
+    definition = ast.parse(source).body[0]
+    if not isinstance(definition, ast.ClassDef):
+        return {}
+    body = definition.body
     helps: dict[str, str] = {}
-    for statement, following in zip(body, body[1:] + [None]):
+    for statement, following in zip(body, [*body[1:], None]):
         if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
                 and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
                 and isinstance(following.value.value, str)):

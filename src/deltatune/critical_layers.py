@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from deltatune.analysis import RANK_KEYS, analyze_run
+from deltatune.analysis import RANK_KEYS, RankBy, analyze_run
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import Method
 from deltatune.methods.freeze import FreezeConfig
@@ -25,11 +25,12 @@ def resolve_critical_layers(method: Method, model: nn.Module) -> None:
     config = method.config
     if not isinstance(config, FreezeConfig) or config.critical is None or config.critical_layers:
         return
+    assert config.critical_from is not None  # FreezeConfig demands critical_from with critical
     chosen = critical_layers(model, config.critical_from, config.critical, config.critical_metric)
     method.config = dataclasses.replace(config, critical_layers=tuple(chosen))
 
 
-def critical_layers(model: nn.Module, run_dir: str, count: int, metric: str) -> list[int]:
+def critical_layers(model: nn.Module, run_dir: str, count: int, metric: RankBy) -> list[int]:
     """The `count` transformer layers that moved most in the run at `run_dir`, by `metric`."""
     if not Path(run_dir).is_dir():
         raise DeltatuneError(f"method.critical_from={run_dir!r} is not a directory. Point it at the --out "

@@ -46,7 +46,8 @@ def fingerprint_backbone(model: nn.Module) -> str:
         if name in head or not isinstance(tensor, torch.Tensor):
             continue
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        # an ndarray is a buffer; numpy declares that (__buffer__) only for Python 3.12 and later
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return digest.hexdigest()
 
 

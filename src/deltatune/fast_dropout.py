@@ -16,6 +16,7 @@ makes a run repeatable.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -102,24 +103,27 @@ def _register_attention() -> bool:
 
 
 @contextmanager
-def fast_dropout(model: nn.Module):
+def fast_dropout(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `model` drops out with `keep_mask`; afterwards it is exactly as it was."""
-    swapped = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    # typed as plain modules: the instance attribute `forward` shadows Dropout's method until deleted below
+    swapped: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
     for module in swapped:
         module.forward = _dropout_forward.__get__(module)
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
-    use_attention = (previous == "sdpa" and _attention_dropout(config) > 0
-                     and hasattr(model, "set_attn_implementation") and _register_attention())
-    if use_attention:
-        model.set_attn_implementation(ATTENTION_NAME)
+    switch_attention = getattr(model, "set_attn_implementation", None)
+    if not (previous == "sdpa" and _attention_dropout(config) > 0
+            and switch_attention is not None and _register_attention()):
+        switch_attention = None  # attention dropout stays as it is
+    if switch_attention is not None:
+        switch_attention(ATTENTION_NAME)
     try:
         yield model
     finally:
         for module in swapped:
             del module.forward
-        if use_attention:
-            model.set_attn_implementation(previous)
+        if switch_attention is not None:
+            switch_attention(previous)
 
 
 def _attention_dropout(config) -> float:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
 from deltatune.tasks.spec import TaskSpec
@@ -162,7 +163,7 @@ class PooledTaskModel(nn.Module):
     n..2n-1 the second (what `deltatune.batching.collate` builds for it).
     """
 
-    def __init__(self, backbone: nn.Module, task: TaskSpec, head: HeadConfig) -> None:
+    def __init__(self, backbone: PreTrainedModel, task: TaskSpec, head: HeadConfig) -> None:
         super().__init__()
         self.base_model_prefix = getattr(backbone, "base_model_prefix", "") or "backbone"
         setattr(self, self.base_model_prefix, backbone)
@@ -171,9 +172,9 @@ class PooledTaskModel(nn.Module):
         self.head_config = head
         self.regression = task.is_regression
         hidden_size = self.config.get_text_config().hidden_size
-        dropout = getattr(self.config, "classifier_dropout", None)
-        if dropout is None:
-            dropout = getattr(self.config, "hidden_dropout_prob", 0.0)
+        classifier_dropout = getattr(self.config, "classifier_dropout", None)
+        dropout = (classifier_dropout if classifier_dropout is not None
+                   else getattr(self.config, "hidden_dropout_prob", 0.0))
         self.dropout = nn.Dropout(dropout)
         # a bi-encoder's similarity score has no weights; everything else ends in one linear layer
         if not (head.kind == "bi-encoder" and task.is_regression):
@@ -183,8 +184,10 @@ class PooledTaskModel(nn.Module):
             nn.init.zeros_(self.classifier.bias)
 
     @property
-    def base_model(self) -> nn.Module:
-        return getattr(self, self.base_model_prefix)
+    def base_model(self) -> PreTrainedModel:
+        backbone = getattr(self, self.base_model_prefix)
+        assert isinstance(backbone, PreTrainedModel)  # `__init__` takes nothing else
+        return backbone
 
     @property
     def encodes_texts_separately(self) -> bool:
@@ -196,7 +199,10 @@ class PooledTaskModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **kwargs: Any):
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            if reference is None:
+                raise DeltatuneError(f"{type(self).__name__} needs input_ids or inputs_embeds; it got neither.")
+            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         arguments = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
         if token_type_ids is not None:
             arguments["token_type_ids"] = token_type_ids
@@ -211,12 +217,12 @@ class PooledTaskModel(nn.Module):
         return _classifier_output(self.classifier(self.dropout(features)))
 
 
-def build_task_model(backbone: nn.Module, task: TaskSpec, head: HeadConfig) -> PooledTaskModel:
+def build_task_model(backbone: PreTrainedModel, task: TaskSpec, head: HeadConfig) -> PooledTaskModel:
     """A `PooledTaskModel`; a pooler the head does not read is dropped, so nothing trains that the output
     does not depend on."""
     if head.pooling != "cls" or head.kind == "bi-encoder":
         if getattr(backbone, "pooler", None) is not None:
-            backbone.pooler = None
+            backbone.register_module("pooler", None)  # a registered submodule may be replaced by None
     return PooledTaskModel(backbone, task, head)
 
 
@@ -238,6 +244,7 @@ def target_scale(model: nn.Module, task: TaskSpec, labels) -> tuple[float, float
     if not task.is_regression:
         return None
     if encodes_texts_separately(model):
+        assert task.score_range is not None  # TaskSpec demands a score_range when it has no labels
         low, high = task.score_range
         return float(low), float(high - low)
     return regression_scale(labels)

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 
 import torch
@@ -300,8 +302,9 @@ def merge_heads(sources: list[Source], weights: list[float], head: set[str]) -> 
     if any(value != scales[0] for value in scales):
         heads = [fold_target_scale(tensors, value) for tensors, value in zip(heads, scales)]
         scale = [0.0, 1.0]
-    merged = {name: sum(share * tensors[name].double() for share, tensors in zip(shares, heads)).to(heads[0][name].dtype)
-              for name in heads[0]}
+    # added left to right, as `sum` would: the merged head is the same to the last bit
+    merged = {name: reduce(operator.add, [share * tensors[name].double() for share, tensors in zip(shares, heads)])
+              .to(heads[0][name].dtype) for name in heads[0]}
     return merged, scale
 
 
@@ -332,7 +335,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
     groups: dict[str, list[int]] = {}
     for position, source in enumerate(sources):
         groups.setdefault(source.task_key, []).append(position)
-    written = []
+    written: list[Path] = []
     with staged_directory(out, frozenset(), False, what="the merged delta",
                           check=lambda: _check_new_directory(out)) as staging:
         for positions in groups.values():

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from deltatune.errors import DeltatuneError
 
@@ -136,7 +137,7 @@ class TargetLock:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.path = out.parent / f".{out.name}{LOCK_SUFFIX}"
-        self.handle = None
+        self.handle: TextIO | None = None
 
     def acquire(self) -> TargetLock:
         try:

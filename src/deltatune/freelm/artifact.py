@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.config import to_jsonable
 from deltatune.critical_layers import resolve_critical_layers
@@ -53,7 +53,7 @@ class PreparedFreeLM(NamedTuple):
     """Parameters of the classifier before the method (decoder + teacher head), as `deltatune train` counts."""
 
 
-def prepare_freelm_model(causal_lm: nn.Module, tokenizer, method) -> PreparedFreeLM:
+def prepare_freelm_model(causal_lm: PreTrainedModel, tokenizer, method) -> PreparedFreeLM:
     """FreeLM's model around `causal_lm` with `method` applied to the shared decoder; everything the
     method does not declare trainable (the LM head included) is frozen."""
     for parameter in causal_lm.parameters():
@@ -182,7 +182,7 @@ def read_freelm_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def attach_freelm_delta(causal_lm: nn.Module, tokenizer, directory: str | Path, manifest: dict,
+def attach_freelm_delta(causal_lm: PreTrainedModel, tokenizer, directory: str | Path, manifest: dict,
                         base_name: str | None = None) -> tuple[FreeLMModel, object]:
     """Turn a loaded base decoder into the saved FreeLM model (checks the base's fingerprint first)."""
     directory = Path(directory)

@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
 from deltatune.tasks.spec import TaskSpec
@@ -40,7 +41,7 @@ class FreeLMModel(nn.Module):
     SmolLM2). Both read the same backbone module, so one set of adapted weights serves both.
     """
 
-    def __init__(self, classifier: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, classifier: PreTrainedModel, lm_head: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
         self.lm_head = lm_head
@@ -63,8 +64,8 @@ class FreeLMModel(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def build_classifier_sharing_backbone(causal_lm: nn.Module, num_labels: int = 2,
-                                      labels: tuple[str, ...] = PROPOSITION_TASK.labels) -> nn.Module:
+def build_classifier_sharing_backbone(causal_lm: PreTrainedModel, num_labels: int = 2,
+                                      labels: tuple[str, ...] = PROPOSITION_TASK.labels) -> PreTrainedModel:
     """The decoder's `*ForSequenceClassification` model with `causal_lm`'s backbone (not a copy).
 
     The classifier is built on the meta device (no 135M-parameter random initialisation), its
@@ -122,6 +123,8 @@ class StandardizedHead(nn.Module):
     left to unit spread, so V sees centred, standardised features. Folded back into one plain linear
     layer, W = V D P, when training ends (`fold_head`): the saved head is an ordinary `score` layer.
     """
+
+    transform: torch.Tensor
 
     def __init__(self, transform: torch.Tensor, out_features: int) -> None:
         super().__init__()
@@ -183,7 +186,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
 
 
-def build_freelm_model(causal_lm: nn.Module) -> FreeLMModel:
+def build_freelm_model(causal_lm: PreTrainedModel) -> FreeLMModel:
     """FreeLM's model around a loaded causal LM (its backbone and LM head are shared, not copied)."""
     lm_head = causal_lm.get_output_embeddings()
     if lm_head is None:

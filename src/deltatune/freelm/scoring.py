@@ -25,10 +25,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from deltatune.batching import Encoded, predict_encoded
 from deltatune.freelm.model import PROPOSITION_TASK, TRUE_INDEX, FreeLMModel
-from deltatune.methods.prompts import cache_keyword
+from deltatune.methods.prompts import cache_keyword, output_embeddings
 from deltatune.metrics import compute_metrics
 from deltatune.padding import padding_id
 from deltatune.tasks.propositions import TaskPropositions
@@ -113,13 +114,13 @@ def demonstration_prefix(tokenizer, propositions: TaskPropositions, split: Split
 
 
 @torch.no_grad()
-def verbaliser_scores(causal_lm: nn.Module, tokenizer, propositions: TaskPropositions,
+def verbaliser_scores(causal_lm: PreTrainedModel, tokenizer, propositions: TaskPropositions,
                       rows: Sequence[tuple[str, ...]], prefix: str = "", max_length: int = 256,
                       batch_size: int = 16) -> np.ndarray:
     """(examples, candidates) mean log-probability of each verbaliser after the prompt (and `prefix`,
     the k-shot demonstrations, whose keys and values are computed once)."""
     backbone = causal_lm.base_model
-    lm_head = causal_lm.get_output_embeddings()
+    lm_head = output_embeddings(causal_lm)
     was_training = causal_lm.training
     causal_lm.eval()
     rows = shorten_texts(tokenizer, rows, field_budget(max_length, len(propositions.text_fields)))
@@ -135,7 +136,7 @@ def verbaliser_scores(causal_lm: nn.Module, tokenizer, propositions: TaskProposi
     single_token = all(len(v) == 1 for v in verbalisers)
     if single_token:
         # one sequence per example: the next-token distribution after the prompt scores every answer
-        sequences = [(i, prompt, None) for i, prompt in enumerate(prompts)]
+        sequences: list[tuple[int, list[int], int | None]] = [(i, prompt, None) for i, prompt in enumerate(prompts)]
     else:
         sequences = [(i, prompt + verbaliser, c) for i, prompt in enumerate(prompts)
                      for c, verbaliser in enumerate(verbalisers)]

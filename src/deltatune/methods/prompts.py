@@ -44,6 +44,15 @@ def word_embeddings(backbone: PreTrainedModel) -> nn.Embedding:
     return embeddings
 
 
+def output_embeddings(causal_lm: PreTrainedModel) -> nn.Module:
+    """The causal LM's language-model head (hidden states to logits over the vocabulary)."""
+    head = causal_lm.get_output_embeddings()
+    if head is None:
+        raise DeltatuneError(f"{type(causal_lm).__name__} has no language-model head; load a causal LM "
+                             "(deltatune.sources.models.load_causal_lm).")
+    return head
+
+
 def find_tokenizer(model: nn.Module, why: str, fix: str):
     """The tokenizer saved next to the model (a local directory or the hub cache); never downloads.
 

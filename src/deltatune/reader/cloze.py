@@ -131,7 +131,10 @@ def load_wikitext_cloze(config: ClozeConfig | None = None, splits: tuple[str, ..
         split_passages, examples = questions_for_split(lines_by_split[_SPLITS[split]], config, split)
         offset = len(passages)
         passages += split_passages
-        loaded[split] = [QAExample(e.question, e.answers, e.passage_id + offset, e.example_id) for e in examples]
+        loaded[split] = []
+        for e in examples:
+            assert e.passage_id is not None  # every cloze question is cut from a passage
+            loaded[split].append(QAExample(e.question, e.answers, e.passage_id + offset, e.example_id))
     provenance = {"source": "wikitext-2 (packaged mirror)", "construction": "deltatune.reader.cloze",
                   "seed": config.seed, "questions": {split: len(examples) for split, examples in loaded.items()},
                   "passages": len(passages)}

@@ -25,8 +25,9 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
-from deltatune.methods.prompts import cache_keyword
+from deltatune.methods.prompts import cache_keyword, output_embeddings, word_embeddings
 
 PASSAGE_PREFIX = "Passage: "
 
@@ -91,11 +92,11 @@ def frozen_weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _embed_rows(causal_lm: nn.Module, rows: list[list[int]], prompt: SoftPrompt | None,
+def _embed_rows(causal_lm: PreTrainedModel, rows: list[list[int]], prompt: SoftPrompt | None,
                 pad_left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs_embeds, attention_mask, position_ids) for token rows with the soft prompt in front of each;
     padded on the left (generation) or right (training)."""
-    embeddings = causal_lm.get_input_embeddings()
+    embeddings = word_embeddings(causal_lm)
     prompt_length = prompt.length if prompt is not None else 0
     width = prompt_length + max(len(ids) for ids in rows)
     hidden = embeddings.weight.shape[1]
@@ -111,12 +112,12 @@ def _embed_rows(causal_lm: nn.Module, rows: list[list[int]], prompt: SoftPrompt 
     return inputs, mask, positions
 
 
-def answer_loss(causal_lm: nn.Module, contexts: list[list[int]], answers: list[list[int]],
+def answer_loss(causal_lm: PreTrainedModel, contexts: list[list[int]], answers: list[list[int]],
                 prompt: SoftPrompt | None) -> torch.Tensor:
     """Mean next-token cross-entropy of each answer (its tokens and the closing newline) after its context."""
     rows = [context + answer for context, answer in zip(contexts, answers)]
     inputs, mask, positions = _embed_rows(causal_lm, rows, prompt, pad_left=False)
-    hidden = causal_lm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+    hidden = causal_lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                              use_cache=False).last_hidden_state
     offset = prompt.length if prompt is not None else 0
     gathered, targets = [], []
@@ -124,16 +125,16 @@ def answer_loss(causal_lm: nn.Module, contexts: list[list[int]], answers: list[l
         start = offset + len(context) - 1  # the state before each answer token predicts it
         gathered.append(hidden[row, start:start + len(answer)])
         targets.append(torch.tensor(answer, dtype=torch.long))
-    logits = causal_lm.get_output_embeddings()(torch.cat(gathered)).float()
+    logits = output_embeddings(causal_lm)(torch.cat(gathered)).float()
     return F.cross_entropy(logits, torch.cat(targets))
 
 
 @torch.no_grad()
-def generate_answers(causal_lm: nn.Module, contexts: list[list[int]], prompt: SoftPrompt | None,
+def generate_answers(causal_lm: PreTrainedModel, contexts: list[list[int]], prompt: SoftPrompt | None,
                      max_new_tokens: int, stop_token_ids: set[int], batch_size: int = 8) -> list[list[int]]:
     """Greedy continuation of each context (left-padded batches, key/value cache) until a stop token."""
-    backbone = causal_lm.model
-    head = causal_lm.get_output_embeddings()
+    backbone = causal_lm.base_model
+    head = output_embeddings(causal_lm)
     results: list[list[int]] = [[] for _ in contexts]
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     for start in range(0, len(order), batch_size):

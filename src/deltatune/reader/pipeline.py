@@ -11,15 +11,17 @@ from __future__ import annotations
 import random
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deltatune.batching import autocast_for
 from deltatune.errors import DeltatuneError
+from deltatune.methods.prompts import word_embeddings
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.reader.config import ReaderConfig
 from deltatune.reader.data import QADataset, QAExample, contains_answer, exact_match, token_f1
@@ -41,8 +43,8 @@ CLOZE_QUESTION_TEMPLATE = "Fill in the blank (_____) with a name or a number.\n{
 
 @dataclass
 class FrozenReader:
-    causal_lm: nn.Module
-    tokenizer: object
+    causal_lm: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     config: ReaderConfig
     question_template: str = DEFAULT_QUESTION_TEMPLATE
     prompt: SoftPrompt | None = None
@@ -50,7 +52,7 @@ class FrozenReader:
     _passage_cache: dict[int, list[int]] = field(default_factory=dict, repr=False)
     _stop_tokens: set[int] | None = field(default=None, repr=False)
 
-    def precision_context(self):
+    def precision_context(self) -> AbstractContextManager[Any]:
         """bf16 autocast with the frozen linear weights cast once (and restored exactly), or nothing."""
         precision = resolve_precision(self.config.precision)
         if precision != "bf16":
@@ -67,7 +69,7 @@ class FrozenReader:
 
     def trained_parameters(self) -> dict[str, torch.Tensor]:
         """What the delta stores: the prompt's vectors and the re-ranker's weights."""
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         if self.prompt is not None:
             tensors["prompt.vectors"] = self.prompt.vectors
         if self.reranker is not None:
@@ -126,20 +128,21 @@ def ranked_passages(reader: FrozenReader, dataset: QADataset, examples: list[QAE
     if reader.reranker is None:
         return [list(map(int, row[:top_k])) for row in ids]
     with torch.no_grad():
-        order = _rerank_scores(reader, dataset, examples, ids, scores).argsort(dim=1, descending=True)
+        order = _rerank_scores(reader, reader.reranker, dataset, examples, ids, scores).argsort(dim=1,
+                                                                                                descending=True)
     return [[int(ids[row, column]) for column in order[row, :top_k]] for row in range(len(examples))]
 
 
-def _rerank_scores(reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray,
-                   scores: np.ndarray) -> torch.Tensor:
+def _rerank_scores(reader: FrozenReader, reranker: Reranker, dataset: QADataset, examples: list[QAExample],
+                   ids: np.ndarray, scores: np.ndarray) -> torch.Tensor:
     questions, passages = _candidate_vectors(reader, dataset, examples, ids)
-    return reader.reranker(questions, passages, torch.tensor(scores, dtype=torch.float32))
+    return reranker(questions, passages, torch.tensor(scores, dtype=torch.float32))
 
 
 def _candidate_vectors(reader: FrozenReader, dataset: QADataset, examples: list[QAExample],
                        ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The re-ranker's frozen inputs: mean input embeddings of each question (n, d) and candidate (n, N, d)."""
-    embeddings = reader.causal_lm.get_input_embeddings()
+    embeddings = word_embeddings(reader.causal_lm)
     questions = mean_embeddings(embeddings, [reader.tokenizer(e.question, add_special_tokens=False)["input_ids"]
                                              for e in examples])
     flat = [reader.passage_tokens(dataset, int(i)) for i in ids.reshape(-1)]
@@ -158,11 +161,11 @@ def train_reranker(reader: FrozenReader, dataset: QADataset, examples: list[QAEx
                    scores: np.ndarray) -> list[float]:
     """Fit the re-ranker to put passages that contain an answer first; returns the loss per step."""
     config = reader.config
-    reader.reranker = Reranker(reader.causal_lm.get_input_embeddings().weight.shape[1], config.reranker_rank,
-                               config.seed)
+    reranker = reader.reranker = Reranker(word_embeddings(reader.causal_lm).weight.shape[1], config.reranker_rank,
+                                          config.seed)
     positive = torch.tensor([[contains_answer(dataset.passages[int(i)], e.answers) for i in row]
                              for row, e in zip(ids, examples)], dtype=torch.bool)
-    optimizer = torch.optim.AdamW(reader.reranker.parameters(), lr=config.reranker_learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=config.reranker_learning_rate, weight_decay=0.0)
     rng = random.Random(config.seed)
     usable = [i for i in range(len(examples)) if bool(positive[i].any())]
     questions, passages = _candidate_vectors(reader, dataset, examples, ids)  # frozen: computed once
@@ -170,7 +173,7 @@ def train_reranker(reader: FrozenReader, dataset: QADataset, examples: list[QAEx
     losses = []
     for _ in range(config.reranker_steps if usable else 0):
         batch = rng.sample(usable, min(32, len(usable)))
-        batch_scores = reader.reranker(questions[batch], passages[batch], bm25[batch])
+        batch_scores = reranker(questions[batch], passages[batch], bm25[batch])
         loss = reranker_loss(batch_scores, positive[batch])
         loss.backward()
         optimizer.step()
@@ -183,7 +186,7 @@ def train_prompt(reader: FrozenReader, dataset: QADataset, examples: list[QAExam
                  passages: list[list[int]]) -> list[float]:
     """Prompt tuning of the frozen reader on the gold answers; returns the loss per step."""
     config = reader.config
-    embeddings = reader.causal_lm.get_input_embeddings()
+    embeddings = word_embeddings(reader.causal_lm)
     init_ids = reader.tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"]
     reader.prompt = SoftPrompt(embeddings, init_ids, config.prompt_tokens)
     optimizer = torch.optim.AdamW(reader.prompt.parameters(), lr=config.learning_rate, weight_decay=0.0)
@@ -211,7 +214,7 @@ def train_prompt(reader: FrozenReader, dataset: QADataset, examples: list[QAExam
     return losses
 
 
-def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index) -> dict:
+def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index | None) -> dict:
     """Train the re-ranker (when config.rerank and top_k > 0) and the soft prompt (when prompt_tokens > 0);
     the decoder's weights are checked to be bit-identical afterwards."""
     config = reader.config
@@ -223,10 +226,12 @@ def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index) -> 
     if not examples:
         raise DeltatuneError(f"{dataset.name} has no training questions; the reader has nothing to learn from.")
     started = time.perf_counter()
-    ids, scores = candidates_for(index, dataset, examples, config.candidates) if config.top_k else (None, None)
-    reranker_losses = train_reranker(reader, dataset, examples, ids, scores) if config.top_k and config.rerank else []
-    passages = ranked_passages(reader, dataset, examples, ids, scores, config.top_k) if config.top_k else \
-        [[] for _ in examples]
+    reranker_losses: list[float] = []
+    passages: list[list[int]] = [[] for _ in examples]
+    if config.top_k:
+        ids, scores = candidates_for(_reading_index(index), dataset, examples, config.candidates)
+        reranker_losses = train_reranker(reader, dataset, examples, ids, scores) if config.rerank else []
+        passages = ranked_passages(reader, dataset, examples, ids, scores, config.top_k)
     with reader.precision_context():
         prompt_losses = train_prompt(reader, dataset, examples, passages) if config.prompt_tokens else []
     after = frozen_weights_digest(reader.causal_lm)
@@ -250,9 +255,7 @@ def answer_questions(reader: FrozenReader, dataset: QADataset, examples: list[QA
     config = reader.config
     facts: dict = {"top_k": top_k}
     if top_k:
-        if index is None:
-            raise DeltatuneError("Reading passages needs a retrieval index over the corpus.")
-        ids, scores = candidates_for(index, dataset, examples, max(config.candidates, top_k))
+        ids, scores = candidates_for(_reading_index(index), dataset, examples, max(config.candidates, top_k))
         saved = reader.reranker
         reader.reranker = saved if use_reranker else None
         try:
@@ -267,7 +270,18 @@ def answer_questions(reader: FrozenReader, dataset: QADataset, examples: list[QA
     with reader.precision_context():
         generated = generate_answers(reader.causal_lm, contexts, reader.prompt if use_prompt else None,
                                      config.answer_tokens, reader.stop_tokens(), config.eval_batch_size)
-    return [reader.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated], facts
+    answers = []
+    for answer_ids in generated:
+        text = reader.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        answers.append(text.strip())
+    return answers, facts
+
+
+def _reading_index(index: BM25Index | None) -> BM25Index:
+    if index is None:
+        raise DeltatuneError("Reading passages needs a retrieval index over the corpus.")
+    return index
 
 
 def score_answers(predictions: list[str], examples: list[QAExample]) -> dict:

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from deltatune.errors import DeltatuneError
@@ -178,16 +180,24 @@ def extract_members(archive: Path, prefix: str, destination: Path) -> Path:
     return destination
 
 
-def _archive_members(archive: Path):
+def _archive_members(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, a function that reads the member's bytes) for each file in a zip or tar archive."""
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():
-                yield info.filename, (lambda info=info: z.read(info))
+                yield info.filename, partial(z.read, info)
     else:
         with tarfile.open(archive) as t:
             for member in t.getmembers():
                 if member.isfile():
-                    yield member.name, (lambda member=member: t.extractfile(member).read())
+                    yield member.name, partial(_tar_member_bytes, t, member, archive)
+
+
+def _tar_member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, archive: Path) -> bytes:
+    handle = tar.extractfile(member)
+    if handle is None:  # only a regular file has contents to read
+        raise DeltatuneError(f"{member.name} in {archive.name} is not a regular file.")
+    return handle.read()
 
 
 def mirror_path(distribution: str, prefix: str) -> Path:

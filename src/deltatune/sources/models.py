@@ -356,9 +356,10 @@ def _from_pretrained(loader: Any, source: _Source, **kwargs: Any) -> Any:
     unreachable = hub_unreachable_reason() if source.kind == "hub" else None
     if source.is_local or unreachable is not None:
         kwargs["local_files_only"] = True  # offline, a hub model already in the hub cache still loads
+    failures: tuple[type[BaseException], ...] = (*_hub_errors(), SafetensorError)
     try:
         return loader.from_pretrained(source.location, **kwargs)
-    except (*_hub_errors(), SafetensorError) as error:
+    except failures as error:
         if unreachable is not None:
             raise DeltatuneError(
                 f"Model {source.name!r} is not a deltatune alias ({did_you_mean(source.name, MODEL_ALIASES)}), not "
@@ -425,8 +426,8 @@ def _sane_max_length(tokenizer: Any, location: str) -> None:
 
 def position_limit(model, tokenizer) -> int | None:
     """The most tokens the model can take: its position table, or the tokenizer's limit, whichever is smaller."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 1_000_000]
+    candidates = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(limit) for limit in candidates if isinstance(limit, (int, float)) and 0 < limit < 1_000_000]
     return min(limits) if limits else None
 
 
@@ -630,9 +631,11 @@ def _verify_conversion(directory: Path, token_ids: torch.Tensor, expected_logits
     from transformers import AutoModelForCausalLM
 
     with _quiet_loading():
-        reloaded, info = AutoModelForCausalLM.from_pretrained(
+        # with output_loading_info=True it returns (model, info), which its annotation (the model) does not say
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, use_safetensors=True, local_files_only=True, output_loading_info=True,
         )
+    reloaded, info = loaded
     reloaded.eval()
     if info["missing_keys"] or info["mismatched_keys"]:
         raise DeltatuneError(

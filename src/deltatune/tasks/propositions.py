@@ -307,6 +307,7 @@ def generic_propositions(task: TaskSpec) -> TaskPropositions:
     fields = task.text_fields
     shown = " ".join(f'{name.replace("_", " ")}: "{{{name}}}"' for name in fields)
     if task.is_regression:
+        assert task.score_range is not None  # TaskSpec demands a score_range when it has no labels
         low, high = task.score_range
         bins = equal_bins(low, high, ("low", "medium", "high"))
         names: tuple[str, ...] = bins.names
