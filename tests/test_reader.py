@@ -62,6 +62,17 @@ def test_jsonl_reads_context_and_passages_forms(tmp_path):
     assert [e.passage_id for e in examples] == [0, None, 1]  # only a single context is "the question's own"
 
 
+def test_jsonl_keeps_every_new_passage_of_a_line_at_its_id(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": "which?", "passages": ["first text", "second text", "first text"], "answers": "first"},
+            {"question": "and?", "context": "third text", "answers": "third"}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    dataset = load_qa_jsonl(path)
+    assert dataset.passages == ["first text", "second text", "third text"]
+    assert dataset.split("test")[1].passage_id == 2
+    assert dataset.passages[dataset.split("test")[1].passage_id] == "third text"
+
+
 def test_jsonl_problems_are_collected_with_line_numbers(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "context": "c"}\nnot json\n{"question": "q", "answers": "a"}\n')

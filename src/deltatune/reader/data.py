@@ -125,7 +125,9 @@ def load_qa_jsonl(path: str | Path, name: str | None = None, split: str = "test"
             problems.append(f"line {number}: needs 'context' (a string) or 'passages' (a list of strings)")
         else:
             ids = [index.setdefault(text, len(index)) for text in texts]
-            passages += [text for text, i in zip(texts, ids) if i == len(passages)]
+            for text, i in zip(texts, ids, strict=True):
+                if i == len(passages):  # a text not seen before: its id is the next position
+                    passages.append(text)
             examples.append(QAExample(question.strip(), answers, ids[0] if "context" in record else None,
                                       str(record.get("id", number))))
     if problems:
