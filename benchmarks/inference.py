@@ -76,7 +76,7 @@ def main() -> None:
              "| side | examples/s (median) | ratio vs pipeline (median of per-round ratios) | same predictions as pipeline |",
              "|---|---|---|---|"]
     for name in sides:
-        ratios = [a / b for a, b in zip(rates[name], rates["pipeline"])]
+        ratios = [a / b for a, b in zip(rates[name], rates["pipeline"], strict=True)]
         lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {statistics.median(ratios):.2f}x | "
                      f"{agreement[name]:.1%} |")
     lines += ["", f"Produced by `python benchmarks/inference.py {' '.join(sys.argv[1:])}`."]

@@ -224,7 +224,7 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
     process, port = start_server(args, runs)
     # the server names each delta by its task, made unique, in the order the runs were given
     listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
-    server_name = {name: entry["name"] for name, entry in zip(runs, listed)}
+    server_name = {name: entry["name"] for name, entry in zip(runs, listed, strict=True)}
     stats = {"latencies": [], "ok_inputs": 0, "rejected_503": 0, "errors": [], "same_label": 0, "compared": 0,
              "max_probability_difference": 0.0, "requests": 0}
     lock = threading.Lock()
@@ -247,7 +247,7 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
                 if status == 200:
                     stats["latencies"].append(latency)
                     stats["ok_inputs"] += len(picks)
-                    for i, got in zip(picks, answer["predictions"]):
+                    for i, got in zip(picks, answer["predictions"], strict=True):
                         stats["compared"] += 1
                         stats["same_label"] += got["label"] == offline[i]["label"]
                         difference = max(abs(got["probabilities"][k] - v) for k, v in offline[i]["probabilities"].items())
@@ -294,7 +294,7 @@ def report(args, results: dict) -> str:
     ours, peft = "deltatune, 16 LoRAs mixed, fp32", "PEFT, 16 LoRAs mixed (adapter_names), fp32"
 
     def ratio(a, b):
-        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
     lines = [f"Model {args.model}; {args.requests} requests of dev texts of {', '.join(TASKS)}, each for one of 16 "
              f"deltas drawn uniformly; batch size {args.batch_size}; {args.rounds} alternating rounds; "

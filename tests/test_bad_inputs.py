@@ -50,7 +50,7 @@ def labelled_csv(relative: str, labels: list[str]) -> Callable[[Path], None]:
     """A CSV like toy.csv whose label column cycles through `labels` (first rows) then positive/negative."""
     def setup(workspace: Path) -> None:
         rows = make_sentiment_rows(40)
-        for row, label in zip(rows, labels):
+        for row, label in zip(rows, labels, strict=False):  # only the first rows get these labels
             row["label"] = label
         write_rows(workspace / relative, rows)
     return setup

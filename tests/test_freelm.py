@@ -405,7 +405,7 @@ def test_demonstrations_cover_the_labels_and_are_solved():
     prefix = demonstration_prefix(build_tokenizer(), TOY_PROPOSITIONS, train, chosen)
     shots = prefix.strip().split("\n\n")
     assert len(shots) == 4
-    for shot, index in zip(shots, chosen):
+    for shot, index in zip(shots, chosen, strict=True):
         answer = TOY_PROPOSITIONS.verbalisers[train.labels[index]]
         assert shot == TOY_PROPOSITIONS.filled_prompt(train.texts[index]) + answer
 

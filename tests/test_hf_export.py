@@ -28,7 +28,7 @@ def test_pipeline_on_the_export_gives_deltatunes_probabilities(tmp_path, kind, m
     out = export_hf(run, tmp_path / "export")
     expected = deltatune.load(run).predict(TEXTS, precision="fp32")
     answers = pipeline_for(out)(TEXTS)
-    for answer, reference in zip(answers, expected):
+    for answer, reference in zip(answers, expected, strict=True):
         got = {entry["label"]: entry["score"] for entry in answer}
         assert got.keys() == set(TOPIC.labels)
         for label, probability in reference["probabilities"].items():
@@ -58,7 +58,7 @@ def test_regression_export_folds_the_scale_and_pairs_go_in_as_text_pairs(tmp_pat
     rows = [(text, TEXTS[-1 - i]) for i, text in enumerate(TEXTS)]
     expected = deltatune.load(pairs).predict([a for a, _ in rows], [b for _, b in rows], precision="fp32")
     answers = pipeline_for(out)([{"text": a, "text_pair": b} for a, b in rows])
-    for answer, reference in zip(answers, expected):
+    for answer, reference in zip(answers, expected, strict=True):
         assert {e["label"]: e["score"] for e in answer}[reference["label"]] == pytest.approx(
             reference["probabilities"][reference["label"]], abs=1e-5)
 

@@ -1,6 +1,7 @@
 """LayerNorm tuning, partial freezing and sparse masks: pinned to PEFT, to autograd, and to their formulas."""
 
 import shutil
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -309,7 +310,7 @@ def test_sparsity_schedule_warms_up_ramps_and_holds():
     config = SparseMaskConfig(sparsity=0.04, warmup_fraction=0.1, ramp_fraction=0.4)
     values = [config.sparsity_at(step, 100) for step in range(101)]
     assert values[:11] == [0.0] * 11
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in pairwise(values))
     assert values[50:] == [0.04] * 51
     assert 0 < values[20] < 0.04
     with pytest.raises(DeltatuneError, match=r"method.sparsity=1.5.*method.warmup_fraction \+ method.ramp_fraction"):

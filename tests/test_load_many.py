@@ -86,7 +86,7 @@ def inputs_for(task: TaskSpec):
 
 def alone(run: Path, task: TaskSpec):
     rows = inputs_for(task)
-    columns = [list(column) for column in zip(*[row if isinstance(row, tuple) else (row,) for row in rows])]
+    columns = [list(column) for column in zip(*[row if isinstance(row, tuple) else (row,) for row in rows], strict=True)]
     return deltatune.load(run).predict(*columns, precision="fp32")
 
 
@@ -102,17 +102,17 @@ def assert_same(served: dict, single: dict):
 def test_one_base_many_tasks_each_answers_as_its_delta_alone_in_mixed_batches(runs):
     served = deltatune.load_many(list(runs.values()))
     assert list(served.tasks) == ["sentiment", "topic", "pairs", "scores", "topic-2", "sentiment-2"]
-    expected = {name: alone(run, served.tasks[name].task) for name, run in zip(served.tasks, runs.values())}
+    expected = {name: alone(run, served.tasks[name].task) for name, run in zip(served.tasks, runs.values(), strict=True)}
     # one task per input, interleaved: the per-row deltas share forward passes, the full delta runs apart
     order = [(name, row) for row in range(len(TEXTS)) for name in served.tasks]
     inputs = [inputs_for(served.tasks[name].task)[row] for name, row in order]
     results = served.predict(inputs, task=[name for name, _ in order], batch_size=4, precision="fp32")
-    for (name, row), result in zip(order, results):
+    for (name, row), result in zip(order, results, strict=True):
         assert result["task"] == name
         assert_same(result, expected[name][row])
     for name in served.tasks:  # and one task at a time
         single = served.predict(inputs_for(served.tasks[name].task), task=name, precision="fp32")
-        for result, reference in zip(single, expected[name]):
+        for result, reference in zip(single, expected[name], strict=True):
             assert_same(result, reference)
     assert {task.batch_mixing for task in served.tasks.values()} == {"per-row", "grouped"}
 
@@ -191,7 +191,7 @@ def test_bf16_mixed_batches_stay_close_to_fp32_and_leave_the_weights_exact(runs)
     weights = {name: parameter.detach().clone() for name, parameter in served.model.named_parameters()}
     exact = served.predict(inputs, task=names, precision="fp32")
     rounded = served.predict(inputs, task=names, precision="bf16")
-    for fine, coarse in zip(exact, rounded):
+    for fine, coarse in zip(exact, rounded, strict=True):
         if "score" in fine:
             assert coarse["score"] == pytest.approx(fine["score"], abs=0.1)
         else:
@@ -210,7 +210,7 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
     expected = {"sentiment": alone(pooled["sentiment-lora"], SENTIMENT), "topic": alone(pooled["topic-bitfit"], TOPIC)}
     tasks = ["sentiment", "topic", "topic", "sentiment", "topic"]  # one batch, rows of both deltas
     for row, (answer, name) in enumerate(zip(served.predict(inputs_for(SENTIMENT), task=tasks, precision="fp32"),
-                                             tasks)):
+                                             tasks, strict=True)):
         assert_same(answer, expected[name][row])
     native = make_run(tmp_path / "c", base, "lora", SENTIMENT, 3)
     with pytest.raises(DeltatuneError, match=r"trained with 2 different heads \(cross-encoder pooling by mean: .*; "

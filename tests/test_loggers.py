@@ -45,7 +45,7 @@ def scalars(log_dir):
 def test_tensorboard_holds_every_step_and_evaluation_and_the_loggers_change_nothing_trained(tmp_path):
     plain_model, plain = tiny_run()
     logged_model, result = tiny_run(report_to=("tensorboard", "mlflow"), log_dir=str(tmp_path))
-    for (name, a), (_, b) in zip(plain_model.state_dict().items(), logged_model.state_dict().items()):
+    for (name, a), (_, b) in zip(plain_model.state_dict().items(), logged_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert [(p["step"], p["metrics"]) for p in plain.learning_curve] == \
         [(p["step"], p["metrics"]) for p in result.learning_curve]

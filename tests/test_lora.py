@@ -106,7 +106,7 @@ def test_train_and_eval_do_not_merge():
     model.train()
     model.eval()
     assert not any(layer.merged for layer in layers)
-    assert all(torch.equal(layer.base_layer.weight, weight) for layer, weight in zip(layers, weights))
+    assert all(torch.equal(layer.base_layer.weight, weight) for layer, weight in zip(layers, weights, strict=True))
 
 
 def test_base_weight_is_wrapped_not_copied_and_stays_frozen():

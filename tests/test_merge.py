@@ -139,7 +139,7 @@ def test_tasks_merged_give_one_run_per_task_with_the_merged_body_and_its_own_hea
             continue
         assert torch.equal(value, bodies[1][name])
         torch.testing.assert_close(value, sources[0][name] + sources[1][name] - original[name], rtol=0, atol=1e-6)
-    for body, source in zip(bodies, sources):
+    for body, source in zip(bodies, sources, strict=True):
         assert torch.equal(body["classifier.weight"], source["classifier.weight"])  # each task keeps its head
     assert deltatune.load(written[1]).predict(TEXTS)[0]["label"] in TOPIC.labels
 
@@ -190,7 +190,7 @@ def test_merges_that_make_no_sense_are_refused_saying_why(tmp_path, base):
 def test_merge_from_the_command_line_evaluates_against_each_delta_and_eval_works_on_the_result(tmp_path, base, capsys):
     data = write_toy_csv(tmp_path / "toy.csv", 96)
     runs = [tmp_path / f"seed{seed}" for seed in (1, 2)]
-    for seed, run in zip((1, 2), runs):
+    for seed, run in zip((1, 2), runs, strict=True):
         deltatune.train(str(base), data=data, method="lora", out=str(run), max_steps=8, batch_size=16, seed=seed,
                         learning_rate=3e-2, quiet=True)
     assert main(["merge", *map(str, runs), "--how", "linear", "--out", str(tmp_path / "soup"), "--evaluate", "dev"]) == 0

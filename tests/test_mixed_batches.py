@@ -72,7 +72,7 @@ def check_rows(mixed, alone, rows):
 def test_a_mixed_batch_gives_each_row_what_its_delta_gives_alone(method, kind):
     batch = six_rows(kind)
     shared = fresh_base(kind)
-    for seed, (name, options) in enumerate(zip(("first", "second"), PER_ROW_CASES[method]), start=1):
+    for seed, (name, options) in enumerate(zip(("first", "second"), PER_ROW_CASES[method], strict=True), start=1):
         attach_trained(shared, kind, name, method, options, seed)
     alone = alone_outputs(shared, batch, ["first", "second", None])
     assert not torch.allclose(alone["first"], alone["second"])

@@ -84,7 +84,7 @@ def request(port, method, path, body=None, headers=None, raw=None):
 
 
 def expected_rows(runs, name, task, rows):
-    columns = [list(column) for column in zip(*[row if isinstance(row, (list, tuple)) else (row,) for row in rows])]
+    columns = [list(column) for column in zip(*[row if isinstance(row, (list, tuple)) else (row,) for row in rows], strict=True)]
     return deltatune.load(runs[name]).predict(*columns, precision="fp32")
 
 
@@ -105,11 +105,11 @@ def test_mixed_tasks_over_http_answer_as_each_delta_alone_and_share_forward_pass
     inputs = {"sentiment": TEXTS, "pairs": pair_rows, "scores": TEXTS, "topic": TEXTS}
     with Server(engine, precision="fp32", batch_wait_ms=300) as server:
         status, body, _ = server.call("POST", "/v1/predict", {"task": "pairs", "inputs": pair_rows})
-        assert status == 200 and all(close_to(a, e) for a, e in zip(body["predictions"], expected["pairs"]))
+        assert status == 200 and all(close_to(a, e) for a, e in zip(body["predictions"], expected["pairs"], strict=True))
         items = [{"task": name, "input": inputs[name][row]} for row in range(len(TEXTS)) for name in inputs]
         status, body, _ = server.call("POST", "/v1/predict", items)
         assert status == 200
-        for item, answer in zip(items, body["predictions"]):
+        for item, answer in zip(items, body["predictions"], strict=True):
             assert answer["task"] == item["task"]
             assert close_to(answer, expected[item["task"]][inputs[item["task"]].index(item["input"])])
         before = server.call("GET", "/health")[1]["batches"]

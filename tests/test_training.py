@@ -1,6 +1,7 @@
 """The training loop on tiny random models and toy data built here."""
 
 import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_same_seed_gives_identical_metrics_and_weights():
     model_b, result_b = trained(epochs=2)
     assert result_a.best_metrics == result_b.best_metrics and result_a.steps == result_b.steps
     assert [c["metrics"] for c in result_a.learning_curve] == [c["metrics"] for c in result_b.learning_curve]
-    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -133,8 +134,8 @@ def test_slanted_triangular_schedule_rises_then_falls_to_a_32nd():
     factors = [_lr_factor(step, 10, 100, "slanted_triangular") for step in range(101)]
     assert factors[0] == pytest.approx(1 / 32) and factors[10] == pytest.approx(1.0)
     assert factors[100] == pytest.approx(1 / 32)
-    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))
-    assert all(a > b for a, b in zip(factors[10:100], factors[11:101]))
+    assert all(a < b for a, b in pairwise(factors[:11]))
+    assert all(a > b for a, b in pairwise(factors[10:101]))
 
 
 def test_discriminative_learning_rates_decay_by_depth():

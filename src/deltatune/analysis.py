@@ -113,11 +113,11 @@ def layer_distances(pretrained: nn.Module, finetuned: nn.Module, rank_by: RankBy
             continue
         before = [base[n].detach().double() for n in names]
         after = [tuned[n].double() for n in names]
-        differences = [(b - a) for a, b in zip(before, after)]
+        differences = [(b - a) for a, b in zip(before, after, strict=True)]
         num_params = sum(t.numel() for t in before)
         l1 = float(sum(d.abs().sum() for d in differences))
         changed = int(sum((d != 0).sum() for d in differences))
-        matrix_angles = [angle_degrees(a, b) for a, b in zip(before, after) if a.ndim >= 2]
+        matrix_angles = [angle_degrees(a, b) for a, b in zip(before, after, strict=True) if a.ndim >= 2]
         rows.append({
             "layer": position,
             "name": describe_position(position, layout.num_layers),
@@ -184,7 +184,7 @@ def format_report(rows: list[dict]) -> str:
 
     def render(cells) -> str:
         first = cells[0].ljust(widths[0])
-        return "  ".join([first, *(cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))])
+        return "  ".join([first, *(cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))])
 
     text = [render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)]
     basis = rows[0].get("basis")

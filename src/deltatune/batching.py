@@ -44,7 +44,7 @@ class Encoded:
         """Each example's padded width: its longest sequence."""
         lengths = [len(ids) for ids in self.features["input_ids"]]
         if SECOND_TEXT in self.features:
-            lengths = [max(a, len(b)) for a, b in zip(lengths, self.features[SECOND_TEXT])]
+            lengths = [max(a, len(b)) for a, b in zip(lengths, self.features[SECOND_TEXT], strict=True)]
         return lengths
 
 
@@ -55,7 +55,7 @@ def encode(tokenizer, task: TaskSpec, split: Split, max_length: int, texts_separ
     """
     if not len(split):
         return Encoded({"input_ids": []}, [])
-    columns = list(zip(*split.texts))
+    columns = list(zip(*split.texts, strict=True))
     if texts_separately:
         first, second = (_tokenise(tokenizer, [column], max_length) for column in columns)
         features = {"input_ids": first[0]["input_ids"], SECOND_TEXT: second[0]["input_ids"]}

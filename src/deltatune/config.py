@@ -43,7 +43,7 @@ def _own_field_help(config_class: type) -> dict[str, str]:
         return {}
     body = definition.body
     helps: dict[str, str] = {}
-    for statement, following in zip(body, [*body[1:], None]):
+    for statement, following in zip(body, [*body[1:], None], strict=True):
         if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
                 and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
                 and isinstance(following.value.value, str)):

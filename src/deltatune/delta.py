@@ -212,7 +212,7 @@ class TunedModel:
                 f"({', '.join(self.task.text_fields)}), got {len(columns)}.")
         if len({len(c) for c in columns}) != 1:
             raise DeltatuneError("Every text field needs the same number of examples.")
-        rows = list(zip(*columns))
+        rows = list(zip(*columns, strict=True))
         if not rows:
             return []
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
@@ -228,7 +228,7 @@ class TunedModel:
             probabilities = torch.softmax(torch.from_numpy(row), dim=-1).tolist()
             best = int(max(range(len(probabilities)), key=probabilities.__getitem__))
             results.append({"label": self.task.labels[best],
-                            "probabilities": dict(zip(self.task.labels, probabilities))})
+                            "probabilities": dict(zip(self.task.labels, probabilities, strict=True))})
         return results
 
     def _refuse_non_finite(self, outputs) -> None:

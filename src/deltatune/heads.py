@@ -279,7 +279,7 @@ def shared_head(run_dirs: list[Path], manifests: list[dict], what: str = "load_m
     different forward passes of the base, so they are refused, naming the runs; so are bi-encoders,
     whose batches hold two rows per input, unless `allow_bi_encoder` (a merge, which runs no batch)."""
     heads: dict[tuple[str, str], list[str]] = {}
-    for directory, manifest in zip(run_dirs, manifests):
+    for directory, manifest in zip(run_dirs, manifests, strict=True):
         head = manifest.get("head") or LEGACY_HEAD
         if head.get("transformers_head", False):  # the model family's own head, however it was recorded
             head = LEGACY_HEAD

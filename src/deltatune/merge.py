@@ -251,12 +251,12 @@ def _merge_lora(sources: list[Source], names: list[str], weights: list[float], c
         for module in modules:
             merged[f"{module}.lora_A"] = torch.cat([source.tensors[f"{module}.lora_A"] for source in sources])
             merged[f"{module}.lora_B"] = torch.cat([source.tensors[f"{module}.lora_B"] * weight * scaling
-                                                    for source, weight, scaling in zip(sources, weights, scalings)], 1)
+                                                    for source, weight, scaling in zip(sources, weights, scalings, strict=True)], 1)
     else:
         rank = config.rank or sum(ranks)
         for module in modules:
             updates = [source.tensors[f"{module}.lora_B"].double() @ source.tensors[f"{module}.lora_A"].double() * scaling
-                       for source, scaling in zip(sources, scalings)]
+                       for source, scaling in zip(sources, scalings, strict=True)]
             update = merge_task_vectors(updates, weights, config, generator)
             left, values, right = torch.linalg.svd(update, full_matrices=False)
             kept = min(rank, values.numel())
@@ -300,10 +300,10 @@ def merge_heads(sources: list[Source], weights: list[float], head: set[str]) -> 
     heads = [{name: tensor for name, tensor in source.tensors.items() if name in head} for source in sources]
     scale = scales[0]
     if any(value != scales[0] for value in scales):
-        heads = [fold_target_scale(tensors, value) for tensors, value in zip(heads, scales)]
+        heads = [fold_target_scale(tensors, value) for tensors, value in zip(heads, scales, strict=True)]
         scale = [0.0, 1.0]
     # added left to right, as `sum` would: the merged head is the same to the last bit
-    merged = {name: reduce(operator.add, [share * tensors[name].double() for share, tensors in zip(shares, heads)])
+    merged = {name: reduce(operator.add, [share * tensors[name].double() for share, tensors in zip(shares, heads, strict=True)])
               .to(heads[0][name].dtype) for name in heads[0]}
     return merged, scale
 

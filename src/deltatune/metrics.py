@@ -39,7 +39,7 @@ def mcc(predictions, labels) -> float:
     classes = np.union1d(labels, predictions)
     index = {c: i for i, c in enumerate(classes.tolist())}
     confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    for p, t in zip(predictions.tolist(), labels.tolist()):
+    for p, t in zip(predictions.tolist(), labels.tolist(), strict=True):
         confusion[index[t], index[p]] += 1
     n = confusion.sum()
     correct = np.trace(confusion)

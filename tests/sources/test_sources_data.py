@@ -74,7 +74,7 @@ def test_stratified_split_partitions_every_index_once_with_the_asked_sizes():
     parts = stratified_split(labels, (0.8, 0.1, 0.1), seed=0)
     flat = [i for part in parts for i in part]
     assert sorted(flat) == list(range(len(labels)))
-    for part, fraction in zip(parts, (0.8, 0.1, 0.1)):
+    for part, fraction in zip(parts, (0.8, 0.1, 0.1), strict=True):
         assert abs(len(part) - fraction * len(labels)) <= 1
         assert part == sorted(part)
 
@@ -84,7 +84,7 @@ def test_stratified_split_keeps_each_class_balance_to_within_one_example():
     labels = [rng.choice(["ham"] * 7 + ["spam"]) for _ in range(997)]
     totals = collections.Counter(labels)
     fractions = (0.7, 0.2, 0.1)
-    for part, fraction in zip(stratified_split(labels, fractions, seed=3), fractions):
+    for part, fraction in zip(stratified_split(labels, fractions, seed=3), fractions, strict=True):
         counts = collections.Counter(labels[i] for i in part)
         for label, total in totals.items():
             assert abs(counts[label] - total * fraction) < 1
@@ -136,7 +136,7 @@ def test_single_csv_makes_stratified_train_dev_test_and_records_how(tmp_path):
     # every row lands in exactly one split, with its own label
     rows = {row["text"]: row["label"] for row in sentiment_rows(300)}
     seen = [(texts[0], data.task.labels[label]) for split in data.splits.values()
-            for texts, label in zip(split.texts, split.labels)]
+            for texts, label in zip(split.texts, split.labels, strict=True)]
     assert sorted(seen) == sorted(rows.items())
     assert load_local_data(path, ("text",)).fingerprint() == data.fingerprint()
 
@@ -499,10 +499,10 @@ def test_trec_test_is_the_standard_500_with_the_published_class_counts():
     assert class_counts(data, "test") == {"ABBR": 9, "DESC": 138, "ENTY": 94, "HUM": 65, "LOC": 81, "NUM": 113}
     train_and_dev = collections.Counter(class_counts(data, "train")) + collections.Counter(class_counts(data, "dev"))
     assert train_and_dev == {"ABBR": 86, "DESC": 1162, "ENTY": 1250, "HUM": 1223, "LOC": 835, "NUM": 896}
-    name_of = dict(zip(data.splits["test"].texts, (data.task.labels[i] for i in data.splits["test"].labels)))
+    name_of = dict(zip(data.splits["test"].texts, (data.task.labels[i] for i in data.splits["test"].labels), strict=True))
     assert name_of[("How far is it from Denver to Aspen ?",)] == "NUM"
     pairs = zip(data.splits["train"].texts + data.splits["dev"].texts,
-                data.splits["train"].labels + data.splits["dev"].labels)
+                data.splits["train"].labels + data.splits["dev"].labels, strict=True)
     name_of = {texts[0]: data.task.labels[label] for texts, label in pairs}
     assert name_of["What is the full form of .com ?"] == "ABBR"
     assert name_of["How did serfdom develop in and then leave Russia ?"] == "DESC"

@@ -47,14 +47,14 @@ def shorten_texts(tokenizer, rows: Sequence[tuple[str, ...]], max_tokens_per_fie
     """
     if not rows:
         return []
-    columns = list(zip(*rows))
+    columns = list(zip(*rows, strict=True))
     shortened = []
     for column in columns:
         ids = tokenizer(list(column), add_special_tokens=False)["input_ids"]
         shortened.append([text if len(row) <= max_tokens_per_field else
                           tokenizer.decode(row[:max_tokens_per_field]).strip() + " ..."
-                          for text, row in zip(column, ids)])
-    return [tuple(values) for values in zip(*shortened)]
+                          for text, row in zip(column, ids, strict=True)])
+    return [tuple(values) for values in zip(*shortened, strict=True)]
 
 
 def field_budget(max_length: int, num_fields: int) -> int:
@@ -109,7 +109,7 @@ def demonstration_prefix(tokenizer, propositions: TaskPropositions, split: Split
                          max_tokens_per_field: int = 64) -> str:
     rows = shorten_texts(tokenizer, [split.texts[i] for i in indices], max_tokens_per_field)
     shots = [propositions.filled_prompt(row) + propositions.verbalisers[propositions.candidate_of(split.labels[i])]
-             for row, i in zip(rows, indices)]
+             for row, i in zip(rows, indices, strict=True)]
     return "".join(shot + "\n\n" for shot in shots)
 
 

@@ -197,7 +197,7 @@ def _encoder_states(generator: PromptGenerator, backbone: nn.Module, kwargs: dic
         raise DeltatuneError(f"{METHOD_NAME} with an external encoder needs the decoder's tokenizer to recover the "
                              "input's text; set the method's `tokenizer` attribute before applying it.")
     texts = [generator.decoder_tokenizer.decode(row[row_mask.bool()].tolist(), skip_special_tokens=True)
-             for row, row_mask in zip(input_ids, mask)]
+             for row, row_mask in zip(input_ids, mask, strict=True)]
     return generator.encoder(texts)
 
 

@@ -82,7 +82,7 @@ def arguments_as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     names = _forward_parameter_names(type(module))  # type: ignore[arg-type]  # a class is hashable; mypy sees an unbound __hash__
     if len(args) > len(names):
         raise RuntimeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names, args, strict=False)), **kwargs}  # fewer positional arguments than parameters
 
 
 def cache_keyword(module: nn.Module) -> str:

@@ -115,13 +115,13 @@ def _embed_rows(causal_lm: PreTrainedModel, rows: list[list[int]], prompt: SoftP
 def answer_loss(causal_lm: PreTrainedModel, contexts: list[list[int]], answers: list[list[int]],
                 prompt: SoftPrompt | None) -> torch.Tensor:
     """Mean next-token cross-entropy of each answer (its tokens and the closing newline) after its context."""
-    rows = [context + answer for context, answer in zip(contexts, answers)]
+    rows = [context + answer for context, answer in zip(contexts, answers, strict=True)]
     inputs, mask, positions = _embed_rows(causal_lm, rows, prompt, pad_left=False)
     hidden = causal_lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                              use_cache=False).last_hidden_state
     offset = prompt.length if prompt is not None else 0
     gathered, targets = [], []
-    for row, (context, answer) in enumerate(zip(contexts, answers)):
+    for row, (context, answer) in enumerate(zip(contexts, answers, strict=True)):
         start = offset + len(context) - 1  # the state before each answer token predicts it
         gathered.append(hidden[row, start:start + len(answer)])
         targets.append(torch.tensor(answer, dtype=torch.long))

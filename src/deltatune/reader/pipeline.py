@@ -164,7 +164,7 @@ def train_reranker(reader: FrozenReader, dataset: QADataset, examples: list[QAEx
     reranker = reader.reranker = Reranker(word_embeddings(reader.causal_lm).weight.shape[1], config.reranker_rank,
                                           config.seed)
     positive = torch.tensor([[contains_answer(dataset.passages[int(i)], e.answers) for i in row]
-                             for row, e in zip(ids, examples)], dtype=torch.bool)
+                             for row, e in zip(ids, examples, strict=True)], dtype=torch.bool)
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=config.reranker_learning_rate, weight_decay=0.0)
     rng = random.Random(config.seed)
     usable = [i for i in range(len(examples)) if bool(positive[i].any())]
@@ -191,7 +191,7 @@ def train_prompt(reader: FrozenReader, dataset: QADataset, examples: list[QAExam
     reader.prompt = SoftPrompt(embeddings, init_ids, config.prompt_tokens)
     optimizer = torch.optim.AdamW(reader.prompt.parameters(), lr=config.learning_rate, weight_decay=0.0)
     rng = random.Random(config.seed)
-    contexts = [reader.context(dataset, e, p) for e, p in zip(examples, passages)]
+    contexts = [reader.context(dataset, e, p) for e, p in zip(examples, passages, strict=True)]
     answers = [reader.answer_ids(e.answers[0]) for e in examples]
     warmup = max(1, config.steps // 10)
     order: list[int] = []
@@ -263,10 +263,10 @@ def answer_questions(reader: FrozenReader, dataset: QADataset, examples: list[QA
         finally:
             reader.reranker = saved
         facts["answer_in_passages"] = float(np.mean([
-            any(contains_answer(dataset.passages[p], e.answers) for p in chosen) for e, chosen in zip(examples, passages)]))
+            any(contains_answer(dataset.passages[p], e.answers) for p in chosen) for e, chosen in zip(examples, passages, strict=True)]))
     else:
         passages = [[] for _ in examples]
-    contexts = [reader.context(dataset, e, p) for e, p in zip(examples, passages)]
+    contexts = [reader.context(dataset, e, p) for e, p in zip(examples, passages, strict=True)]
     with reader.precision_context():
         generated = generate_answers(reader.causal_lm, contexts, reader.prompt if use_prompt else None,
                                      config.answer_tokens, reader.stop_tokens(), config.eval_batch_size)
@@ -286,8 +286,8 @@ def _reading_index(index: BM25Index | None) -> BM25Index:
 
 def score_answers(predictions: list[str], examples: list[QAExample]) -> dict:
     """Exact match and F1 (SQuAD's definitions), as means and per question."""
-    em = [exact_match(p, e.answers) for p, e in zip(predictions, examples)]
-    f1 = [token_f1(p, e.answers) for p, e in zip(predictions, examples)]
+    em = [exact_match(p, e.answers) for p, e in zip(predictions, examples, strict=True)]
+    f1 = [token_f1(p, e.answers) for p, e in zip(predictions, examples, strict=True)]
     return {"exact_match": float(np.mean(em)) if em else 0.0, "f1": float(np.mean(f1)) if f1 else 0.0,
             "per_question": {"exact_match": em, "f1": f1}}
 

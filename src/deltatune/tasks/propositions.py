@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from itertools import pairwise
 
 from deltatune.errors import DeltatuneError
 from deltatune.tasks.spec import TaskSpec
@@ -55,11 +56,11 @@ class ScoreBins:
 
     def __post_init__(self) -> None:
         assert len(self.edges) == len(self.names) + 1, "one more edge than bins"
-        assert all(a < b for a, b in zip(self.edges, self.edges[1:])), "edges must increase"
+        assert all(a < b for a, b in pairwise(self.edges)), "edges must increase"
 
     @property
     def centres(self) -> tuple[float, ...]:
-        return tuple((low + high) / 2 for low, high in zip(self.edges, self.edges[1:]))
+        return tuple((low + high) / 2 for low, high in pairwise(self.edges))
 
     def bin_of(self, score: float) -> int:
         """The bin holding `score`; scores at or past the outer edges go to the outer bins."""
@@ -113,7 +114,7 @@ class TaskPropositions:
         if len(texts) != len(self.text_fields):
             raise DeltatuneError(f"Task {self.task!r} takes {len(self.text_fields)} text(s) per example "
                                  f"({', '.join(self.text_fields)}), got {len(texts)}.")
-        return dict(zip(self.text_fields, texts))
+        return dict(zip(self.text_fields, texts, strict=True))
 
     def proposition(self, texts: tuple[str, ...], answer_index: int, template_index: int = 0) -> str:
         return self.templates[template_index].fill(self.fields(texts), answer_index)

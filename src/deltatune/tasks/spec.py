@@ -107,6 +107,6 @@ class TaskData:
         for name in sorted(self.splits):
             split = self.splits[name]
             digest.update(name.encode())
-            for texts, label in zip(split.texts, split.labels):
+            for texts, label in zip(split.texts, split.labels, strict=True):
                 digest.update(json.dumps([texts, label], ensure_ascii=False).encode())
         return digest.hexdigest()
