@@ -160,6 +160,12 @@ def _adapt_rows(site: AdapterSite, hidden_states: torch.Tensor) -> torch.Tensor:
     """
     routing = site.row_routing
     parts = site.row_parts()
+    segments = routing.contiguous()
+    if segments is not None:  # a batch sorted by delta: each adapter on its own slice, in place
+        for group, start, end in segments:
+            if parts[group] is not None:
+                hidden_states[start:end] = parts[group](hidden_states[start:end])
+        return hidden_states
     stacks = routing.stacked(site, lambda: _stack_adapters(parts))
     if stacks is None:
         return hidden_states

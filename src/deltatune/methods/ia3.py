@@ -122,6 +122,20 @@ class IA3Linear(WrappedLinear):
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """A mixed batch: each row scaled by its own delta's vector (ones for rows without a scale here)."""
         routing = self.row_routing
+        segments = routing.contiguous()
+        if segments is not None:  # a batch sorted by delta: each delta's scale on its own slice
+            parts = routing.stacked(self, self.row_parts, kind="parts")
+            scaled = [(part, start, end) for group, start, end in segments if (part := parts[group]) is not None]
+            if any(part.scale_input for part, _, _ in scaled):
+                x = x.clone()
+                for part, start, end in scaled:
+                    if part.scale_input:
+                        x[start:end] *= part.scale.to(x.dtype)
+            result = self.base_layer(x)
+            for part, start, end in scaled:
+                if not part.scale_input:
+                    result[start:end] *= part.scale.to(result.dtype)
+            return result
         input_scales, output_scales = routing.stacked(self, self._stack_rows)
         if input_scales is not None:
             x = x * _per_row(input_scales[routing.index], x.ndim)

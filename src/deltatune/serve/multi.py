@@ -239,6 +239,8 @@ class MultiTaskModel:
         if mixed:
             mixer = self._open_session(precision)
             for batch in self._batches(encoded, mixed, batch_size):
+                # each delta's rows together: sites then work on slices of the batch, not per-row gathers
+                batch = [batch[position] for position in mixer.grouped_order([names[row] for row in batch])]
                 mixer.route([names[row] for row in batch])
                 self._forward(encoded, batch, names, outputs)
         for name in dict.fromkeys(name for name in names if self.tasks[name].batch_mixing != PER_ROW):
