@@ -2,10 +2,11 @@
 
 The HTML opens from disk with no server and no network: the charts are inline SVG, the style is
 inline CSS, and there is no script at all. The page is a Jinja2 template (templates/report.html.j2,
-autoescaped) with its style sheet beside it (templates/report.css); this module computes what it shows. The Markdown carries the same tables and the claims,
-for a README or a pull request. Every number says which split it is on: the reported metric, the
-intervals and the verdicts on test (where the task has a test split), the learning curves, the
-learning-rate search and the checkpoint choice on dev.
+autoescaped) with its style sheet beside it (templates/report.css); this module computes what it
+shows. The Markdown carries the same tables and the claims, for a README or a pull request. Every
+number says which split it is on: the reported metric, the intervals and the verdicts on test (where
+the task has a test split), the learning curves, the learning-rate search and the checkpoint choice
+on dev.
 """
 
 from __future__ import annotations

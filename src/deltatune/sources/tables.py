@@ -174,10 +174,7 @@ def _read_json_lines(path: Path, text: str) -> Table:
                 f"{path} line {line_number} is not valid JSON ({detail}). "
                 "A JSONL file holds one JSON object per line."
             ) from None
-        if not isinstance(record, dict):
-            raise DeltatuneError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object "
-                                 "like {\"text\": ..., \"label\": ...}. Write one object per line.")
-        columns.update(dict.fromkeys(record))
+        columns.update(dict.fromkeys(_json_object(path, f"line {line_number}", record, " Write one object per line.")))
         records.append((f"row {len(records) + 1} (line {line_number})", record))
     return Table(path, list(columns), records)
 
@@ -194,12 +191,17 @@ def _read_json_array(path: Path, text: str) -> Table:
                              "array of objects, or JSON lines (one object per line).")
     records, columns = [], {}
     for item_number, item in enumerate(items, 1):
-        if not isinstance(item, dict):
-            raise DeltatuneError(f"{path} item {item_number} is a JSON {type(item).__name__}, not an object "
-                                 "like {\"text\": ..., \"label\": ...}.")
-        columns.update(dict.fromkeys(item))
+        columns.update(dict.fromkeys(_json_object(path, f"item {item_number}", item, "")))
         records.append((f"row {item_number}", item))
     return Table(path, list(columns), records)
+
+
+def _json_object(path: Path, where: str, value: object, fix: str) -> dict:
+    """A record must be a JSON object; anything else is refused, saying where it is."""
+    if not isinstance(value, dict):
+        raise DeltatuneError(f"{path} {where} is a JSON {type(value).__name__}, not an object "
+                             "like {\"text\": ..., \"label\": ...}." + fix)
+    return value
 
 
 def _read_parquet(path: Path) -> Table:
