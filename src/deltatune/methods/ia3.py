@@ -124,17 +124,19 @@ class IA3Linear(WrappedLinear):
         routing = self.row_routing
         segments = routing.contiguous()
         if segments is not None:  # a batch sorted by delta: each delta's scale on its own slice
-            parts = routing.stacked(self, self.row_parts, kind="parts")
-            scaled = [(part, start, end) for group, start, end in segments if (part := parts[group]) is not None]
-            if any(part.scale_input for part, _, _ in scaled):
+            # (scales the input?, the scale in the activations' dtype) per routed delta, cast once
+            parts = routing.stacked(self, lambda: [None if part is None else (part.scale_input, part.scale.to(x.dtype))
+                                                   for part in self.row_parts()], kind=f"parts {x.dtype}")
+            scaled = [(*parts[group], start, end) for group, start, end in segments if parts[group] is not None]
+            if any(scale_input for scale_input, *_ in scaled):
                 x = x.clone()
-                for part, start, end in scaled:
-                    if part.scale_input:
-                        x[start:end] *= part.scale.to(x.dtype)
+                for scale_input, scale, start, end in scaled:
+                    if scale_input:
+                        x[start:end] *= scale
             result = self.base_layer(x)
-            for part, start, end in scaled:
-                if not part.scale_input:
-                    result[start:end] *= part.scale.to(result.dtype)
+            for scale_input, scale, start, end in scaled:
+                if not scale_input:
+                    result[start:end] *= scale.to(result.dtype)
             return result
         input_scales, output_scales = routing.stacked(self, self._stack_rows)
         if input_scales is not None:
