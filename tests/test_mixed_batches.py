@@ -28,6 +28,8 @@ PER_ROW_CASES = {
     "prefix-tuning": ({"num_virtual_tokens": 8}, {"num_virtual_tokens": 3}),
 }
 ROWS = ["first", "second", None, "second", "first", None]
+# the same rows sorted by delta, as a server routes them: sites run each delta on its slice of the batch
+SORTED_ROWS = [None, None, "first", "first", "second", "second"]
 
 
 def test_every_per_row_method_is_covered_here():
@@ -77,15 +79,18 @@ def test_a_mixed_batch_gives_each_row_what_its_delta_gives_alone(method, kind):
     alone = alone_outputs(shared, batch, ["first", "second", None])
     assert not torch.allclose(alone["first"], alone["second"])
     with mixed_rows(shared) as mixer:
-        for rows in (ROWS, ["second"] * 6, [None, "first"] * 3):
+        for rows in (ROWS, SORTED_ROWS, ["second"] * 6, [None, "first"] * 3, ["first"] * 3 + [None] * 3):
             mixer.route(rows)
             check_rows(logits(shared, batch), alone, rows)
     torch.testing.assert_close(logits(shared, batch), alone[None], rtol=0, atol=0)  # no routing left behind
 
 
+@pytest.mark.parametrize("sort", [False, True], ids=["rows-interleaved", "rows-sorted-by-delta"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_per_row_method_and_heads_of_every_width_in_one_batch(kind):
-    """One delta per method, tasks with 3, 2 and 1 (regression) outputs: one forward pass for all rows."""
+def test_every_per_row_method_and_heads_of_every_width_in_one_batch(kind, sort):
+    """One delta per method, tasks with 3, 2 and 1 (regression) outputs: one forward pass for all rows.
+
+    Interleaved rows gather each row's tensors; rows sorted by delta (what a server sends) run on slices."""
     batch = inputs(kind)
     batch = {key: value.repeat(6, 1) for key, value in batch.items()}  # 18 rows
     shared = fresh_base(kind)
@@ -97,7 +102,10 @@ def test_every_per_row_method_and_heads_of_every_width_in_one_batch(kind):
     assert {output.shape[-1] for output in alone.values()} == {1, 2, 3}
     rows = [names[(row * 5) % len(names)] for row in range(len(batch["input_ids"]))]
     with mixed_rows(shared) as mixer:
-        mixer.route(rows)
+        if sort:
+            rows = [rows[position] for position in mixer.grouped_order(rows)]
+        routing = mixer.route(rows)
+        assert (routing.segments is not None) == sort
         check_rows(logits(shared, batch), alone, rows)
 
 

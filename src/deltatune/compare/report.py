@@ -1,18 +1,26 @@
 """`deltatune report EXP_DIR`: one self-contained HTML page and a Markdown summary of an experiment.
 
 The HTML opens from disk with no server and no network: the charts are inline SVG, the style is
-inline CSS, and there is no script at all. The Markdown carries the same tables and the claims,
-for a README or a pull request. Every number says which split it is on: the reported metric, the
-intervals and the verdicts on test (where the task has a test split), the learning curves, the
-learning-rate search and the checkpoint choice on dev.
+inline CSS, and there is no script at all. The page is a Jinja2 template (templates/report.html.j2,
+autoescaped) with its style sheet beside it (templates/report.css); this module computes what it
+shows. The Markdown carries the same tables and the claims, for a README or a pull request. Every
+number says which split it is on: the reported metric, the intervals and the verdicts on test (where
+the task has a test split), the learning curves, the learning-rate search and the checkpoint choice
+on dev.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import math
 import time
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
+
+import jinja2
+from markupsafe import Markup
 
 from deltatune.compare import stats
 from deltatune.compare.summary import Analysis, Group, VariantResult, analyze, claims
@@ -21,43 +29,8 @@ from deltatune.compare.svg import Plot, bar_chart, method_colors
 REPORT_HTML = "report.html"
 REPORT_MARKDOWN = "report.md"
 
-CSS = """
-:root { color-scheme: light; }
-body { font-family: system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 0;
-       background: #f6f7f9; color: #1d1d1f; line-height: 1.45; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 24px 60px; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 20px; margin: 36px 0 10px; padding-top: 8px; border-top: 1px solid #dde1e6; }
-h3 { font-size: 15px; margin: 20px 0 8px; color: #333; }
-p.lead { color: #444; margin: 4px 0 14px; }
-.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; font-size: 13px; color: #333;
-         background: #fff; border: 1px solid #e1e4e8; border-radius: 8px; padding: 12px 16px; }
-.facts dt { color: #666; } .facts dd { margin: 0; font-family: ui-monospace, Menlo, Consolas, monospace;
-         overflow-wrap: anywhere; }
-.claims { background: #fff; border: 1px solid #e1e4e8; border-left: 4px solid #4e79a7; border-radius: 8px;
-          padding: 10px 18px; }
-.claims li { margin: 6px 0; }
-.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 16px; }
-.plots figure { margin: 0; background: #fff; border: 1px solid #e1e4e8; border-radius: 8px; padding: 6px;
-                overflow-x: auto; }
-.plots figcaption { font-size: 12px; color: #666; padding: 2px 8px 6px; }
-.legend { display: flex; flex-wrap: wrap; gap: 6px 16px; margin: 6px 0 12px; font-size: 13px; }
-.legend span { display: inline-flex; align-items: center; gap: 6px; }
-.legend i { display: inline-block; width: 14px; height: 14px; border-radius: 3px; }
-table { border-collapse: collapse; background: #fff; font-size: 13px; margin: 6px 0 14px; width: 100%;
-        border: 1px solid #e1e4e8; }
-th, td { padding: 5px 9px; border-bottom: 1px solid #eceef1; text-align: left; vertical-align: top; }
-th { background: #f0f2f5; font-weight: 600; position: sticky; top: 0; }
-td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tr.condition td { background: #fafbfc; font-weight: 600; color: #444; }
-.verdict { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; white-space: nowrap; }
-.verdict.good { background: #e3f4e6; color: #1e6b2f; } .verdict.bad { background: #fbe5e5; color: #9b1c1c; }
-.verdict.unclear { background: #eef0f3; color: #4a4f57; } .verdict.base { background: #e8eef7; color: #2b4c7e; }
-.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
-details { margin: 8px 0 16px; } summary { cursor: pointer; color: #2b4c7e; }
-pre { white-space: pre-wrap; font-size: 12px; background: #f4f4f4; padding: 8px; border-radius: 6px; }
-.note { font-size: 13px; color: #555; }
-"""
+TEMPLATES = "templates"
+"""The package folder of the page template (report.html.j2) and its style sheet (report.css)."""
 
 
 def _points(value: float | None) -> str:
@@ -185,97 +158,124 @@ def _budget_groups(analysis: Analysis, task: str, model: str | None = None) -> l
 def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
                 model: str | None = None) -> list[tuple[str, str]]:
     """(svg, caption) for each chart of one task (on one model, when the grid has several)."""
-    plots = []
     several = model is not None and len(_models(analysis, task)) > 1
-    suffix, on_model = (f"@{model}", f" on {Path(model).name}") if several else ("", "")
+    where = _PlotPlace(task, *((f"@{model}", f" on {Path(model).name}") if several else ("", "")))
     main = _main_groups(analysis, task, model)
     metric = (main or analysis.groups_for(task))[0].primary_metric
-    metric_label = f"{_split(analysis)} {metric} × 100"
+    plots = []
     if main:
-        plot = Plot(f"fraction:{task}{suffix}", f"{task}{on_model}: {metric} against training data",
-                    "fraction of the training data",
-                    metric_label, subtitle="line: mean over seeds · band: min–max · dots: single seeds")
-        fractions = [g.key.data_fraction for g in main]
-        plot.x_ticks = sorted(set([0.0, *fractions, 1.0])) if len(fractions) <= 6 else None
-        for variant in analysis.variants:
-            rows = [(g.key.data_fraction, g.variants[variant]) for g in main if variant in g.variants]
-            if not rows:
-                continue
-            if rows[0][1].kind == "baseline":  # no training: one level for every fraction
-                plot.hline(100 * rows[0][1].mean, colors[variant], label=f"{variant} (no training)")
-                continue
-            xs = [x for x, _ in rows]
-            plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
-                      colors[variant])
-            plot.line(xs, [100 * r.mean for _, r in rows], colors[variant], label=variant,
-                      tooltips=[f"{variant} at {x:g}: {_mean_std(r.mean, r.std, len(r.values))} "
-                                f"({len(r.values)} seed(s))" for x, r in rows])
-            seed_x = [x for x, r in rows for _ in r.values]
-            seed_y = [100 * v for _, r in rows for v in r.values]
-            plot.points(seed_x, seed_y, colors[variant], radius=2.2, opacity=0.45,
-                        tooltips=[f"{variant} at {x:g}, seed {s}: {100 * v:.2f}"
-                                  for x, r in rows for s, v in zip(r.seeds, r.values)])
-        plots.append((plot.render(), f"Each method's {_split(analysis)} metric as the training set grows "
-                                     "(stratified subsets, the same for every method); dashed: rows without training."))
-
-        largest = main[-1]
-        plot = Plot(f"time:{task}{suffix}", f"{task}{on_model}: dev {metric} against training time",
-                    "training seconds (evaluation time excluded)", f"dev {metric} × 100", x_from_zero=True,
-                    subtitle=f"learning curves at fraction {largest.key.data_fraction:g}; one line per seed")
-        for variant in analysis.variants:
-            result = largest.variants.get(variant)
-            if result is None or result.kind == "baseline":
-                continue
-            for index, cell in enumerate(result.cells):
-                # an undefined metric (the correlation of constant predictions) is stored as null: no point for it
-                curve = [p for p in analysis.curves.get(cell["cell_id"], []) if p["primary_value"] is not None]
-                plot.line([p["train_time_s"] for p in curve], [100 * p["primary_value"] for p in curve],
-                          colors[variant], label=variant if index == 0 else None, width=1.8,
-                          opacity=0.85 if index == 0 else 0.5, markers=True,
-                          tooltips=[f"{variant} seed {cell['seed']}: {100 * p['primary_value']:.2f} after "
-                                    f"{p['train_time_s']:.1f} s (step {p['step']})" for p in curve])
-        if largest.target is not None:
-            plot.hline(100 * largest.target, "#9a9a9a",
-                       label=f"target: {analysis.statistics.target_fraction:g} × {analysis.baseline}'s best")
-        plots.append((plot.render(), "How fast each method gets there: dev metric at each evaluation against "
-                                     "the training clock (at the chosen learning rate). A curve whose last point is "
-                                     "its best by more than the tolerance had not converged. Time-to-target is "
-                                     "where a curve first crosses the line."))
-
-        plot = Plot(f"params:{task}{suffix}", f"{task}{on_model}: {metric} against trainable parameters",
-                    "trainable parameters (log)", metric_label, x_log=True,
-                    subtitle=f"fraction {largest.key.data_fraction:g}; bars: ± 1 std over seeds")
-        for variant in analysis.variants:
-            result = largest.variants.get(variant)
-            if result is None or not result.trainable_params:
-                continue
-            plot.error_bars([result.trainable_params], [100 * (result.mean - result.std)],
-                            [100 * (result.mean + result.std)], colors[variant])
-            plot.points([result.trainable_params], [100 * result.mean], colors[variant], label=variant, radius=5,
-                        opacity=0.95, tooltips=[f"{variant}: {result.trainable_params:,} trainable parameters, "
-                                                f"{_mean_std(result.mean, result.std, len(result.values))}"])
-        plots.append((plot.render(), "What each method buys with its parameters: fewer trainable parameters "
-                                     "mean smaller deltas and less optimizer memory."))
-
+        plots += [_fraction_plot(analysis, main, where, metric, colors),
+                  _time_plot(analysis, main[-1], where, metric, colors),
+                  _params_plot(analysis, main[-1], where, metric, colors)]
     budgets = _budget_groups(analysis, task, model)
     if budgets:
-        plot = Plot(f"budget:{task}{suffix}", f"{task}{on_model}: {metric} against time budget",
-                    "training time budget (s)",
-                    metric_label, x_log=len({g.key.time_budget_s for g in budgets}) > 2 and
-                    max(g.key.time_budget_s for g in budgets) / min(g.key.time_budget_s for g in budgets) >= 8,
-                    subtitle="line: mean over seeds · band: min–max")
-        for variant in analysis.variants:
-            rows = [(g.key.time_budget_s, g.variants[variant]) for g in budgets if variant in g.variants]
-            if not rows or rows[0][1].kind == "baseline":
-                continue
-            xs = [x for x, _ in rows]
-            plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
-                      colors[variant])
-            plot.line(xs, [100 * r.mean for _, r in rows], colors[variant], label=variant,
-                      tooltips=[f"{variant} with {x:g} s: {_mean_std(r.mean, r.std, len(r.values))}" for x, r in rows])
-        plots.append((plot.render(), "Each method given the same wall-clock training budget: which is best "
-                                     "when time, not data, is what runs out."))
+        plots.append(_budget_plot(analysis, budgets, where, metric, colors))
     return plots
+
+
+@dataclass(frozen=True)
+class _PlotPlace:
+    """Which task (and model, when the grid has several) a chart shows: in its name and in its title."""
+
+    task: str
+    suffix: str
+    """Added to the chart's name, e.g. '@minilm-l6'."""
+    on_model: str
+    """Added to the chart's title, e.g. ' on minilm-l6'."""
+
+
+def _fraction_plot(analysis: Analysis, main: list[Group], where: _PlotPlace, metric: str,
+                   colors: dict[str, str]) -> tuple[str, str]:
+    plot = Plot(f"fraction:{where.task}{where.suffix}", f"{where.task}{where.on_model}: {metric} against training data",
+                "fraction of the training data", f"{_split(analysis)} {metric} × 100",
+                subtitle="line: mean over seeds · band: min–max · dots: single seeds")
+    fractions = [g.key.data_fraction for g in main]
+    plot.x_ticks = sorted(set([0.0, *fractions, 1.0])) if len(fractions) <= 6 else None
+    for variant in analysis.variants:
+        rows = [(g.key.data_fraction, g.variants[variant]) for g in main if variant in g.variants]
+        if not rows:
+            continue
+        if rows[0][1].kind == "baseline":  # no training: one level for every fraction
+            plot.hline(100 * rows[0][1].mean, colors[variant], label=f"{variant} (no training)")
+            continue
+        xs = [x for x, _ in rows]
+        plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
+                  colors[variant])
+        plot.line(xs, [100 * r.mean for _, r in rows], colors[variant], label=variant,
+                  tooltips=[f"{variant} at {x:g}: {_mean_std(r.mean, r.std, len(r.values))} "
+                            f"({len(r.values)} seed(s))" for x, r in rows])
+        seed_x = [x for x, r in rows for _ in r.values]
+        seed_y = [100 * v for _, r in rows for v in r.values]
+        plot.points(seed_x, seed_y, colors[variant], radius=2.2, opacity=0.45,
+                    tooltips=[f"{variant} at {x:g}, seed {s}: {100 * v:.2f}"
+                              for x, r in rows for s, v in zip(r.seeds, r.values)])
+    return (plot.render(), f"Each method's {_split(analysis)} metric as the training set grows "
+                           "(stratified subsets, the same for every method); dashed: rows without training.")
+
+
+def _time_plot(analysis: Analysis, largest: Group, where: _PlotPlace, metric: str,
+               colors: dict[str, str]) -> tuple[str, str]:
+    plot = Plot(f"time:{where.task}{where.suffix}", f"{where.task}{where.on_model}: dev {metric} against training time",
+                "training seconds (evaluation time excluded)", f"dev {metric} × 100", x_from_zero=True,
+                subtitle=f"learning curves at fraction {largest.key.data_fraction:g}; one line per seed")
+    for variant in analysis.variants:
+        result = largest.variants.get(variant)
+        if result is None or result.kind == "baseline":
+            continue
+        for index, cell in enumerate(result.cells):
+            # an undefined metric (the correlation of constant predictions) is stored as null: no point for it
+            curve = [p for p in analysis.curves.get(cell["cell_id"], []) if p["primary_value"] is not None]
+            plot.line([p["train_time_s"] for p in curve], [100 * p["primary_value"] for p in curve],
+                      colors[variant], label=variant if index == 0 else None, width=1.8,
+                      opacity=0.85 if index == 0 else 0.5, markers=True,
+                      tooltips=[f"{variant} seed {cell['seed']}: {100 * p['primary_value']:.2f} after "
+                                f"{p['train_time_s']:.1f} s (step {p['step']})" for p in curve])
+    if largest.target is not None:
+        plot.hline(100 * largest.target, "#9a9a9a",
+                   label=f"target: {analysis.statistics.target_fraction:g} × {analysis.baseline}'s best")
+    return (plot.render(), "How fast each method gets there: dev metric at each evaluation against "
+                           "the training clock (at the chosen learning rate). A curve whose last point is "
+                           "its best by more than the tolerance had not converged. Time-to-target is "
+                           "where a curve first crosses the line.")
+
+
+def _params_plot(analysis: Analysis, largest: Group, where: _PlotPlace, metric: str,
+                 colors: dict[str, str]) -> tuple[str, str]:
+    plot = Plot(f"params:{where.task}{where.suffix}",
+                f"{where.task}{where.on_model}: {metric} against trainable parameters",
+                "trainable parameters (log)", f"{_split(analysis)} {metric} × 100", x_log=True,
+                subtitle=f"fraction {largest.key.data_fraction:g}; bars: ± 1 std over seeds")
+    for variant in analysis.variants:
+        result = largest.variants.get(variant)
+        if result is None or not result.trainable_params:
+            continue
+        plot.error_bars([result.trainable_params], [100 * (result.mean - result.std)],
+                        [100 * (result.mean + result.std)], colors[variant])
+        plot.points([result.trainable_params], [100 * result.mean], colors[variant], label=variant, radius=5,
+                    opacity=0.95, tooltips=[f"{variant}: {result.trainable_params:,} trainable parameters, "
+                                            f"{_mean_std(result.mean, result.std, len(result.values))}"])
+    return (plot.render(), "What each method buys with its parameters: fewer trainable parameters "
+                           "mean smaller deltas and less optimizer memory.")
+
+
+def _budget_plot(analysis: Analysis, budgets: list[Group], where: _PlotPlace, metric: str,
+                 colors: dict[str, str]) -> tuple[str, str]:
+    seconds = [g.key.time_budget_s for g in budgets]
+    plot = Plot(f"budget:{where.task}{where.suffix}", f"{where.task}{where.on_model}: {metric} against time budget",
+                "training time budget (s)", f"{_split(analysis)} {metric} × 100",
+                x_log=len(set(seconds)) > 2 and max(seconds) / min(seconds) >= 8,
+                subtitle="line: mean over seeds · band: min–max")
+    for variant in analysis.variants:
+        rows = [(g.key.time_budget_s, g.variants[variant]) for g in budgets if variant in g.variants]
+        if not rows or rows[0][1].kind == "baseline":
+            continue
+        xs = [x for x, _ in rows]
+        plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
+                  colors[variant])
+        plot.line(xs, [100 * r.mean for _, r in rows], colors[variant], label=variant,
+                  tooltips=[f"{variant} with {x:g} s: {_mean_std(r.mean, r.std, len(r.values))}" for x, r in rows])
+    return (plot.render(), "Each method given the same wall-clock training budget: which is best "
+                           "when time, not data, is what runs out.")
 
 
 def cost_plots(analysis: Analysis, colors: dict[str, str]) -> list[tuple[str, str]]:
@@ -361,86 +361,56 @@ def _task_rows(analysis: Analysis, task: str) -> list[tuple[Group, list]]:
 
 
 def render_html(analysis: Analysis) -> str:
+    """The report page: the template (templates/report.html.j2) filled with what the analysis says."""
     colors = method_colors(analysis.variants, analysis.baseline)
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{escape(analysis.title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>", "<main>",
-             f"<h1>{escape(analysis.title)}</h1>"]
-    if analysis.description:
-        parts.append(f'<p class="lead">{escape(analysis.description)}</p>')
-    parts.append('<dl class="facts">' + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>"
-                                                for k, v in _facts(analysis)) + "</dl>")
-    parts.append('<div class="legend">' + "".join(
-        f'<span><i style="background:{colors[v]}"></i>{escape(v)}'
-        f'{" (baseline)" if v == analysis.baseline else ""}</span>'
-        for v in analysis.variants) + "</div>")
-
     sentences = claims(analysis)
-    parts.append("<h2>Claims checked</h2>")
-    parts.append(f'<p class="note">{escape(_claims_note(analysis))}</p>')
-    if sentences:
-        parts.append('<ul class="claims">' + "".join(f"<li>{_markdown_bold(s)}</li>" for s in sentences) + "</ul>")
-    else:
-        parts.append('<p class="note">No comparison against a baseline yet (the spec has no baseline method, or '
-                     "no condition has both the baseline and another method finished).</p>")
+    return _page_template().render(
+        style=Markup(_template_file("report.css")), title=analysis.title, description=analysis.description,
+        facts=_facts(analysis),
+        legend=[{"name": v, "color": colors[v], "is_baseline": v == analysis.baseline} for v in analysis.variants],
+        claims_note=_claims_note(analysis), claims=[_markdown_bold(s) for s in sentences],
+        tasks=[_task_section(analysis, task, colors) for task in analysis.tasks],
+        cost_plots=_markup_plots(cost_plots(analysis, colors)),
+        search=_table_context(*_search_table(analysis)), search_note=_SEARCH_NOTE,
+        areas=_table_context(*_area_table(analysis)), split=_split(analysis),
+        time_to_target=_table_context(*_time_to_target_table(analysis)),
+        target_fraction=f"{analysis.statistics.target_fraction:g}", baseline=analysis.baseline,
+        failed=[{"cell_id": c["cell_id"], "variant": c["variant"], "task": c["task"], "error": c["error"] or "",
+                 "condition": f"fraction {c['data_fraction']:g}"
+                              f"{', budget %g s' % c['time_budget_s'] if c['time_budget_s'] is not None else ''}, "
+                              f"seed {c['seed']}"}
+                for c in analysis.failed],
+        finished=len(analysis.finished), cells=_table_context(*_cell_table(analysis)))
 
-    for task in analysis.tasks:
-        metric = analysis.groups_for(task)[0].primary_metric
-        parts.append(f"<h2>{escape(task)} <small style='font-weight:400;color:#666'>· primary metric {escape(metric)}"
-                     "</small></h2>")
-        models = _models(analysis, task)
-        for model in models:
-            if len(models) > 1:
-                parts.append(f"<h3>{escape(task)} on {escape(model)}</h3>")
-            parts.append('<div class="plots">')
-            for svg, caption in build_plots(analysis, task, colors, model):
-                parts.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
-            parts.append("</div>")
-        parts.append(f"<h3>{escape(task)}: every condition</h3>")
-        parts.append(_html_table(analysis, task, colors))
 
-    parts.append("<h2>Cost</h2>")
-    parts.append('<div class="plots">')
-    for svg, caption in cost_plots(analysis, colors):
-        parts.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
-    parts.append("</div>")
+def _template_file(name: str) -> str:
+    """A file of the package's templates folder, read through importlib.resources (a wheel or a checkout)."""
+    return (importlib.resources.files("deltatune.compare") / TEMPLATES / name).read_text(encoding="utf-8")
 
-    search = _search_table(analysis)
-    if search[1]:
-        parts.append("<h2>Learning-rate search (dev)</h2>")
-        parts.append(f'<p class="note">{escape(_SEARCH_NOTE)}</p>')
-        parts.append(_html_simple_table(*search))
-    if analysis.areas:
-        parts.append("<h2>Area under the data-fraction curve</h2>")
-        parts.append('<p class="note">Trapezoid area under metric-against-fraction divided by the fraction range: '
-                     f"the average {_split(analysis)} metric across the data amounts tried (× 100), mean ± std over "
-                     "seeds.</p>")
-        parts.append(_html_simple_table(*_area_table(analysis)))
-    ttt = _time_to_target_table(analysis)
-    if ttt[1]:
-        parts.append("<h2>Time to target</h2>")
-        parts.append(f'<p class="note">Training seconds until dev first reaches '
-                     f"{analysis.statistics.target_fraction:g} × "
-                     f"{escape(analysis.baseline or 'baseline')}'s mean best "
-                     "under the same conditions (median over the seeds that reached it; evaluations are every "
-                     "eval_every steps, so this is a upper bound to that resolution).</p>")
-        parts.append(_html_simple_table(*ttt))
-    if analysis.failed:
-        parts.append("<h2>Failed cells</h2>")
-        parts.append("<table><tr><th>cell</th><th>method</th><th>task</th><th>condition</th><th>error</th></tr>"
-                     + "".join(f"<tr><td><code>{escape(c['cell_id'])}</code></td><td>{escape(c['variant'])}</td>"
-                               f"<td>{escape(c['task'])}</td><td>fraction {c['data_fraction']:g}"
-                               f"{', budget %g s' % c['time_budget_s'] if c['time_budget_s'] is not None else ''}, "
-                               f"seed {c['seed']}</td><td><pre>{escape(c['error'] or '')}</pre></td></tr>"
-                               for c in analysis.failed) + "</table>")
-    parts.append("<h2>Every cell</h2><details><summary>Show all "
-                 f"{len(analysis.finished)} finished cells</summary>"
-                 f"{_html_simple_table(*_cell_table(analysis))}</details>")
-    parts.append('<p class="note">Produced by <code>deltatune report</code>. Paired bootstrap: Koehn 2004; seeds '
-                 "resampled as in the multi-bootstrap of Sellam et al. 2022 (arXiv:2106.16163). Study design: "
-                 "Doering et al. 2024 (arXiv:2401.04051).</p>")
-    parts += ["</main>", "</body>", "</html>"]
-    return "\n".join(parts)
+
+@functools.lru_cache(maxsize=1)
+def _page_template() -> jinja2.Template:
+    # autoescape: titles, method names, task names and errors come from the user's spec and data
+    environment = jinja2.Environment(loader=jinja2.FunctionLoader(_template_file), autoescape=True,
+                                     trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return environment.get_template("report.html.j2")
+
+
+def _markup_plots(plots: list[tuple[str, str]]) -> list[tuple[Markup, str]]:
+    """Charts are SVG markup built (and escaped) by deltatune.compare.svg; captions are text."""
+    return [(Markup(svg), caption) for svg, caption in plots]
+
+
+def _table_context(header: list[str], rows: list[list[str]]) -> dict:
+    return {"header": header, "rows": rows}
+
+
+def _task_section(analysis: Analysis, task: str, colors: dict[str, str]) -> dict:
+    """One task's part of the page: its charts (per model, when the grid has several) and its table."""
+    return {"name": task, "metric": analysis.groups_for(task)[0].primary_metric,
+            "models": [{"name": model, "plots": _markup_plots(build_plots(analysis, task, colors, model))}
+                       for model in _models(analysis, task)],
+            "table": _task_table(analysis, task, colors)}
 
 
 _SEARCH_NOTE = ("Each cell trains every candidate learning rate from the same start; at each rung the candidates "
@@ -456,9 +426,10 @@ def _claims_note(analysis: Analysis) -> str:
             "verdict is 'inconclusive: not converged', counted apart below.")
 
 
-def _markdown_bold(text: str) -> str:
+def _markdown_bold(text: str) -> Markup:
+    """A claim with its **bold** parts in <strong>, everything else escaped."""
     pieces = escape(text).split("**")
-    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(pieces))
+    return Markup("".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(pieces)))
 
 
 def _row_cells(analysis: Analysis, result: VariantResult) -> list[str]:
@@ -486,24 +457,16 @@ def _table_header(analysis: Analysis) -> list[str]:
             "verdict", untrained, "learning rate", "converged", "trainable", "delta", "train time", "time to target"]
 
 
-def _html_table(analysis: Analysis, task: str, colors: dict[str, str]) -> str:
-    header = ["method", *_table_header(analysis)]
-    numeric = {1, 2, 3, 4, 6, 7, 9, 10, 11}
-    rows = ["<table><tr>" + "".join(f'<th class="number">{escape(h)}</th>' if i in numeric else
-                                    f"<th>{escape(h)}</th>" for i, h in enumerate(header)) + "</tr>"]
-    for group, results in _task_rows(analysis, task):
-        rows.append(f'<tr class="condition"><td colspan="{len(header)}">{escape(_condition(group))}'
-                    f"{' · ' + escape(group.key.model) if len({g.key.model for g in analysis.groups}) > 1 else ''}"
-                    "</td></tr>")
-        for result in results:
-            swatch = f'<span class="swatch" style="background:{colors[result.variant]}"></span>'
-            cells = [escape(c) for c in _row_cells(analysis, result)]
-            cells[4] = f'<span class="verdict {_verdict_class(result, analysis.baseline)}">{cells[4]}</span>'
-            cells = [swatch + escape(_label(result)), *cells]
-            rows.append("<tr>" + "".join(f'<td class="number">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                         for i, c in enumerate(cells)) + "</tr>")
-    rows.append("</table>")
-    return "".join(rows)
+def _task_table(analysis: Analysis, task: str, colors: dict[str, str]) -> dict:
+    """Every condition of a task, each variant's row under it (the template lays it out)."""
+    several_models = len({g.key.model for g in analysis.groups}) > 1
+    return {"header": ["method", *_table_header(analysis)], "numeric": {1, 2, 3, 4, 6, 7, 9, 10, 11},
+            "verdict_column": 5,
+            "groups": [{"condition": _condition(group), "model": group.key.model if several_models else None,
+                        "rows": [{"color": colors[result.variant], "label": _label(result),
+                                  "verdict_class": _verdict_class(result, analysis.baseline),
+                                  "cells": _row_cells(analysis, result)} for result in results]}
+                       for group, results in _task_rows(analysis, task)]}
 
 
 def _search_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -574,11 +537,6 @@ def _cell_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                      cell["stopped_by"] or "–", "–" if converged is None else ("yes" if converged else "no"),
                      _seconds(cell["train_time_s"]), _bytes(cell["peak_memory_bytes"])])
     return header, rows
-
-
-def _html_simple_table(header: list[str], rows: list[list[str]]) -> str:
-    return ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
 
 
 def _md(text, one_line: bool = True) -> str:

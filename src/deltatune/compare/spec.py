@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -326,13 +327,56 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
     if raw.get("lr_search") is not None:  # short for train: {lr_search: ...}
         if isinstance(raw.get("train") or {}, dict):
             raw["train"] = {"lr_search": raw["lr_search"], **(raw.get("train") or {})}
+    settings = _check_settings(raw, problems)
+    expansion = _Expansion()
+    for position, entry in enumerate(_grid_entries(raw, problems)):
+        _expand_grid(raw, position, entry, base, settings, expansion, problems)
+    baselines = _check_baselines(raw.get("baselines"), problems)
+    baseline_cells = _baseline_cells(baselines, expansion.cells.values(), expansion.tasks, problems)
+    baseline = _check_baseline_method(raw, expansion.methods, problems)
+    problems = list(dict.fromkeys(problems))  # an inherited axis is checked once per sub-grid: say it once
+    if problems:
+        count = len(problems)
+        raise DeltatuneError(f"The grid spec has {count} problem{'s' if count > 1 else ''} (nothing was run):"
+                             + "".join(f"\n  - {p}" for p in problems))
+    if not expansion.cells:
+        raise DeltatuneError("The grid spec expands to no cells: give at least one model, task, method, "
+                             "fraction and seed.")
+    return GridSpec(title=settings.title, description=settings.description, cells=tuple(expansion.cells.values()),
+                    methods=tuple(expansion.methods.values()), tasks=tuple(expansion.tasks.values()),
+                    baseline=baseline, statistics=settings.statistics, keep_deltas=settings.keep_deltas, raw=raw,
+                    baseline_cells=baseline_cells, baselines=baselines)
 
+
+@dataclass(frozen=True)
+class _Settings:
+    """The spec's top-level settings that every sub-grid shares, after checking."""
+
+    title: str
+    description: str
+    keep_deltas: bool
+    statistics: StatisticsConfig
+    default_cap: int | None
+    default_source: str
+
+
+@dataclass
+class _Expansion:
+    """What the sub-grids expand to so far: each distinct cell once, and every method and task by name."""
+
+    methods: dict[str, MethodVariant] = field(default_factory=dict)
+    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    cells: dict[str, Cell] = field(default_factory=dict)
+    grid_names: set[str] = field(default_factory=set)
+    checked: dict[tuple, str] = field(default_factory=dict)
+    """sha256 of each local data file already read (a file inherited by several sub-grids is hashed once)."""
+
+
+def _check_settings(raw: dict, problems: list[str]) -> _Settings:
+    """Unknown top-level keys, and the settings that are not axes."""
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
             problems.append(f"unknown key {key!r}. {did_you_mean(str(key), TOP_LEVEL_KEYS)}")
-
-    title = str(raw.get("title") or "deltatune comparison")
-    description = str(raw.get("description") or "")
     keep_deltas = raw.get("keep_deltas", False)
     if not isinstance(keep_deltas, bool):
         problems.append(f"keep_deltas={keep_deltas!r} must be true or false")
@@ -351,98 +395,83 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
     if default_source not in ("auto", "mirror", "hub"):
         problems.append(f"source={default_source!r} must be auto, mirror or hub")
         default_source = "auto"
+    return _Settings(str(raw.get("title") or "deltatune comparison"), str(raw.get("description") or ""),
+                     keep_deltas, statistics, default_cap, default_source)
 
+
+def _grid_entries(raw: dict, problems: list[str]) -> list:
     grid_entries = raw.get("grids")
     if grid_entries is None:
-        grid_entries = [{"name": "main"}]
-    elif not isinstance(grid_entries, list) or not grid_entries:
+        return [{"name": "main"}]
+    if not isinstance(grid_entries, list) or not grid_entries:
         problems.append("grids must be a non-empty list of sub-grids, e.g. [{name: data}, {name: time, "
                         "fractions: [1.0], time_budgets: [60]}]")
-        grid_entries = [{"name": "main"}]
+        return [{"name": "main"}]
+    return grid_entries
 
-    methods_seen: dict[str, MethodVariant] = {}
-    tasks_seen: dict[str, TaskEntry] = {}
-    cells: dict[str, Cell] = {}
-    where_cell: dict[str, str] = {}
-    checked_cache: dict[str, Any] = {}
-    grid_names = set()
-    for position, entry in enumerate(grid_entries):
-        if not isinstance(entry, dict):
-            problems.append(f"grids[{position}] must be a mapping of axis overrides, got {entry!r}")
-            continue
-        grid_name = str(entry.get("name") or f"grid{position + 1}")
-        if grid_name in grid_names:
-            problems.append(f"grids[{position}]: the name {grid_name!r} is used twice")
-        grid_names.add(grid_name)
-        for key in entry:
-            if key not in GRID_KEYS:
-                problems.append(f"grids[{position}] ({grid_name}): unknown key {key!r}. "
-                                f"{did_you_mean(str(key), GRID_KEYS)}")
-        merged = {axis: raw.get(axis) for axis in AXES}
-        for axis in AXES:
-            if axis in entry:
-                if axis == "train" and isinstance(entry[axis], dict) and isinstance(raw.get("train") or {}, dict):
-                    merged[axis] = {**(raw.get("train") or {}), **entry[axis]}
-                else:
-                    merged[axis] = entry[axis]
-        where = f"grids[{position}] ({grid_name}): " if "grids" in raw else ""
-        wheres = {axis: where if axis in entry else "" for axis in AXES}
-        axes = _check_axes(merged, wheres, base, default_cap, default_source, problems, checked_cache)
-        if axes is None:
-            continue
-        models, tasks, methods, fractions, budgets, seeds, trains = axes
-        for variant in methods:
-            previous = methods_seen.get(variant.name)
-            if previous is not None and previous != variant:
-                problems.append(f"{where}method name {variant.name!r} means different settings in different "
-                                "sub-grids; give each variant its own name")
-            methods_seen.setdefault(variant.name, variant)
-        for task in tasks:
-            tasks_seen.setdefault(task.name, task)
-        # seeds outermost: after the first seed every comparison already has one result
-        for seed in seeds:
-            for task in tasks:
-                for model in models:
-                    for fraction in fractions:
-                        for budget in budgets:
-                            for variant in methods:
-                                train = trains[variant.name]
-                                identity = cell_identity(model, task, variant, train, fraction, budget, seed)
-                                cell_id = identity_hash(identity)
-                                cell = Cell(cell_id, grid_name, model, task, variant, float(fraction),
-                                            None if budget is None else float(budget), int(seed), train,
-                                            keep_deltas)
-                                if cell_id in cells:
-                                    if cells[cell_id].method.name != variant.name:
-                                        problems.append(
-                                            f"{where}methods {cells[cell_id].method.name!r} and {variant.name!r} "
-                                            "resolve to the same settings (same method and config): drop one")
-                                    continue  # the same cell from two sub-grids runs once
-                                cells[cell_id] = cell
-                                where_cell[cell_id] = grid_name
 
-    baselines = _check_baselines(raw.get("baselines"), problems)
-    baseline_cells = _baseline_cells(baselines, cells.values(), tasks_seen, problems)
+def _expand_grid(raw: dict, position: int, entry: Any, base: Path, settings: _Settings, expansion: _Expansion,
+                 problems: list[str]) -> None:
+    """Check one sub-grid (the top-level axes with its overrides) and add its cells to `expansion`."""
+    if not isinstance(entry, dict):
+        problems.append(f"grids[{position}] must be a mapping of axis overrides, got {entry!r}")
+        return
+    grid_name = str(entry.get("name") or f"grid{position + 1}")
+    if grid_name in expansion.grid_names:
+        problems.append(f"grids[{position}]: the name {grid_name!r} is used twice")
+    expansion.grid_names.add(grid_name)
+    for key in entry:
+        if key not in GRID_KEYS:
+            problems.append(f"grids[{position}] ({grid_name}): unknown key {key!r}. "
+                            f"{did_you_mean(str(key), GRID_KEYS)}")
+    merged = {axis: raw.get(axis) for axis in AXES}
+    for axis in AXES:
+        if axis in entry:
+            if axis == "train" and isinstance(entry[axis], dict) and isinstance(raw.get("train") or {}, dict):
+                merged[axis] = {**(raw.get("train") or {}), **entry[axis]}
+            else:
+                merged[axis] = entry[axis]
+    where = f"grids[{position}] ({grid_name}): " if "grids" in raw else ""
+    wheres = {axis: where if axis in entry else "" for axis in AXES}
+    axes = _check_axes(merged, wheres, base, settings.default_cap, settings.default_source, problems,
+                       expansion.checked)
+    if axes is None:
+        return
+    models, tasks, methods, fractions, budgets, seeds, trains = axes
+    for variant in methods:
+        previous = expansion.methods.get(variant.name)
+        if previous is not None and previous != variant:
+            problems.append(f"{where}method name {variant.name!r} means different settings in different "
+                            "sub-grids; give each variant its own name")
+        expansion.methods.setdefault(variant.name, variant)
+    for task in tasks:
+        expansion.tasks.setdefault(task.name, task)
+    # seeds outermost: after the first seed every comparison already has one result
+    for seed, task, model, fraction, budget, variant in itertools.product(seeds, tasks, models, fractions, budgets,
+                                                                          methods):
+        train = trains[variant.name]
+        cell_id = identity_hash(cell_identity(model, task, variant, train, fraction, budget, seed))
+        if cell_id in expansion.cells:
+            if expansion.cells[cell_id].method.name != variant.name:
+                problems.append(f"{where}methods {expansion.cells[cell_id].method.name!r} and {variant.name!r} "
+                                "resolve to the same settings (same method and config): drop one")
+            continue  # the same cell from two sub-grids runs once
+        expansion.cells[cell_id] = Cell(cell_id, grid_name, model, task, variant, float(fraction),
+                                        None if budget is None else float(budget), int(seed), train,
+                                        settings.keep_deltas)
+
+
+def _check_baseline_method(raw: dict, methods: dict[str, MethodVariant], problems: list[str]) -> str | None:
+    """The method every other is compared with: `baseline`, or full fine-tuning when the spec has it."""
     baseline = raw.get("baseline")
     if baseline is None:
-        baseline = "full" if "full" in methods_seen else None
-    elif not isinstance(baseline, str):
+        return "full" if "full" in methods else None
+    if not isinstance(baseline, str):
         problems.append(f"baseline={baseline!r} must be the name of one of the spec's methods")
-    elif baseline not in methods_seen and baseline not in _declared_method_names(raw):
+    elif baseline not in methods and baseline not in _declared_method_names(raw):
         problems.append(f"baseline={baseline!r} is not one of the spec's methods. "
                         f"{did_you_mean(str(baseline), _declared_method_names(raw))}")
-    problems = list(dict.fromkeys(problems))  # an inherited axis is checked once per sub-grid: say it once
-    if problems:
-        count = len(problems)
-        raise DeltatuneError(f"The grid spec has {count} problem{'s' if count > 1 else ''} (nothing was run):"
-                             + "".join(f"\n  - {p}" for p in problems))
-    if not cells:
-        raise DeltatuneError("The grid spec expands to no cells: give at least one model, task, method, "
-                             "fraction and seed.")
-    return GridSpec(title=title, description=description, cells=tuple(cells.values()),
-                    methods=tuple(methods_seen.values()), tasks=tuple(tasks_seen.values()), baseline=baseline,
-                    statistics=statistics, keep_deltas=keep_deltas, raw=raw, baseline_cells=baseline_cells,
-                    baselines=baselines)
+    return baseline
 
 
 def _check_baselines(value: Any, problems: list[str]) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ is an <svg class="plot" data-plot="NAME">). Hovering a point shows its exact val
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 
@@ -89,6 +90,25 @@ class _Series:
     extra: dict = field(default_factory=dict)
 
 
+_MARGIN_LEFT, _MARGIN_RIGHT = 64, 16
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where a plot's data area sits in the SVG, and the scales from data to pixels."""
+
+    left: float
+    top: float
+    plot_width: float
+    plot_height: float
+    x_low: float
+    x_high: float
+    x_ticks: list[float]
+    y_ticks: list[float]
+    sx: Callable[[float], float]
+    sy: Callable[[float], float]
+
+
 class Plot:
     """A line/scatter chart with axes, grid, optional log x, and a legend of the labelled series."""
 
@@ -136,17 +156,52 @@ class Plot:
         return min(xs), max(xs), min(ys), max(ys)
 
     def render(self) -> str:
-        left, right, top, bottom = 64, 16, 58 if self.subtitle else 42, 54
+        legend, legend_positions, legend_rows = self._legend_layout()
+        height = self.height + (20 * legend_rows + 6 if legend else 0)
+        frame = self._frame()
+        parts = [f'<svg class="plot" data-plot="{escape(self.name)}" role="img" viewBox="0 0 {self.width} {height}" '
+                 f'width="{self.width}" height="{height}" aria-label="{escape(self.title)}" '
+                 f'font-family="{FONT}">',
+                 f"<title>{escape(self.title)}</title>",
+                 f'<rect x="0" y="0" width="{self.width}" height="{height}" fill="#ffffff"/>',
+                 f'<text x="{frame.left}" y="22" font-size="15" font-weight="600" fill="#1a1a1a">'
+                 f"{escape(self.title)}</text>"]
+        if self.subtitle:
+            parts.append(f'<text x="{frame.left}" y="40" font-size="12" fill="#666">{escape(self.subtitle)}</text>')
+        parts += self._axes(frame)
+        draw = {"band": self._band, "line": self._line, "points": self._points, "errors": self._errors,
+                "hline": self._hline}
+        for series in self.series:
+            parts += draw[series.kind](series, frame)
+        # legend under the axis label
+        for series, (x, y) in zip(legend, legend_positions):
+            dash = ' stroke-dasharray="5 4"' if series.kind == "hline" else ""
+            swatch = (f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 4:.1f}" y2="{y - 4:.1f}" '
+                      f'stroke="{escape(series.color)}" stroke-width="3"{dash}/>'
+                      if series.kind in ("line", "hline") else
+                      f'<circle cx="{x + 11:.1f}" cy="{y - 4:.1f}" r="4.5" fill="{escape(series.color)}"/>')
+            parts.append(swatch + f'<text x="{x + 28:.1f}" y="{y:.1f}" font-size="12" fill="#333">'
+                         f"{escape(series.label)}</text>")
+        parts.append("</svg>")
+        return "\n".join(parts)
+
+    def _legend_layout(self) -> tuple[list[_Series], list[tuple[float, int]], int]:
+        """The labelled series, where each one's legend entry goes, and how many legend rows they take."""
+        left, right = _MARGIN_LEFT, _MARGIN_RIGHT
         legend = [s for s in self.series if s.label]
-        legend_positions, column, row = [], 0.0, 0
+        positions, column, row = [], 0.0, 0
         for series in legend:  # flow left to right, wrapping at the plot's width
             item_width = 34 + 6.6 * len(series.label)
             if column and column + item_width > self.width - left - right:
                 column, row = 0.0, row + 1
-            legend_positions.append((left + column, self.height + 8 + 20 * row))
+            positions.append((left + column, self.height + 8 + 20 * row))
             column += item_width + 10
-        height = self.height + (20 * (row + 1) + 6 if legend else 0)
-        plot_width, plot_height = self.width - left - right, self.height - top - bottom
+        return legend, positions, row + 1
+
+    def _frame(self) -> _Frame:
+        """The plotting area and the data-to-pixel scales, with ticks that cover every point."""
+        left, top, bottom = _MARGIN_LEFT, 58 if self.subtitle else 42, 54
+        plot_width, plot_height = self.width - left - _MARGIN_RIGHT, self.height - top - bottom
         x_low, x_high, y_low, y_high = self._extent()
         y_span = (y_high - y_low) or (abs(y_high) * 0.1 or 1.0)
         y_ticks = nice_ticks(y_low - 0.04 * y_span, y_high + 0.04 * y_span)
@@ -171,24 +226,21 @@ class Plot:
         def sy(y: float) -> float:
             return top + plot_height - (y - y_low) / ((y_high - y_low) or 1.0) * plot_height
 
-        parts = [f'<svg class="plot" data-plot="{escape(self.name)}" role="img" viewBox="0 0 {self.width} {height}" '
-                 f'width="{self.width}" height="{height}" aria-label="{escape(self.title)}" '
-                 f'font-family="{FONT}">',
-                 f"<title>{escape(self.title)}</title>",
-                 f'<rect x="0" y="0" width="{self.width}" height="{height}" fill="#ffffff"/>',
-                 f'<text x="{left}" y="22" font-size="15" font-weight="600" fill="#1a1a1a">{escape(self.title)}</text>']
-        if self.subtitle:
-            parts.append(f'<text x="{left}" y="40" font-size="12" fill="#666">{escape(self.subtitle)}</text>')
-        # grid and ticks
-        for tick in y_ticks:
-            y = sy(tick)
+        return _Frame(left, top, plot_width, plot_height, x_low, x_high, x_ticks, y_ticks, sx, sy)
+
+    def _axes(self, frame: _Frame) -> list[str]:
+        """Grid lines, tick labels, the frame and the axis labels."""
+        left, top, plot_width, plot_height = frame.left, frame.top, frame.plot_width, frame.plot_height
+        parts = []
+        for tick in frame.y_ticks:
+            y = frame.sy(tick)
             parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e6e6"/>')
             parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="11" fill="#555" text-anchor="end">'
                          f"{format_tick(tick)}</text>")
-        for tick in x_ticks:
-            if not x_low - 1e-12 <= tick <= x_high + 1e-12:
+        for tick in frame.x_ticks:
+            if not frame.x_low - 1e-12 <= tick <= frame.x_high + 1e-12:
                 continue
-            x = sx(tick)
+            x = frame.sx(tick)
             parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_height}" stroke="#f0f0f0"/>')
             parts.append(f'<text x="{x:.1f}" y="{top + plot_height + 17}" font-size="11" fill="#555" '
                          f'text-anchor="middle">{format_tick(tick)}</text>')
@@ -198,71 +250,71 @@ class Plot:
                      f'fill="#333" text-anchor="middle">{escape(self.x_label)}</text>')
         parts.append(f'<text transform="translate(16 {top + plot_height / 2:.1f}) rotate(-90)" font-size="12" '
                      f'fill="#333" text-anchor="middle">{escape(self.y_label)}</text>')
+        return parts
 
-        def usable(x, y) -> bool:
-            return (x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
-                    and (x > 0 or not self.x_log))
+    def _usable(self, x, y) -> bool:
+        return (x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+                and (x > 0 or not self.x_log))
 
-        for series in self.series:
-            color = escape(series.color)
-            if series.kind == "band":
-                upper = [(sx(x), sy(h)) for x, h in zip(series.xs, series.extra["highs"]) if usable(x, h)]
-                lower = [(sx(x), sy(low)) for x, low in zip(series.xs, series.ys) if usable(x, low)]
-                if len(upper) >= 2:
-                    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in upper + lower[::-1])
-                    parts.append(f'<polygon points="{path}" fill="{color}" fill-opacity="{series.extra["opacity"]}" '
-                                 'stroke="none"/>')
-            elif series.kind == "line":
-                coordinates = [(sx(x), sy(y), i) for i, (x, y) in enumerate(zip(series.xs, series.ys)) if usable(x, y)]
-                extra = series.extra
-                dash = f' stroke-dasharray="{extra["dash"]}"' if extra["dash"] else ""
-                if len(coordinates) >= 2:
-                    path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in coordinates)
-                    parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
-                                 f'stroke-width="{extra["width"]}" '
-                                 f'stroke-opacity="{extra["opacity"]}" stroke-linejoin="round"{dash}/>')
-                if extra["markers"]:
-                    for x, y, i in coordinates:
-                        tip = extra["tooltips"][i] if extra["tooltips"] else None
-                        title = f"<title>{escape(tip)}</title>" if tip else ""
-                        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="{color}" stroke="#fff" '
-                                     f'stroke-width="1.2">{title}</circle>')
-            elif series.kind == "points":
-                extra = series.extra
-                for i, (x, y) in enumerate(zip(series.xs, series.ys)):
-                    if not usable(x, y):
-                        continue
-                    tip = extra["tooltips"][i] if extra["tooltips"] else None
-                    title = f"<title>{escape(tip)}</title>" if tip else ""
-                    fill = "#fff" if extra["hollow"] else color
-                    parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{extra["radius"]}" fill="{fill}" '
-                                 f'fill-opacity="{extra["opacity"] if not extra["hollow"] else 1}" stroke="{color}" '
-                                 f'stroke-width="1.4">{title}</circle>')
-            elif series.kind == "errors":
-                for x, low, high in zip(series.xs, series.ys, series.extra["highs"]):
-                    if usable(x, low) and usable(x, high):
-                        px = sx(x)
-                        parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
-                                     f'stroke="{color}" stroke-width="1.6"/>')
-                        for value in (low, high):
-                            parts.append(f'<line x1="{px - 4:.1f}" x2="{px + 4:.1f}" y1="{sy(value):.1f}" '
-                                         f'y2="{sy(value):.1f}" stroke="{color}" stroke-width="1.6"/>')
-            elif series.kind == "hline":
-                y = sy(series.ys[0])
-                parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="{color}" '
-                             f'stroke-width="1.2" stroke-dasharray="{series.extra["dash"]}"/>')
-        # legend under the axis label
-        for series, (x, y) in zip(legend, legend_positions):
-            dash = ' stroke-dasharray="5 4"' if series.kind == "hline" else ""
-            swatch = (f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 4:.1f}" y2="{y - 4:.1f}" '
-                      f'stroke="{escape(series.color)}" stroke-width="3"{dash}/>'
-                      if series.kind in ("line", "hline") else
-                      f'<circle cx="{x + 11:.1f}" cy="{y - 4:.1f}" r="4.5" fill="{escape(series.color)}"/>')
-            parts.append(swatch + f'<text x="{x + 28:.1f}" y="{y:.1f}" font-size="12" fill="#333">'
-                         f"{escape(series.label)}</text>")
-        parts.append("</svg>")
-        return "\n".join(parts)
+    def _band(self, series: _Series, frame: _Frame) -> list[str]:
+        sx, sy = frame.sx, frame.sy
+        upper = [(sx(x), sy(h)) for x, h in zip(series.xs, series.extra["highs"]) if self._usable(x, h)]
+        lower = [(sx(x), sy(low)) for x, low in zip(series.xs, series.ys) if self._usable(x, low)]
+        if len(upper) < 2:
+            return []
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in upper + lower[::-1])
+        return [f'<polygon points="{path}" fill="{escape(series.color)}" fill-opacity="{series.extra["opacity"]}" '
+                'stroke="none"/>']
 
+    def _line(self, series: _Series, frame: _Frame) -> list[str]:
+        color, extra, parts = escape(series.color), series.extra, []
+        coordinates = [(frame.sx(x), frame.sy(y), i) for i, (x, y) in enumerate(zip(series.xs, series.ys))
+                       if self._usable(x, y)]
+        dash = f' stroke-dasharray="{extra["dash"]}"' if extra["dash"] else ""
+        if len(coordinates) >= 2:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in coordinates)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
+                         f'stroke-width="{extra["width"]}" '
+                         f'stroke-opacity="{extra["opacity"]}" stroke-linejoin="round"{dash}/>')
+        if extra["markers"]:
+            for x, y, i in coordinates:
+                parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="{color}" stroke="#fff" '
+                             f'stroke-width="1.2">{_tooltip(extra["tooltips"], i)}</circle>')
+        return parts
+
+    def _points(self, series: _Series, frame: _Frame) -> list[str]:
+        color, extra, parts = escape(series.color), series.extra, []
+        for i, (x, y) in enumerate(zip(series.xs, series.ys)):
+            if not self._usable(x, y):
+                continue
+            fill = "#fff" if extra["hollow"] else color
+            parts.append(f'<circle cx="{frame.sx(x):.1f}" cy="{frame.sy(y):.1f}" r="{extra["radius"]}" fill="{fill}" '
+                         f'fill-opacity="{extra["opacity"] if not extra["hollow"] else 1}" stroke="{color}" '
+                         f'stroke-width="1.4">{_tooltip(extra["tooltips"], i)}</circle>')
+        return parts
+
+    def _errors(self, series: _Series, frame: _Frame) -> list[str]:
+        color, sy, parts = escape(series.color), frame.sy, []
+        for x, low, high in zip(series.xs, series.ys, series.extra["highs"]):
+            if self._usable(x, low) and self._usable(x, high):
+                px = frame.sx(x)
+                parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
+                             f'stroke="{color}" stroke-width="1.6"/>')
+                for value in (low, high):
+                    parts.append(f'<line x1="{px - 4:.1f}" x2="{px + 4:.1f}" y1="{sy(value):.1f}" '
+                                 f'y2="{sy(value):.1f}" stroke="{color}" stroke-width="1.6"/>')
+        return parts
+
+    def _hline(self, series: _Series, frame: _Frame) -> list[str]:
+        y = frame.sy(series.ys[0])
+        return [f'<line x1="{frame.left}" x2="{frame.left + frame.plot_width}" y1="{y:.1f}" y2="{y:.1f}" '
+                f'stroke="{escape(series.color)}" stroke-width="1.2" stroke-dasharray="{series.extra["dash"]}"/>']
+
+
+def _tooltip(tooltips: list[str] | None, index: int) -> str:
+    """The <title> that shows a point's exact values on hover, or nothing."""
+    tip = tooltips[index] if tooltips else None
+    return f"<title>{escape(tip)}</title>" if tip else ""
 
 def bar_chart(name: str, title: str, labels: list[str], values: list[float | None], colors: list[str],
               x_label: str, value_text: list[str], log: bool = False, width: int = 560,

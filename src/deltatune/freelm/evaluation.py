@@ -42,23 +42,8 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
     """Metrics of FreeLM and the chosen baselines on each task; see the module docstring."""
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_causal_lm
-    from deltatune.tasks import get_task
 
-    problems = [f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})" for name in baselines
-                if name not in BASELINES]
-    if k < 1 and "k-shot" in baselines:
-        problems.append(f"--k={k} must be at least 1 for the k-shot baseline")
-    if templates != "all" and not templates.isdigit():
-        problems.append(f"--templates={templates!r} must be 'all' or a template number (0, 1, 2, ...)")
-    if max_examples is not None and max_examples < 1:
-        problems.append(f"--max-examples={max_examples} must be at least 1")
-    for task in tasks:
-        try:
-            get_task(task)
-        except DeltatuneError as error:
-            problems.append(str(error))
-    if problems:
-        raise DeltatuneError("\n".join(problems))
+    _check_arguments(tasks, baselines, k, templates, max_examples)
     manifest = read_freelm_manifest(directory)
     if threads:
         torch.set_num_threads(threads)
@@ -75,27 +60,11 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
 
     results: dict[str, dict] = {}
     for task_name, (data, subset) in examples.items():
-        propositions = propositions_for(data.task)
         results[task_name] = {"metric": data.task.metric, "num_examples": len(subset), "split": split,
                               "train_task": task_name in manifest["freelm"]["train_tasks"], "systems": {},
                               "labels": list(subset.labels)}
-        if "zero-shot" in baselines:
-            log(f"{task_name}: base model zero-shot on {len(subset)} examples")
-            started = _clock()
-            scores = verbaliser_scores(causal_lm, tokenizer, propositions, subset.texts, batch_size=batch_size)
-            results[task_name]["systems"]["zero-shot"] = _system_result(data.task, propositions, scores, subset,
-                                                                        started)
-        if "k-shot" in baselines:
-            log(f"{task_name}: base model {k}-shot on {len(subset)} examples")
-            started = _clock()
-            train = data.split("train")
-            shots = choose_demonstrations(propositions, train, k, seed)
-            prefix = demonstration_prefix(tokenizer, propositions, train, shots)
-            scores = verbaliser_scores(causal_lm, tokenizer, propositions, subset.texts, prefix=prefix,
-                                       batch_size=batch_size)
-            results[task_name]["systems"]["k-shot"] = {
-                **_system_result(data.task, propositions, scores, subset, started),
-                "k": k, "demonstration_prefix_tokens": len(tokenizer(prefix, add_special_tokens=False)["input_ids"])}
+        results[task_name]["systems"].update(_baseline_systems(causal_lm, tokenizer, task_name, data, subset,
+                                                               baselines, k, seed, batch_size, log))
 
     # the delta goes onto the same decoder after the baselines, which need it untouched
     model, method = attach_freelm_delta(causal_lm, tokenizer, directory, manifest, base_name=base)
@@ -116,6 +85,52 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
                           "method": manifest["method"], "train_tasks": manifest["freelm"]["train_tasks"],
                           "training": manifest["freelm"]["training"], "split": split, "max_examples": max_examples,
                           "seed": seed, "k": k, "tasks": results})
+
+
+def _check_arguments(tasks: Sequence[str], baselines: Sequence[str], k: int, templates: str,
+                     max_examples: int | None) -> None:
+    """Every problem with the arguments, raised once."""
+    from deltatune.tasks import get_task
+
+    problems = [f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})" for name in baselines
+                if name not in BASELINES]
+    if k < 1 and "k-shot" in baselines:
+        problems.append(f"--k={k} must be at least 1 for the k-shot baseline")
+    if templates != "all" and not templates.isdigit():
+        problems.append(f"--templates={templates!r} must be 'all' or a template number (0, 1, 2, ...)")
+    if max_examples is not None and max_examples < 1:
+        problems.append(f"--max-examples={max_examples} must be at least 1")
+    for task in tasks:
+        try:
+            get_task(task)
+        except DeltatuneError as error:
+            problems.append(str(error))
+    if problems:
+        raise DeltatuneError("\n".join(problems))
+
+
+def _baseline_systems(causal_lm, tokenizer, task_name: str, data, subset, baselines: Sequence[str], k: int,
+                      seed: int, batch_size: int, log) -> dict[str, dict]:
+    """The base decoder's own zero-shot and k-shot answers on one task's subset, as asked."""
+    propositions = propositions_for(data.task)
+    systems = {}
+    if "zero-shot" in baselines:
+        log(f"{task_name}: base model zero-shot on {len(subset)} examples")
+        started = _clock()
+        scores = verbaliser_scores(causal_lm, tokenizer, propositions, subset.texts, batch_size=batch_size)
+        systems["zero-shot"] = _system_result(data.task, propositions, scores, subset, started)
+    if "k-shot" in baselines:
+        log(f"{task_name}: base model {k}-shot on {len(subset)} examples")
+        started = _clock()
+        train = data.split("train")
+        shots = choose_demonstrations(propositions, train, k, seed)
+        prefix = demonstration_prefix(tokenizer, propositions, train, shots)
+        scores = verbaliser_scores(causal_lm, tokenizer, propositions, subset.texts, prefix=prefix,
+                                   batch_size=batch_size)
+        systems["k-shot"] = {
+            **_system_result(data.task, propositions, scores, subset, started),
+            "k": k, "demonstration_prefix_tokens": len(tokenizer(prefix, add_special_tokens=False)["input_ids"])}
+    return systems
 
 
 def _clock() -> tuple[float, float]:

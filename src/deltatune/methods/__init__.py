@@ -16,8 +16,9 @@ loaded base at once and one of them is active:
   adapters, prompt and prefix tuning, input-dependent prompts, recursive LMs) keep one part per
   delta at each `DeltaSite` they add (`site.deltas[name]`): all parts are in memory at once, and a
   site runs the part of `site.active_delta`. In a batch that mixes deltas row by row (serving,
-  `mixed_rows(model)`), each site gathers each row's part by a per-row index, without changing
-  what is stored; these methods declare `batch_mixing = "per-row"`.
+  `mixed_rows(model)`), each site runs each row with its own delta's part, without changing what
+  is stored: on each delta's slice of the batch when the rows are sorted by delta, else gathered
+  by a per-row index; these methods declare `batch_mixing = "per-row"`.
 - Methods that rewrite the base model's own tensors (full fine-tuning, freeze, and every method's
   task head; BitFit and LayerNorm tuning too, whose tensors are small enough to gather per row
   later) hold a named set of values that is bound into the live parameters when its delta becomes

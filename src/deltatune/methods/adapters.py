@@ -159,6 +159,13 @@ def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Ten
     batch. Otherwise each adapter runs on its own rows.
     """
     parts = site.row_parts(routing)
+    segments = routing.contiguous()
+    if segments is not None:  # a batch sorted by delta: each adapter on its own slice, in place
+        for group, start, end in segments:
+            adapter = parts[group]
+            if adapter is not None:
+                hidden_states[start:end] = adapter(hidden_states[start:end])
+        return hidden_states
     stacks = routing.stacked(site, lambda: _stack_adapters(parts))
     if stacks is None:
         return hidden_states

@@ -122,6 +122,22 @@ class IA3Linear(WrappedLinear[IA3Scale]):
 
     def _forward_rows(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """A mixed batch: each row scaled by its own delta's vector (ones for rows without a scale here)."""
+        segments = routing.contiguous()
+        if segments is not None:  # a batch sorted by delta: each delta's scale on its own slice
+            # (scales the input?, the scale in the activations' dtype) per routed delta, cast once
+            parts = routing.stacked(self, lambda: [None if part is None else (part.scale_input, part.scale.to(x.dtype))
+                                                   for part in self.row_parts(routing)], kind=f"parts {x.dtype}")
+            scaled = [(*parts[group], start, end) for group, start, end in segments if parts[group] is not None]
+            if any(scale_input for scale_input, *_ in scaled):
+                x = x.clone()
+                for scale_input, scale, start, end in scaled:
+                    if scale_input:
+                        x[start:end] *= scale
+            result = self.base_layer(x)
+            for scale_input, scale, start, end in scaled:
+                if not scale_input:
+                    result[start:end] *= scale.to(result.dtype)
+            return result
         input_scales, output_scales = routing.stacked(self, lambda: self._stack_rows(routing))
         if input_scales is not None:
             x = x * _per_row(input_scales[routing.index], x.ndim)

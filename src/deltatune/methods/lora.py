@@ -159,6 +159,19 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
 
         One batched matmul pair for the whole batch, however many deltas it mixes: no per-delta split.
         """
+        segments = routing.contiguous()
+        if segments is not None:  # a batch sorted by delta: each delta's B·A on its own slice, in place
+            # each delta's A and scaled Bᵀ in the activations' dtype, cast once for these routed names
+            parts = routing.stacked(self, lambda: [None if part is None else
+                                                   (part.lora_A.to(result.dtype), (part.lora_B * part.scaling).t()
+                                                    .to(result.dtype)) for part in self.row_parts(routing)],
+                                    kind=f"parts {result.dtype}")
+            for group, start, end in segments:
+                if parts[group] is not None:
+                    down_weight, up_weight = parts[group]
+                    rows = x[start:end].reshape(-1, x.shape[-1]).to(result.dtype)
+                    result[start:end].view(-1, result.shape[-1]).addmm_(rows @ down_weight.t(), up_weight)
+            return result
         stacks = routing.stacked(self, lambda: self._stack_rows(routing))
         if stacks is None:
             return result

@@ -522,6 +522,18 @@ class RowRouting:
     _rows: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     """What this batch's forward pass passes between hooks (a pre-hook's row offsets for its post-hook)."""
+    segments: tuple[tuple[int, int, int], ...] | None = None
+    """(group, first row, end row) per group when each group's rows are one contiguous run (a batch sorted by
+    delta, `RowMixer.grouped_order`); None otherwise. See `contiguous`."""
+
+    def contiguous(self) -> tuple[tuple[int, int, int], ...] | None:
+        """The runs of rows per group, when sites may work on slices of the batch instead of gathering per row.
+
+        Only outside autograd: the sliced paths write into their outputs in place. With the rows of each
+        delta together, a site runs each delta's own small computation on its slice (no per-row copies of
+        weights) and leaves rows of deltas without a part at the site untouched, as a segmented kernel does.
+        """
+        return None if torch.is_grad_enabled() else self.segments
 
     def rows(self, *groups: int) -> torch.Tensor:
         """The rows (ascending) of the given groups in this batch."""
@@ -532,9 +544,9 @@ class RowRouting:
             self._rows[groups] = mask.nonzero().flatten()
         return self._rows[groups]
 
-    def stacked(self, owner: object, build: Callable[[], Any]) -> Any:
-        """`build()` once per owner (a site, a module) for these names; later batches reuse it."""
-        key = ("stack", id(owner))
+    def stacked(self, owner: object, build: Callable[[], Any], kind: str = "stack") -> Any:
+        """`build()` once per owner (a site, a module) and `kind` for these names; later batches reuse it."""
+        key = (kind, id(owner))
         if key not in self.cache:
             self.cache[key] = build()
         return self.cache[key]
@@ -569,11 +581,26 @@ class RowMixer:
         names = tuple(sorted(set(row_deltas), key=lambda name: -1 if name is None else order[name]))
         position = {name: group for group, name in enumerate(names)}
         device = next(self.model.parameters()).device
-        index = torch.tensor([position[name] for name in row_deltas], dtype=torch.long, device=device)
-        self.routing = RowRouting(names, index, self._caches.setdefault((names, device), {}))
+        groups = [position[name] for name in row_deltas]
+        index = torch.tensor(groups, dtype=torch.long, device=device)
+        self.routing = RowRouting(names, index, self._caches.setdefault((names, device), {}),
+                                  segments=_segments(groups))
         for site in self.sites:
             site.row_routing = self.routing
         return self.routing
+
+    def grouped_order(self, row_deltas: list[str | None]) -> list[int]:
+        """Positions of `row_deltas` reordered so each delta's rows are together (stable within a delta).
+
+        A batch routed in this order runs each site on contiguous slices (`RowRouting.contiguous`).
+        """
+        order = {name: position for position, name in enumerate(self.record.methods)}
+
+        def place(row: int) -> int:
+            name = row_deltas[row]
+            return -1 if name is None else order.get(name, len(order))
+
+        return sorted(range(len(row_deltas)), key=place)
 
     def _install(self) -> None:
         """Every base module whose tensors a per-row delta rewrites runs each row with its delta's values."""
@@ -598,6 +625,17 @@ class RowMixer:
         for site in self.sites:
             site.row_routing = None
         self.routing = None
+
+
+def _segments(groups: list[int]) -> tuple[tuple[int, int, int], ...] | None:
+    """(group, start, end) runs of equal groups, or None when some group's rows are not all in one run."""
+    runs: list[tuple[int, int, int]] = []
+    for row, group in enumerate(groups):
+        if runs and runs[-1][0] == group:
+            runs[-1] = (group, runs[-1][1], row + 1)
+        else:
+            runs.append((group, row, row + 1))
+    return tuple(runs) if len(runs) == len(set(groups)) else None
 
 
 class _RowwiseModule:
@@ -645,12 +683,62 @@ class _RowwiseModule:
             sets.setdefault(key, (group_values, []))[1].append(group)
         return "groups", list(sets.values())
 
+    def _own_values(self, names: tuple[str | None, ...]) -> list[dict[str, torch.Tensor] | None]:
+        """Each group's values of the module's tensors, or None where they are the live (base) ones."""
+        live = {leaf: getattr(self.module, leaf).data for leaf in self.leaves}
+        values = [self._values(name) for name in names]
+        return [None if all(group[leaf].data_ptr() == live[leaf].data_ptr() for leaf in group) else group
+                for group in values]
+
+    def _sliced(self, routing: RowRouting, kind: str, segments: tuple[tuple[int, int, int], ...],
+                args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """A batch sorted by delta: the module runs once with its live (base) tensors, then only the slices of
+        deltas with their own values are redone (a bias shift, a norm, a head) in place."""
+        own = routing.stacked(self, lambda: self._own_values(routing.names), kind="sliced")
+        inputs, module = args[0], self.module
+        if kind == "bias":
+            assert isinstance(module, nn.Linear)  # `_plan` chose "bias" for a linear layer only
+            output = F.linear(inputs, module.weight, module.bias)
+            shifts = routing.stacked(self, lambda: [None if values is None else (values["bias"] - module.bias)
+                                                    .to(output.dtype) for values in own], kind=f"shift {output.dtype}")
+            for group, start, end in segments:
+                if shifts[group] is not None:
+                    output[start:end] += shifts[group]
+            return output
+        if kind == "norm":
+            assert isinstance(module, nn.LayerNorm)  # `_plan` chose "norm" for a LayerNorm only
+            output = F.layer_norm(inputs, module.normalized_shape, module.weight, module.bias, module.eps)
+            for group, start, end in segments:
+                if own[group] is not None:
+                    output[start:end] = F.layer_norm(inputs[start:end], module.normalized_shape,
+                                                     own[group].get("weight", module.weight),
+                                                     own[group].get("bias", module.bias), module.eps)
+            return output
+        outputs = []
+        parameters = {leaf: getattr(module, leaf) for leaf in self.leaves}
+        live = {leaf: parameter.data for leaf, parameter in parameters.items()}
+        try:
+            for group, start, end in segments:
+                for leaf, parameter in parameters.items():
+                    parameter.data = live[leaf] if own[group] is None else own[group][leaf]
+                sliced = [argument[start:end] if isinstance(argument, torch.Tensor)
+                          and argument.shape[:1] == inputs.shape[:1] else argument for argument in args]
+                outputs.append(self.original(*sliced, **kwargs))
+        finally:
+            for leaf, parameter in parameters.items():
+                parameter.data = live[leaf]
+        width = max(output.shape[-1] for output in outputs)  # heads of several widths: zero-padded
+        return torch.cat([F.pad(output, (0, width - output.shape[-1])) for output in outputs])
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         routing = self.mixer.routing
         if routing is None:
             raise DeltatuneError("A forward pass inside mixed_rows needs its rows routed first: call "
                                  "mixer.route(row_deltas) with one delta name (or None) per row before it.")
         kind, plan = routing.stacked(self, lambda: self._plan(routing.names))
+        segments = routing.contiguous()
+        if segments is not None:
+            return self._sliced(routing, kind, segments, args, kwargs)
         inputs = args[0]
         module = self.module
         if kind == "bias":

@@ -6,7 +6,8 @@ fingerprint each delta records), and attaches each delta under a name (its task'
 
 - rows whose delta's method declares `batch_mixing = "per-row"` (LoRA, (IA)3, BitFit, LayerNorm
   tuning, adapters, prompt and prefix tuning) share forward passes: batches are cut by length across
-  tasks, and each row gathers its own delta's tensors (`deltatune.methods.state.mixed_rows`);
+  tasks; each batch's rows are sorted by delta so each site runs every delta's part on its slice of
+  the batch (`deltatune.methods.state.mixed_rows`, `RowRouting.contiguous`);
 - rows of other deltas (full fine-tuning, freeze, sparse masks, ...) run in forward passes of their
   own, one delta at a time, with that delta active;
 - each row's own head gives its task's outputs, mapped to labels or to score units by its own
@@ -239,6 +240,8 @@ class MultiTaskModel:
         if mixed:
             mixer = self._open_session(precision)
             for batch in self._batches(encoded, mixed, batch_size):
+                # each delta's rows together: sites then work on slices of the batch, not per-row gathers
+                batch = [batch[position] for position in mixer.grouped_order([names[row] for row in batch])]
                 mixer.route([names[row] for row in batch])
                 self._forward(encoded, batch, names, outputs)
         for name in dict.fromkeys(name for name in names if self.tasks[name].batch_mixing != PER_ROW):
