@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from compare_fakes import EXPECTED_PLOTS, build_fake_experiment
+
 from deltatune.cli import main
 from deltatune.compare.browser import check_page, find_chromium
 from deltatune.compare.report import write_report

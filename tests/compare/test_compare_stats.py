@@ -31,7 +31,7 @@ def test_vectorised_metrics_equal_the_reference_functions(metric, classes):
         predictions = np.where(rng.random((40, 25)) < 0.6, labels, rng.integers(0, classes, size=(40, 25)))
         predictions[0] = 0
         labels[1] = 1  # degenerate rows: one predicted class, one gold class
-    expected = [METRICS[metric](p, t) for p, t in zip(predictions, labels)]
+    expected = [METRICS[metric](p, t) for p, t in zip(predictions, labels, strict=True)]
     np.testing.assert_allclose(metric_rows(metric, predictions, labels), expected, atol=1e-12)
 
 

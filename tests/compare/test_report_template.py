@@ -3,6 +3,7 @@
 import importlib.resources
 
 from compare_fakes import build_fake_experiment
+
 from deltatune.compare import store
 from deltatune.compare.report import TEMPLATES, render_html
 from deltatune.compare.summary import analyze

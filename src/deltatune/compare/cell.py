@@ -53,11 +53,10 @@ def _watch_parent(parent_pid: int) -> None:
 def run_cell(exp_dir: Path, cell_id: str) -> dict:
     """Train the cell (or score its no-training baseline) and leave its complete result directory in place;
     returns the run record."""
+    from deltatune.compare.spec import train_config_for
     from deltatune.delta import write_json_atomic
     from deltatune.run import run_training
     from deltatune.run_directory import replace_directory
-
-    from deltatune.compare.spec import train_config_for
 
     started = time.perf_counter()
     paths = cell_paths(exp_dir, cell_id)
@@ -151,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         run_cell(exp_dir, cell_id)
     except BaseException as error:  # noqa: BLE001 - every failure is reported to the runner, then re-raised
         from deltatune.errors import DeltatuneError
-
         from deltatune.run_directory import is_disk_full
 
         if isinstance(error, KeyboardInterrupt):

@@ -152,14 +152,21 @@ def _main_groups(analysis: Analysis, task: str, model: str | None = None) -> lis
 def _budget_groups(analysis: Analysis, task: str, model: str | None = None) -> list[Group]:
     return sorted([g for g in analysis.groups_for(task)
                    if g.key.time_budget_s is not None and (model is None or g.key.model == model)],
-                  key=lambda g: g.key.time_budget_s)
+                  key=_budget_of)
+
+
+def _budget_of(group: Group) -> float:
+    """The time budget of a group that has one (see `_budget_groups`)."""
+    assert group.key.time_budget_s is not None
+    return group.key.time_budget_s
 
 
 def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
                 model: str | None = None) -> list[tuple[str, str]]:
     """(svg, caption) for each chart of one task (on one model, when the grid has several)."""
     several = model is not None and len(_models(analysis, task)) > 1
-    where = _PlotPlace(task, *((f"@{model}", f" on {Path(model).name}") if several else ("", "")))
+    where = (_PlotPlace(task, f"@{model}", f" on {Path(model).name}") if several and model is not None
+             else _PlotPlace(task, "", ""))
     main = _main_groups(analysis, task, model)
     metric = (main or analysis.groups_for(task))[0].primary_metric
     plots = []
@@ -208,7 +215,7 @@ def _fraction_plot(analysis: Analysis, main: list[Group], where: _PlotPlace, met
         seed_y = [100 * v for _, r in rows for v in r.values]
         plot.points(seed_x, seed_y, colors[variant], radius=2.2, opacity=0.45,
                     tooltips=[f"{variant} at {x:g}, seed {s}: {100 * v:.2f}"
-                              for x, r in rows for s, v in zip(r.seeds, r.values)])
+                              for x, r in rows for s, v in zip(r.seeds, r.values, strict=True)])
     return (plot.render(), f"Each method's {_split(analysis)} metric as the training set grows "
                            "(stratified subsets, the same for every method); dashed: rows without training.")
 
@@ -260,13 +267,13 @@ def _params_plot(analysis: Analysis, largest: Group, where: _PlotPlace, metric: 
 
 def _budget_plot(analysis: Analysis, budgets: list[Group], where: _PlotPlace, metric: str,
                  colors: dict[str, str]) -> tuple[str, str]:
-    seconds = [g.key.time_budget_s for g in budgets]
+    seconds = [_budget_of(g) for g in budgets]
     plot = Plot(f"budget:{where.task}{where.suffix}", f"{where.task}{where.on_model}: {metric} against time budget",
                 "training time budget (s)", f"{_split(analysis)} {metric} × 100",
                 x_log=len(set(seconds)) > 2 and max(seconds) / min(seconds) >= 8,
                 subtitle="line: mean over seeds · band: min–max")
     for variant in analysis.variants:
-        rows = [(g.key.time_budget_s, g.variants[variant]) for g in budgets if variant in g.variants]
+        rows = [(_budget_of(g), g.variants[variant]) for g in budgets if variant in g.variants]
         if not rows or rows[0][1].kind == "baseline":
             continue
         xs = [x for x, _ in rows]
@@ -377,7 +384,7 @@ def render_html(analysis: Analysis) -> str:
         target_fraction=f"{analysis.statistics.target_fraction:g}", baseline=analysis.baseline,
         failed=[{"cell_id": c["cell_id"], "variant": c["variant"], "task": c["task"], "error": c["error"] or "",
                  "condition": f"fraction {c['data_fraction']:g}"
-                              f"{', budget %g s' % c['time_budget_s'] if c['time_budget_s'] is not None else ''}, "
+                              f"{_budget_text(c['time_budget_s'])}, "
                               f"seed {c['seed']}"}
                 for c in analysis.failed],
         finished=len(analysis.finished), cells=_table_context(*_cell_table(analysis)))
@@ -537,6 +544,11 @@ def _cell_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                      cell["stopped_by"] or "–", "–" if converged is None else ("yes" if converged else "no"),
                      _seconds(cell["train_time_s"]), _bytes(cell["peak_memory_bytes"])])
     return header, rows
+
+
+def _budget_text(seconds: float | None) -> str:
+    """", budget 30 s" for a cell with a time budget, "" for one without."""
+    return f", budget {seconds:g} s" if seconds is not None else ""
 
 
 def _md(text, one_line: bool = True) -> str:

@@ -73,7 +73,7 @@ def metric_rows(metric: str, predictions: np.ndarray, labels: np.ndarray) -> np.
     if metric in ("mcc", "f1"):
         return _confusion_metric_rows(metric, predictions.astype(np.int64), labels.astype(np.int64))
     function = METRICS[metric]
-    return np.array([function(p, t) for p, t in zip(predictions, labels)], dtype=np.float64)
+    return np.array([function(p, t) for p, t in zip(predictions, labels, strict=True)], dtype=np.float64)
 
 
 def _confusion_metric_rows(metric: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -166,15 +166,15 @@ def verdict(result: BootstrapResult, margin_points: float = 1.0) -> str:
     return f"unclear: {difference:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
-def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
+def mean_and_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); missing and NaN values are left out."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
         return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
+    mean = sum(present) / len(present)
+    if len(present) < 2:
         return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in present) / (len(present) - 1))
 
 
 def area_under_fraction_curve(fractions: Sequence[float], values: Sequence[float]) -> float:
@@ -183,7 +183,7 @@ def area_under_fraction_curve(fractions: Sequence[float], values: Sequence[float
     The result is in metric units: the average metric over the range of data amounts tried, so one
     number says how well a method does across data amounts (a single fraction gives its value).
     """
-    pairs = sorted(zip(fractions, values))
+    pairs = sorted(zip(fractions, values, strict=True))
     if not pairs:
         return float("nan")
     if len(pairs) == 1:

@@ -116,7 +116,7 @@ def record_finished(connection: sqlite3.Connection, payload: dict, record: dict,
     columns.update({key: record.get(key) for key in _RECORD_NUMBERS})
     primary = record["primary_metric"]
     split = record.get("evaluation_split") or "dev"
-    reported = record.get("test_metrics") if split == "test" else record["dev_metrics"]
+    reported = record["test_metrics"] if split == "test" else record["dev_metrics"]  # what the split's run wrote
     converged = record.get("converged")
     columns.update(status="finished", primary_metric=primary, primary_value=reported.get(primary),
                    evaluation_split=split, dev_value=record["dev_metrics"].get(primary),

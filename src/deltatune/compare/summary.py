@@ -89,7 +89,7 @@ class VariantResult:
 
     @property
     def unconverged_steps(self) -> list[int]:
-        return sorted({steps for steps, flag in zip(self.steps, self.converged) if flag is False})
+        return sorted({steps for steps, flag in zip(self.steps, self.converged, strict=True) if flag is False})
 
 
 @dataclass
@@ -280,11 +280,11 @@ def _compare_to_baseline(exp_dir: Path, group: Group, baseline: str | None, stat
 
 
 def _withhold_unconverged(result: VariantResult, reference: VariantResult, budget: float | None,
-                          baseline: str) -> None:
+                          baseline: str | None) -> None:
     """A verdict holds only if the side behind had converged (see the module docstring)."""
     if budget is not None:
         if result.still_rising:
-            result.verdict += f" (still improving when its {budget:g} s ran out)"
+            result.verdict = f"{result.verdict} (still improving when its {budget:g} s ran out)"
         return
     if result.still_rising and not result.matches:
         result.inconclusive, result.matches = True, None
@@ -299,7 +299,8 @@ def _steps(steps: list[int]) -> str:
     return "/".join(str(s) for s in steps)
 
 
-def _paired_predictions(exp_dir: Path, result: VariantResult, reference: VariantResult, metric: str):
+def _paired_predictions(exp_dir: Path, result: VariantResult, reference: VariantResult,
+                        metric: str) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | str:
     """(this variant's predictions, the reference's, labels) over their common seeds, or why not.
 
     A no-training row that does not depend on the seed has one cell, paired with every seed of the other.
@@ -309,7 +310,9 @@ def _paired_predictions(exp_dir: Path, result: VariantResult, reference: Variant
     seeds = _common_seeds(result, reference)
     if not seeds:
         return "no seed shared with the baseline"
-    mine, theirs, labels = [], [], None
+    mine: list[np.ndarray] = []
+    theirs: list[np.ndarray] = []
+    labels: np.ndarray | None = None
     for seed in seeds:
         own = _load_predictions(exp_dir, _cell_for_seed(result, seed), metric)
         other = _load_predictions(exp_dir, _cell_for_seed(reference, seed), metric)
@@ -320,6 +323,7 @@ def _paired_predictions(exp_dir: Path, result: VariantResult, reference: Variant
         labels = own[1]
         mine.append(own[0])
         theirs.append(other[0])
+    assert labels is not None  # `seeds` is not empty
     return mine, theirs, labels
 
 
@@ -363,7 +367,7 @@ def _areas(groups: list[Group], baseline: str | None) -> list[AreaRow]:
         key = (group.key.model, group.key.task, group.key.time_budget_s, group.key.settings)
         for variant, result in group.variants.items():
             if result.kind == "train":
-                curves[key][variant][group.key.data_fraction] = dict(zip(result.seeds, result.values))
+                curves[key][variant][group.key.data_fraction] = dict(zip(result.seeds, result.values, strict=True))
     rows = []
     for key, variants in curves.items():
         per_variant = {}
@@ -422,7 +426,7 @@ def _claim(analysis: Analysis, variant: str, sweep: str) -> str | None:
         if result.degenerate:
             degenerate.append(place)
         elif result.inconclusive:
-            inconclusive.append(f"{place} ({result.verdict.removeprefix('inconclusive: ')})")
+            inconclusive.append(f"{place} ({str(result.verdict).removeprefix('inconclusive: ')})")
         elif result.matches:
             held.append(place)
         elif high < 0:
@@ -456,12 +460,14 @@ def _untrained_claims(analysis: Analysis) -> list[str]:
     several_models = len({g.key.model for g in analysis.groups}) > 1
     rows = dict.fromkeys(r.untrained for g in analysis.groups for r in g.variants.values() if r.untrained)
     for row in rows:
-        scores, beaten, shortfalls = {}, defaultdict(int), defaultdict(list)
+        scores: dict[str, float] = {}
+        beaten: defaultdict[str, int] = defaultdict(int)
+        shortfalls: defaultdict[str, list] = defaultdict(list)
         for group in analysis.groups:
             if row in group.variants:
                 scores[group.key.task] = group.variants[row].mean
             for result in group.variants.values():
-                if result.untrained != row:
+                if result.untrained != row or result.versus_untrained is None:
                     continue
                 difference, low, high = result.versus_untrained.points()
                 if low > 0:

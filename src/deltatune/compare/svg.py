@@ -174,24 +174,25 @@ class Plot:
         for series in self.series:
             parts += draw[series.kind](series, frame)
         # legend under the axis label
-        for series, (x, y) in zip(legend, legend_positions):
+        for (series, label), (x, y) in zip(legend, legend_positions, strict=True):
             dash = ' stroke-dasharray="5 4"' if series.kind == "hline" else ""
             swatch = (f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 4:.1f}" y2="{y - 4:.1f}" '
                       f'stroke="{escape(series.color)}" stroke-width="3"{dash}/>'
                       if series.kind in ("line", "hline") else
                       f'<circle cx="{x + 11:.1f}" cy="{y - 4:.1f}" r="4.5" fill="{escape(series.color)}"/>')
             parts.append(swatch + f'<text x="{x + 28:.1f}" y="{y:.1f}" font-size="12" fill="#333">'
-                         f"{escape(series.label)}</text>")
+                         f"{escape(label)}</text>")
         parts.append("</svg>")
         return "\n".join(parts)
 
-    def _legend_layout(self) -> tuple[list[_Series], list[tuple[float, int]], int]:
-        """The labelled series, where each one's legend entry goes, and how many legend rows they take."""
+    def _legend_layout(self) -> tuple[list[tuple[_Series, str]], list[tuple[float, int]], int]:
+        """The labelled series (with their labels), where each one's legend entry goes, and how many legend rows
+        they take."""
         left, right = _MARGIN_LEFT, _MARGIN_RIGHT
-        legend = [s for s in self.series if s.label]
+        legend = [(s, s.label) for s in self.series if s.label]
         positions, column, row = [], 0.0, 0
-        for series in legend:  # flow left to right, wrapping at the plot's width
-            item_width = 34 + 6.6 * len(series.label)
+        for _, label in legend:  # flow left to right, wrapping at the plot's width
+            item_width = 34 + 6.6 * len(label)
             if column and column + item_width > self.width - left - right:
                 column, row = 0.0, row + 1
             positions.append((left + column, self.height + 8 + 20 * row))
@@ -258,8 +259,8 @@ class Plot:
 
     def _band(self, series: _Series, frame: _Frame) -> list[str]:
         sx, sy = frame.sx, frame.sy
-        upper = [(sx(x), sy(h)) for x, h in zip(series.xs, series.extra["highs"]) if self._usable(x, h)]
-        lower = [(sx(x), sy(low)) for x, low in zip(series.xs, series.ys) if self._usable(x, low)]
+        upper = [(sx(x), sy(h)) for x, h in zip(series.xs, series.extra["highs"], strict=True) if self._usable(x, h)]
+        lower = [(sx(x), sy(low)) for x, low in zip(series.xs, series.ys, strict=True) if self._usable(x, low)]
         if len(upper) < 2:
             return []
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in upper + lower[::-1])
@@ -268,7 +269,7 @@ class Plot:
 
     def _line(self, series: _Series, frame: _Frame) -> list[str]:
         color, extra, parts = escape(series.color), series.extra, []
-        coordinates = [(frame.sx(x), frame.sy(y), i) for i, (x, y) in enumerate(zip(series.xs, series.ys))
+        coordinates = [(frame.sx(x), frame.sy(y), i) for i, (x, y) in enumerate(zip(series.xs, series.ys, strict=True))
                        if self._usable(x, y)]
         dash = f' stroke-dasharray="{extra["dash"]}"' if extra["dash"] else ""
         if len(coordinates) >= 2:
@@ -284,7 +285,7 @@ class Plot:
 
     def _points(self, series: _Series, frame: _Frame) -> list[str]:
         color, extra, parts = escape(series.color), series.extra, []
-        for i, (x, y) in enumerate(zip(series.xs, series.ys)):
+        for i, (x, y) in enumerate(zip(series.xs, series.ys, strict=True)):
             if not self._usable(x, y):
                 continue
             fill = "#fff" if extra["hollow"] else color
@@ -295,7 +296,7 @@ class Plot:
 
     def _errors(self, series: _Series, frame: _Frame) -> list[str]:
         color, sy, parts = escape(series.color), frame.sy, []
-        for x, low, high in zip(series.xs, series.ys, series.extra["highs"]):
+        for x, low, high in zip(series.xs, series.ys, series.extra["highs"], strict=True):
             if self._usable(x, low) and self._usable(x, high):
                 px = frame.sx(x)
                 parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
@@ -333,7 +334,7 @@ def bar_chart(name: str, title: str, labels: list[str], values: list[float | Non
 
         def sx(v: float) -> float:
             return left + (math.log10(v) - log_low) / ((log_high - log_low) or 1) * plot_width
-        origin = left
+        origin: float = left
     else:
         ticks = nice_ticks(0, high)
 
@@ -353,7 +354,7 @@ def bar_chart(name: str, title: str, labels: list[str], values: list[float | Non
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{axis_y}" stroke="#ececec"/>')
         parts.append(f'<text x="{x:.1f}" y="{axis_y + 16}" font-size="11" fill="#555" text-anchor="middle">'
                      f"{format_tick(tick)}</text>")
-    for index, (label, value, color, text) in enumerate(zip(labels, values, colors, value_text)):
+    for index, (label, value, color, text) in enumerate(zip(labels, values, colors, value_text, strict=True)):
         y = top + index * (bar + gap)
         parts.append(f'<text x="{left - 8}" y="{y + bar / 2 + 4:.1f}" font-size="12" fill="#333" text-anchor="end">'
                      f"{escape(label)}</text>")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deltatune.batching import stratified_subset
 from deltatune.delta import write_json_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.artifact import attach_freelm_delta, read_freelm_manifest
@@ -29,7 +30,6 @@ from deltatune.freelm.scoring import (
     verbaliser_scores,
 )
 from deltatune.tasks.propositions import propositions_for
-from deltatune.batching import stratified_subset
 
 BASELINES = ("zero-shot", "k-shot")
 SYSTEMS = ("freelm",) + BASELINES
@@ -156,7 +156,7 @@ def add_intervals(report: dict, samples: int = 1000) -> dict:
         labels, metric = np.asarray(result["labels"]), result["metric"]
         zero = np.full(len(labels), -1 if metric == "accuracy" else 0)
         systems = result["systems"]
-        for name, system in systems.items():
+        for system in systems.values():
             interval = paired_bootstrap([np.asarray(system["predictions"])], [zero], labels, metric, samples)
             system["interval"] = [interval.low, interval.high]
         if "freelm" not in systems:
@@ -192,7 +192,7 @@ def format_table(report: dict) -> str:
         rows.append(["", "examples/s", *(f"{result['systems'][s]['examples_per_s']:.1f}" if s in result["systems"]
                                          else "-" for s in systems)])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     training = report.get("training", {})
     footer = [f"* the task's primary metric, with its 95% paired-bootstrap interval over examples; "

@@ -64,7 +64,7 @@ def load_from_hub(task: TaskSpec) -> TaskData:
         raw_labels = list(dataset["label"])
         texts, labels, unlabelled = [], [], 0
         to_index = _hub_label_mapping(task, dataset.features.get("label"))
-        for row, label in zip(zip(*columns), raw_labels):
+        for row, label in zip(zip(*columns, strict=True), raw_labels, strict=True):
             if label is None or (not task.is_regression and label < 0):  # -1 marks a hidden label
                 unlabelled += 1
                 continue
@@ -88,7 +88,7 @@ def load_from_hub(task: TaskSpec) -> TaskData:
 def _datasets_offline(datasets_module, offline: bool):
     """`datasets` in offline mode for the block (it reads HF_HUB_OFFLINE once, at import)."""
     config = getattr(datasets_module, "config", None)
-    if not offline or not hasattr(config, "HF_HUB_OFFLINE"):
+    if not offline or config is None or not hasattr(config, "HF_HUB_OFFLINE"):
         yield
         return
     before = config.HF_HUB_OFFLINE

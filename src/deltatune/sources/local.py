@@ -57,10 +57,12 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
         _check_columns(table, text_fields, label_field)
 
     texts = {split: _texts_of(table, text_fields) for split, table in tables.items()}
+    class_names: tuple[str, ...] = ()  # none for regression
+    values: dict[str, list]
     if regression:
         values = {split: _scores_of(table, label_field) for split, table in tables.items()}
     else:
-        labels, values = _class_indices(tables, files, label_field, labels)
+        class_names, values = _class_indices(tables, files, label_field, labels)
     splits: dict[str, Split] = {split: Split(texts[split], values[split]) for split in tables}
     split_provenance = {split: {"origin": "official", "from": str(files[split]), "examples": len(splits[split])}
                         for split in splits}
@@ -72,8 +74,8 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
         split_provenance.update(made_provenance)
     splits = {split: splits[split] for split in ("train", "dev", "test") if split in splits}
     if not regression:
-        _warn_unseen_labels(splits, labels)
-    task = _local_task(name or Path(path).stem, text_fields, labels, regression, metric, splits, files)
+        _warn_unseen_labels(splits, class_names)
+    task = _local_task(name or Path(path).stem, text_fields, class_names, regression, metric, splits, files)
     provenance = {
         "task": task.name, "source": "local", "description": task.source,
         "files": {split: {"path": str(file.resolve()), "sha256": sha256_bytes(file.read_bytes())}
@@ -141,20 +143,20 @@ def _make_splits(pool: Split, to_make: tuple[str, ...], train_file: Path,
     return made, made_provenance
 
 
-def _local_task(name: str, text_fields: tuple[str, ...], labels: tuple[str, ...] | None, regression: bool,
+def _local_task(name: str, text_fields: tuple[str, ...], labels: tuple[str, ...], regression: bool,
                 metric: str | None, splits: dict[str, Split], files: dict[str, Path]) -> TaskSpec:
     """The task spec of local data: its metrics, and its score range or class names."""
+    score_range: tuple[float, float] | None = None
     if regression:
         all_scores = [score for split in splits.values() for score in split.labels]
-        metrics = ("pearson", "spearman")
-        task_labels, score_range = (), (min(all_scores), max(all_scores))
+        metrics: tuple[str, ...] = ("pearson", "spearman")
+        score_range = (min(all_scores), max(all_scores))
     else:
         metrics = ("accuracy", "f1")
-        task_labels, score_range = labels, None
     primary = metric or metrics[0]
     metrics = (primary, *(m for m in metrics if m != primary))
     source = "local file " + ", ".join(f"{split}: {file}" for split, file in files.items())
-    return TaskSpec(name, text_fields, task_labels, score_range=score_range, metric=primary,
+    return TaskSpec(name, text_fields, labels, score_range=score_range, metric=primary,
                     metrics=metrics, source=source, description="")
 
 
@@ -198,10 +200,10 @@ def _texts_of(table: Table, text_fields: tuple[str, ...]) -> list[tuple[str, ...
     texts, bad = [], []
     for location, record in table.records:
         values = tuple(record.get(column) for column in text_fields)
-        empty = [column for column, value in zip(text_fields, values) if _is_missing(value)]
+        empty = [column for column, value in zip(text_fields, values, strict=True) if _is_missing(value)]
         if empty:
             bad.append(f"{location} ({', '.join(empty)})")
-        nested = [column for column, value in zip(text_fields, values) if not _is_scalar(value)]
+        nested = [column for column, value in zip(text_fields, values, strict=True) if not _is_scalar(value)]
         if nested:
             raise _rows_error(table, [location], f"a text that is a {type(record[nested[0]]).__name__}, not a "
                               f"string (column {nested[0]!r})", "Each text field must hold one string per row.")
@@ -241,13 +243,13 @@ def _label_names_of(table: Table, label_field: str, class_names: tuple[str, ...]
                           "A label is one class name (a string or a number) per row.")
     names = [_label_name(record.get(label_field), class_names) for _, record in table.records]
     bad = [f"{location} ({record.get(label_field)!r})"
-           for (location, record), name in zip(table.records, names) if name is None]
+           for (location, record), name in zip(table.records, names, strict=True) if name is None]
     if bad:
         raise _rows_error(table, bad, f"no label in column {label_field!r} (empty, null, or a missing-value marker "
                           "such as NaN, NA, null or None)",
                           "Remove those rows or give them a label; if such a text is a real class name, list it "
                           "in --labels (labels=).")
-    return names
+    return [name for name in names if name is not None]  # every one, after the check above
 
 
 def _refuse_single_class(names: dict[str, list[str]], labels: tuple[str, ...], files: dict[str, Path],
@@ -273,7 +275,8 @@ def _warn_unlikely_classes(labels: tuple[str, ...], rows: int, label_field: str)
             return None
 
     values = [number(name) for name in labels]
-    if all(value is not None for value in values) and any(not value.is_integer() for value in values):
+    numbers = [value for value in values if value is not None]
+    if len(numbers) == len(values) and any(not value.is_integer() for value in numbers):
         logger.warning("Column %r holds numbers such as %s, read as %d class names. If they are scores, pass "
                        "--regression (regression=True).", label_field, ", ".join(labels[:3]), len(labels))
     elif len(labels) > 20 and len(labels) > rows / 2:
@@ -308,7 +311,7 @@ def _sorted_label_names(names: set[str]) -> tuple[str, ...]:
 
 def _label_indices(table: Table, names: list[str], labels: tuple[str, ...], label_field: str) -> list[int]:
     index = {label: i for i, label in enumerate(labels)}
-    unknown = [(location, name) for (location, _), name in zip(table.records, names) if name not in index]
+    unknown = [(location, name) for (location, _), name in zip(table.records, names, strict=True) if name not in index]
     if unknown:
         location, value = unknown[0]
         more = f" ({len(unknown)} rows have labels outside that list)" if len(unknown) > 1 else ""
@@ -328,7 +331,7 @@ def _scores_of(table: Table, label_field: str) -> list[float]:
     for location, record in table.records:
         value = record.get(label_field)
         try:
-            if isinstance(value, bool) or _is_missing(value):
+            if value is None or isinstance(value, bool) or _is_missing(value):
                 raise ValueError
             score = float(value)
             if not math.isfinite(score):

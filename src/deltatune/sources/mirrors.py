@@ -113,9 +113,12 @@ def _read_movie_scores(directory: Path, task: TaskSpec) -> MirrorResult:
     member = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
     with tarfile.open(directory / "hutto_ICWSM_2014.tar.gz") as archive:
         try:
-            raw = archive.extractfile(member).read()
+            handle = archive.extractfile(member)
         except KeyError:
             raise _mirror_layout_error("vaderSentiment", f"no member {member}") from None
+        if handle is None:
+            raise _mirror_layout_error("vaderSentiment", f"{member} is not a regular file")
+        raw = handle.read()
     texts, scores = [], []
     for line_number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         fields = line.split("\t")

@@ -86,10 +86,10 @@ def carve(pool: Split, names: tuple[str, ...], fractions: tuple[float, ...], str
            made_from: str, stratified_by: str) -> tuple[dict[str, Split], dict[str, dict]]:
     """Cut `pool` into named splits with stratified_split, and say how in provenance."""
     parts = stratified_split(strata, fractions, SPLIT_SEED)
-    splits = {name: pool.subset(indices) for name, indices in zip(names, parts)}
+    splits = {name: pool.subset(indices) for name, indices in zip(names, parts, strict=True)}
     provenance = {
         name: {"origin": "made", "from": made_from, "seed": SPLIT_SEED,
-               "fractions": dict(zip(names, fractions)), "stratified_by": stratified_by,
+               "fractions": dict(zip(names, fractions, strict=True)), "stratified_by": stratified_by,
                "examples": len(splits[name])}
         for name in names
     }

@@ -14,6 +14,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from deltatune.errors import DeltatuneError
 
@@ -119,7 +120,8 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
                 f"has fewer fields than the header ({len(row)} of {len(columns)}): probably a quote (\") that is "
                 "never closed. Fix the quoting on that line."
             )
-        records.append((f"row {row_number} (line {line})", dict(zip(columns, row))))
+        # a row with fewer fields than the header leaves its last columns missing
+        records.append((f"row {row_number} (line {line})", dict(zip(columns, row, strict=False))))
     return Table(path, columns, records)
 
 
@@ -145,7 +147,8 @@ def _object_without_duplicate_keys(path: Path, where: str):
     return build
 
 
-def _parse_delimited(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+def _parse_delimited(path: Path, text: str, delimiter: str,
+                     quoting: Literal[0, 1, 2, 3]) -> list[tuple[int, list[str]]]:
     """(line number where the record starts, fields) for every non-blank record."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     parsed, start = [], 1
@@ -161,7 +164,8 @@ def _parse_delimited(path: Path, text: str, delimiter: str, quoting: int) -> lis
 
 
 def _read_json_lines(path: Path, text: str) -> Table:
-    records, columns = [], {}
+    records: list[tuple[str, dict]] = []
+    columns: dict[str, None] = {}
     for line_number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from deltatune.errors import DeltatuneError
@@ -71,7 +72,7 @@ class TaskSpec:
 class Split:
     """Examples of one split: `texts[i]` is a tuple with one entry per text field."""
 
-    texts: list[tuple[str, ...]]
+    texts: Sequence[tuple[str, ...]]
     labels: list
     """Class indices (int) for classification, gold scores (float) for regression."""
 
