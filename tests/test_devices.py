@@ -157,34 +157,60 @@ def free_port() -> int:
 
 def train_command(model_dir: Path, csv_path: Path, out: Path) -> list[str]:
     return ["-m", "deltatune.cli", "train", "--model", str(model_dir), "--data", str(csv_path),
-            "--text-fields", "text", "--method", "full", "--max-steps", "6", "--batch-size", "8",
-            "--eval-every", "3", "--learning-rate", "3e-3", "--precision", "fp32", "--threads", "1",
-            "--device", "cpu", "--quiet", "--seed", "3", "--out", str(out)]
+            "--text-fields", "text", "--method", "full", "--max-steps", "8", "--batch-size", "8",
+            "--eval-every", "2", "--early-stopping-patience", "1", "--learning-rate", "3e-3",
+            "--precision", "fp32", "--threads", "1", "--device", "cpu", "--quiet", "--seed", "3", "--out", str(out)]
 
 
-def test_two_processes_under_torchrun_train_the_same_delta_as_one(toy, tmp_path):
+def one_then_two_processes(toy, tmp_path: Path, launcher: list[str]) -> tuple[subprocess.CompletedProcess, set]:
+    """Train once in one process (into tmp_path/one), then under `launcher` with two (tmp_path/two); returns
+    the launched run and what it added to tmp_path."""
     model_dir, csv_path = toy
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     single = subprocess.run([sys.executable, *train_command(model_dir, csv_path, tmp_path / "one")],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     before = set(tmp_path.iterdir())
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                               *train_command(model_dir, csv_path, tmp_path / "two")],
+    launched = subprocess.run([sys.executable, "-m", *launcher, *train_command(model_dir, csv_path, tmp_path / "two")],
                               capture_output=True, text=True, env=environment, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
+    return launched, set(tmp_path.iterdir()) - before
+
+
+def largest_delta_difference(first: Path, second: Path) -> float:
+    one, two = load_file(first / "delta.safetensors"), load_file(second / "delta.safetensors")
+    assert one.keys() == two.keys()
+    return max(float((one[name] - two[name]).abs().max()) for name in one)
+
+
+def test_two_processes_under_torchrun_train_the_same_delta_as_one(toy, tmp_path):
+    launched, added = one_then_two_processes(toy, tmp_path, [
+        "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port())])
     assert launched.stdout.count("saved to") == 1  # rank 0 alone speaks
-    assert set(tmp_path.iterdir()) - before == {tmp_path / "two"}  # rank 0 alone wrote, and only its run
+    assert added == {tmp_path / "two"}  # rank 0 alone wrote, and only its run (no lock or staging left)
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert record["distributed"] == {"processes": 2, "backend": "gloo"}
-    one, two = load_file(tmp_path / "one" / "delta.safetensors"), load_file(tmp_path / "two" / "delta.safetensors")
-    assert one.keys() == two.keys()
-    difference = max(float((one[name] - two[name]).abs().max()) for name in one)
+    difference = largest_delta_difference(tmp_path / "one", tmp_path / "two")
     assert difference < 1e-5, difference
     single_record = json.loads((tmp_path / "one" / "run.json").read_text())
-    assert record["steps"] == single_record["steps"] == 6
+    # rank 0's early-stopping decision reached rank 1: both stopped where one process stops
+    assert record["stopped_by"] == single_record["stopped_by"] == "early_stopping"
+    assert record["steps"] == single_record["steps"] < 8
     assert record["examples_seen"] == single_record["examples_seen"]
+    assert [point["metrics"] for point in record["learning_curve"]] == \
+        [point["metrics"] for point in single_record["learning_curve"]]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_the_same_delta_as_one_process(toy, tmp_path):
+    # --multi_gpu is accelerate's torch.distributed launcher; on a CPU-only machine deltatune takes gloo
+    launched, added = one_then_two_processes(toy, tmp_path, [
+        "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())])
+    assert added == {tmp_path / "two"}
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["distributed"]["processes"] == 2
+    assert largest_delta_difference(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
