@@ -263,3 +263,16 @@ def test_eval_and_predict_run_on_cuda(toy, tmp_path, capsys):
     on_cpu = json.loads(capsys.readouterr().out)
     assert on_gpu.keys() == on_cpu.keys()
     assert main(["predict", str(tmp_path / "run"), "a good film", "--device", "cuda"]) == 0
+
+
+def test_a_grid_cell_keeps_its_identity_at_the_default_device_and_names_any_other():
+    from deltatune.compare.spec import _check_train, train_config_for
+
+    problems: list[str] = []
+    default = _check_train({"epochs": 1}, "", problems)
+    on_gpu = _check_train({"epochs": 1, "device": "cuda", "gradient_checkpointing": True}, "", problems)
+    assert not problems
+    assert "device" not in default and "gradient_checkpointing" not in default  # stored grids resume
+    assert on_gpu["device"] == "cuda" and on_gpu["gradient_checkpointing"] is True
+    cell = {"train": on_gpu, "data_fraction": 1.0, "seed": 1, "time_budget_s": None}
+    assert train_config_for(cell).device == "cuda"

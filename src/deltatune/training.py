@@ -544,13 +544,15 @@ class Trainer:
         self.next_batch = 0
         # each rank its own dropout stream (rank 0 the one a single process has), the same batches on all
         self.rng_state = _seeded_rng_state((config.seed + self.group.rank) % 2**63)
+        # a GPU draws its dropout masks from its own generator: kept per trainer the same way
+        self.device_rng_state = _seeded_cuda_rng_state((config.seed + self.group.rank) % 2**63, self.device)
         self.curve: list[dict] = []
         self.step = 0
         self.meters = Meters()
         self.stopped_by: str | None = None
         self.diverged: str | None = None
         self.loggers: ScalarLoggers = open_loggers(
-            config.report_to, config.log_dir, f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}")
+            config.report_to if self.group.is_main else (), config.log_dir, f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}")
 
     def _enter_speed_levers(self, model: nn.Module, config: TrainConfig) -> None:
         """The CPU's speed levers (measured there only, so a GPU does without them) and gradient checkpointing."""
@@ -584,6 +586,8 @@ class Trainer:
         """Train until `until` of the plan is done or a budget or early stopping ends the run (then the final
         state is evaluated on dev)."""
         torch.set_rng_state(self.rng_state)
+        if self.device_rng_state is not None:
+            torch.cuda.set_rng_state(self.device_rng_state, self.device)
         self.model.train()
         progress = self._progress_bar()
         while not self.done and self.progress < until:
@@ -601,6 +605,8 @@ class Trainer:
         if self.done and self.diverged is None and (not self.curve or self.curve[-1]["step"] != self.step):
             self.evaluate()
         self.rng_state = torch.get_rng_state()
+        if self.device_rng_state is not None:
+            self.device_rng_state = torch.cuda.get_rng_state(self.device)
 
     def score(self, encoded: Encoded) -> float:
         """The primary metric of the current state on `encoded` (a rung of a learning-rate search): not part
@@ -824,6 +830,18 @@ def _seeded_rng_state(seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     state = torch.get_rng_state()
     torch.set_rng_state(saved)
+    return state
+
+
+def _seeded_cuda_rng_state(seed: int, device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator's state of `device` after seeding with `seed` (None off CUDA), leaving it unchanged."""
+    if device.type != "cuda":
+        return None
+    saved = torch.cuda.get_rng_state(device)
+    with torch.cuda.device(device):
+        torch.cuda.manual_seed(seed)
+    state = torch.cuda.get_rng_state(device)
+    torch.cuda.set_rng_state(saved, device)
     return state
 
 
