@@ -173,10 +173,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         "full_model_bytes": full_bytes,
         **_outcome(result, task.metric, search),
         "wall_time_s": wall_time,
-        "peak_memory_bytes": peak_memory_bytes(),
-        "device": describe_device(trainer.device, result.precision),
-        "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
-        "distributed": trainer.group.describe(),
+        **_where_it_ran(trainer, result.precision),
         "learning_curve": result.learning_curve,
         "versions": library_versions(),
         "git": git_state(),
@@ -193,24 +190,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         _raise_if_diverged(result, record, None)
         return record
 
-    manifest = {
-        "method": method_name,
-        "method_config": record["method_config"],
-        "base_model": {"name": stored_model, "fingerprint": base_fingerprint, "source": record["model_source"],
-                       "total_params": total_params,
-                       **({"given": model_name} if stored_model != model_name else {})},
-        "task": task.to_dict(),
-        "data": data,
-        "data_fingerprint": record["data_fingerprint"],
-        "data_files": task_data.provenance.get("files") or {},
-        "max_length": config.max_length,
-        "target_scale": list(result.target_scale) if result.target_scale else None,
-        "head": {"kind": head_of(model).kind, "pooling": head_of(model).pooling,
-                 "transformers_head": not isinstance(model, PooledTaskModel)},
-        "metrics": {"dev": record["dev_metrics"], **({"test": result.test_metrics} if result.test_metrics else {})},
-        "learning_rate": result.learning_rate,
-        "versions": record["versions"],
-    }
+    manifest = _manifest(record, model, task, result, model_name)
     with staged_directory(out_path, RUN_FILES, overwrite) as staging:
         record["delta_bytes"] = save_delta(staging, model, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
@@ -220,6 +200,36 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
             save_outputs(staging / TEST_OUTPUTS, result.test_outputs, result.test_labels)
     _raise_if_diverged(result, record, out_path)
     return record
+
+
+def _where_it_ran(trainer: Trainer, precision: str) -> dict:
+    """The record's account of the machine: peak memory, the device, its model and the processes."""
+    return {"peak_memory_bytes": peak_memory_bytes(),
+            "device": describe_device(trainer.device, precision),
+            "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
+            "distributed": trainer.group.describe()}
+
+
+def _manifest(record: dict, model, task, result: TrainResult, model_name: str) -> dict:
+    """The delta directory's manifest: what rebuilds base + delta and checks the data, from the record."""
+    stored_model, head = record["model"], head_of(model)
+    return {
+        "method": record["method"],
+        "method_config": record["method_config"],
+        "base_model": {"name": stored_model, "fingerprint": record["model_fingerprint"],
+                       "source": record["model_source"], "total_params": record["total_params"],
+                       **({"given": model_name} if stored_model != model_name else {})},
+        "task": task.to_dict(),
+        "data": record["data"],
+        "data_fingerprint": record["data_fingerprint"],
+        "data_files": record["data_provenance"].get("files") or {},
+        "max_length": record["train_config"]["max_length"],
+        "target_scale": list(result.target_scale) if result.target_scale else None,
+        "head": {"kind": head.kind, "pooling": head.pooling, "transformers_head": not isinstance(model, PooledTaskModel)},
+        "metrics": {"dev": record["dev_metrics"], **({"test": result.test_metrics} if result.test_metrics else {})},
+        "learning_rate": result.learning_rate,
+        "versions": record["versions"],
+    }
 
 
 def _check_distributed_run(group: ProcessGroup, config: TrainConfig, out: str | Path | None,
