@@ -15,6 +15,12 @@ HF's side: `Trainer` with `DataCollatorWithPadding` (dynamic padding) and its de
 LoRA, (IA)3 and LayerNorm tuning through PEFT; BitFit by hand (biases + head trainable). Variants of
 deltatune's loop (bf16 autocast, no length bucketing) show what each lever is worth.
 
+On a GPU (`--device cuda`) both sides train in mixed precision (deltatune's precision auto: bf16 where
+the GPU supports it, else fp16 with loss scaling; HF's `bf16=True` / `fp16=True` likewise), peak memory
+is torch.cuda.max_memory_allocated, and MFU is also given against the GPU's dense bf16 peak from its
+data sheet (`GPU_BF16_PEAKS`, matched on the name torch reports), beside the peak of a large bf16 matmul
+measured in the same process.
+
 Model-FLOPs utilisation: achieved FLOP/s on real tokens over the matmul peak measured in the same
 process: 6 x (trainable weights) + 4 x (frozen weights above the lowest trainable layer) FLOPs per
 token, counting only matrix-multiply weights (embedding lookups are not matmuls), plus attention.
@@ -64,19 +70,47 @@ def load_setup(args):
     return model, tokenizer, task, train, dev
 
 
-def matmul_peak(dtype_name: str, rows: int = 1024, inner: int = 384, columns: int = 1536, seconds: float = 1.5) -> float:
-    """FLOP/s of a matmul at the model's shapes (tokens x hidden @ hidden x intermediate)."""
+GPU_BF16_PEAKS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                  "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 0.0, "T4": 0.0}
+"""Dense (no sparsity) bf16 tensor-core FLOP/s from NVIDIA's data sheets, by a substring of the name torch
+reports (first match wins, so the more specific names come first); 0 where the GPU has no bf16 tensor cores."""
+
+
+def gpu_bf16_peak(name: str) -> float | None:
+    for key, peak in GPU_BF16_PEAKS.items():
+        if key in name:
+            return peak or None
+    return None
+
+
+def matmul_peak(dtype_name: str, rows: int = 1024, inner: int = 384, columns: int = 1536, seconds: float = 1.5,
+                device: str = "cpu") -> float:
+    """FLOP/s of a matmul at the model's shapes (tokens x hidden @ hidden x intermediate) on `device`."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, columns, dtype=dtype)
+    a = torch.randn(rows, inner, dtype=dtype, device=device)
+    b = torch.randn(inner, columns, dtype=dtype, device=device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(5):
         a @ b
+    synchronize()
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
         count += 1
+    synchronize()
     return 2 * rows * inner * columns * count / (time.perf_counter() - started)
+
+
+def peak_memory(device: str) -> int:
+    """Peak GPU memory allocated by torch on a GPU; the process's peak RSS on the CPU."""
+    import torch
+
+    from deltatune.training import peak_memory_bytes
+
+    return int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else peak_memory_bytes()
 
 
 def flops_per_token(model, mean_length: float) -> float:
@@ -125,14 +159,15 @@ def summarize_steps(step_seconds, step_tokens, step_examples, warmup: int) -> di
 
 def worker_deltatune(args, variant: dict) -> dict:
     from deltatune.methods import build_method, prepare_model
-    from deltatune.training import TrainConfig, peak_memory_bytes, train
+    from deltatune.training import TrainConfig, train
 
     model, tokenizer, task, train_split, dev = load_setup(args)
     method = build_method(args.method, {})
     prepare_model(model, method, tokenizer)
     config = TrainConfig(learning_rate=args.learning_rate or getattr(method, "default_learning_rate", 5e-5),
                          batch_size=args.batch_size, max_steps=args.steps, max_length=args.max_length,
-                         eval_every=10**9, quiet=True, seed=args.seed, warmup_ratio=0.06, **variant)
+                         eval_every=10**9, quiet=True, seed=args.seed, warmup_ratio=0.06, device=args.device,
+                         **variant)
     # a throwaway dev split of one example: the benchmark scores both sides itself, afterwards
     result = train(model, tokenizer, task, train_split, dev.subset([0]), method, config)
     out = summarize_steps(result.step_seconds, result.step_real_tokens,
@@ -140,7 +175,8 @@ def worker_deltatune(args, variant: dict) -> dict:
     out["padding_efficiency"] = result.padding_efficiency
     out["flops_per_token"] = flops_per_token(model, out["mean_real_tokens_per_step"] / args.batch_size)
     out["dev"] = evaluate_model(model, tokenizer, task, dev, args.max_length)
-    out["peak_memory_bytes"] = peak_memory_bytes()
+    out["peak_memory_bytes"] = peak_memory(args.device)
+    out["precision"] = result.precision
     return out
 
 
@@ -150,7 +186,6 @@ def worker_hf(args, variant: dict) -> dict:
 
     from deltatune.methods.common import head_names
     from deltatune.batching import encode
-    from deltatune.training import peak_memory_bytes
 
     model, tokenizer, task, train_split, dev = load_setup(args)
     if args.method in HF_PEFT:
@@ -205,8 +240,8 @@ def worker_hf(args, variant: dict) -> dict:
         output_dir=str(Path(args.scratch) / "hf"), per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=learning_rate, warmup_steps=0.06, lr_scheduler_type="linear",
         weight_decay=0.01, max_grad_norm=1.0, logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to="none", seed=args.seed, dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
-        remove_unused_columns=False, **variant)
+        report_to="none", seed=args.seed, dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_tqdm=True,
+        remove_unused_columns=False, **{**gpu_mixed_precision(args.device), **variant})
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collate,
                       callbacks=[StepTimer()])
     trainer.train()
@@ -219,8 +254,18 @@ def worker_hf(args, variant: dict) -> dict:
     model.eval()
     with torch.no_grad():
         out["dev"] = evaluate_model(model, tokenizer, task, dev, args.max_length)
-    out["peak_memory_bytes"] = peak_memory_bytes()
+    out["peak_memory_bytes"] = peak_memory(args.device)
+    out["precision"] = next((name for name in ("bf16", "fp16") if getattr(training_args, name)), "fp32")
     return out
+
+
+def gpu_mixed_precision(device: str) -> dict:
+    """HF's mixed precision matching deltatune's precision auto on a GPU (none on the CPU)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
 
 
 def worker(args) -> None:
@@ -235,8 +280,14 @@ def worker(args) -> None:
         result = worker_hf(args, variant)
     else:
         result = worker_deltatune(args, VARIANTS[args.worker])
-    result["matmul_peak_fp32"] = matmul_peak("fp32")
-    result["matmul_peak_bf16"] = matmul_peak("bf16")
+    on_gpu = args.device.startswith("cuda")
+    # a GPU's peak shows only at large shapes: measure it there, beside the data-sheet figure
+    shape = {"rows": 8192, "inner": 8192, "columns": 8192} if on_gpu else {}
+    result["matmul_peak_fp32"] = matmul_peak("fp32", device=args.device, **shape)
+    result["matmul_peak_bf16"] = matmul_peak("bf16", device=args.device, **shape)
+    if on_gpu:
+        result["device_name"] = torch.cuda.get_device_name()
+        result["datasheet_peak_bf16"] = gpu_bf16_peak(result["device_name"])
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -247,7 +298,7 @@ def run_worker(args, side: str) -> dict:
                "--model", args.model, "--task", args.task, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-               "--dev-examples", str(args.dev_examples), "--scratch", args.scratch]
+               "--dev-examples", str(args.dev_examples), "--scratch", args.scratch, "--device", args.device]
     if args.learning_rate:
         command += ["--learning-rate", str(args.learning_rate)]
     if args.threads:
@@ -277,6 +328,7 @@ def main() -> None:
     parser.add_argument("--dev-examples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides train")
     parser.add_argument("--scratch", default="/tmp/deltatune-bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="write the Markdown tables here")
@@ -330,11 +382,28 @@ def format_tables(raw: dict, args) -> str:
                 f"{dev:.4f} | {padding} | {achieved / median_of(runs, 'matmul_peak_fp32'):.0%} | "
                 f"{achieved / median_of(runs, 'matmul_peak_bf16'):.0%} |")
     peaks = [r for sides in raw.values() for runs in sides.values() for r in runs]
+    lines += gpu_lines(raw, peaks, median_of)
     lines += ["", f"Matmul peak measured in the same processes: fp32 "
               f"{statistics.median(r['matmul_peak_fp32'] for r in peaks) / 1e9:.0f} GFLOP/s, bf16 "
               f"{statistics.median(r['matmul_peak_bf16'] for r in peaks) / 1e9:.0f} GFLOP/s.",
               "", f"Produced by `python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`."]
     return "\n".join(lines)
+
+
+def gpu_lines(raw: dict, peaks: list, median_of) -> list[str]:
+    """On a GPU: the GPU's name, and each side's MFU against its data-sheet bf16 peak and its precision."""
+    if not any("device_name" in r for r in peaks):
+        return []
+    name, sheet = peaks[0]["device_name"], peaks[0].get("datasheet_peak_bf16")
+    lines = ["", f"GPU: {name}; data-sheet dense bf16 peak "
+             + (f"{sheet / 1e12:.0f} TFLOP/s." if sheet else "unknown (not in GPU_BF16_PEAKS)."), "",
+             "| method | side | precision | MFU vs data-sheet bf16 peak |", "|---|---|---|---|"]
+    for method, sides in raw.items():
+        for side, runs in sides.items():
+            achieved = median_of(runs, "tokens_per_s") * median_of(runs, "flops_per_token")
+            lines.append(f"| {method} | {side} | {runs[0].get('precision', '?')} | "
+                         + (f"{achieved / sheet:.1%} |" if sheet else "- |"))
+    return lines
 
 
 if __name__ == "__main__":

@@ -130,5 +130,5 @@ def test_unknown_precision_is_refused_with_the_choices():
     from deltatune.errors import DeltatuneError
     from deltatune.training import TrainConfig
 
-    with pytest.raises(DeltatuneError, match="precision='fp16' must be one of auto, fp32, bf16"):
-        TrainConfig(precision="fp16")
+    with pytest.raises(DeltatuneError, match="precision='fp8' must be one of auto, fp32, bf16, fp16"):
+        TrainConfig(precision="fp8")

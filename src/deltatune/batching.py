@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from deltatune.metrics import compute_metrics
-from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.devices import model_device
+from deltatune.precision import autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 
 SECOND_TEXT = "second_input_ids"
@@ -127,6 +128,13 @@ def collate(encoded: Encoded, indices: list[int], pad_token_id: int, regression:
     return batch
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (on the CPU the very same tensors: nothing is copied)."""
+    if device.type == "cpu":
+        return batch
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def regression_scale(labels) -> tuple[float, float]:
     """(mean, std) of regression targets; std 1 when they are all equal."""
     values = np.asarray(labels, dtype=np.float64)
@@ -142,27 +150,25 @@ def to_task_units(outputs: np.ndarray, target_scale) -> np.ndarray:
     return outputs * std + mean
 
 
-def autocast_for(precision: str):
-    if resolve_precision(precision) == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def predict_encoded(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int,
                     batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
-    """Raw outputs for every example, in the split's order: logits (classes) or scores."""
+    """Raw outputs for every example, in the split's order: logits (classes) or scores. Batches go to the
+    device the model is on."""
     was_training = model.training
     model.eval()
     outputs: list[np.ndarray | None] = [None] * len(encoded)
-    precision = resolve_precision(precision)
-    # under bf16, every linear weight is cast once for the whole split rather than once per batch
-    with frozen_linear_weights_in_bf16(model, include_trainable=True) if precision == "bf16" else nullcontext():
+    device = model_device(model)
+    precision = resolve_precision(precision, device.type)
+    # under bf16 on the CPU, every linear weight is cast once for the whole split rather than once per batch
+    # (a GPU's autocast keeps its own cast cache)
+    cast_once = precision == "bf16" and device.type == "cpu"
+    with frozen_linear_weights_in_bf16(model, include_trainable=True) if cast_once else nullcontext():
         for indices in length_bucketed_batches(encoded.lengths, batch_size, None):
-            batch = collate(encoded, indices, pad_token_id, task.is_regression)
+            batch = to_device(collate(encoded, indices, pad_token_id, task.is_regression), device)
             batch.pop("labels")
-            with autocast_for(precision):
-                logits = model(**batch).logits.float()
+            with autocast_for(precision, device.type):
+                logits = model(**batch).logits.float().cpu()
             for position, index in enumerate(indices):
                 outputs[index] = logits[position].numpy()
     model.train(was_training)

@@ -123,8 +123,13 @@ def command_train(args: argparse.Namespace, method_options: dict[str, str]) -> i
     if problems:  # every argument problem at once, before anything slow happens
         raise DeltatuneError("\n".join(problems))
     config = _train_config_from(args)
+    from deltatune.distributed import current_rank
+
+    main_process = current_rank() == 0  # under torchrun / accelerate launch only rank 0 speaks
     record = run_training(args.model, _data_from(args), args.method, method_options, config,
-                          out=args.out, overwrite=args.overwrite, say=None if config.quiet else print)
+                          out=args.out, overwrite=args.overwrite, say=None if config.quiet or not main_process else print)
+    if not main_process:
+        return 0
     print(json_text(record) if args.json else summarize(record))
     if args.out:
         print(f"saved to {args.out}")
@@ -139,7 +144,7 @@ def command_eval(args: argparse.Namespace) -> int:
     if read_manifest(args.run_dir)["task"]["name"] == "freelm-propositions":
         raise DeltatuneError(f"{args.run_dir} is a FreeLM model (one model for all tasks): evaluate it with "
                              f"`deltatune freelm eval {args.run_dir} --tasks TASK,...`.")
-    tuned = deltatune.load(args.run_dir, base=args.base)
+    tuned = on_device(deltatune.load(args.run_dir, base=args.base), args.device)
     metrics = tuned.evaluate(args.split, precision=args.precision, data_changed_ok=args.data_changed_ok)
     if args.json:
         print(json_text({"split": args.split, **metrics}))
@@ -151,7 +156,7 @@ def command_eval(args: argparse.Namespace) -> int:
 def command_predict(args: argparse.Namespace) -> int:
     import deltatune
 
-    tuned = deltatune.load(args.run_dir, base=args.base)
+    tuned = on_device(deltatune.load(args.run_dir, base=args.base), args.device)
     (result,) = tuned.predict(*args.texts, precision=args.precision)
     if args.json:
         print(json_text(result))
@@ -161,6 +166,23 @@ def command_predict(args: argparse.Namespace) -> int:
         ranked = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])
         print(f"{result['label']}  (" + ", ".join(f"{k} {v:.3f}" for k, v in ranked) + ")")
     return 0
+
+
+def on_device(tuned, device: str):
+    """A loaded delta's model moved to `--device` (prediction follows the model there)."""
+    from deltatune.devices import resolve_device
+
+    tuned.model.to(resolve_device(device))
+    return tuned
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """`--device`, the same on every command that computes."""
+    from deltatune.devices import DEVICE_CHOICES
+
+    parser.add_argument("--device", default="auto", metavar="|".join(DEVICE_CHOICES),
+                        help="where to compute: auto (a CUDA GPU when present, else Apple MPS, else the CPU), "
+                             "cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def command_models(args: argparse.Namespace) -> int:
@@ -312,16 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-changed-ok", action="store_true",
                           help="evaluate even if the data differ from what the delta was trained on (its "
                                "recorded sha256); re-made splits may then overlap the training rows")
-    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                          help="bf16 autocast, fp32, or auto: bf16 on CPUs with native bf16 (default)")
+    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                          help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
+                               "on GPUs that support it (default)")
+    add_device_option(evaluate)
 
     predict = commands.add_parser("predict", help="predict for one example (two texts for a pair task)")
     predict.add_argument("run_dir")
     predict.add_argument("texts", nargs="+")
     predict.add_argument("--base", help="load the base model from here instead of the recorded name")
     predict.add_argument("--json", action="store_true")
-    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                         help="bf16 autocast, fp32, or auto: bf16 on CPUs with native bf16 (default)")
+    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                         help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
+                              "on GPUs that support it (default)")
+    add_device_option(predict)
 
     commands.add_parser("models", help="model aliases and where they come from")
     commands.add_parser("tasks", help="every task: fields, labels, metric, source")

@@ -1,4 +1,4 @@
-"""Numeric precision for training and prediction: fp32, bf16 autocast, and "auto" to pick for the CPU.
+"""Numeric precision for training and prediction: fp32, bf16 or fp16 autocast, and "auto" to pick per device.
 
 bf16 runs matrix multiplies under CPU autocast and keeps fp32 master weights for everything that
 trains. On CPUs with native bf16 matrix units (AMX, AVX512-BF16) a bf16 matmul at MiniLM's shapes
@@ -9,17 +9,20 @@ Frozen weights need no master copy. Autocast would cast each frozen linear weigh
 forward (the same rounding every time); `frozen_linear_weights_in_bf16` does that cast once for the
 duration of training and puts the exact fp32 values back afterwards, so the matmuls see bit-identical
 operands and the saved model is untouched.
+
+On a CUDA GPU "auto" takes bf16 autocast where the GPU supports it (Ampere and later) and fp16 autocast with
+loss scaling elsewhere; fp16 exists for those GPUs only. On Apple's MPS "auto" is fp32.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @lru_cache(maxsize=1)
@@ -36,11 +39,32 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str) -> str:
-    """"auto" becomes bf16 on CPUs with native bf16 matmul and fp32 elsewhere; others pass through."""
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """"auto" becomes, on the CPU, bf16 where it has native bf16 matmul and fp32 elsewhere; on a CUDA GPU bf16
+    where supported, else fp16; on MPS fp32. Others pass through; fp16 off a CUDA GPU is an error."""
+    from deltatune.errors import DeltatuneError
+
     if precision == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device_type == "cpu":
+            return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise DeltatuneError(f"precision=fp16 needs a CUDA GPU (this run is on {device_type}): use bf16 or fp32, "
+                             "or auto to pick for the device.")
     return precision
+
+
+def autocast_for(precision: str, device_type: str = "cpu"):
+    """The autocast context of a resolved precision on a device type (nothing for fp32)."""
+    if precision == "auto":
+        precision = resolve_precision(precision, device_type)
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device_type, dtype=torch.float16)
+    return nullcontext()
 
 
 @contextmanager
@@ -67,4 +91,4 @@ def frozen_linear_weights_in_bf16(model: nn.Module, include_trainable: bool = Fa
             parameter.data = original
 
 
-__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "frozen_linear_weights_in_bf16"]
+__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "autocast_for", "frozen_linear_weights_in_bf16"]

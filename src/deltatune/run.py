@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 
 from deltatune.config import to_jsonable
 from deltatune.critical_layers import resolve_critical_layers
+from deltatune.devices import describe_device, peak_device_memory_bytes, resolve_device
+from deltatune.distributed import ProcessGroup, process_group
 from deltatune.delta import (
     MANIFEST,
     TENSORS,
@@ -99,6 +101,9 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
                  overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict:
     """Train `method_name` on `model_name` for the task `data` describes (see `data_record`).
 
+    Under several processes (`torchrun`, `accelerate launch`) every rank trains its share of each batch and
+    rank 0 alone evaluates, writes OUT and returns the record; the other ranks return {"rank": N}.
+
     With `config.lr_search`, every candidate learning rate trains from the same start and the best on
     dev is kept (`deltatune.search`); `say` hears how each rung went. The kept state is evaluated on the
     test split when the task has one. Returns the run record (also written to OUT/run.json). With `out`
@@ -106,7 +111,10 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
     """
     config = config or TrainConfig()
     method = build_method(method_name, method_overrides or {})  # config errors before any loading
-    if out is None:
+    group = process_group(resolve_device(config.device))
+    if group.distributed:
+        _check_distributed_run(group, config, out, overwrite)
+    if out is None or not group.is_main:  # only rank 0 writes, and takes the lock
         return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, None,
                                overwrite, say)
     with locked_target(Path(out), RUN_FILES, overwrite) as out_path:
@@ -136,6 +144,9 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
     trainable_names = set(method.trainable_names(model))
     trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
     result = trainer.finish()
+    if not trainer.group.is_main:
+        return {"rank": trainer.group.rank}
+    model.to("cpu")  # the delta is saved, and the model handed back, on the CPU
     if result.diverged is not None and not result.best_metrics:
         raise DeltatuneError(f"{result.diverged}. No dev evaluation came before it, so nothing was saved.")
     wall_time = time.perf_counter() - started
@@ -162,7 +173,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         "full_model_bytes": full_bytes,
         **_outcome(result, task.metric, search),
         "wall_time_s": wall_time,
-        "peak_memory_bytes": peak_memory_bytes(),
+        **_where_it_ran(trainer, result.precision),
         "learning_curve": result.learning_curve,
         "versions": library_versions(),
         "git": git_state(),
@@ -179,24 +190,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         _raise_if_diverged(result, record, None)
         return record
 
-    manifest = {
-        "method": method_name,
-        "method_config": record["method_config"],
-        "base_model": {"name": stored_model, "fingerprint": base_fingerprint, "source": record["model_source"],
-                       "total_params": total_params,
-                       **({"given": model_name} if stored_model != model_name else {})},
-        "task": task.to_dict(),
-        "data": data,
-        "data_fingerprint": record["data_fingerprint"],
-        "data_files": task_data.provenance.get("files") or {},
-        "max_length": config.max_length,
-        "target_scale": list(result.target_scale) if result.target_scale else None,
-        "head": {"kind": head_of(model).kind, "pooling": head_of(model).pooling,
-                 "transformers_head": not isinstance(model, PooledTaskModel)},
-        "metrics": {"dev": record["dev_metrics"], **({"test": result.test_metrics} if result.test_metrics else {})},
-        "learning_rate": result.learning_rate,
-        "versions": record["versions"],
-    }
+    manifest = _manifest(record, model, task, result, model_name)
     with staged_directory(out_path, RUN_FILES, overwrite) as staging:
         record["delta_bytes"] = save_delta(staging, model, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
@@ -206,6 +200,56 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
             save_outputs(staging / TEST_OUTPUTS, result.test_outputs, result.test_labels)
     _raise_if_diverged(result, record, out_path)
     return record
+
+
+def _where_it_ran(trainer: Trainer, precision: str) -> dict:
+    """The record's account of the machine: peak memory, the device, its model and the processes."""
+    return {"peak_memory_bytes": peak_memory_bytes(),
+            "device": describe_device(trainer.device, precision),
+            "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
+            "distributed": trainer.group.describe()}
+
+
+def _manifest(record: dict, model, task, result: TrainResult, model_name: str) -> dict:
+    """The delta directory's manifest: what rebuilds base + delta and checks the data, from the record."""
+    stored_model, head = record["model"], head_of(model)
+    return {
+        "method": record["method"],
+        "method_config": record["method_config"],
+        "base_model": {"name": stored_model, "fingerprint": record["model_fingerprint"],
+                       "source": record["model_source"], "total_params": record["total_params"],
+                       **({"given": model_name} if stored_model != model_name else {})},
+        "task": task.to_dict(),
+        "data": record["data"],
+        "data_fingerprint": record["data_fingerprint"],
+        "data_files": record["data_provenance"].get("files") or {},
+        "max_length": record["train_config"]["max_length"],
+        "target_scale": list(result.target_scale) if result.target_scale else None,
+        "head": {"kind": head.kind, "pooling": head.pooling, "transformers_head": not isinstance(model, PooledTaskModel)},
+        "metrics": {"dev": record["dev_metrics"], **({"test": result.test_metrics} if result.test_metrics else {})},
+        "learning_rate": result.learning_rate,
+        "versions": record["versions"],
+    }
+
+
+def _check_distributed_run(group: ProcessGroup, config: TrainConfig, out: str | Path | None,
+                           overwrite: bool) -> None:
+    """Several processes: refuse what they cannot do, and let rank 0 check OUT before any rank trains (a
+    refusal there ends every rank instead of leaving the others waiting for it)."""
+    if config.lr_search is not None:
+        raise DeltatuneError(f"--lr-search under {group.world_size} processes is not supported (its candidates "
+                             "take turns in one process): search in one process, then train the chosen "
+                             "--learning-rate under torchrun / accelerate launch.")
+    problem = None
+    if group.is_main and out is not None:
+        try:
+            check_output_directory(Path(out), overwrite)
+        except DeltatuneError as error:
+            problem = error
+    if not group.all_agree(problem is None, resolve_device(config.device)):
+        if problem is not None:
+            raise problem
+        raise DeltatuneError(f"rank 0 refused --out {out} (its error says why); rank {group.rank} stops with it.")
 
 
 def save_outputs(path: Path, outputs, labels) -> None:
@@ -317,6 +361,10 @@ def summarize(record: dict) -> str:
              f"  {record['train_time_s']:.1f} s training, {record['train_examples_per_s']:.1f} examples/s, "
              f"{record['train_real_tokens_per_s']:.0f} real tokens/s, padding efficiency "
              f"{record['padding_efficiency']:.2f}, peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB"]
+    device, processes = record.get("device"), (record.get("distributed") or {}).get("processes", 1)
+    if device:
+        lines.append(f"  on {device['device']} ({device['name']}) at {device['precision']}"
+                     + (f", {processes} processes ({record['distributed']['backend']})" if processes > 1 else ""))
     if truncated:
         lines.append(f"  {truncated} example(s) longer than max_length={record['train_config']['max_length']} "
                      "were truncated")

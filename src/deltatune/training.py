@@ -23,7 +23,7 @@ import random
 import resource
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -33,7 +33,6 @@ from torch import nn
 
 from deltatune.batching import (
     Encoded,
-    autocast_for,
     collate,
     encode,
     length_bucketed_batches,
@@ -41,15 +40,18 @@ from deltatune.batching import (
     predict_encoded,
     shuffled_batches,
     stratified_subset,
+    to_device,
     to_task_units,
 )
+from deltatune.devices import check_device_name, resolve_device
+from deltatune.distributed import process_group, share_of
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import fast_dropout
 from deltatune.heads import encodes_texts_separately, target_scale
 from deltatune.loggers import ScalarLoggers, missing_logger_packages, open_loggers
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
-from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.precision import PRECISIONS, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 from deltatune.padding import padding_id
 
@@ -59,7 +61,8 @@ class TrainConfig:
     learning_rate: float | None = None
     """Peak learning rate. Default: the method's own (`default_learning_rate`)."""
     batch_size: int = 32
-    """Examples per optimizer step (divided over gradient_accumulation micro-batches)."""
+    """Examples per optimizer step (divided over gradient_accumulation micro-batches): the global batch, which
+    several processes (torchrun, accelerate launch) share, each taking batch_size / processes."""
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step; the micro-batch is batch_size / gradient_accumulation."""
     epochs: float = 3.0
@@ -123,9 +126,16 @@ class TrainConfig:
     """Group examples of similar length into batches so little compute goes to padding."""
     fast_dropout: bool = True
     """Dropout masks from four 16-bit lanes per random draw (a third of torch's CPU dropout cost)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 runs matmuls under CPU autocast with fp32 master weights (frozen linear weights are cast
-    once); fp32 is exact; auto takes bf16 on CPUs with native bf16 (AMX, AVX512-BF16), else fp32."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """bf16 runs matmuls under autocast with fp32 master weights (on the CPU frozen linear weights are cast
+    once); fp32 is exact; fp16 (CUDA only) adds loss scaling; auto takes bf16 on CPUs with native bf16 (AMX,
+    AVX512-BF16), else fp32, and on CUDA GPUs bf16 where supported, else fp16."""
+    device: str = "auto"
+    """Where to compute: auto (a CUDA GPU when present, else Apple MPS, else the CPU), cpu, cuda, cuda:N or
+    mps. Under several processes cuda means each process's own GPU (cuda:LOCAL_RANK)."""
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's activations in the backward pass instead of keeping them (transformers'
+    gradient_checkpointing_enable): less memory, about a third more compute."""
     seed: int = 42
     """Seeds the data subset, the batch order, dropout and the head's initialisation."""
     threads: int | None = None
@@ -179,6 +189,9 @@ class TrainConfig:
         if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
             problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")
         problems += missing_logger_packages(self.report_to)
+        device_problem = check_device_name(self.device)
+        if device_problem:
+            problems.append(device_problem)
         if problems:
             raise DeltatuneError("; ".join(problems))
 
@@ -470,9 +483,9 @@ class Meters:
     """Wall seconds of each optimizer step (benchmarks take medians over these)."""
     step_real_tokens: list[int] = field(default_factory=list)
 
-    def add_micro_batch(self, attention_mask: torch.Tensor) -> None:
-        self.real_tokens += int(attention_mask.sum())
-        self.padded_tokens += attention_mask.numel()
+    def add_tokens(self, real: int, padded: int) -> None:
+        self.real_tokens += real
+        self.padded_tokens += padded
 
     def add_step(self, seconds: float, examples: int, real_tokens: int) -> None:
         self.step_seconds.append(seconds)
@@ -498,18 +511,19 @@ class Trainer:
 
     def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData, config: TrainConfig,
                  learning_rate: float | None = None) -> None:
-        self.config = config = replace(config, precision=resolve_precision(config.precision))
+        self.device = resolve_device(config.device)
+        self.config = config = replace(config, precision=resolve_precision(config.precision, self.device.type))
+        self.group = process_group(self.device)
+        _check_batch_divides(config, self.group.world_size)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.model, self.method, self.task, self.data = model, method, task, data
+        self.model, self.method, self.task, self.data = model.to(self.device), method, task, data
         self.plan = plan_steps(len(data.train), config)
         self.learning_rate = learning_rate or config.learning_rate or method.default_learning_rate
         self.contexts = ExitStack()
-        if config.fast_dropout:
-            self.contexts.enter_context(fast_dropout(model))
-        # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
-        if config.precision == "bf16" and not config.gradual_unfreezing:
-            self.contexts.enter_context(frozen_linear_weights_in_bf16(model))
+        self._enter_speed_levers(model, config)
+        # fp16's narrow range needs the loss scaled up before backward and the gradients unscaled after
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
 
         groups = _optimizer_groups(model, method, self.learning_rate, config)
         self.trainable = [p for group in groups for p in group["params"]]
@@ -528,14 +542,28 @@ class Trainer:
         self.batch_order = random.Random(config.seed)
         self.batches: list[list[int]] = []
         self.next_batch = 0
-        self.rng_state = _seeded_rng_state(config.seed)
+        # each rank its own dropout stream (rank 0 the one a single process has), the same batches on all
+        self.rng_state = _seeded_rng_state((config.seed + self.group.rank) % 2**63)
+        # a GPU draws its dropout masks from its own generator: kept per trainer the same way
+        self.device_rng_state = _seeded_cuda_rng_state((config.seed + self.group.rank) % 2**63, self.device)
         self.curve: list[dict] = []
         self.step = 0
         self.meters = Meters()
         self.stopped_by: str | None = None
         self.diverged: str | None = None
         self.loggers: ScalarLoggers = open_loggers(
-            config.report_to, config.log_dir, f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}")
+            config.report_to if self.group.is_main else (), config.log_dir, f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}")
+
+    def _enter_speed_levers(self, model: nn.Module, config: TrainConfig) -> None:
+        """The CPU's speed levers (measured there only, so a GPU does without them) and gradient checkpointing."""
+        on_cpu = self.device.type == "cpu"
+        if config.fast_dropout and on_cpu:
+            self.contexts.enter_context(fast_dropout(model))
+        # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
+        if config.precision == "bf16" and not config.gradual_unfreezing and on_cpu:
+            self.contexts.enter_context(frozen_linear_weights_in_bf16(model))
+        if config.gradient_checkpointing:
+            self.contexts.enter_context(gradient_checkpointing(model))
 
     @property
     def train_time(self) -> float:
@@ -549,7 +577,8 @@ class Trainer:
     def progress(self) -> float:
         """The share of the plan done: steps, or seconds of the time budget, whichever is further along."""
         share = self.step / self.plan.planned_steps
-        if self.config.time_budget_s is not None:
+        # several processes: rank 0's clock alone decides a time budget (its decision is broadcast each step)
+        if self.config.time_budget_s is not None and not self.group.distributed:
             share = max(share, self.meters.train_time / self.config.time_budget_s)
         return share
 
@@ -557,6 +586,8 @@ class Trainer:
         """Train until `until` of the plan is done or a budget or early stopping ends the run (then the final
         state is evaluated on dev)."""
         torch.set_rng_state(self.rng_state)
+        if self.device_rng_state is not None:
+            torch.cuda.set_rng_state(self.device_rng_state, self.device)
         self.model.train()
         progress = self._progress_bar()
         while not self.done and self.progress < until:
@@ -568,11 +599,14 @@ class Trainer:
             self._check_budgets()
             if self.step % self.plan.eval_every == 0 or self.done:
                 self.evaluate()
+            self._agree_on_stop()
         if progress is not None:
             progress.close()
         if self.done and self.diverged is None and (not self.curve or self.curve[-1]["step"] != self.step):
             self.evaluate()
         self.rng_state = torch.get_rng_state()
+        if self.device_rng_state is not None:
+            self.device_rng_state = torch.cuda.get_rng_state(self.device)
 
     def score(self, encoded: Encoded) -> float:
         """The primary metric of the current state on `encoded` (a rung of a learning-rate search): not part
@@ -594,39 +628,56 @@ class Trainer:
         self.next_batch += 1
         return self.batches[self.next_batch - 1]
 
-    def _forward_backward(self, indices: list[int]) -> float:
-        """Accumulate the gradients of one batch (in micro-batches); returns its mean loss."""
-        micro_batch = self.config.batch_size // self.config.gradient_accumulation
-        loss_total = 0.0
-        for start in range(0, len(indices), micro_batch):
-            part = indices[start:start + micro_batch]
-            batch = collate(self.data.train, part, self.data.pad_token_id, self.task.is_regression)
+    def _forward_backward(self, indices: list[int]) -> tuple[float, int, int]:
+        """Accumulate the gradients of one global batch (this rank's share, in micro-batches); returns the
+        batch's mean loss and its real and padded tokens, summed over the ranks."""
+        group, config = self.group, self.config
+        share = share_of(indices, group.rank, group.world_size)
+        micro_batch = config.batch_size // (config.gradient_accumulation * group.world_size)
+        loss_total, real_tokens, padded_tokens = 0.0, 0, 0
+        for start in range(0, len(share), micro_batch):
+            part = share[start:start + micro_batch]
+            batch = to_device(collate(self.data.train, part, self.data.pad_token_id, self.task.is_regression),
+                              self.device)
             labels = batch.pop("labels")
-            with autocast_for(self.config.precision):
+            with autocast_for(config.precision, self.device.type):
                 logits = self.model(**batch).logits
             loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
                 * (len(part) / len(indices))
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_total += loss.item()
-            self.meters.add_micro_batch(batch["attention_mask"])
-        return loss_total
+            real_tokens += int(batch["attention_mask"].sum())
+            padded_tokens += batch["attention_mask"].numel()
+        if group.distributed:
+            totals = torch.tensor([loss_total, real_tokens, padded_tokens], dtype=torch.float64, device=self.device)
+            group.sum_([p.grad for p in self.trainable if p.grad is not None] + [totals])
+            loss_total, real_tokens, padded_tokens = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+        return loss_total, real_tokens, padded_tokens
 
     def _step(self) -> None:
         """One optimizer step over one batch (in micro-batches when accumulating gradients)."""
         indices = self._next_batch()
         started = time.perf_counter()
         learning_rate = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves on
-        tokens_before = self.meters.real_tokens
-        loss = self._forward_backward(indices)
+        loss, real_tokens, padded_tokens = self._forward_backward(indices)
+        self.meters.add_tokens(real_tokens, padded_tokens)
         gradient_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
             gradient_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm, foreach=True)
-        self.diverged = divergence(self.step + 1, loss, gradient_norm, self.learning_rate)
+        # under fp16 an overflowing gradient is the loss scaler's to handle (it skips the step and scales down)
+        self.diverged = divergence(self.step + 1, loss, gradient_norm if self.scaler is None else None,
+                                   self.learning_rate)
         if self.diverged is not None:  # stop before the step: the best dev state so far stays as it was
             self.optimizer.zero_grad(set_to_none=True)
             self.stopped_by = "diverged"
             return
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         # drop the gradients now rather than zeroing them: the memory is not needed until next backward
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -635,9 +686,15 @@ class Trainer:
         if self.unfreezing is not None:
             self.unfreezing.update(self.step)
         seconds = time.perf_counter() - started
-        self.meters.add_step(seconds, len(indices), self.meters.real_tokens - tokens_before)
+        self.meters.add_step(seconds, len(indices), real_tokens)
         self.loggers.log({"train/loss": loss, "train/learning_rate": learning_rate,
                           "train/examples_per_s": len(indices) / seconds if seconds else 0.0}, self.step)
+
+    def _agree_on_stop(self) -> None:
+        """Several processes: every rank takes rank 0's stop decision (it alone evaluates and keeps the clock)."""
+        if self.group.distributed:
+            code = self.group.broadcast_code(STOP_REASONS.index(self.stopped_by), self.device)
+            self.stopped_by = STOP_REASONS[code]
 
     def _check_budgets(self) -> None:
         if self.config.time_budget_s is not None and self.meters.train_time >= self.config.time_budget_s:
@@ -646,7 +703,10 @@ class Trainer:
             self.stopped_by = self.plan.ends_by
 
     def evaluate(self) -> None:
-        """Score the current state on dev, add it to the curve, keep it if it is the best; early stopping."""
+        """Score the current state on dev, add it to the curve, keep it if it is the best; early stopping.
+        Several processes: rank 0 alone evaluates (the others hold the same weights)."""
+        if not self.group.is_main:
+            return
         started = time.perf_counter()
         outputs = self._outputs(self.data.dev)
         metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.dev.labels)
@@ -665,7 +725,7 @@ class Trainer:
         return to_task_units(raw, self.data.target_scale)
 
     def _progress_bar(self):
-        if self.config.quiet:
+        if self.config.quiet or not self.group.is_main:
             return None
         from tqdm.auto import tqdm
 
@@ -683,8 +743,9 @@ class Trainer:
         self.contexts.close()
 
     def _test(self) -> tuple[dict[str, float] | None, np.ndarray | None]:
-        """The kept state's metrics and outputs on test (None, None when the task has no test split)."""
-        if self.data.test is None:
+        """The kept state's metrics and outputs on test (None, None when the task has no test split, and on
+        every rank but 0)."""
+        if self.data.test is None or not self.group.is_main:
             return None, None
         started = time.perf_counter()
         outputs = self._outputs(self.data.test)
@@ -721,12 +782,66 @@ class Trainer:
             step_real_tokens=meters.step_real_tokens, precision=self.config.precision, diverged=self.diverged)
 
 
+STOP_REASONS = (None, "epochs", "min_steps", "max_steps", "time_budget", "early_stopping", "diverged")
+"""What can end training (None: nothing yet), in the order several processes broadcast them."""
+
+
+def _check_batch_divides(config: TrainConfig, world_size: int) -> None:
+    """Several processes split each global batch evenly: batch_size must divide into them and their micro-batches."""
+    if world_size > 1 and config.batch_size % (world_size * config.gradient_accumulation):
+        raise DeltatuneError(
+            f"batch_size={config.batch_size} (the global batch) must be a multiple of processes x "
+            f"gradient_accumulation = {world_size} x {config.gradient_accumulation}: pick e.g. --batch-size "
+            f"{world_size * config.gradient_accumulation * max(1, config.batch_size // (world_size * config.gradient_accumulation))}.")
+
+
+@contextmanager
+def gradient_checkpointing(model: nn.Module):
+    """Within the block, the transformers backbone recomputes activations in backward; afterwards it keeps them."""
+    from transformers import PreTrainedModel
+
+    backbones = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not backbones:
+        raise DeltatuneError(f"gradient_checkpointing: {type(model).__name__} holds no transformers model that "
+                             "supports it; train without --gradient-checkpointing.")
+    backbone = backbones[0]
+    # non-reentrant checkpointing gives gradients to weights inside a block even when its inputs need none
+    # (a frozen embedding under LoRA or BitFit), which the reentrant form would silently drop.
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield model
+    finally:
+        if hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
+        # enabling made the embeddings' output require grad (a forward hook); training is over, so drop it
+        if getattr(backbone, "_require_grads_hook", None) is not None:
+            backbone.disable_input_require_grads()
+
+
 def _seeded_rng_state(seed: int) -> torch.Tensor:
     """torch's default-generator state after seeding with `seed`, without leaving the generator changed."""
     saved = torch.get_rng_state()
     torch.manual_seed(seed)
     state = torch.get_rng_state()
     torch.set_rng_state(saved)
+    return state
+
+
+def _seeded_cuda_rng_state(seed: int, device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator's state of `device` after seeding with `seed` (None off CUDA), leaving it unchanged."""
+    if device.type != "cuda":
+        return None
+    saved = torch.cuda.get_rng_state(device)
+    with torch.cuda.device(device):
+        torch.cuda.manual_seed(seed)
+    state = torch.cuda.get_rng_state(device)
+    torch.cuda.set_rng_state(saved, device)
     return state
 
 

@@ -92,6 +92,10 @@ EXECUTION_ONLY_FIELDS = ("quiet", "threads", "report_to", "log_dir")
 """TrainConfig fields that change how a cell runs but not what it computes: left out of its identity.
 (threads is chosen per machine and --jobs; results match to float rounding.)"""
 
+LATER_FIELD_DEFAULTS = {"device": "auto", "gradient_checkpointing": False}
+"""TrainConfig fields added after grids were first stored: left out of a cell's identity at their default,
+so an experiment stored before them resumes instead of training every cell again."""
+
 LOGGING_FIELDS = ("report_to", "log_dir")
 """Execution-only fields a cell still runs with when the spec sets them (where its training scalars go)."""
 
@@ -814,6 +818,9 @@ def _check_train(value: Any, where: str, problems: list[str]) -> dict:
     logging_settings = {name: resolved[name] for name in LOGGING_FIELDS if name in overrides}
     for name in (*AXIS_TRAIN_FIELDS, "num_examples", *EXECUTION_ONLY_FIELDS):
         resolved.pop(name, None)
+    for name, default in LATER_FIELD_DEFAULTS.items():
+        if resolved.get(name) == default:
+            resolved.pop(name)
     if "threads" in overrides:  # an explicit thread count is the user's choice, and kept in the record
         resolved["threads"] = config.threads
     resolved.update(logging_settings)

@@ -106,6 +106,7 @@ def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, met
     perplexity_after = perplexity(model, validation_blocks)
     evaluation_started = time.perf_counter()
     seen = seen_task_metrics(model, tokenizer, task_data, config)
+    model.to("cpu")  # the delta is saved from the CPU (training may have run on a GPU)
     evaluation_time = time.perf_counter() - evaluation_started
     wall_time = time.perf_counter() - started
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from deltatune.devices import check_device_name
 from deltatune.errors import DeltatuneError
 
 
@@ -70,6 +71,9 @@ class FreeLMConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Training precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on CPUs with
     native bf16). Evaluation always runs in fp32."""
+    device: str = "auto"
+    """Where training computes: auto (a CUDA GPU when present, else Apple MPS, else the CPU), cpu, cuda,
+    cuda:N or mps (the saved delta, and `freelm eval`, are on the CPU)."""
     threads: int | None = None
     """torch intra-op threads; default: torch's choice (all cores)."""
     quiet: bool = False
@@ -99,6 +103,9 @@ class FreeLMConfig:
                 problems.append(f"{name}={getattr(self, name)} must be 0 or more")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision={self.precision!r} must be one of auto, fp32, bf16")
+        device_problem = check_device_name(self.device)
+        if device_problem:
+            problems.append(device_problem)
         if self.teacher_loss not in ("binary", "contrastive", "both"):
             problems.append(f"teacher_loss={self.teacher_loss!r} must be one of binary, contrastive, both")
         if self.schedule not in ("ratio", "interactive"):

@@ -45,7 +45,9 @@ from deltatune.freelm.scoring import (
 )
 from deltatune.tasks.propositions import TaskPropositions, propositions_for
 from deltatune.tasks.spec import TaskData
-from deltatune.batching import autocast_for, collate, length_bucketed_batches, stratified_subset
+from deltatune.batching import collate, length_bucketed_batches, stratified_subset, to_device
+from deltatune.devices import model_device, resolve_device
+from deltatune.precision import autocast_for
 from deltatune.padding import padding_id
 
 
@@ -245,6 +247,7 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
     schedule = signal_schedule(config.steps, config.lm_ratio, config.schedule, config.stage_steps)
     teacher_steps = schedule.count(TEACHER)
     language_steps = schedule.count(LANGUAGE)
@@ -261,6 +264,7 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     if config.standardize_head and teacher_data is not None:
         standardize_head(model, last_token_states(model, teacher_data, pad_token_id, config.seed,
                                                   resolve_precision(config.precision)))
+    model.to(device)
     learning_rate = config.learning_rate or (method.default_learning_rate if method is not None else 5e-4)
     groups = _optimizer_groups(model, method, learning_rate, config.weight_decay, config.head_learning_rate)
     # matrices first, then vectors: the order gradient clipping sums their norms in, kept as it always was
@@ -289,8 +293,9 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
 
         progress = tqdm(total=config.steps, desc="freelm", unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
-    precision = resolve_precision(config.precision)
-    with frozen_linear_weights_in_bf16(model) if precision == "bf16" else nullcontext(), _folding_head(model):
+    precision = resolve_precision(config.precision, device.type)
+    cast_once = precision == "bf16" and device.type == "cpu"  # the CPU's lever; a GPU's autocast caches casts
+    with frozen_linear_weights_in_bf16(model) if cast_once else nullcontext(), _folding_head(model):
         history: list[dict] = []
         dev_curve: list[dict] = []
         propositions_seen = language_tokens = block_position = 0
@@ -303,17 +308,17 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
                 group["lr"] = group["initial_lr"] * factor
             if signal == TEACHER:
                 indices = next(teacher_iterator)
-                batch = collate(teacher_data, indices, pad_token_id, regression=False)
+                batch = to_device(collate(teacher_data, indices, pad_token_id, regression=False), device)
                 labels = batch.pop("labels")
-                with autocast_for(precision):
+                with autocast_for(precision, device.type):
                     logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
-                loss = teacher_loss(logits, labels, torch.tensor([proposition_set.groups[i] for i in indices]),
-                                    config.teacher_loss)
+                groups = torch.tensor([proposition_set.groups[i] for i in indices]).to(device)
+                loss = teacher_loss(logits, labels, groups, config.teacher_loss)
                 propositions_seen += len(indices)
             else:
-                input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size])
+                input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size]).to(device)
                 block_position += config.lm_batch_size
-                with autocast_for(precision):
+                with autocast_for(precision, device.type):
                     loss = model.language_loss(input_ids)
                 language_tokens += input_ids.numel()
             loss.backward()
@@ -382,7 +387,8 @@ def perplexity(model: FreeLMModel, blocks: Sequence[list[int]], batch_size: int 
         return float("nan")
     was_training = model.training
     model.eval()
-    losses = [float(model.language_loss(torch.tensor(blocks[i:i + batch_size])))
+    device = model_device(model)
+    losses = [float(model.language_loss(torch.tensor(blocks[i:i + batch_size]).to(device)))
               for i in range(0, len(blocks), batch_size)]
     model.train(was_training)
     return float(math.exp(np.mean(losses)))

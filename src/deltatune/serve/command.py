@@ -63,11 +63,13 @@ def run_serve_command(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise DeltatuneError(f"`deltatune serve` needs FastAPI and uvicorn ({error}); install them with "
                              "pip install 'deltatune[serve]'.") from None
+    from deltatune.devices import resolve_device
     from deltatune.serve.app import create_app
     from deltatune.serve.multi import load_many
 
     settings = settings_from(args)  # refused here, before the model loads, if the bind is unsafe
-    engine = load_many(args.run_dirs, base=args.base)
+    device = resolve_device(settings.device)  # a device this machine lacks is refused before loading
+    engine = load_many(args.run_dirs, base=args.base).to(device)
     app = create_app(engine, settings)
     names = ", ".join(f"{name} ({served.method})" for name, served in engine.tasks.items())
     print(f"deltatune serve: {len(engine.tasks)} task(s) on {engine.base_name}: {names}", flush=True)

@@ -36,6 +36,7 @@ from deltatune.delta import fingerprint_backbone, read_manifest, read_tensors
 from deltatune.errors import DeltatuneError
 from deltatune.methods import activate_delta, attach_delta, build_method, detach_delta
 from deltatune.methods.state import PER_ROW, attached_deltas, mixed_rows, parameter_index
+from deltatune.devices import model_device
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 from deltatune.padding import padding_id
@@ -85,6 +86,17 @@ class MultiTaskModel:
         self._mixer = None
         self._keep_open = 0
 
+    def to(self, device: torch.device) -> "MultiTaskModel":
+        """Move the base and every attached delta to `device`; deltas attached later follow them there."""
+        with self.lock:
+            self._close_session()
+            self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
     # ------------------------------------------------------------------------------ deltas
 
     def attach(self, run_dir: str | Path, name: str | None = None) -> ServedTask:
@@ -106,7 +118,9 @@ class MultiTaskModel:
                                      "choose another name, or detach it first.")
             self._close_session()
             method = build_method(manifest["method"], manifest["method_config"])
+            device = self.device
             attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
+            self.model.to(device)  # a delta's tensors load on the CPU: join the base where it computes
             activate_delta(self.model, None)  # between calls the model is the base alone, whatever was attached
             self.model.eval()
             served = ServedTask(name, task, method.name, method.batch_mixing, manifest, directory,
@@ -233,7 +247,7 @@ class MultiTaskModel:
     def _raw_outputs(self, rows: list[tuple[str, ...]], names: list[str], batch_size: int,
                      precision: str) -> list[np.ndarray]:
         """Each row's raw head outputs (its task's width), per-row deltas in shared forward passes."""
-        precision = resolve_precision(precision)
+        precision = resolve_precision(precision, self.device.type)
         encoded = self._encode(rows, names)
         outputs: list[np.ndarray | None] = [None] * len(rows)
         mixed = [row for row, name in enumerate(names) if self.tasks[name].batch_mixing == PER_ROW]
@@ -249,7 +263,7 @@ class MultiTaskModel:
             activate_delta(self.model, name)
             rows_of_delta = [row for row, row_name in enumerate(names) if row_name == name]
             with ExitStack() as stack:
-                if precision == "bf16":
+                if precision == "bf16" and self.device.type == "cpu":
                     stack.enter_context(frozen_linear_weights_in_bf16(self.model, include_trainable=True))
                 for batch in self._batches(encoded, rows_of_delta, batch_size):
                     self._forward(encoded, batch, names, outputs, precision)
@@ -258,11 +272,13 @@ class MultiTaskModel:
 
     def _forward(self, encoded: Encoded, batch: list[int], names: list[str], outputs: list,
                  precision: str | None = None) -> None:
-        from deltatune.batching import autocast_for
+        from deltatune.batching import to_device
+        from deltatune.precision import autocast_for
 
-        features = collate(encoded, batch, padding_id(self.tokenizer), regression=False)
+        device = self.device
+        features = to_device(collate(encoded, batch, padding_id(self.tokenizer), regression=False), device)
         features.pop("labels")
-        with torch.no_grad(), autocast_for(precision or self._session_precision):
+        with torch.no_grad(), autocast_for(precision or self._session_precision, device.type):
             logits = self.model(**features).logits.float().cpu()
         for position, row in enumerate(batch):
             outputs[row] = logits[position, :self.tasks[names[row]].task.num_labels].numpy()
@@ -297,7 +313,7 @@ class MultiTaskModel:
         stack = ExitStack()
         try:
             self._mixer = stack.enter_context(mixed_rows(self.model))
-            if precision == "bf16":
+            if precision == "bf16" and self.device.type == "cpu":
                 stack.enter_context(frozen_linear_weights_in_bf16(self.model, include_trainable=True))
         except BaseException:
             stack.close()

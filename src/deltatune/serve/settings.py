@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltatune.errors import DeltatuneError
+from deltatune.devices import check_device_name
 from deltatune.precision import PRECISIONS
 
 
@@ -45,7 +46,11 @@ class ServeSettings:
     max_text_chars: int = 10_000
     """Longest text in characters (longer inputs are refused rather than silently truncated twice)."""
     precision: str = "auto"
-    """Prediction precision: auto (bf16 on CPUs with native bf16), fp32 or bf16."""
+    """Prediction precision: auto (bf16 on CPUs with native bf16 and on GPUs that support it), fp32, bf16 or
+    fp16 (CUDA only)."""
+    device: str = "auto"
+    """Where the model computes: auto (a CUDA GPU when present, else Apple MPS, else the CPU), cpu, cuda,
+    cuda:N or mps."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +69,9 @@ class ServeSettings:
             problems.append("--batch-wait-ms must be >= 0 and --request-timeout-s > 0")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        device_problem = check_device_name(self.device)
+        if device_problem:
+            problems.append(f"--{device_problem}")
         if not 0 <= self.port < 65536:
             problems.append(f"--port {self.port} must be between 0 and 65535")
         if problems:
