@@ -54,9 +54,9 @@ def load_setup(args):
     """Model (seeded head), tokenizer, task, the training subset and the dev examples both sides use."""
     import torch
 
+    from deltatune.batching import stratified_subset
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_model_for_task
-    from deltatune.batching import stratified_subset
 
     data = load_task_data(args.task)
     task = data.task
@@ -184,8 +184,8 @@ def worker_hf(args, variant: dict) -> dict:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-    from deltatune.methods.common import head_names
     from deltatune.batching import encode
+    from deltatune.methods.common import head_names
 
     model, tokenizer, task, train_split, dev = load_setup(args)
     if args.method in HF_PEFT:
@@ -373,7 +373,8 @@ def format_tables(raw: dict, args) -> str:
             examples = median_of(runs, "examples_per_s")
             memory = median_of(runs, "peak_memory_bytes")
             achieved = tokens * median_of(runs, "flops_per_token")
-            ratio = (lambda key, value: f"{value / median_of(reference, key):.2f}x") if reference else (lambda *_: "")
+            ratio = ((lambda key, value, reference=reference: f"{value / median_of(reference, key):.2f}x")
+                     if reference else (lambda *_: ""))
             dev = statistics.median(r["dev"][primary] for r in runs)
             padding = f"{median_of(runs, 'padding_efficiency'):.2f}"
             lines.append(

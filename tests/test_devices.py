@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tokenizer, build_tiny_model, tiny_bert_config, write_sentiment_csv
+from conftest import build_tiny_model, build_tokenizer, tiny_bert_config, write_sentiment_csv
 from deltatune.cli import main
 from deltatune.devices import describe_device, resolve_device
 from deltatune.distributed import share_of
@@ -231,7 +231,7 @@ def test_training_on_cuda_matches_the_cpu_and_records_the_gpu(toy, tmp_path):
                           out=tmp_path / "cpu")
     on_gpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cuda"),
                           out=tmp_path / "gpu")
-    assert on_gpu["device"]["device"] == "cuda:0"
+    assert on_cpu["device"]["device"] == "cpu" and on_gpu["device"]["device"] == "cuda:0"
     assert on_gpu["device"]["name"] == torch.cuda.get_device_name(0)
     assert on_gpu["peak_device_memory_bytes"] > 0
     first, second = load_file(tmp_path / "cpu" / "delta.safetensors"), load_file(tmp_path / "gpu" / "delta.safetensors")

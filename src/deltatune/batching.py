@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltatune.metrics import compute_metrics
 from deltatune.devices import model_device
+from deltatune.metrics import compute_metrics
 from deltatune.precision import autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 

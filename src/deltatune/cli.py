@@ -138,7 +138,6 @@ def command_train(args: argparse.Namespace, method_options: dict[str, str]) -> i
 
 def command_eval(args: argparse.Namespace) -> int:
     import deltatune
-
     from deltatune.delta import read_manifest
 
     if read_manifest(args.run_dir)["task"]["name"] == "freelm-propositions":
@@ -199,7 +198,11 @@ def command_tasks(args: argparse.Namespace) -> int:
     from deltatune.tasks import TASKS
 
     for task in TASKS.values():
-        labels = ", ".join(task.labels) if task.labels else f"score {task.score_range[0]:g}..{task.score_range[1]:g}"
+        if task.labels:
+            labels = ", ".join(task.labels)
+        else:
+            assert task.score_range is not None  # a task without class labels has a score range
+            labels = f"score {task.score_range[0]:g}..{task.score_range[1]:g}"
         print(f"{task.name:16} {task.description}")
         print(f"{'':16} fields: {', '.join(task.text_fields)}; labels: {labels}")
         print(f"{'':16} metric: {task.metric} (also {', '.join(m for m in task.metrics if m != task.metric) or '-'})")

@@ -33,6 +33,7 @@ so parameter names, and with them every method's targeting, stay the same.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,7 @@ def foreign_head(manifest: dict, directory, what: str) -> str | None:
             "last for decoders).")
 
 
-def shared_head(run_dirs: list[Path], manifests: list[dict], what: str = "load_many",
+def shared_head(run_dirs: Sequence[str | Path], manifests: list[dict], what: str = "load_many",
                 allow_bi_encoder: bool = False) -> dict:
     """The one head every delta was trained with (kind and pooling): the shared forward pass reads it.
 

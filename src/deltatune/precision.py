@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,9 +40,14 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
+_RESOLVED: dict[str, ResolvedPrecision] = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_precision(precision: str, device_type: str = "cpu") -> ResolvedPrecision:
     """"auto" becomes, on the CPU, bf16 where it has native bf16 matmul and fp32 elsewhere; on a CUDA GPU bf16
-    where supported, else fp16; on MPS fp32. Others pass through; fp16 off a CUDA GPU is an error."""
+    where supported, else fp16; on MPS fp32. Others pass through; fp16 off a CUDA GPU is an error, and so is
+    a name that is none of these."""
     from deltatune.errors import DeltatuneError
 
     if precision == "auto":
@@ -53,7 +59,9 @@ def resolve_precision(precision: str, device_type: str = "cpu") -> str:
     if precision == "fp16" and device_type != "cuda":
         raise DeltatuneError(f"precision=fp16 needs a CUDA GPU (this run is on {device_type}): use bf16 or fp32, "
                              "or auto to pick for the device.")
-    return precision
+    if precision not in _RESOLVED:
+        raise DeltatuneError(f"precision={precision!r} is not a precision: use auto, fp32, bf16 or fp16.")
+    return _RESOLVED[precision]
 
 
 def autocast_for(precision: str, device_type: str = "cpu"):

@@ -15,9 +15,9 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,8 +25,6 @@ from safetensors.torch import save_file
 
 from deltatune.config import to_jsonable
 from deltatune.critical_layers import resolve_critical_layers
-from deltatune.devices import describe_device, peak_device_memory_bytes, resolve_device
-from deltatune.distributed import ProcessGroup, process_group
 from deltatune.delta import (
     MANIFEST,
     TENSORS,
@@ -35,12 +33,14 @@ from deltatune.delta import (
     save_delta,
     write_json_atomic,
 )
+from deltatune.devices import describe_device, peak_device_memory_bytes, resolve_device
+from deltatune.distributed import ProcessGroup, process_group
 from deltatune.errors import DeltatuneError
-from deltatune.methods import build_method, prepare_model
 from deltatune.heads import PooledTaskModel, head_of
+from deltatune.methods import build_method, prepare_model
 from deltatune.model_card import CARD, write_model_card
-from deltatune.run_directory import locked_target, staged_directory
 from deltatune.run_directory import check_output_directory as _check_output_directory
+from deltatune.run_directory import locked_target, staged_directory
 from deltatune.sources.models import position_limit
 from deltatune.sources.records import (  # noqa: F401  (data records lived here; `deltatune.run` still offers them)
     LOCAL_DATA_KEYS,

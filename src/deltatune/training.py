@@ -51,9 +51,9 @@ from deltatune.heads import encodes_texts_separately, target_scale
 from deltatune.loggers import ScalarLoggers, missing_logger_packages, open_loggers
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
+from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.padding import padding_id
 
 
 @dataclass(frozen=True)
@@ -433,7 +433,9 @@ class BestState:
     def __init__(self, named_parameters: list[tuple[str, nn.Parameter]]) -> None:
         self.named_parameters = named_parameters
         self.tensors: dict[str, torch.Tensor] = {}  # filled at the first improvement, then overwritten in place
-        self.value, self.step, self.metrics, self.outputs = -math.inf, 0, {}, None
+        self.value, self.step = -math.inf, 0
+        self.metrics: dict[str, float] = {}
+        self.outputs: np.ndarray | None = None
         self.evaluations_since = 0
 
     def offer(self, value: float, step: int, metrics: dict[str, float], outputs: np.ndarray) -> None:

@@ -551,8 +551,10 @@ def _declared_method_names(raw: dict) -> set[str]:
     for entry in entries:
         if isinstance(entry, str):
             names.add(entry)
-        elif isinstance(entry, dict) and isinstance(entry.get("name") or entry.get("method"), str):
-            names.add(entry.get("name") or entry.get("method"))
+        elif isinstance(entry, dict):
+            name = entry.get("name") or entry.get("method")
+            if isinstance(name, str):
+                names.add(name)
     return names
 
 
@@ -606,7 +608,7 @@ def _check_axes(merged: dict, wheres: dict[str, str], base: Path, default_cap: i
             problems.append(f"{where}fractions[{i}]={value!r} must be a number in (0, 1], e.g. 0.3")
         else:
             fractions.append(float(value))
-    budgets = []
+    budgets: list[float | None] = []
     where = wheres["time_budgets"]
     for i, value in enumerate(_as_list(merged["time_budgets"] if merged["time_budgets"] is not None else [None],
                                        "time_budgets", where, problems) or []):
@@ -632,9 +634,11 @@ def _check_axes(merged: dict, wheres: dict[str, str], base: Path, default_cap: i
             trains[variant.name] = train if not variant.train else _check_train(
                 {**(merged["train"] if isinstance(merged["train"], dict) else {}), **variant.train},
                 f"{wheres['methods']}methods ({variant.name}): ", problems)
-    for axis, values in (("models", [m for m in models if m]), ("tasks", [t.name for t in tasks if t]),
-                         ("methods", [m.name for m in methods if m]), ("fractions", fractions),
-                         ("time_budgets", budgets), ("seeds", seeds)):
+    axes: tuple[tuple[str, list[Any]], ...] = (
+        ("models", [m for m in models if m]), ("tasks", [t.name for t in tasks if t]),
+        ("methods", [m.name for m in methods if m]), ("fractions", fractions),
+        ("time_budgets", budgets), ("seeds", seeds))
+    for axis, values in axes:
         duplicates = sorted({str(v) for v in values if values.count(v) > 1})
         if duplicates:
             problems.append(f"{wheres[axis]}{axis} lists {', '.join(duplicates)} more than once")

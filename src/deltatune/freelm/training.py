@@ -19,23 +19,25 @@ input-dependent-prompt, ...) can be chosen instead.
 from __future__ import annotations
 
 import math
+import operator
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
 
 import numpy as np
 import torch
 from torch import nn
 
+from deltatune.batching import collate, length_bucketed_batches, stratified_subset, to_device
+from deltatune.devices import model_device, resolve_device
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.config import FreeLMConfig
-from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.freelm.model import TRUE_INDEX, FreeLMModel, fold_head, standardize_head
 from deltatune.freelm.schedule import LANGUAGE, TEACHER, signal_schedule
-from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.freelm.scoring import (
     encode_propositions,
     field_budget,
@@ -43,12 +45,11 @@ from deltatune.freelm.scoring import (
     shorten_texts,
     task_metrics,
 )
+from deltatune.methods.base import Method, OptimizerSettings
+from deltatune.padding import padding_id
+from deltatune.precision import autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.propositions import TaskPropositions, propositions_for
 from deltatune.tasks.spec import TaskData
-from deltatune.batching import collate, length_bucketed_batches, stratified_subset, to_device
-from deltatune.devices import model_device, resolve_device
-from deltatune.precision import autocast_for
-from deltatune.padding import padding_id
 
 
 @dataclass
@@ -83,7 +84,10 @@ def build_proposition_set(task_data: Sequence[TaskData], tokenizer, config: Free
     One template per example, not per proposition: the true and false propositions then differ only in
     the answer, so the teacher must judge the answer against the input, not the wording of a template."""
     rng = random.Random(config.seed)
-    texts, labels, tasks, groups = [], [], [], []
+    texts: list[str] = []
+    labels: list[int] = []
+    tasks: list[str] = []
+    groups: list[int] = []
     for data in task_data:
         task_propositions = (propositions or {}).get(data.task.name) or propositions_for(data.task)
         if task_propositions.num_candidates < 2:
@@ -93,7 +97,7 @@ def build_proposition_set(task_data: Sequence[TaskData], tokenizer, config: Free
         chosen = stratified_subset(train.labels, config.max_examples_per_task, config.seed, data.task.is_regression)
         rows = shorten_texts(tokenizer, [train.texts[i] for i in chosen],
                              field_budget(config.max_length, len(data.task.text_fields)))
-        for row, index in zip(rows, chosen):
+        for row, index in zip(rows, chosen, strict=True):
             gold = task_propositions.candidate_of(train.labels[index])
             wrong = [c for c in range(task_propositions.num_candidates) if c != gold]
             negatives = rng.sample(wrong, min(config.negatives_per_example, len(wrong)))
@@ -129,7 +133,7 @@ def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
         log_normaliser = torch.log(torch.zeros(count).index_add(0, group_index, shifted)) + maximum
         log_probabilities = log_odds - log_normaliser[group_index]
         losses.append(-(log_probabilities * labels).sum() / labels.sum().clamp(min=1))
-    return sum(losses)
+    return reduce(operator.add, losses)  # added in order, as `sum` did
 
 
 def example_batches(proposition_set: PropositionSet, lengths: list[int], batch_size: int,
@@ -280,12 +284,13 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
 
-    def teacher_batches():
+    def teacher_batches(examples: PropositionSet, lengths: list[int]) -> Iterator[list[int]]:
         """Length-bucketed batches of whole examples' propositions, reshuffled every pass over the set."""
         while True:
-            yield from example_batches(proposition_set, teacher_data.lengths, config.teacher_batch_size, rng)
+            yield from example_batches(examples, lengths, config.teacher_batch_size, rng)
 
-    teacher_iterator = teacher_batches() if teacher_data is not None else None
+    teacher_iterator = (teacher_batches(proposition_set, teacher_data.lengths)
+                        if proposition_set is not None and teacher_data is not None else None)
     time_by_signal = {LANGUAGE: 0.0, TEACHER: 0.0}
     progress = None
     if not config.quiet:
@@ -307,13 +312,15 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             if signal == TEACHER:
+                # the schedule has teacher steps only when there are propositions to teach with
+                assert teacher_iterator is not None and teacher_data is not None and proposition_set is not None
                 indices = next(teacher_iterator)
                 batch = to_device(collate(teacher_data, indices, pad_token_id, regression=False), device)
                 labels = batch.pop("labels")
                 with autocast_for(precision, device.type):
                     logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
-                groups = torch.tensor([proposition_set.groups[i] for i in indices]).to(device)
-                loss = teacher_loss(logits, labels, groups, config.teacher_loss)
+                example_groups = torch.tensor([proposition_set.groups[i] for i in indices]).to(device)
+                loss = teacher_loss(logits, labels, example_groups, config.teacher_loss)
                 propositions_seen += len(indices)
             else:
                 input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size]).to(device)
@@ -419,8 +426,8 @@ def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskDat
 
 def teacher_accuracy(model: FreeLMModel, tokenizer, proposition_set: PropositionSet, max_length: int) -> float:
     """Share of propositions the teacher head judges correctly (true vs false)."""
-    from deltatune.freelm.model import PROPOSITION_TASK
     from deltatune.batching import predict_encoded
+    from deltatune.freelm.model import PROPOSITION_TASK
 
     encoded = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, max_length)
     logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, padding_id(tokenizer))

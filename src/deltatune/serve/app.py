@@ -99,7 +99,8 @@ class Batcher:
         except asyncio.TimeoutError:
             pending.future.cancel()  # skipped if it has not run yet
             raise RequestError(504, f"request: not answered within {self.settings.request_timeout_s:g} s "
-                                    "(--request-timeout-s); the server is overloaded or the inputs are very long.")
+                                    "(--request-timeout-s); the server is overloaded or the inputs are very long."
+                               ) from None
 
     async def _next_batch(self) -> list[_Pending]:
         while not self.queue:
@@ -112,7 +113,8 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), deadline - time.perf_counter())
             except asyncio.TimeoutError:
                 break
-        batch, rows = [], 0
+        batch: list[_Pending] = []
+        rows = 0
         while self.queue and (not batch or rows + len(self.queue[0].rows) <= self.settings.max_batch_size):
             pending = self.queue.popleft()
             self.queued_rows -= len(pending.rows)
@@ -253,6 +255,8 @@ def admin_path(body: object, settings: ServeSettings) -> tuple[Path, str | None]
     name = body.get("name")
     if name is not None and not isinstance(name, str):
         raise RequestError(422, "name: must be a string.")
+    if settings.delta_root is None:  # the settings demand --delta-root with --allow-admin
+        raise RequestError(403, "attaching deltas needs a server started with --allow-admin and --delta-root.")
     root = Path(settings.delta_root).resolve()
     candidate = Path(body["path"])
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()

@@ -33,13 +33,13 @@ from torch import nn
 
 from deltatune.batching import Encoded, collate, encode, length_bucketed_batches, to_task_units
 from deltatune.delta import fingerprint_backbone, read_manifest, read_tensors
+from deltatune.devices import model_device
 from deltatune.errors import DeltatuneError
 from deltatune.methods import activate_delta, attach_delta, build_method, detach_delta
-from deltatune.methods.state import PER_ROW, attached_deltas, mixed_rows, parameter_index
-from deltatune.devices import model_device
+from deltatune.methods.state import PER_ROW, RowMixer, attached_deltas, mixed_rows, parameter_index
+from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
-from deltatune.padding import padding_id
 
 Example = str | Sequence[str]
 
@@ -83,10 +83,10 @@ class MultiTaskModel:
         self.lock = threading.RLock()
         self._session: ExitStack | None = None
         self._session_precision: str | None = None
-        self._mixer = None
+        self._mixer: RowMixer | None = None
         self._keep_open = 0
 
-    def to(self, device: torch.device) -> "MultiTaskModel":
+    def to(self, device: torch.device) -> MultiTaskModel:
         """Move the base and every attached delta to `device`; deltas attached later follow them there."""
         with self.lock:
             self._close_session()
@@ -148,7 +148,7 @@ class MultiTaskModel:
         """Bytes delta `name` holds beside the base: its own parts and its values of base tensors it rewrites."""
         record = attached_deltas(self.model)
         index = parameter_index(self.model)
-        tensors = [parameter for _, parameter in index.of(name).values()]
+        tensors: list[torch.Tensor] = [parameter for _, parameter in index.of(name).values()]
         if record.active == name:
             tensors += [index.base[canonical][1] for canonical in record.rewritten(self.model, name, index)]
         else:
@@ -178,7 +178,7 @@ class MultiTaskModel:
             outputs = self._raw_outputs(rows, names, batch_size, precision)
             if not self._keep_open:
                 self._close_session()
-        return [self._result(self.tasks[name], output) for name, output in zip(names, outputs)]
+        return [self._result(self.tasks[name], output) for name, output in zip(names, outputs, strict=True)]
 
     def evaluate(self, task: str, split: str = "dev", *, batch_size: int = 64, precision: str = "auto",
                  limit: int | None = None) -> dict[str, float]:
@@ -233,7 +233,7 @@ class MultiTaskModel:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DeltatuneError(f"batch_size={batch_size!r} must be a positive integer.")
         problems, rows = [], []
-        for position, (example, name) in enumerate(zip(inputs, names)):
+        for position, (example, name) in enumerate(zip(inputs, names, strict=True)):
             try:
                 served = self._served(name, f"task[{position}]" if not isinstance(task, str) else "task")
                 rows.append(check_example(example, served.task, f"inputs[{position}]"))
@@ -268,7 +268,9 @@ class MultiTaskModel:
                 for batch in self._batches(encoded, rows_of_delta, batch_size):
                     self._forward(encoded, batch, names, outputs, precision)
             activate_delta(self.model, None)
-        return outputs
+        predicted = [output for output in outputs if output is not None]
+        assert len(predicted) == len(outputs)  # every row ran in a mixed batch or with its own delta
+        return predicted
 
     def _forward(self, encoded: Encoded, batch: list[int], names: list[str], outputs: list,
                  precision: str | None = None) -> None:
@@ -278,7 +280,9 @@ class MultiTaskModel:
         device = self.device
         features = to_device(collate(encoded, batch, padding_id(self.tokenizer), regression=False), device)
         features.pop("labels")
-        with torch.no_grad(), autocast_for(precision or self._session_precision, device.type):
+        precision = precision or self._session_precision
+        assert precision is not None  # outside a mixed-batch session the caller names the precision
+        with torch.no_grad(), autocast_for(precision, device.type):
             logits = self.model(**features).logits.float().cpu()
         for position, row in enumerate(batch):
             outputs[row] = logits[position, :self.tasks[names[row]].task.num_labels].numpy()
@@ -298,11 +302,11 @@ class MultiTaskModel:
             part = encode(self.tokenizer, served.task, split, served.manifest.get("max_length", 128))
             for key, values in part.features.items():
                 column = features.setdefault(key, [None] * len(rows))
-                for row, value in zip(positions, values):
+                for row, value in zip(positions, values, strict=True):
                     column[row] = value
         if "token_type_ids" in features:  # tasks encoded without them (none here today) get zeros
             features["token_type_ids"] = [value if value is not None else [0] * len(ids) for value, ids
-                                          in zip(features["token_type_ids"], features["input_ids"])]
+                                          in zip(features["token_type_ids"], features["input_ids"], strict=True)]
         return Encoded(features, [0] * len(rows))
 
     def _open_session(self, precision: str):
@@ -335,7 +339,7 @@ class MultiTaskModel:
         probabilities = torch.softmax(torch.from_numpy(scaled), dim=-1).tolist()
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
         return {"task": served.name, "label": task.labels[best],
-                "probabilities": dict(zip(task.labels, probabilities))}
+                "probabilities": dict(zip(task.labels, probabilities, strict=True))}
 
 
 def check_example(example, task: TaskSpec, field: str) -> tuple[str, ...]:
@@ -379,7 +383,7 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
 
     head = shared_head(run_dirs, manifests)
     by_fingerprint: dict[str, list[str]] = {}
-    for directory, manifest in zip(run_dirs, manifests):
+    for directory, manifest in zip(run_dirs, manifests, strict=True):
         by_fingerprint.setdefault(manifest["base_model"]["fingerprint"], []).append(
             f"{directory} ({manifest['base_model']['name']!r})")
     if len(by_fingerprint) > 1:

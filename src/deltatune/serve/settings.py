@@ -10,8 +10,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltatune.errors import DeltatuneError
 from deltatune.devices import check_device_name
+from deltatune.errors import DeltatuneError
 from deltatune.precision import PRECISIONS
 
 
