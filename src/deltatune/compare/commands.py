@@ -1,6 +1,7 @@
 """The `compare`, `results` and `report` subcommands: argument parsing and the glue to the library.
 
     deltatune compare grid.yaml --out runs/grid --jobs 2
+    deltatune compare grid.yaml --out runs/grid --backend ray --address ray://head:10001
     deltatune compare --preset doering2024 --size demo --out demo-output/doering2024-demo
     deltatune compare --tasks stsb --methods full bitfit lora-r16=lora:r=16 --fractions 0.1 1.0 \\
         --seeds 0 1 2 --epochs 3 --out runs/quick
@@ -63,6 +64,11 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--keep-deltas", action="store_true", default=None,
                          help="keep every cell's delta.safetensors (default: keep only run.json and dev outputs)")
     compare.add_argument("--jobs", type=int, default=1, help="cells to run at the same time (default 1)")
+    compare.add_argument("--backend", default="local",
+                         help="where cells run: local (processes on this machine, default) or ray (Ray tasks; "
+                              "needs the ray extra)")
+    compare.add_argument("--address", help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
+                                           "(default: a Ray instance of this machine's own)")
     compare.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
     compare.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     compare.add_argument("--print-spec", action="store_true", help="print the resulting spec as YAML and exit")
@@ -167,7 +173,8 @@ def compare_command(args: argparse.Namespace) -> int:
     if estimate_text:
         print(f"estimated time for the whole grid: {estimate_text}")
     summary = run_grid(spec, args.out, jobs=args.jobs, retry_failed=args.retry_failed,
-                       say=lambda text: print(text, flush=True), command=_command_line(args))
+                       say=lambda text: print(text, flush=True), command=_command_line(args),
+                       backend=args.backend, address=args.address)
     finished = summary.finished_before + summary.recovered + summary.finished_now
     if finished and not args.no_report:
         html, markdown = write_report(args.out)
