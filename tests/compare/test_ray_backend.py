@@ -5,20 +5,17 @@ a subprocess and starts its own, which must die with it. Ray's start-up costs se
 two tiny cells and the tests share them.
 """
 
-import csv
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from compare_fakes import build_fake_experiment
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from tiny_grid import finished_count, wait_until, write_grid_workspace
 from deltatune.cli import main
 from deltatune.compare import store
 from deltatune.compare.runner import run_grid
@@ -45,15 +42,6 @@ def rows(exp_dir: Path) -> dict:
     return {cell["cell_id"]: ({name: cell[name] for name in COMPARED},
                               [(point["step"], point["metrics"]) for point in curves.get(cell["cell_id"], [])])
             for cell in store.load_cells(exp_dir)}
-
-
-def finished_count(exp_dir: Path) -> int:
-    if not store.store_path(exp_dir).is_file():
-        return 0
-    try:
-        return len(store.load_cells(exp_dir, status="finished"))
-    except sqlite3.OperationalError:  # the schema is being created right now
-        return 0
 
 
 def descendants(pid: int) -> set[int]:
@@ -93,15 +81,6 @@ RUNS_CELLS = ("deltatune.compare.cell", "ray::deltatune-cell", "raylet", "gcs_se
 """The processes that run cells or hand them out: none may outlive a killed driver by more than moments."""
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'deltatune[ray]')")
@@ -114,14 +93,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ray-grid")
-    save_tiny_model_dir(directory / "tiny-bert", "bert")
-    with open(directory / "toy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(160))
-    (directory / "grid.yaml").write_text(textwrap.dedent(GRID), encoding="utf-8")
-    return directory
+    return write_grid_workspace(tmp_path_factory.mktemp("ray-grid"), GRID)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +204,34 @@ def test_the_ray_task_asks_for_the_cells_cpus_and_a_gpu_only_for_cuda():
     assert _resources({"train": {"device": "auto"}}, threads=2) == (2, 0)
     assert _on_assigned_gpu({"train": {"device": "cuda:1"}})["train"]["device"] == "cuda"
     assert _on_assigned_gpu({"train": {"device": "cpu"}}) == {"train": {"device": "cpu"}}
+
+
+def test_a_result_travels_as_bytes_within_its_bound_and_lands_complete(tmp_path, monkeypatch):
+    from deltatune.compare import ray_backend
+    from deltatune.compare.cell import CELL_RESULT
+
+    finished = tmp_path / "worker" / "cells" / "abc"
+    (finished / "nested").mkdir(parents=True)
+    (finished / "run.json").write_text('{"primary_metric": "accuracy"}')
+    (finished / "nested" / "outputs.bin").write_bytes(bytes(range(256)))
+    assert ray_backend._result_files(finished) is None  # no cell.json: the cell did not finish
+    (finished / CELL_RESULT).write_text('{"cell_id": "abc"}')
+    files = ray_backend._result_files(finished)
+    assert sorted(files) == ["cell.json", "nested/outputs.bin", "run.json"]
+
+    experiment = tmp_path / "experiment"
+    (experiment / "cells").mkdir(parents=True)
+    (experiment / "logs").mkdir()
+    ray_backend._materialise(experiment, "abc", {"log": b"trained\n", "error": None, "files": files})
+    landed = experiment / "cells" / "abc"
+    assert (landed / "nested" / "outputs.bin").read_bytes() == bytes(range(256))
+    assert (experiment / "logs" / "abc.log").read_bytes() == b"trained\n"
+    assert not (experiment / "cells" / ".staging-abc").exists()
+
+    with pytest.raises(ValueError, match="outside its result directory"):
+        ray_backend._materialise(experiment, "def", {"log": b"", "error": None, "files": {"../escape": b"x"}})
+    assert not (experiment / "escape").exists() and not (experiment / "cells" / "def").exists()
+
+    monkeypatch.setattr(ray_backend, "MAX_RESULT_BYTES", 100)
+    assert ray_backend._result_files(finished) == sum(path.stat().st_size for path in finished.rglob("*")
+                                                      if path.is_file())

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Callable
 
 from deltatune.compare.cell import CELL_RESULT, cell_paths
-from deltatune.compare.runner import (HEARTBEAT_S, STOP_GRACE_S, GridRunSummary, _disk_full_as, _DiskFull,
+from deltatune.compare.runner import (HEARTBEAT_S, POLL_S, STOP_GRACE_S, GridRunSummary, _disk_full_as, _DiskFull,
                                       _GridProgress, _StopRequest, cell_process_arguments, stopped_message,
                                       write_cell_payload)
 from deltatune.compare.spec import BaselineCell, Cell
@@ -158,7 +158,7 @@ def _device(payload: dict) -> str | None:
 
 
 def _resources(payload: dict, threads: int) -> tuple[int, int]:
-    """What a cell asks Ray for: its thread count in CPUs, and one GPU when its device is CUDA ('auto' asks for none)."""
+    """What a cell asks Ray for: its thread count in CPUs, and a GPU when its device is CUDA ('auto' asks for none)."""
     cpus = int((payload.get("train") or {}).get("threads") or threads)
     device = _device(payload)
     return cpus, int(isinstance(device, str) and device.startswith("cuda"))
@@ -214,7 +214,9 @@ def run_cell_task(payload: dict, cpus: int, exp_dir: str) -> dict:
             process = subprocess.Popen(arguments, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=environment, start_new_session=True)
             try:
-                code = process.wait()
+                # polled, not waited on: Ray's cancel raises KeyboardInterrupt between bytecodes, not inside waitpid
+                while (code := process.poll()) is None:
+                    time.sleep(POLL_S)
             except BaseException:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)
