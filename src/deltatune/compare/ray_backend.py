@@ -140,17 +140,25 @@ def _connect(ray, address: str | None, num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        start_local_ray(num_cpus)
+        try:
+            start_local_ray(num_cpus)
+        except Exception as error:  # noqa: BLE001 - Ray's start-up failures have no common type
+            raise DeltatuneError(f"Ray could not start on this machine ({_first_line(error)}). Its logs are under "
+                                 "/tmp/ray/session_latest/logs; or leave --backend out to run the cells as local "
+                                 "processes.") from None
         return True
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # a cluster's own setting decides; this driver sends nothing
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as error:  # noqa: BLE001 - Ray's errors for a missing cluster vary (ConnectionError, grpc's, ...)
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DeltatuneError(f"--address {address!r}: cannot join a Ray cluster there ({first_line}). Start one "
-                             "with `ray start --head` and give its address, or leave --address out to run on a Ray "
-                             "instance of this machine's own.") from None
+        raise DeltatuneError(f"--address {address!r}: cannot join a Ray cluster there ({_first_line(error)}). Start "
+                             "one with `ray start --head` and give its address, or leave --address out to run on a "
+                             "Ray instance of this machine's own.") from None
     return True
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _device(payload: dict) -> str | None:
@@ -270,8 +278,7 @@ def _conclude(ray, reference, cell: Cell | BaselineCell, submitted: float, exp_d
         cause = getattr(error, "cause", None)
         if cause is not None and is_disk_full(cause):  # the worker's disk: stop the grid, record nothing
             raise _DiskFull(f"cell {cell.describe()} was writing its result on a Ray worker") from error
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        message = f"Ray could not run the cell: {type(error).__name__}: {first_line}"
+        message = f"Ray could not run the cell: {type(error).__name__}: {_first_line(error)}"
         with _disk_full_as("writing a cell's error report"):
             _write_atomic(cell_paths(exp_dir, cell.cell_id)["error"], json.dumps({"message": message}).encode())
         progress.conclude(cell, 1, time.monotonic() - submitted, status)
