@@ -26,6 +26,7 @@ sys.path[:0] = [str(TESTS), str(TESTS / "compare")]
 from tiny_grid import write_grid_workspace  # noqa: E402
 
 from deltatune.compare import store  # noqa: E402
+from deltatune.compare.ray_backend import run_grid_on_ray, start_local_ray  # noqa: E402
 from deltatune.compare.runner import run_grid  # noqa: E402
 from deltatune.compare.spec import parse_spec, read_spec_file  # noqa: E402
 
@@ -36,8 +37,9 @@ def uptime() -> str:
 
 def timed_grid(spec_path: Path, exp_dir: Path, backend: str) -> dict:
     started = time.perf_counter()
-    summary = run_grid(parse_spec(read_spec_file(spec_path)), exp_dir, jobs=1, backend=backend,
-                       say=lambda text: print(text, file=sys.stderr, flush=True))
+    run = run_grid_on_ray if backend == "ray" else run_grid
+    summary = run(parse_spec(read_spec_file(spec_path)), exp_dir, jobs=1,
+                  say=lambda text: print(text, file=sys.stderr, flush=True))
     wall = time.perf_counter() - started
     if summary.finished_now != summary.total:
         raise SystemExit(f"{backend}: only {summary.finished_now} of {summary.total} cells finished")
@@ -69,8 +71,6 @@ def main() -> None:
         train: {{epochs: 2, batch_size: 16, learning_rate: 0.003, threads: 1, eval_every: 4}}
     """)
     import ray
-
-    from deltatune.compare.ray_backend import start_local_ray
 
     result = {"uptime_before": uptime()}
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from compare_fakes import build_fake_experiment
 from tiny_grid import finished_count, wait_until, write_grid_workspace
 from deltatune.cli import main
 from deltatune.compare import store
+from deltatune.compare.ray_backend import run_grid_on_ray
 from deltatune.compare.runner import run_grid
 from deltatune.compare.spec import parse_spec, read_spec_file
 
@@ -109,8 +110,8 @@ def local_reference(workspace):
 def test_a_ray_grid_records_the_same_cells_and_rows_as_the_local_backend(workspace, local_ray, local_reference):
     experiment = workspace / "on-ray"
     messages: list[str] = []
-    summary = run_grid(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2,
-                       say=messages.append, backend="ray")
+    summary = run_grid_on_ray(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2,
+                              say=messages.append)
     assert summary.finished_now == 2 and summary.failed_now == 0 and summary.left == 0, messages
     assert rows(experiment) == rows(local_reference)
     assert "submitted 2 cell(s) to Ray" in messages[1] and "1 CPU(s)" in messages[1]
@@ -122,10 +123,9 @@ def test_a_ray_grid_records_the_same_cells_and_rows_as_the_local_backend(workspa
         assert (experiment / "cells" / f"{cell['cell_id']}.json").is_file()
         assert (experiment / "logs" / f"{cell['cell_id']}.log").is_file()
     assert not list((experiment / "cells").glob(".*staging*"))  # the tasks' scratch directories are gone
-    assert store.load_meta(experiment)["machine"]["backend"] == "ray"
+    assert store.load_meta(experiment)["machine"]["backend"] == "Ray"
     # everything recorded: running again submits nothing
-    again = run_grid(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, say=messages.append,
-                     backend="ray")
+    again = run_grid_on_ray(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, say=messages.append)
     assert again.finished_now == 0 and again.finished_before == 2 and again.left == 0
 
 
@@ -151,8 +151,8 @@ def test_kill_9_of_the_driver_then_resume_neither_loses_nor_repeats_a_cell(works
     wait_until(lambda: not any(alive(pid) for pid in family), timeout=180, what="Ray's agents to exit")
 
     messages: list[str] = []
-    summary = run_grid(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2,
-                       say=messages.append, backend="ray")
+    summary = run_grid_on_ray(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2,
+                              say=messages.append)
     assert summary.finished_before + summary.recovered >= recorded_before_kill
     assert summary.finished_before + summary.recovered + summary.finished_now == 2 and summary.failed_now == 0
     assert rows(experiment) == rows(local_reference)

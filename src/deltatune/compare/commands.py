@@ -25,6 +25,8 @@ from deltatune.config import field_help
 from deltatune.errors import DeltatuneError
 from deltatune.training import TrainConfig
 
+BACKENDS = ("local", "ray")
+"""Where `compare` runs cells: processes on this machine, or Ray tasks (`deltatune.compare.ray_backend`)."""
 _NOT_TRAIN_FLAGS = {"data_fraction", "seed", "time_budget_s", "num_examples", "quiet"}
 """TrainConfig fields that are grid axes (or meaningless for a grid), so they get no training flag."""
 
@@ -155,6 +157,11 @@ def compare_command(args: argparse.Namespace) -> int:
         printable = {k: v for k, v in mapping.items() if not k.startswith("_")}
         print(yaml.safe_dump(printable, sort_keys=False, allow_unicode=True), end="")
         return 0
+    if args.backend not in BACKENDS:
+        raise DeltatuneError(f"--backend {args.backend!r} is not a grid backend. Available: {', '.join(BACKENDS)}.")
+    if args.address is not None and args.backend != "ray":
+        raise DeltatuneError(f"--address {args.address!r} names a Ray cluster, which only --backend ray uses. Add "
+                             "--backend ray, or leave --address out to run the cells on this machine.")
     spec = parse_spec(mapping)
     estimate = estimate_seconds(spec)
     estimate_text = None
@@ -172,9 +179,14 @@ def compare_command(args: argparse.Namespace) -> int:
         raise DeltatuneError("Give --out EXP_DIR: the directory for the results (an existing one is resumed).")
     if estimate_text:
         print(f"estimated time for the whole grid: {estimate_text}")
-    summary = run_grid(spec, args.out, jobs=args.jobs, retry_failed=args.retry_failed,
-                       say=lambda text: print(text, flush=True), command=_command_line(args),
-                       backend=args.backend, address=args.address)
+    options = {"jobs": args.jobs, "retry_failed": args.retry_failed, "say": lambda text: print(text, flush=True),
+               "command": _command_line(args)}
+    if args.backend == "ray":
+        from deltatune.compare.ray_backend import run_grid_on_ray
+
+        summary = run_grid_on_ray(spec, args.out, address=args.address, **options)
+    else:
+        summary = run_grid(spec, args.out, **options)
     finished = summary.finished_before + summary.recovered + summary.finished_now
     if finished and not args.no_report:
         html, markdown = write_report(args.out)

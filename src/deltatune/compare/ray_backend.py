@@ -35,6 +35,7 @@ can leave one behind there).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -51,9 +52,9 @@ from typing import Callable
 
 from deltatune.compare.cell import CELL_RESULT, cell_paths
 from deltatune.compare.runner import (HEARTBEAT_S, POLL_S, STOP_GRACE_S, GridRunSummary, _disk_full_as, _DiskFull,
-                                      _GridProgress, _StopRequest, cell_process_arguments, stopped_message,
-                                      write_cell_payload)
-from deltatune.compare.spec import BaselineCell, Cell
+                                      _GridProgress, _StopRequest, cell_process_arguments, run_grid,
+                                      stopped_message, write_cell_payload)
+from deltatune.compare.spec import BaselineCell, Cell, GridSpec
 from deltatune.errors import DeltatuneError
 from deltatune.run_directory import is_disk_full, replace_directory
 
@@ -288,9 +289,20 @@ def _conclude(ray, reference, cell: Cell | BaselineCell, submitted: float, exp_d
     progress.conclude(cell, result["code"], result["seconds"], status, where=f" on {result['node']}")
 
 
+def run_grid_on_ray(spec: GridSpec, exp_dir: str | Path, address: str | None = None, **options) -> GridRunSummary:
+    """`run_grid` with every pending cell a Ray task, on a local instance or the cluster at `address`.
+
+    `options` are run_grid's (jobs, retry_failed, say, command, threads). Ray missing or a bad address is a
+    DeltatuneError before anything is written.
+    """
+    check_ray_backend(address)
+    return run_grid(spec, exp_dir, backend="Ray" if address is None else f"Ray at {address}",
+                    execute=functools.partial(execute_on_ray, address=address), **options)
+
+
 def execute_on_ray(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection,
-                   jobs: int, threads: int, address: str | None, say: Callable[[str], None],
-                   summary: GridRunSummary) -> None:
+                   jobs: int, threads: int, say: Callable[[str], None], summary: GridRunSummary,
+                   address: str | None = None) -> None:
     """Run the pending cells as Ray tasks and record each as it ends; see the module docstring."""
     ray = _import_ray()
     requests = {cell.cell_id: _resources(current[cell.cell_id], threads) for cell in pending}
@@ -368,4 +380,4 @@ def _cancel(ray, in_flight: dict, exp_dir: Path, progress: _GridProgress, status
             progress.conclude(cell, 0, result["seconds"], status, where=f" on {result['node']}")
 
 
-__all__ = ["check_ray_backend", "execute_on_ray", "run_cell_task", "start_local_ray", "MAX_RESULT_BYTES"]
+__all__ = ["run_grid_on_ray", "check_ray_backend", "execute_on_ray", "run_cell_task", "start_local_ray", "MAX_RESULT_BYTES"]

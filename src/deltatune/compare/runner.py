@@ -19,8 +19,8 @@ What makes it safe to interrupt at any moment:
 A lock file keeps two runners off one experiment directory at the same time.
 
 Cells run as processes on this machine (the local backend), or as Ray tasks on a local Ray instance or a
-cluster (`--backend ray`, `deltatune.compare.ray_backend`); either way this process alone writes the
-experiment directory and the store, so the guarantees above hold for both.
+cluster (`--backend ray`, `deltatune.compare.ray_backend`, which hands `run_grid` its own `execute`); either
+way this process alone writes the experiment directory and the store, so the guarantees above hold for both.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ from deltatune.errors import DeltatuneError
 from deltatune.run_directory import free_space, is_disk_full, lock_or_holder, write_holder
 
 LOCK_NAME = ".runner.lock"
-BACKENDS = ("local", "ray")
-"""Where cells run: processes on this machine, or Ray tasks (`deltatune.compare.ray_backend`)."""
 STOP_GRACE_S = 10.0
 """How long stopped cells get to exit after SIGTERM before they are killed."""
 HEARTBEAT_S = 60.0
@@ -262,23 +260,15 @@ class _StopRequest:
 
 def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: bool = False,
              say: Callable[[str], None] = print, command: str | None = None,
-             threads: int | None = None, backend: str = "local", address: str | None = None) -> GridRunSummary:
+             threads: int | None = None, backend: str = "local",
+             execute: Callable[..., None] | None = None) -> GridRunSummary:
     """Run every cell of `spec` not yet finished in `exp_dir`; see the module docstring for the guarantees.
 
-    `backend` "local" runs up to `jobs` cell processes on this machine; "ray" runs each cell as a Ray task
-    (`deltatune.compare.ray_backend`) on a private local Ray instance, or on the cluster at `address`.
+    `execute` runs the pending cells: by default up to `jobs` processes on this machine; `backend` names
+    where, for the store's record (`deltatune.compare.ray_backend.run_grid_on_ray` passes Ray's).
     """
     if jobs < 1:
         raise DeltatuneError(f"--jobs {jobs} must be at least 1.")
-    if backend not in BACKENDS:
-        raise DeltatuneError(f"--backend {backend!r} is not a grid backend. Available: {', '.join(BACKENDS)}.")
-    if backend == "ray":
-        from deltatune.compare.ray_backend import check_ray_backend
-
-        check_ray_backend(address)
-    elif address is not None:
-        raise DeltatuneError(f"--address {address!r} names a Ray cluster, which only --backend ray uses. Add "
-                             "--backend ray, or leave --address out to run the cells on this machine.")
     exp_dir = Path(exp_dir).resolve()
     if exp_dir.exists() and not exp_dir.is_dir():
         raise DeltatuneError(f"--out {exp_dir} is a file, not a directory. Give a directory for the experiment.")
@@ -294,7 +284,8 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
     lock = _lock(exp_dir)
     try:
         with _disk_full_as("opening the results store"), closing(store.connect(exp_dir)) as connection:
-            return _run_locked(spec, exp_dir, connection, jobs, retry_failed, say, command, threads, backend, address)
+            return _run_locked(spec, exp_dir, connection, jobs, retry_failed, say, command, threads, backend,
+                               execute or _execute)
     except _DiskFull as full:
         raise DeltatuneError(_disk_full_message(exp_dir, full.what, getattr(full, "summary", None))) from None
     finally:
@@ -304,7 +295,7 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
 
 def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_failed: bool,
                 say: Callable[[str], None], command: str | None, threads: int | None, backend: str,
-                address: str | None) -> GridRunSummary:
+                execute: Callable[..., None]) -> GridRunSummary:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     every_cell = spec.every_cell
@@ -318,8 +309,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
                        baseline=spec.baseline, statistics=vars(spec.statistics),
                        methods=[m.name for m in spec.methods], method_kinds={m.name: m.method for m in spec.methods},
                        baselines=list(spec.baselines), tasks=[t.name for t in spec.tasks], total_cells=len(every_cell),
-                       command=command, machine={**machine_description(jobs, threads), "backend": backend,
-                                                 **({"ray_address": address} if address else {})},
+                       command=command, machine={**machine_description(jobs, threads), "backend": backend},
                        updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # whatever a killed runner or cell left half-written goes; nothing can be running (we hold the lock)
@@ -349,7 +339,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
     say(f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
         + (f", {recovered} finished but unrecorded (now recorded)" if recovered else "")
         + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
-        + f"; {len(pending)} to run, " + ("as Ray tasks" if backend == "ray" else f"{jobs} at a time")
+        + f"; {len(pending)} to run, " + (f"{jobs} at a time" if backend == "local" else f"on {backend}")
         + f", {threads} thread(s) each.")
     if stale:
         shown = "; ".join(stale[:8]) + (f"; and {len(stale) - 8} more" if len(stale) > 8 else "")
@@ -357,12 +347,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
             f"results and the report; `deltatune results --all-cells` shows them): {shown}")
     if not pending:
         return summary
-    if backend == "ray":
-        from deltatune.compare.ray_backend import execute_on_ray
-
-        execute_on_ray(pending, current, exp_dir, connection, jobs, threads, address, say, summary)
-    else:
-        _execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
+    execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
     return summary
 
 
@@ -541,4 +526,4 @@ def stopped_message(reason: str, summary: GridRunSummary, stopped: int) -> str:
             "cell(s) in flight were stopped and not recorded. Run the same command again to resume.")
 
 
-__all__ = ["run_grid", "GridRunSummary", "machine_description", "BACKENDS"]
+__all__ = ["run_grid", "GridRunSummary", "machine_description"]
