@@ -4,19 +4,17 @@ Each cell is a real `python -m deltatune.compare.cell` process training a tiny r
 these tests cost a few seconds per cell; the grid is kept to three cells.
 """
 
-import csv
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_sentiment_rows, save_tiny_model_dir
+from tiny_grid import finished_count, wait_until, write_grid_workspace
 from deltatune.cli import main
 from deltatune.compare import store
 from deltatune.compare.report import write_report
@@ -50,24 +48,6 @@ def cell_processes(exp_dir: Path) -> list[int]:
     return found
 
 
-def wait_until(condition, timeout: float = 90.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def finished_count(exp_dir: Path) -> int:
-    if not store.store_path(exp_dir).is_file():
-        return 0
-    try:
-        return len(store.load_cells(exp_dir, status="finished"))
-    except sqlite3.OperationalError:  # the schema is being created right now
-        return 0
-
-
 def table(exp_dir: Path) -> dict:
     """What a user compares: each cell's metrics and its whole learning curve."""
     cells = store.load_cells(exp_dir)
@@ -78,14 +58,7 @@ def table(exp_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("runner")
-    save_tiny_model_dir(directory / "tiny-bert", "bert")
-    with open(directory / "toy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(160))
-    (directory / "grid.yaml").write_text(textwrap.dedent(GRID), encoding="utf-8")
-    return directory
+    return write_grid_workspace(tmp_path_factory.mktemp("runner"), GRID)
 
 
 @pytest.fixture(scope="module")
