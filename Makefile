@@ -22,7 +22,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,serve,logging]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,serve,logging,ray]"
 	touch $(STAMP)
 
 demo: venv

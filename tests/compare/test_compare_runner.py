@@ -4,19 +4,17 @@ Each cell is a real `python -m deltatune.compare.cell` process training a tiny r
 these tests cost a few seconds per cell; the grid is kept to three cells.
 """
 
-import csv
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from tiny_grid import finished_count, wait_until, write_grid_workspace
 
-from conftest import make_sentiment_rows, save_tiny_model_dir
 from deltatune.cli import main
 from deltatune.compare import store
 from deltatune.compare.report import write_report
@@ -50,24 +48,6 @@ def cell_processes(exp_dir: Path) -> list[int]:
     return found
 
 
-def wait_until(condition, timeout: float = 90.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def finished_count(exp_dir: Path) -> int:
-    if not store.store_path(exp_dir).is_file():
-        return 0
-    try:
-        return len(store.load_cells(exp_dir, status="finished"))
-    except sqlite3.OperationalError:  # the schema is being created right now
-        return 0
-
-
 def table(exp_dir: Path) -> dict:
     """What a user compares: each cell's metrics and its whole learning curve."""
     cells = store.load_cells(exp_dir)
@@ -78,14 +58,7 @@ def table(exp_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("runner")
-    save_tiny_model_dir(directory / "tiny-bert", "bert")
-    with open(directory / "toy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_sentiment_rows(160))
-    (directory / "grid.yaml").write_text(textwrap.dedent(GRID), encoding="utf-8")
-    return directory
+    return write_grid_workspace(tmp_path_factory.mktemp("runner"), GRID)
 
 
 @pytest.fixture(scope="module")
@@ -227,13 +200,13 @@ def test_exit_descriptions_name_the_signal():
 
 def test_a_searched_cell_and_a_no_training_row_reach_the_store_and_the_report(workspace):
     path = workspace / "searched.yaml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(textwrap.dedent("""
         models: [tiny-bert]
-        tasks: [{{name: toy, path: toy.csv, text_fields: [text]}}]
+        tasks: [{name: toy, path: toy.csv, text_fields: [text]}]
         methods: [bitfit]
         seeds: [0]
-        train: {{max_steps: 16, batch_size: 16, eval_every: 4, threads: 1, lr_search: [0.0001, 0.01],
-                 lr_search_rungs: [0.25]}}
+        train: {max_steps: 16, batch_size: 16, eval_every: 4, threads: 1, lr_search: [0.0001, 0.01],
+                 lr_search_rungs: [0.25]}
         baselines: [majority]
     """), encoding="utf-8")
     spec = parse_spec(read_spec_file(path))

@@ -1,6 +1,7 @@
 """The `compare`, `results` and `report` subcommands: argument parsing and the glue to the library.
 
     deltatune compare grid.yaml --out runs/grid --jobs 2
+    deltatune compare grid.yaml --out runs/grid --backend ray --address ray://head:10001
     deltatune compare --preset doering2024 --size demo --out demo-output/doering2024-demo
     deltatune compare --tasks stsb --methods full bitfit lora-r16=lora:r=16 --fractions 0.1 1.0 \\
         --seeds 0 1 2 --epochs 3 --out runs/quick
@@ -24,6 +25,8 @@ from deltatune.config import field_help
 from deltatune.errors import DeltatuneError
 from deltatune.training import TrainConfig
 
+BACKENDS = ("local", "ray")
+"""Where `compare` runs cells: processes on this machine, or Ray tasks (`deltatune.compare.ray_backend`)."""
 _NOT_TRAIN_FLAGS = {"data_fraction", "seed", "time_budget_s", "num_examples", "quiet"}
 """TrainConfig fields that are grid axes (or meaningless for a grid), so they get no training flag."""
 
@@ -63,6 +66,11 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--keep-deltas", action="store_true", default=None,
                          help="keep every cell's delta.safetensors (default: keep only run.json and dev outputs)")
     compare.add_argument("--jobs", type=int, default=1, help="cells to run at the same time (default 1)")
+    compare.add_argument("--backend", default="local",
+                         help="where cells run: local (processes on this machine, default) or ray (Ray tasks; "
+                              "needs the ray extra)")
+    compare.add_argument("--address", help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
+                                           "(default: a Ray instance of this machine's own)")
     compare.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
     compare.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     compare.add_argument("--print-spec", action="store_true", help="print the resulting spec as YAML and exit")
@@ -149,6 +157,11 @@ def compare_command(args: argparse.Namespace) -> int:
         printable = {k: v for k, v in mapping.items() if not k.startswith("_")}
         print(yaml.safe_dump(printable, sort_keys=False, allow_unicode=True), end="")
         return 0
+    if args.backend not in BACKENDS:
+        raise DeltatuneError(f"--backend {args.backend!r} is not a grid backend. Available: {', '.join(BACKENDS)}.")
+    if args.address is not None and args.backend != "ray":
+        raise DeltatuneError(f"--address {args.address!r} names a Ray cluster, which only --backend ray uses. Add "
+                             "--backend ray, or leave --address out to run the cells on this machine.")
     spec = parse_spec(mapping)
     estimate = estimate_seconds(spec)
     estimate_text = None
@@ -166,8 +179,14 @@ def compare_command(args: argparse.Namespace) -> int:
         raise DeltatuneError("Give --out EXP_DIR: the directory for the results (an existing one is resumed).")
     if estimate_text:
         print(f"estimated time for the whole grid: {estimate_text}")
-    summary = run_grid(spec, args.out, jobs=args.jobs, retry_failed=args.retry_failed,
-                       say=lambda text: print(text, flush=True), command=_command_line(args))
+    options = {"jobs": args.jobs, "retry_failed": args.retry_failed, "say": lambda text: print(text, flush=True),
+               "command": _command_line(args)}
+    if args.backend == "ray":
+        from deltatune.compare.ray_backend import run_grid_on_ray
+
+        summary = run_grid_on_ray(spec, args.out, address=args.address, **options)
+    else:
+        summary = run_grid(spec, args.out, **options)
     finished = summary.finished_before + summary.recovered + summary.finished_now
     if finished and not args.no_report:
         html, markdown = write_report(args.out)

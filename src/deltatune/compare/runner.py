@@ -17,6 +17,10 @@ What makes it safe to interrupt at any moment:
     completes the grid.
 
 A lock file keeps two runners off one experiment directory at the same time.
+
+Cells run as processes on this machine (the local backend), or as Ray tasks on a local Ray instance or a
+cluster (`--backend ray`, `deltatune.compare.ray_backend`, which hands `run_grid` its own `execute`); either
+way this process alone writes the experiment directory and the store, so the guarantees above hold for both.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TextIO
 
 from deltatune.compare import store
 from deltatune.compare.cell import CELL_RESULT, DISK_FULL_EXIT, cell_paths
@@ -86,7 +91,7 @@ class _Running:
     cell: Cell | BaselineCell
     process: subprocess.Popen
     started: float
-    log: object
+    log: TextIO
 
 
 def machine_description(jobs: int, threads: int | None) -> dict:
@@ -212,6 +217,8 @@ class _DiskFull(Exception):
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
+        self.summary: GridRunSummary | None = None
+        """What the grid had done when it stopped, once the loop that ran its cells knows."""
 
 
 @contextlib.contextmanager
@@ -240,7 +247,7 @@ class _StopRequest:
         self.requested: str | None = None
         self.previous: dict = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
                 self.previous[signal_number] = signal.signal(signal_number, self._handle)
@@ -256,8 +263,13 @@ class _StopRequest:
 
 def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: bool = False,
              say: Callable[[str], None] = print, command: str | None = None,
-             threads: int | None = None) -> GridRunSummary:
-    """Run every cell of `spec` not yet finished in `exp_dir`; see the module docstring for the guarantees."""
+             threads: int | None = None, backend: str = "local",
+             execute: Callable[..., None] | None = None) -> GridRunSummary:
+    """Run every cell of `spec` not yet finished in `exp_dir`; see the module docstring for the guarantees.
+
+    `execute` runs the pending cells: by default up to `jobs` processes on this machine; `backend` names
+    where, for the store's record (`deltatune.compare.ray_backend.run_grid_on_ray` passes Ray's).
+    """
     if jobs < 1:
         raise DeltatuneError(f"--jobs {jobs} must be at least 1.")
     exp_dir = Path(exp_dir).resolve()
@@ -275,16 +287,18 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
     lock = _lock(exp_dir)
     try:
         with _disk_full_as("opening the results store"), closing(store.connect(exp_dir)) as connection:
-            return _run_locked(spec, exp_dir, connection, jobs, retry_failed, say, command, threads)
+            return _run_locked(spec, exp_dir, connection, jobs, retry_failed, say, command, threads, backend,
+                               execute or _execute)
     except _DiskFull as full:
-        raise DeltatuneError(_disk_full_message(exp_dir, full.what, getattr(full, "summary", None))) from None
+        raise DeltatuneError(_disk_full_message(exp_dir, full.what, full.summary)) from None
     finally:
         if lock is not None:
             lock.close()
 
 
 def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_failed: bool,
-                say: Callable[[str], None], command: str | None, threads: int | None) -> GridRunSummary:
+                say: Callable[[str], None], command: str | None, threads: int | None, backend: str,
+                execute: Callable[..., None]) -> GridRunSummary:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     every_cell = spec.every_cell
@@ -298,7 +312,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
                        baseline=spec.baseline, statistics=vars(spec.statistics),
                        methods=[m.name for m in spec.methods], method_kinds={m.name: m.method for m in spec.methods},
                        baselines=list(spec.baselines), tasks=[t.name for t in spec.tasks], total_cells=len(every_cell),
-                       command=command, machine=machine_description(jobs, threads),
+                       command=command, machine={**machine_description(jobs, threads), "backend": backend},
                        updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # whatever a killed runner or cell left half-written goes; nothing can be running (we hold the lock)
@@ -328,99 +342,127 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
     say(f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
         + (f", {recovered} finished but unrecorded (now recorded)" if recovered else "")
         + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
-        + f"; {len(pending)} to run, {jobs} at a time, {threads} thread(s) each.")
+        + f"; {len(pending)} to run, " + (f"{jobs} at a time" if backend == "local" else f"on {backend}")
+        + f", {threads} thread(s) each.")
     if stale:
         shown = "; ".join(stale[:8]) + (f"; and {len(stale) - 8} more" if len(stale) > 8 else "")
         say(f"{len(stale)} recorded cell(s) no longer belong to this spec (kept in the store, left out of "
             f"results and the report; `deltatune results --all-cells` shows them): {shown}")
     if not pending:
         return summary
-    _execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
+    execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
     return summary
 
 
-def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection, jobs: int, threads: int,
-             say: Callable[[str], None], summary: GridRunSummary) -> None:
-    queue = collections.deque(pending)
-    running: dict[str, _Running] = {}
-    durations: list[float] = []
-    done_estimates: list[float] = []
-    total = summary.total
-    done_before = summary.finished_before + summary.recovered
-    last_event = time.monotonic()
+class _GridProgress:
+    """What every backend shares while cells run: the status line with its ETA, and recording a cell that ended.
 
-    expected = {cell.cell_id: estimate_cell_seconds(cell) for cell in pending}
+    A backend runs the cell its own way but leaves it where a local cell process would have: its result
+    directory renamed into place, its log and error report under logs/. `conclude` then records it exactly once.
+    """
 
-    def status_line() -> str:
+    def __init__(self, pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection,
+                 parallel: int, say: Callable[[str], None], summary: GridRunSummary) -> None:
+        self.current, self.exp_dir, self.connection = current, exp_dir, connection
+        self.parallel, self.say, self.summary = parallel, say, summary
+        self.expected = {cell.cell_id: estimate_cell_seconds(cell) for cell in pending}
+        self.durations: list[float] = []
+        self.done_estimates: list[float] = []
+
+    def status_line(self, activity: str, running: dict[str, float], waiting: list[Cell | BaselineCell]) -> str:
+        """'[3/9 done · 2 running · 4 waiting · ETA 5 min 10 s]'; `running` maps a cell id to when it started."""
         # ETA: each cell's rough cost estimate, scaled by how the finished cells compared with theirs
-        left = len(queue)
         eta = None
-        if durations:
-            scale = sum(durations) / max(1e-9, sum(done_estimates))
+        if self.durations:
+            scale = sum(self.durations) / max(1e-9, sum(self.done_estimates))
             # a running cell past its estimate is assumed to need another tenth of it, not nothing
-            remaining = sum(expected[c.cell_id] for c in queue) + sum(
-                max(0.1 * expected[item.cell.cell_id],
-                    expected[item.cell.cell_id] - (time.monotonic() - item.started) / scale)
-                for item in running.values())
-            eta = scale * remaining / jobs
+            remaining = sum(self.expected[c.cell_id] for c in waiting) + sum(
+                max(0.1 * self.expected[cell_id], self.expected[cell_id] - (time.monotonic() - started) / scale)
+                for cell_id, started in running.items())
+            eta = scale * remaining / self.parallel
+        summary = self.summary
         failed = summary.failed_now + summary.failed_kept
-        return (f"[{done_before + summary.finished_now}/{total} done"
-                + (f" · {failed} failed" if failed else "")
-                + f" · {len(running)} running · {left} waiting · ETA {_format_duration(eta)}]")
+        return (f"[{summary.finished_before + summary.recovered + summary.finished_now}/{summary.total} done"
+                + (f" · {failed} failed" if failed else "") + f" · {activity} · ETA {_format_duration(eta)}]")
 
-    def start(cell: Cell | BaselineCell) -> None:
-        paths = cell_paths(exp_dir, cell.cell_id)
-        temporary = paths["payload"].with_suffix(".tmp")
-        with _disk_full_as("writing a cell's settings"):
-            try:
-                temporary.write_text(json.dumps(current[cell.cell_id], indent=2), encoding="utf-8")
-                os.replace(temporary, paths["payload"])
-            finally:
-                temporary.unlink(missing_ok=True)
-            paths["error"].unlink(missing_ok=True)
-            log = open(paths["log"], "w", encoding="utf-8")
-        environment = {**os.environ, "DELTATUNE_CELL_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-                       "OMP_NUM_THREADS": str(threads)}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "deltatune.compare.cell", str(exp_dir), cell.cell_id, str(os.getpid())],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
-            start_new_session=True,  # Ctrl-C reaches the runner only, which then stops the cells in order
-            preexec_fn=_die_with_parent if _LIBC is not None else None)
-        running[cell.cell_id] = _Running(cell, process, time.monotonic(), log)
-        say(f"{status_line()} started {cell.describe()} [{cell.cell_id}]")
-
-    def finish(item: _Running, code: int) -> None:
-        item.log.close()
-        elapsed = time.monotonic() - item.started
-        payload = current[item.cell.cell_id]
-        paths = cell_paths(exp_dir, item.cell.cell_id)
+    def conclude(self, cell: Cell | BaselineCell, code: int, elapsed: float, status: Callable[[], str],
+                 where: str = "") -> None:
+        """Record a cell whose process ended with `code` after `elapsed` seconds (`where` names a remote machine)."""
+        payload = self.current[cell.cell_id]
+        paths = cell_paths(self.exp_dir, cell.cell_id)
         if code == 0 and (paths["final"] / CELL_RESULT).is_file():
             with _disk_full_as("recording a finished cell"):
-                record, problem = _record_result_directory(connection, payload, paths["final"])
+                record, problem = _record_result_directory(self.connection, payload, paths["final"])
             if problem is not None:
-                summary.failed_now += 1
-                say(f"{status_line()} FAILED {item.cell.describe()}: {problem}")
+                self.summary.failed_now += 1
+                self.say(f"{status()} FAILED {cell.describe()}: {problem}")
                 return
-            summary.finished_now += 1
-            durations.append(elapsed)
-            done_estimates.append(expected[item.cell.cell_id])
-            say(f"{status_line()} finished {item.cell.describe()}: {_outcome(record)} in {_format_duration(elapsed)}")
+            self.summary.finished_now += 1
+            self.durations.append(elapsed)
+            self.done_estimates.append(self.expected[cell.cell_id])
+            self.say(f"{status()} finished {cell.describe()}: {_outcome(record)} in {_format_duration(elapsed)}"
+                     + where)
             return
         if code == DISK_FULL_EXIT:  # not the cell's fault: not recorded, it runs again on resume
-            raise _DiskFull(f"cell {item.cell.describe()} was writing its result")
+            raise _DiskFull(f"cell {cell.describe()} was writing its result")
         error = None
         with contextlib.suppress(OSError, ValueError):
             error = json.loads(paths["error"].read_text(encoding="utf-8"))["message"]
         if error is None:
-            error = f"The cell process {_describe_exit(code)}."
+            error = f"The cell process {_describe_exit(code)}{where}."
             tail = _log_tail(paths["log"])
             if tail:
                 error += f" Last lines of {paths['log']}:\n{tail}"
         with _disk_full_as("recording a failed cell"):
-            store.record_failed(connection, payload, error, elapsed)
-        summary.failed_now += 1  # (a failure says nothing about how long the others take: not in the ETA)
+            store.record_failed(self.connection, payload, error, elapsed)
+        self.summary.failed_now += 1  # (a failure says nothing about how long the others take: not in the ETA)
         first_line = error.strip().splitlines()[0] if error.strip() else error
-        say(f"{status_line()} FAILED {item.cell.describe()}: {first_line} (log: {paths['log']})")
+        self.say(f"{status()} FAILED {cell.describe()}: {first_line} (log: {paths['log']})")
+
+
+def write_cell_payload(exp_dir: Path, cell_id: str, payload: dict) -> None:
+    """The cell's settings where its process reads them (replaced in one rename), and no stale error report."""
+    paths = cell_paths(exp_dir, cell_id)
+    temporary = paths["payload"].with_suffix(".tmp")
+    try:
+        temporary.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        os.replace(temporary, paths["payload"])
+    finally:
+        temporary.unlink(missing_ok=True)
+    paths["error"].unlink(missing_ok=True)
+
+
+def cell_process_arguments(exp_dir: Path, cell_id: str, threads: int) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one cell's process (see `deltatune.compare.cell`)."""
+    environment = {**os.environ, "DELTATUNE_CELL_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+                   "OMP_NUM_THREADS": str(threads)}
+    return [sys.executable, "-m", "deltatune.compare.cell", str(exp_dir), cell_id, str(os.getpid())], environment
+
+
+def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection, jobs: int,
+             threads: int, say: Callable[[str], None], summary: GridRunSummary) -> None:
+    """The local backend: up to `jobs` cell processes at a time on this machine."""
+    queue = collections.deque(pending)
+    running: dict[str, _Running] = {}
+    progress = _GridProgress(pending, current, exp_dir, connection, jobs, say, summary)
+    last_event = time.monotonic()
+
+    def status_line() -> str:
+        return progress.status_line(f"{len(running)} running · {len(queue)} waiting",
+                                    {cell_id: item.started for cell_id, item in running.items()}, list(queue))
+
+    def start(cell: Cell | BaselineCell) -> None:
+        paths = cell_paths(exp_dir, cell.cell_id)
+        with _disk_full_as("writing a cell's settings"):
+            write_cell_payload(exp_dir, cell.cell_id, current[cell.cell_id])
+            log = open(paths["log"], "w", encoding="utf-8")
+        arguments, environment = cell_process_arguments(exp_dir, cell.cell_id, threads)
+        process = subprocess.Popen(
+            arguments, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
+            start_new_session=True,  # Ctrl-C reaches the runner only, which then stops the cells in order
+            preexec_fn=_die_with_parent if _LIBC is not None else None)
+        running[cell.cell_id] = _Running(cell, process, time.monotonic(), log)
+        say(f"{status_line()} started {cell.describe()} [{cell.cell_id}]")
 
     with _StopRequest() as stop:
         try:
@@ -432,7 +474,8 @@ def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_d
                     code = item.process.poll()
                     if code is not None and stop.requested is None:
                         del running[cell_id]
-                        finish(item, code)
+                        item.log.close()
+                        progress.conclude(item.cell, code, time.monotonic() - item.started, status_line)
                         last_event = time.monotonic()
                 if running and time.monotonic() - last_event > HEARTBEAT_S:
                     still = ", ".join(f"{item.cell.describe()} ({_format_duration(time.monotonic() - item.started)})"
@@ -478,8 +521,12 @@ def _stop_running(running: dict[str, _Running], exp_dir: Path, connection, curre
             del running[cell_id]
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    say(f"Stopped by {reason}: {summary.finished_now} cell(s) finished and recorded in this run; "
-        f"{len(running)} cell(s) in flight were stopped and not recorded. Run the same command again to resume.")
+    say(stopped_message(reason, summary, len(running)))
+
+
+def stopped_message(reason: str, summary: GridRunSummary, stopped: int) -> str:
+    return (f"Stopped by {reason}: {summary.finished_now} cell(s) finished and recorded in this run; {stopped} "
+            "cell(s) in flight were stopped and not recorded. Run the same command again to resume.")
 
 
 __all__ = ["run_grid", "GridRunSummary", "machine_description"]

@@ -714,6 +714,11 @@ class _RowwiseModule:
                                                      own[group].get("weight", module.weight),
                                                      own[group].get("bias", module.bias), module.eps)
             return output
+        if kind == "linear":  # heads: each delta's own weight passed as a tensor (autocast caches a parameter's
+            # cast for the whole forward pass, so a parameter whose .data is swapped would keep its first weight)
+            outputs = [F.linear(inputs[start:end], *(self._linear_values(own[group]))) for group, start, end in segments]
+            width = max(output.shape[-1] for output in outputs)
+            return torch.cat([F.pad(output, (0, width - output.shape[-1])) for output in outputs])
         outputs = []
         parameters = {leaf: getattr(module, leaf) for leaf in self.leaves}
         live = {leaf: parameter.data for leaf, parameter in parameters.items()}
@@ -729,6 +734,14 @@ class _RowwiseModule:
                 parameter.data = live[leaf]
         width = max(output.shape[-1] for output in outputs)  # heads of several widths: zero-padded
         return torch.cat([F.pad(output, (0, width - output.shape[-1])) for output in outputs])
+
+    def _linear_values(self, own: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A linear layer's (weight, bias) for a group: its own values, or the live ones."""
+        module = self.module
+        assert isinstance(module, nn.Linear)  # `_plan` chose "linear" for a linear layer only
+        own = own or {}
+        bias = module.bias
+        return own.get("weight", module.weight), own.get("bias", bias) if bias is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         routing = self.mixer.routing
