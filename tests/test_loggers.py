@@ -133,3 +133,47 @@ def test_a_compare_spec_passes_report_to_to_its_cells_without_changing_their_ide
     payload = {"train": logged.train, "data_fraction": 1.0, "seed": logged.seed, "time_budget_s": None}
     config = train_config_for(payload)
     assert config.report_to == ("tensorboard",) and config.log_dir == "logs"
+
+
+@needs_logging_extra
+@pytest.mark.parametrize("lr_search", [None, (1e-3, 3e-3)], ids=["one-rate", "rate-search"])
+def test_an_interrupted_run_closes_its_loggers_and_marks_the_mlflow_run_failed(tmp_path, monkeypatch, lr_search):
+    """Ctrl-C in the middle of training: every logger is closed (no MLflow run left RUNNING), the error still
+    reaches the caller, and the model's training-time changes are undone."""
+    from mlflow.tracking import MlflowClient
+
+    from deltatune import run as run_module
+    from deltatune.training import Trainer
+
+    steps = []
+    original = Trainer._step
+
+    def interrupted_step(self):
+        steps.append(self.learning_rate)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted_step)
+    closed = []
+    original_close = Trainer.close
+    monkeypatch.setattr(Trainer, "close", lambda self, failed=False: closed.append(failed) or original_close(self, failed))
+    with pytest.raises(KeyboardInterrupt):
+        if lr_search is None:
+            tiny_run(report_to=("mlflow", "tensorboard"), log_dir=str(tmp_path), epochs=1)
+        else:  # the search builds one trainer per rate through the run path
+            torch.manual_seed(0)
+            model, tokenizer = build_tiny_model("bert"), build_tokenizer()
+            train_split, dev_split = sentiment_splits(n_train=64, n_dev=24)
+            prepared = run_module.prepare_data(model, tokenizer, SENTIMENT, train_split, dev_split, None,
+                                               TrainConfig(batch_size=16, quiet=True, seed=3))
+            config = TrainConfig(epochs=1, batch_size=16, quiet=True, seed=3, eval_every=2, lr_search=lr_search,
+                                 report_to=("mlflow",), log_dir=str(tmp_path))
+            run_module._train(model, tokenizer, SENTIMENT, prepared, "lora", {}, build_method("lora"), config, None)
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("deltatune").experiment_id])
+    assert len(runs) == (1 if lr_search is None else 2)
+    statuses = sorted(run.info.status for run in runs)
+    # nothing left RUNNING; the interrupted trainer FAILED (a rate the search had already stopped FINISHED)
+    assert "RUNNING" not in statuses and "FAILED" in statuses, statuses
+    assert True in closed

@@ -49,10 +49,11 @@ class ScalarLoggers:
         for logger in self.loggers:
             logger.log(scalars, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close each logger; `failed`: the run ended by an error (MLflow marks the run FAILED)."""
         loggers, self.loggers = self.loggers, []  # closing twice (a paused search's loser, then finish) is a no-op
         for logger in loggers:
-            logger.close()
+            logger.close(failed)
 
 
 class TensorBoardLogger:
@@ -67,7 +68,7 @@ class TensorBoardLogger:
         for name, value in scalars.items():
             self.writer.add_scalar(name, float(value), global_step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -94,8 +95,8 @@ class MLflowLogger:
         metrics = [Metric(name, float(value), now, step) for name, value in scalars.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def open_loggers(report_to: tuple[str, ...], log_dir: str | Path | None, run_name: str) -> ScalarLoggers:

@@ -141,9 +141,10 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
                             task_data.splits.get("test"), config)
     trainer, search = _train(model, tokenizer, task, prepared, method_name, method_overrides, method, config, say)
     model, method = trainer.model, trainer.method
-    trainable_names = set(method.trainable_names(model))
-    trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
-    result = trainer.finish()
+    with trainer.closed_on_error():
+        trainable_names = set(method.trainable_names(model))
+        trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
+        result = trainer.finish()
     if not trainer.group.is_main:
         return {"rank": trainer.group.rank}
     model.to("cpu")  # the delta is saved, and the model handed back, on the CPU
@@ -267,7 +268,8 @@ def _train(model, tokenizer, task, prepared, method_name: str, method_overrides:
         resolve_critical_layers(method, model)
         prepare_model(model, method, tokenizer)
         trainer = Trainer(model, method, task, prepared, config)
-        trainer.advance()
+        with trainer.closed_on_error():
+            trainer.advance()
         return trainer, None
     rates = learning_rate_candidates(config, method)
     # every candidate starts where a single run would: the same head, then the method initialised from the

@@ -93,7 +93,18 @@ def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates:
                        rungs: Sequence[float], metric: str, say: Callable[[str], None] | None = None
                        ) -> SearchResult:
     """Run the search; every trainer but the survivor's is closed. See the module docstring."""
-    candidates = [Candidate(rate, make_trainer(rate)) for rate in learning_rates]
+    candidates: list[Candidate] = []
+    try:
+        for rate in learning_rates:
+            candidates.append(Candidate(rate, make_trainer(rate)))
+        return _halve(candidates, rungs, metric, say)
+    except BaseException:
+        for candidate in candidates:  # closing twice is a no-op: losers were closed when they stopped
+            candidate.trainer.close(failed=True)
+        raise
+
+
+def _halve(candidates: list[Candidate], rungs: tuple[float, ...], metric: str, say) -> SearchResult:
     alive = list(candidates)
     for index, rung in enumerate(rungs):
         if len(alive) <= 1:

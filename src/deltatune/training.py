@@ -23,6 +23,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -734,14 +735,26 @@ class Trainer:
         return tqdm(total=self.plan.planned_steps, initial=self.step, unit="step", dynamic_ncols=True,
                     desc=f"{self.method.name} on {self.task.name} at lr {self.learning_rate:g}", file=sys.stderr)
 
-    def close(self) -> None:
-        """Undo the training-time changes to the model (fast dropout, bf16 frozen weights); close the loggers."""
+    def close(self, failed: bool = False) -> None:
+        """Undo the training-time changes to the model (fast dropout, bf16 frozen weights); close the loggers
+        (`failed`: training ended by an error, which they record)."""
         self._undo_training_changes()
-        self.loggers.close()
+        self.loggers.close(failed)
+
+    @contextmanager
+    def closed_on_error(self) -> Iterator[Trainer]:
+        """Within the block, an error (Ctrl-C, divergence, a full disk) closes the trainer before it propagates:
+        the model is left as it was trained and no logger is left open."""
+        try:
+            yield self
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     def _undo_training_changes(self) -> None:
         if self.unfreezing is not None:
             self.unfreezing.finish()
+            self.unfreezing = None  # undone once, whichever of close and finish comes first
         self.contexts.close()
 
     def _test(self) -> tuple[dict[str, float] | None, np.ndarray | None]:
@@ -854,8 +867,9 @@ def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_s
     `deltatune.run.run_training`, which builds a fresh model per learning rate.)"""
     data = prepare_data(model, tokenizer, task, train_split, dev_split, test_split, config)
     trainer = Trainer(model, method, task, data, config)
-    trainer.advance()
-    return trainer.finish()
+    with trainer.closed_on_error():
+        trainer.advance()
+        return trainer.finish()
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
