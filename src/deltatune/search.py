@@ -104,7 +104,8 @@ def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates:
         raise
 
 
-def _halve(candidates: list[Candidate], rungs: tuple[float, ...], metric: str, say) -> SearchResult:
+def _halve(candidates: list[Candidate], rungs: Sequence[float], metric: str,
+           say: Callable[[str], None] | None) -> SearchResult:
     alive = list(candidates)
     for index, rung in enumerate(rungs):
         if len(alive) <= 1:
