@@ -125,8 +125,8 @@ class IA3Linear(WrappedLinear[IA3Scale]):
         segments = routing.contiguous()
         if segments is not None:  # a batch sorted by delta: each delta's scale on its own slice
             # (scales the input?, the scale in the activations' dtype) per routed delta, cast once
-            parts = routing.stacked(self, lambda: [None if part is None else (part.scale_input, part.scale.to(x.dtype))
-                                                   for part in self.row_parts(routing)], kind=f"parts {x.dtype}")
+            parts = routing.per_delta(self, f"parts {x.dtype}", lambda name: None if (
+                part := self.part(name)) is None else (part.scale_input, part.scale.to(x.dtype)))
             scaled = [(*parts[group], start, end) for group, start, end in segments if parts[group] is not None]
             if any(scale_input for scale_input, *_ in scaled):
                 x = x.clone()

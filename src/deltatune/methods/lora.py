@@ -162,10 +162,9 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
         segments = routing.contiguous()
         if segments is not None:  # a batch sorted by delta: each delta's B·A on its own slice, in place
             # each delta's A and scaled Bᵀ in the activations' dtype, cast once for these routed names
-            parts = routing.stacked(self, lambda: [None if part is None else
-                                                   (part.lora_A.to(result.dtype), (part.lora_B * part.scaling).t()
-                                                    .to(result.dtype)) for part in self.row_parts(routing)],
-                                    kind=f"parts {result.dtype}")
+            parts = routing.per_delta(self, f"parts {result.dtype}", lambda name: None if (
+                part := self.part(name)) is None else (part.lora_A.to(result.dtype),
+                                                       (part.lora_B * part.scaling).t().to(result.dtype)))
             for group, start, end in segments:
                 if parts[group] is not None:
                     down_weight, up_weight = parts[group]

@@ -525,6 +525,19 @@ class RowRouting:
     segments: tuple[tuple[int, int, int], ...] | None = None
     """(group, first row, end row) per group when each group's rows are one contiguous run (a batch sorted by
     delta, `RowMixer.grouped_order`); None otherwise. See `contiguous`."""
+    per_delta_cache: dict = field(default_factory=dict)
+    """What sites prepare from one delta's part (shared by every batch of the mixed-batch session)."""
+
+    def per_delta(self, owner: object, kind: str, build: Callable[[str | None], Any]) -> list[Any]:
+        """`build(name)` for each routed name, each prepared once per delta for the session (a batch's set of
+        deltas changes from batch to batch; a delta's cast weights do not)."""
+        prepared = []
+        for name in self.names:
+            key = (kind, id(owner), name)
+            if key not in self.per_delta_cache:
+                self.per_delta_cache[key] = build(name)
+            prepared.append(self.per_delta_cache[key])
+        return prepared
 
     def contiguous(self) -> tuple[tuple[int, int, int], ...] | None:
         """The runs of rows per group, when sites may work on slices of the batch instead of gathering per row.
@@ -552,6 +565,10 @@ class RowRouting:
         return self.cache[key]
 
 
+_STACKED_SETS = 8
+"""How many sets of routed deltas a mixed-batch session keeps the gathered stacks of."""
+
+
 class RowMixer:
     """Routes the rows of each forward pass to their own deltas (made by `mixed_rows`)."""
 
@@ -561,6 +578,7 @@ class RowMixer:
         self.sites = list(sites(model).values())
         self.routing: RowRouting | None = None
         self._caches: dict[tuple, dict] = {}
+        self._per_delta: dict = {}
         self._patched: list[nn.Module] = []
 
     def route(self, row_deltas: list[str | None]) -> RowRouting:
@@ -583,8 +601,10 @@ class RowMixer:
         device = next(self.model.parameters()).device
         groups = [position[name] for name in row_deltas]
         index = torch.tensor(groups, dtype=torch.long, device=device)
+        if (names, device) not in self._caches and len(self._caches) >= _STACKED_SETS:
+            del self._caches[next(iter(self._caches))]  # a long session sees many sets of deltas: keep the latest
         self.routing = RowRouting(names, index, self._caches.setdefault((names, device), {}),
-                                  segments=_segments(groups))
+                                  segments=_segments(groups), per_delta_cache=self._per_delta)
         for site in self.sites:
             site.row_routing = self.routing
         return self.routing
@@ -683,24 +703,38 @@ class _RowwiseModule:
             sets.setdefault(key, (group_values, []))[1].append(group)
         return "groups", list(sets.values())
 
-    def _own_values(self, names: tuple[str | None, ...]) -> list[dict[str, torch.Tensor] | None]:
-        """Each group's values of the module's tensors, or None where they are the live (base) ones."""
-        live = {leaf: getattr(self.module, leaf).data for leaf in self.leaves}
-        values = [self._values(name) for name in names]
-        return [None if all(group[leaf].data_ptr() == live[leaf].data_ptr() for leaf in group) else group
-                for group in values]
+    def _own_value(self, name: str | None) -> dict[str, torch.Tensor] | None:
+        """Delta `name`'s values of the module's tensors that differ from the live (base) ones; None if none do."""
+        values = self._values(name)
+        own = {leaf: value for leaf, value in values.items()
+               if value.data_ptr() != getattr(self.module, leaf).data.data_ptr()}
+        return own or None
 
-    def _sliced(self, routing: RowRouting, kind: str, segments: tuple[tuple[int, int, int], ...],
+    def _sliced_kind(self, own: list[dict[str, torch.Tensor] | None]) -> str:
+        module = self.module
+        if isinstance(module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
+            if module.bias is not None and all(values is None or (set(values) == {"bias"}
+                                                                  and values["bias"].shape == module.bias.shape)
+                                               for values in own):
+                return "bias"
+            return "linear"
+        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            return "norm"
+        return "groups"
+
+    def _sliced(self, routing: RowRouting, segments: tuple[tuple[int, int, int], ...],
                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         """A batch sorted by delta: the module runs once with its live (base) tensors, then only the slices of
         deltas with their own values are redone (a bias shift, a norm, a head) in place."""
-        own = routing.stacked(self, lambda: self._own_values(routing.names), kind="sliced")
+        own = routing.per_delta(self, "own", self._own_value)
+        kind = self._sliced_kind(own)
         inputs, module = args[0], self.module
         if kind == "bias":
-            assert isinstance(module, nn.Linear)  # `_plan` chose "bias" for a linear layer only
+            assert isinstance(module, nn.Linear) and module.bias is not None  # what `_sliced_kind` checked
             output = F.linear(inputs, module.weight, module.bias)
-            shifts = routing.stacked(self, lambda: [None if values is None else (values["bias"] - module.bias)
-                                                    .to(output.dtype) for values in own], kind=f"shift {output.dtype}")
+            bias = module.bias
+            shifts = routing.per_delta(self, f"shift {output.dtype}", lambda name: None if (
+                values := self._own_value(name)) is None else (values["bias"] - bias).to(output.dtype))
             for group, start, end in segments:
                 if shifts[group] is not None:
                     output[start:end] += shifts[group]
@@ -725,7 +759,7 @@ class _RowwiseModule:
         try:
             for group, start, end in segments:
                 for leaf, parameter in parameters.items():
-                    parameter.data = live[leaf] if own[group] is None else own[group][leaf]
+                    parameter.data = (own[group] or {}).get(leaf, live[leaf])
                 sliced = [argument[start:end] if isinstance(argument, torch.Tensor)
                           and argument.shape[:1] == inputs.shape[:1] else argument for argument in args]
                 outputs.append(self.original(*sliced, **kwargs))
@@ -748,10 +782,10 @@ class _RowwiseModule:
         if routing is None:
             raise DeltatuneError("A forward pass inside mixed_rows needs its rows routed first: call "
                                  "mixer.route(row_deltas) with one delta name (or None) per row before it.")
-        kind, plan = routing.stacked(self, lambda: self._plan(routing.names))
         segments = routing.contiguous()
         if segments is not None:
-            return self._sliced(routing, kind, segments, args, kwargs)
+            return self._sliced(routing, segments, args, kwargs)
+        kind, plan = routing.stacked(self, lambda: self._plan(routing.names))
         inputs = args[0]
         module = self.module
         if kind == "bias":
