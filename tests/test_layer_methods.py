@@ -426,3 +426,13 @@ def test_freeze_apply_never_reads_another_run(tmp_path, tiny_bert_dir):
     method = build_method("freeze", {"critical": "1", "critical_from": str(tmp_path / "no-such-run")})
     with pytest.raises(DeltatuneError, match=r"needs its layers chosen .* before the method is applied"):
         prepare_model(model, method)
+
+
+def test_sparse_mask_steps_on_a_merged_mask_are_refused_naming_the_layer_and_the_fix():
+    model, method, _ = train_sparse("bert", {"sparsity": "0.05", "warmup_fraction": "0.2", "ramp_fraction": "0.5"},
+                                    steps=2)
+    method.merge(model)
+    with pytest.raises(DeltatuneError, match=r"has its mask merged into the weight.*unmerge it"):
+        method.on_step_end(model, 3, 6)
+    method.unmerge(model)
+    method.on_step_end(model, 3, 6)  # unmerged, training goes on

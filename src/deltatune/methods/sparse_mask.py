@@ -304,7 +304,8 @@ class SparseMask(Method):
         delta = self._applied_name()
         for name, module in masked_linears(model, delta).items():
             if module.merged_delta is not None:
-                raise RuntimeError(f"sparse-mask: {name} is merged; unmerge before training")
+                raise DeltatuneError(f"sparse-mask: layer {name!r} has its mask merged into the weight, so training "
+                                     "cannot move the mask further; unmerge it (method.unmerge(model)) before training.")
             project_to_sparsity(module.part_of(delta).mask_scores, module.weight, sparsity)
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
