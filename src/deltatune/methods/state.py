@@ -647,6 +647,12 @@ class RowMixer:
         self.routing = None
 
 
+def _stacked_rows(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The slices' outputs back in one batch, narrower ones (heads of fewer labels) zero-padded."""
+    width = max(output.shape[-1] for output in outputs)
+    return torch.cat([F.pad(output, (0, width - output.shape[-1])) for output in outputs])
+
+
 def _segments(groups: list[int]) -> tuple[tuple[int, int, int], ...] | None:
     """(group, start, end) runs of equal groups, or None when some group's rows are not all in one run."""
     runs: list[tuple[int, int, int]] = []
@@ -751,8 +757,7 @@ class _RowwiseModule:
         if kind == "linear":  # heads: each delta's own weight passed as a tensor (autocast caches a parameter's
             # cast for the whole forward pass, so a parameter whose .data is swapped would keep its first weight)
             outputs = [F.linear(inputs[start:end], *(self._linear_values(own[group]))) for group, start, end in segments]
-            width = max(output.shape[-1] for output in outputs)
-            return torch.cat([F.pad(output, (0, width - output.shape[-1])) for output in outputs])
+            return _stacked_rows(outputs)
         outputs = []
         parameters = {leaf: getattr(module, leaf) for leaf in self.leaves}
         live = {leaf: parameter.data for leaf, parameter in parameters.items()}
@@ -766,8 +771,7 @@ class _RowwiseModule:
         finally:
             for leaf, parameter in parameters.items():
                 parameter.data = live[leaf]
-        width = max(output.shape[-1] for output in outputs)  # heads of several widths: zero-padded
-        return torch.cat([F.pad(output, (0, width - output.shape[-1])) for output in outputs])
+        return _stacked_rows(outputs)
 
     def _linear_values(self, own: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A linear layer's (weight, bias) for a group: its own values, or the live ones."""
