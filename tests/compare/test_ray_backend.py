@@ -187,6 +187,25 @@ def test_a_bad_backend_or_address_is_one_clear_error_and_loses_nothing(workspace
     assert rows(experiment) == before
 
 
+def test_address_auto_without_a_cluster_is_an_error_before_the_experiment_directory_exists(workspace, monkeypatch,
+                                                                                            capsys):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'deltatune[ray]')")
+    from ray._private.services import get_ray_address_from_environment
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        pass
+    else:
+        pytest.skip("a Ray cluster is running on this machine, so --address auto finds one")
+    experiment = workspace / "auto-nothing"
+    assert main(["compare", str(workspace / "grid.yaml"), "--out", str(experiment), "--backend", "ray",
+                 "--address", "auto"]) == 2
+    assert "--address auto: no Ray cluster was started on this machine" in capsys.readouterr().err
+    assert not experiment.exists()
+
+
 def test_without_ray_installed_the_ray_backend_names_the_extra(workspace, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when the extra is missing
     assert main(["compare", str(workspace / "grid.yaml"), "--out", str(workspace / "no-ray"), "--backend", "ray"]) == 2

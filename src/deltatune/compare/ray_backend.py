@@ -98,7 +98,10 @@ def _import_ray():
 def check_ray_backend(address: str | None) -> None:
     """Before anything runs: Ray is installed, and the address is one Ray understands and answers on."""
     _import_ray()
-    if address is None or address == "auto":
+    if address is None:
+        return
+    if address == "auto":
+        _check_auto_address()
         return
     match = _ADDRESS.match(address)
     if match is None or not 0 < int(match["port"]) < 65536:
@@ -115,6 +118,24 @@ def check_ray_backend(address: str | None) -> None:
         raise DeltatuneError(f"--address {address!r}: nothing answers at {host}:{port} ({reason}). Check that "
                              "the Ray cluster is up (`ray status` on its head node) and that the host and port are "
                              "right, or leave --address out to run on a Ray instance of this machine's own.") from None
+
+
+def _check_auto_address() -> None:
+    """`--address auto` joins the cluster `ray start` left on this machine (or RAY_ADDRESS): say so early if none.
+
+    Ray finds that cluster with a private helper; a Ray without it leaves the check to `ray.init`, which
+    reports the same thing later (after the experiment directory exists, losing nothing).
+    """
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:
+        return
+    try:
+        get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        raise DeltatuneError("--address auto: no Ray cluster was started on this machine (`ray start --head`) and "
+                             "RAY_ADDRESS is not set. Start one, give its address as ray://HOST:PORT, or leave "
+                             "--address out to run on a Ray instance of this machine's own.") from None
 
 
 def start_local_ray(num_cpus: int, object_store_bytes: int = LOCAL_OBJECT_STORE_BYTES) -> None:
