@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, build_tokenizer, tiny_bert_config, write_sentiment_csv
+from conftest import build_tiny_model, build_tokenizer, tiny_bert_config, tiny_llama_config, write_sentiment_csv
 from deltatune.cli import main
 from deltatune.devices import describe_device, resolve_device
 from deltatune.distributed import share_of
@@ -162,16 +162,18 @@ def train_command(model_dir: Path, csv_path: Path, out: Path) -> list[str]:
             "--precision", "fp32", "--threads", "1", "--device", "cpu", "--quiet", "--seed", "3", "--out", str(out)]
 
 
-def one_then_two_processes(toy, tmp_path: Path, launcher: list[str]) -> tuple[subprocess.CompletedProcess, set]:
-    """Train once in one process (into tmp_path/one), then under `launcher` with two (tmp_path/two); returns
-    the launched run and what it added to tmp_path."""
+def one_then_two_processes(toy, tmp_path: Path, launcher: list[str], extra: tuple[str, ...] | list[str] = ()
+                           ) -> tuple[subprocess.CompletedProcess, set]:
+    """Train once in one process (into tmp_path/one), then under `launcher` with two (tmp_path/two, with the
+    `extra` flags); returns the launched run and what it added to tmp_path."""
     model_dir, csv_path = toy
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     single = subprocess.run([sys.executable, *train_command(model_dir, csv_path, tmp_path / "one")],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     before = set(tmp_path.iterdir())
-    launched = subprocess.run([sys.executable, "-m", *launcher, *train_command(model_dir, csv_path, tmp_path / "two")],
+    launched = subprocess.run([sys.executable, "-m", *launcher, *train_command(model_dir, csv_path, tmp_path / "two"),
+                               *extra],
                               capture_output=True, text=True, env=environment, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     return launched, set(tmp_path.iterdir()) - before
@@ -200,6 +202,46 @@ def test_two_processes_under_torchrun_train_the_same_delta_as_one(toy, tmp_path)
     assert record["examples_seen"] == single_record["examples_seen"]
     assert [point["metrics"] for point in record["learning_curve"]] == \
         [point["metrics"] for point in single_record["learning_curve"]]
+
+
+def test_fsdp_over_two_processes_trains_and_saves_the_whole_decoder_as_one_process_does(tmp_path):
+    """Full fine-tuning of a tiny Llama sharded over 2 CPU processes (FSDP2, gloo): the saved delta holds
+    every tensor at full size, equal to one unsharded process's within float tolerance, and reloads to the
+    metrics the sharded run recorded."""
+    from transformers import AutoModel
+
+    import deltatune
+
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_llama_config()).save_pretrained(tmp_path / "tiny-llama")
+    build_tokenizer().save_pretrained(tmp_path / "tiny-llama")
+    csv_path = write_sentiment_csv(tmp_path / "toy.csv", 96)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    launched, added = one_then_two_processes((tmp_path / "tiny-llama", csv_path), tmp_path, launcher[1:],
+                                             extra=["--fsdp"])
+    assert added == {tmp_path / "two"} and launched.stdout.count("saved to") == 1
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert record["distributed"] == {"processes": 2, "backend": "gloo", "fsdp": True}
+    one, two = load_file(tmp_path / "one" / "delta.safetensors"), load_file(tmp_path / "two" / "delta.safetensors")
+    assert {name: t.shape for name, t in one.items()} == {name: t.shape for name, t in two.items()}
+    assert any("layers.1.mlp" in name for name in two)  # complete: the last layer's shards were gathered too
+    assert largest_delta_difference(tmp_path / "one", tmp_path / "two") < 1e-5
+    single_record = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert record["steps"] == single_record["steps"] and record["best_step"] == single_record["best_step"]
+    reloaded = deltatune.load(tmp_path / "two").evaluate("dev", precision="fp32")
+    assert reloaded["accuracy"] == pytest.approx(record["dev_metrics"]["accuracy"], abs=1e-9)
+
+
+def test_fsdp_is_refused_for_a_small_delta_and_for_one_process(toy, tmp_path, capsys):
+    model_dir, csv_path = toy
+    command = train_command(model_dir, csv_path, tmp_path / "out")[2:] + ["--fsdp"]
+    assert main(command) == 2
+    assert "but this is one: start them with `torchrun --nproc_per_node N" in capsys.readouterr().err
+    command[command.index("full")] = "lora"
+    assert main(command) == 2
+    assert "method 'lora' trains a small delta" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

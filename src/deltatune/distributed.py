@@ -11,15 +11,23 @@ already weighted by its examples' share of the global batch, so the sum is the g
 gradient, exactly what one process would get up to float summation order). Dev evaluation runs on rank
 0 alone and its stop decision is broadcast each step, so every rank stops at the same step. Only rank 0
 prints, takes the output lock and writes the run directory.
+
+With `--fsdp` (full fine-tuning) the model is sharded instead of replicated (torch's FSDP2, `fully_shard`:
+each transformer layer, then the rest): every rank keeps 1/N of the weights, gradients and AdamW state,
+the forward and backward passes gather each layer's weights when they need them, and the gradients are
+reduce-scattered (summed, as above). Every rank then takes part in each evaluation (a forward pass needs
+all the shards), and at the end the whole model is gathered onto rank 0's CPU and saved like any delta.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_distributed
+from torch import nn
 
 from deltatune.errors import DeltatuneError
 
@@ -41,9 +49,9 @@ class ProcessGroup:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def describe(self) -> dict[str, object]:
-        """What a run record says about the processes."""
-        return {"processes": self.world_size, "backend": self.backend or "none"}
+    def describe(self, sharded: bool = False) -> dict[str, object]:
+        """What a run record says about the processes (and, when sharded, that the model was)."""
+        return {"processes": self.world_size, "backend": self.backend or "none", **({"fsdp": True} if sharded else {})}
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """Sum each tensor over the ranks in place (one all-reduce per dtype, through a flat buffer)."""
@@ -107,6 +115,45 @@ def process_group(device: torch.device) -> ProcessGroup:
                         torch_distributed.get_backend())
 
 
+FSDP_METHODS = ("full",)
+"""Methods whose training state is the whole model, which sharding is for; the others train a small delta
+that plain data-parallel training already replicates cheaply."""
+
+
+def check_fsdp(method_name: str, group: ProcessGroup) -> None:
+    """`--fsdp` shards a fully fine-tuned model over several processes: refuse it anywhere else."""
+    if method_name not in FSDP_METHODS:
+        raise DeltatuneError(f"--fsdp shards a fully fine-tuned model over the processes, but method {method_name!r} "
+                             "trains a small delta, which plain data-parallel training already handles: drop "
+                             "--fsdp, or use --method full.")
+    if not group.distributed:
+        raise DeltatuneError("--fsdp shards the model over several processes, but this is one: start them with "
+                             "`torchrun --nproc_per_node N -m deltatune.cli train ...` (or accelerate launch), or "
+                             "drop --fsdp.")
+
+
+def shard_model(model: nn.Module) -> None:
+    """Shard `model` over the ranks in place (FSDP2): each transformer layer on its own, then the rest, so a
+    forward pass holds one layer's full weights at a time. FSDP averages the gradients over the ranks, where
+    deltatune's ranks weight their losses to be summed (by each one's share of the global batch): the training
+    loop scales a sharded model's loss by the number of ranks (gloo cannot sum with another divide factor)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from deltatune.methods.layers import find_layer_list
+
+    for layer in find_layer_list(model)[1]:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def gather_full_state(model: nn.Module) -> dict[str, Any]:
+    """A sharded model's whole state dict on rank 0's CPU (an empty dict on the other ranks); every rank
+    must call it, as each sends its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def current_rank() -> int:
     """This process's rank (0 outside several processes): what decides who prints."""
     if torch_distributed.is_available() and torch_distributed.is_initialized():
@@ -122,4 +169,5 @@ def share_of(indices: list[int], rank: int, world_size: int) -> list[int]:
     return indices[start:start + base + (1 if rank < extra else 0)]
 
 
-__all__ = ["ProcessGroup", "process_group", "current_rank", "share_of", "launched_world_size"]
+__all__ = ["ProcessGroup", "process_group", "current_rank", "share_of", "launched_world_size", "check_fsdp",
+           "shard_model", "gather_full_state", "FSDP_METHODS"]

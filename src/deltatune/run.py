@@ -34,7 +34,7 @@ from deltatune.delta import (
     write_json_atomic,
 )
 from deltatune.devices import describe_device, peak_device_memory_bytes, resolve_device
-from deltatune.distributed import ProcessGroup, process_group
+from deltatune.distributed import ProcessGroup, gather_full_state, process_group
 from deltatune.errors import DeltatuneError
 from deltatune.heads import PooledTaskModel, head_of
 from deltatune.methods import build_method, prepare_model
@@ -145,6 +145,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         trainable_names = set(method.trainable_names(model))
         trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
         result = trainer.finish()
+        model, method = _unsharded(trainer, model_name, task, config, method_overrides, tokenizer)
     if not trainer.group.is_main:
         return {"rank": trainer.group.rank}
     model.to("cpu")  # the delta is saved, and the model handed back, on the CPU
@@ -208,7 +209,24 @@ def _where_it_ran(trainer: Trainer, precision: str) -> dict:
     return {"peak_memory_bytes": peak_memory_bytes(),
             "device": describe_device(trainer.device, precision),
             "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
-            "distributed": trainer.group.describe()}
+            "distributed": trainer.group.describe(trainer.sharded)}
+
+
+def _unsharded(trainer: Trainer, model_name: str, task, config: TrainConfig, method_overrides: dict, tokenizer):
+    """The trained model and method, whole: as they are, unless FSDP sharded them (`--fsdp`); then every rank
+    sends its shards and rank 0 gathers them onto its CPU, into a fresh copy of the base with the method
+    applied anew (a sharded model cannot be unwrapped). Every rank must call it."""
+    from deltatune.sources.models import load_model_for_task
+
+    model, method = trainer.model, trainer.method
+    state = gather_full_state(model) if trainer.sharded else {}
+    if not state:  # not sharded, or not rank 0
+        return model, method
+    whole, _ = load_model_for_task(model_name, task, head=config.head, pooling=config.pooling)
+    fresh = build_method(method.name, method_overrides)
+    prepare_model(whole, fresh, tokenizer)
+    whole.load_state_dict(state)
+    return whole.eval(), fresh
 
 
 def _manifest(record: dict, model, task, result: TrainResult, model_name: str) -> dict:

@@ -45,7 +45,7 @@ from deltatune.batching import (
     to_task_units,
 )
 from deltatune.devices import check_device_name, resolve_device
-from deltatune.distributed import process_group, share_of
+from deltatune.distributed import check_fsdp, process_group, shard_model, share_of
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import fast_dropout
 from deltatune.heads import encodes_texts_separately, target_scale
@@ -137,6 +137,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass instead of keeping them (transformers'
     gradient_checkpointing_enable): less memory, about a third more compute."""
+    fsdp: bool = False
+    """Several processes, full fine-tuning: shard the weights, gradients and optimizer state over the ranks
+    (torch FSDP2) instead of keeping a whole copy on each; the whole model is gathered on rank 0 to be saved."""
     seed: int = 42
     """Seeds the data subset, the batch order, dropout and the head's initialisation."""
     threads: int | None = None
@@ -521,6 +524,10 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.model, self.method, self.task, self.data = model.to(self.device), method, task, data
+        self.sharded = config.fsdp
+        if config.fsdp:
+            check_fsdp(method.name, self.group)
+            shard_model(model)  # before the optimizer, which must hold the sharded parameters
         self.plan = plan_steps(len(data.train), config)
         self.learning_rate = learning_rate or config.learning_rate or method.default_learning_rate
         self.contexts = ExitStack()
@@ -647,13 +654,19 @@ class Trainer:
                 logits = self.model(**batch).logits
             loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
                 * (len(part) / len(indices))
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if self.sharded:  # FSDP averages the ranks' gradients; these losses are weighted to be summed
+                loss_to_reduce = loss * group.world_size
+            else:
+                loss_to_reduce = loss
+            (self.scaler.scale(loss_to_reduce) if self.scaler is not None else loss_to_reduce).backward()
             loss_total += loss.item()
             real_tokens += int(batch["attention_mask"].sum())
             padded_tokens += batch["attention_mask"].numel()
         if group.distributed:
             totals = torch.tensor([loss_total, real_tokens, padded_tokens], dtype=torch.float64, device=self.device)
-            group.sum_([p.grad for p in self.trainable if p.grad is not None] + [totals])
+            # a sharded model's gradients were reduce-scattered by its backward pass already
+            gradients = [] if self.sharded else [p.grad for p in self.trainable if p.grad is not None]
+            group.sum_([*gradients, totals])
             loss_total, real_tokens, padded_tokens = totals[0].item(), int(totals[1].item()), int(totals[2].item())
         return loss_total, real_tokens, padded_tokens
 
@@ -707,8 +720,9 @@ class Trainer:
 
     def evaluate(self) -> None:
         """Score the current state on dev, add it to the curve, keep it if it is the best; early stopping.
-        Several processes: rank 0 alone evaluates (the others hold the same weights)."""
-        if not self.group.is_main:
+        Several processes: rank 0 alone evaluates (the others hold the same weights), unless the model is
+        sharded: then every rank runs the same forward passes and keeps the same best state of its shards."""
+        if not self.group.is_main and not self.sharded:
             return
         started = time.perf_counter()
         outputs = self._outputs(self.data.dev)
@@ -759,8 +773,8 @@ class Trainer:
 
     def _test(self) -> tuple[dict[str, float] | None, np.ndarray | None]:
         """The kept state's metrics and outputs on test (None, None when the task has no test split, and on
-        every rank but 0)."""
-        if self.data.test is None or not self.group.is_main:
+        every rank but 0; a sharded model's ranks all run the forward passes)."""
+        if self.data.test is None or not (self.group.is_main or self.sharded):
             return None, None
         started = time.perf_counter()
         outputs = self._outputs(self.data.test)
@@ -773,6 +787,9 @@ class Trainer:
         """Leave the model holding its best dev state, evaluate that state on test, and say how it went."""
         self._undo_training_changes()
         self.best.restore()
+        if self.sharded:  # the whole model is gathered onto rank 0 next: the optimizer state and copies go first
+            self.optimizer.state.clear()
+            self.best.tensors.clear()
         self.model.eval()
         try:
             test_metrics, test_outputs = self._test()
