@@ -196,15 +196,25 @@ def memory(args) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------- load test
 
-def post(port: int, method: str, path: str, body=None, timeout: float = 60.0):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def post(port: int, method: str, path: str, body=None, timeout: float = 60.0, connection=None):
+    """One request; on a new connection, closed after it, unless a kept-alive `connection` is given."""
+    own = connection is None
+    if own:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path, body=json.dumps(body) if body is not None else None,
                            headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, json.loads(response.read() or b"null")
     finally:
-        connection.close()
+        if own:
+            connection.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(args, runs: dict[str, Path]) -> tuple[subprocess.Popen, int]:
@@ -242,14 +252,17 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
 
     def client(number: int) -> None:
         rng = random.Random(number)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # kept alive, as clients do
         while time.monotonic() < deadline and stats["requests"] < args.max_requests:
             picks = [rng.randrange(len(texts)) for _ in range(args.inputs_per_request)]
             body = [{"task": server_name[names[i]], "input": texts[i]} for i in picks]
             sent = time.perf_counter()
             try:
-                status, answer = post(port, "POST", "/v1/predict", body)
-            except OSError as error:
+                status, answer = post(port, "POST", "/v1/predict", body, connection=connection)
+            except (OSError, http.client.HTTPException) as error:
                 status, answer = None, str(error)
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             latency = time.perf_counter() - sent
             with lock:
                 stats["requests"] += 1
@@ -280,11 +293,15 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
 
     threads = [threading.Thread(target=client, args=(number,)) for number in range(args.clients)]
     threads.append(threading.Thread(target=administer))
+    server_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
+    # the clients share the machine's cores with the server: how many each used says what the server had
+    stats["server_cores_used"] = (cpu_seconds(process.pid) - server_cpu) / elapsed
+    stats["client_cores_used"] = (time.process_time() - client_cpu) / elapsed
     process.send_signal(signal.SIGTERM)
     exit_code = process.wait(timeout=120)
     latencies = sorted(stats.pop("latencies"))
@@ -326,6 +343,8 @@ def report(args, results: dict) -> str:
               f"| {load['requests']} | {load['inputs_per_s']:.1f} | {load['inputs_per_s'] / results['offline']:.2f}x | "
               f"{load['p50_ms']:.0f} | {load['p99_ms']:.0f} | {load['rejected_503']} | {len(load['errors'])} | "
               f"{load['same_label']}/{load['compared']} | {load['max_probability_difference']:.2g} |", "",
+              f"CPU cores used during the load test: server {load['server_cores_used']:.2f}, the client threads "
+              f"{load['client_cores_used']:.2f} (of {os.cpu_count()}); each client keeps its connection open.", "",
               f"Attach during the test: HTTP {load['admin'].get('attach')}; requests to it: "
               f"{load['admin'].get('requests_to_attached')}; detach: HTTP {load['admin'].get('detach')}; server exit "
               f"code after SIGTERM: {load['server_exit_code']}.",

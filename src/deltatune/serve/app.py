@@ -323,9 +323,10 @@ def create_app(engine: MultiTaskModel, settings: ServeSettings):
                 "base_model": engine.base_name, "base_fingerprint": engine.fingerprint}
 
     @app.post("/v1/predict", dependencies=guarded, openapi_extra=_PREDICT_SCHEMA)
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request) -> JSONResponse:
         rows, names = parse_predict(await read_json(request, settings), engine, settings)
-        return {"predictions": await batcher_holder["batcher"].submit(rows, names)}
+        # plain JSON types already: answered as they are, without FastAPI's encoding pass over every field
+        return JSONResponse({"predictions": await batcher_holder["batcher"].submit(rows, names)})
 
     @app.post("/v1/tasks", dependencies=[*guarded, Depends(admin)], status_code=201, openapi_extra=_ATTACH_SCHEMA)
     async def attach(request: Request) -> dict:
