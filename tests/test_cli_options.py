@@ -206,3 +206,15 @@ def test_compare_training_flags_and_switches_reach_the_spec():
     assert spec["train"] == {"fast_dropout": False, "epochs": "2"} and spec["keep_deltas"] is False
     assert args.report is False
     assert parser.parse_args(["compare"]).report is True and parser.parse_args(["compare"]).keep_deltas is None
+
+
+def test_library_lists_that_stay_hand_written_agree_with_the_literals():
+    from deltatune.analysis import RankBy
+    from deltatune.heads import HEAD_KINDS, POOLINGS
+    from deltatune.methods.freeze import FreezeConfig
+    from deltatune.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    assert typing.get_args(hints["head"]) == ("auto", *HEAD_KINDS)
+    assert typing.get_args(hints["pooling"]) == ("auto", *POOLINGS)
+    assert typing.get_args(typing.get_type_hints(FreezeConfig)["critical_metric"]) == typing.get_args(RankBy)
