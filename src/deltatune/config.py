@@ -146,6 +146,20 @@ def build_config(config_class: type, overrides: dict[str, Any], prefix: str = ""
     raise DeltatuneError(f"Invalid {config_class.__name__}: " + "\n  ".join(["", *problems]))
 
 
+def choice_problems(config: Any) -> list[str]:
+    """`name='value' must be one of a, b, c` for each `Literal` field of a config whose value is not one of
+    `typing.get_args` of its annotation: the same choices the command line offers."""
+    hints = typing.get_type_hints(type(config))
+    problems = []
+    for config_field in dataclasses.fields(config):
+        annotation = hints[config_field.name]
+        value = getattr(config, config_field.name)
+        if typing.get_origin(annotation) is typing.Literal and value not in typing.get_args(annotation):
+            problems.append(f"{config_field.name}={value!r} must be one of "
+                            f"{', '.join(map(str, typing.get_args(annotation)))}")
+    return problems
+
+
 def describe_fields(config_class: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) for every field: what `--help` and `deltatune methods` print."""
     hints = typing.get_type_hints(config_class)

@@ -167,7 +167,9 @@ def add_hf_export_options(export) -> None:
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository "
                         "('owner/name', created if missing)")
     export.add_argument("--hub-token", help="token for --push-to-hub (default: HF_TOKEN or `hf auth login`)")
-    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    from deltatune.cli_options import add_switch
+
+    add_switch(export, "--private", help="with --push-to-hub: create the repository private")
 
 
 __all__ = ["EXPORT_RECORD", "add_hf_export_options", "export_command", "export_hf", "push_to_hub"]

@@ -17,11 +17,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 from deltatune.errors import DeltatuneError
 
-LOGGERS = ("tensorboard", "mlflow")
+Logger = Literal["tensorboard", "mlflow"]
+LOGGERS = typing.get_args(Logger)
 """The loggers `--report-to` accepts."""
 
 DEFAULT_LOG_DIR = "runs/logs"

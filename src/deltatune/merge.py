@@ -35,19 +35,24 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import typing
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 
+from deltatune.cli_options import add_switch
 from deltatune.delta import MANIFEST, TENSORS, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.padding import padding_id
 from deltatune.run_directory import staged_directory
 
-HOWS = ("linear", "task-arithmetic", "ties", "dare", "dare-ties")
+MergeHow = Literal["linear", "task-arithmetic", "ties", "dare", "dare-ties"]
+HOWS = typing.get_args(MergeHow)
+MajoritySign = Literal["total", "frequency"]
 DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5, "dare-ties": 0.5}
 BASE_TENSOR_METHODS = ("bitfit", "layernorm", "freeze", "full")
 """Methods whose delta is the new values of base tensors: the task vector is their difference from the base."""
@@ -56,13 +61,13 @@ NOT_WEIGHT_CHANGES = ("houlsby", "pfeiffer", "prompt-tuning", "prefix-tuning", "
 
 @dataclass(frozen=True)
 class MergeConfig:
-    how: str = "task-arithmetic"
+    how: MergeHow = "task-arithmetic"
     """linear, task-arithmetic, ties, dare or dare-ties (see the module docstring)."""
     weights: tuple[float, ...] | None = None
     """One weight per source (default: equal; normalised to sum to 1 for linear)."""
     density: float | None = None
     """ties / dare: the fraction of each task vector's entries kept (default: ties 0.2, dare 0.5)."""
-    majority_sign: str = "total"
+    majority_sign: MajoritySign = "total"
     """ties / dare-ties sign election: 'total' (sign of the sum) or 'frequency' (the more common sign)."""
     seed: int = 0
     """dare / dare-ties: seed of the random drop."""
@@ -75,7 +80,7 @@ class MergeConfig:
             problems.append(f"--how {self.how!r} must be one of {', '.join(HOWS)}")
         if self.density is not None and not 0 < self.density <= 1:
             problems.append(f"--density {self.density} must be in (0, 1]")
-        if self.majority_sign not in ("total", "frequency"):
+        if self.majority_sign not in typing.get_args(MajoritySign):
             problems.append(f"--majority-sign {self.majority_sign!r} must be 'total' or 'frequency'")
         if self.rank is not None and self.rank < 1:
             problems.append(f"--rank {self.rank} must be at least 1")
@@ -460,13 +465,13 @@ def add_merge_parser(commands) -> None:
     merge.add_argument("--how", default="task-arithmetic", choices=HOWS)
     merge.add_argument("--weights", help="one weight per run, comma-separated (default: equal)")
     merge.add_argument("--density", type=float, help="ties/dare: fraction of entries kept (default ties 0.2, dare 0.5)")
-    merge.add_argument("--majority-sign", default="total", choices=("total", "frequency"))
+    merge.add_argument("--majority-sign", default="total", choices=typing.get_args(MajoritySign))
     merge.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
     merge.add_argument("--rank", type=int, help="LoRA under ties/dare: rank of the merged update (default: sum of ranks)")
     merge.add_argument("--out", required=True, help="new directory for the merged run (or one per task inside it)")
     merge.add_argument("--evaluate", metavar="SPLIT", help="evaluate the merged and each source delta on this split")
     merge.add_argument("--eval-limit", type=int, help="with --evaluate: at most this many examples per task")
-    merge.add_argument("--json", action="store_true")
+    add_switch(merge, "--json", help="print the rows as JSON")
 
 
 def merge_command(args: argparse.Namespace) -> int:

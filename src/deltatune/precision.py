@@ -16,6 +16,7 @@ loss scaling elsewhere; fp16 exists for those GPUs only. On Apple's MPS "auto" i
 
 from __future__ import annotations
 
+import typing
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Literal
@@ -23,7 +24,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""What a user may ask for: a precision, or auto (chosen per device by `resolve_precision`)."""
+PRECISIONS = typing.get_args(Precision)
 
 
 @lru_cache(maxsize=1)
@@ -99,4 +102,4 @@ def frozen_linear_weights_in_bf16(model: nn.Module, include_trainable: bool = Fa
             parameter.data = original
 
 
-__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "autocast_for", "frozen_linear_weights_in_bf16"]
+__all__ = ["PRECISIONS", "Precision", "cpu_has_native_bf16", "resolve_precision", "autocast_for", "frozen_linear_weights_in_bf16"]

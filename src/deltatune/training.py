@@ -49,11 +49,11 @@ from deltatune.distributed import check_fsdp, process_group, shard_model, share_
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import fast_dropout
 from deltatune.heads import encodes_texts_separately, target_scale
-from deltatune.loggers import ScalarLoggers, missing_logger_packages, open_loggers
+from deltatune.loggers import Logger, ScalarLoggers, missing_logger_packages, open_loggers
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.padding import padding_id
-from deltatune.precision import PRECISIONS, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.precision import PRECISIONS, Precision, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
 
 
@@ -127,7 +127,7 @@ class TrainConfig:
     """Group examples of similar length into batches so little compute goes to padding."""
     fast_dropout: bool = True
     """Dropout masks from four 16-bit lanes per random draw (a third of torch's CPU dropout cost)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     """bf16 runs matmuls under autocast with fp32 master weights (on the CPU frozen linear weights are cast
     once); fp32 is exact; fp16 (CUDA only) adds loss scaling; auto takes bf16 on CPUs with native bf16 (AMX,
     AVX512-BF16), else fp32, and on CUDA GPUs bf16 where supported, else fp16."""
@@ -146,7 +146,7 @@ class TrainConfig:
     """torch intra-op threads; default: torch's choice (all cores)."""
     quiet: bool = False
     """No progress bar."""
-    report_to: tuple[Literal["tensorboard", "mlflow"], ...] = ()
+    report_to: tuple[Logger, ...] = ()
     """Also write the training scalars (loss, learning rate, examples/s per step; dev metrics per evaluation;
     test metrics at the end) to these loggers: tensorboard, mlflow (the `logging` extra). They never change
     what is trained."""

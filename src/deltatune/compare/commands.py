@@ -15,18 +15,18 @@ training flags (--epochs, --batch-size, ...) are laid over its `train` settings.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
-import typing
 from pathlib import Path
 
-from deltatune.config import field_help
+from deltatune.cli_options import add_config_options, add_switch, typed_options
 from deltatune.errors import DeltatuneError
 from deltatune.training import TrainConfig
 
 BACKENDS = ("local", "ray")
 """Where `compare` runs cells: processes on this machine, or Ray tasks (`deltatune.compare.ray_backend`)."""
+TRAIN_DEST = "train_"
+"""Where the training flags land in the parsed arguments (args.train_epochs, ...), apart from the grid's own."""
 _NOT_TRAIN_FLAGS = {"data_fraction", "seed", "time_budget_s", "num_examples", "quiet"}
 """TrainConfig fields that are grid axes (or meaningless for a grid), so they get no training flag."""
 
@@ -63,30 +63,21 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--baselines", nargs="+", metavar="NAME",
                          help="rows without training: majority, embedding-cosine, zero-shot, few-shot")
     compare.add_argument("--title", help="the report's title")
-    compare.add_argument("--keep-deltas", action="store_true", default=None,
-                         help="keep every cell's delta.safetensors (default: keep only run.json and dev outputs)")
+    add_switch(compare, "--keep-deltas", default=None,
+               help="keep every cell's delta.safetensors (default: the spec's keep_deltas, else keep only run.json "
+                    "and dev outputs)")
     compare.add_argument("--jobs", type=int, default=1, help="cells to run at the same time (default 1)")
     compare.add_argument("--backend", default="local",
                          help="where cells run: local (processes on this machine, default) or ray (Ray tasks; "
                               "needs the ray extra)")
     compare.add_argument("--address", help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
                                            "(default: a Ray instance of this machine's own)")
-    compare.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
-    compare.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
-    compare.add_argument("--print-spec", action="store_true", help="print the resulting spec as YAML and exit")
-    compare.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    helps = field_help(TrainConfig)
-    group = compare.add_argument_group("training settings shared by every cell (TrainConfig)")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in _NOT_TRAIN_FLAGS:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if typing.get_type_hints(TrainConfig)[field.name] is bool:
-            group.add_argument(flag, dest=f"train_{field.name}", action="store_true", default=None,
-                               help=helps.get(field.name))
-        else:
-            group.add_argument(flag, dest=f"train_{field.name}", default=None, metavar="VALUE",
-                               help=f"{helps.get(field.name, '')} (default: {field.default})")
+    add_switch(compare, "--retry-failed", help="run cells recorded as failed again")
+    add_switch(compare, "--dry-run", help="validate and list the cells, run nothing")
+    add_switch(compare, "--print-spec", help="print the resulting spec as YAML and exit")
+    add_switch(compare, "--report", default=True, help="write the report at the end (--no-report: do not)")
+    add_config_options(compare.add_argument_group("training settings shared by every cell (TrainConfig)"),
+                       TrainConfig, dest_prefix=TRAIN_DEST, skip=_NOT_TRAIN_FLAGS)
 
 
 def add_results_parser(commands) -> None:
@@ -95,7 +86,7 @@ def add_results_parser(commands) -> None:
     results.add_argument("--format", default="csv", help="csv (default), parquet or markdown")
     results.add_argument("--table", default="cells", help="cells (one row per cell, default) or curves")
     results.add_argument("--out", help="write to this file (needed for parquet) instead of printing")
-    results.add_argument("--all-cells", action="store_true", help="include cells no longer in the current spec")
+    add_switch(results, "--all-cells", help="include cells no longer in the current spec")
     results.add_argument("--columns", help="keep only these comma-separated columns, in order; 'brief' for the "
                                            "settings, primary metric, cost and speed")
 
@@ -104,7 +95,7 @@ def add_report_parser(commands) -> None:
     report = commands.add_parser("report", help="write an experiment's HTML report and Markdown summary")
     report.add_argument("exp_dir")
     report.add_argument("--out", help="directory for report.html and report.md (default: EXP_DIR)")
-    report.add_argument("--all-cells", action="store_true", help="include cells no longer in the current spec")
+    add_switch(report, "--all-cells", help="include cells no longer in the current spec")
 
 
 def build_spec_mapping(args: argparse.Namespace) -> dict:
@@ -119,8 +110,7 @@ def build_spec_mapping(args: argparse.Namespace) -> dict:
         base = read_spec_file(args.spec)
     elif args.preset:
         base = preset_spec(args.preset, args.size)
-    train = {name[len("train_"):]: value for name, value in vars(args).items()
-             if name.startswith("train_") and value is not None}
+    train = typed_options(args, TRAIN_DEST)
     spec = spec_from_flags(models=args.models, tasks=args.tasks, methods=args.methods, fractions=args.fractions,
                            time_budgets=args.time_budgets, seeds=args.seeds, train=train, base=base,
                            max_train_examples=args.max_train_examples, baseline=args.baseline, title=args.title,
@@ -188,7 +178,7 @@ def compare_command(args: argparse.Namespace) -> int:
     else:
         summary = run_grid(spec, args.out, **options)
     finished = summary.finished_before + summary.recovered + summary.finished_now
-    if finished and not args.no_report:
+    if finished and args.report:
         html, markdown = write_report(args.out)
         print(f"report: {html}\nsummary: {markdown}")
     if summary.interrupted:

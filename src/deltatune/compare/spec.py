@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltatune.cli_options import parse_method_text
 from deltatune.config import build_config, to_jsonable
 from deltatune.errors import DeltatuneError, did_you_mean
 from deltatune.training import TrainConfig
@@ -857,7 +858,7 @@ def spec_from_flags(models: list[str] | None = None, tasks: list[str] | None = N
         if value:
             spec[key] = list(value)
     if methods:
-        spec["methods"] = [parse_method_flag(text) for text in methods]
+        spec["methods"] = [parse_method_text(text) for text in methods]
     if train:
         spec["train"] = {**(spec.get("train") or {}), **train}
     for key, value in extra.items():
@@ -866,21 +867,9 @@ def spec_from_flags(models: list[str] | None = None, tasks: list[str] | None = N
     return spec
 
 
-def parse_method_flag(text: str) -> dict | str:
-    head, _, options = text.partition(":")
-    label, equals, method = head.partition("=")
-    if not equals:
-        label, method = head, head
-    if not options:
-        return method if label == method else {"name": label, "method": method}
-    config = {}
-    for item in options.split(","):
-        key, equals, value = item.partition("=")
-        if not equals:
-            raise DeltatuneError(f"--methods {text!r}: option {item!r} needs KEY=VALUE, e.g. lora-r16=lora:r=16")
-        config[key.strip()] = value.strip()
-    return {"name": label, "method": method, "config": config}
+parse_method_flag = parse_method_text
+"""`compare --methods` entries go through the one method-option parser of the command line."""
 
 
 __all__ = ["GridSpec", "Cell", "BaselineCell", "MethodVariant", "TaskEntry", "StatisticsConfig", "parse_spec", "read_spec_file",
-           "spec_from_flags", "identity_hash", "train_config_for", "parse_method_flag"]
+           "spec_from_flags", "identity_hash", "train_config_for", "parse_method_flag", "parse_method_text"]

@@ -3,19 +3,17 @@
     deltatune freelm train --model smollm2-135m --train-tasks snli,rotten-tomatoes,trec --out runs/freelm
     deltatune freelm eval runs/freelm --tasks sms-spam,disaster-tweets,stsb --baselines zero-shot,k-shot --k 4
 
-Training flags are generated from `FreeLMConfig`'s fields (their help is the field's docstring), so
-`--help` and the config cannot disagree. Method options are `--method.KEY=VALUE` as in `deltatune train`.
+Training flags are generated from `FreeLMConfig`'s fields by `deltatune.cli_options` (their help is the
+field's docstring), so `--help` and the config cannot disagree. Method options are `--method.KEY=VALUE` as in `deltatune train`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import typing
 from pathlib import Path
 
-from deltatune.config import build_config, field_help
+from deltatune.cli_options import add_config_options, add_switch, config_from_options
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.config import FreeLMConfig
 
@@ -35,9 +33,9 @@ def add_freelm_parser(commands) -> None:
     train.add_argument("--model", default="smollm2-135m", help="a causal decoder: alias, local directory or hub id")
     train.add_argument("--method", default="lora", help="what adapts the decoder (see `deltatune methods`)")
     train.add_argument("--out", help="directory for the delta and run record (omit to save nothing)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    train.add_argument("--json", action="store_true", help="print the whole run record as JSON")
-    add_config_flags(train.add_argument_group("FreeLM (FreeLMConfig)"), FreeLMConfig)
+    add_switch(train, "--overwrite", help="replace an existing --out directory")
+    add_switch(train, "--json", help="print the whole run record as JSON")
+    add_config_options(train.add_argument_group("FreeLM (FreeLMConfig)"), FreeLMConfig)
 
     evaluate = actions.add_parser("eval", help="zero-shot evaluation: FreeLM vs the base model's zero-shot and "
                                   "k-shot prompting")
@@ -56,32 +54,12 @@ def add_freelm_parser(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
     evaluate.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     evaluate.add_argument("--out-json", help=f"where to write the report (default: RUN_DIR/{EVALUATION_FILE})")
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
-
-
-def add_config_flags(group, config_class: type) -> None:
-    """One flag per field of a frozen config dataclass (--field-name), its help the field's docstring; every
-    flag defaults to None, so only what the user typed overrides the config's defaults. A bool field that
-    defaults to true gets --no-NAME as well."""
-    helps = field_help(config_class)
-    hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        default = ",".join(field.default) if isinstance(field.default, tuple) else field.default
-        if hints[field.name] is bool:
-            action = argparse.BooleanOptionalAction if field.default else "store_true"
-            group.add_argument(flag, dest=field.name, action=action, default=None,
-                               help=f"{helps.get(field.name, '')} (default: {default})")
-        else:
-            group.add_argument(flag, dest=field.name, default=None, metavar="VALUE",
-                               help=f"{helps.get(field.name, '')} (default: {default})")
+    add_switch(evaluate, "--json", help="print the report as JSON instead of a table")
+    add_switch(evaluate, "--quiet", help="no progress lines")
 
 
 def freelm_config_from(args: argparse.Namespace) -> FreeLMConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(FreeLMConfig)
-                 if getattr(args, f.name, None) is not None}
-    return build_config(FreeLMConfig, overrides, prefix="--")
+    return config_from_options(FreeLMConfig, args)
 
 
 def run_freelm_command(args: argparse.Namespace, method_options: dict[str, str]) -> int:
@@ -166,4 +144,4 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_config_flags", "add_freelm_parser", "freelm_config_from", "run_freelm_command", "summarize_training"]
+__all__ = ["add_freelm_parser", "freelm_config_from", "run_freelm_command", "summarize_training"]

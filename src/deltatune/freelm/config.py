@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from deltatune.config import choice_problems
 from deltatune.devices import check_device_name
 from deltatune.errors import DeltatuneError
+from deltatune.freelm.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class FreeLMConfig:
     """Optimizer steps in all, language and teacher steps together."""
     lm_ratio: float = 1.0
     """Language steps per teacher step (0 = teacher signal only; 0.5 = one language step per two teacher steps)."""
-    schedule: Literal["ratio", "interactive"] = "ratio"
+    schedule: Schedule = "ratio"
     """'ratio': every step picks the signal that keeps the counts closest to lm_ratio (evenly interleaved);
     'interactive': the paper's stage-wise alternation, round(lm_ratio·stage_steps) language steps then
     stage_steps teacher steps, repeated."""
@@ -101,15 +103,10 @@ class FreeLMConfig:
         for name in ("dev_examples_per_task", "perplexity_blocks", "eval_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be 0 or more")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"precision={self.precision!r} must be one of auto, fp32, bf16")
+        problems += choice_problems(self)  # precision, teacher_loss, schedule: their Literal's choices
         device_problem = check_device_name(self.device)
         if device_problem:
             problems.append(device_problem)
-        if self.teacher_loss not in ("binary", "contrastive", "both"):
-            problems.append(f"teacher_loss={self.teacher_loss!r} must be one of binary, contrastive, both")
-        if self.schedule not in ("ratio", "interactive"):
-            problems.append(f"schedule={self.schedule!r} must be 'ratio' or 'interactive'")
         if problems:
             raise DeltatuneError("; ".join(problems))
 

@@ -4,18 +4,17 @@
     deltatune reader train --model smollm2-135m --data wikitext-cloze --top-k 0 --out runs/reader-closed
     deltatune reader eval runs/reader --against runs/reader-closed
 
-Training flags are generated from `ReaderConfig`'s fields (their help is the field's docstring).
+Training flags are generated from `ReaderConfig`'s fields by `deltatune.cli_options` (their help is the
+field's docstring).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-from deltatune.config import build_config
-from deltatune.freelm.command import add_config_flags
+from deltatune.cli_options import add_config_options, add_switch, config_from_options
 from deltatune.reader.config import ReaderConfig
 
 EVALUATION_FILE = "reader_eval.json"
@@ -32,9 +31,9 @@ def add_reader_parser(commands) -> None:
                        help="wikitext-cloze (offline), a .jsonl file, or hub:ID (a SQuAD-style set, e.g. "
                             "hub:rajpurkar/squad)")
     train.add_argument("--out", help="directory for the trained parts and the record (omit to save nothing)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    train.add_argument("--json", action="store_true", help="print the whole record as JSON")
-    add_config_flags(train.add_argument_group("reader (ReaderConfig)"), ReaderConfig)
+    add_switch(train, "--overwrite", help="replace an existing --out directory")
+    add_switch(train, "--json", help="print the whole record as JSON")
+    add_config_options(train.add_argument_group("reader (ReaderConfig)"), ReaderConfig)
 
     evaluate = actions.add_parser("eval", help="exact match and F1 of the reader against closed-book and "
                                   "open-book answering by the same decoder")
@@ -49,14 +48,12 @@ def add_reader_parser(commands) -> None:
                           "eval_examples; 0 for all)")
     evaluate.add_argument("--data", help="evaluate on other data than the run was trained on")
     evaluate.add_argument("--out-json", help=f"where to write the report (default: RUN_DIR/{EVALUATION_FILE})")
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_switch(evaluate, "--json", help="print the report as JSON instead of a table")
+    add_switch(evaluate, "--quiet", help="no progress lines")
 
 
 def reader_config_from(args: argparse.Namespace) -> ReaderConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReaderConfig)
-                 if getattr(args, f.name, None) is not None}
-    return build_config(ReaderConfig, overrides, prefix="--")
+    return config_from_options(ReaderConfig, args)
 
 
 def run_reader_command(args: argparse.Namespace) -> int:

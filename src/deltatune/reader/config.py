@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from deltatune.config import choice_problems
 from deltatune.errors import DeltatuneError
 
 
@@ -71,8 +72,7 @@ class ReaderConfig:
         for name in ("learning_rate", "reranker_learning_rate"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"precision={self.precision!r} must be one of auto, fp32, bf16")
+        problems += choice_problems(self)
         if problems:
             raise DeltatuneError("; ".join(problems))
 

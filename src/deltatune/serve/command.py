@@ -9,12 +9,10 @@ which it stops accepting connections, lets the requests in flight finish, and ex
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import typing
 from pathlib import Path
 
-from deltatune.config import field_help
+from deltatune.cli_options import add_config_options, config_from_options
 from deltatune.errors import DeltatuneError
 
 API_KEY_VARIABLE = "DELTATUNE_API_KEY"
@@ -30,30 +28,21 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of the deltas to serve")
     serve.add_argument("--base", help="load the base model from here instead of the recorded name")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    helps = field_help(ServeSettings)
-    hints = typing.get_type_hints(ServeSettings)
-    for settings_field in dataclasses.fields(ServeSettings):
-        flag = "--" + settings_field.name.replace("_", "-")
-        hint = hints[settings_field.name]
-        if hint is bool:
-            serve.add_argument(flag, dest=settings_field.name, action="store_true", help=helps.get(settings_field.name))
-            continue
-        kind = int if hint is int else float if hint is float else str
-        extra = f" (default: {settings_field.default})" if settings_field.default is not None else ""
-        if settings_field.name == "api_key":
-            extra = f" (or the environment variable {API_KEY_VARIABLE}, which keeps it out of process listings)"
-        serve.add_argument(flag, dest=settings_field.name, type=kind, default=settings_field.default,
-                           metavar="VALUE", help=f"{helps.get(settings_field.name, '')}{extra}")
+    add_config_options(serve, ServeSettings, notes={
+        "api_key": f"(or the environment variable {API_KEY_VARIABLE}, which keeps it out of process listings)"})
 
 
 def settings_from(args: argparse.Namespace):
+    """The `ServeSettings` the flags (and DELTATUNE_API_KEY) ask for, every problem in one error."""
     from deltatune.serve.settings import ServeSettings
 
-    values = {settings_field.name: getattr(args, settings_field.name) for settings_field in dataclasses.fields(ServeSettings)}
-    values["api_key"] = values["api_key"] or os.environ.get(API_KEY_VARIABLE) or None
-    if values["delta_root"] is not None:
-        values["delta_root"] = Path(values["delta_root"])
-    return ServeSettings(**values)
+    values: dict = {}
+    if os.environ.get(API_KEY_VARIABLE):  # a typed --api-key still wins
+        values["api_key"] = os.environ[API_KEY_VARIABLE]
+    typed = argparse.Namespace(**vars(args))
+    if typed.delta_root is not None:
+        typed.delta_root = Path(typed.delta_root)
+    return config_from_options(ServeSettings, typed, values=values)
 
 
 def run_serve_command(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from deltatune.devices import check_device_name
 from deltatune.errors import DeltatuneError
-from deltatune.precision import PRECISIONS
+from deltatune.precision import PRECISIONS, Precision
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ServeSettings:
     """Most inputs in one request."""
     max_text_chars: int = 10_000
     """Longest text in characters (longer inputs are refused rather than silently truncated twice)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """Prediction precision: auto (bf16 on CPUs with native bf16 and on GPUs that support it), fp32, bf16 or
     fp16 (CUDA only)."""
     device: str = "auto"
