@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from deltatune.config import build_config, json_ready
 from deltatune.errors import DeltatuneError
-from deltatune.heads import HeadConfig
+from deltatune.heads import LEGACY_HEAD, HeadConfig
 from deltatune.tasks.spec import TaskSpec
 from deltatune.training import TrainConfig
 
@@ -133,7 +133,7 @@ class ManifestHead:
     """True for the model family's own head; False for deltatune's pooled head."""
 
 
-LEGACY_MANIFEST_HEAD = ManifestHead("cross-encoder", "native")
+LEGACY_MANIFEST_HEAD = ManifestHead(LEGACY_HEAD["kind"], LEGACY_HEAD["pooling"])
 """The head of a delta saved before heads were configurable: transformers' own classification head."""
 
 
@@ -430,7 +430,7 @@ def _decode_dataclass(cls: type, data: Any, where: str, problems: list[str], str
             problems.append(f"it lacks the key {where}{name}")
     unknown = sorted(set(data) - set(fields))
     if strict and unknown:
-        problems.append(f"{where or 'it'} has keys this deltatune does not know: {', '.join(unknown)}")
+        problems.append(f"{where.rstrip('.') or 'it'} has keys this deltatune does not know: {', '.join(unknown)}")
     if len(problems) > already:
         return None
     try:
