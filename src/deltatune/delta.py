@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -273,7 +274,7 @@ def _base_model_location(manifest: DeltaManifest) -> str:
 
 def load_checked_base(manifest: DeltaManifest, base: str | None = None,
                       fix: str = "Load it onto {name!r} (pass --base to point at a copy of it).",
-                      head: ManifestHead | None = None):
+                      head: ManifestHead | None = None) -> tuple[Any, Any]:
     """(model, tokenizer): the base model a delta records (or `base`) with the delta's task head (or `head`),
     checked against the recorded weight fingerprint; `fix` ({name}: the recorded base) ends the error when they
     differ."""

@@ -391,7 +391,7 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
                              "one process serves the deltas of one base. Start one per base.")
     base_name = base or manifests[0].base_model.name
     model, tokenizer = load_checked_base(manifests[0], base, head=ManifestHead(head["kind"], head["pooling"]),
-                                         fix="Load them onto {name!r} (pass base= to point at a copy of it).")
+                                         fix="Load these deltas onto {name!r} (pass base= to point at a copy of it).")
     served = MultiTaskModel(model, tokenizer, base_name, manifests[0].base_model.fingerprint)
     for position, directory in enumerate(run_dirs):
         served.attach(directory, names[position] if names is not None else None)
