@@ -167,3 +167,15 @@ def test_a_record_with_non_finite_numbers_is_still_strict_json_and_reads_back(tr
     again = read_run_record(tmp_path)
     assert again.last_gain is None and again.dev_metrics == {"accuracy": None}
     assert set(again.non_finite_values) == {"last_gain", "dev_metrics.accuracy"}
+
+
+def test_the_processes_say_fsdp_only_when_the_model_was_sharded(trained, tmp_path):
+    from deltatune.delta import write_json_atomic
+    from deltatune.records import ProcessesRecord
+
+    assert trained[0].to_json()["distributed"] == {"processes": 1, "backend": "none"}
+    sharded = dataclasses.replace(trained[0], distributed=ProcessesRecord(processes=2, backend="gloo", fsdp=True))
+    write_json_atomic(tmp_path / "run.json", sharded.to_json())
+    assert json.loads((tmp_path / "run.json").read_text())["distributed"] == {"processes": 2, "backend": "gloo",
+                                                                                "fsdp": True}
+    assert read_run_record(tmp_path) == sharded

@@ -100,6 +100,10 @@ class ProcessesRecord:
     """The world size (1 for a single process)."""
     backend: str
     """The collective backend (gloo, nccl) or 'none'."""
+    fsdp: bool | None = None
+    """True when the model was sharded over the processes (FSDP); left out otherwise."""
+
+    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"fsdp"})
 
 
 @dataclass(frozen=True)

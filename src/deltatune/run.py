@@ -211,13 +211,14 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
 def _where_it_ran(trainer: Trainer, precision: str) -> dict:
     """The record's account of the machine: peak memory, the device, its model and the processes."""
     device, processes = describe_device(trainer.device, precision), trainer.group.describe()
-    memory, count = device.get("memory_bytes"), processes["processes"]
+    memory, count, sharded = device.get("memory_bytes"), processes["processes"], processes.get("fsdp")
     return {"peak_memory_bytes": peak_memory_bytes(),
             "device": DeviceRecord(device=str(device["device"]), name=str(device["name"]), precision=precision,
                                    memory_bytes=memory if isinstance(memory, int) else None),
             "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
             "distributed": ProcessesRecord(processes=count if isinstance(count, int) else 1,
-                                           backend=str(processes["backend"]))}
+                                           backend=str(processes["backend"]),
+                                           fsdp=sharded if isinstance(sharded, bool) else None)}
 
 
 def _manifest(record: RunRecord, model, task, result: TrainResult, model_name: str) -> DeltaManifest:
