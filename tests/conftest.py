@@ -72,6 +72,18 @@ def save_tiny_model_dir(path: Path, kind: str = "bert", num_labels: int = 2, see
     return path
 
 
+def delta_manifest(method, base_name: str, fingerprint: str = "0" * 64, task=None, **fields):
+    """The manifest of a delta a test saves itself with `deltatune.delta.save_delta` (a toy sentiment task unless
+    `task` is given; `fields` are further `DeltaManifest` fields)."""
+    from deltatune.config import to_jsonable
+    from deltatune.records import BaseModelRecord, DeltaManifest
+    from deltatune.tasks.spec import TaskSpec
+
+    return DeltaManifest(method=method.name, method_config=to_jsonable(method.config),
+                         base_model=BaseModelRecord(name=base_name, fingerprint=fingerprint),
+                         task=task or TaskSpec("toy", ("text",), ("negative", "positive")), **fields)
+
+
 def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     """A learnable toy task: 'good'-ish words mean positive, 'bad'-ish words negative."""
     rng = random.Random(seed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, delta_manifest
 from deltatune.analysis import (
     analyze_run,
     angle_degrees,
@@ -16,7 +16,6 @@ from deltatune.analysis import (
     layer_distances,
     match_parameters,
 )
-from deltatune.config import to_jsonable
 from deltatune.delta import fingerprint_backbone, save_delta
 from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, build_method, prepare_model
@@ -40,8 +39,7 @@ def make_run_dir(out: Path, model_dir: Path, method_name: str, options: dict | N
     if mutate is not None:
         with torch.no_grad():
             mutate(model, method)
-    manifest = {"method": method_name, "method_config": to_jsonable(method.config),
-                "base_model": {"name": str(model_dir), "fingerprint": fingerprint}, "task": TASK.to_dict()}
+    manifest = delta_manifest(method, str(model_dir), fingerprint, TASK)
     save_delta(out, model, method, manifest)
     return out
 

@@ -20,6 +20,7 @@ from deltatune.cli import main
 from deltatune.devices import describe_device, resolve_device
 from deltatune.distributed import share_of
 from deltatune.errors import DeltatuneError
+from deltatune.records import ProcessesRecord
 from deltatune.run import data_record, run_training
 from deltatune.training import TrainConfig, gradient_checkpointing
 
@@ -82,11 +83,11 @@ def test_device_cpu_is_bit_identical_to_a_run_without_the_flag(tmp_path):
     first, second = load_file(tmp_path / "plain" / "delta.safetensors"), load_file(tmp_path / "cpu" / "delta.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
-    assert [point["metrics"] for point in plain["learning_curve"]] == \
-        [point["metrics"] for point in on_cpu["learning_curve"]]
-    assert on_cpu["device"]["device"] == "cpu" and on_cpu["device"]["name"]
-    assert on_cpu["device"]["precision"] == on_cpu["precision"]
-    assert on_cpu["distributed"] == {"processes": 1, "backend": "none"}
+    assert [point["metrics"] for point in plain.learning_curve] == \
+        [point["metrics"] for point in on_cpu.learning_curve]
+    assert on_cpu.device.device == "cpu" and on_cpu.device.name
+    assert on_cpu.device.precision == on_cpu.precision
+    assert on_cpu.distributed == ProcessesRecord(processes=1, backend="none")
 
 
 def test_fp16_is_for_cuda_only():
@@ -273,15 +274,15 @@ def test_training_on_cuda_matches_the_cpu_and_records_the_gpu(toy, tmp_path):
                           out=tmp_path / "cpu")
     on_gpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cuda"),
                           out=tmp_path / "gpu")
-    assert on_cpu["device"]["device"] == "cpu" and on_gpu["device"]["device"] == "cuda:0"
-    assert on_gpu["device"]["name"] == torch.cuda.get_device_name(0)
-    assert on_gpu["peak_device_memory_bytes"] > 0
+    assert on_cpu.device.device == "cpu" and on_gpu.device.device == "cuda:0"
+    assert on_gpu.device.name == torch.cuda.get_device_name(0)
+    assert on_gpu.peak_device_memory_bytes > 0
     first, second = load_file(tmp_path / "cpu" / "delta.safetensors"), load_file(tmp_path / "gpu" / "delta.safetensors")
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=1e-3, atol=1e-4)
     mixed = run_training(str(model_dir), data, "lora", {}, TrainConfig(**{**settings, "precision": "auto"},
                                                                        device="cuda"))
-    assert mixed["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert mixed.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 
 @needs_cuda
@@ -290,7 +291,7 @@ def test_fp16_with_loss_scaling_trains_on_cuda(toy):
     data = data_record("toy", local={"path": str(csv_path), "text_fields": ["text"]})
     record = run_training(str(model_dir), data, "full", {},
                           TrainConfig(max_steps=4, batch_size=16, quiet=True, precision="fp16", device="cuda"))
-    assert record["precision"] == "fp16" and record["steps"] == 4
+    assert record.precision == "fp16" and record.steps == 4
 
 
 @needs_cuda

@@ -464,9 +464,9 @@ def test_run_saves_an_ordinary_delta_that_reloads_with_identical_scores(tmp_path
     record = run_freelm_training(str(tiny_causal_dir), FreeLMConfig(**SMALL_RUN), out=out)
     assert (out / "delta.safetensors").is_file() and (out / "run.json").is_file()
     manifest = read_manifest(out)
-    assert manifest["method"] == "lora" and manifest["task"]["name"] == "freelm-propositions"
-    assert manifest["freelm"]["training"]["teacher_steps"] == 3
-    assert set(manifest["freelm"]["seen_task_dev_metrics"]) == {"rotten-tomatoes", "sms-spam"}
+    assert manifest.method == "lora" and manifest.task.name == "freelm-propositions" and manifest.is_freelm
+    assert manifest.freelm["training"]["teacher_steps"] == 3
+    assert set(manifest.freelm["seen_task_dev_metrics"]) == {"rotten-tomatoes", "sms-spam"}
     assert record["trainable_params"] < 0.2 * record["total_params"]
 
     model, tokenizer, _, _ = load_freelm(out)

@@ -106,7 +106,7 @@ def test_head_is_saved_and_reloaded_with_the_delta(tmp_path, tiny_bert_dir, kind
     record = deltatune.train(str(tiny_bert_dir), data=data, method="lora", out=str(tmp_path / "run"), head=kind,
                              pooling=pooling, max_steps=6, batch_size=16, learning_rate=3e-3, quiet=True,
                              precision="fp32")
-    assert record["head"]["kind"] == kind and record["head"]["pooling"] == pooling
+    assert record.head.kind == kind and record.head.pooling == pooling
     manifest = json.loads((tmp_path / "run" / "deltatune.json").read_text())
     assert manifest["head"] == {"kind": kind, "pooling": pooling, "transformers_head": False}
     tuned = deltatune.load(tmp_path / "run")
@@ -116,7 +116,7 @@ def test_head_is_saved_and_reloaded_with_the_delta(tmp_path, tiny_bert_dir, kind
     test = load_data_from_record(data).split("test")
     predicted = tuned.predict([a for a, _ in test.texts], [b for _, b in test.texts], precision="fp32")
     np.testing.assert_allclose([p["score"] for p in predicted], saved["outputs"][:, 0], atol=1e-5)
-    assert tuned.evaluate("test", precision="fp32")["pearson"] == pytest.approx(record["test_metrics"]["pearson"],
+    assert tuned.evaluate("test", precision="fp32")["pearson"] == pytest.approx(record.test_metrics["pearson"],
                                                                               abs=1e-6)
 
 

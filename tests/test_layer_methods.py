@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer, tiny_bert_config, tiny_llama_config
+from conftest import build_tiny_model, build_tokenizer, delta_manifest, tiny_bert_config, tiny_llama_config
 from deltatune.config import to_jsonable
 from deltatune.critical_layers import resolve_critical_layers
 from deltatune.errors import DeltatuneError
@@ -363,7 +363,7 @@ def test_sparse_mask_delta_is_bits_and_reloads_identically(kind, tmp_path):
     assert all(t.dtype == torch.uint8 for n, t in tensors.items() if n.endswith(".mask"))
     assert mask_bytes == sum((m.weight.numel() + 7) // 8 for m in masked_linears(model).values())
     assert mask_bytes <= masked_entries / 8 + len(masked_linears(model))
-    size = save_delta(tmp_path / "delta", model, method, {"method": "sparse-mask"})
+    size = save_delta(tmp_path / "delta", model, method, delta_manifest(method, "tiny"))
     assert (tmp_path / "delta" / TENSORS).stat().st_size == size
     assert mask_bytes + head_bytes <= size <= mask_bytes + head_bytes + 4096  # plus the safetensors header
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import deltatune
-from conftest import make_sentiment_rows, save_tiny_model_dir
-from deltatune.config import to_jsonable
+from conftest import delta_manifest, make_sentiment_rows, save_tiny_model_dir
 from deltatune.delta import fingerprint_backbone, model_bytes, save_delta
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
@@ -53,18 +52,18 @@ def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, 
     """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start;
     `head` (kind, pooling) trains one of deltatune's own heads instead of the model's."""
     from deltatune.heads import PooledTaskModel
+    from deltatune.records import ManifestHead
 
     torch.manual_seed(seed)
     kind, pooling = head or ("auto", "auto")
     model, _ = load_model_for_task(str(base_dir), task, head=kind, pooling=pooling)
     fingerprint = fingerprint_backbone(model)
     method = moved_delta(model, method_name, options, seed)
-    manifest = {"method": method_name, "method_config": to_jsonable(method.config), "task": task.to_dict(),
-                "base_model": {"name": str(base_dir), "fingerprint": fingerprint}, "max_length": 32,
-                "target_scale": [2.5, 1.2] if task.is_regression else None, "data": data or {},
-                "metrics": {"dev": {task.metric: 0.5}},
-                "head": {"kind": model.head_config.kind, "pooling": model.head_config.pooling,
-                         "transformers_head": not isinstance(model, PooledTaskModel)}}
+    head = ManifestHead(model.head_config.kind, model.head_config.pooling,
+                        transformers_head=not isinstance(model, PooledTaskModel))
+    manifest = delta_manifest(method, str(base_dir), fingerprint, task, max_length=32, data=data or {}, head=head,
+                              target_scale=[2.5, 1.2] if task.is_regression else None,
+                              metrics={"dev": {task.metric: 0.5}})
     save_delta(directory, model, method, manifest)
     return directory
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import build_tiny_model, build_tokenizer, delta_manifest
 from deltatune.delta import TunedModel, save_delta
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, prepare_model
@@ -223,9 +223,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_outputs(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_from_a_delta_directory_and_from_a_tuned_model(kind, tmp_path):
     model, method = trained_lora_model(kind)
-    manifest = {"method": "lora", "method_config": {"r": 8, "alpha": 16.0, "dropout": 0.0,
-                                                    "targets": ["query", "value", "q_proj", "v_proj"]},
-                "base_model": {"name": "tiny-" + kind, "fingerprint": "0"}, "task": {}}
+    manifest = delta_manifest(method, "tiny-" + kind)
     save_delta(tmp_path / "run", model, method, manifest)
     inputs = batch()
     out = export_peft(tmp_path / "run", tmp_path / "from-directory")
@@ -247,8 +245,7 @@ def test_export_refuses_to_overwrite_and_refuses_methods_without_a_peft_form(tmp
     bitfit_model = build_tiny_model("bert")
     bitfit = build_method("bitfit")
     prepare_model(bitfit_model, bitfit)
-    save_delta(tmp_path / "bitfit-run", bitfit_model, bitfit,
-               {"method": "bitfit", "method_config": {}, "base_model": {"name": "tiny"}, "task": {}})
+    save_delta(tmp_path / "bitfit-run", bitfit_model, bitfit, delta_manifest(bitfit, "tiny"))
     with pytest.raises(DeltatuneError, match=r"'bitfit' delta cannot be exported.*deltas of dora, ia3, lora, pissa can"):
         export_peft(tmp_path / "bitfit-run", tmp_path / "out")
     assert delta_state(bitfit_model, bitfit)  # (the delta itself is fine; only the PEFT form is missing)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import build_tiny_model, build_tokenizer, delta_manifest
 from deltatune.delta import fingerprint_backbone
 from deltatune.errors import DeltatuneError
 from deltatune.methods import (
@@ -430,7 +430,6 @@ def test_a_saved_bitfit_delta_with_a_backbone_weight_added_is_refused_by_deltatu
     from safetensors.torch import load_file, save_file
 
     from conftest import save_tiny_model_dir
-    from deltatune.config import to_jsonable
     from deltatune.delta import TENSORS, load, save_delta
     from deltatune.sources.models import load_model_for_task
     from deltatune.tasks.spec import TaskSpec
@@ -441,9 +440,7 @@ def test_a_saved_bitfit_delta_with_a_backbone_weight_added_is_refused_by_deltatu
     fingerprint = fingerprint_backbone(model)
     method = build_method("bitfit")
     prepare_model(model, method)
-    save_delta(tmp_path / "run", model, method, {
-        "method": "bitfit", "method_config": to_jsonable(method.config), "task": task.to_dict(),
-        "base_model": {"name": str(base_dir), "fingerprint": fingerprint}})
+    save_delta(tmp_path / "run", model, method, delta_manifest(method, str(base_dir), fingerprint, task))
     assert load(tmp_path / "run").predict("a good movie")  # as saved, it loads
     tensors = load_file(str(tmp_path / "run" / TENSORS))
     tensors["bert.embeddings.word_embeddings.weight"] = torch.zeros(45, 32)

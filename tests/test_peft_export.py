@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tokenizer, save_tiny_model_dir
-from deltatune.config import to_jsonable
+from conftest import build_tokenizer, delta_manifest, save_tiny_model_dir
 from deltatune.delta import fingerprint_backbone, load, save_delta
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
@@ -41,9 +40,8 @@ def run_directory(tmp_path, kind, method_name, task):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    manifest = {"method": method_name, "method_config": to_jsonable(method.config),
-                "base_model": {"name": str(base_dir), "fingerprint": fingerprint}, "task": task.to_dict(),
-                "max_length": 32, "target_scale": list(TARGET_SCALE) if task.is_regression else None}
+    manifest = delta_manifest(method, str(base_dir), fingerprint, task, max_length=32,
+                              target_scale=list(TARGET_SCALE) if task.is_regression else None)
     save_delta(tmp_path / "run", model, method, manifest)
     return tmp_path / "run"
 

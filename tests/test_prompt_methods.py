@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tokenizer, make_sentiment_rows, save_tiny_model_dir
+from conftest import build_tiny_model, build_tokenizer, delta_manifest, make_sentiment_rows, save_tiny_model_dir
 from deltatune.delta import read_tensors, save_delta
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, delta_state, load_delta_state, prepare_model
@@ -219,7 +219,7 @@ def test_reparameterised_prefix_is_saved_as_plain_prefixes_and_reloads_exactly(k
     with torch.no_grad():
         expected = trained(**batch).logits
 
-    save_delta(tmp_path, trained, method, {})
+    save_delta(tmp_path, trained, method, delta_manifest(method, "tiny"))
     tensors = read_tensors(tmp_path)
     backbone = "bert" if kind == "bert" else "model"
     assert set(tensors) == {f"{backbone}.prefix_tuning.prefixes"} | head_names(trained)

@@ -20,7 +20,7 @@ def test_each_public_function_works_twice(tmp_path):
         out = tmp_path / f"run-{attempt}"
         record = deltatune.train(str(model_dir), data=data, method="bitfit", out=str(out), max_steps=2,
                                  batch_size=16, quiet=True)
-        assert record["steps"] == 2
+        assert record is not None and record.steps == 2
         tuned = deltatune.load(out)
         (first,) = tuned.predict("the movie is good")
         assert first["label"] in ("negative", "positive")

@@ -99,9 +99,9 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
     settings = dict(max_steps=40, batch_size=8, eval_every=6, quiet=True, seed=3, precision="fp32")
     searched = run_training(model, data, "full", {},
                             TrainConfig(lr_search=(1e-7, 3e-3, 1e-2), lr_search_rungs=(0.25, 0.5), **settings))
-    search = searched["lr_search"]
+    search = searched.lr_search
     chosen = search["chosen"]
-    assert chosen == searched["learning_rate"]
+    assert chosen == searched.learning_rate
     steps = {c["learning_rate"]: c["steps"] for c in search["candidates"]}
     assert sorted(steps.values()) == [10, 20, 40]  # cut at the rungs (1/4 and 1/2 of 40 steps); one survivor
     survivor = next(c for c in search["candidates"] if c["steps"] == 40)
@@ -111,6 +111,6 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
     single = run_training(model, data, "full", {}, TrainConfig(learning_rate=chosen, **settings))
 
     def curve(record):
-        return [(point["step"], point["metrics"]) for point in record["learning_curve"]]
-    assert curve(searched) == curve(single) and [p["step"] for p in single["learning_curve"]][:2] == [6, 12]
-    assert searched["dev_metrics"] == single["dev_metrics"] and searched["test_metrics"] == single["test_metrics"]
+        return [(point["step"], point["metrics"]) for point in record.learning_curve]
+    assert curve(searched) == curve(single) and [p["step"] for p in single.learning_curve][:2] == [6, 12]
+    assert searched.dev_metrics == single.dev_metrics and searched.test_metrics == single.test_metrics

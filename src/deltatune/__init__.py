@@ -20,14 +20,17 @@ from deltatune.version import __version__
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from deltatune.records import RunRecord
+
 
 def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "full",
           out: str | None = None, method_options: dict | None = None, source: str = "auto",
-          data: dict | None = None, overwrite: bool = False, say=None, **train_options) -> dict:
+          data: dict | None = None, overwrite: bool = False, say=None, **train_options) -> RunRecord | None:
     """Train `method` on `model` for a catalog `task` (or your own `data`, see `deltatune.data_record`).
 
     `train_options` are `TrainConfig` fields (epochs=3, learning_rate=1e-3, lr_search="auto", head="bi-encoder",
-    ...). `say` (e.g. `print`) hears how a learning-rate search goes. Returns the run record; with `out` the
+    ...). `say` (e.g. `print`) hears how a learning-rate search goes. Returns the run record
+    (`deltatune.records.RunRecord`; None on the ranks other than 0 of a multi-process run); with `out` the
     delta and record are saved there.
     """
     from deltatune.config import build_config

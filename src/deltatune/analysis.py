@@ -160,7 +160,7 @@ def analyze_run(run_dir: str | Path, base: str | None = None, rank_by: RankBy = 
 
     tuned = load(run_dir, base=base)
     head = head_of(tuned.model)  # the same head, so both models have the same parameters
-    pretrained, _ = load_model_for_task(base or tuned.manifest["base_model"]["name"], tuned.task,
+    pretrained, _ = load_model_for_task(base or tuned.manifest.base_model.name, tuned.task,
                                         head=head.kind, pooling=head.pooling)
     basis = comparison_basis(tuned.model, tuned.method, {n for n, _ in pretrained.named_parameters()})
     if basis == "merged":
@@ -168,7 +168,7 @@ def analyze_run(run_dir: str | Path, base: str | None = None, rank_by: RankBy = 
     rows = layer_distances(pretrained, tuned.model, rank_by)
     for row in rows:
         row["basis"] = basis
-        row["method"] = tuned.manifest["method"]
+        row["method"] = tuned.manifest.method
     return rows
 
 

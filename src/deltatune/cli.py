@@ -93,9 +93,9 @@ def command_train(args: argparse.Namespace, method_options: dict[str, str]) -> i
     main_process = current_rank() == 0  # under torchrun / accelerate launch only rank 0 speaks
     record = run_training(args.model, _data_from(args), args.method, method_options, config,
                           out=args.out, overwrite=args.overwrite, say=None if config.quiet or not main_process else print)
-    if not main_process:
+    if not main_process or record is None:
         return 0
-    print(json_text(record) if args.json else summarize(record))
+    print(json_text(record.to_json()) if args.json else summarize(record))
     if args.out:
         print(f"saved to {args.out}")
     return 0
@@ -105,7 +105,7 @@ def command_eval(args: argparse.Namespace) -> int:
     import deltatune
     from deltatune.delta import read_manifest
 
-    if read_manifest(args.run_dir)["task"]["name"] == "freelm-propositions":
+    if read_manifest(args.run_dir).task.name == "freelm-propositions":
         raise DeltatuneError(f"{args.run_dir} is a FreeLM model (one model for all tasks): evaluate it with "
                              f"`deltatune freelm eval {args.run_dir} --tasks TASK,...`.")
     tuned = on_device(deltatune.load(args.run_dir, base=args.base), args.device)

@@ -15,8 +15,9 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -27,9 +28,10 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, build_method, prepare_model
 from deltatune.methods.common import head_names
 from deltatune.padding import padding_id
+from deltatune.records import MANIFEST_VERSION, DeltaManifest, ManifestHead
 from deltatune.tasks.spec import TaskSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = MANIFEST_VERSION
 MANIFEST = "deltatune.json"
 TENSORS = "delta.safetensors"
 
@@ -61,15 +63,14 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def save_delta(directory: Path, model: nn.Module, method: Method, manifest: dict) -> int:
+def save_delta(directory: Path, model: nn.Module, method: Method, manifest: DeltaManifest) -> int:
     """Write delta.safetensors and deltatune.json into `directory`; returns the tensor file's bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in method.delta_state(model).items()}
     _refuse_non_finite(tensors)
     save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": method.name})
     size = (directory / TENSORS).stat().st_size
-    manifest = {"format_version": FORMAT_VERSION, **manifest, "delta_bytes": size}
-    write_json_atomic(directory / MANIFEST, manifest)
+    write_json_atomic(directory / MANIFEST, replace(manifest, format_version=FORMAT_VERSION, delta_bytes=size).to_json())
     return size
 
 
@@ -118,7 +119,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
-def read_manifest(directory: str | Path) -> dict:
+def read_manifest(directory: str | Path) -> DeltaManifest:
+    """The manifest of a delta directory, checked (see `DeltaManifest.from_json`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DeltatuneError(f"{str(directory)!r} is not a directory. Pass the --out directory of a "
@@ -127,46 +129,7 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise DeltatuneError(f"{directory} has no {MANIFEST}: it is not a deltatune delta (or its training "
                              "did not finish). Pass the --out directory of a finished `deltatune train` run.")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DeltatuneError(f"{path} is corrupt ({error}). Re-create the delta by training again, or restore "
-                             "the file from a copy.") from None
-    missing = [key for key in ("format_version", "method", "method_config", "base_model", "task")
-               if key not in manifest]
-    if missing:
-        raise DeltatuneError(f"{path} lacks the keys {', '.join(missing)}; it was not written by deltatune "
-                             "or has been edited. Re-create the delta by training again.")
-    version = manifest["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _damaged(path, [f"format_version {version!r} is not a positive whole number"])
-    if version > FORMAT_VERSION:
-        raise DeltatuneError(f"{path} has format version {manifest['format_version']}, newer than this "
-                             f"deltatune understands ({FORMAT_VERSION}). Upgrade deltatune.")
-    if not isinstance(manifest["method"], str) or not isinstance(manifest["method_config"], dict):
-        raise _damaged(path, ["its method is not a name with a mapping of settings"])
-    return manifest
-
-
-def _damaged(path: Path, problems: list[str]) -> DeltatuneError:
-    return DeltatuneError(f"{path} is damaged ({'; '.join(problems)}); it was not written by this deltatune or has "
-                          "been edited. Re-create the delta by training again, or restore the file from a copy.")
-
-
-def _manifest_problems(manifest: dict) -> list[str]:
-    """What in a manifest's entries for loading has the wrong shape (each would otherwise fail deep inside)."""
-    problems = []
-    base_model = manifest["base_model"]
-    if not isinstance(base_model, dict) or not all(isinstance(base_model.get(k), str) for k in ("name", "fingerprint")):
-        problems.append("base_model lacks its name or fingerprint")
-    if not isinstance(manifest["task"], dict):
-        problems.append(f"its task is {type(manifest['task']).__name__} {manifest['task']!r:.40}, not a task spec")
-    else:
-        try:
-            TaskSpec.from_dict(manifest["task"])
-        except (DeltatuneError, KeyError, TypeError, ValueError, AttributeError) as error:
-            problems.append(f"its task is not a valid task spec ({type(error).__name__}: {str(error)[:120]})")
-    return problems
+    return DeltaManifest.from_json(path)
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +152,7 @@ class TunedModel:
     tokenizer: object
     task: TaskSpec
     method: Method
-    manifest: dict
+    manifest: DeltaManifest
     directory: Path
 
     def predict(self, *texts: str | list[str], batch_size: int = 64, precision: str = "auto") -> list[dict]:
@@ -219,7 +182,7 @@ class TunedModel:
         encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length,
                          encodes_texts_separately(self.model))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer),
-                                                batch_size, precision), self.manifest.get("target_scale"))
+                                                batch_size, precision), self.manifest.target_scale)
         self._refuse_non_finite(outputs)
         if self.task.is_regression:
             return [{"score": float(o[0])} for o in outputs]
@@ -245,7 +208,7 @@ class TunedModel:
         """The delta's max_length, capped at what the model can take (old deltas may record more)."""
         from deltatune.sources.models import position_limit
 
-        recorded = self.manifest.get("max_length", 128)
+        recorded = self.manifest.max_length
         limit = position_limit(self.model, self.tokenizer)
         return min(recorded, limit) if limit else recorded
 
@@ -260,20 +223,20 @@ class TunedModel:
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
         from deltatune.heads import encodes_texts_separately
         from deltatune.metrics import compute_metrics
-        from deltatune.sources.records import check_data_unchanged, load_data_from_record, recorded_data
+        from deltatune.sources.records import check_data_unchanged, load_data_from_record
 
         if not isinstance(split, str):
             raise DeltatuneError(f"split must be 'train', 'dev' or 'test', got {type(split).__name__} {split!r}.")
         _check_run_options(batch_size, precision)
         if not isinstance(data_changed_ok, bool):
             raise DeltatuneError(f"data_changed_ok must be True or False, got {data_changed_ok!r}.")
-        data = load_data_from_record(self.manifest["data"], run=str(self.directory))
+        data = load_data_from_record(self.manifest.training_data(self.directory), run=str(self.directory))
         selected = data.split(split)
         if not data_changed_ok:
-            check_data_unchanged(data, *recorded_data(self.manifest, self.directory), run=str(self.directory))
+            check_data_unchanged(data, *self.manifest.recorded_data(self.directory), run=str(self.directory))
         encoded = encode(self.tokenizer, self.task, selected, self.max_length, encodes_texts_separately(self.model))
         outputs = to_task_units(predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer),
-                                                batch_size, precision), self.manifest.get("target_scale"))
+                                                batch_size, precision), self.manifest.target_scale)
         self._refuse_non_finite(outputs)
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
 
@@ -299,22 +262,37 @@ def _check_run_options(batch_size, precision) -> None:
         raise DeltatuneError("; ".join(problems) + ".")
 
 
-def _base_model_location(manifest: dict) -> str:
+def _base_model_location(manifest: DeltaManifest) -> str:
     """Where the base model recorded in a manifest is; a recorded directory that is gone is an error saying so."""
-    base_model = manifest["base_model"]
-    name = base_model["name"]
+    name = manifest.base_model.name
     if Path(name).is_absolute() and not Path(name).is_dir():
-        given = f" (given as {base_model['given']!r})" if base_model.get("given") else ""
+        given = f" (given as {manifest.base_model.given!r})" if manifest.base_model.given else ""
         raise DeltatuneError(f"This delta's base model was the directory {name}{given}, which no longer exists. "
                              "Pass --base (base=) pointing at a copy of that model.")
     return name
 
 
-def load(directory: str | Path, base: str | None = None) -> TunedModel:
-    """Rebuild base + delta from a delta directory; `base` overrides where the base model comes from."""
-    from deltatune.heads import LEGACY_HEAD
+def load_checked_base(manifest: DeltaManifest, base: str | None = None,
+                      fix: str = "Load it onto {name!r} (pass --base to point at a copy of it).",
+                      head: ManifestHead | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer): the base model a delta records (or `base`) with the delta's task head (or `head`),
+    checked against the recorded weight fingerprint; `fix` ({name}: the recorded base) ends the error when they
+    differ."""
     from deltatune.sources.models import load_model_for_task
 
+    base_name = base if base is not None else _base_model_location(manifest)
+    head = head or manifest.resolved_head
+    model, tokenizer = load_model_for_task(base_name, manifest.task, head=head.kind, pooling=head.pooling)
+    expected, actual = manifest.base_model.fingerprint, fingerprint_backbone(model)
+    if actual != expected:
+        raise DeltatuneError(
+            f"This delta was trained on base model {manifest.base_model.name!r} (weights fingerprint {expected[:12]}), "
+            f"but {base_name!r} has fingerprint {actual[:12]}. " + fix.format(name=manifest.base_model.name))
+    return model, tokenizer
+
+
+def load(directory: str | Path, base: str | None = None) -> TunedModel:
+    """Rebuild base + delta from a delta directory; `base` overrides where the base model comes from."""
     if not isinstance(directory, (str, os.PathLike)):
         raise DeltatuneError(f"load() takes the path of a delta directory (a `deltatune train --out`), got "
                              f"{type(directory).__name__} {directory!r:.80}.")
@@ -322,23 +300,10 @@ def load(directory: str | Path, base: str | None = None) -> TunedModel:
         raise DeltatuneError(f"base must be a model name or directory, got {type(base).__name__} {base!r:.80}.")
     directory = Path(directory)
     manifest = read_manifest(directory)
-    problems = _manifest_problems(manifest)
-    if problems:
-        raise _damaged(directory / MANIFEST, problems)
     tensors = read_tensors(directory)
-    task = TaskSpec.from_dict(manifest["task"])
-    base_name = str(base) if base is not None else _base_model_location(manifest)
-    head = manifest.get("head") or LEGACY_HEAD
-    model, tokenizer = load_model_for_task(base_name, task, head=head["kind"], pooling=head["pooling"])
-    expected = manifest["base_model"]["fingerprint"]
-    actual = fingerprint_backbone(model)
-    if actual != expected:
-        raise DeltatuneError(
-            f"This delta was trained on base model {manifest['base_model']['name']!r} "
-            f"(weights fingerprint {expected[:12]}), but {base_name!r} has fingerprint {actual[:12]}. "
-            f"Load it onto {manifest['base_model']['name']!r} (pass --base to point at a copy of it).")
-    method = build_method(manifest["method"], manifest["method_config"])
+    model, tokenizer = load_checked_base(manifest, None if base is None else str(base))
+    method = build_method(manifest.method, manifest.method_config)
     prepare_model(model, method, tokenizer)
     method.load_delta_state(model, tensors)
     model.eval()
-    return TunedModel(model, tokenizer, task, method, manifest, directory)
+    return TunedModel(model, tokenizer, manifest.task, method, manifest, directory)

@@ -36,7 +36,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from transformers import PreTrainedModel
 
 from deltatune.errors import DeltatuneError
 from deltatune.tasks.spec import TaskSpec
+
+if TYPE_CHECKING:
+    from deltatune.records import DeltaManifest
 
 HEAD_KINDS = ("cross-encoder", "bi-encoder")
 POOLINGS = ("cls", "mean", "last")
@@ -257,22 +260,22 @@ def head_of(model: nn.Module) -> HeadConfig:
     return head if isinstance(head, HeadConfig) else HeadConfig("cross-encoder", native_pooling(model.config))
 
 
-def foreign_head(manifest: dict, directory, what: str) -> str | None:
+def foreign_head(manifest: DeltaManifest, directory, what: str) -> str | None:
     """Why the delta of `manifest` cannot go where only transformers' own task heads go (`what`), or None.
 
     A delta trained with deltatune's pooled cross-encoder or bi-encoder head wraps the backbone in
     `PooledTaskModel`, which a plain transformers model (an export), a shared base of native heads
     (`load_many`) or a merge of weights does not have: its outputs would come out different."""
-    head = manifest.get("head") or {}
-    if head.get("transformers_head", True):
+    head = manifest.head
+    if head is None or head.transformers_head:
         return None
-    return (f"{directory} was trained with a {head.get('kind')} head pooling by {head.get('pooling')}, which "
+    return (f"{directory} was trained with a {head.kind} head pooling by {head.pooling}, which "
             f"{what} does not support (only transformers' own task head). Use it with deltatune.load, or "
             "retrain with the model's native head (--head cross-encoder --pooling cls for BERT-family models, "
             "last for decoders).")
 
 
-def shared_head(run_dirs: Sequence[str | Path], manifests: list[dict], what: str = "load_many",
+def shared_head(run_dirs: Sequence[str | Path], manifests: list[DeltaManifest], what: str = "load_many",
                 allow_bi_encoder: bool = False) -> dict:
     """The one head every delta was trained with (kind and pooling): the shared forward pass reads it.
 
@@ -281,10 +284,11 @@ def shared_head(run_dirs: Sequence[str | Path], manifests: list[dict], what: str
     whose batches hold two rows per input, unless `allow_bi_encoder` (a merge, which runs no batch)."""
     heads: dict[tuple[str, str], list[str]] = {}
     for directory, manifest in zip(run_dirs, manifests, strict=True):
-        head = manifest.get("head") or LEGACY_HEAD
-        if head.get("transformers_head", False):  # the model family's own head, however it was recorded
-            head = LEGACY_HEAD
-        heads.setdefault((head["kind"], head["pooling"]), []).append(str(directory))
+        head = manifest.head
+        # the model family's own head, however it was recorded
+        kind, pooling = (LEGACY_HEAD["kind"], LEGACY_HEAD["pooling"]) if head is None or head.transformers_head \
+            else (head.kind, head.pooling)
+        heads.setdefault((kind, pooling), []).append(str(directory))
     if len(heads) > 1:
         listing = "; ".join(f"{kind} pooling by {pooling}: {', '.join(dirs)}" for (kind, pooling), dirs in heads.items())
         raise DeltatuneError(f"These deltas were trained with {len(heads)} different heads ({listing}); {what} takes "

@@ -16,7 +16,6 @@ if needed, then `upload_folder`); the token comes from `--hub-token`, `HF_TOKEN`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def export_hf(run_dir: str | Path, out: str | Path, *, base: str | None = None, 
                           check=lambda: _check_destination(out, overwrite)) as staging:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer = tuned.tokenizer
-        tokenizer.model_max_length = int(tuned.manifest.get("max_length", tokenizer.model_max_length))
+        tokenizer.model_max_length = tuned.manifest.max_length
         tokenizer.save_pretrained(staging)
         _write_provenance(staging, tuned, Path(run_dir))
     return out
@@ -86,7 +85,7 @@ def _plain_model(tuned):
     model, task = tuned.model, tuned.task
     index = parameter_index(model)
     state = {canonical: parameter.detach().clone() for canonical, (_, parameter) in index.base.items()}
-    scale = tuned.manifest.get("target_scale")
+    scale = tuned.manifest.target_scale
     if scale:
         head = {index.canonical[name] for name in head_names(model)}
         state.update(fold_target_scale({name: state[name] for name in head}, scale))
@@ -110,14 +109,18 @@ def _plain_model(tuned):
 def _write_provenance(directory: Path, tuned, run_dir: Path) -> None:
     from deltatune.delta import write_json_atomic
     from deltatune.model_card import write_model_card
+    from deltatune.records import read_run_record
+    from deltatune.sources.records import RUN_RECORD
 
     manifest = tuned.manifest
+    written = manifest.to_json()
     write_json_atomic(directory / EXPORT_RECORD, {
-        "source_run": str(run_dir.resolve()), "method": manifest["method"],
-        "base_model": manifest["base_model"], "task": manifest["task"], "target_scale_folded": manifest.get("target_scale"),
-        "max_length": manifest.get("max_length")})
-    record_path = run_dir / "run.json"
-    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
+        "source_run": str(run_dir.resolve()), "method": manifest.method,
+        "base_model": written["base_model"], "task": written["task"], "target_scale_folded": manifest.target_scale,
+        "max_length": manifest.max_length})
+    # merged deltas have no run record, and a FreeLM run's is of its own kind
+    has_record = (run_dir / RUN_RECORD).is_file() and not manifest.is_freelm
+    record = read_run_record(run_dir) if has_record else None
     write_model_card(directory, manifest, record, library="transformers")
 
 

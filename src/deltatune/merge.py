@@ -36,7 +36,7 @@ import argparse
 import json
 import operator
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from pathlib import Path
 from typing import Literal
@@ -45,9 +45,10 @@ import torch
 from safetensors.torch import save_file
 
 from deltatune.cli_options import add_switch
-from deltatune.delta import MANIFEST, TENSORS, read_manifest, read_tensors, write_json_atomic
+from deltatune.delta import MANIFEST, TENSORS, load_checked_base, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.padding import padding_id
+from deltatune.records import DeltaManifest
 from deltatune.run_directory import staged_directory
 
 MergeHow = Literal["linear", "task-arithmetic", "ties", "dare", "dare-ties"]
@@ -148,16 +149,16 @@ def disjoint_mean(stacked: torch.Tensor, scale: torch.Tensor, majority_sign: str
 @dataclass
 class Source:
     directory: Path
-    manifest: dict
+    manifest: DeltaManifest
     tensors: dict[str, torch.Tensor]
 
     @property
     def method(self) -> str:
-        return self.manifest["method"]
+        return self.manifest.method
 
     @property
     def task_key(self) -> str:
-        return json.dumps(self.manifest["task"], sort_keys=True)
+        return json.dumps(self.manifest.task.to_dict(), sort_keys=True)
 
 
 def read_sources(run_dirs: list[str | Path]) -> list[Source]:
@@ -170,10 +171,10 @@ def read_sources(run_dirs: list[str | Path]) -> list[Source]:
     shared_head([source.directory for source in sources], [source.manifest for source in sources], "deltatune merge",
                 allow_bi_encoder=True)
     problems = []
-    fingerprints = {source.manifest["base_model"]["fingerprint"] for source in sources}
+    fingerprints = {source.manifest.base_model.fingerprint for source in sources}
     if len(fingerprints) > 1:
-        listing = ", ".join(f"{source.directory} ({source.manifest['base_model']['name']!r}, "
-                            f"{source.manifest['base_model']['fingerprint'][:12]})" for source in sources)
+        listing = ", ".join(f"{source.directory} ({source.manifest.base_model.name!r}, "
+                            f"{source.manifest.base_model.fingerprint[:12]})" for source in sources)
         problems.append(f"the deltas were trained on different base models ({listing}); only deltas of one base "
                         "model can be merged")
     methods = sorted({source.method for source in sources})
@@ -186,12 +187,12 @@ def read_sources(run_dirs: list[str | Path]) -> list[Source]:
                         "tokens), so they cannot be merged; merge lora, ia3, bitfit, layernorm, freeze, full or "
                         "sparse-mask deltas")
     if not problems and methods[0] == "lora":
-        targets = {tuple(source.manifest["method_config"].get("targets", ())) for source in sources}
+        targets = {tuple(source.manifest.method_config.get("targets", ())) for source in sources}
         if len(targets) > 1:
             problems.append(f"the LoRA deltas adapt different layers ({sorted(targets)}); merge LoRAs of one "
                             "method.targets")
     elif not problems and methods[0] not in ("sparse-mask",):
-        configs = {json.dumps(source.manifest["method_config"], sort_keys=True) for source in sources}
+        configs = {json.dumps(source.manifest.method_config, sort_keys=True) for source in sources}
         if len(configs) > 1:
             problems.append(f"the {methods[0]} deltas have different method options ({sorted(configs)}); merge "
                             "deltas trained with the same options")
@@ -229,7 +230,7 @@ def merge_bodies(sources: list[Source], weights: list[float], config: MergeConfi
     if method == "ia3":
         merged = {name: 1 + merge_task_vectors([source.tensors[name] - 1 for source in sources], weights, config,
                                                generator) for name in names}
-        return Body("ia3", sources[0].manifest["method_config"], merged, {})
+        return Body("ia3", sources[0].manifest.method_config, merged, {})
     parameters = dict(base.named_parameters())
     if method == "sparse-mask":
         return _merge_masks(sources, names, weights, config, generator, parameters, head)
@@ -242,14 +243,14 @@ def merge_bodies(sources: list[Source], weights: list[float], config: MergeConfi
         original = parameters[name].detach()
         vectors = [source.tensors[name] - original for source in sources]
         merged[name] = original + merge_task_vectors(vectors, weights, config, generator)
-    return Body(method, sources[0].manifest["method_config"], merged, {})
+    return Body(method, sources[0].manifest.method_config, merged, {})
 
 
 def _merge_lora(sources: list[Source], names: list[str], weights: list[float], config: MergeConfig,
                 generator: torch.Generator) -> Body:
     modules = [name.removesuffix(".lora_A") for name in names if name.endswith(".lora_A")]
-    scalings = [source.manifest["method_config"]["alpha"] / source.manifest["method_config"]["r"] for source in sources]
-    ranks = [source.manifest["method_config"]["r"] for source in sources]
+    scalings = [source.manifest.method_config["alpha"] / source.manifest.method_config["r"] for source in sources]
+    ranks = [source.manifest.method_config["r"] for source in sources]
     merged, errors = {}, []
     if config.how in ("linear", "task-arithmetic"):  # exact: the updates side by side
         rank = sum(ranks)
@@ -272,7 +273,7 @@ def _merge_lora(sources: list[Source], names: list[str], weights: list[float], c
             errors.append(float((update - up @ down).norm() / norm) if norm > 0 else 0.0)
             dtype = sources[0].tensors[f"{module}.lora_A"].dtype
             merged[f"{module}.lora_A"], merged[f"{module}.lora_B"] = down.to(dtype), up.to(dtype)
-    options = {**sources[0].manifest["method_config"], "r": rank, "alpha": float(rank)}  # scaling 1: folded into B
+    options = {**sources[0].manifest.method_config, "r": rank, "alpha": float(rank)}  # scaling 1: folded into B
     notes = {"svd_relative_error_max": max(errors)} if errors else {}
     return Body("lora", options, merged, notes)
 
@@ -301,7 +302,7 @@ def merge_heads(sources: list[Source], weights: list[float], head: set[str]) -> 
 
     total = sum(weights)
     shares = [weight / total for weight in weights] if total else [1 / len(weights)] * len(weights)
-    scales = [source.manifest.get("target_scale") for source in sources]
+    scales = [source.manifest.target_scale for source in sources]
     heads = [{name: tensor for name, tensor in source.tensors.items() if name in head} for source in sources]
     scale = scales[0]
     if any(value != scales[0] for value in scales):
@@ -334,7 +335,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
     weights = list(config.weights) if config.weights is not None else [1.0] * len(sources)
     if config.how == "linear":
         weights = [weight / sum(weights) for weight in weights]
-    base = load_checked_base(sources[0].manifest)
+    base, _ = load_checked_base(sources[0].manifest, fix="Merge on the original base.")
     body = merge_bodies(sources, weights, config, base)
     head = {name for name in head_names(base)}
     groups: dict[str, list[int]] = {}
@@ -346,7 +347,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
         for positions in groups.values():
             members = [sources[position] for position in positions]
             heads, scale = merge_heads(members, [weights[position] for position in positions], head)
-            task_name = members[0].manifest["task"]["name"]
+            task_name = members[0].manifest.task.name
             directory = staging if len(groups) == 1 else staging / _directory_name(task_name, written)
             _write_merged(directory, members[0], body, heads, scale, sources, weights, config)
             written.append(directory.relative_to(staging))
@@ -367,22 +368,6 @@ def _directory_name(task_name: str, taken: list[Path]) -> str:
     return name
 
 
-def load_checked_base(manifest: dict):
-    """The base model a delta records, loaded and checked against its weight fingerprint."""
-    from deltatune.delta import fingerprint_backbone
-    from deltatune.heads import LEGACY_HEAD
-    from deltatune.sources.models import load_model_for_task
-    from deltatune.tasks.spec import TaskSpec
-
-    head = manifest.get("head") or LEGACY_HEAD
-    model, _ = load_model_for_task(manifest["base_model"]["name"], TaskSpec.from_dict(manifest["task"]),
-                                   head=head["kind"], pooling=head["pooling"])
-    if fingerprint_backbone(model) != manifest["base_model"]["fingerprint"]:
-        raise DeltatuneError(f"The base model {manifest['base_model']['name']!r} no longer has the weights these "
-                             "deltas were trained on (its fingerprint differs); merge on the original base.")
-    return model
-
-
 def _write_merged(directory: Path, first: Source, body: Body, heads: dict, scale, sources: list[Source],
                   weights: list[float], config: MergeConfig) -> None:
     from deltatune.model_card import write_model_card
@@ -391,17 +376,16 @@ def _write_merged(directory: Path, first: Source, body: Body, heads: dict, scale
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in {**body.tensors, **heads}.items()}
     save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": body.method})
     record = {"how": config.how, "sources": [str(source.directory.resolve()) for source in sources],
-              "source_tasks": [source.manifest["task"]["name"] for source in sources], "weights": weights,
+              "source_tasks": [source.manifest.task.name for source in sources], "weights": weights,
               **({"density": config.kept_fraction} if config.how not in ("linear", "task-arithmetic") else {}),
               **({"majority_sign": config.majority_sign} if "ties" in config.how else {}),
               **({"seed": config.seed} if "dare" in config.how else {}), **body.notes}
-    manifest = {"format_version": 1, "method": body.method, "method_config": body.method_config,
-                "base_model": first.manifest["base_model"], "task": first.manifest["task"],
-                **({"head": first.manifest["head"]} if "head" in first.manifest else {}),
-                "data": first.manifest.get("data"), "max_length": first.manifest.get("max_length", 128),
-                "target_scale": scale, "metrics": {}, "merge": record,
-                "versions": first.manifest.get("versions", {}), "delta_bytes": (directory / TENSORS).stat().st_size}
-    write_json_atomic(directory / MANIFEST, manifest)
+    manifest = DeltaManifest(method=body.method, method_config=body.method_config,
+                             base_model=first.manifest.base_model, task=first.manifest.task, head=first.manifest.head,
+                             data=first.manifest.data, max_length=first.manifest.max_length, target_scale=scale,
+                             metrics={}, merge=record, versions=first.manifest.versions,
+                             delta_bytes=(directory / TENSORS).stat().st_size)
+    write_json_atomic(directory / MANIFEST, manifest.to_json())
     write_model_card(directory, manifest)
 
 
@@ -417,14 +401,14 @@ def evaluate_merge(merged: list[Path], run_dirs: list[str | Path], split: str, l
     for directory in merged:
         manifest = read_manifest(directory)
         metrics = _evaluate(deltatune.load(directory), split, limit)
-        manifest.setdefault("metrics", {})[split] = metrics
-        write_json_atomic(directory / MANIFEST, manifest)
+        manifest = replace(manifest, metrics={**manifest.metrics, split: metrics})
+        write_json_atomic(directory / MANIFEST, manifest.to_json())
         write_model_card(directory, manifest)
-        rows.append({"task": manifest["task"]["name"], "delta": str(directory), "kind": f"merged ({manifest['merge']['how']})",
-                     **metrics})
+        how = (manifest.merge or {}).get("how")
+        rows.append({"task": manifest.task.name, "delta": str(directory), "kind": f"merged ({how})", **metrics})
         for source in run_dirs:
-            if read_manifest(source)["task"] == manifest["task"]:
-                rows.append({"task": manifest["task"]["name"], "delta": str(source), "kind": "own delta",
+            if read_manifest(source).task == manifest.task:
+                rows.append({"task": manifest.task.name, "delta": str(source), "kind": "own delta",
                              **_evaluate(deltatune.load(source), split, limit)})
     return rows
 
@@ -436,11 +420,11 @@ def _evaluate(tuned, split: str, limit: int | None) -> dict[str, float]:
     from deltatune.metrics import compute_metrics
     from deltatune.sources.records import load_data_from_record
 
-    data = load_data_from_record(tuned.manifest["data"]).split(split)
+    data = load_data_from_record(tuned.manifest.training_data(tuned.directory)).split(split)
     data = data.subset(range(min(limit, len(data))))
-    encoded = encode(tuned.tokenizer, tuned.task, data, tuned.manifest.get("max_length", 128))
+    encoded = encode(tuned.tokenizer, tuned.task, data, tuned.manifest.max_length)
     outputs = to_task_units(predict_encoded(tuned.model, encoded, tuned.task, padding_id(tuned.tokenizer)),
-                            tuned.manifest.get("target_scale"))
+                            tuned.manifest.target_scale)
     return compute_metrics(tuned.task.metrics, outputs_to_predictions(outputs, tuned.task), encoded.labels)
 
 

@@ -56,16 +56,15 @@ def export_peft(source: str | Path | TunedModel, out_dir: str | Path, *,
         tensors = method.delta_state(source.model)
     else:
         manifest = read_manifest(Path(source))
-        method = build_method(manifest["method"], manifest["method_config"])
+        method = build_method(manifest.method, manifest.method_config)
         tensors = read_tensors(Path(source))
     problem = foreign_head(manifest, getattr(source, "directory", source),
                            "PEFT (it loads the adapter onto transformers' own AutoModelForSequenceClassification)")
     if problem is not None:
         raise DeltatuneError(problem)
-    labels = tuple(manifest.get("task", {}).get("labels", ()))
     return _write_adapter(method, tensors, Path(out_dir),
-                          base_model_name_or_path or loadable_base_name(manifest["base_model"]["name"]),
-                          overwrite, labels, manifest.get("target_scale"))
+                          base_model_name_or_path or loadable_base_name(manifest.base_model.name),
+                          overwrite, manifest.task.labels, manifest.target_scale)
 
 
 def write_peft_adapter(model: nn.Module, method: Method, out_dir: str | Path, base_model_name_or_path: str | None = None,

@@ -39,6 +39,16 @@ from deltatune.errors import DeltatuneError
 from deltatune.heads import PooledTaskModel, head_of
 from deltatune.methods import build_method, prepare_model
 from deltatune.model_card import CARD, write_model_card
+from deltatune.records import (
+    BaseModelRecord,
+    DeltaManifest,
+    DeviceRecord,
+    GitState,
+    ManifestHead,
+    ProcessesRecord,
+    RunRecord,
+    Versions,
+)
 from deltatune.run_directory import check_output_directory as _check_output_directory
 from deltatune.run_directory import locked_target, staged_directory
 from deltatune.sources.models import position_limit
@@ -48,7 +58,6 @@ from deltatune.sources.records import (  # noqa: F401  (data records lived here;
     check_data_unchanged,
     data_record,
     load_data_from_record,
-    recorded_data,
 )
 from deltatune.training import TrainConfig, Trainer, TrainResult, peak_memory_bytes, prepare_data, seed_everything
 
@@ -63,32 +72,31 @@ RUN_FILES = frozenset({MANIFEST, TENSORS, RUN_RECORD, DEV_OUTPUTS, TEST_OUTPUTS,
 A new file written into run directories must be added here."""
 
 
-def library_versions() -> dict[str, str]:
+def library_versions() -> Versions:
     import numpy
     import torch
     import transformers
 
     from deltatune.version import __version__
 
-    return {"deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": numpy.__version__,
-            "platform": platform.platform(), "processor": platform.machine(),
-            "cpu_count": str(os.cpu_count())}
+    return Versions(deltatune=__version__, python=platform.python_version(), torch=torch.__version__,
+                    transformers=transformers.__version__, numpy=numpy.__version__,
+                    platform=platform.platform(), processor=platform.machine(), cpu_count=str(os.cpu_count()))
 
 
-def git_state() -> dict[str, object]:
+def git_state() -> GitState:
     """The commit of the deltatune source tree this run used, and whether it had local changes."""
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
                                 timeout=10)
         if commit.returncode != 0:
-            return {"commit": None, "dirty": None}
+            return GitState()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
                                 capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        return GitState(commit=commit.stdout.strip(), dirty=bool(status.stdout.strip()))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return GitState()
 
 
 def check_output_directory(out: Path, overwrite: bool) -> None:
@@ -98,11 +106,11 @@ def check_output_directory(out: Path, overwrite: bool) -> None:
 
 def run_training(model_name: str, data: dict, method_name: str, method_overrides: dict | None = None,
                  config: TrainConfig | None = None, out: str | Path | None = None,
-                 overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict:
+                 overwrite: bool = False, say: Callable[[str], None] | None = None) -> RunRecord | None:
     """Train `method_name` on `model_name` for the task `data` describes (see `data_record`).
 
     Under several processes (`torchrun`, `accelerate launch`) every rank trains its share of each batch and
-    rank 0 alone evaluates, writes OUT and returns the record; the other ranks return {"rank": N}.
+    rank 0 alone evaluates, writes OUT and returns the record; the other ranks return None.
 
     With `config.lr_search`, every candidate learning rate trains from the same start and the best on
     dev is kept (`deltatune.search`); `say` hears how each rung went. The kept state is evaluated on the
@@ -124,7 +132,7 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
 
 def _train_and_save(model_name: str, data: dict, method_name: str, method_overrides: dict, method,
                     config: TrainConfig, out_path: Path | None, overwrite: bool,
-                    say: Callable[[str], None] | None) -> dict:
+                    say: Callable[[str], None] | None) -> RunRecord | None:
     from deltatune.sources.models import describe_model_source, load_model_for_task, recorded_model_name
 
     started = time.perf_counter()
@@ -147,56 +155,53 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         result = trainer.finish()
         model, method = _unsharded(trainer, model_name, task, config, method_overrides, tokenizer)
     if not trainer.group.is_main:
-        return {"rank": trainer.group.rank}
+        return None
     model.to("cpu")  # the delta is saved, and the model handed back, on the CPU
     if result.diverged is not None and not result.best_metrics:
         raise DeltatuneError(f"{result.diverged}. No dev evaluation came before it, so nothing was saved.")
     wall_time = time.perf_counter() - started
     stored_model = recorded_model_name(model_name)
 
-    record = {
-        "model": stored_model,
-        "model_source": describe_model_source(model_name),
-        "model_fingerprint": base_fingerprint,
-        "task": task.name,
-        "data": data,
-        "data_fingerprint": task_data.fingerprint(),
-        "data_provenance": task_data.provenance,
-        "method": method_name,
-        "method_config": to_jsonable(method.config),
-        "method_report": method.describe(model),
-        "head": head_of(model).to_dict(),
-        "train_config": to_jsonable(config),
-        "num_train_examples": result.num_train_examples,
-        "num_truncated": result.num_truncated,
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-        "trainable_percent": 100.0 * trainable_params / total_params,
-        "full_model_bytes": full_bytes,
+    record = RunRecord(
+        model=stored_model,
+        model_source=describe_model_source(model_name),
+        model_fingerprint=base_fingerprint,
+        task=task.name,
+        data=data,
+        data_fingerprint=task_data.fingerprint(),
+        data_provenance=task_data.provenance,
+        method=method_name,
+        method_config=to_jsonable(method.config),
+        method_report=method.describe(model),
+        head=head_of(model),
+        train_config=config,
+        num_train_examples=result.num_train_examples,
+        num_truncated=result.num_truncated,
+        trainable_params=trainable_params,
+        total_params=total_params,
+        trainable_percent=100.0 * trainable_params / total_params,
+        full_model_bytes=full_bytes,
         **_outcome(result, task.metric, search),
-        "wall_time_s": wall_time,
+        wall_time_s=wall_time,
         **_where_it_ran(trainer, result.precision),
-        "learning_curve": result.learning_curve,
-        "versions": library_versions(),
-        "git": git_state(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if stored_model != model_name:
-        record["model_as_given"] = model_name
-    if requested_max_length != config.max_length:
-        record["max_length_requested"] = requested_max_length
-    if result.diverged is not None:
-        record["diverged"] = result.diverged
+        learning_curve=result.learning_curve,
+        versions=library_versions(),
+        git=git_state(),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        model_as_given=model_name if stored_model != model_name else None,
+        max_length_requested=requested_max_length if requested_max_length != config.max_length else None,
+        diverged=result.diverged,
+    )
     if out_path is None:
-        record["delta_bytes"] = None
         _raise_if_diverged(result, record, None)
         return record
 
     manifest = _manifest(record, model, task, result, model_name)
     with staged_directory(out_path, RUN_FILES, overwrite) as staging:
-        record["delta_bytes"] = save_delta(staging, model, method, manifest)
-        write_json_atomic(staging / RUN_RECORD, record)
-        write_model_card(staging, {**manifest, "delta_bytes": record["delta_bytes"]}, record)
+        delta_bytes = save_delta(staging, model, method, manifest)
+        record = replace(record, delta_bytes=delta_bytes)
+        write_json_atomic(staging / RUN_RECORD, record.to_json())
+        write_model_card(staging, replace(manifest, delta_bytes=delta_bytes), record)
         save_outputs(staging / DEV_OUTPUTS, result.best_dev_outputs, result.dev_labels)
         if result.test_outputs is not None:
             save_outputs(staging / TEST_OUTPUTS, result.test_outputs, result.test_labels)
@@ -206,10 +211,15 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
 
 def _where_it_ran(trainer: Trainer, precision: str) -> dict:
     """The record's account of the machine: peak memory, the device, its model and the processes."""
+    device, processes = describe_device(trainer.device, precision), trainer.group.describe(trainer.sharded)
+    memory, count, sharded = device.get("memory_bytes"), processes["processes"], processes.get("fsdp")
     return {"peak_memory_bytes": peak_memory_bytes(),
-            "device": describe_device(trainer.device, precision),
+            "device": DeviceRecord(device=str(device["device"]), name=str(device["name"]), precision=precision,
+                                   memory_bytes=memory if isinstance(memory, int) else None),
             "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
-            "distributed": trainer.group.describe(trainer.sharded)}
+            "distributed": ProcessesRecord(processes=count if isinstance(count, int) else 1,
+                                           backend=str(processes["backend"]),
+                                           fsdp=sharded if isinstance(sharded, bool) else None)}
 
 
 def _unsharded(trainer: Trainer, model_name: str, task, config: TrainConfig, method_overrides: dict, tokenizer):
@@ -229,26 +239,27 @@ def _unsharded(trainer: Trainer, model_name: str, task, config: TrainConfig, met
     return whole.eval(), fresh
 
 
-def _manifest(record: dict, model, task, result: TrainResult, model_name: str) -> dict:
+def _manifest(record: RunRecord, model, task, result: TrainResult, model_name: str) -> DeltaManifest:
     """The delta directory's manifest: what rebuilds base + delta and checks the data, from the record."""
-    stored_model, head = record["model"], head_of(model)
-    return {
-        "method": record["method"],
-        "method_config": record["method_config"],
-        "base_model": {"name": stored_model, "fingerprint": record["model_fingerprint"],
-                       "source": record["model_source"], "total_params": record["total_params"],
-                       **({"given": model_name} if stored_model != model_name else {})},
-        "task": task.to_dict(),
-        "data": record["data"],
-        "data_fingerprint": record["data_fingerprint"],
-        "data_files": record["data_provenance"].get("files") or {},
-        "max_length": record["train_config"]["max_length"],
-        "target_scale": list(result.target_scale) if result.target_scale else None,
-        "head": {"kind": head.kind, "pooling": head.pooling, "transformers_head": not isinstance(model, PooledTaskModel)},
-        "metrics": {"dev": record["dev_metrics"], **({"test": result.test_metrics} if result.test_metrics else {})},
-        "learning_rate": result.learning_rate,
-        "versions": record["versions"],
-    }
+    head = head_of(model)
+    return DeltaManifest(
+        method=record.method,
+        method_config=record.method_config,
+        base_model=BaseModelRecord(name=record.model, fingerprint=str(record.model_fingerprint),
+                                   source=record.model_source, total_params=record.total_params,
+                                   given=record.model_as_given),
+        task=task,
+        data=record.data,
+        data_fingerprint=record.data_fingerprint,
+        data_files=record.data_provenance.get("files") or {},
+        max_length=record.train_config.max_length,
+        target_scale=list(result.target_scale) if result.target_scale else None,
+        head=ManifestHead(kind=head.kind, pooling=head.pooling,
+                          transformers_head=not isinstance(model, PooledTaskModel)),
+        metrics={"dev": record.dev_metrics, **({"test": result.test_metrics} if result.test_metrics else {})},
+        learning_rate=result.learning_rate,
+        versions=record.versions,
+    )
 
 
 def _check_distributed_run(group: ProcessGroup, config: TrainConfig, out: str | Path | None,
@@ -345,48 +356,48 @@ def _fit_max_length(config: TrainConfig, limit: int | None, model_name: str) -> 
     return replace(config, max_length=limit)
 
 
-def _raise_if_diverged(result, record: dict, out_path: Path | None) -> None:
+def _raise_if_diverged(result, record: RunRecord, out_path: Path | None) -> None:
     if result.diverged is None:
         return
-    metric = record["primary_metric"]
+    metric = record.primary_metric
     kept = (f"The best dev state before it (step {result.best_step}, dev {metric} "
             f"{result.best_metrics.get(metric, float('nan')):.4f}) ")
     kept += f"was saved to {out_path} (stopped_by 'diverged')" if out_path is not None else "was not saved (no --out)"
     raise DeltatuneError(f"{result.diverged}. {kept}.")
 
 
-def summarize(record: dict) -> str:
+def summarize(record: RunRecord) -> str:
     """A few lines a person reads after a run."""
     def scores(metrics: dict) -> str:
         return ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}"
                          for k, v in metrics.items()) or "(no dev evaluation)"
 
-    delta = record.get("delta_bytes")
-    size = (f"delta {delta / 1e6:.2f} MB vs full model {record['full_model_bytes'] / 1e6:.1f} MB "
-            f"({100 * delta / record['full_model_bytes']:.2f}%)" if delta else "not saved")
-    truncated = sum(record["num_truncated"].values())
-    head = record.get("head") or {}
-    test = record.get("test_metrics")
-    lines = [f"{record['method']} on {record['task']} ({record.get('model_as_given', record['model'])}): "
-             + (f"test {scores(test)} (dev {scores(record['dev_metrics'])})" if test
-                else f"dev {scores(record['dev_metrics'])} (the task has no test split)"),
-             f"  head {head.get('kind', '?')}, pooling {head.get('pooling', '?')}; learning rate "
-             f"{record['learning_rate']:g}" + _search_summary(record.get("lr_search")),
-             f"  trainable {record['trainable_params']:,} of {record['total_params']:,} params "
-             f"({record['trainable_percent']:.3f}%); {size}",
-             f"  {record['steps']} steps ({record['stopped_by']}), best dev at step {record['best_step']}"
-             + ("" if record.get("converged", True) else
-                f"; NOT CONVERGED: dev was still rising at the end (+{100 * (record.get('last_gain') or 0):.2f} "
+    delta, full = record.delta_bytes, record.full_model_bytes
+    size = (f"delta {delta / 1e6:.2f} MB vs full model {full / 1e6:.1f} MB "
+            f"({100 * delta / full:.2f}%)" if delta else "not saved")
+    truncated = sum(record.num_truncated.values())
+    head, test = record.head, record.test_metrics
+    lines = [f"{record.method} on {record.task} ({record.display_model}): "
+             + (f"test {scores(test)} (dev {scores(record.dev_metrics)})" if test
+                else f"dev {scores(record.dev_metrics)} (the task has no test split)"),
+             f"  head {head.kind if head else '?'}, pooling {head.pooling if head else '?'}; learning rate "
+             f"{record.learning_rate:g}" + _search_summary(record.lr_search),
+             f"  trainable {record.trainable_params:,} of {record.total_params:,} params "
+             f"({record.trainable_percent:.3f}%); {size}",
+             f"  {record.steps} steps ({record.stopped_by}), best dev at step {record.best_step}"
+             + ("" if record.converged else
+                f"; NOT CONVERGED: dev was still rising at the end (+{100 * (record.last_gain or 0):.2f} "
                 "points at the last evaluation); train longer (--epochs, --min-steps)"),
-             f"  {record['train_time_s']:.1f} s training, {record['train_examples_per_s']:.1f} examples/s, "
-             f"{record['train_real_tokens_per_s']:.0f} real tokens/s, padding efficiency "
-             f"{record['padding_efficiency']:.2f}, peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB"]
-    device, processes = record.get("device"), (record.get("distributed") or {}).get("processes", 1)
+             f"  {record.train_time_s:.1f} s training, {record.train_examples_per_s or 0:.1f} examples/s, "
+             f"{record.train_real_tokens_per_s or 0:.0f} real tokens/s, padding efficiency "
+             f"{record.padding_efficiency or 0:.2f}, peak memory {(record.peak_memory_bytes or 0) / 2**30:.2f} GiB"]
+    device, processes = record.device, record.distributed
     if device:
-        lines.append(f"  on {device['device']} ({device['name']}) at {device['precision']}"
-                     + (f", {processes} processes ({record['distributed']['backend']})" if processes > 1 else ""))
+        lines.append(f"  on {device.device} ({device.name}) at {device.precision}"
+                     + (f", {processes.processes} processes ({processes.backend})"
+                        if processes and processes.processes > 1 else ""))
     if truncated:
-        lines.append(f"  {truncated} example(s) longer than max_length={record['train_config']['max_length']} "
+        lines.append(f"  {truncated} example(s) longer than max_length={record.train_config.max_length} "
                      "were truncated")
     return "\n".join(lines)
 

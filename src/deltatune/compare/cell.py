@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 CELL_RESULT = "cell.json"
@@ -68,8 +69,10 @@ def run_cell(exp_dir: Path, cell_id: str) -> dict:
     else:
         config = train_config_for(payload, threads=threads, num_examples=_capped_examples(payload))
         # the learning-rate search says how each rung went in the cell's log
-        record = run_training(payload["model"], payload["data"], payload["method"], payload["method_overrides"],
-                              config, out=paths["staging"], say=lambda text: print(text, flush=True))
+        trained = run_training(payload["model"], payload["data"], payload["method"], payload["method_overrides"],
+                               config, out=paths["staging"], say=lambda text: print(text, flush=True))
+        assert trained is not None  # a cell is one process, which writes and returns the record
+        record = trained.to_json()  # the store keeps training and baseline records alike, as their JSON
     if not payload.get("keep_delta"):
         # the record keeps delta_bytes; the tensors themselves (90 MB per full fine-tuning cell) go
         (paths["staging"] / "delta.safetensors").unlink(missing_ok=True)
@@ -109,8 +112,8 @@ def run_baseline_cell(payload: dict, staging: Path, threads: int | None) -> dict
               "delta_bytes": None, "full_model_bytes": None, "train_time_s": 0.0, "eval_time_s": result.seconds,
               "wall_time_s": result.seconds, "train_examples_per_s": None, "num_train_examples": len(pool or train),
               "steps": 0, "best_step": 0, "stopped_by": None, "examples_seen": 0, "learning_rate": None,
-              "converged": None, "peak_memory_bytes": peak_memory_bytes(), "versions": library_versions(),
-              "git": git_state(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "converged": None, "peak_memory_bytes": peak_memory_bytes(), "versions": asdict(library_versions()),
+              "git": asdict(git_state()), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     staging.mkdir(parents=True)
     write_json_atomic(staging / RUN_RECORD, record)
     for split, name in (("dev", DEV_OUTPUTS), ("test", TEST_OUTPUTS)):

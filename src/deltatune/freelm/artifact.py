@@ -10,6 +10,7 @@ perplexity before and after), and `run.json` holds the full record with the per-
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from deltatune.freelm.config import FreeLMConfig
 from deltatune.freelm.model import PROPOSITION_TASK, FreeLMModel, build_freelm_model
 from deltatune.freelm.training import language_blocks, perplexity, seen_task_metrics, train_freelm
 from deltatune.methods import build_method, load_delta_state, prepare_model
+from deltatune.records import BaseModelRecord, DeltaManifest
 from deltatune.run import RUN_RECORD, git_state, library_versions
 from deltatune.run_directory import locked_target, staged_directory
 from deltatune.training import peak_memory_bytes, seed_everything
@@ -136,68 +138,68 @@ def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, met
         "dev_eval_time_s": evaluation_time,
         "wall_time_s": wall_time,
         "peak_memory_bytes": peak_memory_bytes(),
-        "versions": library_versions(),
-        "git": git_state(),
+        "versions": asdict(library_versions()),
+        "git": asdict(git_state()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if out_path is None:
         record["delta_bytes"] = None
         return record
-    manifest = {
-        "method": method_name,
-        "method_config": record["method_config"],
-        "base_model": {"name": model_name, "fingerprint": fingerprint, "source": record["model_source"],
-                       "total_params": total_params},
-        "task": PROPOSITION_TASK.to_dict(),
+    manifest = DeltaManifest(
+        method=method_name,
+        method_config=to_jsonable(method.config),
+        base_model=BaseModelRecord(name=model_name, fingerprint=fingerprint, source=describe_model_source(model_name),
+                                   total_params=total_params),
+        task=PROPOSITION_TASK,
         # not a catalog task: `deltatune eval` says so; `deltatune freelm eval` is the way to evaluate
-        "data": {"kind": "catalog", "task": PROPOSITION_TASK.name, "source": "auto"},
-        "max_length": config.max_length,
-        "metrics": {"dev": {f"{task}/{name}": value for task, metrics in seen.items()
-                            for name, value in metrics.items() if name != "num_examples"}},
-        "freelm": summary,
-        "versions": record["versions"],
-    }
+        data={"kind": "catalog", "task": PROPOSITION_TASK.name, "source": "auto"},
+        max_length=config.max_length,
+        metrics={"dev": {f"{task}/{name}": value for task, metrics in seen.items()
+                         for name, value in metrics.items() if name != "num_examples"}},
+        freelm=summary,
+        versions=library_versions(),
+    )
     with staged_directory(out_path, FREELM_FILES, overwrite, what="the FreeLM run") as staging:
         record["delta_bytes"] = save_delta(staging, model.classifier, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
     return record
 
 
-def load_freelm(directory: str | Path, base: str | None = None) -> tuple[FreeLMModel, object, object, dict]:
+def load_freelm(directory: str | Path, base: str | None = None) -> tuple[FreeLMModel, object, object, DeltaManifest]:
     """(model, tokenizer, method, manifest) of a saved FreeLM run, rebuilt on its base decoder."""
     from deltatune.sources.models import load_causal_lm
 
     directory = Path(directory)
     manifest = read_freelm_manifest(directory)
-    causal_lm, tokenizer = load_causal_lm(base or manifest["base_model"]["name"])
+    causal_lm, tokenizer = load_causal_lm(base or manifest.base_model.name)
     model, method = attach_freelm_delta(causal_lm, tokenizer, directory, manifest, base_name=base)
     return model, tokenizer, method, manifest
 
 
-def read_freelm_manifest(directory: str | Path) -> dict:
+def read_freelm_manifest(directory: str | Path) -> DeltaManifest:
     manifest = read_manifest(directory)
-    if manifest.get("freelm", {}).get("kind") != FREELM_KIND:
+    if (manifest.freelm or {}).get("kind") != FREELM_KIND:
         raise DeltatuneError(f"{directory} is a deltatune delta but not a FreeLM one (it was trained with "
-                             f"`deltatune train`, method {manifest['method']!r}). Pass the --out directory of a "
+                             f"`deltatune train`, method {manifest.method!r}). Pass the --out directory of a "
                              "`deltatune freelm train` run.")
     return manifest
 
 
-def attach_freelm_delta(causal_lm: PreTrainedModel, tokenizer, directory: str | Path, manifest: dict,
+def attach_freelm_delta(causal_lm: PreTrainedModel, tokenizer, directory: str | Path, manifest: DeltaManifest,
                         base_name: str | None = None) -> tuple[FreeLMModel, object]:
     """Turn a loaded base decoder into the saved FreeLM model (checks the base's fingerprint first)."""
     directory = Path(directory)
     for parameter in causal_lm.parameters():
         parameter.requires_grad_(False)
     model = build_freelm_model(causal_lm)
-    expected = manifest["base_model"]["fingerprint"]
+    expected, recorded = manifest.base_model.fingerprint, manifest.base_model.name
     actual = fingerprint_backbone(model.classifier)
     if actual != expected:
         raise DeltatuneError(
-            f"This FreeLM delta was trained on base model {manifest['base_model']['name']!r} (weights fingerprint "
-            f"{expected[:12]}), but {base_name or manifest['base_model']['name']!r} has fingerprint {actual[:12]}. "
-            f"Load it onto {manifest['base_model']['name']!r} (pass --base to point at a copy of it).")
-    method = build_method(manifest["method"], manifest["method_config"])
+            f"This FreeLM delta was trained on base model {recorded!r} (weights fingerprint "
+            f"{expected[:12]}), but {base_name or recorded!r} has fingerprint {actual[:12]}. "
+            f"Load it onto {recorded!r} (pass --base to point at a copy of it).")
+    method = build_method(manifest.method, manifest.method_config)
     prepare_model(model.classifier, method, tokenizer)
     load_delta_state(model.classifier, method, read_tensors(directory))
     model.eval()

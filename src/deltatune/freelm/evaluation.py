@@ -45,11 +45,12 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
 
     _check_arguments(tasks, baselines, k, templates, max_examples)
     manifest = read_freelm_manifest(directory)
+    freelm = manifest.freelm or {}  # read_freelm_manifest refuses a manifest without it
     if threads:
         torch.set_num_threads(threads)
 
     log = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
-    causal_lm, tokenizer = load_causal_lm(base or manifest["base_model"]["name"])
+    causal_lm, tokenizer = load_causal_lm(base or manifest.base_model.name)
     causal_lm.eval()
     examples = {}
     for task_name in tasks:
@@ -61,7 +62,7 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
     results: dict[str, dict] = {}
     for task_name, (data, subset) in examples.items():
         results[task_name] = {"metric": data.task.metric, "num_examples": len(subset), "split": split,
-                              "train_task": task_name in manifest["freelm"]["train_tasks"], "systems": {},
+                              "train_task": task_name in freelm["train_tasks"], "systems": {},
                               "labels": list(subset.labels)}
         results[task_name]["systems"].update(_baseline_systems(causal_lm, tokenizer, task_name, data, subset,
                                                                baselines, k, seed, batch_size, log))
@@ -77,13 +78,13 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
         log(f"{task_name}: FreeLM proposition scoring on {len(subset)} examples")
         started = _clock()
         scores = proposition_scores(model, tokenizer, propositions, subset.texts, template_indices,
-                                    max_length=manifest.get("max_length", 128), batch_size=batch_size)
+                                    max_length=manifest.max_length, batch_size=batch_size)
         results[task_name]["systems"]["freelm"] = {
             **_system_result(data.task, propositions, scores, subset, started),
             "templates": templates}
-    return add_intervals({"delta": str(directory), "base_model": manifest["base_model"]["name"],
-                          "method": manifest["method"], "train_tasks": manifest["freelm"]["train_tasks"],
-                          "training": manifest["freelm"]["training"], "split": split, "max_examples": max_examples,
+    return add_intervals({"delta": str(directory), "base_model": manifest.base_model.name,
+                          "method": manifest.method, "train_tasks": freelm["train_tasks"],
+                          "training": freelm["training"], "split": split, "max_examples": max_examples,
                           "seed": seed, "k": k, "tasks": results})
 
 

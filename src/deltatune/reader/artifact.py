@@ -17,6 +17,7 @@ difference to each other system.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,7 @@ def _train_and_save(model_name: str, data: str, config: ReaderConfig, out_path: 
               "question_template": reader.question_template, "config": to_jsonable(config),
               "trainable_params": sum(t.numel() for t in tensors.values()),
               "decoder_params": sum(p.numel() for p in causal_lm.parameters()),
-              "training": summary, "versions": library_versions(), "git": git_state(),
+              "training": summary, "versions": asdict(library_versions()), "git": asdict(git_state()),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if out_path is not None:
         _publish(out_path, tensors, record, overwrite)

@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from deltatune.batching import Encoded, collate, encode, length_bucketed_batches, to_task_units
-from deltatune.delta import fingerprint_backbone, read_manifest, read_tensors
+from deltatune.delta import load_checked_base, read_manifest, read_tensors
 from deltatune.devices import model_device
 from deltatune.errors import DeltatuneError
 from deltatune.methods import activate_delta, attach_delta, build_method, detach_delta
 from deltatune.methods.state import PER_ROW, RowMixer, attached_deltas, mixed_rows, parameter_index
 from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.records import DeltaManifest, ManifestHead
 from deltatune.tasks.spec import Split, TaskSpec
 
 Example = str | Sequence[str]
@@ -54,7 +55,7 @@ class ServedTask:
     method: str
     batch_mixing: str
     """'per-row' (shares forward passes with other deltas) or 'grouped' (forward passes of its own)."""
-    manifest: dict
+    manifest: DeltaManifest
     directory: Path
     delta_bytes: int
     """Size of its delta.safetensors."""
@@ -65,9 +66,9 @@ class ServedTask:
         task = self.task
         return {"name": self.name, "task": task.name, "text_fields": list(task.text_fields),
                 "labels": list(task.labels), "regression": task.is_regression, "metric": task.metric,
-                "dev_metrics": self.manifest.get("metrics", {}).get("dev", {}), "method": self.method,
+                "dev_metrics": self.manifest.metrics.get("dev", {}), "method": self.method,
                 "batch_mixing": self.batch_mixing, "delta_bytes": self.delta_bytes,
-                "resident_bytes": self.resident_bytes, "base_model": self.manifest["base_model"]["name"],
+                "resident_bytes": self.resident_bytes, "base_model": self.manifest.base_model.name,
                 "base_fingerprint": base_fingerprint}
 
 
@@ -103,21 +104,21 @@ class MultiTaskModel:
         """Attach the delta of `run_dir` under `name` (default: its task's name, made unique)."""
         directory = Path(run_dir)
         manifest = read_manifest(directory)
-        expected = manifest["base_model"]["fingerprint"]
+        expected = manifest.base_model.fingerprint
         if expected != self.fingerprint:
             raise DeltatuneError(
-                f"{directory} was trained on base model {manifest['base_model']['name']!r} (weights fingerprint "
+                f"{directory} was trained on base model {manifest.base_model.name!r} (weights fingerprint "
                 f"{expected[:12]}), but the loaded base {self.base_name!r} has fingerprint {self.fingerprint[:12]}. "
                 "Serve deltas of one base model together; start another process for the other base.")
         tensors = read_tensors(directory)
-        task = TaskSpec.from_dict(manifest["task"])
+        task = manifest.task
         with self.lock:
             name = name if name is not None else self._unique_name(task.name)
             if name in self.tasks:
                 raise DeltatuneError(f"A delta named {name!r} is already attached ({self.tasks[name].directory}); "
                                      "choose another name, or detach it first.")
             self._close_session()
-            method = build_method(manifest["method"], manifest["method_config"])
+            method = build_method(manifest.method, manifest.method_config)
             device = self.device
             attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
             self.model.to(device)  # a delta's tensors load on the CPU: join the base where it computes
@@ -188,14 +189,14 @@ class MultiTaskModel:
         from deltatune.sources.records import load_data_from_record
 
         served = self._served(task, "task")
-        data = load_data_from_record(served.manifest["data"]).split(split)
+        data = load_data_from_record(served.manifest.training_data(served.directory)).split(split)
         if limit is not None:
             data = data.subset(range(min(limit, len(data))))
         with self.lock:
             outputs = self._raw_outputs(list(data.texts), [task] * len(data), batch_size, precision)
             if not self._keep_open:
                 self._close_session()
-        scaled = to_task_units(np.stack(outputs), served.manifest.get("target_scale"))
+        scaled = to_task_units(np.stack(outputs), served.manifest.target_scale)
         return compute_metrics(served.task.metrics, outputs_to_predictions(scaled, served.task), data.labels)
 
     @contextmanager
@@ -299,7 +300,7 @@ class MultiTaskModel:
             served = self.tasks[name]
             positions = [row for row, row_name in enumerate(names) if row_name == name]
             split = Split([rows[row] for row in positions], [0] * len(positions))
-            part = encode(self.tokenizer, served.task, split, served.manifest.get("max_length", 128))
+            part = encode(self.tokenizer, served.task, split, served.manifest.max_length)
             for key, values in part.features.items():
                 column = features.setdefault(key, [None] * len(rows))
                 for row, value in zip(positions, values, strict=True):
@@ -333,7 +334,7 @@ class MultiTaskModel:
     @staticmethod
     def _result(served: ServedTask, output: np.ndarray) -> dict:
         task = served.task
-        scaled = to_task_units(output[None, :], served.manifest.get("target_scale"))[0]
+        scaled = to_task_units(output[None, :], served.manifest.target_scale)[0]
         if task.is_regression:
             return {"task": served.name, "score": float(scaled[0])}
         probabilities = torch.softmax(torch.from_numpy(scaled), dim=-1).tolist()
@@ -366,8 +367,6 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     `base` overrides where the base model is loaded from. All deltas must have been trained on the
     same base model (checked by its weight fingerprint) before anything is loaded.
     """
-    from deltatune.sources.models import load_model_for_task
-
     if isinstance(run_dirs, (str, Path)):
         raise DeltatuneError(f"load_many takes a list of run directories, got the single path {str(run_dirs)!r}; "
                              "pass [path], or use deltatune.load for one delta.")
@@ -384,23 +383,16 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     head = shared_head(run_dirs, manifests)
     by_fingerprint: dict[str, list[str]] = {}
     for directory, manifest in zip(run_dirs, manifests, strict=True):
-        by_fingerprint.setdefault(manifest["base_model"]["fingerprint"], []).append(
-            f"{directory} ({manifest['base_model']['name']!r})")
+        by_fingerprint.setdefault(manifest.base_model.fingerprint, []).append(
+            f"{directory} ({manifest.base_model.name!r})")
     if len(by_fingerprint) > 1:
         groups = "; ".join(f"{fingerprint[:12]}: {', '.join(dirs)}" for fingerprint, dirs in by_fingerprint.items())
         raise DeltatuneError(f"These deltas were trained on {len(by_fingerprint)} different base models ({groups}); "
                              "one process serves the deltas of one base. Start one per base.")
-    base_name = base or manifests[0]["base_model"]["name"]
-    model, tokenizer = load_model_for_task(base_name, TaskSpec.from_dict(manifests[0]["task"]), head=head["kind"],
-                                           pooling=head["pooling"])
-    fingerprint = fingerprint_backbone(model)
-    expected = next(iter(by_fingerprint))
-    if fingerprint != expected:
-        raise DeltatuneError(
-            f"These deltas were trained on base model {manifests[0]['base_model']['name']!r} (weights fingerprint "
-            f"{expected[:12]}), but {base_name!r} has fingerprint {fingerprint[:12]}. Load them onto "
-            f"{manifests[0]['base_model']['name']!r} (pass base= to point at a copy of it).")
-    served = MultiTaskModel(model, tokenizer, base_name, fingerprint)
+    base_name = base or manifests[0].base_model.name
+    model, tokenizer = load_checked_base(manifests[0], base, head=ManifestHead(head["kind"], head["pooling"]),
+                                         fix="Load these deltas onto {name!r} (pass base= to point at a copy of it).")
+    served = MultiTaskModel(model, tokenizer, base_name, manifests[0].base_model.fingerprint)
     for position, directory in enumerate(run_dirs):
         served.attach(directory, names[position] if names is not None else None)
     return served

@@ -7,7 +7,6 @@ A record is a small dict stored in a run's manifest and `run.json`: a catalog ta
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -90,17 +89,6 @@ def load_data_from_record(record: dict, run: str | None = None) -> TaskData:
     return load_task_data(record["task"], source=record.get("source", "auto"))
 
 
-def recorded_data(manifest: dict, directory: Path) -> tuple[str | None, dict]:
-    """The data fingerprint and local files ({split: {path, sha256}}) a run recorded; run.json for old deltas."""
-    if manifest.get("data_fingerprint"):
-        return manifest["data_fingerprint"], manifest.get("data_files") or {}
-    try:
-        record = json.loads((directory / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, {}
-    return record.get("data_fingerprint"), (record.get("data_provenance") or {}).get("files") or {}
-
-
 def check_data_unchanged(data: TaskData, fingerprint: str | None, files: dict, run: str) -> None:
     """Refuse to score a run on data that differ from what it was trained on, saying which file changed."""
     if fingerprint is None or data.fingerprint() == fingerprint:
@@ -117,5 +105,4 @@ def check_data_unchanged(data: TaskData, fingerprint: str | None, files: dict, r
         "new data; pass --data-changed-ok (data_changed_ok=True) to evaluate anyway.")
 
 
-__all__ = ["LOCAL_DATA_KEYS", "RUN_RECORD", "check_data_unchanged", "data_record", "load_data_from_record",
-           "recorded_data"]
+__all__ = ["LOCAL_DATA_KEYS", "RUN_RECORD", "check_data_unchanged", "data_record", "load_data_from_record"]
