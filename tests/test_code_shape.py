@@ -18,7 +18,6 @@ MAX_FUNCTION_LINES = 80
 ALLOWED = {
     # "path relative to the package:qualified name": why it may stay long for now
     "cli.py:build_parser": "being changed on another branch",
-    "freelm/training.py:train_freelm": "being changed on another branch",
 }
 """Functions allowed over the limit, each with its reason; shrink this list, never grow it."""
 

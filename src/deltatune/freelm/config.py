@@ -10,6 +10,7 @@ from typing import Literal
 
 from deltatune.devices import check_device_name
 from deltatune.errors import DeltatuneError
+from deltatune.loggers import missing_logger_packages
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class FreeLMConfig:
     eval_every: int = 0
     """Every this many steps, the same zero-shot dev check on the training tasks, recorded as the run's
     dev curve next to the loss history (0: only after training)."""
+    keep_best_dev: bool = False
+    """With eval_every: keep the state of the best dev check (the mean of the training tasks' primary
+    metrics; the final state is checked too) instead of the last state."""
     perplexity_blocks: int = 16
     """Language-modelling perplexity on this many validation blocks before and after training (0 to skip)."""
     seed: int = 42
@@ -78,6 +82,12 @@ class FreeLMConfig:
     """torch intra-op threads; default: torch's choice (all cores)."""
     quiet: bool = False
     """No progress bar."""
+    report_to: tuple[Literal["tensorboard", "mlflow"], ...] = ()
+    """Also write the training scalars (loss, learning rate, examples/s per step; the dev checks) to these
+    loggers: tensorboard, mlflow (the `logging` extra). They never change what is trained."""
+    log_dir: str | None = None
+    """Where the loggers write (TensorBoard event files under tensorboard/, an MLflow file store under
+    mlruns/). Default: runs/logs."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,6 +120,9 @@ class FreeLMConfig:
             problems.append(f"teacher_loss={self.teacher_loss!r} must be one of binary, contrastive, both")
         if self.schedule not in ("ratio", "interactive"):
             problems.append(f"schedule={self.schedule!r} must be 'ratio' or 'interactive'")
+        if self.keep_best_dev and not self.eval_every:
+            problems.append("keep_best_dev needs eval_every > 0 (the dev checks it chooses among)")
+        problems += missing_logger_packages(self.report_to)
         if problems:
             raise DeltatuneError("; ".join(problems))
 
