@@ -578,3 +578,17 @@ def test_cli_collects_every_argument_problem(tmp_path, capsys):
     assert code == 2
     assert "lm_ratio=-1.0" in error and "Unknown method 'lroa'" in error and "Unknown task 'spam-ham'" in error
 
+
+
+def test_cli_reads_the_loop_options_freelm_gained():
+    from deltatune.cli import build_parser
+    from deltatune.freelm.command import freelm_config_from
+
+    for _ in range(2):  # a public function is called twice
+        args = build_parser().parse_args(["freelm", "train", "--report-to", "tensorboard,mlflow", "--log-dir", "logs",
+                                          "--keep-best-dev", "--eval-every", "5"])
+        config = freelm_config_from(args)
+        assert (config.report_to, config.log_dir, config.keep_best_dev, config.eval_every) == \
+            (("tensorboard", "mlflow"), "logs", True, 5)
+    with pytest.raises(DeltatuneError, match="keep_best_dev needs eval_every"):
+        freelm_config_from(build_parser().parse_args(["freelm", "train", "--keep-best-dev"]))

@@ -551,7 +551,7 @@ class BatchStrategy:
 
     def forward_backward(self, trainer: Trainer) -> StepWork:
         """Accumulate the gradients of the next batch (this process's share) and say what it was."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward_backward(trainer).")
+        raise TypeError(f"{type(self).__name__} must define forward_backward(trainer): it is the one required hook.")
 
     def evaluate(self, trainer: Trainer) -> Evaluation | None:
         """Score the current state on dev (None: nothing to record). Called on the main process only."""
