@@ -127,10 +127,12 @@ def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
         log_odds = logits[:, TRUE_INDEX] - logits[:, 1 - TRUE_INDEX]
         _, group_index = torch.unique_consecutive(groups, return_inverse=True)
         count = int(group_index.max()) + 1
-        # a log-softmax within each group: subtract each group's log-sum-exp
-        maximum = torch.full((count,), -torch.inf).scatter_reduce(0, group_index, log_odds.detach(), "amax")
+        # a log-softmax within each group: subtract each group's log-sum-exp (on the logits' device)
+        device = log_odds.device
+        maximum = torch.full((count,), -torch.inf, device=device).scatter_reduce(0, group_index, log_odds.detach(),
+                                                                                 "amax")
         shifted = torch.exp(log_odds - maximum[group_index])
-        log_normaliser = torch.log(torch.zeros(count).index_add(0, group_index, shifted)) + maximum
+        log_normaliser = torch.log(torch.zeros(count, device=device).index_add(0, group_index, shifted)) + maximum
         log_probabilities = log_odds - log_normaliser[group_index]
         losses.append(-(log_probabilities * labels).sum() / labels.sum().clamp(min=1))
     return reduce(operator.add, losses)  # added in order, as `sum` did
