@@ -257,6 +257,69 @@ def test_eval_every_records_a_dev_curve():
     assert model.training is False  # back in evaluation mode after training, as before
 
 
+def test_a_non_finite_loss_stops_freelm_before_its_step_with_the_fix():
+    model, method, _, _ = lora_freelm()
+    lora_a = model.classifier.model.layers[0].self_attn.q_proj.lora_A
+    states = []
+    language_loss = model.language_loss
+    model.language_loss = lambda ids: language_loss(ids) * float("nan")  # every language step diverges
+    config = FreeLMConfig(train_tasks=("toy-mood",), steps=6, lm_ratio=1, teacher_batch_size=4, lm_batch_size=1,
+                          lm_sequence_length=8, max_length=32, learning_rate=1e-2, quiet=True)
+    with pytest.raises(DeltatuneError, match=r"diverged at step 2: the training loss became nan.*--learning-rate"):
+        train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
+                     propositions={"toy-mood": TOY_PROPOSITIONS},
+                     callback=lambda step, signal, loss: states.append(lora_a.detach().clone()))
+    assert len(states) == 1  # the teacher step was taken, the language step was not
+    assert torch.equal(lora_a, states[0]) and torch.isfinite(lora_a).all()
+    from deltatune.freelm.model import StandardizedHead
+    assert not isinstance(model.classifier.score, StandardizedHead)  # the head is folded back all the same
+
+
+def test_keep_best_dev_leaves_the_best_checked_state_and_the_default_the_last():
+    def run(keep_best_dev):
+        model, method, _, _ = lora_freelm()
+        lora_a = model.classifier.model.layers[0].self_attn.q_proj.lora_A
+        states = {}
+        config = FreeLMConfig(train_tasks=("toy-mood",), steps=7, lm_ratio=0, teacher_batch_size=4, max_length=32,
+                              learning_rate=3e-2, dev_examples_per_task=16, eval_every=2, keep_best_dev=keep_best_dev,
+                              quiet=True)
+        result = train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
+                              propositions={"toy-mood": TOY_PROPOSITIONS},
+                              callback=lambda step, signal, loss: states.update({step: lora_a.detach().clone()}))
+        return lora_a, states, result.dev_curve
+
+    lora_a, states, curve = run(keep_best_dev=False)
+    assert [point["step"] for point in curve] == [2, 4, 6]  # every eval_every steps, as before
+    assert torch.equal(lora_a, states[7])
+    lora_a, states, curve = run(keep_best_dev=True)
+    assert [point["step"] for point in curve] == [2, 4, 6, 7]  # the final state is checked too
+    accuracies = [point["toy-mood"]["accuracy"] for point in curve]
+    best = curve[accuracies.index(max(accuracies))]["step"]  # the first of equals
+    assert torch.equal(lora_a, states[best]) and (best == 7 or not torch.equal(lora_a, states[7]))
+    with pytest.raises(DeltatuneError, match="keep_best_dev needs eval_every"):
+        FreeLMConfig(keep_best_dev=True)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is None,
+                    reason="the logging extra is not installed")
+def test_freelm_reports_its_steps_and_dev_checks_to_tensorboard(tmp_path):
+    from test_loggers import scalars
+
+    model, method, _, _ = lora_freelm()
+    config = FreeLMConfig(train_tasks=("toy-mood",), steps=4, lm_ratio=1, teacher_batch_size=4, lm_batch_size=1,
+                          lm_sequence_length=8, max_length=32, dev_examples_per_task=8, eval_every=2, quiet=True,
+                          report_to=("tensorboard",), log_dir=str(tmp_path))
+    result = train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
+                          propositions={"toy-mood": TOY_PROPOSITIONS})
+    written = scalars(tmp_path)
+    assert [(step, pytest.approx(value, rel=1e-6)) for step, value in written["train/loss"]] == \
+        [(entry["step"], entry["loss"]) for entry in result.history]
+    assert [value for _, value in written["train/learning_rate"]] == \
+        pytest.approx([entry["learning_rate"] for entry in result.history], rel=1e-6)
+    assert written["dev/toy-mood/accuracy"] == [(point["step"], pytest.approx(point["toy-mood"]["accuracy"]))
+                                                for point in result.dev_curve]
+
+
 def test_full_training_moves_every_decoder_weight_and_the_teacher_head():
     causal = tiny_causal_lm()
     method = build_method("full", {})
@@ -515,3 +578,17 @@ def test_cli_collects_every_argument_problem(tmp_path, capsys):
     assert code == 2
     assert "lm_ratio=-1.0" in error and "Unknown method 'lroa'" in error and "Unknown task 'spam-ham'" in error
 
+
+
+def test_cli_reads_the_loop_options_freelm_gained():
+    from deltatune.cli import build_parser
+    from deltatune.freelm.command import freelm_config_from
+
+    for _ in range(2):  # a public function is called twice
+        args = build_parser().parse_args(["freelm", "train", "--report-to", "tensorboard,mlflow", "--log-dir", "logs",
+                                          "--keep-best-dev", "--eval-every", "5"])
+        config = freelm_config_from(args)
+        assert (config.report_to, config.log_dir, config.keep_best_dev, config.eval_every) == \
+            (("tensorboard", "mlflow"), "logs", True, 5)
+    with pytest.raises(DeltatuneError, match="keep_best_dev needs eval_every"):
+        freelm_config_from(build_parser().parse_args(["freelm", "train", "--keep-best-dev"]))

@@ -13,6 +13,11 @@ search by successive halving needs (`deltatune.search`); `train` runs one `Train
 never asks which method it is training: methods change its behaviour only through the hooks of
 `deltatune.methods.base.Method`, which it calls directly. A non-finite loss or gradient stops training
 before the step is taken (`divergence`): the best dev state so far is kept and nothing non-finite is saved.
+
+What a step trains on is a `BatchStrategy`: it gives each step's batch and accumulates its gradients, and
+scores dev. The task's own (`TaskBatches`: a labelled split, the task loss, the task's metrics) is the
+default; FreeLM's alternation of language and teacher signals (`deltatune.freelm.training`) is another, and
+gets the same schedule, divergence check, best-state keeping, meters, loggers and device from this loop.
 """
 
 from __future__ import annotations
@@ -504,6 +509,77 @@ class Meters:
         self.eval_time += time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """What one optimizer step's batch was (summed over the processes): what the meters and loggers count."""
+
+    loss: float
+    """The batch's mean loss (as the divergence check and the loggers read it)."""
+    examples: int
+    real_tokens: int
+    padded_tokens: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One dev evaluation of the current state."""
+
+    metrics: dict[str, float]
+    """What the curve records and the loggers write (as dev/NAME)."""
+    value: float | None
+    """The number the best state is chosen by (higher is better); None: record the metrics, choose nothing."""
+    outputs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    """The raw outputs the result keeps for the best state (the task's dev outputs; empty when none)."""
+
+
+class BatchStrategy:
+    """What the one loop trains on: the hook a way of training implements, everything else being the loop's.
+
+    `forward_backward` accumulates the gradients of the next step's batch (the loop then clips, checks for
+    divergence, steps the optimizer and the schedule); `evaluate` scores dev; `after_step` hears every step
+    taken. A strategy with its own data (not a task's `TrainingData`) says how many examples make an epoch.
+    """
+
+    examples_per_epoch: int | None = None
+    """Examples in one pass over the strategy's own data (plans epochs); None: the task's training split."""
+
+    def optimizer_groups(self, model: nn.Module, method: Method, learning_rate: float,
+                         config: TrainConfig) -> list[dict]:
+        """AdamW groups: the method's, honouring weight decay and layer-wise learning-rate decay."""
+        return _optimizer_groups(model, method, learning_rate, config)
+
+    def method_module(self, model: nn.Module) -> nn.Module:
+        """The part of the trained model the method was applied to: what its hooks (on_step_end) are given."""
+        return model
+
+    def forward_backward(self, trainer: Trainer) -> StepWork:
+        """Accumulate the gradients of the next batch (this process's share) and say what it was."""
+        raise TypeError(f"{type(self).__name__} must define forward_backward(trainer): it is the one required hook.")
+
+    def evaluate(self, trainer: Trainer) -> Evaluation | None:
+        """Score the current state on dev (None: nothing to record). Called on the main process only."""
+        return None
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Runs after every optimizer step taken (`trainer.step` already counts it)."""
+
+
+class TaskBatches(BatchStrategy):
+    """The default: batches of the task's training split under the task loss (plus the method's own term),
+    scored on dev by the task's metrics and chosen by its primary one."""
+
+    def forward_backward(self, trainer: Trainer) -> StepWork:
+        indices = trainer._next_batch()
+        loss, real_tokens, padded_tokens = trainer._forward_backward(indices)
+        return StepWork(loss, len(indices), real_tokens, padded_tokens)
+
+    def evaluate(self, trainer: Trainer) -> Evaluation | None:
+        task, dev = trainer.task, trainer.data.dev
+        outputs = trainer._outputs(dev)
+        metrics = compute_metrics(task.metrics, outputs_to_predictions(outputs, task), dev.labels)
+        return Evaluation(metrics, metrics[task.metric], outputs)
+
+
 class Trainer:
     """The training loop for one model at one learning rate, resumable: `advance(0.25)` trains until a
     quarter of the plan (steps, or the time budget) is done, `advance()` to the end, `finish()` restores the
@@ -512,30 +588,32 @@ class Trainer:
     A paused trainer keeps its batch order, its place in the epoch, its learning-rate scheduler and its own
     torch random state, and a pause adds no evaluation to its curve, so several trainers can take turns in
     one process and each trains and evaluates exactly as it would alone. The loggers of `config.report_to`
-    hear every step and evaluation; they only read.
+    hear every step and evaluation; they only read. `strategy` says what a step trains on (default: the
+    task's batches, `TaskBatches`); a strategy with data of its own passes `data=None`.
     """
 
-    def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData, config: TrainConfig,
-                 learning_rate: float | None = None) -> None:
+    def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData | None, config: TrainConfig,
+                 learning_rate: float | None = None, strategy: BatchStrategy | None = None) -> None:
         self.device = resolve_device(config.device)
         self.config = config = replace(config, precision=resolve_precision(config.precision, self.device.type))
         self.group = process_group(self.device)
         _check_batch_divides(config, self.group.world_size)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.model, self.method, self.task, self.data = model.to(self.device), method, task, data
+        self.model, self.method, self.task, self._data = model.to(self.device), method, task, data
+        self.strategy = strategy or TaskBatches()
         self.sharded = config.fsdp
         if config.fsdp:
             check_fsdp(method.name, self.group)
             shard_model(model)  # before the optimizer, which must hold the sharded parameters
-        self.plan = plan_steps(len(data.train), config)
+        self.plan = plan_steps(len(data.train) if data is not None else self.strategy.examples_per_epoch or 1, config)
         self.learning_rate = learning_rate or config.learning_rate or method.default_learning_rate
         self.contexts = ExitStack()
         self._enter_speed_levers(model, config)
         # fp16's narrow range needs the loss scaled up before backward and the gradients unscaled after
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
 
-        groups = _optimizer_groups(model, method, self.learning_rate, config)
+        groups = self.strategy.optimizer_groups(model, method, self.learning_rate, config)
         self.trainable = [p for group in groups for p in group["params"]]
         if not self.trainable:
             self.contexts.close()
@@ -574,6 +652,14 @@ class Trainer:
             self.contexts.enter_context(frozen_linear_weights_in_bf16(model))
         if config.gradient_checkpointing:
             self.contexts.enter_context(gradient_checkpointing(model))
+
+    @property
+    def data(self) -> TrainingData:
+        """The task's tokenised splits (a strategy with data of its own has none)."""
+        if self._data is None:
+            raise DeltatuneError(f"{type(self.strategy).__name__} trains on data of its own: this trainer holds "
+                                 "no task splits to score or test.")
+        return self._data
 
     @property
     def train_time(self) -> float:
@@ -672,10 +758,10 @@ class Trainer:
 
     def _step(self) -> None:
         """One optimizer step over one batch (in micro-batches when accumulating gradients)."""
-        indices = self._next_batch()
         started = time.perf_counter()
         learning_rate = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves on
-        loss, real_tokens, padded_tokens = self._forward_backward(indices)
+        work = self.strategy.forward_backward(self)
+        loss, real_tokens, padded_tokens = work.loss, work.real_tokens, work.padded_tokens
         self.meters.add_tokens(real_tokens, padded_tokens)
         gradient_norm = None
         if self.scaler is not None:
@@ -698,13 +784,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        self.method.on_step_end(self.model, self.step, self.plan.planned_steps)
+        self.method.on_step_end(self.strategy.method_module(self.model), self.step, self.plan.planned_steps)
         if self.unfreezing is not None:
             self.unfreezing.update(self.step)
         seconds = time.perf_counter() - started
-        self.meters.add_step(seconds, len(indices), real_tokens)
+        self.meters.add_step(seconds, work.examples, real_tokens)
         self.loggers.log({"train/loss": loss, "train/learning_rate": learning_rate,
-                          "train/examples_per_s": len(indices) / seconds if seconds else 0.0}, self.step)
+                          "train/examples_per_s": work.examples / seconds if seconds else 0.0}, self.step)
+        self.strategy.after_step(self)
 
     def _agree_on_stop(self) -> None:
         """Several processes: every rank takes rank 0's stop decision (it alone evaluates and keeps the clock)."""
@@ -725,13 +812,16 @@ class Trainer:
         if not self.group.is_main and not self.sharded:
             return
         started = time.perf_counter()
-        outputs = self._outputs(self.data.dev)
-        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.dev.labels)
+        evaluation = self.strategy.evaluate(self)
         self.meters.add_evaluation(started)
+        if evaluation is None:
+            return
+        metrics = evaluation.metrics
         self.curve.append({"step": self.step, "examples_seen": self.meters.examples_seen,
                            "train_time_s": round(self.meters.train_time, 3), "metrics": metrics})
         self.loggers.log({f"dev/{name}": value for name, value in metrics.items()}, self.step)
-        self.best.offer(metrics[self.task.metric], self.step, metrics, outputs)
+        if evaluation.value is not None:
+            self.best.offer(evaluation.value, self.step, metrics, evaluation.outputs)
         patience = self.config.early_stopping_patience
         if not self.done and patience is not None and self.best.evaluations_since >= patience:
             self.stopped_by = "early_stopping"
@@ -783,14 +873,19 @@ class Trainer:
         self.loggers.log({f"test/{name}": value for name, value in metrics.items()}, self.step)
         return metrics, outputs
 
-    def finish(self) -> TrainResult:
-        """Leave the model holding its best dev state, evaluate that state on test, and say how it went."""
+    def restore_best(self) -> None:
+        """Undo the training-time changes to the model and leave it holding its best dev state (the last state
+        when nothing was chosen), in evaluation mode."""
         self._undo_training_changes()
         self.best.restore()
         if self.sharded:  # the whole model is gathered onto rank 0 next: the optimizer state and copies go first
             self.optimizer.state.clear()
             self.best.tensors.clear()
         self.model.eval()
+
+    def finish(self) -> TrainResult:
+        """Leave the model holding its best dev state, evaluate that state on test, and say how it went."""
+        self.restore_best()
         try:
             test_metrics, test_outputs = self._test()
         finally:

@@ -12,6 +12,7 @@ from deltatune.config import choice_problems
 from deltatune.devices import check_device_name
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.schedule import Schedule
+from deltatune.loggers import missing_logger_packages
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class FreeLMConfig:
     eval_every: int = 0
     """Every this many steps, the same zero-shot dev check on the training tasks, recorded as the run's
     dev curve next to the loss history (0: only after training)."""
+    keep_best_dev: bool = False
+    """With eval_every: keep the state of the best dev check (the mean of the training tasks' primary
+    metrics; the final state is checked too) instead of the last state."""
     perplexity_blocks: int = 16
     """Language-modelling perplexity on this many validation blocks before and after training (0 to skip)."""
     seed: int = 42
@@ -80,6 +84,12 @@ class FreeLMConfig:
     """torch intra-op threads; default: torch's choice (all cores)."""
     quiet: bool = False
     """No progress bar."""
+    report_to: tuple[Literal["tensorboard", "mlflow"], ...] = ()
+    """Also write the training scalars (loss, learning rate, examples/s per step; the dev checks) to these
+    loggers: tensorboard, mlflow (the `logging` extra). They never change what is trained."""
+    log_dir: str | None = None
+    """Where the loggers write (TensorBoard event files under tensorboard/, an MLflow file store under
+    mlruns/). Default: runs/logs."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -107,6 +117,9 @@ class FreeLMConfig:
         device_problem = check_device_name(self.device)
         if device_problem:
             problems.append(device_problem)
+        if self.keep_best_dev and not self.eval_every:
+            problems.append("keep_best_dev needs eval_every > 0 (the dev checks it chooses among)")
+        problems += missing_logger_packages(self.report_to)
         if problems:
             raise DeltatuneError("; ".join(problems))
 

@@ -21,22 +21,21 @@ from __future__ import annotations
 import math
 import operator
 import random
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import reduce
 
 import numpy as np
 import torch
 from torch import nn
 
-from deltatune.batching import collate, length_bucketed_batches, stratified_subset, to_device
-from deltatune.devices import model_device, resolve_device
+from deltatune.batching import Encoded, collate, length_bucketed_batches, stratified_subset, to_device
+from deltatune.devices import model_device
 from deltatune.errors import DeltatuneError
 from deltatune.freelm.config import FreeLMConfig
-from deltatune.freelm.model import TRUE_INDEX, FreeLMModel, fold_head, standardize_head
+from deltatune.freelm.model import PROPOSITION_TASK, TRUE_INDEX, FreeLMModel, fold_head, standardize_head
 from deltatune.freelm.schedule import LANGUAGE, TEACHER, signal_schedule
 from deltatune.freelm.scoring import (
     encode_propositions,
@@ -47,9 +46,10 @@ from deltatune.freelm.scoring import (
 )
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.padding import padding_id
-from deltatune.precision import autocast_for, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.precision import autocast_for, resolve_precision
 from deltatune.tasks.propositions import TaskPropositions, propositions_for
 from deltatune.tasks.spec import TaskData
+from deltatune.training import BatchStrategy, Evaluation, StepWork, TrainConfig, Trainer
 
 
 @dataclass
@@ -127,10 +127,12 @@ def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
         log_odds = logits[:, TRUE_INDEX] - logits[:, 1 - TRUE_INDEX]
         _, group_index = torch.unique_consecutive(groups, return_inverse=True)
         count = int(group_index.max()) + 1
-        # a log-softmax within each group: subtract each group's log-sum-exp
-        maximum = torch.full((count,), -torch.inf).scatter_reduce(0, group_index, log_odds.detach(), "amax")
+        # a log-softmax within each group: subtract each group's log-sum-exp (on the logits' device)
+        device = log_odds.device
+        maximum = torch.full((count,), -torch.inf, device=device).scatter_reduce(0, group_index, log_odds.detach(),
+                                                                                 "amax")
         shifted = torch.exp(log_odds - maximum[group_index])
-        log_normaliser = torch.log(torch.zeros(count).index_add(0, group_index, shifted)) + maximum
+        log_normaliser = torch.log(torch.zeros(count, device=device).index_add(0, group_index, shifted)) + maximum
         log_probabilities = log_odds - log_normaliser[group_index]
         losses.append(-(log_probabilities * labels).sum() / labels.sum().clamp(min=1))
     return reduce(operator.add, losses)  # added in order, as `sum` did
@@ -220,19 +222,14 @@ class FreeLMResult:
                 "language_loss_last_10": self.mean_loss(LANGUAGE, False), "dev_curve": self.dev_curve}
 
 
-def _optimizer_groups(model: FreeLMModel, method: Method | None, learning_rate: float, weight_decay: float,
+def _optimizer_groups(model: FreeLMModel, method: Method, learning_rate: float, weight_decay: float,
                       head_learning_rate: float | None = None) -> list[dict]:
-    """The method's groups (or decay / no-decay), with the teacher head in a group of its own when it has
-    its own learning rate."""
+    """The method's groups on the decoder (it was applied to `model.classifier`), with the teacher head in a
+    group of its own when it has its own learning rate."""
     from deltatune.methods.common import head_names
 
     head = {id(p) for n, p in model.classifier.named_parameters() if n in head_names(model.classifier)}
-    if method is not None:
-        groups = method.param_groups(model.classifier, learning_rate, OptimizerSettings(weight_decay=weight_decay))
-    else:
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = method.param_groups(model.classifier, learning_rate, OptimizerSettings(weight_decay=weight_decay))
     if head_learning_rate is not None:
         head_parameters = [p for group in groups for p in group["params"] if id(p) in head]
         groups = [{**group, "params": [p for p in group["params"] if id(p) not in head]} for group in groups]
@@ -240,123 +237,179 @@ def _optimizer_groups(model: FreeLMModel, method: Method | None, learning_rate: 
     return [group for group in groups if group["params"]]
 
 
+def loop_config(config: FreeLMConfig) -> TrainConfig:
+    """The one loop's settings for a FreeLM run: exactly `steps` optimizer steps, warm-up then linear decay."""
+    return TrainConfig(
+        learning_rate=config.learning_rate, batch_size=config.teacher_batch_size, max_steps=config.steps,
+        # FreeLM rounds its warm-up to whole steps, none when that rounds to 0 (the loop would take one)
+        warmup_ratio=config.warmup_ratio if round(config.warmup_ratio * config.steps) else 0.0,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        # the loop offers a dev check at these steps and at the end; AlternatingSignals.evaluate says which count
+        eval_every=config.eval_every or config.steps, precision=config.precision, device=config.device,
+        seed=config.seed, threads=config.threads, quiet=config.quiet, report_to=config.report_to,
+        log_dir=config.log_dir,
+        # torch's own dropout, as FreeLM always had: the fast kernel swaps SDPA for an attention of its own
+        fast_dropout=False)
+
+
+@dataclass
+class SignalData:
+    """What the two signals train on: the propositions (encoded) and the language blocks."""
+
+    schedule: list[str]
+    propositions: PropositionSet | None
+    encoded: Encoded | None
+    blocks: list[list[int]]
+
+
+def prepare_signals(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
+                    config: FreeLMConfig, propositions: dict[str, TaskPropositions] | None = None) -> SignalData:
+    """The schedule and each signal's data for it; the teacher head standardised on the propositions' states."""
+    schedule = signal_schedule(config.steps, config.lm_ratio, config.schedule, config.stage_steps)
+    proposition_set = build_proposition_set(task_data, tokenizer, config, propositions) \
+        if TEACHER in schedule else None
+    if proposition_set is not None and not len(proposition_set):
+        raise DeltatuneError("The training tasks gave no propositions: they have no training examples.")
+    encoded = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, config.max_length) \
+        if proposition_set is not None else None
+    blocks = language_blocks(tokenizer, language_texts, config.lm_sequence_length,
+                             schedule.count(LANGUAGE) * config.lm_batch_size, config.seed)
+    if config.standardize_head and encoded is not None:
+        standardize_head(model, last_token_states(model, encoded, padding_id(tokenizer), config.seed,
+                                                  resolve_precision(config.precision)))
+    return SignalData(schedule, proposition_set, encoded, blocks)
+
+
+class AlternatingSignals(BatchStrategy):
+    """FreeLM's batches and losses on the one training loop: each step trains the signal its schedule names,
+    a batch of whole examples' propositions under the teacher loss or a batch of text blocks under the
+    next-token loss; dev is the zero-shot check on the training tasks every `eval_every` steps."""
+
+    def __init__(self, model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], config: FreeLMConfig,
+                 data: SignalData, propositions: dict[str, TaskPropositions] | None = None,
+                 callback: Callable[[int, str, float], None] | None = None) -> None:
+        self.model, self.tokenizer, self.task_data, self.config, self.data = model, tokenizer, task_data, config, data
+        self.propositions, self.callback = propositions, callback
+        self.pad_token_id = padding_id(tokenizer)
+        self.examples_per_epoch = len(data.propositions) if data.propositions is not None else len(data.blocks)
+        self.batch_order = random.Random(config.seed)
+        self.teacher_batches: list[list[int]] = []
+        self.block_position = self.propositions_seen = self.language_tokens = 0
+        self.history: list[dict] = []
+        self.dev_curve: list[dict] = []
+        self.last: tuple[str, float, float] = (LANGUAGE, math.nan, math.nan)
+
+    def optimizer_groups(self, model: nn.Module, method: Method, learning_rate: float,
+                         config: TrainConfig) -> list[dict]:
+        return _optimizer_groups(self.model, method, learning_rate, config.weight_decay,
+                                 self.config.head_learning_rate)
+
+    def method_module(self, model: nn.Module) -> nn.Module:
+        return self.model.classifier
+
+    def forward_backward(self, trainer: Trainer) -> StepWork:
+        signal = self.data.schedule[trainer.step]
+        if signal == TEACHER:
+            loss, work = self._teacher_loss(trainer)
+        else:
+            loss, work = self._language_loss(trainer)
+        loss = loss + trainer.method.extra_loss(self.model.classifier)
+        loss.backward()
+        # this step's rate, before the scheduler moves on
+        learning_rate = trainer.learning_rate * trainer.scheduler.lr_lambdas[0](trainer.step)
+        self.last = (signal, float(loss.item()), learning_rate)
+        return replace(work, loss=self.last[1])
+
+    def _teacher_loss(self, trainer: Trainer) -> tuple[torch.Tensor, StepWork]:
+        # the schedule has teacher steps only when there are propositions to teach with
+        assert self.data.propositions is not None and self.data.encoded is not None
+        if not self.teacher_batches:  # a new pass over the propositions, in a new order
+            self.teacher_batches = example_batches(self.data.propositions, self.data.encoded.lengths,
+                                                   self.config.teacher_batch_size, self.batch_order)[::-1]
+        indices = self.teacher_batches.pop()
+        batch = to_device(collate(self.data.encoded, indices, self.pad_token_id, regression=False), trainer.device)
+        labels = batch.pop("labels")
+        with autocast_for(trainer.config.precision, trainer.device.type):
+            logits = self.model.teacher_logits(batch["input_ids"], batch["attention_mask"])
+        example_groups = torch.tensor([self.data.propositions.groups[i] for i in indices]).to(trainer.device)
+        self.propositions_seen += len(indices)
+        mask = batch["attention_mask"]
+        return (teacher_loss(logits, labels, example_groups, self.config.teacher_loss),
+                StepWork(0.0, len(indices), int(mask.sum()), mask.numel()))
+
+    def _language_loss(self, trainer: Trainer) -> tuple[torch.Tensor, StepWork]:
+        size = self.config.lm_batch_size
+        input_ids = torch.tensor(self.data.blocks[self.block_position:self.block_position + size]).to(trainer.device)
+        self.block_position += size
+        with autocast_for(trainer.config.precision, trainer.device.type):
+            loss = self.model.language_loss(input_ids)
+        self.language_tokens += input_ids.numel()
+        return loss, StepWork(0.0, len(input_ids), input_ids.numel(), input_ids.numel())
+
+    def after_step(self, trainer: Trainer) -> None:
+        signal, loss, learning_rate = self.last
+        self.history.append({"step": trainer.step, "signal": signal, "loss": loss, "learning_rate": learning_rate})
+        if self.callback is not None:
+            self.callback(trainer.step, signal, loss)
+
+    def evaluate(self, trainer: Trainer) -> Evaluation | None:
+        """The zero-shot check every `eval_every` steps (and, when it chooses the kept state, at the end)."""
+        every = self.config.eval_every
+        if not every or (trainer.step % every and not self.config.keep_best_dev):
+            return None
+        seen = seen_task_metrics(self.model, self.tokenizer, self.task_data, self.config, self.propositions,
+                                 trainer.config.precision)
+        self.model.train()
+        self.dev_curve.append({"step": trainer.step, **seen})
+        metrics = {f"{task}/{name}": value for task, values in seen.items() for name, value in values.items()
+                   if name != "num_examples"}
+        primary = [values[data.task.metric] for data in self.task_data
+                   for task, values in seen.items() if task == data.task.name]
+        value = float(np.mean(primary)) if self.config.keep_best_dev and primary else None
+        return Evaluation(metrics, value)
+
+    def result(self, trainer: Trainer, cpu_time: float) -> FreeLMResult:
+        taken = self.data.schedule[:trainer.step]
+        time_by_signal = {LANGUAGE: 0.0, TEACHER: 0.0}
+        for signal, seconds in zip(taken, trainer.meters.step_seconds, strict=True):
+            time_by_signal[signal] += seconds
+        return FreeLMResult(
+            steps=trainer.step, language_steps=taken.count(LANGUAGE), teacher_steps=taken.count(TEACHER),
+            propositions_seen=self.propositions_seen, language_tokens_seen=self.language_tokens,
+            train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
+            teacher_time_s=time_by_signal[TEACHER], train_cpu_time_s=cpu_time, precision=trainer.config.precision,
+            num_propositions=len(self.data.propositions) if self.data.propositions is not None else 0,
+            history=self.history, dev_curve=self.dev_curve)
+
+
 def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
-                 config: FreeLMConfig, method: Method | None = None,
-                 propositions: dict[str, TaskPropositions] | None = None,
+                 config: FreeLMConfig, method: Method, propositions: dict[str, TaskPropositions] | None = None,
                  callback: Callable[[int, str, float], None] | None = None) -> FreeLMResult:
-    """Train `model` (already adapted by `method`: whatever requires grad trains) with the two signals.
+    """Train `model` (already adapted by `method`) with the two signals on the one training loop
+    (`deltatune.training.Trainer`, with `AlternatingSignals` as its batch strategy).
 
     `callback(step, signal, loss)` runs after every optimizer step. `propositions` overrides the
-    templates of tasks by name (default: `deltatune.tasks.propositions`).
+    templates of tasks by name (default: `deltatune.tasks.propositions`). A non-finite loss or gradient
+    stops training before its step and is a DeltatuneError naming the step and a lower learning rate.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    schedule = signal_schedule(config.steps, config.lm_ratio, config.schedule, config.stage_steps)
-    teacher_steps = schedule.count(TEACHER)
-    language_steps = schedule.count(LANGUAGE)
-    pad_token_id = padding_id(tokenizer)
-
-    proposition_set = build_proposition_set(task_data, tokenizer, config, propositions) if teacher_steps else None
-    if proposition_set is not None and not len(proposition_set):
-        raise DeltatuneError("The training tasks gave no propositions: they have no training examples.")
-    teacher_data = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, config.max_length) \
-        if proposition_set is not None else None
-    blocks = language_blocks(tokenizer, language_texts, config.lm_sequence_length,
-                             language_steps * config.lm_batch_size, config.seed)
-
-    if config.standardize_head and teacher_data is not None:
-        standardize_head(model, last_token_states(model, teacher_data, pad_token_id, config.seed,
-                                                  resolve_precision(config.precision)))
-    model.to(device)
-    learning_rate = config.learning_rate or (method.default_learning_rate if method is not None else 5e-4)
-    groups = _optimizer_groups(model, method, learning_rate, config.weight_decay, config.head_learning_rate)
-    # matrices first, then vectors: the order gradient clipping sums their norms in, kept as it always was
-    trainable = sorted((p for group in groups for p in group["params"]), key=lambda p: p.ndim < 2)
-    if not trainable:
-        raise DeltatuneError("Nothing in the model is trainable: apply a method (e.g. LoRA) before train_freelm.")
-    for group in groups:
-        group.setdefault("lr", learning_rate)
-        group["initial_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=config.weight_decay)
-    warmup_steps = round(config.warmup_ratio * config.steps)
-
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
-
-    def teacher_batches(examples: PropositionSet, lengths: list[int]) -> Iterator[list[int]]:
-        """Length-bucketed batches of whole examples' propositions, reshuffled every pass over the set."""
-        while True:
-            yield from example_batches(examples, lengths, config.teacher_batch_size, rng)
-
-    teacher_iterator = (teacher_batches(proposition_set, teacher_data.lengths)
-                        if proposition_set is not None and teacher_data is not None else None)
-    time_by_signal = {LANGUAGE: 0.0, TEACHER: 0.0}
-    progress = None
-    if not config.quiet:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=config.steps, desc="freelm", unit="step", dynamic_ncols=True, file=sys.stderr)
-    model.train()
-    precision = resolve_precision(config.precision, device.type)
-    cast_once = precision == "bf16" and device.type == "cpu"  # the CPU's lever; a GPU's autocast caches casts
-    with frozen_linear_weights_in_bf16(model) if cast_once else nullcontext(), _folding_head(model):
-        history: list[dict] = []
-        dev_curve: list[dict] = []
-        propositions_seen = language_tokens = block_position = 0
-        cpu_started = time.process_time()
-        for step, signal in enumerate(schedule):
-            started = time.perf_counter()
-            factor = (step + 1) / warmup_steps if step < warmup_steps else \
-                max(0.0, (config.steps - step) / max(1, config.steps - warmup_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            if signal == TEACHER:
-                # the schedule has teacher steps only when there are propositions to teach with
-                assert teacher_iterator is not None and teacher_data is not None and proposition_set is not None
-                indices = next(teacher_iterator)
-                batch = to_device(collate(teacher_data, indices, pad_token_id, regression=False), device)
-                labels = batch.pop("labels")
-                with autocast_for(precision, device.type):
-                    logits = model.teacher_logits(batch["input_ids"], batch["attention_mask"])
-                example_groups = torch.tensor([proposition_set.groups[i] for i in indices]).to(device)
-                loss = teacher_loss(logits, labels, example_groups, config.teacher_loss)
-                propositions_seen += len(indices)
-            else:
-                input_ids = torch.tensor(blocks[block_position:block_position + config.lm_batch_size]).to(device)
-                block_position += config.lm_batch_size
-                with autocast_for(precision, device.type):
-                    loss = model.language_loss(input_ids)
-                language_tokens += input_ids.numel()
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            # the head gets no gradient on language steps: set_to_none keeps AdamW from moving it there
-            optimizer.zero_grad(set_to_none=True)
-            time_by_signal[signal] += time.perf_counter() - started
-            history.append({"step": step + 1, "signal": signal, "loss": float(loss.item()),
-                            "learning_rate": learning_rate * factor})
-            if callback is not None:
-                callback(step + 1, signal, float(loss.item()))
-            if config.eval_every and (step + 1) % config.eval_every == 0:
-                dev_curve.append({"step": step + 1, **seen_task_metrics(model, tokenizer, task_data, config,
-                                                                        propositions, precision)})
-                model.train()
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(signal=signal[0], loss=f"{loss.item():.3f}", refresh=False)
-        cpu_time = time.process_time() - cpu_started
-        if progress is not None:
-            progress.close()
-    model.eval()
-    return FreeLMResult(train_cpu_time_s=cpu_time, steps=config.steps, language_steps=language_steps,
-                        teacher_steps=teacher_steps,
-                        propositions_seen=propositions_seen, language_tokens_seen=language_tokens,
-                        train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
-                        teacher_time_s=time_by_signal[TEACHER], precision=precision,
-                        num_propositions=len(proposition_set) if proposition_set is not None else 0, history=history,
-                        dev_curve=dev_curve)
+    data = prepare_signals(model, tokenizer, task_data, language_texts, config, propositions)
+    signals = AlternatingSignals(model, tokenizer, task_data, config, data, propositions, callback)
+    with _folding_head(model):
+        trainer = Trainer(model, method, PROPOSITION_TASK, None, loop_config(config), strategy=signals)
+        with trainer.closed_on_error():
+            if trainer.group.distributed:
+                raise DeltatuneError("FreeLM trains in one process: run `deltatune freelm train` without "
+                                     "torchrun or accelerate launch.")
+            cpu_started = time.process_time()
+            trainer.advance()
+            cpu_time = time.process_time() - cpu_started
+            trainer.restore_best()
+            trainer.loggers.close()
+    if trainer.diverged is not None:
+        raise DeltatuneError(f"{trainer.diverged}. FreeLM stopped before that step; nothing was saved.")
+    return signals.result(trainer, cpu_time)
 
 
 @contextmanager
@@ -427,13 +480,13 @@ def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskDat
 def teacher_accuracy(model: FreeLMModel, tokenizer, proposition_set: PropositionSet, max_length: int) -> float:
     """Share of propositions the teacher head judges correctly (true vs false)."""
     from deltatune.batching import predict_encoded
-    from deltatune.freelm.model import PROPOSITION_TASK
 
     encoded = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, max_length)
     logits = predict_encoded(model.classifier, encoded, PROPOSITION_TASK, padding_id(tokenizer))
     return float((logits.argmax(axis=-1) == np.asarray(proposition_set.labels)).mean())
 
 
-__all__ = ["FreeLMConfig", "FreeLMResult", "PropositionSet", "build_proposition_set", "example_batches",
-           "language_blocks", "teacher_loss",
+__all__ = ["AlternatingSignals", "FreeLMConfig", "FreeLMResult", "PropositionSet", "SignalData",
+           "build_proposition_set", "example_batches", "language_blocks", "loop_config", "prepare_signals",
+           "teacher_loss",
            "perplexity", "seen_task_metrics", "teacher_accuracy", "train_freelm"]
