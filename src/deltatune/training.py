@@ -54,6 +54,7 @@ from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.regimes import REGIMES, regime_problems, regime_report, stage_hook, zeroth_order_for
 from deltatune.tasks.spec import Split, TaskSpec
 
 
@@ -150,6 +151,18 @@ class TrainConfig:
     log_dir: str | None = None
     """Where the loggers write (TensorBoard event files under tensorboard/, an MLflow file store under
     mlruns/). Default: runs/logs."""
+    regime: Literal["standard", "mezo", "hft", "surgical", "promot"] = "standard"
+    """How the method's trainable parameters are trained (see `deltatune.regimes`): standard (backpropagation
+    and AdamW), mezo (zeroth-order SGD from two forward passes: the memory of inference; Malladi et al. 2023),
+    hft (a random half of the trainable tensors frozen each stage; Hui et al. 2024), surgical (a short probe
+    picks the one block that trains; Lee et al. 2023), promot (prompt tuning, then model tuning with the prompt
+    frozen, with --method promot; Wang et al. 2023)."""
+    mezo_epsilon: float = 1e-3
+    """regime=mezo: the perturbation scale epsilon of the two forward passes (the paper's 1e-3)."""
+    hft_stage_steps: int | None = None
+    """regime=hft: optimizer steps per stage, each with a fresh random half frozen. Default: one epoch."""
+    surgical_probe_steps: int = 20
+    """regime=surgical: steps each block trains alone in the probe before the real run trains the best one."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -190,6 +203,9 @@ class TrainConfig:
         if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
             problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")
         problems += missing_logger_packages(self.report_to)
+        if self.regime not in REGIMES:
+            problems.append(f"regime={self.regime!r} must be one of {', '.join(REGIMES)}")
+        problems += regime_problems(self)
         device_problem = check_device_name(self.device)
         if device_problem:
             problems.append(device_problem)
@@ -527,6 +543,8 @@ class Trainer:
         self._enter_speed_levers(model, config)
         # fp16's narrow range needs the loss scaled up before backward and the gradients unscaled after
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.regime_report = regime_report(config)
+        """What the regime did, for the run record (a surgical probe's scores); None for standard."""
 
         groups = _optimizer_groups(model, method, self.learning_rate, config)
         self.trainable = [p for group in groups for p in group["params"]]
@@ -535,10 +553,13 @@ class Trainer:
             raise DeltatuneError(f"Method {method.name!r} left nothing to train on this model.")
         for group in groups:
             group.setdefault("lr", self.learning_rate)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True)
+        # MeZO updates the weights itself; plain SGD (no momentum: no state) only carries its groups' rates
+        self.zeroth_order = zeroth_order_for(config, self.trainable)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True) if self.zeroth_order is None \
+            else torch.optim.SGD(groups, lr=self.learning_rate)
         self.scheduler = lr_schedule(self.optimizer, self.plan, config.schedule)
         self.unfreezing = GradualUnfreezing(model, config.unfreeze_every or self.plan.steps_per_epoch) \
-            if config.gradual_unfreezing else None
+            if config.gradual_unfreezing else stage_hook(model, config, self.plan.steps_per_epoch)
         trainable_ids = {id(p) for p in self.trainable}
         self.best = BestState([(n, p) for n, p in model.named_parameters() if id(p) in trainable_ids])
 
@@ -562,8 +583,8 @@ class Trainer:
         on_cpu = self.device.type == "cpu"
         if config.fast_dropout and on_cpu:
             self.contexts.enter_context(fast_dropout(model))
-        # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
-        if config.precision == "bf16" and not config.gradual_unfreezing and on_cpu:
+        # weights frozen throughout can be held in bf16; gradual unfreezing and HFT thaw them, so they keep fp32
+        if config.precision == "bf16" and not config.gradual_unfreezing and config.regime != "hft" and on_cpu:
             self.contexts.enter_context(frozen_linear_weights_in_bf16(model))
         if config.gradient_checkpointing:
             self.contexts.enter_context(gradient_checkpointing(model))
@@ -631,9 +652,10 @@ class Trainer:
         self.next_batch += 1
         return self.batches[self.next_batch - 1]
 
-    def _forward_backward(self, indices: list[int]) -> tuple[float, int, int]:
+    def _forward_backward(self, indices: list[int], backward: bool = True) -> tuple[float, int, int]:
         """Accumulate the gradients of one global batch (this rank's share, in micro-batches); returns the
-        batch's mean loss and its real and padded tokens, summed over the ranks."""
+        batch's mean loss and its real and padded tokens, summed over the ranks. `backward` False: the loss
+        alone (MeZO's forward passes)."""
         group, config = self.group, self.config
         share = share_of(indices, group.rank, group.world_size)
         micro_batch = config.batch_size // (config.gradient_accumulation * group.world_size)
@@ -647,13 +669,14 @@ class Trainer:
                 logits = self.model(**batch).logits
             loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
                 * (len(part) / len(indices))
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if backward:
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_total += loss.item()
             real_tokens += int(batch["attention_mask"].sum())
             padded_tokens += batch["attention_mask"].numel()
         if group.distributed:
             totals = torch.tensor([loss_total, real_tokens, padded_tokens], dtype=torch.float64, device=self.device)
-            group.sum_([p.grad for p in self.trainable if p.grad is not None] + [totals])
+            group.sum_([p.grad for p in self.trainable if p.grad is not None and backward] + [totals])
             loss_total, real_tokens, padded_tokens = totals[0].item(), int(totals[1].item()), int(totals[2].item())
         return loss_total, real_tokens, padded_tokens
 
@@ -662,7 +685,8 @@ class Trainer:
         indices = self._next_batch()
         started = time.perf_counter()
         learning_rate = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves on
-        loss, real_tokens, padded_tokens = self._forward_backward(indices)
+        loss, real_tokens, padded_tokens = (self._forward_backward(indices) if self.zeroth_order is None
+                                            else self.zeroth_order.step(self, indices))
         self.meters.add_tokens(real_tokens, padded_tokens)
         gradient_norm = None
         if self.scaler is not None:
@@ -865,8 +889,10 @@ def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_s
     """Train `model` (already prepared by the method) at one learning rate and leave it holding its best dev
     state; with `test_split`, that state is also evaluated on test. (`config.lr_search` is run by
     `deltatune.run.run_training`, which builds a fresh model per learning rate.)"""
+    from deltatune.regimes import regime_trainer
+
     data = prepare_data(model, tokenizer, task, train_split, dev_split, test_split, config)
-    trainer = Trainer(model, method, task, data, config)
+    trainer = regime_trainer(model, method, task, data, config)
     with trainer.closed_on_error():
         trainer.advance()
         return trainer.finish()
