@@ -161,7 +161,10 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    results = [run_worker(args, setup) for setup in SETUPS]
+    results = []
+    for setup in SETUPS:  # each result is printed as it comes, so a long run that is cut short keeps the rest
+        results.append(run_worker(args, setup))
+        print("RESULT " + json.dumps(results[-1]), flush=True)
     table = format_table(results, args, load)
     print(table)
     if args.out:

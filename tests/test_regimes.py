@@ -10,7 +10,8 @@ from deltatune.batching import collate
 from deltatune.config import build_config
 from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
-from deltatune.regimes import HalfFineTuning, step_seed, surgical_trainer
+from deltatune.regime_runs import surgical_trainer
+from deltatune.regimes import HalfFineTuning, step_seed
 from deltatune.training import TrainConfig, Trainer, prepare_data, task_loss
 from test_training import SENTIMENT, sentiment_splits
 
@@ -175,7 +176,7 @@ def test_regime_settings_that_make_no_sense_are_refused_with_the_fix():
 def test_promot_stage_two_trains_the_model_with_the_stage_one_prompt_frozen_and_saves_both():
     from deltatune.methods import delta_state
     from deltatune.methods.promot import prompt_dropped
-    from deltatune.regimes import promot_trainer
+    from deltatune.regime_runs import promot_trainer
 
     torch.manual_seed(0)
     model, tokenizer = build_tiny_model("llama"), build_tokenizer()

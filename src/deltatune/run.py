@@ -263,7 +263,8 @@ def save_outputs(path: Path, outputs, labels) -> None:
 def _train(model, tokenizer, task, prepared, method_name: str, method_overrides: dict, method,
            config: TrainConfig, say: Callable[[str], None] | None) -> tuple[Trainer, dict | None]:
     """Train at one learning rate, or search over several; returns the trainer to finish and the search record."""
-    from deltatune.regimes import check_regime_method, regime_trainer
+    from deltatune.regime_runs import regime_trainer
+    from deltatune.regimes import check_regime_method
     from deltatune.search import learning_rate_candidates, successive_halving
 
     check_regime_method(method, config)

@@ -54,7 +54,14 @@ from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
-from deltatune.regimes import REGIMES, regime_problems, regime_report, stage_hook, zeroth_order_for
+from deltatune.regimes import (
+    REGIMES,
+    check_regime_method,
+    regime_problems,
+    regime_report,
+    stage_hook,
+    zeroth_order_for,
+)
 from deltatune.tasks.spec import Split, TaskSpec
 
 
@@ -889,10 +896,13 @@ def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_s
     """Train `model` (already prepared by the method) at one learning rate and leave it holding its best dev
     state; with `test_split`, that state is also evaluated on test. (`config.lr_search` is run by
     `deltatune.run.run_training`, which builds a fresh model per learning rate.)"""
-    from deltatune.regimes import regime_trainer
-
+    check_regime_method(method, config)
+    if config.regime in ("surgical", "promot"):
+        raise DeltatuneError(f"regime={config.regime} runs a probe or first stage before the real run, which "
+                             "train() does not: use deltatune.run.run_training (deltatune train), or "
+                             "deltatune.regime_runs.regime_trainer on prepared data.")
     data = prepare_data(model, tokenizer, task, train_split, dev_split, test_split, config)
-    trainer = regime_trainer(model, method, task, data, config)
+    trainer = Trainer(model, method, task, data, config)
     with trainer.closed_on_error():
         trainer.advance()
         return trainer.finish()
