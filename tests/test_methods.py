@@ -72,6 +72,7 @@ CASES = [
     Case("parallel-adapter", {"bottleneck_size": 4}, max_delta_fraction=0.1),  # default m=d/2 is 16 here
     Case("mam", {"num_virtual_tokens": 4, "mlp_hidden_size": 16, "bottleneck_size": 4}, identity_at_start=False,
          max_delta_fraction=0.15),
+    Case("promot", {"init": "vocab"}, identity_at_start=False, max_delta_fraction=1.0),  # prompt + full update
 ]
 KINDS = ["bert", "llama"]
 

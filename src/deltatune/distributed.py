@@ -120,8 +120,12 @@ FSDP_METHODS = ("full",)
 that plain data-parallel training already replicates cheaply."""
 
 
-def check_fsdp(method_name: str, group: ProcessGroup) -> None:
-    """`--fsdp` shards a fully fine-tuned model over several processes: refuse it anywhere else."""
+def check_fsdp(method_name: str, group: ProcessGroup, regime: str = "standard") -> None:
+    """`--fsdp` shards a fully fine-tuned model over several processes, trained by backward passes: refuse it
+    anywhere else."""
+    if regime != "standard":
+        raise DeltatuneError(f"--fsdp with --regime {regime} is not supported (the regimes read and change whole "
+                             "parameters, which sharding splits over the processes): drop one of them.")
     if method_name not in FSDP_METHODS:
         raise DeltatuneError(f"--fsdp shards a fully fine-tuned model over the processes, but method {method_name!r} "
                              "trains a small delta, which plain data-parallel training already handles: drop "

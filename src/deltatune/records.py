@@ -167,6 +167,8 @@ class RunRecord:
     """The method's resolved options."""
     method_report: Json = field(default_factory=dict)
     """What the method says about itself after training (e.g. a sparse mask's density)."""
+    regime_report: Json | None = None
+    """What a training regime did (`--regime`: e.g. a surgical probe's scores); left out for standard training."""
     head: HeadConfig | None = None
     """The task head and why it was chosen (None in records from before heads were configurable)."""
     train_config: TrainConfig
@@ -251,7 +253,7 @@ class RunRecord:
     """Where the file held NaN or infinite numbers, written as null (left out when none)."""
 
     OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"model_as_given", "max_length_requested", "diverged",
-                                                             "non_finite_values"})
+                                                             "non_finite_values", "regime_report"})
     """Keys written only when they hold something (records never had them otherwise)."""
 
     def to_json(self) -> Json:

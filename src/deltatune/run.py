@@ -173,6 +173,7 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         method=method_name,
         method_config=to_jsonable(method.config),
         method_report=method.describe(model),
+        regime_report=trainer.regime_report,
         head=head_of(model),
         train_config=config,
         num_train_examples=result.num_train_examples,
@@ -291,12 +292,15 @@ def save_outputs(path: Path, outputs, labels) -> None:
 def _train(model, tokenizer, task, prepared, method_name: str, method_overrides: dict, method,
            config: TrainConfig, say: Callable[[str], None] | None) -> tuple[Trainer, dict | None]:
     """Train at one learning rate, or search over several; returns the trainer to finish and the search record."""
+    from deltatune.regime_runs import regime_trainer
+    from deltatune.regimes import check_regime_method
     from deltatune.search import learning_rate_candidates, successive_halving
 
+    check_regime_method(method, config)
     if config.lr_search is None:
         resolve_critical_layers(method, model)
         prepare_model(model, method, tokenizer)
-        trainer = Trainer(model, method, task, prepared, config)
+        trainer = regime_trainer(model, method, task, prepared, config)
         with trainer.closed_on_error():
             trainer.advance()
         return trainer, None

@@ -59,6 +59,14 @@ from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, Precision, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.regimes import (
+    REGIMES,
+    check_regime_method,
+    regime_problems,
+    regime_report,
+    stage_hook,
+    zeroth_order_for,
+)
 from deltatune.tasks.spec import Split, TaskSpec
 
 
@@ -158,6 +166,18 @@ class TrainConfig:
     log_dir: str | None = None
     """Where the loggers write (TensorBoard event files under tensorboard/, an MLflow file store under
     mlruns/). Default: runs/logs."""
+    regime: Literal["standard", "mezo", "hft", "surgical", "promot"] = "standard"
+    """How the method's trainable parameters are trained (see `deltatune.regimes`): standard (backpropagation
+    and AdamW), mezo (zeroth-order SGD from two forward passes: the memory of inference; Malladi et al. 2023),
+    hft (a random half of the trainable tensors frozen each stage; Hui et al. 2024), surgical (a short probe
+    picks the one block that trains; Lee et al. 2023), promot (prompt tuning, then model tuning with the prompt
+    frozen, with --method promot; Wang et al. 2023)."""
+    mezo_epsilon: float = 1e-3
+    """regime=mezo: the perturbation scale epsilon of the two forward passes (the paper's 1e-3)."""
+    hft_stage_steps: int | None = None
+    """regime=hft: optimizer steps per stage, each with a fresh random half frozen. Default: one epoch."""
+    surgical_probe_steps: int = 20
+    """regime=surgical: steps each block trains alone in the probe before the real run trains the best one."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -198,6 +218,9 @@ class TrainConfig:
         if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
             problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")
         problems += missing_logger_packages(self.report_to)
+        if self.regime not in REGIMES:
+            problems.append(f"regime={self.regime!r} must be one of {', '.join(REGIMES)}")
+        problems += regime_problems(self)
         device_problem = check_device_name(self.device)
         if device_problem:
             problems.append(device_problem)
@@ -570,7 +593,8 @@ class TaskBatches(BatchStrategy):
 
     def forward_backward(self, trainer: Trainer) -> StepWork:
         indices = trainer._next_batch()
-        loss, real_tokens, padded_tokens = trainer._forward_backward(indices)
+        loss, real_tokens, padded_tokens = (trainer._forward_backward(indices) if trainer.zeroth_order is None
+                                            else trainer.zeroth_order.step(trainer, indices))
         return StepWork(loss, len(indices), real_tokens, padded_tokens)
 
     def evaluate(self, trainer: Trainer) -> Evaluation | None:
@@ -604,7 +628,7 @@ class Trainer:
         self.strategy = strategy or TaskBatches()
         self.sharded = config.fsdp
         if config.fsdp:
-            check_fsdp(method.name, self.group)
+            check_fsdp(method.name, self.group, config.regime)
             shard_model(model)  # before the optimizer, which must hold the sharded parameters
         self.plan = plan_steps(len(data.train) if data is not None else self.strategy.examples_per_epoch or 1, config)
         self.learning_rate = learning_rate or config.learning_rate or method.default_learning_rate
@@ -612,6 +636,8 @@ class Trainer:
         self._enter_speed_levers(model, config)
         # fp16's narrow range needs the loss scaled up before backward and the gradients unscaled after
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.regime_report = regime_report(config)
+        """What the regime did, for the run record (a surgical probe's scores); None for standard."""
 
         groups = self.strategy.optimizer_groups(model, method, self.learning_rate, config)
         self.trainable = [p for group in groups for p in group["params"]]
@@ -620,10 +646,13 @@ class Trainer:
             raise DeltatuneError(f"Method {method.name!r} left nothing to train on this model.")
         for group in groups:
             group.setdefault("lr", self.learning_rate)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True)
+        # MeZO updates the weights itself; plain SGD (no momentum: no state) only carries its groups' rates
+        self.zeroth_order = zeroth_order_for(config, self.trainable)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True) if self.zeroth_order is None \
+            else torch.optim.SGD(groups, lr=self.learning_rate)
         self.scheduler = lr_schedule(self.optimizer, self.plan, config.schedule)
         self.unfreezing = GradualUnfreezing(model, config.unfreeze_every or self.plan.steps_per_epoch) \
-            if config.gradual_unfreezing else None
+            if config.gradual_unfreezing else stage_hook(model, config, self.plan.steps_per_epoch)
         trainable_ids = {id(p) for p in self.trainable}
         self.best = BestState([(n, p) for n, p in model.named_parameters() if id(p) in trainable_ids])
 
@@ -647,8 +676,8 @@ class Trainer:
         on_cpu = self.device.type == "cpu"
         if config.fast_dropout and on_cpu:
             self.contexts.enter_context(fast_dropout(model))
-        # weights frozen throughout can be held in bf16; gradual unfreezing thaws them, so it keeps fp32
-        if config.precision == "bf16" and not config.gradual_unfreezing and on_cpu:
+        # weights frozen throughout can be held in bf16; gradual unfreezing and HFT thaw them, so they keep fp32
+        if config.precision == "bf16" and not config.gradual_unfreezing and config.regime != "hft" and on_cpu:
             self.contexts.enter_context(frozen_linear_weights_in_bf16(model))
         if config.gradient_checkpointing:
             self.contexts.enter_context(gradient_checkpointing(model))
@@ -724,9 +753,10 @@ class Trainer:
         self.next_batch += 1
         return self.batches[self.next_batch - 1]
 
-    def _forward_backward(self, indices: list[int]) -> tuple[float, int, int]:
+    def _forward_backward(self, indices: list[int], backward: bool = True) -> tuple[float, int, int]:
         """Accumulate the gradients of one global batch (this rank's share, in micro-batches); returns the
-        batch's mean loss and its real and padded tokens, summed over the ranks."""
+        batch's mean loss and its real and padded tokens, summed over the ranks. `backward` False: the loss
+        alone (MeZO's forward passes)."""
         group, config = self.group, self.config
         share = share_of(indices, group.rank, group.world_size)
         micro_batch = config.batch_size // (config.gradient_accumulation * group.world_size)
@@ -740,18 +770,17 @@ class Trainer:
                 logits = self.model(**batch).logits
             loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
                 * (len(part) / len(indices))
-            if self.sharded:  # FSDP averages the ranks' gradients; these losses are weighted to be summed
-                loss_to_reduce = loss * group.world_size
-            else:
-                loss_to_reduce = loss
-            (self.scaler.scale(loss_to_reduce) if self.scaler is not None else loss_to_reduce).backward()
+            if backward:
+                # FSDP averages the ranks' gradients, where these losses are weighted to be summed
+                reduced = loss * group.world_size if self.sharded else loss
+                (self.scaler.scale(reduced) if self.scaler is not None else reduced).backward()
             loss_total += loss.item()
             real_tokens += int(batch["attention_mask"].sum())
             padded_tokens += batch["attention_mask"].numel()
         if group.distributed:
             totals = torch.tensor([loss_total, real_tokens, padded_tokens], dtype=torch.float64, device=self.device)
             # a sharded model's gradients were reduce-scattered by its backward pass already
-            gradients = [] if self.sharded else [p.grad for p in self.trainable if p.grad is not None]
+            gradients = [] if self.sharded or not backward else [p.grad for p in self.trainable if p.grad is not None]
             group.sum_([*gradients, totals])
             loss_total, real_tokens, padded_tokens = totals[0].item(), int(totals[1].item()), int(totals[2].item())
         return loss_total, real_tokens, padded_tokens
@@ -977,6 +1006,11 @@ def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_s
     """Train `model` (already prepared by the method) at one learning rate and leave it holding its best dev
     state; with `test_split`, that state is also evaluated on test. (`config.lr_search` is run by
     `deltatune.run.run_training`, which builds a fresh model per learning rate.)"""
+    check_regime_method(method, config)
+    if config.regime in ("surgical", "promot"):
+        raise DeltatuneError(f"regime={config.regime} runs a probe or first stage before the real run, which "
+                             "train() does not: use deltatune.run.run_training (deltatune train), or "
+                             "deltatune.regime_runs.regime_trainer on prepared data.")
     data = prepare_data(model, tokenizer, task, train_split, dev_split, test_split, config)
     trainer = Trainer(model, method, task, data, config)
     with trainer.closed_on_error():

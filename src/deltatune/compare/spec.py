@@ -93,7 +93,8 @@ EXECUTION_ONLY_FIELDS = ("quiet", "threads", "report_to", "log_dir")
 """TrainConfig fields that change how a cell runs but not what it computes: left out of its identity.
 (threads is chosen per machine and --jobs; results match to float rounding.)"""
 
-LATER_FIELD_DEFAULTS = {"device": "auto", "gradient_checkpointing": False, "fsdp": False}
+LATER_FIELD_DEFAULTS = {"device": "auto", "gradient_checkpointing": False, "fsdp": False, "regime": "standard",
+                        "mezo_epsilon": 1e-3, "hft_stage_steps": None, "surgical_probe_steps": 20}
 """TrainConfig fields added after grids were first stored: left out of a cell's identity at their default,
 so an experiment stored before them resumes instead of training every cell again."""
 
