@@ -32,6 +32,7 @@ demo: venv
 
 check: venv
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 test: venv check

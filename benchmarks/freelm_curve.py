@@ -1,6 +1,7 @@
 """FreeLM diagnostic run: the teacher loss and the seen-task dev accuracy (best-scoring proposition, template 0)
 printed every --every steps. `python benchmarks/freelm_curve.py --method bitfit --loss contrastive --lr 1e-3`
 (THREADS=1 by default; the numbers in docs/results/freelm-diagnosis.json came from it)."""
+
 import argparse
 import json
 import time
@@ -30,10 +31,19 @@ parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--max-examples", type=int, default=1000)
 parser.add_argument("--precision", default="auto")
 args = parser.parse_args()
-config = FreeLMConfig(train_tasks=tuple(args.tasks.split(",")), steps=args.steps, lm_ratio=args.lm_ratio,
-                      teacher_batch_size=args.batch, lm_batch_size=2, learning_rate=args.lr,
-                      max_examples_per_task=args.max_examples, dev_examples_per_task=args.dev,
-                      teacher_loss=args.loss, quiet=True, precision=args.precision)
+config = FreeLMConfig(
+    train_tasks=tuple(args.tasks.split(",")),
+    steps=args.steps,
+    lm_ratio=args.lm_ratio,
+    teacher_batch_size=args.batch,
+    lm_batch_size=2,
+    learning_rate=args.lr,
+    max_examples_per_task=args.max_examples,
+    dev_examples_per_task=args.dev,
+    teacher_loss=args.loss,
+    quiet=True,
+    precision=args.precision,
+)
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
 task_data = [load_task_data(t) for t in config.train_tasks]
 corpus = load_text_corpus("wikitext-2") if args.lm_ratio else {"train": []}
@@ -41,10 +51,14 @@ seed_everything(config.seed)
 causal_lm, tokenizer = load_causal_lm("smollm2-135m")
 method = build_method(args.method, json.loads(args.opts))
 model, names, _, _ = prepare_freelm_model(causal_lm, tokenizer, method)
-print(f"# {vars(args)} trainable {sum(p.numel() for n, p in model.classifier.named_parameters() if n in names):,}",
-      flush=True)
+print(
+    f"# {vars(args)} trainable {sum(p.numel() for n, p in model.classifier.named_parameters() if n in names):,}",
+    flush=True,
+)
 precision = resolve_precision(config.precision)
 losses, started = [], time.time()
+
+
 def callback(step, signal, loss):
     if signal == "teacher":
         losses.append(loss)
@@ -52,7 +66,9 @@ def callback(step, signal, loss):
         metrics = seen_task_metrics(model, tokenizer, task_data, config, None, precision)
         model.train()
         shown = " ".join(f"{t}={m['accuracy']:.3f}" for t, m in metrics.items())
-        recent = sum(losses[-args.every:]) / max(1, len(losses[-args.every:]))
+        recent = sum(losses[-args.every :]) / max(1, len(losses[-args.every :]))
         print(f"step {step:4d} teacher_loss {recent:.4f} dev {shown} t={time.time() - started:.0f}s", flush=True)
+
+
 result = train_freelm(model, tokenizer, task_data, corpus["train"], config, method, callback=callback)
 print(f"# done {time.time() - started:.0f}s peak {peak_memory_bytes() / 2**30:.2f} GiB", flush=True)

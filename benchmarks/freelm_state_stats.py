@@ -1,4 +1,5 @@
 """`python benchmarks/freelm_state_stats.py`: statistics of SmolLM2-135M's last-token states on 256 FreeLM training propositions (the head's input)."""
+
 import json
 
 import torch
@@ -19,8 +20,12 @@ props = build_proposition_set(data, tok, config)
 encoded = encode_propositions(tok, props.texts, props.labels, config.max_length)
 states = last_token_states(model, encoded, tok.pad_token_id, 0, "fp32", count=256)
 mean, std = states.mean(0), states.std(0)
-out = {"propositions": len(states), "state_norm_mean": float(states.norm(dim=1).mean()),
-       "mean_state_norm": float(mean.norm()), "per_dimension_spread_mean": float(std.mean()),
-       "largest_mean_dimensions": {int(i): round(float(mean[i]), 2) for i in mean.abs().topk(5).indices},
-       "share_of_squared_norm_in_mean": float(mean.norm() ** 2 / (states.norm(dim=1) ** 2).mean())}
+out = {
+    "propositions": len(states),
+    "state_norm_mean": float(states.norm(dim=1).mean()),
+    "mean_state_norm": float(mean.norm()),
+    "per_dimension_spread_mean": float(std.mean()),
+    "largest_mean_dimensions": {int(i): round(float(mean[i]), 2) for i in mean.abs().topk(5).indices},
+    "share_of_squared_norm_in_mean": float(mean.norm() ** 2 / (states.norm(dim=1) ** 2).mean()),
+}
 print(json.dumps(out, indent=1))

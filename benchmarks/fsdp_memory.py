@@ -40,29 +40,76 @@ def uptime() -> str:
 
 def side(args, out: Path, sharded: bool) -> dict:
     """Run one side in a wrapper process and read back its children's peak memory."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
-               "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "deltatune.cli", "train", "--model", args.model, "--data", args.data, "--text-fields",
-               args.text_fields, "--method", "full", "--max-steps", str(args.steps), "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length), "--eval-every", str(args.steps),
-               "--learning-rate", "2e-5", "--precision", "fp32", "--threads", "1", "--device", "cpu",
-               "--quiet", "--seed", "1", "--out", str(out), "--overwrite", *(["--fsdp"] if sharded else [])]
-    wrapper = ("import json, resource, subprocess, sys, time; started = time.perf_counter(); "
-               "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-               "print(json.dumps({'code': code, 'seconds': time.perf_counter() - started, "
-               "'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.processes),
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "deltatune.cli",
+        "train",
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--text-fields",
+        args.text_fields,
+        "--method",
+        "full",
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--eval-every",
+        str(args.steps),
+        "--learning-rate",
+        "2e-5",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--overwrite",
+        *(["--fsdp"] if sharded else []),
+    ]
+    wrapper = (
+        "import json, resource, subprocess, sys, time; started = time.perf_counter(); "
+        "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+        "print(json.dumps({'code': code, 'seconds': time.perf_counter() - started, "
+        "'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     if args.mmap_threshold:
         environment["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-    finished = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True,
-                              env=environment)
+    finished = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, env=environment
+    )
     result = json.loads(finished.stdout.strip().splitlines()[-1])
     if result["code"] != 0:
         raise SystemExit(f"{'FSDP' if sharded else 'DDP'} side failed:\n{finished.stderr[-3000:]}")
     record = json.loads((out / "run.json").read_text())
-    return {"peak_mib": result["peak_kib"] / 1024, "seconds": result["seconds"],
-            "distributed": record["distributed"], "dev": record["dev_metrics"],
-            "params": record["total_params"]}
+    return {
+        "peak_mib": result["peak_kib"] / 1024,
+        "seconds": result["seconds"],
+        "distributed": record["distributed"],
+        "dev": record["dev_metrics"],
+        "params": record["total_params"],
+    }
 
 
 def main() -> None:
@@ -74,28 +121,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--mmap-threshold", type=int, default=1 << 20,
-                        help="MALLOC_MMAP_THRESHOLD_ for both sides, in bytes (0: glibc's dynamic default)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=1 << 20,
+        help="MALLOC_MMAP_THRESHOLD_ for both sides, in bytes (0: glibc's dynamic default)",
+    )
     parser.add_argument("--scratch", type=Path, default=Path("runs/fsdp-memory"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     before = uptime()
-    results = {name: side(args, args.scratch / name, sharded)
-               for name, sharded in (("ddp", False), ("fsdp", True))}
+    results = {name: side(args, args.scratch / name, sharded) for name, sharded in (("ddp", False), ("fsdp", True))}
     ddp, fsdp = results["ddp"], results["fsdp"]
     lines = [
-        f"# Full fine-tuning of {args.model} over {args.processes} CPU processes: replicated vs sharded", "",
+        f"# Full fine-tuning of {args.model} over {args.processes} CPU processes: replicated vs sharded",
+        "",
         f"`python benchmarks/fsdp_memory.py --model {args.model} --data {args.data} --steps {args.steps} "
         f"--mmap-threshold {args.mmap_threshold}`, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; batch {args.batch_size}, max length "
         f"{args.max_length}, fp32, AdamW, one thread per process, MALLOC_MMAP_THRESHOLD_="
-        f"{args.mmap_threshold or 'glibc default'}.", "",
+        f"{args.mmap_threshold or 'glibc default'}.",
+        "",
         "| side | largest process's peak RSS | wall time (whole run) | record's `distributed` |",
         "|---|---:|---:|---|",
-        *(f"| {name.upper()} | {r['peak_mib']:,.0f} MiB | {r['seconds']:.0f} s | `{json.dumps(r['distributed'])}` |"
-          for name, r in results.items()),
-        "", f"FSDP / DDP peak memory: **{fsdp['peak_mib'] / ddp['peak_mib']:.2f}x** ({args.processes} processes, "
-        f"{ddp['params']:,} parameters).", "", f"uptime before: `{before}`", f"uptime after: `{uptime()}`", ""]
+        *(
+            f"| {name.upper()} | {r['peak_mib']:,.0f} MiB | {r['seconds']:.0f} s | `{json.dumps(r['distributed'])}` |"
+            for name, r in results.items()
+        ),
+        "",
+        f"FSDP / DDP peak memory: **{fsdp['peak_mib'] / ddp['peak_mib']:.2f}x** ({args.processes} processes, "
+        f"{ddp['params']:,} parameters).",
+        "",
+        f"uptime before: `{before}`",
+        f"uptime after: `{uptime()}`",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -48,8 +48,15 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_for_task(args.model, task)
     model.eval()
-    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu",
-                          truncation=True, max_length=args.max_length, top_k=None)
+    classifier = pipeline(
+        "text-classification",
+        model=model,
+        tokenizer=tokenizer,
+        device="cpu",
+        truncation=True,
+        max_length=args.max_length,
+        top_k=None,
+    )
 
     def run_pipeline():
         outputs = classifier(texts, batch_size=args.batch_size)
@@ -57,11 +64,13 @@ def main() -> None:
 
     def run_deltatune(precision):
         encoded = encode(tokenizer, task, split, args.max_length)  # tokenising is part of the cost
-        return predict_encoded(model, encoded, task, tokenizer.pad_token_id or 0, args.batch_size,
-                               precision).argmax(-1)
+        return predict_encoded(model, encoded, task, tokenizer.pad_token_id or 0, args.batch_size, precision).argmax(-1)
 
-    sides = {"pipeline": run_pipeline, "deltatune": lambda: run_deltatune("auto"),
-             "deltatune-fp32": lambda: run_deltatune("fp32")}
+    sides = {
+        "pipeline": run_pipeline,
+        "deltatune": lambda: run_deltatune("auto"),
+        "deltatune-fp32": lambda: run_deltatune("fp32"),
+    }
     run_deltatune("fp32"), run_pipeline()  # warm-up: first-call allocations and lazy imports
     rates: dict[str, list[float]] = {name: [] for name in sides}
     predictions = {}
@@ -71,14 +80,19 @@ def main() -> None:
             predictions[name] = run()
             rates[name].append(len(texts) / (time.perf_counter() - started))
     agreement = {name: float((predictions[name] == predictions["pipeline"]).mean()) for name in sides}
-    lines = [f"Model {args.model}, task {args.task} dev texts ({len(texts)}), batch size {args.batch_size}, max "
-             f"length {args.max_length}, {args.rounds} alternating rounds, {torch.get_num_threads()} threads.", "",
-             "| side | examples/s (median) | ratio vs pipeline (median of per-round ratios) | same predictions as pipeline |",
-             "|---|---|---|---|"]
+    lines = [
+        f"Model {args.model}, task {args.task} dev texts ({len(texts)}), batch size {args.batch_size}, max "
+        f"length {args.max_length}, {args.rounds} alternating rounds, {torch.get_num_threads()} threads.",
+        "",
+        "| side | examples/s (median) | ratio vs pipeline (median of per-round ratios) | same predictions as pipeline |",
+        "|---|---|---|---|",
+    ]
     for name in sides:
         ratios = [a / b for a, b in zip(rates[name], rates["pipeline"], strict=True)]
-        lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {statistics.median(ratios):.2f}x | "
-                     f"{agreement[name]:.1%} |")
+        lines.append(
+            f"| {name} | {statistics.median(rates[name]):.1f} | {statistics.median(ratios):.2f}x | "
+            f"{agreement[name]:.1%} |"
+        )
     lines += ["", f"Produced by `python benchmarks/inference.py {' '.join(sys.argv[1:])}`."]
     text = "\n".join(lines)
     print(text)

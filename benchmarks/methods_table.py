@@ -32,12 +32,37 @@ def run_method(method: str, head: str, args: argparse.Namespace) -> dict:
     if record_path.exists():
         return json.loads(record_path.read_text())
     kind, pooling = head.split(":")
-    command = [sys.executable, "-m", "deltatune.cli", "train", "--model", args.model, "--task", args.task,
-               "--method", method, "--out", str(directory), "--quiet", "--overwrite", "--seed", str(args.seed),
-               "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--head", kind,
-               "--pooling", pooling]
-    for flag, value in (("--eval-every", args.eval_every), ("--early-stopping-patience", args.patience),
-                        ("--min-steps", args.min_steps)):
+    command = [
+        sys.executable,
+        "-m",
+        "deltatune.cli",
+        "train",
+        "--model",
+        args.model,
+        "--task",
+        args.task,
+        "--method",
+        method,
+        "--out",
+        str(directory),
+        "--quiet",
+        "--overwrite",
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--head",
+        kind,
+        "--pooling",
+        pooling,
+    ]
+    for flag, value in (
+        ("--eval-every", args.eval_every),
+        ("--early-stopping-patience", args.patience),
+        ("--min-steps", args.min_steps),
+    ):
         if value:
             command += [flag, str(value)]
     if args.lr_search != "none":
@@ -61,9 +86,21 @@ def _candidates(record: dict) -> str:
 
 
 def table(records: list[dict], primary: str, show_head: bool) -> str:
-    header = ["method", *(["head"] if show_head else []), "trainable params (%)", f"test {primary}",
-              f"dev {primary}", "learning rate (candidates: dev at the rungs)", "steps (best at)", "converged",
-              "delta bytes", "train s (whole search)", "examples/s", "peak memory GiB", "note"]
+    header = [
+        "method",
+        *(["head"] if show_head else []),
+        "trainable params (%)",
+        f"test {primary}",
+        f"dev {primary}",
+        "learning rate (candidates: dev at the rungs)",
+        "steps (best at)",
+        "converged",
+        "delta bytes",
+        "train s (whole search)",
+        "examples/s",
+        "peak memory GiB",
+        "note",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         head = [r.get("head", "")] if show_head else []
@@ -71,18 +108,37 @@ def table(records: list[dict], primary: str, show_head: bool) -> str:
             lines.append("| " + " | ".join([r["method"], *head, "", "failed", *[""] * 8, r["error"][:160]]) + " |")
             continue
         shown_head = [f"{r['head']['kind']}, {r['head']['pooling']}"] if show_head else []
-        note = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in r.get("method_report", {}).items())
+        note = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.get("method_report", {}).items()
+        )
         test = r.get("test_metrics") or {}
         search = r.get("lr_search") or {}
-        converged = "yes" if r.get("converged") else (
-            f"no (+{100 * r['last_gain']:.1f} at the end)" if r.get("last_gain") is not None else "no")
-        lines.append("| " + " | ".join([
-            r["method"], *shown_head, f"{r['trainable_params']:,} ({r['trainable_percent']:.3g}%)",
-            f"{test[primary]:.4f}" if primary in test else "–", f"{r['dev_metrics'][primary]:.4f}", _candidates(r),
-            f"{r['steps']} ({r['best_step']}, {r['stopped_by']})", converged, f"{r['delta_bytes']:,}",
-            f"{r['train_time_s']:.0f} ({search.get('train_time_s', r['train_time_s']):.0f})",
-            f"{r['train_examples_per_s']:.1f}", f"{r['peak_memory_bytes'] / 2**30:.2f}", note]) + " |")
+        converged = (
+            "yes"
+            if r.get("converged")
+            else (f"no (+{100 * r['last_gain']:.1f} at the end)" if r.get("last_gain") is not None else "no")
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    *shown_head,
+                    f"{r['trainable_params']:,} ({r['trainable_percent']:.3g}%)",
+                    f"{test[primary]:.4f}" if primary in test else "–",
+                    f"{r['dev_metrics'][primary]:.4f}",
+                    _candidates(r),
+                    f"{r['steps']} ({r['best_step']}, {r['stopped_by']})",
+                    converged,
+                    f"{r['delta_bytes']:,}",
+                    f"{r['train_time_s']:.0f} ({search.get('train_time_s', r['train_time_s']):.0f})",
+                    f"{r['train_examples_per_s']:.1f}",
+                    f"{r['peak_memory_bytes'] / 2**30:.2f}",
+                    note,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -94,8 +150,11 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--task", default="stsb")
     parser.add_argument("--methods", default=",".join(REGISTRY), help="comma-separated; default: every registered")
-    parser.add_argument("--heads", default="auto:auto",
-                        help="comma-separated KIND:POOLING, e.g. cross-encoder:cls,bi-encoder:mean (default auto:auto)")
+    parser.add_argument(
+        "--heads",
+        default="auto:auto",
+        help="comma-separated KIND:POOLING, e.g. cross-encoder:cls,bi-encoder:mean (default auto:auto)",
+    )
     parser.add_argument("--epochs", type=float, default=4.0, help="at most this many epochs")
     parser.add_argument("--min-steps", type=int)
     parser.add_argument("--eval-every", type=int, default=60)
@@ -121,16 +180,21 @@ def main() -> None:
     primary = get_task(args.task).metric
     done = [r for r in records if "error" not in r]
     precision = ", ".join(sorted({r.get("precision", "fp32") for r in done}))
-    search = ("each method's learning rate chosen on dev by successive halving over its own candidates "
-              "(4 candidates to 1/8 of the planned steps, the best 2 to 1/4, the best to the end)"
-              if args.lr_search == "auto" else f"learning rates {args.lr_search}")
-    text = (f"# Every method on {args.task} ({args.model}), each at its best learning rate\n\n"
-            f"Batch size {args.batch_size}, at most {args.epochs:g} epochs, dev evaluated every {args.eval_every} steps, "
-            f"early stopping after {args.patience} evaluations without improvement, the best dev state kept; "
-            f"{search}; seed {args.seed}, precision {precision}. The kept state is scored once on the test split "
-            f"(the official STS-B test for stsb), which chose nothing. 'converged' says whether the dev curve had "
-            f"levelled off (not: its last evaluation was its best by more than 0.5 points).\n\n"
-            f"{table(records, primary, len(heads) > 1)}\n\nProduced by `{command}`.\n")
+    search = (
+        "each method's learning rate chosen on dev by successive halving over its own candidates "
+        "(4 candidates to 1/8 of the planned steps, the best 2 to 1/4, the best to the end)"
+        if args.lr_search == "auto"
+        else f"learning rates {args.lr_search}"
+    )
+    text = (
+        f"# Every method on {args.task} ({args.model}), each at its best learning rate\n\n"
+        f"Batch size {args.batch_size}, at most {args.epochs:g} epochs, dev evaluated every {args.eval_every} steps, "
+        f"early stopping after {args.patience} evaluations without improvement, the best dev state kept; "
+        f"{search}; seed {args.seed}, precision {precision}. The kept state is scored once on the test split "
+        f"(the official STS-B test for stsb), which chose nothing. 'converged' says whether the dev curve had "
+        f"levelled off (not: its last evaluation was its best by more than 0.5 points).\n\n"
+        f"{table(records, primary, len(heads) > 1)}\n\nProduced by `{command}`.\n"
+    )
     (args.out / "table.md").write_text(text, encoding="utf-8")
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)

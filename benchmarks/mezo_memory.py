@@ -83,9 +83,18 @@ def worker(args) -> dict:
     method = build_method("full")
     prepare_model(model, method, tokenizer)
     regime = "mezo" if args.worker == "mezo" else "standard"
-    config = TrainConfig(learning_rate=args.learning_rate, batch_size=args.batch_size, max_steps=args.steps,
-                         max_length=args.max_length, eval_every=10**9, quiet=True, seed=args.seed,
-                         precision=args.precision, device=args.device, regime=regime)
+    config = TrainConfig(
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        eval_every=10**9,
+        quiet=True,
+        seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+        regime=regime,
+    )
     prepared = prepare_data(model, tokenizer, task, train, dev, None, config)
     trainer = Trainer(model, method, task, prepared, config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -101,44 +110,84 @@ def worker(args) -> dict:
             trainer._step()
     peak = _peak_since_reset(args.device)
     trainer.close()
-    return {"setup": args.worker, "weights_bytes": weights, "after_load_bytes": after_load,
-            "peak_bytes": peak, "peak_reset_after_load": reset, "process_peak_bytes": peak_memory_bytes(),
-            "optimizer_state_tensors": sum(len(state) for state in trainer.optimizer.state.values()),
-            "steps": args.steps, "padded_tokens": trainer.meters.padded_tokens or None,
-            "precision": trainer.config.precision}
+    return {
+        "setup": args.worker,
+        "weights_bytes": weights,
+        "after_load_bytes": after_load,
+        "peak_bytes": peak,
+        "peak_reset_after_load": reset,
+        "process_peak_bytes": peak_memory_bytes(),
+        "optimizer_state_tensors": sum(len(state) for state in trainer.optimizer.state.values()),
+        "steps": args.steps,
+        "padded_tokens": trainer.meters.padded_tokens or None,
+        "precision": trainer.config.precision,
+    }
 
 
 def run_worker(args, setup: str) -> dict:
-    command = [sys.executable, __file__, "--worker", setup, "--model", args.model, "--task", args.task,
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--steps",
-               str(args.steps), "--seed", str(args.seed), "--precision", args.precision, "--device", args.device,
-               "--threads", str(args.threads), "--learning-rate", str(args.learning_rate)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        setup,
+        "--model",
+        args.model,
+        "--task",
+        args.task,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--precision",
+        args.precision,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--learning-rate",
+        str(args.learning_rate),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise SystemExit(f"{setup} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def format_table(results: list[dict], args, load: str) -> str:
     by_setup = {r["setup"]: r for r in results}
     gib = 2**30
-    lines = [f"# MeZO's peak memory against AdamW full fine-tuning ({args.model}, {args.task})", "",
-             f"`python benchmarks/mezo_memory.py --model {args.model} --task {args.task} --batch-size "
-             f"{args.batch_size} --max-length {args.max_length} --steps {args.steps} --precision {args.precision} "
-             f"--device {args.device} --threads {args.threads}`; each setup in its own process, every parameter "
-             f"trained; machine load while it ran: `{load}` (memory figures are valid under load).", "",
-             "| setup | peak after loading (GiB) | x AdamW | whole-process peak (GiB) | optimizer state tensors |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# MeZO's peak memory against AdamW full fine-tuning ({args.model}, {args.task})",
+        "",
+        f"`python benchmarks/mezo_memory.py --model {args.model} --task {args.task} --batch-size "
+        f"{args.batch_size} --max-length {args.max_length} --steps {args.steps} --precision {args.precision} "
+        f"--device {args.device} --threads {args.threads}`; each setup in its own process, every parameter "
+        f"trained; machine load while it ran: `{load}` (memory figures are valid under load).",
+        "",
+        "| setup | peak after loading (GiB) | x AdamW | whole-process peak (GiB) | optimizer state tensors |",
+        "|---|---|---|---|---|",
+    ]
     adamw = by_setup["adamw"]["peak_bytes"]
     for setup in SETUPS:
         r = by_setup[setup]
-        lines.append(f"| {setup} | {r['peak_bytes'] / gib:.2f} | {r['peak_bytes'] / adamw:.2f} | "
-                     f"{r['process_peak_bytes'] / gib:.2f} | {r['optimizer_state_tensors']} |")
+        lines.append(
+            f"| {setup} | {r['peak_bytes'] / gib:.2f} | {r['peak_bytes'] / adamw:.2f} | "
+            f"{r['process_peak_bytes'] / gib:.2f} | {r['optimizer_state_tensors']} |"
+        )
     mezo = by_setup["mezo"]["peak_bytes"]
-    lines += ["", f"Weights alone: {by_setup['adamw']['weights_bytes'] / gib:.2f} GiB. AdamW / MeZO: "
-              f"{adamw / mezo:.2f}x less memory for MeZO; MeZO / inference: "
-              f"{mezo / by_setup['inference']['peak_bytes']:.2f}x."]
+    lines += [
+        "",
+        f"Weights alone: {by_setup['adamw']['weights_bytes'] / gib:.2f} GiB. AdamW / MeZO: "
+        f"{adamw / mezo:.2f}x less memory for MeZO; MeZO / inference: "
+        f"{mezo / by_setup['inference']['peak_bytes']:.2f}x.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +218,9 @@ def main() -> None:
     print(table)
     if args.out:
         Path(args.out).write_text(table)
-        Path(args.out).with_suffix(".json").write_text(json.dumps({"uptime": load, "results": results}, indent=1) + "\n")
+        Path(args.out).with_suffix(".json").write_text(
+            json.dumps({"uptime": load, "results": results}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ def main() -> None:
         cells = [f"`{method}`"]
         for model in models:
             r = measure(model, method)
-            cells.append(f"n/a: {r['error']}" if "error" in r else
-                         f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.3f}%) / "
-                         f"{r['delta_bytes'] / 1e6:.2f} MB")
+            cells.append(
+                f"n/a: {r['error']}"
+                if "error" in r
+                else f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.3f}%) / {r['delta_bytes'] / 1e6:.2f} MB"
+            )
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + f"\n\nProduced by `python {' '.join(sys.argv)}`.\n"

@@ -38,15 +38,23 @@ def uptime() -> str:
 def timed_grid(spec_path: Path, exp_dir: Path, backend: str) -> dict:
     started = time.perf_counter()
     run = run_grid_on_ray if backend == "ray" else run_grid
-    summary = run(parse_spec(read_spec_file(spec_path)), exp_dir, jobs=1,
-                  say=lambda text: print(text, file=sys.stderr, flush=True))
+    summary = run(
+        parse_spec(read_spec_file(spec_path)),
+        exp_dir,
+        jobs=1,
+        say=lambda text: print(text, file=sys.stderr, flush=True),
+    )
     wall = time.perf_counter() - started
     if summary.finished_now != summary.total:
         raise SystemExit(f"{backend}: only {summary.finished_now} of {summary.total} cells finished")
     inside = sum(cell["cell_time_s"] for cell in store.load_cells(exp_dir))
-    return {"backend": backend, "cells": summary.total, "wall_s": round(wall, 2),
-            "wall_s_per_cell": round(wall / summary.total, 2),
-            "overhead_s_per_cell": round((wall - inside) / summary.total, 2)}
+    return {
+        "backend": backend,
+        "cells": summary.total,
+        "wall_s": round(wall, 2),
+        "wall_s_per_cell": round(wall / summary.total, 2),
+        "overhead_s_per_cell": round((wall - inside) / summary.total, 2),
+    }
 
 
 def mean(runs: list[dict], backend: str, key: str) -> float:
@@ -61,7 +69,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (local, ray)")
     args = parser.parse_args()
     args.out.mkdir(parents=True)
-    workspace = write_grid_workspace(args.out.resolve(), f"""
+    workspace = write_grid_workspace(
+        args.out.resolve(),
+        f"""
         title: tiny grid
         models: [tiny-bert]
         tasks: [{{name: toy, path: toy.csv, text_fields: [text]}}]
@@ -69,7 +79,8 @@ def main() -> None:
         fractions: [1.0]
         seeds: {list(range(args.seeds))}
         train: {{epochs: 2, batch_size: 16, learning_rate: 0.003, threads: 1, eval_every: 4}}
-    """)
+    """,
+    )
     import ray
 
     result = {"uptime_before": uptime()}
@@ -86,7 +97,9 @@ def main() -> None:
     result["runs"] = runs
     for key in ("wall_s_per_cell", "overhead_s_per_cell"):
         result[key] = {backend: mean(runs, backend, key) for backend in ("local", "ray")}
-    result["ray_extra_s_per_cell"] = round(result["overhead_s_per_cell"]["ray"] - result["overhead_s_per_cell"]["local"], 2)
+    result["ray_extra_s_per_cell"] = round(
+        result["overhead_s_per_cell"]["ray"] - result["overhead_s_per_cell"]["local"], 2
+    )
     result["uptime_after"] = uptime()
     print(json.dumps(result, indent=2))
 

@@ -41,23 +41,33 @@ def main() -> None:
         model, tokenizer = load_model_for_task(args.model, data.task)
         method = build_method(args.method)
         prepare_model(model, method, tokenizer)
-        config = TrainConfig(epochs=1, num_examples=size, max_length=max_length, batch_size=args.batch_size,
-                             eval_every=10**9, quiet=True)
-        result = train(model, tokenizer, data.task, data.split("train"), data.split("dev").subset([0]), method,
-                       config)
-        return {"size": result.num_train_examples, "max_length": max_length, "seconds": result.train_time_s,
-                "per_1k": 1000 * result.train_time_s / result.num_train_examples,
-                "tokens_per_s": result.real_tokens_per_s, "padding": result.padding_efficiency,
-                "truncated": result.num_truncated["train"]}
+        config = TrainConfig(
+            epochs=1, num_examples=size, max_length=max_length, batch_size=args.batch_size, eval_every=10**9, quiet=True
+        )
+        result = train(model, tokenizer, data.task, data.split("train"), data.split("dev").subset([0]), method, config)
+        return {
+            "size": result.num_train_examples,
+            "max_length": max_length,
+            "seconds": result.train_time_s,
+            "per_1k": 1000 * result.train_time_s / result.num_train_examples,
+            "tokens_per_s": result.real_tokens_per_s,
+            "padding": result.padding_efficiency,
+            "truncated": result.num_truncated["train"],
+        }
 
     rows = [one_epoch(int(size), 128) for size in args.sizes.split(",")]
     rows += [one_epoch(args.size_for_lengths, int(length)) for length in args.lengths.split(",")]
-    lines = [f"One epoch of `{args.method}` on {args.task} ({args.model}), batch {args.batch_size}.", "",
-             "| examples | max length | epoch s | s per 1k examples | real tokens/s | padding eff. | truncated |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"One epoch of `{args.method}` on {args.task} ({args.model}), batch {args.batch_size}.",
+        "",
+        "| examples | max length | epoch s | s per 1k examples | real tokens/s | padding eff. | truncated |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['size']:,} | {r['max_length']} | {r['seconds']:.1f} | {r['per_1k']:.2f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['padding']:.2f} | {r['truncated']} |")
+        lines.append(
+            f"| {r['size']:,} | {r['max_length']} | {r['seconds']:.1f} | {r['per_1k']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['padding']:.2f} | {r['truncated']} |"
+        )
     lines += ["", f"Produced by `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`."]
     text = "\n".join(lines)
     print(text)

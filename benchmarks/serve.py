@@ -48,6 +48,7 @@ METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
 
 # ------------------------------------------------------------------------------------- set-up
 
+
 def prepare_runs(args) -> dict[str, Path]:
     """The 16 deltas: name -> run directory (trained now when missing)."""
     import deltatune
@@ -60,9 +61,18 @@ def prepare_runs(args) -> dict[str, Path]:
             if not (directory / "deltatune.json").is_file():
                 print(f"training {name} ({args.train_steps} steps)", flush=True)
                 # the model's own [CLS] head, which PEFT's side rebuilds (MiniLM-L6's default pools by mean)
-                deltatune.train(args.model, task=task, method=method, out=str(directory), max_steps=args.train_steps,
-                                batch_size=16, seed=100 + 4 * method_index + task_index, quiet=True,
-                                head="cross-encoder", pooling="cls")
+                deltatune.train(
+                    args.model,
+                    task=task,
+                    method=method,
+                    out=str(directory),
+                    max_steps=args.train_steps,
+                    batch_size=16,
+                    seed=100 + 4 * method_index + task_index,
+                    quiet=True,
+                    head="cross-encoder",
+                    pooling="cls",
+                )
             runs[name] = directory
     return runs
 
@@ -71,7 +81,7 @@ def request_pool(args, runs: dict[str, Path]) -> tuple[list[str], list[str]]:
     """`--requests` (text, delta) pairs: a delta drawn uniformly, a dev text of its task."""
     from deltatune.sources.data import load_task_data
 
-    texts = {task: [row[0] for row in load_task_data(task).split("dev").texts[:args.texts_per_task]] for task in TASKS}
+    texts = {task: [row[0] for row in load_task_data(task).split("dev").texts[: args.texts_per_task]] for task in TASKS}
     rng = random.Random(args.seed)
     names = [rng.choice(list(runs)) for _ in range(args.requests)]
     return [rng.choice(texts[name.rsplit("-", 1)[0]]) for name in names], names
@@ -95,7 +105,10 @@ def peft_model(args, lora_runs: list[Path], copies: int):
             config["modules_to_save"], config["task_type"] = None, None
             (directory / "adapter_config.json").write_text(json.dumps(config))
             tensors = load_file(str(directory / "adapter_model.safetensors"))
-            save_file({k: v for k, v in tensors.items() if "classifier" not in k}, str(directory / "adapter_model.safetensors"))
+            save_file(
+                {k: v for k, v in tensors.items() if "classifier" not in k},
+                str(directory / "adapter_model.safetensors"),
+            )
         adapters.append(directory)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(args.model), num_labels=2)
     names = [f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs]
@@ -106,6 +119,7 @@ def peft_model(args, lora_runs: list[Path], copies: int):
 
 
 # --------------------------------------------------------------------------------- throughput
+
 
 def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) -> dict:
     import torch
@@ -118,8 +132,10 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     single = deltatune.load(runs[f"{TASKS[0]}-lora"])
     lora_runs = [runs[f"{task}-lora"] for task in TASKS]
     copies = 4
-    loras = deltatune.load_many([run for _ in range(copies) for run in lora_runs],
-                                names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs])
+    loras = deltatune.load_many(
+        [run for _ in range(copies) for run in lora_runs],
+        names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
+    )
     peft, peft_names = peft_model(args, lora_runs, copies)
     rng = random.Random(args.seed + 1)
     lora_names = [rng.choice(peft_names) for _ in texts]
@@ -140,11 +156,14 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     kept_open = kept.serving()
     kept_open.__enter__()
     sides = {
-        "deltatune, 16 deltas of 4 methods, mixed": lambda: shared.predict(texts, task=names, batch_size=args.batch_size),
+        "deltatune, 16 deltas of 4 methods, mixed": lambda: shared.predict(
+            texts, task=names, batch_size=args.batch_size
+        ),
         KEPT_OPEN: lambda: kept.predict(texts, task=names, batch_size=args.batch_size),
         "one single-task TunedModel (LoRA)": lambda: single.predict(texts, batch_size=args.batch_size),
-        "deltatune, 16 LoRAs mixed, fp32": lambda: loras.predict(texts, task=lora_names, batch_size=args.batch_size,
-                                                                 precision="fp32"),
+        "deltatune, 16 LoRAs mixed, fp32": lambda: loras.predict(
+            texts, task=lora_names, batch_size=args.batch_size, precision="fp32"
+        ),
         "PEFT, 16 LoRAs mixed (adapter_names), fp32": run_peft,
     }
     for run in sides.values():  # warm-up
@@ -157,11 +176,16 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
             run()
             rates[name].append(len(texts) / (time.perf_counter() - started))
     kept_open.__exit__(None, None, None)
-    return {"rates": rates, "offline": statistics.median(rates["deltatune, 16 deltas of 4 methods, mixed"]),
-            "threads": torch.get_num_threads(), "memory": shared.memory()}
+    return {
+        "rates": rates,
+        "offline": statistics.median(rates["deltatune, 16 deltas of 4 methods, mixed"]),
+        "threads": torch.get_num_threads(),
+        "memory": shared.memory(),
+    }
 
 
 # ------------------------------------------------------------------------------------- memory
+
 
 def measure_memory(kind: str, args, runs: dict[str, Path]) -> int:
     """Resident bytes of this process after loading `kind` and one prediction (run in a fresh process)."""
@@ -188,13 +212,18 @@ def measure_memory(kind: str, args, runs: dict[str, Path]) -> int:
 def memory(args) -> dict[str, int]:
     values = {}
     for kind in ("single", "shared", "separate"):
-        output = subprocess.run([sys.executable, __file__, "--measure-memory", kind, "--runs", str(args.runs),
-                                 "--model", args.model], capture_output=True, text=True, check=True)
+        output = subprocess.run(
+            [sys.executable, __file__, "--measure-memory", kind, "--runs", str(args.runs), "--model", args.model],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         values[kind] = json.loads(output.stdout.strip().splitlines()[-1])["rss"]
     return values
 
 
 # ---------------------------------------------------------------------------------- load test
+
 
 def post(port: int, method: str, path: str, body=None, timeout: float = 60.0, connection=None):
     """One request; on a new connection, closed after it, unless a kept-alive `connection` is given."""
@@ -202,8 +231,12 @@ def post(port: int, method: str, path: str, body=None, timeout: float = 60.0, co
     if own:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request(method, path, body=json.dumps(body) if body is not None else None,
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            method,
+            path,
+            body=json.dumps(body) if body is not None else None,
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         return response.status, json.loads(response.read() or b"null")
     finally:
@@ -221,9 +254,24 @@ def start_server(args, runs: dict[str, Path]) -> tuple[subprocess.Popen, int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "deltatune.cli", "serve", *map(str, runs.values()), "--port", str(port),
-               "--allow-admin", "--delta-root", str(args.runs), "--max-batch-size", str(args.batch_size),
-               "--max-queue", "4096", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "deltatune.cli",
+        "serve",
+        *map(str, runs.values()),
+        "--port",
+        str(port),
+        "--allow-admin",
+        "--delta-root",
+        str(args.runs),
+        "--max-batch-size",
+        str(args.batch_size),
+        "--max-queue",
+        "4096",
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -244,8 +292,16 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
     # the server names each delta by its task, made unique, in the order the runs were given
     listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
     server_name = {name: entry["name"] for name, entry in zip(runs, listed, strict=True)}
-    stats = {"latencies": [], "ok_inputs": 0, "rejected_503": 0, "errors": [], "same_label": 0, "compared": 0,
-             "max_probability_difference": 0.0, "requests": 0}
+    stats = {
+        "latencies": [],
+        "ok_inputs": 0,
+        "rejected_503": 0,
+        "errors": [],
+        "same_label": 0,
+        "compared": 0,
+        "max_probability_difference": 0.0,
+        "requests": 0,
+    }
     lock = threading.Lock()
     started = time.monotonic()
     deadline = started + args.load_seconds
@@ -272,7 +328,9 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
                     for i, got in zip(picks, answer["predictions"], strict=True):
                         stats["compared"] += 1
                         stats["same_label"] += got["label"] == offline[i]["label"]
-                        difference = max(abs(got["probabilities"][k] - v) for k, v in offline[i]["probabilities"].items())
+                        difference = max(
+                            abs(got["probabilities"][k] - v) for k, v in offline[i]["probabilities"].items()
+                        )
                         stats["max_probability_difference"] = max(stats["max_probability_difference"], difference)
                 elif status == 503:
                     stats["rejected_503"] += 1
@@ -285,8 +343,10 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
         time.sleep(args.load_seconds / 3)
         extra = runs[f"{TASKS[1]}-bitfit"].name
         admin["attach"] = post(port, "POST", "/v1/tasks", {"path": extra, "name": "attached-live"})[0]
-        answers = [post(port, "POST", "/v1/predict", {"task": "attached-live", "inputs": ["win a prize now"]})[0]
-                   for _ in range(5)]
+        answers = [
+            post(port, "POST", "/v1/predict", {"task": "attached-live", "inputs": ["win a prize now"]})[0]
+            for _ in range(5)
+        ]
         admin["requests_to_attached"] = answers
         time.sleep(max(0.0, started + 2 * args.load_seconds / 3 - time.monotonic()))
         admin["detach"] = post(port, "DELETE", "/v1/tasks/attached-live")[0]
@@ -305,13 +365,19 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
     process.send_signal(signal.SIGTERM)
     exit_code = process.wait(timeout=120)
     latencies = sorted(stats.pop("latencies"))
-    return {**stats, "elapsed_s": elapsed, "inputs_per_s": stats["ok_inputs"] / elapsed, "admin": admin,
-            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
-            "server_exit_code": exit_code}
+    return {
+        **stats,
+        "elapsed_s": elapsed,
+        "inputs_per_s": stats["ok_inputs"] / elapsed,
+        "admin": admin,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+        "server_exit_code": exit_code,
+    }
 
 
 # -------------------------------------------------------------------------------------- report
+
 
 def report(args, results: dict) -> str:
     rates, load, memory_bytes = results["rates"], results["load"], results["memory_rss"]
@@ -322,33 +388,56 @@ def report(args, results: dict) -> str:
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
-    lines = [f"Model {args.model}; {args.requests} requests of dev texts of {', '.join(TASKS)}, each for one of 16 "
-             f"deltas drawn uniformly; batch size {args.batch_size}; {args.rounds} alternating rounds; "
-             f"{results['threads']} threads; load average before: {results['load_before']}.", "",
-             "| side | inputs/s (median) | ratio |", "|---|---|---|"]
+    lines = [
+        f"Model {args.model}; {args.requests} requests of dev texts of {', '.join(TASKS)}, each for one of 16 "
+        f"deltas drawn uniformly; batch size {args.batch_size}; {args.rounds} alternating rounds; "
+        f"{results['threads']} threads; load average before: {results['load_before']}.",
+        "",
+        "| side | inputs/s (median) | ratio |",
+        "|---|---|---|",
+    ]
     for name in rates:
-        against = {mixed: (single, "vs single-task TunedModel"), KEPT_OPEN: (single, "vs single-task TunedModel"),
-                   ours: (peft, "vs PEFT")}.get(name)
+        against = {
+            mixed: (single, "vs single-task TunedModel"),
+            KEPT_OPEN: (single, "vs single-task TunedModel"),
+            ours: (peft, "vs PEFT"),
+        }.get(name)
         text = f"{ratio(name, against[0]):.2f}x {against[1]}" if against else "1.00x"
         lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {text} |")
-    mib = 2 ** 20
-    lines += ["", "| resident memory (RSS, fresh process, after one prediction) | MiB | vs one TunedModel |", "|---|---|---|"]
-    for kind, label in (("single", "one single-task TunedModel"), ("shared", "16 deltas on one base (load_many)"),
-                        ("separate", "16 separately loaded TunedModels")):
-        lines.append(f"| {label} | {memory_bytes[kind] / mib:.0f} | {memory_bytes[kind] / memory_bytes['single']:.2f}x |")
-    lines += ["", f"Live server: {args.clients} clients x {args.inputs_per_request} input(s) per request for "
-                  f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores).", "",
-              "| requests | answered inputs/s | vs offline mixed | p50 ms | p99 ms | 503 | other errors | same label as offline | max probability difference |",
-              "|---|---|---|---|---|---|---|---|---|",
-              f"| {load['requests']} | {load['inputs_per_s']:.1f} | {load['inputs_per_s'] / results['offline']:.2f}x | "
-              f"{load['p50_ms']:.0f} | {load['p99_ms']:.0f} | {load['rejected_503']} | {len(load['errors'])} | "
-              f"{load['same_label']}/{load['compared']} | {load['max_probability_difference']:.2g} |", "",
-              f"CPU cores used during the load test: server {load['server_cores_used']:.2f}, the client threads "
-              f"{load['client_cores_used']:.2f} (of {os.cpu_count()}); each client keeps its connection open.", "",
-              f"Attach during the test: HTTP {load['admin'].get('attach')}; requests to it: "
-              f"{load['admin'].get('requests_to_attached')}; detach: HTTP {load['admin'].get('detach')}; server exit "
-              f"code after SIGTERM: {load['server_exit_code']}.",
-              "", f"Produced by `python benchmarks/serve.py {' '.join(sys.argv[1:])}`."]
+    mib = 2**20
+    lines += [
+        "",
+        "| resident memory (RSS, fresh process, after one prediction) | MiB | vs one TunedModel |",
+        "|---|---|---|",
+    ]
+    for kind, label in (
+        ("single", "one single-task TunedModel"),
+        ("shared", "16 deltas on one base (load_many)"),
+        ("separate", "16 separately loaded TunedModels"),
+    ):
+        lines.append(
+            f"| {label} | {memory_bytes[kind] / mib:.0f} | {memory_bytes[kind] / memory_bytes['single']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Live server: {args.clients} clients x {args.inputs_per_request} input(s) per request for "
+        f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores).",
+        "",
+        "| requests | answered inputs/s | vs offline mixed | p50 ms | p99 ms | 503 | other errors | same label as offline | max probability difference |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {load['requests']} | {load['inputs_per_s']:.1f} | {load['inputs_per_s'] / results['offline']:.2f}x | "
+        f"{load['p50_ms']:.0f} | {load['p99_ms']:.0f} | {load['rejected_503']} | {len(load['errors'])} | "
+        f"{load['same_label']}/{load['compared']} | {load['max_probability_difference']:.2g} |",
+        "",
+        f"CPU cores used during the load test: server {load['server_cores_used']:.2f}, the client threads "
+        f"{load['client_cores_used']:.2f} (of {os.cpu_count()}); each client keeps its connection open.",
+        "",
+        f"Attach during the test: HTTP {load['admin'].get('attach')}; requests to it: "
+        f"{load['admin'].get('requests_to_attached')}; detach: HTTP {load['admin'].get('detach')}; server exit "
+        f"code after SIGTERM: {load['server_exit_code']}.",
+        "",
+        f"Produced by `python benchmarks/serve.py {' '.join(sys.argv[1:])}`.",
+    ]
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ VARIANTS = {
 
 # ----------------------------------------------------------------------------- shared set-up
 
+
 def load_setup(args):
     """Model (seeded head), tokenizer, task, the training subset and the dev examples both sides use."""
     import torch
@@ -70,9 +71,22 @@ def load_setup(args):
     return model, tokenizer, task, train, dev
 
 
-GPU_BF16_PEAKS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-                  "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
-                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 0.0, "T4": 0.0}
+GPU_BF16_PEAKS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 0.0,
+    "T4": 0.0,
+}
 """Dense (no sparsity) bf16 tensor-core FLOP/s from NVIDIA's data sheets, by a substring of the name torch
 reports (first match wins, so the more specific names come first); 0 where the GPU has no bf16 tensor cores."""
 
@@ -84,8 +98,9 @@ def gpu_bf16_peak(name: str) -> float | None:
     return None
 
 
-def matmul_peak(dtype_name: str, rows: int = 1024, inner: int = 384, columns: int = 1536, seconds: float = 1.5,
-                device: str = "cpu") -> float:
+def matmul_peak(
+    dtype_name: str, rows: int = 1024, inner: int = 384, columns: int = 1536, seconds: float = 1.5, device: str = "cpu"
+) -> float:
     """FLOP/s of a matmul at the model's shapes (tokens x hidden @ hidden x intermediate) on `device`."""
     import torch
 
@@ -150,12 +165,17 @@ def evaluate_model(model, tokenizer, task, dev, max_length: int) -> dict:
 def summarize_steps(step_seconds, step_tokens, step_examples, warmup: int) -> dict:
     seconds, tokens, examples = step_seconds[warmup:], step_tokens[warmup:], step_examples[warmup:]
     median = statistics.median(seconds)
-    return {"median_step_s": median, "steps_timed": len(seconds),
-            "tokens_per_s": sum(tokens) / sum(seconds), "examples_per_s": sum(examples) / sum(seconds),
-            "mean_real_tokens_per_step": sum(tokens) / len(tokens)}
+    return {
+        "median_step_s": median,
+        "steps_timed": len(seconds),
+        "tokens_per_s": sum(tokens) / sum(seconds),
+        "examples_per_s": sum(examples) / sum(seconds),
+        "mean_real_tokens_per_step": sum(tokens) / len(tokens),
+    }
 
 
 # ----------------------------------------------------------------------------- workers
+
 
 def worker_deltatune(args, variant: dict) -> dict:
     from deltatune.methods import build_method, prepare_model
@@ -164,14 +184,23 @@ def worker_deltatune(args, variant: dict) -> dict:
     model, tokenizer, task, train_split, dev = load_setup(args)
     method = build_method(args.method, {})
     prepare_model(model, method, tokenizer)
-    config = TrainConfig(learning_rate=args.learning_rate or getattr(method, "default_learning_rate", 5e-5),
-                         batch_size=args.batch_size, max_steps=args.steps, max_length=args.max_length,
-                         eval_every=10**9, quiet=True, seed=args.seed, warmup_ratio=0.06, device=args.device,
-                         **variant)
+    config = TrainConfig(
+        learning_rate=args.learning_rate or getattr(method, "default_learning_rate", 5e-5),
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        eval_every=10**9,
+        quiet=True,
+        seed=args.seed,
+        warmup_ratio=0.06,
+        device=args.device,
+        **variant,
+    )
     # a throwaway dev split of one example: the benchmark scores both sides itself, afterwards
     result = train(model, tokenizer, task, train_split, dev.subset([0]), method, config)
-    out = summarize_steps(result.step_seconds, result.step_real_tokens,
-                          [args.batch_size] * len(result.step_seconds), args.warmup_steps)
+    out = summarize_steps(
+        result.step_seconds, result.step_real_tokens, [args.batch_size] * len(result.step_seconds), args.warmup_steps
+    )
     out["padding_efficiency"] = result.padding_efficiency
     out["flops_per_token"] = flops_per_token(model, out["mean_real_tokens_per_step"] / args.batch_size)
     out["dev"] = evaluate_model(model, tokenizer, task, dev, args.max_length)
@@ -192,10 +221,18 @@ def worker_hf(args, variant: dict) -> dict:
         import peft
 
         configs = {
-            "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
-                                            target_modules=["query", "value", "q_proj", "v_proj"]),
-            "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
-                                          feedforward_modules=["output.dense"]),
+            "lora": lambda: peft.LoraConfig(
+                task_type="SEQ_CLS",
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                target_modules=["query", "value", "q_proj", "v_proj"],
+            ),
+            "ia3": lambda: peft.IA3Config(
+                task_type="SEQ_CLS",
+                target_modules=["key", "value", "output.dense"],
+                feedforward_modules=["output.dense"],
+            ),
             "layernorm": lambda: peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
         }
         model = peft.get_peft_model(model, configs[args.method]())
@@ -207,8 +244,9 @@ def worker_hf(args, variant: dict) -> dict:
         raise SystemExit(f"HF side has no setup for {args.method}")
     from deltatune.methods import get_method_entry
 
-    learning_rate = args.learning_rate or getattr(get_method_entry(args.method).method_class,
-                                                  "default_learning_rate", 5e-5)
+    learning_rate = args.learning_rate or getattr(
+        get_method_entry(args.method).method_class, "default_learning_rate", 5e-5
+    )
     encoded = encode(tokenizer, task, train_split, args.max_length)
     rows = []
     for i in range(len(encoded)):
@@ -237,17 +275,33 @@ def worker_hf(args, variant: dict) -> dict:
             step_seconds.append(time.perf_counter() - self.started)
 
     training_args = TrainingArguments(
-        output_dir=str(Path(args.scratch) / "hf"), per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps, learning_rate=learning_rate, warmup_steps=0.06, lr_scheduler_type="linear",
-        weight_decay=0.01, max_grad_norm=1.0, logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to="none", seed=args.seed, dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_tqdm=True,
-        remove_unused_columns=False, **{**gpu_mixed_precision(args.device), **variant})
-    trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collate,
-                      callbacks=[StepTimer()])
+        output_dir=str(Path(args.scratch) / "hf"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=learning_rate,
+        warmup_steps=0.06,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        use_cpu=args.device == "cpu",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        **{**gpu_mixed_precision(args.device), **variant},
+    )
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]
+    )
     trainer.train()
     # the collator ran once per step, just before it (no workers, no prefetch)
-    out = summarize_steps(step_seconds, real_tokens[:len(step_seconds)], [args.batch_size] * len(step_seconds),
-                          args.warmup_steps)
+    out = summarize_steps(
+        step_seconds, real_tokens[: len(step_seconds)], [args.batch_size] * len(step_seconds), args.warmup_steps
+    )
     out["padding_efficiency"] = sum(real_tokens) / sum(padded_tokens)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out["flops_per_token"] = flops_per_token(base, out["mean_real_tokens_per_step"] / args.batch_size)
@@ -275,8 +329,9 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     side, _, variant_name = args.worker.partition(":")
     if side == "hf":
-        variant = {"group_by_length": {"train_sampling_strategy": "group_by_length"}, "bf16": {"bf16": True},
-                   "": {}}[variant_name]
+        variant = {"group_by_length": {"train_sampling_strategy": "group_by_length"}, "bf16": {"bf16": True}, "": {}}[
+            variant_name
+        ]
         result = worker_hf(args, variant)
     else:
         result = worker_deltatune(args, VARIANTS[args.worker])
@@ -293,21 +348,47 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------- orchestration
 
+
 def run_worker(args, side: str) -> dict:
-    command = [sys.executable, __file__, "--worker", side, "--method", args.method_now,
-               "--model", args.model, "--task", args.task, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-               "--dev-examples", str(args.dev_examples), "--scratch", args.scratch, "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--method",
+        args.method_now,
+        "--model",
+        args.model,
+        "--task",
+        args.task,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--seed",
+        str(args.seed),
+        "--dev-examples",
+        str(args.dev_examples),
+        "--scratch",
+        args.scratch,
+        "--device",
+        args.device,
+    ]
     if args.learning_rate:
         command += ["--learning-rate", str(args.learning_rate)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise SystemExit(f"{side} / {args.method_now} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -316,9 +397,12 @@ def main() -> None:
     parser.add_argument("--task", default="rotten-tomatoes")
     parser.add_argument("--methods", default="full,bitfit,lora")
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--variants", default="deltatune,hf,deltatune-fp32,deltatune-torch-dropout",
-                        help="sides to run each round: hf, hf:group_by_length, hf:bf16, or deltatune with its "
-                             "defaults (precision auto) or a lever changed: " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default="deltatune,hf,deltatune-fp32,deltatune-torch-dropout",
+        help="sides to run each round: hf, hf:group_by_length, hf:bf16, or deltatune with its "
+        "defaults (precision auto) or a lever changed: " + ", ".join(VARIANTS),
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="A B A B repetitions")
@@ -360,12 +444,15 @@ def format_tables(raw: dict, args) -> str:
         return statistics.median(r[key] for r in runs)
 
     primary = next(iter(next(iter(next(iter(raw.values())).values()))[0]["dev"]))
-    lines = [f"MiniLM-style setting: model {args.model}, task {args.task}, batch {args.batch_size}, max length "
-             f"{args.max_length}, {args.steps} steps ({args.warmup_steps} untimed), {args.rounds} alternating "
-             f"rounds; medians over rounds. Ratios are deltatune / HF from the same rounds.", "",
-             "| method | side | real tokens/s | examples/s | token ratio | examples ratio | peak memory GiB | "
-             f"memory ratio | dev {primary} | padding eff. | MFU fp32 | MFU bf16 peak |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"MiniLM-style setting: model {args.model}, task {args.task}, batch {args.batch_size}, max length "
+        f"{args.max_length}, {args.steps} steps ({args.warmup_steps} untimed), {args.rounds} alternating "
+        f"rounds; medians over rounds. Ratios are deltatune / HF from the same rounds.",
+        "",
+        "| method | side | real tokens/s | examples/s | token ratio | examples ratio | peak memory GiB | "
+        f"memory ratio | dev {primary} | padding eff. | MFU fp32 | MFU bf16 peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, sides in raw.items():
         reference = sides.get("hf")
         for side, runs in sides.items():
@@ -373,21 +460,29 @@ def format_tables(raw: dict, args) -> str:
             examples = median_of(runs, "examples_per_s")
             memory = median_of(runs, "peak_memory_bytes")
             achieved = tokens * median_of(runs, "flops_per_token")
-            ratio = ((lambda key, value, reference=reference: f"{value / median_of(reference, key):.2f}x")
-                     if reference else (lambda *_: ""))
+            ratio = (
+                (lambda key, value, reference=reference: f"{value / median_of(reference, key):.2f}x")
+                if reference
+                else (lambda *_: "")
+            )
             dev = statistics.median(r["dev"][primary] for r in runs)
             padding = f"{median_of(runs, 'padding_efficiency'):.2f}"
             lines.append(
                 f"| {method} | {side} | {tokens:,.0f} | {examples:.1f} | {ratio('tokens_per_s', tokens)} | "
                 f"{ratio('examples_per_s', examples)} | {memory / 2**30:.2f} | {ratio('peak_memory_bytes', memory)} | "
                 f"{dev:.4f} | {padding} | {achieved / median_of(runs, 'matmul_peak_fp32'):.0%} | "
-                f"{achieved / median_of(runs, 'matmul_peak_bf16'):.0%} |")
+                f"{achieved / median_of(runs, 'matmul_peak_bf16'):.0%} |"
+            )
     peaks = [r for sides in raw.values() for runs in sides.values() for r in runs]
     lines += gpu_lines(raw, peaks, median_of)
-    lines += ["", f"Matmul peak measured in the same processes: fp32 "
-              f"{statistics.median(r['matmul_peak_fp32'] for r in peaks) / 1e9:.0f} GFLOP/s, bf16 "
-              f"{statistics.median(r['matmul_peak_bf16'] for r in peaks) / 1e9:.0f} GFLOP/s.",
-              "", f"Produced by `python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`."]
+    lines += [
+        "",
+        f"Matmul peak measured in the same processes: fp32 "
+        f"{statistics.median(r['matmul_peak_fp32'] for r in peaks) / 1e9:.0f} GFLOP/s, bf16 "
+        f"{statistics.median(r['matmul_peak_bf16'] for r in peaks) / 1e9:.0f} GFLOP/s.",
+        "",
+        f"Produced by `python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -396,14 +491,21 @@ def gpu_lines(raw: dict, peaks: list, median_of) -> list[str]:
     if not any("device_name" in r for r in peaks):
         return []
     name, sheet = peaks[0]["device_name"], peaks[0].get("datasheet_peak_bf16")
-    lines = ["", f"GPU: {name}; data-sheet dense bf16 peak "
-             + (f"{sheet / 1e12:.0f} TFLOP/s." if sheet else "unknown (not in GPU_BF16_PEAKS)."), "",
-             "| method | side | precision | MFU vs data-sheet bf16 peak |", "|---|---|---|---|"]
+    lines = [
+        "",
+        f"GPU: {name}; data-sheet dense bf16 peak "
+        + (f"{sheet / 1e12:.0f} TFLOP/s." if sheet else "unknown (not in GPU_BF16_PEAKS)."),
+        "",
+        "| method | side | precision | MFU vs data-sheet bf16 peak |",
+        "|---|---|---|---|",
+    ]
     for method, sides in raw.items():
         for side, runs in sides.items():
             achieved = median_of(runs, "tokens_per_s") * median_of(runs, "flops_per_token")
-            lines.append(f"| {method} | {side} | {runs[0].get('precision', '?')} | "
-                         + (f"{achieved / sheet:.1%} |" if sheet else "- |"))
+            lines.append(
+                f"| {method} | {side} | {runs[0].get('precision', '?')} | "
+                + (f"{achieved / sheet:.1%} |" if sheet else "- |")
+            )
     return lines
 
 

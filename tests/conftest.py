@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-WORDS = ("the a man woman child dog cat plays runs eats sings guitar piano ball food song "
-         "happy sad good bad great awful movie film is was not very really fresh rotten "
-         "spam free win call now prize hello friend meet later").split()
+WORDS = (
+    "the a man woman child dog cat plays runs eats sings guitar piano ball food song "
+    "happy sad good bad great awful movie film is was not very really fresh rotten "
+    "spam free win call now prize hello friend meet later"
+).split()
 
 
 def build_tokenizer():
@@ -23,20 +25,34 @@ def build_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
     )
 
 
 def tiny_bert_config(num_labels: int = 2, **overrides):
     from transformers import BertConfig
 
-    settings = dict(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0)
+    settings = dict(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     settings.update(overrides)
     return BertConfig(**settings)
 
@@ -44,9 +60,19 @@ def tiny_bert_config(num_labels: int = 2, **overrides):
 def tiny_llama_config(num_labels: int = 2, **overrides):
     from transformers import LlamaConfig
 
-    settings = dict(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                    num_labels=num_labels, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    settings = dict(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     settings.update(overrides)
     return LlamaConfig(**settings)
 
@@ -79,9 +105,13 @@ def delta_manifest(method, base_name: str, fingerprint: str = "0" * 64, task=Non
     from deltatune.records import BaseModelRecord, DeltaManifest
     from deltatune.tasks.spec import TaskSpec
 
-    return DeltaManifest(method=method.name, method_config=to_jsonable(method.config),
-                         base_model=BaseModelRecord(name=base_name, fingerprint=fingerprint),
-                         task=task or TaskSpec("toy", ("text",), ("negative", "positive")), **fields)
+    return DeltaManifest(
+        method=method.name,
+        method_config=to_jsonable(method.config),
+        base_model=BaseModelRecord(name=base_name, fingerprint=fingerprint),
+        task=task or TaskSpec("toy", ("text",), ("negative", "positive")),
+        **fields,
+    )
 
 
 def make_sentiment_rows(n: int, seed: int = 0) -> list[dict]:

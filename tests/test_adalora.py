@@ -16,16 +16,35 @@ peft = pytest.importorskip("peft")
 
 KINDS = ["bert", "llama"]
 PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
-OPTIONS = {"init_r": 4, "target_r": 2, "alpha": 8, "initial_fraction": 0.2, "final_fraction": 0.3,
-           "update_every": 2, "orth_reg_weight": 0.5}
+OPTIONS = {
+    "init_r": 4,
+    "target_r": 2,
+    "alpha": 8,
+    "initial_fraction": 0.2,
+    "final_fraction": 0.3,
+    "update_every": 2,
+    "orth_reg_weight": 0.5,
+}
 STEPS = 10
 
 
 def ours_and_peft(kind):
     base = build_tiny_model(kind, num_labels=3)
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
-        init_r=4, target_r=2, lora_alpha=8, total_step=STEPS, tinit=2, tfinal=3, deltaT=2, orth_reg_weight=0.5,
-        target_modules=PEFT_TARGETS[kind], task_type="SEQ_CLS"))
+    reference = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.AdaLoraConfig(
+            init_r=4,
+            target_r=2,
+            lora_alpha=8,
+            total_step=STEPS,
+            tinit=2,
+            tfinal=3,
+            deltaT=2,
+            orth_reg_weight=0.5,
+            target_modules=PEFT_TARGETS[kind],
+            task_type="SEQ_CLS",
+        ),
+    )
     method = build_method("adalora", OPTIONS)
     prepare_model(base, method)
     peft_parameters = dict(reference.named_parameters())
@@ -97,10 +116,23 @@ def test_without_gradients_nothing_is_pruned():
 
 def test_config_problems_are_collected():
     with pytest.raises(DeltatuneError) as error:
-        build_method("adalora", {"init_r": 4, "target_r": 6, "initial_fraction": 0.6, "final_fraction": 0.5,
-                                 "update_every": 0, "beta1": 1.0})
-    for expected in ("method.target_r=6 must be between 1 and method.init_r=4", "leave no steps to prune in",
-                     "method.update_every=0", "method.beta1=1.0"):
+        build_method(
+            "adalora",
+            {
+                "init_r": 4,
+                "target_r": 6,
+                "initial_fraction": 0.6,
+                "final_fraction": 0.5,
+                "update_every": 0,
+                "beta1": 1.0,
+            },
+        )
+    for expected in (
+        "method.target_r=6 must be between 1 and method.init_r=4",
+        "leave no steps to prune in",
+        "method.update_every=0",
+        "method.beta1=1.0",
+    ):
         assert expected in str(error.value)
 
 
@@ -120,5 +152,6 @@ def test_the_training_loop_prunes_to_the_budget_and_adds_the_regulariser():
     train(model, build_tokenizer(), SENTIMENT, train_split, dev_split, method, config)
     ranks = method.describe(model)
     assert ranks["total_rank"] == 2 * 4 and set(ranks["ranks"]) == {
-        f"model.layers.{i}.self_attn.{name}" for i in range(2) for name in ("q_proj", "v_proj")}
+        f"model.layers.{i}.self_attn.{name}" for i in range(2) for name in ("q_proj", "v_proj")
+    }
     assert method.extra_loss(model).item() < before

@@ -47,8 +47,12 @@ def test_compacter_sits_where_houlsby_does_and_compacter_pp_where_pfeiffer_does(
     for method_name in ("compacter", "compacter-pp"):
         model = build_tiny_model(kind)
         names = prepare_model(model, build_method(method_name))
-        counts[method_name] = sum(isinstance(part, CompacterAdapter) for site in model.modules()
-                                  if isinstance(site, AdapterSite) for part in site.deltas.values())
+        counts[method_name] = sum(
+            isinstance(part, CompacterAdapter)
+            for site in model.modules()
+            if isinstance(site, AdapterSite)
+            for part in site.deltas.values()
+        )
         assert sum(name.endswith(".rule") for name in names) == 1, "the rule is stored once per delta"
     assert counts == {"compacter": 4, "compacter-pp": 2}
 
@@ -119,8 +123,9 @@ def test_mam_is_prefix_tuning_plus_a_parallel_adapter(kind):
     prefix_method = build_method("prefix-tuning", {"num_virtual_tokens": 4})
     prepare_model(prefix, prefix_method)
     load_delta_state(prefix, prefix_method, prefix_only)
-    silent = {name: torch.zeros_like(tensor) if ".parallel_adapter.up." in name else tensor
-              for name, tensor in saved.items()}
+    silent = {
+        name: torch.zeros_like(tensor) if ".parallel_adapter.up." in name else tensor for name, tensor in saved.items()
+    }
     load_delta_state(mam, mam_method, silent)
     torch.testing.assert_close(logits(mam.eval(), inputs), logits(prefix.eval(), inputs), atol=1e-6, rtol=0)
     load_delta_state(mam, mam_method, saved)

@@ -17,8 +17,9 @@ HIDDEN = 32  # the tiny models' width
 
 
 def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy"], padding=True,
-                                return_tensors="pt")
+    encoded = build_tokenizer()(
+        ["the man plays guitar", "a good movie", "not very happy"], padding=True, return_tensors="pt"
+    )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
@@ -41,16 +42,24 @@ def randomise_adapters(model, scale=0.3):
 
 def adapter_paths(model):
     """Where the adapters sit (their sites' names), one per site and delta."""
-    return sorted(n.removesuffix(".deltas.default") for n, m in model.named_modules()
-                  if isinstance(m, BottleneckAdapter))
+    return sorted(
+        n.removesuffix(".deltas.default") for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)
+    )
 
 
-@pytest.mark.parametrize("kind, name, expected", [
-    ("bert", "houlsby", ["bert.encoder.layer.{i}.attention.output.adapter", "bert.encoder.layer.{i}.output.adapter"]),
-    ("bert", "pfeiffer", ["bert.encoder.layer.{i}.output.adapter"]),
-    ("llama", "houlsby", ["model.layers.{i}.mlp.adapter", "model.layers.{i}.self_attn.adapter"]),
-    ("llama", "pfeiffer", ["model.layers.{i}.mlp.adapter"]),
-])
+@pytest.mark.parametrize(
+    "kind, name, expected",
+    [
+        (
+            "bert",
+            "houlsby",
+            ["bert.encoder.layer.{i}.attention.output.adapter", "bert.encoder.layer.{i}.output.adapter"],
+        ),
+        ("bert", "pfeiffer", ["bert.encoder.layer.{i}.output.adapter"]),
+        ("llama", "houlsby", ["model.layers.{i}.mlp.adapter", "model.layers.{i}.self_attn.adapter"]),
+        ("llama", "pfeiffer", ["model.layers.{i}.mlp.adapter"]),
+    ],
+)
 def test_adapters_sit_at_the_papers_sites_in_every_layer(kind, name, expected):
     model, _, _ = adapted(kind, name)
     assert adapter_paths(model) == sorted(path.format(i=i) for i in range(2) for path in expected)
@@ -105,8 +114,10 @@ def test_llama_adapter_acts_on_o_proj_and_down_proj_outputs():
     randomise_adapters(model)
     layer = model.model.layers[0]
     with torch.no_grad():
-        for projection, adapter, width in ((layer.self_attn.o_proj, layer.self_attn.adapter.active_part(), HIDDEN),
-                                           (layer.mlp.down_proj, layer.mlp.adapter.active_part(), 64)):
+        for projection, adapter, width in (
+            (layer.self_attn.o_proj, layer.self_attn.adapter.active_part(), HIDDEN),
+            (layer.mlp.down_proj, layer.mlp.adapter.active_part(), 64),
+        ):
             x = torch.randn(2, 5, width)
             plain = torch.nn.functional.linear(x, projection.weight)
             torch.testing.assert_close(projection(x), plain + adapter.up(adapter.activation(adapter.down(plain))))
@@ -161,8 +172,12 @@ def test_config_problems_are_collected_and_name_the_options():
     with pytest.raises(DeltatuneError) as error:
         build_method("houlsby", {"bottleneck_size": 0, "reduction_factor": -2, "up_projection_init_std": -1})
     message = str(error.value)
-    for fragment in ("method.bottleneck_size=0", "method.reduction_factor=-2", "give only one of them",
-                     "method.up_projection_init_std=-1"):
+    for fragment in (
+        "method.bottleneck_size=0",
+        "method.reduction_factor=-2",
+        "give only one of them",
+        "method.up_projection_init_std=-1",
+    ):
         assert fragment in message
     with pytest.raises(DeltatuneError, match="activation"):
         build_method("pfeiffer", {"activation": "sigmoid"})
@@ -226,4 +241,6 @@ def test_bert_adapter_comes_after_the_dropout_as_in_the_papers_code():
     intermediate, residual = torch.randn(2, 5, 64), torch.randn(2, 5, HIDDEN)
     with torch.no_grad():
         zeros = torch.zeros(2, 5, HIDDEN)
-        torch.testing.assert_close(block(intermediate, residual), block.LayerNorm(block.adapter.active_part()(zeros) + residual))
+        torch.testing.assert_close(
+            block(intermediate, residual), block.LayerNorm(block.adapter.active_part()(zeros) + residual)
+        )

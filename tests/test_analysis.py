@@ -216,12 +216,14 @@ def test_analyze_run_of_a_sparse_mask_delta_compares_the_merged_weights(tmp_path
                 parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
         method.on_step_end(model, 10, 10)  # the end of training: exactly the target sparsity
 
-    run = make_run_dir(tmp_path / "run", tiny_bert_dir, "sparse-mask", {"sparsity": 0.1, "layers": "1"},
-                       mutate=train_masks)
+    run = make_run_dir(
+        tmp_path / "run", tiny_bert_dir, "sparse-mask", {"sparsity": 0.1, "layers": "1"}, mutate=train_masks
+    )
     rows = analyze_run(run)
     by_layer = {row["layer"]: row for row in rows}
     assert {row["basis"] for row in rows} == {"merged"}
     assert by_layer[0]["l1"] == 0
     # layer 1: 10% of each Linear weight zeroed (biases and norms untouched); 8192 masked entries in all
-    assert by_layer[1]["changed_fraction"] * by_layer[1]["num_params"] == pytest.approx(round(0.1 * 1024) * 4
-                                                                                         + round(0.1 * 2048) * 2)
+    assert by_layer[1]["changed_fraction"] * by_layer[1]["num_params"] == pytest.approx(
+        round(0.1 * 1024) * 4 + round(0.1 * 2048) * 2
+    )

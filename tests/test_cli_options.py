@@ -56,13 +56,16 @@ def test_every_command_prints_its_help():
             assert "warm-up over 10% of the steps" in " ".join(text.split())
 
 
-@pytest.mark.parametrize("path, config_path, prefix", [
-    (("train",), "deltatune.training:TrainConfig", ""),
-    (("compare",), "deltatune.training:TrainConfig", "train_"),
-    (("freelm", "train"), "deltatune.freelm.config:FreeLMConfig", ""),
-    (("reader", "train"), "deltatune.reader.config:ReaderConfig", ""),
-    (("serve",), "deltatune.serve.settings:ServeSettings", ""),
-])
+@pytest.mark.parametrize(
+    "path, config_path, prefix",
+    [
+        (("train",), "deltatune.training:TrainConfig", ""),
+        (("compare",), "deltatune.training:TrainConfig", "train_"),
+        (("freelm", "train"), "deltatune.freelm.config:FreeLMConfig", ""),
+        (("reader", "train"), "deltatune.reader.config:ReaderConfig", ""),
+        (("serve",), "deltatune.serve.settings:ServeSettings", ""),
+    ],
+)
 def test_generated_choices_are_the_literal_of_the_config_field(path, config_path, prefix):
     import importlib
 
@@ -185,8 +188,11 @@ def test_serve_settings_come_from_the_same_generator(monkeypatch, tmp_path):
 
     parser = build_parser()
     monkeypatch.delenv(API_KEY_VARIABLE, raising=False)
-    settings = settings_from(parser.parse_args(["serve", "run", "--port", "0", "--precision", "fp32",
-                                                "--delta-root", str(tmp_path), "--allow-admin"]))
+    settings = settings_from(
+        parser.parse_args(
+            ["serve", "run", "--port", "0", "--precision", "fp32", "--delta-root", str(tmp_path), "--allow-admin"]
+        )
+    )
     assert settings.port == 0 and settings.precision == "fp32" and settings.delta_root == tmp_path
     assert settings.allow_admin and settings.max_batch_size == 64
     monkeypatch.setenv(API_KEY_VARIABLE, "from-env")
@@ -200,8 +206,20 @@ def test_compare_training_flags_and_switches_reach_the_spec():
     from deltatune.compare.commands import build_spec_mapping
 
     parser = build_parser()
-    args = parser.parse_args(["compare", "--tasks", "stsb", "--methods", "bitfit", "--no-fast-dropout",
-                              "--epochs", "2", "--no-keep-deltas", "--no-report"])
+    args = parser.parse_args(
+        [
+            "compare",
+            "--tasks",
+            "stsb",
+            "--methods",
+            "bitfit",
+            "--no-fast-dropout",
+            "--epochs",
+            "2",
+            "--no-keep-deltas",
+            "--no-report",
+        ]
+    )
     spec = build_spec_mapping(args)
     assert spec["train"] == {"fast_dropout": False, "epochs": "2"} and spec["keep_deltas"] is False
     assert args.report is False

@@ -63,6 +63,8 @@ def test_the_allow_list_names_only_functions_that_are_still_long():
 
 
 def test_lengths_count_from_def_to_the_last_line_without_decorators():
-    source = "@decorator\ndef outer():\n    x = 1\n\n    def inner():\n        return x\n    return inner\n" \
-             "class Box:\n    def method(self):\n        pass\n"
+    source = (
+        "@decorator\ndef outer():\n    x = 1\n\n    def inner():\n        return x\n    return inner\n"
+        "class Box:\n    def method(self):\n        pass\n"
+    )
     assert function_lengths(ast.parse(source)) == {"outer": 6, "outer.inner": 2, "Box.method": 2}

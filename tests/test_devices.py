@@ -62,8 +62,24 @@ def test_device_names_resolve_or_are_refused_with_the_fix():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU, so --device cuda is valid")
 def test_cuda_on_a_machine_without_one_is_a_one_line_error(toy, tmp_path, capsys):
     model_dir, csv_path = toy
-    code = main(["train", "--model", str(model_dir), "--data", str(csv_path), "--text-fields", "text",
-                 "--max-steps", "1", "--quiet", "--device", "cuda", "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(csv_path),
+            "--text-fields",
+            "text",
+            "--max-steps",
+            "1",
+            "--quiet",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2
     assert "--device cuda: no CUDA GPU is available here" in error and "Use --device cpu" in error
@@ -74,17 +90,19 @@ def test_device_cpu_is_bit_identical_to_a_run_without_the_flag(tmp_path):
     from conftest import save_tiny_model_dir
 
     model_dir = save_tiny_model_dir(tmp_path / "tiny-bert", "bert")  # with dropout: fast dropout masks too
-    data = data_record("toy", local={"path": str(write_sentiment_csv(tmp_path / "toy.csv", 96)),
-                                     "text_fields": ["text"]})
+    data = data_record(
+        "toy", local={"path": str(write_sentiment_csv(tmp_path / "toy.csv", 96)), "text_fields": ["text"]}
+    )
     settings = dict(max_steps=6, batch_size=16, eval_every=3, learning_rate=3e-3, quiet=True, seed=5)
     plain = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings), out=tmp_path / "plain")
-    on_cpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cpu"),
-                          out=tmp_path / "cpu")
-    first, second = load_file(tmp_path / "plain" / "delta.safetensors"), load_file(tmp_path / "cpu" / "delta.safetensors")
+    on_cpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cpu"), out=tmp_path / "cpu")
+    first, second = (
+        load_file(tmp_path / "plain" / "delta.safetensors"),
+        load_file(tmp_path / "cpu" / "delta.safetensors"),
+    )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
-    assert [point["metrics"] for point in plain.learning_curve] == \
-        [point["metrics"] for point in on_cpu.learning_curve]
+    assert [point["metrics"] for point in plain.learning_curve] == [point["metrics"] for point in on_cpu.learning_curve]
     assert on_cpu.device.device == "cpu" and on_cpu.device.name
     assert on_cpu.device.precision == on_cpu.precision
     assert on_cpu.distributed == ProcessesRecord(processes=1, backend="none")
@@ -142,9 +160,28 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_gradient_checkpointing_trains_through_the_cli(toy, tmp_path, capsys):
     model_dir, csv_path = toy
-    code = main(["train", "--model", str(model_dir), "--data", str(csv_path), "--text-fields", "text",
-                 "--method", "bitfit", "--max-steps", "2", "--batch-size", "8", "--quiet", "--device", "cpu",
-                 "--gradient-checkpointing", "--json"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(csv_path),
+            "--text-fields",
+            "text",
+            "--method",
+            "bitfit",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--gradient-checkpointing",
+            "--json",
+        ]
+    )
     assert code == 0
     record = json.loads(capsys.readouterr().out)
     assert record["train_config"]["gradient_checkpointing"] is True and record["steps"] == 2
@@ -157,25 +194,65 @@ def free_port() -> int:
 
 
 def train_command(model_dir: Path, csv_path: Path, out: Path) -> list[str]:
-    return ["-m", "deltatune.cli", "train", "--model", str(model_dir), "--data", str(csv_path),
-            "--text-fields", "text", "--method", "full", "--max-steps", "8", "--batch-size", "8",
-            "--eval-every", "2", "--early-stopping-patience", "1", "--learning-rate", "3e-3",
-            "--precision", "fp32", "--threads", "1", "--device", "cpu", "--quiet", "--seed", "3", "--out", str(out)]
+    return [
+        "-m",
+        "deltatune.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(csv_path),
+        "--text-fields",
+        "text",
+        "--method",
+        "full",
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--early-stopping-patience",
+        "1",
+        "--learning-rate",
+        "3e-3",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    ]
 
 
-def one_then_two_processes(toy, tmp_path: Path, launcher: list[str], extra: tuple[str, ...] | list[str] = ()
-                           ) -> tuple[subprocess.CompletedProcess, set]:
+def one_then_two_processes(
+    toy, tmp_path: Path, launcher: list[str], extra: tuple[str, ...] | list[str] = ()
+) -> tuple[subprocess.CompletedProcess, set]:
     """Train once in one process (into tmp_path/one), then under `launcher` with two (tmp_path/two, with the
     `extra` flags); returns the launched run and what it added to tmp_path."""
     model_dir, csv_path = toy
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    single = subprocess.run([sys.executable, *train_command(model_dir, csv_path, tmp_path / "one")],
-                            capture_output=True, text=True, env=environment, timeout=600)
+    single = subprocess.run(
+        [sys.executable, *train_command(model_dir, csv_path, tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     before = set(tmp_path.iterdir())
-    launched = subprocess.run([sys.executable, "-m", *launcher, *train_command(model_dir, csv_path, tmp_path / "two"),
-                               *extra],
-                              capture_output=True, text=True, env=environment, timeout=600)
+    launched = subprocess.run(
+        [sys.executable, "-m", *launcher, *train_command(model_dir, csv_path, tmp_path / "two"), *extra],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     return launched, set(tmp_path.iterdir()) - before
 
@@ -187,9 +264,21 @@ def largest_delta_difference(first: Path, second: Path) -> float:
 
 
 def test_two_processes_under_torchrun_train_the_same_delta_as_one(toy, tmp_path):
-    launched, added = one_then_two_processes(toy, tmp_path, [
-        "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port())])
+    launched, added = one_then_two_processes(
+        toy,
+        tmp_path,
+        [
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--nnodes",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        ],
+    )
     assert launched.stdout.count("saved to") == 1  # rank 0 alone speaks
     assert added == {tmp_path / "two"}  # rank 0 alone wrote, and only its run (no lock or staging left)
     record = json.loads((tmp_path / "two" / "run.json").read_text())
@@ -201,8 +290,9 @@ def test_two_processes_under_torchrun_train_the_same_delta_as_one(toy, tmp_path)
     assert record["stopped_by"] == single_record["stopped_by"] == "early_stopping"
     assert record["steps"] == single_record["steps"] < 8
     assert record["examples_seen"] == single_record["examples_seen"]
-    assert [point["metrics"] for point in record["learning_curve"]] == \
-        [point["metrics"] for point in single_record["learning_curve"]]
+    assert [point["metrics"] for point in record["learning_curve"]] == [
+        point["metrics"] for point in single_record["learning_curve"]
+    ]
 
 
 def test_fsdp_over_two_processes_trains_and_saves_the_whole_decoder_as_one_process_does(tmp_path):
@@ -217,10 +307,21 @@ def test_fsdp_over_two_processes_trains_and_saves_the_whole_decoder_as_one_proce
     AutoModel.from_config(tiny_llama_config()).save_pretrained(tmp_path / "tiny-llama")
     build_tokenizer().save_pretrained(tmp_path / "tiny-llama")
     csv_path = write_sentiment_csv(tmp_path / "toy.csv", 96)
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
-                "127.0.0.1", "--master_port", str(free_port())]
-    launched, added = one_then_two_processes((tmp_path / "tiny-llama", csv_path), tmp_path, launcher[1:],
-                                             extra=["--fsdp"])
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
+    launched, added = one_then_two_processes(
+        (tmp_path / "tiny-llama", csv_path), tmp_path, launcher[1:], extra=["--fsdp"]
+    )
     assert added == {tmp_path / "two"} and launched.stdout.count("saved to") == 1
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert record["distributed"] == {"processes": 2, "backend": "gloo", "fsdp": True}
@@ -248,9 +349,22 @@ def test_fsdp_is_refused_for_a_small_delta_and_for_one_process(toy, tmp_path, ca
 @pytest.mark.slow
 def test_accelerate_launch_trains_the_same_delta_as_one_process(toy, tmp_path):
     # --multi_gpu is accelerate's torch.distributed launcher; on a CPU-only machine deltatune takes gloo
-    launched, added = one_then_two_processes(toy, tmp_path, [
-        "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())])
+    launched, added = one_then_two_processes(
+        toy,
+        tmp_path,
+        [
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(free_port()),
+        ],
+    )
     assert added == {tmp_path / "two"}
     assert json.loads((tmp_path / "two" / "run.json").read_text())["distributed"]["processes"] == 2
     assert largest_delta_difference(tmp_path / "one", tmp_path / "two") < 1e-5
@@ -268,20 +382,20 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatc
 def test_training_on_cuda_matches_the_cpu_and_records_the_gpu(toy, tmp_path):
     model_dir, csv_path = toy
     data = data_record("toy", local={"path": str(csv_path), "text_fields": ["text"]})
-    settings = dict(max_steps=6, batch_size=16, eval_every=3, learning_rate=3e-3, quiet=True, seed=5,
-                    precision="fp32")
-    on_cpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cpu"),
-                          out=tmp_path / "cpu")
-    on_gpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cuda"),
-                          out=tmp_path / "gpu")
+    settings = dict(max_steps=6, batch_size=16, eval_every=3, learning_rate=3e-3, quiet=True, seed=5, precision="fp32")
+    on_cpu = run_training(str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cpu"), out=tmp_path / "cpu")
+    on_gpu = run_training(
+        str(model_dir), data, "lora", {}, TrainConfig(**settings, device="cuda"), out=tmp_path / "gpu"
+    )
     assert on_cpu.device.device == "cpu" and on_gpu.device.device == "cuda:0"
     assert on_gpu.device.name == torch.cuda.get_device_name(0)
     assert on_gpu.peak_device_memory_bytes > 0
     first, second = load_file(tmp_path / "cpu" / "delta.safetensors"), load_file(tmp_path / "gpu" / "delta.safetensors")
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=1e-3, atol=1e-4)
-    mixed = run_training(str(model_dir), data, "lora", {}, TrainConfig(**{**settings, "precision": "auto"},
-                                                                       device="cuda"))
+    mixed = run_training(
+        str(model_dir), data, "lora", {}, TrainConfig(**{**settings, "precision": "auto"}, device="cuda")
+    )
     assert mixed.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 
@@ -289,16 +403,40 @@ def test_training_on_cuda_matches_the_cpu_and_records_the_gpu(toy, tmp_path):
 def test_fp16_with_loss_scaling_trains_on_cuda(toy):
     model_dir, csv_path = toy
     data = data_record("toy", local={"path": str(csv_path), "text_fields": ["text"]})
-    record = run_training(str(model_dir), data, "full", {},
-                          TrainConfig(max_steps=4, batch_size=16, quiet=True, precision="fp16", device="cuda"))
+    record = run_training(
+        str(model_dir),
+        data,
+        "full",
+        {},
+        TrainConfig(max_steps=4, batch_size=16, quiet=True, precision="fp16", device="cuda"),
+    )
     assert record.precision == "fp16" and record.steps == 4
 
 
 @needs_cuda
 def test_eval_and_predict_run_on_cuda(toy, tmp_path, capsys):
     model_dir, csv_path = toy
-    assert main(["train", "--model", str(model_dir), "--data", str(csv_path), "--text-fields", "text",
-                 "--max-steps", "2", "--quiet", "--device", "cuda", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(csv_path),
+                "--text-fields",
+                "text",
+                "--max-steps",
+                "2",
+                "--quiet",
+                "--device",
+                "cuda",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--device", "cuda", "--json"]) == 0
     on_gpu = json.loads(capsys.readouterr().out)

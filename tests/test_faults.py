@@ -32,9 +32,24 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def train_command(workspace: Path, out: Path, *extra: str, model: Path | None = None) -> list[str]:
-    return [sys.executable, "-m", "deltatune.cli", "train", "--model", str(model or workspace / "tiny"), "--data",
-            str(workspace / "toy.csv"), "--text-fields", "text", "--out", str(out), "--quiet", "--threads", "1",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "deltatune.cli",
+        "train",
+        "--model",
+        str(model or workspace / "tiny"),
+        "--data",
+        str(workspace / "toy.csv"),
+        "--text-fields",
+        "text",
+        "--out",
+        str(out),
+        "--quiet",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def start(command: list[str]) -> subprocess.Popen:
@@ -88,8 +103,9 @@ def test_kill_9_while_saving_leaves_a_staging_directory_the_next_run_removes(wor
 
     from conftest import tiny_bert_config
 
-    AutoModel.from_config(tiny_bert_config(hidden_size=256, intermediate_size=2048, num_hidden_layers=4)
-                          ).save_pretrained(tmp_path / "wide")
+    AutoModel.from_config(
+        tiny_bert_config(hidden_size=256, intermediate_size=2048, num_hidden_layers=4)
+    ).save_pretrained(tmp_path / "wide")
     out = tmp_path / "run"
     for _ in range(5):
         process = start(train_command(workspace, out, "--method", "full", "--max-steps", "1", model=tmp_path / "wide"))
@@ -126,8 +142,10 @@ def test_a_second_train_on_the_same_out_fails_at_once_and_names_the_first(worksp
 @pytest.mark.slow  # the lock itself is covered above, deterministically; this is the race as users meet it
 def test_two_trains_started_together_one_wins_and_the_other_says_so(workspace, tmp_path):
     out = tmp_path / "run"
-    processes = [start(train_command(workspace, out, "--method", "bitfit", "--max-steps", "3", "--seed", str(seed)))
-                 for seed in (1, 2)]
+    processes = [
+        start(train_command(workspace, out, "--method", "bitfit", "--max-steps", "3", "--seed", str(seed)))
+        for seed in (1, 2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -151,13 +169,13 @@ GRID = """
 
 
 def write_grid(workspace: Path, path: Path) -> Path:
-    path.write_text(textwrap.dedent(GRID.format(model=workspace / "tiny", data=workspace / "toy.csv")),
-                    encoding="utf-8")
+    path.write_text(
+        textwrap.dedent(GRID.format(model=workspace / "tiny", data=workspace / "toy.csv")), encoding="utf-8"
+    )
     return path
 
 
-def test_a_store_that_reports_a_full_disk_stops_the_grid_and_a_resume_completes_it(workspace, tmp_path,
-                                                                                  monkeypatch):
+def test_a_store_that_reports_a_full_disk_stops_the_grid_and_a_resume_completes_it(workspace, tmp_path, monkeypatch):
     from deltatune.compare import runner
 
     spec = parse_spec(read_spec_file(write_grid(workspace, tmp_path / "grid.yaml")))
@@ -185,8 +203,9 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs to fill needs root")
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
     yield mount
@@ -221,8 +240,11 @@ def test_compare_on_a_disk_that_fills_up_stops_cleanly_and_resumes(workspace, sm
     experiment = small_disk / "exp"
     command = [sys.executable, "-m", "deltatune.cli", "compare", str(grid), "--out", str(experiment), "--no-report"]
     process = start(command)
-    wait_until(lambda: store.store_path(experiment).is_file() and _finished(experiment) >= 1, timeout=300,
-               what="the first cell to be recorded")
+    wait_until(
+        lambda: store.store_path(experiment).is_file() and _finished(experiment) >= 1,
+        timeout=300,
+        what="the first cell to be recorded",
+    )
     filler = fill(small_disk, leave=0)
     output, errors = process.communicate(timeout=300)
     if process.returncode == 0:

@@ -31,10 +31,16 @@ POSITIVE, NEGATIVE = ["good", "great", "happy", "fresh"], ["bad", "awful", "sad"
 TOY_TASK = TaskSpec("toy-mood", ("text",), ("sad", "happy"))
 TOY_TEMPLATE = PropositionTemplate("{text} so the man is {answer}", ("sad", "happy"))
 TOY_PROPOSITIONS = TaskPropositions(
-    "toy-mood", ("text",),
-    templates=(TOY_TEMPLATE, PropositionTemplate("{answer} {text}", ("sad", "happy")),
-               PropositionTemplate("a {answer} man is the {text}", ("sad", "happy"))),
-    prompt="{text} so the man is", verbalisers=(" sad", " happy"))
+    "toy-mood",
+    ("text",),
+    templates=(
+        TOY_TEMPLATE,
+        PropositionTemplate("{answer} {text}", ("sad", "happy")),
+        PropositionTemplate("a {answer} man is the {text}", ("sad", "happy")),
+    ),
+    prompt="{text} so the man is",
+    verbalisers=(" sad", " happy"),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +98,10 @@ def test_ratio_schedule_interleaves_evenly():
 
 def test_interactive_schedule_alternates_whole_stages():
     assert signal_schedule(8, 1, "interactive", stage_steps=1) == [LANGUAGE, TEACHER] * 4
-    assert signal_schedule(10, 1.5, "interactive", stage_steps=2) == \
-        [LANGUAGE] * 3 + [TEACHER] * 2 + [LANGUAGE] * 3 + [TEACHER] * 2
+    assert (
+        signal_schedule(10, 1.5, "interactive", stage_steps=2)
+        == [LANGUAGE] * 3 + [TEACHER] * 2 + [LANGUAGE] * 3 + [TEACHER] * 2
+    )
     assert set(signal_schedule(5, 0, "interactive", stage_steps=3)) == {TEACHER}
 
 
@@ -135,14 +143,37 @@ def test_training_alternates_in_the_configured_ratio_and_each_signal_trains_what
 
     def record(step, signal, loss):
         head = model.classifier.score.weight  # the standardized head that trains in place of `score`
-        events.append((signal, previous["head"] is not None and not torch.equal(head, previous["head"]),
-                       not torch.equal(lora_a, previous["lora"])))
+        events.append(
+            (
+                signal,
+                previous["head"] is not None and not torch.equal(head, previous["head"]),
+                not torch.equal(lora_a, previous["lora"]),
+            )
+        )
         previous["head"], previous["lora"] = head.detach().clone(), lora_a.detach().clone()
 
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=9, lm_ratio=2, teacher_batch_size=4, lm_batch_size=2,
-                          lm_sequence_length=8, max_length=32, learning_rate=1e-2, warmup_ratio=0, quiet=True)
-    result = train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
-                          propositions={"toy-mood": TOY_PROPOSITIONS}, callback=record)
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=9,
+        lm_ratio=2,
+        teacher_batch_size=4,
+        lm_batch_size=2,
+        lm_sequence_length=8,
+        max_length=32,
+        learning_rate=1e-2,
+        warmup_ratio=0,
+        quiet=True,
+    )
+    result = train_freelm(
+        model,
+        build_tokenizer(),
+        [toy_data()],
+        LANGUAGE_TEXTS,
+        config,
+        method,
+        propositions={"toy-mood": TOY_PROPOSITIONS},
+        callback=record,
+    )
     assert [signal for signal, _, _ in events] == [TEACHER, LANGUAGE, LANGUAGE] * 3
     assert [entry["signal"] for entry in result.history] == [signal for signal, _, _ in events]
     assert (result.teacher_steps, result.language_steps) == (3, 6)
@@ -155,10 +186,27 @@ def test_training_alternates_in_the_configured_ratio_and_each_signal_trains_what
 
 def test_interactive_training_runs_stages():
     model, method, _, _ = lora_freelm()
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=8, lm_ratio=1, schedule="interactive", stage_steps=2,
-                          teacher_batch_size=4, lm_batch_size=1, lm_sequence_length=8, max_length=32, quiet=True)
-    result = train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
-                          propositions={"toy-mood": TOY_PROPOSITIONS})
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=8,
+        lm_ratio=1,
+        schedule="interactive",
+        stage_steps=2,
+        teacher_batch_size=4,
+        lm_batch_size=1,
+        lm_sequence_length=8,
+        max_length=32,
+        quiet=True,
+    )
+    result = train_freelm(
+        model,
+        build_tokenizer(),
+        [toy_data()],
+        LANGUAGE_TEXTS,
+        config,
+        method,
+        propositions={"toy-mood": TOY_PROPOSITIONS},
+    )
     assert [e["signal"] for e in result.history] == [LANGUAGE, LANGUAGE, TEACHER, TEACHER] * 2
 
 
@@ -172,7 +220,7 @@ def test_proposition_set_has_one_true_and_the_requested_false_per_example():
         word = data.splits["train"].texts[index][0].split()[-1]
         answer = "happy" if word in POSITIVE else "sad"
         assert word in true and answer in true and word in false and answer not in false.replace(word, "")
-        assert propositions.labels[2 * index:2 * index + 2] == [1, 0]
+        assert propositions.labels[2 * index : 2 * index + 2] == [1, 0]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -180,10 +228,20 @@ def test_teacher_loss_falls_on_a_learnable_proposition_set(precision):
     # a wider tiny model: the 32-wide one is slow to leave the symmetric start of this XOR-like task
     model, method, _, _ = lora_freelm(hidden_size=64, intermediate_size=128)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    single = TaskPropositions("toy-mood", ("text",), (TOY_TEMPLATE,) * 3, TOY_PROPOSITIONS.prompt,
-                              TOY_PROPOSITIONS.verbalisers)
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=400, lm_ratio=0, teacher_batch_size=16, max_length=32,
-                          learning_rate=1e-2, quiet=True, seed=0, precision=precision)
+    single = TaskPropositions(
+        "toy-mood", ("text",), (TOY_TEMPLATE,) * 3, TOY_PROPOSITIONS.prompt, TOY_PROPOSITIONS.verbalisers
+    )
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=400,
+        lm_ratio=0,
+        teacher_batch_size=16,
+        max_length=32,
+        learning_rate=1e-2,
+        quiet=True,
+        seed=0,
+        precision=precision,
+    )
     data = toy_data()
     result = train_freelm(model, build_tokenizer(), [data], [], config, method, propositions={"toy-mood": single})
     assert result.precision == precision and result.summary()["precision"] == precision
@@ -206,17 +264,22 @@ def test_an_examples_true_and_false_propositions_share_one_template():
     frames = set()
     for group in members:
         true, false = (propositions.texts[i] for i in group)
+
         def frame(text):
             return text.replace("happy", "ANSWER").replace("sad", "ANSWER")
+
         assert true != false and frame(true) == frame(false)  # the same template, only the answer differs
         frames.add(0 if "so the man is" in true else 1 if true.startswith(("happy", "sad")) else 2)
     assert frames == {0, 1, 2}  # the template is still drawn among the paraphrases, per example
 
 
 def test_example_batches_keep_every_example_whole():
-    propositions = build_proposition_set([toy_data(40)], build_tokenizer(),
-                                         FreeLMConfig(train_tasks=("toy-mood",), max_length=32),
-                                         {"toy-mood": TOY_PROPOSITIONS})
+    propositions = build_proposition_set(
+        [toy_data(40)],
+        build_tokenizer(),
+        FreeLMConfig(train_tasks=("toy-mood",), max_length=32),
+        {"toy-mood": TOY_PROPOSITIONS},
+    )
     lengths = [len(text.split()) for text in propositions.texts]
     batches = example_batches(propositions, lengths, 8, random.Random(0))
     assert sorted(i for batch in batches for i in batch) == list(range(len(propositions)))  # each once a pass
@@ -246,10 +309,19 @@ def test_contrastive_teacher_loss_is_the_gold_candidates_softmax_and_ignores_sha
 
 def test_eval_every_records_a_dev_curve():
     model, method, _, _ = lora_freelm()
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=6, lm_ratio=0, teacher_batch_size=4, max_length=32,
-                          dev_examples_per_task=8, eval_every=3, quiet=True)
-    result = train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
-                          propositions={"toy-mood": TOY_PROPOSITIONS})
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=6,
+        lm_ratio=0,
+        teacher_batch_size=4,
+        max_length=32,
+        dev_examples_per_task=8,
+        eval_every=3,
+        quiet=True,
+    )
+    result = train_freelm(
+        model, build_tokenizer(), [toy_data()], [], config, method, propositions={"toy-mood": TOY_PROPOSITIONS}
+    )
     assert [point["step"] for point in result.dev_curve] == [3, 6]
     for point in result.dev_curve:
         assert 0 <= point["toy-mood"]["accuracy"] <= 1 and point["toy-mood"]["num_examples"] == 8
@@ -263,15 +335,32 @@ def test_a_non_finite_loss_stops_freelm_before_its_step_with_the_fix():
     states = []
     language_loss = model.language_loss
     model.language_loss = lambda ids: language_loss(ids) * float("nan")  # every language step diverges
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=6, lm_ratio=1, teacher_batch_size=4, lm_batch_size=1,
-                          lm_sequence_length=8, max_length=32, learning_rate=1e-2, quiet=True)
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=6,
+        lm_ratio=1,
+        teacher_batch_size=4,
+        lm_batch_size=1,
+        lm_sequence_length=8,
+        max_length=32,
+        learning_rate=1e-2,
+        quiet=True,
+    )
     with pytest.raises(DeltatuneError, match=r"diverged at step 2: the training loss became nan.*--learning-rate"):
-        train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
-                     propositions={"toy-mood": TOY_PROPOSITIONS},
-                     callback=lambda step, signal, loss: states.append(lora_a.detach().clone()))
+        train_freelm(
+            model,
+            build_tokenizer(),
+            [toy_data()],
+            LANGUAGE_TEXTS,
+            config,
+            method,
+            propositions={"toy-mood": TOY_PROPOSITIONS},
+            callback=lambda step, signal, loss: states.append(lora_a.detach().clone()),
+        )
     assert len(states) == 1  # the teacher step was taken, the language step was not
     assert torch.equal(lora_a, states[0]) and torch.isfinite(lora_a).all()
     from deltatune.freelm.model import StandardizedHead
+
     assert not isinstance(model.classifier.score, StandardizedHead)  # the head is folded back all the same
 
 
@@ -280,12 +369,28 @@ def test_keep_best_dev_leaves_the_best_checked_state_and_the_default_the_last():
         model, method, _, _ = lora_freelm()
         lora_a = model.classifier.model.layers[0].self_attn.q_proj.lora_A
         states = {}
-        config = FreeLMConfig(train_tasks=("toy-mood",), steps=7, lm_ratio=0, teacher_batch_size=4, max_length=32,
-                              learning_rate=3e-2, dev_examples_per_task=16, eval_every=2, keep_best_dev=keep_best_dev,
-                              quiet=True)
-        result = train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
-                              propositions={"toy-mood": TOY_PROPOSITIONS},
-                              callback=lambda step, signal, loss: states.update({step: lora_a.detach().clone()}))
+        config = FreeLMConfig(
+            train_tasks=("toy-mood",),
+            steps=7,
+            lm_ratio=0,
+            teacher_batch_size=4,
+            max_length=32,
+            learning_rate=3e-2,
+            dev_examples_per_task=16,
+            eval_every=2,
+            keep_best_dev=keep_best_dev,
+            quiet=True,
+        )
+        result = train_freelm(
+            model,
+            build_tokenizer(),
+            [toy_data()],
+            [],
+            config,
+            method,
+            propositions={"toy-mood": TOY_PROPOSITIONS},
+            callback=lambda step, signal, loss: states.update({step: lora_a.detach().clone()}),
+        )
         return lora_a, states, result.dev_curve
 
     lora_a, states, curve = run(keep_best_dev=False)
@@ -300,24 +405,46 @@ def test_keep_best_dev_leaves_the_best_checked_state_and_the_default_the_last():
         FreeLMConfig(keep_best_dev=True)
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is None,
-                    reason="the logging extra is not installed")
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorboard") is None, reason="the logging extra is not installed"
+)
 def test_freelm_reports_its_steps_and_dev_checks_to_tensorboard(tmp_path):
     from test_loggers import scalars
 
     model, method, _, _ = lora_freelm()
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=4, lm_ratio=1, teacher_batch_size=4, lm_batch_size=1,
-                          lm_sequence_length=8, max_length=32, dev_examples_per_task=8, eval_every=2, quiet=True,
-                          report_to=("tensorboard",), log_dir=str(tmp_path))
-    result = train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
-                          propositions={"toy-mood": TOY_PROPOSITIONS})
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=4,
+        lm_ratio=1,
+        teacher_batch_size=4,
+        lm_batch_size=1,
+        lm_sequence_length=8,
+        max_length=32,
+        dev_examples_per_task=8,
+        eval_every=2,
+        quiet=True,
+        report_to=("tensorboard",),
+        log_dir=str(tmp_path),
+    )
+    result = train_freelm(
+        model,
+        build_tokenizer(),
+        [toy_data()],
+        LANGUAGE_TEXTS,
+        config,
+        method,
+        propositions={"toy-mood": TOY_PROPOSITIONS},
+    )
     written = scalars(tmp_path)
-    assert [(step, pytest.approx(value, rel=1e-6)) for step, value in written["train/loss"]] == \
-        [(entry["step"], entry["loss"]) for entry in result.history]
-    assert [value for _, value in written["train/learning_rate"]] == \
-        pytest.approx([entry["learning_rate"] for entry in result.history], rel=1e-6)
-    assert written["dev/toy-mood/accuracy"] == [(point["step"], pytest.approx(point["toy-mood"]["accuracy"]))
-                                                for point in result.dev_curve]
+    assert [(step, pytest.approx(value, rel=1e-6)) for step, value in written["train/loss"]] == [
+        (entry["step"], entry["loss"]) for entry in result.history
+    ]
+    assert [value for _, value in written["train/learning_rate"]] == pytest.approx(
+        [entry["learning_rate"] for entry in result.history], rel=1e-6
+    )
+    assert written["dev/toy-mood/accuracy"] == [
+        (point["step"], pytest.approx(point["toy-mood"]["accuracy"])) for point in result.dev_curve
+    ]
 
 
 def test_full_training_moves_every_decoder_weight_and_the_teacher_head():
@@ -326,10 +453,27 @@ def test_full_training_moves_every_decoder_weight_and_the_teacher_head():
     model, names, _, _ = prepare_freelm_model(causal, build_tokenizer(), method)
     assert names == {n for n, _ in model.classifier.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.classifier.named_parameters()}
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=4, lm_ratio=1, teacher_batch_size=4, lm_batch_size=2,
-                          lm_sequence_length=8, max_length=32, learning_rate=1e-3, warmup_ratio=0, quiet=True)
-    train_freelm(model, build_tokenizer(), [toy_data()], LANGUAGE_TEXTS, config, method,
-                 propositions={"toy-mood": TOY_PROPOSITIONS})
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",),
+        steps=4,
+        lm_ratio=1,
+        teacher_batch_size=4,
+        lm_batch_size=2,
+        lm_sequence_length=8,
+        max_length=32,
+        learning_rate=1e-3,
+        warmup_ratio=0,
+        quiet=True,
+    )
+    train_freelm(
+        model,
+        build_tokenizer(),
+        [toy_data()],
+        LANGUAGE_TEXTS,
+        config,
+        method,
+        propositions={"toy-mood": TOY_PROPOSITIONS},
+    )
     moved = {n for n, p in model.classifier.named_parameters() if not torch.equal(p, before[n])}
     assert moved == set(before)  # every layer, the embeddings (tied to the LM head) and the teacher head
 
@@ -360,10 +504,12 @@ def test_head_transform_centres_and_standardises_and_folds_into_a_plain_head():
 
 def test_training_leaves_a_plain_linear_teacher_head():
     model, method, _, _ = lora_freelm()
-    config = FreeLMConfig(train_tasks=("toy-mood",), steps=2, lm_ratio=0, teacher_batch_size=4, max_length=32,
-                          quiet=True)
-    train_freelm(model, build_tokenizer(), [toy_data()], [], config, method,
-                 propositions={"toy-mood": TOY_PROPOSITIONS})
+    config = FreeLMConfig(
+        train_tasks=("toy-mood",), steps=2, lm_ratio=0, teacher_batch_size=4, max_length=32, quiet=True
+    )
+    train_freelm(
+        model, build_tokenizer(), [toy_data()], [], config, method, propositions={"toy-mood": TOY_PROPOSITIONS}
+    )
     assert type(model.classifier.score) is torch.nn.Linear
     assert torch.count_nonzero(model.classifier.score.weight) > 0  # trained from its zero start
 
@@ -376,19 +522,32 @@ def test_evaluation_intervals_come_from_the_paired_bootstrap():
     labels = rng.integers(0, 2, 80)
     freelm = np.where(rng.random(80) < 0.8, labels, 1 - labels)
     zero_shot = np.where(rng.random(80) < 0.55, labels, 1 - labels)
-    report = {"tasks": {"toy": {"metric": "accuracy", "labels": labels.tolist(), "systems": {
-        "freelm": {"predictions": freelm.tolist()}, "zero-shot": {"predictions": zero_shot.tolist()}}}}}
+    report = {
+        "tasks": {
+            "toy": {
+                "metric": "accuracy",
+                "labels": labels.tolist(),
+                "systems": {
+                    "freelm": {"predictions": freelm.tolist()},
+                    "zero-shot": {"predictions": zero_shot.tolist()},
+                },
+            }
+        }
+    }
     systems = add_intervals(report, samples=300)["tasks"]["toy"]["systems"]
     low, high = systems["freelm"]["interval"]
     assert low < (freelm == labels).mean() < high
     expected = paired_bootstrap([freelm], [zero_shot], labels, "accuracy", 300)
-    assert systems["freelm"]["minus_zero-shot"] == {"difference": expected.difference,
-                                                     "interval": [expected.low, expected.high]}
+    assert systems["freelm"]["minus_zero-shot"] == {
+        "difference": expected.difference,
+        "interval": [expected.low, expected.high],
+    }
     for metric, values in (("mcc", freelm), ("pearson", freelm + rng.normal(0, 0.1, 80))):
         report["tasks"]["toy"].update(metric=metric)
         report["tasks"]["toy"]["systems"]["freelm"]["predictions"] = values.tolist()
         low, high = add_intervals(report, samples=300)["tasks"]["toy"]["systems"]["freelm"]["interval"]
         from deltatune.metrics import METRICS
+
         assert low < METRICS[metric](values, labels) < high
 
 
@@ -418,11 +577,18 @@ def test_zero_shot_picks_the_proposition_the_head_scores_highest():
 
 
 def test_binned_regression_predicts_the_expected_score():
-    task = TaskSpec("toy-similarity", ("text",), score_range=(0.0, 6.0), metric="pearson",
-                    metrics=("pearson", "spearman"))
+    task = TaskSpec(
+        "toy-similarity", ("text",), score_range=(0.0, 6.0), metric="pearson", metrics=("pearson", "spearman")
+    )
     bins = equal_bins(0.0, 6.0, ("low", "medium", "high"))
-    propositions = TaskPropositions("toy-similarity", ("text",), (PropositionTemplate("{text} {answer}", bins.names),)
-                                    * 3, "{text}", (" low", " medium", " high"), bins)
+    propositions = TaskPropositions(
+        "toy-similarity",
+        ("text",),
+        (PropositionTemplate("{text} {answer}", bins.names),) * 3,
+        "{text}",
+        (" low", " medium", " high"),
+        bins,
+    )
     scores = np.log(np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]]))
     np.testing.assert_allclose(predictions_from_scores(task, propositions, scores), [1.6, 4.4, 3.0], atol=1e-9)
     metrics = task_metrics(task, propositions, scores, [0.5, 5.5, 2.9])
@@ -446,8 +612,9 @@ def log_likelihood(causal, tokenizer, context, continuation):
 def test_verbaliser_scores_are_the_answers_likelihood_with_and_without_demonstrations(verbalisers):
     causal = tiny_causal_lm()
     tokenizer = build_tokenizer()
-    propositions = TaskPropositions("toy-mood", ("text",), TOY_PROPOSITIONS.templates, "{text} so the man is",
-                                    verbalisers)
+    propositions = TaskPropositions(
+        "toy-mood", ("text",), TOY_PROPOSITIONS.templates, "{text} so the man is", verbalisers
+    )
     rows = [("the movie is good",), ("a dog eats food and sings a song",), ("bad",)]
     prefix = "the movie is great so the man is happy\n\nthe film was awful so the man is sad\n\n"
     for demonstrations in ("", prefix):
@@ -514,9 +681,19 @@ def tiny_causal_dir(tmp_path):
     return path
 
 
-SMALL_RUN = dict(train_tasks=("rotten-tomatoes", "sms-spam"), steps=6, lm_ratio=1, teacher_batch_size=4,
-                 lm_batch_size=2, lm_sequence_length=8, max_length=48, max_examples_per_task=10,
-                 dev_examples_per_task=6, perplexity_blocks=2, quiet=True)
+SMALL_RUN = dict(
+    train_tasks=("rotten-tomatoes", "sms-spam"),
+    steps=6,
+    lm_ratio=1,
+    teacher_batch_size=4,
+    lm_batch_size=2,
+    lm_sequence_length=8,
+    max_length=48,
+    max_examples_per_task=10,
+    dev_examples_per_task=6,
+    perplexity_blocks=2,
+    quiet=True,
+)
 
 
 def test_run_saves_an_ordinary_delta_that_reloads_with_identical_scores(tmp_path, tiny_causal_dir, offline_data):
@@ -534,8 +711,11 @@ def test_run_saves_an_ordinary_delta_that_reloads_with_identical_scores(tmp_path
 
     model, tokenizer, _, _ = load_freelm(out)
     base = tiny_causal_lm(seed=5).model.state_dict()
-    loaded = {name.replace(".base_layer", ""): tensor for name, tensor in model.backbone.state_dict().items()
-              if "lora_" not in name}
+    loaded = {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in model.backbone.state_dict().items()
+        if "lora_" not in name
+    }
     assert loaded.keys() == base.keys()
     for name, tensor in base.items():  # the decoder's own weights are the base's: only LoRA and the head trained
         assert torch.equal(loaded[name], tensor), name
@@ -552,14 +732,46 @@ def test_cli_trains_and_evaluates_with_baselines(tmp_path, tiny_causal_dir, offl
     from deltatune.cli import main
 
     out = tmp_path / "cli-run"
-    flags = ["--train-tasks", "rotten-tomatoes,sms-spam", "--steps", "4", "--teacher-batch-size", "4",
-             "--lm-batch-size", "1", "--lm-sequence-length", "8", "--max-length", "48", "--max-examples-per-task", "8",
-             "--dev-examples-per-task", "4", "--perplexity-blocks", "1", "--quiet"]
-    assert main(["freelm", "train", "--model", str(tiny_causal_dir), "--out", str(out), *flags,
-                 "--method.r", "2"]) == 0
+    flags = [
+        "--train-tasks",
+        "rotten-tomatoes,sms-spam",
+        "--steps",
+        "4",
+        "--teacher-batch-size",
+        "4",
+        "--lm-batch-size",
+        "1",
+        "--lm-sequence-length",
+        "8",
+        "--max-length",
+        "48",
+        "--max-examples-per-task",
+        "8",
+        "--dev-examples-per-task",
+        "4",
+        "--perplexity-blocks",
+        "1",
+        "--quiet",
+    ]
+    assert main(["freelm", "train", "--model", str(tiny_causal_dir), "--out", str(out), *flags, "--method.r", "2"]) == 0
     assert "saved to" in capsys.readouterr().out
-    assert main(["freelm", "eval", str(out), "--tasks", "disaster-tweets,stsb", "--max-examples", "6", "--k", "2",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "freelm",
+                "eval",
+                str(out),
+                "--tasks",
+                "disaster-tweets,stsb",
+                "--max-examples",
+                "6",
+                "--k",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "FreeLM" in table and "zero-shot" in table and "2-shot" in table
     assert "pearson *" in table and "bin_accuracy" in table and "f1 *" in table
@@ -572,12 +784,23 @@ def test_cli_trains_and_evaluates_with_baselines(tmp_path, tiny_causal_dir, offl
 def test_cli_collects_every_argument_problem(tmp_path, capsys):
     from deltatune.cli import main
 
-    code = main(["freelm", "train", "--train-tasks", "snli,spam-ham", "--lm-ratio", "-1", "--method", "lroa",
-                 "--out", str(tmp_path / "x")])
+    code = main(
+        [
+            "freelm",
+            "train",
+            "--train-tasks",
+            "snli,spam-ham",
+            "--lm-ratio",
+            "-1",
+            "--method",
+            "lroa",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2
     assert "lm_ratio=-1.0" in error and "Unknown method 'lroa'" in error and "Unknown task 'spam-ham'" in error
-
 
 
 def test_cli_reads_the_loop_options_freelm_gained():
@@ -585,10 +808,25 @@ def test_cli_reads_the_loop_options_freelm_gained():
     from deltatune.freelm.command import freelm_config_from
 
     for _ in range(2):  # a public function is called twice
-        args = build_parser().parse_args(["freelm", "train", "--report-to", "tensorboard,mlflow", "--log-dir", "logs",
-                                          "--keep-best-dev", "--eval-every", "5"])
+        args = build_parser().parse_args(
+            [
+                "freelm",
+                "train",
+                "--report-to",
+                "tensorboard,mlflow",
+                "--log-dir",
+                "logs",
+                "--keep-best-dev",
+                "--eval-every",
+                "5",
+            ]
+        )
         config = freelm_config_from(args)
-        assert (config.report_to, config.log_dir, config.keep_best_dev, config.eval_every) == \
-            (("tensorboard", "mlflow"), "logs", True, 5)
+        assert (config.report_to, config.log_dir, config.keep_best_dev, config.eval_every) == (
+            ("tensorboard", "mlflow"),
+            "logs",
+            True,
+            5,
+        )
     with pytest.raises(DeltatuneError, match="keep_best_dev needs eval_every"):
         freelm_config_from(build_parser().parse_args(["freelm", "train", "--keep-best-dev"]))

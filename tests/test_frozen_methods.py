@@ -38,7 +38,7 @@ def logits_one_by_one(model, batch):
     rows = []
     for index in range(batch["input_ids"].shape[0]):
         length = int(batch["attention_mask"][index].sum())
-        rows.append(model(**{key: value[index:index + 1, :length] for key, value in batch.items()}).logits)
+        rows.append(model(**{key: value[index : index + 1, :length] for key, value in batch.items()}).logits)
     return torch.cat(rows)
 
 
@@ -60,8 +60,10 @@ def randomise(model, names, scale=0.5):
 
 FROZEN_CASES = [
     ("input-dependent-prompt", {"init": "vocab", "num_virtual_tokens": 4, "attention_size": 16, "num_heads": 2}),
-    ("input-dependent-prompt", {"init": "text", "num_virtual_tokens": 4, "attention_size": 16, "num_heads": 2,
-                                "encoder": "TINY_BERT"}),
+    (
+        "input-dependent-prompt",
+        {"init": "text", "num_virtual_tokens": 4, "attention_size": 16, "num_heads": 2, "encoder": "TINY_BERT"},
+    ),
     ("recursive-lm", {"connector_size": 16}),
     ("recursive-lm", {"connector_size": 16, "combine": "replace"}),
 ]
@@ -71,8 +73,15 @@ def resolve(options, tiny_bert_dir):
     return {k: (str(tiny_bert_dir) if v == "TINY_BERT" else v) for k, v in options.items()}
 
 
-@pytest.mark.parametrize("name, options", FROZEN_CASES, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}={v}" for k, v in sorted(v.items()) if k in ("encoder", "combine", "init")))
+@pytest.mark.parametrize(
+    "name, options",
+    FROZEN_CASES,
+    ids=lambda v: (
+        v
+        if isinstance(v, str)
+        else "-".join(f"{k}={v}" for k, v in sorted(v.items()) if k in ("encoder", "combine", "init"))
+    ),
+)
 def test_training_leaves_every_decoder_tensor_unchanged(name, options, tiny_bert_dir):
     model = build_tiny_model("llama", num_labels=2)
     decoder = {n: t.detach().clone() for n, t in model.state_dict().items() if not n.startswith("score.")}
@@ -80,8 +89,15 @@ def test_training_leaves_every_decoder_tensor_unchanged(name, options, tiny_bert
     method.tokenizer = build_tokenizer()
     names = prepare_model(model, method)
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    train(model, build_tokenizer(), TASK, sentiment_split(), sentiment_split(8, seed=1), method,
-          TrainConfig(max_steps=4, batch_size=8, eval_every=4, quiet=True, learning_rate=1e-2))
+    train(
+        model,
+        build_tokenizer(),
+        TASK,
+        sentiment_split(),
+        sentiment_split(8, seed=1),
+        method,
+        TrainConfig(max_steps=4, batch_size=8, eval_every=4, quiet=True, learning_rate=1e-2),
+    )
     after = model.state_dict()
     for tensor_name, tensor in decoder.items():
         assert torch.equal(after[tensor_name], tensor), f"{tensor_name} changed"
@@ -100,8 +116,12 @@ def test_input_dependent_prompt_starts_as_plain_prompt_tuning(kind):
     plain, _, _ = adapted(kind, "prompt-tuning", {"init": "vocab", "num_virtual_tokens": 5})
     torch.manual_seed(11)
     dependent, _, _ = adapted(kind, "input-dependent-prompt", {"init": "vocab", "num_virtual_tokens": 5})
-    torch.testing.assert_close(plain.base_model.soft_prompt.deltas.default.embeddings,
-                               dependent.base_model.input_dependent_prompt.deltas.default.prompt, rtol=0, atol=0)
+    torch.testing.assert_close(
+        plain.base_model.soft_prompt.deltas.default.embeddings,
+        dependent.base_model.input_dependent_prompt.deltas.default.prompt,
+        rtol=0,
+        atol=0,
+    )
     with torch.no_grad():
         torch.testing.assert_close(dependent(**batch).logits, plain(**batch).logits, rtol=0, atol=1e-6)
 
@@ -236,15 +256,33 @@ def test_input_dependent_prompt_trains_multi_task_through_freelm_with_the_decode
     torch.manual_seed(0)
     causal = LlamaForCausalLM(tiny_llama_config()).eval()
     decoder = {n: t.detach().clone() for n, t in causal.state_dict().items()}
-    method = build_method("input-dependent-prompt", {"init": "text", "num_virtual_tokens": 4, "attention_size": 16,
-                                                     "num_heads": 2, "init_text": "the man is happy"})
+    method = build_method(
+        "input-dependent-prompt",
+        {
+            "init": "text",
+            "num_virtual_tokens": 4,
+            "attention_size": 16,
+            "num_heads": 2,
+            "init_text": "the man is happy",
+        },
+    )
     model, names, _, _ = prepare_freelm_model(causal, build_tokenizer(), method)
     before = {n: p.detach().clone() for n, p in model.classifier.named_parameters() if n in names}
     mood = TaskData(TaskSpec("mood", ("text",), ("sad", "happy")), {"train": sentiment_split(16)})
-    pets = TaskData(TaskSpec("pets", ("text",), ("cat", "dog")),
-                    {"train": Split([("a cat eats",), ("a dog runs",)] * 8, [0, 1] * 8)})
-    config = FreeLMConfig(train_tasks=("mood", "pets"), steps=6, lm_ratio=1, teacher_batch_size=4, lm_batch_size=1,
-                          lm_sequence_length=8, max_length=40, quiet=True)
+    pets = TaskData(
+        TaskSpec("pets", ("text",), ("cat", "dog")),
+        {"train": Split([("a cat eats",), ("a dog runs",)] * 8, [0, 1] * 8)},
+    )
+    config = FreeLMConfig(
+        train_tasks=("mood", "pets"),
+        steps=6,
+        lm_ratio=1,
+        teacher_batch_size=4,
+        lm_batch_size=1,
+        lm_sequence_length=8,
+        max_length=40,
+        quiet=True,
+    )
     train_freelm(model, build_tokenizer(), [mood, pets], TEXTS * 3, config, method)
     for name, tensor in decoder.items():
         assert torch.equal(causal.state_dict()[name], tensor), f"{name} changed"

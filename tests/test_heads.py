@@ -15,8 +15,9 @@ from deltatune.heads import PooledTaskModel, declared_pooling, head_of, pool, re
 from deltatune.sources.models import load_model_for_task
 from deltatune.tasks.spec import Split, TaskSpec
 
-SIMILARITY = TaskSpec("toy-similarity", ("a", "b"), score_range=(0.0, 5.0), metric="pearson",
-                      metrics=("pearson", "spearman"))
+SIMILARITY = TaskSpec(
+    "toy-similarity", ("a", "b"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson", "spearman")
+)
 PAIRS = TaskSpec("toy-pairs", ("a", "b"), ("different", "same"), metric="accuracy", metrics=("accuracy",))
 SINGLE = TaskSpec("toy-single", ("text",), ("negative", "positive"), metric="accuracy", metrics=("accuracy",))
 
@@ -54,15 +55,25 @@ def test_defaults_follow_the_checkpoint_then_the_model_family(tiny_bert_dir, tin
 
 
 def pair_batch(tokenizer, task, separately):
-    split = Split([("the man plays guitar", "a man plays"), ("good movie", "the dog eats food"),
-                   ("happy", "sad song")], [1.0, 2.0, 3.0] if task.is_regression else [1, 0, 0])
-    return collate(encode(tokenizer, task, split, 32, separately), [0, 1, 2], tokenizer.pad_token_id,
-                   task.is_regression)
+    split = Split(
+        [("the man plays guitar", "a man plays"), ("good movie", "the dog eats food"), ("happy", "sad song")],
+        [1.0, 2.0, 3.0] if task.is_regression else [1, 0, 0],
+    )
+    return collate(
+        encode(tokenizer, task, split, 32, separately), [0, 1, 2], tokenizer.pad_token_id, task.is_regression
+    )
 
 
-@pytest.mark.parametrize("kind,pooling,task,width", [
-    ("cross-encoder", "cls", SIMILARITY, 1), ("cross-encoder", "mean", PAIRS, 2), ("cross-encoder", "last", SIMILARITY, 1),
-    ("bi-encoder", "mean", SIMILARITY, 1), ("bi-encoder", "cls", PAIRS, 2)])
+@pytest.mark.parametrize(
+    "kind,pooling,task,width",
+    [
+        ("cross-encoder", "cls", SIMILARITY, 1),
+        ("cross-encoder", "mean", PAIRS, 2),
+        ("cross-encoder", "last", SIMILARITY, 1),
+        ("bi-encoder", "mean", SIMILARITY, 1),
+        ("bi-encoder", "cls", PAIRS, 2),
+    ],
+)
 def test_each_head_gives_one_output_row_per_example(tiny_bert_dir, kind, pooling, task, width):
     torch.manual_seed(0)
     model, tokenizer = load_model_for_task(str(tiny_bert_dir), task, head=kind, pooling=pooling)
@@ -100,12 +111,28 @@ def test_head_is_saved_and_reloaded_with_the_delta(tmp_path, tiny_bert_dir, kind
     import deltatune
     from deltatune.run import load_data_from_record
 
-    data = deltatune.data_record("pairs", local={"path": str(write_pairs(tmp_path / "pairs.csv", 200, 0)),
-                                                 "text_fields": ["a", "b"], "label_field": "score",
-                                                 "regression": True})
-    record = deltatune.train(str(tiny_bert_dir), data=data, method="lora", out=str(tmp_path / "run"), head=kind,
-                             pooling=pooling, max_steps=6, batch_size=16, learning_rate=3e-3, quiet=True,
-                             precision="fp32")
+    data = deltatune.data_record(
+        "pairs",
+        local={
+            "path": str(write_pairs(tmp_path / "pairs.csv", 200, 0)),
+            "text_fields": ["a", "b"],
+            "label_field": "score",
+            "regression": True,
+        },
+    )
+    record = deltatune.train(
+        str(tiny_bert_dir),
+        data=data,
+        method="lora",
+        out=str(tmp_path / "run"),
+        head=kind,
+        pooling=pooling,
+        max_steps=6,
+        batch_size=16,
+        learning_rate=3e-3,
+        quiet=True,
+        precision="fp32",
+    )
     assert record.head.kind == kind and record.head.pooling == pooling
     manifest = json.loads((tmp_path / "run" / "deltatune.json").read_text())
     assert manifest["head"] == {"kind": kind, "pooling": pooling, "transformers_head": False}
@@ -116,19 +143,33 @@ def test_head_is_saved_and_reloaded_with_the_delta(tmp_path, tiny_bert_dir, kind
     test = load_data_from_record(data).split("test")
     predicted = tuned.predict([a for a, _ in test.texts], [b for _, b in test.texts], precision="fp32")
     np.testing.assert_allclose([p["score"] for p in predicted], saved["outputs"][:, 0], atol=1e-5)
-    assert tuned.evaluate("test", precision="fp32")["pearson"] == pytest.approx(record.test_metrics["pearson"],
-                                                                              abs=1e-6)
+    assert tuned.evaluate("test", precision="fp32")["pearson"] == pytest.approx(
+        record.test_metrics["pearson"], abs=1e-6
+    )
 
 
 def test_peft_export_refuses_a_head_peft_cannot_rebuild(tmp_path, tiny_bert_dir):
     import deltatune
     from deltatune.peft_export import export_peft
 
-    data = deltatune.data_record("pairs", local={"path": str(write_pairs(tmp_path / "pairs.csv", 60, 1)),
-                                                 "text_fields": ["a", "b"], "label_field": "score",
-                                                 "regression": True})
-    deltatune.train(str(tiny_bert_dir), data=data, method="lora", out=str(tmp_path / "run"), head="bi-encoder",
-                    max_steps=1, quiet=True)
+    data = deltatune.data_record(
+        "pairs",
+        local={
+            "path": str(write_pairs(tmp_path / "pairs.csv", 60, 1)),
+            "text_fields": ["a", "b"],
+            "label_field": "score",
+            "regression": True,
+        },
+    )
+    deltatune.train(
+        str(tiny_bert_dir),
+        data=data,
+        method="lora",
+        out=str(tmp_path / "run"),
+        head="bi-encoder",
+        max_steps=1,
+        quiet=True,
+    )
     with pytest.raises(DeltatuneError, match="bi-encoder head.*PEFT"):
         export_peft(tmp_path / "run", tmp_path / "peft")
 
@@ -141,16 +182,25 @@ def test_untrained_bi_encoder_is_the_embedding_cosine_baseline(tmp_path, tiny_be
     from deltatune.methods import build_method, prepare_model
     from deltatune.run import load_data_from_record
 
-    data = load_data_from_record(deltatune.data_record(
-        "pairs", local={"path": str(write_pairs(tmp_path / "pairs.csv", 100, 2)), "text_fields": ["a", "b"],
-                        "label_field": "score", "regression": True}))
+    data = load_data_from_record(
+        deltatune.data_record(
+            "pairs",
+            local={
+                "path": str(write_pairs(tmp_path / "pairs.csv", 100, 2)),
+                "text_fields": ["a", "b"],
+                "label_field": "score",
+                "regression": True,
+            },
+        )
+    )
     baseline = run_baseline("embedding-cosine", str(tiny_bert_dir), data)
     torch.manual_seed(5)
     model, tokenizer = load_model_for_task(str(tiny_bert_dir), data.task, head="bi-encoder", pooling="mean")
     prepare_model(model, build_method("lora"))  # LoRA starts at the base model: step 0 changes nothing
     dev = encode(tokenizer, data.task, data.split("dev"), 64, texts_separately=True)
-    outputs = to_task_units(predict_encoded(model, dev, data.task, tokenizer.pad_token_id, 64, "fp32"),
-                            target_scale(model, data.task, []))
+    outputs = to_task_units(
+        predict_encoded(model, dev, data.task, tokenizer.pad_token_id, 64, "fp32"), target_scale(model, data.task, [])
+    )
     np.testing.assert_allclose(outputs, baseline.outputs["dev"], atol=1e-6)
     low, high = data.task.score_range
     assert ((baseline.outputs["dev"] - low) / (high - low)).max() <= 1 + 1e-6

@@ -60,7 +60,8 @@ def test_regression_export_folds_the_scale_and_pairs_go_in_as_text_pairs(tmp_pat
     answers = pipeline_for(out)([{"text": a, "text_pair": b} for a, b in rows])
     for answer, reference in zip(answers, expected, strict=True):
         assert {e["label"]: e["score"] for e in answer}[reference["label"]] == pytest.approx(
-            reference["probabilities"][reference["label"]], abs=1e-5)
+            reference["probabilities"][reference["label"]], abs=1e-5
+        )
 
 
 def test_methods_that_add_modules_are_refused_and_nothing_is_written(tmp_path):
@@ -109,11 +110,32 @@ def test_push_to_hub_uploads_the_export_through_huggingface_hub(tmp_path, monkey
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "export"), "--push-to-hub",
-                 "someone/sentiment", "--hub-token", "hf_test", "--private"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--format",
+                "hf",
+                "--out",
+                str(tmp_path / "export"),
+                "--push-to-hub",
+                "someone/sentiment",
+                "--hub-token",
+                "hf_test",
+                "--private",
+            ]
+        )
+        == 0
+    )
     (create, repo, options, token), (upload, uploaded_repo, files, upload_options) = calls
-    assert (create, repo, token, options["private"], options["exist_ok"]) == ("create_repo", "someone/sentiment",
-                                                                               "hf_test", True, True)
+    assert (create, repo, token, options["private"], options["exist_ok"]) == (
+        "create_repo",
+        "someone/sentiment",
+        "hf_test",
+        True,
+        True,
+    )
     assert (upload, uploaded_repo, upload_options["repo_type"]) == ("upload_folder", "someone/sentiment", "model")
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", EXPORT_RECORD} <= set(files)
     with pytest.raises(DeltatuneError, match="must be a hub repository id 'owner/name'"):

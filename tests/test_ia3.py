@@ -17,16 +17,23 @@ peft = pytest.importorskip("peft")
 
 KINDS = ["bert", "llama"]
 EXPECTED = {  # what the defaults adapt in layer 0, and which side each scales
-    "bert": {"bert.encoder.layer.0.attention.self.key": "output", "bert.encoder.layer.0.attention.self.value": "output",
-             "bert.encoder.layer.0.output.dense": "input"},
-    "llama": {"model.layers.0.self_attn.k_proj": "output", "model.layers.0.self_attn.v_proj": "output",
-              "model.layers.0.mlp.down_proj": "input"},
+    "bert": {
+        "bert.encoder.layer.0.attention.self.key": "output",
+        "bert.encoder.layer.0.attention.self.value": "output",
+        "bert.encoder.layer.0.output.dense": "input",
+    },
+    "llama": {
+        "model.layers.0.self_attn.k_proj": "output",
+        "model.layers.0.self_attn.v_proj": "output",
+        "model.layers.0.mlp.down_proj": "input",
+    },
 }
 
 
 def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy dog"], padding=True,
-                                return_tensors="pt")
+    encoded = build_tokenizer()(
+        ["the man plays guitar", "a good movie", "not very happy dog"], padding=True, return_tensors="pt"
+    )
     encoded.pop("token_type_ids", None)
     return dict(encoded)
 
@@ -73,8 +80,9 @@ def test_equal_weights_give_the_same_outputs_as_peft_ia3(kind):
     prepare_model(model, method)
     layers = ia3_layers(model)
     feedforward = [name for name, module in layers.items() if module.scale_input]
-    reference = peft.get_peft_model(base_copy, peft.IA3Config(
-        target_modules=list(layers), feedforward_modules=feedforward, task_type="SEQ_CLS")).eval()
+    reference = peft.get_peft_model(
+        base_copy, peft.IA3Config(target_modules=list(layers), feedforward_modules=feedforward, task_type="SEQ_CLS")
+    ).eval()
     peft_parameters = dict(reference.named_parameters())
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -92,8 +100,7 @@ def test_scales_multiply_the_output_or_the_input(kind):
     model, _ = trained_ia3_model(kind)
     for module in ia3_layers(model).values():
         x = torch.randn(2, 3, module.base_layer.in_features)
-        expected = (module.base_layer(x * module.scale) if module.scale_input
-                    else module.base_layer(x) * module.scale)
+        expected = module.base_layer(x * module.scale) if module.scale_input else module.base_layer(x) * module.scale
         torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
 
 
@@ -136,8 +143,11 @@ def test_a_layer_cannot_be_both_kinds_of_target():
 
 
 def test_targets_matching_nothing_name_the_option():
-    with pytest.raises(DeltatuneError, match=r"method.feedforward_targets=\('mlp',\) matched no linear layer of "
-                                             r"LlamaForSequenceClassification.*'model.layers.0.mlp.down_proj'"):
+    with pytest.raises(
+        DeltatuneError,
+        match=r"method.feedforward_targets=\('mlp',\) matched no linear layer of "
+        r"LlamaForSequenceClassification.*'model.layers.0.mlp.down_proj'",
+    ):
         prepare_model(build_tiny_model("llama"), build_method("ia3", {"feedforward_targets": "mlp"}))
 
 

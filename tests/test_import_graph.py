@@ -66,7 +66,7 @@ def imported_names(tree: ast.AST, package: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([node.module] if node.module else [])])
             names.update({base, *(f"{base}.{alias.name}" for alias in node.names)})
         pending.extend(ast.iter_child_nodes(node))
@@ -99,7 +99,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 found = visit(target)
                 if found:
@@ -117,14 +117,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_every_module_imports_and_the_import_graph_has_no_cycle():
-    result = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert not report["failures"], "modules that do not import:\n" + "\n".join(
-        f"{name}: {trace}" for name, trace in report["failures"].items())
+        f"{name}: {trace}" for name, trace in report["failures"].items()
+    )
     graph = static_graph()
-    assert len(graph) > 40 and "deltatune.run" in graph["deltatune.freelm.artifact"], "the static pass found the imports"
+    assert len(graph) > 40 and "deltatune.run" in graph["deltatune.freelm.artifact"], (
+        "the static pass found the imports"
+    )
     for source, target in report["edges"]:
         graph.setdefault(source, set()).add(target)
     assert ["deltatune.methods", "deltatune.methods.freeze"] in report["edges"], "the plug-in imports were recorded"

@@ -32,8 +32,11 @@ KINDS = ["bert", "llama"]
 
 def batch():
     tokenizer = build_tokenizer()
-    encoded = tokenizer(["the man plays guitar", "a good movie", "not very happy", "the dog eats food"],
-                        padding=True, return_tensors="pt")
+    encoded = tokenizer(
+        ["the man plays guitar", "a good movie", "not very happy", "the dog eats food"],
+        padding=True,
+        return_tensors="pt",
+    )
     encoded.pop("token_type_ids", None)
     return dict(encoded)
 
@@ -66,7 +69,7 @@ def test_layer_layout_places_every_parameter(kind, prefix):
     assert (layout.prefix, layout.num_layers) == (prefix, 3)
     for name, position in layout.position.items():
         if name.startswith(f"{prefix}."):
-            assert position == int(name[len(prefix) + 1:].split(".")[0])
+            assert position == int(name[len(prefix) + 1 :].split(".")[0])
         elif "embed" in name:
             assert position == -1, name
         else:  # pooler, final norm, head
@@ -101,11 +104,15 @@ def test_layernorm_trains_every_norm_and_the_head(kind):
     names = prepare_model(model, build_method("layernorm"))
     if kind == "bert":  # embedding norm + 2 per block, each with gain and bias
         expected = {f"bert.embeddings.LayerNorm.{p}" for p in ("weight", "bias")} | {
-            f"bert.encoder.layer.{i}.{part}LayerNorm.{p}" for i in range(2)
-            for part in ("attention.output.", "output.") for p in ("weight", "bias")}
+            f"bert.encoder.layer.{i}.{part}LayerNorm.{p}"
+            for i in range(2)
+            for part in ("attention.output.", "output.")
+            for p in ("weight", "bias")
+        }
     else:  # RMSNorm: gains only
-        expected = {f"model.layers.{i}.{n}.weight" for i in range(2)
-                    for n in ("input_layernorm", "post_attention_layernorm")} | {"model.norm.weight"}
+        expected = {
+            f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+        } | {"model.norm.weight"}
     assert names == expected | head_names(model)
 
 
@@ -114,8 +121,11 @@ def test_layernorm_targets_choose_norms_and_name_them_in_errors():
     names = prepare_model(model, build_method("layernorm", {"targets": "input_layernorm"}))
     expected = {"model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"}
     assert names == expected | head_names(model)
-    with pytest.raises(DeltatuneError, match=r"method.targets=\('LayerNorm',\).*input_layernorm, norm, "
-                                             r"post_attention_layernorm"):
+    with pytest.raises(
+        DeltatuneError,
+        match=r"method.targets=\('LayerNorm',\).*input_layernorm, norm, "
+        r"post_attention_layernorm",
+    ):
         prepare_model(build_tiny_model("llama"), build_method("layernorm", {"targets": "LayerNorm"}))
 
 
@@ -151,8 +161,9 @@ def test_layernorm_matches_peft_ln_tuning(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("options, layers", [({}, [2, 3]), ({"top": 1}, [3]), ({"bottom": 2}, [0, 1]),
-                                             ({"layers": "-1,1"}, [1, 3])])
+@pytest.mark.parametrize(
+    "options, layers", [({}, [2, 3]), ({"top": 1}, [3]), ({"bottom": 2}, [0, 1]), ({"layers": "-1,1"}, [1, 3])]
+)
 def test_freeze_selects_layers_and_always_trains_the_top(kind, options, layers):
     model = deep_model(kind)
     method = build_method("freeze", options)
@@ -172,14 +183,17 @@ def test_freeze_default_is_top_two_and_is_recorded():
     assert "bert.embeddings.word_embeddings.weight" in names
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"top": "1", "bottom": "1"}, r"exactly one of .*method.top=1, method.bottom=1"),
-    ({"top": "0"}, r"method.top=0 must be at least 1"),
-    ({"layers": "1,1"}, r"lists a layer twice"),
-    ({"critical": "2"}, r"method.critical=2 needs method.critical_from"),
-    ({"critical_from": "runs/x"}, r"only used with method.critical"),
-    ({"critical": "1", "critical_from": "runs/x", "critical_layers": "0,1"}, r"leave it empty"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"top": "1", "bottom": "1"}, r"exactly one of .*method.top=1, method.bottom=1"),
+        ({"top": "0"}, r"method.top=0 must be at least 1"),
+        ({"layers": "1,1"}, r"lists a layer twice"),
+        ({"critical": "2"}, r"method.critical=2 needs method.critical_from"),
+        ({"critical_from": "runs/x"}, r"only used with method.critical"),
+        ({"critical": "1", "critical_from": "runs/x", "critical_layers": "0,1"}, r"leave it empty"),
+    ],
+)
 def test_freeze_config_errors_name_the_option(options, message):
     with pytest.raises(DeltatuneError, match=message):
         build_method("freeze", options)
@@ -195,8 +209,10 @@ def test_freeze_layer_out_of_range_is_an_error_at_apply():
 # the lowest trainable block has no input that requires grad, so torch notes its hook fires on outputs
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("options, reached", [({"layers": "2"}, {2, 3}), ({"top": "1"}, {3}),
-                                              ({"layers": "2", "train_embeddings": "true"}, {0, 1, 2, 3})])
+@pytest.mark.parametrize(
+    "options, reached",
+    [({"layers": "2"}, {2, 3}), ({"top": "1"}, {3}), ({"layers": "2", "train_embeddings": "true"}, {0, 1, 2, 3})],
+)
 def test_backward_never_runs_below_the_lowest_trainable_layer(kind, options, reached):
     """Frozen lower layers: their outputs do not require grad, and no backward hook below ever fires."""
     model = deep_model(kind, num_layers=4)
@@ -205,6 +221,7 @@ def test_backward_never_runs_below_the_lowest_trainable_layer(kind, options, rea
     blocks = model.get_submodule(layout.prefix)
     output_requires_grad, backward_reached = {}, set()
     for index, block in enumerate(blocks):
+
         def record_output(module, args, output, index=index):
             hidden = output[0] if isinstance(output, tuple) else output
             output_requires_grad[index] = hidden.requires_grad
@@ -338,8 +355,9 @@ def train_sparse(kind: str, options: dict, steps: int = 6, seed: int = 0):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_sparse_mask_reaches_the_target_sparsity(kind):
-    model, method, history = train_sparse(kind, {"sparsity": "0.05", "warmup_fraction": "0.2",
-                                                 "ramp_fraction": "0.4"}, steps=10)
+    model, method, history = train_sparse(
+        kind, {"sparsity": "0.05", "warmup_fraction": "0.2", "ramp_fraction": "0.4"}, steps=10
+    )
     assert history[:2] == [0.0, 0.0]  # warm-up: identity
     assert 0 < history[3] < 0.05
     for module in masked_linears(model).values():  # every matrix exactly round(5%) at the end
@@ -412,8 +430,10 @@ def test_sparse_mask_layers_and_targets_choose_the_matrices():
     method = build_method("sparse-mask", {"layers": "-1", "targets": "q_proj,v_proj"})
     names = prepare_model(model, method)
     assert set(masked_linears(model)) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
-    assert names == {"model.layers.1.self_attn.q_proj.deltas.default.mask_scores",
-                     "model.layers.1.self_attn.v_proj.deltas.default.mask_scores"} | head_names(model)
+    assert names == {
+        "model.layers.1.self_attn.q_proj.deltas.default.mask_scores",
+        "model.layers.1.self_attn.v_proj.deltas.default.mask_scores",
+    } | head_names(model)
     with pytest.raises(DeltatuneError, match=r"method.targets=\('query',\).*named like .*q_proj"):
         prepare_model(build_tiny_model("llama"), build_method("sparse-mask", {"targets": "query"}))
 
@@ -429,8 +449,9 @@ def test_freeze_apply_never_reads_another_run(tmp_path, tiny_bert_dir):
 
 
 def test_sparse_mask_steps_on_a_merged_mask_are_refused_naming_the_layer_and_the_fix():
-    model, method, _ = train_sparse("bert", {"sparsity": "0.05", "warmup_fraction": "0.2", "ramp_fraction": "0.5"},
-                                    steps=2)
+    model, method, _ = train_sparse(
+        "bert", {"sparsity": "0.05", "warmup_fraction": "0.2", "ramp_fraction": "0.5"}, steps=2
+    )
     method.merge(model)
     with pytest.raises(DeltatuneError, match=r"has its mask merged into the weight.*unmerge it"):
         method.on_step_end(model, 3, 6)

@@ -47,8 +47,16 @@ def moved_delta(model, method_name: str, options: dict | None, seed: int, scale:
     return method
 
 
-def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, seed: int, options=None,
-             data: dict | None = None, head: tuple[str, str] | None = None) -> Path:
+def make_run(
+    directory: Path,
+    base_dir: Path,
+    method_name: str,
+    task: TaskSpec,
+    seed: int,
+    options=None,
+    data: dict | None = None,
+    head: tuple[str, str] | None = None,
+) -> Path:
     """A saved delta of `method_name` for `task` on the local base, every trainable tensor moved off its start;
     `head` (kind, pooling) trains one of deltatune's own heads instead of the model's."""
     from deltatune.heads import PooledTaskModel
@@ -59,11 +67,20 @@ def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, 
     model, _ = load_model_for_task(str(base_dir), task, head=kind, pooling=pooling)
     fingerprint = fingerprint_backbone(model)
     method = moved_delta(model, method_name, options, seed)
-    head = ManifestHead(model.head_config.kind, model.head_config.pooling,
-                        transformers_head=not isinstance(model, PooledTaskModel))
-    manifest = delta_manifest(method, str(base_dir), fingerprint, task, max_length=32, data=data or {}, head=head,
-                              target_scale=[2.5, 1.2] if task.is_regression else None,
-                              metrics={"dev": {task.metric: 0.5}})
+    head = ManifestHead(
+        model.head_config.kind, model.head_config.pooling, transformers_head=not isinstance(model, PooledTaskModel)
+    )
+    manifest = delta_manifest(
+        method,
+        str(base_dir),
+        fingerprint,
+        task,
+        max_length=32,
+        data=data or {},
+        head=head,
+        target_scale=[2.5, 1.2] if task.is_regression else None,
+        metrics={"dev": {task.metric: 0.5}},
+    )
     save_delta(directory, model, method, manifest)
     return directory
 
@@ -71,12 +88,19 @@ def make_run(directory: Path, base_dir: Path, method_name: str, task: TaskSpec, 
 @pytest.fixture
 def runs(tmp_path):
     base = save_tiny_model_dir(tmp_path / "base", "bert")
-    specs = {"sentiment-lora": ("lora", SENTIMENT), "topic-bitfit": ("bitfit", TOPIC),
-             "pairs-adapter": ("pfeiffer", PAIRS), "scores-ia3": ("ia3", SCORES),
-             "topic-full": ("full", TOPIC), "sentiment-prefix": ("prefix-tuning", SENTIMENT)}
+    specs = {
+        "sentiment-lora": ("lora", SENTIMENT),
+        "topic-bitfit": ("bitfit", TOPIC),
+        "pairs-adapter": ("pfeiffer", PAIRS),
+        "scores-ia3": ("ia3", SCORES),
+        "topic-full": ("full", TOPIC),
+        "sentiment-prefix": ("prefix-tuning", SENTIMENT),
+    }
     options = {"prefix-tuning": {"num_virtual_tokens": 4}, "pfeiffer": {"bottleneck_size": 4}}
-    return {name: make_run(tmp_path / name, base, method, task, seed, options.get(method))
-            for seed, (name, (method, task)) in enumerate(specs.items(), start=1)}
+    return {
+        name: make_run(tmp_path / name, base, method, task, seed, options.get(method))
+        for seed, (name, (method, task)) in enumerate(specs.items(), start=1)
+    }
 
 
 def inputs_for(task: TaskSpec):
@@ -85,7 +109,9 @@ def inputs_for(task: TaskSpec):
 
 def alone(run: Path, task: TaskSpec):
     rows = inputs_for(task)
-    columns = [list(column) for column in zip(*[row if isinstance(row, tuple) else (row,) for row in rows], strict=True)]
+    columns = [
+        list(column) for column in zip(*[row if isinstance(row, tuple) else (row,) for row in rows], strict=True)
+    ]
     return deltatune.load(run).predict(*columns, precision="fp32")
 
 
@@ -101,7 +127,9 @@ def assert_same(served: dict, single: dict):
 def test_one_base_many_tasks_each_answers_as_its_delta_alone_in_mixed_batches(runs):
     served = deltatune.load_many(list(runs.values()))
     assert list(served.tasks) == ["sentiment", "topic", "pairs", "scores", "topic-2", "sentiment-2"]
-    expected = {name: alone(run, served.tasks[name].task) for name, run in zip(served.tasks, runs.values(), strict=True)}
+    expected = {
+        name: alone(run, served.tasks[name].task) for name, run in zip(served.tasks, runs.values(), strict=True)
+    }
     # one task per input, interleaved: the per-row deltas share forward passes, the full delta runs apart
     order = [(name, row) for row in range(len(TEXTS)) for name in served.tasks]
     inputs = [inputs_for(served.tasks[name].task)[row] for name, row in order]
@@ -120,8 +148,9 @@ def test_load_many_twice_and_names_given(runs):
     first = deltatune.load_many([runs["sentiment-lora"], runs["topic-bitfit"]], names=["a", "b"])
     second = deltatune.load_many([runs["topic-bitfit"]])
     assert list(first.tasks) == ["a", "b"] and list(second.tasks) == ["topic"]
-    assert first.predict("a good movie", task="b", precision="fp32")[0] == \
-        second.predict(["a good movie"], task="topic", precision="fp32")[0] | {"task": "b"}
+    assert first.predict("a good movie", task="b", precision="fp32")[0] == second.predict(
+        ["a good movie"], task="topic", precision="fp32"
+    )[0] | {"task": "b"}
 
 
 def test_a_full_fine_tuning_delta_reports_a_whole_model_of_memory(runs):
@@ -141,8 +170,9 @@ def test_deltas_attach_and_detach_at_run_time(runs):
     with served.serving():  # the mixed-batch state stays open across calls, and attach/detach reopen it
         served.predict(TEXTS, task="sentiment", precision="fp32")
         served.attach(runs["topic-bitfit"])
-        assert [r["label"] for r in served.predict(TEXTS, task="topic", precision="fp32")] == \
-            [r["label"] for r in alone(runs["topic-bitfit"], TOPIC)]
+        assert [r["label"] for r in served.predict(TEXTS, task="topic", precision="fp32")] == [
+            r["label"] for r in alone(runs["topic-bitfit"], TOPIC)
+        ]
         served.detach("topic")
         assert served.predict(TEXTS, task="sentiment", precision="fp32") == before
     with pytest.raises(DeltatuneError, match=r"task: no task named 'topic' is served; served: 'sentiment'"):
@@ -203,17 +233,23 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
     """Deltas trained with a mean-pooled head (MiniLM-L6's default) load together and answer as alone."""
     base = save_tiny_model_dir(tmp_path / "base", "bert")
     mean = {"kind": ("cross-encoder", "mean")}
-    pooled = {"sentiment-lora": make_run(tmp_path / "a", base, "lora", SENTIMENT, 1, head=mean["kind"]),
-              "topic-bitfit": make_run(tmp_path / "b", base, "bitfit", TOPIC, 2, head=mean["kind"])}
+    pooled = {
+        "sentiment-lora": make_run(tmp_path / "a", base, "lora", SENTIMENT, 1, head=mean["kind"]),
+        "topic-bitfit": make_run(tmp_path / "b", base, "bitfit", TOPIC, 2, head=mean["kind"]),
+    }
     served = deltatune.load_many(list(pooled.values()), names=["sentiment", "topic"])
     expected = {"sentiment": alone(pooled["sentiment-lora"], SENTIMENT), "topic": alone(pooled["topic-bitfit"], TOPIC)}
     tasks = ["sentiment", "topic", "topic", "sentiment", "topic"]  # one batch, rows of both deltas
-    for row, (answer, name) in enumerate(zip(served.predict(inputs_for(SENTIMENT), task=tasks, precision="fp32"),
-                                             tasks, strict=True)):
+    for row, (answer, name) in enumerate(
+        zip(served.predict(inputs_for(SENTIMENT), task=tasks, precision="fp32"), tasks, strict=True)
+    ):
         assert_same(answer, expected[name][row])
     native = make_run(tmp_path / "c", base, "lora", SENTIMENT, 3)
-    with pytest.raises(DeltatuneError, match=r"trained with 2 different heads \(cross-encoder pooling by mean: .*; "
-                                             r"cross-encoder pooling by native: "):
+    with pytest.raises(
+        DeltatuneError,
+        match=r"trained with 2 different heads \(cross-encoder pooling by mean: .*; "
+        r"cross-encoder pooling by native: ",
+    ):
         deltatune.load_many([pooled["sentiment-lora"], native])
     pairs = make_run(tmp_path / "d", base, "lora", PAIRS, 4, head=("bi-encoder", "mean"))
     with pytest.raises(DeltatuneError, match="bi-encoder head .* which load_many does not serve yet"):

@@ -15,7 +15,8 @@ from test_training import SENTIMENT, sentiment_splits
 
 needs_logging_extra = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("mlflow") is None,
-    reason="the logging extra is not installed")
+    reason="the logging extra is not installed",
+)
 
 
 def tiny_run(**config):
@@ -27,8 +28,9 @@ def tiny_run(**config):
     test_split = sentiment_splits(n_train=1, n_dev=16)[1]
     settings = dict(epochs=2, batch_size=16, learning_rate=3e-3, quiet=True, seed=3, eval_every=2)
     settings.update(config)
-    result = train(model, tokenizer, SENTIMENT, train_split, dev_split, method, TrainConfig(**settings),
-                   test_split=test_split)
+    result = train(
+        model, tokenizer, SENTIMENT, train_split, dev_split, method, TrainConfig(**settings), test_split=test_split
+    )
     return model, result
 
 
@@ -47,18 +49,21 @@ def test_tensorboard_holds_every_step_and_evaluation_and_the_loggers_change_noth
     logged_model, result = tiny_run(report_to=("tensorboard", "mlflow"), log_dir=str(tmp_path))
     for (name, a), (_, b) in zip(plain_model.state_dict().items(), logged_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert [(p["step"], p["metrics"]) for p in plain.learning_curve] == \
-        [(p["step"], p["metrics"]) for p in result.learning_curve]
+    assert [(p["step"], p["metrics"]) for p in plain.learning_curve] == [
+        (p["step"], p["metrics"]) for p in result.learning_curve
+    ]
 
     written = scalars(tmp_path)
     assert [step for step, _ in written["train/loss"]] == list(range(1, result.steps + 1))
     plan = plan_steps(64, TrainConfig(epochs=2, batch_size=16))
-    expected_rates = [3e-3 * _lr_factor(step, plan.warmup_steps, plan.planned_steps, "linear")
-                      for step in range(result.steps)]
+    expected_rates = [
+        3e-3 * _lr_factor(step, plan.warmup_steps, plan.planned_steps, "linear") for step in range(result.steps)
+    ]
     assert [value for _, value in written["train/learning_rate"]] == pytest.approx(expected_rates, rel=1e-6)
     assert all(value > 0 for _, value in written["train/examples_per_s"])
-    assert written["dev/accuracy"] == [(point["step"], pytest.approx(point["metrics"]["accuracy"], abs=1e-6))
-                                       for point in result.learning_curve]
+    assert written["dev/accuracy"] == [
+        (point["step"], pytest.approx(point["metrics"]["accuracy"], abs=1e-6)) for point in result.learning_curve
+    ]
     assert written["test/f1"] == [(result.steps, pytest.approx(result.test_metrics["f1"], abs=1e-6))]
 
 
@@ -73,7 +78,8 @@ def test_mlflow_file_store_holds_the_run_metrics(tmp_path):
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "dev/accuracy")
     assert [(m.step, m.value) for m in history] == [
-        (point["step"], pytest.approx(point["metrics"]["accuracy"], abs=1e-9)) for point in result.learning_curve]
+        (point["step"], pytest.approx(point["metrics"]["accuracy"], abs=1e-9)) for point in result.learning_curve
+    ]
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, result.steps + 1))
     test = client.get_metric_history(run.info.run_id, "test/accuracy")
@@ -103,8 +109,10 @@ def test_the_command_line_reports_to_tensorboard_outside_the_run_directory(tmp_p
     model_dir = save_tiny_model_dir(tmp_path / "tiny-bert", "bert")
     data = write_csv(tmp_path / "reviews.csv", make_sentiment_rows(80))
     out, logs = tmp_path / "run", tmp_path / "logs"
-    assert main(train_args(model_dir, data, out, "--epochs", "1", "--report-to", "tensorboard",
-                           "--log-dir", str(logs))) == 0
+    assert (
+        main(train_args(model_dir, data, out, "--epochs", "1", "--report-to", "tensorboard", "--log-dir", str(logs)))
+        == 0
+    )
     record = json.loads((out / "run.json").read_text())
     assert record["train_config"]["report_to"] == ["tensorboard"]
     assert [step for step, _ in scalars(logs)["train/loss"]] == list(range(1, record["steps"] + 1))
@@ -124,8 +132,11 @@ def test_a_compare_spec_passes_report_to_to_its_cells_without_changing_their_ide
 
     def cells(train: str):
         path = tmp_path / "grid.yaml"
-        path.write_text("models: [tiny-bert]\ntasks: [{name: toy, path: toy.csv, text_fields: [text]}]\n"
-                        f"methods: [bitfit]\ntrain: {train}\n", encoding="utf-8")
+        path.write_text(
+            "models: [tiny-bert]\ntasks: [{name: toy, path: toy.csv, text_fields: [text]}]\n"
+            f"methods: [bitfit]\ntrain: {train}\n",
+            encoding="utf-8",
+        )
         return parse_spec(read_spec_file(path)).cells
 
     (plain,), (logged,) = cells("{epochs: 1}"), cells("{epochs: 1, report_to: [tensorboard], log_dir: logs}")
@@ -157,7 +168,9 @@ def test_an_interrupted_run_closes_its_loggers_and_marks_the_mlflow_run_failed(t
     monkeypatch.setattr(Trainer, "_step", interrupted_step)
     closed = []
     original_close = Trainer.close
-    monkeypatch.setattr(Trainer, "close", lambda self, failed=False: closed.append(failed) or original_close(self, failed))
+    monkeypatch.setattr(
+        Trainer, "close", lambda self, failed=False: closed.append(failed) or original_close(self, failed)
+    )
     with pytest.raises(KeyboardInterrupt):
         if lr_search is None:
             tiny_run(report_to=("mlflow", "tensorboard"), log_dir=str(tmp_path), epochs=1)
@@ -165,10 +178,25 @@ def test_an_interrupted_run_closes_its_loggers_and_marks_the_mlflow_run_failed(t
             torch.manual_seed(0)
             model, tokenizer = build_tiny_model("bert"), build_tokenizer()
             train_split, dev_split = sentiment_splits(n_train=64, n_dev=24)
-            prepared = run_module.prepare_data(model, tokenizer, SENTIMENT, train_split, dev_split, None,
-                                               TrainConfig(batch_size=16, quiet=True, seed=3))
-            config = TrainConfig(epochs=1, batch_size=16, quiet=True, seed=3, eval_every=2, lr_search=lr_search,
-                                 report_to=("mlflow",), log_dir=str(tmp_path))
+            prepared = run_module.prepare_data(
+                model,
+                tokenizer,
+                SENTIMENT,
+                train_split,
+                dev_split,
+                None,
+                TrainConfig(batch_size=16, quiet=True, seed=3),
+            )
+            config = TrainConfig(
+                epochs=1,
+                batch_size=16,
+                quiet=True,
+                seed=3,
+                eval_every=2,
+                lr_search=lr_search,
+                report_to=("mlflow",),
+                log_dir=str(tmp_path),
+            )
             run_module._train(model, tokenizer, SENTIMENT, prepared, "lora", {}, build_method("lora"), config, None)
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     runs = client.search_runs([client.get_experiment_by_name("deltatune").experiment_id])

@@ -22,8 +22,9 @@ PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
 
 def batch():
-    encoded = build_tokenizer()(["the man plays guitar", "a good movie", "not very happy dog"], padding=True,
-                                return_tensors="pt")
+    encoded = build_tokenizer()(
+        ["the man plays guitar", "a good movie", "not very happy dog"], padding=True, return_tensors="pt"
+    )
     encoded.pop("token_type_ids", None)
     return dict(encoded)
 
@@ -49,8 +50,9 @@ def trained_lora_model(kind, options=None, seed=0):
 @pytest.mark.parametrize("kind", KINDS)
 def test_equal_weights_give_the_same_outputs_as_peft_lora(kind):
     base = build_tiny_model(kind, num_labels=3)
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=12, target_modules=PEFT_TARGETS[kind], task_type="SEQ_CLS")).eval()
+    reference = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=12, target_modules=PEFT_TARGETS[kind], task_type="SEQ_CLS")
+    ).eval()
     model, method = base, build_method("lora", {"r": 4, "alpha": 12})
     prepare_model(model, method)
     peft_parameters = dict(reference.named_parameters())
@@ -148,12 +150,16 @@ def test_targets_by_suffix_and_by_regex():
     model = build_tiny_model("bert")
     prepare_model(model, build_method("lora", {"targets": "attention.output.dense"}))
     assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == [
-        "bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.attention.output.dense"]
+        "bert.encoder.layer.0.attention.output.dense",
+        "bert.encoder.layer.1.attention.output.dense",
+    ]
 
     model = build_tiny_model("bert")
     prepare_model(model, build_method("lora", {"targets": r"re:.*layer\.1\..*(query|key)"}))
     assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == [
-        "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.key"]
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.key",
+    ]
 
     model = build_tiny_model("llama")  # regex characters without the prefix make a regex too
     prepare_model(model, build_method("lora", {"targets": ".*mlp.*_proj"}))
@@ -161,9 +167,12 @@ def test_targets_by_suffix_and_by_regex():
 
 
 def test_a_target_matching_nothing_names_the_option_and_lists_the_layers():
-    with pytest.raises(DeltatuneError, match=r"method.targets=\('q_proj',\) matched no linear layer of "
-                                             r"BertForSequenceClassification; its linear layers are named like "
-                                             r"'bert.encoder.layer.0.attention.self.query'"):
+    with pytest.raises(
+        DeltatuneError,
+        match=r"method.targets=\('q_proj',\) matched no linear layer of "
+        r"BertForSequenceClassification; its linear layers are named like "
+        r"'bert.encoder.layer.0.attention.self.query'",
+    ):
         prepare_model(build_tiny_model("bert"), build_method("lora", {"targets": "q_proj"}))
     # a typo beside a valid target is still an error: it would silently train less than asked
     with pytest.raises(DeltatuneError, match=r"'vaule' matched no linear layer"):
@@ -197,6 +206,7 @@ def test_applying_twice_is_an_error():
 
 
 # --- export to PEFT's format ---------------------------------------------------------------------
+
 
 def load_with_peft(kind, directory):
     base = build_tiny_model(kind, num_labels=3, seed=0)
@@ -246,6 +256,8 @@ def test_export_refuses_to_overwrite_and_refuses_methods_without_a_peft_form(tmp
     bitfit = build_method("bitfit")
     prepare_model(bitfit_model, bitfit)
     save_delta(tmp_path / "bitfit-run", bitfit_model, bitfit, delta_manifest(bitfit, "tiny"))
-    with pytest.raises(DeltatuneError, match=r"'bitfit' delta cannot be exported.*deltas of dora, ia3, lora, pissa can"):
+    with pytest.raises(
+        DeltatuneError, match=r"'bitfit' delta cannot be exported.*deltas of dora, ia3, lora, pissa can"
+    ):
         export_peft(tmp_path / "bitfit-run", tmp_path / "out")
     assert delta_state(bitfit_model, bitfit)  # (the delta itself is fine; only the PEFT form is missing)

@@ -33,14 +33,19 @@ def test_task_arithmetic_of_two_loras_is_the_sum_of_their_weight_updates(tmp_pat
     second = make_run(tmp_path / "b", base, "lora", SENTIMENT, 2, {"r": 4, "alpha": 12.0})
     (merged,) = merge_runs([first, second], tmp_path / "sum", MergeConfig(how="task-arithmetic"))
     for module in LAYERS:
-        torch.testing.assert_close(lora_update(merged, module), lora_update(first, module) + lora_update(second, module),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            lora_update(merged, module), lora_update(first, module) + lora_update(second, module), rtol=0, atol=1e-6
+        )
     manifest = json.loads((merged / "deltatune.json").read_text())
     assert manifest["method_config"]["r"] == 12 and manifest["merge"]["how"] == "task-arithmetic"
     (soup,) = merge_runs([first, second], tmp_path / "soup", MergeConfig(how="linear", weights=(1.0, 3.0)))
     for module in LAYERS:
-        torch.testing.assert_close(lora_update(soup, module),
-                                   0.25 * lora_update(first, module) + 0.75 * lora_update(second, module), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            lora_update(soup, module),
+            0.25 * lora_update(first, module) + 0.75 * lora_update(second, module),
+            rtol=0,
+            atol=1e-6,
+        )
     heads = [load_file(str(run / "delta.safetensors"))["classifier.weight"] for run in (first, second, soup)]
     torch.testing.assert_close(heads[2], 0.25 * heads[0] + 0.75 * heads[1])  # one task: the heads are souped too
     assert deltatune.load(soup).predict("a good movie")[0]["label"] in SENTIMENT.labels
@@ -52,9 +57,12 @@ def test_ties_keeps_the_largest_entries_elects_signs_and_averages_the_agreeing_o
     # trimmed: [3, 0, 0, -2] and [0, -4, 0, 2]; signs: sum (3, -4, 0, 0) -> +, -, +, +
     assert merged.tolist() == [3.0, -4.0, 0.0, 2.0]
     frequency = merge_task_vectors(vectors, [1.0, 1.0], MergeConfig(how="ties", density=1.0, majority_sign="frequency"))
-    assert frequency.tolist() == pytest.approx([3.0, -2.5, 0.35, 2.0])  # entry 0: +1 and -1 votes tie -> +, only 3 agrees
-    dropped = merge_task_vectors([torch.ones(10_000)], [1.0], MergeConfig(how="dare", density=0.25),
-                                 torch.Generator().manual_seed(0))
+    assert frequency.tolist() == pytest.approx(
+        [3.0, -2.5, 0.35, 2.0]
+    )  # entry 0: +1 and -1 votes tie -> +, only 3 agrees
+    dropped = merge_task_vectors(
+        [torch.ones(10_000)], [1.0], MergeConfig(how="dare", density=0.25), torch.Generator().manual_seed(0)
+    )
     assert set(dropped.unique().tolist()) == {0.0, 4.0} and abs(dropped.mean().item() - 1.0) < 0.05
 
 
@@ -66,8 +74,10 @@ def without_head(adapter):
     config["modules_to_save"], config["task_type"] = None, None  # SEQ_CLS would add the head back
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file({name: tensor for name, tensor in tensors.items() if "classifier" not in name},
-              str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {name: tensor for name, tensor in tensors.items() if "classifier" not in name},
+        str(adapter / "adapter_model.safetensors"),
+    )
     return adapter
 
 
@@ -83,8 +93,9 @@ def peft_merged_updates(tmp_path, runs, combination, weights, **options):
     model = peft.PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
     for i, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(str(adapter), adapter_name=f"a{i}")
-    model.add_weighted_adapter([f"a{i}" for i in range(len(runs))], list(weights), "merged",
-                               combination_type=combination, **options)
+    model.add_weighted_adapter(
+        [f"a{i}" for i in range(len(runs))], list(weights), "merged", combination_type=combination, **options
+    )
     modules = dict(model.named_modules())
     return {layer: modules[f"base_model.model.{layer}"].get_delta_weight("merged") for layer in LAYERS}
 
@@ -97,8 +108,9 @@ def test_concatenation_equals_peft_cat_at_equal_inputs(tmp_path, base):
         torch.testing.assert_close(lora_update(merged, layer), theirs[layer], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("how, combination", [("ties", "ties_svd"), ("dare", "dare_linear_svd"),
-                                              ("dare-ties", "dare_ties_svd")])
+@pytest.mark.parametrize(
+    "how, combination", [("ties", "ties_svd"), ("dare", "dare_linear_svd"), ("dare-ties", "dare_ties_svd")]
+)
 def test_ties_and_dare_equal_peft_at_equal_inputs_and_equal_drop_masks(tmp_path, base, monkeypatch, how, combination):
     """TIES is deterministic. DARE is random: deltatune's drop masks are recorded and PEFT is handed the
     same masks (its `torch.bernoulli` calls replay them, in the same order), so the rest of its DARE
@@ -169,11 +181,16 @@ def test_merges_that_make_no_sense_are_refused_saying_why(tmp_path, base):
     lora_keys = make_run(tmp_path / "lora-k", base, "lora", SENTIMENT, 2, {"targets": ("key",)})
     bitfit = make_run(tmp_path / "bitfit", base, "bitfit", SENTIMENT, 3)
     adapter = make_run(tmp_path / "adapter", base, "pfeiffer", SENTIMENT, 4, {"bottleneck_size": 4})
-    stranger = make_run(tmp_path / "stranger", save_tiny_model_dir(tmp_path / "other", "bert", seed=7), "lora",
-                        SENTIMENT, 5)
-    cases = [([lora, bitfit], "different methods"), ([lora, stranger], "different base models"),
-             ([adapter, adapter], "pfeiffer deltas are not changes of the base model's weights"),
-             ([lora, lora_keys], "adapt different layers"), ([lora], "at least two run directories")]
+    stranger = make_run(
+        tmp_path / "stranger", save_tiny_model_dir(tmp_path / "other", "bert", seed=7), "lora", SENTIMENT, 5
+    )
+    cases = [
+        ([lora, bitfit], "different methods"),
+        ([lora, stranger], "different base models"),
+        ([adapter, adapter], "pfeiffer deltas are not changes of the base model's weights"),
+        ([lora, lora_keys], "adapt different layers"),
+        ([lora], "at least two run directories"),
+    ]
     for runs, message in cases:
         with pytest.raises(DeltatuneError, match=message):
             merge_runs(runs, tmp_path / "out", MergeConfig())
@@ -191,9 +208,20 @@ def test_merge_from_the_command_line_evaluates_against_each_delta_and_eval_works
     data = write_toy_csv(tmp_path / "toy.csv", 96)
     runs = [tmp_path / f"seed{seed}" for seed in (1, 2)]
     for seed, run in zip((1, 2), runs, strict=True):
-        deltatune.train(str(base), data=data, method="lora", out=str(run), max_steps=8, batch_size=16, seed=seed,
-                        learning_rate=3e-2, quiet=True)
-    assert main(["merge", *map(str, runs), "--how", "linear", "--out", str(tmp_path / "soup"), "--evaluate", "dev"]) == 0
+        deltatune.train(
+            str(base),
+            data=data,
+            method="lora",
+            out=str(run),
+            max_steps=8,
+            batch_size=16,
+            seed=seed,
+            learning_rate=3e-2,
+            quiet=True,
+        )
+    assert (
+        main(["merge", *map(str, runs), "--how", "linear", "--out", str(tmp_path / "soup"), "--evaluate", "dev"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "| toy |" in printed and "merged (linear)" in printed and printed.count("own delta") == 2
     manifest = json.loads((tmp_path / "soup" / "deltatune.json").read_text())

@@ -56,13 +56,24 @@ CASES = [
     Case("sparse-mask", max_delta_fraction=0.15, mergeable=True),  # one uint8 per 8 masked entries: ~12% of Llama
     Case("houlsby", {"bottleneck_size": 4}, max_delta_fraction=0.15),  # default m=64 is wider than the tiny d=32
     Case("pfeiffer", max_delta_fraction=0.05),
-    Case("prompt-tuning", {"init": "vocab"}, identity_at_start=False, max_delta_fraction=0.05),  # no tokenizer for init=text
+    Case(
+        "prompt-tuning", {"init": "vocab"}, identity_at_start=False, max_delta_fraction=0.05
+    ),  # no tokenizer for init=text
     Case("prefix-tuning", {"num_virtual_tokens": 8}, identity_at_start=False, max_delta_fraction=0.1),
-    Case("input-dependent-prompt", {"init": "vocab", "num_virtual_tokens": 4, "attention_size": 8, "num_heads": 2},
-         identity_at_start=False, max_delta_fraction=0.1),  # defaults (a=128) are wider than the tiny d=32
+    Case(
+        "input-dependent-prompt",
+        {"init": "vocab", "num_virtual_tokens": 4, "attention_size": 8, "num_heads": 2},
+        identity_at_start=False,
+        max_delta_fraction=0.1,
+    ),  # defaults (a=128) are wider than the tiny d=32
     Case("recursive-lm", {"connector_size": 8}, max_delta_fraction=0.05),  # combine=add starts at the base model
-    Case("lora", {"use_rslora": True, "loraplus_lr_ratio": 16}, max_delta_fraction=0.1, mergeable=True,
-         variant="rslora-loraplus"),
+    Case(
+        "lora",
+        {"use_rslora": True, "loraplus_lr_ratio": 16},
+        max_delta_fraction=0.1,
+        mergeable=True,
+        variant="rslora-loraplus",
+    ),
     Case("dora", max_delta_fraction=0.12, mergeable=True),
     Case("pissa", {"r": 4}, max_delta_fraction=0.1, mergeable=True),  # stores the starting pair too: 2x LoRA r=4
     Case("vera", {"r": 16}, max_delta_fraction=0.05, mergeable=True),  # default r=256 is far wider than d=32
@@ -70,8 +81,12 @@ CASES = [
     Case("compacter", max_delta_fraction=0.05),
     Case("compacter-pp", max_delta_fraction=0.05),
     Case("parallel-adapter", {"bottleneck_size": 4}, max_delta_fraction=0.1),  # default m=d/2 is 16 here
-    Case("mam", {"num_virtual_tokens": 4, "mlp_hidden_size": 16, "bottleneck_size": 4}, identity_at_start=False,
-         max_delta_fraction=0.15),
+    Case(
+        "mam",
+        {"num_virtual_tokens": 4, "mlp_hidden_size": 16, "bottleneck_size": 4},
+        identity_at_start=False,
+        max_delta_fraction=0.15,
+    ),
     Case("promot", {"init": "vocab"}, identity_at_start=False, max_delta_fraction=1.0),  # prompt + full update
 ]
 KINDS = ["bert", "llama"]
@@ -92,8 +107,7 @@ def fresh(kind, seed=0):
     return build_tiny_model(kind, num_labels=3, seed=seed)
 
 
-@pytest.fixture(params=[(case, kind) for case in CASES for kind in KINDS],
-                ids=lambda p: f"{p[0].label}-{p[1]}")
+@pytest.fixture(params=[(case, kind) for case in CASES for kind in KINDS], ids=lambda p: f"{p[0].label}-{p[1]}")
 def case_kind(request):
     return request.param
 
@@ -324,12 +338,18 @@ def test_every_method_offers_learning_rate_candidates_around_its_default():
 
 
 def test_a_misspelt_hook_is_refused_when_the_class_is_defined():
-    with pytest.raises(TypeError, match=r"Sloppy.on_step_ends is not part of the method contract.*"
-                                        r"Did you mean 'on_step_end'"):
+    with pytest.raises(
+        TypeError,
+        match=r"Sloppy.on_step_ends is not part of the method contract.*"
+        r"Did you mean 'on_step_end'",
+    ):
+
         class Sloppy(Method):
             def on_step_ends(self, model, step, total_steps):
                 pass
+
     with pytest.raises(TypeError, match=r"OldStyle.param_groups\(self, model, learning_rate\) does not match"):
+
         class OldStyle(Method):  # the hook's old, two-argument form
             def param_groups(self, model, learning_rate):
                 return []
@@ -388,12 +408,20 @@ def test_a_second_delta_that_needs_weights_a_first_one_overwrote_in_place_is_ref
 LAYER = "bert.encoder.layer.{i}"
 V1_HEAD = {"classifier.weight": (3, 32), "classifier.bias": (3,)}
 V1_FILES = {  # method, options -> tensor names and shapes as deltatune wrote them before deltas had names
-    ("lora", ()): {f"{LAYER}.attention.self.{target}.lora_{part}": shape for target in ("query", "value")
-                   for part, shape in (("A", (8, 32)), ("B", (32, 8)))},
-    ("ia3", ()): {f"{LAYER}.attention.self.key.output_scale": (32,), f"{LAYER}.attention.self.value.output_scale": (32,),
-                  f"{LAYER}.output.dense.input_scale": (64,)},
-    ("pfeiffer", (("bottleneck_size", 4),)): {f"{LAYER}.output.adapter.{part}": shape for part, shape in (
-        ("down.weight", (4, 32)), ("down.bias", (4,)), ("up.weight", (32, 4)), ("up.bias", (32,)))},
+    ("lora", ()): {
+        f"{LAYER}.attention.self.{target}.lora_{part}": shape
+        for target in ("query", "value")
+        for part, shape in (("A", (8, 32)), ("B", (32, 8)))
+    },
+    ("ia3", ()): {
+        f"{LAYER}.attention.self.key.output_scale": (32,),
+        f"{LAYER}.attention.self.value.output_scale": (32,),
+        f"{LAYER}.output.dense.input_scale": (64,),
+    },
+    ("pfeiffer", (("bottleneck_size", 4),)): {
+        f"{LAYER}.output.adapter.{part}": shape
+        for part, shape in (("down.weight", (4, 32)), ("down.bias", (4,)), ("up.weight", (32, 4)), ("up.bias", (32,)))
+    },
     ("prompt-tuning", (("init", "vocab"),)): {"bert.soft_prompt.embeddings": (20, 32)},
     ("prefix-tuning", (("num_virtual_tokens", 8),)): {"bert.prefix_tuning.prefixes": (2, 2, 8, 32)},
     ("sparse-mask", (("targets", "query"),)): {f"{LAYER}.attention.self.query.mask": (128,)},
@@ -405,8 +433,14 @@ def test_a_delta_file_written_before_named_deltas_loads_unchanged(method_name, o
     """Format version 1: tensors named as the model named its parameters then (no delta name, no wrapper)."""
     generator = torch.Generator().manual_seed(0)
     layout = {name.format(i=i): shape for name, shape in V1_FILES[method_name, options].items() for i in range(2)}
-    tensors = {name: (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) if name.endswith(".mask")
-                      else torch.randn(shape, generator=generator)) for name, shape in {**layout, **V1_HEAD}.items()}
+    tensors = {
+        name: (
+            torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+            if name.endswith(".mask")
+            else torch.randn(shape, generator=generator)
+        )
+        for name, shape in {**layout, **V1_HEAD}.items()
+    }
     model = fresh("bert")
     method = build_method(method_name, dict(options))
     prepare_model(model, method)
@@ -446,8 +480,11 @@ def test_a_saved_bitfit_delta_with_a_backbone_weight_added_is_refused_by_deltatu
     tensors = load_file(str(tmp_path / "run" / TENSORS))
     tensors["bert.embeddings.word_embeddings.weight"] = torch.zeros(45, 32)
     save_file(tensors, str(tmp_path / "run" / TENSORS))
-    with pytest.raises(DeltatuneError, match=r"unexpected tensors 'bert.embeddings.word_embeddings.weight' \(the "
-                                             r"'bitfit' method does not save them"):
+    with pytest.raises(
+        DeltatuneError,
+        match=r"unexpected tensors 'bert.embeddings.word_embeddings.weight' \(the "
+        r"'bitfit' method does not save them",
+    ):
         load(tmp_path / "run")
 
 
@@ -490,6 +527,7 @@ def test_a_delta_trained_beside_an_attached_one_starts_from_the_base_and_leaves_
         activate_delta(model, name)
         torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=0)
 
+
 def assert_delta_reloads(trained, method, base, case, batch) -> None:
     """The delta of `trained`, loaded into `base` (the same backbone), gives exactly the same outputs."""
     trained.eval()
@@ -510,8 +548,10 @@ def assert_delta_reloads(trained, method, base, case, batch) -> None:
 # The same contract with deltatune's own heads (`deltatune.heads`): a pooled cross-encoder and the
 # bi-encoder, whose batch stacks both texts of each pair along the batch.
 
-HEADS = {"bert": [("cross-encoder", "mean", 3), ("bi-encoder", "mean", 1), ("bi-encoder", "last", 3)],
-         "llama": [("bi-encoder", "last", 3)]}
+HEADS = {
+    "bert": [("cross-encoder", "mean", 3), ("bi-encoder", "mean", 1), ("bi-encoder", "last", 3)],
+    "llama": [("bi-encoder", "last", 3)],
+}
 """(kind, pooling, labels): a 3-class pooled cross-encoder, a similarity bi-encoder, a 3-class bi-encoder; on
 Llama the one that exercises both the stacked pairs and last-token pooling."""
 
@@ -525,8 +565,11 @@ def fresh_with_head(kind, head_kind, pooling, num_labels, seed=0):
 
     torch.manual_seed(seed)
     config = tiny_bert_config() if kind == "bert" else tiny_llama_config()
-    task = (TaskSpec("pairs", ("a", "b"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
-            if num_labels == 1 else TaskSpec("pairs", ("a", "b"), ("x", "y", "z")))
+    task = (
+        TaskSpec("pairs", ("a", "b"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
+        if num_labels == 1
+        else TaskSpec("pairs", ("a", "b"), ("x", "y", "z"))
+    )
     return build_task_model(AutoModel.from_config(config), task, HeadConfig(head_kind, pooling)).eval()
 
 
@@ -535,16 +578,20 @@ def head_inputs(head_kind):
     from deltatune.tasks.spec import Split, TaskSpec
 
     task = TaskSpec("pairs", ("a", "b"), ("x", "y", "z"))
-    split = Split([("the man plays guitar", "a man"), ("a good movie", "good film"), ("not very happy", "sad")],
-                  [0, 1, 2])
+    split = Split(
+        [("the man plays guitar", "a man"), ("a good movie", "good film"), ("not very happy", "sad")], [0, 1, 2]
+    )
     batch = collate(encode(build_tokenizer(), task, split, 32, head_kind == "bi-encoder"), [0, 1, 2], 0, False)
     batch.pop("labels")
     batch.pop("token_type_ids", None)
     return batch
 
 
-@pytest.mark.parametrize("case,kind,head", [(case, kind, head) for case in CASES for kind in KINDS for head in HEADS[kind]],
-                         ids=lambda p: getattr(p, "method", None) or (p if isinstance(p, str) else f"{p[0]}-{p[1]}"))
+@pytest.mark.parametrize(
+    "case,kind,head",
+    [(case, kind, head) for case in CASES for kind in KINDS for head in HEADS[kind]],
+    ids=lambda p: getattr(p, "method", None) or (p if isinstance(p, str) else f"{p[0]}-{p[1]}"),
+)
 def test_every_method_works_with_each_head(case, kind, head):
     head_kind, pooling, num_labels = head
     batch = head_inputs(head_kind)
@@ -563,8 +610,11 @@ def test_every_method_works_with_each_head(case, kind, head):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in names}
     model.train()
     logits = model(**batch).logits
-    loss = logits.float().pow(2).mean() if num_labels == 1 else torch.nn.functional.cross_entropy(
-        logits, torch.tensor([0, 1, 2]))
+    loss = (
+        logits.float().pow(2).mean()
+        if num_labels == 1
+        else torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]))
+    )
     loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

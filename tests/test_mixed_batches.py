@@ -65,8 +65,13 @@ def alone_outputs(shared, batch, names):
 def check_rows(mixed, alone, rows):
     for row, name in enumerate(rows):
         expected = alone[name][row]
-        torch.testing.assert_close(mixed[row, :expected.shape[-1]], expected, rtol=0, atol=2e-5,
-                                   msg=lambda message, row=row, name=name: f"row {row} ({name}): {message}")
+        torch.testing.assert_close(
+            mixed[row, : expected.shape[-1]],
+            expected,
+            rtol=0,
+            atol=2e-5,
+            msg=lambda message, row=row, name=name: f"row {row} ({name}): {message}",
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -115,8 +120,11 @@ def test_a_grouped_method_is_refused_in_a_mixed_batch_saying_how_it_runs():
     attach_trained(shared, "bert", "light", "bitfit", {}, 2)
     activate_delta(shared, "light")
     with mixed_rows(shared) as mixer:
-        with pytest.raises(DeltatuneError, match=r"Delta 'dense' \(full\) cannot share a forward pass.*"
-                                                 r"batch_mixing='grouped'"):
+        with pytest.raises(
+            DeltatuneError,
+            match=r"Delta 'dense' \(full\) cannot share a forward pass.*"
+            r"batch_mixing='grouped'",
+        ):
             mixer.route(["light", "dense"])
         with pytest.raises(DeltatuneError, match="No delta named 'nope'"):
             mixer.route(["nope"])
@@ -140,8 +148,9 @@ def test_bitfit_rows_share_each_weight_and_add_their_own_bias(monkeypatch):
 
     stacked = []
     original = state._stack_linear
-    monkeypatch.setattr(state, "_stack_linear",
-                        lambda values, module: stacked.append(module.weight.shape) or original(values, module))
+    monkeypatch.setattr(
+        state, "_stack_linear", lambda values, module: stacked.append(module.weight.shape) or original(values, module)
+    )
     batch = six_rows("bert")
     shared = fresh_base("bert")
     for seed, name in enumerate(("first", "second"), start=1):

@@ -143,7 +143,7 @@ def test_padding_does_not_change_a_sequences_logits(tiny_dir, task):
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     alone = tokenizer(texts[:1], return_tensors="pt")
     assert batch["input_ids"].shape[1] > alone["input_ids"].shape[1], "the short text must get padded"
-    assert (batch["input_ids"][0, alone["input_ids"].shape[1]:] == tokenizer.pad_token_id).all(), "right padding"
+    assert (batch["input_ids"][0, alone["input_ids"].shape[1] :] == tokenizer.pad_token_id).all(), "right padding"
     with torch.no_grad():
         padded_logits = model(**batch).logits
         alone_logits = model(**alone).logits
@@ -325,7 +325,9 @@ def test_backbone_weights_that_do_not_load_are_an_error_not_a_silent_random_mode
 
 def permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's rotary layout for q/k (convert_hf_to_gguf.py); transformers undoes it on load."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_tiny_gguf(path: Path):
@@ -337,8 +339,14 @@ def write_tiny_gguf(path: Path):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     merges = ["Ġ t", "h e", "Ġt he", "i n"]
     tokens = specials + list(bytes_to_unicode().values()) + [merge.replace(" ", "") for merge in merges]
-    config = tiny_llama_config(vocab_size=len(tokens), bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                               tie_word_embeddings=True, rms_norm_eps=1e-5)
+    config = tiny_llama_config(
+        vocab_size=len(tokens),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -447,6 +455,7 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch, failin
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_crash)
         expected = KeyboardInterrupt
     else:
+
         def wrong_logits(directory, token_ids, expected_logits):
             assert (directory / "model.safetensors").exists()
             raise DeltatuneError("different logits")
@@ -543,13 +552,15 @@ def test_smollm2_converts_and_speaks_english(capsys):
 
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    continuation = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:])
+    continuation = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :])
     assert "Paris" in continuation
 
     (classifier, _), classifier_seconds = timed(lambda: load_model_for_task("smollm2-135m", CLASSIFICATION))
     assert classifier.config.pad_token_id == tokenizer.pad_token_id == 2
     assert sum(p.numel() for p in classifier.parameters()) == 134_515_008 + 576 * 3
     with capsys.disabled():
-        print(f"\n[smollm2-135m] resolve (convert if first) {convert_seconds:.1f}s, load_causal_lm {load_seconds:.2f}s, "
-              f"load_model_for_task {classifier_seconds:.2f}s, {total:,} parameters; loss real {real_loss:.2f} vs "
-              f"shuffled {shuffled_loss:.2f}; 'The capital of France is' -> {continuation!r}; in {directory}")
+        print(
+            f"\n[smollm2-135m] resolve (convert if first) {convert_seconds:.1f}s, load_causal_lm {load_seconds:.2f}s, "
+            f"load_model_for_task {classifier_seconds:.2f}s, {total:,} parameters; loss real {real_loss:.2f} vs "
+            f"shuffled {shuffled_loss:.2f}; 'The capital of France is' -> {continuation!r}; in {directory}"
+        )

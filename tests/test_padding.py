@@ -9,8 +9,9 @@ def tokenizer_without_padding(eos: str | None):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[UNK]": 0, "hello": 1, "</s>": 2}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]")),
-                                   unk_token="[UNK]", eos_token=eos)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]")), unk_token="[UNK]", eos_token=eos
+    )
 
 
 def test_decoders_pad_with_eos_and_batches_fall_back_to_id_0():

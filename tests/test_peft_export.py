@@ -21,8 +21,9 @@ from deltatune.tasks.spec import TaskSpec
 peft = pytest.importorskip("peft")
 
 TEXTS = ["the man plays guitar", "a good movie", "not very happy dog", "the film was really great"]
-SENTIMENT = TaskSpec("toy-sentiment", ("text",), ("negative", "neutral", "positive"), metric="accuracy",
-                     metrics=("accuracy",))
+SENTIMENT = TaskSpec(
+    "toy-sentiment", ("text",), ("negative", "neutral", "positive"), metric="accuracy", metrics=("accuracy",)
+)
 SCORES = TaskSpec("toy-scores", ("text",), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
 TARGET_SCALE = (2.7, 1.3)  # mean and std of the training scores, as deltatune.json keeps them
 
@@ -40,8 +41,14 @@ def run_directory(tmp_path, kind, method_name, task):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    manifest = delta_manifest(method, str(base_dir), fingerprint, task, max_length=32,
-                              target_scale=list(TARGET_SCALE) if task.is_regression else None)
+    manifest = delta_manifest(
+        method,
+        str(base_dir),
+        fingerprint,
+        task,
+        max_length=32,
+        target_scale=list(TARGET_SCALE) if task.is_regression else None,
+    )
     save_delta(tmp_path / "run", model, method, manifest)
     return tmp_path / "run"
 
@@ -51,8 +58,9 @@ def peft_outputs(adapter_dir):
     from transformers import AutoModelForSequenceClassification
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"],
-                                                              num_labels=len(config["id2label"]))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        config["base_model_name_or_path"], num_labels=len(config["id2label"])
+    )
     model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     encoded = build_tokenizer()(TEXTS, padding=True, return_tensors="pt")
     encoded.pop("token_type_ids", None)
@@ -65,8 +73,10 @@ def peft_outputs(adapter_dir):
 def test_classification_export_gives_deltatunes_probabilities_and_label_names(tmp_path, kind, method_name):
     run = run_directory(tmp_path, kind, method_name, SENTIMENT)
     logits, config = peft_outputs(export_peft(run, tmp_path / "adapter"))
-    expected = [[row["probabilities"][label] for label in SENTIMENT.labels]
-                for row in load(run).predict(TEXTS, precision="fp32")]
+    expected = [
+        [row["probabilities"][label] for label in SENTIMENT.labels]
+        for row in load(run).predict(TEXTS, precision="fp32")
+    ]
     torch.testing.assert_close(torch.softmax(logits, dim=-1), torch.tensor(expected), rtol=0, atol=1e-4)
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
     assert config["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
@@ -85,8 +95,11 @@ def test_regression_export_folds_the_target_scale_into_the_head(tmp_path, method
 @pytest.mark.parametrize("method_name", ["lora", "ia3"])
 def test_regression_export_of_a_head_without_a_bias_is_refused_saying_why(tmp_path, method_name):
     run = run_directory(tmp_path, "llama", method_name, SCORES)  # Llama's `score` layer has no bias
-    with pytest.raises(DeltatuneError, match=r"head layer 'score' has no bias, so PEFT cannot add the mean: "
-                                             r"plain peft \+ transformers would predict every score 2.7 too low"):
+    with pytest.raises(
+        DeltatuneError,
+        match=r"head layer 'score' has no bias, so PEFT cannot add the mean: "
+        r"plain peft \+ transformers would predict every score 2.7 too low",
+    ):
         export_peft(run, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

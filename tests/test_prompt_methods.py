@@ -28,7 +28,7 @@ def padded_batch(texts=TEXTS):
 
 def example_alone(batch, index):
     length = int(batch["attention_mask"][index].sum())
-    return {key: value[index:index + 1, :length] for key, value in batch.items()}
+    return {key: value[index : index + 1, :length] for key, value in batch.items()}
 
 
 def logits_one_by_one(model, batch):
@@ -57,6 +57,7 @@ def randomise(model, names):
 
 
 # ---------------------------------------------------------------------------------------------- prompt tuning
+
 
 def peft_prompt_model(kind, prompt):
     model = build_tiny_model(kind, num_labels=3)
@@ -103,7 +104,9 @@ def test_right_padded_batch_gives_each_example_its_own_logits(kind, name):
 def test_prompt_tuning_trains_only_the_prompt_and_head(kind):
     model, method = adapted(kind, "prompt-tuning", num_virtual_tokens=NUM_TOKENS, init="vocab")
     names = method.trainable_names(model)
-    assert names == {f"{'bert' if kind == 'bert' else 'model'}.soft_prompt.deltas.default.embeddings"} | head_names(model)
+    assert names == {f"{'bert' if kind == 'bert' else 'model'}.soft_prompt.deltas.default.embeddings"} | head_names(
+        model
+    )
     model(**padded_batch()).logits.sum().backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == names
 
@@ -152,11 +155,13 @@ def test_prompt_tuning_config_problems_are_collected():
 
 # ---------------------------------------------------------------------------------------------- prefix tuning
 
+
 def peft_prefix_model(kind, ours, projection):
     """PEFT's prefix tuning holding our prefix (or our MLP and embedding), head equal by construction."""
     model = build_tiny_model(kind, num_labels=3)
-    config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=NUM_TOKENS, prefix_projection=projection,
-                                     encoder_hidden_size=16)
+    config = peft.PrefixTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=NUM_TOKENS, prefix_projection=projection, encoder_hidden_size=16
+    )
     wrapped = peft.get_peft_model(model, config)
     encoder = wrapped.prompt_encoder["default"]
     prefix = ours.base_model.prefix_tuning.active_part()
@@ -190,16 +195,18 @@ def peft_prefix_logits(wrapped, batch):
     cache = wrapped.get_prompt(batch_size)
     if hasattr(base, "score"):  # Llama: the task model takes the cache itself
         return base(input_ids=batch["input_ids"], attention_mask=mask, cache=cache).logits
-    outputs = base.bert(input_ids=batch["input_ids"], attention_mask=mask, cache=cache,
-                        token_type_ids=batch.get("token_type_ids"))
+    outputs = base.bert(
+        input_ids=batch["input_ids"], attention_mask=mask, cache=cache, token_type_ids=batch.get("token_type_ids")
+    )
     return base.classifier(base.dropout(outputs.pooler_output))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_tuning_matches_peft(kind, projection):
-    ours, method = adapted(kind, "prefix-tuning", num_virtual_tokens=NUM_TOKENS, reparameterize=projection,
-                           mlp_hidden_size=16)
+    ours, method = adapted(
+        kind, "prefix-tuning", num_virtual_tokens=NUM_TOKENS, reparameterize=projection, mlp_hidden_size=16
+    )
     randomise(ours, method.trainable_names(ours) - head_names(ours))
     reference = peft_prefix_model(kind, ours, projection)
     batch = padded_batch() if kind == "bert" else padded_batch(TEXTS[:2])  # Llama: same length, no padding
@@ -272,6 +279,7 @@ def test_prefix_tuning_config_problems_are_collected():
 
 # ---------------------------------------------------------------------------------------------- both
 
+
 @pytest.mark.parametrize("name", ["prompt-tuning", "prefix-tuning"])
 def test_virtual_tokens_count_against_bert_position_limit(name):
     options = {"init": "vocab"} if name == "prompt-tuning" else {}
@@ -311,9 +319,15 @@ def test_the_training_loop_runs_unchanged(kind, name):
     method = build_method(name, {"init": "vocab"} if name == "prompt-tuning" else {})
     names = prepare_model(model, method)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train(model, build_tokenizer(), task, split(make_sentiment_rows(24, seed=1)),
-                   split(make_sentiment_rows(8, seed=2)), method,
-                   TrainConfig(max_steps=3, batch_size=8, eval_every=3, quiet=True, seed=3))
+    result = train(
+        model,
+        build_tokenizer(),
+        task,
+        split(make_sentiment_rows(24, seed=1)),
+        split(make_sentiment_rows(8, seed=2)),
+        method,
+        TrainConfig(max_steps=3, batch_size=8, eval_every=3, quiet=True, seed=3),
+    )
     assert result.steps == 3 and "accuracy" in result.best_metrics
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= names

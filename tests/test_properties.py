@@ -25,9 +25,42 @@ BOUNDED = settings(max_examples=60, deadline=5000, suppress_health_check=[Health
 """Fixed examples (derandomize) keep runs repeatable; 60 each keeps every test to seconds."""
 
 # the pieces CSV/TSV/JSON parsing goes wrong on: delimiters, quotes, escapes, line ends, markers, odd unicode
-PIECES = st.sampled_from([",", "\t", '"', "'", "\\", "\n", "\r\n", "\r", " ", "text", "label", "good", "bad",
-                          "NaN", "NA", "null", "None", "", "{", "}", "[", "]", ":", "\x00", "\ufeff", "é", "実",
-                          "\u2028", "1", "-1", "1e400", "true"])
+PIECES = st.sampled_from(
+    [
+        ",",
+        "\t",
+        '"',
+        "'",
+        "\\",
+        "\n",
+        "\r\n",
+        "\r",
+        " ",
+        "text",
+        "label",
+        "good",
+        "bad",
+        "NaN",
+        "NA",
+        "null",
+        "None",
+        "",
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        "\x00",
+        "\ufeff",
+        "é",
+        "実",
+        "\u2028",
+        "1",
+        "-1",
+        "1e400",
+        "true",
+    ]
+)
 
 
 def fields_text() -> st.SearchStrategy[str]:
@@ -60,13 +93,17 @@ def load_as(path: Path, regression: bool = False):
         data = load_local_data(path, ("text",), "label", regression=regression)
         for split in data.splits.values():  # what training does with them next
             assert all(isinstance(text, str) for texts in split.texts for text in texts)
+
     return load
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json"])
 @BOUNDED
-@given(header=st.sampled_from(["text,label\n", "text\tlabel\n", "label,text,text\n", "", "text,label,label\n"]),
-       body=fields_text(), regression=st.booleans())
+@given(
+    header=st.sampled_from(["text,label\n", "text\tlabel\n", "label,text,text\n", "", "text,label,label\n"]),
+    body=fields_text(),
+    regression=st.booleans(),
+)
 def test_text_formats_read_or_refuse(suffix, header, body, regression):
     with sandbox() as directory:
         path = directory / f"data{suffix}"
@@ -84,11 +121,22 @@ def test_random_bytes_read_or_refuse(suffix, raw):
         read_only(directory, path.name, load_as(path))
 
 
-ROWS = st.lists(st.fixed_dictionaries({
-    "text": st.one_of(st.text(max_size=30), st.none(), st.integers(), st.just("x" * 200_000)),
-    "label": st.one_of(st.sampled_from(["a", "b", "NaN", "NA", "", "None"]), st.none(), st.integers(-2, 2),
-                       st.floats(allow_nan=True, allow_infinity=True), st.booleans()),
-}), min_size=0, max_size=12)
+ROWS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "text": st.one_of(st.text(max_size=30), st.none(), st.integers(), st.just("x" * 200_000)),
+            "label": st.one_of(
+                st.sampled_from(["a", "b", "NaN", "NA", "", "None"]),
+                st.none(),
+                st.integers(-2, 2),
+                st.floats(allow_nan=True, allow_infinity=True),
+                st.booleans(),
+            ),
+        }
+    ),
+    min_size=0,
+    max_size=12,
+)
 
 
 @BOUNDED
@@ -116,8 +164,9 @@ def test_parquet_tables_read_or_refuse(rows, names):
                 columns[f"{index}"] = (name, pa.array(values))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
                 columns[f"{index}"] = (name, pa.array([None if v is None else str(v) for v in values]))
-        table = pa.Table.from_arrays([array for _, array in columns.values()],
-                                     names=[name for name, _ in columns.values()])
+        table = pa.Table.from_arrays(
+            [array for _, array in columns.values()], names=[name for name, _ in columns.values()]
+        )
         parquet.write_table(table, path)
         read_only(directory, path.name, load_as(path))
 
@@ -125,16 +174,68 @@ def test_parquet_tables_read_or_refuse(rows, names):
 # --------------------------------------------------------------------------------------------
 # The grid spec parser
 
-SPEC_KEYS = ["title", "models", "tasks", "methods", "fractions", "time_budgets", "seeds", "train", "grids",
-             "baseline", "statistics", "max_train_examples", "keep_deltas", "source", "name", "method", "config",
-             "path", "text_fields", "task", "r", "epochs", "learning_rate", "batch_size", "unknown"]
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**65), st.floats(allow_nan=True),
-                    st.sampled_from(["stsb", "full", "lora", "bitfit", "minilm-l6", "owner/name", "../x", "~",
-                                     "data.csv", "text", "", "none", "<script>", "a\x00b.csv", "/dev/null",
-                                     ".", "data.csv/"]),
-                    st.text(max_size=10))
-SPEC_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(SPEC_KEYS), inner, max_size=5)), max_leaves=20)
+SPEC_KEYS = [
+    "title",
+    "models",
+    "tasks",
+    "methods",
+    "fractions",
+    "time_budgets",
+    "seeds",
+    "train",
+    "grids",
+    "baseline",
+    "statistics",
+    "max_train_examples",
+    "keep_deltas",
+    "source",
+    "name",
+    "method",
+    "config",
+    "path",
+    "text_fields",
+    "task",
+    "r",
+    "epochs",
+    "learning_rate",
+    "batch_size",
+    "unknown",
+]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**65),
+    st.floats(allow_nan=True),
+    st.sampled_from(
+        [
+            "stsb",
+            "full",
+            "lora",
+            "bitfit",
+            "minilm-l6",
+            "owner/name",
+            "../x",
+            "~",
+            "data.csv",
+            "text",
+            "",
+            "none",
+            "<script>",
+            "a\x00b.csv",
+            "/dev/null",
+            ".",
+            "data.csv/",
+        ]
+    ),
+    st.text(max_size=10),
+)
+SPEC_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(SPEC_KEYS), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
 
 
 @BOUNDED

@@ -18,8 +18,9 @@ def test_each_public_function_works_twice(tmp_path):
         data = deltatune.data_record("toy", local={"path": str(path), "text_fields": ["text"]})
         assert data["kind"] == "local"
         out = tmp_path / f"run-{attempt}"
-        record = deltatune.train(str(model_dir), data=data, method="bitfit", out=str(out), max_steps=2,
-                                 batch_size=16, quiet=True)
+        record = deltatune.train(
+            str(model_dir), data=data, method="bitfit", out=str(out), max_steps=2, batch_size=16, quiet=True
+        )
         assert record is not None and record.steps == 2
         tuned = deltatune.load(out)
         (first,) = tuned.predict("the movie is good")

@@ -50,10 +50,15 @@ def test_squad_normalisation_exact_match_and_f1():
 
 def test_jsonl_reads_context_and_passages_forms(tmp_path):
     path = tmp_path / "qa.jsonl"
-    rows = [{"question": "who plays?", "context": "the man plays guitar", "answers": {"text": ["the man"]}},
-            {"question": "what is good?", "passages": ["the movie is good", "the man plays guitar"],
-             "answers": "the movie"},
-            {"question": "again?", "context": "the movie is good", "answers": ["movie", "the movie"]}]
+    rows = [
+        {"question": "who plays?", "context": "the man plays guitar", "answers": {"text": ["the man"]}},
+        {
+            "question": "what is good?",
+            "passages": ["the movie is good", "the man plays guitar"],
+            "answers": "the movie",
+        },
+        {"question": "again?", "context": "the movie is good", "answers": ["movie", "the movie"]},
+    ]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     dataset = load_qa_jsonl(path)
     assert dataset.passages == ["the man plays guitar", "the movie is good"]  # deduplicated
@@ -64,8 +69,10 @@ def test_jsonl_reads_context_and_passages_forms(tmp_path):
 
 def test_jsonl_keeps_every_new_passage_of_a_line_at_its_id(tmp_path):
     path = tmp_path / "qa.jsonl"
-    rows = [{"question": "which?", "passages": ["first text", "second text", "first text"], "answers": "first"},
-            {"question": "and?", "context": "third text", "answers": "third"}]
+    rows = [
+        {"question": "which?", "passages": ["first text", "second text", "first text"], "answers": "first"},
+        {"question": "and?", "context": "third text", "answers": "third"},
+    ]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     dataset = load_qa_jsonl(path)
     assert dataset.passages == ["first text", "second text", "third text"]
@@ -87,10 +94,16 @@ def test_hub_loading_reads_squad_columns_and_shares_contexts(monkeypatch):
 
     from deltatune.reader.data import load_qa_hub
 
-    rows = {"id": ["a", "b", "c"], "question": ["who plays?", "what is good?", "who again?"],
-            "context": ["the man plays guitar", "the movie is good", "the man plays guitar"],
-            "answers": [{"text": ["the man"], "answer_start": [0]}, {"text": ["movie"], "answer_start": [4]},
-                        {"text": ["man", "the man"], "answer_start": [4, 0]}]}
+    rows = {
+        "id": ["a", "b", "c"],
+        "question": ["who plays?", "what is good?", "who again?"],
+        "context": ["the man plays guitar", "the movie is good", "the man plays guitar"],
+        "answers": [
+            {"text": ["the man"], "answer_start": [0]},
+            {"text": ["movie"], "answer_start": [4]},
+            {"text": ["man", "the man"], "answer_start": [4, 0]},
+        ],
+    }
     calls = []
 
     def fake_load(dataset_id, config=None, split=None):
@@ -113,13 +126,23 @@ def test_hub_loading_reads_squad_columns_and_shares_contexts(monkeypatch):
 
 
 WIKI = {
-    "train": ["= Alpha Band =", "The Alpha Band formed in 1990 in Red City with John Smith on guitar .",
-              "= = History = =", "John Smith left the group in 1995 , and Red City mourned the news .",
-              "In 1995 the band played Red City one last time and John Smith returned ."],
-    "validation": ["= Beta Town =", "Beta Town lies near Green River and was founded in 1850 by settlers .",
-                   "The Green River flooded Beta Town in 1850 and again in 1902 , said Mary Jones ."],
-    "test": ["= Gamma Ship =", "The Gamma Ship sailed from Port Royal in 1766 under Captain James Cook today .",
-             "Captain James Cook later returned to Port Royal in 1771 after a long voyage home ."],
+    "train": [
+        "= Alpha Band =",
+        "The Alpha Band formed in 1990 in Red City with John Smith on guitar .",
+        "= = History = =",
+        "John Smith left the group in 1995 , and Red City mourned the news .",
+        "In 1995 the band played Red City one last time and John Smith returned .",
+    ],
+    "validation": [
+        "= Beta Town =",
+        "Beta Town lies near Green River and was founded in 1850 by settlers .",
+        "The Green River flooded Beta Town in 1850 and again in 1902 , said Mary Jones .",
+    ],
+    "test": [
+        "= Gamma Ship =",
+        "The Gamma Ship sailed from Port Royal in 1766 under Captain James Cook today .",
+        "Captain James Cook later returned to Port Royal in 1771 after a long voyage home .",
+    ],
 }
 
 
@@ -170,16 +193,31 @@ def test_training_changes_only_the_prompt_and_reranker_and_saves_and_reloads(tmp
 
     causal = tiny_causal_lm()
     before = frozen_weights_digest(causal)
-    config = ReaderConfig(top_k=2, candidates=4, prompt_tokens=4, passage_tokens=8, steps=6, batch_size=2,
-                          reranker_steps=5, train_examples=8, answer_tokens=3, quiet=True, learning_rate=0.1)
+    config = ReaderConfig(
+        top_k=2,
+        candidates=4,
+        prompt_tokens=4,
+        passage_tokens=8,
+        steps=6,
+        batch_size=2,
+        reranker_steps=5,
+        train_examples=8,
+        answer_tokens=3,
+        quiet=True,
+        learning_rate=0.1,
+    )
     reader = FrozenReader(causal, build_tokenizer(), config)
     dataset = toy_dataset()
     index = BM25Index(dataset.passages)
     summary = train_reader(reader, dataset, index)
     assert frozen_weights_digest(causal) == before == summary["decoder_weights_sha256"]
     assert not any(p.requires_grad for p in causal.parameters())
-    assert set(reader.trained_parameters()) == {"prompt.vectors", "reranker.projection", "reranker.dense_weight",
-                                                "reranker.bm25_weight"}
+    assert set(reader.trained_parameters()) == {
+        "prompt.vectors",
+        "reranker.projection",
+        "reranker.dense_weight",
+        "reranker.bm25_weight",
+    }
     assert len(summary["prompt_losses"]) == 6 and summary["train_questions"] == 8
 
     examples = dataset.split("test")
@@ -190,8 +228,18 @@ def test_training_changes_only_the_prompt_and_reranker_and_saves_and_reloads(tmp
 
     out = tmp_path / "reader"
     tensors = {n: t.detach().clone() for n, t in reader.trained_parameters().items()}
-    _publish(out, tensors, {"kind": "frozen-reader", "model": "tiny", "data": "toy", "config": vars(config),
-                            "question_template": reader.question_template, "training": summary})
+    _publish(
+        out,
+        tensors,
+        {
+            "kind": "frozen-reader",
+            "model": "tiny",
+            "data": "toy",
+            "config": vars(config),
+            "question_template": reader.question_template,
+            "training": summary,
+        },
+    )
     reloaded = load_reader(out, tiny_causal_lm(), build_tokenizer())
     again, _ = answer_questions(reloaded, dataset, examples, index, top_k=2)
     assert again == answers
@@ -201,8 +249,17 @@ def test_training_changes_only_the_prompt_and_reranker_and_saves_and_reloads(tmp
 
 def test_closed_book_reads_no_passage_and_prompt_steps_lower_the_answer_loss():
     causal = tiny_causal_lm()
-    config = ReaderConfig(top_k=0, rerank=False, prompt_tokens=4, steps=40, batch_size=4, train_examples=12,
-                          answer_tokens=2, quiet=True, learning_rate=0.3)
+    config = ReaderConfig(
+        top_k=0,
+        rerank=False,
+        prompt_tokens=4,
+        steps=40,
+        batch_size=4,
+        train_examples=12,
+        answer_tokens=2,
+        quiet=True,
+        learning_rate=0.3,
+    )
     reader = FrozenReader(causal, build_tokenizer(), config)
     dataset = toy_dataset()
     summary = train_reader(reader, dataset, None)
@@ -242,17 +299,67 @@ def test_cli_trains_and_evaluates_against_a_closed_book_prompt(tmp_path, capsys,
     build_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "qa.jsonl"
     dataset = toy_dataset()
-    rows = [{"question": e.question, "passages": dataset.passages[:4], "answers": list(e.answers)}
-            for e in dataset.split("train")[:6]]
+    rows = [
+        {"question": e.question, "passages": dataset.passages[:4], "answers": list(e.answers)}
+        for e in dataset.split("train")[:6]
+    ]
     data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     # a JSONL file is one split; train and evaluate on it (the test asserts the plumbing, not quality)
     monkeypatch.setattr(artifact, "load_qa_data", lambda name, *a, **k: _both_splits(load_qa_jsonl(name)))
-    small = ["--steps", "2", "--batch-size", "2", "--prompt-tokens", "2", "--passage-tokens", "6",
-             "--reranker-steps", "2", "--candidates", "3", "--answer-tokens", "2", "--quiet"]
-    assert main(["reader", "train", "--model", str(model_dir), "--data", str(data), "--top-k", "2",
-                 "--out", str(tmp_path / "r"), *small]) == 0
-    assert main(["reader", "train", "--model", str(model_dir), "--data", str(data), "--top-k", "0", "--no-rerank",
-                 "--out", str(tmp_path / "closed"), *small]) == 0
+    small = [
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--prompt-tokens",
+        "2",
+        "--passage-tokens",
+        "6",
+        "--reranker-steps",
+        "2",
+        "--candidates",
+        "3",
+        "--answer-tokens",
+        "2",
+        "--quiet",
+    ]
+    assert (
+        main(
+            [
+                "reader",
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--top-k",
+                "2",
+                "--out",
+                str(tmp_path / "r"),
+                *small,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "reader",
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--top-k",
+                "0",
+                "--no-rerank",
+                "--out",
+                str(tmp_path / "closed"),
+                *small,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["reader", "eval", str(tmp_path / "r"), "--against", str(tmp_path / "closed"), "--quiet"]) == 0
     table = capsys.readouterr().out

@@ -24,9 +24,24 @@ from deltatune.run import summarize
 from test_load_many import write_toy_csv
 
 # keys that records written before `schema_version` existed may lack (each was added by a later release)
-KEYS_ADDED_LATER = ("head", "device", "peak_device_memory_bytes", "distributed", "planned_steps", "precision",
-                    "train_real_tokens_per_s", "padding_efficiency", "last_gain", "lr_search", "method_report",
-                    "evaluation_split", "test_metrics", "data_provenance", "git", "versions")
+KEYS_ADDED_LATER = (
+    "head",
+    "device",
+    "peak_device_memory_bytes",
+    "distributed",
+    "planned_steps",
+    "precision",
+    "train_real_tokens_per_s",
+    "padding_efficiency",
+    "last_gain",
+    "lr_search",
+    "method_report",
+    "evaluation_split",
+    "test_metrics",
+    "data_provenance",
+    "git",
+    "versions",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +50,18 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("records")
     base = save_tiny_model_dir(root / "base", "bert")
     data = write_toy_csv(root / "toy.csv", 96)
-    record = deltatune.train(str(base), data=data, method="lora", out=str(root / "run"), max_steps=4, batch_size=16,
-                             learning_rate=1e-2, quiet=True, seed=3, precision="fp32")
+    record = deltatune.train(
+        str(base),
+        data=data,
+        method="lora",
+        out=str(root / "run"),
+        max_steps=4,
+        batch_size=16,
+        learning_rate=1e-2,
+        quiet=True,
+        seed=3,
+        precision="fp32",
+    )
     return record, root / "run"
 
 
@@ -120,23 +145,39 @@ def test_a_manifest_without_data_files_loads_and_evaluates(run_copy, trained):
     assert tuned.evaluate("dev", precision="fp32") == pytest.approx(trained[0].dev_metrics, abs=1e-6)
 
 
-@pytest.mark.parametrize(("file", "change", "expected"), [
-    ("run.json", lambda data: data.update(schema_version=RECORD_VERSION + 1),
-     f"has schema_version {RECORD_VERSION + 1}, newer than this deltatune understands .{RECORD_VERSION}.: a newer "
-     "deltatune wrote it. Upgrade deltatune"),
-    ("deltatune.json", lambda data: data.update(format_version=2),
-     "has format_version 2, newer than this deltatune understands .1.*Upgrade deltatune"),
-    ("run.json", lambda data: data.update(schema_version="2"), "schema_version '2' is not a positive whole number"),
-    ("run.json", lambda data: data.pop("steps"), r"is damaged \(it lacks the key steps\).*Train the run again"),
-    ("run.json", lambda data: data.update(steps="many", dev_metrics=[]),
-     r"is damaged \(dev_metrics is list \[\], not an object; steps is str 'many', not a whole number\)"),
-    ("run.json", lambda data: data["device"].update(name=3), "device.name is int 3, not text"),
-    ("run.json", lambda data: data.update(extra=1), "it has keys this deltatune does not know: extra"),
-    ("run.json", lambda data: data["train_config"].update(batch_size=0), "train_config is not a valid training"),
-    ("deltatune.json", lambda data: data.update(task="toy"), r"is damaged \(its task is str 'toy', not a task spec\)"),
-    ("deltatune.json", lambda data: data.pop("format_version"), "lacks the key format_version"),
-    ("deltatune.json", lambda data: data["base_model"].pop("fingerprint"), "lacks the key base_model.fingerprint"),
-])
+@pytest.mark.parametrize(
+    ("file", "change", "expected"),
+    [
+        (
+            "run.json",
+            lambda data: data.update(schema_version=RECORD_VERSION + 1),
+            f"has schema_version {RECORD_VERSION + 1}, newer than this deltatune understands .{RECORD_VERSION}.: a newer "
+            "deltatune wrote it. Upgrade deltatune",
+        ),
+        (
+            "deltatune.json",
+            lambda data: data.update(format_version=2),
+            "has format_version 2, newer than this deltatune understands .1.*Upgrade deltatune",
+        ),
+        ("run.json", lambda data: data.update(schema_version="2"), "schema_version '2' is not a positive whole number"),
+        ("run.json", lambda data: data.pop("steps"), r"is damaged \(it lacks the key steps\).*Train the run again"),
+        (
+            "run.json",
+            lambda data: data.update(steps="many", dev_metrics=[]),
+            r"is damaged \(dev_metrics is list \[\], not an object; steps is str 'many', not a whole number\)",
+        ),
+        ("run.json", lambda data: data["device"].update(name=3), "device.name is int 3, not text"),
+        ("run.json", lambda data: data.update(extra=1), "it has keys this deltatune does not know: extra"),
+        ("run.json", lambda data: data["train_config"].update(batch_size=0), "train_config is not a valid training"),
+        (
+            "deltatune.json",
+            lambda data: data.update(task="toy"),
+            r"is damaged \(its task is str 'toy', not a task spec\)",
+        ),
+        ("deltatune.json", lambda data: data.pop("format_version"), "lacks the key format_version"),
+        ("deltatune.json", lambda data: data["base_model"].pop("fingerprint"), "lacks the key base_model.fingerprint"),
+    ],
+)
 def test_newer_or_damaged_files_are_refused_naming_the_file_and_the_fix(run_copy, file, change, expected):
     edit_json(run_copy / file, change)
     read = read_run_record if file == "run.json" else read_manifest
@@ -176,6 +217,9 @@ def test_the_processes_say_fsdp_only_when_the_model_was_sharded(trained, tmp_pat
     assert trained[0].to_json()["distributed"] == {"processes": 1, "backend": "none"}
     sharded = dataclasses.replace(trained[0], distributed=ProcessesRecord(processes=2, backend="gloo", fsdp=True))
     write_json_atomic(tmp_path / "run.json", sharded.to_json())
-    assert json.loads((tmp_path / "run.json").read_text())["distributed"] == {"processes": 2, "backend": "gloo",
-                                                                                "fsdp": True}
+    assert json.loads((tmp_path / "run.json").read_text())["distributed"] == {
+        "processes": 2,
+        "backend": "gloo",
+        "fsdp": True,
+    }
     assert read_run_record(tmp_path) == sharded

@@ -36,8 +36,14 @@ def _batch_loss(model, data, indices):
 
 def test_mezo_step_is_the_papers_formula_from_the_same_seed():
     epsilon, rate, decay = 1e-2, 1e-2, 0.1
-    trainer, data = _trainer(regime="mezo", mezo_epsilon=epsilon, learning_rate=rate, weight_decay=decay,
-                             schedule="constant", warmup_ratio=0.0)
+    trainer, data = _trainer(
+        regime="mezo",
+        mezo_epsilon=epsilon,
+        learning_rate=rate,
+        weight_decay=decay,
+        schedule="constant",
+        warmup_ratio=0.0,
+    )
     reference = copy.deepcopy(trainer.model).eval()
     before = [p.detach().clone() for p in trainer.trainable]
     decays = [group["weight_decay"] for group in trainer.optimizer.param_groups for _ in group["params"]]
@@ -92,8 +98,19 @@ def test_mezo_lowers_the_training_loss_on_a_learnable_task():
     method = build_method("lora")
     prepare_model(model, method)
     train_split, dev_split = sentiment_splits()
-    config = TrainConfig(batch_size=16, quiet=True, seed=3, precision="fp32", regime="mezo", mezo_epsilon=1e-2,
-                         max_steps=100, learning_rate=1e-2, schedule="constant", warmup_ratio=0.0, weight_decay=0.0)
+    config = TrainConfig(
+        batch_size=16,
+        quiet=True,
+        seed=3,
+        precision="fp32",
+        regime="mezo",
+        mezo_epsilon=1e-2,
+        max_steps=100,
+        learning_rate=1e-2,
+        schedule="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+    )
     data = prepare_data(model, build_tokenizer(), SENTIMENT, train_split, dev_split, None, config)
     trainer = Trainer(model, method, SENTIMENT, data, config)
     everything = list(range(len(data.train)))
@@ -142,8 +159,16 @@ def test_surgical_trains_only_the_block_its_probe_chose():
     prepare_model(model, method)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_split, dev_split = sentiment_splits()
-    config = TrainConfig(batch_size=16, quiet=True, seed=3, learning_rate=3e-3, epochs=3, regime="surgical",
-                         surgical_probe_steps=3, precision="fp32")
+    config = TrainConfig(
+        batch_size=16,
+        quiet=True,
+        seed=3,
+        learning_rate=3e-3,
+        epochs=3,
+        regime="surgical",
+        surgical_probe_steps=3,
+        precision="fp32",
+    )
     data = prepare_data(model, tokenizer, SENTIMENT, train_split, dev_split, None, config)
     trainer = surgical_trainer(model, method, SENTIMENT, data, config)
     report = trainer.regime_report
@@ -156,7 +181,8 @@ def test_surgical_trains_only_the_block_its_probe_chose():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
     assert changed and changed <= set(report["trained_names"])
     assert {n for n in report["trained_names"] if not n.startswith("classifier")} <= changed | {
-        n for n in report["trained_names"] if "position_ids" in n}
+        n for n in report["trained_names"] if "position_ids" in n
+    }
 
 
 def test_regime_settings_that_make_no_sense_are_refused_with_the_fix():
@@ -180,12 +206,21 @@ def test_promot_stage_two_trains_the_model_with_the_stage_one_prompt_frozen_and_
 
     torch.manual_seed(0)
     model, tokenizer = build_tiny_model("llama"), build_tokenizer()
-    method = build_method("promot", {"init": "vocab", "num_virtual_tokens": 4, "prompt_steps": 6,
-                                     "prompt_learning_rate": 3e-2})
+    method = build_method(
+        "promot", {"init": "vocab", "num_virtual_tokens": 4, "prompt_steps": 6, "prompt_learning_rate": 3e-2}
+    )
     prepare_model(model, method, tokenizer)
     train_split, dev_split = sentiment_splits()
-    config = TrainConfig(batch_size=16, quiet=True, seed=3, learning_rate=3e-3, max_steps=8, eval_every=4,
-                         regime="promot", precision="fp32")
+    config = TrainConfig(
+        batch_size=16,
+        quiet=True,
+        seed=3,
+        learning_rate=3e-3,
+        max_steps=8,
+        eval_every=4,
+        regime="promot",
+        precision="fp32",
+    )
     data = prepare_data(model, tokenizer, SENTIMENT, train_split, dev_split, None, config)
     prompt_name = next(n for n in method.trainable_names(model) if "soft_prompt" in n)
     parameters = dict(model.named_parameters())
@@ -233,18 +268,57 @@ def test_the_cli_trains_with_a_regime_and_records_it(tmp_path, capsys):
 
     model_dir = save_tiny_model_dir(tmp_path / "tiny-bert", "bert")
     data = write_sentiment_csv(tmp_path / "toy.csv", 96)
-    common = ["train", "--model", str(model_dir), "--data", str(data), "--text-fields", "text", "--quiet",
-              "--max-steps", "4", "--batch-size", "16"]
-    assert main([*common, "--method", "full", "--regime", "surgical", "--surgical-probe-steps", "2",
-                 "--out", str(tmp_path / "surgical")]) == 0
+    common = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--text-fields",
+        "text",
+        "--quiet",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "16",
+    ]
+    assert (
+        main(
+            [
+                *common,
+                "--method",
+                "full",
+                "--regime",
+                "surgical",
+                "--surgical-probe-steps",
+                "2",
+                "--out",
+                str(tmp_path / "surgical"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "surgical" / "run.json").read_text())
     assert record["regime_report"]["chosen_block"] in record["regime_report"]["probe_dev_scores"]
     assert record["train_config"]["regime"] == "surgical"
     assert main([*common, "--method", "lora", "--regime", "mezo", "--out", str(tmp_path / "mezo")]) == 0
     assert json.loads((tmp_path / "mezo" / "run.json").read_text())["regime_report"]["backward_passes"] == 0
     capsys.readouterr()
-    assert main([*common, "--method", "lora", "--regime", "mezo", "--gradient-checkpointing",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                *common,
+                "--method",
+                "lora",
+                "--regime",
+                "mezo",
+                "--gradient-checkpointing",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "nothing to checkpoint" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 

@@ -27,16 +27,21 @@ def test_same_seed_same_machine_gives_identical_dev_metrics(local):
     second = run_training(model, data, "full", {}, config)
     assert [c["metrics"] for c in first.learning_curve] == [c["metrics"] for c in second.learning_curve]
     assert first.dev_metrics == second.dev_metrics
-    other = run_training(model, data, "full", {}, TrainConfig(epochs=3, batch_size=16, eval_every=4, quiet=True,
-                                                                learning_rate=3e-3,
-                                                                seed=12))
+    other = run_training(
+        model,
+        data,
+        "full",
+        {},
+        TrainConfig(epochs=3, batch_size=16, eval_every=4, quiet=True, learning_rate=3e-3, seed=12),
+    )
     assert [c["metrics"] for c in other.learning_curve] != [c["metrics"] for c in first.learning_curve]
 
 
 def test_methods_can_add_facts_to_the_run_record(local):
     model, data = local
-    record = run_training(model, data, "sparse-mask", {"sparsity": "0.05"},
-                          TrainConfig(max_steps=12, batch_size=16, quiet=True))
+    record = run_training(
+        model, data, "sparse-mask", {"sparsity": "0.05"}, TrainConfig(max_steps=12, batch_size=16, quiet=True)
+    )
     report = record.method_report
     assert report["target_sparsity"] == 0.05 and 0 < report["achieved_sparsity"] <= 0.05 + 1e-6
     assert run_training(model, data, "bitfit", {}, TrainConfig(max_steps=1, quiet=True)).method_report == {}

@@ -84,8 +84,10 @@ def test_json_is_strict_and_says_which_values_were_not_finite(tmp_path):
     text = json_text(data)
     parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
     assert parsed["dev_metrics"] == {"pearson": None, "spearman": 0.5}
-    assert parsed["non_finite_values"] == {"dev_metrics.pearson": "nan (written as null)",
-                                           "curve[0].loss": "inf (written as null)"}
+    assert parsed["non_finite_values"] == {
+        "dev_metrics.pearson": "nan (written as null)",
+        "curve[0].loss": "inf (written as null)",
+    }
     write_json_atomic(tmp_path / "x.json", data)
     assert json.loads((tmp_path / "x.json").read_text()) == parsed
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
@@ -165,13 +167,25 @@ def train_reader(out, overwrite=False, model=None):
     from deltatune.reader.config import ReaderConfig
     from test_reader import toy_dataset
 
-    config = ReaderConfig(top_k=2, candidates=4, prompt_tokens=4, passage_tokens=8, steps=2, batch_size=2,
-                          reranker_steps=2, train_examples=4, answer_tokens=3, quiet=True)
+    config = ReaderConfig(
+        top_k=2,
+        candidates=4,
+        prompt_tokens=4,
+        passage_tokens=8,
+        steps=2,
+        batch_size=2,
+        reranker_steps=2,
+        train_examples=4,
+        answer_tokens=3,
+        quiet=True,
+    )
     return run_reader_training(str(model), "toy", config, out=out, overwrite=overwrite, dataset=toy_dataset())
 
 
-WRITERS = {"freelm": (train_freelm, ("delta.safetensors", "deltatune.json", "run.json")),
-           "reader": (train_reader, ("reader.safetensors", "reader.json"))}
+WRITERS = {
+    "freelm": (train_freelm, ("delta.safetensors", "deltatune.json", "run.json")),
+    "reader": (train_reader, ("reader.safetensors", "reader.json")),
+}
 
 
 @pytest.fixture
@@ -199,8 +213,9 @@ def leftovers(directory):
 
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_freelm_and_reader_directories_are_refused_locked_and_cleaned_like_train_runs(writer, tmp_path, causal_model,
-                                                                                      monkeypatch):
+def test_freelm_and_reader_directories_are_refused_locked_and_cleaned_like_train_runs(
+    writer, tmp_path, causal_model, monkeypatch
+):
     train, files = WRITERS[writer]
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -18,7 +18,9 @@ class ScriptedTrainer:
     class Data:
         rung_dev = list(range(500))
 
-    def __init__(self, scores_by_step: dict[int, float], planned_steps: int = 80, diverges_at: int | None = None) -> None:
+    def __init__(
+        self, scores_by_step: dict[int, float], planned_steps: int = 80, diverges_at: int | None = None
+    ) -> None:
         self.scores, self.planned, self.diverges_at = scores_by_step, planned_steps, diverges_at
         self.best, self.data, self.step, self.train_time = self.Best(), self.Data(), 0, 0.0
         self.stopped_by, self.closed, self.diverged = None, False, None
@@ -45,8 +47,12 @@ class ScriptedTrainer:
 
 def test_successive_halving_stops_the_losers_at_their_rung_and_keeps_the_best():
     # rate 3 starts slow but ends best; rate 4 leads at the first rung and fades; rates 1 and 2 are poor
-    scripts = {1.0: {10: 0.1, 20: 0.2, 80: 0.3}, 2.0: {10: 0.2, 20: 0.3, 80: 0.4},
-               3.0: {10: 0.5, 20: 0.7, 80: 0.9}, 4.0: {10: 0.6, 20: 0.65, 80: 0.7}}
+    scripts = {
+        1.0: {10: 0.1, 20: 0.2, 80: 0.3},
+        2.0: {10: 0.2, 20: 0.3, 80: 0.4},
+        3.0: {10: 0.5, 20: 0.7, 80: 0.9},
+        4.0: {10: 0.6, 20: 0.65, 80: 0.7},
+    }
     trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
     result = successive_halving(trainers.__getitem__, list(scripts), (0.125, 0.25), "accuracy")
     assert result.trainer is trainers[3.0] and result.record["chosen"] == 3.0
@@ -64,10 +70,14 @@ def test_successive_halving_stops_the_losers_at_their_rung_and_keeps_the_best():
 
 def test_a_candidate_that_diverged_ranks_last_and_is_never_chosen_over_one_that_did_not():
     # rate 4 scores best on the rung part of dev with the state it kept, but its loss became NaN
-    scripts = {1.0: {10: 0.1, 20: 0.2, 80: 0.3}, 2.0: {10: 0.2, 20: 0.3, 80: 0.4},
-               4.0: {9: 0.9, 10: 0.9, 20: 0.9, 80: 0.9}}
-    trainers = {rate: ScriptedTrainer(script, diverges_at=10 if rate == 4.0 else None)
-                for rate, script in scripts.items()}
+    scripts = {
+        1.0: {10: 0.1, 20: 0.2, 80: 0.3},
+        2.0: {10: 0.2, 20: 0.3, 80: 0.4},
+        4.0: {9: 0.9, 10: 0.9, 20: 0.9, 80: 0.9},
+    }
+    trainers = {
+        rate: ScriptedTrainer(script, diverges_at=10 if rate == 4.0 else None) for rate, script in scripts.items()
+    }
     result = successive_halving(trainers.__getitem__, list(scripts), (0.125, 0.25), "accuracy")
     by_rate = {c["learning_rate"]: c for c in result.record["candidates"]}
     assert result.record["chosen"] == 2.0 and by_rate[4.0]["stopped_at_rung"] == 0
@@ -97,8 +107,9 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
 
     model, data = local
     settings = dict(max_steps=40, batch_size=8, eval_every=6, quiet=True, seed=3, precision="fp32")
-    searched = run_training(model, data, "full", {},
-                            TrainConfig(lr_search=(1e-7, 3e-3, 1e-2), lr_search_rungs=(0.25, 0.5), **settings))
+    searched = run_training(
+        model, data, "full", {}, TrainConfig(lr_search=(1e-7, 3e-3, 1e-2), lr_search_rungs=(0.25, 0.5), **settings)
+    )
     search = searched.lr_search
     chosen = search["chosen"]
     assert chosen == searched.learning_rate
@@ -112,5 +123,6 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
 
     def curve(record):
         return [(point["step"], point["metrics"]) for point in record.learning_curve]
+
     assert curve(searched) == curve(single) and [p["step"] for p in single.learning_curve][:2] == [6, 12]
     assert searched.dev_metrics == single.dev_metrics and searched.test_metrics == single.test_metrics

@@ -35,10 +35,18 @@ from deltatune.serve.settings import ServeSettings  # noqa: E402
 @pytest.fixture
 def runs(tmp_path):
     base = save_tiny_model_dir(tmp_path / "root" / "base", "bert")
-    specs = {"sentiment": ("lora", SENTIMENT), "pairs": ("pfeiffer", PAIRS), "scores": ("ia3", SCORES),
-             "topic": ("full", TOPIC)}
-    return {name: make_run(tmp_path / "root" / name, base, method, task, seed, {"bottleneck_size": 4}
-                           if method == "pfeiffer" else None) for seed, (name, (method, task)) in enumerate(specs.items(), 1)}
+    specs = {
+        "sentiment": ("lora", SENTIMENT),
+        "pairs": ("pfeiffer", PAIRS),
+        "scores": ("ia3", SCORES),
+        "topic": ("full", TOPIC),
+    }
+    return {
+        name: make_run(
+            tmp_path / "root" / name, base, method, task, seed, {"bottleneck_size": 4} if method == "pfeiffer" else None
+        )
+        for seed, (name, (method, task)) in enumerate(specs.items(), 1)
+    }
 
 
 class Server:
@@ -84,7 +92,10 @@ def request(port, method, path, body=None, headers=None, raw=None):
 
 
 def expected_rows(runs, name, task, rows):
-    columns = [list(column) for column in zip(*[row if isinstance(row, (list, tuple)) else (row,) for row in rows], strict=True)]
+    columns = [
+        list(column)
+        for column in zip(*[row if isinstance(row, (list, tuple)) else (row,) for row in rows], strict=True)
+    ]
     return deltatune.load(runs[name]).predict(*columns, precision="fp32")
 
 
@@ -92,20 +103,25 @@ def close_to(answer, reference):
     if "score" in reference:
         return answer["score"] == pytest.approx(reference["score"], abs=1e-4)
     return answer["label"] == reference["label"] and all(
-        answer["probabilities"][k] == pytest.approx(v, abs=1e-5) for k, v in reference["probabilities"].items())
+        answer["probabilities"][k] == pytest.approx(v, abs=1e-5) for k, v in reference["probabilities"].items()
+    )
 
 
 def test_mixed_tasks_over_http_answer_as_each_delta_alone_and_share_forward_passes(runs):
     engine = deltatune.load_many(list(runs.values()))
     pair_rows = [[text, TEXTS[-1 - i]] for i, text in enumerate(TEXTS)]
-    expected = {"sentiment": expected_rows(runs, "sentiment", SENTIMENT, TEXTS),
-                "pairs": expected_rows(runs, "pairs", PAIRS, pair_rows),
-                "scores": expected_rows(runs, "scores", SCORES, TEXTS),
-                "topic": expected_rows(runs, "topic", TOPIC, TEXTS)}
+    expected = {
+        "sentiment": expected_rows(runs, "sentiment", SENTIMENT, TEXTS),
+        "pairs": expected_rows(runs, "pairs", PAIRS, pair_rows),
+        "scores": expected_rows(runs, "scores", SCORES, TEXTS),
+        "topic": expected_rows(runs, "topic", TOPIC, TEXTS),
+    }
     inputs = {"sentiment": TEXTS, "pairs": pair_rows, "scores": TEXTS, "topic": TEXTS}
     with Server(engine, precision="fp32", batch_wait_ms=300) as server:
         status, body, _ = server.call("POST", "/v1/predict", {"task": "pairs", "inputs": pair_rows})
-        assert status == 200 and all(close_to(a, e) for a, e in zip(body["predictions"], expected["pairs"], strict=True))
+        assert status == 200 and all(
+            close_to(a, e) for a, e in zip(body["predictions"], expected["pairs"], strict=True)
+        )
         items = [{"task": name, "input": inputs[name][row]} for row in range(len(TEXTS)) for name in inputs]
         status, body, _ = server.call("POST", "/v1/predict", items)
         assert status == 200
@@ -114,8 +130,16 @@ def test_mixed_tasks_over_http_answer_as_each_delta_alone_and_share_forward_pass
             assert close_to(answer, expected[item["task"]][inputs[item["task"]].index(item["input"])])
         before = server.call("GET", "/health")[1]["batches"]
         with ThreadPoolExecutor(12) as pool:  # concurrent clients, different tasks: batched together
-            answers = list(pool.map(lambda k: server.call("POST", "/v1/predict", {
-                "task": list(inputs)[k % 4], "inputs": [inputs[list(inputs)[k % 4]][k % 5]]}), range(12)))
+            answers = list(
+                pool.map(
+                    lambda k: server.call(
+                        "POST",
+                        "/v1/predict",
+                        {"task": list(inputs)[k % 4], "inputs": [inputs[list(inputs)[k % 4]][k % 5]]},
+                    ),
+                    range(12),
+                )
+            )
         assert all(status == 200 for status, _, _ in answers)
         for k, (_, body, _) in enumerate(answers):
             assert close_to(body["predictions"][0], expected[list(inputs)[k % 4]][k % 5])
@@ -123,7 +147,9 @@ def test_mixed_tasks_over_http_answer_as_each_delta_alone_and_share_forward_pass
         status, body, _ = server.call("GET", "/v1/tasks")
         described = {task["name"]: task for task in body["tasks"]}
         assert status == 200 and set(described) == set(runs)
-        assert described["pairs"]["text_fields"] == ["first", "second"] and described["topic"]["batch_mixing"] == "grouped"
+        assert (
+            described["pairs"]["text_fields"] == ["first", "second"] and described["topic"]["batch_mixing"] == "grouped"
+        )
         assert described["scores"]["regression"] and described["sentiment"]["labels"] == ["negative", "positive"]
         assert described["topic"]["resident_bytes"] > 10 * described["sentiment"]["resident_bytes"]
         assert {task["base_fingerprint"] for task in body["tasks"]} == {engine.fingerprint}
@@ -133,9 +159,17 @@ def test_mixed_tasks_over_http_answer_as_each_delta_alone_and_share_forward_pass
 
 BAD = [  # body (or raw bytes), status, message start
     ({"task": "nope", "inputs": ["a"]}, 404, 'task: no task named "nope" is served'),
-    ({"task": "pairs", "inputs": ["only one text"]}, 422, r"inputs[0] has 1 text(s) but task 'pairs' takes 2 (first, second)"),
+    (
+        {"task": "pairs", "inputs": ["only one text"]},
+        422,
+        r"inputs[0] has 1 text(s) but task 'pairs' takes 2 (first, second)",
+    ),
     ({"task": "pairs", "inputs": [["a", 3]]}, 422, "inputs[0][1] must be a string, got int"),
-    ({"task": "sentiment", "inputs": [None]}, 422, "inputs[0] must be a text or a list of 1 texts (text), got NoneType"),
+    (
+        {"task": "sentiment", "inputs": [None]},
+        422,
+        "inputs[0] must be a text or a list of 1 texts (text), got NoneType",
+    ),
     ({"task": "sentiment", "inputs": []}, 422, "inputs: required, a non-empty list"),
     ({"task": "sentiment"}, 422, "inputs: required"),
     ({"inputs": ["a"]}, 422, "task: required"),
@@ -147,7 +181,11 @@ BAD = [  # body (or raw bytes), status, message start
     ({"task": "sentiment", "inputs": ["x" * 101]}, 413, "inputs[0][0]: 101 characters, more than the limit of 100"),
     ("a string", 422, "body: expected an object"),
     (b"{not json", 400, "body: not valid JSON"),
-    (b'{"task": "sentiment", "inputs": ["' + b"a" * 3000 + b'"]}', 413, "body: 3037 bytes, more than the limit of 2000"),
+    (
+        b'{"task": "sentiment", "inputs": ["' + b"a" * 3000 + b'"]}',
+        413,
+        "body: 3037 bytes, more than the limit of 2000",
+    ),
 ]
 
 
@@ -157,7 +195,7 @@ def test_every_bad_input_gets_its_status_and_a_message_naming_the_field(runs):
         for body, status, message in BAD:
             raw = body if isinstance(body, bytes) else None
             got, answer, _ = server.call("POST", "/v1/predict", None if raw else body, raw=raw)
-            assert (got, answer["detail"][:len(message)]) == (status, message), body
+            assert (got, answer["detail"][: len(message)]) == (status, message), body
         # a path is just text: nothing is read from it
         status, answer, _ = server.call("POST", "/v1/predict", {"task": "sentiment", "inputs": ["/etc/passwd"]})
         assert status == 200 and answer["predictions"][0]["label"] in SENTIMENT.labels
@@ -167,7 +205,10 @@ def test_every_bad_input_gets_its_status_and_a_message_naming_the_field(runs):
 def test_admin_is_off_by_default_and_confined_to_the_delta_root(runs, tmp_path):
     engine = deltatune.load_many([runs["sentiment"]])
     with Server(engine) as server:
-        for method, path, body in (("POST", "/v1/tasks", {"path": str(runs["pairs"])}), ("DELETE", "/v1/tasks/sentiment", None)):
+        for method, path, body in (
+            ("POST", "/v1/tasks", {"path": str(runs["pairs"])}),
+            ("DELETE", "/v1/tasks/sentiment", None),
+        ):
             status, answer, _ = server.call(method, path, body)
             assert status == 403 and answer["detail"].startswith("admin: attaching and detaching deltas is off")
     outside = make_run(tmp_path / "outside", runs["sentiment"].parent / "base", "lora", SENTIMENT, 7)
@@ -178,7 +219,9 @@ def test_admin_is_off_by_default_and_confined_to_the_delta_root(runs, tmp_path):
         assert status == 403
         status, answer, _ = server.call("POST", "/v1/tasks", {"path": "pairs", "name": "pairs-live"})
         assert status == 201 and answer["name"] == "pairs-live" and answer["method"] == "pfeiffer"
-        status, answer, _ = server.call("POST", "/v1/predict", {"task": "pairs-live", "inputs": [["a good movie", "cat"]]})
+        status, answer, _ = server.call(
+            "POST", "/v1/predict", {"task": "pairs-live", "inputs": [["a good movie", "cat"]]}
+        )
         assert status == 200
         status, answer, _ = server.call("POST", "/v1/tasks", {"path": "base"})
         assert status == 422 and "path: " in answer["detail"] and "deltatune.json" in answer["detail"]
@@ -192,7 +235,9 @@ def test_a_bearer_key_guards_everything_but_health(runs):
     with Server(engine, api_key="s3cret") as server:
         body = {"task": "sentiment", "inputs": ["a good movie"]}
         status, answer, headers = server.call("POST", "/v1/predict", body)
-        assert status == 401 and answer["detail"].startswith("authorization:") and headers["www-authenticate"] == "Bearer"
+        assert (
+            status == 401 and answer["detail"].startswith("authorization:") and headers["www-authenticate"] == "Bearer"
+        )
         assert server.call("POST", "/v1/predict", body, {"Authorization": "Bearer wrong"})[0] == 401
         assert server.call("GET", "/v1/tasks")[0] == 401
         assert server.call("POST", "/v1/predict", body, {"Authorization": "Bearer s3cret"})[0] == 200
@@ -261,9 +306,22 @@ def free_port():
 
 def test_sigterm_lets_the_request_in_flight_finish_then_exits(runs, tmp_path):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "serve", str(runs["sentiment"]), "--port", str(port),
-                                "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_SERVER,
+            "serve",
+            str(runs["sentiment"]),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -275,7 +333,9 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(runs, tmp_path):
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
             time.sleep(0.2)
         with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(request, port, "POST", "/v1/predict", {"task": "sentiment", "inputs": ["a good movie"]})
+            answer = pool.submit(
+                request, port, "POST", "/v1/predict", {"task": "sentiment", "inputs": ["a good movie"]}
+            )
             time.sleep(0.5)  # the request is being answered (the model takes 1.5 s)
             process.send_signal(signal.SIGTERM)
             status, body, _ = answer.result(timeout=60)

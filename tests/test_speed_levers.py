@@ -42,8 +42,9 @@ def test_attention_with_dropout_matches_sdpa_when_nothing_is_dropped(kind):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     model = build_tiny_model(kind).train()
-    attention = model.base_model.encoder.layer[0].attention.self if kind == "bert" \
-        else model.base_model.layers[0].self_attn
+    attention = (
+        model.base_model.encoder.layer[0].attention.self if kind == "bert" else model.base_model.layers[0].self_attn
+    )
     torch.manual_seed(0)
     query, key = torch.randn(2, 4, 5, 8), torch.randn(2, 4 if kind == "bert" else 2, 5, 8)
     value = torch.randn_like(key)
@@ -52,8 +53,9 @@ def test_attention_with_dropout_matches_sdpa_when_nothing_is_dropped(kind):
     masks = [None, padding] if kind == "bert" else [None]
     for mask in masks:
         ours, _ = attention_forward(attention, query, key, value, mask, dropout=1e-9, is_causal=kind == "llama")
-        reference, _ = sdpa_attention_forward(attention, query, key, value, mask, dropout=0.0,
-                                              is_causal=kind == "llama")
+        reference, _ = sdpa_attention_forward(
+            attention, query, key, value, mask, dropout=0.0, is_causal=kind == "llama"
+        )
         assert torch.allclose(ours, reference, atol=1e-6), (kind, mask is None)
 
 
@@ -109,7 +111,11 @@ def test_bf16_training_with_frozen_weights_cast_once_matches_casting_every_step(
 
     monkeypatch.setattr(train_module, "frozen_linear_weights_in_bf16", spy)
     model, cast_once = trained("bitfit", epochs=1, precision="bf16")
-    assert seen_dtypes and set(seen_dtypes) == {torch.bfloat16} and model.base_model.encoder.layer[0].attention.self.query.weight.dtype == torch.float32
+    assert (
+        seen_dtypes
+        and set(seen_dtypes) == {torch.bfloat16}
+        and model.base_model.encoder.layer[0].attention.self.query.weight.dtype == torch.float32
+    )
     monkeypatch.setattr("deltatune.training.frozen_linear_weights_in_bf16", lambda model, **options: nullcontext())
     _, cast_each_step = trained("bitfit", epochs=1, precision="bf16")
     assert cast_once.precision == "bf16"

@@ -12,15 +12,18 @@ from deltatune.methods import build_method, prepare_model
 from deltatune.tasks.spec import Split, TaskSpec
 from deltatune.training import TrainConfig, train
 
-SENTIMENT = TaskSpec("toy-sentiment", ("text",), ("negative", "positive"), metric="accuracy",
-                     metrics=("accuracy", "f1"))
-SIMILARITY = TaskSpec("toy-similarity", ("a", "b"), score_range=(0.0, 1.0), metric="pearson",
-                      metrics=("pearson", "spearman"))
+SENTIMENT = TaskSpec(
+    "toy-sentiment", ("text",), ("negative", "positive"), metric="accuracy", metrics=("accuracy", "f1")
+)
+SIMILARITY = TaskSpec(
+    "toy-similarity", ("a", "b"), score_range=(0.0, 1.0), metric="pearson", metrics=("pearson", "spearman")
+)
 
 
 def sentiment_splits(n_train=160, n_dev=40):
     def split(rows):
         return Split([(r["text"],) for r in rows], [1 if r["label"] == "positive" else 0 for r in rows])
+
     return split(make_sentiment_rows(n_train, seed=1)), split(make_sentiment_rows(n_dev, seed=2))
 
 
@@ -90,6 +93,7 @@ def test_length_bucketing_covers_every_example_once_and_reduces_padding():
 
     def efficiency(batches):
         return sum(lengths[i] for b in batches for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
     plain = [list(range(i, min(i + 16, 1000))) for i in range(0, 1000, 16)]
     assert efficiency(batches) > 0.9 > efficiency(plain)
 
@@ -112,6 +116,7 @@ def test_regression_trains_on_a_pair_task():
     prepare_model(model, method)
     rng = random.Random(0)
     words = ["good", "bad", "happy", "sad", "dog", "cat"]
+
     def rows(n):
         texts, labels = [], []
         for _ in range(n):
@@ -119,8 +124,16 @@ def test_regression_trains_on_a_pair_task():
             texts.append((f"the {a}", f"a {b}"))
             labels.append(((a in ("good", "happy")) + (b in ("good", "happy"))) / 2)
         return Split(texts, labels)
-    result = train(model, tokenizer, SIMILARITY, rows(300), rows(60), method,
-                   TrainConfig(epochs=8, batch_size=16, learning_rate=3e-3, quiet=True))
+
+    result = train(
+        model,
+        tokenizer,
+        SIMILARITY,
+        rows(300),
+        rows(60),
+        method,
+        TrainConfig(epochs=8, batch_size=16, learning_rate=3e-3, quiet=True),
+    )
     assert result.best_metrics["pearson"] > 0.5
     # targets are standardised for training; the saved dev outputs are back in the task's units
     mean, std = result.target_scale
@@ -171,8 +184,14 @@ def test_gradual_unfreezing_trains_the_top_first_then_everything():
     unfreezing.update(15)
     assert all(p.requires_grad for p in model.parameters())
     # through the loop: still learns, and every parameter ends up trainable again
-    model, result = trained(epochs=6, gradual_unfreezing=True, unfreeze_every=3, layer_lr_decay=0.8,
-                            schedule="slanted_triangular", warmup_ratio=0.1)
+    model, result = trained(
+        epochs=6,
+        gradual_unfreezing=True,
+        unfreeze_every=3,
+        layer_lr_decay=0.8,
+        schedule="slanted_triangular",
+        warmup_ratio=0.1,
+    )
     assert result.best_metrics["accuracy"] >= 0.8
     assert all(p.requires_grad for p in model.parameters())
 
@@ -204,8 +223,16 @@ def test_the_kept_state_is_scored_on_test_once():
     prepare_model(model, method)
     train_split, dev_split = sentiment_splits()
     test_split = sentiment_splits(n_train=2, n_dev=30)[1]
-    result = train(model, tokenizer, SENTIMENT, train_split, dev_split, method,
-                   TrainConfig(epochs=2, batch_size=16, learning_rate=3e-3, quiet=True), test_split=test_split)
+    result = train(
+        model,
+        tokenizer,
+        SENTIMENT,
+        train_split,
+        dev_split,
+        method,
+        TrainConfig(epochs=2, batch_size=16, learning_rate=3e-3, quiet=True),
+        test_split=test_split,
+    )
     assert result.test_outputs.shape == (30, 2) and len(result.test_labels) == 30
     predictions = result.test_outputs.argmax(axis=1)
     assert result.test_metrics["accuracy"] == pytest.approx(float((predictions == result.test_labels).mean()))

@@ -21,8 +21,12 @@ PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 @pytest.mark.parametrize("kind", KINDS)
 def test_equal_seed_and_vectors_give_peft_vera_outputs(kind):
     base = build_tiny_model(kind, num_labels=3)
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(
-        r=8, target_modules=PEFT_TARGETS[kind], projection_prng_key=5, d_initial=0.3, task_type="SEQ_CLS")).eval()
+    reference = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.VeraConfig(
+            r=8, target_modules=PEFT_TARGETS[kind], projection_prng_key=5, d_initial=0.3, task_type="SEQ_CLS"
+        ),
+    ).eval()
     model, method = base, build_method("vera", {"r": 8, "projection_seed": 5, "d_initial": 0.3})
     prepare_model(model, method)
     inputs = batch()
@@ -51,10 +55,12 @@ def test_equal_seed_and_vectors_give_peft_vera_outputs(kind):
 def test_the_generator_gives_the_numbers_saved_deltas_were_trained_with():
     """A saved VeRA delta holds only the vectors: it reloads identically only while this holds."""
     projection_A, projection_B = draw_projections(4, 6, 5, seed=0)
-    torch.testing.assert_close(projection_A[0, :3], torch.tensor([-0.0074868202, 0.5364435911, -0.8230451345]),
-                               atol=1e-9, rtol=0)
-    torch.testing.assert_close(projection_B[:3, 0], torch.tensor([-0.1974084973, -0.7710233927, -0.7938547134]),
-                               atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        projection_A[0, :3], torch.tensor([-0.0074868202, 0.5364435911, -0.8230451345]), atol=1e-9, rtol=0
+    )
+    torch.testing.assert_close(
+        projection_B[:3, 0], torch.tensor([-0.1974084973, -0.7710233927, -0.7938547134]), atol=1e-9, rtol=0
+    )
     again_A, again_B = draw_projections(4, 6, 5, seed=0)
     assert torch.equal(again_A, projection_A) and torch.equal(again_B, projection_B)
     assert not torch.equal(draw_projections(4, 6, 5, seed=7)[0], projection_A)

@@ -23,9 +23,19 @@ if TYPE_CHECKING:
     from deltatune.records import RunRecord
 
 
-def train(model: str = "minilm-l6", *, task: str | None = None, method: str = "full",
-          out: str | None = None, method_options: dict | None = None, source: str = "auto",
-          data: dict | None = None, overwrite: bool = False, say=None, **train_options) -> RunRecord | None:
+def train(
+    model: str = "minilm-l6",
+    *,
+    task: str | None = None,
+    method: str = "full",
+    out: str | None = None,
+    method_options: dict | None = None,
+    source: str = "auto",
+    data: dict | None = None,
+    overwrite: bool = False,
+    say=None,
+    **train_options,
+) -> RunRecord | None:
     """Train `method` on `model` for a catalog `task` (or your own `data`, see `deltatune.data_record`).
 
     `train_options` are `TrainConfig` fields (epochs=3, learning_rate=1e-3, lr_search="auto", head="bi-encoder",
@@ -65,10 +75,12 @@ def _check_train_arguments(model, task, method, out, method_options, source, dat
         problems.append(f"method must be a method name such as 'lora', got {shown(method)}")
     if out is not None and not isinstance(out, (str, os.PathLike)):
         problems.append(f"out must be a directory path, got {shown(out)}")
-    if method_options is not None and (not isinstance(method_options, dict)
-                                       or not all(isinstance(key, str) for key in method_options)):
-        problems.append(f"method_options must be a dict of option names to values, e.g. {{'r': 8}}, got "
-                        f"{shown(method_options)}")
+    if method_options is not None and (
+        not isinstance(method_options, dict) or not all(isinstance(key, str) for key in method_options)
+    ):
+        problems.append(
+            f"method_options must be a dict of option names to values, e.g. {{'r': 8}}, got {shown(method_options)}"
+        )
     if not isinstance(source, str):
         problems.append(f"source must be 'auto', 'mirror' or 'hub', got {shown(source)}")
     if not isinstance(overwrite, bool):

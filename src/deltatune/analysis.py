@@ -52,8 +52,10 @@ measure, the default), the angle of the whole layer, or the mean absolute change
 BASIS_NOTES = {
     "weights": "the method trains backbone weights in place: distances are exactly how far they moved",
     "merged": "the method's tensors were merged into the weights before comparing",
-    "unmerged": ("the method adds tensors it cannot merge into the weights: they are not reflected here; "
-                 "only the backbone tensors it trains in place, if any (e.g. norms), moved"),
+    "unmerged": (
+        "the method adds tensors it cannot merge into the weights: they are not reflected here; "
+        "only the backbone tensors it trains in place, if any (e.g. norms), moved"
+    ),
 }
 
 
@@ -76,13 +78,16 @@ def match_parameters(pretrained: nn.Module, finetuned: nn.Module) -> dict[str, t
     """
     base = dict(pretrained.named_parameters())
     tuned = dict(finetuned.named_parameters())
-    matched = {name: tuned[name].detach() for name, parameter in base.items()
-               if name in tuned and tuned[name].shape == parameter.shape}
+    matched = {
+        name: tuned[name].detach()
+        for name, parameter in base.items()
+        if name in tuned and tuned[name].shape == parameter.shape
+    }
     for name, tensor in tuned.items():
         if name in base:
             continue
         parts = name.split(".")
-        dropped_one = {".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts) - 1)}
+        dropped_one = {".".join(parts[:i] + parts[i + 1 :]) for i in range(len(parts) - 1)}
         candidates = [c for c in dropped_one if c in base and c not in matched and base[c].shape == tensor.shape]
         if len(candidates) == 1:
             matched[candidates[0]] = tensor.detach()
@@ -105,7 +110,8 @@ def layer_distances(pretrained: nn.Module, finetuned: nn.Module, rank_by: RankBy
     if missing:
         raise DeltatuneError(
             f"The fine-tuned model lacks {len(missing)} of the pretrained parameters (e.g. {missing[0]!r}): "
-            "it is not a fine-tuned version of this pretrained model.")
+            "it is not a fine-tuned version of this pretrained model."
+        )
     rows: list[dict[str, Any]] = []
     for position in range(-1, layout.num_layers + 1):
         names = [n for n in base if layout.position[n] == position and n not in layout.head]
@@ -118,18 +124,21 @@ def layer_distances(pretrained: nn.Module, finetuned: nn.Module, rank_by: RankBy
         l1 = float(sum(d.abs().sum() for d in differences))
         changed = int(sum((d != 0).sum() for d in differences))
         matrix_angles = [angle_degrees(a, b) for a, b in zip(before, after, strict=True) if a.ndim >= 2]
-        rows.append({
-            "layer": position,
-            "name": describe_position(position, layout.num_layers),
-            "num_params": num_params,
-            "num_matrices": len(matrix_angles),
-            "l1": l1,
-            "l1_mean": l1 / num_params,
-            "angle_deg": angle_degrees(torch.cat([t.reshape(-1) for t in before]),
-                                       torch.cat([t.reshape(-1) for t in after])),
-            "mean_matrix_angle_deg": sum(matrix_angles) / len(matrix_angles) if matrix_angles else 0.0,
-            "changed_fraction": changed / num_params,
-        })
+        rows.append(
+            {
+                "layer": position,
+                "name": describe_position(position, layout.num_layers),
+                "num_params": num_params,
+                "num_matrices": len(matrix_angles),
+                "l1": l1,
+                "l1_mean": l1 / num_params,
+                "angle_deg": angle_degrees(
+                    torch.cat([t.reshape(-1) for t in before]), torch.cat([t.reshape(-1) for t in after])
+                ),
+                "mean_matrix_angle_deg": sum(matrix_angles) / len(matrix_angles) if matrix_angles else 0.0,
+                "changed_fraction": changed / num_params,
+            }
+        )
     key = RANK_KEYS[rank_by]
     for rank, row in enumerate(sorted(rows, key=lambda r: (-r[key], -r["l1_mean"], r["layer"])), start=1):
         row["rank"] = rank
@@ -160,8 +169,9 @@ def analyze_run(run_dir: str | Path, base: str | None = None, rank_by: RankBy = 
 
     tuned = load(run_dir, base=base)
     head = head_of(tuned.model)  # the same head, so both models have the same parameters
-    pretrained, _ = load_model_for_task(base or tuned.manifest.base_model.name, tuned.task,
-                                        head=head.kind, pooling=head.pooling)
+    pretrained, _ = load_model_for_task(
+        base or tuned.manifest.base_model.name, tuned.task, head=head.kind, pooling=head.pooling
+    )
     basis = comparison_basis(tuned.model, tuned.method, {n for n, _ in pretrained.named_parameters()})
     if basis == "merged":
         tuned.method.merge(tuned.model)
@@ -177,9 +187,19 @@ def format_report(rows: list[dict]) -> str:
     if not rows:
         return "(no layers)"
     header = ("layer", "params", "L1", "L1/param", "angle°", "mean matrix angle°", "changed", "rank")
-    lines = [(row["name"], f"{row['num_params']:,}", f"{row['l1']:.4g}", f"{row['l1_mean']:.3e}",
-              f"{row['angle_deg']:.4f}", f"{row['mean_matrix_angle_deg']:.4f}" if row["num_matrices"] else "-",
-              f"{100 * row['changed_fraction']:.2f}%", str(row["rank"]) if row["l1"] else "-") for row in rows]
+    lines = [
+        (
+            row["name"],
+            f"{row['num_params']:,}",
+            f"{row['l1']:.4g}",
+            f"{row['l1_mean']:.3e}",
+            f"{row['angle_deg']:.4f}",
+            f"{row['mean_matrix_angle_deg']:.4f}" if row["num_matrices"] else "-",
+            f"{100 * row['changed_fraction']:.2f}%",
+            str(row["rank"]) if row["l1"] else "-",
+        )
+        for row in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def render(cells) -> str:
@@ -192,6 +212,7 @@ def format_report(rows: list[dict]) -> str:
         method = rows[0].get("method", "the method")
         text.append("")
         text.append(f"{method}: {BASIS_NOTES[basis]}.")
-    text.append("Angles in degrees; rank 1 = moved most ('-': did not move). The task head is not shown "
-                "(it starts random).")
+    text.append(
+        "Angles in degrees; rank 1 = moved most ('-': did not move). The task head is not shown (it starts random)."
+    )
     return "\n".join(text)

@@ -58,9 +58,16 @@ class BaselineResult:
     details: dict = field(default_factory=dict)
 
 
-def run_baseline(name: str, model_name: str, task_data: TaskData, train_indices: list[int] | None = None,
-                 seed: int = 0, max_length: int = 128, shots: int = DEFAULT_SHOTS,
-                 batch_size: int = 64) -> BaselineResult:
+def run_baseline(
+    name: str,
+    model_name: str,
+    task_data: TaskData,
+    train_indices: list[int] | None = None,
+    seed: int = 0,
+    max_length: int = 128,
+    shots: int = DEFAULT_SHOTS,
+    batch_size: int = 64,
+) -> BaselineResult:
     """Score baseline `name` on the dev and (where there is one) test split of `task_data`.
 
     `train_indices` restricts the training examples it may look at (the grid's training pool).
@@ -77,16 +84,25 @@ def run_baseline(name: str, model_name: str, task_data: TaskData, train_indices:
     details: dict = {}
     if name == "majority":
         outputs = {split: _majority_outputs(task, train, len(data)) for split, data in splits.items()}
-        details["predicts"] = float(outputs["dev"][0, 0]) if task.is_regression else task.labels[
-            int(outputs["dev"][0].argmax())]
+        details["predicts"] = (
+            float(outputs["dev"][0, 0]) if task.is_regression else task.labels[int(outputs["dev"][0].argmax())]
+        )
     elif name == "embedding-cosine":
         outputs, details = _embedding_cosine(model_name, task, splits, max_length, batch_size)
     else:
         outputs, details = _prompting(model_name, task, train, splits, shots if name == "few-shot" else 0, seed)
-    metrics = {split: compute_metrics(task.metrics, _predictions(task, outputs[split]), data.labels)
-               for split, data in splits.items()}
-    return BaselineResult(name, metrics, outputs, {split: list(data.labels) for split, data in splits.items()},
-                          time.perf_counter() - started, details)
+    metrics = {
+        split: compute_metrics(task.metrics, _predictions(task, outputs[split]), data.labels)
+        for split, data in splits.items()
+    }
+    return BaselineResult(
+        name,
+        metrics,
+        outputs,
+        {split: list(data.labels) for split, data in splits.items()},
+        time.perf_counter() - started,
+        details,
+    )
 
 
 def _predictions(task: TaskSpec, outputs: np.ndarray) -> np.ndarray:
@@ -102,8 +118,9 @@ def _majority_outputs(task: TaskSpec, train: Split, count: int) -> np.ndarray:
     return outputs
 
 
-def _embedding_cosine(model_name: str, task: TaskSpec, splits: dict[str, Split], max_length: int,
-                      batch_size: int) -> tuple[dict[str, np.ndarray], dict]:
+def _embedding_cosine(
+    model_name: str, task: TaskSpec, splits: dict[str, Split], max_length: int, batch_size: int
+) -> tuple[dict[str, np.ndarray], dict]:
     """The untrained bi-encoder's outputs: cos(u, v) mapped onto the score range."""
     from deltatune.batching import encode, predict_encoded, to_task_units
     from deltatune.heads import declared_pooling, head_of, target_scale
@@ -123,8 +140,9 @@ def _embedding_cosine(model_name: str, task: TaskSpec, splits: dict[str, Split],
     return outputs, {"pooling": head_of(model).pooling, "precision": "fp32"}
 
 
-def _prompting(model_name: str, task: TaskSpec, train: Split, splits: dict[str, Split], shots: int,
-               seed: int) -> tuple[dict[str, np.ndarray], dict]:
+def _prompting(
+    model_name: str, task: TaskSpec, train: Split, splits: dict[str, Split], shots: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict]:
     """Verbaliser scoring by the base decoder (`deltatune.freelm.scoring`), zero-shot or with `shots` examples."""
     from transformers import AutoConfig
 
@@ -139,15 +157,18 @@ def _prompting(model_name: str, task: TaskSpec, train: Split, splits: dict[str, 
     from deltatune.tasks.propositions import propositions_for
 
     if is_encoder(AutoConfig.from_pretrained(resolve_model(model_name))):
-        raise DeltatuneError(f"Prompting baselines need a decoder (a causal language model); {model_name!r} is an "
-                             "encoder. Use the majority or embedding-cosine baselines for it.")
+        raise DeltatuneError(
+            f"Prompting baselines need a decoder (a causal language model); {model_name!r} is an "
+            "encoder. Use the majority or embedding-cosine baselines for it."
+        )
     causal_lm, tokenizer = load_causal_lm(model_name)
     causal_lm.eval()
     propositions = propositions_for(task)
     prefix = ""
     if shots:
-        prefix = demonstration_prefix(tokenizer, propositions, train,
-                                      choose_demonstrations(propositions, train, shots, seed))
+        prefix = demonstration_prefix(
+            tokenizer, propositions, train, choose_demonstrations(propositions, train, shots, seed)
+        )
     outputs = {}
     with torch.no_grad():
         for split, data in splits.items():

@@ -37,8 +37,9 @@ class Encoded:
         return len(self.labels)
 
     def subset(self, indices: list[int]) -> Encoded:
-        return Encoded({key: [rows[i] for i in indices] for key, rows in self.features.items()},
-                       [self.labels[i] for i in indices])
+        return Encoded(
+            {key: [rows[i] for i in indices] for key, rows in self.features.items()}, [self.labels[i] for i in indices]
+        )
 
     @property
     def lengths(self) -> list[int]:
@@ -72,16 +73,21 @@ def _tokenise(tokenizer, columns: list, max_length: int) -> tuple[dict[str, list
     too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
     features = {key: list(full[key]) for key in ("input_ids", "token_type_ids") if key in full}
     if too_long:
-        again = tokenizer(*[[column[i] for i in too_long] for column in columns], truncation=True,
-                          max_length=max_length, padding=False)
+        again = tokenizer(
+            *[[column[i] for i in too_long] for column in columns],
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+        )
         for key in features:
             for position, index in enumerate(too_long):
                 features[key][index] = again[key][position]
     return features, too_long
 
 
-def length_bucketed_batches(lengths: list[int], batch_size: int, generator: random.Random | None,
-                            chunk_batches: int = 50) -> list[list[int]]:
+def length_bucketed_batches(
+    lengths: list[int], batch_size: int, generator: random.Random | None, chunk_batches: int = 50
+) -> list[list[int]]:
     """Index batches of similar-length examples.
 
     Training (`generator` given): shuffle, sort by length within chunks of `chunk_batches`
@@ -91,13 +97,13 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, generator: rand
     order = list(range(len(lengths)))
     if generator is None:
         order.sort(key=lambda i: lengths[i])
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     generator.shuffle(order)
     chunk = batch_size * chunk_batches
     batches = []
     for start in range(0, len(order), chunk):
-        piece = sorted(order[start:start + chunk], key=lambda i: lengths[i])
-        batches += [piece[i:i + batch_size] for i in range(0, len(piece), batch_size)]
+        piece = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [piece[i : i + batch_size] for i in range(0, len(piece), batch_size)]
     generator.shuffle(batches)
     return batches
 
@@ -105,7 +111,7 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, generator: rand
 def shuffled_batches(count: int, batch_size: int, generator: random.Random) -> list[list[int]]:
     order = list(range(count))
     generator.shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, count, batch_size)]
 
 
 def collate(encoded: Encoded, indices: list[int], pad_token_id: int, regression: bool) -> dict[str, torch.Tensor]:
@@ -151,8 +157,9 @@ def to_task_units(outputs: np.ndarray, target_scale) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_encoded(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int,
-                    batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+def predict_encoded(
+    model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int, batch_size: int = 64, precision: str = "fp32"
+) -> np.ndarray:
     """Raw outputs for every example, in the split's order: logits (classes) or scores. Batches go to the
     device the model is on."""
     was_training = model.training
@@ -182,8 +189,9 @@ def outputs_to_predictions(outputs: np.ndarray, task: TaskSpec) -> np.ndarray:
     return outputs[:, 0] if task.is_regression else outputs.argmax(axis=-1)
 
 
-def evaluate(model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int,
-             batch_size: int = 64, precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, encoded: Encoded, task: TaskSpec, pad_token_id: int, batch_size: int = 64, precision: str = "fp32"
+) -> dict[str, float]:
     outputs = predict_encoded(model, encoded, task, pad_token_id, batch_size, precision)
     return compute_metrics(task.metrics, outputs_to_predictions(outputs, task), encoded.labels)
 
@@ -195,7 +203,7 @@ def stratified_subset(labels: list, count: int, seed: int, regression: bool) -> 
     rng = random.Random(seed)
     if regression:
         ranked = sorted(range(len(labels)), key=lambda i: labels[i])
-        strata = [ranked[i * len(ranked) // 10:(i + 1) * len(ranked) // 10] for i in range(10)]
+        strata = [ranked[i * len(ranked) // 10 : (i + 1) * len(ranked) // 10] for i in range(10)]
     else:
         by_class: dict = {}
         for i, label in enumerate(labels):
@@ -210,6 +218,6 @@ def stratified_subset(labels: list, count: int, seed: int, regression: bool) -> 
         chosen += stratum[:take]
         remainders.append((exact - take, stratum[take:]))
     # hand out the rounding remainder to the strata that lost most to rounding down
-    for _, rest in sorted(remainders, key=lambda r: -r[0])[:count - len(chosen)]:
+    for _, rest in sorted(remainders, key=lambda r: -r[0])[: count - len(chosen)]:
         chosen.append(rest[0])
     return sorted(chosen)

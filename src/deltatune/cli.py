@@ -55,8 +55,10 @@ def _data_from(args: argparse.Namespace) -> dict:
         if args.task:
             raise DeltatuneError("Pass either --task NAME (a catalog task) or --data FILE (your own data), not both.")
         if not args.text_fields:
-            raise DeltatuneError("--data needs --text-fields naming the input column(s), e.g. "
-                                 "--text-fields review or --text-fields question,answer.")
+            raise DeltatuneError(
+                "--data needs --text-fields naming the input column(s), e.g. "
+                "--text-fields review or --text-fields question,answer."
+            )
         local = {
             "path": str(Path(args.data).resolve()),
             "text_fields": [c.strip() for c in args.text_fields.split(",") if c.strip()],
@@ -91,8 +93,16 @@ def command_train(args: argparse.Namespace, method_options: dict[str, str]) -> i
     from deltatune.distributed import current_rank
 
     main_process = current_rank() == 0  # under torchrun / accelerate launch only rank 0 speaks
-    record = run_training(args.model, _data_from(args), args.method, method_options, config,
-                          out=args.out, overwrite=args.overwrite, say=None if config.quiet or not main_process else print)
+    record = run_training(
+        args.model,
+        _data_from(args),
+        args.method,
+        method_options,
+        config,
+        out=args.out,
+        overwrite=args.overwrite,
+        say=None if config.quiet or not main_process else print,
+    )
     if not main_process or record is None:
         return 0
     print(json_text(record.to_json()) if args.json else summarize(record))
@@ -106,8 +116,10 @@ def command_eval(args: argparse.Namespace) -> int:
     from deltatune.delta import read_manifest
 
     if read_manifest(args.run_dir).task.name == "freelm-propositions":
-        raise DeltatuneError(f"{args.run_dir} is a FreeLM model (one model for all tasks): evaluate it with "
-                             f"`deltatune freelm eval {args.run_dir} --tasks TASK,...`.")
+        raise DeltatuneError(
+            f"{args.run_dir} is a FreeLM model (one model for all tasks): evaluate it with "
+            f"`deltatune freelm eval {args.run_dir} --tasks TASK,...`."
+        )
     tuned = on_device(deltatune.load(args.run_dir, base=args.base), args.device)
     metrics = tuned.evaluate(args.split, precision=args.precision, data_changed_ok=args.data_changed_ok)
     if args.json:
@@ -144,9 +156,13 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     """`--device`, the same on every command that computes."""
     from deltatune.devices import DEVICE_CHOICES
 
-    parser.add_argument("--device", default="auto", metavar="|".join(DEVICE_CHOICES),
-                        help="where to compute: auto (a CUDA GPU when present, else Apple MPS, else the CPU), "
-                             "cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="|".join(DEVICE_CHOICES),
+        help="where to compute: auto (a CUDA GPU when present, else Apple MPS, else the CPU), "
+        "cpu, cuda, cuda:N or mps (default: auto)",
+    )
 
 
 def command_models(args: argparse.Namespace) -> int:
@@ -154,8 +170,10 @@ def command_models(args: argparse.Namespace) -> int:
 
     for alias in MODEL_ALIASES.values():
         print(f"{alias.name:14} {alias.description}\n{'':14} from: {alias.origin}")
-    print("\nAny other value of --model is a local directory or a Hugging Face hub id "
-          "(loaded with from_pretrained, safetensors only).")
+    print(
+        "\nAny other value of --model is a local directory or a Hugging Face hub id "
+        "(loaded with from_pretrained, safetensors only)."
+    )
     return 0
 
 
@@ -223,8 +241,14 @@ def command_analyze(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     from deltatune.demo import run_demo
 
-    run_demo(Path(args.out), model=args.model, task=args.task, methods=args.methods.split(","),
-             epochs=args.epochs, quiet=args.quiet)
+    run_demo(
+        Path(args.out),
+        model=args.model,
+        task=args.task,
+        methods=args.methods.split(","),
+        epochs=args.epochs,
+        quiet=args.quiet,
+    )
     return 0
 
 
@@ -271,8 +295,11 @@ def merge_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Adapt pretrained language models cheaply, "
-                                     "ship each task as a tiny delta, and find out which method is best.")
+    parser = argparse.ArgumentParser(
+        prog="deltatune",
+        description="Adapt pretrained language models cheaply, "
+        "ship each task as a tiny delta, and find out which method is best.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from deltatune.compare.commands import add_compare_parser, add_report_parser, add_results_parser
     from deltatune.freelm.command import add_freelm_parser
@@ -280,10 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.reader.command import add_reader_parser
     from deltatune.serve.command import add_serve_parser
 
-    for add_command in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_listing_parsers,
-                        _add_export_parser, _add_analyze_parser, _add_demo_parser, add_freelm_parser,
-                        add_reader_parser, add_compare_parser, add_results_parser, add_report_parser,
-                        add_serve_parser, add_merge_parser):
+    for add_command in (
+        _add_train_parser,
+        _add_eval_parser,
+        _add_predict_parser,
+        _add_listing_parsers,
+        _add_export_parser,
+        _add_analyze_parser,
+        _add_demo_parser,
+        add_freelm_parser,
+        add_reader_parser,
+        add_compare_parser,
+        add_results_parser,
+        add_report_parser,
+        add_serve_parser,
+        add_merge_parser,
+    ):
         add_command(commands)
     return parser
 
@@ -292,18 +331,27 @@ def _add_train_parser(commands) -> None:
     from deltatune.sources.data import SOURCES
     from deltatune.training import TrainConfig
 
-    train = commands.add_parser("train", help="fine-tune a model on a task with a method and save the delta",
-                                description="Method options: --method.KEY=VALUE (see `deltatune methods -v`).")
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model on a task with a method and save the delta",
+        description="Method options: --method.KEY=VALUE (see `deltatune methods -v`).",
+    )
     train.add_argument("--model", default="minilm-l6", help="alias (see `deltatune models`), local directory or hub id")
     train.add_argument("--task", help="catalog task (see `deltatune tasks`)")
-    train.add_argument("--source", default="auto", choices=SOURCES,
-                       help="where catalog data come from (auto: the packaged mirror when there is one)")
+    train.add_argument(
+        "--source",
+        default="auto",
+        choices=SOURCES,
+        help="where catalog data come from (auto: the packaged mirror when there is one)",
+    )
     train.add_argument("--data", help="your own CSV/TSV/JSONL/Parquet training file instead of --task")
     train.add_argument("--dev-data", help="with --data: a dev file (else a stratified dev split is made)")
     train.add_argument("--test-data", help="with --data: a test file (else a stratified test split is made)")
     train.add_argument("--text-fields", help="with --data: the input column, or two comma-separated for pairs")
     train.add_argument("--label-field", default="label", help="with --data: the label column")
-    train.add_argument("--labels", help="with --data: the class names in order, comma-separated (else sorted unique values)")
+    train.add_argument(
+        "--labels", help="with --data: the class names in order, comma-separated (else sorted unique values)"
+    )
     add_switch(train, "--regression", help="with --data: the label is a number to predict")
     train.add_argument("--method", default="full", help="adaptation method (see `deltatune methods`)")
     train.add_argument("--out", help="directory for the delta and run record (omit to save nothing)")
@@ -316,9 +364,13 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     """`--precision` of prediction, the same on every command that predicts."""
     from deltatune.precision import PRECISIONS
 
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
-                             "on GPUs that support it (default)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16 autocast, fp32, fp16 (CUDA), or auto: bf16 on CPUs with native bf16 and "
+        "on GPUs that support it (default)",
+    )
 
 
 def _add_eval_parser(commands) -> None:
@@ -327,9 +379,12 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--split", default="dev", help="train, dev or test")
     evaluate.add_argument("--base", help="load the base model from here instead of the recorded name")
     add_switch(evaluate, "--json", help="print the metrics as JSON")
-    add_switch(evaluate, "--data-changed-ok",
-               help="evaluate even if the data differ from what the delta was trained on (its recorded sha256); "
-                    "re-made splits may then overlap the training rows")
+    add_switch(
+        evaluate,
+        "--data-changed-ok",
+        help="evaluate even if the data differ from what the delta was trained on (its recorded sha256); "
+        "re-made splits may then overlap the training rows",
+    )
     add_precision_option(evaluate)
     add_device_option(evaluate)
 
@@ -358,12 +413,19 @@ def _add_export_parser(commands) -> None:
 
     export = commands.add_parser("export", help="write a run as a plain transformers model (hf) or a PEFT adapter")
     export.add_argument("run_dir")
-    export.add_argument("--format", default="peft", choices=("peft", "hf"),
-                        help="hf: the base with the delta merged in, head and tokenizer (transformers.pipeline "
-                        "loads it); peft: a LoRA or (IA)3 adapter in PEFT's format")
+    export.add_argument(
+        "--format",
+        default="peft",
+        choices=("peft", "hf"),
+        help="hf: the base with the delta merged in, head and tokenizer (transformers.pipeline "
+        "loads it); peft: a LoRA or (IA)3 adapter in PEFT's format",
+    )
     export.add_argument("--out", required=True, help="directory to write the export to")
-    export.add_argument("--base-model-name-or-path", help="what PEFT records as the base (default: the hub id of "
-                        "a deltatune alias, the absolute path of a local base, or the hub id the run used)")
+    export.add_argument(
+        "--base-model-name-or-path",
+        help="what PEFT records as the base (default: the hub id of "
+        "a deltatune alias, the absolute path of a local base, or the hub id the run used)",
+    )
     add_switch(export, "--overwrite", help="replace an existing --out directory")
     add_hf_export_options(export)
 
@@ -374,10 +436,14 @@ def _add_analyze_parser(commands) -> None:
     analyze = commands.add_parser("analyze", help="per-layer distance between the fine-tuned and pretrained weights")
     analyze.add_argument("run_dir")
     analyze.add_argument("--base", help="load the base model from here instead of the recorded name")
-    analyze.add_argument("--rank-by", default="angle", choices=typing.get_args(RankBy),
-                         help="rank layers by the mean angle of their weight matrices (matrix_angle), the angle "
-                              "of the whole layer (angle), or the mean absolute change per parameter (l1_mean) "
-                              "(default: angle)")
+    analyze.add_argument(
+        "--rank-by",
+        default="angle",
+        choices=typing.get_args(RankBy),
+        help="rank layers by the mean angle of their weight matrices (matrix_angle), the angle "
+        "of the whole layer (angle), or the mean absolute change per parameter (l1_mean) "
+        "(default: angle)",
+    )
     add_switch(analyze, "--json", help="print the rows as JSON")
 
 
@@ -423,16 +489,25 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if method_options and args.command not in ("train", "freelm"):
             raise DeltatuneError("--method.KEY=VALUE options only apply to `deltatune train`.")
-        handlers = {"train": lambda: command_train(args, method_options), "eval": lambda: command_eval(args),
-                    "predict": lambda: command_predict(args), "models": lambda: command_models(args),
-                    "tasks": lambda: command_tasks(args), "methods": lambda: command_methods(args),
-                    "fetch": lambda: command_fetch(args), "demo": lambda: command_demo(args),
-                    "export": lambda: command_export(args), "analyze": lambda: command_analyze(args),
-                    "freelm": lambda: command_freelm(args, method_options),
-                    "reader": lambda: command_reader(args),
-                    "compare": lambda: command_compare(args), "results": lambda: command_results(args),
-                    "report": lambda: command_report(args), "serve": lambda: run_serve_command(args),
-                    "merge": lambda: merge_command(args)}
+        handlers = {
+            "train": lambda: command_train(args, method_options),
+            "eval": lambda: command_eval(args),
+            "predict": lambda: command_predict(args),
+            "models": lambda: command_models(args),
+            "tasks": lambda: command_tasks(args),
+            "methods": lambda: command_methods(args),
+            "fetch": lambda: command_fetch(args),
+            "demo": lambda: command_demo(args),
+            "export": lambda: command_export(args),
+            "analyze": lambda: command_analyze(args),
+            "freelm": lambda: command_freelm(args, method_options),
+            "reader": lambda: command_reader(args),
+            "compare": lambda: command_compare(args),
+            "results": lambda: command_results(args),
+            "report": lambda: command_report(args),
+            "serve": lambda: run_serve_command(args),
+            "merge": lambda: merge_command(args),
+        }
         return handlers[args.command]()
     except DeltatuneError as error:
         print(f"deltatune: error: {error}", file=sys.stderr)
@@ -447,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         if error.errno not in _ENVIRONMENT_ERRORS:
             raise  # anything else is a bug in deltatune: keep the traceback
         where = f": {error.filename}" if error.filename else ""
-        print(f"deltatune: error: {error.strerror or error}{where}. {_ENVIRONMENT_ERRORS[error.errno]}",
-              file=sys.stderr)
+        print(
+            f"deltatune: error: {error.strerror or error}{where}. {_ENVIRONMENT_ERRORS[error.errno]}", file=sys.stderr
+        )
         return 2
 
 

@@ -70,8 +70,13 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None
 
 
-def add_config_options(parser, config_class: type, dest_prefix: str = "", skip: typing.Collection[str] = (),
-                       notes: dict[str, str] | None = None) -> None:
+def add_config_options(
+    parser,
+    config_class: type,
+    dest_prefix: str = "",
+    skip: typing.Collection[str] = (),
+    notes: dict[str, str] | None = None,
+) -> None:
     """One flag per field of `config_class` on `parser` (a parser or argument group).
 
     The value lands in `args.<dest_prefix><field>` and is None unless typed. `skip` names fields that get
@@ -100,8 +105,9 @@ def add_config_options(parser, config_class: type, dest_prefix: str = "", skip: 
         parser.add_argument(flag_name(field.name), help=text, **options)
 
 
-def config_from_options(config_class: type, args: argparse.Namespace, dest_prefix: str = "",
-                        values: dict[str, Any] | None = None) -> Any:
+def config_from_options(
+    config_class: type, args: argparse.Namespace, dest_prefix: str = "", values: dict[str, Any] | None = None
+) -> Any:
     """`config_class` built from the flags the user typed (see `add_config_options`), laid over `values`;
     every problem is reported at once (`--epochs='x': must be a number`)."""
     overrides = dict(values or {})
@@ -114,8 +120,11 @@ def config_from_options(config_class: type, args: argparse.Namespace, dest_prefi
 
 def typed_options(args: argparse.Namespace, dest_prefix: str) -> dict[str, Any]:
     """The options under `dest_prefix` the user typed, keyed by field name."""
-    return {name[len(dest_prefix):]: value for name, value in vars(args).items()
-            if name.startswith(dest_prefix) and value is not None}
+    return {
+        name[len(dest_prefix) :]: value
+        for name, value in vars(args).items()
+        if name.startswith(dest_prefix) and value is not None
+    }
 
 
 def split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -126,7 +135,7 @@ def split_method_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     while index < len(argv):
         argument = argv[index]
         if argument.startswith(METHOD_FLAG):
-            item = argument[len(METHOD_FLAG):]
+            item = argument[len(METHOD_FLAG) :]
             if "=" not in item:
                 if index + 1 >= len(argv):
                     raise DeltatuneError(f"{argument} needs a value, e.g. {argument}=4")
@@ -155,8 +164,10 @@ def method_options_from(items: typing.Iterable[str], where: str, example: str) -
         elif last_key is not None and not equals:
             options[last_key] = f"{options[last_key]},{item}".strip()
         else:
-            raise DeltatuneError(f"{where}: option {item!r} needs KEY=VALUE, e.g. {example} "
-                                 "(`deltatune methods -v` lists each method's options)")
+            raise DeltatuneError(
+                f"{where}: option {item!r} needs KEY=VALUE, e.g. {example} "
+                "(`deltatune methods -v` lists each method's options)"
+            )
     return options
 
 
@@ -173,5 +184,15 @@ def parse_method_text(text: str) -> dict | str:
     return {"name": label, "method": method, "config": config}
 
 
-__all__ = ["METHOD_FLAG", "add_config_options", "add_switch", "config_from_options", "flag_name", "literal_choices",
-           "method_options_from", "parse_method_text", "split_method_options", "typed_options"]
+__all__ = [
+    "METHOD_FLAG",
+    "add_config_options",
+    "add_switch",
+    "config_from_options",
+    "flag_name",
+    "literal_choices",
+    "method_options_from",
+    "parse_method_text",
+    "split_method_options",
+    "typed_options",
+]

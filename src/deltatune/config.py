@@ -44,9 +44,13 @@ def _own_field_help(config_class: type) -> dict[str, str]:
     body = definition.body
     helps: dict[str, str] = {}
     for statement, following in zip(body, [*body[1:], None], strict=True):
-        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
             helps[statement.target.id] = " ".join(following.value.value.split())
     return helps
 
@@ -155,8 +159,9 @@ def choice_problems(config: Any) -> list[str]:
         annotation = hints[config_field.name]
         value = getattr(config, config_field.name)
         if typing.get_origin(annotation) is typing.Literal and value not in typing.get_args(annotation):
-            problems.append(f"{config_field.name}={value!r} must be one of "
-                            f"{', '.join(map(str, typing.get_args(annotation)))}")
+            problems.append(
+                f"{config_field.name}={value!r} must be one of {', '.join(map(str, typing.get_args(annotation)))}"
+            )
     return problems
 
 
@@ -166,8 +171,11 @@ def describe_fields(config_class: type) -> list[tuple[str, str, Any, str]]:
     helps = field_help(config_class)
     rows = []
     for f in dataclasses.fields(config_class):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
         rows.append((f.name, type_name, default, helps.get(f.name, "")))
     return rows

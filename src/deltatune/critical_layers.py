@@ -33,22 +33,30 @@ def resolve_critical_layers(method: Method, model: nn.Module) -> None:
 def critical_layers(model: nn.Module, run_dir: str, count: int, metric: RankBy) -> list[int]:
     """The `count` transformer layers that moved most in the run at `run_dir`, by `metric`."""
     if not Path(run_dir).is_dir():
-        raise DeltatuneError(f"method.critical_from={run_dir!r} is not a directory. Point it at the --out "
-                             "directory of a finished full fine-tuning run on the same base model.")
+        raise DeltatuneError(
+            f"method.critical_from={run_dir!r} is not a directory. Point it at the --out "
+            "directory of a finished full fine-tuning run on the same base model."
+        )
     rows = analyze_run(run_dir, rank_by=metric)
     num_layers = layer_layout(model).num_layers
     blocks = [row for row in rows if 0 <= row["layer"] < num_layers and row["name"].startswith("layer")]
     if len(blocks) != num_layers:
-        raise DeltatuneError(f"method.critical_from={run_dir!r} was trained on a model with {len(blocks)} "
-                             f"transformer layers, but this model has {num_layers}: use a run on the same base model.")
+        raise DeltatuneError(
+            f"method.critical_from={run_dir!r} was trained on a model with {len(blocks)} "
+            f"transformer layers, but this model has {num_layers}: use a run on the same base model."
+        )
     if rows and rows[0].get("basis") == "unmerged":
-        raise DeltatuneError(f"method.critical_from={run_dir!r} holds a {rows[0].get('method')!r} run, which "
-                             "trained tensors of its own rather than the model's weights; use a full fine-tuning run.")
+        raise DeltatuneError(
+            f"method.critical_from={run_dir!r} holds a {rows[0].get('method')!r} run, which "
+            "trained tensors of its own rather than the model's weights; use a full fine-tuning run."
+        )
     key = RANK_KEYS[metric]
     moved = sorted(blocks, key=lambda row: (-row[key], -row["l1_mean"], row["layer"]))
     if moved[0][key] == 0:
-        raise DeltatuneError(f"method.critical_from={run_dir!r}: no transformer layer moved in that run, so none "
-                             "is more critical than another; use a full fine-tuning run.")
+        raise DeltatuneError(
+            f"method.critical_from={run_dir!r}: no transformer layer moved in that run, so none "
+            "is more critical than another; use a full fine-tuning run."
+        )
     if count > num_layers:
         raise DeltatuneError(f"method.critical={count}, but the model has only {num_layers} transformer layers.")
     return sorted(row["layer"] for row in moved[:count])

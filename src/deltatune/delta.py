@@ -70,17 +70,24 @@ def save_delta(directory: Path, model: nn.Module, method: Method, manifest: Delt
     _refuse_non_finite(tensors)
     save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": method.name})
     size = (directory / TENSORS).stat().st_size
-    write_json_atomic(directory / MANIFEST, replace(manifest, format_version=FORMAT_VERSION, delta_bytes=size).to_json())
+    write_json_atomic(
+        directory / MANIFEST, replace(manifest, format_version=FORMAT_VERSION, delta_bytes=size).to_json()
+    )
     return size
 
 
 def _refuse_non_finite(tensors: dict[str, torch.Tensor]) -> None:
-    bad = [name for name, tensor in tensors.items()
-           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise DeltatuneError(f"The trained tensors {shown} hold NaN or infinite values, so nothing was saved: "
-                             "training diverged. Train again with a lower learning rate.")
+        raise DeltatuneError(
+            f"The trained tensors {shown} hold NaN or infinite values, so nothing was saved: "
+            "training diverged. Train again with a lower learning rate."
+        )
 
 
 NON_FINITE_KEY = "non_finite_values"
@@ -123,25 +130,32 @@ def read_manifest(directory: str | Path) -> DeltaManifest:
     """The manifest of a delta directory, checked (see `DeltaManifest.from_json`)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DeltatuneError(f"{str(directory)!r} is not a directory. Pass the --out directory of a "
-                             "`deltatune train` run.")
+        raise DeltatuneError(
+            f"{str(directory)!r} is not a directory. Pass the --out directory of a `deltatune train` run."
+        )
     path = directory / MANIFEST
     if not path.is_file():
-        raise DeltatuneError(f"{directory} has no {MANIFEST}: it is not a deltatune delta (or its training "
-                             "did not finish). Pass the --out directory of a finished `deltatune train` run.")
+        raise DeltatuneError(
+            f"{directory} has no {MANIFEST}: it is not a deltatune delta (or its training "
+            "did not finish). Pass the --out directory of a finished `deltatune train` run."
+        )
     return DeltaManifest.from_json(path)
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / TENSORS
     if not path.is_file():
-        raise DeltatuneError(f"{directory} has no {TENSORS}; the delta is incomplete. Re-create it by "
-                             "training again, or restore the file from a copy.")
+        raise DeltatuneError(
+            f"{directory} has no {TENSORS}; the delta is incomplete. Re-create it by "
+            "training again, or restore the file from a copy."
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise DeltatuneError(f"{path} is corrupt and cannot be read ({str(error).splitlines()[0]}). "
-                             "Re-create the delta by training again, or restore the file from a copy.") from None
+        raise DeltatuneError(
+            f"{path} is corrupt and cannot be read ({str(error).splitlines()[0]}). "
+            "Re-create the delta by training again, or restore the file from a copy."
+        ) from None
 
 
 @dataclass
@@ -172,17 +186,21 @@ class TunedModel:
         if len(columns) != len(self.task.text_fields):
             raise DeltatuneError(
                 f"Task {self.task.name!r} takes {len(self.task.text_fields)} text(s) per example "
-                f"({', '.join(self.task.text_fields)}), got {len(columns)}.")
+                f"({', '.join(self.task.text_fields)}), got {len(columns)}."
+            )
         if len({len(c) for c in columns}) != 1:
             raise DeltatuneError("Every text field needs the same number of examples.")
         rows = list(zip(*columns, strict=True))
         if not rows:
             return []
         dummy = [0.0 if self.task.is_regression else 0] * len(rows)
-        encoded = encode(self.tokenizer, self.task, Split(rows, dummy), self.max_length,
-                         encodes_texts_separately(self.model))
-        outputs = to_task_units(predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer),
-                                                batch_size, precision), self.manifest.target_scale)
+        encoded = encode(
+            self.tokenizer, self.task, Split(rows, dummy), self.max_length, encodes_texts_separately(self.model)
+        )
+        outputs = to_task_units(
+            predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer), batch_size, precision),
+            self.manifest.target_scale,
+        )
         self._refuse_non_finite(outputs)
         if self.task.is_regression:
             return [{"score": float(o[0])} for o in outputs]
@@ -190,8 +208,12 @@ class TunedModel:
         for row in outputs:
             probabilities = torch.softmax(torch.from_numpy(row), dim=-1).tolist()
             best = int(max(range(len(probabilities)), key=probabilities.__getitem__))
-            results.append({"label": self.task.labels[best],
-                            "probabilities": dict(zip(self.task.labels, probabilities, strict=True))})
+            results.append(
+                {
+                    "label": self.task.labels[best],
+                    "probabilities": dict(zip(self.task.labels, probabilities, strict=True)),
+                }
+            )
         return results
 
     def _refuse_non_finite(self, outputs) -> None:
@@ -199,9 +221,11 @@ class TunedModel:
         import numpy as np
 
         if not np.isfinite(outputs).all():
-            raise DeltatuneError(f"The delta in {self.directory} gives NaN or infinite outputs: its weights are not "
-                                 "finite (it was saved from a run that diverged). Train it again with a lower "
-                                 "learning rate.")
+            raise DeltatuneError(
+                f"The delta in {self.directory} gives NaN or infinite outputs: its weights are not "
+                "finite (it was saved from a run that diverged). Train it again with a lower "
+                "learning rate."
+            )
 
     @property
     def max_length(self) -> int:
@@ -212,8 +236,9 @@ class TunedModel:
         limit = position_limit(self.model, self.tokenizer)
         return min(recorded, limit) if limit else recorded
 
-    def evaluate(self, split: str = "dev", batch_size: int = 64, precision: str = "auto",
-                 data_changed_ok: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, split: str = "dev", batch_size: int = 64, precision: str = "auto", data_changed_ok: bool = False
+    ) -> dict[str, float]:
         """Metrics on a split of the task's data, rebuilt from the source recorded in the delta.
 
         The data must be the ones the delta was trained on (their recorded fingerprint is checked):
@@ -235,8 +260,10 @@ class TunedModel:
         if not data_changed_ok:
             check_data_unchanged(data, *self.manifest.recorded_data(self.directory), run=str(self.directory))
         encoded = encode(self.tokenizer, self.task, selected, self.max_length, encodes_texts_separately(self.model))
-        outputs = to_task_units(predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer),
-                                                batch_size, precision), self.manifest.target_scale)
+        outputs = to_task_units(
+            predict_encoded(self.model, encoded, self.task, padding_id(self.tokenizer), batch_size, precision),
+            self.manifest.target_scale,
+        )
         self._refuse_non_finite(outputs)
         return compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
 
@@ -245,8 +272,10 @@ def _text_column(value, position: int) -> list[str]:
     """One text field's examples: a string, or a list/tuple of strings."""
     column = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     if column is None or not all(isinstance(text, str) for text in column):
-        raise DeltatuneError(f"predict() text {position} must be a string or a list of strings, got "
-                             f"{type(value).__name__} {value!r:.80}.")
+        raise DeltatuneError(
+            f"predict() text {position} must be a string or a list of strings, got "
+            f"{type(value).__name__} {value!r:.80}."
+        )
     return column
 
 
@@ -267,14 +296,19 @@ def _base_model_location(manifest: DeltaManifest) -> str:
     name = manifest.base_model.name
     if Path(name).is_absolute() and not Path(name).is_dir():
         given = f" (given as {manifest.base_model.given!r})" if manifest.base_model.given else ""
-        raise DeltatuneError(f"This delta's base model was the directory {name}{given}, which no longer exists. "
-                             "Pass --base (base=) pointing at a copy of that model.")
+        raise DeltatuneError(
+            f"This delta's base model was the directory {name}{given}, which no longer exists. "
+            "Pass --base (base=) pointing at a copy of that model."
+        )
     return name
 
 
-def load_checked_base(manifest: DeltaManifest, base: str | None = None,
-                      fix: str = "Load it onto {name!r} (pass --base to point at a copy of it).",
-                      head: ManifestHead | None = None) -> tuple[Any, Any]:
+def load_checked_base(
+    manifest: DeltaManifest,
+    base: str | None = None,
+    fix: str = "Load it onto {name!r} (pass --base to point at a copy of it).",
+    head: ManifestHead | None = None,
+) -> tuple[Any, Any]:
     """(model, tokenizer): the base model a delta records (or `base`) with the delta's task head (or `head`),
     checked against the recorded weight fingerprint; `fix` ({name}: the recorded base) ends the error when they
     differ."""
@@ -287,15 +321,18 @@ def load_checked_base(manifest: DeltaManifest, base: str | None = None,
     if actual != expected:
         raise DeltatuneError(
             f"This delta was trained on base model {manifest.base_model.name!r} (weights fingerprint {expected[:12]}), "
-            f"but {base_name!r} has fingerprint {actual[:12]}. " + fix.format(name=manifest.base_model.name))
+            f"but {base_name!r} has fingerprint {actual[:12]}. " + fix.format(name=manifest.base_model.name)
+        )
     return model, tokenizer
 
 
 def load(directory: str | Path, base: str | None = None) -> TunedModel:
     """Rebuild base + delta from a delta directory; `base` overrides where the base model comes from."""
     if not isinstance(directory, (str, os.PathLike)):
-        raise DeltatuneError(f"load() takes the path of a delta directory (a `deltatune train --out`), got "
-                             f"{type(directory).__name__} {directory!r:.80}.")
+        raise DeltatuneError(
+            f"load() takes the path of a delta directory (a `deltatune train --out`), got "
+            f"{type(directory).__name__} {directory!r:.80}."
+        )
     if base is not None and not isinstance(base, (str, os.PathLike)):
         raise DeltatuneError(f"base must be a model name or directory, got {type(base).__name__} {base!r:.80}.")
     directory = Path(directory)

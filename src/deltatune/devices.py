@@ -55,18 +55,24 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "mps":
         if not mps_available():
-            raise DeltatuneError("--device mps: this machine has no Apple MPS device (torch.backends.mps is not "
-                                 "available). Use --device cpu, or auto to take whatever is present.")
+            raise DeltatuneError(
+                "--device mps: this machine has no Apple MPS device (torch.backends.mps is not "
+                "available). Use --device cpu, or auto to take whatever is present."
+            )
         return torch.device("mps")
     if not torch.cuda.is_available():
-        raise DeltatuneError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__} "
-                             f"{'was built without CUDA' if torch.version.cuda is None else 'sees no GPU'}). "
-                             "Use --device cpu, or auto to take whatever is present.")
+        raise DeltatuneError(
+            f"--device {name}: no CUDA GPU is available here (torch {torch.__version__} "
+            f"{'was built without CUDA' if torch.version.cuda is None else 'sees no GPU'}). "
+            "Use --device cpu, or auto to take whatever is present."
+        )
     index = int(name.split(":")[1]) if ":" in name else int(local_rank or 0)
     count = torch.cuda.device_count()
     if index >= count:
-        raise DeltatuneError(f"--device {name}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}). "
-                             "Pick one of those, or use --device cuda.")
+        raise DeltatuneError(
+            f"--device {name}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}). "
+            "Pick one of those, or use --device cuda."
+        )
     return torch.device("cuda", index)
 
 
@@ -93,8 +99,7 @@ def device_model_name(device: torch.device) -> str:
 
 def describe_device(device: torch.device, precision: str) -> dict[str, object]:
     """What a run record says about where it computed: the device, its model name and the precision."""
-    description: dict[str, object] = {"device": str(device), "name": device_model_name(device),
-                                      "precision": precision}
+    description: dict[str, object] = {"device": str(device), "name": device_model_name(device), "precision": precision}
     if device.type == "cuda":
         description["memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     return description
@@ -114,5 +119,13 @@ def peak_device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-__all__ = ["DEVICE_CHOICES", "check_device_name", "resolve_device", "describe_device", "device_model_name",
-           "cpu_model_name", "model_device", "peak_device_memory_bytes"]
+__all__ = [
+    "DEVICE_CHOICES",
+    "check_device_name",
+    "resolve_device",
+    "describe_device",
+    "device_model_name",
+    "cpu_model_name",
+    "model_device",
+    "peak_device_memory_bytes",
+]

@@ -65,7 +65,7 @@ class ProcessGroup:
             torch_distributed.all_reduce(flat)
             offset = 0
             for tensor in group:
-                tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
                 offset += tensor.numel()
 
     def broadcast_code(self, code: int, device: torch.device) -> int:
@@ -91,8 +91,10 @@ def launched_world_size() -> int:
     try:
         return int(raw)
     except ValueError:
-        raise DeltatuneError(f"WORLD_SIZE={raw!r} is not a whole number: start several processes with "
-                             "`torchrun --nproc_per_node N` or `accelerate launch`, which set it.") from None
+        raise DeltatuneError(
+            f"WORLD_SIZE={raw!r} is not a whole number: start several processes with "
+            "`torchrun --nproc_per_node N` or `accelerate launch`, which set it."
+        ) from None
 
 
 def process_group(device: torch.device) -> ProcessGroup:
@@ -101,18 +103,23 @@ def process_group(device: torch.device) -> ProcessGroup:
     if world_size <= 1:
         return ProcessGroup()
     if not torch_distributed.is_available():
-        raise DeltatuneError(f"WORLD_SIZE={world_size} but this torch {torch.__version__} has no torch.distributed: "
-                             "install a torch build with it, or run one process.")
+        raise DeltatuneError(
+            f"WORLD_SIZE={world_size} but this torch {torch.__version__} has no torch.distributed: "
+            "install a torch build with it, or run one process."
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "mps":
-        raise DeltatuneError("Several processes on Apple MPS are not supported by torch.distributed: run one "
-                             "process, or use --device cpu.")
+        raise DeltatuneError(
+            "Several processes on Apple MPS are not supported by torch.distributed: run one "
+            "process, or use --device cpu."
+        )
     if not torch_distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_distributed.init_process_group(backend=backend, init_method="env://")
-    return ProcessGroup(torch_distributed.get_rank(), torch_distributed.get_world_size(),
-                        torch_distributed.get_backend())
+    return ProcessGroup(
+        torch_distributed.get_rank(), torch_distributed.get_world_size(), torch_distributed.get_backend()
+    )
 
 
 FSDP_METHODS = ("full",)
@@ -124,16 +131,22 @@ def check_fsdp(method_name: str, group: ProcessGroup, regime: str = "standard") 
     """`--fsdp` shards a fully fine-tuned model over several processes, trained by backward passes: refuse it
     anywhere else."""
     if regime != "standard":
-        raise DeltatuneError(f"--fsdp with --regime {regime} is not supported (the regimes read and change whole "
-                             "parameters, which sharding splits over the processes): drop one of them.")
+        raise DeltatuneError(
+            f"--fsdp with --regime {regime} is not supported (the regimes read and change whole "
+            "parameters, which sharding splits over the processes): drop one of them."
+        )
     if method_name not in FSDP_METHODS:
-        raise DeltatuneError(f"--fsdp shards a fully fine-tuned model over the processes, but method {method_name!r} "
-                             "trains a small delta, which plain data-parallel training already handles: drop "
-                             "--fsdp, or use --method full.")
+        raise DeltatuneError(
+            f"--fsdp shards a fully fine-tuned model over the processes, but method {method_name!r} "
+            "trains a small delta, which plain data-parallel training already handles: drop "
+            "--fsdp, or use --method full."
+        )
     if not group.distributed:
-        raise DeltatuneError("--fsdp shards the model over several processes, but this is one: start them with "
-                             "`torchrun --nproc_per_node N -m deltatune.cli train ...` (or accelerate launch), or "
-                             "drop --fsdp.")
+        raise DeltatuneError(
+            "--fsdp shards the model over several processes, but this is one: start them with "
+            "`torchrun --nproc_per_node N -m deltatune.cli train ...` (or accelerate launch), or "
+            "drop --fsdp."
+        )
 
 
 def shard_model(model: nn.Module) -> None:
@@ -170,8 +183,17 @@ def share_of(indices: list[int], rank: int, world_size: int) -> list[int]:
     (a bucketed batch is sorted by length) stay together, and the shares in rank order are the batch."""
     base, extra = divmod(len(indices), world_size)
     start = rank * base + min(rank, extra)
-    return indices[start:start + base + (1 if rank < extra else 0)]
+    return indices[start : start + base + (1 if rank < extra else 0)]
 
 
-__all__ = ["ProcessGroup", "process_group", "current_rank", "share_of", "launched_world_size", "check_fsdp",
-           "shard_model", "gather_full_state", "FSDP_METHODS"]
+__all__ = [
+    "ProcessGroup",
+    "process_group",
+    "current_rank",
+    "share_of",
+    "launched_world_size",
+    "check_fsdp",
+    "shard_model",
+    "gather_full_state",
+    "FSDP_METHODS",
+]

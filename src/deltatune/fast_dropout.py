@@ -31,7 +31,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     count = 1
     for size in shape:
         count *= size
-    draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
+    draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
     lanes = draws.view(torch.int16)[:count]
     return (lanes >= (-_LANE_STATES // 2 + round(p * _LANE_STATES))).view(shape)
 
@@ -62,15 +62,24 @@ def _dropout_forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return masked_dropout(x, self.p, self.training)
 
 
-def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, **kwargs):
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """transformers' attention-function signature: SDPA unless training with attention dropout."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if not dropout or not module.training or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -112,8 +121,9 @@ def fast_dropout(model: nn.Module) -> Iterator[nn.Module]:
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     switch_attention = getattr(model, "set_attn_implementation", None)
-    if not (previous == "sdpa" and _attention_dropout(config) > 0
-            and switch_attention is not None and _register_attention()):
+    if not (
+        previous == "sdpa" and _attention_dropout(config) > 0 and switch_attention is not None and _register_attention()
+    ):
         switch_attention = None  # attention dropout stays as it is
     if switch_attention is not None:
         switch_attention(ATTENTION_NAME)

@@ -90,15 +90,19 @@ def declared_pooling(model_directory: str | Path | None) -> str | None:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    for key, pooling in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
-                         ("pooling_mode_lasttoken", "last")):
+    for key, pooling in (
+        ("pooling_mode_mean_tokens", "mean"),
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_lasttoken", "last"),
+    ):
         if settings.get(key):
             return pooling
     return None
 
 
-def resolve_head(kind: str, pooling: str, task: TaskSpec, model_config: Any,
-                 model_directory: str | Path | None = None) -> HeadConfig:
+def resolve_head(
+    kind: str, pooling: str, task: TaskSpec, model_config: Any, model_directory: str | Path | None = None
+) -> HeadConfig:
     """The head for `task` on this model: the user's choice where given ('auto' otherwise), checked."""
     problems = []
     if kind not in ("auto", *HEAD_KINDS):
@@ -106,9 +110,11 @@ def resolve_head(kind: str, pooling: str, task: TaskSpec, model_config: Any,
     if pooling not in ("auto", "native", *POOLINGS):
         problems.append(f"pooling={pooling!r} must be one of auto, {', '.join(POOLINGS)}")
     if kind == "bi-encoder" and len(task.text_fields) != 2:
-        problems.append(f"head=bi-encoder encodes the two texts of a pair separately, but task {task.name!r} has "
-                        f"{len(task.text_fields)} text field ({', '.join(task.text_fields)}); use "
-                        "head=cross-encoder")
+        problems.append(
+            f"head=bi-encoder encodes the two texts of a pair separately, but task {task.name!r} has "
+            f"{len(task.text_fields)} text field ({', '.join(task.text_fields)}); use "
+            "head=cross-encoder"
+        )
     if problems:
         raise DeltatuneError("; ".join(problems))
     sentence_pooling = declared_pooling(model_directory)
@@ -128,8 +134,14 @@ def resolve_head(kind: str, pooling: str, task: TaskSpec, model_config: Any,
     if kind == "auto":
         similarity = len(task.text_fields) == 2 and task.is_regression
         kind = "bi-encoder" if similarity and sentence_pooling is not None else "cross-encoder"
-        reasons.append(f"{kind}: the default for " + ("sentence-pair regression on a sentence-embedding model"
-                                                      if kind == "bi-encoder" else "this task and model"))
+        reasons.append(
+            f"{kind}: the default for "
+            + (
+                "sentence-pair regression on a sentence-embedding model"
+                if kind == "bi-encoder"
+                else "this task and model"
+            )
+        )
     else:
         reasons.append(f"{kind}: chosen")
     return HeadConfig(kind, pooling, "; ".join(reasons))
@@ -177,8 +189,9 @@ class PooledTaskModel(nn.Module):
         self.regression = task.is_regression
         hidden_size = self.config.get_text_config().hidden_size
         classifier_dropout = getattr(self.config, "classifier_dropout", None)
-        dropout = (classifier_dropout if classifier_dropout is not None
-                   else getattr(self.config, "hidden_dropout_prob", 0.0))
+        dropout = (
+            classifier_dropout if classifier_dropout is not None else getattr(self.config, "hidden_dropout_prob", 0.0)
+        )
         self.dropout = nn.Dropout(dropout)
         # a bi-encoder's similarity score has no weights; everything else ends in one linear layer
         if not (head.kind == "bi-encoder" and task.is_regression):
@@ -200,8 +213,13 @@ class PooledTaskModel(nn.Module):
     def set_attn_implementation(self, implementation: str) -> None:
         self.base_model.set_attn_implementation(implementation)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, **kwargs: Any):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
         if attention_mask is None:
             reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             if reference is None:
@@ -269,14 +287,20 @@ def foreign_head(manifest: DeltaManifest, directory, what: str) -> str | None:
     head = manifest.head
     if head is None or head.transformers_head:
         return None
-    return (f"{directory} was trained with a {head.kind} head pooling by {head.pooling}, which "
-            f"{what} does not support (only transformers' own task head). Use it with deltatune.load, or "
-            "retrain with the model's native head (--head cross-encoder --pooling cls for BERT-family models, "
-            "last for decoders).")
+    return (
+        f"{directory} was trained with a {head.kind} head pooling by {head.pooling}, which "
+        f"{what} does not support (only transformers' own task head). Use it with deltatune.load, or "
+        "retrain with the model's native head (--head cross-encoder --pooling cls for BERT-family models, "
+        "last for decoders)."
+    )
 
 
-def shared_head(run_dirs: Sequence[str | Path], manifests: list[DeltaManifest], what: str = "load_many",
-                allow_bi_encoder: bool = False) -> dict:
+def shared_head(
+    run_dirs: Sequence[str | Path],
+    manifests: list[DeltaManifest],
+    what: str = "load_many",
+    allow_bi_encoder: bool = False,
+) -> dict:
     """The one head every delta was trained with (kind and pooling): the shared forward pass reads it.
 
     Deltas trained with different heads (a [CLS] classifier beside a mean-pooled one) would need
@@ -286,21 +310,44 @@ def shared_head(run_dirs: Sequence[str | Path], manifests: list[DeltaManifest], 
     for directory, manifest in zip(run_dirs, manifests, strict=True):
         head = manifest.head
         # the model family's own head, however it was recorded
-        kind, pooling = (LEGACY_HEAD["kind"], LEGACY_HEAD["pooling"]) if head is None or head.transformers_head \
+        kind, pooling = (
+            (LEGACY_HEAD["kind"], LEGACY_HEAD["pooling"])
+            if head is None or head.transformers_head
             else (head.kind, head.pooling)
+        )
         heads.setdefault((kind, pooling), []).append(str(directory))
     if len(heads) > 1:
-        listing = "; ".join(f"{kind} pooling by {pooling}: {', '.join(dirs)}" for (kind, pooling), dirs in heads.items())
-        raise DeltatuneError(f"These deltas were trained with {len(heads)} different heads ({listing}); {what} takes "
-                             "deltas of one head. Give each group on its own, or train them with one --head and "
-                             "--pooling.")
+        listing = "; ".join(
+            f"{kind} pooling by {pooling}: {', '.join(dirs)}" for (kind, pooling), dirs in heads.items()
+        )
+        raise DeltatuneError(
+            f"These deltas were trained with {len(heads)} different heads ({listing}); {what} takes "
+            "deltas of one head. Give each group on its own, or train them with one --head and "
+            "--pooling."
+        )
     (kind, pooling), dirs = next(iter(heads.items()))
     if kind == "bi-encoder" and not allow_bi_encoder:
-        raise DeltatuneError(f"{dirs[0]} was trained with a bi-encoder head (each text of a pair encoded alone), which "
-                             f"{what} does not serve yet. Use deltatune.load for it, or train with --head "
-                             "cross-encoder.")
+        raise DeltatuneError(
+            f"{dirs[0]} was trained with a bi-encoder head (each text of a pair encoded alone), which "
+            f"{what} does not serve yet. Use deltatune.load for it, or train with --head "
+            "cross-encoder."
+        )
     return {"kind": kind, "pooling": pooling}
 
 
-__all__ = ["shared_head", "foreign_head", "HEAD_KINDS", "POOLINGS", "HeadConfig", "PooledTaskModel", "build_task_model", "declared_pooling",
-           "encodes_texts_separately", "head_of", "native_pooling", "pool", "resolve_head", "target_scale"]
+__all__ = [
+    "shared_head",
+    "foreign_head",
+    "HEAD_KINDS",
+    "POOLINGS",
+    "HeadConfig",
+    "PooledTaskModel",
+    "build_task_model",
+    "declared_pooling",
+    "encodes_texts_separately",
+    "head_of",
+    "native_pooling",
+    "pool",
+    "resolve_head",
+    "target_scale",
+]

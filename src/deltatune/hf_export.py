@@ -45,12 +45,14 @@ def export_hf(run_dir: str | Path, out: str | Path, *, base: str | None = None, 
             raise DeltatuneError(
                 f"A {method.name!r} delta adds modules that {type(tuned.model).__name__} does not have, so it cannot be "
                 "folded into plain transformers weights. Export lora or ia3 deltas with --format peft, or use the "
-                "delta with deltatune itself (deltatune.load, deltatune serve).")
+                "delta with deltatune itself (deltatune.load, deltatune serve)."
+            )
         method.merge(tuned.model)
     plain = _plain_model(tuned)
     # an existing --out is checked again just before it is replaced: a file may have appeared there meanwhile
-    with staged_directory(out, frozenset(), overwrite, what="the export",
-                          check=lambda: _check_destination(out, overwrite)) as staging:
+    with staged_directory(
+        out, frozenset(), overwrite, what="the export", check=lambda: _check_destination(out, overwrite)
+    ) as staging:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer = tuned.tokenizer
         tokenizer.model_max_length = tuned.manifest.max_length
@@ -62,16 +64,22 @@ def export_hf(run_dir: str | Path, out: str | Path, *, base: str | None = None, 
 def _check_destination(out: Path, overwrite: bool) -> None:
     protected = protected_reason(out)
     if protected is not None:
-        raise DeltatuneError(f"--out {out} is {protected}: an export is written into a directory of its own and "
-                             "replaces it, so deltatune never writes one there. Give a new directory, e.g. "
-                             "--out exports/NAME.")
+        raise DeltatuneError(
+            f"--out {out} is {protected}: an export is written into a directory of its own and "
+            "replaces it, so deltatune never writes one there. Give a new directory, e.g. "
+            "--out exports/NAME."
+        )
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise DeltatuneError(f"--out {out} already exists; choose another directory, or pass --overwrite to "
-                                 "replace an earlier export there.")
+            raise DeltatuneError(
+                f"--out {out} already exists; choose another directory, or pass --overwrite to "
+                "replace an earlier export there."
+            )
         if not (out / EXPORT_RECORD).is_file():
-            raise DeltatuneError(f"--out {out} holds files that are not a deltatune export (no {EXPORT_RECORD}); "
-                                 "deltatune replaces only what it wrote. Choose another directory.")
+            raise DeltatuneError(
+                f"--out {out} holds files that are not a deltatune export (no {EXPORT_RECORD}); "
+                "deltatune replaces only what it wrote. Choose another directory."
+            )
 
 
 def _plain_model(tuned):
@@ -101,8 +109,10 @@ def _plain_model(tuned):
     persistent = {name for name, _ in plain.named_parameters()} | set(plain.state_dict())
     missing = [name for name in missing if name in persistent and name not in state]
     if missing or unexpected:
-        raise DeltatuneError(f"The exported model does not line up with {type(model).__name__} (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}); please report this with your transformers version.")
+        raise DeltatuneError(
+            f"The exported model does not line up with {type(model).__name__} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); please report this with your transformers version."
+        )
     return plain.eval()
 
 
@@ -114,31 +124,50 @@ def _write_provenance(directory: Path, tuned, run_dir: Path) -> None:
 
     manifest = tuned.manifest
     written = manifest.to_json()
-    write_json_atomic(directory / EXPORT_RECORD, {
-        "source_run": str(run_dir.resolve()), "method": manifest.method,
-        "base_model": written["base_model"], "task": written["task"], "target_scale_folded": manifest.target_scale,
-        "max_length": manifest.max_length})
+    write_json_atomic(
+        directory / EXPORT_RECORD,
+        {
+            "source_run": str(run_dir.resolve()),
+            "method": manifest.method,
+            "base_model": written["base_model"],
+            "task": written["task"],
+            "target_scale_folded": manifest.target_scale,
+            "max_length": manifest.max_length,
+        },
+    )
     # merged deltas have no run record, and a FreeLM run's is of its own kind
     has_record = (run_dir / RUN_RECORD).is_file() and not manifest.is_freelm
     record = read_run_record(run_dir) if has_record else None
     write_model_card(directory, manifest, record, library="transformers")
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
-                commit_message: str | None = None):
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+):
     """Upload `folder` to the hub model repository `repo_id` (created if missing); returns the commit info."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
-        raise DeltatuneError(f"{folder} has neither config.json nor adapter_config.json: push an exported directory "
-                             "(deltatune export --format hf or --format peft).")
+        raise DeltatuneError(
+            f"{folder} has neither config.json nor adapter_config.json: push an exported directory "
+            "(deltatune export --format hf or --format peft)."
+        )
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise DeltatuneError(f"--push-to-hub {repo_id!r} must be a hub repository id 'owner/name'.")
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                             commit_message=commit_message or f"Upload {folder.name} exported by deltatune")
+    return api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        commit_message=commit_message or f"Upload {folder.name} exported by deltatune",
+    )
 
 
 def export_command(args) -> int:
@@ -152,13 +181,17 @@ def export_command(args) -> int:
         else:
             from deltatune.peft_export import export_peft
 
-            out = export_peft(args.run_dir, args.out, base_model_name_or_path=args.base_model_name_or_path,
-                              overwrite=args.overwrite)
-            print(f"wrote a PEFT adapter to {out}: load it with peft.PeftModel.from_pretrained(base_model, "
-                  f"{str(out)!r})")
+            out = export_peft(
+                args.run_dir, args.out, base_model_name_or_path=args.base_model_name_or_path, overwrite=args.overwrite
+            )
+            print(
+                f"wrote a PEFT adapter to {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})"
+            )
     except OSError as error:
-        raise DeltatuneError(f"Cannot write the export to --out {args.out}: {error.strerror or error}. Give a "
-                             "directory you can write to.") from None
+        raise DeltatuneError(
+            f"Cannot write the export to --out {args.out}: {error.strerror or error}. Give a "
+            "directory you can write to."
+        ) from None
     if args.push_to_hub:
         push_to_hub(out, args.push_to_hub, token=args.hub_token or os.environ.get("HF_TOKEN"), private=args.private)
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
@@ -167,8 +200,11 @@ def export_command(args) -> int:
 
 def add_hf_export_options(export) -> None:
     """The options `deltatune export` gains for --format hf."""
-    export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository "
-                        "('owner/name', created if missing)")
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload the export to this hub repository ('owner/name', created if missing)",
+    )
     export.add_argument("--hub-token", help="token for --push-to-hub (default: HF_TOKEN or `hf auth login`)")
     from deltatune.cli_options import add_switch
 
@@ -176,4 +212,3 @@ def add_hf_export_options(export) -> None:
 
 
 __all__ = ["EXPORT_RECORD", "add_hf_export_options", "export_command", "export_hf", "push_to_hub"]
-

@@ -37,9 +37,12 @@ _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 def missing_logger_packages(report_to: tuple[str, ...]) -> list[str]:
     """One problem per requested logger whose package is not installed (checked without importing it)."""
-    return [f"report_to={name} needs the {_PACKAGES[name]} package, which is not installed: "
-            f"pip install 'deltatune[logging]'"
-            for name in report_to if name in _PACKAGES and importlib.util.find_spec(_PACKAGES[name]) is None]
+    return [
+        f"report_to={name} needs the {_PACKAGES[name]} package, which is not installed: "
+        f"pip install 'deltatune[logging]'"
+        for name in report_to
+        if name in _PACKAGES and importlib.util.find_spec(_PACKAGES[name]) is None
+    ]
 
 
 class ScalarLoggers:
@@ -87,8 +90,9 @@ class MLflowLogger:
         store.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=store.resolve().as_uri())
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(MLFLOW_EXPERIMENT))
+        experiment_id = (
+            experiment.experiment_id if experiment is not None else self.client.create_experiment(MLFLOW_EXPERIMENT)
+        )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def log(self, scalars: dict[str, float], step: int) -> None:
@@ -118,10 +122,14 @@ def open_loggers(report_to: tuple[str, ...], log_dir: str | Path | None, run_nam
     loggers: list = []
     try:
         for logger in dict.fromkeys(report_to):
-            loggers.append(TensorBoardLogger(root / "tensorboard" / name) if logger == "tensorboard"
-                           else MLflowLogger(root / "mlruns", name))
+            loggers.append(
+                TensorBoardLogger(root / "tensorboard" / name)
+                if logger == "tensorboard"
+                else MLflowLogger(root / "mlruns", name)
+            )
     except OSError as error:
         ScalarLoggers(loggers).close()
-        raise DeltatuneError(f"Cannot write training logs under {root}: {error.strerror or error}. "
-                             "Give a --log-dir you can write to.") from None
+        raise DeltatuneError(
+            f"Cannot write training logs under {root}: {error.strerror or error}. Give a --log-dir you can write to."
+        ) from None
     return ScalarLoggers(loggers)

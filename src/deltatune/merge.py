@@ -98,8 +98,9 @@ class MergeConfig:
 # ------------------------------------------------------------------------------ task vectors
 
 
-def merge_task_vectors(vectors: list[torch.Tensor], weights: list[float], config: MergeConfig,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def merge_task_vectors(
+    vectors: list[torch.Tensor], weights: list[float], config: MergeConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The merged task vector of `vectors` (one per source, same shape) under `config.how`."""
     stacked = torch.stack([vector.double() for vector in vectors])
     scale = torch.tensor(weights, dtype=torch.float64).view(-1, *([1] * vectors[0].ndim))
@@ -165,37 +166,53 @@ def read_sources(run_dirs: list[str | Path]) -> list[Source]:
     """Every source read and checked together: one base, one method, a method that changes weights."""
     if len(run_dirs) < 2:
         raise DeltatuneError(f"deltatune merge needs at least two run directories, got {len(run_dirs)}.")
-    sources = [Source(Path(directory), read_manifest(directory), read_tensors(Path(directory))) for directory in run_dirs]
+    sources = [
+        Source(Path(directory), read_manifest(directory), read_tensors(Path(directory))) for directory in run_dirs
+    ]
     from deltatune.heads import shared_head
 
-    shared_head([source.directory for source in sources], [source.manifest for source in sources], "deltatune merge",
-                allow_bi_encoder=True)
+    shared_head(
+        [source.directory for source in sources],
+        [source.manifest for source in sources],
+        "deltatune merge",
+        allow_bi_encoder=True,
+    )
     problems = []
     fingerprints = {source.manifest.base_model.fingerprint for source in sources}
     if len(fingerprints) > 1:
-        listing = ", ".join(f"{source.directory} ({source.manifest.base_model.name!r}, "
-                            f"{source.manifest.base_model.fingerprint[:12]})" for source in sources)
-        problems.append(f"the deltas were trained on different base models ({listing}); only deltas of one base "
-                        "model can be merged")
+        listing = ", ".join(
+            f"{source.directory} ({source.manifest.base_model.name!r}, {source.manifest.base_model.fingerprint[:12]})"
+            for source in sources
+        )
+        problems.append(
+            f"the deltas were trained on different base models ({listing}); only deltas of one base model can be merged"
+        )
     methods = sorted({source.method for source in sources})
     if len(methods) > 1:
-        problems.append(f"the deltas are of different methods ({', '.join(methods)}); merge deltas of one method "
-                        "(their task vectors live in different places)")
+        problems.append(
+            f"the deltas are of different methods ({', '.join(methods)}); merge deltas of one method "
+            "(their task vectors live in different places)"
+        )
     refused = sorted(set(methods) & set(NOT_WEIGHT_CHANGES))
     if refused:
-        problems.append(f"{refused[0]} deltas are not changes of the base model's weights (they add modules or "
-                        "tokens), so they cannot be merged; merge lora, ia3, bitfit, layernorm, freeze, full or "
-                        "sparse-mask deltas")
+        problems.append(
+            f"{refused[0]} deltas are not changes of the base model's weights (they add modules or "
+            "tokens), so they cannot be merged; merge lora, ia3, bitfit, layernorm, freeze, full or "
+            "sparse-mask deltas"
+        )
     if not problems and methods[0] == "lora":
         targets = {tuple(source.manifest.method_config.get("targets", ())) for source in sources}
         if len(targets) > 1:
-            problems.append(f"the LoRA deltas adapt different layers ({sorted(targets)}); merge LoRAs of one "
-                            "method.targets")
+            problems.append(
+                f"the LoRA deltas adapt different layers ({sorted(targets)}); merge LoRAs of one method.targets"
+            )
     elif not problems and methods[0] not in ("sparse-mask",):
         configs = {json.dumps(source.manifest.method_config, sort_keys=True) for source in sources}
         if len(configs) > 1:
-            problems.append(f"the {methods[0]} deltas have different method options ({sorted(configs)}); merge "
-                            "deltas trained with the same options")
+            problems.append(
+                f"the {methods[0]} deltas have different method options ({sorted(configs)}); merge "
+                "deltas trained with the same options"
+            )
     if problems:
         raise DeltatuneError("Cannot merge: " + "; ".join(problems) + ".")
     return sources
@@ -220,24 +237,33 @@ def merge_bodies(sources: list[Source], weights: list[float], config: MergeConfi
 
     head = head_names(base)
     order = {name: position for position, (name, _) in enumerate(base.named_parameters())}
-    order.update({f"{name}.{leaf}": position for position, (name, _) in enumerate(base.named_modules())
-                  for leaf in ("lora_A", "lora_B", "output_scale", "input_scale", "mask")})
+    order.update(
+        {
+            f"{name}.{leaf}": position
+            for position, (name, _) in enumerate(base.named_modules())
+            for leaf in ("lora_A", "lora_B", "output_scale", "input_scale", "mask")
+        }
+    )
     names = sorted((name for name in sources[0].tensors if name not in head), key=lambda name: order.get(name, -1))
     generator = torch.Generator().manual_seed(config.seed)
     method = sources[0].method
     if method == "lora":
         return _merge_lora(sources, names, weights, config, generator)
     if method == "ia3":
-        merged = {name: 1 + merge_task_vectors([source.tensors[name] - 1 for source in sources], weights, config,
-                                               generator) for name in names}
+        merged = {
+            name: 1 + merge_task_vectors([source.tensors[name] - 1 for source in sources], weights, config, generator)
+            for name in names
+        }
         return Body("ia3", sources[0].manifest.method_config, merged, {})
     parameters = dict(base.named_parameters())
     if method == "sparse-mask":
         return _merge_masks(sources, names, weights, config, generator, parameters, head)
     missing = sorted({name for source in sources for name in source.tensors} - set(parameters))
     if method not in BASE_TENSOR_METHODS or missing:
-        raise DeltatuneError(f"Cannot merge {method} deltas: their tensors {missing[:3]} are not tensors of the base "
-                             "model, so there is no base value to take their difference from.")
+        raise DeltatuneError(
+            f"Cannot merge {method} deltas: their tensors {missing[:3]} are not tensors of the base "
+            "model, so there is no base value to take their difference from."
+        )
     merged = {}
     for name in names:
         original = parameters[name].detach()
@@ -246,8 +272,9 @@ def merge_bodies(sources: list[Source], weights: list[float], config: MergeConfi
     return Body(method, sources[0].manifest.method_config, merged, {})
 
 
-def _merge_lora(sources: list[Source], names: list[str], weights: list[float], config: MergeConfig,
-                generator: torch.Generator) -> Body:
+def _merge_lora(
+    sources: list[Source], names: list[str], weights: list[float], config: MergeConfig, generator: torch.Generator
+) -> Body:
     modules = [name.removesuffix(".lora_A") for name in names if name.endswith(".lora_A")]
     scalings = [source.manifest.method_config["alpha"] / source.manifest.method_config["r"] for source in sources]
     ranks = [source.manifest.method_config["r"] for source in sources]
@@ -256,13 +283,20 @@ def _merge_lora(sources: list[Source], names: list[str], weights: list[float], c
         rank = sum(ranks)
         for module in modules:
             merged[f"{module}.lora_A"] = torch.cat([source.tensors[f"{module}.lora_A"] for source in sources])
-            merged[f"{module}.lora_B"] = torch.cat([source.tensors[f"{module}.lora_B"] * weight * scaling
-                                                    for source, weight, scaling in zip(sources, weights, scalings, strict=True)], 1)
+            merged[f"{module}.lora_B"] = torch.cat(
+                [
+                    source.tensors[f"{module}.lora_B"] * weight * scaling
+                    for source, weight, scaling in zip(sources, weights, scalings, strict=True)
+                ],
+                1,
+            )
     else:
         rank = config.rank or sum(ranks)
         for module in modules:
-            updates = [source.tensors[f"{module}.lora_B"].double() @ source.tensors[f"{module}.lora_A"].double() * scaling
-                       for source, scaling in zip(sources, scalings, strict=True)]
+            updates = [
+                source.tensors[f"{module}.lora_B"].double() @ source.tensors[f"{module}.lora_A"].double() * scaling
+                for source, scaling in zip(sources, scalings, strict=True)
+            ]
             update = merge_task_vectors(updates, weights, config, generator)
             left, values, right = torch.linalg.svd(update, full_matrices=False)
             kept = min(rank, values.numel())
@@ -278,8 +312,15 @@ def _merge_lora(sources: list[Source], names: list[str], weights: list[float], c
     return Body("lora", options, merged, notes)
 
 
-def _merge_masks(sources: list[Source], names: list[str], weights: list[float], config: MergeConfig,
-                 generator: torch.Generator, parameters: dict, head: set[str]) -> Body:
+def _merge_masks(
+    sources: list[Source],
+    names: list[str],
+    weights: list[float],
+    config: MergeConfig,
+    generator: torch.Generator,
+    parameters: dict,
+    head: set[str],
+) -> Body:
     """Sparse masks merge as weight differences W⊙M − W; the result is dense, so a full delta."""
     from deltatune.methods.sparse_mask import unpack_bits
 
@@ -309,8 +350,12 @@ def merge_heads(sources: list[Source], weights: list[float], head: set[str]) -> 
         heads = [fold_target_scale(tensors, value) for tensors, value in zip(heads, scales, strict=True)]
         scale = [0.0, 1.0]
     # added left to right, as `sum` would: the merged head is the same to the last bit
-    merged = {name: reduce(operator.add, [share * tensors[name].double() for share, tensors in zip(shares, heads, strict=True)])
-              .to(heads[0][name].dtype) for name in heads[0]}
+    merged = {
+        name: reduce(
+            operator.add, [share * tensors[name].double() for share, tensors in zip(shares, heads, strict=True)]
+        ).to(heads[0][name].dtype)
+        for name in heads[0]
+    }
     return merged, scale
 
 
@@ -330,8 +375,9 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
     _check_new_directory(out)
     sources = read_sources(run_dirs)
     if config.weights is not None and len(config.weights) != len(sources):
-        raise DeltatuneError(f"--weights gives {len(config.weights)} weight(s) for {len(sources)} run directories; "
-                             "give one per run.")
+        raise DeltatuneError(
+            f"--weights gives {len(config.weights)} weight(s) for {len(sources)} run directories; give one per run."
+        )
     weights = list(config.weights) if config.weights is not None else [1.0] * len(sources)
     if config.how == "linear":
         weights = [weight / sum(weights) for weight in weights]
@@ -342,8 +388,9 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
     for position, source in enumerate(sources):
         groups.setdefault(source.task_key, []).append(position)
     written: list[Path] = []
-    with staged_directory(out, frozenset(), False, what="the merged delta",
-                          check=lambda: _check_new_directory(out)) as staging:
+    with staged_directory(
+        out, frozenset(), False, what="the merged delta", check=lambda: _check_new_directory(out)
+    ) as staging:
         for positions in groups.values():
             members = [sources[position] for position in positions]
             heads, scale = merge_heads(members, [weights[position] for position in positions], head)
@@ -368,23 +415,45 @@ def _directory_name(task_name: str, taken: list[Path]) -> str:
     return name
 
 
-def _write_merged(directory: Path, first: Source, body: Body, heads: dict, scale, sources: list[Source],
-                  weights: list[float], config: MergeConfig) -> None:
+def _write_merged(
+    directory: Path,
+    first: Source,
+    body: Body,
+    heads: dict,
+    scale,
+    sources: list[Source],
+    weights: list[float],
+    config: MergeConfig,
+) -> None:
     from deltatune.model_card import write_model_card
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in {**body.tensors, **heads}.items()}
     save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": body.method})
-    record = {"how": config.how, "sources": [str(source.directory.resolve()) for source in sources],
-              "source_tasks": [source.manifest.task.name for source in sources], "weights": weights,
-              **({"density": config.kept_fraction} if config.how not in ("linear", "task-arithmetic") else {}),
-              **({"majority_sign": config.majority_sign} if "ties" in config.how else {}),
-              **({"seed": config.seed} if "dare" in config.how else {}), **body.notes}
-    manifest = DeltaManifest(method=body.method, method_config=body.method_config,
-                             base_model=first.manifest.base_model, task=first.manifest.task, head=first.manifest.head,
-                             data=first.manifest.data, max_length=first.manifest.max_length, target_scale=scale,
-                             metrics={}, merge=record, versions=first.manifest.versions,
-                             delta_bytes=(directory / TENSORS).stat().st_size)
+    record = {
+        "how": config.how,
+        "sources": [str(source.directory.resolve()) for source in sources],
+        "source_tasks": [source.manifest.task.name for source in sources],
+        "weights": weights,
+        **({"density": config.kept_fraction} if config.how not in ("linear", "task-arithmetic") else {}),
+        **({"majority_sign": config.majority_sign} if "ties" in config.how else {}),
+        **({"seed": config.seed} if "dare" in config.how else {}),
+        **body.notes,
+    }
+    manifest = DeltaManifest(
+        method=body.method,
+        method_config=body.method_config,
+        base_model=first.manifest.base_model,
+        task=first.manifest.task,
+        head=first.manifest.head,
+        data=first.manifest.data,
+        max_length=first.manifest.max_length,
+        target_scale=scale,
+        metrics={},
+        merge=record,
+        versions=first.manifest.versions,
+        delta_bytes=(directory / TENSORS).stat().st_size,
+    )
     write_json_atomic(directory / MANIFEST, manifest.to_json())
     write_model_card(directory, manifest)
 
@@ -408,8 +477,14 @@ def evaluate_merge(merged: list[Path], run_dirs: list[str | Path], split: str, l
         rows.append({"task": manifest.task.name, "delta": str(directory), "kind": f"merged ({how})", **metrics})
         for source in run_dirs:
             if read_manifest(source).task == manifest.task:
-                rows.append({"task": manifest.task.name, "delta": str(source), "kind": "own delta",
-                             **_evaluate(deltatune.load(source), split, limit)})
+                rows.append(
+                    {
+                        "task": manifest.task.name,
+                        "delta": str(source),
+                        "kind": "own delta",
+                        **_evaluate(deltatune.load(source), split, limit),
+                    }
+                )
     return rows
 
 
@@ -423,8 +498,9 @@ def _evaluate(tuned, split: str, limit: int | None) -> dict[str, float]:
     data = load_data_from_record(tuned.manifest.training_data(tuned.directory)).split(split)
     data = data.subset(range(min(limit, len(data))))
     encoded = encode(tuned.tokenizer, tuned.task, data, tuned.manifest.max_length)
-    outputs = to_task_units(predict_encoded(tuned.model, encoded, tuned.task, padding_id(tuned.tokenizer)),
-                            tuned.manifest.target_scale)
+    outputs = to_task_units(
+        predict_encoded(tuned.model, encoded, tuned.task, padding_id(tuned.tokenizer)), tuned.manifest.target_scale
+    )
     return compute_metrics(tuned.task.metrics, outputs_to_predictions(outputs, tuned.task), encoded.labels)
 
 
@@ -432,8 +508,9 @@ def format_report(rows: list[dict]) -> str:
     metrics = [key for key in rows[0] if key not in ("task", "delta", "kind")] if rows else []
     lines = ["| task | delta | kind | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for row in rows:
-        values = " | ".join(f"{row[key]:.4f}" if isinstance(row.get(key), float) else str(row.get(key, "-"))
-                            for key in metrics)
+        values = " | ".join(
+            f"{row[key]:.4f}" if isinstance(row.get(key), float) else str(row.get(key, "-")) for key in metrics
+        )
         lines.append(f"| {row['task']} | {row['delta']} | {row['kind']} | {values} |")
     return "\n".join(lines)
 
@@ -442,16 +519,21 @@ def format_report(rows: list[dict]) -> str:
 
 
 def add_merge_parser(commands) -> None:
-    merge = commands.add_parser("merge", help="merge deltas of one base model (soups, task arithmetic, TIES, DARE)",
-                                description=__doc__.split("\n\n")[1] if __doc__ else None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge = commands.add_parser(
+        "merge",
+        help="merge deltas of one base model (soups, task arithmetic, TIES, DARE)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     merge.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     merge.add_argument("--how", default="task-arithmetic", choices=HOWS)
     merge.add_argument("--weights", help="one weight per run, comma-separated (default: equal)")
     merge.add_argument("--density", type=float, help="ties/dare: fraction of entries kept (default ties 0.2, dare 0.5)")
     merge.add_argument("--majority-sign", default="total", choices=typing.get_args(MajoritySign))
     merge.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
-    merge.add_argument("--rank", type=int, help="LoRA under ties/dare: rank of the merged update (default: sum of ranks)")
+    merge.add_argument(
+        "--rank", type=int, help="LoRA under ties/dare: rank of the merged update (default: sum of ranks)"
+    )
     merge.add_argument("--out", required=True, help="new directory for the merged run (or one per task inside it)")
     merge.add_argument("--evaluate", metavar="SPLIT", help="evaluate the merged and each source delta on this split")
     merge.add_argument("--eval-limit", type=int, help="with --evaluate: at most this many examples per task")
@@ -464,9 +546,17 @@ def merge_command(args: argparse.Namespace) -> int:
         try:
             weights = tuple(float(value) for value in args.weights.split(","))
         except ValueError:
-            raise DeltatuneError(f"--weights {args.weights!r} must be numbers separated by commas, e.g. 0.7,0.3.") from None
-    config = MergeConfig(how=args.how, weights=weights, density=args.density, majority_sign=args.majority_sign,
-                         seed=args.seed, rank=args.rank)
+            raise DeltatuneError(
+                f"--weights {args.weights!r} must be numbers separated by commas, e.g. 0.7,0.3."
+            ) from None
+    config = MergeConfig(
+        how=args.how,
+        weights=weights,
+        density=args.density,
+        majority_sign=args.majority_sign,
+        seed=args.seed,
+        rank=args.rank,
+    )
     written = merge_runs(args.run_dirs, args.out, config)
     rows = evaluate_merge(written, args.run_dirs, args.evaluate, args.eval_limit) if args.evaluate else []
     if args.json:
@@ -478,5 +568,12 @@ def merge_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["HOWS", "MergeConfig", "add_merge_parser", "evaluate_merge", "merge_command", "merge_runs",
-           "merge_task_vectors"]
+__all__ = [
+    "HOWS",
+    "MergeConfig",
+    "add_merge_parser",
+    "evaluate_merge",
+    "merge_command",
+    "merge_runs",
+    "merge_task_vectors",
+]

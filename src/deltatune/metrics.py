@@ -66,14 +66,13 @@ def _ranks(values: np.ndarray) -> np.ndarray:
         end = start
         while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
             end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2.0
+        ranks[order[start : end + 1]] = (start + end) / 2.0
         start = end + 1
     return ranks
 
 
 def spearman(predictions, labels) -> float:
-    return pearson(_ranks(np.asarray(predictions, dtype=np.float64)),
-                   _ranks(np.asarray(labels, dtype=np.float64)))
+    return pearson(_ranks(np.asarray(predictions, dtype=np.float64)), _ranks(np.asarray(labels, dtype=np.float64)))
 
 
 METRICS: dict[str, Callable] = {

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 CARD = "README.md"
 
 
-def write_model_card(directory: str | Path, manifest: DeltaManifest, record: RunRecord | None = None, *,
-                     library: str = "deltatune") -> Path:
+def write_model_card(
+    directory: str | Path, manifest: DeltaManifest, record: RunRecord | None = None, *, library: str = "deltatune"
+) -> Path:
     """Write `directory/README.md` for the run described by `manifest` (and `record`); returns its path."""
     directory = Path(directory)
     path = directory / CARD
@@ -33,24 +34,43 @@ def write_model_card(directory: str | Path, manifest: DeltaManifest, record: Run
     return path
 
 
-def model_card(manifest: DeltaManifest, record: RunRecord | None = None, *, directory: Path | None = None,
-               library: str = "deltatune") -> str:
+def model_card(
+    manifest: DeltaManifest,
+    record: RunRecord | None = None,
+    *,
+    directory: Path | None = None,
+    library: str = "deltatune",
+) -> str:
     """The card's text: front matter, then Markdown."""
     task = manifest.task
     name = directory.name if directory is not None else f"{task.name}-{manifest.method}"
     metrics = {split: values for split, values in manifest.metrics.items() if values}
-    front: dict[str, object] = {"library_name": library, "pipeline_tag": "text-classification",
-                                "tags": ["deltatune", manifest.method, task.name] + (["merge"] if manifest.merge else [])}
+    front: dict[str, object] = {
+        "library_name": library,
+        "pipeline_tag": "text-classification",
+        "tags": ["deltatune", manifest.method, task.name] + (["merge"] if manifest.merge else []),
+    }
     hub_base = _hub_base(manifest.base_model.name)
     if hub_base:
         front["base_model"] = hub_base
     if metrics:
-        front["model-index"] = [{"name": name, "results": [
-            {"task": {"type": "text-classification", "name": task.name},
-             "dataset": {"name": task.name, "type": task.name, "split": split},
-             "metrics": [{"type": metric, "value": round(float(value), 6), "name": f"{split} {metric}"}
-                         for metric, value in values.items() if value is not None]}
-            for split, values in metrics.items()]}]
+        front["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "text-classification", "name": task.name},
+                        "dataset": {"name": task.name, "type": task.name, "split": split},
+                        "metrics": [
+                            {"type": metric, "value": round(float(value), 6), "name": f"{split} {metric}"}
+                            for metric, value in values.items()
+                            if value is not None
+                        ],
+                    }
+                    for split, values in metrics.items()
+                ],
+            }
+        ]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
     lines += _summary(manifest, library) + [""] + _cost(manifest, record, directory) + [""]
     lines += _metrics_table(metrics, task) + _usage(manifest, library, name) + _provenance(manifest, record, name)
@@ -68,23 +88,33 @@ def _hub_base(name: str) -> str | None:
 def _summary(manifest: DeltaManifest, library: str) -> list[str]:
     task = manifest.task
     base = manifest.base_model.name
-    what = (f"labels {', '.join(task.labels)}" if task.labels
-            else f"a score in {list(task.score_range) if task.score_range else 'the training range'}")
+    what = (
+        f"labels {', '.join(task.labels)}"
+        if task.labels
+        else f"a score in {list(task.score_range) if task.score_range else 'the training range'}"
+    )
     fields = " and ".join(task.text_fields)
     if library == "deltatune":
-        intro = (f"A **{manifest.method}** delta for **{task.name}** ({fields} in, {what} out) over the frozen "
-                 f"base model `{base}`, made with [deltatune](https://pypi.org/project/deltatune/). The directory "
-                 "holds only the delta (`delta.safetensors`) and its manifest (`deltatune.json`, with the base "
-                 "model's weight fingerprint: the delta refuses to load onto another base).")
+        intro = (
+            f"A **{manifest.method}** delta for **{task.name}** ({fields} in, {what} out) over the frozen "
+            f"base model `{base}`, made with [deltatune](https://pypi.org/project/deltatune/). The directory "
+            "holds only the delta (`delta.safetensors`) and its manifest (`deltatune.json`, with the base "
+            "model's weight fingerprint: the delta refuses to load onto another base)."
+        )
     else:
-        intro = (f"**{task.name}** ({fields} in, {what} out): `{base}` with a **{manifest.method}** delta "
-                 "merged into its weights, exported by deltatune as a plain transformers model.")
+        intro = (
+            f"**{task.name}** ({fields} in, {what} out): `{base}` with a **{manifest.method}** delta "
+            "merged into its weights, exported by deltatune as a plain transformers model."
+        )
     lines = [intro]
     if manifest.merge:
         merge = manifest.merge
-        lines += ["", f"Merged with `{merge['how']}` from {len(merge['sources'])} deltas "
-                      f"(tasks {', '.join(dict.fromkeys(merge['source_tasks']))}, weights "
-                      f"{', '.join(f'{weight:g}' for weight in merge['weights'])})."]
+        lines += [
+            "",
+            f"Merged with `{merge['how']}` from {len(merge['sources'])} deltas "
+            f"(tasks {', '.join(dict.fromkeys(merge['source_tasks']))}, weights "
+            f"{', '.join(f'{weight:g}' for weight in merge['weights'])}).",
+        ]
     return lines
 
 
@@ -123,19 +153,37 @@ def _metrics_table(metrics: dict, task) -> list[str]:
     names = list(dict.fromkeys(metric for values in metrics.values() for metric in values))
     lines = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for split, values in metrics.items():
-        lines.append(f"| {split} | " + " | ".join(f"{values[metric]:.4f}" if values.get(metric) is not None else "-"
-                                                  for metric in names)
-                     + " |")
+        lines.append(
+            f"| {split} | "
+            + " | ".join(f"{values[metric]:.4f}" if values.get(metric) is not None else "-" for metric in names)
+            + " |"
+        )
     return lines + ["", f"Primary metric: {task.metric}.", ""]
 
 
 def _usage(manifest: DeltaManifest, library: str, name: str) -> list[str]:
     if library != "deltatune":
-        return ["## Use", "", "```python", "from transformers import pipeline",
-                f"classifier = pipeline(\"text-classification\", model=\"{name}\")", "```", ""]
-    return ["## Use", "", "```python", "import deltatune", f"tuned = deltatune.load(\"{name}\")",
-            f"tuned.predict({', '.join(repr('text') for _ in manifest.task.text_fields)})", "```", "",
-            f"Serve it beside other deltas of the same base: `deltatune serve {name} OTHER_RUN ...`.", ""]
+        return [
+            "## Use",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            f'classifier = pipeline("text-classification", model="{name}")',
+            "```",
+            "",
+        ]
+    return [
+        "## Use",
+        "",
+        "```python",
+        "import deltatune",
+        f'tuned = deltatune.load("{name}")',
+        f"tuned.predict({', '.join(repr('text') for _ in manifest.task.text_fields)})",
+        "```",
+        "",
+        f"Serve it beside other deltas of the same base: `deltatune serve {name} OTHER_RUN ...`.",
+        "",
+    ]
 
 
 def _provenance(manifest: DeltaManifest, record: RunRecord | None, name: str) -> list[str]:
@@ -151,8 +199,11 @@ def _provenance(manifest: DeltaManifest, record: RunRecord | None, name: str) ->
         lines.append(f"Data: {data.get('task') or data.get('path')} ({data.get('kind')}).")
     if record and record.git.commit:
         lines.append(f"deltatune commit {record.git.commit[:12]}{' (with local changes)' if record.git.dirty else ''}.")
-    versions = {"deltatune": manifest.versions.deltatune, "torch": manifest.versions.torch,
-                "transformers": manifest.versions.transformers}
+    versions = {
+        "deltatune": manifest.versions.deltatune,
+        "torch": manifest.versions.torch,
+        "transformers": manifest.versions.transformers,
+    }
     if any(versions.values()):
         lines.append("Versions: " + ", ".join(f"{key} {value}" for key, value in versions.items() if value) + ".")
     return lines
@@ -183,7 +234,9 @@ def training_command(record: RunRecord, out: str) -> str:
     for key, value in to_jsonable(record.train_config).items():
         if key in train_defaults and train_defaults[key] != value and value is not None and value is not False:
             flag = "--" + key.replace("_", "-")
-            parts.append(flag if value is True else f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}")
+            parts.append(
+                flag if value is True else f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
+            )
     return " ".join(parts + [f"--out {out}"])
 
 

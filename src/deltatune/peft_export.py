@@ -43,8 +43,13 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-def export_peft(source: str | Path | TunedModel, out_dir: str | Path, *,
-                base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+def export_peft(
+    source: str | Path | TunedModel,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the delta `source` (a run/delta directory or a loaded TunedModel) as a PEFT adapter in `out_dir`.
 
     A directory is converted from its files alone, without loading the base model. The adapter
@@ -58,25 +63,48 @@ def export_peft(source: str | Path | TunedModel, out_dir: str | Path, *,
         manifest = read_manifest(Path(source))
         method = build_method(manifest.method, manifest.method_config)
         tensors = read_tensors(Path(source))
-    problem = foreign_head(manifest, getattr(source, "directory", source),
-                           "PEFT (it loads the adapter onto transformers' own AutoModelForSequenceClassification)")
+    problem = foreign_head(
+        manifest,
+        getattr(source, "directory", source),
+        "PEFT (it loads the adapter onto transformers' own AutoModelForSequenceClassification)",
+    )
     if problem is not None:
         raise DeltatuneError(problem)
-    return _write_adapter(method, tensors, Path(out_dir),
-                          base_model_name_or_path or loadable_base_name(manifest.base_model.name),
-                          overwrite, manifest.task.labels, manifest.target_scale)
+    return _write_adapter(
+        method,
+        tensors,
+        Path(out_dir),
+        base_model_name_or_path or loadable_base_name(manifest.base_model.name),
+        overwrite,
+        manifest.task.labels,
+        manifest.target_scale,
+    )
 
 
-def write_peft_adapter(model: nn.Module, method: Method, out_dir: str | Path, base_model_name_or_path: str | None = None,
-                       *, overwrite: bool = False, labels: tuple[str, ...] = (),
-                       target_scale: tuple[float, float] | None = None) -> Path:
+def write_peft_adapter(
+    model: nn.Module,
+    method: Method,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    *,
+    overwrite: bool = False,
+    labels: tuple[str, ...] = (),
+    target_scale: tuple[float, float] | None = None,
+) -> Path:
     """Write `model`'s delta under `method` (applied to it) as a PEFT adapter in `out_dir`.
 
     `labels` are the class names (none for regression); `target_scale` the regression targets'
     (mean, std) that deltatune maps the model's output back with.
     """
-    return _write_adapter(method, method.delta_state(model), Path(out_dir), base_model_name_or_path, overwrite,
-                          tuple(labels), target_scale)
+    return _write_adapter(
+        method,
+        method.delta_state(model),
+        Path(out_dir),
+        base_model_name_or_path,
+        overwrite,
+        tuple(labels),
+        target_scale,
+    )
 
 
 def loadable_base_name(name: str) -> str:
@@ -89,12 +117,21 @@ def loadable_base_name(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def _write_adapter(method: Method, tensors: dict[str, torch.Tensor], out_dir: Path, base_model_name_or_path: str | None,
-                   overwrite: bool, labels: tuple[str, ...], target_scale) -> Path:
+def _write_adapter(
+    method: Method,
+    tensors: dict[str, torch.Tensor],
+    out_dir: Path,
+    base_model_name_or_path: str | None,
+    overwrite: bool,
+    labels: tuple[str, ...],
+    target_scale,
+) -> Path:
     adapter = method.export_peft(tensors)
     if not adapter.config.get("target_modules"):
-        raise DeltatuneError(f"The {method.name!r} delta holds no {method.name} tensors, only "
-                             f"{sorted(tensors)[:5]}: it is incomplete. Re-create it by training again.")
+        raise DeltatuneError(
+            f"The {method.name!r} delta holds no {method.name} tensors, only "
+            f"{sorted(tensors)[:5]}: it is incomplete. Re-create it by training again."
+        )
     head = fold_target_scale(adapter.rest, target_scale) if target_scale else adapter.rest
     config = {
         **adapter.config,
@@ -113,13 +150,18 @@ def _write_adapter(method: Method, tensors: dict[str, torch.Tensor], out_dir: Pa
 
     existing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (out_dir / name).exists()]
     if existing and not overwrite:
-        raise DeltatuneError(f"{out_dir} already holds a PEFT adapter ({', '.join(existing)}). Choose another "
-                             "directory, or pass --overwrite to replace it.")
+        raise DeltatuneError(
+            f"{out_dir} already holds a PEFT adapter ({', '.join(existing)}). Choose another "
+            "directory, or pass --overwrite to replace it."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_tensors = {_PEFT_PREFIX + name: tensor for name, tensor in {**adapter.tensors, **head}.items()}
     partial = out_dir / f".{ADAPTER_WEIGHTS}.partial"
-    save_file({name: t.detach().contiguous().cpu() for name, t in peft_tensors.items()}, str(partial),
-              metadata={"format": "pt"})
+    save_file(
+        {name: t.detach().contiguous().cpu() for name, t in peft_tensors.items()},
+        str(partial),
+        metadata={"format": "pt"},
+    )
     os.replace(partial, out_dir / ADAPTER_WEIGHTS)
     write_json_atomic(out_dir / ADAPTER_CONFIG, config)
     return out_dir
@@ -128,12 +170,17 @@ def _write_adapter(method: Method, tensors: dict[str, torch.Tensor], out_dir: Pa
 def fold_target_scale(head: dict[str, torch.Tensor], target_scale) -> dict[str, torch.Tensor]:
     """The head with score = output · std + mean folded into its one-output layer: W·std, b·std + mean."""
     mean, std = (float(value) for value in target_scale)
-    outputs = sorted(name.removesuffix(".weight") for name, tensor in head.items()
-                     if name.endswith(".weight") and tensor.ndim == 2 and tensor.shape[0] == 1)
+    outputs = sorted(
+        name.removesuffix(".weight")
+        for name, tensor in head.items()
+        if name.endswith(".weight") and tensor.ndim == 2 and tensor.shape[0] == 1
+    )
     if len(outputs) != 1:
-        raise DeltatuneError(f"Cannot tell which layer of the regression head {sorted(head)} gives the score "
-                             f"(expected one weight with one output row, found {outputs or 'none'}), so the "
-                             "target scale cannot be folded into it for PEFT.")
+        raise DeltatuneError(
+            f"Cannot tell which layer of the regression head {sorted(head)} gives the score "
+            f"(expected one weight with one output row, found {outputs or 'none'}), so the "
+            "target scale cannot be folded into it for PEFT."
+        )
     layer = outputs[0]
     folded = dict(head)
     weight = head[f"{layer}.weight"]
@@ -146,7 +193,8 @@ def fold_target_scale(head: dict[str, torch.Tensor], target_scale) -> dict[str, 
             f"This regression delta's scores are the model's output times {std:g} plus {mean:g} (the training "
             f"targets' std and mean), but its head layer {layer!r} has no bias, so PEFT cannot add the mean: "
             f"plain peft + transformers would predict every score {mean:g} too low. Use the deltatune delta "
-            "itself (deltatune.load), or a model whose head has a bias (the BERT family's does).")
+            "itself (deltatune.load), or a model whose head has a bias (the BERT family's does)."
+        )
     return folded
 
 

@@ -48,7 +48,7 @@ _RESOLVED: dict[str, ResolvedPrecision] = {"fp32": "fp32", "bf16": "bf16", "fp16
 
 
 def resolve_precision(precision: str, device_type: str = "cpu") -> ResolvedPrecision:
-    """"auto" becomes, on the CPU, bf16 where it has native bf16 matmul and fp32 elsewhere; on a CUDA GPU bf16
+    """ "auto" becomes, on the CPU, bf16 where it has native bf16 matmul and fp32 elsewhere; on a CUDA GPU bf16
     where supported, else fp16; on MPS fp32. Others pass through; fp16 off a CUDA GPU is an error, and so is
     a name that is none of these."""
     from deltatune.errors import DeltatuneError
@@ -60,8 +60,10 @@ def resolve_precision(precision: str, device_type: str = "cpu") -> ResolvedPreci
             return "bf16" if cpu_has_native_bf16() else "fp32"
         return "fp32"
     if precision == "fp16" and device_type != "cuda":
-        raise DeltatuneError(f"precision=fp16 needs a CUDA GPU (this run is on {device_type}): use bf16 or fp32, "
-                             "or auto to pick for the device.")
+        raise DeltatuneError(
+            f"precision=fp16 needs a CUDA GPU (this run is on {device_type}): use bf16 or fp32, "
+            "or auto to pick for the device."
+        )
     if precision not in _RESOLVED:
         raise DeltatuneError(f"precision={precision!r} is not a precision: use auto, fp32, bf16 or fp16.")
     return _RESOLVED[precision]
@@ -91,8 +93,11 @@ def frozen_linear_weights_in_bf16(model: nn.Module, include_trainable: bool = Fa
     for module in model.modules():
         if isinstance(module, nn.Linear):
             for parameter in module.parameters(recurse=False):
-                if ((include_trainable or not parameter.requires_grad) and parameter.dtype == torch.float32
-                        and id(parameter) not in shared):
+                if (
+                    (include_trainable or not parameter.requires_grad)
+                    and parameter.dtype == torch.float32
+                    and id(parameter) not in shared
+                ):
                     stashed.append((parameter, parameter.data))
                     parameter.data = parameter.data.to(torch.bfloat16)
     try:
@@ -102,4 +107,11 @@ def frozen_linear_weights_in_bf16(model: nn.Module, include_trainable: bool = Fa
             parameter.data = original
 
 
-__all__ = ["PRECISIONS", "Precision", "cpu_has_native_bf16", "resolve_precision", "autocast_for", "frozen_linear_weights_in_bf16"]
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "cpu_has_native_bf16",
+    "resolve_precision",
+    "autocast_for",
+    "frozen_linear_weights_in_bf16",
+]

@@ -252,8 +252,9 @@ class RunRecord:
     non_finite_values: dict[str, str] | None = None
     """Where the file held NaN or infinite numbers, written as null (left out when none)."""
 
-    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"model_as_given", "max_length_requested", "diverged",
-                                                             "non_finite_values", "regime_report"})
+    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"model_as_given", "max_length_requested", "diverged", "non_finite_values", "regime_report"}
+    )
     """Keys written only when they hold something (records never had them otherwise)."""
 
     def to_json(self) -> Json:
@@ -266,11 +267,17 @@ class RunRecord:
         path = Path(path)
         data = _read_object(path, "the run record", "Train the run again, or restore the file from a copy")
         version = data.get("schema_version", 1)
-        _check_version(path, "schema_version", version, RECORD_VERSION,
-                       "Train the run again, or restore the file from a copy")
+        _check_version(
+            path, "schema_version", version, RECORD_VERSION, "Train the run again, or restore the file from a copy"
+        )
         data = {**data, "schema_version": RECORD_VERSION} if version == 1 else data
-        return _decode(cls, data, path, strict=version == RECORD_VERSION,
-                       fix="Train the run again, or restore the file from a copy")
+        return _decode(
+            cls,
+            data,
+            path,
+            strict=version == RECORD_VERSION,
+            fix="Train the run again, or restore the file from a copy",
+        )
 
     @property
     def display_model(self) -> str:
@@ -319,8 +326,9 @@ class DeltaManifest:
     non_finite_values: dict[str, str] | None = None
     """Where the file held NaN or infinite numbers, written as null (left out when none)."""
 
-    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"data_fingerprint", "data_files", "head",
-                                                             "learning_rate", "merge", "freelm", "non_finite_values"})
+    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"data_fingerprint", "data_files", "head", "learning_rate", "merge", "freelm", "non_finite_values"}
+    )
     """Keys written only when they hold something (merged and FreeLM deltas never had some of them)."""
 
     def to_json(self) -> Json:
@@ -334,8 +342,9 @@ class DeltaManifest:
         fix = "Re-create the delta by training again, or restore the file from a copy"
         data = _read_object(path, "the delta manifest", fix)
         if "format_version" not in data:
-            raise DeltatuneError(f"{path} lacks the key format_version; it was not written by deltatune or has been "
-                                 f"edited. {fix}.")
+            raise DeltatuneError(
+                f"{path} lacks the key format_version; it was not written by deltatune or has been edited. {fix}."
+            )
         _check_version(path, "format_version", data["format_version"], MANIFEST_VERSION, fix)
         return _decode(cls, data, path, strict=False, fix=fix)
 
@@ -352,8 +361,10 @@ class DeltaManifest:
     def training_data(self, directory: str | Path) -> Json:
         """The data record the delta was trained on (`directory` holds it); an error when it records none."""
         if self.data is None:
-            raise DeltatuneError(f"{Path(directory) / 'deltatune.json'} records no training data, so there is nothing "
-                                 "to evaluate on. Evaluate the runs it was made from.")
+            raise DeltatuneError(
+                f"{Path(directory) / 'deltatune.json'} records no training data, so there is nothing "
+                "to evaluate on. Evaluate the runs it was made from."
+            )
         return self.data
 
     def recorded_data(self, directory: str | Path) -> tuple[str | None, dict[str, Json]]:
@@ -379,8 +390,11 @@ def _to_json(value: Any) -> Any:
         return json_ready(value.to_dict())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         omitted: frozenset[str] = getattr(value, "OMITTED_WHEN_NONE", frozenset())
-        return {item.name: _to_json(getattr(value, item.name)) for item in dataclasses.fields(value)
-                if not (item.name in omitted and getattr(value, item.name) is None)}
+        return {
+            item.name: _to_json(getattr(value, item.name))
+            for item in dataclasses.fields(value)
+            if not (item.name in omitted and getattr(value, item.name) is None)
+        }
     return json_ready(value)
 
 
@@ -401,11 +415,15 @@ def _read_object(path: Path, what: str, fix: str) -> Json:
 
 def _check_version(path: Path, key: str, version: Any, newest: int, fix: str) -> None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise DeltatuneError(f"{path} is damaged ({key} {version!r} is not a positive whole number); it was not "
-                             f"written by this deltatune or has been edited. {fix}.")
+        raise DeltatuneError(
+            f"{path} is damaged ({key} {version!r} is not a positive whole number); it was not "
+            f"written by this deltatune or has been edited. {fix}."
+        )
     if version > newest:
-        raise DeltatuneError(f"{path} has {key} {version}, newer than this deltatune understands ({newest}): a "
-                             "newer deltatune wrote it. Upgrade deltatune (pip install -U deltatune) to read it.")
+        raise DeltatuneError(
+            f"{path} has {key} {version}, newer than this deltatune understands ({newest}): a "
+            "newer deltatune wrote it. Upgrade deltatune (pip install -U deltatune) to read it."
+        )
 
 
 def _decode(cls: type, data: Json, path: Path, strict: bool, fix: str) -> Any:
@@ -414,8 +432,9 @@ def _decode(cls: type, data: Json, path: Path, strict: bool, fix: str) -> Any:
     value = _decode_dataclass(cls, data, "", problems, strict)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise DeltatuneError(f"{path} is damaged ({shown}); it was not written by this deltatune or has been "
-                             f"edited. {fix}.")
+        raise DeltatuneError(
+            f"{path} is damaged ({shown}); it was not written by this deltatune or has been edited. {fix}."
+        )
     return value
 
 
@@ -460,8 +479,14 @@ def _decode_value(annotation: Any, value: Any, where: str, problems: list[str], 
         return _decode_task(value, where, problems)
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _decode_dataclass(annotation, value, f"{where}.", problems, strict)
-    kinds: dict[Any, type | tuple[type, ...]] = {dict: dict, list: list, str: str, int: int, float: (int, float),
-                                                 bool: bool}
+    kinds: dict[Any, type | tuple[type, ...]] = {
+        dict: dict,
+        list: list,
+        str: str,
+        int: int,
+        float: (int, float),
+        bool: bool,
+    }
     expected = kinds.get(origin or annotation)
     if expected is None:
         return value
@@ -501,8 +526,14 @@ def _kind(value: Any) -> str:
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation) or annotation
-    return {dict: "an object", list: "a list", str: "text", int: "a whole number", float: "a number",
-            bool: "true or false"}.get(origin, str(annotation))
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "text",
+        int: "a whole number",
+        float: "a number",
+        bool: "true or false",
+    }.get(origin, str(annotation))
 
 
 def read_run_record(directory: str | Path) -> RunRecord:
@@ -512,5 +543,17 @@ def read_run_record(directory: str | Path) -> RunRecord:
     return RunRecord.from_json(Path(directory) / RUN_RECORD)
 
 
-__all__ = ["BaseModelRecord", "DeltaManifest", "DeviceRecord", "GitState", "LEGACY_MANIFEST_HEAD", "MANIFEST_VERSION",
-           "ManifestHead", "ProcessesRecord", "RECORD_VERSION", "RunRecord", "Versions", "read_run_record"]
+__all__ = [
+    "BaseModelRecord",
+    "DeltaManifest",
+    "DeviceRecord",
+    "GitState",
+    "LEGACY_MANIFEST_HEAD",
+    "MANIFEST_VERSION",
+    "ManifestHead",
+    "ProcessesRecord",
+    "RECORD_VERSION",
+    "RunRecord",
+    "Versions",
+    "read_run_record",
+]

@@ -79,18 +79,25 @@ def regime_problems(config: TrainConfig) -> list[str]:
     if config.surgical_probe_steps < 1:
         problems.append(f"surgical_probe_steps={config.surgical_probe_steps} must be at least 1")
     if regime != "standard" and config.gradual_unfreezing:
-        problems.append(f"regime={regime} decides itself what trains when; it cannot be combined with "
-                        "gradual_unfreezing: drop --gradual-unfreezing or use --regime standard")
+        problems.append(
+            f"regime={regime} decides itself what trains when; it cannot be combined with "
+            "gradual_unfreezing: drop --gradual-unfreezing or use --regime standard"
+        )
     if regime == "mezo":
         if config.gradient_checkpointing:
-            problems.append("regime=mezo runs no backward pass, so there is nothing to checkpoint: drop "
-                            "--gradient-checkpointing")
+            problems.append(
+                "regime=mezo runs no backward pass, so there is nothing to checkpoint: drop --gradient-checkpointing"
+            )
         if config.precision == "fp16":
-            problems.append("regime=mezo with precision=fp16: the difference of two fp16 losses 2·epsilon apart "
-                            "is mostly rounding; use --precision fp32 or bf16")
+            problems.append(
+                "regime=mezo with precision=fp16: the difference of two fp16 losses 2·epsilon apart "
+                "is mostly rounding; use --precision fp32 or bf16"
+            )
     if regime in ("surgical", "promot") and config.lr_search is not None:
-        problems.append(f"regime={regime} with lr_search is not supported (its first stage would run once per "
-                        "candidate): search the learning rate with --regime standard, then pass --learning-rate")
+        problems.append(
+            f"regime={regime} with lr_search is not supported (its first stage would run once per "
+            "candidate): search the learning rate with --regime standard, then pass --learning-rate"
+        )
     return problems
 
 
@@ -236,11 +243,14 @@ def check_regime_method(method: Method, config: TrainConfig) -> None:
     from deltatune.methods.promot import ProMoT
 
     if config.regime == "promot" and not isinstance(method, ProMoT):
-        raise DeltatuneError(f"regime=promot needs method promot (its delta holds the soft prompt and the model "
-                             f"update), not {method.name!r}: use --method promot --method.model_method full")
+        raise DeltatuneError(
+            f"regime=promot needs method promot (its delta holds the soft prompt and the model "
+            f"update), not {method.name!r}: use --method promot --method.model_method full"
+        )
     if isinstance(method, ProMoT) and config.regime != "promot":
-        raise DeltatuneError(f"method promot trains in two stages, which regime={config.regime} does not run: "
-                             "add --regime promot")
+        raise DeltatuneError(
+            f"method promot trains in two stages, which regime={config.regime} does not run: add --regime promot"
+        )
 
 
 def regime_report(config: TrainConfig) -> dict[str, Any] | None:
@@ -252,5 +262,14 @@ def regime_report(config: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["REGIMES", "HalfFineTuning", "ZerothOrder", "check_regime_method", "regime_problems", "regime_report",
-           "stage_hook", "surgical_blocks", "zeroth_order_for"]
+__all__ = [
+    "REGIMES",
+    "HalfFineTuning",
+    "ZerothOrder",
+    "check_regime_method",
+    "regime_problems",
+    "regime_report",
+    "stage_hook",
+    "surgical_blocks",
+    "zeroth_order_for",
+]

@@ -79,21 +79,32 @@ def library_versions() -> Versions:
 
     from deltatune.version import __version__
 
-    return Versions(deltatune=__version__, python=platform.python_version(), torch=torch.__version__,
-                    transformers=transformers.__version__, numpy=numpy.__version__,
-                    platform=platform.platform(), processor=platform.machine(), cpu_count=str(os.cpu_count()))
+    return Versions(
+        deltatune=__version__,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        numpy=numpy.__version__,
+        platform=platform.platform(),
+        processor=platform.machine(),
+        cpu_count=str(os.cpu_count()),
+    )
 
 
 def git_state() -> GitState:
     """The commit of the deltatune source tree this run used, and whether it had local changes."""
     source = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
-                                timeout=10)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return GitState()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return GitState(commit=commit.stdout.strip(), dirty=bool(status.stdout.strip()))
     except (OSError, subprocess.SubprocessError):
         return GitState()
@@ -104,9 +115,16 @@ def check_output_directory(out: Path, overwrite: bool) -> None:
     _check_output_directory(Path(out), overwrite, RUN_FILES)
 
 
-def run_training(model_name: str, data: dict, method_name: str, method_overrides: dict | None = None,
-                 config: TrainConfig | None = None, out: str | Path | None = None,
-                 overwrite: bool = False, say: Callable[[str], None] | None = None) -> RunRecord | None:
+def run_training(
+    model_name: str,
+    data: dict,
+    method_name: str,
+    method_overrides: dict | None = None,
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> RunRecord | None:
     """Train `method_name` on `model_name` for the task `data` describes (see `data_record`).
 
     Under several processes (`torchrun`, `accelerate launch`) every rank trains its share of each batch and
@@ -123,16 +141,26 @@ def run_training(model_name: str, data: dict, method_name: str, method_overrides
     if group.distributed:
         _check_distributed_run(group, config, out, overwrite)
     if out is None or not group.is_main:  # only rank 0 writes, and takes the lock
-        return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, None,
-                               overwrite, say)
+        return _train_and_save(
+            model_name, data, method_name, method_overrides or {}, method, config, None, overwrite, say
+        )
     with locked_target(Path(out), RUN_FILES, overwrite) as out_path:
-        return _train_and_save(model_name, data, method_name, method_overrides or {}, method, config, out_path,
-                               overwrite, say)
+        return _train_and_save(
+            model_name, data, method_name, method_overrides or {}, method, config, out_path, overwrite, say
+        )
 
 
-def _train_and_save(model_name: str, data: dict, method_name: str, method_overrides: dict, method,
-                    config: TrainConfig, out_path: Path | None, overwrite: bool,
-                    say: Callable[[str], None] | None) -> RunRecord | None:
+def _train_and_save(
+    model_name: str,
+    data: dict,
+    method_name: str,
+    method_overrides: dict,
+    method,
+    config: TrainConfig,
+    out_path: Path | None,
+    overwrite: bool,
+    say: Callable[[str], None] | None,
+) -> RunRecord | None:
     from deltatune.sources.models import describe_model_source, load_model_for_task, recorded_model_name
 
     started = time.perf_counter()
@@ -145,8 +173,9 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
     base_fingerprint = fingerprint_backbone(model)
     total_params = sum(p.numel() for p in model.parameters())
     full_bytes = model_bytes(model)
-    prepared = prepare_data(model, tokenizer, task, task_data.split("train"), task_data.split("dev"),
-                            task_data.splits.get("test"), config)
+    prepared = prepare_data(
+        model, tokenizer, task, task_data.split("train"), task_data.split("dev"), task_data.splits.get("test"), config
+    )
     trainer, search = _train(model, tokenizer, task, prepared, method_name, method_overrides, method, config, say)
     model, method = trainer.model, trainer.method
     with trainer.closed_on_error():
@@ -193,10 +222,17 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         max_length_requested=requested_max_length if requested_max_length != config.max_length else None,
         diverged=result.diverged,
     )
-    if out_path is None:
-        _raise_if_diverged(result, record, None)
-        return record
+    if out_path is not None:
+        record = _save_run(out_path, overwrite, record, model, method, task, result, model_name)
+    _raise_if_diverged(result, record, out_path)
+    return record
 
+
+def _save_run(
+    out_path: Path, overwrite: bool, record: RunRecord, model, method, task, result: TrainResult, model_name: str
+) -> RunRecord:
+    """Publish the run directory (delta, manifest, record, model card, outputs); returns the record with the
+    delta's size."""
     manifest = _manifest(record, model, task, result, model_name)
     with staged_directory(out_path, RUN_FILES, overwrite) as staging:
         delta_bytes = save_delta(staging, model, method, manifest)
@@ -206,7 +242,6 @@ def _train_and_save(model_name: str, data: dict, method_name: str, method_overri
         save_outputs(staging / DEV_OUTPUTS, result.best_dev_outputs, result.dev_labels)
         if result.test_outputs is not None:
             save_outputs(staging / TEST_OUTPUTS, result.test_outputs, result.test_labels)
-    _raise_if_diverged(result, record, out_path)
     return record
 
 
@@ -214,13 +249,21 @@ def _where_it_ran(trainer: Trainer, precision: str) -> dict:
     """The record's account of the machine: peak memory, the device, its model and the processes."""
     device, processes = describe_device(trainer.device, precision), trainer.group.describe(trainer.sharded)
     memory, count, sharded = device.get("memory_bytes"), processes["processes"], processes.get("fsdp")
-    return {"peak_memory_bytes": peak_memory_bytes(),
-            "device": DeviceRecord(device=str(device["device"]), name=str(device["name"]), precision=precision,
-                                   memory_bytes=memory if isinstance(memory, int) else None),
-            "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
-            "distributed": ProcessesRecord(processes=count if isinstance(count, int) else 1,
-                                           backend=str(processes["backend"]),
-                                           fsdp=sharded if isinstance(sharded, bool) else None)}
+    return {
+        "peak_memory_bytes": peak_memory_bytes(),
+        "device": DeviceRecord(
+            device=str(device["device"]),
+            name=str(device["name"]),
+            precision=precision,
+            memory_bytes=memory if isinstance(memory, int) else None,
+        ),
+        "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
+        "distributed": ProcessesRecord(
+            processes=count if isinstance(count, int) else 1,
+            backend=str(processes["backend"]),
+            fsdp=sharded if isinstance(sharded, bool) else None,
+        ),
+    }
 
 
 def _unsharded(trainer: Trainer, model_name: str, task, config: TrainConfig, method_overrides: dict, tokenizer):
@@ -246,31 +289,37 @@ def _manifest(record: RunRecord, model, task, result: TrainResult, model_name: s
     return DeltaManifest(
         method=record.method,
         method_config=record.method_config,
-        base_model=BaseModelRecord(name=record.model, fingerprint=str(record.model_fingerprint),
-                                   source=record.model_source, total_params=record.total_params,
-                                   given=record.model_as_given),
+        base_model=BaseModelRecord(
+            name=record.model,
+            fingerprint=str(record.model_fingerprint),
+            source=record.model_source,
+            total_params=record.total_params,
+            given=record.model_as_given,
+        ),
         task=task,
         data=record.data,
         data_fingerprint=record.data_fingerprint,
         data_files=record.data_provenance.get("files") or {},
         max_length=record.train_config.max_length,
         target_scale=list(result.target_scale) if result.target_scale else None,
-        head=ManifestHead(kind=head.kind, pooling=head.pooling,
-                          transformers_head=not isinstance(model, PooledTaskModel)),
+        head=ManifestHead(
+            kind=head.kind, pooling=head.pooling, transformers_head=not isinstance(model, PooledTaskModel)
+        ),
         metrics={"dev": record.dev_metrics, **({"test": result.test_metrics} if result.test_metrics else {})},
         learning_rate=result.learning_rate,
         versions=record.versions,
     )
 
 
-def _check_distributed_run(group: ProcessGroup, config: TrainConfig, out: str | Path | None,
-                           overwrite: bool) -> None:
+def _check_distributed_run(group: ProcessGroup, config: TrainConfig, out: str | Path | None, overwrite: bool) -> None:
     """Several processes: refuse what they cannot do, and let rank 0 check OUT before any rank trains (a
     refusal there ends every rank instead of leaving the others waiting for it)."""
     if config.lr_search is not None:
-        raise DeltatuneError(f"--lr-search under {group.world_size} processes is not supported (its candidates "
-                             "take turns in one process): search in one process, then train the chosen "
-                             "--learning-rate under torchrun / accelerate launch.")
+        raise DeltatuneError(
+            f"--lr-search under {group.world_size} processes is not supported (its candidates "
+            "take turns in one process): search in one process, then train the chosen "
+            "--learning-rate under torchrun / accelerate launch."
+        )
     problem = None
     if group.is_main and out is not None:
         try:
@@ -285,12 +334,26 @@ def _check_distributed_run(group: ProcessGroup, config: TrainConfig, out: str | 
 
 def save_outputs(path: Path, outputs, labels) -> None:
     """Per-example outputs and gold labels as safetensors (what the paired statistics read)."""
-    save_file({"outputs": torch.from_numpy(np.ascontiguousarray(outputs, dtype=np.float32)),
-               "labels": torch.tensor(labels, dtype=torch.float32)}, str(path))
+    save_file(
+        {
+            "outputs": torch.from_numpy(np.ascontiguousarray(outputs, dtype=np.float32)),
+            "labels": torch.tensor(labels, dtype=torch.float32),
+        },
+        str(path),
+    )
 
 
-def _train(model, tokenizer, task, prepared, method_name: str, method_overrides: dict, method,
-           config: TrainConfig, say: Callable[[str], None] | None) -> tuple[Trainer, dict | None]:
+def _train(
+    model,
+    tokenizer,
+    task,
+    prepared,
+    method_name: str,
+    method_overrides: dict,
+    method,
+    config: TrainConfig,
+    say: Callable[[str], None] | None,
+) -> tuple[Trainer, dict | None]:
     """Train at one learning rate, or search over several; returns the trainer to finish and the search record."""
     from deltatune.regime_runs import regime_trainer
     from deltatune.regimes import check_regime_method
@@ -355,8 +418,14 @@ def _fit_max_length(config: TrainConfig, limit: int | None, model_name: str) -> 
         return config
     # the default fits every real model; only an explicit setting is worth a warning (the record says both)
     level = logging.INFO if config.max_length == TrainConfig.max_length else logging.WARNING
-    logger.log(level, "max_length=%d is more than %s can take (%d positions): using max_length=%d.",
-               config.max_length, model_name, limit, limit)
+    logger.log(
+        level,
+        "max_length=%d is more than %s can take (%d positions): using max_length=%d.",
+        config.max_length,
+        model_name,
+        limit,
+        limit,
+    )
     return replace(config, max_length=limit)
 
 
@@ -364,45 +433,65 @@ def _raise_if_diverged(result, record: RunRecord, out_path: Path | None) -> None
     if result.diverged is None:
         return
     metric = record.primary_metric
-    kept = (f"The best dev state before it (step {result.best_step}, dev {metric} "
-            f"{result.best_metrics.get(metric, float('nan')):.4f}) ")
+    kept = (
+        f"The best dev state before it (step {result.best_step}, dev {metric} "
+        f"{result.best_metrics.get(metric, float('nan')):.4f}) "
+    )
     kept += f"was saved to {out_path} (stopped_by 'diverged')" if out_path is not None else "was not saved (no --out)"
     raise DeltatuneError(f"{result.diverged}. {kept}.")
 
 
 def summarize(record: RunRecord) -> str:
     """A few lines a person reads after a run."""
+
     def scores(metrics: dict) -> str:
-        return ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}"
-                         for k, v in metrics.items()) or "(no dev evaluation)"
+        return (
+            ", ".join(f"{k} {v:.4f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in metrics.items())
+            or "(no dev evaluation)"
+        )
 
     delta, full = record.delta_bytes, record.full_model_bytes
-    size = (f"delta {delta / 1e6:.2f} MB vs full model {full / 1e6:.1f} MB "
-            f"({100 * delta / full:.2f}%)" if delta else "not saved")
+    size = (
+        f"delta {delta / 1e6:.2f} MB vs full model {full / 1e6:.1f} MB ({100 * delta / full:.2f}%)"
+        if delta
+        else "not saved"
+    )
     truncated = sum(record.num_truncated.values())
     head, test = record.head, record.test_metrics
-    lines = [f"{record.method} on {record.task} ({record.display_model}): "
-             + (f"test {scores(test)} (dev {scores(record.dev_metrics)})" if test
-                else f"dev {scores(record.dev_metrics)} (the task has no test split)"),
-             f"  head {head.kind if head else '?'}, pooling {head.pooling if head else '?'}; learning rate "
-             f"{record.learning_rate:g}" + _search_summary(record.lr_search),
-             f"  trainable {record.trainable_params:,} of {record.total_params:,} params "
-             f"({record.trainable_percent:.3f}%); {size}",
-             f"  {record.steps} steps ({record.stopped_by}), best dev at step {record.best_step}"
-             + ("" if record.converged else
-                f"; NOT CONVERGED: dev was still rising at the end (+{100 * (record.last_gain or 0):.2f} "
-                "points at the last evaluation); train longer (--epochs, --min-steps)"),
-             f"  {record.train_time_s:.1f} s training, {record.train_examples_per_s or 0:.1f} examples/s, "
-             f"{record.train_real_tokens_per_s or 0:.0f} real tokens/s, padding efficiency "
-             f"{record.padding_efficiency or 0:.2f}, peak memory {(record.peak_memory_bytes or 0) / 2**30:.2f} GiB"]
+    lines = [
+        f"{record.method} on {record.task} ({record.display_model}): "
+        + (
+            f"test {scores(test)} (dev {scores(record.dev_metrics)})"
+            if test
+            else f"dev {scores(record.dev_metrics)} (the task has no test split)"
+        ),
+        f"  head {head.kind if head else '?'}, pooling {head.pooling if head else '?'}; learning rate "
+        f"{record.learning_rate:g}" + _search_summary(record.lr_search),
+        f"  trainable {record.trainable_params:,} of {record.total_params:,} params "
+        f"({record.trainable_percent:.3f}%); {size}",
+        f"  {record.steps} steps ({record.stopped_by}), best dev at step {record.best_step}"
+        + (
+            ""
+            if record.converged
+            else f"; NOT CONVERGED: dev was still rising at the end (+{100 * (record.last_gain or 0):.2f} "
+            "points at the last evaluation); train longer (--epochs, --min-steps)"
+        ),
+        f"  {record.train_time_s:.1f} s training, {record.train_examples_per_s or 0:.1f} examples/s, "
+        f"{record.train_real_tokens_per_s or 0:.0f} real tokens/s, padding efficiency "
+        f"{record.padding_efficiency or 0:.2f}, peak memory {(record.peak_memory_bytes or 0) / 2**30:.2f} GiB",
+    ]
     device, processes = record.device, record.distributed
     if device:
-        lines.append(f"  on {device.device} ({device.name}) at {device.precision}"
-                     + (f", {processes.processes} processes ({processes.backend})"
-                        if processes and processes.processes > 1 else ""))
+        lines.append(
+            f"  on {device.device} ({device.name}) at {device.precision}"
+            + (
+                f", {processes.processes} processes ({processes.backend})"
+                if processes and processes.processes > 1
+                else ""
+            )
+        )
     if truncated:
-        lines.append(f"  {truncated} example(s) longer than max_length={record.train_config.max_length} "
-                     "were truncated")
+        lines.append(f"  {truncated} example(s) longer than max_length={record.train_config.max_length} were truncated")
     return "\n".join(lines)
 
 
@@ -414,8 +503,12 @@ def _search_summary(search: dict | None) -> str:
 
 def describe_search(search: dict) -> str:
     """'0.0005: 0.871, 0.001: 0.883 → 0.885, ...': each candidate's rung scores on dev, in order."""
-    return ", ".join(f"{c['learning_rate']:g}: " + " → ".join(f"{v:.3f}" for v in c["rung_scores"])
-                     + (" (stopped)" if c["stopped_at_rung"] is not None else "") for c in search["candidates"])
+    return ", ".join(
+        f"{c['learning_rate']:g}: "
+        + " → ".join(f"{v:.3f}" for v in c["rung_scores"])
+        + (" (stopped)" if c["stopped_at_rung"] is not None else "")
+        for c in search["candidates"]
+    )
 
 
 __all__ = ["run_training", "summarize", "data_record", "load_data_from_record"]

@@ -73,34 +73,44 @@ def first_foreign_entry(directory: Path, allowed: frozenset[str]) -> str | None:
 def check_output_directory(out: Path, overwrite: bool, run_files: frozenset[str]) -> None:
     """Refuse an --out that is not a directory, would replace what a run did not write, or needs --overwrite."""
     if out.is_symlink():
-        raise DeltatuneError(f"--out {out} is a symbolic link (to {os.readlink(out)}). Give the directory itself, "
-                             "or a new path for the run.")
+        raise DeltatuneError(
+            f"--out {out} is a symbolic link (to {os.readlink(out)}). Give the directory itself, "
+            "or a new path for the run."
+        )
     if out.exists() and not out.is_dir():
-        raise DeltatuneError(f"--out {out} is a file, not a directory. Give a directory for the run "
-                             f"(e.g. --out {out.with_suffix('')}-run).")
+        raise DeltatuneError(
+            f"--out {out} is a file, not a directory. Give a directory for the run "
+            f"(e.g. --out {out.with_suffix('')}-run)."
+        )
     protected = protected_reason(out)
     if protected is not None:
-        raise DeltatuneError(f"--out {out} is {protected}: a run is written into a directory of its own and "
-                             f"replaces it, so deltatune never writes a run there. Give a new directory, "
-                             f"e.g. --out runs/NAME.")
+        raise DeltatuneError(
+            f"--out {out} is {protected}: a run is written into a directory of its own and "
+            f"replaces it, so deltatune never writes a run there. Give a new directory, "
+            f"e.g. --out runs/NAME."
+        )
     if not out.is_dir():
         return
     try:
         foreign = first_foreign_entry(out, run_files)
         empty = not any(out.iterdir())
     except PermissionError:
-        raise DeltatuneError(f"--out {out} cannot be read (permission denied). Give a directory you can "
-                             "write to.") from None
+        raise DeltatuneError(
+            f"--out {out} cannot be read (permission denied). Give a directory you can write to."
+        ) from None
     if foreign is None and not empty and all(entry.name in COMMON_NAMES for entry in out.iterdir()):
         foreign = sorted(entry.name for entry in out.iterdir())[0]  # a README.md alone is the user's, not a run
     if foreign is not None:
         raise DeltatuneError(
             f"--out {out} holds {foreign!r}, which a deltatune run does not write: deltatune replaces only its "
-            "own run directories (--overwrite included). Choose another --out, or move that file away.")
+            "own run directories (--overwrite included). Choose another --out, or move that file away."
+        )
     if not empty and not overwrite:
-        raise DeltatuneError(f"--out {out} already holds a finished run. Choose another directory, or pass "
-                             "--overwrite to replace it (the old run is deleted only after the new one is in "
-                             "place).")
+        raise DeltatuneError(
+            f"--out {out} already holds a finished run. Choose another directory, or pass "
+            "--overwrite to replace it (the old run is deleted only after the new one is in "
+            "place)."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,13 +161,16 @@ class TargetLock:
             except OSError as error:
                 if is_disk_full(error):
                     raise disk_full_error(self.out, "its lock file") from None
-                raise DeltatuneError(f"Cannot write beside --out {self.out} ({error.strerror or error}: "
-                                     f"{self.path}). Give an --out in a directory you can write to.") from None
+                raise DeltatuneError(
+                    f"Cannot write beside --out {self.out} ({error.strerror or error}: "
+                    f"{self.path}). Give an --out in a directory you can write to."
+                ) from None
             holder = lock_or_holder(handle)
             if holder is not None:
                 raise DeltatuneError(
                     f"--out {self.out} is being written by another deltatune process ({holder}). Wait for it to "
-                    "finish, stop it, or choose another --out.")
+                    "finish, stop it, or choose another --out."
+                )
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -235,9 +248,11 @@ def free_space(where: Path) -> str:
 
 
 def disk_full_error(where: Path, what: str) -> DiskFullError:
-    return DiskFullError(f"No space left on the device holding {where}{free_space(where)} while writing {what}. "
-                         "Nothing half-written was kept and earlier results are untouched; free some space and run "
-                         "again.")
+    return DiskFullError(
+        f"No space left on the device holding {where}{free_space(where)} while writing {what}. "
+        "Nothing half-written was kept and earlier results are untouched; free some space and run "
+        "again."
+    )
 
 
 @contextlib.contextmanager
@@ -253,8 +268,10 @@ def staging_directory(out: Path, what: str = "the run") -> Iterator[Path]:
     except OSError as error:
         if is_disk_full(error):
             raise disk_full_error(out, what) from None
-        raise DeltatuneError(f"Cannot create a directory beside {out} for {what}: {error.strerror or error}. "
-                             "Give a path in a directory you can write to.") from None
+        raise DeltatuneError(
+            f"Cannot create a directory beside {out} for {what}: {error.strerror or error}. "
+            "Give a path in a directory you can write to."
+        ) from None
     try:
         try:
             yield staging
@@ -267,8 +284,13 @@ def staging_directory(out: Path, what: str = "the run") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_directory(out: Path, run_files: frozenset[str], overwrite: bool, what: str = "the run",
-                     check: Callable[[], None] | None = None) -> Iterator[Path]:
+def staged_directory(
+    out: Path,
+    run_files: frozenset[str],
+    overwrite: bool,
+    what: str = "the run",
+    check: Callable[[], None] | None = None,
+) -> Iterator[Path]:
     """Yield a fresh staging directory beside `out`; when the block finishes, publish it as `out`.
 
     Publishing re-checks `out` (a file may have appeared there meanwhile) with `check`, by default
@@ -343,7 +365,20 @@ def _use_default_permissions(directory: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
-__all__ = ["check_output_directory", "clean_leftovers", "staged_directory", "staging_directory", "locked_target",
-           "publish_first", "replace_directory", "TargetLock",
-           "lock_or_holder", "write_holder",
-           "DiskFullError", "is_disk_full", "disk_full_error", "free_space", "first_foreign_entry"]
+__all__ = [
+    "check_output_directory",
+    "clean_leftovers",
+    "staged_directory",
+    "staging_directory",
+    "locked_target",
+    "publish_first",
+    "replace_directory",
+    "TargetLock",
+    "lock_or_holder",
+    "write_holder",
+    "DiskFullError",
+    "is_disk_full",
+    "disk_full_error",
+    "free_space",
+    "first_foreign_entry",
+]

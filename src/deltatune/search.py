@@ -73,11 +73,17 @@ class Candidate:
         return -math.inf if math.isnan(value) or self.trainer.diverged is not None else value
 
     def describe(self) -> dict:
-        return {"learning_rate": self.learning_rate, "rung_scores": self.rung_scores,
-                "best_dev": None if self.best == -math.inf else self.best, "best_step": self.trainer.best.step,
-                "steps": self.trainer.step, "train_time_s": round(self.trainer.train_time, 3),
-                "stopped_at_rung": self.stopped_at_rung, "stopped_by": self.trainer.stopped_by,
-                **({"diverged": self.trainer.diverged} if self.trainer.diverged is not None else {})}
+        return {
+            "learning_rate": self.learning_rate,
+            "rung_scores": self.rung_scores,
+            "best_dev": None if self.best == -math.inf else self.best,
+            "best_step": self.trainer.best.step,
+            "steps": self.trainer.step,
+            "train_time_s": round(self.trainer.train_time, 3),
+            "stopped_at_rung": self.stopped_at_rung,
+            "stopped_by": self.trainer.stopped_by,
+            **({"diverged": self.trainer.diverged} if self.trainer.diverged is not None else {}),
+        }
 
 
 @dataclass
@@ -89,9 +95,13 @@ class SearchResult:
     """Candidates, rungs, every candidate's dev scores at the rungs, the chosen rate, the total cost."""
 
 
-def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates: Sequence[float],
-                       rungs: Sequence[float], metric: str, say: Callable[[str], None] | None = None
-                       ) -> SearchResult:
+def successive_halving(
+    make_trainer: Callable[[float], Trainer],
+    learning_rates: Sequence[float],
+    rungs: Sequence[float],
+    metric: str,
+    say: Callable[[str], None] | None = None,
+) -> SearchResult:
     """Run the search; every trainer but the survivor's is closed. See the module docstring."""
     candidates: list[Candidate] = []
     try:
@@ -104,8 +114,9 @@ def successive_halving(make_trainer: Callable[[float], Trainer], learning_rates:
         raise
 
 
-def _halve(candidates: list[Candidate], rungs: Sequence[float], metric: str,
-           say: Callable[[str], None] | None) -> SearchResult:
+def _halve(
+    candidates: list[Candidate], rungs: Sequence[float], metric: str, say: Callable[[str], None] | None
+) -> SearchResult:
     alive = list(candidates)
     for index, rung in enumerate(rungs):
         if len(alive) <= 1:
@@ -121,9 +132,13 @@ def _halve(candidates: list[Candidate], rungs: Sequence[float], metric: str,
             candidate.trainer.close()
         alive = ranked[:keep]
         if say is not None:
-            say(f"rung {index + 1} at {rung:g} of the plan: " + ", ".join(
-                f"lr {c.learning_rate:g} {metric} {c.rung_scores[-1]:.4f}" + ("" if c in alive else " (stopped)")
-                for c in ranked))
+            say(
+                f"rung {index + 1} at {rung:g} of the plan: "
+                + ", ".join(
+                    f"lr {c.learning_rate:g} {metric} {c.rung_scores[-1]:.4f}" + ("" if c in alive else " (stopped)")
+                    for c in ranked
+                )
+            )
     for candidate in alive:
         candidate.trainer.advance()
     # a diverged candidate is chosen only when every survivor diverged (its message then reaches the user)
@@ -132,12 +147,17 @@ def _halve(candidates: list[Candidate], rungs: Sequence[float], metric: str,
         if candidate is not chosen:
             candidate.stopped_at_rung = len(rungs)
             candidate.trainer.close()
-    record = {"candidates": [c.describe() for c in candidates], "rungs": list(rungs), "metric": metric,
-              "chosen": chosen.learning_rate, "split": "dev",
-              "rung_examples": len(chosen.trainer.data.rung_dev),
-              "planned_cost_runs": search_cost(len(candidates), rungs),
-              "train_time_s": round(sum(c.trainer.train_time for c in candidates), 3),
-              "steps": sum(c.trainer.step for c in candidates)}
+    record = {
+        "candidates": [c.describe() for c in candidates],
+        "rungs": list(rungs),
+        "metric": metric,
+        "chosen": chosen.learning_rate,
+        "split": "dev",
+        "rung_examples": len(chosen.trainer.data.rung_dev),
+        "planned_cost_runs": search_cost(len(candidates), rungs),
+        "train_time_s": round(sum(c.trainer.train_time for c in candidates), 3),
+        "steps": sum(c.trainer.step for c in candidates),
+    }
     return SearchResult(chosen.trainer, record)
 
 

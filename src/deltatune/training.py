@@ -185,8 +185,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.batch_size % self.gradient_accumulation:
-            problems.append(f"batch_size={self.batch_size} must be a multiple of "
-                            f"gradient_accumulation={self.gradient_accumulation}")
+            problems.append(
+                f"batch_size={self.batch_size} must be a multiple of gradient_accumulation={self.gradient_accumulation}"
+            )
         if not 0 < self.data_fraction <= 1:
             problems.append(f"data_fraction={self.data_fraction} must be in (0, 1]")
         if self.epochs <= 0:
@@ -243,13 +244,25 @@ def peak_memory_bytes() -> int:
 
 def _range_problems(config: TrainConfig) -> list[str]:
     """Values that would pass the checks above yet fail deep inside training or silently mis-train."""
-    problems = [f"{name}={getattr(config, name)} must be a finite number"
-                for name in ("learning_rate", "epochs", "time_budget_s", "weight_decay", "max_grad_norm",
-                             "warmup_ratio", "data_fraction", "layer_lr_decay")
-                if isinstance(getattr(config, name), float) and not math.isfinite(getattr(config, name))]
+    problems = [
+        f"{name}={getattr(config, name)} must be a finite number"
+        for name in (
+            "learning_rate",
+            "epochs",
+            "time_budget_s",
+            "weight_decay",
+            "max_grad_norm",
+            "warmup_ratio",
+            "data_fraction",
+            "layer_lr_decay",
+        )
+        if isinstance(getattr(config, name), float) and not math.isfinite(getattr(config, name))
+    ]
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
-        problems.append(f"max_grad_norm={config.max_grad_norm} must be positive (or none to disable clipping); "
-                        "a negative one would reverse every gradient")
+        problems.append(
+            f"max_grad_norm={config.max_grad_norm} must be positive (or none to disable clipping); "
+            "a negative one would reverse every gradient"
+        )
     if not config.weight_decay >= 0:
         problems.append(f"weight_decay={config.weight_decay} must be zero or positive")
     if config.threads is not None and config.threads < 1:
@@ -330,12 +343,12 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) ->
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, plan: StepPlan, schedule: str
-                ) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(optimizer: torch.optim.Optimizer, plan: StepPlan, schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule over the whole plan as a torch scheduler: it sets each group's rate for step
     0 now and for the next step at each `step()`, so a paused trainer that holds it resumes on schedule."""
-    factor = functools.partial(_lr_factor, warmup_steps=plan.warmup_steps, total_steps=plan.planned_steps,
-                               schedule=schedule)
+    factor = functools.partial(
+        _lr_factor, warmup_steps=plan.warmup_steps, total_steps=plan.planned_steps, schedule=schedule
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -350,8 +363,10 @@ def divergence(step: int, loss: float, gradient_norm: torch.Tensor | None, learn
         what = f"the gradient norm became {float(gradient_norm)}"
     else:
         what = f"the training loss became {loss}"
-    return (f"Training diverged at step {step}: {what} (peak learning rate {learning_rate:g}). Lower the "
-            f"learning rate, e.g. --learning-rate {learning_rate / 10:g}")
+    return (
+        f"Training diverged at step {step}: {what} (peak learning rate {learning_rate:g}). Lower the "
+        f"learning rate, e.g. --learning-rate {learning_rate / 10:g}"
+    )
 
 
 def _optimizer_groups(model: nn.Module, method: Method, learning_rate: float, config: TrainConfig) -> list[dict]:
@@ -406,8 +421,15 @@ class TrainingData:
     """The part of dev a learning-rate search ranks its candidates on (`RUNG_DEV_EXAMPLES`)."""
 
 
-def prepare_data(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
-                 test_split: Split | None, config: TrainConfig) -> TrainingData:
+def prepare_data(
+    model: nn.Module,
+    tokenizer,
+    task: TaskSpec,
+    train_split: Split,
+    dev_split: Split,
+    test_split: Split | None,
+    config: TrainConfig,
+) -> TrainingData:
     """Tokenise the training subset, dev and test once, the way `model`'s head reads them."""
     if not len(train_split):
         raise DeltatuneError(f"Task {task.name!r} has no training examples.")
@@ -423,8 +445,11 @@ def prepare_data(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split
     subset = stratified_subset(train_split.labels, wanted, config.seed, task.is_regression)
     train_data = encode(tokenizer, task, train_split.subset(subset), max_length, separately)
     dev_data = encode(tokenizer, task, dev_split, max_length, separately)
-    test_data = encode(tokenizer, task, test_split, max_length, separately) if test_split is not None and len(
-        test_split) else None
+    test_data = (
+        encode(tokenizer, task, test_split, max_length, separately)
+        if test_split is not None and len(test_split)
+        else None
+    )
     # the model learns targets in its head's raw units; `scale` maps them back (and is saved with the delta)
     scale = target_scale(model, task, train_data.labels)
     if scale is not None:
@@ -566,8 +591,9 @@ class BatchStrategy:
     examples_per_epoch: int | None = None
     """Examples in one pass over the strategy's own data (plans epochs); None: the task's training split."""
 
-    def optimizer_groups(self, model: nn.Module, method: Method, learning_rate: float,
-                         config: TrainConfig) -> list[dict]:
+    def optimizer_groups(
+        self, model: nn.Module, method: Method, learning_rate: float, config: TrainConfig
+    ) -> list[dict]:
         """AdamW groups: the method's, honouring weight decay and layer-wise learning-rate decay."""
         return _optimizer_groups(model, method, learning_rate, config)
 
@@ -593,8 +619,11 @@ class TaskBatches(BatchStrategy):
 
     def forward_backward(self, trainer: Trainer) -> StepWork:
         indices = trainer._next_batch()
-        loss, real_tokens, padded_tokens = (trainer._forward_backward(indices) if trainer.zeroth_order is None
-                                            else trainer.zeroth_order.step(trainer, indices))
+        loss, real_tokens, padded_tokens = (
+            trainer._forward_backward(indices)
+            if trainer.zeroth_order is None
+            else trainer.zeroth_order.step(trainer, indices)
+        )
         return StepWork(loss, len(indices), real_tokens, padded_tokens)
 
     def evaluate(self, trainer: Trainer) -> Evaluation | None:
@@ -616,8 +645,16 @@ class Trainer:
     task's batches, `TaskBatches`); a strategy with data of its own passes `data=None`.
     """
 
-    def __init__(self, model: nn.Module, method, task: TaskSpec, data: TrainingData | None, config: TrainConfig,
-                 learning_rate: float | None = None, strategy: BatchStrategy | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method,
+        task: TaskSpec,
+        data: TrainingData | None,
+        config: TrainConfig,
+        learning_rate: float | None = None,
+        strategy: BatchStrategy | None = None,
+    ) -> None:
         self.device = resolve_device(config.device)
         self.config = config = replace(config, precision=resolve_precision(config.precision, self.device.type))
         self.group = process_group(self.device)
@@ -648,11 +685,17 @@ class Trainer:
             group.setdefault("lr", self.learning_rate)
         # MeZO updates the weights itself; plain SGD (no momentum: no state) only carries its groups' rates
         self.zeroth_order = zeroth_order_for(config, self.trainable)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True) if self.zeroth_order is None \
+        self.optimizer = (
+            torch.optim.AdamW(groups, lr=self.learning_rate, foreach=True)
+            if self.zeroth_order is None
             else torch.optim.SGD(groups, lr=self.learning_rate)
+        )
         self.scheduler = lr_schedule(self.optimizer, self.plan, config.schedule)
-        self.unfreezing = GradualUnfreezing(model, config.unfreeze_every or self.plan.steps_per_epoch) \
-            if config.gradual_unfreezing else stage_hook(model, config, self.plan.steps_per_epoch)
+        self.unfreezing = (
+            GradualUnfreezing(model, config.unfreeze_every or self.plan.steps_per_epoch)
+            if config.gradual_unfreezing
+            else stage_hook(model, config, self.plan.steps_per_epoch)
+        )
         trainable_ids = {id(p) for p in self.trainable}
         self.best = BestState([(n, p) for n, p in model.named_parameters() if id(p) in trainable_ids])
 
@@ -669,7 +712,10 @@ class Trainer:
         self.stopped_by: str | None = None
         self.diverged: str | None = None
         self.loggers: ScalarLoggers = open_loggers(
-            config.report_to if self.group.is_main else (), config.log_dir, f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}")
+            config.report_to if self.group.is_main else (),
+            config.log_dir,
+            f"{task.name}-{method.name}-lr{self.learning_rate:g}-seed{config.seed}",
+        )
 
     def _enter_speed_levers(self, model: nn.Module, config: TrainConfig) -> None:
         """The CPU's speed levers (measured there only, so a GPU does without them) and gradient checkpointing."""
@@ -686,8 +732,10 @@ class Trainer:
     def data(self) -> TrainingData:
         """The task's tokenised splits (a strategy with data of its own has none)."""
         if self._data is None:
-            raise DeltatuneError(f"{type(self.strategy).__name__} trains on data of its own: this trainer holds "
-                                 "no task splits to score or test.")
+            raise DeltatuneError(
+                f"{type(self.strategy).__name__} trains on data of its own: this trainer holds "
+                "no task splits to score or test."
+            )
         return self._data
 
     @property
@@ -746,9 +794,11 @@ class Trainer:
         """The indices of the next batch; a new epoch gets a new batch order."""
         if self.next_batch == len(self.batches):
             config = self.config
-            self.batches = (length_bucketed_batches(self.data.train.lengths, config.batch_size, self.batch_order)
-                            if config.bucket_by_length else
-                            shuffled_batches(len(self.data.train), config.batch_size, self.batch_order))
+            self.batches = (
+                length_bucketed_batches(self.data.train.lengths, config.batch_size, self.batch_order)
+                if config.bucket_by_length
+                else shuffled_batches(len(self.data.train), config.batch_size, self.batch_order)
+            )
             self.next_batch = 0
         self.next_batch += 1
         return self.batches[self.next_batch - 1]
@@ -762,14 +812,16 @@ class Trainer:
         micro_batch = config.batch_size // (config.gradient_accumulation * group.world_size)
         loss_total, real_tokens, padded_tokens = 0.0, 0, 0
         for start in range(0, len(share), micro_batch):
-            part = share[start:start + micro_batch]
-            batch = to_device(collate(self.data.train, part, self.data.pad_token_id, self.task.is_regression),
-                              self.device)
+            part = share[start : start + micro_batch]
+            batch = to_device(
+                collate(self.data.train, part, self.data.pad_token_id, self.task.is_regression), self.device
+            )
             labels = batch.pop("labels")
             with autocast_for(config.precision, self.device.type):
                 logits = self.model(**batch).logits
-            loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) \
-                * (len(part) / len(indices))
+            loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) * (
+                len(part) / len(indices)
+            )
             if backward:
                 # FSDP averages the ranks' gradients, where these losses are weighted to be summed
                 reduced = loss * group.world_size if self.sharded else loss
@@ -798,8 +850,9 @@ class Trainer:
         if self.config.max_grad_norm is not None:
             gradient_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm, foreach=True)
         # under fp16 an overflowing gradient is the loss scaler's to handle (it skips the step and scales down)
-        self.diverged = divergence(self.step + 1, loss, gradient_norm if self.scaler is None else None,
-                                   self.learning_rate)
+        self.diverged = divergence(
+            self.step + 1, loss, gradient_norm if self.scaler is None else None, self.learning_rate
+        )
         if self.diverged is not None:  # stop before the step: the best dev state so far stays as it was
             self.optimizer.zero_grad(set_to_none=True)
             self.stopped_by = "diverged"
@@ -818,8 +871,14 @@ class Trainer:
             self.unfreezing.update(self.step)
         seconds = time.perf_counter() - started
         self.meters.add_step(seconds, work.examples, real_tokens)
-        self.loggers.log({"train/loss": loss, "train/learning_rate": learning_rate,
-                          "train/examples_per_s": work.examples / seconds if seconds else 0.0}, self.step)
+        self.loggers.log(
+            {
+                "train/loss": loss,
+                "train/learning_rate": learning_rate,
+                "train/examples_per_s": work.examples / seconds if seconds else 0.0,
+            },
+            self.step,
+        )
         self.strategy.after_step(self)
 
     def _agree_on_stop(self) -> None:
@@ -846,8 +905,14 @@ class Trainer:
         if evaluation is None:
             return
         metrics = evaluation.metrics
-        self.curve.append({"step": self.step, "examples_seen": self.meters.examples_seen,
-                           "train_time_s": round(self.meters.train_time, 3), "metrics": metrics})
+        self.curve.append(
+            {
+                "step": self.step,
+                "examples_seen": self.meters.examples_seen,
+                "train_time_s": round(self.meters.train_time, 3),
+                "metrics": metrics,
+            }
+        )
         self.loggers.log({f"dev/{name}": value for name, value in metrics.items()}, self.step)
         if evaluation.value is not None:
             self.best.offer(evaluation.value, self.step, metrics, evaluation.outputs)
@@ -856,8 +921,9 @@ class Trainer:
             self.stopped_by = "early_stopping"
 
     def _outputs(self, encoded: Encoded) -> np.ndarray:
-        raw = predict_encoded(self.model, encoded, self.task, self.data.pad_token_id, self.config.eval_batch_size,
-                              self.config.precision)
+        raw = predict_encoded(
+            self.model, encoded, self.task, self.data.pad_token_id, self.config.eval_batch_size, self.config.precision
+        )
         return to_task_units(raw, self.data.target_scale)
 
     def _progress_bar(self):
@@ -865,8 +931,14 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.plan.planned_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                    desc=f"{self.method.name} on {self.task.name} at lr {self.learning_rate:g}", file=sys.stderr)
+        return tqdm(
+            total=self.plan.planned_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"{self.method.name} on {self.task.name} at lr {self.learning_rate:g}",
+            file=sys.stderr,
+        )
 
     def close(self, failed: bool = False) -> None:
         """Undo the training-time changes to the model (fast dropout, bf16 frozen weights); close the loggers
@@ -919,23 +991,42 @@ class Trainer:
             test_metrics, test_outputs = self._test()
         finally:
             self.loggers.close()
-        rising, gain = still_improving([point["metrics"][self.task.metric] for point in self.curve],
-                                       self.config.convergence_tolerance)
+        rising, gain = still_improving(
+            [point["metrics"][self.task.metric] for point in self.curve], self.config.convergence_tolerance
+        )
         width, meters = self.task.num_labels, self.meters
         return TrainResult(
-            best_metrics=self.best.metrics, best_step=self.best.step, steps=self.step,
-            examples_seen=meters.examples_seen, real_tokens_seen=meters.real_tokens,
-            padded_tokens_seen=meters.padded_tokens, train_time_s=meters.train_time, eval_time_s=meters.eval_time,
-            stopped_by=self.stopped_by or "paused", num_train_examples=len(self.data.train),
-            num_truncated={"train": self.data.train.num_truncated, "dev": self.data.dev.num_truncated,
-                           **({"test": self.data.test.num_truncated} if self.data.test is not None else {})},
-            learning_rate=self.learning_rate, planned_steps=self.plan.planned_steps, converged=not rising,
-            last_gain=gain, learning_curve=self.curve,
+            best_metrics=self.best.metrics,
+            best_step=self.best.step,
+            steps=self.step,
+            examples_seen=meters.examples_seen,
+            real_tokens_seen=meters.real_tokens,
+            padded_tokens_seen=meters.padded_tokens,
+            train_time_s=meters.train_time,
+            eval_time_s=meters.eval_time,
+            stopped_by=self.stopped_by or "paused",
+            num_train_examples=len(self.data.train),
+            num_truncated={
+                "train": self.data.train.num_truncated,
+                "dev": self.data.dev.num_truncated,
+                **({"test": self.data.test.num_truncated} if self.data.test is not None else {}),
+            },
+            learning_rate=self.learning_rate,
+            planned_steps=self.plan.planned_steps,
+            converged=not rising,
+            last_gain=gain,
+            learning_curve=self.curve,
             best_dev_outputs=self.best.outputs if self.best.outputs is not None else np.zeros((0, width), np.float32),
-            dev_labels=list(self.data.dev.labels), test_metrics=test_metrics, test_outputs=test_outputs,
+            dev_labels=list(self.data.dev.labels),
+            test_metrics=test_metrics,
+            test_outputs=test_outputs,
             test_labels=list(self.data.test.labels) if self.data.test is not None else None,
-            target_scale=self.data.target_scale, step_seconds=meters.step_seconds,
-            step_real_tokens=meters.step_real_tokens, precision=self.config.precision, diverged=self.diverged)
+            target_scale=self.data.target_scale,
+            step_seconds=meters.step_seconds,
+            step_real_tokens=meters.step_real_tokens,
+            precision=self.config.precision,
+            diverged=self.diverged,
+        )
 
 
 STOP_REASONS = (None, "epochs", "min_steps", "max_steps", "time_budget", "early_stopping", "diverged")
@@ -948,7 +1039,8 @@ def _check_batch_divides(config: TrainConfig, world_size: int) -> None:
         raise DeltatuneError(
             f"batch_size={config.batch_size} (the global batch) must be a multiple of processes x "
             f"gradient_accumulation = {world_size} x {config.gradient_accumulation}: pick e.g. --batch-size "
-            f"{world_size * config.gradient_accumulation * max(1, config.batch_size // (world_size * config.gradient_accumulation))}.")
+            f"{world_size * config.gradient_accumulation * max(1, config.batch_size // (world_size * config.gradient_accumulation))}."
+        )
 
 
 @contextmanager
@@ -958,8 +1050,10 @@ def gradient_checkpointing(model: nn.Module):
 
     backbones = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
     if not backbones:
-        raise DeltatuneError(f"gradient_checkpointing: {type(model).__name__} holds no transformers model that "
-                             "supports it; train without --gradient-checkpointing.")
+        raise DeltatuneError(
+            f"gradient_checkpointing: {type(model).__name__} holds no transformers model that "
+            "supports it; train without --gradient-checkpointing."
+        )
     backbone = backbones[0]
     # non-reentrant checkpointing gives gradients to weights inside a block even when its inputs need none
     # (a frozen embedding under LoRA or BitFit), which the reentrant form would silently drop.
@@ -1001,21 +1095,32 @@ def _seeded_cuda_rng_state(seed: int, device: torch.device) -> torch.Tensor | No
     return state
 
 
-def train(model: nn.Module, tokenizer, task: TaskSpec, train_split: Split, dev_split: Split,
-          method: Method, config: TrainConfig, test_split: Split | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    tokenizer,
+    task: TaskSpec,
+    train_split: Split,
+    dev_split: Split,
+    method: Method,
+    config: TrainConfig,
+    test_split: Split | None = None,
+) -> TrainResult:
     """Train `model` (already prepared by the method) at one learning rate and leave it holding its best dev
     state; with `test_split`, that state is also evaluated on test. (`config.lr_search` is run by
     `deltatune.run.run_training`, which builds a fresh model per learning rate.)"""
     check_regime_method(method, config)
     if config.regime in ("surgical", "promot"):
-        raise DeltatuneError(f"regime={config.regime} runs a probe or first stage before the real run, which "
-                             "train() does not: use deltatune.run.run_training (deltatune train), or "
-                             "deltatune.regime_runs.regime_trainer on prepared data.")
+        raise DeltatuneError(
+            f"regime={config.regime} runs a probe or first stage before the real run, which "
+            "train() does not: use deltatune.run.run_training (deltatune train), or "
+            "deltatune.regime_runs.regime_trainer on prepared data."
+        )
     data = prepare_data(model, tokenizer, task, train_split, dev_split, test_split, config)
     trainer = Trainer(model, method, task, data, config)
     with trainer.closed_on_error():
         trainer.advance()
         return trainer.finish()
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

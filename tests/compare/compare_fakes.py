@@ -21,8 +21,11 @@ from safetensors.numpy import save_file
 
 from deltatune.compare import store
 
-METHODS = {"full": ("full", 22_700_000, 90_000_000, 1.9e9), "lora": ("lora", 150_000, 600_000, 1.4e9),
-           "bitfit": ("bitfit", 100_000, 400_000, 1.3e9)}
+METHODS = {
+    "full": ("full", 22_700_000, 90_000_000, 1.9e9),
+    "lora": ("lora", 150_000, 600_000, 1.4e9),
+    "bitfit": ("bitfit", 100_000, 400_000, 1.3e9),
+}
 QUALITY = {"full": 0.0, "lora": 0.0, "bitfit": -0.08}
 """How much worse than full each method is (accuracy, and correlation noise)."""
 FRACTIONS = (0.1, 0.5, 1.0)
@@ -34,8 +37,9 @@ UNCONVERGED = ("beta", "lora", 0.1)
 UNTRAINED = {"alpha": "majority", "beta": "embedding-cosine"}
 
 
-def _predictions(task: str, method: str, fraction: float, seed: int, rng_labels: np.ndarray, regression: bool,
-                 split: str = "test"):
+def _predictions(
+    task: str, method: str, fraction: float, seed: int, rng_labels: np.ndarray, regression: bool, split: str = "test"
+):
     rng = np.random.default_rng(zlib.crc32(f"{task}/{method}/{fraction}/{seed}/{split}".encode()))
     quality = QUALITY.get(method, 0.0) if split == "test" else 0.0
     if (task, method, fraction) == UNCONVERGED:
@@ -62,8 +66,10 @@ def _metric(task_regression: bool, outputs: np.ndarray, labels: np.ndarray) -> f
 def build_fake_experiment(exp_dir: Path) -> Path:
     exp_dir.mkdir(parents=True, exist_ok=True)
     label_rng = np.random.default_rng(123)
-    tasks = {"alpha": (False, label_rng.integers(0, 3, size=DEV_SIZE).astype(np.float32), "accuracy"),
-             "beta": (True, label_rng.uniform(0, 5, size=DEV_SIZE).astype(np.float32), "pearson")}
+    tasks = {
+        "alpha": (False, label_rng.integers(0, 3, size=DEV_SIZE).astype(np.float32), "accuracy"),
+        "beta": (True, label_rng.uniform(0, 5, size=DEV_SIZE).astype(np.float32), "pearson"),
+    }
     connection = store.connect(exp_dir)
     count = 0
     for task, (regression, labels, metric) in tasks.items():
@@ -79,38 +85,87 @@ def build_fake_experiment(exp_dir: Path) -> Path:
                     dev_value = _metric(regression, dev_outputs, labels)
                     rising = budget is None and (task, variant, fraction) == UNCONVERGED
                     # each method searches its own learning rates, as the presets' methods do: still one comparison
-                    train = {"epochs": 3.0 if budget is None else 50.0, "batch_size": 32,
-                             "lr_search": {"full": [5e-5, 1e-4], "lora": [2e-3, 5e-3], "bitfit": [3e-3, 1e-2]}[variant]}
-                    payload = {"cell_id": cell_id, "grid": "data" if budget is None else "time", "model": "fake-model",
-                               "task": task, "method": method, "variant": variant, "method_config": {},
-                               "data_fraction": fraction, "time_budget_s": budget, "seed": seed, "train": train,
-                               "max_train_examples": None}
+                    train = {
+                        "epochs": 3.0 if budget is None else 50.0,
+                        "batch_size": 32,
+                        "lr_search": {"full": [5e-5, 1e-4], "lora": [2e-3, 5e-3], "bitfit": [3e-3, 1e-2]}[variant],
+                    }
+                    payload = {
+                        "cell_id": cell_id,
+                        "grid": "data" if budget is None else "time",
+                        "model": "fake-model",
+                        "task": task,
+                        "method": method,
+                        "variant": variant,
+                        "method_config": {},
+                        "data_fraction": fraction,
+                        "time_budget_s": budget,
+                        "seed": seed,
+                        "train": train,
+                        "max_train_examples": None,
+                    }
                     speed = {"full": 1.0, "lora": 1.6, "bitfit": 2.0}[variant]
                     seconds = (budget or 30 * fraction) / 1.0
                     curve = []
                     for point in range(1, 6):
                         share = point / 5
-                        curve.append({"step": point * 10, "examples_seen": point * 320,
-                                      "train_time_s": round(seconds * share, 3),
-                                      "metrics": {metric: dev_value * (1 - 0.5 * (1 - share) ** (2 * speed))}})
-                    search = {"candidates": [{"learning_rate": rate, "rung_scores": [dev_value - 0.1 * i],
-                                              "best_dev": dev_value - 0.1 * i if not i else None, "best_step": 10,
-                                              "steps": 50 if not i else 6, "train_time_s": 1.0,
-                                              "stopped_at_rung": None if not i else 0, "stopped_by": "epochs"}
-                                             for i, rate in enumerate((1e-3, 1e-2))],
-                              "rungs": [0.125], "metric": metric, "chosen": 1e-3, "split": "dev",
-                              "planned_cost_runs": 1.125, "train_time_s": 2.0, "steps": 56}
-                    record = {"primary_metric": metric, "dev_metrics": {metric: dev_value},
-                              "test_metrics": {metric: value}, "evaluation_split": "test", "learning_rate": 1e-3,
-                              "lr_search": search, "converged": not rising, "learning_curve": curve,
-                              "trainable_params": trainable, "total_params": 22_700_000,
-                              "trainable_percent": 100 * trainable / 22_700_000, "delta_bytes": delta_bytes,
-                              "full_model_bytes": 90_000_000, "peak_memory_bytes": int(peak + 1e7 * seed),
-                              "train_time_s": seconds, "eval_time_s": 2.0, "wall_time_s": seconds + 5,
-                              "train_examples_per_s": 80.0 * speed, "num_train_examples": int(5000 * fraction),
-                              "steps": 50, "best_step": 50, "stopped_by": "epochs" if budget is None else "time_budget",
-                              "examples_seen": 1600, "versions": {"transformers": "5.0", "deltatune": "0.1.0"},
-                              "git": {"commit": "0123456789abcdef", "dirty": False}}
+                        curve.append(
+                            {
+                                "step": point * 10,
+                                "examples_seen": point * 320,
+                                "train_time_s": round(seconds * share, 3),
+                                "metrics": {metric: dev_value * (1 - 0.5 * (1 - share) ** (2 * speed))},
+                            }
+                        )
+                    search = {
+                        "candidates": [
+                            {
+                                "learning_rate": rate,
+                                "rung_scores": [dev_value - 0.1 * i],
+                                "best_dev": dev_value - 0.1 * i if not i else None,
+                                "best_step": 10,
+                                "steps": 50 if not i else 6,
+                                "train_time_s": 1.0,
+                                "stopped_at_rung": None if not i else 0,
+                                "stopped_by": "epochs",
+                            }
+                            for i, rate in enumerate((1e-3, 1e-2))
+                        ],
+                        "rungs": [0.125],
+                        "metric": metric,
+                        "chosen": 1e-3,
+                        "split": "dev",
+                        "planned_cost_runs": 1.125,
+                        "train_time_s": 2.0,
+                        "steps": 56,
+                    }
+                    record = {
+                        "primary_metric": metric,
+                        "dev_metrics": {metric: dev_value},
+                        "test_metrics": {metric: value},
+                        "evaluation_split": "test",
+                        "learning_rate": 1e-3,
+                        "lr_search": search,
+                        "converged": not rising,
+                        "learning_curve": curve,
+                        "trainable_params": trainable,
+                        "total_params": 22_700_000,
+                        "trainable_percent": 100 * trainable / 22_700_000,
+                        "delta_bytes": delta_bytes,
+                        "full_model_bytes": 90_000_000,
+                        "peak_memory_bytes": int(peak + 1e7 * seed),
+                        "train_time_s": seconds,
+                        "eval_time_s": 2.0,
+                        "wall_time_s": seconds + 5,
+                        "train_examples_per_s": 80.0 * speed,
+                        "num_train_examples": int(5000 * fraction),
+                        "steps": 50,
+                        "best_step": 50,
+                        "stopped_by": "epochs" if budget is None else "time_budget",
+                        "examples_seen": 1600,
+                        "versions": {"transformers": "5.0", "deltatune": "0.1.0"},
+                        "git": {"commit": "0123456789abcdef", "dirty": False},
+                    }
                     run_dir = exp_dir / "cells" / cell_id
                     run_dir.mkdir(parents=True, exist_ok=True)
                     save_file({"outputs": dev_outputs, "labels": labels}, str(run_dir / "dev_outputs.safetensors"))
@@ -121,23 +176,56 @@ def build_fake_experiment(exp_dir: Path) -> Path:
     for task, (regression, labels, metric) in tasks.items():
         _record_untrained(connection, exp_dir, task, UNTRAINED[task], regression, labels, metric)
         count += 1
-    failed_payload = {"cell_id": "alpha-broken", "grid": "data", "model": "fake-model", "task": "alpha",
-                      "method": "lora", "variant": "lora", "method_config": {}, "data_fraction": 0.1,
-                      "time_budget_s": None, "seed": 9, "train": {"epochs": 3.0, "batch_size": 32}}
-    store.record_failed(connection, failed_payload, "The cell process was killed by SIGKILL (often the "
-                        "out-of-memory killer).", 3.0)
-    store.set_meta(connection, title="Synthetic comparison", description="Made up numbers with a known answer.",
-                   baseline="full", statistics={"bootstrap_samples": 300, "confidence": 0.95, "margin_points": 1.0,
-                                                "target_fraction": 0.95, "seed": 0},
-                   methods=list(METHODS), baselines=sorted(set(UNTRAINED.values())), total_cells=count + 1, command="deltatune compare fake.yaml --out fake",
-                   machine={"cpu": "test cpu", "cpu_count": 2, "memory_bytes": 8e9, "platform": "test",
-                            "python": "3", "torch": "2", "jobs": 1, "threads_per_cell": 2})
+    failed_payload = {
+        "cell_id": "alpha-broken",
+        "grid": "data",
+        "model": "fake-model",
+        "task": "alpha",
+        "method": "lora",
+        "variant": "lora",
+        "method_config": {},
+        "data_fraction": 0.1,
+        "time_budget_s": None,
+        "seed": 9,
+        "train": {"epochs": 3.0, "batch_size": 32},
+    }
+    store.record_failed(
+        connection, failed_payload, "The cell process was killed by SIGKILL (often the out-of-memory killer).", 3.0
+    )
+    store.set_meta(
+        connection,
+        title="Synthetic comparison",
+        description="Made up numbers with a known answer.",
+        baseline="full",
+        statistics={
+            "bootstrap_samples": 300,
+            "confidence": 0.95,
+            "margin_points": 1.0,
+            "target_fraction": 0.95,
+            "seed": 0,
+        },
+        methods=list(METHODS),
+        baselines=sorted(set(UNTRAINED.values())),
+        total_cells=count + 1,
+        command="deltatune compare fake.yaml --out fake",
+        machine={
+            "cpu": "test cpu",
+            "cpu_count": 2,
+            "memory_bytes": 8e9,
+            "platform": "test",
+            "python": "3",
+            "torch": "2",
+            "jobs": 1,
+            "threads_per_cell": 2,
+        },
+    )
     connection.close()
     return exp_dir
 
 
-def _record_untrained(connection, exp_dir: Path, task: str, name: str, regression: bool, labels: np.ndarray,
-                      metric: str) -> None:
+def _record_untrained(
+    connection, exp_dir: Path, task: str, name: str, regression: bool, labels: np.ndarray, metric: str
+) -> None:
     """A no-training row: a constant class for alpha; for beta scores as good as full at 10% of the data."""
     if regression:
         rng = np.random.default_rng(7)
@@ -147,15 +235,42 @@ def _record_untrained(connection, exp_dir: Path, task: str, name: str, regressio
         outputs[:, 0] = 1.0
     value = _metric(regression, outputs, labels)
     cell_id = f"{task}-{name}"
-    payload = {"cell_id": cell_id, "kind": "baseline", "grid": "baselines", "model": "fake-model", "task": task,
-               "method": name, "variant": name, "method_config": {}, "data_fraction": 1.0, "time_budget_s": None,
-               "seed": 0, "train": {"max_length": 128}, "max_train_examples": None}
-    record = {"kind": "baseline", "primary_metric": metric, "dev_metrics": {metric: value},
-              "test_metrics": {metric: value}, "evaluation_split": "test", "learning_curve": [], "trainable_params": 0,
-              "total_params": None, "delta_bytes": None, "peak_memory_bytes": int(1e9), "train_time_s": 0.0,
-              "eval_time_s": 1.0, "steps": 0, "best_step": 0, "stopped_by": None, "converged": None,
-              "learning_rate": None, "versions": {"transformers": "5.0", "deltatune": "0.1.0"},
-              "git": {"commit": "0123456789abcdef", "dirty": False}}
+    payload = {
+        "cell_id": cell_id,
+        "kind": "baseline",
+        "grid": "baselines",
+        "model": "fake-model",
+        "task": task,
+        "method": name,
+        "variant": name,
+        "method_config": {},
+        "data_fraction": 1.0,
+        "time_budget_s": None,
+        "seed": 0,
+        "train": {"max_length": 128},
+        "max_train_examples": None,
+    }
+    record = {
+        "kind": "baseline",
+        "primary_metric": metric,
+        "dev_metrics": {metric: value},
+        "test_metrics": {metric: value},
+        "evaluation_split": "test",
+        "learning_curve": [],
+        "trainable_params": 0,
+        "total_params": None,
+        "delta_bytes": None,
+        "peak_memory_bytes": int(1e9),
+        "train_time_s": 0.0,
+        "eval_time_s": 1.0,
+        "steps": 0,
+        "best_step": 0,
+        "stopped_by": None,
+        "converged": None,
+        "learning_rate": None,
+        "versions": {"transformers": "5.0", "deltatune": "0.1.0"},
+        "git": {"commit": "0123456789abcdef", "dirty": False},
+    }
     run_dir = exp_dir / "cells" / cell_id
     run_dir.mkdir(parents=True, exist_ok=True)
     for split in ("dev", "test"):
@@ -163,5 +278,15 @@ def _record_untrained(connection, exp_dir: Path, task: str, name: str, regressio
     store.record_finished(connection, payload, record, f"cells/{cell_id}", 2.0)
 
 
-EXPECTED_PLOTS = {"fraction:alpha", "time:alpha", "params:alpha", "budget:alpha",
-                  "fraction:beta", "time:beta", "params:beta", "budget:beta", "memory", "delta"}
+EXPECTED_PLOTS = {
+    "fraction:alpha",
+    "time:alpha",
+    "params:alpha",
+    "budget:alpha",
+    "fraction:beta",
+    "time:beta",
+    "params:beta",
+    "budget:beta",
+    "memory",
+    "delta",
+}

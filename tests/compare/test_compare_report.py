@@ -33,8 +33,13 @@ def test_analysis_finds_the_planted_differences(experiment):
     assert len(analysis.finished) == 92 and len(analysis.failed) == 1
     assert analysis.tasks == ["alpha", "beta"]
     # the data sweep comes before the time budgets
-    assert [(g.key.data_fraction, g.key.time_budget_s) for g in analysis.groups_for("alpha")] == \
-        [(0.1, None), (0.5, None), (1.0, None), (1.0, 5.0), (1.0, 20.0)]
+    assert [(g.key.data_fraction, g.key.time_budget_s) for g in analysis.groups_for("alpha")] == [
+        (0.1, None),
+        (0.5, None),
+        (1.0, None),
+        (1.0, 5.0),
+        (1.0, 20.0),
+    ]
     dev_gaps = []
     for group in analysis.groups:
         bitfit, lora = group.variants["bitfit"], group.variants["lora"]
@@ -86,9 +91,22 @@ def test_the_html_report_is_self_contained_and_has_every_plot(report):
 
 def test_exports_in_every_format(experiment, tmp_path):
     rows = list(csv.DictReader(io.StringIO(export_results(experiment, "csv"))))
-    assert len(rows) == 93 and {"dev_accuracy", "test_accuracy", "dev_pearson", "primary_value", "dev_value",
-                                "evaluation_split", "learning_rate", "converged", "kind", "peak_memory_bytes",
-                                "delta_bytes", "train_time_s", "method_config", "error"} <= set(rows[0])
+    assert len(rows) == 93 and {
+        "dev_accuracy",
+        "test_accuracy",
+        "dev_pearson",
+        "primary_value",
+        "dev_value",
+        "evaluation_split",
+        "learning_rate",
+        "converged",
+        "kind",
+        "peak_memory_bytes",
+        "delta_bytes",
+        "train_time_s",
+        "method_config",
+        "error",
+    } <= set(rows[0])
     assert sum(row["status"] == "failed" for row in rows) == 1 and sum(row["kind"] == "baseline" for row in rows) == 2
     first = rows[0]  # the reported value is the test one; dev stays beside it
     assert first["evaluation_split"] == "test" and first["primary_value"] == first["test_accuracy"]
@@ -126,8 +144,9 @@ def test_results_and_report_commands(experiment, tmp_path, capsys):
     assert "holds no results" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium); "
-                                                    "CI installs it")
+@pytest.mark.skipif(
+    find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium); CI installs it"
+)
 def test_the_report_renders_in_a_real_browser_without_errors(report, tmp_path):
     html_path, _ = report
     screenshot = tmp_path / "report.png"
@@ -146,8 +165,10 @@ def test_the_report_renders_in_a_real_browser_without_errors(report, tmp_path):
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)")
 def test_the_browser_check_catches_errors_and_network_loads(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text("<!DOCTYPE html><html><head><title>broken</title></head><body>"
-                    '<img src="https://example.invalid/x.png"><script>undefinedFunction();</script></body></html>')
+    page.write_text(
+        "<!DOCTYPE html><html><head><title>broken</title></head><body>"
+        '<img src="https://example.invalid/x.png"><script>undefinedFunction();</script></body></html>'
+    )
     check = check_page(page)
     assert any("undefinedFunction" in error for error in check.errors), check.errors
     assert any("failed to load" in error for error in check.errors), check.errors
@@ -159,8 +180,10 @@ def test_cells_from_different_code_versions_are_flagged(experiment):
 
     analysis = analyze(experiment)
     assert "WARNING" not in _versions(analysis) and "git 0123456789" in _versions(analysis)
-    analysis.finished[0]["record"] = {**analysis.finished[0]["record"], "git": {"commit": "fedcba9876543210",
-                                                                                 "dirty": True}}
+    analysis.finished[0]["record"] = {
+        **analysis.finished[0]["record"],
+        "git": {"commit": "fedcba9876543210", "dirty": True},
+    }
     assert "WARNING: the cells ran on 2 different versions" in _versions(analysis)
 
 
@@ -180,8 +203,11 @@ def test_a_tie_between_models_that_predict_one_class_is_no_evidence(experiment, 
             constant[:, 1] = 1.0
             save_file({"outputs": constant, "labels": tensors["labels"]}, str(path))
     analysis = analyze(experiment)
-    (group,) = [g for g in analysis.groups if g.key.task == "alpha" and g.key.data_fraction == 0.1
-                and g.key.time_budget_s is None]
+    (group,) = [
+        g
+        for g in analysis.groups
+        if g.key.task == "alpha" and g.key.data_fraction == 0.1 and g.key.time_budget_s is None
+    ]
     bitfit, lora = group.variants["bitfit"], group.variants["lora"]
     assert bitfit.degenerate and bitfit.matches is None and bitfit.verdict.startswith("uninformative")
     assert not lora.degenerate  # lora still learned: better than a one-class baseline, and counted
@@ -193,5 +219,11 @@ def test_a_tie_between_models_that_predict_one_class_is_no_evidence(experiment, 
 def test_markdown_export_keeps_small_learning_rates_readable():
     from deltatune.compare.results import _markdown_value
 
-    assert [_markdown_value(v) for v in (5e-05, 0.0001, 0.003, 0.8529, 0.0, 12345.6)] == \
-        ["5e-05", "0.0001", "0.003", "0.8529", "0.0000", "12346"]
+    assert [_markdown_value(v) for v in (5e-05, 0.0001, 0.003, 0.8529, 0.0, 12345.6)] == [
+        "5e-05",
+        "0.0001",
+        "0.003",
+        "0.8529",
+        "0.0000",
+        "12346",
+    ]

@@ -52,8 +52,16 @@ def table(exp_dir: Path) -> dict:
     """What a user compares: each cell's metrics and its whole learning curve."""
     cells = store.load_cells(exp_dir)
     curves = store.load_curves(exp_dir)
-    return {c["cell_id"]: (c["status"], c["variant"], c["dev_metrics"], c["steps"],
-                           [(p["step"], p["metrics"]) for p in curves.get(c["cell_id"], [])]) for c in cells}
+    return {
+        c["cell_id"]: (
+            c["status"],
+            c["variant"],
+            c["dev_metrics"],
+            c["steps"],
+            [(p["step"], p["metrics"]) for p in curves.get(c["cell_id"], [])],
+        )
+        for c in cells
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +96,16 @@ def test_an_uninterrupted_grid_records_every_cell_with_its_run_record(reference)
 
 def test_sigterm_then_kill_9_then_resume_equals_the_uninterrupted_run(workspace, reference):
     experiment = workspace / "interrupted"
-    command = [sys.executable, "-m", "deltatune.cli", "compare", str(workspace / "grid.yaml"), "--out",
-               str(experiment), "--no-report"]
+    command = [
+        sys.executable,
+        "-m",
+        "deltatune.cli",
+        "compare",
+        str(workspace / "grid.yaml"),
+        "--out",
+        str(experiment),
+        "--no-report",
+    ]
 
     # 1. SIGTERM while the first cell trains: the runner stops it, records nothing half-done, exits 130
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -104,8 +120,10 @@ def test_sigterm_then_kill_9_then_resume_equals_the_uninterrupted_run(workspace,
 
     # 2. kill -9 with one cell recorded and the next one training: the cell dies with its runner
     runner = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: finished_count(experiment) >= 1 and cell_processes(experiment),
-               what="one finished cell and another running")
+    wait_until(
+        lambda: finished_count(experiment) >= 1 and cell_processes(experiment),
+        what="one finished cell and another running",
+    )
     recorded_before_kill = finished_count(experiment)
     runner.send_signal(signal.SIGKILL)
     runner.wait(timeout=30)
@@ -120,11 +138,14 @@ def test_sigterm_then_kill_9_then_resume_equals_the_uninterrupted_run(workspace,
     assert table(experiment) == table(reference)
     with sqlite3.connect(store.store_path(experiment)) as connection:
         assert connection.execute("SELECT COUNT(*), COUNT(DISTINCT cell_id) FROM cells").fetchone() == (3, 3)
-        duplicated = connection.execute("SELECT COUNT(*) FROM (SELECT cell_id, point FROM learning_curve "
-                                        "GROUP BY cell_id, point HAVING COUNT(*) > 1)").fetchone()[0]
+        duplicated = connection.execute(
+            "SELECT COUNT(*) FROM (SELECT cell_id, point FROM learning_curve "
+            "GROUP BY cell_id, point HAVING COUNT(*) > 1)"
+        ).fetchone()[0]
     assert duplicated == 0
-    assert sum(len(p) for p in store.load_curves(experiment).values()) == \
-        sum(len(p) for p in store.load_curves(reference).values())
+    assert sum(len(p) for p in store.load_curves(experiment).values()) == sum(
+        len(p) for p in store.load_curves(reference).values()
+    )
     # and once everything is recorded, running again runs nothing
     again = run_grid(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, say=messages.append)
     assert again.finished_now == 0 and again.left == 0
@@ -135,7 +156,8 @@ def test_a_failing_cell_is_recorded_and_a_changed_spec_runs_only_new_cells(works
     shutil.copytree(reference, experiment)
     (workspace / "broken.csv").write_text("text,label\nthe movie was good,positive\nno label here,\n" * 5)
     spec_path = workspace / "changed.yaml"
-    spec_path.write_text(textwrap.dedent(f"""
+    spec_path.write_text(
+        textwrap.dedent(f"""
         title: tiny grid, changed
         models: [tiny-bert]
         seeds: [0]
@@ -147,7 +169,9 @@ def test_a_failing_cell_is_recorded_and_a_changed_spec_runs_only_new_cells(works
           - name: main
             tasks: [{{name: toy, path: toy.csv, text_fields: [text]}}]
             methods: [full, bitfit, {{name: lora-r2, method: lora, config: {{r: 2}}}}]
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     messages: list[str] = []
     summary = run_grid(parse_spec(read_spec_file(spec_path)), experiment, say=messages.append)
     text = "\n".join(messages)
@@ -200,7 +224,8 @@ def test_exit_descriptions_name_the_signal():
 
 def test_a_searched_cell_and_a_no_training_row_reach_the_store_and_the_report(workspace):
     path = workspace / "searched.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         models: [tiny-bert]
         tasks: [{name: toy, path: toy.csv, text_fields: [text]}]
         methods: [bitfit]
@@ -208,7 +233,9 @@ def test_a_searched_cell_and_a_no_training_row_reach_the_store_and_the_report(wo
         train: {max_steps: 16, batch_size: 16, eval_every: 4, threads: 1, lr_search: [0.0001, 0.01],
                  lr_search_rungs: [0.25]}
         baselines: [majority]
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     spec = parse_spec(read_spec_file(path))
     messages: list[str] = []
     summary = run_grid(spec, workspace / "searched", say=messages.append)

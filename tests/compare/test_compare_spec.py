@@ -57,7 +57,7 @@ def test_a_spec_expands_to_the_cross_product_seed_first(workspace):
     assert [m.name for m in spec.methods] == ["full", "bitfit", "lora-r4", "lora-r16"]
     assert spec.baseline == "full" and spec.keep_deltas is False
     # all of seed 0 comes first, so the first half of a grid already compares every method
-    assert {cell.seed for cell in spec.cells[:len(spec.cells) // 2]} == {0}
+    assert {cell.seed for cell in spec.cells[: len(spec.cells) // 2]} == {0}
     lora16 = next(c for c in spec.cells if c.method.name == "lora-r16")
     assert lora16.method.resolved_config["r"] == 16 and lora16.method.resolved_config["alpha"] == 32.0
     toy = next(c for c in spec.cells if c.task.name == "toy")
@@ -66,7 +66,9 @@ def test_a_spec_expands_to_the_cross_product_seed_first(workspace):
 
 
 def test_every_problem_is_reported_at_once(workspace):
-    path = write_spec(workspace, """
+    path = write_spec(
+        workspace,
+        """
         modles: [tiny-bert]
         models: [minilm-l7, ./no/such/dir]
         tasks: [stbs, {name: mine, path: missing.csv, text_fields: [text]}]
@@ -77,15 +79,32 @@ def test_every_problem_is_reported_at_once(workspace):
         train: {epoch: 2, seed: 3}
         baseline: fulll
         keep_deltas: maybe
-    """)
+    """,
+    )
     with pytest.raises(DeltatuneError) as caught:
         parse_spec(read_spec_file(path))
     message = str(caught.value)
-    for expected in ("unknown key 'modles'", "Did you mean 'models'", "unknown model 'minilm-l7'", "minilm-l6",
-                     "no/such/dir", "unknown task 'stbs'", "'stsb'", "missing.csv", "unknown method 'lroa'",
-                     "lora-x", "method.rank", "fractions[1]=1.5", "time_budgets[0]=-3", "seeds[0]='zero'",
-                     "train.epoch", "train.seed is a grid axis", "baseline='fulll'",
-                     "keep_deltas='maybe'", "nothing was run"):
+    for expected in (
+        "unknown key 'modles'",
+        "Did you mean 'models'",
+        "unknown model 'minilm-l7'",
+        "minilm-l6",
+        "no/such/dir",
+        "unknown task 'stbs'",
+        "'stsb'",
+        "missing.csv",
+        "unknown method 'lroa'",
+        "lora-x",
+        "method.rank",
+        "fractions[1]=1.5",
+        "time_budgets[0]=-3",
+        "seeds[0]='zero'",
+        "train.epoch",
+        "train.seed is a grid axis",
+        "baseline='fulll'",
+        "keep_deltas='maybe'",
+        "nothing was run",
+    ):
         assert expected in message, f"{expected!r} missing from:\n{message}"
 
 
@@ -96,7 +115,10 @@ def test_cell_identity_is_stable_and_means_settings(workspace):
     assert [c.cell_id for c in first.cells] == [c.cell_id for c in again.cells]
 
     # order of keys and lists, a renamed variant, and defaults written out change nothing
-    reordered = write_spec(workspace, name="reordered.yaml", text="""
+    reordered = write_spec(
+        workspace,
+        name="reordered.yaml",
+        text="""
         seeds: [1, 0]
         train: {batch_size: 16, epochs: 2.0}
         time_budgets: [60, null]
@@ -110,7 +132,8 @@ def test_cell_identity_is_stable_and_means_settings(workspace):
           - {path: toy.csv, text_fields: [text], name: toy}
           - stsb
         models: [tiny-bert]
-    """)
+    """,
+    )
     assert {c.cell_id for c in parse_spec(read_spec_file(reordered)).cells} == {c.cell_id for c in first.cells}
 
     # any change to what a cell computes changes its id
@@ -123,32 +146,57 @@ def test_cell_identity_is_stable_and_means_settings(workspace):
     assert not toy_ids(edited) & toy_ids(first) and stsb_ids(edited) == stsb_ids(first)
 
     # the same id in another process (no dependence on Python's per-process hash seed)
-    code = ("import sys; from deltatune.compare.spec import parse_spec, read_spec_file; "
-            "print(parse_spec(read_spec_file(sys.argv[1])).cells[0].cell_id)")
-    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    code = (
+        "import sys; from deltatune.compare.spec import parse_spec, read_spec_file; "
+        "print(parse_spec(read_spec_file(sys.argv[1])).cells[0].cell_id)"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
     assert other.stdout.strip() == edited.cells[0].cell_id
 
 
 def test_cli_flags_build_the_same_cells_as_yaml(workspace):
-    from_yaml = parse_spec(read_spec_file(write_spec(workspace, """
+    from_yaml = parse_spec(
+        read_spec_file(
+            write_spec(
+                workspace,
+                """
         models: [tiny-bert]
         tasks: [stsb]
         methods: [full, {name: lora-r16, method: lora, config: {r: 16, alpha: 32}}]
         fractions: [0.5]
         seeds: [3]
         train: {epochs: 2}
-    """)))
-    from_flags = parse_spec(spec_from_flags(models=[str(workspace / "tiny-bert")], tasks=["stsb"],
-                                            methods=["full", "lora-r16=lora:r=16,alpha=32"], fractions=[0.5],
-                                            seeds=[3], train={"epochs": "2"}))
+    """,
+            )
+        )
+    )
+    from_flags = parse_spec(
+        spec_from_flags(
+            models=[str(workspace / "tiny-bert")],
+            tasks=["stsb"],
+            methods=["full", "lora-r16=lora:r=16,alpha=32"],
+            fractions=[0.5],
+            seeds=[3],
+            train={"epochs": "2"},
+        )
+    )
     assert [c.cell_id for c in from_flags.cells] == [c.cell_id for c in from_yaml.cells]
     assert parse_method_flag("bitfit") == "bitfit"
     assert parse_method_flag("lora:r=4") == {"name": "lora", "method": "lora", "config": {"r": "4"}}
 
 
 def test_sub_grids_are_unioned_and_shared_cells_run_once(workspace):
-    spec = parse_spec(read_spec_file(write_spec(workspace, """
+    spec = parse_spec(
+        read_spec_file(
+            write_spec(
+                workspace,
+                """
         models: [tiny-bert]
         tasks: [stsb]
         methods: [full, bitfit]
@@ -157,7 +205,10 @@ def test_sub_grids_are_unioned_and_shared_cells_run_once(workspace):
           - {name: data, fractions: [0.5, 1.0]}
           - {name: time, fractions: [1.0], time_budgets: [30, 90], train: {epochs: 50}}
           - {name: again, fractions: [1.0]}
-    """)))
+    """,
+            )
+        )
+    )
     assert len(spec.cells) == 2 * 2 + 2 * 2  # 'again' adds nothing new
     assert {c.grid for c in spec.cells} == {"data", "time"}
     assert {c.train["epochs"] for c in spec.cells if c.grid == "time"} == {50.0}
@@ -165,29 +216,50 @@ def test_sub_grids_are_unioned_and_shared_cells_run_once(workspace):
 
 def test_two_names_for_the_same_settings_is_a_problem(workspace):
     with pytest.raises(DeltatuneError, match="resolve to the same settings"):
-        parse_spec(read_spec_file(write_spec(workspace, """
+        parse_spec(
+            read_spec_file(
+                write_spec(
+                    workspace,
+                    """
             models: [tiny-bert]
             tasks: [stsb]
             methods: [lora, {name: lora-8, method: lora, config: {r: 8}}]
-        """)))
+        """,
+                )
+            )
+        )
 
 
 def test_a_method_variant_can_carry_its_own_training_settings(workspace):
-    spec = parse_spec(read_spec_file(write_spec(workspace, """
+    spec = parse_spec(
+        read_spec_file(
+            write_spec(
+                workspace,
+                """
         models: [tiny-bert]
         tasks: [stsb]
         methods: [full, {name: full-fast, method: full, train: {learning_rate: 1e-4}}]
         train: {epochs: 2}
-    """)))
+    """,
+            )
+        )
+    )
     rates = {c.method.name: c.train["learning_rate"] for c in spec.cells}
     assert rates == {"full": None, "full-fast": 1e-4}
     assert {c.train["epochs"] for c in spec.cells} == {2.0}
     with pytest.raises(DeltatuneError, match=r"(?s)methods \(full-fast\): Invalid TrainConfig.*learning_rat"):
-        parse_spec(read_spec_file(write_spec(workspace, """
+        parse_spec(
+            read_spec_file(
+                write_spec(
+                    workspace,
+                    """
             models: [tiny-bert]
             tasks: [stsb]
             methods: [{name: full-fast, method: full, train: {learning_rat: 1e-4}}]
-        """)))
+        """,
+                )
+            )
+        )
 
 
 def test_presets_are_valid_at_every_size():
@@ -218,17 +290,32 @@ def test_cli_dry_run_and_invalid_specs_run_nothing(workspace, capsys):
 
 
 def test_baselines_and_the_learning_rate_search_in_a_spec(workspace):
-    spec = parse_spec(read_spec_file(write_spec(workspace, GRID + """
+    spec = parse_spec(
+        read_spec_file(
+            write_spec(
+                workspace,
+                GRID
+                + """
     lr_search: auto
     baselines: [majority, embedding-cosine, few-shot]
-    """)))
+    """,
+            )
+        )
+    )
     # lr_search at the top is short for train: {lr_search: ...}, so it is part of every cell's identity
     assert all(cell.train["lr_search"] == "auto" for cell in spec.cells)
     assert spec.baselines == ("majority", "embedding-cosine", "few-shot")
     rows = {(c.task.name, c.baseline, c.seed) for c in spec.baseline_cells}
     # embedding-cosine scores similarity pairs only (stsb, not the one-text toy task); few-shot runs once per seed
-    assert rows == {("stsb", "majority", 0), ("toy", "majority", 0), ("stsb", "embedding-cosine", 0),
-                    ("stsb", "few-shot", 0), ("stsb", "few-shot", 1), ("toy", "few-shot", 0), ("toy", "few-shot", 1)}
+    assert rows == {
+        ("stsb", "majority", 0),
+        ("toy", "majority", 0),
+        ("stsb", "embedding-cosine", 0),
+        ("stsb", "few-shot", 0),
+        ("stsb", "few-shot", 1),
+        ("toy", "few-shot", 0),
+        ("toy", "few-shot", 1),
+    }
     assert len({c.cell_id for c in spec.every_cell}) == len(spec.cells) + 7
     again = parse_spec(read_spec_file(write_spec(workspace, GRID + "    baselines: [majority]\n", "again.yaml")))
     assert {c.cell_id for c in again.baseline_cells} <= {c.cell_id for c in spec.baseline_cells}

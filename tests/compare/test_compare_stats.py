@@ -18,8 +18,10 @@ from deltatune.compare.stats import (
 from deltatune.metrics import METRICS
 
 
-@pytest.mark.parametrize("metric,classes", [("accuracy", 3), ("f1", 2), ("f1", 4), ("mcc", 2), ("mcc", 3),
-                                            ("pearson", None), ("spearman", None)])
+@pytest.mark.parametrize(
+    "metric,classes",
+    [("accuracy", 3), ("f1", 2), ("f1", 4), ("mcc", 2), ("mcc", 3), ("pearson", None), ("spearman", None)],
+)
 def test_vectorised_metrics_equal_the_reference_functions(metric, classes):
     rng = np.random.default_rng(0)
     if classes is None:
@@ -94,8 +96,11 @@ def test_verdicts_read_like_a_person_would_say_them():
     assert verdict(result(0.6, -0.4, 1.7)) == "within 1 point or better: +0.6 [-0.4, +1.7]"
     assert verdict(result(-1.5, -4.0, 1.1)) == "unclear: -1.5 [-4.0, +1.1]"
     assert verdict(result(-1.5, -2.5, -0.5), margin_points=3) == "within 3 points"
-    assert [matches(result(*r)) for r in ((-3.2, -4.6, -1.9), (0.6, -0.4, 1.7), (-1.5, -4.0, 1.1))] == \
-        [False, True, False]
+    assert [matches(result(*r)) for r in ((-3.2, -4.6, -1.9), (0.6, -0.4, 1.7), (-1.5, -4.0, 1.1))] == [
+        False,
+        True,
+        False,
+    ]
 
 
 def test_area_under_the_fraction_curve():
@@ -107,8 +112,12 @@ def test_area_under_the_fraction_curve():
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_above_it():
-    curve = [{"train_time_s": 10.0, "value": 0.5}, {"train_time_s": 20.0, "value": float("nan")},
-             {"train_time_s": 30.0, "value": 0.9}, {"train_time_s": 40.0, "value": 0.8}]
+    curve = [
+        {"train_time_s": 10.0, "value": 0.5},
+        {"train_time_s": 20.0, "value": float("nan")},
+        {"train_time_s": 30.0, "value": 0.9},
+        {"train_time_s": 40.0, "value": 0.8},
+    ]
     assert time_to_target(curve, 0.85) == 30.0
     assert time_to_target(curve, 0.5) == 10.0
     assert time_to_target(curve, 0.95) is None

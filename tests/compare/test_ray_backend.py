@@ -32,17 +32,41 @@ GRID = """
     train: {epochs: 2, batch_size: 16, learning_rate: 0.003, threads: 1, eval_every: 4}
 """
 
-COMPARED = ("status", "kind", "variant", "method", "task", "primary_metric", "primary_value", "dev_value",
-            "dev_metrics", "test_metrics", "evaluation_split", "steps", "best_step", "examples_seen", "stopped_by",
-            "trainable_params", "total_params", "delta_bytes", "num_train_examples", "converged", "run_dir")
+COMPARED = (
+    "status",
+    "kind",
+    "variant",
+    "method",
+    "task",
+    "primary_metric",
+    "primary_value",
+    "dev_value",
+    "dev_metrics",
+    "test_metrics",
+    "evaluation_split",
+    "steps",
+    "best_step",
+    "examples_seen",
+    "stopped_by",
+    "trainable_params",
+    "total_params",
+    "delta_bytes",
+    "num_train_examples",
+    "converged",
+    "run_dir",
+)
 """A cell's store columns that say what it computed (not when, how fast, or in which process)."""
 
 
 def rows(exp_dir: Path) -> dict:
     curves = store.load_curves(exp_dir)
-    return {cell["cell_id"]: ({name: cell[name] for name in COMPARED},
-                              [(point["step"], point["metrics"]) for point in curves.get(cell["cell_id"], [])])
-            for cell in store.load_cells(exp_dir)}
+    return {
+        cell["cell_id"]: (
+            {name: cell[name] for name in COMPARED},
+            [(point["step"], point["metrics"]) for point in curves.get(cell["cell_id"], [])],
+        )
+        for cell in store.load_cells(exp_dir)
+    }
 
 
 def descendants(pid: int) -> set[int]:
@@ -101,8 +125,9 @@ def workspace(tmp_path_factory):
 def local_reference(workspace):
     """The grid on the local backend: what the Ray backend must record too."""
     messages: list[str] = []
-    summary = run_grid(parse_spec(read_spec_file(workspace / "grid.yaml")), workspace / "local", jobs=2,
-                       say=messages.append)
+    summary = run_grid(
+        parse_spec(read_spec_file(workspace / "grid.yaml")), workspace / "local", jobs=2, say=messages.append
+    )
     assert summary.finished_now == 2 and summary.failed_now == 0, messages
     return workspace / "local"
 
@@ -110,16 +135,18 @@ def local_reference(workspace):
 def test_a_ray_grid_records_the_same_cells_and_rows_as_the_local_backend(workspace, local_ray, local_reference):
     experiment = workspace / "on-ray"
     messages: list[str] = []
-    summary = run_grid_on_ray(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2,
-                              say=messages.append)
+    summary = run_grid_on_ray(
+        parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2, say=messages.append
+    )
     assert summary.finished_now == 2 and summary.failed_now == 0 and summary.left == 0, messages
     assert rows(experiment) == rows(local_reference)
     assert "submitted 2 cell(s) to Ray" in messages[1] and "1 CPU(s)" in messages[1]
     assert {node["NodeManagerAddress"] for node in local_ray.nodes()} == {"127.0.0.1"}  # nothing off this machine
     for cell in store.load_cells(experiment):
         directory = experiment / cell["run_dir"]
-        assert sorted(path.name for path in directory.iterdir()) == \
-            sorted(path.name for path in (local_reference / cell["run_dir"]).iterdir())
+        assert sorted(path.name for path in directory.iterdir()) == sorted(
+            path.name for path in (local_reference / cell["run_dir"]).iterdir()
+        )
         assert (experiment / "cells" / f"{cell['cell_id']}.json").is_file()
         assert (experiment / "logs" / f"{cell['cell_id']}.log").is_file()
     assert not list((experiment / "cells").glob(".*staging*"))  # the tasks' scratch directories are gone
@@ -132,8 +159,20 @@ def test_a_ray_grid_records_the_same_cells_and_rows_as_the_local_backend(workspa
 @pytest.mark.slow  # a second Ray instance starts in the killed driver, and Ray's agents take a minute to exit
 def test_kill_9_of_the_driver_then_resume_neither_loses_nor_repeats_a_cell(workspace, local_ray, local_reference):
     experiment = workspace / "killed"
-    command = [sys.executable, "-m", "deltatune.cli", "compare", str(workspace / "grid.yaml"), "--out",
-               str(experiment), "--no-report", "--backend", "ray", "--jobs", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "deltatune.cli",
+        "compare",
+        str(workspace / "grid.yaml"),
+        "--out",
+        str(experiment),
+        "--no-report",
+        "--backend",
+        "ray",
+        "--jobs",
+        "1",
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: finished_count(experiment) >= 1, timeout=240, what="the first cell to be recorded")
@@ -145,14 +184,18 @@ def test_kill_9_of_the_driver_then_resume_neither_loses_nor_repeats_a_cell(works
     assert recorded_before_kill < 2
     running_cells = {pid for pid, command in family.items() if any(name in command for name in RUNS_CELLS)}
     assert any("raylet" in family[pid] for pid in running_cells)
-    wait_until(lambda: not any(alive(pid) for pid in running_cells), timeout=30,
-               what="the killed driver's Ray instance and cell to stop")
+    wait_until(
+        lambda: not any(alive(pid) for pid in running_cells),
+        timeout=30,
+        what="the killed driver's Ray instance and cell to stop",
+    )
     # Ray's agents exit on their own once their raylet is gone, after a timeout of about a minute
     wait_until(lambda: not any(alive(pid) for pid in family), timeout=180, what="Ray's agents to exit")
 
     messages: list[str] = []
-    summary = run_grid_on_ray(parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2,
-                              say=messages.append)
+    summary = run_grid_on_ray(
+        parse_spec(read_spec_file(workspace / "grid.yaml")), experiment, jobs=2, say=messages.append
+    )
     assert summary.finished_before + summary.recovered >= recorded_before_kill
     assert summary.finished_before + summary.recovered + summary.finished_now == 2 and summary.failed_now == 0
     assert rows(experiment) == rows(local_reference)
@@ -167,13 +210,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--backend", "slurm"], "--backend 'slurm'"),
-    (["--address", "auto"], "only --backend ray uses"),
-    (["--backend", "ray", "--address", "head-node"], "--address 'head-node' is not a Ray address"),
-    (["--backend", "ray", "--address", "ray://head:99999"], "is not a Ray address"),
-    (["--backend", "ray", "--address", "ray://127.0.0.1:{port}"], "nothing answers at 127.0.0.1:{port}"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--backend", "slurm"], "--backend 'slurm'"),
+        (["--address", "auto"], "only --backend ray uses"),
+        (["--backend", "ray", "--address", "head-node"], "--address 'head-node' is not a Ray address"),
+        (["--backend", "ray", "--address", "ray://head:99999"], "is not a Ray address"),
+        (["--backend", "ray", "--address", "ray://127.0.0.1:{port}"], "nothing answers at 127.0.0.1:{port}"),
+    ],
+)
 def test_a_bad_backend_or_address_is_one_clear_error_and_loses_nothing(workspace, tmp_path, capsys, flags, named):
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'deltatune[ray]')")
     experiment = build_fake_experiment(tmp_path / "results")
@@ -187,8 +233,9 @@ def test_a_bad_backend_or_address_is_one_clear_error_and_loses_nothing(workspace
     assert rows(experiment) == before
 
 
-def test_address_auto_without_a_cluster_is_an_error_before_the_experiment_directory_exists(workspace, monkeypatch,
-                                                                                            capsys):
+def test_address_auto_without_a_cluster_is_an_error_before_the_experiment_directory_exists(
+    workspace, monkeypatch, capsys
+):
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'deltatune[ray]')")
     from ray._private.services import get_ray_address_from_environment
 
@@ -200,8 +247,12 @@ def test_address_auto_without_a_cluster_is_an_error_before_the_experiment_direct
     else:
         pytest.skip("a Ray cluster is running on this machine, so --address auto finds one")
     experiment = workspace / "auto-nothing"
-    assert main(["compare", str(workspace / "grid.yaml"), "--out", str(experiment), "--backend", "ray",
-                 "--address", "auto"]) == 2
+    assert (
+        main(
+            ["compare", str(workspace / "grid.yaml"), "--out", str(experiment), "--backend", "ray", "--address", "auto"]
+        )
+        == 2
+    )
     assert "--address auto: no Ray cluster was started on this machine" in capsys.readouterr().err
     assert not experiment.exists()
 
@@ -252,5 +303,6 @@ def test_a_result_travels_as_bytes_within_its_bound_and_lands_complete(tmp_path,
     assert not (experiment / "escape").exists() and not (experiment / "cells" / "def").exists()
 
     monkeypatch.setattr(ray_backend, "MAX_RESULT_BYTES", 100)
-    assert ray_backend._result_files(finished) == sum(path.stat().st_size for path in finished.rglob("*")
-                                                      if path.is_file())
+    assert ray_backend._result_files(finished) == sum(
+        path.stat().st_size for path in finished.rglob("*") if path.is_file()
+    )

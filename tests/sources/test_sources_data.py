@@ -36,13 +36,15 @@ def sentiment_rows(count: int, seed: int = 0, spam_every: int = 0) -> list[dict]
     rows = []
     for i in range(count):
         label = "positive" if i % 3 else "negative"  # 2:1 imbalance, to see stratification work
-        rows.append({
-            "text": " ".join(rng.sample(words, 5)) + f" {i}",
-            "other": " ".join(rng.sample(words, 3)),
-            "label": label,
-            "number": str(i % 3 == 0 and 1 or 0),
-            "score": f"{rng.uniform(0, 5):.3f}",
-        })
+        rows.append(
+            {
+                "text": " ".join(rng.sample(words, 5)) + f" {i}",
+                "other": " ".join(rng.sample(words, 3)),
+                "label": label,
+                "number": str(i % 3 == 0 and 1 or 0),
+                "score": f"{rng.uniform(0, 5):.3f}",
+            }
+        )
     return rows
 
 
@@ -135,8 +137,11 @@ def test_single_csv_makes_stratified_train_dev_test_and_records_how(tmp_path):
     json.dumps(data.provenance)  # stored next to results: must be plain JSON
     # every row lands in exactly one split, with its own label
     rows = {row["text"]: row["label"] for row in sentiment_rows(300)}
-    seen = [(texts[0], data.task.labels[label]) for split in data.splits.values()
-            for texts, label in zip(split.texts, split.labels, strict=True)]
+    seen = [
+        (texts[0], data.task.labels[label])
+        for split in data.splits.values()
+        for texts, label in zip(split.texts, split.labels, strict=True)
+    ]
     assert sorted(seen) == sorted(rows.items())
     assert load_local_data(path, ("text",)).fingerprint() == data.fingerprint()
 
@@ -146,13 +151,15 @@ def test_pairs_with_given_dev_and_test_files_keep_them_official(tmp_path):
     train = write_csv(tmp_path / "train.csv", rows[:20])
     dev = write_csv(tmp_path / "dev.csv", rows[20:30])
     test = write_csv(tmp_path / "test.csv", rows[30:])
-    data = load_local_data(train, ("text", "other"), labels=("positive", "negative"), name="pairs",
-                           dev_path=dev, test_path=test)
+    data = load_local_data(
+        train, ("text", "other"), labels=("positive", "negative"), name="pairs", dev_path=dev, test_path=test
+    )
     assert data.task.name == "pairs" and data.task.text_fields == ("text", "other")
     assert data.splits["train"].texts[0] == (rows[0]["text"], rows[0]["other"])
     assert data.splits["train"].labels[:3] == [1, 0, 0]  # labels index into the given order
     assert {s: p["origin"] for s, p in data.provenance["splits"].items()} == dict.fromkeys(
-        ("train", "dev", "test"), "official")
+        ("train", "dev", "test"), "official"
+    )
     assert [len(data.splits[s]) for s in ("train", "dev", "test")] == [20, 10, 10]
 
 
@@ -206,8 +213,7 @@ def test_integer_labels_stay_names_sorted_as_numbers(tmp_path):
 
 def test_regression_reads_scores_and_stratifies_by_score(tmp_path):
     rows = sentiment_rows(200)
-    data = load_local_data(write_csv(tmp_path / "s.csv", rows), ("text", "other"), label_field="score",
-                           regression=True)
+    data = load_local_data(write_csv(tmp_path / "s.csv", rows), ("text", "other"), label_field="score", regression=True)
     assert data.task.is_regression and (data.task.metric, data.task.metrics) == ("pearson", ("pearson", "spearman"))
     scores = [float(row["score"]) for row in rows]
     assert data.task.score_range == (min(scores), max(scores))
@@ -256,8 +262,9 @@ def test_class_numbers_against_class_names_get_a_hint(tmp_path, cache_untouched)
     assert "Unknown label '1'" in message and "class numbers" in message
 
 
-@pytest.mark.parametrize("content, expected", [(b"", "is empty"), (b"\n\n", "is empty"),
-                                                (b"text,label\n", "no rows, only a header")])
+@pytest.mark.parametrize(
+    "content, expected", [(b"", "is empty"), (b"\n\n", "is empty"), (b"text,label\n", "no rows, only a header")]
+)
 def test_empty_file(tmp_path, cache_untouched, content, expected):
     path = tmp_path / "empty.csv"
     path.write_bytes(content)
@@ -285,8 +292,9 @@ def test_non_utf8_file_says_where_and_how_to_re_encode(tmp_path, cache_untouched
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.csv"
-    path.write_bytes(b"\xef\xbb\xbf" + b"text,label\n" + b"".join(
-        f"caf\u00e9 {i},{i % 2}\n".encode() for i in range(20)))
+    path.write_bytes(
+        b"\xef\xbb\xbf" + b"text,label\n" + b"".join(f"caf\u00e9 {i},{i % 2}\n".encode() for i in range(20))
+    )
     data = load_local_data(path, ("text",))
     assert data.task.labels == ("0", "1") and any(t[0].startswith("caf\u00e9") for t in data.splits["train"].texts)
 
@@ -338,11 +346,9 @@ def test_too_few_rows_to_make_splits(tmp_path, cache_untouched):
 
 def test_argument_problems_are_collected_into_one_error(tmp_path, cache_untouched):
     path = write_csv(tmp_path / "d.csv", sentiment_rows(10))
-    message = error_message(load_local_data, path, ("a", "b", "c"), labels=("x",), regression=True,
-                            metric="acuracy")
+    message = error_message(load_local_data, path, ("a", "b", "c"), labels=("x",), regression=True, metric="acuracy")
     assert "text_fields" in message and "labels are for classification" in message and "'acuracy'" in message
-    message = error_message(load_local_data, path, ("text",), label_field="score", regression=True,
-                            metric="accuracy")
+    message = error_message(load_local_data, path, ("text",), label_field="score", regression=True, metric="accuracy")
     assert "does not fit a regression task" in message and "pearson" in message
 
 
@@ -373,26 +379,43 @@ def fake_glue(monkeypatch, calls: list):
     def load_dataset(path, name=None, **kwargs):
         calls.append((path, name))
         if name == "cola":
-            features = datasets.Features({"sentence": datasets.Value("string"),
-                                          "label": datasets.ClassLabel(names=["unacceptable", "acceptable"]),
-                                          "idx": datasets.Value("int32")})
+            features = datasets.Features(
+                {
+                    "sentence": datasets.Value("string"),
+                    "label": datasets.ClassLabel(names=["unacceptable", "acceptable"]),
+                    "idx": datasets.Value("int32"),
+                }
+            )
             make = lambda n, hidden=False: datasets.Dataset.from_dict(  # noqa: E731
-                {"sentence": [f"s{i}" for i in range(n)], "label": [-1 if hidden else i % 2 for i in range(n)],
-                 "idx": list(range(n))}, features=features)
+                {
+                    "sentence": [f"s{i}" for i in range(n)],
+                    "label": [-1 if hidden else i % 2 for i in range(n)],
+                    "idx": list(range(n)),
+                },
+                features=features,
+            )
             return datasets.DatasetDict({"train": make(6), "validation": make(4), "test": make(3, hidden=True)})
         if name == "mnli":
             # classes in another order than the task spec's, to show labels are mapped by name
             classes = datasets.ClassLabel(names=["contradiction", "entailment", "neutral"])
-            features = datasets.Features({"premise": datasets.Value("string"),
-                                          "hypothesis": datasets.Value("string"), "label": classes})
+            features = datasets.Features(
+                {"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"), "label": classes}
+            )
             make = lambda n: datasets.Dataset.from_dict(  # noqa: E731
-                {"premise": [f"p{i}" for i in range(n)], "hypothesis": [f"h{i}" for i in range(n)],
-                 "label": [i % 3 for i in range(n)]}, features=features)
-            return datasets.DatasetDict({"train": make(9), "validation_matched": make(3),
-                                         "validation_mismatched": make(2)})
+                {
+                    "premise": [f"p{i}" for i in range(n)],
+                    "hypothesis": [f"h{i}" for i in range(n)],
+                    "label": [i % 3 for i in range(n)],
+                },
+                features=features,
+            )
+            return datasets.DatasetDict(
+                {"train": make(9), "validation_matched": make(3), "validation_mismatched": make(2)}
+            )
         if name == "stsb":
             make = lambda n: datasets.Dataset.from_dict(  # noqa: E731
-                {"sentence1": ["a"] * n, "sentence2": ["b"] * n, "label": [0.5 * i for i in range(n)]})
+                {"sentence1": ["a"] * n, "sentence2": ["b"] * n, "label": [0.5 * i for i in range(n)]}
+            )
             return datasets.DatasetDict({"train": make(5), "validation": make(2), "test": make(2)})
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
@@ -499,10 +522,15 @@ def test_trec_test_is_the_standard_500_with_the_published_class_counts():
     assert class_counts(data, "test") == {"ABBR": 9, "DESC": 138, "ENTY": 94, "HUM": 65, "LOC": 81, "NUM": 113}
     train_and_dev = collections.Counter(class_counts(data, "train")) + collections.Counter(class_counts(data, "dev"))
     assert train_and_dev == {"ABBR": 86, "DESC": 1162, "ENTY": 1250, "HUM": 1223, "LOC": 835, "NUM": 896}
-    name_of = dict(zip(data.splits["test"].texts, (data.task.labels[i] for i in data.splits["test"].labels), strict=True))
+    name_of = dict(
+        zip(data.splits["test"].texts, (data.task.labels[i] for i in data.splits["test"].labels), strict=True)
+    )
     assert name_of[("How far is it from Denver to Aspen ?",)] == "NUM"
-    pairs = zip(data.splits["train"].texts + data.splits["dev"].texts,
-                data.splits["train"].labels + data.splits["dev"].labels, strict=True)
+    pairs = zip(
+        data.splits["train"].texts + data.splits["dev"].texts,
+        data.splits["train"].labels + data.splits["dev"].labels,
+        strict=True,
+    )
     name_of = {texts[0]: data.task.labels[label] for texts, label in pairs}
     assert name_of["What is the full form of .com ?"] == "ABBR"
     assert name_of["How did serfdom develop in and then leave Russia ?"] == "DESC"

@@ -16,9 +16,17 @@ cell) loads only what a cell needs.
 from importlib import import_module
 
 _EXPORTS = {
-    "GridSpec": "spec", "parse_spec": "spec", "read_spec_file": "spec", "spec_from_flags": "spec",
-    "run_grid": "runner", "export_results": "results", "write_report": "report", "analyze": "summary",
-    "claims": "summary", "PRESETS": "presets", "preset_spec": "presets",
+    "GridSpec": "spec",
+    "parse_spec": "spec",
+    "read_spec_file": "spec",
+    "spec_from_flags": "spec",
+    "run_grid": "runner",
+    "export_results": "results",
+    "write_report": "report",
+    "analyze": "summary",
+    "claims": "summary",
+    "PRESETS": "presets",
+    "preset_spec": "presets",
 }
 
 

@@ -25,9 +25,20 @@ from pathlib import Path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
-BASE_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars")
+BASE_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    "--hide-scrollbars",
+)
 
 PROBE = """<script id="__deltatune_probe">
 (function () {
@@ -82,12 +93,18 @@ def find_chromium() -> str | None:
 
 def _run(chromium: str, arguments: list[str], profile: Path, timeout: float) -> subprocess.CompletedProcess:
     command = [chromium, *BASE_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *arguments]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HOME": str(profile)})
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HOME": str(profile)}
+    )
 
 
-def check_page(page: str | Path, screenshot: str | Path | None = None, window: tuple[int, int] = (1280, 2400),
-               timeout: float = 90.0, chromium: str | None = None) -> PageCheck:
+def check_page(
+    page: str | Path,
+    screenshot: str | Path | None = None,
+    window: tuple[int, int] = (1280, 2400),
+    timeout: float = 90.0,
+    chromium: str | None = None,
+) -> PageCheck:
     """Load `page` in headless chromium from disk and report what rendered and what went wrong."""
     chromium = chromium or find_chromium()
     if chromium is None:
@@ -100,14 +117,19 @@ def check_page(page: str | Path, screenshot: str | Path | None = None, window: t
         head = text.find("<head>")
         if head < 0:
             raise ValueError(f"{page} has no <head>: not an HTML page deltatune wrote")
-        probed.write_text(text[:head + len("<head>")] + PROBE + text[head + len("<head>"):], encoding="utf-8")
-        result = _run(chromium, ["--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
-                      scratch_path / "profile-dom", timeout)
+        probed.write_text(text[: head + len("<head>")] + PROBE + text[head + len("<head>") :], encoding="utf-8")
+        result = _run(
+            chromium,
+            ["--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+            scratch_path / "profile-dom",
+            timeout,
+        )
         check = PageCheck()
         match = re.search(r'<pre id="__deltatune_result">(.*?)</pre>', result.stdout, re.S)
         if match is None:
-            check.errors.append(f"the page did not finish loading (chromium exit {result.returncode}): "
-                                + result.stderr.strip()[-800:])
+            check.errors.append(
+                f"the page did not finish loading (chromium exit {result.returncode}): " + result.stderr.strip()[-800:]
+            )
         else:
             found = json.loads(html.unescape(match.group(1)))
             check.errors += found["errors"]
@@ -116,11 +138,16 @@ def check_page(page: str | Path, screenshot: str | Path | None = None, window: t
         if screenshot is not None:
             target = Path(screenshot).resolve()
             target.parent.mkdir(parents=True, exist_ok=True)
-            shot = _run(chromium, [f"--window-size={window[0]},{window[1]}", f"--screenshot={target}",
-                                   page.as_uri()], scratch_path / "profile-shot", timeout)
+            shot = _run(
+                chromium,
+                [f"--window-size={window[0]},{window[1]}", f"--screenshot={target}", page.as_uri()],
+                scratch_path / "profile-shot",
+                timeout,
+            )
             if not target.is_file():
-                check.errors.append(f"no screenshot was written (chromium exit {shot.returncode}): "
-                                    + shot.stderr.strip()[-800:])
+                check.errors.append(
+                    f"no screenshot was written (chromium exit {shot.returncode}): " + shot.stderr.strip()[-800:]
+                )
             else:
                 check.screenshot = target
     return check

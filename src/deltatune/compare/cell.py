@@ -38,9 +38,13 @@ which matters because on a full disk there may be no room to write one."""
 
 def cell_paths(exp_dir: Path, cell_id: str) -> dict[str, Path]:
     cells = exp_dir / "cells"
-    return {"payload": cells / f"{cell_id}.json", "final": cells / cell_id,
-            "staging": cells / f".staging-{cell_id}", "log": exp_dir / "logs" / f"{cell_id}.log",
-            "error": exp_dir / "logs" / f"{cell_id}.error.json"}
+    return {
+        "payload": cells / f"{cell_id}.json",
+        "final": cells / cell_id,
+        "staging": cells / f".staging-{cell_id}",
+        "log": exp_dir / "logs" / f"{cell_id}.log",
+        "error": exp_dir / "logs" / f"{cell_id}.error.json",
+    }
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -69,16 +73,29 @@ def run_cell(exp_dir: Path, cell_id: str) -> dict:
     else:
         config = train_config_for(payload, threads=threads, num_examples=_capped_examples(payload))
         # the learning-rate search says how each rung went in the cell's log
-        trained = run_training(payload["model"], payload["data"], payload["method"], payload["method_overrides"],
-                               config, out=paths["staging"], say=lambda text: print(text, flush=True))
+        trained = run_training(
+            payload["model"],
+            payload["data"],
+            payload["method"],
+            payload["method_overrides"],
+            config,
+            out=paths["staging"],
+            say=lambda text: print(text, flush=True),
+        )
         assert trained is not None  # a cell is one process, which writes and returns the record
         record = trained.to_json()  # the store keeps training and baseline records alike, as their JSON
     if not payload.get("keep_delta"):
         # the record keeps delta_bytes; the tensors themselves (90 MB per full fine-tuning cell) go
         (paths["staging"] / "delta.safetensors").unlink(missing_ok=True)
-    write_json_atomic(paths["staging"] / CELL_RESULT,
-                      {"cell_id": cell_id, "identity": payload["identity"],
-                       "cell_time_s": time.perf_counter() - started, "pid": os.getpid()})
+    write_json_atomic(
+        paths["staging"] / CELL_RESULT,
+        {
+            "cell_id": cell_id,
+            "identity": payload["identity"],
+            "cell_time_s": time.perf_counter() - started,
+            "pid": os.getpid(),
+        },
+    )
     replace_directory(paths["staging"], paths["final"])
     return record
 
@@ -101,19 +118,50 @@ def run_baseline_cell(payload: dict, staging: Path, threads: int | None) -> dict
     pool = None  # the grid's training pool: what a baseline may look at (the majority class, demonstrations)
     if payload.get("max_train_examples") and payload["max_train_examples"] < len(train):
         pool = stratified_subset(train.labels, payload["max_train_examples"], payload["seed"], data.task.is_regression)
-    result = run_baseline(payload["method"], payload["model"], data, pool, seed=payload["seed"],
-                          max_length=payload["train"].get("max_length", 128))
+    result = run_baseline(
+        payload["method"],
+        payload["model"],
+        data,
+        pool,
+        seed=payload["seed"],
+        max_length=payload["train"].get("max_length", 128),
+    )
     metric = data.task.metric
-    record = {"kind": "baseline", "baseline": payload["method"], "method": payload["method"], "model": payload["model"],
-              "task": data.task.name, "data": payload["data"], "data_fingerprint": data.fingerprint(),
-              "primary_metric": metric, "dev_metrics": result.metrics["dev"], "test_metrics": result.metrics.get("test"),
-              "evaluation_split": "test" if "test" in result.metrics else "dev", "details": result.details,
-              "learning_curve": [], "trainable_params": 0, "total_params": None, "trainable_percent": 0.0,
-              "delta_bytes": None, "full_model_bytes": None, "train_time_s": 0.0, "eval_time_s": result.seconds,
-              "wall_time_s": result.seconds, "train_examples_per_s": None, "num_train_examples": len(pool or train),
-              "steps": 0, "best_step": 0, "stopped_by": None, "examples_seen": 0, "learning_rate": None,
-              "converged": None, "peak_memory_bytes": peak_memory_bytes(), "versions": asdict(library_versions()),
-              "git": asdict(git_state()), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        "kind": "baseline",
+        "baseline": payload["method"],
+        "method": payload["method"],
+        "model": payload["model"],
+        "task": data.task.name,
+        "data": payload["data"],
+        "data_fingerprint": data.fingerprint(),
+        "primary_metric": metric,
+        "dev_metrics": result.metrics["dev"],
+        "test_metrics": result.metrics.get("test"),
+        "evaluation_split": "test" if "test" in result.metrics else "dev",
+        "details": result.details,
+        "learning_curve": [],
+        "trainable_params": 0,
+        "total_params": None,
+        "trainable_percent": 0.0,
+        "delta_bytes": None,
+        "full_model_bytes": None,
+        "train_time_s": 0.0,
+        "eval_time_s": result.seconds,
+        "wall_time_s": result.seconds,
+        "train_examples_per_s": None,
+        "num_train_examples": len(pool or train),
+        "steps": 0,
+        "best_step": 0,
+        "stopped_by": None,
+        "examples_seen": 0,
+        "learning_rate": None,
+        "converged": None,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "versions": asdict(library_versions()),
+        "git": asdict(git_state()),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     staging.mkdir(parents=True)
     write_json_atomic(staging / RUN_RECORD, record)
     for split, name in (("dev", DEV_OUTPUTS), ("test", TEST_OUTPUTS)):

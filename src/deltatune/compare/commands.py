@@ -42,11 +42,13 @@ def _budget(text: str) -> float | None:
 
 def add_compare_parser(commands) -> None:
     compare = commands.add_parser(
-        "compare", help="run a grid of methods × tasks × data fractions × time budgets × seeds, resumably",
+        "compare",
+        help="run a grid of methods × tasks × data fractions × time budgets × seeds, resumably",
         description="Run every cell of a grid in its own process, record each finished cell once in "
-                    "EXP_DIR/results.sqlite, and write EXP_DIR/report.html. Interrupt at any time (Ctrl-C, kill) "
-                    "and run the same command again to resume. Methods on the command line: NAME, "
-                    "NAME:KEY=VALUE,... or LABEL=NAME:KEY=VALUE,... (e.g. lora-r16=lora:r=16).")
+        "EXP_DIR/results.sqlite, and write EXP_DIR/report.html. Interrupt at any time (Ctrl-C, kill) "
+        "and run the same command again to resume. Methods on the command line: NAME, "
+        "NAME:KEY=VALUE,... or LABEL=NAME:KEY=VALUE,... (e.g. lora-r16=lora:r=16).",
+    )
     compare.add_argument("spec", nargs="?", help="YAML grid spec (see deltatune.compare.spec for the format)")
     compare.add_argument("--out", help="experiment directory (results, cells, logs, report)")
     compare.add_argument("--preset", help="a ready-made grid instead of a spec file: doering2024")
@@ -55,29 +57,51 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--tasks", nargs="+", metavar="TASK", help="catalog tasks (see `deltatune tasks`)")
     compare.add_argument("--methods", nargs="+", metavar="METHOD", help="methods and variants")
     compare.add_argument("--fractions", nargs="+", type=float, metavar="F", help="data fractions, e.g. 0.1 0.3 1.0")
-    compare.add_argument("--time-budgets", nargs="+", type=_budget, metavar="SECONDS",
-                         help="training time budgets in seconds; 'none' for no budget")
+    compare.add_argument(
+        "--time-budgets",
+        nargs="+",
+        type=_budget,
+        metavar="SECONDS",
+        help="training time budgets in seconds; 'none' for no budget",
+    )
     compare.add_argument("--seeds", nargs="+", type=int, metavar="SEED")
     compare.add_argument("--max-train-examples", type=int, help="take fractions of a fixed pool of this many examples")
     compare.add_argument("--baseline", help="the method every other is compared against (default: full)")
-    compare.add_argument("--baselines", nargs="+", metavar="NAME",
-                         help="rows without training: majority, embedding-cosine, zero-shot, few-shot")
+    compare.add_argument(
+        "--baselines",
+        nargs="+",
+        metavar="NAME",
+        help="rows without training: majority, embedding-cosine, zero-shot, few-shot",
+    )
     compare.add_argument("--title", help="the report's title")
-    add_switch(compare, "--keep-deltas", default=None,
-               help="keep every cell's delta.safetensors (default: the spec's keep_deltas, else keep only run.json "
-                    "and dev outputs)")
+    add_switch(
+        compare,
+        "--keep-deltas",
+        default=None,
+        help="keep every cell's delta.safetensors (default: the spec's keep_deltas, else keep only run.json "
+        "and dev outputs)",
+    )
     compare.add_argument("--jobs", type=int, default=1, help="cells to run at the same time (default 1)")
-    compare.add_argument("--backend", default="local",
-                         help="where cells run: local (processes on this machine, default) or ray (Ray tasks; "
-                              "needs the ray extra)")
-    compare.add_argument("--address", help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
-                                           "(default: a Ray instance of this machine's own)")
+    compare.add_argument(
+        "--backend",
+        default="local",
+        help="where cells run: local (processes on this machine, default) or ray (Ray tasks; needs the ray extra)",
+    )
+    compare.add_argument(
+        "--address",
+        help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
+        "(default: a Ray instance of this machine's own)",
+    )
     add_switch(compare, "--retry-failed", help="run cells recorded as failed again")
     add_switch(compare, "--dry-run", help="validate and list the cells, run nothing")
     add_switch(compare, "--print-spec", help="print the resulting spec as YAML and exit")
     add_switch(compare, "--report", default=True, help="write the report at the end (--no-report: do not)")
-    add_config_options(compare.add_argument_group("training settings shared by every cell (TrainConfig)"),
-                       TrainConfig, dest_prefix=TRAIN_DEST, skip=_NOT_TRAIN_FLAGS)
+    add_config_options(
+        compare.add_argument_group("training settings shared by every cell (TrainConfig)"),
+        TrainConfig,
+        dest_prefix=TRAIN_DEST,
+        skip=_NOT_TRAIN_FLAGS,
+    )
 
 
 def add_results_parser(commands) -> None:
@@ -87,8 +111,11 @@ def add_results_parser(commands) -> None:
     results.add_argument("--table", default="cells", help="cells (one row per cell, default) or curves")
     results.add_argument("--out", help="write to this file (needed for parquet) instead of printing")
     add_switch(results, "--all-cells", help="include cells no longer in the current spec")
-    results.add_argument("--columns", help="keep only these comma-separated columns, in order; 'brief' for the "
-                                           "settings, primary metric, cost and speed")
+    results.add_argument(
+        "--columns",
+        help="keep only these comma-separated columns, in order; 'brief' for the "
+        "settings, primary metric, cost and speed",
+    )
 
 
 def add_report_parser(commands) -> None:
@@ -111,13 +138,26 @@ def build_spec_mapping(args: argparse.Namespace) -> dict:
     elif args.preset:
         base = preset_spec(args.preset, args.size)
     train = typed_options(args, TRAIN_DEST)
-    spec = spec_from_flags(models=args.models, tasks=args.tasks, methods=args.methods, fractions=args.fractions,
-                           time_budgets=args.time_budgets, seeds=args.seeds, train=train, base=base,
-                           max_train_examples=args.max_train_examples, baseline=args.baseline, title=args.title,
-                           keep_deltas=args.keep_deltas, baselines=args.baselines)
+    spec = spec_from_flags(
+        models=args.models,
+        tasks=args.tasks,
+        methods=args.methods,
+        fractions=args.fractions,
+        time_budgets=args.time_budgets,
+        seeds=args.seeds,
+        train=train,
+        base=base,
+        max_train_examples=args.max_train_examples,
+        baseline=args.baseline,
+        title=args.title,
+        keep_deltas=args.keep_deltas,
+        baselines=args.baselines,
+    )
     if not base and not (args.tasks and args.methods):
-        raise DeltatuneError("Say what to compare: a spec file (deltatune compare grid.yaml --out DIR), a preset "
-                             "(--preset doering2024 --size demo), or at least --tasks and --methods.")
+        raise DeltatuneError(
+            "Say what to compare: a spec file (deltatune compare grid.yaml --out DIR), a preset "
+            "(--preset doering2024 --size demo), or at least --tasks and --methods."
+        )
     return spec
 
 
@@ -150,15 +190,19 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.backend not in BACKENDS:
         raise DeltatuneError(f"--backend {args.backend!r} is not a grid backend. Available: {', '.join(BACKENDS)}.")
     if args.address is not None and args.backend != "ray":
-        raise DeltatuneError(f"--address {args.address!r} names a Ray cluster, which only --backend ray uses. Add "
-                             "--backend ray, or leave --address out to run the cells on this machine.")
+        raise DeltatuneError(
+            f"--address {args.address!r} names a Ray cluster, which only --backend ray uses. Add "
+            "--backend ray, or leave --address out to run the cells on this machine."
+        )
     spec = parse_spec(mapping)
     estimate = estimate_seconds(spec)
     estimate_text = None
     if estimate is not None:
-        estimate_text = (f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with AMX "
-                         f"(MiniLM-L6 in bf16), about {_format_duration(2 * estimate)} on one without (e.g. AMD "
-                         "Zen 4); early stopping usually ends cells sooner")
+        estimate_text = (
+            f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with AMX "
+            f"(MiniLM-L6 in bf16), about {_format_duration(2 * estimate)} on one without (e.g. AMD "
+            "Zen 4); early stopping usually ends cells sooner"
+        )
     if args.dry_run:
         untrained = f" and {len(spec.baseline_cells)} without training" if spec.baseline_cells else ""
         print(f"{spec.title}: {len(spec.cells)} cells{untrained}" + (f"; {estimate_text}" if estimate_text else ""))
@@ -169,8 +213,12 @@ def compare_command(args: argparse.Namespace) -> int:
         raise DeltatuneError("Give --out EXP_DIR: the directory for the results (an existing one is resumed).")
     if estimate_text:
         print(f"estimated time for the whole grid: {estimate_text}")
-    options = {"jobs": args.jobs, "retry_failed": args.retry_failed, "say": lambda text: print(text, flush=True),
-               "command": _command_line(args)}
+    options = {
+        "jobs": args.jobs,
+        "retry_failed": args.retry_failed,
+        "say": lambda text: print(text, flush=True),
+        "command": _command_line(args),
+    }
     if args.backend == "ray":
         from deltatune.compare.ray_backend import run_grid_on_ray
 
@@ -185,8 +233,11 @@ def compare_command(args: argparse.Namespace) -> int:
         return 130
     failed = summary.failed_now + summary.failed_kept
     if failed:
-        print(f"{failed} cell(s) failed; their errors are in the report and in {Path(args.out) / 'logs'}/. "
-              "Fix the cause and run again with --retry-failed.", file=sys.stderr)
+        print(
+            f"{failed} cell(s) failed; their errors are in the report and in {Path(args.out) / 'logs'}/. "
+            "Fix the cause and run again with --retry-failed.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -195,14 +246,18 @@ def results_command(args: argparse.Namespace) -> int:
     from deltatune.compare.results import export_results
 
     if args.out and Path(args.out).is_dir():
-        raise DeltatuneError(f"--out {args.out} is a directory; give a file name, e.g. --out {Path(args.out) / 'cells'}"
-                             f".{'md' if args.format == 'markdown' else args.format}")
+        raise DeltatuneError(
+            f"--out {args.out} is a directory; give a file name, e.g. --out {Path(args.out) / 'cells'}"
+            f".{'md' if args.format == 'markdown' else args.format}"
+        )
     try:
-        text = export_results(args.exp_dir, args.format, args.out, include_stale=args.all_cells, table=args.table,
-                              columns=args.columns)
+        text = export_results(
+            args.exp_dir, args.format, args.out, include_stale=args.all_cells, table=args.table, columns=args.columns
+        )
     except OSError as error:
-        raise DeltatuneError(f"Cannot write --out {args.out}: {error.strerror or error}. Give a file in a directory "
-                             "you can write to.") from None
+        raise DeltatuneError(
+            f"Cannot write --out {args.out}: {error.strerror or error}. Give a file in a directory you can write to."
+        ) from None
     if text is not None:
         sys.stdout.write(text)
     else:
@@ -218,5 +273,12 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_compare_parser", "add_results_parser", "add_report_parser", "compare_command", "results_command",
-           "report_command", "build_spec_mapping"]
+__all__ = [
+    "add_compare_parser",
+    "add_results_parser",
+    "add_report_parser",
+    "compare_command",
+    "results_command",
+    "report_command",
+    "build_spec_mapping",
+]

@@ -30,7 +30,8 @@ _DOERING_METHODS = ["full", "bitfit", "houlsby", "pfeiffer", "lora"]
 _DOERING_DESCRIPTION = (
     "Doering et al. 2024 (arXiv:2401.04051) on offline data: is BitFit (and are adapters) as good as full "
     "fine-tuning across data amounts and time budgets? MiniLM-L6; STS-B, rotten-tomatoes (for SST-2), "
-    "sms-spam (MCC, for CoLA) and an SNLI subset.")
+    "sms-spam (MCC, for CoLA) and an SNLI subset."
+)
 
 _SMALL_TRAIN = {"batch_size": 32, "epochs": 6, "min_steps": 200, "eval_every": 50, "early_stopping_patience": 3}
 """Every cell: at least 200 steps (a 200-example fraction is not starved), at most 6 epochs, stopping once
@@ -45,15 +46,18 @@ PRESETS: dict[str, dict[str, dict]] = {
             "tasks": ["stsb", "rotten-tomatoes", "sms-spam", {"task": "snli", "max_train_examples": 5000}],
             "methods": _DOERING_METHODS,
             "seeds": [0, 1, 2],
-            "train": {"batch_size": 32, "epochs": 10, "min_steps": 300, "eval_every": 60,
-                      "early_stopping_patience": 4},
+            "train": {"batch_size": 32, "epochs": 10, "min_steps": 300, "eval_every": 60, "early_stopping_patience": 4},
             "lr_search": "auto",
             "baselines": ["majority", "embedding-cosine"],
             "baseline": "full",
             "grids": [
                 {"name": "data", "fractions": [0.1, 0.3, 0.6, 1.0], "time_budgets": [None]},
-                {"name": "time", "fractions": [1.0], "time_budgets": [30, 90, 270],
-                 "train": {"epochs": 50, "early_stopping_patience": None}},
+                {
+                    "name": "time",
+                    "fractions": [1.0],
+                    "time_budgets": [30, 90, 270],
+                    "train": {"epochs": 50, "early_stopping_patience": None},
+                },
             ],
         },
         "small": {
@@ -70,42 +74,77 @@ PRESETS: dict[str, dict[str, dict]] = {
             "baseline": "full",
             "grids": [
                 {"name": "data", "fractions": [0.1, 0.3, 0.6, 1.0], "time_budgets": [None]},
-                {"name": "time", "fractions": [1.0], "time_budgets": [20, 60],
-                 "train": {"epochs": 50, "early_stopping_patience": None}},
+                {
+                    "name": "time",
+                    "fractions": [1.0],
+                    "time_budgets": [20, 60],
+                    "train": {"epochs": 50, "early_stopping_patience": None},
+                },
             ],
         },
         "demo": {
             "title": "BitFit and LoRA against full fine-tuning on STS-B (Doering et al. 2024, demo size)",
-            "description": ("A few-minute slice of Doering et al. 2024 (arXiv:2401.04051): MiniLM-L6 on STS-B, "
-                            "a 2,000-example training pool, one seed; each method's learning rate chosen on dev "
-                            "from two candidates, training until dev stops improving, verdicts on the official "
-                            "test split. Too small for conclusions; run --size small or full for those."),
+            "description": (
+                "A few-minute slice of Doering et al. 2024 (arXiv:2401.04051): MiniLM-L6 on STS-B, "
+                "a 2,000-example training pool, one seed; each method's learning rate chosen on dev "
+                "from two candidates, training until dev stops improving, verdicts on the official "
+                "test split. Too small for conclusions; run --size small or full for those."
+            ),
             "models": ["minilm-l6"],
             "tasks": ["stsb"],
             "max_train_examples": 2000,
             # two candidates each, from the middle of the method's own range (`learning_rate_candidates`)
-            "methods": [{"name": "full", "method": "full", "train": {"lr_search": [5e-5, 1e-4]}},
-                        {"name": "bitfit", "method": "bitfit", "train": {"lr_search": [3e-3, 1e-2]}},
-                        {"name": "lora", "method": "lora", "train": {"lr_search": [2e-3, 5e-3]}}],
+            "methods": [
+                {"name": "full", "method": "full", "train": {"lr_search": [5e-5, 1e-4]}},
+                {"name": "bitfit", "method": "bitfit", "train": {"lr_search": [3e-3, 1e-2]}},
+                {"name": "lora", "method": "lora", "train": {"lr_search": [2e-3, 5e-3]}},
+            ],
             "fractions": [0.25, 1.0],
             "time_budgets": [None],
             "seeds": [0],
-            "train": {"batch_size": 32, "epochs": 3, "min_steps": 80, "eval_every": 20,
-                      "early_stopping_patience": 2, "lr_search_rungs": [0.25]},
+            "train": {
+                "batch_size": 32,
+                "epochs": 3,
+                "min_steps": 80,
+                "eval_every": 20,
+                "early_stopping_patience": 2,
+                "lr_search_rungs": [0.25],
+            },
             "baselines": ["embedding-cosine"],
             "baseline": "full",
         },
     },
 }
 
-APPROXIMATE_TRAIN_SIZES = {"stsb": 5749, "rotten-tomatoes": 10246, "sms-spam": 3869, "snli": 94896, "trec": 4907,
-                           "movie-scores": 8484, "disaster-tweets": 6090}
+APPROXIMATE_TRAIN_SIZES = {
+    "stsb": 5749,
+    "rotten-tomatoes": 10246,
+    "sms-spam": 3869,
+    "snli": 94896,
+    "trec": 4907,
+    "movie-scores": 8484,
+    "disaster-tweets": 6090,
+}
 """Training-split sizes of the offline suite (for time estimates only; the cells use the real data)."""
 
-APPROXIMATE_DEV_SIZES = {"stsb": 1500, "rotten-tomatoes": 1281, "sms-spam": 484, "snli": 4994, "trec": 545,
-                         "movie-scores": 1060, "disaster-tweets": 761}
-APPROXIMATE_TEST_SIZES = {"stsb": 1379, "rotten-tomatoes": 1281, "sms-spam": 484, "snli": 9824, "trec": 500,
-                          "movie-scores": 1061, "disaster-tweets": 762}
+APPROXIMATE_DEV_SIZES = {
+    "stsb": 1500,
+    "rotten-tomatoes": 1281,
+    "sms-spam": 484,
+    "snli": 4994,
+    "trec": 545,
+    "movie-scores": 1060,
+    "disaster-tweets": 761,
+}
+APPROXIMATE_TEST_SIZES = {
+    "stsb": 1379,
+    "rotten-tomatoes": 1281,
+    "sms-spam": 484,
+    "snli": 9824,
+    "trec": 500,
+    "movie-scores": 1061,
+    "disaster-tweets": 762,
+}
 
 TRAIN_EXAMPLES_PER_S = {"full": 75.0, "freeze": 140.0, "sparse-mask": 60.0, "houlsby": 120.0}
 """MiniLM-L6 training speed in bf16 on a 2-core CPU with AMX, in STS-B pairs per second through the bi-encoder

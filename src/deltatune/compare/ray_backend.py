@@ -89,9 +89,11 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise DeltatuneError("--backend ray needs Ray, which is not installed. Install the extra: "
-                             "pip install 'deltatune[ray]' (or leave --backend out to run the cells on this "
-                             "machine).") from None
+        raise DeltatuneError(
+            "--backend ray needs Ray, which is not installed. Install the extra: "
+            "pip install 'deltatune[ray]' (or leave --backend out to run the cells on this "
+            "machine)."
+        ) from None
     return ray
 
 
@@ -105,19 +107,23 @@ def check_ray_backend(address: str | None) -> None:
         return
     match = _ADDRESS.match(address)
     if match is None or not 0 < int(match["port"]) < 65536:
-        raise DeltatuneError(f"--address {address!r} is not a Ray address. Give auto (the cluster this machine "
-                             "joined with `ray start`), ray://HOST:PORT (a cluster's Ray Client server, port 10001 "
-                             "by default) or HOST:PORT (its head node, from a machine of the cluster); or leave "
-                             "--address out to run on a Ray instance of this machine's own.")
+        raise DeltatuneError(
+            f"--address {address!r} is not a Ray address. Give auto (the cluster this machine "
+            "joined with `ray start`), ray://HOST:PORT (a cluster's Ray Client server, port 10001 "
+            "by default) or HOST:PORT (its head node, from a machine of the cluster); or leave "
+            "--address out to run on a Ray instance of this machine's own."
+        )
     host, port = match["host"].strip("[]"), int(match["port"])
     try:
         with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise DeltatuneError(f"--address {address!r}: nothing answers at {host}:{port} ({reason}). Check that "
-                             "the Ray cluster is up (`ray status` on its head node) and that the host and port are "
-                             "right, or leave --address out to run on a Ray instance of this machine's own.") from None
+        raise DeltatuneError(
+            f"--address {address!r}: nothing answers at {host}:{port} ({reason}). Check that "
+            "the Ray cluster is up (`ray status` on its head node) and that the host and port are "
+            "right, or leave --address out to run on a Ray instance of this machine's own."
+        ) from None
 
 
 def _check_auto_address() -> None:
@@ -133,9 +139,11 @@ def _check_auto_address() -> None:
     try:
         get_ray_address_from_environment("auto", None)
     except ConnectionError:
-        raise DeltatuneError("--address auto: no Ray cluster was started on this machine (`ray start --head`) and "
-                             "RAY_ADDRESS is not set. Start one, give its address as ray://HOST:PORT, or leave "
-                             "--address out to run on a Ray instance of this machine's own.") from None
+        raise DeltatuneError(
+            "--address auto: no Ray cluster was started on this machine (`ray start --head`) and "
+            "RAY_ADDRESS is not set. Start one, give its address as ray://HOST:PORT, or leave "
+            "--address out to run on a Ray instance of this machine's own."
+        ) from None
 
 
 def start_local_ray(num_cpus: int, object_store_bytes: int = LOCAL_OBJECT_STORE_BYTES) -> None:
@@ -154,8 +162,15 @@ def start_local_ray(num_cpus: int, object_store_bytes: int = LOCAL_OBJECT_STORE_
     os.environ.update(_SINGLE_MACHINE_ENVIRONMENT)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=object_store_bytes, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            object_store_memory=object_store_bytes,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_switch
         for name, value in saved_environment.items():
@@ -176,17 +191,21 @@ def _connect(ray, address: str | None, num_cpus: int) -> bool:
         try:
             start_local_ray(num_cpus)
         except Exception as error:  # noqa: BLE001 - Ray's start-up failures have no common type
-            raise DeltatuneError(f"Ray could not start on this machine ({_first_line(error)}). Its logs are under "
-                                 "/tmp/ray/session_latest/logs; or leave --backend out to run the cells as local "
-                                 "processes.") from None
+            raise DeltatuneError(
+                f"Ray could not start on this machine ({_first_line(error)}). Its logs are under "
+                "/tmp/ray/session_latest/logs; or leave --backend out to run the cells as local "
+                "processes."
+            ) from None
         return True
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # a cluster's own setting decides; this driver sends nothing
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as error:  # noqa: BLE001 - Ray's errors for a missing cluster vary (ConnectionError, grpc's, ...)
-        raise DeltatuneError(f"--address {address!r}: cannot join a Ray cluster there ({_first_line(error)}). Start "
-                             "one with `ray start --head` and give its address, or leave --address out to run on a "
-                             "Ray instance of this machine's own.") from None
+        raise DeltatuneError(
+            f"--address {address!r}: cannot join a Ray cluster there ({_first_line(error)}). Start "
+            "one with `ray start --head` and give its address, or leave --address out to run on a "
+            "Ray instance of this machine's own."
+        ) from None
     return True
 
 
@@ -252,8 +271,14 @@ def run_cell_task(payload: dict, cpus: int, exp_dir: str) -> dict:
         arguments, environment = cell_process_arguments(scratch, cell_id, cpus)
         with open(paths["log"], "wb") as log:
             # a session of its own: a Ctrl-C meant for the driver reaches the cell only through the driver
-            process = subprocess.Popen(arguments, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=environment, start_new_session=True)
+            process = subprocess.Popen(
+                arguments,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                start_new_session=True,
+            )
             try:
                 # polled, not waited on: Ray's cancel raises KeyboardInterrupt between bytecodes, not inside waitpid
                 while (code := process.poll()) is None:
@@ -266,13 +291,27 @@ def run_cell_task(payload: dict, cpus: int, exp_dir: str) -> dict:
         files = _result_files(paths["final"])
         error = paths["error"].read_bytes() if paths["error"].is_file() else None
         if isinstance(files, int):
-            code, error = 1, json.dumps({"message": (
-                f"The cell finished, but its result directory holds {files / 2**20:.0f} MiB, over the "
-                f"{MAX_RESULT_BYTES / 2**20:.0f} MiB that may travel back from a Ray worker. Set keep_deltas: false "
-                "in the spec (the delta's size stays in the record), or run this grid with --backend local.")}).encode()
+            code, error = (
+                1,
+                json.dumps(
+                    {
+                        "message": (
+                            f"The cell finished, but its result directory holds {files / 2**20:.0f} MiB, over the "
+                            f"{MAX_RESULT_BYTES / 2**20:.0f} MiB that may travel back from a Ray worker. Set keep_deltas: false "
+                            "in the spec (the delta's size stays in the record), or run this grid with --backend local."
+                        )
+                    }
+                ).encode(),
+            )
             files = None
-        return {"code": code, "seconds": time.monotonic() - started, "node": platform.node(),
-                "log": _log_end(paths["log"]), "error": error, "files": files}
+        return {
+            "code": code,
+            "seconds": time.monotonic() - started,
+            "node": platform.node(),
+            "log": _log_end(paths["log"]),
+            "error": error,
+            "files": files,
+        }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -302,8 +341,15 @@ def _materialise(exp_dir: Path, cell_id: str, result: dict) -> None:
     replace_directory(staging, paths["final"])
 
 
-def _conclude(ray, reference, cell: Cell | BaselineCell, submitted: float, exp_dir: Path, progress: _GridProgress,
-              status: Callable[[], str]) -> None:
+def _conclude(
+    ray,
+    reference,
+    cell: Cell | BaselineCell,
+    submitted: float,
+    exp_dir: Path,
+    progress: _GridProgress,
+    status: Callable[[], str],
+) -> None:
     """Bring an ended task's cell into the experiment directory and record it once."""
     try:
         result = ray.get(reference)
@@ -328,13 +374,26 @@ def run_grid_on_ray(spec: GridSpec, exp_dir: str | Path, address: str | None = N
     DeltatuneError before anything is written.
     """
     check_ray_backend(address)
-    return run_grid(spec, exp_dir, backend="Ray" if address is None else f"Ray at {address}",
-                    execute=functools.partial(execute_on_ray, address=address), **options)
+    return run_grid(
+        spec,
+        exp_dir,
+        backend="Ray" if address is None else f"Ray at {address}",
+        execute=functools.partial(execute_on_ray, address=address),
+        **options,
+    )
 
 
-def execute_on_ray(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection,
-                   jobs: int, threads: int, say: Callable[[str], None], summary: GridRunSummary,
-                   address: str | None = None) -> None:
+def execute_on_ray(
+    pending: list[Cell | BaselineCell],
+    current: dict[str, dict],
+    exp_dir: Path,
+    connection,
+    jobs: int,
+    threads: int,
+    say: Callable[[str], None],
+    summary: GridRunSummary,
+    address: str | None = None,
+) -> None:
     """Run the pending cells as Ray tasks and record each as it ends; see the module docstring."""
     ray = _import_ray()
     requests = {cell.cell_id: _resources(current[cell.cell_id], threads) for cell in pending}
@@ -349,8 +408,15 @@ def execute_on_ray(pending: list[Cell | BaselineCell], current: dict[str, dict],
             ray.shutdown()
 
 
-def _run_tasks(ray, pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path,
-               requests: dict[str, tuple[int, int]], progress: _GridProgress, address: str | None) -> None:
+def _run_tasks(
+    ray,
+    pending: list[Cell | BaselineCell],
+    current: dict[str, dict],
+    exp_dir: Path,
+    requests: dict[str, tuple[int, int]],
+    progress: _GridProgress,
+    address: str | None,
+) -> None:
     task = ray.remote(run_cell_task)
     in_flight: dict = {}  # ObjectRef -> (cell, when it was submitted)
     summary, say = progress.summary, progress.say
@@ -363,12 +429,15 @@ def _run_tasks(ray, pending: list[Cell | BaselineCell], current: dict[str, dict]
             write_cell_payload(exp_dir, cell.cell_id, current[cell.cell_id])
     for cell in pending:
         cpus, gpus = requests[cell.cell_id]
-        reference = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=f"deltatune-cell-{cell.cell_id}")\
-            .remote(current[cell.cell_id], cpus, str(exp_dir))
+        reference = task.options(
+            num_cpus=cpus, num_gpus=gpus, max_retries=0, name=f"deltatune-cell-{cell.cell_id}"
+        ).remote(current[cell.cell_id], cpus, str(exp_dir))
         in_flight[reference] = (cell, time.monotonic())
     asks = sorted({f"{cpus} CPU(s)" + (f" and {gpus} GPU" if gpus else "") for cpus, gpus in requests.values()})
-    say(f"{status()} submitted {len(pending)} cell(s) to Ray ({address or 'a local instance'}), each asking for "
-        f"{' or '.join(asks)}")
+    say(
+        f"{status()} submitted {len(pending)} cell(s) to Ray ({address or 'a local instance'}), each asking for "
+        f"{' or '.join(asks)}"
+    )
     last_event = time.monotonic()
     with _StopRequest() as stop:
         try:
@@ -412,4 +481,11 @@ def _cancel(ray, in_flight: dict, exp_dir: Path, progress: _GridProgress, status
             progress.conclude(cell, 0, result["seconds"], status, where=f" on {result['node']}")
 
 
-__all__ = ["run_grid_on_ray", "check_ray_backend", "execute_on_ray", "run_cell_task", "start_local_ray", "MAX_RESULT_BYTES"]
+__all__ = [
+    "run_grid_on_ray",
+    "check_ray_backend",
+    "execute_on_ray",
+    "run_cell_task",
+    "start_local_ray",
+    "MAX_RESULT_BYTES",
+]

@@ -137,22 +137,30 @@ def _models(analysis: Analysis, task: str) -> list[str]:
 
 def _main_groups(analysis: Analysis, task: str, model: str | None = None) -> list[Group]:
     """The data-fraction sweep of a task (and model): groups without a time budget, in the most common settings."""
-    candidates = [g for g in analysis.groups_for(task)
-                  if g.key.time_budget_s is None and (model is None or g.key.model == model)]
+    candidates = [
+        g for g in analysis.groups_for(task) if g.key.time_budget_s is None and (model is None or g.key.model == model)
+    ]
     if not candidates:
         return []
     counts: dict[tuple, int] = {}
     for group in candidates:
         counts[(group.key.model, group.key.settings)] = counts.get((group.key.model, group.key.settings), 0) + 1
     model, settings = max(counts, key=lambda k: (counts[k], k == (candidates[0].key.model, candidates[0].key.settings)))
-    return sorted([g for g in candidates if g.key.model == model and g.key.settings == settings],
-                  key=lambda g: g.key.data_fraction)
+    return sorted(
+        [g for g in candidates if g.key.model == model and g.key.settings == settings],
+        key=lambda g: g.key.data_fraction,
+    )
 
 
 def _budget_groups(analysis: Analysis, task: str, model: str | None = None) -> list[Group]:
-    return sorted([g for g in analysis.groups_for(task)
-                   if g.key.time_budget_s is not None and (model is None or g.key.model == model)],
-                  key=_budget_of)
+    return sorted(
+        [
+            g
+            for g in analysis.groups_for(task)
+            if g.key.time_budget_s is not None and (model is None or g.key.model == model)
+        ],
+        key=_budget_of,
+    )
 
 
 def _budget_of(group: Group) -> float:
@@ -161,19 +169,25 @@ def _budget_of(group: Group) -> float:
     return group.key.time_budget_s
 
 
-def build_plots(analysis: Analysis, task: str, colors: dict[str, str],
-                model: str | None = None) -> list[tuple[str, str]]:
+def build_plots(
+    analysis: Analysis, task: str, colors: dict[str, str], model: str | None = None
+) -> list[tuple[str, str]]:
     """(svg, caption) for each chart of one task (on one model, when the grid has several)."""
     several = model is not None and len(_models(analysis, task)) > 1
-    where = (_PlotPlace(task, f"@{model}", f" on {Path(model).name}") if several and model is not None
-             else _PlotPlace(task, "", ""))
+    where = (
+        _PlotPlace(task, f"@{model}", f" on {Path(model).name}")
+        if several and model is not None
+        else _PlotPlace(task, "", "")
+    )
     main = _main_groups(analysis, task, model)
     metric = (main or analysis.groups_for(task))[0].primary_metric
     plots = []
     if main:
-        plots += [_fraction_plot(analysis, main, where, metric, colors),
-                  _time_plot(analysis, main[-1], where, metric, colors),
-                  _params_plot(analysis, main[-1], where, metric, colors)]
+        plots += [
+            _fraction_plot(analysis, main, where, metric, colors),
+            _time_plot(analysis, main[-1], where, metric, colors),
+            _params_plot(analysis, main[-1], where, metric, colors),
+        ]
     budgets = _budget_groups(analysis, task, model)
     if budgets:
         plots.append(_budget_plot(analysis, budgets, where, metric, colors))
@@ -191,11 +205,16 @@ class _PlotPlace:
     """Added to the chart's title, e.g. ' on minilm-l6'."""
 
 
-def _fraction_plot(analysis: Analysis, main: list[Group], where: _PlotPlace, metric: str,
-                   colors: dict[str, str]) -> tuple[str, str]:
-    plot = Plot(f"fraction:{where.task}{where.suffix}", f"{where.task}{where.on_model}: {metric} against training data",
-                "fraction of the training data", f"{_split(analysis)} {metric} × 100",
-                subtitle="line: mean over seeds · band: min–max · dots: single seeds")
+def _fraction_plot(
+    analysis: Analysis, main: list[Group], where: _PlotPlace, metric: str, colors: dict[str, str]
+) -> tuple[str, str]:
+    plot = Plot(
+        f"fraction:{where.task}{where.suffix}",
+        f"{where.task}{where.on_model}: {metric} against training data",
+        "fraction of the training data",
+        f"{_split(analysis)} {metric} × 100",
+        subtitle="line: mean over seeds · band: min–max · dots: single seeds",
+    )
     fractions = [g.key.data_fraction for g in main]
     plot.x_ticks = sorted(set([0.0, *fractions, 1.0])) if len(fractions) <= 6 else None
     for variant in analysis.variants:
@@ -206,25 +225,49 @@ def _fraction_plot(analysis: Analysis, main: list[Group], where: _PlotPlace, met
             plot.hline(100 * rows[0][1].mean, colors[variant], label=f"{variant} (no training)")
             continue
         xs = [x for x, _ in rows]
-        plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
-                  colors[variant])
-        plot.line(xs, [100 * r.mean for _, r in rows], colors[variant], label=variant,
-                  tooltips=[f"{variant} at {x:g}: {_mean_std(r.mean, r.std, len(r.values))} "
-                            f"({len(r.values)} seed(s))" for x, r in rows])
+        plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows], colors[variant])
+        plot.line(
+            xs,
+            [100 * r.mean for _, r in rows],
+            colors[variant],
+            label=variant,
+            tooltips=[
+                f"{variant} at {x:g}: {_mean_std(r.mean, r.std, len(r.values))} ({len(r.values)} seed(s))"
+                for x, r in rows
+            ],
+        )
         seed_x = [x for x, r in rows for _ in r.values]
         seed_y = [100 * v for _, r in rows for v in r.values]
-        plot.points(seed_x, seed_y, colors[variant], radius=2.2, opacity=0.45,
-                    tooltips=[f"{variant} at {x:g}, seed {s}: {100 * v:.2f}"
-                              for x, r in rows for s, v in zip(r.seeds, r.values, strict=True)])
-    return (plot.render(), f"Each method's {_split(analysis)} metric as the training set grows "
-                           "(stratified subsets, the same for every method); dashed: rows without training.")
+        plot.points(
+            seed_x,
+            seed_y,
+            colors[variant],
+            radius=2.2,
+            opacity=0.45,
+            tooltips=[
+                f"{variant} at {x:g}, seed {s}: {100 * v:.2f}"
+                for x, r in rows
+                for s, v in zip(r.seeds, r.values, strict=True)
+            ],
+        )
+    return (
+        plot.render(),
+        f"Each method's {_split(analysis)} metric as the training set grows "
+        "(stratified subsets, the same for every method); dashed: rows without training.",
+    )
 
 
-def _time_plot(analysis: Analysis, largest: Group, where: _PlotPlace, metric: str,
-               colors: dict[str, str]) -> tuple[str, str]:
-    plot = Plot(f"time:{where.task}{where.suffix}", f"{where.task}{where.on_model}: dev {metric} against training time",
-                "training seconds (evaluation time excluded)", f"dev {metric} × 100", x_from_zero=True,
-                subtitle=f"learning curves at fraction {largest.key.data_fraction:g}; one line per seed")
+def _time_plot(
+    analysis: Analysis, largest: Group, where: _PlotPlace, metric: str, colors: dict[str, str]
+) -> tuple[str, str]:
+    plot = Plot(
+        f"time:{where.task}{where.suffix}",
+        f"{where.task}{where.on_model}: dev {metric} against training time",
+        "training seconds (evaluation time excluded)",
+        f"dev {metric} × 100",
+        x_from_zero=True,
+        subtitle=f"learning curves at fraction {largest.key.data_fraction:g}; one line per seed",
+    )
     for variant in analysis.variants:
         result = largest.variants.get(variant)
         if result is None or result.kind == "baseline":
@@ -232,62 +275,110 @@ def _time_plot(analysis: Analysis, largest: Group, where: _PlotPlace, metric: st
         for index, cell in enumerate(result.cells):
             # an undefined metric (the correlation of constant predictions) is stored as null: no point for it
             curve = [p for p in analysis.curves.get(cell["cell_id"], []) if p["primary_value"] is not None]
-            plot.line([p["train_time_s"] for p in curve], [100 * p["primary_value"] for p in curve],
-                      colors[variant], label=variant if index == 0 else None, width=1.8,
-                      opacity=0.85 if index == 0 else 0.5, markers=True,
-                      tooltips=[f"{variant} seed {cell['seed']}: {100 * p['primary_value']:.2f} after "
-                                f"{p['train_time_s']:.1f} s (step {p['step']})" for p in curve])
+            plot.line(
+                [p["train_time_s"] for p in curve],
+                [100 * p["primary_value"] for p in curve],
+                colors[variant],
+                label=variant if index == 0 else None,
+                width=1.8,
+                opacity=0.85 if index == 0 else 0.5,
+                markers=True,
+                tooltips=[
+                    f"{variant} seed {cell['seed']}: {100 * p['primary_value']:.2f} after "
+                    f"{p['train_time_s']:.1f} s (step {p['step']})"
+                    for p in curve
+                ],
+            )
     if largest.target is not None:
-        plot.hline(100 * largest.target, "#9a9a9a",
-                   label=f"target: {analysis.statistics.target_fraction:g} × {analysis.baseline}'s best")
-    return (plot.render(), "How fast each method gets there: dev metric at each evaluation against "
-                           "the training clock (at the chosen learning rate). A curve whose last point is "
-                           "its best by more than the tolerance had not converged. Time-to-target is "
-                           "where a curve first crosses the line.")
+        plot.hline(
+            100 * largest.target,
+            "#9a9a9a",
+            label=f"target: {analysis.statistics.target_fraction:g} × {analysis.baseline}'s best",
+        )
+    return (
+        plot.render(),
+        "How fast each method gets there: dev metric at each evaluation against "
+        "the training clock (at the chosen learning rate). A curve whose last point is "
+        "its best by more than the tolerance had not converged. Time-to-target is "
+        "where a curve first crosses the line.",
+    )
 
 
-def _params_plot(analysis: Analysis, largest: Group, where: _PlotPlace, metric: str,
-                 colors: dict[str, str]) -> tuple[str, str]:
-    plot = Plot(f"params:{where.task}{where.suffix}",
-                f"{where.task}{where.on_model}: {metric} against trainable parameters",
-                "trainable parameters (log)", f"{_split(analysis)} {metric} × 100", x_log=True,
-                subtitle=f"fraction {largest.key.data_fraction:g}; bars: ± 1 std over seeds")
+def _params_plot(
+    analysis: Analysis, largest: Group, where: _PlotPlace, metric: str, colors: dict[str, str]
+) -> tuple[str, str]:
+    plot = Plot(
+        f"params:{where.task}{where.suffix}",
+        f"{where.task}{where.on_model}: {metric} against trainable parameters",
+        "trainable parameters (log)",
+        f"{_split(analysis)} {metric} × 100",
+        x_log=True,
+        subtitle=f"fraction {largest.key.data_fraction:g}; bars: ± 1 std over seeds",
+    )
     for variant in analysis.variants:
         result = largest.variants.get(variant)
         if result is None or not result.trainable_params:
             continue
-        plot.error_bars([result.trainable_params], [100 * (result.mean - result.std)],
-                        [100 * (result.mean + result.std)], colors[variant])
-        plot.points([result.trainable_params], [100 * result.mean], colors[variant], label=variant, radius=5,
-                    opacity=0.95, tooltips=[f"{variant}: {result.trainable_params:,} trainable parameters, "
-                                            f"{_mean_std(result.mean, result.std, len(result.values))}"])
-    return (plot.render(), "What each method buys with its parameters: fewer trainable parameters "
-                           "mean smaller deltas and less optimizer memory.")
+        plot.error_bars(
+            [result.trainable_params],
+            [100 * (result.mean - result.std)],
+            [100 * (result.mean + result.std)],
+            colors[variant],
+        )
+        plot.points(
+            [result.trainable_params],
+            [100 * result.mean],
+            colors[variant],
+            label=variant,
+            radius=5,
+            opacity=0.95,
+            tooltips=[
+                f"{variant}: {result.trainable_params:,} trainable parameters, "
+                f"{_mean_std(result.mean, result.std, len(result.values))}"
+            ],
+        )
+    return (
+        plot.render(),
+        "What each method buys with its parameters: fewer trainable parameters "
+        "mean smaller deltas and less optimizer memory.",
+    )
 
 
-def _budget_plot(analysis: Analysis, budgets: list[Group], where: _PlotPlace, metric: str,
-                 colors: dict[str, str]) -> tuple[str, str]:
+def _budget_plot(
+    analysis: Analysis, budgets: list[Group], where: _PlotPlace, metric: str, colors: dict[str, str]
+) -> tuple[str, str]:
     seconds = [_budget_of(g) for g in budgets]
-    plot = Plot(f"budget:{where.task}{where.suffix}", f"{where.task}{where.on_model}: {metric} against time budget",
-                "training time budget (s)", f"{_split(analysis)} {metric} × 100",
-                x_log=len(set(seconds)) > 2 and max(seconds) / min(seconds) >= 8,
-                subtitle="line: mean over seeds · band: min–max")
+    plot = Plot(
+        f"budget:{where.task}{where.suffix}",
+        f"{where.task}{where.on_model}: {metric} against time budget",
+        "training time budget (s)",
+        f"{_split(analysis)} {metric} × 100",
+        x_log=len(set(seconds)) > 2 and max(seconds) / min(seconds) >= 8,
+        subtitle="line: mean over seeds · band: min–max",
+    )
     for variant in analysis.variants:
         rows = [(_budget_of(g), g.variants[variant]) for g in budgets if variant in g.variants]
         if not rows or rows[0][1].kind == "baseline":
             continue
         xs = [x for x, _ in rows]
-        plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows],
-                  colors[variant])
-        plot.line(xs, [100 * r.mean for _, r in rows], colors[variant], label=variant,
-                  tooltips=[f"{variant} with {x:g} s: {_mean_std(r.mean, r.std, len(r.values))}" for x, r in rows])
-    return (plot.render(), "Each method given the same wall-clock training budget: which is best "
-                           "when time, not data, is what runs out.")
+        plot.band(xs, [100 * min(r.values) for _, r in rows], [100 * max(r.values) for _, r in rows], colors[variant])
+        plot.line(
+            xs,
+            [100 * r.mean for _, r in rows],
+            colors[variant],
+            label=variant,
+            tooltips=[f"{variant} with {x:g} s: {_mean_std(r.mean, r.std, len(r.values))}" for x, r in rows],
+        )
+    return (
+        plot.render(),
+        "Each method given the same wall-clock training budget: which is best when time, not data, is what runs out.",
+    )
 
 
 def cost_plots(analysis: Analysis, colors: dict[str, str]) -> list[tuple[str, str]]:
-    variants = [v for v in analysis.variants if any(c["variant"] == v and c["kind"] == "train"
-                                                    for c in analysis.finished)]
+    variants = [
+        v for v in analysis.variants if any(c["variant"] == v and c["kind"] == "train" for c in analysis.finished)
+    ]
     memory, delta = [], []
     for variant in variants:
         cells = [c for c in analysis.finished if c["variant"] == variant]
@@ -297,14 +388,33 @@ def cost_plots(analysis: Analysis, colors: dict[str, str]) -> list[tuple[str, st
         delta.append(deltas[len(deltas) // 2] if deltas else None)
     palette = [colors[v] for v in variants]
     return [
-        (bar_chart("memory", "Peak memory per method", variants, [m / 2**30 if m else None for m in memory], palette,
-                   "peak resident memory of the cell process (GiB)",
-                   [f"{m / 2**30:.2f} GiB" if m else "n/a" for m in memory],
-                   subtitle="largest over its cells; the whole process (model, data, optimizer)"),
-         "Peak resident memory of the training process, including the frozen model itself."),
-        (bar_chart("delta", "Delta size per method", variants, delta, palette, "bytes on disk (log scale)",
-                   [_bytes(d) for d in delta], log=True, subtitle="what ships per task: delta.safetensors"),
-         "The saved delta per task (the trainable tensors only), on a log scale."),
+        (
+            bar_chart(
+                "memory",
+                "Peak memory per method",
+                variants,
+                [m / 2**30 if m else None for m in memory],
+                palette,
+                "peak resident memory of the cell process (GiB)",
+                [f"{m / 2**30:.2f} GiB" if m else "n/a" for m in memory],
+                subtitle="largest over its cells; the whole process (model, data, optimizer)",
+            ),
+            "Peak resident memory of the training process, including the frozen model itself.",
+        ),
+        (
+            bar_chart(
+                "delta",
+                "Delta size per method",
+                variants,
+                delta,
+                palette,
+                "bytes on disk (log scale)",
+                [_bytes(d) for d in delta],
+                log=True,
+                subtitle="what ships per task: delta.safetensors",
+            ),
+            "The saved delta per task (the trainable tensors only), on a log scale.",
+        ),
     ]
 
 
@@ -312,28 +422,39 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
     meta = analysis.meta
     machine = meta.get("machine") or {}
     finished, failed = len(analysis.finished), len(analysis.failed)
-    facts = [("cells", f"{finished} finished, {failed} failed, of {analysis.total_cells} in the spec"),
-             ("command", meta.get("command") or "–"),
-             ("machine", f"{machine.get('cpu', '?')}; {machine.get('cpu_count', '?')} cores; "
-                         f"{_bytes(machine.get('memory_bytes'))} memory; {machine.get('platform', '?')}"),
-             ("software", f"python {machine.get('python', '?')}, torch {machine.get('torch', '?')}"
-                          + _versions(analysis)),
-             ("parallelism", f"{machine.get('jobs', '?')} cell(s) at a time, {machine.get('threads_per_cell', '?')} "
-                             "thread(s) each"),
-             ("evaluation", _evaluation_fact(analysis)),
-             ("statistics", f"{analysis.statistics.bootstrap_samples} paired bootstrap resamples (examples and seeds), "
-                            f"{round(100 * analysis.statistics.confidence)}% intervals, 'matches' = not worse than "
-                            f"{analysis.baseline or 'the baseline'} by more than {analysis.statistics.margin_points:g} "
-                            "point(s)"),
-             ("generated", time.strftime("%Y-%m-%d %H:%M %Z"))]
+    facts = [
+        ("cells", f"{finished} finished, {failed} failed, of {analysis.total_cells} in the spec"),
+        ("command", meta.get("command") or "–"),
+        (
+            "machine",
+            f"{machine.get('cpu', '?')}; {machine.get('cpu_count', '?')} cores; "
+            f"{_bytes(machine.get('memory_bytes'))} memory; {machine.get('platform', '?')}",
+        ),
+        ("software", f"python {machine.get('python', '?')}, torch {machine.get('torch', '?')}" + _versions(analysis)),
+        (
+            "parallelism",
+            f"{machine.get('jobs', '?')} cell(s) at a time, {machine.get('threads_per_cell', '?')} thread(s) each",
+        ),
+        ("evaluation", _evaluation_fact(analysis)),
+        (
+            "statistics",
+            f"{analysis.statistics.bootstrap_samples} paired bootstrap resamples (examples and seeds), "
+            f"{round(100 * analysis.statistics.confidence)}% intervals, 'matches' = not worse than "
+            f"{analysis.baseline or 'the baseline'} by more than {analysis.statistics.margin_points:g} "
+            "point(s)",
+        ),
+        ("generated", time.strftime("%Y-%m-%d %H:%M %Z")),
+    ]
     return facts
 
 
 def _evaluation_fact(analysis: Analysis) -> str:
     split = _split(analysis)
     searched = any((c.get("record") or {}).get("lr_search") for c in analysis.finished)
-    text = ("checkpoint" + (" and learning rate (successive halving)" if searched else "") + " chosen on dev; "
-            f"reported metrics, intervals and verdicts on {split}")
+    text = (
+        "checkpoint" + (" and learning rate (successive halving)" if searched else "") + " chosen on dev; "
+        f"reported metrics, intervals and verdicts on {split}"
+    )
     if split != "test":
         text += " (WARNING: a task without a test split is judged on the dev data that chose the checkpoint)"
     return text + "; a run whose dev curve still rose at its end is 'not converged' and gets no worse-by verdict"
@@ -355,16 +476,20 @@ def _versions(analysis: Analysis) -> str:
     if commit:
         text += f" (git {commit[:10]}{', with local changes' if dirty else ''})"
     if len(seen) > 1:
-        described = "; ".join(f"{count} on transformers {t}, deltatune {d}"
-                              + (f", git {c[:10]}{'+changes' if changed else ''}" if c else "")
-                              for (t, d, c, changed), count in seen.items())
+        described = "; ".join(
+            f"{count} on transformers {t}, deltatune {d}"
+            + (f", git {c[:10]}{'+changes' if changed else ''}" if c else "")
+            for (t, d, c, changed), count in seen.items()
+        )
         text += f". WARNING: the cells ran on {len(seen)} different versions ({described})"
     return text
 
 
 def _task_rows(analysis: Analysis, task: str) -> list[tuple[Group, list]]:
-    return [(group, [group.variants[v] for v in analysis.variants if v in group.variants])
-            for group in analysis.groups_for(task)]
+    return [
+        (group, [group.variants[v] for v in analysis.variants if v in group.variants])
+        for group in analysis.groups_for(task)
+    ]
 
 
 def render_html(analysis: Analysis) -> str:
@@ -372,22 +497,35 @@ def render_html(analysis: Analysis) -> str:
     colors = method_colors(analysis.variants, analysis.baseline)
     sentences = claims(analysis)
     return _page_template().render(
-        style=Markup(_template_file("report.css")), title=analysis.title, description=analysis.description,
+        style=Markup(_template_file("report.css")),
+        title=analysis.title,
+        description=analysis.description,
         facts=_facts(analysis),
         legend=[{"name": v, "color": colors[v], "is_baseline": v == analysis.baseline} for v in analysis.variants],
-        claims_note=_claims_note(analysis), claims=[_markdown_bold(s) for s in sentences],
+        claims_note=_claims_note(analysis),
+        claims=[_markdown_bold(s) for s in sentences],
         tasks=[_task_section(analysis, task, colors) for task in analysis.tasks],
         cost_plots=_markup_plots(cost_plots(analysis, colors)),
-        search=_table_context(*_search_table(analysis)), search_note=_SEARCH_NOTE,
-        areas=_table_context(*_area_table(analysis)), split=_split(analysis),
+        search=_table_context(*_search_table(analysis)),
+        search_note=_SEARCH_NOTE,
+        areas=_table_context(*_area_table(analysis)),
+        split=_split(analysis),
         time_to_target=_table_context(*_time_to_target_table(analysis)),
-        target_fraction=f"{analysis.statistics.target_fraction:g}", baseline=analysis.baseline,
-        failed=[{"cell_id": c["cell_id"], "variant": c["variant"], "task": c["task"], "error": c["error"] or "",
-                 "condition": f"fraction {c['data_fraction']:g}"
-                              f"{_budget_text(c['time_budget_s'])}, "
-                              f"seed {c['seed']}"}
-                for c in analysis.failed],
-        finished=len(analysis.finished), cells=_table_context(*_cell_table(analysis)))
+        target_fraction=f"{analysis.statistics.target_fraction:g}",
+        baseline=analysis.baseline,
+        failed=[
+            {
+                "cell_id": c["cell_id"],
+                "variant": c["variant"],
+                "task": c["task"],
+                "error": c["error"] or "",
+                "condition": f"fraction {c['data_fraction']:g}{_budget_text(c['time_budget_s'])}, seed {c['seed']}",
+            }
+            for c in analysis.failed
+        ],
+        finished=len(analysis.finished),
+        cells=_table_context(*_cell_table(analysis)),
+    )
 
 
 def _template_file(name: str) -> str:
@@ -398,8 +536,13 @@ def _template_file(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _page_template() -> jinja2.Template:
     # autoescape: titles, method names, task names and errors come from the user's spec and data
-    environment = jinja2.Environment(loader=jinja2.FunctionLoader(_template_file), autoescape=True,
-                                     trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    environment = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_template_file),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
     return environment.get_template("report.html.j2")
 
 
@@ -414,23 +557,32 @@ def _table_context(header: list[str], rows: list[list[str]]) -> dict:
 
 def _task_section(analysis: Analysis, task: str, colors: dict[str, str]) -> dict:
     """One task's part of the page: its charts (per model, when the grid has several) and its table."""
-    return {"name": task, "metric": analysis.groups_for(task)[0].primary_metric,
-            "models": [{"name": model, "plots": _markup_plots(build_plots(analysis, task, colors, model))}
-                       for model in _models(analysis, task)],
-            "table": _task_table(analysis, task, colors)}
+    return {
+        "name": task,
+        "metric": analysis.groups_for(task)[0].primary_metric,
+        "models": [
+            {"name": model, "plots": _markup_plots(build_plots(analysis, task, colors, model))}
+            for model in _models(analysis, task)
+        ],
+        "table": _task_table(analysis, task, colors),
+    }
 
 
-_SEARCH_NOTE = ("Each cell trains every candidate learning rate from the same start; at each rung the candidates "
-                "are scored on a fixed stratified part of dev and the better half goes on, the rest stop. Shown: "
-                "dev × 100 at each rung (that part of dev) and, for the survivor, its best on all of dev at the "
-                "end; the chosen rate is the survivor. Cost: optimizer steps of all candidates together, and as a "
-                "multiple of the chosen run's own steps.")
+_SEARCH_NOTE = (
+    "Each cell trains every candidate learning rate from the same start; at each rung the candidates "
+    "are scored on a fixed stratified part of dev and the better half goes on, the rest stop. Shown: "
+    "dev × 100 at each rung (that part of dev) and, for the survivor, its best on all of dev at the "
+    "end; the chosen rate is the survivor. Cost: optimizer steps of all candidates together, and as a "
+    "multiple of the chosen run's own steps."
+)
 
 
 def _claims_note(analysis: Analysis) -> str:
-    return (f"Verdicts compare each method with {analysis.baseline or 'the baseline'} on the same {_split(analysis)} "
-            "examples and seeds. A run whose dev curve was still rising at its end is not judged worse: its "
-            "verdict is 'inconclusive: not converged', counted apart below.")
+    return (
+        f"Verdicts compare each method with {analysis.baseline or 'the baseline'} on the same {_split(analysis)} "
+        "examples and seeds. A run whose dev curve was still rising at its end is not judged worse: its "
+        "verdict is 'inconclusive: not converged', counted apart below."
+    )
 
 
 def _markdown_bold(text: str) -> Markup:
@@ -446,11 +598,20 @@ def _row_cells(analysis: Analysis, result: VariantResult) -> list[str]:
     if result.versus_untrained is not None:
         difference, low, high = result.versus_untrained.points()
         versus = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
-    return [str(len(result.values)), _mean_std(result.mean, result.std, len(result.values)),
-            _mean_std(*_dev_mean_std(result), len(result.values)), _difference(result), verdict, versus,
-            _rate(result), _convergence(result), _count(result.trainable_params) if result.kind == "train" else "–",
-            _bytes(result.delta_bytes), _seconds(result.train_time_s) if result.kind == "train" else "–",
-            _time_to_target(result)]
+    return [
+        str(len(result.values)),
+        _mean_std(result.mean, result.std, len(result.values)),
+        _mean_std(*_dev_mean_std(result), len(result.values)),
+        _difference(result),
+        verdict,
+        versus,
+        _rate(result),
+        _convergence(result),
+        _count(result.trainable_params) if result.kind == "train" else "–",
+        _bytes(result.delta_bytes),
+        _seconds(result.train_time_s) if result.kind == "train" else "–",
+        _time_to_target(result),
+    ]
 
 
 def _dev_mean_std(result: VariantResult) -> tuple[float, float]:
@@ -460,29 +621,70 @@ def _dev_mean_std(result: VariantResult) -> tuple[float, float]:
 def _table_header(analysis: Analysis) -> list[str]:
     split = _split(analysis)
     untrained = "Δ vs best untrained [CI]"
-    return ["seeds", f"{split} (× 100)", "dev (× 100)", f"Δ vs {analysis.baseline or 'baseline'} on {split} [CI]",
-            "verdict", untrained, "learning rate", "converged", "trainable", "delta", "train time", "time to target"]
+    return [
+        "seeds",
+        f"{split} (× 100)",
+        "dev (× 100)",
+        f"Δ vs {analysis.baseline or 'baseline'} on {split} [CI]",
+        "verdict",
+        untrained,
+        "learning rate",
+        "converged",
+        "trainable",
+        "delta",
+        "train time",
+        "time to target",
+    ]
 
 
 def _task_table(analysis: Analysis, task: str, colors: dict[str, str]) -> dict:
     """Every condition of a task, each variant's row under it (the template lays it out)."""
     several_models = len({g.key.model for g in analysis.groups}) > 1
-    return {"header": ["method", *_table_header(analysis)], "numeric": {1, 2, 3, 4, 6, 7, 9, 10, 11},
-            "verdict_column": 5,
-            "groups": [{"condition": _condition(group), "model": group.key.model if several_models else None,
-                        "rows": [{"color": colors[result.variant], "label": _label(result),
-                                  "verdict_class": _verdict_class(result, analysis.baseline),
-                                  "cells": _row_cells(analysis, result)} for result in results]}
-                       for group, results in _task_rows(analysis, task)]}
+    return {
+        "header": ["method", *_table_header(analysis)],
+        "numeric": {1, 2, 3, 4, 6, 7, 9, 10, 11},
+        "verdict_column": 5,
+        "groups": [
+            {
+                "condition": _condition(group),
+                "model": group.key.model if several_models else None,
+                "rows": [
+                    {
+                        "color": colors[result.variant],
+                        "label": _label(result),
+                        "verdict_class": _verdict_class(result, analysis.baseline),
+                        "cells": _row_cells(analysis, result),
+                    }
+                    for result in results
+                ],
+            }
+            for group, results in _task_rows(analysis, task)
+        ],
+    }
 
 
 def _search_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     """Every cell that searched its learning rate: each candidate's best dev score at each rung it reached."""
-    header = ["task", "method", "condition", "seed", "candidates: best dev at each rung → at the end", "chosen",
-              "cost (steps, all candidates)"]
+    header = [
+        "task",
+        "method",
+        "condition",
+        "seed",
+        "candidates: best dev at each rung → at the end",
+        "chosen",
+        "cost (steps, all candidates)",
+    ]
     rows = []
-    for cell in sorted(analysis.finished, key=lambda c: (c["task"], analysis.variants.index(c["variant"]),
-                                                         c["data_fraction"], c["time_budget_s"] or 0, c["seed"])):
+    for cell in sorted(
+        analysis.finished,
+        key=lambda c: (
+            c["task"],
+            analysis.variants.index(c["variant"]),
+            c["data_fraction"],
+            c["time_budget_s"] or 0,
+            c["seed"],
+        ),
+    ):
         search = (cell.get("record") or {}).get("lr_search")
         if not search:
             continue
@@ -491,25 +693,49 @@ def _search_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
             scores = [f"{100 * v:.1f}" if v is not None else "–" for v in candidate["rung_scores"]]
             if candidate["stopped_at_rung"] is None:
                 scores.append(f"{100 * candidate['best_dev']:.1f}" if candidate["best_dev"] is not None else "–")
-            shown.append(f"{candidate['learning_rate']:g}: " + " → ".join(scores)
-                         + (" (stopped)" if candidate["stopped_at_rung"] is not None else ""))
+            shown.append(
+                f"{candidate['learning_rate']:g}: "
+                + " → ".join(scores)
+                + (" (stopped)" if candidate["stopped_at_rung"] is not None else "")
+            )
         condition = f"fraction {cell['data_fraction']:g}" + (
-            f", {cell['time_budget_s']:g} s" if cell["time_budget_s"] is not None else "")
-        rows.append([cell["task"], cell["variant"], condition, str(cell["seed"]), "; ".join(shown),
-                     f"{search['chosen']:g}", f"{search['steps']} ({search['steps'] / max(1, cell['steps']):.2f}×)"])
+            f", {cell['time_budget_s']:g} s" if cell["time_budget_s"] is not None else ""
+        )
+        rows.append(
+            [
+                cell["task"],
+                cell["variant"],
+                condition,
+                str(cell["seed"]),
+                "; ".join(shown),
+                f"{search['chosen']:g}",
+                f"{search['steps']} ({search['steps'] / max(1, cell['steps']):.2f}×)",
+            ]
+        )
     return header, rows
 
 
 def _area_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     header = ["task", "method", "fractions", "area (× 100)", f"Δ vs {analysis.baseline or 'baseline'}"]
     rows = []
-    for row in sorted(analysis.areas, key=lambda r: (r.task, r.time_budget_s or 0,
-                                                     analysis.variants.index(r.variant)
-                                                     if r.variant in analysis.variants else 0)):
+    for row in sorted(
+        analysis.areas,
+        key=lambda r: (
+            r.task,
+            r.time_budget_s or 0,
+            analysis.variants.index(r.variant) if r.variant in analysis.variants else 0,
+        ),
+    ):
         task = row.task + (f" (budget {row.time_budget_s:g} s)" if row.time_budget_s is not None else "")
-        rows.append([task, row.variant, ", ".join(f"{f:g}" for f in row.fractions),
-                     f"{100 * row.mean:.1f} ± {100 * row.std:.1f}",
-                     f"{100 * row.difference:+.1f}" if row.difference is not None else "–"])
+        rows.append(
+            [
+                task,
+                row.variant,
+                ", ".join(f"{f:g}" for f in row.fractions),
+                f"{100 * row.mean:.1f} ± {100 * row.std:.1f}",
+                f"{100 * row.difference:+.1f}" if row.difference is not None else "–",
+            ]
+        )
     return header, rows
 
 
@@ -523,31 +749,58 @@ def _time_to_target_table(analysis: Analysis) -> tuple[list[str], list[list[str]
             for variant in analysis.variants:
                 result = group.variants.get(variant)
                 if result is not None:
-                    rows.append([task, _condition(group), f"{100 * group.target:.1f}", variant,
-                                 _time_to_target(result)])
+                    rows.append(
+                        [task, _condition(group), f"{100 * group.target:.1f}", variant, _time_to_target(result)]
+                    )
     return header, rows
 
 
 def _cell_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    header = ["cell", "task", "method", "fraction", "budget", "seed", f"{_split(analysis)} (× 100)", "dev (× 100)",
-              "learning rate", "steps", "stopped by", "converged", "train s", "peak memory"]
+    header = [
+        "cell",
+        "task",
+        "method",
+        "fraction",
+        "budget",
+        "seed",
+        f"{_split(analysis)} (× 100)",
+        "dev (× 100)",
+        "learning rate",
+        "steps",
+        "stopped by",
+        "converged",
+        "train s",
+        "peak memory",
+    ]
     rows = []
-    for cell in sorted(analysis.finished, key=lambda c: (c["task"], c["variant"], c["data_fraction"],
-                                                         c["time_budget_s"] or 0, c["seed"])):
+    for cell in sorted(
+        analysis.finished,
+        key=lambda c: (c["task"], c["variant"], c["data_fraction"], c["time_budget_s"] or 0, c["seed"]),
+    ):
         converged = cell.get("converged")
-        rows.append([cell["cell_id"], cell["task"], cell["variant"] + (" (no training)" if cell["kind"] == "baseline"
-                                                                        else ""),
-                     f"{cell['data_fraction']:g}" if cell["kind"] == "train" else "–",
-                     f"{cell['time_budget_s']:g}" if cell["time_budget_s"] is not None else "–", str(cell["seed"]),
-                     _points(cell["primary_value"]), _points(cell["dev_value"]),
-                     f"{cell['learning_rate']:g}" if cell.get("learning_rate") else "–", str(cell["steps"]),
-                     cell["stopped_by"] or "–", "–" if converged is None else ("yes" if converged else "no"),
-                     _seconds(cell["train_time_s"]), _bytes(cell["peak_memory_bytes"])])
+        rows.append(
+            [
+                cell["cell_id"],
+                cell["task"],
+                cell["variant"] + (" (no training)" if cell["kind"] == "baseline" else ""),
+                f"{cell['data_fraction']:g}" if cell["kind"] == "train" else "–",
+                f"{cell['time_budget_s']:g}" if cell["time_budget_s"] is not None else "–",
+                str(cell["seed"]),
+                _points(cell["primary_value"]),
+                _points(cell["dev_value"]),
+                f"{cell['learning_rate']:g}" if cell.get("learning_rate") else "–",
+                str(cell["steps"]),
+                cell["stopped_by"] or "–",
+                "–" if converged is None else ("yes" if converged else "no"),
+                _seconds(cell["train_time_s"]),
+                _bytes(cell["peak_memory_bytes"]),
+            ]
+        )
     return header, rows
 
 
 def _budget_text(seconds: float | None) -> str:
-    """", budget 30 s" for a cell with a time budget, "" for one without."""
+    """ ", budget 30 s" for a cell with a time budget, "" for one without."""
     return f", budget {seconds:g} s" if seconds is not None else ""
 
 
@@ -579,33 +832,60 @@ def render_markdown(analysis: Analysis) -> str:
     for task in analysis.tasks:
         metric = analysis.groups_for(task)[0].primary_metric
         lines += [f"## {_md(task)} ({_split(analysis)} {_md(metric)} × 100; dev beside it)", ""]
-        rows = [[_condition(group), _label(result), *_row_cells(analysis, result)]
-                for group, results in _task_rows(analysis, task) for result in results]
+        rows = [
+            [_condition(group), _label(result), *_row_cells(analysis, result)]
+            for group, results in _task_rows(analysis, task)
+            for result in results
+        ]
         lines += [_markdown_table(["condition", "method", *_table_header(analysis)], rows), ""]
     search = _search_table(analysis)
     if search[1]:
         lines += ["## Learning-rate search (dev)", "", _SEARCH_NOTE, "", _markdown_table(*search), ""]
     if analysis.areas:
-        lines += ["## Area under the data-fraction curve (× 100, mean ± std over seeds)", "",
-                  _markdown_table(*_area_table(analysis)), ""]
+        lines += [
+            "## Area under the data-fraction curve (× 100, mean ± std over seeds)",
+            "",
+            _markdown_table(*_area_table(analysis)),
+            "",
+        ]
     ttt = _time_to_target_table(analysis)
     if ttt[1]:
-        lines += [f"## Time to {analysis.statistics.target_fraction:g} × {_md(analysis.baseline)}'s best "
-                  "(training seconds)",
-                  "", _markdown_table(*ttt), ""]
+        lines += [
+            f"## Time to {analysis.statistics.target_fraction:g} × {_md(analysis.baseline)}'s best (training seconds)",
+            "",
+            _markdown_table(*ttt),
+            "",
+        ]
     if analysis.failed:
         lines += ["## Failed cells", ""]
-        lines += [_markdown_table(["cell", "method", "task", "fraction", "seed", "error"],
-                                  [[c["cell_id"], c["variant"], c["task"], f"{c['data_fraction']:g}", str(c["seed"]),
-                                    (c["error"] or "").strip().splitlines()[0] if c["error"] else ""]
-                                   for c in analysis.failed]), ""]
-    lines += [f"Intervals: paired bootstrap over {_split(analysis)} examples, with seeds resampled too (multi-bootstrap, "
-              "Sellam et al. 2022); Δ in points (metric × 100). The HTML report (report.html) has the plots.", ""]
+        lines += [
+            _markdown_table(
+                ["cell", "method", "task", "fraction", "seed", "error"],
+                [
+                    [
+                        c["cell_id"],
+                        c["variant"],
+                        c["task"],
+                        f"{c['data_fraction']:g}",
+                        str(c["seed"]),
+                        (c["error"] or "").strip().splitlines()[0] if c["error"] else "",
+                    ]
+                    for c in analysis.failed
+                ],
+            ),
+            "",
+        ]
+    lines += [
+        f"Intervals: paired bootstrap over {_split(analysis)} examples, with seeds resampled too (multi-bootstrap, "
+        "Sellam et al. 2022); Δ in points (metric × 100). The HTML report (report.html) has the plots.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_report(exp_dir: str | Path, out_dir: str | Path | None = None,
-                 include_stale: bool = False) -> tuple[Path, Path]:
+def write_report(
+    exp_dir: str | Path, out_dir: str | Path | None = None, include_stale: bool = False
+) -> tuple[Path, Path]:
     """Write report.html and report.md (into `out_dir`, default EXP_DIR); returns their paths."""
     from deltatune.errors import DeltatuneError
 
@@ -628,8 +908,10 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None,
             finally:
                 temporary.unlink(missing_ok=True)
     except OSError as error:
-        raise DeltatuneError(f"Cannot write the report into {out}: {error.strerror or error}. Give a directory you "
-                             "can write to (--out DIR).") from None
+        raise DeltatuneError(
+            f"Cannot write the report into {out}: {error.strerror or error}. Give a directory you "
+            "can write to (--out DIR)."
+        ) from None
     return html_path, markdown_path
 
 

@@ -25,8 +25,12 @@ TABLES = ("cells", "curves")
 def cell_rows(exp_dir: str | Path, include_stale: bool = False) -> tuple[list[str], list[dict]]:
     cells = store.load_cells(exp_dir, include_stale=include_stale)
     metric_names = sorted({name for cell in cells for name in (cell["dev_metrics"] or {})})
-    columns = [*store.SCALAR_COLUMNS, *(f"test_{name}" for name in metric_names),
-               *(f"dev_{name}" for name in metric_names), "method_config"]
+    columns = [
+        *store.SCALAR_COLUMNS,
+        *(f"test_{name}" for name in metric_names),
+        *(f"dev_{name}" for name in metric_names),
+        "method_config",
+    ]
     rows = []
     for cell in cells:
         row = {column: cell.get(column) for column in store.SCALAR_COLUMNS}
@@ -42,14 +46,39 @@ def curve_rows(exp_dir: str | Path, include_stale: bool = False) -> tuple[list[s
     cells = {c["cell_id"]: c for c in store.load_cells(exp_dir, include_stale=include_stale, status="finished")}
     curves = store.load_curves(exp_dir, list(cells))
     metric_names = sorted({name for points in curves.values() for p in points for name in p["metrics"]})
-    columns = ["cell_id", "task", "variant", "method", "data_fraction", "time_budget_s", "seed", "point", "step",
-               "examples_seen", "train_time_s", "primary_metric", "primary_value", *(f"dev_{n}" for n in metric_names)]
+    columns = [
+        "cell_id",
+        "task",
+        "variant",
+        "method",
+        "data_fraction",
+        "time_budget_s",
+        "seed",
+        "point",
+        "step",
+        "examples_seen",
+        "train_time_s",
+        "primary_metric",
+        "primary_value",
+        *(f"dev_{n}" for n in metric_names),
+    ]
     rows = []
     for cell_id, points in curves.items():
         cell = cells[cell_id]
         for point in points:
-            row = {key: cell.get(key) for key in ("cell_id", "task", "variant", "method", "data_fraction",
-                                                  "time_budget_s", "seed", "primary_metric")}
+            row = {
+                key: cell.get(key)
+                for key in (
+                    "cell_id",
+                    "task",
+                    "variant",
+                    "method",
+                    "data_fraction",
+                    "time_budget_s",
+                    "seed",
+                    "primary_metric",
+                )
+            }
             row.update({key: point[key] for key in ("point", "step", "examples_seen", "train_time_s", "primary_value")})
             row.update({f"dev_{name}": point["metrics"].get(name) for name in metric_names})
             rows.append(row)
@@ -68,13 +97,32 @@ def _markdown_value(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-BRIEF_COLUMNS = ("task", "variant", "data_fraction", "time_budget_s", "seed", "primary_metric", "evaluation_split",
-                 "primary_value", "dev_value", "learning_rate", "converged", "steps", "train_time_s", "status")
+BRIEF_COLUMNS = (
+    "task",
+    "variant",
+    "data_fraction",
+    "time_budget_s",
+    "seed",
+    "primary_metric",
+    "evaluation_split",
+    "primary_value",
+    "dev_value",
+    "learning_rate",
+    "converged",
+    "steps",
+    "train_time_s",
+    "status",
+)
 
 
-def export_results(exp_dir: str | Path, format: str = "csv", out: str | Path | None = None,
-                   include_stale: bool = False, table: str = "cells",
-                   columns: str | list[str] | None = None) -> str | None:
+def export_results(
+    exp_dir: str | Path,
+    format: str = "csv",
+    out: str | Path | None = None,
+    include_stale: bool = False,
+    table: str = "cells",
+    columns: str | list[str] | None = None,
+) -> str | None:
     """The table in `format`; written to `out` when given (needed for parquet), else returned as text.
 
     `columns` keeps only those columns, in that order: a list, a comma-separated string, or "brief"
@@ -124,8 +172,10 @@ def _select_columns(available: list[str], wanted: str | list[str] | None) -> lis
     names = [n.strip() for n in wanted.split(",")] if isinstance(wanted, str) else list(wanted)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise DeltatuneError(f"--columns: no column {', '.join(map(repr, unknown))} in this table. "
-                             f"Choose from: {', '.join(available)} (or 'brief').")
+        raise DeltatuneError(
+            f"--columns: no column {', '.join(map(repr, unknown))} in this table. "
+            f"Choose from: {', '.join(available)} (or 'brief')."
+        )
     return names
 
 

@@ -37,7 +37,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,9 +109,16 @@ def machine_description(jobs: int, threads: int | None) -> dict:
                 memory = int(line.split()[1]) * 1024
     import torch
 
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "memory_bytes": memory,
-            "python": platform.python_version(), "torch": torch.__version__, "jobs": jobs,
-            "threads_per_cell": threads}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": memory,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "jobs": jobs,
+        "threads_per_cell": threads,
+    }
 
 
 def _lock(exp_dir: Path):
@@ -128,8 +135,10 @@ def _lock(exp_dir: Path):
         raise
     holder = lock_or_holder(handle)
     if holder is not None:
-        raise DeltatuneError(f"Another `deltatune compare` ({holder}) is running on {exp_dir}. Wait for it to "
-                             "finish, or stop it (it can be resumed later) before starting another.")
+        raise DeltatuneError(
+            f"Another `deltatune compare` ({holder}) is running on {exp_dir}. Wait for it to "
+            "finish, or stop it (it can be resumed later) before starting another."
+        )
     write_holder(handle)
     return handle
 
@@ -180,8 +189,10 @@ def _describe_payload(payload: dict) -> str:
     if payload.get("kind") == "baseline":
         return f"{payload.get('variant')} (no training) on {payload.get('task')} seed={payload.get('seed')}"
     budget = f" budget={payload['time_budget_s']:g}s" if payload.get("time_budget_s") is not None else ""
-    return (f"{payload.get('variant')} on {payload.get('task')} fraction={payload.get('data_fraction'):g}"
-            f"{budget} seed={payload.get('seed')}")
+    return (
+        f"{payload.get('variant')} on {payload.get('task')} fraction={payload.get('data_fraction'):g}"
+        f"{budget} seed={payload.get('seed')}"
+    )
 
 
 def _record_result_directory(connection, payload: dict, final: Path) -> tuple[dict, str | None]:
@@ -196,8 +207,7 @@ def _record_result_directory(connection, payload: dict, final: Path) -> tuple[di
     if problem is not None:
         store.record_failed(connection, payload, problem, cell_info.get("cell_time_s"))
     else:
-        store.record_finished(connection, payload, record, f"cells/{payload['cell_id']}",
-                              cell_info.get("cell_time_s"))
+        store.record_finished(connection, payload, record, f"cells/{payload['cell_id']}", cell_info.get("cell_time_s"))
     return record, problem
 
 
@@ -206,9 +216,11 @@ def _undefined_metric(record: dict) -> str | None:
     value = (record.get("dev_metrics") or {}).get(primary)
     if isinstance(value, (int, float)) and math.isfinite(value):
         return None
-    return (f"The cell trained, but its dev {primary} is undefined ({value}): the model gave the same output for "
-            "every dev example, so it cannot be compared. Try another learning rate or more steps, then run again "
-            "with --retry-failed.")
+    return (
+        f"The cell trained, but its dev {primary} is undefined ({value}): the model gave the same output for "
+        "every dev example, so it cannot be compared. Try another learning rate or more steps, then run again "
+        "with --retry-failed."
+    )
 
 
 class _DiskFull(Exception):
@@ -233,11 +245,17 @@ def _disk_full_as(what: str):
 
 
 def _disk_full_message(exp_dir: Path, what: str, summary: GridRunSummary | None) -> str:
-    done = (f" {summary.finished_now} cell(s) finished and were recorded in this run; the cells in flight were "
-            "stopped and not recorded." if summary is not None else "")
-    return (f"No space left on the device holding {exp_dir}{free_space(exp_dir)} while {what}. The grid stopped."
-            f"{done} The results store and every earlier result are intact. Free some space and run the same "
-            "command again to resume.")
+    done = (
+        f" {summary.finished_now} cell(s) finished and were recorded in this run; the cells in flight were "
+        "stopped and not recorded."
+        if summary is not None
+        else ""
+    )
+    return (
+        f"No space left on the device holding {exp_dir}{free_space(exp_dir)} while {what}. The grid stopped."
+        f"{done} The results store and every earlier result are intact. Free some space and run the same "
+        "command again to resume."
+    )
 
 
 class _StopRequest:
@@ -261,10 +279,17 @@ class _StopRequest:
             signal.signal(signal_number, handler)
 
 
-def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: bool = False,
-             say: Callable[[str], None] = print, command: str | None = None,
-             threads: int | None = None, backend: str = "local",
-             execute: Callable[..., None] | None = None) -> GridRunSummary:
+def run_grid(
+    spec: GridSpec,
+    exp_dir: str | Path,
+    jobs: int = 1,
+    retry_failed: bool = False,
+    say: Callable[[str], None] = print,
+    command: str | None = None,
+    threads: int | None = None,
+    backend: str = "local",
+    execute: Callable[..., None] | None = None,
+) -> GridRunSummary:
     """Run every cell of `spec` not yet finished in `exp_dir`; see the module docstring for the guarantees.
 
     `execute` runs the pending cells: by default up to `jobs` processes on this machine; `backend` names
@@ -282,13 +307,16 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
     except OSError as error:
         if is_disk_full(error):
             raise DeltatuneError(_disk_full_message(exp_dir, "creating the experiment directory", None)) from None
-        raise DeltatuneError(f"Cannot create the experiment directory {exp_dir}: {error.strerror or error}. Give an "
-                             "--out you can write to.") from None
+        raise DeltatuneError(
+            f"Cannot create the experiment directory {exp_dir}: {error.strerror or error}. Give an "
+            "--out you can write to."
+        ) from None
     lock = _lock(exp_dir)
     try:
         with _disk_full_as("opening the results store"), closing(store.connect(exp_dir)) as connection:
-            return _run_locked(spec, exp_dir, connection, jobs, retry_failed, say, command, threads, backend,
-                               execute or _execute)
+            return _run_locked(
+                spec, exp_dir, connection, jobs, retry_failed, say, command, threads, backend, execute or _execute
+            )
     except _DiskFull as full:
         raise DeltatuneError(_disk_full_message(exp_dir, full.what, full.summary)) from None
     finally:
@@ -296,29 +324,91 @@ def run_grid(spec: GridSpec, exp_dir: str | Path, jobs: int = 1, retry_failed: b
             lock.close()
 
 
-def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_failed: bool,
-                say: Callable[[str], None], command: str | None, threads: int | None, backend: str,
-                execute: Callable[..., None]) -> GridRunSummary:
+def _run_locked(
+    spec: GridSpec,
+    exp_dir: Path,
+    connection,
+    jobs: int,
+    retry_failed: bool,
+    say: Callable[[str], None],
+    command: str | None,
+    threads: int | None,
+    backend: str,
+    execute: Callable[..., None],
+) -> GridRunSummary:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     every_cell = spec.every_cell
     current = {cell.cell_id: cell.payload() for cell in every_cell}
-    recorded_settings = {row["cell_id"]: json.loads(row["settings"])
-                         for row in connection.execute("SELECT cell_id, settings FROM cells")}
+    recorded_settings = {
+        row["cell_id"]: json.loads(row["settings"]) for row in connection.execute("SELECT cell_id, settings FROM cells")
+    }
     stale = [_describe_payload(settings) for cell_id, settings in recorded_settings.items() if cell_id not in current]
     with _disk_full_as("updating the results store"):
         store.mark_current(connection, current)
-        store.set_meta(connection, spec=spec.raw, title=spec.title, description=spec.description,
-                       baseline=spec.baseline, statistics=vars(spec.statistics),
-                       methods=[m.name for m in spec.methods], method_kinds={m.name: m.method for m in spec.methods},
-                       baselines=list(spec.baselines), tasks=[t.name for t in spec.tasks], total_cells=len(every_cell),
-                       command=command, machine={**machine_description(jobs, threads), "backend": backend},
-                       updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        store.set_meta(
+            connection,
+            spec=spec.raw,
+            title=spec.title,
+            description=spec.description,
+            baseline=spec.baseline,
+            statistics=vars(spec.statistics),
+            methods=[m.name for m in spec.methods],
+            method_kinds={m.name: m.method for m in spec.methods},
+            baselines=list(spec.baselines),
+            tasks=[t.name for t in spec.tasks],
+            total_cells=len(every_cell),
+            command=command,
+            machine={**machine_description(jobs, threads), "backend": backend},
+            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
     # whatever a killed runner or cell left half-written goes; nothing can be running (we hold the lock)
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
+    recovered = _recover_finished(connection, every_cell, current, exp_dir)
+    status = store.statuses(connection)
+    finished_before = sum(status.get(c.cell_id) == "finished" for c in every_cell) - recovered
+    failed_kept = 0 if retry_failed else sum(status.get(c.cell_id) == "failed" for c in every_cell)
+    pending = [
+        c
+        for c in every_cell
+        if status.get(c.cell_id) != "finished" and (retry_failed or status.get(c.cell_id) != "failed")
+    ]
+    summary = GridRunSummary(
+        total=len(every_cell),
+        finished_before=finished_before,
+        recovered=recovered,
+        failed_kept=failed_kept,
+        left=len(pending),
+        stale=stale,
+    )
+
+    untrained = f" (and {len(spec.baseline_cells)} without training)" if spec.baseline_cells else ""
+    say(
+        f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
+        + (f", {recovered} finished but unrecorded (now recorded)" if recovered else "")
+        + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
+        + f"; {len(pending)} to run, "
+        + (f"{jobs} at a time" if backend == "local" else f"on {backend}")
+        + f", {threads} thread(s) each."
+    )
+    if stale:
+        shown = "; ".join(stale[:8]) + (f"; and {len(stale) - 8} more" if len(stale) > 8 else "")
+        say(
+            f"{len(stale)} recorded cell(s) no longer belong to this spec (kept in the store, left out of "
+            f"results and the report; `deltatune results --all-cells` shows them): {shown}"
+        )
+    if not pending:
+        return summary
+    execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
+    return summary
+
+
+def _recover_finished(connection, every_cell: Sequence, current: dict[str, dict], exp_dir: Path) -> int:
+    """Record the cells whose result directory is complete but which the store does not hold as finished (a
+    runner killed between the two); returns how many. An unreadable directory goes, so its cell runs again."""
     status = store.statuses(connection)
     recovered = 0
     for cell in every_cell:
@@ -330,28 +420,7 @@ def _run_locked(spec: GridSpec, exp_dir: Path, connection, jobs: int, retry_fail
                 recovered += problem is None
             except (OSError, ValueError, KeyError):
                 shutil.rmtree(final, ignore_errors=True)  # unreadable: run it again
-    status = store.statuses(connection)
-    finished_before = sum(status.get(c.cell_id) == "finished" for c in every_cell) - recovered
-    failed_kept = 0 if retry_failed else sum(status.get(c.cell_id) == "failed" for c in every_cell)
-    pending = [c for c in every_cell
-               if status.get(c.cell_id) != "finished" and (retry_failed or status.get(c.cell_id) != "failed")]
-    summary = GridRunSummary(total=len(every_cell), finished_before=finished_before, recovered=recovered,
-                             failed_kept=failed_kept, left=len(pending), stale=stale)
-
-    untrained = f" (and {len(spec.baseline_cells)} without training)" if spec.baseline_cells else ""
-    say(f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
-        + (f", {recovered} finished but unrecorded (now recorded)" if recovered else "")
-        + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
-        + f"; {len(pending)} to run, " + (f"{jobs} at a time" if backend == "local" else f"on {backend}")
-        + f", {threads} thread(s) each.")
-    if stale:
-        shown = "; ".join(stale[:8]) + (f"; and {len(stale) - 8} more" if len(stale) > 8 else "")
-        say(f"{len(stale)} recorded cell(s) no longer belong to this spec (kept in the store, left out of "
-            f"results and the report; `deltatune results --all-cells` shows them): {shown}")
-    if not pending:
-        return summary
-    execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
-    return summary
+    return recovered
 
 
 class _GridProgress:
@@ -361,8 +430,16 @@ class _GridProgress:
     directory renamed into place, its log and error report under logs/. `conclude` then records it exactly once.
     """
 
-    def __init__(self, pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection,
-                 parallel: int, say: Callable[[str], None], summary: GridRunSummary) -> None:
+    def __init__(
+        self,
+        pending: list[Cell | BaselineCell],
+        current: dict[str, dict],
+        exp_dir: Path,
+        connection,
+        parallel: int,
+        say: Callable[[str], None],
+        summary: GridRunSummary,
+    ) -> None:
         self.current, self.exp_dir, self.connection = current, exp_dir, connection
         self.parallel, self.say, self.summary = parallel, say, summary
         self.expected = {cell.cell_id: estimate_cell_seconds(cell) for cell in pending}
@@ -378,15 +455,20 @@ class _GridProgress:
             # a running cell past its estimate is assumed to need another tenth of it, not nothing
             remaining = sum(self.expected[c.cell_id] for c in waiting) + sum(
                 max(0.1 * self.expected[cell_id], self.expected[cell_id] - (time.monotonic() - started) / scale)
-                for cell_id, started in running.items())
+                for cell_id, started in running.items()
+            )
             eta = scale * remaining / self.parallel
         summary = self.summary
         failed = summary.failed_now + summary.failed_kept
-        return (f"[{summary.finished_before + summary.recovered + summary.finished_now}/{summary.total} done"
-                + (f" · {failed} failed" if failed else "") + f" · {activity} · ETA {_format_duration(eta)}]")
+        return (
+            f"[{summary.finished_before + summary.recovered + summary.finished_now}/{summary.total} done"
+            + (f" · {failed} failed" if failed else "")
+            + f" · {activity} · ETA {_format_duration(eta)}]"
+        )
 
-    def conclude(self, cell: Cell | BaselineCell, code: int, elapsed: float, status: Callable[[], str],
-                 where: str = "") -> None:
+    def conclude(
+        self, cell: Cell | BaselineCell, code: int, elapsed: float, status: Callable[[], str], where: str = ""
+    ) -> None:
         """Record a cell whose process ended with `code` after `elapsed` seconds (`where` names a remote machine)."""
         payload = self.current[cell.cell_id]
         paths = cell_paths(self.exp_dir, cell.cell_id)
@@ -400,8 +482,9 @@ class _GridProgress:
             self.summary.finished_now += 1
             self.durations.append(elapsed)
             self.done_estimates.append(self.expected[cell.cell_id])
-            self.say(f"{status()} finished {cell.describe()}: {_outcome(record)} in {_format_duration(elapsed)}"
-                     + where)
+            self.say(
+                f"{status()} finished {cell.describe()}: {_outcome(record)} in {_format_duration(elapsed)}" + where
+            )
             return
         if code == DISK_FULL_EXIT:  # not the cell's fault: not recorded, it runs again on resume
             raise _DiskFull(f"cell {cell.describe()} was writing its result")
@@ -434,13 +517,25 @@ def write_cell_payload(exp_dir: Path, cell_id: str, payload: dict) -> None:
 
 def cell_process_arguments(exp_dir: Path, cell_id: str, threads: int) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of one cell's process (see `deltatune.compare.cell`)."""
-    environment = {**os.environ, "DELTATUNE_CELL_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-                   "OMP_NUM_THREADS": str(threads)}
+    environment = {
+        **os.environ,
+        "DELTATUNE_CELL_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(threads),
+    }
     return [sys.executable, "-m", "deltatune.compare.cell", str(exp_dir), cell_id, str(os.getpid())], environment
 
 
-def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_dir: Path, connection, jobs: int,
-             threads: int, say: Callable[[str], None], summary: GridRunSummary) -> None:
+def _execute(
+    pending: list[Cell | BaselineCell],
+    current: dict[str, dict],
+    exp_dir: Path,
+    connection,
+    jobs: int,
+    threads: int,
+    say: Callable[[str], None],
+    summary: GridRunSummary,
+) -> None:
     """The local backend: up to `jobs` cell processes at a time on this machine."""
     queue = collections.deque(pending)
     running: dict[str, _Running] = {}
@@ -448,8 +543,11 @@ def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_d
     last_event = time.monotonic()
 
     def status_line() -> str:
-        return progress.status_line(f"{len(running)} running · {len(queue)} waiting",
-                                    {cell_id: item.started for cell_id, item in running.items()}, list(queue))
+        return progress.status_line(
+            f"{len(running)} running · {len(queue)} waiting",
+            {cell_id: item.started for cell_id, item in running.items()},
+            list(queue),
+        )
 
     def start(cell: Cell | BaselineCell) -> None:
         paths = cell_paths(exp_dir, cell.cell_id)
@@ -458,9 +556,14 @@ def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_d
             log = open(paths["log"], "w", encoding="utf-8")
         arguments, environment = cell_process_arguments(exp_dir, cell.cell_id, threads)
         process = subprocess.Popen(
-            arguments, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
+            arguments,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment,
             start_new_session=True,  # Ctrl-C reaches the runner only, which then stops the cells in order
-            preexec_fn=_die_with_parent if _LIBC is not None else None)
+            preexec_fn=_die_with_parent if _LIBC is not None else None,
+        )
         running[cell.cell_id] = _Running(cell, process, time.monotonic(), log)
         say(f"{status_line()} started {cell.describe()} [{cell.cell_id}]")
 
@@ -478,8 +581,10 @@ def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_d
                         progress.conclude(item.cell, code, time.monotonic() - item.started, status_line)
                         last_event = time.monotonic()
                 if running and time.monotonic() - last_event > HEARTBEAT_S:
-                    still = ", ".join(f"{item.cell.describe()} ({_format_duration(time.monotonic() - item.started)})"
-                                      for item in running.values())
+                    still = ", ".join(
+                        f"{item.cell.describe()} ({_format_duration(time.monotonic() - item.started)})"
+                        for item in running.values()
+                    )
                     say(f"{status_line()} still running: {still}")
                     last_event = time.monotonic()
         except _DiskFull as full:
@@ -493,8 +598,15 @@ def _execute(pending: list[Cell | BaselineCell], current: dict[str, dict], exp_d
     summary.left = len(queue) + len(running) if summary.interrupted else len(queue)
 
 
-def _stop_running(running: dict[str, _Running], exp_dir: Path, connection, current: dict[str, dict],
-                  summary: GridRunSummary, say: Callable[[str], None], reason: str) -> None:
+def _stop_running(
+    running: dict[str, _Running],
+    exp_dir: Path,
+    connection,
+    current: dict[str, dict],
+    summary: GridRunSummary,
+    say: Callable[[str], None],
+    reason: str,
+) -> None:
     """Stop the cells in flight (they are not recorded and run again on resume), keeping any that just finished."""
     summary.interrupted = True
     for item in running.values():
@@ -525,8 +637,10 @@ def _stop_running(running: dict[str, _Running], exp_dir: Path, connection, curre
 
 
 def stopped_message(reason: str, summary: GridRunSummary, stopped: int) -> str:
-    return (f"Stopped by {reason}: {summary.finished_now} cell(s) finished and recorded in this run; {stopped} "
-            "cell(s) in flight were stopped and not recorded. Run the same command again to resume.")
+    return (
+        f"Stopped by {reason}: {summary.finished_now} cell(s) finished and recorded in this run; {stopped} "
+        "cell(s) in flight were stopped and not recorded. Run the same command again to resume."
+    )
 
 
 __all__ = ["run_grid", "GridRunSummary", "machine_description"]

@@ -83,8 +83,19 @@ on test and record the head; their settings include the head, pooling, min_steps
 AXES = ("models", "tasks", "methods", "fractions", "time_budgets", "seeds", "train")
 """The keys a sub-grid under `grids` may override."""
 
-TOP_LEVEL_KEYS = (*AXES, "title", "description", "grids", "keep_deltas", "baseline", "statistics",
-                  "max_train_examples", "source", "baselines", "lr_search")
+TOP_LEVEL_KEYS = (
+    *AXES,
+    "title",
+    "description",
+    "grids",
+    "keep_deltas",
+    "baseline",
+    "statistics",
+    "max_train_examples",
+    "source",
+    "baselines",
+    "lr_search",
+)
 
 AXIS_TRAIN_FIELDS = {"data_fraction": "fractions", "seed": "seeds", "time_budget_s": "time_budgets"}
 """TrainConfig fields that are grid axes, and the spec key to use instead."""
@@ -93,16 +104,33 @@ EXECUTION_ONLY_FIELDS = ("quiet", "threads", "report_to", "log_dir")
 """TrainConfig fields that change how a cell runs but not what it computes: left out of its identity.
 (threads is chosen per machine and --jobs; results match to float rounding.)"""
 
-LATER_FIELD_DEFAULTS = {"device": "auto", "gradient_checkpointing": False, "fsdp": False, "regime": "standard",
-                        "mezo_epsilon": 1e-3, "hft_stage_steps": None, "surgical_probe_steps": 20}
+LATER_FIELD_DEFAULTS = {
+    "device": "auto",
+    "gradient_checkpointing": False,
+    "fsdp": False,
+    "regime": "standard",
+    "mezo_epsilon": 1e-3,
+    "hft_stage_steps": None,
+    "surgical_probe_steps": 20,
+}
 """TrainConfig fields added after grids were first stored: left out of a cell's identity at their default,
 so an experiment stored before them resumes instead of training every cell again."""
 
 LOGGING_FIELDS = ("report_to", "log_dir")
 """Execution-only fields a cell still runs with when the spec sets them (where its training scalars go)."""
 
-LOCAL_TASK_KEYS = ("name", "path", "text_fields", "label_field", "labels", "regression", "metric",
-                   "dev_path", "test_path", "max_train_examples")
+LOCAL_TASK_KEYS = (
+    "name",
+    "path",
+    "text_fields",
+    "label_field",
+    "labels",
+    "regression",
+    "metric",
+    "dev_path",
+    "test_path",
+    "max_train_examples",
+)
 CATALOG_TASK_KEYS = ("task", "source", "max_train_examples")
 METHOD_KEYS = ("name", "method", "config", "train")
 GRID_KEYS = ("name", *AXES)
@@ -180,22 +208,37 @@ class Cell:
     keep_delta: bool = False
 
     def identity(self) -> dict:
-        return cell_identity(self.model, self.task, self.method, self.train, self.data_fraction,
-                             self.time_budget_s, self.seed)
+        return cell_identity(
+            self.model, self.task, self.method, self.train, self.data_fraction, self.time_budget_s, self.seed
+        )
 
     def describe(self) -> str:
         budget = f" budget={self.time_budget_s:g}s" if self.time_budget_s is not None else ""
-        return (f"{self.method.name} on {self.task.name} ({_short_model(self.model)}) "
-                f"fraction={self.data_fraction:g}{budget} seed={self.seed}")
+        return (
+            f"{self.method.name} on {self.task.name} ({_short_model(self.model)}) "
+            f"fraction={self.data_fraction:g}{budget} seed={self.seed}"
+        )
 
     def payload(self) -> dict:
         """Everything the cell process needs, as JSON."""
-        return {"cell_id": self.cell_id, "grid": self.grid, "model": self.model, "task": self.task.name,
-                "data": self.task.data, "max_train_examples": self.task.max_train_examples,
-                "method": self.method.method, "variant": self.method.name,
-                "method_overrides": self.method.config, "method_config": self.method.resolved_config,
-                "data_fraction": self.data_fraction, "time_budget_s": self.time_budget_s, "seed": self.seed,
-                "train": self.train, "keep_delta": self.keep_delta, "identity": self.identity()}
+        return {
+            "cell_id": self.cell_id,
+            "grid": self.grid,
+            "model": self.model,
+            "task": self.task.name,
+            "data": self.task.data,
+            "max_train_examples": self.task.max_train_examples,
+            "method": self.method.method,
+            "variant": self.method.name,
+            "method_overrides": self.method.config,
+            "method_config": self.method.resolved_config,
+            "data_fraction": self.data_fraction,
+            "time_budget_s": self.time_budget_s,
+            "seed": self.seed,
+            "train": self.train,
+            "keep_delta": self.keep_delta,
+            "identity": self.identity(),
+        }
 
 
 @dataclass(frozen=True)
@@ -213,21 +256,42 @@ class BaselineCell:
     def identity(self) -> dict:
         from deltatune.baselines import DEFAULT_SHOTS, SEEDED
 
-        return {"identity_version": IDENTITY_VERSION, "kind": "baseline", "baseline": self.baseline,
-                "model": self.model, "data": self.task.data, "data_sha256": self.task.data_sha256,
-                "max_train_examples": self.task.max_train_examples, "max_length": self.max_length,
-                "seed": self.seed if self.baseline in SEEDED else None,
-                "shots": DEFAULT_SHOTS if self.baseline == "few-shot" else None}
+        return {
+            "identity_version": IDENTITY_VERSION,
+            "kind": "baseline",
+            "baseline": self.baseline,
+            "model": self.model,
+            "data": self.task.data,
+            "data_sha256": self.task.data_sha256,
+            "max_train_examples": self.task.max_train_examples,
+            "max_length": self.max_length,
+            "seed": self.seed if self.baseline in SEEDED else None,
+            "shots": DEFAULT_SHOTS if self.baseline == "few-shot" else None,
+        }
 
     def describe(self) -> str:
         return f"{self.baseline} (no training) on {self.task.name} ({_short_model(self.model)}) seed={self.seed}"
 
     def payload(self) -> dict:
-        return {"cell_id": self.cell_id, "kind": "baseline", "grid": self.grid, "model": self.model,
-                "task": self.task.name, "data": self.task.data, "max_train_examples": self.task.max_train_examples,
-                "method": self.baseline, "variant": self.baseline, "method_overrides": {}, "method_config": {},
-                "data_fraction": 1.0, "time_budget_s": None, "seed": self.seed,
-                "train": {"max_length": self.max_length}, "keep_delta": False, "identity": self.identity()}
+        return {
+            "cell_id": self.cell_id,
+            "kind": "baseline",
+            "grid": self.grid,
+            "model": self.model,
+            "task": self.task.name,
+            "data": self.task.data,
+            "max_train_examples": self.task.max_train_examples,
+            "method": self.baseline,
+            "variant": self.baseline,
+            "method_overrides": {},
+            "method_config": {},
+            "data_fraction": 1.0,
+            "time_budget_s": None,
+            "seed": self.seed,
+            "train": {"max_length": self.max_length},
+            "keep_delta": False,
+            "identity": self.identity(),
+        }
 
 
 @dataclass(frozen=True)
@@ -255,8 +319,15 @@ class GridSpec:
         return (*self.cells, *self.baseline_cells)
 
 
-def cell_identity(model: str, task: TaskEntry, method: MethodVariant, train: dict, data_fraction: float,
-                  time_budget_s: float | None, seed: int) -> dict:
+def cell_identity(
+    model: str,
+    task: TaskEntry,
+    method: MethodVariant,
+    train: dict,
+    data_fraction: float,
+    time_budget_s: float | None,
+    seed: int,
+) -> dict:
     return {
         "identity_version": IDENTITY_VERSION,
         "model": model,
@@ -265,9 +336,12 @@ def cell_identity(model: str, task: TaskEntry, method: MethodVariant, train: dic
         "max_train_examples": task.max_train_examples,
         "method": method.method,
         "method_config": method.resolved_config,
-        "train": {**{k: v for k, v in train.items() if k not in LOGGING_FIELDS},
-                  "data_fraction": float(data_fraction), "seed": int(seed),
-                  "time_budget_s": None if time_budget_s is None else float(time_budget_s)},
+        "train": {
+            **{k: v for k, v in train.items() if k not in LOGGING_FIELDS},
+            "data_fraction": float(data_fraction),
+            "seed": int(seed),
+            "time_budget_s": None if time_budget_s is None else float(time_budget_s),
+        },
     }
 
 
@@ -287,18 +361,23 @@ def read_spec_file(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise DeltatuneError(f"Spec file {str(path)!r} does not exist. Give a YAML grid spec, or use "
-                             "--preset doering2024, or build the grid from flags (see `deltatune compare --help`).")
+        raise DeltatuneError(
+            f"Spec file {str(path)!r} does not exist. Give a YAML grid spec, or use "
+            "--preset doering2024, or build the grid from flags (see `deltatune compare --help`)."
+        )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_spec_loader())
     except UnicodeDecodeError as error:
-        raise DeltatuneError(f"Spec file {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8 "
-                             "YAML.") from None
+        raise DeltatuneError(
+            f"Spec file {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8 YAML."
+        ) from None
     except yaml.YAMLError as error:
         raise DeltatuneError(f"Spec file {str(path)!r} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise DeltatuneError(f"Spec file {str(path)!r} must hold a mapping (keys like models:, tasks:, methods:), "
-                             f"not {type(data).__name__}.")
+        raise DeltatuneError(
+            f"Spec file {str(path)!r} must hold a mapping (keys like models:, tasks:, methods:), "
+            f"not {type(data).__name__}."
+        )
     data.setdefault("_base_dir", str(path.resolve().parent))
     return data
 
@@ -315,8 +394,9 @@ def _spec_loader():
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in keys:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice; give it once",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice; give it once", key_node.start_mark
+                )
             if isinstance(key, (str, int, float, bool)):
                 keys.add(key)
         return loader.construct_mapping(node, deep=deep)
@@ -343,15 +423,27 @@ def parse_spec(raw: dict, base_dir: str | Path | None = None) -> GridSpec:
     problems = list(dict.fromkeys(problems))  # an inherited axis is checked once per sub-grid: say it once
     if problems:
         count = len(problems)
-        raise DeltatuneError(f"The grid spec has {count} problem{'s' if count > 1 else ''} (nothing was run):"
-                             + "".join(f"\n  - {p}" for p in problems))
+        raise DeltatuneError(
+            f"The grid spec has {count} problem{'s' if count > 1 else ''} (nothing was run):"
+            + "".join(f"\n  - {p}" for p in problems)
+        )
     if not expansion.cells:
-        raise DeltatuneError("The grid spec expands to no cells: give at least one model, task, method, "
-                             "fraction and seed.")
-    return GridSpec(title=settings.title, description=settings.description, cells=tuple(expansion.cells.values()),
-                    methods=tuple(expansion.methods.values()), tasks=tuple(expansion.tasks.values()),
-                    baseline=baseline, statistics=settings.statistics, keep_deltas=settings.keep_deltas, raw=raw,
-                    baseline_cells=baseline_cells, baselines=baselines)
+        raise DeltatuneError(
+            "The grid spec expands to no cells: give at least one model, task, method, fraction and seed."
+        )
+    return GridSpec(
+        title=settings.title,
+        description=settings.description,
+        cells=tuple(expansion.cells.values()),
+        methods=tuple(expansion.methods.values()),
+        tasks=tuple(expansion.tasks.values()),
+        baseline=baseline,
+        statistics=settings.statistics,
+        keep_deltas=settings.keep_deltas,
+        raw=raw,
+        baseline_cells=baseline_cells,
+        baselines=baselines,
+    )
 
 
 @dataclass(frozen=True)
@@ -401,8 +493,14 @@ def _check_settings(raw: dict, problems: list[str]) -> _Settings:
     if default_source not in ("auto", "mirror", "hub"):
         problems.append(f"source={default_source!r} must be auto, mirror or hub")
         default_source = "auto"
-    return _Settings(str(raw.get("title") or "deltatune comparison"), str(raw.get("description") or ""),
-                     keep_deltas, statistics, default_cap, default_source)
+    return _Settings(
+        str(raw.get("title") or "deltatune comparison"),
+        str(raw.get("description") or ""),
+        keep_deltas,
+        statistics,
+        default_cap,
+        default_source,
+    )
 
 
 def _grid_entries(raw: dict, problems: list[str]) -> list:
@@ -410,14 +508,17 @@ def _grid_entries(raw: dict, problems: list[str]) -> list:
     if grid_entries is None:
         return [{"name": "main"}]
     if not isinstance(grid_entries, list) or not grid_entries:
-        problems.append("grids must be a non-empty list of sub-grids, e.g. [{name: data}, {name: time, "
-                        "fractions: [1.0], time_budgets: [60]}]")
+        problems.append(
+            "grids must be a non-empty list of sub-grids, e.g. [{name: data}, {name: time, "
+            "fractions: [1.0], time_budgets: [60]}]"
+        )
         return [{"name": "main"}]
     return grid_entries
 
 
-def _expand_grid(raw: dict, position: int, entry: Any, base: Path, settings: _Settings, expansion: _Expansion,
-                 problems: list[str]) -> None:
+def _expand_grid(
+    raw: dict, position: int, entry: Any, base: Path, settings: _Settings, expansion: _Expansion, problems: list[str]
+) -> None:
     """Check one sub-grid (the top-level axes with its overrides) and add its cells to `expansion`."""
     if not isinstance(entry, dict):
         problems.append(f"grids[{position}] must be a mapping of axis overrides, got {entry!r}")
@@ -428,8 +529,9 @@ def _expand_grid(raw: dict, position: int, entry: Any, base: Path, settings: _Se
     expansion.grid_names.add(grid_name)
     for key in entry:
         if key not in GRID_KEYS:
-            problems.append(f"grids[{position}] ({grid_name}): unknown key {key!r}. "
-                            f"{did_you_mean(str(key), GRID_KEYS)}")
+            problems.append(
+                f"grids[{position}] ({grid_name}): unknown key {key!r}. {did_you_mean(str(key), GRID_KEYS)}"
+            )
     merged = {axis: raw.get(axis) for axis in AXES}
     for axis in AXES:
         if axis in entry:
@@ -439,32 +541,45 @@ def _expand_grid(raw: dict, position: int, entry: Any, base: Path, settings: _Se
                 merged[axis] = entry[axis]
     where = f"grids[{position}] ({grid_name}): " if "grids" in raw else ""
     wheres = {axis: where if axis in entry else "" for axis in AXES}
-    axes = _check_axes(merged, wheres, base, settings.default_cap, settings.default_source, problems,
-                       expansion.checked)
+    axes = _check_axes(merged, wheres, base, settings.default_cap, settings.default_source, problems, expansion.checked)
     if axes is None:
         return
     models, tasks, methods, fractions, budgets, seeds, trains = axes
     for variant in methods:
         previous = expansion.methods.get(variant.name)
         if previous is not None and previous != variant:
-            problems.append(f"{where}method name {variant.name!r} means different settings in different "
-                            "sub-grids; give each variant its own name")
+            problems.append(
+                f"{where}method name {variant.name!r} means different settings in different "
+                "sub-grids; give each variant its own name"
+            )
         expansion.methods.setdefault(variant.name, variant)
     for task in tasks:
         expansion.tasks.setdefault(task.name, task)
     # seeds outermost: after the first seed every comparison already has one result
-    for seed, task, model, fraction, budget, variant in itertools.product(seeds, tasks, models, fractions, budgets,
-                                                                          methods):
+    for seed, task, model, fraction, budget, variant in itertools.product(
+        seeds, tasks, models, fractions, budgets, methods
+    ):
         train = trains[variant.name]
         cell_id = identity_hash(cell_identity(model, task, variant, train, fraction, budget, seed))
         if cell_id in expansion.cells:
             if expansion.cells[cell_id].method.name != variant.name:
-                problems.append(f"{where}methods {expansion.cells[cell_id].method.name!r} and {variant.name!r} "
-                                "resolve to the same settings (same method and config): drop one")
+                problems.append(
+                    f"{where}methods {expansion.cells[cell_id].method.name!r} and {variant.name!r} "
+                    "resolve to the same settings (same method and config): drop one"
+                )
             continue  # the same cell from two sub-grids runs once
-        expansion.cells[cell_id] = Cell(cell_id, grid_name, model, task, variant, float(fraction),
-                                        None if budget is None else float(budget), int(seed), train,
-                                        settings.keep_deltas)
+        expansion.cells[cell_id] = Cell(
+            cell_id,
+            grid_name,
+            model,
+            task,
+            variant,
+            float(fraction),
+            None if budget is None else float(budget),
+            int(seed),
+            train,
+            settings.keep_deltas,
+        )
 
 
 def _check_baseline_method(raw: dict, methods: dict[str, MethodVariant], problems: list[str]) -> str | None:
@@ -475,8 +590,10 @@ def _check_baseline_method(raw: dict, methods: dict[str, MethodVariant], problem
     if not isinstance(baseline, str):
         problems.append(f"baseline={baseline!r} must be the name of one of the spec's methods")
     elif baseline not in methods and baseline not in _declared_method_names(raw):
-        problems.append(f"baseline={baseline!r} is not one of the spec's methods. "
-                        f"{did_you_mean(str(baseline), _declared_method_names(raw))}")
+        problems.append(
+            f"baseline={baseline!r} is not one of the spec's methods. "
+            f"{did_you_mean(str(baseline), _declared_method_names(raw))}"
+        )
     return baseline
 
 
@@ -498,8 +615,9 @@ def _check_baselines(value: Any, problems: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v for v in value if v in BASELINES))
 
 
-def _baseline_cells(baselines: tuple[str, ...], cells, tasks: dict[str, TaskEntry],
-                    problems: list[str]) -> tuple[BaselineCell, ...]:
+def _baseline_cells(
+    baselines: tuple[str, ...], cells, tasks: dict[str, TaskEntry], problems: list[str]
+) -> tuple[BaselineCell, ...]:
     """One cell per (model, task, baseline) the grid trains on and the baseline applies to; few-shot per seed."""
     from deltatune.baselines import SEEDED, applies_to
 
@@ -585,61 +703,66 @@ def _as_list(value: Any, key: str, where: str, problems: list[str]) -> list | No
     return value
 
 
-_EXAMPLES = {"models": "[minilm-l6]", "tasks": "[stsb, sms-spam]", "methods": "[full, bitfit, lora]",
-             "fractions": "[0.1, 0.3, 1.0]", "time_budgets": "[null, 60]", "seeds": "[0, 1, 2]"}
+_EXAMPLES = {
+    "models": "[minilm-l6]",
+    "tasks": "[stsb, sms-spam]",
+    "methods": "[full, bitfit, lora]",
+    "fractions": "[0.1, 0.3, 1.0]",
+    "time_budgets": "[null, 60]",
+    "seeds": "[0, 1, 2]",
+}
 
 
-def _check_axes(merged: dict, wheres: dict[str, str], base: Path, default_cap: int | None, default_source: str,
-                problems: list[str], cache: dict):
+def _check_axes(
+    merged: dict,
+    wheres: dict[str, str],
+    base: Path,
+    default_cap: int | None,
+    default_source: str,
+    problems: list[str],
+    cache: dict,
+):
     count_before = len(problems)
     where = wheres["models"]
-    models = [_check_model(m, f"{where}models[{i}]", base, problems)
-              for i, m in enumerate(_as_list(merged["models"] if merged["models"] is not None else ["minilm-l6"],
-                                             "models", where, problems) or [])]
+    models = [
+        _check_model(m, f"{where}models[{i}]", base, problems)
+        for i, m in enumerate(
+            _as_list(merged["models"] if merged["models"] is not None else ["minilm-l6"], "models", where, problems)
+            or []
+        )
+    ]
     where = wheres["tasks"]
-    tasks = [_check_task(t, f"{where}tasks[{i}]", base, default_cap, default_source, problems, cache)
-             for i, t in enumerate(_as_list(merged["tasks"], "tasks", where, problems) or [])]
+    tasks = [
+        _check_task(t, f"{where}tasks[{i}]", base, default_cap, default_source, problems, cache)
+        for i, t in enumerate(_as_list(merged["tasks"], "tasks", where, problems) or [])
+    ]
     where = wheres["methods"]
-    methods = [_check_method(m, f"{where}methods[{i}]", problems)
-               for i, m in enumerate(_as_list(merged["methods"], "methods", where, problems) or [])]
-    fractions = []
-    where = wheres["fractions"]
-    for i, value in enumerate(_as_list(merged["fractions"] if merged["fractions"] is not None else [1.0],
-                                       "fractions", where, problems) or []):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            problems.append(f"{where}fractions[{i}]={value!r} must be a number in (0, 1], e.g. 0.3")
-        else:
-            fractions.append(float(value))
-    budgets: list[float | None] = []
-    where = wheres["time_budgets"]
-    for i, value in enumerate(_as_list(merged["time_budgets"] if merged["time_budgets"] is not None else [None],
-                                       "time_budgets", where, problems) or []):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            budgets.append(None)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            problems.append(f"{where}time_budgets[{i}]={value!r} must be seconds (a positive number) or null "
-                            "for no budget")
-        else:
-            budgets.append(float(value))
-    seeds = []
-    where = wheres["seeds"]
-    for i, value in enumerate(_as_list(merged["seeds"] if merged["seeds"] is not None else [42],
-                                       "seeds", where, problems) or []):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-            problems.append(f"{where}seeds[{i}]={value!r} must be a whole number from 0 to 2**63 - 1")
-        else:
-            seeds.append(value)
+    methods = [
+        _check_method(m, f"{where}methods[{i}]", problems)
+        for i, m in enumerate(_as_list(merged["methods"], "methods", where, problems) or [])
+    ]
+    fractions, budgets, seeds = _check_number_axes(merged, wheres, problems)
     train = _check_train(merged["train"], wheres["train"], problems)
     trains = {}
     for variant in methods:  # a variant's own settings (e.g. its learning rate) over the grid's
         if variant is not None:
-            trains[variant.name] = train if not variant.train else _check_train(
-                {**(merged["train"] if isinstance(merged["train"], dict) else {}), **variant.train},
-                f"{wheres['methods']}methods ({variant.name}): ", problems)
+            trains[variant.name] = (
+                train
+                if not variant.train
+                else _check_train(
+                    {**(merged["train"] if isinstance(merged["train"], dict) else {}), **variant.train},
+                    f"{wheres['methods']}methods ({variant.name}): ",
+                    problems,
+                )
+            )
     axes: tuple[tuple[str, list[Any]], ...] = (
-        ("models", [m for m in models if m]), ("tasks", [t.name for t in tasks if t]),
-        ("methods", [m.name for m in methods if m]), ("fractions", fractions),
-        ("time_budgets", budgets), ("seeds", seeds))
+        ("models", [m for m in models if m]),
+        ("tasks", [t.name for t in tasks if t]),
+        ("methods", [m.name for m in methods if m]),
+        ("fractions", fractions),
+        ("time_budgets", budgets),
+        ("seeds", seeds),
+    )
     for axis, values in axes:
         duplicates = sorted({str(v) for v in values if values.count(v) > 1})
         if duplicates:
@@ -654,8 +777,10 @@ def _check_model(value: Any, where: str, base: Path, problems: list[str]) -> str
     from deltatune.sources.models import MODEL_ALIASES
 
     if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}={value!r} must be a model name: an alias ({', '.join(MODEL_ALIASES)}), "
-                        "a local directory or a hub id 'owner/name'")
+        problems.append(
+            f"{where}={value!r} must be a model name: an alias ({', '.join(MODEL_ALIASES)}), "
+            "a local directory or a hub id 'owner/name'"
+        )
         return None
     if value in MODEL_ALIASES:
         return value
@@ -663,60 +788,122 @@ def _check_model(value: Any, where: str, base: Path, problems: list[str]) -> str
     path = path if path.is_absolute() else base / path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            problems.append(f"{where}: model directory {str(path)!r} has no config.json; a model directory "
-                            "holds config.json and *.safetensors weights")
+            problems.append(
+                f"{where}: model directory {str(path)!r} has no config.json; a model directory "
+                "holds config.json and *.safetensors weights"
+            )
             return None
         return str(path.resolve())
     looks_like_path = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
     if looks_like_path:
-        problems.append(f"{where}: unknown model {value!r}: no directory at {path}. Check the path, or give an "
-                        f"alias ({', '.join(MODEL_ALIASES)}) or a hub id 'owner/name'.")
+        problems.append(
+            f"{where}: unknown model {value!r}: no directory at {path}. Check the path, or give an "
+            f"alias ({', '.join(MODEL_ALIASES)}) or a hub id 'owner/name'."
+        )
         return None
     if "/" not in value:
         close = difflib.get_close_matches(value, MODEL_ALIASES, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        problems.append(f"{where}: unknown model {value!r}: not an alias ({', '.join(sorted(MODEL_ALIASES))}) "
-                        f"and not a local directory.{hint} Hub ids are written 'owner/name'.")
+        problems.append(
+            f"{where}: unknown model {value!r}: not an alias ({', '.join(sorted(MODEL_ALIASES))}) "
+            f"and not a local directory.{hint} Hub ids are written 'owner/name'."
+        )
         return None
     return value  # a hub id: from_pretrained will fetch it in the cell, where a hub is reachable
 
 
-def _check_task(value: Any, where: str, base: Path, default_cap: int | None, default_source: str,
-                problems: list[str], cache: dict) -> TaskEntry | None:
+def _check_number_axes(
+    merged: dict, wheres: dict[str, str], problems: list[str]
+) -> tuple[list[float], list[float | None], list[int]]:
+    """The grid's fractions, time budgets and seeds (each with its default), problems collected."""
+    fractions = []
+    where = wheres["fractions"]
+    for i, value in enumerate(
+        _as_list(merged["fractions"] if merged["fractions"] is not None else [1.0], "fractions", where, problems) or []
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            problems.append(f"{where}fractions[{i}]={value!r} must be a number in (0, 1], e.g. 0.3")
+        else:
+            fractions.append(float(value))
+    budgets: list[float | None] = []
+    where = wheres["time_budgets"]
+    for i, value in enumerate(
+        _as_list(
+            merged["time_budgets"] if merged["time_budgets"] is not None else [None], "time_budgets", where, problems
+        )
+        or []
+    ):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            budgets.append(None)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            problems.append(
+                f"{where}time_budgets[{i}]={value!r} must be seconds (a positive number) or null for no budget"
+            )
+        else:
+            budgets.append(float(value))
+    seeds = []
+    where = wheres["seeds"]
+    for i, value in enumerate(
+        _as_list(merged["seeds"] if merged["seeds"] is not None else [42], "seeds", where, problems) or []
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            problems.append(f"{where}seeds[{i}]={value!r} must be a whole number from 0 to 2**63 - 1")
+        else:
+            seeds.append(value)
+    return fractions, budgets, seeds
+
+
+def _check_catalog_task(
+    value: dict, where: str, default_cap: int | None, default_source: str, problems: list[str]
+) -> TaskEntry | None:
+    """A grid task named from the catalog: {task: NAME, source: ..., max_train_examples: ...}."""
     from deltatune.run import data_record
     from deltatune.tasks import TASKS
+
+    unknown = [k for k in value if k not in CATALOG_TASK_KEYS]
+    for key in unknown:
+        problems.append(f"{where}: unknown key {key!r} for a catalog task. {did_you_mean(str(key), CATALOG_TASK_KEYS)}")
+    name = value["task"]
+    if not isinstance(name, str) or name not in TASKS:
+        problems.append(
+            f"{where}: unknown task {name!r}. {did_you_mean(str(name), TASKS)} For your own data "
+            "give {name: ..., path: FILE, text_fields: [...]}."
+        )
+        return None
+    source = value.get("source", default_source)
+    if source not in ("auto", "mirror", "hub"):
+        problems.append(f"{where}: source={source!r} must be auto, mirror or hub")
+        return None
+    cap = _check_cap(value.get("max_train_examples", default_cap), f"{where}.max_train_examples", problems)
+    return None if unknown else TaskEntry(name, data_record(name, source=source), cap)
+
+
+def _check_task(
+    value: Any, where: str, base: Path, default_cap: int | None, default_source: str, problems: list[str], cache: dict
+) -> TaskEntry | None:
+    from deltatune.run import data_record
 
     if isinstance(value, str):
         value = {"task": value}
     if not isinstance(value, dict):
-        problems.append(f"{where}={value!r} must be a catalog task name (see `deltatune tasks`) or a mapping "
-                        "for your own data: {name: reviews, path: reviews.csv, text_fields: [text]}")
+        problems.append(
+            f"{where}={value!r} must be a catalog task name (see `deltatune tasks`) or a mapping "
+            "for your own data: {name: reviews, path: reviews.csv, text_fields: [text]}"
+        )
         return None
     if "task" in value:
-        unknown = [k for k in value if k not in CATALOG_TASK_KEYS]
-        for key in unknown:
-            problems.append(f"{where}: unknown key {key!r} for a catalog task. "
-                            f"{did_you_mean(str(key), CATALOG_TASK_KEYS)}")
-        name = value["task"]
-        if not isinstance(name, str) or name not in TASKS:
-            problems.append(f"{where}: unknown task {name!r}. {did_you_mean(str(name), TASKS)} For your own data "
-                            "give {name: ..., path: FILE, text_fields: [...]}.")
-            return None
-        source = value.get("source", default_source)
-        if source not in ("auto", "mirror", "hub"):
-            problems.append(f"{where}: source={source!r} must be auto, mirror or hub")
-            return None
-        cap = _check_cap(value.get("max_train_examples", default_cap), f"{where}.max_train_examples", problems)
-        return None if unknown else TaskEntry(name, data_record(name, source=source), cap)
-
+        return _check_catalog_task(value, where, default_cap, default_source, problems)
     unknown = [k for k in value if k not in LOCAL_TASK_KEYS]
     for key in unknown:
-        problems.append(f"{where}: unknown key {key!r} for a local-data task. "
-                        f"{did_you_mean(str(key), (*LOCAL_TASK_KEYS, 'task'))}")
+        problems.append(
+            f"{where}: unknown key {key!r} for a local-data task. {did_you_mean(str(key), (*LOCAL_TASK_KEYS, 'task'))}"
+        )
     missing = [k for k in ("path", "text_fields") if k not in value]
     if missing:
-        problems.append(f"{where}: a local-data task needs {' and '.join(missing)} (and a name), e.g. "
-                        "{name: reviews, path: reviews.csv, text_fields: [text]}")
+        problems.append(
+            f"{where}: a local-data task needs {' and '.join(missing)} (and a name), e.g. "
+            "{name: reviews, path: reviews.csv, text_fields: [text]}"
+        )
         return None
     local: dict[str, Any] = {}
     files = []
@@ -794,8 +981,7 @@ def _check_method(value: Any, where: str, problems: list[str]) -> MethodVariant 
         return None
     train = value.get("train") or {}
     if not isinstance(train, dict):
-        problems.append(f"{where} ({name}): train must be a mapping of training settings, e.g. "
-                        "{learning_rate: 1e-4}")
+        problems.append(f"{where} ({name}): train must be a mapping of training settings, e.g. {{learning_rate: 1e-4}}")
         return None
     return MethodVariant(name, method, dict(config), to_jsonable(built.config), dict(train))
 
@@ -811,8 +997,10 @@ def _check_train(value: Any, where: str, problems: list[str]) -> dict:
         if name in AXIS_TRAIN_FIELDS:
             problems.append(f"{where}train.{key} is a grid axis here: use {AXIS_TRAIN_FIELDS[name]}: [...] instead")
         elif name == "num_examples":
-            problems.append(f"{where}train.num_examples would override every fraction; use fractions, and "
-                            "max_train_examples to cap the training pool")
+            problems.append(
+                f"{where}train.num_examples would override every fraction; use fractions, and "
+                "max_train_examples to cap the training pool"
+            )
         else:
             overrides[name] = setting
     try:
@@ -837,25 +1025,42 @@ def train_config_for(cell_payload: dict, threads: int | None = None, num_example
     """The TrainConfig a cell trains with (inverse of `_check_train` plus the axes)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: v for k, v in cell_payload["train"].items() if k in fields}
-    settings.update(data_fraction=cell_payload["data_fraction"], seed=cell_payload["seed"],
-                    time_budget_s=cell_payload["time_budget_s"], quiet=True, num_examples=num_examples)
+    settings.update(
+        data_fraction=cell_payload["data_fraction"],
+        seed=cell_payload["seed"],
+        time_budget_s=cell_payload["time_budget_s"],
+        quiet=True,
+        num_examples=num_examples,
+    )
     if settings.get("threads") is None:
         settings["threads"] = threads
     return build_config(TrainConfig, settings, prefix="train.")
 
 
-def spec_from_flags(models: list[str] | None = None, tasks: list[str] | None = None,
-                    methods: list[str] | None = None, fractions: list[float] | None = None,
-                    time_budgets: list[float | None] | None = None, seeds: list[int] | None = None,
-                    train: dict | None = None, base: dict | None = None, **extra: Any) -> dict:
+def spec_from_flags(
+    models: list[str] | None = None,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    fractions: list[float] | None = None,
+    time_budgets: list[float | None] | None = None,
+    seeds: list[int] | None = None,
+    train: dict | None = None,
+    base: dict | None = None,
+    **extra: Any,
+) -> dict:
     """A spec mapping from CLI flags, laid over `base` (a spec file or preset) where given.
 
     Methods on the command line are `NAME`, `NAME:KEY=VALUE,KEY=VALUE` or `LABEL=NAME:KEY=VALUE`,
     e.g. `lora-r16=lora:r=16,alpha=32`.
     """
     spec = dict(base or {})
-    for key, value in (("models", models), ("tasks", tasks), ("fractions", fractions),
-                       ("time_budgets", time_budgets), ("seeds", seeds)):
+    for key, value in (
+        ("models", models),
+        ("tasks", tasks),
+        ("fractions", fractions),
+        ("time_budgets", time_budgets),
+        ("seeds", seeds),
+    ):
         if value:
             spec[key] = list(value)
     if methods:
@@ -872,5 +1077,18 @@ parse_method_flag = parse_method_text
 """`compare --methods` entries go through the one method-option parser of the command line."""
 
 
-__all__ = ["GridSpec", "Cell", "BaselineCell", "MethodVariant", "TaskEntry", "StatisticsConfig", "parse_spec", "read_spec_file",
-           "spec_from_flags", "identity_hash", "train_config_for", "parse_method_flag", "parse_method_text"]
+__all__ = [
+    "GridSpec",
+    "Cell",
+    "BaselineCell",
+    "MethodVariant",
+    "TaskEntry",
+    "StatisticsConfig",
+    "parse_spec",
+    "read_spec_file",
+    "spec_from_flags",
+    "identity_hash",
+    "train_config_for",
+    "parse_method_flag",
+    "parse_method_text",
+]

@@ -88,8 +88,7 @@ def _confusion_metric_rows(metric: str, predictions: np.ndarray, labels: np.ndar
         n = confusion.sum(axis=(1, 2))
         correct = diagonal.sum(axis=1)
         numerator = correct * n - (true_totals * predicted_totals).sum(axis=1)
-        denominator = (np.sqrt(n**2 - (predicted_totals**2).sum(axis=1))
-                       * np.sqrt(n**2 - (true_totals**2).sum(axis=1)))
+        denominator = np.sqrt(n**2 - (predicted_totals**2).sum(axis=1)) * np.sqrt(n**2 - (true_totals**2).sum(axis=1))
         return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
     # f1 as in deltatune.metrics: binary F1 of class 1 when only classes 0/1 occur, else macro over gold classes
     false_positives = predicted_totals - diagonal
@@ -103,9 +102,15 @@ def _confusion_metric_rows(metric: str, predictions: np.ndarray, labels: np.ndar
     return np.where(binary, per_class[:, 1] if classes > 1 else 0.0, macro)
 
 
-def paired_bootstrap(method_predictions: Sequence[np.ndarray], baseline_predictions: Sequence[np.ndarray],
-                     labels: np.ndarray, metric: str, samples: int = 1000, confidence: float = 0.95,
-                     seed: int = 0) -> BootstrapResult:
+def paired_bootstrap(
+    method_predictions: Sequence[np.ndarray],
+    baseline_predictions: Sequence[np.ndarray],
+    labels: np.ndarray,
+    metric: str,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
     """Interval of (method − baseline) in `metric`; the i-th predictions of both lists come from the same seed."""
     if len(method_predictions) != len(baseline_predictions) or not method_predictions:
         raise ValueError("paired_bootstrap needs the same (non-zero) number of seeds for both methods")
@@ -116,10 +121,12 @@ def paired_bootstrap(method_predictions: Sequence[np.ndarray], baseline_predicti
     if baseline.shape != method.shape or labels.shape != (n,):
         raise ValueError(f"shapes differ: method {method.shape}, baseline {baseline.shape}, labels {labels.shape}")
     everything = np.arange(n)[None, :]
-    method_value = float(np.mean([metric_rows(metric, method[s][everything], labels[everything])[0]
-                                  for s in range(seeds)]))
-    baseline_value = float(np.mean([metric_rows(metric, baseline[s][everything], labels[everything])[0]
-                                    for s in range(seeds)]))
+    method_value = float(
+        np.mean([metric_rows(metric, method[s][everything], labels[everything])[0] for s in range(seeds)])
+    )
+    baseline_value = float(
+        np.mean([metric_rows(metric, baseline[s][everything], labels[everything])[0] for s in range(seeds)])
+    )
     rng = np.random.default_rng(seed)
     differences = np.empty(samples)
     for start in range(0, samples, _CHUNK):
@@ -128,15 +135,24 @@ def paired_bootstrap(method_predictions: Sequence[np.ndarray], baseline_predicti
         drawn_seeds = rng.integers(0, seeds, size=(count, seeds)) if seeds > 1 else np.zeros((count, 1), int)
         resampled_labels = labels[indices]
         method_scores = np.stack([metric_rows(metric, method[s][indices], resampled_labels) for s in range(seeds)])
-        baseline_scores = np.stack([metric_rows(metric, baseline[s][indices], resampled_labels)
-                                    for s in range(seeds)])
+        baseline_scores = np.stack([metric_rows(metric, baseline[s][indices], resampled_labels) for s in range(seeds)])
         replicate = np.arange(count)[:, None]
-        differences[start:start + count] = (method_scores[drawn_seeds, replicate].mean(axis=1)
-                                            - baseline_scores[drawn_seeds, replicate].mean(axis=1))
+        differences[start : start + count] = method_scores[drawn_seeds, replicate].mean(axis=1) - baseline_scores[
+            drawn_seeds, replicate
+        ].mean(axis=1)
     tail = (1 - confidence) / 2
     low, high = np.quantile(differences, [tail, 1 - tail])
-    return BootstrapResult(method_value - baseline_value, float(low), float(high), method_value, baseline_value,
-                           n, seeds, samples, confidence)
+    return BootstrapResult(
+        method_value - baseline_value,
+        float(low),
+        float(high),
+        method_value,
+        baseline_value,
+        n,
+        seeds,
+        samples,
+        confidence,
+    )
 
 
 def matches(result: BootstrapResult, margin_points: float = 1.0) -> bool:
@@ -207,5 +223,14 @@ def time_to_target(curve: Sequence[dict], target: float) -> float | None:
     return None
 
 
-__all__ = ["BootstrapResult", "paired_bootstrap", "verdict", "matches", "mean_and_std", "metric_rows",
-           "predictions_from_outputs", "area_under_fraction_curve", "time_to_target"]
+__all__ = [
+    "BootstrapResult",
+    "paired_bootstrap",
+    "verdict",
+    "matches",
+    "mean_and_std",
+    "metric_rows",
+    "predictions_from_outputs",
+    "area_under_fraction_curve",
+    "time_to_target",
+]

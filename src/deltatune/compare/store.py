@@ -53,22 +53,74 @@ CREATE TABLE IF NOT EXISTS learning_curve (
 );
 """
 
-SCALAR_COLUMNS = ("cell_id", "status", "in_spec", "kind", "grid", "model", "task", "method", "variant",
-                  "data_fraction", "time_budget_s", "seed", "primary_metric", "evaluation_split", "primary_value",
-                  "dev_value", "learning_rate", "converged", "trainable_params",
-                  "total_params", "trainable_percent", "delta_bytes", "full_model_bytes", "peak_memory_bytes",
-                  "train_time_s", "eval_time_s", "wall_time_s", "cell_time_s", "train_examples_per_s",
-                  "num_train_examples", "steps", "best_step", "stopped_by", "examples_seen", "run_dir", "error",
-                  "recorded_at")
+SCALAR_COLUMNS = (
+    "cell_id",
+    "status",
+    "in_spec",
+    "kind",
+    "grid",
+    "model",
+    "task",
+    "method",
+    "variant",
+    "data_fraction",
+    "time_budget_s",
+    "seed",
+    "primary_metric",
+    "evaluation_split",
+    "primary_value",
+    "dev_value",
+    "learning_rate",
+    "converged",
+    "trainable_params",
+    "total_params",
+    "trainable_percent",
+    "delta_bytes",
+    "full_model_bytes",
+    "peak_memory_bytes",
+    "train_time_s",
+    "eval_time_s",
+    "wall_time_s",
+    "cell_time_s",
+    "train_examples_per_s",
+    "num_train_examples",
+    "steps",
+    "best_step",
+    "stopped_by",
+    "examples_seen",
+    "run_dir",
+    "error",
+    "recorded_at",
+)
 """What `deltatune results` exports per cell, in this order (plus test_* and dev_* metrics and method_config)."""
 
-ADDED_COLUMNS = {"kind": "TEXT", "evaluation_split": "TEXT", "dev_value": "REAL", "test_metrics": "TEXT",
-                 "converged": "INTEGER", "learning_rate": "REAL"}
+ADDED_COLUMNS = {
+    "kind": "TEXT",
+    "evaluation_split": "TEXT",
+    "dev_value": "REAL",
+    "test_metrics": "TEXT",
+    "converged": "INTEGER",
+    "learning_rate": "REAL",
+}
 """Columns newer than the first stores: added to an older store when it is opened for writing."""
 
-_RECORD_NUMBERS = ("trainable_params", "total_params", "trainable_percent", "delta_bytes", "full_model_bytes",
-                   "peak_memory_bytes", "train_time_s", "eval_time_s", "wall_time_s", "train_examples_per_s",
-                   "num_train_examples", "steps", "best_step", "stopped_by", "examples_seen")
+_RECORD_NUMBERS = (
+    "trainable_params",
+    "total_params",
+    "trainable_percent",
+    "delta_bytes",
+    "full_model_bytes",
+    "peak_memory_bytes",
+    "train_time_s",
+    "eval_time_s",
+    "wall_time_s",
+    "train_examples_per_s",
+    "num_train_examples",
+    "steps",
+    "best_step",
+    "stopped_by",
+    "examples_seen",
+)
 
 
 def store_path(exp_dir: str | Path) -> Path:
@@ -102,15 +154,24 @@ def connect_read_only(exp_dir: str | Path) -> sqlite3.Connection:
 
 
 def _cell_columns(payload: dict) -> dict[str, Any]:
-    return {"cell_id": payload["cell_id"], "grid": payload["grid"], "model": payload["model"],
-            "task": payload["task"], "method": payload["method"], "variant": payload["variant"],
-            "method_config": json.dumps(payload["method_config"], sort_keys=True),
-            "data_fraction": payload["data_fraction"], "time_budget_s": payload["time_budget_s"],
-            "seed": payload["seed"], "settings": json.dumps(payload, sort_keys=True)}
+    return {
+        "cell_id": payload["cell_id"],
+        "grid": payload["grid"],
+        "model": payload["model"],
+        "task": payload["task"],
+        "method": payload["method"],
+        "variant": payload["variant"],
+        "method_config": json.dumps(payload["method_config"], sort_keys=True),
+        "data_fraction": payload["data_fraction"],
+        "time_budget_s": payload["time_budget_s"],
+        "seed": payload["seed"],
+        "settings": json.dumps(payload, sort_keys=True),
+    }
 
 
-def record_finished(connection: sqlite3.Connection, payload: dict, record: dict, run_dir: str,
-                    cell_time_s: float | None) -> None:
+def record_finished(
+    connection: sqlite3.Connection, payload: dict, record: dict, run_dir: str, cell_time_s: float | None
+) -> None:
     """Write a finished cell and its learning curve in one transaction (replacing a failed attempt)."""
     columns = _cell_columns(payload)
     columns.update({key: record.get(key) for key in _RECORD_NUMBERS})
@@ -118,36 +179,61 @@ def record_finished(connection: sqlite3.Connection, payload: dict, record: dict,
     split = record.get("evaluation_split") or "dev"
     reported = record["test_metrics"] if split == "test" else record["dev_metrics"]  # what the split's run wrote
     converged = record.get("converged")
-    columns.update(status="finished", primary_metric=primary, primary_value=reported.get(primary),
-                   evaluation_split=split, dev_value=record["dev_metrics"].get(primary),
-                   test_metrics=json.dumps(record.get("test_metrics"), sort_keys=True),
-                   converged=None if converged is None else int(converged), learning_rate=record.get("learning_rate"),
-                   kind=record.get("kind", "train"),
-                   dev_metrics=json.dumps(record["dev_metrics"], sort_keys=True), run_dir=run_dir,
-                   cell_time_s=cell_time_s, error=None, in_spec=1,
-                   record=json.dumps({k: v for k, v in record.items() if k != "learning_curve"}, sort_keys=True),
-                   recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    curve = [(payload["cell_id"], index, point["step"], point["examples_seen"], point["train_time_s"],
-              point["metrics"].get(primary), json.dumps(point["metrics"], sort_keys=True))
-             for index, point in enumerate(record.get("learning_curve") or [])]
+    columns.update(
+        status="finished",
+        primary_metric=primary,
+        primary_value=reported.get(primary),
+        evaluation_split=split,
+        dev_value=record["dev_metrics"].get(primary),
+        test_metrics=json.dumps(record.get("test_metrics"), sort_keys=True),
+        converged=None if converged is None else int(converged),
+        learning_rate=record.get("learning_rate"),
+        kind=record.get("kind", "train"),
+        dev_metrics=json.dumps(record["dev_metrics"], sort_keys=True),
+        run_dir=run_dir,
+        cell_time_s=cell_time_s,
+        error=None,
+        in_spec=1,
+        record=json.dumps({k: v for k, v in record.items() if k != "learning_curve"}, sort_keys=True),
+        recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    curve = [
+        (
+            payload["cell_id"],
+            index,
+            point["step"],
+            point["examples_seen"],
+            point["train_time_s"],
+            point["metrics"].get(primary),
+            json.dumps(point["metrics"], sort_keys=True),
+        )
+        for index, point in enumerate(record.get("learning_curve") or [])
+    ]
     with connection:  # one transaction: the row and its curve, or nothing
         connection.execute("DELETE FROM cells WHERE cell_id = ?", (payload["cell_id"],))
         names = ", ".join(columns)
-        connection.execute(f"INSERT INTO cells ({names}) VALUES ({', '.join('?' for _ in columns)})",
-                           tuple(columns.values()))
+        connection.execute(
+            f"INSERT INTO cells ({names}) VALUES ({', '.join('?' for _ in columns)})", tuple(columns.values())
+        )
         connection.executemany("INSERT INTO learning_curve VALUES (?, ?, ?, ?, ?, ?, ?)", curve)
 
 
 def record_failed(connection: sqlite3.Connection, payload: dict, error: str, cell_time_s: float | None) -> None:
     columns = _cell_columns(payload)
-    columns.update(status="failed", error=error, cell_time_s=cell_time_s, in_spec=1,
-                   kind=payload.get("kind", "train"),
-                   recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    columns.update(
+        status="failed",
+        error=error,
+        cell_time_s=cell_time_s,
+        in_spec=1,
+        kind=payload.get("kind", "train"),
+        recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     with connection:
         connection.execute("DELETE FROM cells WHERE cell_id = ?", (payload["cell_id"],))
         names = ", ".join(columns)
-        connection.execute(f"INSERT INTO cells ({names}) VALUES ({', '.join('?' for _ in columns)})",
-                           tuple(columns.values()))
+        connection.execute(
+            f"INSERT INTO cells ({names}) VALUES ({', '.join('?' for _ in columns)})", tuple(columns.values())
+        )
 
 
 def statuses(connection: sqlite3.Connection) -> dict[str, str]:
@@ -158,14 +244,17 @@ def mark_current(connection: sqlite3.Connection, current: dict[str, dict]) -> No
     """Flag the cells of the current spec, and refresh their display names (a renamed variant)."""
     with connection:
         connection.execute("UPDATE cells SET in_spec = 0")
-        connection.executemany("UPDATE cells SET in_spec = 1, variant = ?, grid = ? WHERE cell_id = ?",
-                               [(p["variant"], p["grid"], cell_id) for cell_id, p in current.items()])
+        connection.executemany(
+            "UPDATE cells SET in_spec = 1, variant = ?, grid = ? WHERE cell_id = ?",
+            [(p["variant"], p["grid"], cell_id) for cell_id, p in current.items()],
+        )
 
 
 def set_meta(connection: sqlite3.Connection, **values: Any) -> None:
     with connection:
-        connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                               [(key, json.dumps(value)) for key, value in values.items()])
+        connection.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(key, json.dumps(value)) for key, value in values.items()]
+        )
 
 
 def get_meta(connection: sqlite3.Connection) -> dict[str, Any]:
@@ -219,9 +308,20 @@ def _require_store(exp_dir: str | Path) -> None:
     from deltatune.errors import DeltatuneError
 
     if not store_path(exp_dir).is_file():
-        raise DeltatuneError(f"{str(exp_dir)!r} holds no results ({STORE_NAME} is missing). Run "
-                             f"`deltatune compare SPEC --out {exp_dir}` first.")
+        raise DeltatuneError(
+            f"{str(exp_dir)!r} holds no results ({STORE_NAME} is missing). Run "
+            f"`deltatune compare SPEC --out {exp_dir}` first."
+        )
 
 
-__all__ = ["connect", "load_cells", "load_curves", "load_meta", "record_finished", "record_failed", "store_path",
-           "STORE_NAME", "SCALAR_COLUMNS"]
+__all__ = [
+    "connect",
+    "load_cells",
+    "load_curves",
+    "load_meta",
+    "record_finished",
+    "record_failed",
+    "store_path",
+    "STORE_NAME",
+    "SCALAR_COLUMNS",
+]

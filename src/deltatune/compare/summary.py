@@ -149,8 +149,11 @@ searched over its own candidates, is the comparison."""
 
 
 def _settings_key(cell: dict) -> str:
-    train = {key: value for key, value in ((cell.get("settings") or {}).get("train") or {}).items()
-             if key not in LEARNING_RATE_SETTINGS}
+    train = {
+        key: value
+        for key, value in ((cell.get("settings") or {}).get("train") or {}).items()
+        if key not in LEARNING_RATE_SETTINGS
+    }
     cap = (cell.get("settings") or {}).get("max_train_examples")
     return json.dumps({"train": train, "max_train_examples": cap}, sort_keys=True)
 
@@ -197,20 +200,34 @@ def analyze(exp_dir: str | Path, include_stale: bool = False) -> Analysis:
 
     groups = []
     # the data sweep (no budget) first, then the time budgets
-    for key in sorted(by_group, key=lambda k: (k.task, k.model, k.time_budget_s is not None, k.budget_sort(),
-                                               k.data_fraction, k.settings)):
+    for key in sorted(
+        by_group,
+        key=lambda k: (k.task, k.model, k.time_budget_s is not None, k.budget_sort(), k.data_fraction, k.settings),
+    ):
         members = by_group[key] + untrained.get((key.model, key.task), [])
-        variants = {variant: _variant_result(variant, [c for c in members if c["variant"] == variant])
-                    for variant in sorted({c["variant"] for c in members}, key=order.index)}
+        variants = {
+            variant: _variant_result(variant, [c for c in members if c["variant"] == variant])
+            for variant in sorted({c["variant"] for c in members}, key=order.index)
+        }
         group = Group(key, by_group[key][0]["grid"], by_group[key][0]["primary_metric"], variants)
         _compare_to_baseline(exp_dir, group, baseline, statistics, curves)
         _compare_to_untrained(exp_dir, group, statistics)
         groups.append(group)
 
-    return Analysis(title=meta.get("title") or "deltatune comparison", description=meta.get("description") or "",
-                    meta=meta, baseline=baseline, statistics=statistics, variants=order, finished=finished,
-                    failed=failed, groups=groups, areas=_areas(groups, baseline), curves=curves,
-                    total_cells=meta.get("total_cells") or len(cells))
+    return Analysis(
+        title=meta.get("title") or "deltatune comparison",
+        description=meta.get("description") or "",
+        meta=meta,
+        baseline=baseline,
+        statistics=statistics,
+        variants=order,
+        finished=finished,
+        failed=failed,
+        groups=groups,
+        areas=_areas(groups, baseline),
+        curves=curves,
+        total_cells=meta.get("total_cells") or len(cells),
+    )
 
 
 def _variant_result(variant: str, own: list[dict]) -> VariantResult:
@@ -221,16 +238,27 @@ def _variant_result(variant: str, own: list[dict]) -> VariantResult:
     metric_names = sorted({name for c in own for name in (c["dev_metrics"] or {})})
     splits = {c["evaluation_split"] for c in own}
     return VariantResult(
-        variant=variant, method=own[0]["method"], cells=own, values=values, seeds=[c["seed"] for c in own],
-        mean=mean, std=std,
+        variant=variant,
+        method=own[0]["method"],
+        cells=own,
+        values=values,
+        seeds=[c["seed"] for c in own],
+        mean=mean,
+        std=std,
         metric_means={name: stats.mean_and_std([_reported(c).get(name) for c in own])[0] for name in metric_names},
-        trainable_params=own[0]["trainable_params"], total_params=own[0]["total_params"],
-        delta_bytes=own[0]["delta_bytes"], peak_memory_bytes=_mean([c["peak_memory_bytes"] for c in own]),
+        trainable_params=own[0]["trainable_params"],
+        total_params=own[0]["total_params"],
+        delta_bytes=own[0]["delta_bytes"],
+        peak_memory_bytes=_mean([c["peak_memory_bytes"] for c in own]),
         train_time_s=_mean([c["train_time_s"] for c in own]),
-        examples_per_s=_mean([c["train_examples_per_s"] for c in own]), kind=own[0]["kind"],
-        split=splits.pop() if len(splits) == 1 else "mixed", dev_values=[c["dev_value"] for c in own],
+        examples_per_s=_mean([c["train_examples_per_s"] for c in own]),
+        kind=own[0]["kind"],
+        split=splits.pop() if len(splits) == 1 else "mixed",
+        dev_values=[c["dev_value"] for c in own],
         converged=[None if c.get("converged") is None else bool(c["converged"]) for c in own],
-        steps=[c["steps"] for c in own], learning_rates=[c.get("learning_rate") for c in own])
+        steps=[c["steps"] for c in own],
+        learning_rates=[c.get("learning_rate") for c in own],
+    )
 
 
 def _reported(cell: dict) -> dict:
@@ -243,8 +271,9 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _compare_to_baseline(exp_dir: Path, group: Group, baseline: str | None, statistics: StatisticsConfig,
-                         curves: dict[str, list[dict]]) -> None:
+def _compare_to_baseline(
+    exp_dir: Path, group: Group, baseline: str | None, statistics: StatisticsConfig, curves: dict[str, list[dict]]
+) -> None:
     reference = group.variants.get(baseline) if baseline else None
     if reference is not None and reference.values:
         best = stats.mean_and_std(reference.dev_values)[0]
@@ -253,9 +282,15 @@ def _compare_to_baseline(exp_dir: Path, group: Group, baseline: str | None, stat
     for result in group.variants.values():
         if group.target is not None and result.kind == "train":
             result.times_to_target = [
-                stats.time_to_target([{"train_time_s": p["train_time_s"], "value": p["primary_value"]}
-                                      for p in curves.get(c["cell_id"], [])], group.target)
-                for c in result.cells]
+                stats.time_to_target(
+                    [
+                        {"train_time_s": p["train_time_s"], "value": p["primary_value"]}
+                        for p in curves.get(c["cell_id"], [])
+                    ],
+                    group.target,
+                )
+                for c in result.cells
+            ]
         if result.variant == baseline:
             continue
         if reference is None:
@@ -266,21 +301,27 @@ def _compare_to_baseline(exp_dir: Path, group: Group, baseline: str | None, stat
             result.note = paired
             continue
         mine, theirs, labels = paired
-        result.comparison = stats.paired_bootstrap(mine, theirs, labels, group.primary_metric,
-                                                   statistics.bootstrap_samples, statistics.confidence,
-                                                   statistics.seed)
+        result.comparison = stats.paired_bootstrap(
+            mine,
+            theirs,
+            labels,
+            group.primary_metric,
+            statistics.bootstrap_samples,
+            statistics.confidence,
+            statistics.seed,
+        )
         result.verdict = stats.verdict(result.comparison, statistics.margin_points)
         result.matches = stats.matches(result.comparison, statistics.margin_points)
-        if group.primary_metric not in stats.REGRESSION_METRICS and all(
-                np.unique(p).size == 1 for p in mine + theirs):
+        if group.primary_metric not in stats.REGRESSION_METRICS and all(np.unique(p).size == 1 for p in mine + theirs):
             result.degenerate, result.matches = True, None
             result.verdict = "uninformative: both predict one class"
             continue
         _withhold_unconverged(result, reference, group.key.time_budget_s, baseline)
 
 
-def _withhold_unconverged(result: VariantResult, reference: VariantResult, budget: float | None,
-                          baseline: str | None) -> None:
+def _withhold_unconverged(
+    result: VariantResult, reference: VariantResult, budget: float | None, baseline: str | None
+) -> None:
     """A verdict holds only if the side behind had converged (see the module docstring)."""
     if budget is not None:
         if result.still_rising:
@@ -291,16 +332,16 @@ def _withhold_unconverged(result: VariantResult, reference: VariantResult, budge
         result.verdict = f"inconclusive: not converged after {_steps(result.unconverged_steps)} steps"
     elif reference.still_rising and result.matches:
         result.inconclusive, result.matches = True, None
-        result.verdict = (f"inconclusive: {baseline} not converged after {_steps(reference.unconverged_steps)} "
-                          "steps")
+        result.verdict = f"inconclusive: {baseline} not converged after {_steps(reference.unconverged_steps)} steps"
 
 
 def _steps(steps: list[int]) -> str:
     return "/".join(str(s) for s in steps)
 
 
-def _paired_predictions(exp_dir: Path, result: VariantResult, reference: VariantResult,
-                        metric: str) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | str:
+def _paired_predictions(
+    exp_dir: Path, result: VariantResult, reference: VariantResult, metric: str
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | str:
     """(this variant's predictions, the reference's, labels) over their common seeds, or why not.
 
     A no-training row that does not depend on the seed has one cell, paired with every seed of the other.
@@ -356,8 +397,9 @@ def _compare_to_untrained(exp_dir: Path, group: Group, statistics: StatisticsCon
         if isinstance(paired, str):
             continue
         result.untrained = strongest.variant
-        result.versus_untrained = stats.paired_bootstrap(*paired, group.primary_metric, statistics.bootstrap_samples,
-                                                         statistics.confidence, statistics.seed)
+        result.versus_untrained = stats.paired_bootstrap(
+            *paired, group.primary_metric, statistics.bootstrap_samples, statistics.confidence, statistics.seed
+        )
 
 
 def _areas(groups: list[Group], baseline: str | None) -> list[AreaRow]:
@@ -378,8 +420,10 @@ def _areas(groups: list[Group], baseline: str | None) -> list[AreaRow]:
             seeds = set.intersection(*(set(by_fraction[f]) for f in fractions))
             if not seeds:
                 continue
-            areas = [stats.area_under_fraction_curve(fractions, [by_fraction[f][s] for f in fractions])
-                     for s in sorted(seeds)]
+            areas = [
+                stats.area_under_fraction_curve(fractions, [by_fraction[f][s] for f in fractions])
+                for s in sorted(seeds)
+            ]
             per_variant[variant] = (fractions, *stats.mean_and_std(areas))
         reference = per_variant.get(baseline) if baseline else None
         for variant, (fractions, mean, std) in per_variant.items():
@@ -430,26 +474,36 @@ def _claim(analysis: Analysis, variant: str, sweep: str) -> str | None:
         elif result.matches:
             held.append(place)
         elif high < 0:
-            missed.append(f"{place} (worse by {-difference:.1f} points [{-high:.1f}, {-low:.1f}]"
-                          + (", still improving when its time ran out" if result.still_rising else "") + ")")
+            missed.append(
+                f"{place} (worse by {-difference:.1f} points [{-high:.1f}, {-low:.1f}]"
+                + (", still improving when its time ran out" if result.still_rising else "")
+                + ")"
+            )
         else:
-            missed.append(f"{place} (not shown: {difference:+.1f} [{low:+.1f}, {high:+.1f}], "
-                          f"interval wider than ±{margin:g})")
+            missed.append(
+                f"{place} (not shown: {difference:+.1f} [{low:+.1f}, {high:+.1f}], interval wider than ±{margin:g})"
+            )
     if not (held or missed or inconclusive or degenerate):
         return None
-    text = (f"**{variant}** matches {analysis.baseline} (no more than {margin:g} point{'s' if margin != 1 else ''} "
-            f"worse on {_split_name(analysis)}, {confidence}% paired bootstrap) across {sweep}: ")
+    text = (
+        f"**{variant}** matches {analysis.baseline} (no more than {margin:g} point{'s' if margin != 1 else ''} "
+        f"worse on {_split_name(analysis)}, {confidence}% paired bootstrap) across {sweep}: "
+    )
     parts = []
     if held:
         parts.append("held on " + ", ".join(held))
     if missed:
         parts.append("did not hold on " + "; ".join(missed))
     if inconclusive:
-        parts.append(f"inconclusive on {len(inconclusive)} (a run still improving at its end cannot be judged): "
-                     + "; ".join(inconclusive))
+        parts.append(
+            f"inconclusive on {len(inconclusive)} (a run still improving at its end cannot be judged): "
+            + "; ".join(inconclusive)
+        )
     if degenerate:
-        parts.append("no evidence either way on " + ", ".join(degenerate) + f" (both it and {analysis.baseline} "
-                     "predicted a single class for every example: neither had learned the task yet)")
+        parts.append(
+            "no evidence either way on " + ", ".join(degenerate) + f" (both it and {analysis.baseline} "
+            "predicted a single class for every example: neither had learned the task yet)"
+        )
     return text + "; ".join(parts) + "."
 
 
@@ -476,7 +530,9 @@ def _untrained_claims(analysis: Analysis) -> list[str]:
                 sweep = "data amounts" if group.key.time_budget_s is None else "time budgets"
                 shortfalls[result.variant].append(
                     f"{_place(group, sweep, several_models)} ({difference:+.1f} [{low:+.1f}, {high:+.1f}]"
-                    + (", not converged" if result.still_rising else "") + ")")
+                    + (", not converged" if result.still_rising else "")
+                    + ")"
+                )
         shown = ", ".join(f"{100 * value:.1f} on {task}" for task, value in scores.items())
         parts = []
         for variant in [v for v in analysis.variants if v in beaten or v in shortfalls]:
@@ -485,8 +541,11 @@ def _untrained_claims(analysis: Analysis) -> list[str]:
             if shortfalls[variant]:
                 text += "; not on " + ", ".join(shortfalls[variant])
             parts.append(text)
-        sentences.append(f"**Doing nothing**: {row} (no training) scores {shown} ({_split_name(analysis)}). "
-                         + ". ".join(parts) + ".")
+        sentences.append(
+            f"**Doing nothing**: {row} (no training) scores {shown} ({_split_name(analysis)}). "
+            + ". ".join(parts)
+            + "."
+        )
     return sentences
 
 

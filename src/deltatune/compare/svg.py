@@ -12,8 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f",
-           "#ff9da7", "#1b9e77", "#d95f02", "#7570b3")
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#b07aa1",
+    "#76b7b2",
+    "#edc948",
+    "#9c755f",
+    "#ff9da7",
+    "#1b9e77",
+    "#d95f02",
+    "#7570b3",
+)
 BASELINE_COLOR = "#2b2b2b"
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 
@@ -74,9 +86,9 @@ def log_ticks(low: float, high: float) -> list[float]:
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
     if last == first:
         last += 1
-    ticks = [10.0 ** k for k in range(first, last + 1)]
+    ticks = [10.0**k for k in range(first, last + 1)]
     if last - first <= 2:
-        ticks = sorted(t * m for t in ticks for m in (1, 2, 5) if t * m <= 10.0 ** last)
+        ticks = sorted(t * m for t in ticks for m in (1, 2, 5) if t * m <= 10.0**last)
     return ticks
 
 
@@ -112,8 +124,18 @@ class _Frame:
 class Plot:
     """A line/scatter chart with axes, grid, optional log x, and a legend of the labelled series."""
 
-    def __init__(self, name: str, title: str, x_label: str, y_label: str, width: int = 560, height: int = 360,
-                 x_log: bool = False, subtitle: str | None = None, x_from_zero: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        title: str,
+        x_label: str,
+        y_label: str,
+        width: int = 560,
+        height: int = 360,
+        x_log: bool = False,
+        subtitle: str | None = None,
+        x_from_zero: bool = False,
+    ) -> None:
         self.name, self.title, self.subtitle = name, title, subtitle
         self.x_label, self.y_label = x_label, y_label
         self.width, self.height, self.x_log, self.x_from_zero = width, height, x_log, x_from_zero
@@ -121,20 +143,55 @@ class Plot:
         self.x_ticks: list[float] | None = None
 
     # -- adding data ------------------------------------------------------------------------
-    def line(self, xs, ys, color: str, label: str | None = None, dash: str | None = None, width: float = 2.2,
-             markers: bool = True, opacity: float = 1.0, tooltips: list[str] | None = None) -> None:
-        self.series.append(_Series("line", list(xs), list(ys), color, label,
-                                    {"dash": dash, "width": width, "markers": markers, "opacity": opacity,
-                                     "tooltips": tooltips}))
+    def line(
+        self,
+        xs,
+        ys,
+        color: str,
+        label: str | None = None,
+        dash: str | None = None,
+        width: float = 2.2,
+        markers: bool = True,
+        opacity: float = 1.0,
+        tooltips: list[str] | None = None,
+    ) -> None:
+        self.series.append(
+            _Series(
+                "line",
+                list(xs),
+                list(ys),
+                color,
+                label,
+                {"dash": dash, "width": width, "markers": markers, "opacity": opacity, "tooltips": tooltips},
+            )
+        )
 
     def band(self, xs, lows, highs, color: str, opacity: float = 0.15) -> None:
-        self.series.append(_Series("band", list(xs), list(lows), color, None,
-                                   {"highs": list(highs), "opacity": opacity}))
+        self.series.append(
+            _Series("band", list(xs), list(lows), color, None, {"highs": list(highs), "opacity": opacity})
+        )
 
-    def points(self, xs, ys, color: str, label: str | None = None, radius: float = 3.0, opacity: float = 0.6,
-               tooltips: list[str] | None = None, hollow: bool = False) -> None:
-        self.series.append(_Series("points", list(xs), list(ys), color, label,
-                                   {"radius": radius, "opacity": opacity, "tooltips": tooltips, "hollow": hollow}))
+    def points(
+        self,
+        xs,
+        ys,
+        color: str,
+        label: str | None = None,
+        radius: float = 3.0,
+        opacity: float = 0.6,
+        tooltips: list[str] | None = None,
+        hollow: bool = False,
+    ) -> None:
+        self.series.append(
+            _Series(
+                "points",
+                list(xs),
+                list(ys),
+                color,
+                label,
+                {"radius": radius, "opacity": opacity, "tooltips": tooltips, "hollow": hollow},
+            )
+        )
 
     def error_bars(self, xs, lows, highs, color: str) -> None:
         self.series.append(_Series("errors", list(xs), list(lows), color, None, {"highs": list(highs)}))
@@ -159,29 +216,39 @@ class Plot:
         legend, legend_positions, legend_rows = self._legend_layout()
         height = self.height + (20 * legend_rows + 6 if legend else 0)
         frame = self._frame()
-        parts = [f'<svg class="plot" data-plot="{escape(self.name)}" role="img" viewBox="0 0 {self.width} {height}" '
-                 f'width="{self.width}" height="{height}" aria-label="{escape(self.title)}" '
-                 f'font-family="{FONT}">',
-                 f"<title>{escape(self.title)}</title>",
-                 f'<rect x="0" y="0" width="{self.width}" height="{height}" fill="#ffffff"/>',
-                 f'<text x="{frame.left}" y="22" font-size="15" font-weight="600" fill="#1a1a1a">'
-                 f"{escape(self.title)}</text>"]
+        parts = [
+            f'<svg class="plot" data-plot="{escape(self.name)}" role="img" viewBox="0 0 {self.width} {height}" '
+            f'width="{self.width}" height="{height}" aria-label="{escape(self.title)}" '
+            f'font-family="{FONT}">',
+            f"<title>{escape(self.title)}</title>",
+            f'<rect x="0" y="0" width="{self.width}" height="{height}" fill="#ffffff"/>',
+            f'<text x="{frame.left}" y="22" font-size="15" font-weight="600" fill="#1a1a1a">'
+            f"{escape(self.title)}</text>",
+        ]
         if self.subtitle:
             parts.append(f'<text x="{frame.left}" y="40" font-size="12" fill="#666">{escape(self.subtitle)}</text>')
         parts += self._axes(frame)
-        draw = {"band": self._band, "line": self._line, "points": self._points, "errors": self._errors,
-                "hline": self._hline}
+        draw = {
+            "band": self._band,
+            "line": self._line,
+            "points": self._points,
+            "errors": self._errors,
+            "hline": self._hline,
+        }
         for series in self.series:
             parts += draw[series.kind](series, frame)
         # legend under the axis label
         for (series, label), (x, y) in zip(legend, legend_positions, strict=True):
             dash = ' stroke-dasharray="5 4"' if series.kind == "hline" else ""
-            swatch = (f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 4:.1f}" y2="{y - 4:.1f}" '
-                      f'stroke="{escape(series.color)}" stroke-width="3"{dash}/>'
-                      if series.kind in ("line", "hline") else
-                      f'<circle cx="{x + 11:.1f}" cy="{y - 4:.1f}" r="4.5" fill="{escape(series.color)}"/>')
-            parts.append(swatch + f'<text x="{x + 28:.1f}" y="{y:.1f}" font-size="12" fill="#333">'
-                         f"{escape(label)}</text>")
+            swatch = (
+                f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 4:.1f}" y2="{y - 4:.1f}" '
+                f'stroke="{escape(series.color)}" stroke-width="3"{dash}/>'
+                if series.kind in ("line", "hline")
+                else f'<circle cx="{x + 11:.1f}" cy="{y - 4:.1f}" r="4.5" fill="{escape(series.color)}"/>'
+            )
+            parts.append(
+                swatch + f'<text x="{x + 28:.1f}" y="{y:.1f}" font-size="12" fill="#333">{escape(label)}</text>'
+            )
         parts.append("</svg>")
         return "\n".join(parts)
 
@@ -236,26 +303,34 @@ class Plot:
         for tick in frame.y_ticks:
             y = frame.sy(tick)
             parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e6e6"/>')
-            parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="11" fill="#555" text-anchor="end">'
-                         f"{format_tick(tick)}</text>")
+            parts.append(
+                f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="11" fill="#555" text-anchor="end">'
+                f"{format_tick(tick)}</text>"
+            )
         for tick in frame.x_ticks:
             if not frame.x_low - 1e-12 <= tick <= frame.x_high + 1e-12:
                 continue
             x = frame.sx(tick)
             parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_height}" stroke="#f0f0f0"/>')
-            parts.append(f'<text x="{x:.1f}" y="{top + plot_height + 17}" font-size="11" fill="#555" '
-                         f'text-anchor="middle">{format_tick(tick)}</text>')
-        parts.append(f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" '
-                     'stroke="#bdbdbd"/>')
-        parts.append(f'<text x="{left + plot_width / 2:.1f}" y="{top + plot_height + 40}" font-size="12" '
-                     f'fill="#333" text-anchor="middle">{escape(self.x_label)}</text>')
-        parts.append(f'<text transform="translate(16 {top + plot_height / 2:.1f}) rotate(-90)" font-size="12" '
-                     f'fill="#333" text-anchor="middle">{escape(self.y_label)}</text>')
+            parts.append(
+                f'<text x="{x:.1f}" y="{top + plot_height + 17}" font-size="11" fill="#555" '
+                f'text-anchor="middle">{format_tick(tick)}</text>'
+            )
+        parts.append(
+            f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" stroke="#bdbdbd"/>'
+        )
+        parts.append(
+            f'<text x="{left + plot_width / 2:.1f}" y="{top + plot_height + 40}" font-size="12" '
+            f'fill="#333" text-anchor="middle">{escape(self.x_label)}</text>'
+        )
+        parts.append(
+            f'<text transform="translate(16 {top + plot_height / 2:.1f}) rotate(-90)" font-size="12" '
+            f'fill="#333" text-anchor="middle">{escape(self.y_label)}</text>'
+        )
         return parts
 
     def _usable(self, x, y) -> bool:
-        return (x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
-                and (x > 0 or not self.x_log))
+        return x is not None and y is not None and math.isfinite(x) and math.isfinite(y) and (x > 0 or not self.x_log)
 
     def _band(self, series: _Series, frame: _Frame) -> list[str]:
         sx, sy = frame.sx, frame.sy
@@ -264,23 +339,32 @@ class Plot:
         if len(upper) < 2:
             return []
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in upper + lower[::-1])
-        return [f'<polygon points="{path}" fill="{escape(series.color)}" fill-opacity="{series.extra["opacity"]}" '
-                'stroke="none"/>']
+        return [
+            f'<polygon points="{path}" fill="{escape(series.color)}" fill-opacity="{series.extra["opacity"]}" '
+            'stroke="none"/>'
+        ]
 
     def _line(self, series: _Series, frame: _Frame) -> list[str]:
         color, extra, parts = escape(series.color), series.extra, []
-        coordinates = [(frame.sx(x), frame.sy(y), i) for i, (x, y) in enumerate(zip(series.xs, series.ys, strict=True))
-                       if self._usable(x, y)]
+        coordinates = [
+            (frame.sx(x), frame.sy(y), i)
+            for i, (x, y) in enumerate(zip(series.xs, series.ys, strict=True))
+            if self._usable(x, y)
+        ]
         dash = f' stroke-dasharray="{extra["dash"]}"' if extra["dash"] else ""
         if len(coordinates) >= 2:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in coordinates)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
-                         f'stroke-width="{extra["width"]}" '
-                         f'stroke-opacity="{extra["opacity"]}" stroke-linejoin="round"{dash}/>')
+            parts.append(
+                f'<polyline points="{path}" fill="none" stroke="{color}" '
+                f'stroke-width="{extra["width"]}" '
+                f'stroke-opacity="{extra["opacity"]}" stroke-linejoin="round"{dash}/>'
+            )
         if extra["markers"]:
             for x, y, i in coordinates:
-                parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="{color}" stroke="#fff" '
-                             f'stroke-width="1.2">{_tooltip(extra["tooltips"], i)}</circle>')
+                parts.append(
+                    f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="{color}" stroke="#fff" '
+                    f'stroke-width="1.2">{_tooltip(extra["tooltips"], i)}</circle>'
+                )
         return parts
 
     def _points(self, series: _Series, frame: _Frame) -> list[str]:
@@ -289,9 +373,11 @@ class Plot:
             if not self._usable(x, y):
                 continue
             fill = "#fff" if extra["hollow"] else color
-            parts.append(f'<circle cx="{frame.sx(x):.1f}" cy="{frame.sy(y):.1f}" r="{extra["radius"]}" fill="{fill}" '
-                         f'fill-opacity="{extra["opacity"] if not extra["hollow"] else 1}" stroke="{color}" '
-                         f'stroke-width="1.4">{_tooltip(extra["tooltips"], i)}</circle>')
+            parts.append(
+                f'<circle cx="{frame.sx(x):.1f}" cy="{frame.sy(y):.1f}" r="{extra["radius"]}" fill="{fill}" '
+                f'fill-opacity="{extra["opacity"] if not extra["hollow"] else 1}" stroke="{color}" '
+                f'stroke-width="1.4">{_tooltip(extra["tooltips"], i)}</circle>'
+            )
         return parts
 
     def _errors(self, series: _Series, frame: _Frame) -> list[str]:
@@ -299,17 +385,23 @@ class Plot:
         for x, low, high in zip(series.xs, series.ys, series.extra["highs"], strict=True):
             if self._usable(x, low) and self._usable(x, high):
                 px = frame.sx(x)
-                parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
-                             f'stroke="{color}" stroke-width="1.6"/>')
+                parts.append(
+                    f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
+                    f'stroke="{color}" stroke-width="1.6"/>'
+                )
                 for value in (low, high):
-                    parts.append(f'<line x1="{px - 4:.1f}" x2="{px + 4:.1f}" y1="{sy(value):.1f}" '
-                                 f'y2="{sy(value):.1f}" stroke="{color}" stroke-width="1.6"/>')
+                    parts.append(
+                        f'<line x1="{px - 4:.1f}" x2="{px + 4:.1f}" y1="{sy(value):.1f}" '
+                        f'y2="{sy(value):.1f}" stroke="{color}" stroke-width="1.6"/>'
+                    )
         return parts
 
     def _hline(self, series: _Series, frame: _Frame) -> list[str]:
         y = frame.sy(series.ys[0])
-        return [f'<line x1="{frame.left}" x2="{frame.left + frame.plot_width}" y1="{y:.1f}" y2="{y:.1f}" '
-                f'stroke="{escape(series.color)}" stroke-width="1.2" stroke-dasharray="{series.extra["dash"]}"/>']
+        return [
+            f'<line x1="{frame.left}" x2="{frame.left + frame.plot_width}" y1="{y:.1f}" y2="{y:.1f}" '
+            f'stroke="{escape(series.color)}" stroke-width="1.2" stroke-dasharray="{series.extra["dash"]}"/>'
+        ]
 
 
 def _tooltip(tooltips: list[str] | None, index: int) -> str:
@@ -317,9 +409,19 @@ def _tooltip(tooltips: list[str] | None, index: int) -> str:
     tip = tooltips[index] if tooltips else None
     return f"<title>{escape(tip)}</title>" if tip else ""
 
-def bar_chart(name: str, title: str, labels: list[str], values: list[float | None], colors: list[str],
-              x_label: str, value_text: list[str], log: bool = False, width: int = 560,
-              subtitle: str | None = None) -> str:
+
+def bar_chart(
+    name: str,
+    title: str,
+    labels: list[str],
+    values: list[float | None],
+    colors: list[str],
+    x_label: str,
+    value_text: list[str],
+    log: bool = False,
+    width: int = 560,
+    subtitle: str | None = None,
+) -> str:
     """Horizontal bars, one per label (a method), with the value printed at the end of each bar."""
     left, right, top = 130, 90, 58 if subtitle else 42
     bar, gap = 22, 10
@@ -334,42 +436,54 @@ def bar_chart(name: str, title: str, labels: list[str], values: list[float | Non
 
         def sx(v: float) -> float:
             return left + (math.log10(v) - log_low) / ((log_high - log_low) or 1) * plot_width
+
         origin: float = left
     else:
         ticks = nice_ticks(0, high)
 
         def sx(v: float) -> float:
             return left + v / (ticks[-1] or 1) * plot_width
+
         origin = sx(0)
-    parts = [f'<svg class="plot" data-plot="{escape(name)}" role="img" viewBox="0 0 {width} {height}" width="{width}" '
-             f'height="{height}" aria-label="{escape(title)}" font-family="{FONT}">',
-             f"<title>{escape(title)}</title>",
-             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
-             f'<text x="{left}" y="22" font-size="15" font-weight="600" fill="#1a1a1a">{escape(title)}</text>']
+    parts = [
+        f'<svg class="plot" data-plot="{escape(name)}" role="img" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" aria-label="{escape(title)}" font-family="{FONT}">',
+        f"<title>{escape(title)}</title>",
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
+        f'<text x="{left}" y="22" font-size="15" font-weight="600" fill="#1a1a1a">{escape(title)}</text>',
+    ]
     if subtitle:
         parts.append(f'<text x="{left}" y="40" font-size="12" fill="#666">{escape(subtitle)}</text>')
     axis_y = top + len(labels) * (bar + gap)
     for tick in ticks:
         x = sx(tick)
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{axis_y}" stroke="#ececec"/>')
-        parts.append(f'<text x="{x:.1f}" y="{axis_y + 16}" font-size="11" fill="#555" text-anchor="middle">'
-                     f"{format_tick(tick)}</text>")
+        parts.append(
+            f'<text x="{x:.1f}" y="{axis_y + 16}" font-size="11" fill="#555" text-anchor="middle">'
+            f"{format_tick(tick)}</text>"
+        )
     for index, (label, value, color, text) in enumerate(zip(labels, values, colors, value_text, strict=True)):
         y = top + index * (bar + gap)
-        parts.append(f'<text x="{left - 8}" y="{y + bar / 2 + 4:.1f}" font-size="12" fill="#333" text-anchor="end">'
-                     f"{escape(label)}</text>")
+        parts.append(
+            f'<text x="{left - 8}" y="{y + bar / 2 + 4:.1f}" font-size="12" fill="#333" text-anchor="end">'
+            f"{escape(label)}</text>"
+        )
         if value is not None and value > 0:
             end = sx(value)
-            parts.append(f'<rect x="{origin:.1f}" y="{y}" width="{max(1.0, end - origin):.1f}" height="{bar}" '
-                         f'fill="{escape(color)}" rx="2"><title>{escape(label)}: {escape(text)}</title></rect>')
-            parts.append(f'<text x="{end + 6:.1f}" y="{y + bar / 2 + 4:.1f}" font-size="11" fill="#333">'
-                         f"{escape(text)}</text>")
+            parts.append(
+                f'<rect x="{origin:.1f}" y="{y}" width="{max(1.0, end - origin):.1f}" height="{bar}" '
+                f'fill="{escape(color)}" rx="2"><title>{escape(label)}: {escape(text)}</title></rect>'
+            )
+            parts.append(
+                f'<text x="{end + 6:.1f}" y="{y + bar / 2 + 4:.1f}" font-size="11" fill="#333">{escape(text)}</text>'
+            )
         else:
-            parts.append(f'<text x="{origin + 6:.1f}" y="{y + bar / 2 + 4:.1f}" font-size="11" fill="#888">'
-                         "n/a</text>")
+            parts.append(f'<text x="{origin + 6:.1f}" y="{y + bar / 2 + 4:.1f}" font-size="11" fill="#888">n/a</text>')
     parts.append(f'<line x1="{left}" x2="{left + plot_width}" y1="{axis_y}" y2="{axis_y}" stroke="#bdbdbd"/>')
-    parts.append(f'<text x="{left + plot_width / 2:.1f}" y="{axis_y + 36}" font-size="12" fill="#333" '
-                 f'text-anchor="middle">{escape(x_label)}</text>')
+    parts.append(
+        f'<text x="{left + plot_width / 2:.1f}" y="{axis_y + 36}" font-size="12" fill="#333" '
+        f'text-anchor="middle">{escape(x_label)}</text>'
+    )
     parts.append("</svg>")
     return "\n".join(parts)
 

@@ -17,12 +17,20 @@ from importlib import import_module
 
 _EXPORTS = {
     "FreeLMConfig": "config",
-    "FreeLMModel": "model", "PROPOSITION_TASK": "model", "build_freelm_model": "model",
-    "LANGUAGE": "schedule", "TEACHER": "schedule", "signal_schedule": "schedule",
-    "FreeLMResult": "training", "train_freelm": "training",
-    "proposition_scores": "scoring", "verbaliser_scores": "scoring",
-    "load_freelm": "artifact", "run_freelm_training": "artifact",
-    "evaluate_freelm": "evaluation", "format_table": "evaluation",
+    "FreeLMModel": "model",
+    "PROPOSITION_TASK": "model",
+    "build_freelm_model": "model",
+    "LANGUAGE": "schedule",
+    "TEACHER": "schedule",
+    "signal_schedule": "schedule",
+    "FreeLMResult": "training",
+    "train_freelm": "training",
+    "proposition_scores": "scoring",
+    "verbaliser_scores": "scoring",
+    "load_freelm": "artifact",
+    "run_freelm_training": "artifact",
+    "evaluate_freelm": "evaluation",
+    "format_table": "evaluation",
 }
 
 

@@ -68,9 +68,14 @@ def prepare_freelm_model(causal_lm: PreTrainedModel, tokenizer, method) -> Prepa
     return PreparedFreeLM(model, names, fingerprint, base_params)
 
 
-def run_freelm_training(model_name: str, config: FreeLMConfig | None = None, method_name: str = "lora",
-                        method_overrides: dict | None = None, out: str | Path | None = None,
-                        overwrite: bool = False) -> dict:
+def run_freelm_training(
+    model_name: str,
+    config: FreeLMConfig | None = None,
+    method_name: str = "lora",
+    method_overrides: dict | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Train FreeLM on `model_name` (a causal decoder) and save it to `out`; returns the run record."""
     from deltatune.tasks import get_task
 
@@ -84,8 +89,48 @@ def run_freelm_training(model_name: str, config: FreeLMConfig | None = None, met
         return _train_and_save(model_name, config, method_name, method, out_path, overwrite)
 
 
-def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, method, out_path: Path | None,
-                    overwrite: bool) -> dict:
+def _freelm_manifest(
+    model_name: str,
+    method_name: str,
+    method,
+    config: FreeLMConfig,
+    fingerprint: str,
+    total_params: int,
+    seen: dict,
+    summary: dict,
+) -> DeltaManifest:
+    """The FreeLM delta's manifest: its base, the proposition task, and the seen tasks' dev metrics."""
+    from deltatune.sources.models import describe_model_source
+
+    return DeltaManifest(
+        method=method_name,
+        method_config=to_jsonable(method.config),
+        base_model=BaseModelRecord(
+            name=model_name,
+            fingerprint=fingerprint,
+            source=describe_model_source(model_name),
+            total_params=total_params,
+        ),
+        task=PROPOSITION_TASK,
+        # not a catalog task: `deltatune eval` says so; `deltatune freelm eval` is the way to evaluate
+        data={"kind": "catalog", "task": PROPOSITION_TASK.name, "source": "auto"},
+        max_length=config.max_length,
+        metrics={
+            "dev": {
+                f"{task}/{name}": value
+                for task, metrics in seen.items()
+                for name, value in metrics.items()
+                if name != "num_examples"
+            }
+        },
+        freelm=summary,
+        versions=library_versions(),
+    )
+
+
+def _train_and_save(
+    model_name: str, config: FreeLMConfig, method_name: str, method, out_path: Path | None, overwrite: bool
+) -> dict:
     """Train FreeLM and, with `out_path` (locked by the caller), publish the run there; returns the record."""
     from deltatune.sources.data import load_task_data, load_text_corpus
     from deltatune.sources.models import describe_model_source, load_causal_lm
@@ -101,8 +146,9 @@ def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, met
     model, trainable_names, fingerprint, total_params = prepare_freelm_model(causal_lm, tokenizer, method)
     trainable_params = sum(p.numel() for n, p in model.classifier.named_parameters() if n in trainable_names)
 
-    validation_blocks = language_blocks(tokenizer, corpus["validation"], config.lm_sequence_length,
-                                        config.perplexity_blocks, seed=0)
+    validation_blocks = language_blocks(
+        tokenizer, corpus["validation"], config.lm_sequence_length, config.perplexity_blocks, seed=0
+    )
     perplexity_before = perplexity(model, validation_blocks)
     result = train_freelm(model, tokenizer, task_data, corpus["train"], config, method)
     perplexity_after = perplexity(model, validation_blocks)
@@ -118,9 +164,13 @@ def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, met
         "train_tasks": list(config.train_tasks),
         "training": result.summary(),
         "seen_task_dev_metrics": seen,
-        "perplexity": {"corpus": config.lm_corpus, "blocks": len(validation_blocks),
-                       "block_length": config.lm_sequence_length, "before": perplexity_before,
-                       "after": perplexity_after},
+        "perplexity": {
+            "corpus": config.lm_corpus,
+            "blocks": len(validation_blocks),
+            "block_length": config.lm_sequence_length,
+            "before": perplexity_before,
+            "after": perplexity_after,
+        },
     }
     record = {
         "model": model_name,
@@ -145,20 +195,7 @@ def _train_and_save(model_name: str, config: FreeLMConfig, method_name: str, met
     if out_path is None:
         record["delta_bytes"] = None
         return record
-    manifest = DeltaManifest(
-        method=method_name,
-        method_config=to_jsonable(method.config),
-        base_model=BaseModelRecord(name=model_name, fingerprint=fingerprint, source=describe_model_source(model_name),
-                                   total_params=total_params),
-        task=PROPOSITION_TASK,
-        # not a catalog task: `deltatune eval` says so; `deltatune freelm eval` is the way to evaluate
-        data={"kind": "catalog", "task": PROPOSITION_TASK.name, "source": "auto"},
-        max_length=config.max_length,
-        metrics={"dev": {f"{task}/{name}": value for task, metrics in seen.items()
-                         for name, value in metrics.items() if name != "num_examples"}},
-        freelm=summary,
-        versions=library_versions(),
-    )
+    manifest = _freelm_manifest(model_name, method_name, method, config, fingerprint, total_params, seen, summary)
     with staged_directory(out_path, FREELM_FILES, overwrite, what="the FreeLM run") as staging:
         record["delta_bytes"] = save_delta(staging, model.classifier, method, manifest)
         write_json_atomic(staging / RUN_RECORD, record)
@@ -179,14 +216,17 @@ def load_freelm(directory: str | Path, base: str | None = None) -> tuple[FreeLMM
 def read_freelm_manifest(directory: str | Path) -> DeltaManifest:
     manifest = read_manifest(directory)
     if (manifest.freelm or {}).get("kind") != FREELM_KIND:
-        raise DeltatuneError(f"{directory} is a deltatune delta but not a FreeLM one (it was trained with "
-                             f"`deltatune train`, method {manifest.method!r}). Pass the --out directory of a "
-                             "`deltatune freelm train` run.")
+        raise DeltatuneError(
+            f"{directory} is a deltatune delta but not a FreeLM one (it was trained with "
+            f"`deltatune train`, method {manifest.method!r}). Pass the --out directory of a "
+            "`deltatune freelm train` run."
+        )
     return manifest
 
 
-def attach_freelm_delta(causal_lm: PreTrainedModel, tokenizer, directory: str | Path, manifest: DeltaManifest,
-                        base_name: str | None = None) -> tuple[FreeLMModel, object]:
+def attach_freelm_delta(
+    causal_lm: PreTrainedModel, tokenizer, directory: str | Path, manifest: DeltaManifest, base_name: str | None = None
+) -> tuple[FreeLMModel, object]:
     """Turn a loaded base decoder into the saved FreeLM model (checks the base's fingerprint first)."""
     directory = Path(directory)
     for parameter in causal_lm.parameters():
@@ -198,7 +238,8 @@ def attach_freelm_delta(causal_lm: PreTrainedModel, tokenizer, directory: str | 
         raise DeltatuneError(
             f"This FreeLM delta was trained on base model {recorded!r} (weights fingerprint "
             f"{expected[:12]}), but {base_name or recorded!r} has fingerprint {actual[:12]}. "
-            f"Load it onto {recorded!r} (pass --base to point at a copy of it).")
+            f"Load it onto {recorded!r} (pass --base to point at a copy of it)."
+        )
     method = build_method(manifest.method, manifest.method_config)
     prepare_model(model.classifier, method, tokenizer)
     load_delta_state(model.classifier, method, read_tensors(directory))
@@ -206,6 +247,12 @@ def attach_freelm_delta(causal_lm: PreTrainedModel, tokenizer, directory: str | 
     return model, method
 
 
-__all__ = ["FREELM_KIND", "PreparedFreeLM", "attach_freelm_delta", "load_freelm", "prepare_freelm_model",
-           "read_freelm_manifest",
-           "run_freelm_training"]
+__all__ = [
+    "FREELM_KIND",
+    "PreparedFreeLM",
+    "attach_freelm_delta",
+    "load_freelm",
+    "prepare_freelm_model",
+    "read_freelm_manifest",
+    "run_freelm_training",
+]

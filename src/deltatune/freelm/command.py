@@ -22,14 +22,18 @@ EVALUATION_FILE = "zero_shot_eval.json"
 
 def add_freelm_parser(commands) -> None:
     """Add the `freelm` command group to the `deltatune` subcommands."""
-    freelm = commands.add_parser("freelm", help="FreeLM: train one model with language + teacher signals, "
-                                 "evaluate it zero-shot on held-out tasks")
+    freelm = commands.add_parser(
+        "freelm",
+        help="FreeLM: train one model with language + teacher signals, evaluate it zero-shot on held-out tasks",
+    )
     actions = freelm.add_subparsers(dest="freelm_command", required=True, metavar="ACTION")
 
     train = actions.add_parser(
-        "train", help="train FreeLM on tasks in proposition format, alternating with the language signal",
+        "train",
+        help="train FreeLM on tasks in proposition format, alternating with the language signal",
         description="Method options: --method.KEY=VALUE (see `deltatune methods -v`). List flags take "
-                    "comma-separated values (--train-tasks snli,trec).")
+        "comma-separated values (--train-tasks snli,trec).",
+    )
     train.add_argument("--model", default="smollm2-135m", help="a causal decoder: alias, local directory or hub id")
     train.add_argument("--method", default="lora", help="what adapts the decoder (see `deltatune methods`)")
     train.add_argument("--out", help="directory for the delta and run record (omit to save nothing)")
@@ -37,18 +41,29 @@ def add_freelm_parser(commands) -> None:
     add_switch(train, "--json", help="print the whole run record as JSON")
     add_config_options(train.add_argument_group("FreeLM (FreeLMConfig)"), FreeLMConfig)
 
-    evaluate = actions.add_parser("eval", help="zero-shot evaluation: FreeLM vs the base model's zero-shot and "
-                                  "k-shot prompting")
+    evaluate = actions.add_parser(
+        "eval", help="zero-shot evaluation: FreeLM vs the base model's zero-shot and k-shot prompting"
+    )
     evaluate.add_argument("run_dir", help="the --out directory of `deltatune freelm train`")
     evaluate.add_argument("--tasks", required=True, help="comma-separated catalog tasks, e.g. sms-spam,stsb")
-    evaluate.add_argument("--baselines", default="zero-shot,k-shot",
-                          help="comma-separated: zero-shot, k-shot, or none (default: zero-shot,k-shot)")
+    evaluate.add_argument(
+        "--baselines",
+        default="zero-shot,k-shot",
+        help="comma-separated: zero-shot, k-shot, or none (default: zero-shot,k-shot)",
+    )
     evaluate.add_argument("--k", type=int, default=4, help="demonstrations for the k-shot baseline (default: 4)")
-    evaluate.add_argument("--max-examples", type=int, default=300,
-                          help="examples per task, stratified (default: 300; 0 for the whole split)")
+    evaluate.add_argument(
+        "--max-examples",
+        type=int,
+        default=300,
+        help="examples per task, stratified (default: 300; 0 for the whole split)",
+    )
     evaluate.add_argument("--split", default="test", help="split to evaluate on (default: test)")
-    evaluate.add_argument("--templates", default="all",
-                          help="proposition templates FreeLM averages over: 'all' or one index (default: all)")
+    evaluate.add_argument(
+        "--templates",
+        default="all",
+        help="proposition templates FreeLM averages over: 'all' or one index (default: all)",
+    )
     evaluate.add_argument("--base", help="load the base model from here instead of the recorded name")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the example subset and the demonstrations")
     evaluate.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
@@ -85,8 +100,11 @@ def _train(args: argparse.Namespace, method_options: dict[str, str]) -> int:
         build_method(args.method, method_options)
     except DeltatuneError as error:
         problems.append(str(error))
-    tasks = config.train_tasks if config is not None else \
-        [t.strip() for t in (args.train_tasks or "").split(",") if t.strip()]
+    tasks = (
+        config.train_tasks
+        if config is not None
+        else [t.strip() for t in (args.train_tasks or "").split(",") if t.strip()]
+    )
     for task in tasks:
         try:
             get_task(task)
@@ -94,8 +112,9 @@ def _train(args: argparse.Namespace, method_options: dict[str, str]) -> int:
             problems.append(f"--train-tasks: {error}")
     if problems:  # every argument problem at once, before anything slow happens
         raise DeltatuneError("\n".join(problems))
-    record = run_freelm_training(args.model, config, args.method, method_options, out=args.out,
-                                 overwrite=args.overwrite)
+    record = run_freelm_training(
+        args.model, config, args.method, method_options, out=args.out, overwrite=args.overwrite
+    )
     print(json.dumps(record, indent=2) if args.json else summarize_training(record))
     if args.out:
         print(f"saved to {args.out}; evaluate with: deltatune freelm eval {args.out} --tasks TASK,...")
@@ -130,13 +149,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     from deltatune.freelm.evaluation import evaluate_freelm, format_table, write_report
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    baselines = [] if args.baselines.strip().lower() == "none" else \
-        [b.strip() for b in args.baselines.split(",") if b.strip()]
+    baselines = (
+        [] if args.baselines.strip().lower() == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    )
     if not tasks:
         raise DeltatuneError("--tasks needs at least one task, e.g. --tasks sms-spam,stsb")
-    report = evaluate_freelm(args.run_dir, tasks, baselines, k=args.k, max_examples=args.max_examples or None,
-                             split=args.split, templates=args.templates, base=args.base, seed=args.seed,
-                             batch_size=args.batch_size, threads=args.threads, quiet=args.quiet or args.json)
+    report = evaluate_freelm(
+        args.run_dir,
+        tasks,
+        baselines,
+        k=args.k,
+        max_examples=args.max_examples or None,
+        split=args.split,
+        templates=args.templates,
+        base=args.base,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        quiet=args.quiet or args.json,
+    )
     path = write_report(report, args.out_json or Path(args.run_dir) / EVALUATION_FILE)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if not args.json:

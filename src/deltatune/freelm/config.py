@@ -95,8 +95,14 @@ class FreeLMConfig:
         problems = []
         if not self.train_tasks:
             problems.append("train_tasks must name at least one task")
-        for name in ("steps", "stage_steps", "teacher_batch_size", "lm_batch_size", "max_examples_per_task",
-                     "negatives_per_example"):
+        for name in (
+            "steps",
+            "stage_steps",
+            "teacher_batch_size",
+            "lm_batch_size",
+            "max_examples_per_task",
+            "negatives_per_example",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.lm_ratio < 0:

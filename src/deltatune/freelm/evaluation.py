@@ -35,10 +35,20 @@ BASELINES = ("zero-shot", "k-shot")
 SYSTEMS = ("freelm",) + BASELINES
 
 
-def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequence[str] = BASELINES, k: int = 4,
-                    max_examples: int | None = 300, split: str = "test", templates: str = "all",
-                    base: str | None = None, seed: int = 0, batch_size: int = 16, threads: int | None = None,
-                    quiet: bool = False) -> dict:
+def evaluate_freelm(
+    directory: str | Path,
+    tasks: Sequence[str],
+    baselines: Sequence[str] = BASELINES,
+    k: int = 4,
+    max_examples: int | None = 300,
+    split: str = "test",
+    templates: str = "all",
+    base: str | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> dict:
     """Metrics of FreeLM and the chosen baselines on each task; see the module docstring."""
     from deltatune.sources.data import load_task_data
     from deltatune.sources.models import load_causal_lm
@@ -61,40 +71,75 @@ def evaluate_freelm(directory: str | Path, tasks: Sequence[str], baselines: Sequ
 
     results: dict[str, dict] = {}
     for task_name, (data, subset) in examples.items():
-        results[task_name] = {"metric": data.task.metric, "num_examples": len(subset), "split": split,
-                              "train_task": task_name in freelm["train_tasks"], "systems": {},
-                              "labels": list(subset.labels)}
-        results[task_name]["systems"].update(_baseline_systems(causal_lm, tokenizer, task_name, data, subset,
-                                                               baselines, k, seed, batch_size, log))
+        results[task_name] = {
+            "metric": data.task.metric,
+            "num_examples": len(subset),
+            "split": split,
+            "train_task": task_name in freelm["train_tasks"],
+            "systems": {},
+            "labels": list(subset.labels),
+        }
+        results[task_name]["systems"].update(
+            _baseline_systems(causal_lm, tokenizer, task_name, data, subset, baselines, k, seed, batch_size, log)
+        )
 
     # the delta goes onto the same decoder after the baselines, which need it untouched
     model, method = attach_freelm_delta(causal_lm, tokenizer, directory, manifest, base_name=base)
+    _score_with_freelm(model, tokenizer, examples, results, templates, manifest.max_length, batch_size, log)
+    return add_intervals(
+        {
+            "delta": str(directory),
+            "base_model": manifest.base_model.name,
+            "method": manifest.method,
+            "train_tasks": freelm["train_tasks"],
+            "training": freelm["training"],
+            "split": split,
+            "max_examples": max_examples,
+            "seed": seed,
+            "k": k,
+            "tasks": results,
+        }
+    )
+
+
+def _score_with_freelm(
+    model, tokenizer, examples: dict, results: dict, templates: str, max_length: int, batch_size: int, log
+) -> None:
+    """Add FreeLM's own system to each task's results: the best-scoring proposition per example."""
     template_indices = None if templates == "all" else [int(templates)]
     for task_name, (data, subset) in examples.items():
         propositions = propositions_for(data.task)
         if template_indices is not None and template_indices[0] >= len(propositions.templates):
-            raise DeltatuneError(f"--templates={templates}: task {task_name!r} has only "
-                                 f"{len(propositions.templates)} templates (0..{len(propositions.templates) - 1}).")
+            raise DeltatuneError(
+                f"--templates={templates}: task {task_name!r} has only "
+                f"{len(propositions.templates)} templates (0..{len(propositions.templates) - 1})."
+            )
         log(f"{task_name}: FreeLM proposition scoring on {len(subset)} examples")
         started = _clock()
-        scores = proposition_scores(model, tokenizer, propositions, subset.texts, template_indices,
-                                    max_length=manifest.max_length, batch_size=batch_size)
+        scores = proposition_scores(
+            model,
+            tokenizer,
+            propositions,
+            subset.texts,
+            template_indices,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
         results[task_name]["systems"]["freelm"] = {
             **_system_result(data.task, propositions, scores, subset, started),
-            "templates": templates}
-    return add_intervals({"delta": str(directory), "base_model": manifest.base_model.name,
-                          "method": manifest.method, "train_tasks": freelm["train_tasks"],
-                          "training": freelm["training"], "split": split, "max_examples": max_examples,
-                          "seed": seed, "k": k, "tasks": results})
+            "templates": templates,
+        }
 
 
-def _check_arguments(tasks: Sequence[str], baselines: Sequence[str], k: int, templates: str,
-                     max_examples: int | None) -> None:
+def _check_arguments(
+    tasks: Sequence[str], baselines: Sequence[str], k: int, templates: str, max_examples: int | None
+) -> None:
     """Every problem with the arguments, raised once."""
     from deltatune.tasks import get_task
 
-    problems = [f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})" for name in baselines
-                if name not in BASELINES]
+    problems = [
+        f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})" for name in baselines if name not in BASELINES
+    ]
     if k < 1 and "k-shot" in baselines:
         problems.append(f"--k={k} must be at least 1 for the k-shot baseline")
     if templates != "all" and not templates.isdigit():
@@ -110,8 +155,18 @@ def _check_arguments(tasks: Sequence[str], baselines: Sequence[str], k: int, tem
         raise DeltatuneError("\n".join(problems))
 
 
-def _baseline_systems(causal_lm, tokenizer, task_name: str, data, subset, baselines: Sequence[str], k: int,
-                      seed: int, batch_size: int, log) -> dict[str, dict]:
+def _baseline_systems(
+    causal_lm,
+    tokenizer,
+    task_name: str,
+    data,
+    subset,
+    baselines: Sequence[str],
+    k: int,
+    seed: int,
+    batch_size: int,
+    log,
+) -> dict[str, dict]:
     """The base decoder's own zero-shot and k-shot answers on one task's subset, as asked."""
     propositions = propositions_for(data.task)
     systems = {}
@@ -126,11 +181,14 @@ def _baseline_systems(causal_lm, tokenizer, task_name: str, data, subset, baseli
         train = data.split("train")
         shots = choose_demonstrations(propositions, train, k, seed)
         prefix = demonstration_prefix(tokenizer, propositions, train, shots)
-        scores = verbaliser_scores(causal_lm, tokenizer, propositions, subset.texts, prefix=prefix,
-                                   batch_size=batch_size)
+        scores = verbaliser_scores(
+            causal_lm, tokenizer, propositions, subset.texts, prefix=prefix, batch_size=batch_size
+        )
         systems["k-shot"] = {
             **_system_result(data.task, propositions, scores, subset, started),
-            "k": k, "demonstration_prefix_tokens": len(tokenizer(prefix, add_special_tokens=False)["input_ids"])}
+            "k": k,
+            "demonstration_prefix_tokens": len(tokenizer(prefix, add_special_tokens=False)["input_ids"]),
+        }
     return systems
 
 
@@ -140,9 +198,13 @@ def _clock() -> tuple[float, float]:
 
 def _system_result(task, propositions, scores, subset, started: tuple[float, float]) -> dict:
     seconds, cpu_seconds = time.perf_counter() - started[0], time.process_time() - started[1]
-    return {"metrics": task_metrics(task, propositions, scores, subset.labels), "time_s": seconds,
-            "cpu_time_s": cpu_seconds, "examples_per_s": len(subset) / seconds if seconds else 0.0,
-            "predictions": predictions_from_scores(task, propositions, scores).tolist()}
+    return {
+        "metrics": task_metrics(task, propositions, scores, subset.labels),
+        "time_s": seconds,
+        "cpu_time_s": cpu_seconds,
+        "examples_per_s": len(subset) / seconds if seconds else 0.0,
+        "predictions": predictions_from_scores(task, propositions, scores).tolist(),
+    }
 
 
 def add_intervals(report: dict, samples: int = 1000) -> dict:
@@ -163,10 +225,17 @@ def add_intervals(report: dict, samples: int = 1000) -> dict:
         if "freelm" not in systems:
             continue
         for name in (n for n in systems if n != "freelm"):
-            difference = paired_bootstrap([np.asarray(systems["freelm"]["predictions"])],
-                                          [np.asarray(systems[name]["predictions"])], labels, metric, samples)
-            systems["freelm"][f"minus_{name}"] = {"difference": difference.difference,
-                                                   "interval": [difference.low, difference.high]}
+            difference = paired_bootstrap(
+                [np.asarray(systems["freelm"]["predictions"])],
+                [np.asarray(systems[name]["predictions"])],
+                labels,
+                metric,
+                samples,
+            )
+            systems["freelm"][f"minus_{name}"] = {
+                "difference": difference.difference,
+                "interval": [difference.low, difference.high],
+            }
     return report
 
 
@@ -180,31 +249,50 @@ def format_table(report: dict) -> str:
         label = task + (" (seen)" if result["train_task"] else "")
         metric_names = list(next(iter(result["systems"].values()))["metrics"]) if result["systems"] else []
         for position, metric in enumerate(metric_names):
-            cells = [_cell(result["systems"][s], metric, metric == result["metric"]) if s in result["systems"]
-                     else "-" for s in systems]
+            cells = [
+                _cell(result["systems"][s], metric, metric == result["metric"]) if s in result["systems"] else "-"
+                for s in systems
+            ]
             shown_metric = metric + (" *" if metric == result["metric"] else "")
             rows.append([label if position == 0 else "", shown_metric, *cells])
         freelm = result["systems"].get("freelm", {})
         for baseline in (s for s in systems if f"minus_{s}" in freelm):
             difference = freelm[f"minus_{baseline}"]
             low, high = difference["interval"]
-            rows.append(["", f"FreeLM - {names[baseline]}", f"{difference['difference']:+.4f} [{low:+.4f}, {high:+.4f}]",
-                         *([""] * (len(systems) - 1))])
-        rows.append(["", "examples/s", *(f"{result['systems'][s]['examples_per_s']:.1f}" if s in result["systems"]
-                                         else "-" for s in systems)])
+            rows.append(
+                [
+                    "",
+                    f"FreeLM - {names[baseline]}",
+                    f"{difference['difference']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                    *([""] * (len(systems) - 1)),
+                ]
+            )
+        rows.append(
+            [
+                "",
+                "examples/s",
+                *(f"{result['systems'][s]['examples_per_s']:.1f}" if s in result["systems"] else "-" for s in systems),
+            ]
+        )
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     training = report.get("training", {})
-    footer = [f"* the task's primary metric, with its 95% paired-bootstrap interval over examples; "
-              f"{report['max_examples'] or 'all'} examples of the {report['split']} split per task (stratified, "
-              f"seed {report['seed']})."]
+    footer = [
+        f"* the task's primary metric, with its 95% paired-bootstrap interval over examples; "
+        f"{report['max_examples'] or 'all'} examples of the {report['split']} split per task (stratified, "
+        f"seed {report['seed']})."
+    ]
     if training:
-        footer.append(f"FreeLM training: {training['steps']} steps ({training['teacher_steps']} teacher, "
-                      f"{training['language_steps']} language) in {training['train_time_s']:.0f} s "
-                      f"(CPU {training.get('train_cpu_time_s', float('nan')):.0f} s); "
-                      f"{training['propositions_per_s']:.1f} propositions/s, "
-                      f"{training['language_tokens_per_s']:.0f} language tokens/s.")
+        footer.append(
+            f"FreeLM training: {training['steps']} steps ({training['teacher_steps']} teacher, "
+            f"{training['language_steps']} language) in {training['train_time_s']:.0f} s "
+            f"(CPU {training.get('train_cpu_time_s', float('nan')):.0f} s); "
+            f"{training['propositions_per_s']:.1f} propositions/s, "
+            f"{training['language_tokens_per_s']:.0f} language tokens/s."
+        )
     return "\n".join(lines + [""] + footer)
 
 

@@ -25,9 +25,14 @@ from deltatune.errors import DeltatuneError
 from deltatune.tasks.spec import TaskSpec
 
 PROPOSITION_TASK = TaskSpec(
-    "freelm-propositions", ("proposition",), ("false", "true"), metric="accuracy", metrics=("accuracy", "f1"),
+    "freelm-propositions",
+    ("proposition",),
+    ("false", "true"),
+    metric="accuracy",
+    metrics=("accuracy", "f1"),
     source="FreeLM proposition format (deltatune.tasks.propositions), built from the training tasks",
-    description="is this proposition true? (FreeLM's teacher signal)")
+    description="is this proposition true? (FreeLM's teacher signal)",
+)
 """The task a FreeLM delta is trained for: one text in, false/true out. Label 1 is 'true'."""
 
 TRUE_INDEX = 1
@@ -64,8 +69,9 @@ class FreeLMModel(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def build_classifier_sharing_backbone(causal_lm: PreTrainedModel, num_labels: int = 2,
-                                      labels: tuple[str, ...] = PROPOSITION_TASK.labels) -> PreTrainedModel:
+def build_classifier_sharing_backbone(
+    causal_lm: PreTrainedModel, num_labels: int = 2, labels: tuple[str, ...] = PROPOSITION_TASK.labels
+) -> PreTrainedModel:
     """The decoder's `*ForSequenceClassification` model with `causal_lm`'s backbone (not a copy).
 
     The classifier is built on the meta device (no 135M-parameter random initialisation), its
@@ -83,12 +89,16 @@ def build_classifier_sharing_backbone(causal_lm: PreTrainedModel, num_labels: in
         with torch.device("meta"):
             classifier = AutoModelForSequenceClassification.from_config(config)
     except ValueError as error:
-        raise DeltatuneError(f"{type(causal_lm).__name__} has no sequence-classification form in transformers "
-                             f"({str(error).splitlines()[0]}); FreeLM needs one for its teacher head.") from None
+        raise DeltatuneError(
+            f"{type(causal_lm).__name__} has no sequence-classification form in transformers "
+            f"({str(error).splitlines()[0]}); FreeLM needs one for its teacher head."
+        ) from None
     prefix = classifier.base_model_prefix
     if not hasattr(causal_lm, prefix):
-        raise DeltatuneError(f"{type(causal_lm).__name__} keeps its backbone under another name than "
-                             f"{type(classifier).__name__} ({prefix!r}); FreeLM cannot share it.")
+        raise DeltatuneError(
+            f"{type(causal_lm).__name__} keeps its backbone under another name than "
+            f"{type(classifier).__name__} ({prefix!r}); FreeLM cannot share it."
+        )
     backbone = getattr(causal_lm, prefix)
     setattr(classifier, prefix, backbone)
     _materialise_head(classifier, config, next(backbone.parameters()).dtype)
@@ -103,8 +113,10 @@ def _materialise_head(classifier: nn.Module, config, dtype: torch.dtype) -> None
         if not has_meta:
             continue
         if not isinstance(module, nn.Linear):
-            raise DeltatuneError(f"The head of {type(classifier).__name__} has a {type(module).__name__} "
-                                 f"({name!r}); FreeLM only knows how to build linear heads.")
+            raise DeltatuneError(
+                f"The head of {type(classifier).__name__} has a {type(module).__name__} "
+                f"({name!r}); FreeLM only knows how to build linear heads."
+            )
         real = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
         nn.init.normal_(real.weight, std=std)
         if real.bias is not None:
@@ -177,8 +189,10 @@ def _linear_head(classifier: nn.Module) -> tuple[str, nn.Linear]:
     for name, module in classifier.named_modules():
         if isinstance(module, nn.Linear) and f"{name}.weight" in names and module.bias is None:
             return name, module
-    raise DeltatuneError(f"{type(classifier).__name__}'s teacher head is not one bias-free linear layer "
-                         f"({sorted(names)}); run with --no-standardize-head.")
+    raise DeltatuneError(
+        f"{type(classifier).__name__}'s teacher head is not one bias-free linear layer "
+        f"({sorted(names)}); run with --no-standardize-head."
+    )
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -190,10 +204,21 @@ def build_freelm_model(causal_lm: PreTrainedModel) -> FreeLMModel:
     """FreeLM's model around a loaded causal LM (its backbone and LM head are shared, not copied)."""
     lm_head = causal_lm.get_output_embeddings()
     if lm_head is None:
-        raise DeltatuneError(f"{type(causal_lm).__name__} has no language-model head; FreeLM needs a causal LM "
-                             "(load it with deltatune.sources.models.load_causal_lm).")
+        raise DeltatuneError(
+            f"{type(causal_lm).__name__} has no language-model head; FreeLM needs a causal LM "
+            "(load it with deltatune.sources.models.load_causal_lm)."
+        )
     return FreeLMModel(build_classifier_sharing_backbone(causal_lm), lm_head)
 
 
-__all__ = ["FreeLMModel", "PROPOSITION_TASK", "StandardizedHead", "TRUE_INDEX", "build_classifier_sharing_backbone",
-           "build_freelm_model", "fold_head", "head_transform", "standardize_head"]
+__all__ = [
+    "FreeLMModel",
+    "PROPOSITION_TASK",
+    "StandardizedHead",
+    "TRUE_INDEX",
+    "build_classifier_sharing_backbone",
+    "build_freelm_model",
+    "fold_head",
+    "head_transform",
+    "standardize_head",
+]

@@ -32,8 +32,7 @@ TEACHER = "teacher"
 Schedule = Literal["ratio", "interactive"]
 
 
-def signal_schedule(total_steps: int, lm_ratio: float, schedule: Schedule = "ratio",
-                    stage_steps: int = 1) -> list[str]:
+def signal_schedule(total_steps: int, lm_ratio: float, schedule: Schedule = "ratio", stage_steps: int = 1) -> list[str]:
     """The signal of each of `total_steps` steps, LANGUAGE or TEACHER."""
     if lm_ratio < 0:
         raise DeltatuneError(f"lm_ratio={lm_ratio} must be 0 or more (language steps per teacher step).")

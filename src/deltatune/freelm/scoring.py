@@ -51,9 +51,14 @@ def shorten_texts(tokenizer, rows: Sequence[tuple[str, ...]], max_tokens_per_fie
     shortened = []
     for column in columns:
         ids = tokenizer(list(column), add_special_tokens=False)["input_ids"]
-        shortened.append([text if len(row) <= max_tokens_per_field else
-                          tokenizer.decode(row[:max_tokens_per_field]).strip() + " ..."
-                          for text, row in zip(column, ids, strict=True)])
+        shortened.append(
+            [
+                text
+                if len(row) <= max_tokens_per_field
+                else tokenizer.decode(row[:max_tokens_per_field]).strip() + " ..."
+                for text, row in zip(column, ids, strict=True)
+            ]
+        )
     return [tuple(values) for values in zip(*shortened, strict=True)]
 
 
@@ -69,15 +74,26 @@ def encode_propositions(tokenizer, propositions: Sequence[str], labels: Sequence
 
 
 @torch.no_grad()
-def proposition_scores(model: FreeLMModel, tokenizer, propositions: TaskPropositions,
-                       rows: Sequence[tuple[str, ...]], template_indices: Sequence[int] | None = None,
-                       max_length: int = 128, batch_size: int = 32, precision: str = "fp32") -> np.ndarray:
+def proposition_scores(
+    model: FreeLMModel,
+    tokenizer,
+    propositions: TaskPropositions,
+    rows: Sequence[tuple[str, ...]],
+    template_indices: Sequence[int] | None = None,
+    max_length: int = 128,
+    batch_size: int = 32,
+    precision: str = "fp32",
+) -> np.ndarray:
     """(examples, candidates) teacher log-odds that each candidate's proposition is true, averaged
     over the chosen templates (default: all of the task's templates)."""
     templates = list(template_indices) if template_indices is not None else list(range(len(propositions.templates)))
     rows = shorten_texts(tokenizer, rows, field_budget(max_length, len(propositions.text_fields)))
-    texts = [propositions.proposition(row, candidate, template)
-             for row in rows for template in templates for candidate in range(propositions.num_candidates)]
+    texts = [
+        propositions.proposition(row, candidate, template)
+        for row in rows
+        for template in templates
+        for candidate in range(propositions.num_candidates)
+    ]
     if not texts:
         return np.zeros((0, propositions.num_candidates), dtype=np.float32)
     encoded = encode_propositions(tokenizer, texts, [0] * len(texts), max_length)
@@ -105,18 +121,27 @@ def choose_demonstrations(propositions: TaskPropositions, split: Split, k: int, 
     return chosen
 
 
-def demonstration_prefix(tokenizer, propositions: TaskPropositions, split: Split, indices: Sequence[int],
-                         max_tokens_per_field: int = 64) -> str:
+def demonstration_prefix(
+    tokenizer, propositions: TaskPropositions, split: Split, indices: Sequence[int], max_tokens_per_field: int = 64
+) -> str:
     rows = shorten_texts(tokenizer, [split.texts[i] for i in indices], max_tokens_per_field)
-    shots = [propositions.filled_prompt(row) + propositions.verbalisers[propositions.candidate_of(split.labels[i])]
-             for row, i in zip(rows, indices, strict=True)]
+    shots = [
+        propositions.filled_prompt(row) + propositions.verbalisers[propositions.candidate_of(split.labels[i])]
+        for row, i in zip(rows, indices, strict=True)
+    ]
     return "".join(shot + "\n\n" for shot in shots)
 
 
 @torch.no_grad()
-def verbaliser_scores(causal_lm: PreTrainedModel, tokenizer, propositions: TaskPropositions,
-                      rows: Sequence[tuple[str, ...]], prefix: str = "", max_length: int = 256,
-                      batch_size: int = 16) -> np.ndarray:
+def verbaliser_scores(
+    causal_lm: PreTrainedModel,
+    tokenizer,
+    propositions: TaskPropositions,
+    rows: Sequence[tuple[str, ...]],
+    prefix: str = "",
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> np.ndarray:
     """(examples, candidates) mean log-probability of each verbaliser after the prompt (and `prefix`,
     the k-shot demonstrations, whose keys and values are computed once)."""
     backbone = causal_lm.base_model
@@ -124,8 +149,9 @@ def verbaliser_scores(causal_lm: PreTrainedModel, tokenizer, propositions: TaskP
     was_training = causal_lm.training
     causal_lm.eval()
     rows = shorten_texts(tokenizer, rows, field_budget(max_length, len(propositions.text_fields)))
-    prompts = [tokenizer(propositions.filled_prompt(row), add_special_tokens=False)["input_ids"][-max_length:]
-               for row in rows]
+    prompts = [
+        tokenizer(propositions.filled_prompt(row), add_special_tokens=False)["input_ids"][-max_length:] for row in rows
+    ]
     verbalisers = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in propositions.verbalisers]
     prefix_cache, prefix_length = None, 0
     if prefix:
@@ -138,14 +164,16 @@ def verbaliser_scores(causal_lm: PreTrainedModel, tokenizer, propositions: TaskP
         # one sequence per example: the next-token distribution after the prompt scores every answer
         sequences: list[tuple[int, list[int], int | None]] = [(i, prompt, None) for i, prompt in enumerate(prompts)]
     else:
-        sequences = [(i, prompt + verbaliser, c) for i, prompt in enumerate(prompts)
-                     for c, verbaliser in enumerate(verbalisers)]
+        sequences = [
+            (i, prompt + verbaliser, c) for i, prompt in enumerate(prompts) for c, verbaliser in enumerate(verbalisers)
+        ]
     scores = np.zeros((len(rows), len(verbalisers)), dtype=np.float32)
     order = sorted(range(len(sequences)), key=lambda s: len(sequences[s][1]))
     for start in range(0, len(order), batch_size):
-        chunk = [sequences[s] for s in order[start:start + batch_size]]
-        hidden, lengths = _hidden_states(backbone, [ids for _, ids, _ in chunk], prefix_cache, prefix_length,
-                                         padding_id(tokenizer))
+        chunk = [sequences[s] for s in order[start : start + batch_size]]
+        hidden, lengths = _hidden_states(
+            backbone, [ids for _, ids, _ in chunk], prefix_cache, prefix_length, padding_id(tokenizer)
+        )
         for row, (example, _, candidate) in enumerate(chunk):
             if candidate is None:
                 log_probs = torch.log_softmax(lm_head(hidden[row, lengths[row] - 1]).float(), dim=-1)
@@ -171,8 +199,9 @@ def _run_prefix(backbone: nn.Module, prefix_ids: torch.Tensor):
     raise RuntimeError(f"{type(backbone).__name__} returned no key/value cache for the demonstrations")
 
 
-def _hidden_states(backbone: nn.Module, sequences: list[list[int]], prefix_cache, prefix_length: int,
-                   pad_token_id: int) -> tuple[torch.Tensor, list[int]]:
+def _hidden_states(
+    backbone: nn.Module, sequences: list[list[int]], prefix_cache, prefix_length: int, pad_token_id: int
+) -> tuple[torch.Tensor, list[int]]:
     """Final hidden states of right-padded `sequences`, continuing after the cached prefix if any."""
     width = max(len(ids) for ids in sequences)
     lengths = [len(ids) for ids in sequences]
@@ -182,9 +211,13 @@ def _hidden_states(backbone: nn.Module, sequences: list[list[int]], prefix_cache
     if prefix_cache is not None:
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(sequences))
-        arguments.update({"attention_mask": torch.cat([torch.ones(len(sequences), prefix_length, dtype=torch.long),
-                                                       mask], dim=1),
-                          cache_keyword(backbone): cache, "use_cache": True})
+        arguments.update(
+            {
+                "attention_mask": torch.cat([torch.ones(len(sequences), prefix_length, dtype=torch.long), mask], dim=1),
+                cache_keyword(backbone): cache,
+                "use_cache": True,
+            }
+        )
     return backbone(**arguments).last_hidden_state, lengths
 
 
@@ -206,5 +239,14 @@ def task_metrics(task: TaskSpec, propositions: TaskPropositions, scores: np.ndar
     return metrics
 
 
-__all__ = ["choose_demonstrations", "demonstration_prefix", "encode_propositions", "field_budget",
-           "predictions_from_scores", "proposition_scores", "shorten_texts", "task_metrics", "verbaliser_scores"]
+__all__ = [
+    "choose_demonstrations",
+    "demonstration_prefix",
+    "encode_propositions",
+    "field_budget",
+    "predictions_from_scores",
+    "proposition_scores",
+    "shorten_texts",
+    "task_metrics",
+    "verbaliser_scores",
+]

@@ -76,8 +76,12 @@ class PropositionSet:
         return members
 
 
-def build_proposition_set(task_data: Sequence[TaskData], tokenizer, config: FreeLMConfig,
-                          propositions: dict[str, TaskPropositions] | None = None) -> PropositionSet:
+def build_proposition_set(
+    task_data: Sequence[TaskData],
+    tokenizer,
+    config: FreeLMConfig,
+    propositions: dict[str, TaskPropositions] | None = None,
+) -> PropositionSet:
     """For every training example: its gold answer's proposition (true) and `negatives_per_example`
     wrong answers' (false), all in one template drawn at random from the task's paraphrases.
 
@@ -91,12 +95,15 @@ def build_proposition_set(task_data: Sequence[TaskData], tokenizer, config: Free
     for data in task_data:
         task_propositions = (propositions or {}).get(data.task.name) or propositions_for(data.task)
         if task_propositions.num_candidates < 2:
-            raise DeltatuneError(f"Task {data.task.name!r} has fewer than two answers; it cannot make false "
-                                 "propositions for FreeLM's teacher signal.")
+            raise DeltatuneError(
+                f"Task {data.task.name!r} has fewer than two answers; it cannot make false "
+                "propositions for FreeLM's teacher signal."
+            )
         train = data.split("train")
         chosen = stratified_subset(train.labels, config.max_examples_per_task, config.seed, data.task.is_regression)
-        rows = shorten_texts(tokenizer, [train.texts[i] for i in chosen],
-                             field_budget(config.max_length, len(data.task.text_fields)))
+        rows = shorten_texts(
+            tokenizer, [train.texts[i] for i in chosen], field_budget(config.max_length, len(data.task.text_fields))
+        )
         for row, index in zip(rows, chosen, strict=True):
             gold = task_propositions.candidate_of(train.labels[index])
             wrong = [c for c in range(task_propositions.num_candidates) if c != gold]
@@ -129,8 +136,9 @@ def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
         count = int(group_index.max()) + 1
         # a log-softmax within each group: subtract each group's log-sum-exp (on the logits' device)
         device = log_odds.device
-        maximum = torch.full((count,), -torch.inf, device=device).scatter_reduce(0, group_index, log_odds.detach(),
-                                                                                 "amax")
+        maximum = torch.full((count,), -torch.inf, device=device).scatter_reduce(
+            0, group_index, log_odds.detach(), "amax"
+        )
         shifted = torch.exp(log_odds - maximum[group_index])
         log_normaliser = torch.log(torch.zeros(count, device=device).index_add(0, group_index, shifted)) + maximum
         log_probabilities = log_odds - log_normaliser[group_index]
@@ -138,14 +146,17 @@ def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tenso
     return reduce(operator.add, losses)  # added in order, as `sum` did
 
 
-def example_batches(proposition_set: PropositionSet, lengths: list[int], batch_size: int,
-                    generator: random.Random) -> list[list[int]]:
+def example_batches(
+    proposition_set: PropositionSet, lengths: list[int], batch_size: int, generator: random.Random
+) -> list[list[int]]:
     """Length-bucketed batches of about `batch_size` propositions made of whole examples."""
     members = proposition_set.group_members()
     per_group = max(1, round(batch_size / max(1, round(len(proposition_set) / max(1, len(members))))))
     group_lengths = [max(lengths[i] for i in group) for group in members]
-    return [[index for group in batch for index in members[group]]
-            for batch in length_bucketed_batches(group_lengths, per_group, generator)]
+    return [
+        [index for group in batch for index in members[group]]
+        for batch in length_bucketed_batches(group_lengths, per_group, generator)
+    ]
 
 
 def language_blocks(tokenizer, texts: Sequence[str], block_length: int, count: int, seed: int) -> list[list[int]]:
@@ -169,7 +180,7 @@ def language_blocks(tokenizer, texts: Sequence[str], block_length: int, count: i
             stream += ids + separator
         if position >= len(order) and not stream:
             raise DeltatuneError("The language corpus has no tokens.")
-    return [stream[i * block_length:(i + 1) * block_length] for i in range(count)]
+    return [stream[i * block_length : (i + 1) * block_length] for i in range(count)]
 
 
 @dataclass
@@ -209,21 +220,35 @@ class FreeLMResult:
         return float(np.mean(picked)) if picked else float("nan")
 
     def summary(self) -> dict:
-        return {"steps": self.steps, "precision": self.precision, "num_propositions": self.num_propositions,
-                "language_steps": self.language_steps, "teacher_steps": self.teacher_steps,
-                "propositions_seen": self.propositions_seen, "language_tokens_seen": self.language_tokens_seen,
-                "train_time_s": self.train_time_s, "language_time_s": self.language_time_s,
-                "teacher_time_s": self.teacher_time_s, "train_cpu_time_s": self.train_cpu_time_s,
-                "propositions_per_s": self.propositions_per_s,
-                "language_tokens_per_s": self.language_tokens_per_s,
-                "teacher_loss_first_10": self.mean_loss(TEACHER, True),
-                "teacher_loss_last_10": self.mean_loss(TEACHER, False),
-                "language_loss_first_10": self.mean_loss(LANGUAGE, True),
-                "language_loss_last_10": self.mean_loss(LANGUAGE, False), "dev_curve": self.dev_curve}
+        return {
+            "steps": self.steps,
+            "precision": self.precision,
+            "num_propositions": self.num_propositions,
+            "language_steps": self.language_steps,
+            "teacher_steps": self.teacher_steps,
+            "propositions_seen": self.propositions_seen,
+            "language_tokens_seen": self.language_tokens_seen,
+            "train_time_s": self.train_time_s,
+            "language_time_s": self.language_time_s,
+            "teacher_time_s": self.teacher_time_s,
+            "train_cpu_time_s": self.train_cpu_time_s,
+            "propositions_per_s": self.propositions_per_s,
+            "language_tokens_per_s": self.language_tokens_per_s,
+            "teacher_loss_first_10": self.mean_loss(TEACHER, True),
+            "teacher_loss_last_10": self.mean_loss(TEACHER, False),
+            "language_loss_first_10": self.mean_loss(LANGUAGE, True),
+            "language_loss_last_10": self.mean_loss(LANGUAGE, False),
+            "dev_curve": self.dev_curve,
+        }
 
 
-def _optimizer_groups(model: FreeLMModel, method: Method, learning_rate: float, weight_decay: float,
-                      head_learning_rate: float | None = None) -> list[dict]:
+def _optimizer_groups(
+    model: FreeLMModel,
+    method: Method,
+    learning_rate: float,
+    weight_decay: float,
+    head_learning_rate: float | None = None,
+) -> list[dict]:
     """The method's groups on the decoder (it was applied to `model.classifier`), with the teacher head in a
     group of its own when it has its own learning rate."""
     from deltatune.methods.common import head_names
@@ -240,16 +265,25 @@ def _optimizer_groups(model: FreeLMModel, method: Method, learning_rate: float, 
 def loop_config(config: FreeLMConfig) -> TrainConfig:
     """The one loop's settings for a FreeLM run: exactly `steps` optimizer steps, warm-up then linear decay."""
     return TrainConfig(
-        learning_rate=config.learning_rate, batch_size=config.teacher_batch_size, max_steps=config.steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.teacher_batch_size,
+        max_steps=config.steps,
         # FreeLM rounds its warm-up to whole steps, none when that rounds to 0 (the loop would take one)
         warmup_ratio=config.warmup_ratio if round(config.warmup_ratio * config.steps) else 0.0,
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
         # the loop offers a dev check at these steps and at the end; AlternatingSignals.evaluate says which count
-        eval_every=config.eval_every or config.steps, precision=config.precision, device=config.device,
-        seed=config.seed, threads=config.threads, quiet=config.quiet, report_to=config.report_to,
+        eval_every=config.eval_every or config.steps,
+        precision=config.precision,
+        device=config.device,
+        seed=config.seed,
+        threads=config.threads,
+        quiet=config.quiet,
+        report_to=config.report_to,
         log_dir=config.log_dir,
         # torch's own dropout, as FreeLM always had: the fast kernel swaps SDPA for an attention of its own
-        fast_dropout=False)
+        fast_dropout=False,
+    )
 
 
 @dataclass
@@ -262,21 +296,36 @@ class SignalData:
     blocks: list[list[int]]
 
 
-def prepare_signals(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
-                    config: FreeLMConfig, propositions: dict[str, TaskPropositions] | None = None) -> SignalData:
+def prepare_signals(
+    model: FreeLMModel,
+    tokenizer,
+    task_data: Sequence[TaskData],
+    language_texts: Sequence[str],
+    config: FreeLMConfig,
+    propositions: dict[str, TaskPropositions] | None = None,
+) -> SignalData:
     """The schedule and each signal's data for it; the teacher head standardised on the propositions' states."""
     schedule = signal_schedule(config.steps, config.lm_ratio, config.schedule, config.stage_steps)
-    proposition_set = build_proposition_set(task_data, tokenizer, config, propositions) \
-        if TEACHER in schedule else None
+    proposition_set = build_proposition_set(task_data, tokenizer, config, propositions) if TEACHER in schedule else None
     if proposition_set is not None and not len(proposition_set):
         raise DeltatuneError("The training tasks gave no propositions: they have no training examples.")
-    encoded = encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, config.max_length) \
-        if proposition_set is not None else None
-    blocks = language_blocks(tokenizer, language_texts, config.lm_sequence_length,
-                             schedule.count(LANGUAGE) * config.lm_batch_size, config.seed)
+    encoded = (
+        encode_propositions(tokenizer, proposition_set.texts, proposition_set.labels, config.max_length)
+        if proposition_set is not None
+        else None
+    )
+    blocks = language_blocks(
+        tokenizer,
+        language_texts,
+        config.lm_sequence_length,
+        schedule.count(LANGUAGE) * config.lm_batch_size,
+        config.seed,
+    )
     if config.standardize_head and encoded is not None:
-        standardize_head(model, last_token_states(model, encoded, padding_id(tokenizer), config.seed,
-                                                  resolve_precision(config.precision)))
+        standardize_head(
+            model,
+            last_token_states(model, encoded, padding_id(tokenizer), config.seed, resolve_precision(config.precision)),
+        )
     return SignalData(schedule, proposition_set, encoded, blocks)
 
 
@@ -285,9 +334,16 @@ class AlternatingSignals(BatchStrategy):
     a batch of whole examples' propositions under the teacher loss or a batch of text blocks under the
     next-token loss; dev is the zero-shot check on the training tasks every `eval_every` steps."""
 
-    def __init__(self, model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], config: FreeLMConfig,
-                 data: SignalData, propositions: dict[str, TaskPropositions] | None = None,
-                 callback: Callable[[int, str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: FreeLMModel,
+        tokenizer,
+        task_data: Sequence[TaskData],
+        config: FreeLMConfig,
+        data: SignalData,
+        propositions: dict[str, TaskPropositions] | None = None,
+        callback: Callable[[int, str, float], None] | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.task_data, self.config, self.data = model, tokenizer, task_data, config, data
         self.propositions, self.callback = propositions, callback
         self.pad_token_id = padding_id(tokenizer)
@@ -299,10 +355,10 @@ class AlternatingSignals(BatchStrategy):
         self.dev_curve: list[dict] = []
         self.last: tuple[str, float, float] = (LANGUAGE, math.nan, math.nan)
 
-    def optimizer_groups(self, model: nn.Module, method: Method, learning_rate: float,
-                         config: TrainConfig) -> list[dict]:
-        return _optimizer_groups(self.model, method, learning_rate, config.weight_decay,
-                                 self.config.head_learning_rate)
+    def optimizer_groups(
+        self, model: nn.Module, method: Method, learning_rate: float, config: TrainConfig
+    ) -> list[dict]:
+        return _optimizer_groups(self.model, method, learning_rate, config.weight_decay, self.config.head_learning_rate)
 
     def method_module(self, model: nn.Module) -> nn.Module:
         return self.model.classifier
@@ -324,8 +380,9 @@ class AlternatingSignals(BatchStrategy):
         # the schedule has teacher steps only when there are propositions to teach with
         assert self.data.propositions is not None and self.data.encoded is not None
         if not self.teacher_batches:  # a new pass over the propositions, in a new order
-            self.teacher_batches = example_batches(self.data.propositions, self.data.encoded.lengths,
-                                                   self.config.teacher_batch_size, self.batch_order)[::-1]
+            self.teacher_batches = example_batches(
+                self.data.propositions, self.data.encoded.lengths, self.config.teacher_batch_size, self.batch_order
+            )[::-1]
         indices = self.teacher_batches.pop()
         batch = to_device(collate(self.data.encoded, indices, self.pad_token_id, regression=False), trainer.device)
         labels = batch.pop("labels")
@@ -334,12 +391,14 @@ class AlternatingSignals(BatchStrategy):
         example_groups = torch.tensor([self.data.propositions.groups[i] for i in indices]).to(trainer.device)
         self.propositions_seen += len(indices)
         mask = batch["attention_mask"]
-        return (teacher_loss(logits, labels, example_groups, self.config.teacher_loss),
-                StepWork(0.0, len(indices), int(mask.sum()), mask.numel()))
+        return (
+            teacher_loss(logits, labels, example_groups, self.config.teacher_loss),
+            StepWork(0.0, len(indices), int(mask.sum()), mask.numel()),
+        )
 
     def _language_loss(self, trainer: Trainer) -> tuple[torch.Tensor, StepWork]:
         size = self.config.lm_batch_size
-        input_ids = torch.tensor(self.data.blocks[self.block_position:self.block_position + size]).to(trainer.device)
+        input_ids = torch.tensor(self.data.blocks[self.block_position : self.block_position + size]).to(trainer.device)
         self.block_position += size
         with autocast_for(trainer.config.precision, trainer.device.type):
             loss = self.model.language_loss(input_ids)
@@ -357,34 +416,58 @@ class AlternatingSignals(BatchStrategy):
         every = self.config.eval_every
         if not every or (trainer.step % every and not self.config.keep_best_dev):
             return None
-        seen = seen_task_metrics(self.model, self.tokenizer, self.task_data, self.config, self.propositions,
-                                 trainer.config.precision)
+        seen = seen_task_metrics(
+            self.model, self.tokenizer, self.task_data, self.config, self.propositions, trainer.config.precision
+        )
         self.model.train()
         self.dev_curve.append({"step": trainer.step, **seen})
-        metrics = {f"{task}/{name}": value for task, values in seen.items() for name, value in values.items()
-                   if name != "num_examples"}
-        primary = [values[data.task.metric] for data in self.task_data
-                   for task, values in seen.items() if task == data.task.name]
+        metrics = {
+            f"{task}/{name}": value
+            for task, values in seen.items()
+            for name, value in values.items()
+            if name != "num_examples"
+        }
+        primary = [
+            values[data.task.metric]
+            for data in self.task_data
+            for task, values in seen.items()
+            if task == data.task.name
+        ]
         value = float(np.mean(primary)) if self.config.keep_best_dev and primary else None
         return Evaluation(metrics, value)
 
     def result(self, trainer: Trainer, cpu_time: float) -> FreeLMResult:
-        taken = self.data.schedule[:trainer.step]
+        taken = self.data.schedule[: trainer.step]
         time_by_signal = {LANGUAGE: 0.0, TEACHER: 0.0}
         for signal, seconds in zip(taken, trainer.meters.step_seconds, strict=True):
             time_by_signal[signal] += seconds
         return FreeLMResult(
-            steps=trainer.step, language_steps=taken.count(LANGUAGE), teacher_steps=taken.count(TEACHER),
-            propositions_seen=self.propositions_seen, language_tokens_seen=self.language_tokens,
-            train_time_s=sum(time_by_signal.values()), language_time_s=time_by_signal[LANGUAGE],
-            teacher_time_s=time_by_signal[TEACHER], train_cpu_time_s=cpu_time, precision=trainer.config.precision,
+            steps=trainer.step,
+            language_steps=taken.count(LANGUAGE),
+            teacher_steps=taken.count(TEACHER),
+            propositions_seen=self.propositions_seen,
+            language_tokens_seen=self.language_tokens,
+            train_time_s=sum(time_by_signal.values()),
+            language_time_s=time_by_signal[LANGUAGE],
+            teacher_time_s=time_by_signal[TEACHER],
+            train_cpu_time_s=cpu_time,
+            precision=trainer.config.precision,
             num_propositions=len(self.data.propositions) if self.data.propositions is not None else 0,
-            history=self.history, dev_curve=self.dev_curve)
+            history=self.history,
+            dev_curve=self.dev_curve,
+        )
 
 
-def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], language_texts: Sequence[str],
-                 config: FreeLMConfig, method: Method, propositions: dict[str, TaskPropositions] | None = None,
-                 callback: Callable[[int, str, float], None] | None = None) -> FreeLMResult:
+def train_freelm(
+    model: FreeLMModel,
+    tokenizer,
+    task_data: Sequence[TaskData],
+    language_texts: Sequence[str],
+    config: FreeLMConfig,
+    method: Method,
+    propositions: dict[str, TaskPropositions] | None = None,
+    callback: Callable[[int, str, float], None] | None = None,
+) -> FreeLMResult:
     """Train `model` (already adapted by `method`) with the two signals on the one training loop
     (`deltatune.training.Trainer`, with `AlternatingSignals` as its batch strategy).
 
@@ -400,8 +483,9 @@ def train_freelm(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], l
         trainer = Trainer(model, method, PROPOSITION_TASK, None, loop_config(config), strategy=signals)
         with trainer.closed_on_error():
             if trainer.group.distributed:
-                raise DeltatuneError("FreeLM trains in one process: run `deltatune freelm train` without "
-                                     "torchrun or accelerate launch.")
+                raise DeltatuneError(
+                    "FreeLM trains in one process: run `deltatune freelm train` without torchrun or accelerate launch."
+                )
             cpu_started = time.process_time()
             trainer.advance()
             cpu_time = time.process_time() - cpu_started
@@ -422,18 +506,20 @@ def _folding_head(model: FreeLMModel):
 
 
 @torch.no_grad()
-def last_token_states(model: FreeLMModel, encoded, pad_token_id: int, seed: int, precision: str,
-                      count: int = 256, batch_size: int = 32) -> torch.Tensor:
+def last_token_states(
+    model: FreeLMModel, encoded, pad_token_id: int, seed: int, precision: str, count: int = 256, batch_size: int = 32
+) -> torch.Tensor:
     """The decoder's final states at the last token of `count` propositions drawn with `seed`."""
     chosen = random.Random(seed).sample(range(len(encoded)), min(count, len(encoded)))
     was_training = model.training
     model.eval()
     states = []
     for start in range(0, len(chosen), batch_size):
-        batch = collate(encoded, chosen[start:start + batch_size], pad_token_id, regression=False)
+        batch = collate(encoded, chosen[start : start + batch_size], pad_token_id, regression=False)
         with autocast_for(precision):
-            hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).last_hidden_state
+            hidden = model.backbone(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
         last = batch["attention_mask"].sum(dim=1) - 1
         states.append(hidden[torch.arange(len(last)), last].float())
     model.train(was_training)
@@ -448,15 +534,22 @@ def perplexity(model: FreeLMModel, blocks: Sequence[list[int]], batch_size: int 
     was_training = model.training
     model.eval()
     device = model_device(model)
-    losses = [float(model.language_loss(torch.tensor(blocks[i:i + batch_size]).to(device)))
-              for i in range(0, len(blocks), batch_size)]
+    losses = [
+        float(model.language_loss(torch.tensor(blocks[i : i + batch_size]).to(device)))
+        for i in range(0, len(blocks), batch_size)
+    ]
     model.train(was_training)
     return float(math.exp(np.mean(losses)))
 
 
-def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskData], config: FreeLMConfig,
-                      propositions: dict[str, TaskPropositions] | None = None,
-                      precision: str = "fp32") -> dict[str, dict]:
+def seen_task_metrics(
+    model: FreeLMModel,
+    tokenizer,
+    task_data: Sequence[TaskData],
+    config: FreeLMConfig,
+    propositions: dict[str, TaskPropositions] | None = None,
+    precision: str = "fp32",
+) -> dict[str, dict]:
     """Zero-shot (proposition-scoring) metrics on a stratified subset of each training task's dev split.
 
     `precision` must be the training precision when called between training steps (the frozen weights
@@ -470,10 +563,13 @@ def seen_task_metrics(model: FreeLMModel, tokenizer, task_data: Sequence[TaskDat
         chosen = stratified_subset(dev.labels, config.dev_examples_per_task, config.seed, data.task.is_regression)
         subset = dev.subset(chosen)
         # the first template only: a cheap check that training took; `deltatune freelm eval` averages them all
-        scores = proposition_scores(model, tokenizer, task_propositions, subset.texts, [0],
-                                    max_length=config.max_length, precision=precision)
-        results[data.task.name] = {**task_metrics(data.task, task_propositions, scores, subset.labels),
-                                   "num_examples": len(subset)}
+        scores = proposition_scores(
+            model, tokenizer, task_propositions, subset.texts, [0], max_length=config.max_length, precision=precision
+        )
+        results[data.task.name] = {
+            **task_metrics(data.task, task_propositions, scores, subset.labels),
+            "num_examples": len(subset),
+        }
     return results
 
 
@@ -486,7 +582,20 @@ def teacher_accuracy(model: FreeLMModel, tokenizer, proposition_set: Proposition
     return float((logits.argmax(axis=-1) == np.asarray(proposition_set.labels)).mean())
 
 
-__all__ = ["AlternatingSignals", "FreeLMConfig", "FreeLMResult", "PropositionSet", "SignalData",
-           "build_proposition_set", "example_batches", "language_blocks", "loop_config", "prepare_signals",
-           "teacher_loss",
-           "perplexity", "seen_task_metrics", "teacher_accuracy", "train_freelm"]
+__all__ = [
+    "AlternatingSignals",
+    "FreeLMConfig",
+    "FreeLMResult",
+    "PropositionSet",
+    "SignalData",
+    "build_proposition_set",
+    "example_batches",
+    "language_blocks",
+    "loop_config",
+    "prepare_signals",
+    "teacher_loss",
+    "perplexity",
+    "seen_task_metrics",
+    "teacher_accuracy",
+    "train_freelm",
+]

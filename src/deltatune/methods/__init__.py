@@ -60,6 +60,22 @@ for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DEFAULT_DELTA", "REGISTRY", "Method", "OptimizerSettings", "PeftAdapter", "activate_delta", "active_delta",
-           "attach_delta", "attached_delta_names", "build_method", "delta_state", "detach_delta", "get_method_entry",
-           "load_delta_state", "mixed_rows", "prepare_model", "register"]
+__all__ = [
+    "DEFAULT_DELTA",
+    "REGISTRY",
+    "Method",
+    "OptimizerSettings",
+    "PeftAdapter",
+    "activate_delta",
+    "active_delta",
+    "attach_delta",
+    "attached_delta_names",
+    "build_method",
+    "delta_state",
+    "detach_delta",
+    "get_method_entry",
+    "load_delta_state",
+    "mixed_rows",
+    "prepare_model",
+    "register",
+]

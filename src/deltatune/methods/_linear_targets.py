@@ -53,7 +53,7 @@ def parse_target(text: str) -> Target:
     """A Target; raises re.error for a malformed regex."""
     if not is_regex(text):
         return Target(text, None)
-    source = text[len(REGEX_PREFIX):] if text.startswith(REGEX_PREFIX) else text
+    source = text[len(REGEX_PREFIX) :] if text.startswith(REGEX_PREFIX) else text
     return Target(text, re.compile(source))
 
 
@@ -72,8 +72,10 @@ def target_problems(option: str, targets: tuple[str, ...]) -> list[str]:
         try:
             parse_target(text)
         except re.error as error:
-            problems.append(f"{option} target {text!r} is not a valid regex ({error}); fix it, or write a plain "
-                            "module-name suffix such as 'value' instead")
+            problems.append(
+                f"{option} target {text!r} is not a valid regex ({error}); fix it, or write a plain "
+                "module-name suffix such as 'value' instead"
+            )
     return problems
 
 
@@ -166,8 +168,9 @@ class AddedUpdateLinear(WrappedLinear[UpdateT], Generic[UpdateT]):
             self.merged_delta = None
 
 
-def wrap_layers(model: nn.Module, names: list[str], site_class: type[SiteT],
-                wrap: Callable[[nn.Linear | WrappedLinear[Any]], SiteT]) -> list[SiteT]:
+def wrap_layers(
+    model: nn.Module, names: list[str], site_class: type[SiteT], wrap: Callable[[nn.Linear | WrappedLinear[Any]], SiteT]
+) -> list[SiteT]:
     """The `site_class` site at each canonical layer name, made by `wrap(layer)` where there is none yet.
 
     A layer another method already wraps is wrapped once more (the outer site passes its input to
@@ -211,15 +214,21 @@ def select_layers(model: nn.Module, option: str, targets: tuple[str, ...], defau
     unmatched = [target.text for target in parsed if not any(target.matches(name) for name in layers)]
     if chosen and (not unmatched or tuple(targets) == tuple(defaults)):
         return chosen
-    what = (f"{option}={tuple(targets)!r}" if not chosen
-            else f"{option}={tuple(targets)!r}: the target(s) {', '.join(map(repr, unmatched))}")
+    what = (
+        f"{option}={tuple(targets)!r}"
+        if not chosen
+        else f"{option}={tuple(targets)!r}: the target(s) {', '.join(map(repr, unmatched))}"
+    )
     model_class = type(model).__name__
     if not layers:
-        raise DeltatuneError(f"{what} matched no module of {model_class}: it has no torch.nn.Linear layers "
-                             "outside its task head, so this method cannot be applied to it.")
+        raise DeltatuneError(
+            f"{what} matched no module of {model_class}: it has no torch.nn.Linear layers "
+            "outside its task head, so this method cannot be applied to it."
+        )
     examples = example_layer_names(layers)
     raise DeltatuneError(
         f"{what} matched no linear layer of {model_class}; its linear layers are named like "
         f"{', '.join(map(repr, examples))}. Set {option} to some of these names (a last component such as "
         f"{examples[0].rsplit('.', 1)[-1]!r} picks that layer in every block) or to a regex prefixed 're:' "
-        "that fully matches the names.")
+        "that fully matches the names."
+    )

@@ -31,8 +31,12 @@ class LoRAVariant(LoRA):
         Method.apply(self, model, name)
         config = self.config
         for layer in wrap_layers(model, names, self._site_class, self._site_class):
-            layer.add_part(model, name, self._update_class(layer, config.r, config.alpha, config.dropout,
-                                                           config.use_rslora), self.name)
+            layer.add_part(
+                model,
+                name,
+                self._update_class(layer, config.r, config.alpha, config.dropout, config.use_rslora),
+                self.name,
+            )
 
     def merge(self, model: nn.Module) -> None:
         """Fold every adapted layer's update into its base weight: outputs stay the same."""

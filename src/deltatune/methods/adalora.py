@@ -95,8 +95,10 @@ class AdaLoRAConfig:
             if not 0 <= getattr(self, option) < 1:
                 problems.append(f"method.{option}={getattr(self, option)} must be in [0, 1)")
         if not self.initial_fraction + self.final_fraction < 1:
-            problems.append(f"method.initial_fraction={self.initial_fraction} and method.final_fraction="
-                            f"{self.final_fraction} leave no steps to prune in; make their sum less than 1")
+            problems.append(
+                f"method.initial_fraction={self.initial_fraction} and method.final_fraction="
+                f"{self.final_fraction} leave no steps to prune in; make their sum less than 1"
+            )
         if self.update_every < 1:
             problems.append(f"method.update_every={self.update_every} must be at least 1")
         for option in ("beta1", "beta2"):
@@ -128,8 +130,9 @@ class SVDUpdate(WeightUpdate):
     def orthogonality(self) -> torch.Tensor:
         """‖QQᵀ − I‖_F + ‖PᵀP − I‖_F."""
         identity = torch.eye(self.lora_E.shape[0], dtype=self.lora_A.dtype, device=self.lora_A.device)
-        return (torch.linalg.matrix_norm(self.lora_A @ self.lora_A.t() - identity)
-                + torch.linalg.matrix_norm(self.lora_B.t() @ self.lora_B - identity))
+        return torch.linalg.matrix_norm(self.lora_A @ self.lora_A.t() - identity) + torch.linalg.matrix_norm(
+            self.lora_B.t() @ self.lora_B - identity
+        )
 
 
 class SVDLinear(AddedUpdateLinear[SVDUpdate]):
@@ -195,8 +198,10 @@ class AdaLoRA(Method):
         return own_parameter_names(model, self._applied_name()) | head_names(model)
 
     def _updates(self, model: nn.Module) -> dict[str, SVDUpdate]:
-        return {site: layer.part_of(self._applied_name())
-                for site, layer in sites_of(model, self._applied_name(), SVDLinear).items()}
+        return {
+            site: layer.part_of(self._applied_name())
+            for site, layer in sites_of(model, self._applied_name(), SVDLinear).items()
+        }
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
         """γ · the mean of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F over every P and Q of this delta."""
@@ -222,8 +227,9 @@ class AdaLoRA(Method):
         if step == final_start or step % self.config.update_every == 0:
             progress = 1 - (step - initial) / (final_start - initial)
             layers = len(updates)
-            budget = int((self.config.init_r - self.config.target_r) * layers * progress**3
-                         + self.config.target_r * layers)
+            budget = int(
+                (self.config.init_r - self.config.target_r) * layers * progress**3 + self.config.target_r * layers
+            )
             self._kept_ranks = self._prune(updates, budget)
         if step == final_start:
             self._importance.clear()  # the ranks are fixed from here on

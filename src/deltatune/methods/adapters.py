@@ -45,10 +45,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "ta
 # Where each adapter site sits inside a transformer block (the blocks themselves are found structurally,
 # see deltatune.methods.layers), per block layout: (site name, parent module, module whose output the
 # adapter rewrites). The adapters are registered under `<parent>.adapter`; the site module gets a hook.
-BERT_SITES = {"attention": ("attention.output", "attention.output.dropout"),
-              "ffn": ("output", "output.dropout")}
-LLAMA_SITES = {"attention": ("self_attn", "self_attn.o_proj"),
-               "ffn": ("mlp", "mlp.down_proj")}
+BERT_SITES = {"attention": ("attention.output", "attention.output.dropout"), "ffn": ("output", "output.dropout")}
+LLAMA_SITES = {"attention": ("self_attn", "self_attn.o_proj"), "ffn": ("mlp", "mlp.down_proj")}
 
 
 @dataclass(frozen=True)
@@ -86,14 +84,17 @@ class PfeifferConfig:
         validate_adapter_config(self, "pfeiffer", default_reduction=16.0)
 
 
-def validate_adapter_config(config, name: str, default_bottleneck: int | None = None,
-                            default_reduction: float | None = None) -> None:
+def validate_adapter_config(
+    config, name: str, default_bottleneck: int | None = None, default_reduction: float | None = None
+) -> None:
     """Collect every problem; with neither size option given, fill in the method's default."""
     problems = []
     if config.bottleneck_size is not None and config.reduction_factor is not None:
-        problems.append(f"{name}: method.bottleneck_size={config.bottleneck_size} and "
-                        f"method.reduction_factor={config.reduction_factor} both set the adapter width; "
-                        "give only one of them")
+        problems.append(
+            f"{name}: method.bottleneck_size={config.bottleneck_size} and "
+            f"method.reduction_factor={config.reduction_factor} both set the adapter width; "
+            "give only one of them"
+        )
     if config.bottleneck_size is not None and config.bottleneck_size < 1:
         problems.append(f"method.bottleneck_size={config.bottleneck_size} must be at least 1")
     if config.reduction_factor is not None and not config.reduction_factor > 0:
@@ -216,7 +217,8 @@ def transformer_layers(model: nn.Module) -> tuple[list[nn.Module], dict[str, tup
     raise DeltatuneError(
         "Adapters know BERT-style layers (encoder.layer.N.attention.output.dense / output.dense) and "
         f"Llama-style layers (layers.N.self_attn.o_proj / mlp.down_proj); {type(backbone).__name__} has "
-        "neither. Use a BERT- or Llama-family model, or another method (lora, bitfit).")
+        "neither. Use a BERT- or Llama-family model, or another method (lora, bitfit)."
+    )
 
 
 def _has_sites(layer: nn.Module, sites: dict[str, tuple[str, str]]) -> bool:

@@ -96,14 +96,18 @@ def decay_groups(model: nn.Module, learning_rate: float, settings: OptimizerSett
             # biases and norm scales are not regularised toward zero (standard AdamW practice)
             groups.setdefault((depths.get(name, 0), parameter.ndim >= 2), []).append(parameter)
     decay = settings.layer_lr_decay or 1.0
-    return [{"params": params, "weight_decay": settings.weight_decay if decays else 0.0,
-             "lr": learning_rate * decay**depth}
-            for (depth, decays), params in sorted(groups.items())]
+    return [
+        {"params": params, "weight_decay": settings.weight_decay if decays else 0.0, "lr": learning_rate * decay**depth}
+        for (depth, decays), params in sorted(groups.items())
+    ]
 
 
 def _hook_names() -> set[str]:
-    return {name for name, value in vars(Method).items()
-            if not name.startswith("_") and (callable(value) or isinstance(value, property))}
+    return {
+        name
+        for name, value in vars(Method).items()
+        if not name.startswith("_") and (callable(value) or isinstance(value, property))
+    }
 
 
 def _candidates_around(rate: float) -> tuple[float, ...]:
@@ -150,18 +154,21 @@ class Method:
                 raise TypeError(
                     f"{cls.__name__}.{attribute} is not part of the method contract (deltatune.methods.base.Method); "
                     f"a misspelt hook would never be called. {did_you_mean(attribute, hooks)} Name helpers "
-                    f"with a leading underscore.")
+                    f"with a leading underscore."
+                )
             base = vars(Method).get(attribute)
             if callable(value) and callable(base) and _signature(value) != _signature(base):
-                raise TypeError(f"{cls.__name__}.{attribute}{inspect.signature(value)} does not match the hook "
-                                f"Method.{attribute}{inspect.signature(base)}.")
+                raise TypeError(
+                    f"{cls.__name__}.{attribute}{inspect.signature(value)} does not match the hook "
+                    f"Method.{attribute}{inspect.signature(base)}."
+                )
         if cls.batch_mixing not in (PER_ROW, GROUPED):
             raise TypeError(f"{cls.__name__}.batch_mixing={cls.batch_mixing!r} must be {PER_ROW!r} or {GROUPED!r}.")
         # a class that sets its own default rate without its own candidates searches around that default;
         # one that sets neither (Houlsby under the adapters' base, DoRA under LoRA's) inherits both
-        if "learning_rate_candidates" not in vars(cls) and ("default_learning_rate" in vars(cls)
-                                                            or cls.default_learning_rate not in
-                                                            cls.learning_rate_candidates):
+        if "learning_rate_candidates" not in vars(cls) and (
+            "default_learning_rate" in vars(cls) or cls.default_learning_rate not in cls.learning_rate_candidates
+        ):
             cls.learning_rate_candidates = _candidates_around(cls.default_learning_rate)
 
     # ----------------------------------------------------------------------------------- the delta
@@ -173,8 +180,10 @@ class Method:
         second delta under a name in use, is a DeltatuneError.
         """
         if self.delta_name is not None:
-            raise DeltatuneError(f"This {self.name!r} method is already applied (as delta {self.delta_name!r}); "
-                                 "build a new one (deltatune.methods.build_method) for another model or delta.")
+            raise DeltatuneError(
+                f"This {self.name!r} method is already applied (as delta {self.delta_name!r}); "
+                "build a new one (deltatune.methods.build_method) for another model or delta."
+            )
         attached_deltas(model).register(name, self)
         self.delta_name = name
 
@@ -194,13 +203,18 @@ class Method:
     def _expected_tensors(self, model: nn.Module) -> dict[str, TensorSpec]:
         index, names = parameter_index(model), self.trainable_names(model)
         heads = head_specs(model)
-        return {index.canonical[name]: heads.get(index.canonical[name]) or TensorSpec.of(parameter)
-                for name, parameter in model.named_parameters() if name in names}
+        return {
+            index.canonical[name]: heads.get(index.canonical[name]) or TensorSpec.of(parameter)
+            for name, parameter in model.named_parameters()
+            if name in names
+        }
 
     def _applied_name(self) -> str:
         if self.delta_name is None:
-            raise DeltatuneError(f"The {self.name!r} method has not been applied to a model yet; apply it "
-                                 "(deltatune.methods.prepare_model) before saving or loading its delta.")
+            raise DeltatuneError(
+                f"The {self.name!r} method has not been applied to a model yet; apply it "
+                "(deltatune.methods.prepare_model) before saving or loading its delta."
+            )
         return self.delta_name
 
     # ---------------------------------------------------------------------------------- training
@@ -229,22 +243,28 @@ class Method:
 
     def merge(self, model: nn.Module) -> None:
         """Fold the active delta into the base weights: same outputs, no extra computation."""
-        raise DeltatuneError(f"The {self.name!r} method cannot be merged into the base weights (its delta is not "
-                             "a change of the existing weights); use the model as it is.")
+        raise DeltatuneError(
+            f"The {self.name!r} method cannot be merged into the base weights (its delta is not "
+            "a change of the existing weights); use the model as it is."
+        )
 
     def unmerge(self, model: nn.Module) -> None:
         """Take a merged delta back out of the base weights."""
-        raise DeltatuneError(f"The {self.name!r} method cannot be merged into the base weights, so there is "
-                             "nothing to unmerge.")
+        raise DeltatuneError(
+            f"The {self.name!r} method cannot be merged into the base weights, so there is nothing to unmerge."
+        )
 
     def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
         """This method's delta `tensors` (as saved) in PEFT's adapter format."""
-        exportable = sorted(name for name, entry in REGISTRY.items()
-                            if entry.method_class.export_peft is not Method.export_peft)
-        raise DeltatuneError(f"A {self.name!r} delta cannot be exported to PEFT's format: PEFT has no equivalent "
-                             f"of this method here (deltas of {', '.join(exportable)} can be exported). Use the "
-                             f"deltatune delta directory itself (deltatune.load), or retrain with --method "
-                             f"{' or '.join(exportable)}.")
+        exportable = sorted(
+            name for name, entry in REGISTRY.items() if entry.method_class.export_peft is not Method.export_peft
+        )
+        raise DeltatuneError(
+            f"A {self.name!r} delta cannot be exported to PEFT's format: PEFT has no equivalent "
+            f"of this method here (deltas of {', '.join(exportable)} can be exported). Use the "
+            f"deltatune delta directory itself (deltatune.load), or retrain with --method "
+            f"{' or '.join(exportable)}."
+        )
 
 
 def _signature(function) -> list[tuple[str, Any]]:

@@ -25,8 +25,10 @@ def text_config(model: nn.Module) -> PretrainedConfig:
     """The model's transformers config (of its text model, where the model has several)."""
     config = getattr(model, "config", None)
     if not isinstance(config, PretrainedConfig):
-        raise DeltatuneError(f"{type(model).__name__} has no transformers config; this method adapts transformers "
-                             "models (load the model with deltatune or transformers' Auto classes).")
+        raise DeltatuneError(
+            f"{type(model).__name__} has no transformers config; this method adapts transformers "
+            "models (load the model with deltatune or transformers' Auto classes)."
+        )
     return config.get_text_config()
 
 

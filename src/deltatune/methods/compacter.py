@@ -87,8 +87,9 @@ class PHMLinear(nn.Module):
 
     _rule: PHMRule
 
-    def __init__(self, in_features: int, out_features: int, rule: PHMRule, rank: int,
-                 left_init_std: float | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rule: PHMRule, rank: int, left_init_std: float | None = None
+    ) -> None:
         super().__init__()
         phm_dim = rule.rule.shape[0]
         self.left = nn.Parameter(torch.empty(phm_dim, out_features // phm_dim, rank))
@@ -119,8 +120,9 @@ class PHMLinear(nn.Module):
 class CompacterAdapter(nn.Module):
     """x + up(act(down(x))) with PHM projections."""
 
-    def __init__(self, hidden_size: int, bottleneck_size: int, activation: str, rule: PHMRule, rank: int,
-                 up_init_std: float) -> None:
+    def __init__(
+        self, hidden_size: int, bottleneck_size: int, activation: str, rule: PHMRule, rank: int, up_init_std: float
+    ) -> None:
         super().__init__()
         self.down = PHMLinear(hidden_size, bottleneck_size, rule, rank)
         self.activation = ACTIVATIONS[activation]()
@@ -146,8 +148,10 @@ class _Compacter(_Adapters):
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         hidden_size = text_config(model).hidden_size
         if hidden_size % self.config.phm_dim:
-            raise DeltatuneError(f"method.phm_dim={self.config.phm_dim} must divide the hidden size {hidden_size} "
-                                 f"of {type(model).__name__}; pick a divisor such as 2 or 4.")
+            raise DeltatuneError(
+                f"method.phm_dim={self.config.phm_dim} must divide the hidden size {hidden_size} "
+                f"of {type(model).__name__}; pick a divisor such as 2 or 4."
+            )
         reference = next(model.parameters())
         self._rule = PHMRule(self.config.phm_dim).to(device=reference.device, dtype=reference.dtype)
         super().apply(model, name)
@@ -160,8 +164,14 @@ class _Compacter(_Adapters):
     def _new_adapter(self, hidden_size: int, size: int) -> nn.Module:
         phm_dim = self.config.phm_dim
         width = -(-size // phm_dim) * phm_dim  # up to a multiple of n, so each B_i has whole rows
-        return CompacterAdapter(hidden_size, width, self.config.activation, self._rule, self.config.phm_rank,
-                                self.config.up_projection_init_std)
+        return CompacterAdapter(
+            hidden_size,
+            width,
+            self.config.activation,
+            self._rule,
+            self.config.phm_rank,
+            self.config.up_projection_init_std,
+        )
 
 
 @register("compacter", CompacterConfig)

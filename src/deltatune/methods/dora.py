@@ -53,8 +53,9 @@ class DoRAUpdate(LoRAUpdate):
     def __init__(self, layer: WrappedLinear[Any], r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__(layer, r, alpha, dropout, rslora)
         with torch.no_grad():
-            self.magnitude = nn.Parameter(row_norms(layer.weight, self.delta_weight(layer.weight.dtype))
-                                          .to(layer.weight.dtype))
+            self.magnitude = nn.Parameter(
+                row_norms(layer.weight, self.delta_weight(layer.weight.dtype)).to(layer.weight.dtype)
+            )
 
     def factor(self, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖W + s·B·A‖ per output feature, the norm detached (DoRA's section 4.3)."""
@@ -107,8 +108,9 @@ class DoRALinear(WrappedLinear[DoRAUpdate]):
         weight = self.base_layer.weight
         assert self._kept is not None  # `merge` kept them when it set merged_delta
         norms, small, kept = self._kept
-        magnitude = torch.where(update.magnitude.abs() < _UNDIVIDABLE, torch.ones_like(update.magnitude),
-                                update.magnitude)
+        magnitude = torch.where(
+            update.magnitude.abs() < _UNDIVIDABLE, torch.ones_like(update.magnitude), update.magnitude
+        )
         weight.mul_((norms / magnitude).to(weight.dtype)[:, None]).sub_(update.delta_weight(weight.dtype))
         weight[small] = kept
         self._kept = None
@@ -126,7 +128,12 @@ class DoRA(LoRAVariant):
         """PEFT's LoRA with use_dora: LoRA's names, and 'X.magnitude' -> 'X.lora_magnitude_vector'."""
         adapter = super().export_peft(tensors)
         magnitudes = {name: tensor for name, tensor in adapter.rest.items() if name.endswith(".magnitude")}
-        renamed = {**adapter.tensors, **{f"{name.removesuffix('.magnitude')}.lora_magnitude_vector": tensor
-                                         for name, tensor in magnitudes.items()}}
+        renamed = {
+            **adapter.tensors,
+            **{
+                f"{name.removesuffix('.magnitude')}.lora_magnitude_vector": tensor
+                for name, tensor in magnitudes.items()
+            },
+        }
         rest = {name: tensor for name, tensor in adapter.rest.items() if name not in magnitudes}
         return PeftAdapter({**adapter.config, "use_dora": True}, renamed, rest)

@@ -66,11 +66,12 @@ class FreezeConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        given = [name for name in ("layers", "top", "bottom", "critical")
-                 if getattr(self, name) not in (None, ())]
+        given = [name for name in ("layers", "top", "bottom", "critical") if getattr(self, name) not in (None, ())]
         if len(given) > 1:
-            problems.append("give exactly one of method.layers, method.top, method.bottom, method.critical; got "
-                            + ", ".join(f"method.{name}={getattr(self, name)!r}" for name in given))
+            problems.append(
+                "give exactly one of method.layers, method.top, method.bottom, method.critical; got "
+                + ", ".join(f"method.{name}={getattr(self, name)!r}" for name in given)
+            )
         if not given:  # record the default explicitly, so the saved config says what trained
             object.__setattr__(self, "top", DEFAULT_TOP)
         for name in ("top", "bottom", "critical"):
@@ -80,14 +81,20 @@ class FreezeConfig:
         if len(set(self.layers)) != len(self.layers):
             problems.append(f"method.layers={self.layers!r} lists a layer twice")
         if self.critical is not None and not self.critical_from:
-            problems.append(f"method.critical={self.critical} needs method.critical_from=RUN_DIR, the output "
-                            "directory of a full fine-tuning run on the same base model")
+            problems.append(
+                f"method.critical={self.critical} needs method.critical_from=RUN_DIR, the output "
+                "directory of a full fine-tuning run on the same base model"
+            )
         if self.critical_from and self.critical is None:
-            problems.append(f"method.critical_from={self.critical_from!r} is only used with method.critical=K; "
-                            "add it, or drop critical_from")
+            problems.append(
+                f"method.critical_from={self.critical_from!r} is only used with method.critical=K; "
+                "add it, or drop critical_from"
+            )
         if self.critical_layers and (self.critical is None or len(self.critical_layers) != self.critical):
-            problems.append(f"method.critical_layers={self.critical_layers!r} is filled in by deltatune for "
-                            "method.critical; leave it empty")
+            problems.append(
+                f"method.critical_layers={self.critical_layers!r} is filled in by deltatune for "
+                "method.critical; leave it empty"
+            )
         if problems:
             raise DeltatuneError("; ".join(problems))
 
@@ -104,9 +111,11 @@ class Freeze(Method):
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         if self.config.critical is not None and not self.config.critical_layers:
             # choosing them reads another run; that happens before the method is applied, never here
-            raise DeltatuneError(f"freeze: method.critical={self.config.critical} needs its layers chosen from "
-                                 f"{self.config.critical_from!r} before the method is applied; call "
-                                 "deltatune.critical_layers.resolve_critical_layers(method, model) first.")
+            raise DeltatuneError(
+                f"freeze: method.critical={self.config.critical} needs its layers chosen from "
+                f"{self.config.critical_from!r} before the method is applied; call "
+                "deltatune.critical_layers.resolve_critical_layers(method, model) first."
+            )
         selected_layers(self.config, model)  # fail now, on a bad index, rather than after loading everything
         super().apply(model, name)
 
@@ -132,6 +141,8 @@ def selected_layers(config: FreezeConfig, model: nn.Module) -> list[int]:
     option = "top" if config.top is not None else "bottom"
     assert count is not None  # the config's __post_init__ demands exactly one of layers, top, bottom, critical
     if count > num_layers:
-        raise DeltatuneError(f"method.{option}={count}, but {model_name} has only {num_layers} transformer "
-                             f"layers; choose at most {num_layers} (or use the 'full' method).")
+        raise DeltatuneError(
+            f"method.{option}={count}, but {model_name} has only {num_layers} transformer "
+            f"layers; choose at most {num_layers} (or use the 'full' method)."
+        )
     return list(range(num_layers - count, num_layers)) if option == "top" else list(range(count))

@@ -125,8 +125,11 @@ class IA3Linear(WrappedLinear[IA3Scale]):
         segments = routing.contiguous()
         if segments is not None:  # a batch sorted by delta: each delta's scale on its own slice
             # (scales the input?, the scale in the activations' dtype) per routed delta, cast once
-            parts = routing.per_delta(self, f"parts {x.dtype}", lambda name: None if (
-                part := self.part(name)) is None else (part.scale_input, part.scale.to(x.dtype)))
+            parts = routing.per_delta(
+                self,
+                f"parts {x.dtype}",
+                lambda name: None if (part := self.part(name)) is None else (part.scale_input, part.scale.to(x.dtype)),
+            )
             scaled = [(*parts[group], start, end) for group, start, end in segments if parts[group] is not None]
             if any(scale_input for scale_input, *_ in scaled):
                 x = x.clone()
@@ -152,8 +155,11 @@ class IA3Linear(WrappedLinear[IA3Scale]):
         parts = self.row_parts(routing)
         stacks: list[torch.Tensor | None] = []
         for scale_input, width in ((True, self.in_features), (False, self.out_features)):
-            chosen = [(group, part) for group, part in enumerate(parts)
-                      if part is not None and part.scale_input == scale_input]
+            chosen = [
+                (group, part)
+                for group, part in enumerate(parts)
+                if part is not None and part.scale_input == scale_input
+            ]
             if not chosen:
                 stacks.append(None)
                 continue
@@ -230,14 +236,16 @@ class IA3(Method):
         scaled_output = select_layers(model, "method.targets", self.config.targets, DEFAULT_TARGETS)
         scaled_input = []
         if self.config.feedforward_targets:
-            scaled_input = select_layers(model, "method.feedforward_targets", self.config.feedforward_targets,
-                                         DEFAULT_FEEDFORWARD_TARGETS)
+            scaled_input = select_layers(
+                model, "method.feedforward_targets", self.config.feedforward_targets, DEFAULT_FEEDFORWARD_TARGETS
+            )
         both = sorted(set(scaled_output) & set(scaled_input))
         if both:
             raise DeltatuneError(
                 f"method.targets={self.config.targets!r} and method.feedforward_targets="
                 f"{self.config.feedforward_targets!r} both match {both[:3]!r}: a layer gets either an output "
-                "scale (targets) or an input scale (feedforward_targets), not both. Narrow one of them.")
+                "scale (targets) or an input scale (feedforward_targets), not both. Narrow one of them."
+            )
         super().apply(model, name)
         for names, scale_input in ((scaled_output, False), (scaled_input, True)):
             for layer in wrap_layers(model, names, IA3Linear, IA3Linear):
@@ -267,6 +275,11 @@ class IA3(Method):
                     feedforward.add(module)
             else:
                 rest[name] = tensor
-        config = {"peft_type": "IA3", "target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
-                  "fan_in_fan_out": False, "init_ia3_weights": True}
+        config = {
+            "peft_type": "IA3",
+            "target_modules": sorted(targets),
+            "feedforward_modules": sorted(feedforward),
+            "fan_in_fan_out": False,
+            "init_ia3_weights": True,
+        }
         return PeftAdapter(config, renamed, rest)

@@ -93,11 +93,14 @@ class InputDependentPromptConfig:
         if self.num_virtual_tokens < 1:
             problems.append(f"method.num_virtual_tokens={self.num_virtual_tokens} must be at least 1 (e.g. 20)")
         if self.attention_size < 1 or self.num_heads < 1:
-            problems.append(f"method.attention_size={self.attention_size} and method.num_heads={self.num_heads} "
-                            "must be at least 1")
+            problems.append(
+                f"method.attention_size={self.attention_size} and method.num_heads={self.num_heads} must be at least 1"
+            )
         elif self.attention_size % self.num_heads:
-            problems.append(f"method.attention_size={self.attention_size} must be a multiple of "
-                            f"method.num_heads={self.num_heads} (e.g. 128 and 4)")
+            problems.append(
+                f"method.attention_size={self.attention_size} must be a multiple of "
+                f"method.num_heads={self.num_heads} (e.g. 128 and 4)"
+            )
         if self.init not in ("text", "vocab", "random"):
             problems.append(f"method.init={self.init!r} must be one of 'text', 'vocab', 'random'")
         if self.init == "text" and not self.init_text.strip():
@@ -105,8 +108,9 @@ class InputDependentPromptConfig:
         if not self.encoder.strip():
             problems.append("method.encoder must be 'embeddings' or a model name such as 'minilm-l6'")
         if not self.generator_learning_rate_ratio > 0:
-            problems.append(f"method.generator_learning_rate_ratio={self.generator_learning_rate_ratio} must be "
-                            "positive (e.g. 0.1)")
+            problems.append(
+                f"method.generator_learning_rate_ratio={self.generator_learning_rate_ratio} must be positive (e.g. 0.1)"
+            )
         if self.encoder_max_length < 2:
             problems.append(f"method.encoder_max_length={self.encoder_max_length} must be at least 2")
         if problems:
@@ -144,8 +148,14 @@ class ExternalEncoder(nn.Module):
 class PromptGenerator(nn.Module):
     """p(x) = P + MultiHeadAttention(P W_q, H W_k, H W_v) W_o, one prompt of L vectors per input."""
 
-    def __init__(self, initial_prompt: torch.Tensor, encoder_width: int, attention_size: int, num_heads: int,
-                 encoder: ExternalEncoder | None = None) -> None:
+    def __init__(
+        self,
+        initial_prompt: torch.Tensor,
+        encoder_width: int,
+        attention_size: int,
+        num_heads: int,
+        encoder: ExternalEncoder | None = None,
+    ) -> None:
         super().__init__()
         width = initial_prompt.shape[1]
         dtype = initial_prompt.dtype
@@ -172,17 +182,18 @@ class PromptGenerator(nn.Module):
         batch_size = states.shape[0]
         heads, size = self.num_heads, self.query.out_features // self.num_heads
         states = states.to(self.key.weight.dtype)
-        queries = self.query(self.prompt).view(1, -1, heads, size).transpose(1, 2)    # (1, h, L, s)
-        keys = self.key(states).view(batch_size, -1, heads, size).transpose(1, 2)        # (b, h, n, s)
-        values = self.value(states).view(batch_size, -1, heads, size).transpose(1, 2)    # (b, h, n, s)
-        scores = queries @ keys.transpose(-1, -2) / math.sqrt(size)                      # (b, h, L, n)
+        queries = self.query(self.prompt).view(1, -1, heads, size).transpose(1, 2)  # (1, h, L, s)
+        keys = self.key(states).view(batch_size, -1, heads, size).transpose(1, 2)  # (b, h, n, s)
+        values = self.value(states).view(batch_size, -1, heads, size).transpose(1, 2)  # (b, h, n, s)
+        scores = queries @ keys.transpose(-1, -2) / math.sqrt(size)  # (b, h, L, n)
         scores = scores.masked_fill(mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
         mixed = (F.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(batch_size, self.num_tokens, -1)
         return self.prompt.unsqueeze(0) + self.output(mixed)
 
 
-def _encoder_states(generator: PromptGenerator, backbone: nn.Module, kwargs: dict,
-                    inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _encoder_states(
+    generator: PromptGenerator, backbone: nn.Module, kwargs: dict, inputs_embeds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch_size, length = inputs_embeds.shape[:2]
     mask = kwargs.get("attention_mask")
     if mask is None:
@@ -191,13 +202,19 @@ def _encoder_states(generator: PromptGenerator, backbone: nn.Module, kwargs: dic
         return inputs_embeds, mask
     input_ids = kwargs.get("input_ids")
     if input_ids is None:
-        raise DeltatuneError(f"{METHOD_NAME} with an external encoder reads the input's text, so the model must "
-                             "be called with input_ids (not inputs_embeds).")
+        raise DeltatuneError(
+            f"{METHOD_NAME} with an external encoder reads the input's text, so the model must "
+            "be called with input_ids (not inputs_embeds)."
+        )
     if generator.decoder_tokenizer is None:
-        raise DeltatuneError(f"{METHOD_NAME} with an external encoder needs the decoder's tokenizer to recover the "
-                             "input's text; set the method's `tokenizer` attribute before applying it.")
-    texts = [generator.decoder_tokenizer.decode(row[row_mask.bool()].tolist(), skip_special_tokens=True)
-             for row, row_mask in zip(input_ids, mask, strict=True)]
+        raise DeltatuneError(
+            f"{METHOD_NAME} with an external encoder needs the decoder's tokenizer to recover the "
+            "input's text; set the method's `tokenizer` attribute before applying it."
+        )
+    texts = [
+        generator.decoder_tokenizer.decode(row[row_mask.bool()].tolist(), skip_special_tokens=True)
+        for row, row_mask in zip(input_ids, mask, strict=True)
+    ]
     return generator.encoder(texts)
 
 
@@ -242,12 +259,15 @@ def load_external_encoder(name: str, max_length: int) -> ExternalEncoder:
     try:
         model = AutoModel.from_pretrained(location, use_safetensors=True, local_files_only=Path(location).is_dir())
     except (OSError, ValueError) as error:
-        raise DeltatuneError(f"method.encoder={name!r} could not be loaded as a frozen encoder "
-                             f"({str(error).splitlines()[0]}). Use 'embeddings', a model alias such as "
-                             "'minilm-l6', or a local model directory.") from None
+        raise DeltatuneError(
+            f"method.encoder={name!r} could not be loaded as a frozen encoder "
+            f"({str(error).splitlines()[0]}). Use 'embeddings', a model alias such as "
+            "'minilm-l6', or a local model directory."
+        ) from None
     if not hasattr(model.config, "hidden_size"):
-        raise DeltatuneError(f"method.encoder={name!r} has no hidden_size in its config; use an encoder such as "
-                             "'minilm-l6'.")
+        raise DeltatuneError(
+            f"method.encoder={name!r} has no hidden_size in its config; use an encoder such as 'minilm-l6'."
+        )
     return ExternalEncoder(model, load_tokenizer(name), max_length)
 
 
@@ -267,25 +287,36 @@ class InputDependentPrompt(Method):
         needs_tokenizer = self.config.init == "text" or self.config.encoder != EMBEDDINGS
         if needs_tokenizer and self.tokenizer is None:
             self.tokenizer = find_tokenizer(
-                model, f"{METHOD_NAME} needs the decoder's tokenizer (for method.init=text and for an external "
-                       "method.encoder)",
+                model,
+                f"{METHOD_NAME} needs the decoder's tokenizer (for method.init=text and for an external "
+                "method.encoder)",
                 "Use method.init=vocab with method.encoder=embeddings, or set the method's `tokenizer` attribute "
-                "before applying it.")
+                "before applying it.",
+            )
         # the static part starts exactly as plain prompt tuning's prompt would
         with torch.no_grad():
-            initial = initial_prompt(PromptTuningConfig(self.config.num_virtual_tokens, self.config.init,
-                                                        self.config.init_text),
-                                     self.tokenizer, model, table).to(table.dtype)
+            initial = initial_prompt(
+                PromptTuningConfig(self.config.num_virtual_tokens, self.config.init, self.config.init_text),
+                self.tokenizer,
+                model,
+                table,
+            ).to(table.dtype)
         encoder = None
         if self.config.encoder != EMBEDDINGS:
             encoder = load_external_encoder(self.config.encoder, self.config.encoder_max_length)
             encoder.to(table.device)
-        generator = PromptGenerator(initial, encoder.width if encoder is not None else table.shape[1],
-                                    self.config.attention_size, self.config.num_heads, encoder)
+        generator = PromptGenerator(
+            initial,
+            encoder.width if encoder is not None else table.shape[1],
+            self.config.attention_size,
+            self.config.num_heads,
+            encoder,
+        )
         generator.decoder_tokenizer = self.tokenizer
         super().apply(model, name)
-        site = install_prompt_site(backbone, "input_dependent_prompt", GeneratorSite, _prepend_generated_prompt,
-                                   _drop_prompt_positions)
+        site = install_prompt_site(
+            backbone, "input_dependent_prompt", GeneratorSite, _prepend_generated_prompt, _drop_prompt_positions
+        )
         site.add_part(model, name, generator.to(table.device), self.name)
 
     def _generator(self, model: nn.Module) -> PromptGenerator:
@@ -303,8 +334,11 @@ class InputDependentPrompt(Method):
         head = [p for n, p in model.named_parameters() if n in head_names(model) and p.requires_grad]
         ratio = self.config.generator_learning_rate_ratio
         roles: list[tuple[list[torch.Tensor], float, bool]] = [
-            ([generator.prompt], 1.0, False), (generator.generator_parameters(), ratio, True),
-                 ([p for p in head if p.ndim >= 2], 1.0, True), ([p for p in head if p.ndim < 2], 1.0, False)]
+            ([generator.prompt], 1.0, False),
+            (generator.generator_parameters(), ratio, True),
+            ([p for p in head if p.ndim >= 2], 1.0, True),
+            ([p for p in head if p.ndim < 2], 1.0, False),
+        ]
         depths = layer_depths(model, settings)
         depth_of = {id(p): depths.get(n, 0) for n, p in model.named_parameters()}
         decay = settings.layer_lr_decay or 1.0
@@ -314,7 +348,12 @@ class InputDependentPrompt(Method):
             for parameter in parameters:
                 if parameter.requires_grad:
                     by_depth.setdefault(depth_of[id(parameter)], []).append(parameter)
-            groups += [{"params": params, "lr": learning_rate * scale * decay**depth,
-                        "weight_decay": settings.weight_decay if decays else 0.0}
-                       for depth, params in sorted(by_depth.items())]
+            groups += [
+                {
+                    "params": params,
+                    "lr": learning_rate * scale * decay**depth,
+                    "weight_decay": settings.weight_decay if decays else 0.0,
+                }
+                for depth, params in sorted(by_depth.items())
+            ]
         return groups

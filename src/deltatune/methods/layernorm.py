@@ -38,19 +38,26 @@ class LayerNormConfig:
 def norm_modules(model: nn.Module, targets: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """The base model's norm modules (outside the task head), restricted to `targets` when given."""
     head = head_names(model)
-    found = {name: module for name, module in base_modules(model).items()
-             if is_norm(module) and not any(f"{name}.{p}" in head for p, _ in module.named_parameters())}
+    found = {
+        name: module
+        for name, module in base_modules(model).items()
+        if is_norm(module) and not any(f"{name}.{p}" in head for p, _ in module.named_parameters())
+    }
     if not targets:
         return found
-    chosen = {name: module for name, module in found.items()
-              if any(name == target or name.endswith(f".{target}") for target in targets)}
+    chosen = {
+        name: module
+        for name, module in found.items()
+        if any(name == target or name.endswith(f".{target}") for target in targets)
+    }
     unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in found)]
     if unmatched:
         examples = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in found})) or "none"
         raise DeltatuneError(
             f"method.targets={targets!r}: {unmatched} matched no normalisation layer of {type(model).__name__}. "
             f"Its norm layers are named like {examples} (full names like {next(iter(found), '?')!r}); "
-            "leave method.targets empty to tune all of them.")
+            "leave method.targets empty to tune all of them."
+        )
     return chosen
 
 
@@ -69,12 +76,16 @@ class LayerNormTuning(Method):
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         modules = norm_modules(model, self.config.targets)
         if not modules:
-            raise DeltatuneError(f"{type(model).__name__} has no LayerNorm or RMSNorm layer, so the 'layernorm' "
-                                 "method has nothing to tune; choose another method (e.g. bitfit or lora).")
+            raise DeltatuneError(
+                f"{type(model).__name__} has no LayerNorm or RMSNorm layer, so the 'layernorm' "
+                "method has nothing to tune; choose another method (e.g. bitfit or lora)."
+            )
         super().apply(model, name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
-        names = {f"{module_name}.{parameter_name}"
-                 for module_name, module in norm_modules(model, self.config.targets).items()
-                 for parameter_name, _ in module.named_parameters(recurse=False)}
+        names = {
+            f"{module_name}.{parameter_name}"
+            for module_name, module in norm_modules(model, self.config.targets).items()
+            for parameter_name, _ in module.named_parameters(recurse=False)
+        }
         return names | head_names(model)

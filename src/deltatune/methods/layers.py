@@ -72,7 +72,8 @@ def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise DeltatuneError(
             f"Could not find the transformer layers of {type(model).__name__}: it has no list of repeated "
             "blocks (like 'bert.encoder.layer' or 'model.layers'). Layer-wise methods need one; use a "
-            "method that does not work by layer (e.g. full, bitfit, layernorm).")
+            "method that does not work by layer (e.g. full, bitfit, layernorm)."
+        )
     return best_name, best_list
 
 
@@ -113,7 +114,8 @@ def resolve_layer_indices(option: str, indices: tuple[int, ...], num_layers: int
     if problems:
         raise DeltatuneError(
             f"{option}={tuple(indices)}: {model_name} has {num_layers} transformer layers, so indices must be "
-            f"in {-num_layers}..{num_layers - 1} (negative counts from the top); got {problems}.")
+            f"in {-num_layers}..{num_layers - 1} (negative counts from the top); got {problems}."
+        )
     return sorted(resolved)
 
 

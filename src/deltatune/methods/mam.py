@@ -90,14 +90,19 @@ class MAM(PrefixTuning):
     def _adapter_names(self, model: nn.Module) -> set[str]:
         """Names in the model of this delta's parallel-adapter parameters."""
         name = self._applied_name()
-        ids = {id(parameter) for site in sites_of(model, name, ParallelAdapterSite).values()
-               for parameter in site.deltas[name].parameters()}
+        ids = {
+            id(parameter)
+            for site in sites_of(model, name, ParallelAdapterSite).values()
+            for parameter in site.deltas[name].parameters()
+        }
         return {parameter_name for parameter_name, parameter in model.named_parameters() if id(parameter) in ids}
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The head and the prefixes (as prefix tuning stores them), and the parallel adapters."""
-        return {**super().delta_state(model),
-                **read_delta_tensors(model, self._applied_name(), self._adapter_names(model))}
+        return {
+            **super().delta_state(model),
+            **read_delta_tensors(model, self._applied_name(), self._adapter_names(model)),
+        }
 
     def load_delta_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         index = parameter_index(model)
@@ -107,4 +112,3 @@ class MAM(PrefixTuning):
         check_delta_tensors(self.name, adapters, expected)
         super().load_delta_state(model, {key: tensor for key, tensor in tensors.items() if key not in expected})
         write_delta_tensors(model, self._applied_name(), adapters)
-

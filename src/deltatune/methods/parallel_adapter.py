@@ -78,8 +78,9 @@ def parallel_adapter_problems(config, name: str, default_reduction: float, raise
 class ParallelAdapter(BottleneckAdapter):
     """s · up(act(down(x))): the branch alone, added to the FFN's output by the hook."""
 
-    def __init__(self, hidden_size: int, bottleneck_size: int, activation: str, up_init_std: float,
-                 scaling: float) -> None:
+    def __init__(
+        self, hidden_size: int, bottleneck_size: int, activation: str, up_init_std: float, scaling: float
+    ) -> None:
         super().__init__(hidden_size, bottleneck_size, activation, up_init_std)
         self.scaling = scaling
 

@@ -101,8 +101,11 @@ class PiSSA(LoRAVariant):
 
     def _expected_tensors(self, model: nn.Module) -> dict[str, TensorSpec]:
         index, names = parameter_index(model), self._saved_names(model)
-        return {index.canonical[name]: TensorSpec.of(parameter)
-                for name, parameter in model.named_parameters() if name in names}
+        return {
+            index.canonical[name]: TensorSpec.of(parameter)
+            for name, parameter in model.named_parameters()
+            if name in names
+        }
 
     def export_peft(self, tensors: dict[str, torch.Tensor]) -> PeftAdapter:
         """PEFT's plain LoRA of rank 2r on the original weights: B' = [B, −B₀], A' = [A; A₀], same scale.
@@ -121,5 +124,8 @@ class PiSSA(LoRAVariant):
         adapter = super().export_peft(widened)
         rank = 2 * self.config.r
         scaling = self.config.alpha / (math.sqrt(self.config.r) if self.config.use_rslora else self.config.r)
-        return PeftAdapter({**adapter.config, "r": rank, "lora_alpha": scaling * rank, "use_rslora": False},
-                           adapter.tensors, adapter.rest)
+        return PeftAdapter(
+            {**adapter.config, "r": rank, "lora_alpha": scaling * rank, "use_rslora": False},
+            adapter.tensors,
+            adapter.rest,
+        )

@@ -112,8 +112,9 @@ class Prefix(nn.Module):
         # unit-normal start, as PEFT and P-tuning v2 (nn.Embedding's default init)
         if reparameterize:
             self.embedding = nn.Parameter(torch.randn(num_tokens, width))
-            self.mlp = nn.Sequential(nn.Linear(width, mlp_hidden_size), nn.Tanh(),
-                                     nn.Linear(mlp_hidden_size, shape.num_layers * 2 * width))
+            self.mlp = nn.Sequential(
+                nn.Linear(width, mlp_hidden_size), nn.Tanh(), nn.Linear(mlp_hidden_size, shape.num_layers * 2 * width)
+            )
         else:
             self.prefixes = nn.Parameter(torch.randn(shape.num_layers, 2, num_tokens, width))
 
@@ -161,13 +162,15 @@ def _insert_prefix(backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     check_position_budget(backbone, prefix.num_tokens, length, "prefix-tuning")
     dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else None
     kwargs[cache_keyword(backbone)] = prefix.as_cache(batch_size, dtype or prefix.key_values().dtype)
-    kwargs["attention_mask"] = prepend_to_mask(kwargs.get("attention_mask"), prefix.num_tokens, batch_size,
-                                               length, device)
+    kwargs["attention_mask"] = prepend_to_mask(
+        kwargs.get("attention_mask"), prefix.num_tokens, batch_size, length, device
+    )
     return (), kwargs
 
 
-def _insert_prefixes_per_row(backbone: nn.Module, site: PrefixSite, routing: RowRouting, args: tuple,
-                             kwargs: dict) -> tuple[tuple, dict] | None:
+def _insert_prefixes_per_row(
+    backbone: nn.Module, site: PrefixSite, routing: RowRouting, args: tuple, kwargs: dict
+) -> tuple[tuple, dict] | None:
     """A mixed batch: each row attends to its own delta's prefixes (masked-out slots pad shorter ones).
 
     Row r's real tokens are numbered from its own prefix length L_r, as when its delta runs alone.
@@ -183,8 +186,11 @@ def _insert_prefixes_per_row(backbone: nn.Module, site: PrefixSite, routing: Row
     check_position_budget(backbone, int(row_lengths.max()), length, "prefix-tuning")
     dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else key_values.dtype
     num_tokens = key_values.shape[3]
-    per_row = key_values[routing.index].to(dtype).view(batch_size, shape.num_layers, 2, num_tokens,
-                                                      shape.num_key_value_heads, shape.head_dim)
+    per_row = (
+        key_values[routing.index]
+        .to(dtype)
+        .view(batch_size, shape.num_layers, 2, num_tokens, shape.num_key_value_heads, shape.head_dim)
+    )
     per_row = per_row.permute(1, 2, 0, 4, 3, 5)  # (layers, key/value, batch, heads, L, head_dim)
     kwargs[cache_keyword(backbone)] = DynamicCache([(layer[0], layer[1]) for layer in per_row])
     attention_mask = kwargs.get("attention_mask")
@@ -211,7 +217,7 @@ def _stack_prefixes(parts: list[Prefix | None]):
     stack = reference.new_zeros(len(parts), reference.shape[0], 2, int(lengths.max()), reference.shape[-1])
     for group, prefix in enumerate(parts):
         if prefix is not None:
-            stack[group, :, :, :prefix.num_tokens] = prefix.key_values()
+            stack[group, :, :, : prefix.num_tokens] = prefix.key_values()
     return stack, lengths, present[0].shape
 
 
@@ -237,8 +243,12 @@ class PrefixTuning(Method):
             backbone.prefix_tuning = site = PrefixSite()
             backbone.register_forward_pre_hook(_insert_prefix, with_kwargs=True)
         reference = next(backbone.parameters())
-        prefix = Prefix(AttentionShape.of(model.config), self.config.num_virtual_tokens,
-                        self.config.reparameterize, self.config.mlp_hidden_size)
+        prefix = Prefix(
+            AttentionShape.of(model.config),
+            self.config.num_virtual_tokens,
+            self.config.reparameterize,
+            self.config.mlp_hidden_size,
+        )
         site.add_part(model, name, prefix.to(device=reference.device, dtype=reference.dtype), self.name)
 
     def trainable_names(self, model: nn.Module) -> set[str]:
@@ -260,11 +270,16 @@ class PrefixTuning(Method):
         prefix_name = f"{canonical_module_name(model, site)}.prefixes"
         reference = next(model.parameters())
         expected = head_specs(model)
-        expected[prefix_name] = TensorSpec((prefix.shape.num_layers, 2, prefix.num_tokens,
-                                            prefix.shape.key_value_width), reference.dtype)
-        check_delta_tensors(self.name, tensors, expected,
-                            f"method.num_virtual_tokens={prefix.num_tokens} here: was the delta saved with another "
-                            "prefix length, by another deltatune version, or for another model?")
+        expected[prefix_name] = TensorSpec(
+            (prefix.shape.num_layers, 2, prefix.num_tokens, prefix.shape.key_value_width), reference.dtype
+        )
+        check_delta_tensors(
+            self.name,
+            tensors,
+            expected,
+            f"method.num_virtual_tokens={prefix.num_tokens} here: was the delta saved with another "
+            "prefix length, by another deltatune version, or for another model?",
+        )
         # the loaded prefixes train if the form they replace did (prepare_model ran before loading)
         trainable = any(p.requires_grad for p in prefix.parameters())
         prefix.fix(tensors[prefix_name].to(device=reference.device))

@@ -85,8 +85,10 @@ def promot_parts(method: ProMoT, model: nn.Module) -> tuple[set[str], set[str]]:
     prompt = own_parameter_names(model, method._applied_name())
     update = build_method(method.config.model_method).trainable_names(model) - head
     if not update:
-        raise DeltatuneError(f"method.model_method={method.config.model_method!r} finds nothing to tune in "
-                             f"{type(model).__name__}; use method.model_method=full")
+        raise DeltatuneError(
+            f"method.model_method={method.config.model_method!r} finds nothing to tune in "
+            f"{type(model).__name__}; use method.model_method=full"
+        )
     return prompt, update
 
 

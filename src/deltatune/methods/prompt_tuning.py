@@ -131,8 +131,9 @@ def _drop_prompt_positions(backbone: PreTrainedModel, args: tuple, output: Any) 
     return output if prompt is None else drop_leading_positions(output, prompt.num_tokens)
 
 
-def _prepend_prompts_per_row(backbone: PreTrainedModel, site: PromptSite, routing: RowRouting, args: tuple,
-                             kwargs: dict) -> tuple[tuple, dict] | None:
+def _prepend_prompts_per_row(
+    backbone: PreTrainedModel, site: PromptSite, routing: RowRouting, args: tuple, kwargs: dict
+) -> tuple[tuple, dict] | None:
     """A mixed batch: each row gets its own delta's prompt (none for rows of other deltas)."""
     stacked = routing.stacked(site, lambda: _stack_prompts(site.row_parts(routing)))
     if stacked is None:
@@ -146,8 +147,9 @@ def _prepend_prompts_per_row(backbone: PreTrainedModel, site: PromptSite, routin
     inputs_embeds = kwargs.get("inputs_embeds")
     if inputs_embeds is None:
         inputs_embeds = backbone.get_input_embeddings()(kwargs["input_ids"])
-    kwargs, offsets = place_soft_tokens_per_row(kwargs, prompts[routing.index], row_lengths, inputs_embeds,
-                                                length, device)
+    kwargs, offsets = place_soft_tokens_per_row(
+        kwargs, prompts[routing.index], row_lengths, inputs_embeds, length, device
+    )
     routing.state[("prompt offsets", id(site))] = offsets
     return (), kwargs
 
@@ -163,12 +165,17 @@ def _stack_prompts(parts: list[SoftPrompt | None]) -> tuple[torch.Tensor, torch.
     stack = reference.new_zeros(len(parts), int(lengths.max()), reference.shape[1])
     for group, prompt in enumerate(parts):
         if prompt is not None:
-            stack[group, :prompt.num_tokens] = prompt.embeddings
+            stack[group, : prompt.num_tokens] = prompt.embeddings
     return stack, lengths
 
 
-def install_prompt_site(backbone: nn.Module, attribute: str, site_class: type[SiteT], pre_hook: Callable[..., Any],
-                        post_hook: Callable[..., Any]) -> SiteT:
+def install_prompt_site(
+    backbone: nn.Module,
+    attribute: str,
+    site_class: type[SiteT],
+    pre_hook: Callable[..., Any],
+    post_hook: Callable[..., Any],
+) -> SiteT:
     """The site `backbone.<attribute>`, created with its hooks the first time a delta needs it."""
     site = getattr(backbone, attribute, None)
     if not isinstance(site, site_class):
@@ -208,8 +215,9 @@ class PromptTuning(Method):
         return own_parameter_names(model, self._applied_name()) | head_names(model)
 
 
-def initial_prompt(config: PromptTuningConfig, tokenizer, model: nn.Module,
-                   word_embeddings: torch.Tensor) -> torch.Tensor:
+def initial_prompt(
+    config: PromptTuningConfig, tokenizer, model: nn.Module, word_embeddings: torch.Tensor
+) -> torch.Tensor:
     """The prompt's starting vectors by `config.init` (the tokenizer is needed for init=text)."""
     length = config.num_virtual_tokens
     if config.init == "random":
@@ -220,13 +228,17 @@ def initial_prompt(config: PromptTuningConfig, tokenizer, model: nn.Module,
         token_ids = torch.randint(0, word_embeddings.shape[0], (length,), device=word_embeddings.device)
         return word_embeddings[token_ids].clone()
     tokenizer = tokenizer or find_tokenizer(
-        model, "prompt-tuning with method.init=text embeds method.init_text with the model's tokenizer",
-        "Use method.init=vocab or method.init=random, or set the method's `tokenizer` attribute before applying it.")
+        model,
+        "prompt-tuning with method.init=text embeds method.init_text with the model's tokenizer",
+        "Use method.init=vocab or method.init=random, or set the method's `tokenizer` attribute before applying it.",
+    )
     # no [CLS]/[SEP] or BOS: the prompt should start from the text's words, not copies of markers
     text_ids = list(tokenizer(config.init_text, add_special_tokens=False)["input_ids"])
     if not text_ids:
-        raise DeltatuneError(f"method.init_text={config.init_text!r} has no tokens for this model's "
-                             "tokenizer; give a text with words in it, or use method.init=vocab.")
+        raise DeltatuneError(
+            f"method.init_text={config.init_text!r} has no tokens for this model's "
+            "tokenizer; give a text with words in it, or use method.init=vocab."
+        )
     repeats = -(-length // len(text_ids))  # ceil: repeat a short text, then cut to length
     token_ids = torch.tensor((text_ids * repeats)[:length], device=word_embeddings.device)
     return word_embeddings[token_ids].clone()

@@ -31,7 +31,8 @@ def backbone_of(model: nn.Module) -> PreTrainedModel:
         raise DeltatuneError(
             f"{type(model).__name__} is not a task model with a separate backbone (like "
             "BertForSequenceClassification or LlamaForSequenceClassification); prompt and prefix tuning "
-            "need one to attach to.")
+            "need one to attach to."
+        )
     return backbone
 
 
@@ -39,8 +40,10 @@ def word_embeddings(backbone: PreTrainedModel) -> nn.Embedding:
     """The backbone's table of input embeddings."""
     embeddings = backbone.get_input_embeddings()
     if not isinstance(embeddings, nn.Embedding):
-        raise DeltatuneError(f"{type(backbone).__name__}'s input embeddings are a {type(embeddings).__name__}, not "
-                             "a table of word embeddings; soft prompts are learned in such a table's space.")
+        raise DeltatuneError(
+            f"{type(backbone).__name__}'s input embeddings are a {type(embeddings).__name__}, not "
+            "a table of word embeddings; soft prompts are learned in such a table's space."
+        )
     return embeddings
 
 
@@ -48,8 +51,10 @@ def output_embeddings(causal_lm: PreTrainedModel) -> nn.Module:
     """The causal LM's language-model head (hidden states to logits over the vocabulary)."""
     head = causal_lm.get_output_embeddings()
     if head is None:
-        raise DeltatuneError(f"{type(causal_lm).__name__} has no language-model head; load a causal LM "
-                             "(deltatune.sources.models.load_causal_lm).")
+        raise DeltatuneError(
+            f"{type(causal_lm).__name__} has no language-model head; load a causal LM "
+            "(deltatune.sources.models.load_causal_lm)."
+        )
     return head
 
 
@@ -93,7 +98,8 @@ def cache_keyword(module: nn.Module) -> str:
             return name
     raise DeltatuneError(
         f"{type(module).__name__} takes no key/value cache (neither a `cache` nor a `past_key_values` "
-        "argument), so prefix tuning cannot reach its attention layers. Use prompt-tuning or another method.")
+        "argument), so prefix tuning cannot reach its attention layers. Use prompt-tuning or another method."
+    )
 
 
 def reject_non_empty_cache(kwargs: dict, method_name: str) -> None:
@@ -101,13 +107,16 @@ def reject_non_empty_cache(kwargs: dict, method_name: str) -> None:
     for key in ("cache", "past_key_values"):
         existing = kwargs.get(key)
         if existing is not None and hasattr(existing, "get_seq_length") and existing.get_seq_length() > 0:
-            raise DeltatuneError(f"{method_name} adds its virtual tokens on every forward call, so it cannot "
-                                 "continue from a filled key/value cache (incremental decoding). Call the model "
-                                 "on whole sequences.")
+            raise DeltatuneError(
+                f"{method_name} adds its virtual tokens on every forward call, so it cannot "
+                "continue from a filled key/value cache (incremental decoding). Call the model "
+                "on whole sequences."
+            )
 
 
-def prepend_to_mask(attention_mask: torch.Tensor | None, num_tokens: int, batch_size: int, length: int,
-                    device: torch.device) -> torch.Tensor:
+def prepend_to_mask(
+    attention_mask: torch.Tensor | None, num_tokens: int, batch_size: int, length: int, device: torch.device
+) -> torch.Tensor:
     """Ones for the virtual tokens in front of the mask; a missing mask means every token counts.
 
     The mask is always materialised: encoders given a cache infer the key length from the mask's
@@ -119,8 +128,9 @@ def prepend_to_mask(attention_mask: torch.Tensor | None, num_tokens: int, batch_
     return torch.cat([ones, attention_mask], dim=1)
 
 
-def prepend_soft_tokens(kwargs: dict, vectors: torch.Tensor, inputs_embeds: torch.Tensor, length: int,
-                        device: torch.device) -> dict:
+def prepend_soft_tokens(
+    kwargs: dict, vectors: torch.Tensor, inputs_embeds: torch.Tensor, length: int, device: torch.device
+) -> dict:
     """Backbone keywords with `vectors` (batch, tokens, hidden) in front of `inputs_embeds`.
 
     The attention mask, token types (the prompt belongs to the first segment) and position ids (the
@@ -140,8 +150,14 @@ def prepend_soft_tokens(kwargs: dict, vectors: torch.Tensor, inputs_embeds: torc
     return kwargs
 
 
-def place_soft_tokens_per_row(kwargs: dict, vectors: torch.Tensor, row_lengths: torch.Tensor,
-                              inputs_embeds: torch.Tensor, length: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+def place_soft_tokens_per_row(
+    kwargs: dict,
+    vectors: torch.Tensor,
+    row_lengths: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    length: int,
+    device: torch.device,
+) -> tuple[dict, torch.Tensor]:
     """Backbone keywords where row r reads its own first `row_lengths[r]` of `vectors` (batch, T, hidden),
     then its input, then unused slots, masked out (a batch mixing deltas with prompts of several lengths).
 
@@ -196,7 +212,8 @@ def check_position_budget(backbone: nn.Module, num_tokens: int, length: int, met
         raise DeltatuneError(
             f"{method_name} puts {num_tokens} virtual tokens before the input, and this model has "
             f"{limit} positions, so inputs can be at most {limit - num_tokens} tokens long; got {length}. "
-            f"Pass --max-length={limit - num_tokens} (or fewer), or lower method.num_virtual_tokens.")
+            f"Pass --max-length={limit - num_tokens} (or fewer), or lower method.num_virtual_tokens."
+        )
 
 
 def drop_leading_positions(output, num_tokens: int):

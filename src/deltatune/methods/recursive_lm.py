@@ -144,8 +144,12 @@ class RecursiveLM(Method):
         backbone = backbone_of(model)
         super().apply(model, name)
         embeddings = word_embeddings(backbone).weight
-        connector = Connector(embeddings.shape[1], self.config.connector_size,
-                              zero_output=self.config.combine == "add", dtype=embeddings.dtype)
+        connector = Connector(
+            embeddings.shape[1],
+            self.config.connector_size,
+            zero_output=self.config.combine == "add",
+            dtype=embeddings.dtype,
+        )
         site = getattr(backbone, "recursion", None)
         if not isinstance(site, RecursionSite):
             backbone.recursion = site = RecursionSite()

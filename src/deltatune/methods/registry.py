@@ -54,8 +54,10 @@ def register(name: str, config_class: type):
         if name in REGISTRY:
             raise TypeError(f"method {name!r} registered twice")
         if not (isinstance(method_class, type) and issubclass(method_class, Method)):
-            raise TypeError(f"@register({name!r}) decorates {method_class!r}, which is not a subclass of "
-                            "deltatune.methods.base.Method")
+            raise TypeError(
+                f"@register({name!r}) decorates {method_class!r}, which is not a subclass of "
+                "deltatune.methods.base.Method"
+            )
         if method_class.trainable_names is Method.trainable_names:
             raise TypeError(f"{method_class.__name__} must define trainable_names(model)")
         method_class.name = name
@@ -94,8 +96,9 @@ def prepare_model(model: nn.Module, method: Method, tokenizer=None, name: str = 
     parameters = dict(model.named_parameters())
     unknown = names - parameters.keys()
     if unknown:
-        raise RuntimeError(f"method {method.name!r} declared trainable names the model does not have: "
-                           f"{sorted(unknown)[:5]}")
+        raise RuntimeError(
+            f"method {method.name!r} declared trainable names the model does not have: {sorted(unknown)[:5]}"
+        )
     for parameter_name, parameter in parameters.items():
         parameter.requires_grad_(parameter_name in names)
     return names
@@ -111,8 +114,14 @@ def load_delta_state(model: nn.Module, method: Method, tensors: dict[str, torch.
     method.load_delta_state(model, tensors)
 
 
-def attach_delta(model: nn.Module, method: Method, tensors: dict[str, torch.Tensor], name: str,
-                 tokenizer=None, activate: bool = False) -> None:
+def attach_delta(
+    model: nn.Module,
+    method: Method,
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    tokenizer=None,
+    activate: bool = False,
+) -> None:
     """Add the saved delta `tensors` of `method` to `model` under `name`, beside the deltas already there.
 
     The base model's values of every weight the delta rewrites are kept (by reference, not copied),
@@ -122,15 +131,18 @@ def attach_delta(model: nn.Module, method: Method, tensors: dict[str, torch.Tens
     check_delta_name(name)
     record = attached_deltas(model)
     if name in record.methods:
-        raise DeltatuneError(f"A delta named {name!r} is already attached to this model ({record.methods[name].name!r}); "
-                             "choose another name.")
+        raise DeltatuneError(
+            f"A delta named {name!r} is already attached to this model ({record.methods[name].name!r}); "
+            "choose another name."
+        )
     rewrites = set(tensors) & parameter_index(model).base.keys()
     lost = needs_unknown_base(model, rewrites)
     if lost:
         raise DeltatuneError(
             f"Cannot attach {name!r}: when it is active, {', '.join(map(repr, lost[:3]))} must hold the base model's "
             "values, but a delta already on this model was loaded or trained into them in place. Load the base "
-            "afresh and attach every delta with attach_delta.")
+            "afresh and attach every delta with attach_delta."
+        )
     record.keep_base = True
     if tokenizer is not None:
         method.tokenizer = tokenizer
@@ -173,5 +185,18 @@ def active_delta(model: nn.Module) -> str | None:
     return attached_deltas(model).active
 
 
-__all__ = ["REGISTRY", "MethodEntry", "activate_delta", "active_delta", "attach_delta", "attached_delta_names", "build_method",
-           "delta_state", "detach_delta", "get_method_entry", "load_delta_state", "prepare_model", "register"]
+__all__ = [
+    "REGISTRY",
+    "MethodEntry",
+    "activate_delta",
+    "active_delta",
+    "attach_delta",
+    "attached_delta_names",
+    "build_method",
+    "delta_state",
+    "detach_delta",
+    "get_method_entry",
+    "load_delta_state",
+    "prepare_model",
+    "register",
+]

@@ -100,9 +100,11 @@ class SparseMaskConfig:
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"method.{name}={getattr(self, name)} must be between 0 and 1")
         if self.warmup_fraction + self.ramp_fraction > 1:
-            problems.append(f"method.warmup_fraction + method.ramp_fraction = "
-                            f"{self.warmup_fraction + self.ramp_fraction} must be at most 1, so the target "
-                            "sparsity is reached before training ends")
+            problems.append(
+                f"method.warmup_fraction + method.ramp_fraction = "
+                f"{self.warmup_fraction + self.ramp_fraction} must be at most 1, so the target "
+                "sparsity is reached before training ends"
+            )
         if problems:
             raise DeltatuneError("; ".join(problems))
 
@@ -114,7 +116,7 @@ class SparseMaskConfig:
         if self.ramp_fraction == 0 or progress >= self.warmup_fraction + self.ramp_fraction:
             return self.sparsity
         remaining = 1.0 - (progress - self.warmup_fraction) / self.ramp_fraction
-        return self.sparsity * (1.0 - remaining ** 3)
+        return self.sparsity * (1.0 - remaining**3)
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -264,7 +266,7 @@ def project_to_sparsity(scores: torch.Tensor, weight: torch.Tensor, sparsity: fl
             return
         # keep the tied entries with the largest |W|: lift them just above zero, below every other kept score
         by_magnitude = torch.argsort(weight.detach().reshape(-1)[tied].abs(), stable=True)
-        lifted = tied[by_magnitude[zeroed - negative:]]
+        lifted = tied[by_magnitude[zeroed - negative :]]
         positive = flat[flat > 0]
         gap = (positive.min() / 2).clamp(min=torch.finfo(flat.dtype).tiny) if positive.numel() else _TIE_GAP
         flat[lifted] = gap
@@ -283,9 +285,11 @@ class SparseMask(Method):
     def apply(self, model: nn.Module, name: str = DEFAULT_DELTA) -> None:
         targets = _masked_targets(self.config, model)
         if not targets:
-            raise DeltatuneError(f"{type(model).__name__} has no Linear layer inside its transformer layers, so "
-                                 "'sparse-mask' has nothing to mask (it needs nn.Linear weights; GPT-2's Conv1D "
-                                 "is not supported).")
+            raise DeltatuneError(
+                f"{type(model).__name__} has no Linear layer inside its transformer layers, so "
+                "'sparse-mask' has nothing to mask (it needs nn.Linear weights; GPT-2's Conv1D "
+                "is not supported)."
+            )
         super().apply(model, name)
         for linear in targets.values():
             if not isinstance(linear, MaskedLinear):
@@ -304,26 +308,35 @@ class SparseMask(Method):
         delta = self._applied_name()
         for name, module in masked_linears(model, delta).items():
             if module.merged_delta is not None:
-                raise DeltatuneError(f"sparse-mask: layer {name!r} has its mask merged into the weight, so training "
-                                     "cannot move the mask further; unmerge it (method.unmerge(model)) before training.")
+                raise DeltatuneError(
+                    f"sparse-mask: layer {name!r} has its mask merged into the weight, so training "
+                    "cannot move the mask further; unmerge it (method.unmerge(model)) before training."
+                )
             project_to_sparsity(module.part_of(delta).mask_scores, module.weight, sparsity)
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The masks as bits (`<module>.mask`, uint8) plus the head's tensors."""
         name = self._applied_name()
-        state = {f"{path}.mask": pack_bits(module.part_of(name).mask)
-                 for path, module in masked_linears(model, name).items()}
+        state = {
+            f"{path}.mask": pack_bits(module.part_of(name).mask) for path, module in masked_linears(model, name).items()
+        }
         state.update(read_delta_tensors(model, name, head_names(model)))
         return state
 
     def load_delta_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         name = self._applied_name()
         modules = masked_linears(model, name)
-        expected = {f"{path}.mask": TensorSpec(((module.weight.numel() + 7) // 8,), torch.uint8)
-                    for path, module in modules.items()}
+        expected = {
+            f"{path}.mask": TensorSpec(((module.weight.numel() + 7) // 8,), torch.uint8)
+            for path, module in modules.items()
+        }
         expected.update(head_specs(model))
-        check_delta_tensors("sparse-mask", tensors, expected,
-                            "Was it saved with other method.layers / method.targets, or for another model?")
+        check_delta_tensors(
+            "sparse-mask",
+            tensors,
+            expected,
+            "Was it saved with other method.layers / method.targets, or for another model?",
+        )
         with torch.no_grad():
             for path, module in modules.items():
                 mask = unpack_bits(tensors[f"{path}.mask"], module.weight.shape)
@@ -343,19 +356,24 @@ class SparseMask(Method):
 def _masked_targets(config: SparseMaskConfig, model: nn.Module) -> dict[str, nn.Linear]:
     """The Linear modules to mask, by canonical name."""
     layout = layer_layout(model)
-    indices = (resolve_layer_indices("method.layers", config.layers, layout.num_layers, type(model).__name__)
-               if config.layers else range(layout.num_layers))
+    indices = (
+        resolve_layer_indices("method.layers", config.layers, layout.num_layers, type(model).__name__)
+        if config.layers
+        else range(layout.num_layers)
+    )
     prefixes = tuple(f"{layout.block_name(i)}." for i in indices)
     candidates = {name: module for name, module in backbone_linear_layers(model).items() if name.startswith(prefixes)}
     wanted = config.targets
     if not wanted:
         return candidates
-    chosen = {name: module for name, module in candidates.items()
-              if any(name.endswith(f".{target}") for target in wanted)}
+    chosen = {
+        name: module for name, module in candidates.items() if any(name.endswith(f".{target}") for target in wanted)
+    }
     unmatched = [t for t in wanted if not any(name.endswith(f".{t}") for name in candidates)]
     if unmatched:
-        examples = sorted({name[len(prefixes[0]):] for name in candidates if name.startswith(prefixes[0])})
+        examples = sorted({name[len(prefixes[0]) :] for name in candidates if name.startswith(prefixes[0])})
         raise DeltatuneError(
             f"method.targets={wanted!r}: {unmatched} matched no Linear layer inside the transformer layers of "
-            f"{type(model).__name__}; there they are named like {', '.join(examples)}.")
+            f"{type(model).__name__}; there they are named like {', '.join(examples)}."
+        )
     return chosen

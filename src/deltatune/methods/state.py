@@ -52,8 +52,10 @@ _WRAPPED = "base_layer"
 def check_delta_name(name: str) -> None:
     """Delta names become part of parameter names: letters, digits, '_' and '-' only."""
     if not isinstance(name, str) or not _DELTA_NAME.fullmatch(name):
-        raise DeltatuneError(f"Delta name {name!r} is not usable: give 1 to 64 letters, digits, '_' or '-' "
-                             "(e.g. 'stsb' or 'sentiment-2'); it becomes part of the model's parameter names.")
+        raise DeltatuneError(
+            f"Delta name {name!r} is not usable: give 1 to 64 letters, digits, '_' or '-' "
+            "(e.g. 'stsb' or 'sentiment-2'); it becomes part of the model's parameter names."
+        )
 
 
 PartT = TypeVar("PartT", bound=nn.Module)
@@ -122,8 +124,10 @@ class DeltaSite(nn.Module, Generic[PartT]):
 
 
 def already_applied(method_name: str, name: str) -> DeltatuneError:
-    return DeltatuneError(f"{method_name} is already applied to this model as delta {name!r}; apply a method "
-                          "once per delta, to a freshly loaded model, or attach another delta under a new name.")
+    return DeltatuneError(
+        f"{method_name} is already applied to this model as delta {name!r}; apply a method "
+        "once per delta, to a freshly loaded model, or attach another delta under a new name."
+    )
 
 
 def site_at(module: nn.Module, attribute: str, site_class: type[SiteT]) -> SiteT:
@@ -141,8 +145,11 @@ def sites(model: nn.Module) -> dict[str, DeltaSite[Any]]:
 def sites_of(model: nn.Module, delta: str | None, site_class: type[SiteT]) -> dict[str, SiteT]:
     """The `site_class` sites holding a part of delta `delta`, by canonical name, in model order."""
     modules = dict(model.named_modules())
-    return {canonical_path(modules, name)[1]: module for name, module in modules.items()
-            if isinstance(module, site_class) and delta is not None and delta in module.deltas}
+    return {
+        canonical_path(modules, name)[1]: module
+        for name, module in modules.items()
+        if isinstance(module, site_class) and delta is not None and delta in module.deltas
+    }
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -164,7 +171,7 @@ def canonical_path(modules: Mapping[str, nn.Module], path: str) -> tuple[str | N
                 owner, skip = parts[index + 1], 2
             elif part == _WRAPPED:
                 skip = 1
-        step = parts[index:index + max(skip, 1)]
+        step = parts[index : index + max(skip, 1)]
         prefix = ".".join([prefix, *step]) if prefix else ".".join(step)
         if not skip:
             kept.append(part)
@@ -258,11 +265,15 @@ def head_specs(model: nn.Module) -> dict[str, TensorSpec]:
     index = parameter_index(model)
     head = head_names(model)
     # the output layer: the head's last linear layer (BERT's classifier, Llama's score, RoBERTa's out_proj)
-    layers = [name for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and f"{name}.weight" in head]
+    layers = [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and f"{name}.weight" in head
+    ]
     output = {f"{layers[-1]}.weight", f"{layers[-1]}.bias"} if layers else set()
-    return {index.canonical[name]: TensorSpec(tuple(parameter.shape), parameter.dtype, any_rows=name in output)
-            for name, parameter in model.named_parameters() if name in head}
+    return {
+        index.canonical[name]: TensorSpec(tuple(parameter.shape), parameter.dtype, any_rows=name in output)
+        for name, parameter in model.named_parameters()
+        if name in head
+    }
 
 
 def _listing(names, limit: int = 5) -> str:
@@ -271,9 +282,12 @@ def _listing(names, limit: int = 5) -> str:
     return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
 
 
-def check_delta_tensors(method_name: str, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec],
-                        hint: str = "Was it saved by another deltatune version, with other method options, "
-                                    "or for another model?") -> None:
+def check_delta_tensors(
+    method_name: str,
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, TensorSpec],
+    hint: str = "Was it saved by another deltatune version, with other method options, or for another model?",
+) -> None:
     """Raise one DeltatuneError listing every missing, unexpected, misshapen or mistyped tensor."""
     problems = []
     missing = expected.keys() - tensors.keys()
@@ -281,19 +295,23 @@ def check_delta_tensors(method_name: str, tensors: Mapping[str, torch.Tensor], e
     if missing:
         problems.append(f"missing tensors {_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors {_listing(unexpected)} (the {method_name!r} method does not save "
-                        "them; loading them could overwrite weights of the base model)")
+        problems.append(
+            f"unexpected tensors {_listing(unexpected)} (the {method_name!r} method does not save "
+            "them; loading them could overwrite weights of the base model)"
+        )
     for name in sorted(expected.keys() & tensors.keys()):
         tensor, spec = tensors[name], expected[name]
         if not spec.fits(tuple(tensor.shape)):
-            problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)} but this model expects "
-                            f"{spec.describe()}")
+            problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)} but this model expects {spec.describe()}")
         elif tensor.dtype != spec.dtype:
-            problems.append(f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')} but the "
-                            f"{method_name!r} method saves {str(spec.dtype).removeprefix('torch.')}")
+            problems.append(
+                f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')} but the "
+                f"{method_name!r} method saves {str(spec.dtype).removeprefix('torch.')}"
+            )
     if problems:
-        raise DeltatuneError(f"The delta does not fit the {method_name!r} method on this model: "
-                             f"{'; '.join(problems)}. {hint}")
+        raise DeltatuneError(
+            f"The delta does not fit the {method_name!r} method on this model: {'; '.join(problems)}. {hint}"
+        )
 
 
 # --------------------------------------------------------------------------------- attached deltas
@@ -331,8 +349,9 @@ class AttachedDeltas:
         if name not in self.rewrites:
             index = index or parameter_index(model)
             trainable = self.methods[name].trainable_names(model)
-            self.rewrites[name] = frozenset(canonical for canonical, (model_name, _) in index.base.items()
-                                            if model_name in trainable)
+            self.rewrites[name] = frozenset(
+                canonical for canonical, (model_name, _) in index.base.items() if model_name in trainable
+            )
         return self.rewrites[name]
 
     def forget(self, name: str) -> None:
@@ -399,8 +418,10 @@ def read_delta_tensors(model: nn.Module, delta: str, names: set[str]) -> dict[st
         canonical = index.canonical[name]
         if canonical in index.base and record.active != delta:
             if canonical not in stored:
-                raise DeltatuneError(f"Delta {delta!r} is not active and holds no value of {canonical!r}; "
-                                     "activate it first (deltatune.methods.activate_delta).")
+                raise DeltatuneError(
+                    f"Delta {delta!r} is not active and holds no value of {canonical!r}; "
+                    "activate it first (deltatune.methods.activate_delta)."
+                )
             state[canonical] = stored[canonical]
         else:
             state[canonical] = parameter.detach()
@@ -415,12 +436,16 @@ def activate_delta(model: nn.Module, name: str | None) -> None:
     """
     record = attached_deltas(model)
     if name is not None and name not in record.methods:
-        raise DeltatuneError(f"No delta named {name!r} is attached to this model; attached: "
-                             f"{', '.join(map(repr, record.methods)) or 'none'}.")
+        raise DeltatuneError(
+            f"No delta named {name!r} is attached to this model; attached: "
+            f"{', '.join(map(repr, record.methods)) or 'none'}."
+        )
     merged = [site_name for site_name, site in sites(model).items() if site.merged_delta is not None]
     if merged:
-        raise DeltatuneError(f"Delta {sites(model)[merged[0]].merged_delta!r} is merged into the base weights "
-                             f"(e.g. at {merged[0]!r}); unmerge it before switching deltas.")
+        raise DeltatuneError(
+            f"Delta {sites(model)[merged[0]].merged_delta!r} is merged into the base weights "
+            f"(e.g. at {merged[0]!r}); unmerge it before switching deltas."
+        )
     index = parameter_index(model)
     rewritten = {delta: record.rewritten(model, delta, index) for delta in record.methods}
     needed = set().union(*rewritten.values()) - (rewritten[name] if name is not None else set())
@@ -431,7 +456,8 @@ def activate_delta(model: nn.Module, name: str | None) -> None:
             f"Cannot switch to {'the base model' if name is None else repr(name)}: it needs the base model's own "
             f"values of {_listing(unknown, 3)}, but delta(s) {', '.join(map(repr, owners))} were loaded or trained "
             "into those weights in place, so they are gone. Load the base afresh and attach every delta with "
-            "attach_delta.")
+            "attach_delta."
+        )
     current = record.active
     if current is not None:
         record.stored[current] = {canonical: index.base[canonical][1].data for canonical in rewritten[current]}
@@ -470,8 +496,9 @@ def merge_sites(model: nn.Module, method: Method, site_class: type[DeltaSite[Any
     name = method.delta_name
     found = list(sites_of(model, name, site_class).values())
     if not found:
-        raise DeltatuneError(f"This model has no {method.name!r} layers of delta {name!r}: apply the method (or "
-                             "load its delta) first.")
+        raise DeltatuneError(
+            f"This model has no {method.name!r} layers of delta {name!r}: apply the method (or load its delta) first."
+        )
     if merge and attached_deltas(model).active != name:
         raise DeltatuneError(f"Delta {name!r} is not the active one; activate it before merging it.")
     for site in found:
@@ -485,11 +512,14 @@ def detach_delta(model: nn.Module, name: str) -> None:
     """Remove delta `name` from the model (switch to another first if it is active)."""
     record = attached_deltas(model)
     if name not in record.methods:
-        raise DeltatuneError(f"No delta named {name!r} is attached to this model; attached: "
-                             f"{', '.join(map(repr, record.methods)) or 'none'}.")
+        raise DeltatuneError(
+            f"No delta named {name!r} is attached to this model; attached: "
+            f"{', '.join(map(repr, record.methods)) or 'none'}."
+        )
     if record.active == name:
-        raise DeltatuneError(f"Delta {name!r} is active; activate another delta (or None, the base model) "
-                             "before detaching it.")
+        raise DeltatuneError(
+            f"Delta {name!r} is active; activate another delta (or None, the base model) before detaching it."
+        )
     index = parameter_index(model)
     still_rewritten: set[str] = set()
     for delta in record.methods:
@@ -586,15 +616,20 @@ class RowMixer:
         order = {name: position for position, name in enumerate(self.record.methods)}
         unknown = sorted({name for name in row_deltas if name is not None and name not in order})
         if unknown:
-            raise DeltatuneError(f"No delta named {unknown[0]!r} is attached to this model; attached: "
-                                 f"{', '.join(map(repr, order)) or 'none'}.")
-        grouped = sorted({name for name in row_deltas
-                          if name is not None and self.record.methods[name].batch_mixing != PER_ROW})
+            raise DeltatuneError(
+                f"No delta named {unknown[0]!r} is attached to this model; attached: "
+                f"{', '.join(map(repr, order)) or 'none'}."
+            )
+        grouped = sorted(
+            {name for name in row_deltas if name is not None and self.record.methods[name].batch_mixing != PER_ROW}
+        )
         if grouped:
             method = self.record.methods[grouped[0]]
-            raise DeltatuneError(f"Delta {grouped[0]!r} ({method.name}) cannot share a forward pass with other "
-                                 f"deltas row by row (its method declares batch_mixing={method.batch_mixing!r}); "
-                                 "run its rows in a forward pass of their own with the delta active.")
+            raise DeltatuneError(
+                f"Delta {grouped[0]!r} ({method.name}) cannot share a forward pass with other "
+                f"deltas row by row (its method declares batch_mixing={method.batch_mixing!r}); "
+                "run its rows in a forward pass of their own with the delta active."
+            )
         # a fixed order of names, so batches that route the same deltas share what sites stack
         names = tuple(sorted(set(row_deltas), key=lambda name: -1 if name is None else order[name]))
         position = {name: group for group, name in enumerate(names)}
@@ -603,8 +638,13 @@ class RowMixer:
         index = torch.tensor(groups, dtype=torch.long, device=device)
         if (names, device) not in self._caches and len(self._caches) >= _STACKED_SETS:
             del self._caches[next(iter(self._caches))]  # a long session sees many sets of deltas: keep the latest
-        self.routing = RowRouting(names, index, self._caches.setdefault((names, device), {}),
-                                  segments=_segments(groups), per_delta_cache=self._per_delta)
+        self.routing = RowRouting(
+            names,
+            index,
+            self._caches.setdefault((names, device), {}),
+            segments=_segments(groups),
+            per_delta_cache=self._per_delta,
+        )
         for site in self.sites:
             site.row_routing = self.routing
         return self.routing
@@ -692,16 +732,21 @@ class _RowwiseModule:
     def _plan(self, names: tuple[str | None, ...]) -> tuple[str, Any]:
         values = [self._values(name) for name in names]
         module = self.module
-        if (isinstance(module, nn.Linear) and "bias" in self.leaves
-                # `.data` is a new tensor object on every access: the storage says whether it is the same weight
-                and all("weight" not in group or group["weight"].data_ptr() == module.weight.data_ptr()
-                        for group in values)
-                and all(group["bias"].shape == module.bias.shape for group in values)):
+        if (
+            isinstance(module, nn.Linear)
+            and "bias" in self.leaves
+            # `.data` is a new tensor object on every access: the storage says whether it is the same weight
+            and all("weight" not in group or group["weight"].data_ptr() == module.weight.data_ptr() for group in values)
+            and all(group["bias"].shape == module.bias.shape for group in values)
+        ):
             return "bias", torch.stack([group["bias"].to(module.weight.dtype) for group in values])
         if isinstance(module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
             return "linear", _stack_linear(values, module)
-        if (isinstance(module, nn.LayerNorm) and module.elementwise_affine
-                and all(group[leaf].shape == getattr(module, leaf).shape for group in values for leaf in self.leaves)):
+        if (
+            isinstance(module, nn.LayerNorm)
+            and module.elementwise_affine
+            and all(group[leaf].shape == getattr(module, leaf).shape for group in values for leaf in self.leaves)
+        ):
             return "norm", {leaf: torch.stack([group[leaf] for group in values]) for leaf in self.leaves}
         sets: dict[tuple, tuple[dict, list[int]]] = {}
         for group, group_values in enumerate(values):
@@ -712,24 +757,33 @@ class _RowwiseModule:
     def _own_value(self, name: str | None) -> dict[str, torch.Tensor] | None:
         """Delta `name`'s values of the module's tensors that differ from the live (base) ones; None if none do."""
         values = self._values(name)
-        own = {leaf: value for leaf, value in values.items()
-               if value.data_ptr() != getattr(self.module, leaf).data.data_ptr()}
+        own = {
+            leaf: value
+            for leaf, value in values.items()
+            if value.data_ptr() != getattr(self.module, leaf).data.data_ptr()
+        }
         return own or None
 
     def _sliced_kind(self, own: list[dict[str, torch.Tensor] | None]) -> str:
         module = self.module
         if isinstance(module, nn.Linear) and set(self.leaves) <= {"weight", "bias"}:
-            if module.bias is not None and all(values is None or (set(values) == {"bias"}
-                                                                  and values["bias"].shape == module.bias.shape)
-                                               for values in own):
+            if module.bias is not None and all(
+                values is None or (set(values) == {"bias"} and values["bias"].shape == module.bias.shape)
+                for values in own
+            ):
                 return "bias"
             return "linear"
         if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
             return "norm"
         return "groups"
 
-    def _sliced(self, routing: RowRouting, segments: tuple[tuple[int, int, int], ...],
-                args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    def _sliced(
+        self,
+        routing: RowRouting,
+        segments: tuple[tuple[int, int, int], ...],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         """A batch sorted by delta: the module runs once with its live (base) tensors, then only the slices of
         deltas with their own values are redone (a bias shift, a norm, a head) in place."""
         own = routing.per_delta(self, "own", self._own_value)
@@ -739,8 +793,13 @@ class _RowwiseModule:
             assert isinstance(module, nn.Linear) and module.bias is not None  # what `_sliced_kind` checked
             output = F.linear(inputs, module.weight, module.bias)
             bias = module.bias
-            shifts = routing.per_delta(self, f"shift {output.dtype}", lambda name: None if (
-                values := self._own_value(name)) is None else (values["bias"] - bias).to(output.dtype))
+            shifts = routing.per_delta(
+                self,
+                f"shift {output.dtype}",
+                lambda name: (
+                    None if (values := self._own_value(name)) is None else (values["bias"] - bias).to(output.dtype)
+                ),
+            )
             for group, start, end in segments:
                 if shifts[group] is not None:
                     output[start:end] += shifts[group]
@@ -750,13 +809,19 @@ class _RowwiseModule:
             output = F.layer_norm(inputs, module.normalized_shape, module.weight, module.bias, module.eps)
             for group, start, end in segments:
                 if own[group] is not None:
-                    output[start:end] = F.layer_norm(inputs[start:end], module.normalized_shape,
-                                                     own[group].get("weight", module.weight),
-                                                     own[group].get("bias", module.bias), module.eps)
+                    output[start:end] = F.layer_norm(
+                        inputs[start:end],
+                        module.normalized_shape,
+                        own[group].get("weight", module.weight),
+                        own[group].get("bias", module.bias),
+                        module.eps,
+                    )
             return output
         if kind == "linear":  # heads: each delta's own weight passed as a tensor (autocast caches a parameter's
             # cast for the whole forward pass, so a parameter whose .data is swapped would keep its first weight)
-            outputs = [F.linear(inputs[start:end], *(self._linear_values(own[group]))) for group, start, end in segments]
+            outputs = [
+                F.linear(inputs[start:end], *(self._linear_values(own[group]))) for group, start, end in segments
+            ]
             return _stacked_rows(outputs)
         outputs = []
         parameters = {leaf: getattr(module, leaf) for leaf in self.leaves}
@@ -765,8 +830,12 @@ class _RowwiseModule:
             for group, start, end in segments:
                 for leaf, parameter in parameters.items():
                     parameter.data = (own[group] or {}).get(leaf, live[leaf])
-                sliced = [argument[start:end] if isinstance(argument, torch.Tensor)
-                          and argument.shape[:1] == inputs.shape[:1] else argument for argument in args]
+                sliced = [
+                    argument[start:end]
+                    if isinstance(argument, torch.Tensor) and argument.shape[:1] == inputs.shape[:1]
+                    else argument
+                    for argument in args
+                ]
                 outputs.append(self.original(*sliced, **kwargs))
         finally:
             for leaf, parameter in parameters.items():
@@ -784,8 +853,10 @@ class _RowwiseModule:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         routing = self.mixer.routing
         if routing is None:
-            raise DeltatuneError("A forward pass inside mixed_rows needs its rows routed first: call "
-                                 "mixer.route(row_deltas) with one delta name (or None) per row before it.")
+            raise DeltatuneError(
+                "A forward pass inside mixed_rows needs its rows routed first: call "
+                "mixer.route(row_deltas) with one delta name (or None) per row before it."
+            )
         segments = routing.contiguous()
         if segments is not None:
             return self._sliced(routing, segments, args, kwargs)
@@ -819,8 +890,12 @@ class _RowwiseModule:
                 rows = routing.rows(*groups)
                 for leaf, value in group_values.items():
                     parameters[leaf].data = value
-                sliced = [argument[rows] if isinstance(argument, torch.Tensor) and argument.shape[:1] == inputs.shape[:1]
-                          else argument for argument in args]
+                sliced = [
+                    argument[rows]
+                    if isinstance(argument, torch.Tensor) and argument.shape[:1] == inputs.shape[:1]
+                    else argument
+                    for argument in args
+                ]
                 outputs.append((rows, self.original(*sliced, **kwargs)))
         finally:
             for leaf, parameter in parameters.items():
@@ -829,7 +904,7 @@ class _RowwiseModule:
         width = max(output.shape[-1] for _, output in outputs)
         result = first.new_zeros((inputs.shape[0], *first.shape[1:-1], width))
         for rows, output in outputs:
-            result[rows, ..., :output.shape[-1]] = output
+            result[rows, ..., : output.shape[-1]] = output
         return result
 
 
@@ -839,13 +914,13 @@ def _stack_linear(values: list[dict[str, torch.Tensor]], module: nn.Linear):
     width = max(weight.shape[0] for weight in weights)
     stack = weights[0].new_zeros(len(weights), width, weights[0].shape[1])
     for group, weight in enumerate(weights):
-        stack[group, :weight.shape[0]] = weight
+        stack[group, : weight.shape[0]] = weight
     if module.bias is None:
         return stack, None
     biases = stack.new_zeros(len(values), width)
     for group, group_values in enumerate(values):
         bias = group_values.get("bias", module.bias.data)
-        biases[group, :bias.shape[0]] = bias
+        biases[group, : bias.shape[0]] = bias
     return stack, biases
 
 
@@ -859,8 +934,10 @@ def mixed_rows(model: nn.Module) -> Iterator[RowMixer]:
     record = attached_deltas(model)
     merged = [site_name for site_name, site in sites(model).items() if site.merged_delta is not None]
     if merged:
-        raise DeltatuneError(f"Delta {sites(model)[merged[0]].merged_delta!r} is merged into the base weights "
-                             f"(e.g. at {merged[0]!r}); unmerge it before mixing deltas in one batch.")
+        raise DeltatuneError(
+            f"Delta {sites(model)[merged[0]].merged_delta!r} is merged into the base weights "
+            f"(e.g. at {merged[0]!r}); unmerge it before mixing deltas in one batch."
+        )
     previous = record.active
     activate_delta(model, None)
     mixer = RowMixer(model)
@@ -872,7 +949,32 @@ def mixed_rows(model: nn.Module) -> Iterator[RowMixer]:
         activate_delta(model, previous)
 
 
-__all__ = ["DEFAULT_DELTA", "AttachedDeltas", "DeltaSite", "ParameterIndex", "TensorSpec", "activate_delta",
-           "GROUPED", "PER_ROW", "RowMixer", "RowRouting", "attached_deltas", "base_modules", "base_parameters", "canonical_module_name", "canonical_path", "check_delta_name", "check_delta_tensors",
-           "detach_delta", "head_specs", "merge_sites", "mixed_rows", "own_parameter_names", "parameter_index", "read_delta_tensors", "sites", "sites_of",
-           "write_delta_tensors"]
+__all__ = [
+    "DEFAULT_DELTA",
+    "AttachedDeltas",
+    "DeltaSite",
+    "ParameterIndex",
+    "TensorSpec",
+    "activate_delta",
+    "GROUPED",
+    "PER_ROW",
+    "RowMixer",
+    "RowRouting",
+    "attached_deltas",
+    "base_modules",
+    "base_parameters",
+    "canonical_module_name",
+    "canonical_path",
+    "check_delta_name",
+    "check_delta_tensors",
+    "detach_delta",
+    "head_specs",
+    "merge_sites",
+    "mixed_rows",
+    "own_parameter_names",
+    "parameter_index",
+    "read_delta_tensors",
+    "sites",
+    "sites_of",
+    "write_delta_tensors",
+]

@@ -115,7 +115,7 @@ class VeRAScales(WeightUpdate):
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's block of the shared A and B."""
         projections = self._projections
-        return (projections.projection_A[:, :self.in_features], projections.projection_B[:self.out_features])
+        return (projections.projection_A[:, : self.in_features], projections.projection_B[: self.out_features])
 
     def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Λ_b B Λ_d A in W's shape, in `dtype`."""
@@ -146,19 +146,25 @@ class VeRA(Method):
         super().apply(model, name)
         layers = wrap_layers(model, names, VeRALinear, VeRALinear)
         reference = layers[0].weight
-        projection_A, projection_B = draw_projections(self.config.r, max(layer.in_features for layer in layers),
-                                                      max(layer.out_features for layer in layers),
-                                                      self.config.projection_seed)
-        projections = Projections(projection_A.to(device=reference.device, dtype=reference.dtype),
-                                  projection_B.to(device=reference.device, dtype=reference.dtype))
+        projection_A, projection_B = draw_projections(
+            self.config.r,
+            max(layer.in_features for layer in layers),
+            max(layer.out_features for layer in layers),
+            self.config.projection_seed,
+        )
+        projections = Projections(
+            projection_A.to(device=reference.device, dtype=reference.dtype),
+            projection_B.to(device=reference.device, dtype=reference.dtype),
+        )
         backbone = getattr(model, "base_model", model)
         site = getattr(backbone, "vera_projections", None)
         if not isinstance(site, ProjectionSite):
             backbone.vera_projections = site = ProjectionSite()
         site.add_part(model, name, projections, "VeRA")
         for layer in layers:
-            layer.add_part(model, name, VeRAScales(layer, projections, self.config.d_initial, self.config.dropout),
-                           "VeRA")
+            layer.add_part(
+                model, name, VeRAScales(layer, projections, self.config.d_initial, self.config.dropout), "VeRA"
+            )
 
     def trainable_names(self, model: nn.Module) -> set[str]:
         return own_parameter_names(model, self._applied_name()) | head_names(model)

@@ -16,12 +16,21 @@ from importlib import import_module
 
 _EXPORTS = {
     "ReaderConfig": "config",
-    "QADataset": "data", "QAExample": "data", "exact_match": "data", "token_f1": "data",
-    "load_qa_hub": "data", "load_qa_jsonl": "data",
-    "ClozeConfig": "cloze", "load_wikitext_cloze": "cloze",
+    "QADataset": "data",
+    "QAExample": "data",
+    "exact_match": "data",
+    "token_f1": "data",
+    "load_qa_hub": "data",
+    "load_qa_jsonl": "data",
+    "ClozeConfig": "cloze",
+    "load_wikitext_cloze": "cloze",
     "BM25Index": "retrieval",
-    "FrozenReader": "pipeline", "answer_questions": "pipeline", "train_reader": "pipeline",
-    "evaluate_reader": "artifact", "load_reader": "artifact", "run_reader_training": "artifact",
+    "FrozenReader": "pipeline",
+    "answer_questions": "pipeline",
+    "train_reader": "pipeline",
+    "evaluate_reader": "artifact",
+    "load_reader": "artifact",
+    "run_reader_training": "artifact",
 }
 
 

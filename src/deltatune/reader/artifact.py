@@ -50,8 +50,9 @@ READER_FILES = frozenset({MANIFEST, TENSORS})
 """Every file a reader directory holds: `--overwrite` replaces a directory only if it holds nothing else."""
 
 
-def load_qa_data(data: str, hub_splits: tuple[str, ...] = ("train", "validation"),
-                 max_hub_examples: int | None = None) -> QADataset:
+def load_qa_data(
+    data: str, hub_splits: tuple[str, ...] = ("train", "validation"), max_hub_examples: int | None = None
+) -> QADataset:
     """'wikitext-cloze' (offline), a local .jsonl file (its one split is 'test'), or a hub id ('hub:ID')."""
     from deltatune.reader.cloze import NAME, load_wikitext_cloze
     from deltatune.reader.data import load_qa_hub, load_qa_jsonl
@@ -59,11 +60,13 @@ def load_qa_data(data: str, hub_splits: tuple[str, ...] = ("train", "validation"
     if data == NAME:
         return load_wikitext_cloze()
     if data.startswith("hub:"):
-        return load_qa_hub(data[len("hub:"):], hub_splits, max_examples=max_hub_examples)
+        return load_qa_hub(data[len("hub:") :], hub_splits, max_examples=max_hub_examples)
     if data.endswith(".jsonl"):
         return load_qa_jsonl(data)
-    raise DeltatuneError(f"--data {data!r}: pass {NAME} (offline cloze over WikiText-2), a local .jsonl file, or "
-                         "hub:ID for a SQuAD-style hub set (e.g. hub:rajpurkar/squad).")
+    raise DeltatuneError(
+        f"--data {data!r}: pass {NAME} (offline cloze over WikiText-2), a local .jsonl file, or "
+        "hub:ID for a SQuAD-style hub set (e.g. hub:rajpurkar/squad)."
+    )
 
 
 def question_template_for(dataset: QADataset) -> str:
@@ -72,9 +75,14 @@ def question_template_for(dataset: QADataset) -> str:
     return CLOZE_QUESTION_TEMPLATE if dataset.name == NAME else DEFAULT_QUESTION_TEMPLATE
 
 
-def run_reader_training(model_name: str, data: str, config: ReaderConfig | None = None,
-                        out: str | Path | None = None, overwrite: bool = False,
-                        dataset: QADataset | None = None) -> dict:
+def run_reader_training(
+    model_name: str,
+    data: str,
+    config: ReaderConfig | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    dataset: QADataset | None = None,
+) -> dict:
     """Train a frozen reader on `data` over the decoder `model_name`; save it to `out`; return the record."""
     config = config or ReaderConfig()
     if out is None:
@@ -83,8 +91,9 @@ def run_reader_training(model_name: str, data: str, config: ReaderConfig | None 
         return _train_and_save(model_name, data, config, out_path, overwrite, dataset)
 
 
-def _train_and_save(model_name: str, data: str, config: ReaderConfig, out_path: Path | None, overwrite: bool,
-                    dataset: QADataset | None) -> dict:
+def _train_and_save(
+    model_name: str, data: str, config: ReaderConfig, out_path: Path | None, overwrite: bool, dataset: QADataset | None
+) -> dict:
     """Train the reader and, with `out_path` (locked by the caller), publish it there; returns the record."""
     from deltatune.sources.models import load_causal_lm
 
@@ -96,12 +105,20 @@ def _train_and_save(model_name: str, data: str, config: ReaderConfig, out_path: 
     index = BM25Index(dataset.passages) if config.top_k else None
     summary = train_reader(reader, dataset, index)
     tensors = {name: tensor.detach().contiguous().clone() for name, tensor in reader.trained_parameters().items()}
-    record = {"kind": KIND, "model": model_name, "data": data, "data_provenance": dataset.provenance,
-              "question_template": reader.question_template, "config": to_jsonable(config),
-              "trainable_params": sum(t.numel() for t in tensors.values()),
-              "decoder_params": sum(p.numel() for p in causal_lm.parameters()),
-              "training": summary, "versions": asdict(library_versions()), "git": asdict(git_state()),
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        "kind": KIND,
+        "model": model_name,
+        "data": data,
+        "data_provenance": dataset.provenance,
+        "question_template": reader.question_template,
+        "config": to_jsonable(config),
+        "trainable_params": sum(t.numel() for t in tensors.values()),
+        "decoder_params": sum(p.numel() for p in causal_lm.parameters()),
+        "training": summary,
+        "versions": asdict(library_versions()),
+        "git": asdict(git_state()),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if out_path is not None:
         _publish(out_path, tensors, record, overwrite)
         record["delta_bytes"] = (out_path / TENSORS).stat().st_size
@@ -119,8 +136,10 @@ def read_reader_manifest(directory: str | Path) -> dict:
 
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise DeltatuneError(f"{directory} has no {MANIFEST}: it is not a frozen-reader run. Pass the --out "
-                             "directory of `deltatune reader train`.")
+        raise DeltatuneError(
+            f"{directory} has no {MANIFEST}: it is not a frozen-reader run. Pass the --out "
+            "directory of `deltatune reader train`."
+        )
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("kind") != KIND:
         raise DeltatuneError(f"{path} is not a frozen-reader manifest (kind {manifest.get('kind')!r}).")
@@ -137,8 +156,10 @@ def load_reader(directory: str | Path, causal_lm=None, tokenizer=None) -> Frozen
         causal_lm, tokenizer = load_causal_lm(manifest["model"])
     expected = manifest["training"]["decoder_weights_sha256"]
     if frozen_weights_digest(causal_lm) != expected:
-        raise DeltatuneError(f"The reader in {directory} was trained on {manifest['model']!r} with weights digest "
-                             f"{expected[:12]}; the decoder given differs. Load it onto that decoder.")
+        raise DeltatuneError(
+            f"The reader in {directory} was trained on {manifest['model']!r} with weights digest "
+            f"{expected[:12]}; the decoder given differs. Load it onto that decoder."
+        )
     config = ReaderConfig(**manifest["config"])
     reader = FrozenReader(causal_lm, tokenizer, config, manifest["question_template"])
     reader.freeze_decoder()
@@ -148,8 +169,9 @@ def load_reader(directory: str | Path, causal_lm=None, tokenizer=None) -> Frozen
         reader.prompt.vectors.data.copy_(tensors["prompt.vectors"])
     if "reranker.projection" in tensors:
         reader.reranker = Reranker(tensors["reranker.projection"].shape[1], tensors["reranker.projection"].shape[0])
-        reader.reranker.load_state_dict({name[len("reranker."):]: value for name, value in tensors.items()
-                                         if name.startswith("reranker.")})
+        reader.reranker.load_state_dict(
+            {name[len("reranker.") :]: value for name, value in tensors.items() if name.startswith("reranker.")}
+        )
     return reader
 
 
@@ -164,9 +186,15 @@ def bootstrap_mean_interval(values: np.ndarray, samples: int = 2000, seed: int =
     return float(low), float(high)
 
 
-def evaluate_reader(directory: str | Path, split: str = "test", baselines: tuple[str, ...] = SYSTEMS,
-                    against: tuple[str, ...] = (), max_examples: int | None = None, data: str | None = None,
-                    log=None) -> dict:
+def evaluate_reader(
+    directory: str | Path,
+    split: str = "test",
+    baselines: tuple[str, ...] = SYSTEMS,
+    against: tuple[str, ...] = (),
+    max_examples: int | None = None,
+    data: str | None = None,
+    log=None,
+) -> dict:
     """Exact match and F1 of the reader and its baselines on `split`; see the module docstring."""
     manifest = read_reader_manifest(directory)
     unknown = [name for name in baselines if name not in SYSTEMS]
@@ -190,8 +218,7 @@ def evaluate_reader(directory: str | Path, split: str = "test", baselines: tuple
         started = time.perf_counter()
         predictions, facts = answer_questions(target, dataset, examples, index, k, use_prompt, use_reranker)
         scores = score_answers(predictions, examples)
-        systems[name] = {**scores, **facts, "time_s": time.perf_counter() - started,
-                         "predictions": predictions[:20]}
+        systems[name] = {**scores, **facts, "time_s": time.perf_counter() - started, "predictions": predictions[:20]}
 
     if "closed-book" in baselines:
         run("closed-book", reader, 0, False, False)
@@ -215,15 +242,24 @@ def _report(manifest: dict, directory, split: str, examples: list, systems: dict
                 difference = np.array(reader_scores[metric]) - np.array(system["per_question"][metric])
                 system[f"reader_minus_this_{metric}"] = float(difference.mean())
                 system[f"reader_minus_this_{metric}_interval"] = bootstrap_mean_interval(difference)
-    return {"reader": str(directory), "model": manifest["model"], "data": manifest["data"], "split": split,
-            "num_questions": len(examples), "config": manifest["config"], "training": {
-                key: value for key, value in manifest["training"].items() if key != "prompt_losses"},
-            "systems": systems}
+    return {
+        "reader": str(directory),
+        "model": manifest["model"],
+        "data": manifest["data"],
+        "split": split,
+        "num_questions": len(examples),
+        "config": manifest["config"],
+        "training": {key: value for key, value in manifest["training"].items() if key != "prompt_losses"},
+        "systems": systems,
+    }
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['data']} {report['split']}: {report['num_questions']} questions; decoder {report['model']} "
-             "(frozen)", "", f"{'system':<24} {'EM':>22} {'F1':>22}  answer in passages"]
+    lines = [
+        f"{report['data']} {report['split']}: {report['num_questions']} questions; decoder {report['model']} (frozen)",
+        "",
+        f"{'system':<24} {'EM':>22} {'F1':>22}  answer in passages",
+    ]
     for name, system in report["systems"].items():
         cells = []
         for metric in ("exact_match", "f1"):
@@ -236,12 +272,23 @@ def format_report(report: dict) -> str:
     for name, system in report["systems"].items():
         if name != "reader":
             low, high = system["reader_minus_this_exact_match_interval"]
-            lines.append(f"reader - {name}: EM {100 * system['reader_minus_this_exact_match']:+.2f} "
-                         f"[{100 * low:+.2f}, {100 * high:+.2f}], F1 {100 * system['reader_minus_this_f1']:+.2f} "
-                         f"[{100 * system['reader_minus_this_f1_interval'][0]:+.2f}, "
-                         f"{100 * system['reader_minus_this_f1_interval'][1]:+.2f}]")
+            lines.append(
+                f"reader - {name}: EM {100 * system['reader_minus_this_exact_match']:+.2f} "
+                f"[{100 * low:+.2f}, {100 * high:+.2f}], F1 {100 * system['reader_minus_this_f1']:+.2f} "
+                f"[{100 * system['reader_minus_this_f1_interval'][0]:+.2f}, "
+                f"{100 * system['reader_minus_this_f1_interval'][1]:+.2f}]"
+            )
     return "\n".join(lines)
 
 
-__all__ = ["KIND", "SYSTEMS", "bootstrap_mean_interval", "evaluate_reader", "format_report", "load_qa_data",
-           "load_reader", "read_reader_manifest", "run_reader_training"]
+__all__ = [
+    "KIND",
+    "SYSTEMS",
+    "bootstrap_mean_interval",
+    "evaluate_reader",
+    "format_report",
+    "load_qa_data",
+    "load_reader",
+    "read_reader_manifest",
+    "run_reader_training",
+]

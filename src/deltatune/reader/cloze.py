@@ -99,21 +99,25 @@ def questions_for_split(lines: list[str], config: ClozeConfig, split: str) -> tu
             for mention in sorted(found[position]):
                 if not _word_positions(mention, others):
                     continue
-                candidates += [(mention, sentence) for sentence in sentences
-                               if len(_word_positions(mention, sentence)) == 1]
+                candidates += [
+                    (mention, sentence) for sentence in sentences if len(_word_positions(mention, sentence)) == 1
+                ]
             if not candidates:
                 continue
             mention, sentence = rng.choice(candidates)
             start = _word_positions(mention, sentence)[0]
-            question = sentence[:start] + BLANK + sentence[start + len(mention):]
+            question = sentence[:start] + BLANK + sentence[start + len(mention) :]
             examples.append(QAExample(question, (mention,), first + position, f"{split}-{first + position}"))
     if config.max_questions is not None:
-        examples = examples[:config.max_questions]
+        examples = examples[: config.max_questions]
     return passages, examples
 
 
-def load_wikitext_cloze(config: ClozeConfig | None = None, splits: tuple[str, ...] = ("train", "dev", "test"),
-                        lines_by_split: dict[str, list[str]] | None = None) -> QADataset:
+def load_wikitext_cloze(
+    config: ClozeConfig | None = None,
+    splits: tuple[str, ...] = ("train", "dev", "test"),
+    lines_by_split: dict[str, list[str]] | None = None,
+) -> QADataset:
     """The cloze task over WikiText-2 (from its packaged mirror unless `lines_by_split` gives the raw lines,
     keyed by WikiText's split names train/validation/test).
 
@@ -135,11 +139,23 @@ def load_wikitext_cloze(config: ClozeConfig | None = None, splits: tuple[str, ..
         for e in examples:
             assert e.passage_id is not None  # every cloze question is cut from a passage
             loaded[split].append(QAExample(e.question, e.answers, e.passage_id + offset, e.example_id))
-    provenance = {"source": "wikitext-2 (packaged mirror)", "construction": "deltatune.reader.cloze",
-                  "seed": config.seed, "questions": {split: len(examples) for split, examples in loaded.items()},
-                  "passages": len(passages)}
+    provenance = {
+        "source": "wikitext-2 (packaged mirror)",
+        "construction": "deltatune.reader.cloze",
+        "seed": config.seed,
+        "questions": {split: len(examples) for split, examples in loaded.items()},
+        "passages": len(passages),
+    }
     return QADataset(NAME, passages, loaded, exclude_own_passage=True, provenance=provenance)
 
 
-__all__ = ["BLANK", "ClozeConfig", "NAME", "articles", "detokenize", "load_wikitext_cloze", "mentions",
-           "questions_for_split"]
+__all__ = [
+    "BLANK",
+    "ClozeConfig",
+    "NAME",
+    "articles",
+    "detokenize",
+    "load_wikitext_cloze",
+    "mentions",
+    "questions_for_split",
+]

@@ -63,8 +63,16 @@ class ReaderConfig:
         for name in ("top_k", "prompt_tokens", "reranker_steps", "eval_examples", "train_examples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be 0 or more")
-        for name in ("candidates", "reranker_rank", "passage_tokens", "question_tokens", "answer_tokens", "steps",
-                     "batch_size", "eval_batch_size"):
+        for name in (
+            "candidates",
+            "reranker_rank",
+            "passage_tokens",
+            "question_tokens",
+            "answer_tokens",
+            "steps",
+            "batch_size",
+            "eval_batch_size",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.candidates < self.top_k:

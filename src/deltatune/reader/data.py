@@ -102,8 +102,10 @@ def load_qa_jsonl(path: str | Path, name: str | None = None, split: str = "test"
     """A local JSONL file as one split; passages are deduplicated into the corpus."""
     path = Path(path)
     if not path.is_file():
-        raise DeltatuneError(f"QA file {str(path)!r} does not exist. Pass a JSONL file with question, answers "
-                             "and context (or passages) on every line.")
+        raise DeltatuneError(
+            f"QA file {str(path)!r} does not exist. Pass a JSONL file with question, answers "
+            "and context (or passages) on every line."
+        )
     passages: list[str] = []
     index: dict[str, int] = {}
     examples, problems = [], []
@@ -128,15 +130,22 @@ def load_qa_jsonl(path: str | Path, name: str | None = None, split: str = "test"
             for text, i in zip(texts, ids, strict=True):
                 if i == len(passages):  # a text not seen before: its id is the next position
                     passages.append(text)
-            examples.append(QAExample(question.strip(), answers, ids[0] if "context" in record else None,
-                                      str(record.get("id", number))))
+            examples.append(
+                QAExample(
+                    question.strip(), answers, ids[0] if "context" in record else None, str(record.get("id", number))
+                )
+            )
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise DeltatuneError(f"{path}: {shown}.")
     if not examples:
         raise DeltatuneError(f"{path} has no examples.")
-    return QADataset(name or path.stem, passages, {split: examples},
-                     provenance={"source": "jsonl", "path": str(path.resolve()), "examples": len(examples)})
+    return QADataset(
+        name or path.stem,
+        passages,
+        {split: examples},
+        provenance={"source": "jsonl", "path": str(path.resolve()), "examples": len(examples)},
+    )
 
 
 def _answers_of(value) -> tuple[str, ...]:
@@ -149,8 +158,12 @@ def _answers_of(value) -> tuple[str, ...]:
     return tuple(answer.strip() for answer in value if isinstance(answer, str) and answer.strip())
 
 
-def load_qa_hub(dataset_id: str = "rajpurkar/squad", splits: Sequence[str] = ("train", "validation"),
-                config: str | None = None, max_examples: int | None = None) -> QADataset:
+def load_qa_hub(
+    dataset_id: str = "rajpurkar/squad",
+    splits: Sequence[str] = ("train", "validation"),
+    config: str | None = None,
+    max_examples: int | None = None,
+) -> QADataset:
     """A SQuAD-style set from the Hugging Face hub (columns question, context, answers.text).
 
     The corpus is every distinct context of the loaded splits; `max_examples` caps each split (the
@@ -159,8 +172,9 @@ def load_qa_hub(dataset_id: str = "rajpurkar/squad", splits: Sequence[str] = ("t
     try:
         import datasets
     except ImportError:
-        raise DeltatuneError("Loading QA data from the hub needs the `datasets` package: pip install datasets") \
-            from None
+        raise DeltatuneError(
+            "Loading QA data from the hub needs the `datasets` package: pip install datasets"
+        ) from None
     passages: list[str] = []
     index: dict[str, int] = {}
     loaded_splits: dict[str, list[QAExample]] = {}
@@ -171,11 +185,14 @@ def load_qa_hub(dataset_id: str = "rajpurkar/squad", splits: Sequence[str] = ("t
             raise DeltatuneError(
                 f"Could not load {dataset_id!r} split {split!r} from the Hugging Face hub: {type(error).__name__}: "
                 f"{str(error)[:300]}. Without the hub, pass a local JSONL file (--data) or use the offline "
-                "task wikitext-cloze.") from error
+                "task wikitext-cloze."
+            ) from error
         missing = [column for column in ("question", "context", "answers") if column not in dataset.column_names]
         if missing:
-            raise DeltatuneError(f"{dataset_id} ({split}) has no column(s) {', '.join(missing)}; a SQuAD-style "
-                                 f"set needs question, context and answers (it has {', '.join(dataset.column_names)}).")
+            raise DeltatuneError(
+                f"{dataset_id} ({split}) has no column(s) {', '.join(missing)}; a SQuAD-style "
+                f"set needs question, context and answers (it has {', '.join(dataset.column_names)})."
+            )
         rows = dataset if max_examples is None else dataset.select(range(min(max_examples, len(dataset))))
         examples = []
         for row in rows:
@@ -186,10 +203,21 @@ def load_qa_hub(dataset_id: str = "rajpurkar/squad", splits: Sequence[str] = ("t
             if answers:
                 examples.append(QAExample(row["question"].strip(), answers, passage_id, str(row.get("id", ""))))
         loaded_splits["dev" if split == "validation" else split] = examples
-    return QADataset(dataset_id, passages, loaded_splits,
-                     provenance={"source": "hub", "dataset": dataset_id, "config": config,
-                                 "datasets_version": datasets.__version__})
+    return QADataset(
+        dataset_id,
+        passages,
+        loaded_splits,
+        provenance={"source": "hub", "dataset": dataset_id, "config": config, "datasets_version": datasets.__version__},
+    )
 
 
-__all__ = ["QADataset", "QAExample", "contains_answer", "exact_match", "load_qa_hub", "load_qa_jsonl",
-           "normalize_answer", "token_f1"]
+__all__ = [
+    "QADataset",
+    "QAExample",
+    "contains_answer",
+    "exact_match",
+    "load_qa_hub",
+    "load_qa_jsonl",
+    "normalize_answer",
+    "token_f1",
+]

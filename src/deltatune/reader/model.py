@@ -54,7 +54,7 @@ class Reranker(nn.Module):
     def __init__(self, hidden_size: int, rank: int = 64, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.projection = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) / hidden_size ** 0.5)
+        self.projection = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) / hidden_size**0.5)
         self.dense_weight = nn.Parameter(torch.tensor(0.0))
         self.bm25_weight = nn.Parameter(torch.tensor(1.0))
 
@@ -92,8 +92,9 @@ def frozen_weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _embed_rows(causal_lm: PreTrainedModel, rows: list[list[int]], prompt: SoftPrompt | None,
-                pad_left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _embed_rows(
+    causal_lm: PreTrainedModel, rows: list[list[int]], prompt: SoftPrompt | None, pad_left: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs_embeds, attention_mask, position_ids) for token rows with the soft prompt in front of each;
     padded on the left (generation) or right (training)."""
     embeddings = word_embeddings(causal_lm)
@@ -106,39 +107,47 @@ def _embed_rows(causal_lm: PreTrainedModel, rows: list[list[int]], prompt: SoftP
         length = prompt_length + len(ids)
         start = width - length if pad_left else 0
         pieces = ([prompt.vectors] if prompt is not None else []) + [embeddings(torch.tensor(ids, dtype=torch.long))]
-        inputs[row, start:start + length] = torch.cat(pieces)
-        mask[row, start:start + length] = 1
+        inputs[row, start : start + length] = torch.cat(pieces)
+        mask[row, start : start + length] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return inputs, mask, positions
 
 
-def answer_loss(causal_lm: PreTrainedModel, contexts: list[list[int]], answers: list[list[int]],
-                prompt: SoftPrompt | None) -> torch.Tensor:
+def answer_loss(
+    causal_lm: PreTrainedModel, contexts: list[list[int]], answers: list[list[int]], prompt: SoftPrompt | None
+) -> torch.Tensor:
     """Mean next-token cross-entropy of each answer (its tokens and the closing newline) after its context."""
     rows = [context + answer for context, answer in zip(contexts, answers, strict=True)]
     inputs, mask, positions = _embed_rows(causal_lm, rows, prompt, pad_left=False)
-    hidden = causal_lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                             use_cache=False).last_hidden_state
+    hidden = causal_lm.base_model(
+        inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
+    ).last_hidden_state
     offset = prompt.length if prompt is not None else 0
     gathered, targets = [], []
     for row, (context, answer) in enumerate(zip(contexts, answers, strict=True)):
         start = offset + len(context) - 1  # the state before each answer token predicts it
-        gathered.append(hidden[row, start:start + len(answer)])
+        gathered.append(hidden[row, start : start + len(answer)])
         targets.append(torch.tensor(answer, dtype=torch.long))
     logits = output_embeddings(causal_lm)(torch.cat(gathered)).float()
     return F.cross_entropy(logits, torch.cat(targets))
 
 
 @torch.no_grad()
-def generate_answers(causal_lm: PreTrainedModel, contexts: list[list[int]], prompt: SoftPrompt | None,
-                     max_new_tokens: int, stop_token_ids: set[int], batch_size: int = 8) -> list[list[int]]:
+def generate_answers(
+    causal_lm: PreTrainedModel,
+    contexts: list[list[int]],
+    prompt: SoftPrompt | None,
+    max_new_tokens: int,
+    stop_token_ids: set[int],
+    batch_size: int = 8,
+) -> list[list[int]]:
     """Greedy continuation of each context (left-padded batches, key/value cache) until a stop token."""
     backbone = causal_lm.base_model
     head = output_embeddings(causal_lm)
     results: list[list[int]] = [[] for _ in contexts]
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         inputs, mask, positions = _embed_rows(causal_lm, [contexts[i] for i in chunk], prompt, pad_left=True)
         output = backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True)
         cache = _cache_of(output)
@@ -156,8 +165,13 @@ def generate_answers(causal_lm: PreTrainedModel, contexts: list[list[int]], prom
                 break
             mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=torch.long)], dim=1)
             last_position = last_position + 1
-            output = backbone(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
-                              use_cache=True, **{cache_keyword(backbone): cache})
+            output = backbone(
+                input_ids=next_tokens[:, None],
+                attention_mask=mask,
+                position_ids=last_position[:, None],
+                use_cache=True,
+                **{cache_keyword(backbone): cache},
+            )
             cache = _cache_of(output)
             last_hidden = output.last_hidden_state[:, -1]
     return results
@@ -169,5 +183,13 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
-__all__ = ["PASSAGE_PREFIX", "Reranker", "SoftPrompt", "answer_loss", "frozen_weights_digest", "generate_answers",
-           "mean_embeddings", "reranker_loss"]
+__all__ = [
+    "PASSAGE_PREFIX",
+    "Reranker",
+    "SoftPrompt",
+    "answer_loss",
+    "frozen_weights_digest",
+    "generate_answers",
+    "mean_embeddings",
+    "reranker_loss",
+]

@@ -79,7 +79,7 @@ class FrozenReader:
     def passage_tokens(self, dataset: QADataset, passage_id: int) -> list[int]:
         if passage_id not in self._passage_cache:
             ids = self.tokenizer(dataset.passages[passage_id], add_special_tokens=False)["input_ids"]
-            self._passage_cache[passage_id] = ids[:self.config.passage_tokens]
+            self._passage_cache[passage_id] = ids[: self.config.passage_tokens]
         return self._passage_cache[passage_id]
 
     def context(self, dataset: QADataset, example: QAExample, passage_ids: list[int]) -> list[int]:
@@ -90,10 +90,14 @@ class FrozenReader:
         ids: list[int] = []
         for passage_id in passage_ids:
             ids += prefix + self.passage_tokens(dataset, passage_id) + gap
-        question = tokenizer(example.question, add_special_tokens=False)["input_ids"][:self.config.question_tokens]
+        question = tokenizer(example.question, add_special_tokens=False)["input_ids"][: self.config.question_tokens]
         head, _, tail = self.question_template.partition("{question}")
-        return (ids + tokenizer(head, add_special_tokens=False)["input_ids"] + question
-                + tokenizer(tail, add_special_tokens=False)["input_ids"])
+        return (
+            ids
+            + tokenizer(head, add_special_tokens=False)["input_ids"]
+            + question
+            + tokenizer(tail, add_special_tokens=False)["input_ids"]
+        )
 
     def answer_ids(self, answer: str) -> list[int]:
         """The target continuation: a space, the answer, a newline (which ends generation)."""
@@ -112,39 +116,47 @@ class FrozenReader:
 # ------------------------------------------------------------------------------------------- retrieval
 
 
-def candidates_for(index: BM25Index, dataset: QADataset, examples: list[QAExample],
-                   depth: int) -> tuple[np.ndarray, np.ndarray]:
+def candidates_for(
+    index: BM25Index, dataset: QADataset, examples: list[QAExample], depth: int
+) -> tuple[np.ndarray, np.ndarray]:
     """BM25's `depth` best passages per question, the question's own passage left out where it must be."""
-    exclude = [[e.passage_id] if dataset.exclude_own_passage and e.passage_id is not None else []
-               for e in examples]
+    exclude = [[e.passage_id] if dataset.exclude_own_passage and e.passage_id is not None else [] for e in examples]
     return index.retrieve([e.question for e in examples], depth, exclude)
 
 
-def ranked_passages(reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray,
-                    scores: np.ndarray, top_k: int) -> list[list[int]]:
+def ranked_passages(
+    reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray, scores: np.ndarray, top_k: int
+) -> list[list[int]]:
     """The `top_k` passages each question's reader reads: re-ranked when the reader has a re-ranker."""
     if top_k == 0:
         return [[] for _ in examples]
     if reader.reranker is None:
         return [list(map(int, row[:top_k])) for row in ids]
     with torch.no_grad():
-        order = _rerank_scores(reader, reader.reranker, dataset, examples, ids, scores).argsort(dim=1,
-                                                                                                descending=True)
+        order = _rerank_scores(reader, reader.reranker, dataset, examples, ids, scores).argsort(dim=1, descending=True)
     return [[int(ids[row, column]) for column in order[row, :top_k]] for row in range(len(examples))]
 
 
-def _rerank_scores(reader: FrozenReader, reranker: Reranker, dataset: QADataset, examples: list[QAExample],
-                   ids: np.ndarray, scores: np.ndarray) -> torch.Tensor:
+def _rerank_scores(
+    reader: FrozenReader,
+    reranker: Reranker,
+    dataset: QADataset,
+    examples: list[QAExample],
+    ids: np.ndarray,
+    scores: np.ndarray,
+) -> torch.Tensor:
     questions, passages = _candidate_vectors(reader, dataset, examples, ids)
     return reranker(questions, passages, torch.tensor(scores, dtype=torch.float32))
 
 
-def _candidate_vectors(reader: FrozenReader, dataset: QADataset, examples: list[QAExample],
-                       ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidate_vectors(
+    reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The re-ranker's frozen inputs: mean input embeddings of each question (n, d) and candidate (n, N, d)."""
     embeddings = word_embeddings(reader.causal_lm)
-    questions = mean_embeddings(embeddings, [reader.tokenizer(e.question, add_special_tokens=False)["input_ids"]
-                                             for e in examples])
+    questions = mean_embeddings(
+        embeddings, [reader.tokenizer(e.question, add_special_tokens=False)["input_ids"] for e in examples]
+    )
     flat = [reader.passage_tokens(dataset, int(i)) for i in ids.reshape(-1)]
     return questions, mean_embeddings(embeddings, flat).reshape(ids.shape[0], ids.shape[1], -1)
 
@@ -157,14 +169,21 @@ def _log(config: ReaderConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def train_reranker(reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray,
-                   scores: np.ndarray) -> list[float]:
+def train_reranker(
+    reader: FrozenReader, dataset: QADataset, examples: list[QAExample], ids: np.ndarray, scores: np.ndarray
+) -> list[float]:
     """Fit the re-ranker to put passages that contain an answer first; returns the loss per step."""
     config = reader.config
-    reranker = reader.reranker = Reranker(word_embeddings(reader.causal_lm).weight.shape[1], config.reranker_rank,
-                                          config.seed)
-    positive = torch.tensor([[contains_answer(dataset.passages[int(i)], e.answers) for i in row]
-                             for row, e in zip(ids, examples, strict=True)], dtype=torch.bool)
+    reranker = reader.reranker = Reranker(
+        word_embeddings(reader.causal_lm).weight.shape[1], config.reranker_rank, config.seed
+    )
+    positive = torch.tensor(
+        [
+            [contains_answer(dataset.passages[int(i)], e.answers) for i in row]
+            for row, e in zip(ids, examples, strict=True)
+        ],
+        dtype=torch.bool,
+    )
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=config.reranker_learning_rate, weight_decay=0.0)
     rng = random.Random(config.seed)
     usable = [i for i in range(len(examples)) if bool(positive[i].any())]
@@ -182,8 +201,9 @@ def train_reranker(reader: FrozenReader, dataset: QADataset, examples: list[QAEx
     return losses
 
 
-def train_prompt(reader: FrozenReader, dataset: QADataset, examples: list[QAExample],
-                 passages: list[list[int]]) -> list[float]:
+def train_prompt(
+    reader: FrozenReader, dataset: QADataset, examples: list[QAExample], passages: list[list[int]]
+) -> list[float]:
     """Prompt tuning of the frozen reader on the gold answers; returns the loss per step."""
     config = reader.config
     embeddings = word_embeddings(reader.causal_lm)
@@ -199,7 +219,7 @@ def train_prompt(reader: FrozenReader, dataset: QADataset, examples: list[QAExam
     for step in range(config.steps):
         if len(order) < config.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
-        batch, order = order[:config.batch_size], order[config.batch_size:]
+        batch, order = order[: config.batch_size], order[config.batch_size :]
         factor = (step + 1) / warmup if step < warmup else max(0.0, (config.steps - step) / (config.steps - warmup))
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * factor
@@ -222,7 +242,7 @@ def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index | No
     before = frozen_weights_digest(reader.causal_lm)
     examples = list(dataset.split("train"))
     random.Random(config.seed).shuffle(examples)
-    examples = examples[:config.train_examples] if config.train_examples else examples
+    examples = examples[: config.train_examples] if config.train_examples else examples
     if not examples:
         raise DeltatuneError(f"{dataset.name} has no training questions; the reader has nothing to learn from.")
     started = time.perf_counter()
@@ -237,20 +257,31 @@ def train_reader(reader: FrozenReader, dataset: QADataset, index: BM25Index | No
     after = frozen_weights_digest(reader.causal_lm)
     if after != before:
         raise RuntimeError("the frozen decoder's weights changed during reader training")
-    return {"train_questions": len(examples), "train_time_s": time.perf_counter() - started,
-            "reranker_loss_first_10": float(np.mean(reranker_losses[:10])) if reranker_losses else None,
-            "reranker_loss_last_10": float(np.mean(reranker_losses[-10:])) if reranker_losses else None,
-            "prompt_loss_first_10": float(np.mean(prompt_losses[:10])) if prompt_losses else None,
-            "prompt_loss_last_10": float(np.mean(prompt_losses[-10:])) if prompt_losses else None,
-            "decoder_weights_sha256": after, "precision": resolve_precision(config.precision),
-            "prompt_losses": prompt_losses}
+    return {
+        "train_questions": len(examples),
+        "train_time_s": time.perf_counter() - started,
+        "reranker_loss_first_10": float(np.mean(reranker_losses[:10])) if reranker_losses else None,
+        "reranker_loss_last_10": float(np.mean(reranker_losses[-10:])) if reranker_losses else None,
+        "prompt_loss_first_10": float(np.mean(prompt_losses[:10])) if prompt_losses else None,
+        "prompt_loss_last_10": float(np.mean(prompt_losses[-10:])) if prompt_losses else None,
+        "decoder_weights_sha256": after,
+        "precision": resolve_precision(config.precision),
+        "prompt_losses": prompt_losses,
+    }
 
 
 # ------------------------------------------------------------------------------------------- answering
 
 
-def answer_questions(reader: FrozenReader, dataset: QADataset, examples: list[QAExample], index: BM25Index | None,
-                     top_k: int, use_prompt: bool = True, use_reranker: bool = True) -> tuple[list[str], dict]:
+def answer_questions(
+    reader: FrozenReader,
+    dataset: QADataset,
+    examples: list[QAExample],
+    index: BM25Index | None,
+    top_k: int,
+    use_prompt: bool = True,
+    use_reranker: bool = True,
+) -> tuple[list[str], dict]:
     """Answers for `examples` reading `top_k` passages (0: closed-book); returns (answers, retrieval facts)."""
     config = reader.config
     facts: dict = {"top_k": top_k}
@@ -262,14 +293,26 @@ def answer_questions(reader: FrozenReader, dataset: QADataset, examples: list[QA
             passages = ranked_passages(reader, dataset, examples, ids, scores, top_k)
         finally:
             reader.reranker = saved
-        facts["answer_in_passages"] = float(np.mean([
-            any(contains_answer(dataset.passages[p], e.answers) for p in chosen) for e, chosen in zip(examples, passages, strict=True)]))
+        facts["answer_in_passages"] = float(
+            np.mean(
+                [
+                    any(contains_answer(dataset.passages[p], e.answers) for p in chosen)
+                    for e, chosen in zip(examples, passages, strict=True)
+                ]
+            )
+        )
     else:
         passages = [[] for _ in examples]
     contexts = [reader.context(dataset, e, p) for e, p in zip(examples, passages, strict=True)]
     with reader.precision_context():
-        generated = generate_answers(reader.causal_lm, contexts, reader.prompt if use_prompt else None,
-                                     config.answer_tokens, reader.stop_tokens(), config.eval_batch_size)
+        generated = generate_answers(
+            reader.causal_lm,
+            contexts,
+            reader.prompt if use_prompt else None,
+            config.answer_tokens,
+            reader.stop_tokens(),
+            config.eval_batch_size,
+        )
     answers = []
     for answer_ids in generated:
         text = reader.tokenizer.decode(answer_ids, skip_special_tokens=True)
@@ -288,9 +331,20 @@ def score_answers(predictions: list[str], examples: list[QAExample]) -> dict:
     """Exact match and F1 (SQuAD's definitions), as means and per question."""
     em = [exact_match(p, e.answers) for p, e in zip(predictions, examples, strict=True)]
     f1 = [token_f1(p, e.answers) for p, e in zip(predictions, examples, strict=True)]
-    return {"exact_match": float(np.mean(em)) if em else 0.0, "f1": float(np.mean(f1)) if f1 else 0.0,
-            "per_question": {"exact_match": em, "f1": f1}}
+    return {
+        "exact_match": float(np.mean(em)) if em else 0.0,
+        "f1": float(np.mean(f1)) if f1 else 0.0,
+        "per_question": {"exact_match": em, "f1": f1},
+    }
 
 
-__all__ = ["CLOZE_QUESTION_TEMPLATE", "DEFAULT_QUESTION_TEMPLATE", "FrozenReader", "answer_questions",
-           "candidates_for", "ranked_passages", "score_answers", "train_reader"]
+__all__ = [
+    "CLOZE_QUESTION_TEMPLATE",
+    "DEFAULT_QUESTION_TEMPLATE",
+    "FrozenReader",
+    "answer_questions",
+    "candidates_for",
+    "ranked_passages",
+    "score_answers",
+    "train_reader",
+]

@@ -26,18 +26,20 @@ class BM25Index:
         try:
             import bm25s
         except ImportError:
-            raise DeltatuneError("The frozen reader's retrieval needs the `bm25s` package: "
-                                 "pip install 'deltatune[reader]' (or pip install bm25s).") from None
+            raise DeltatuneError(
+                "The frozen reader's retrieval needs the `bm25s` package: "
+                "pip install 'deltatune[reader]' (or pip install bm25s)."
+            ) from None
         if not passages:
             raise DeltatuneError("The passage corpus is empty: the reader needs passages to retrieve from.")
         self._bm25s = bm25s
         self.num_passages = len(passages)
         self._retriever = bm25s.BM25()
-        self._retriever.index(bm25s.tokenize(list(passages), stopwords="en", show_progress=False),
-                              show_progress=False)
+        self._retriever.index(bm25s.tokenize(list(passages), stopwords="en", show_progress=False), show_progress=False)
 
-    def retrieve(self, questions: Sequence[str], k: int,
-                 exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(
+        self, questions: Sequence[str], k: int, exclude: Sequence[Sequence[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores), each (len(questions), k): the k best passages per question, without the ids in
         `exclude[i]` for question i (fewer than k columns only when the corpus is smaller). Passages that
         share no word with a question score 0 and still fill its places."""
@@ -47,17 +49,19 @@ class BM25Index:
         depth = min(self.num_passages, k + spare)
         width = min(k, self.num_passages - spare)
         if width < 1:
-            raise DeltatuneError(f"The corpus has {self.num_passages} passage(s) and a question leaves {spare} out: "
-                                 "nothing is left to retrieve. Add passages to the corpus.")
+            raise DeltatuneError(
+                f"The corpus has {self.num_passages} passage(s) and a question leaves {spare} out: "
+                "nothing is left to retrieve. Add passages to the corpus."
+            )
         tokens = self._bm25s.tokenize(list(questions), stopwords="en", show_progress=False)
         found, scores = self._retriever.retrieve(tokens, k=depth, show_progress=False, n_threads=1)
         ids = np.zeros((len(questions), width), dtype=np.int64)
         kept_scores = np.zeros(ids.shape, dtype=np.float32)
         for row in range(len(questions)):
             left_out = set(exclude[row]) if exclude is not None else set()
-            keep = [column for column in range(depth) if int(found[row, column]) not in left_out][:ids.shape[1]]
-            ids[row, :len(keep)] = found[row, keep]
-            kept_scores[row, :len(keep)] = scores[row, keep]
+            keep = [column for column in range(depth) if int(found[row, column]) not in left_out][: ids.shape[1]]
+            ids[row, : len(keep)] = found[row, keep]
+            kept_scores[row, : len(keep)] = scores[row, keep]
         return ids, kept_scores
 
 

@@ -87,8 +87,11 @@ class Batcher:
         if closing:
             raise RequestError(404, f"task: {closing[0]!r} is being detached and takes no new requests.")
         if self.queued_rows + len(rows) > self.settings.max_queue:
-            raise RequestError(503, f"queue: {self.queued_rows} inputs are waiting (limit {self.settings.max_queue}); "
-                                    "retry shortly.", {"Retry-After": "1"})
+            raise RequestError(
+                503,
+                f"queue: {self.queued_rows} inputs are waiting (limit {self.settings.max_queue}); retry shortly.",
+                {"Retry-After": "1"},
+            )
         pending = _Pending(rows, names, asyncio.get_running_loop().create_future())
         self.queue.append(pending)
         self.queued_rows += len(rows)
@@ -98,9 +101,11 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(pending.future), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             pending.future.cancel()  # skipped if it has not run yet
-            raise RequestError(504, f"request: not answered within {self.settings.request_timeout_s:g} s "
-                                    "(--request-timeout-s); the server is overloaded or the inputs are very long."
-                               ) from None
+            raise RequestError(
+                504,
+                f"request: not answered within {self.settings.request_timeout_s:g} s "
+                "(--request-timeout-s); the server is overloaded or the inputs are very long.",
+            ) from None
 
     async def _next_batch(self) -> list[_Pending]:
         while not self.queue:
@@ -135,7 +140,7 @@ class Batcher:
                     start = 0
                     for pending in live:
                         if not pending.future.done():
-                            pending.future.set_result(results[start:start + len(pending.rows)])
+                            pending.future.set_result(results[start : start + len(pending.rows)])
                         start += len(pending.rows)
             except Exception as error:  # one failed batch answers its requests, and the server goes on
                 for pending in live:
@@ -157,8 +162,9 @@ class Batcher:
             self.closing.discard(name)
 
     def _predict(self, rows, names) -> list[dict]:
-        return self.engine.predict(rows, task=names, batch_size=self.settings.max_batch_size,
-                                   precision=self.settings.precision)
+        return self.engine.predict(
+            rows, task=names, batch_size=self.settings.max_batch_size, precision=self.settings.precision
+        )
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -169,18 +175,24 @@ def parse_predict(body: object, engine: MultiTaskModel, settings: ServeSettings)
     if isinstance(body, dict):
         unknown = sorted(set(body) - {"task", "inputs"})
         if unknown:
-            raise RequestError(422, f"{unknown[0]}: unknown field; a predict body has 'task' and 'inputs' (or is a "
-                                    "list of {'task', 'input'} objects).")
+            raise RequestError(
+                422,
+                f"{unknown[0]}: unknown field; a predict body has 'task' and 'inputs' (or is a "
+                "list of {'task', 'input'} objects).",
+            )
         if "task" not in body:
             raise RequestError(422, "task: required (the name of a served task; see GET /v1/tasks).")
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or not inputs:
-            raise RequestError(422, "inputs: required, a non-empty list of examples (a text, or a list of texts "
-                                    "for a pair task).")
+            raise RequestError(
+                422, "inputs: required, a non-empty list of examples (a text, or a list of texts for a pair task)."
+            )
         check_count(len(inputs), "inputs", settings)
         served = served_task(body["task"], "task", engine)
-        rows = [check_text_lengths(example_of(example, served, f"inputs[{i}]"), f"inputs[{i}]", settings)
-                for i, example in enumerate(inputs)]
+        rows = [
+            check_text_lengths(example_of(example, served, f"inputs[{i}]"), f"inputs[{i}]", settings)
+            for i, example in enumerate(inputs)
+        ]
         return rows, [served.name] * len(rows)
     if isinstance(body, list):
         if not body:
@@ -190,28 +202,36 @@ def parse_predict(body: object, engine: MultiTaskModel, settings: ServeSettings)
         for position, item in enumerate(body):
             where = f"[{position}]"
             if not isinstance(item, dict) or set(item) != {"task", "input"}:
-                raise RequestError(422, f"{where}: must be an object with exactly 'task' and 'input', got "
-                                        f"{json.dumps(item)[:60]}.")
+                raise RequestError(
+                    422, f"{where}: must be an object with exactly 'task' and 'input', got {json.dumps(item)[:60]}."
+                )
             served = served_task(item["task"], f"{where}.task", engine)
-            rows.append(check_text_lengths(example_of(item["input"], served, f"{where}.input"), f"{where}.input",
-                                           settings))
+            rows.append(
+                check_text_lengths(example_of(item["input"], served, f"{where}.input"), f"{where}.input", settings)
+            )
             names.append(served.name)
         return rows, names
-    raise RequestError(422, "body: expected an object {'task': ..., 'inputs': [...]} or a list of "
-                            "{'task': ..., 'input': ...} objects.")
+    raise RequestError(
+        422, "body: expected an object {'task': ..., 'inputs': [...]} or a list of {'task': ..., 'input': ...} objects."
+    )
 
 
 def check_count(count: int, where: str, settings: ServeSettings) -> None:
     if count > settings.max_inputs:
-        raise RequestError(413, f"{where}: {count} inputs, more than the limit of {settings.max_inputs} per request "
-                                "(--max-inputs); split the request.")
+        raise RequestError(
+            413,
+            f"{where}: {count} inputs, more than the limit of {settings.max_inputs} per request "
+            "(--max-inputs); split the request.",
+        )
 
 
 def served_task(name: object, where: str, engine: MultiTaskModel):
     if not isinstance(name, str) or name not in engine.tasks:
         served = ", ".join(map(repr, engine.tasks)) or "none"
-        raise RequestError(404 if isinstance(name, str) else 422,
-                           f"{where}: no task named {json.dumps(name)[:60]} is served; served: {served}.")
+        raise RequestError(
+            404 if isinstance(name, str) else 422,
+            f"{where}: no task named {json.dumps(name)[:60]} is served; served: {served}.",
+        )
     return engine.tasks[name]
 
 
@@ -225,8 +245,11 @@ def example_of(example: object, served, where: str) -> tuple[str, ...]:
 def check_text_lengths(texts: tuple[str, ...], where: str, settings: ServeSettings) -> tuple[str, ...]:
     for position, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
-            raise RequestError(413, f"{where}[{position}]: {len(text)} characters, more than the limit of "
-                                    f"{settings.max_text_chars} (--max-text-chars).")
+            raise RequestError(
+                413,
+                f"{where}[{position}]: {len(text)} characters, more than the limit of "
+                f"{settings.max_text_chars} (--max-text-chars).",
+            )
     return texts
 
 
@@ -234,8 +257,9 @@ async def read_json(request, settings: ServeSettings) -> object:
     """The body as JSON, read no further than `max_body_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise RequestError(413, f"body: {declared} bytes, more than the limit of {settings.max_body_bytes} "
-                                "(--max-body-bytes).")
+        raise RequestError(
+            413, f"body: {declared} bytes, more than the limit of {settings.max_body_bytes} (--max-body-bytes)."
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -283,8 +307,12 @@ def create_app(engine: MultiTaskModel, settings: ServeSettings):
             finally:
                 await batcher.stop()  # uvicorn has drained the in-flight requests by now
 
-    app = FastAPI(title="deltatune", version=_version(), lifespan=lifespan,
-                  description="Many task deltas served from one frozen backbone.")
+    app = FastAPI(
+        title="deltatune",
+        version=_version(),
+        lifespan=lifespan,
+        description="Many task deltas served from one frozen backbone.",
+    )
 
     @app.exception_handler(RequestError)
     async def request_error(request, error: RequestError):
@@ -294,33 +322,26 @@ def create_app(engine: MultiTaskModel, settings: ServeSettings):
     async def deltatune_error(request, error: DeltatuneError):  # e.g. its task was detached while it waited
         return JSONResponse({"detail": f"request: {error}"}, status_code=409)
 
-    def authorised(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise RequestError(401, "authorization: missing or wrong bearer token; send "
-                                    "'Authorization: Bearer KEY' with the server's --api-key.",
-                               {"WWW-Authenticate": "Bearer"})
-
-    def admin(request: Request) -> None:
-        if not settings.allow_admin:
-            raise RequestError(403, "admin: attaching and detaching deltas is off; start the server with "
-                                    "--allow-admin --delta-root DIR.")
-
+    authorised, admin = _guards(settings)
     guarded = [Depends(authorised)]
 
     @app.get("/health")
     async def health() -> dict:
         batcher = batcher_holder.get("batcher")
-        return {"status": "ok", "tasks": len(engine.tasks), "queued_inputs": batcher.queued_rows if batcher else 0,
-                "batches": batcher.batches if batcher else 0}
+        return {
+            "status": "ok",
+            "tasks": len(engine.tasks),
+            "queued_inputs": batcher.queued_rows if batcher else 0,
+            "batches": batcher.batches if batcher else 0,
+        }
 
     @app.get("/v1/tasks", dependencies=guarded)
     async def tasks() -> dict:
-        return {"tasks": [served.describe(engine.fingerprint) for served in list(engine.tasks.values())],
-                "base_model": engine.base_name, "base_fingerprint": engine.fingerprint}
+        return {
+            "tasks": [served.describe(engine.fingerprint) for served in list(engine.tasks.values())],
+            "base_model": engine.base_name,
+            "base_fingerprint": engine.fingerprint,
+        }
 
     @app.post("/v1/predict", dependencies=guarded, openapi_extra=_PREDICT_SCHEMA)
     async def predict(request: Request) -> JSONResponse:
@@ -346,6 +367,33 @@ def create_app(engine: MultiTaskModel, settings: ServeSettings):
     return app
 
 
+def _guards(settings: ServeSettings):
+    """The two request checks: a bearer token when the server has --api-key; admin routes only with
+    --allow-admin."""
+
+    def authorised(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise RequestError(
+                401,
+                "authorization: missing or wrong bearer token; send "
+                "'Authorization: Bearer KEY' with the server's --api-key.",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    def admin(request: Request) -> None:
+        if not settings.allow_admin:
+            raise RequestError(
+                403,
+                "admin: attaching and detaching deltas is off; start the server with --allow-admin --delta-root DIR.",
+            )
+
+    return authorised, admin
+
+
 def _version() -> str:
     from deltatune.version import __version__
 
@@ -353,16 +401,53 @@ def _version() -> str:
 
 
 _EXAMPLE = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2}]}
-_PREDICT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-    {"type": "object", "required": ["task", "inputs"], "additionalProperties": False,
-     "properties": {"task": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "items": _EXAMPLE}}},
-    {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["task", "input"],
-                                               "additionalProperties": False,
-                                               "properties": {"task": {"type": "string"}, "input": _EXAMPLE}}},
-]}}}}}
-_ATTACH_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["path"], "additionalProperties": False,
-    "properties": {"path": {"type": "string"}, "name": {"type": "string"}}}}}}}
+_PREDICT_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["task", "inputs"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "task": {"type": "string"},
+                                "inputs": {"type": "array", "minItems": 1, "items": _EXAMPLE},
+                            },
+                        },
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["task", "input"],
+                                "additionalProperties": False,
+                                "properties": {"task": {"type": "string"}, "input": _EXAMPLE},
+                            },
+                        },
+                    ]
+                }
+            }
+        },
+    }
+}
+_ATTACH_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["path"],
+                    "additionalProperties": False,
+                    "properties": {"path": {"type": "string"}, "name": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
 
 
 __all__ = ["Batcher", "RequestError", "create_app", "parse_predict"]

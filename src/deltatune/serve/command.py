@@ -21,15 +21,21 @@ API_KEY_VARIABLE = "DELTATUNE_API_KEY"
 def add_serve_parser(commands) -> None:
     from deltatune.serve.settings import ServeSettings
 
-    serve = commands.add_parser("serve", help="serve many task deltas from one base model over HTTP (FastAPI)",
-                                description="Serve the deltas of RUN_DIR... (trained on one base model) over "
-                                "HTTP: POST /v1/predict, GET /v1/tasks, GET /health, OpenAPI at /docs. Needs "
-                                "the serve extra: pip install 'deltatune[serve]'.")
+    serve = commands.add_parser(
+        "serve",
+        help="serve many task deltas from one base model over HTTP (FastAPI)",
+        description="Serve the deltas of RUN_DIR... (trained on one base model) over "
+        "HTTP: POST /v1/predict, GET /v1/tasks, GET /health, OpenAPI at /docs. Needs "
+        "the serve extra: pip install 'deltatune[serve]'.",
+    )
     serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of the deltas to serve")
     serve.add_argument("--base", help="load the base model from here instead of the recorded name")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    add_config_options(serve, ServeSettings, notes={
-        "api_key": f"(or the environment variable {API_KEY_VARIABLE}, which keeps it out of process listings)"})
+    add_config_options(
+        serve,
+        ServeSettings,
+        notes={"api_key": f"(or the environment variable {API_KEY_VARIABLE}, which keeps it out of process listings)"},
+    )
 
 
 def settings_from(args: argparse.Namespace):
@@ -50,8 +56,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as error:
-        raise DeltatuneError(f"`deltatune serve` needs FastAPI and uvicorn ({error}); install them with "
-                             "pip install 'deltatune[serve]'.") from None
+        raise DeltatuneError(
+            f"`deltatune serve` needs FastAPI and uvicorn ({error}); install them with pip install 'deltatune[serve]'."
+        ) from None
     from deltatune.devices import resolve_device
     from deltatune.serve.app import create_app
     from deltatune.serve.multi import load_many
@@ -62,8 +69,14 @@ def run_serve_command(args: argparse.Namespace) -> int:
     app = create_app(engine, settings)
     names = ", ".join(f"{name} ({served.method})" for name, served in engine.tasks.items())
     print(f"deltatune serve: {len(engine.tasks)} task(s) on {engine.base_name}: {names}", flush=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        access_log=False,
+    )
     uvicorn.Server(config).run()
     return 0
 

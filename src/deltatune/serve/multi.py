@@ -64,12 +64,21 @@ class ServedTask:
 
     def describe(self, base_fingerprint: str) -> dict:
         task = self.task
-        return {"name": self.name, "task": task.name, "text_fields": list(task.text_fields),
-                "labels": list(task.labels), "regression": task.is_regression, "metric": task.metric,
-                "dev_metrics": self.manifest.metrics.get("dev", {}), "method": self.method,
-                "batch_mixing": self.batch_mixing, "delta_bytes": self.delta_bytes,
-                "resident_bytes": self.resident_bytes, "base_model": self.manifest.base_model.name,
-                "base_fingerprint": base_fingerprint}
+        return {
+            "name": self.name,
+            "task": task.name,
+            "text_fields": list(task.text_fields),
+            "labels": list(task.labels),
+            "regression": task.is_regression,
+            "metric": task.metric,
+            "dev_metrics": self.manifest.metrics.get("dev", {}),
+            "method": self.method,
+            "batch_mixing": self.batch_mixing,
+            "delta_bytes": self.delta_bytes,
+            "resident_bytes": self.resident_bytes,
+            "base_model": self.manifest.base_model.name,
+            "base_fingerprint": base_fingerprint,
+        }
 
 
 class MultiTaskModel:
@@ -109,14 +118,17 @@ class MultiTaskModel:
             raise DeltatuneError(
                 f"{directory} was trained on base model {manifest.base_model.name!r} (weights fingerprint "
                 f"{expected[:12]}), but the loaded base {self.base_name!r} has fingerprint {self.fingerprint[:12]}. "
-                "Serve deltas of one base model together; start another process for the other base.")
+                "Serve deltas of one base model together; start another process for the other base."
+            )
         tensors = read_tensors(directory)
         task = manifest.task
         with self.lock:
             name = name if name is not None else self._unique_name(task.name)
             if name in self.tasks:
-                raise DeltatuneError(f"A delta named {name!r} is already attached ({self.tasks[name].directory}); "
-                                     "choose another name, or detach it first.")
+                raise DeltatuneError(
+                    f"A delta named {name!r} is already attached ({self.tasks[name].directory}); "
+                    "choose another name, or detach it first."
+                )
             self._close_session()
             method = build_method(manifest.method, manifest.method_config)
             device = self.device
@@ -124,8 +136,16 @@ class MultiTaskModel:
             self.model.to(device)  # a delta's tensors load on the CPU: join the base where it computes
             activate_delta(self.model, None)  # between calls the model is the base alone, whatever was attached
             self.model.eval()
-            served = ServedTask(name, task, method.name, method.batch_mixing, manifest, directory,
-                                (directory / "delta.safetensors").stat().st_size, self._resident_bytes(name))
+            served = ServedTask(
+                name,
+                task,
+                method.name,
+                method.batch_mixing,
+                manifest,
+                directory,
+                (directory / "delta.safetensors").stat().st_size,
+                self._resident_bytes(name),
+            )
             self.tasks[name] = served
             return served
 
@@ -167,8 +187,14 @@ class MultiTaskModel:
 
     # -------------------------------------------------------------------------- prediction
 
-    def predict(self, inputs: Example | Sequence[Example], task: str | Sequence[str], *, batch_size: int = 64,
-                precision: str = "auto") -> list[dict]:
+    def predict(
+        self,
+        inputs: Example | Sequence[Example],
+        task: str | Sequence[str],
+        *,
+        batch_size: int = 64,
+        precision: str = "auto",
+    ) -> list[dict]:
         """Predict for `inputs`: a list of examples (an example is a text, or a list of texts for a pair task).
 
         `task` names one served task for all inputs, or gives one task per input. Each result is
@@ -181,8 +207,9 @@ class MultiTaskModel:
                 self._close_session()
         return [self._result(self.tasks[name], output) for name, output in zip(names, outputs, strict=True)]
 
-    def evaluate(self, task: str, split: str = "dev", *, batch_size: int = 64, precision: str = "auto",
-                 limit: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self, task: str, split: str = "dev", *, batch_size: int = 64, precision: str = "auto", limit: int | None = None
+    ) -> dict[str, float]:
         """Metrics of task `task`'s delta on a split of its data (rebuilt from the source its run recorded)."""
         from deltatune.batching import outputs_to_predictions
         from deltatune.metrics import compute_metrics
@@ -214,8 +241,9 @@ class MultiTaskModel:
 
     def _served(self, name, field: str) -> ServedTask:
         if not isinstance(name, str) or name not in self.tasks:
-            raise DeltatuneError(f"{field}: no task named {name!r} is served; served: "
-                                 f"{', '.join(map(repr, self.tasks)) or 'none'}.")
+            raise DeltatuneError(
+                f"{field}: no task named {name!r} is served; served: {', '.join(map(repr, self.tasks)) or 'none'}."
+            )
         return self.tasks[name]
 
     def _check_inputs(self, inputs, task, batch_size, precision) -> tuple[list[tuple[str, ...]], list[str]]:
@@ -223,12 +251,15 @@ class MultiTaskModel:
         if isinstance(inputs, str):
             inputs = [inputs]  # one text: one example
         if not isinstance(inputs, (list, tuple)) or not inputs:
-            raise DeltatuneError(f"inputs must be a non-empty list of examples (a text, or a list of texts for a "
-                                 f"pair task), got {type(inputs).__name__} {str(inputs)[:40]!r}.")
+            raise DeltatuneError(
+                f"inputs must be a non-empty list of examples (a text, or a list of texts for a "
+                f"pair task), got {type(inputs).__name__} {str(inputs)[:40]!r}."
+            )
         names = [task] * len(inputs) if isinstance(task, str) else task
         if not isinstance(names, (list, tuple)) or len(names) != len(inputs):
-            raise DeltatuneError(f"task must be one task name or a list of one per input ({len(inputs)}), got "
-                                 f"{str(task)[:60]!r}.")
+            raise DeltatuneError(
+                f"task must be one task name or a list of one per input ({len(inputs)}), got {str(task)[:60]!r}."
+            )
         if precision not in PRECISIONS:
             raise DeltatuneError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -245,8 +276,9 @@ class MultiTaskModel:
             raise DeltatuneError(" ".join(dict.fromkeys(shown)))
         return rows, list(names)
 
-    def _raw_outputs(self, rows: list[tuple[str, ...]], names: list[str], batch_size: int,
-                     precision: str) -> list[np.ndarray]:
+    def _raw_outputs(
+        self, rows: list[tuple[str, ...]], names: list[str], batch_size: int, precision: str
+    ) -> list[np.ndarray]:
         """Each row's raw head outputs (its task's width), per-row deltas in shared forward passes."""
         precision = resolve_precision(precision, self.device.type)
         encoded = self._encode(rows, names)
@@ -273,8 +305,9 @@ class MultiTaskModel:
         assert len(predicted) == len(outputs)  # every row ran in a mixed batch or with its own delta
         return predicted
 
-    def _forward(self, encoded: Encoded, batch: list[int], names: list[str], outputs: list,
-                 precision: str | None = None) -> None:
+    def _forward(
+        self, encoded: Encoded, batch: list[int], names: list[str], outputs: list, precision: str | None = None
+    ) -> None:
         from deltatune.batching import to_device
         from deltatune.precision import autocast_for
 
@@ -286,7 +319,7 @@ class MultiTaskModel:
         with torch.no_grad(), autocast_for(precision, device.type):
             logits = self.model(**features).logits.float().cpu()
         for position, row in enumerate(batch):
-            outputs[row] = logits[position, :self.tasks[names[row]].task.num_labels].numpy()
+            outputs[row] = logits[position, : self.tasks[names[row]].task.num_labels].numpy()
 
     @staticmethod
     def _batches(encoded: Encoded, rows: list[int], batch_size: int) -> list[list[int]]:
@@ -306,8 +339,10 @@ class MultiTaskModel:
                 for row, value in zip(positions, values, strict=True):
                     column[row] = value
         if "token_type_ids" in features:  # tasks encoded without them (none here today) get zeros
-            features["token_type_ids"] = [value if value is not None else [0] * len(ids) for value, ids
-                                          in zip(features["token_type_ids"], features["input_ids"], strict=True)]
+            features["token_type_ids"] = [
+                value if value is not None else [0] * len(ids)
+                for value, ids in zip(features["token_type_ids"], features["input_ids"], strict=True)
+            ]
         return Encoded(features, [0] * len(rows))
 
     def _open_session(self, precision: str):
@@ -339,8 +374,11 @@ class MultiTaskModel:
             return {"task": served.name, "score": float(scaled[0])}
         probabilities = torch.softmax(torch.from_numpy(scaled), dim=-1).tolist()
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        return {"task": served.name, "label": task.labels[best],
-                "probabilities": dict(zip(task.labels, probabilities, strict=True))}
+        return {
+            "task": served.name,
+            "label": task.labels[best],
+            "probabilities": dict(zip(task.labels, probabilities, strict=True)),
+        }
 
 
 def check_example(example, task: TaskSpec, field: str) -> tuple[str, ...]:
@@ -348,19 +386,23 @@ def check_example(example, task: TaskSpec, field: str) -> tuple[str, ...]:
     texts = (example,) if isinstance(example, str) else example
     fields = task.text_fields
     if not isinstance(texts, (list, tuple)):
-        raise DeltatuneError(f"{field} must be a text or a list of {len(fields)} texts ({', '.join(fields)}), got "
-                             f"{type(example).__name__}.")
+        raise DeltatuneError(
+            f"{field} must be a text or a list of {len(fields)} texts ({', '.join(fields)}), got "
+            f"{type(example).__name__}."
+        )
     if len(texts) != len(fields):
-        raise DeltatuneError(f"{field} has {len(texts)} text(s) but task {task.name!r} takes {len(fields)} "
-                             f"({', '.join(fields)}).")
+        raise DeltatuneError(
+            f"{field} has {len(texts)} text(s) but task {task.name!r} takes {len(fields)} ({', '.join(fields)})."
+        )
     for position, text in enumerate(texts):
         if not isinstance(text, str):
             raise DeltatuneError(f"{field}[{position}] must be a string, got {type(text).__name__}.")
     return tuple(texts)
 
 
-def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None,
-              base: str | None = None) -> MultiTaskModel:
+def load_many(
+    run_dirs: Sequence[str | Path], names: Sequence[str] | None = None, base: str | None = None
+) -> MultiTaskModel:
     """Load the base model once and attach every delta of `run_dirs`, each under its own name.
 
     `names` gives the names (default: each run's task name, made unique: 'stsb', 'stsb-2');
@@ -368,8 +410,10 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     same base model (checked by its weight fingerprint) before anything is loaded.
     """
     if isinstance(run_dirs, (str, Path)):
-        raise DeltatuneError(f"load_many takes a list of run directories, got the single path {str(run_dirs)!r}; "
-                             "pass [path], or use deltatune.load for one delta.")
+        raise DeltatuneError(
+            f"load_many takes a list of run directories, got the single path {str(run_dirs)!r}; "
+            "pass [path], or use deltatune.load for one delta."
+        )
     run_dirs = [Path(directory) for directory in run_dirs]
     if not run_dirs:
         raise DeltatuneError("load_many needs at least one run directory.")
@@ -384,14 +428,21 @@ def load_many(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
     by_fingerprint: dict[str, list[str]] = {}
     for directory, manifest in zip(run_dirs, manifests, strict=True):
         by_fingerprint.setdefault(manifest.base_model.fingerprint, []).append(
-            f"{directory} ({manifest.base_model.name!r})")
+            f"{directory} ({manifest.base_model.name!r})"
+        )
     if len(by_fingerprint) > 1:
         groups = "; ".join(f"{fingerprint[:12]}: {', '.join(dirs)}" for fingerprint, dirs in by_fingerprint.items())
-        raise DeltatuneError(f"These deltas were trained on {len(by_fingerprint)} different base models ({groups}); "
-                             "one process serves the deltas of one base. Start one per base.")
+        raise DeltatuneError(
+            f"These deltas were trained on {len(by_fingerprint)} different base models ({groups}); "
+            "one process serves the deltas of one base. Start one per base."
+        )
     base_name = base or manifests[0].base_model.name
-    model, tokenizer = load_checked_base(manifests[0], base, head=ManifestHead(head["kind"], head["pooling"]),
-                                         fix="Load these deltas onto {name!r} (pass base= to point at a copy of it).")
+    model, tokenizer = load_checked_base(
+        manifests[0],
+        base,
+        head=ManifestHead(head["kind"], head["pooling"]),
+        fix="Load these deltas onto {name!r} (pass base= to point at a copy of it).",
+    )
     served = MultiTaskModel(model, tokenizer, base_name, manifests[0].base_model.fingerprint)
     for position, directory in enumerate(run_dirs):
         served.attach(directory, names[position] if names is not None else None)

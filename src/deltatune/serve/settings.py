@@ -55,9 +55,11 @@ class ServeSettings:
     def __post_init__(self) -> None:
         problems = []
         if not is_loopback(self.host) and not self.api_key and not self.insecure:
-            problems.append(f"--host {self.host} is not a loopback address: anyone who can reach it could use the "
-                            "server. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or --insecure "
-                            "if the network is trusted")
+            problems.append(
+                f"--host {self.host} is not a loopback address: anyone who can reach it could use the "
+                "server. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or --insecure "
+                "if the network is trusted"
+            )
         if self.allow_admin and self.delta_root is None:
             problems.append("--allow-admin needs --delta-root DIR: deltas may only be attached from inside it")
         if self.delta_root is not None and not Path(self.delta_root).is_dir():

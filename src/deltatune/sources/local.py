@@ -21,10 +21,17 @@ from deltatune.tasks.spec import Split, TaskData, TaskSpec
 logger = logging.getLogger(__name__)
 
 
-def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field: str = "label",
-                    labels: tuple[str, ...] | None = None, regression: bool = False,
-                    name: str | None = None, metric: str | None = None,
-                    dev_path: str | Path | None = None, test_path: str | Path | None = None) -> TaskData:
+def load_local_data(
+    path: str | Path,
+    text_fields: tuple[str, ...],
+    label_field: str = "label",
+    labels: tuple[str, ...] | None = None,
+    regression: bool = False,
+    name: str | None = None,
+    metric: str | None = None,
+    dev_path: str | Path | None = None,
+    test_path: str | Path | None = None,
+) -> TaskData:
     """A task from the user's own CSV, TSV, JSONL (.jsonl, or .json lines or array) or Parquet files.
 
     path is the training file. Splits the user does not give are made from it, stratified by
@@ -64,8 +71,9 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
     else:
         class_names, values = _class_indices(tables, files, label_field, labels)
     splits: dict[str, Split] = {split: Split(texts[split], values[split]) for split in tables}
-    split_provenance = {split: {"origin": "official", "from": str(files[split]), "examples": len(splits[split])}
-                        for split in splits}
+    split_provenance = {
+        split: {"origin": "official", "from": str(files[split]), "examples": len(splits[split])} for split in splits
+    }
     # the user picked their dev set when they gave one; without a test file, there is then no test split
     to_make = () if dev_path is not None else tuple(split for split in ("dev", "test") if split not in files)
     if to_make:
@@ -77,16 +85,23 @@ def load_local_data(path: str | Path, text_fields: tuple[str, ...], label_field:
         _warn_unseen_labels(splits, class_names)
     task = _local_task(name or Path(path).stem, text_fields, class_names, regression, metric, splits, files)
     provenance = {
-        "task": task.name, "source": "local", "description": task.source,
-        "files": {split: {"path": str(file.resolve()), "sha256": sha256_bytes(file.read_bytes())}
-                  for split, file in files.items()},
-        "dropped": {}, "notes": [], "splits": split_provenance,
+        "task": task.name,
+        "source": "local",
+        "description": task.source,
+        "files": {
+            split: {"path": str(file.resolve()), "sha256": sha256_bytes(file.read_bytes())}
+            for split, file in files.items()
+        },
+        "dropped": {},
+        "notes": [],
+        "splits": split_provenance,
     }
     return TaskData(task, splits, provenance)
 
 
-def _checked_arguments(text_fields: tuple[str, ...], label_field: str, labels: tuple[str, ...] | None,
-                       regression: bool, metric: str | None) -> tuple[str, ...] | None:
+def _checked_arguments(
+    text_fields: tuple[str, ...], label_field: str, labels: tuple[str, ...] | None, regression: bool, metric: str | None
+) -> tuple[str, ...] | None:
     """Every problem with the arguments, raised once; the class names as strings."""
     problems = []
     if len(text_fields) not in (1, 2):
@@ -94,8 +109,10 @@ def _checked_arguments(text_fields: tuple[str, ...], label_field: str, labels: t
     elif len(set(text_fields)) != len(text_fields):
         problems.append(f"text_fields names the column {text_fields[0]!r} twice; a pair needs two different columns")
     if label_field in text_fields:
-        problems.append(f"the label column {label_field!r} is also a text field, so the model would read the answer; "
-                        "name the label column with label_field (--label-field) and the inputs with text_fields")
+        problems.append(
+            f"the label column {label_field!r} is also a text field, so the model would read the answer; "
+            "name the label column with label_field (--label-field) and the inputs with text_fields"
+        )
     if regression and labels is not None:
         problems.append("labels are for classification; drop them or drop regression=True")
     if metric is not None:
@@ -114,8 +131,9 @@ def _checked_arguments(text_fields: tuple[str, ...], label_field: str, labels: t
     return labels
 
 
-def _class_indices(tables: dict[str, Table], files: dict[str, Path], label_field: str,
-                   labels: tuple[str, ...] | None) -> tuple[tuple[str, ...], dict[str, list[int]]]:
+def _class_indices(
+    tables: dict[str, Table], files: dict[str, Path], label_field: str, labels: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], dict[str, list[int]]]:
     """The class names (given, or the column's sorted values) and each split's labels as indices into them."""
     raw = {split: _label_names_of(table, label_field, labels or ()) for split, table in tables.items()}
     if labels is None:
@@ -126,13 +144,15 @@ def _class_indices(tables: dict[str, Table], files: dict[str, Path], label_field
     return labels, values
 
 
-def _make_splits(pool: Split, to_make: tuple[str, ...], train_file: Path,
-                 regression: bool) -> tuple[dict[str, Split], dict[str, dict]]:
+def _make_splits(
+    pool: Split, to_make: tuple[str, ...], train_file: Path, regression: bool
+) -> tuple[dict[str, Split], dict[str, dict]]:
     """Cut the splits the user did not give from the training file, refusing any that would be empty."""
     fractions = LOCAL_FRACTIONS if len(to_make) == 2 else (1 - DEV_FRACTION, DEV_FRACTION)
     strata = score_bins(pool.labels) if regression else pool.labels
-    made, made_provenance = carve(pool, ("train", *to_make), fractions, strata, str(train_file),
-                                  "score decile" if regression else "label")
+    made, made_provenance = carve(
+        pool, ("train", *to_make), fractions, strata, str(train_file), "score decile" if regression else "label"
+    )
     empty = [split for split, data in made.items() if not len(data)]
     if empty:
         raise DeltatuneError(
@@ -143,8 +163,15 @@ def _make_splits(pool: Split, to_make: tuple[str, ...], train_file: Path,
     return made, made_provenance
 
 
-def _local_task(name: str, text_fields: tuple[str, ...], labels: tuple[str, ...], regression: bool,
-                metric: str | None, splits: dict[str, Split], files: dict[str, Path]) -> TaskSpec:
+def _local_task(
+    name: str,
+    text_fields: tuple[str, ...],
+    labels: tuple[str, ...],
+    regression: bool,
+    metric: str | None,
+    splits: dict[str, Split],
+    files: dict[str, Path],
+) -> TaskSpec:
     """The task spec of local data: its metrics, and its score range or class names."""
     score_range: tuple[float, float] | None = None
     if regression:
@@ -156,8 +183,16 @@ def _local_task(name: str, text_fields: tuple[str, ...], labels: tuple[str, ...]
     primary = metric or metrics[0]
     metrics = (primary, *(m for m in metrics if m != primary))
     source = "local file " + ", ".join(f"{split}: {file}" for split, file in files.items())
-    return TaskSpec(name, text_fields, labels, score_range=score_range, metric=primary,
-                    metrics=metrics, source=source, description="")
+    return TaskSpec(
+        name,
+        text_fields,
+        labels,
+        score_range=score_range,
+        metric=primary,
+        metrics=metrics,
+        source=source,
+        description="",
+    )
 
 
 def _refuse_shared_files(files: dict[str, Path]) -> None:
@@ -171,7 +206,8 @@ def _refuse_shared_files(files: dict[str, Path]) -> None:
             raise DeltatuneError(
                 f"The {split} file {file} has the same content as the {other} file {files[other]}: {split} scores "
                 f"would be measured on rows the model {used}. Give a separate file, or leave it out and deltatune "
-                "makes a split from the training file.")
+                "makes a split from the training file."
+            )
         seen[digest] = split
 
 
@@ -187,8 +223,11 @@ def _check_columns(table: Table, text_fields: tuple[str, ...], label_field: str)
 
 
 def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (
-        isinstance(value, str) and not value.strip())
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    )
 
 
 def _rows_error(table: Table, bad: list[str], what: str, fix: str) -> DeltatuneError:
@@ -205,12 +244,20 @@ def _texts_of(table: Table, text_fields: tuple[str, ...]) -> list[tuple[str, ...
             bad.append(f"{location} ({', '.join(empty)})")
         nested = [column for column, value in zip(text_fields, values, strict=True) if not _is_scalar(value)]
         if nested:
-            raise _rows_error(table, [location], f"a text that is a {type(record[nested[0]]).__name__}, not a "
-                              f"string (column {nested[0]!r})", "Each text field must hold one string per row.")
+            raise _rows_error(
+                table,
+                [location],
+                f"a text that is a {type(record[nested[0]]).__name__}, not a string (column {nested[0]!r})",
+                "Each text field must hold one string per row.",
+            )
         texts.append(tuple(value if isinstance(value, str) else str(value) for value in values))
     if bad:
-        raise _rows_error(table, bad, "empty or missing text",
-                          "deltatune does not skip rows silently: remove those rows or fill them in.")
+        raise _rows_error(
+            table,
+            bad,
+            "empty or missing text",
+            "deltatune does not skip rows silently: remove those rows or fill them in.",
+        )
     return texts
 
 
@@ -219,8 +266,29 @@ def _is_scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-MISSING_MARKERS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-                             "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+MISSING_MARKERS = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 """Texts that pandas reads as a missing value (its default na_values). In a label column they mean "no
 label", as an empty cell or JSON null does, unless the user lists the text as a class name."""
 
@@ -236,24 +304,39 @@ def _label_name(value, class_names: tuple[str, ...] = ()) -> str | None:
 
 
 def _label_names_of(table: Table, label_field: str, class_names: tuple[str, ...] = ()) -> list[str]:
-    nested = [f"{location} ({type(record.get(label_field)).__name__})" for location, record in table.records
-              if not _is_scalar(record.get(label_field))]
+    nested = [
+        f"{location} ({type(record.get(label_field)).__name__})"
+        for location, record in table.records
+        if not _is_scalar(record.get(label_field))
+    ]
     if nested:
-        raise _rows_error(table, nested, f"a label in column {label_field!r} that is a JSON list or object",
-                          "A label is one class name (a string or a number) per row.")
+        raise _rows_error(
+            table,
+            nested,
+            f"a label in column {label_field!r} that is a JSON list or object",
+            "A label is one class name (a string or a number) per row.",
+        )
     names = [_label_name(record.get(label_field), class_names) for _, record in table.records]
-    bad = [f"{location} ({record.get(label_field)!r})"
-           for (location, record), name in zip(table.records, names, strict=True) if name is None]
+    bad = [
+        f"{location} ({record.get(label_field)!r})"
+        for (location, record), name in zip(table.records, names, strict=True)
+        if name is None
+    ]
     if bad:
-        raise _rows_error(table, bad, f"no label in column {label_field!r} (empty, null, or a missing-value marker "
-                          "such as NaN, NA, null or None)",
-                          "Remove those rows or give them a label; if such a text is a real class name, list it "
-                          "in --labels (labels=).")
+        raise _rows_error(
+            table,
+            bad,
+            f"no label in column {label_field!r} (empty, null, or a missing-value marker "
+            "such as NaN, NA, null or None)",
+            "Remove those rows or give them a label; if such a text is a real class name, list it "
+            "in --labels (labels=).",
+        )
     return [name for name in names if name is not None]  # every one, after the check above
 
 
-def _refuse_single_class(names: dict[str, list[str]], labels: tuple[str, ...], files: dict[str, Path],
-                         label_field: str) -> None:
+def _refuse_single_class(
+    names: dict[str, list[str]], labels: tuple[str, ...], files: dict[str, Path], label_field: str
+) -> None:
     """A classifier needs two classes in the data: with one, it learns nothing and scores 1.0 on it."""
     present = {name for column in names.values() for name in column}
     if len(present) >= 2:
@@ -263,11 +346,13 @@ def _refuse_single_class(names: dict[str, list[str]], labels: tuple[str, ...], f
     raise DeltatuneError(
         f"{', '.join(str(f) for f in files.values())}: column {label_field!r} holds {found}{listed}. A classifier "
         "needs examples of at least two classes (with one it learns nothing and scores a meaningless 1.0). Add "
-        "examples of the other classes, or use --regression if the column holds scores.")
+        "examples of the other classes, or use --regression if the column holds scores."
+    )
 
 
 def _warn_unlikely_classes(labels: tuple[str, ...], rows: int, label_field: str) -> None:
     """Say so when the label column looks like scores or an id rather than classes (it still trains)."""
+
     def number(name: str) -> float | None:
         try:
             return float(name)
@@ -277,12 +362,23 @@ def _warn_unlikely_classes(labels: tuple[str, ...], rows: int, label_field: str)
     values = [number(name) for name in labels]
     numbers = [value for value in values if value is not None]
     if len(numbers) == len(values) and any(not value.is_integer() for value in numbers):
-        logger.warning("Column %r holds numbers such as %s, read as %d class names. If they are scores, pass "
-                       "--regression (regression=True).", label_field, ", ".join(labels[:3]), len(labels))
+        logger.warning(
+            "Column %r holds numbers such as %s, read as %d class names. If they are scores, pass "
+            "--regression (regression=True).",
+            label_field,
+            ", ".join(labels[:3]),
+            len(labels),
+        )
     elif len(labels) > 20 and len(labels) > rows / 2:
-        logger.warning("Column %r has %d distinct values in %d rows, read as classes with about %.1f examples "
-                       "each: is it an id or a text column? Name the label column with --label-field, or pass "
-                       "--regression for scores.", label_field, len(labels), rows, rows / len(labels))
+        logger.warning(
+            "Column %r has %d distinct values in %d rows, read as classes with about %.1f examples "
+            "each: is it an id or a text column? Name the label column with --label-field, or pass "
+            "--regression for scores.",
+            label_field,
+            len(labels),
+            rows,
+            rows / len(labels),
+        )
 
 
 def _warn_unseen_labels(splits: dict[str, Split], labels: tuple[str, ...]) -> None:
@@ -296,8 +392,12 @@ def _warn_unseen_labels(splits: dict[str, Split], labels: tuple[str, ...]) -> No
             shown = sorted(unseen.items())[:5]
             listed = ", ".join(f"{name!r} ({count} row{'s' if count > 1 else ''})" for name, count in shown)
             listed += f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
-            logger.warning("The %s data hold labels the training data never show: %s. The model cannot learn "
-                           "them, so those rows count as errors; add training examples of them.", split, listed)
+            logger.warning(
+                "The %s data hold labels the training data never show: %s. The model cannot learn "
+                "them, so those rows count as errors; add training examples of them.",
+                split,
+                listed,
+            )
 
 
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -317,8 +417,10 @@ def _label_indices(table: Table, names: list[str], labels: tuple[str, ...], labe
         more = f" ({len(unknown)} rows have labels outside that list)" if len(unknown) > 1 else ""
         hint = ""
         if _INTEGER.fullmatch(value) and not any(_INTEGER.fullmatch(label) for label in labels):
-            hint = (" The file seems to hold class numbers: write the class names in the file, or leave "
-                    "labels unset to use the values themselves as names.")
+            hint = (
+                " The file seems to hold class numbers: write the class names in the file, or leave "
+                "labels unset to use the values themselves as names."
+            )
         raise DeltatuneError(
             f"Unknown label {value!r} in column {label_field!r} at {location} of {table.path}{more}. "
             f"Valid labels: {', '.join(map(repr, labels))}. Fix the row, or add the label to labels.{hint}"
@@ -341,10 +443,14 @@ def _scores_of(table: Table, label_field: str) -> list[float]:
             score = 0.0
         scores.append(score)
     if bad:
-        raise _rows_error(table, bad, f"a label in column {label_field!r} that is not a number (or is empty, a "
-                          "missing-value marker such as NaN or NA, or infinite)",
-                          "regression needs a finite score in every row: fix or remove those rows, or load the "
-                          "task as classification (without --regression).")
+        raise _rows_error(
+            table,
+            bad,
+            f"a label in column {label_field!r} that is not a number (or is empty, a "
+            "missing-value marker such as NaN or NA, or infinite)",
+            "regression needs a finite score in every row: fix or remove those rows, or load the "
+            "task as classification (without --regression).",
+        )
     return scores
 
 

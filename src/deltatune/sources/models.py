@@ -251,16 +251,25 @@ def _check_model_directory(directory: Path) -> None:
             problems.append("it has no *.safetensors weights")
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         # without them transformers builds an empty tokenizer: every word becomes [UNK], and training learns nothing
-        problems.append(f"it has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); save the tokenizer "
-                        "beside the model with `tokenizer.save_pretrained(DIR)`")
+        problems.append(
+            f"it has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+            "beside the model with `tokenizer.save_pretrained(DIR)`"
+        )
     if problems:
         raise DeltatuneError(
             f"{str(directory)!r} is not a model directory deltatune can load: " + "; ".join(problems) + "."
         )
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                    "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 """Files one of which a saved tokenizer always writes."""
 
 
@@ -272,8 +281,10 @@ def _unknown_model_error(source: _Source, error: BaseException | None) -> Deltat
             f"({did_you_mean(source.name, MODEL_ALIASES)}) or a hub id ('owner/name')."
         )
     if error is None:
-        hub_part = ("and looks like a misspelt alias, so the Hugging Face hub was not asked "
-                    "(hub ids without an owner are rare; use 'owner/name' to reach one)")
+        hub_part = (
+            "and looks like a misspelt alias, so the Hugging Face hub was not asked "
+            "(hub ids without an owner are rare; use 'owner/name' to reach one)"
+        )
     else:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hub_part = f"and the Hugging Face hub could not be reached or does not have it ({first_line})"
@@ -366,7 +377,8 @@ def _from_pretrained(loader: Any, source: _Source, **kwargs: Any) -> Any:
                 f"a local directory, and the Hugging Face hub cannot be reached ({unreachable}); as a hub id it could "
                 "only come from the local hub cache, which does not have it. Connect to the network (and unset "
                 "HF_HUB_OFFLINE), or give an alias or a local directory holding config.json and *.safetensors "
-                "weights.") from error
+                "weights."
+            ) from error
         if source.kind == "hub":
             raise _unknown_model_error(source, error) from error
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
@@ -460,8 +472,9 @@ def _sync_pad_token(model: Any, tokenizer: Any) -> None:
         generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_model_for_task(name: str, task: TaskSpec, dtype: torch.dtype = torch.float32, head: str = "auto",
-                        pooling: str = "auto") -> tuple[Any, Any]:
+def load_model_for_task(
+    name: str, task: TaskSpec, dtype: torch.dtype = torch.float32, head: str = "auto", pooling: str = "auto"
+) -> tuple[Any, Any]:
     """A task model for `task` on the pretrained backbone `name`, and its tokenizer.
 
     `head` ('auto', 'cross-encoder', 'bi-encoder') and `pooling` ('auto', 'cls', 'mean', 'last') choose the
@@ -496,12 +509,16 @@ def _load_transformers_head(source: _Source, task: TaskSpec, dtype: torch.dtype)
     labels = task.labels if not task.is_regression else ("score",)
     with _quiet_loading():
         model, info = _from_pretrained(
-            AutoModelForSequenceClassification, source,
+            AutoModelForSequenceClassification,
+            source,
             num_labels=task.num_labels,
             problem_type="regression" if task.is_regression else "single_label_classification",
             id2label=dict(enumerate(labels)),
             label2id={label: index for index, label in enumerate(labels)},
-            dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
+            dtype=dtype,
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
     _check_loading_info(model, info, source, head_may_be_new=True)
     return model
@@ -514,8 +531,9 @@ def _load_pooled_head(source: _Source, task: TaskSpec, dtype: torch.dtype, head:
     from deltatune.heads import build_task_model
 
     with _quiet_loading():
-        backbone, info = _from_pretrained(AutoModel, source, dtype=dtype, use_safetensors=True,
-                                          output_loading_info=True)
+        backbone, info = _from_pretrained(
+            AutoModel, source, dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
     # the pooler is dropped by every head but the cross-encoder reading [CLS]: a checkpoint without one is fine
     info = {**info, "missing_keys": [key for key in info.get("missing_keys", ()) if not key.startswith("pooler.")]}
     _check_loading_info(backbone, info, source, head_may_be_new=False)
@@ -532,7 +550,11 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, 
     tokenizer = _tokenizer_for(source)
     with _quiet_loading():
         model, info = _from_pretrained(
-            AutoModelForCausalLM, source, dtype=dtype, use_safetensors=True, output_loading_info=True,
+            AutoModelForCausalLM,
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            output_loading_info=True,
         )
     _check_loading_info(model, info, source, head_may_be_new=False)
     _sync_pad_token(model, tokenizer)
@@ -552,7 +574,6 @@ def convert_gguf_to_safetensors(gguf_file: Path, destination: Path) -> Path:
     `destination`, checked (it must reload with exactly the same logits), and renamed into place:
     `destination` either holds the complete conversion or does not exist.
     """
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
 
@@ -568,7 +589,10 @@ def convert_gguf_to_safetensors(gguf_file: Path, destination: Path) -> Path:
         try:
             with _quiet_loading():
                 quantised = _from_pretrained(
-                    AutoModelForCausalLM, source, gguf_file=gguf_file.name, dtype=torch.float32,
+                    AutoModelForCausalLM,
+                    source,
+                    gguf_file=gguf_file.name,
+                    dtype=torch.float32,
                     # dense float32 weights even where a GGUF matmul kernel is installed
                     quantization_config=GgufConfig(gguf_file=gguf_file.name, dequantize=True),
                 )
@@ -606,19 +630,32 @@ def convert_gguf_to_safetensors(gguf_file: Path, destination: Path) -> Path:
         tokenizer.save_pretrained(temporary)
 
         _verify_conversion(temporary, probe, expected_logits)
-        versions = {"transformers": transformers.__version__, "torch": torch.__version__}
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
-            versions["gguf"] = version("gguf")
-        (temporary / CONVERSION_RECORD).write_text(json.dumps({
-            "converted_from": gguf_file.name,
-            "dtype": "float32",
-            "dropped": ["quantization_config"],
-            "versions": versions,
-        }, indent=2) + "\n")
+        _write_conversion_record(temporary, gguf_file)
         publish_first(temporary, destination)
     return destination
+
+
+def _write_conversion_record(directory: Path, gguf_file: Path) -> None:
+    """What the converted directory was made from, and by which library versions."""
+    import transformers
+
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        versions["gguf"] = version("gguf")
+    (directory / CONVERSION_RECORD).write_text(
+        json.dumps(
+            {
+                "converted_from": gguf_file.name,
+                "dtype": "float32",
+                "dropped": ["quantization_config"],
+                "versions": versions,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _probe_token_ids(vocabulary_size: int) -> torch.Tensor:
@@ -633,7 +670,11 @@ def _verify_conversion(directory: Path, token_ids: torch.Tensor, expected_logits
     with _quiet_loading():
         # with output_loading_info=True it returns (model, info), which its annotation (the model) does not say
         loaded: Any = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, use_safetensors=True, local_files_only=True, output_loading_info=True,
+            directory,
+            dtype=torch.float32,
+            use_safetensors=True,
+            local_files_only=True,
+            output_loading_info=True,
         )
     reloaded, info = loaded
     reloaded.eval()

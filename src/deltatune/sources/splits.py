@@ -68,7 +68,7 @@ def stratified_split(labels: list, fractions: tuple[float, ...], seed: int) -> l
             allocated[k] += 1
         start = 0
         for k, count in enumerate(counts):
-            parts[k].extend(members[start:start + count])
+            parts[k].extend(members[start : start + count])
             start += count
     return [sorted(part) for part in parts]
 
@@ -82,15 +82,21 @@ def score_bins(scores: Sequence[float], bins: int = 10) -> list[int]:
     return result
 
 
-def carve(pool: Split, names: tuple[str, ...], fractions: tuple[float, ...], strata: list,
-           made_from: str, stratified_by: str) -> tuple[dict[str, Split], dict[str, dict]]:
+def carve(
+    pool: Split, names: tuple[str, ...], fractions: tuple[float, ...], strata: list, made_from: str, stratified_by: str
+) -> tuple[dict[str, Split], dict[str, dict]]:
     """Cut `pool` into named splits with stratified_split, and say how in provenance."""
     parts = stratified_split(strata, fractions, SPLIT_SEED)
     splits = {name: pool.subset(indices) for name, indices in zip(names, parts, strict=True)}
     provenance = {
-        name: {"origin": "made", "from": made_from, "seed": SPLIT_SEED,
-               "fractions": dict(zip(names, fractions, strict=True)), "stratified_by": stratified_by,
-               "examples": len(splits[name])}
+        name: {
+            "origin": "made",
+            "from": made_from,
+            "seed": SPLIT_SEED,
+            "fractions": dict(zip(names, fractions, strict=True)),
+            "stratified_by": stratified_by,
+            "examples": len(splits[name]),
+        }
         for name in names
     }
     return splits, provenance

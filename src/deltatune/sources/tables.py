@@ -49,8 +49,10 @@ def read_table(path: Path) -> Table:
         kind = "a directory" if path.is_dir() else "not a regular file (a pipe or device)"
         raise DeltatuneError(f"Data file {str(path)!r} is {kind}. Give the path of a CSV, TSV, JSONL or Parquet file.")
     if not path.is_file():
-        raise DeltatuneError(f"No data file at {str(path)!r}. Check the path (relative paths are from "
-                             f"the current directory, {Path.cwd()}).")
+        raise DeltatuneError(
+            f"No data file at {str(path)!r}. Check the path (relative paths are from "
+            f"the current directory, {Path.cwd()})."
+        )
     if suffix == ".parquet":
         return _read_parquet(path)
     text = _read_utf8(path)
@@ -65,8 +67,7 @@ def read_table(path: Path) -> Table:
     else:
         table = _read_json_lines(path, text)
     if not table.records:
-        raise DeltatuneError(f"{path} has no rows, only a header ({', '.join(table.columns)}). "
-                             "Give a file with data.")
+        raise DeltatuneError(f"{path} has no rows, only a header ({', '.join(table.columns)}). Give a file with data.")
     return table
 
 
@@ -76,9 +77,11 @@ def _read_utf8(path: Path) -> str:
     zero = raw.find(b"\x00")
     if zero >= 0:
         line = raw[:zero].count(b"\n") + 1
-        raise DeltatuneError(f"{path} holds a NUL byte at byte offset {zero} (line {line}): "
-                             "it is a binary file (or UTF-16), not UTF-8 text. Give a CSV, TSV or JSON lines file "
-                             "saved as UTF-8.")
+        raise DeltatuneError(
+            f"{path} holds a NUL byte at byte offset {zero} (line {line}): "
+            "it is a binary file (or UTF-16), not UTF-8 text. Give a CSV, TSV or JSON lines file "
+            "saved as UTF-8."
+        )
     try:
         return raw[skipped:].decode("utf-8")
     except UnicodeDecodeError as error:
@@ -112,12 +115,12 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
             raise DeltatuneError(
                 f"{path} row {row_number} (line {line}) has {len(row)} fields but the header has "
                 f"{len(columns)} ({', '.join(columns)}). A text holding a "
-                f"{'tab' if delimiter == chr(9) else 'comma'} must be quoted (\"...\"); fix that row."
+                f'{"tab" if delimiter == chr(9) else "comma"} must be quoted ("..."); fix that row.'
             )
         if len(row) < len(columns) and "\n" in row[-1]:
             raise DeltatuneError(
                 f"{path} row {row_number} (line {line}) has a quoted field that runs over several lines, and the row "
-                f"has fewer fields than the header ({len(row)} of {len(columns)}): probably a quote (\") that is "
+                f'has fewer fields than the header ({len(row)} of {len(columns)}): probably a quote (") that is '
                 "never closed. Fix the quoting on that line."
             )
         # a row with fewer fields than the header leaves its last columns missing
@@ -129,26 +132,33 @@ def _refuse_duplicate_columns(path: Path, columns: list[str]) -> None:
     seen: set[str] = set()
     for column in columns:
         if column in seen:
-            raise DeltatuneError(f"{path} has two columns named {column!r}; deltatune will not guess which one you "
-                                 "mean. Rename one of them in the header.")
+            raise DeltatuneError(
+                f"{path} has two columns named {column!r}; deltatune will not guess which one you "
+                "mean. Rename one of them in the header."
+            )
         seen.add(column)
 
 
 def _object_without_duplicate_keys(path: Path, where: str):
     """A json.loads object_pairs_hook: a key given twice in one object is an error, not 'the last one wins'."""
+
     def build(pairs: list[tuple[str, object]]) -> dict:
         record: dict = {}
         for key, value in pairs:
             if key in record:
-                raise DeltatuneError(f"{path} {where} has the key {key!r} twice in one object; deltatune will not "
-                                     "guess which value you mean. Keep one of them.")
+                raise DeltatuneError(
+                    f"{path} {where} has the key {key!r} twice in one object; deltatune will not "
+                    "guess which value you mean. Keep one of them."
+                )
             record[key] = value
         return record
+
     return build
 
 
-def _parse_delimited(path: Path, text: str, delimiter: str,
-                     quoting: Literal[0, 1, 2, 3]) -> list[tuple[int, list[str]]]:
+def _parse_delimited(
+    path: Path, text: str, delimiter: str, quoting: Literal[0, 1, 2, 3]
+) -> list[tuple[int, list[str]]]:
     """(line number where the record starts, fields) for every non-blank record."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     parsed, start = [], 1
@@ -158,8 +168,9 @@ def _parse_delimited(path: Path, text: str, delimiter: str,
                 parsed.append((start, row))
             start = reader.line_num + 1
     except csv.Error as error:
-        raise DeltatuneError(f"Cannot parse {path} line {reader.line_num}: {error}. Fix the quoting "
-                             "on that line.") from None
+        raise DeltatuneError(
+            f"Cannot parse {path} line {reader.line_num}: {error}. Fix the quoting on that line."
+        ) from None
     return parsed
 
 
@@ -172,11 +183,11 @@ def _read_json_lines(path: Path, text: str) -> Table:
         try:
             record = json.loads(line, object_pairs_hook=_object_without_duplicate_keys(path, f"line {line_number}"))
         except (json.JSONDecodeError, RecursionError) as error:
-            detail = (f"{error.msg}, column {error.colno}" if isinstance(error, json.JSONDecodeError)
-                      else "nested too deeply")
+            detail = (
+                f"{error.msg}, column {error.colno}" if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+            )
             raise DeltatuneError(
-                f"{path} line {line_number} is not valid JSON ({detail}). "
-                "A JSONL file holds one JSON object per line."
+                f"{path} line {line_number} is not valid JSON ({detail}). A JSONL file holds one JSON object per line."
             ) from None
         columns.update(dict.fromkeys(_json_object(path, f"line {line_number}", record, " Write one object per line.")))
         records.append((f"row {len(records) + 1} (line {line_number})", record))
@@ -188,11 +199,14 @@ def _read_json_array(path: Path, text: str) -> Table:
         items = json.loads(text, object_pairs_hook=_object_without_duplicate_keys(path, "(JSON array)"))
     except (json.JSONDecodeError, RecursionError) as error:
         detail = f"{error.msg}, line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "nested too deeply"
-        raise DeltatuneError(f"{path} is not valid JSON ({detail}). Give a JSON "
-                             "array of objects, or JSON lines (one object per line).") from None
+        raise DeltatuneError(
+            f"{path} is not valid JSON ({detail}). Give a JSON array of objects, or JSON lines (one object per line)."
+        ) from None
     if not isinstance(items, list):
-        raise DeltatuneError(f"{path} holds a JSON {type(items).__name__}, not an array of objects. Give a JSON "
-                             "array of objects, or JSON lines (one object per line).")
+        raise DeltatuneError(
+            f"{path} holds a JSON {type(items).__name__}, not an array of objects. Give a JSON "
+            "array of objects, or JSON lines (one object per line)."
+        )
     records, columns = [], {}
     for item_number, item in enumerate(items, 1):
         columns.update(dict.fromkeys(_json_object(path, f"item {item_number}", item, "")))
@@ -203,8 +217,9 @@ def _read_json_array(path: Path, text: str) -> Table:
 def _json_object(path: Path, where: str, value: object, fix: str) -> dict:
     """A record must be a JSON object; anything else is refused, saying where it is."""
     if not isinstance(value, dict):
-        raise DeltatuneError(f"{path} {where} is a JSON {type(value).__name__}, not an object "
-                             "like {\"text\": ..., \"label\": ...}." + fix)
+        raise DeltatuneError(
+            f'{path} {where} is a JSON {type(value).__name__}, not an object like {{"text": ..., "label": ...}}.' + fix
+        )
     return value
 
 
@@ -216,17 +231,20 @@ def _read_parquet(path: Path) -> Table:
     try:
         table = parquet.read_table(path)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DeltatuneError(f"{path} is not a readable Parquet file ({type(error).__name__}: {error}). "
-                             "Check that it was written completely, or give a CSV instead.") from None
+        raise DeltatuneError(
+            f"{path} is not a readable Parquet file ({type(error).__name__}: {error}). "
+            "Check that it was written completely, or give a CSV instead."
+        ) from None
     if table.num_rows == 0:
-        raise DeltatuneError(f"{path} has no rows (columns: {', '.join(table.column_names)}). "
-                             "Give a file with data.")
+        raise DeltatuneError(f"{path} has no rows (columns: {', '.join(table.column_names)}). Give a file with data.")
     _refuse_duplicate_columns(path, list(table.column_names))
     try:
         rows = table.to_pylist()
     except Exception as error:  # columns pyarrow cannot turn into Python values
-        raise DeltatuneError(f"{path} has a column deltatune cannot read ({type(error).__name__}: {error}). "
-                             "Store texts as strings and labels as strings or numbers.") from None
+        raise DeltatuneError(
+            f"{path} has a column deltatune cannot read ({type(error).__name__}: {error}). "
+            "Store texts as strings and labels as strings or numbers."
+        ) from None
     records = [(f"row {number}", record) for number, record in enumerate(rows, 1)]
     return Table(path, list(table.column_names), records)
 

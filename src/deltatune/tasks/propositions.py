@@ -112,8 +112,10 @@ class TaskPropositions:
 
     def fields(self, texts: tuple[str, ...]) -> dict[str, str]:
         if len(texts) != len(self.text_fields):
-            raise DeltatuneError(f"Task {self.task!r} takes {len(self.text_fields)} text(s) per example "
-                                 f"({', '.join(self.text_fields)}), got {len(texts)}.")
+            raise DeltatuneError(
+                f"Task {self.task!r} takes {len(self.text_fields)} text(s) per example "
+                f"({', '.join(self.text_fields)}), got {len(texts)}."
+            )
         return dict(zip(self.text_fields, texts, strict=True))
 
     def proposition(self, texts: tuple[str, ...], answer_index: int, template_index: int = 0) -> str:
@@ -146,160 +148,268 @@ _MOVIE_BINS = equal_bins(-4.0, 4.0, ("negative", "mixed", "positive"))
 
 _NLI_PROMPT = "{premise}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:"
 
-PROPOSITIONS: dict[str, TaskPropositions] = {p.task: p for p in [
-    # ------------------------------------------------------------------ the offline suite
-    TaskPropositions(
-        "snli", ("premise", "hypothesis"),
-        templates=(
-            _t('"{premise}" Given that, it is {answer} that "{hypothesis}"',
-               "definitely true", "possibly true", "definitely false"),
-            _t("Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
-               "entails", "neither entails nor contradicts", "contradicts"),
-            _t("{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.",
-               "true", "maybe", "false"),
+PROPOSITIONS: dict[str, TaskPropositions] = {
+    p.task: p
+    for p in [
+        # ------------------------------------------------------------------ the offline suite
+        TaskPropositions(
+            "snli",
+            ("premise", "hypothesis"),
+            templates=(
+                _t(
+                    '"{premise}" Given that, it is {answer} that "{hypothesis}"',
+                    "definitely true",
+                    "possibly true",
+                    "definitely false",
+                ),
+                _t(
+                    "Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
+                    "entails",
+                    "neither entails nor contradicts",
+                    "contradicts",
+                ),
+                _t(
+                    "{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.", "true", "maybe", "false"
+                ),
+            ),
+            prompt=_NLI_PROMPT,
+            verbalisers=(" True", " Neither", " False"),
         ),
-        prompt=_NLI_PROMPT, verbalisers=(" True", " Neither", " False")),
-    TaskPropositions(
-        "rotten-tomatoes", ("text",),
-        templates=(
-            _t('Review: "{text}" The critic {answer} the movie.', "disliked", "liked"),
-            _t("{text} All in all, this review is {answer}.", "negative", "positive"),
-            _t('A critic wrote: "{text}" That is a {answer} review.', "rotten, unfavourable", "fresh, favourable"),
+        TaskPropositions(
+            "rotten-tomatoes",
+            ("text",),
+            templates=(
+                _t('Review: "{text}" The critic {answer} the movie.', "disliked", "liked"),
+                _t("{text} All in all, this review is {answer}.", "negative", "positive"),
+                _t('A critic wrote: "{text}" That is a {answer} review.', "rotten, unfavourable", "fresh, favourable"),
+            ),
+            prompt="Review: {text}\nSentiment:",
+            verbalisers=(" negative", " positive"),
         ),
-        prompt="Review: {text}\nSentiment:", verbalisers=(" negative", " positive")),
-    TaskPropositions(
-        "movie-scores", ("text",),
-        templates=(
-            _t('Movie review: "{text}" The sentiment of this review is {answer}.', "negative", "mixed", "positive"),
-            _t("{text} Overall the writer's opinion of the film is {answer}.",
-               "unfavourable", "lukewarm", "favourable"),
-            _t('"{text}" Whoever wrote this {answer} the movie.', "hated", "was unsure about", "loved"),
+        TaskPropositions(
+            "movie-scores",
+            ("text",),
+            templates=(
+                _t('Movie review: "{text}" The sentiment of this review is {answer}.', "negative", "mixed", "positive"),
+                _t(
+                    "{text} Overall the writer's opinion of the film is {answer}.",
+                    "unfavourable",
+                    "lukewarm",
+                    "favourable",
+                ),
+                _t('"{text}" Whoever wrote this {answer} the movie.', "hated", "was unsure about", "loved"),
+            ),
+            prompt="Review: {text}\nSentiment (negative, mixed or positive):",
+            verbalisers=(" negative", " mixed", " positive"),
+            bins=_MOVIE_BINS,
         ),
-        prompt="Review: {text}\nSentiment (negative, mixed or positive):",
-        verbalisers=(" negative", " mixed", " positive"), bins=_MOVIE_BINS),
-    TaskPropositions(
-        "trec", ("question",),
-        templates=(
-            _t('Question: "{question}" The answer to this question is {answer}.',
-               "an abbreviation or its expansion", "a description or explanation", "an entity or thing",
-               "a person or group", "a place", "a number or quantity"),
-            _t("{question} This question asks for {answer}.",
-               "the meaning of an abbreviation", "a definition, reason or description",
-               "an object, animal, substance or other thing", "a human being or organisation",
-               "a location such as a city or country", "a numeric value such as a date, count or amount"),
-            _t('The type of answer expected for "{question}" is {answer}.',
-               "abbreviation", "description", "entity", "human", "location", "number"),
+        TaskPropositions(
+            "trec",
+            ("question",),
+            templates=(
+                _t(
+                    'Question: "{question}" The answer to this question is {answer}.',
+                    "an abbreviation or its expansion",
+                    "a description or explanation",
+                    "an entity or thing",
+                    "a person or group",
+                    "a place",
+                    "a number or quantity",
+                ),
+                _t(
+                    "{question} This question asks for {answer}.",
+                    "the meaning of an abbreviation",
+                    "a definition, reason or description",
+                    "an object, animal, substance or other thing",
+                    "a human being or organisation",
+                    "a location such as a city or country",
+                    "a numeric value such as a date, count or amount",
+                ),
+                _t(
+                    'The type of answer expected for "{question}" is {answer}.',
+                    "abbreviation",
+                    "description",
+                    "entity",
+                    "human",
+                    "location",
+                    "number",
+                ),
+            ),
+            prompt="Question: {question}\nAnswer type (abbreviation, description, entity, person, location or number):",
+            verbalisers=(" abbreviation", " description", " entity", " person", " location", " number"),
         ),
-        prompt="Question: {question}\nAnswer type (abbreviation, description, entity, person, location or number):",
-        verbalisers=(" abbreviation", " description", " entity", " person", " location", " number")),
-    TaskPropositions(
-        "disaster-tweets", ("text",),
-        templates=(
-            _t('Tweet: "{text}" This tweet {answer} a real disaster.', "is not about", "is about"),
-            _t("{text} Does this report an actual emergency? {answer}.", "No", "Yes"),
-            _t('Someone posted: "{text}" The post describes {answer}.', "nothing catastrophic", "a real catastrophe"),
+        TaskPropositions(
+            "disaster-tweets",
+            ("text",),
+            templates=(
+                _t('Tweet: "{text}" This tweet {answer} a real disaster.', "is not about", "is about"),
+                _t("{text} Does this report an actual emergency? {answer}.", "No", "Yes"),
+                _t(
+                    'Someone posted: "{text}" The post describes {answer}.',
+                    "nothing catastrophic",
+                    "a real catastrophe",
+                ),
+            ),
+            prompt="Tweet: {text}\nIs this tweet about a real disaster? Answer yes or no.\nAnswer:",
+            verbalisers=(" no", " yes"),
         ),
-        prompt="Tweet: {text}\nIs this tweet about a real disaster? Answer yes or no.\nAnswer:",
-        verbalisers=(" no", " yes")),
-    TaskPropositions(
-        "sms-spam", ("text",),
-        templates=(
-            _t('Text message: "{text}" This message is {answer}.', "a normal personal message", "spam"),
-            _t("{text} Is this unsolicited advertising or a scam? {answer}.", "No", "Yes"),
-            _t('The SMS "{text}" was sent by {answer}.', "a friend or acquaintance", "a spammer"),
+        TaskPropositions(
+            "sms-spam",
+            ("text",),
+            templates=(
+                _t('Text message: "{text}" This message is {answer}.', "a normal personal message", "spam"),
+                _t("{text} Is this unsolicited advertising or a scam? {answer}.", "No", "Yes"),
+                _t('The SMS "{text}" was sent by {answer}.', "a friend or acquaintance", "a spammer"),
+            ),
+            prompt="Message: {text}\nIs this message spam? Answer yes or no.\nAnswer:",
+            verbalisers=(" no", " yes"),
         ),
-        prompt="Message: {text}\nIs this message spam? Answer yes or no.\nAnswer:",
-        verbalisers=(" no", " yes")),
-    TaskPropositions(
-        "stsb", ("sentence1", "sentence2"),
-        templates=(
-            _t('Sentence 1: "{sentence1}" Sentence 2: "{sentence2}" The two sentences are {answer} in meaning.',
-               "very different", "somewhat similar", "nearly identical"),
-            _t('"{sentence1}" and "{sentence2}" {answer}.',
-               "mean different things", "partly share a meaning", "mean the same thing"),
-            _t('How similar are "{sentence1}" and "{sentence2}"? Their similarity is {answer}.',
-               "low", "medium", "high"),
+        TaskPropositions(
+            "stsb",
+            ("sentence1", "sentence2"),
+            templates=(
+                _t(
+                    'Sentence 1: "{sentence1}" Sentence 2: "{sentence2}" The two sentences are {answer} in meaning.',
+                    "very different",
+                    "somewhat similar",
+                    "nearly identical",
+                ),
+                _t(
+                    '"{sentence1}" and "{sentence2}" {answer}.',
+                    "mean different things",
+                    "partly share a meaning",
+                    "mean the same thing",
+                ),
+                _t(
+                    'How similar are "{sentence1}" and "{sentence2}"? Their similarity is {answer}.',
+                    "low",
+                    "medium",
+                    "high",
+                ),
+            ),
+            prompt="Sentence 1: {sentence1}\nSentence 2: {sentence2}\nHow similar are these sentences: low, medium "
+            "or high?\nAnswer:",
+            verbalisers=(" low", " medium", " high"),
+            bins=_STSB_BINS,
         ),
-        prompt="Sentence 1: {sentence1}\nSentence 2: {sentence2}\nHow similar are these sentences: low, medium "
-               "or high?\nAnswer:",
-        verbalisers=(" low", " medium", " high"), bins=_STSB_BINS),
-    # ------------------------------------------------------------------ GLUE (STS-B above)
-    TaskPropositions(
-        "cola", ("sentence",),
-        templates=(
-            _t('"{sentence}" This sentence is {answer} English.', "ungrammatical", "grammatical"),
-            _t("{sentence} A native speaker would find this sentence {answer}.", "unacceptable", "acceptable"),
-            _t('The sentence "{sentence}" {answer}.', "contains a grammar error", "is well formed"),
+        # ------------------------------------------------------------------ GLUE (STS-B above)
+        TaskPropositions(
+            "cola",
+            ("sentence",),
+            templates=(
+                _t('"{sentence}" This sentence is {answer} English.', "ungrammatical", "grammatical"),
+                _t("{sentence} A native speaker would find this sentence {answer}.", "unacceptable", "acceptable"),
+                _t('The sentence "{sentence}" {answer}.', "contains a grammar error", "is well formed"),
+            ),
+            prompt="Sentence: {sentence}\nIs this sentence grammatical? Answer yes or no.\nAnswer:",
+            verbalisers=(" no", " yes"),
         ),
-        prompt="Sentence: {sentence}\nIs this sentence grammatical? Answer yes or no.\nAnswer:",
-        verbalisers=(" no", " yes")),
-    TaskPropositions(
-        "sst2", ("sentence",),
-        templates=(
-            _t('Movie review: "{sentence}" The reviewer {answer} the film.', "disliked", "liked"),
-            _t("{sentence} The sentiment of this sentence is {answer}.", "negative", "positive"),
-            _t('"{sentence}" This is a {answer} opinion.', "bad", "good"),
+        TaskPropositions(
+            "sst2",
+            ("sentence",),
+            templates=(
+                _t('Movie review: "{sentence}" The reviewer {answer} the film.', "disliked", "liked"),
+                _t("{sentence} The sentiment of this sentence is {answer}.", "negative", "positive"),
+                _t('"{sentence}" This is a {answer} opinion.', "bad", "good"),
+            ),
+            prompt="Review: {sentence}\nSentiment:",
+            verbalisers=(" negative", " positive"),
         ),
-        prompt="Review: {sentence}\nSentiment:", verbalisers=(" negative", " positive")),
-    TaskPropositions(
-        "mrpc", ("sentence1", "sentence2"),
-        templates=(
-            _t('"{sentence1}" and "{sentence2}" {answer}.', "say different things", "say the same thing"),
-            _t("Sentence A: {sentence1} Sentence B: {sentence2} B is {answer} of A.",
-               "not a paraphrase", "a paraphrase"),
-            _t('Does "{sentence2}" restate "{sentence1}"? {answer}.', "No", "Yes"),
+        TaskPropositions(
+            "mrpc",
+            ("sentence1", "sentence2"),
+            templates=(
+                _t('"{sentence1}" and "{sentence2}" {answer}.', "say different things", "say the same thing"),
+                _t(
+                    "Sentence A: {sentence1} Sentence B: {sentence2} B is {answer} of A.",
+                    "not a paraphrase",
+                    "a paraphrase",
+                ),
+                _t('Does "{sentence2}" restate "{sentence1}"? {answer}.', "No", "Yes"),
+            ),
+            prompt="Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences mean the same thing? Answer yes "
+            "or no.\nAnswer:",
+            verbalisers=(" no", " yes"),
         ),
-        prompt="Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences mean the same thing? Answer yes "
-               "or no.\nAnswer:",
-        verbalisers=(" no", " yes")),
-    TaskPropositions(
-        "qqp", ("question1", "question2"),
-        templates=(
-            _t('"{question1}" and "{question2}" {answer}.', "are different questions", "ask the same thing"),
-            _t("Question A: {question1} Question B: {question2} B is {answer} of A.", "not a duplicate", "a duplicate"),
-            _t('Would one answer serve both "{question1}" and "{question2}"? {answer}.', "No", "Yes"),
+        TaskPropositions(
+            "qqp",
+            ("question1", "question2"),
+            templates=(
+                _t('"{question1}" and "{question2}" {answer}.', "are different questions", "ask the same thing"),
+                _t(
+                    "Question A: {question1} Question B: {question2} B is {answer} of A.",
+                    "not a duplicate",
+                    "a duplicate",
+                ),
+                _t('Would one answer serve both "{question1}" and "{question2}"? {answer}.', "No", "Yes"),
+            ),
+            prompt="Question 1: {question1}\nQuestion 2: {question2}\nDo both questions ask the same thing? Answer yes "
+            "or no.\nAnswer:",
+            verbalisers=(" no", " yes"),
         ),
-        prompt="Question 1: {question1}\nQuestion 2: {question2}\nDo both questions ask the same thing? Answer yes "
-               "or no.\nAnswer:",
-        verbalisers=(" no", " yes")),
-    TaskPropositions(
-        "mnli", ("premise", "hypothesis"),
-        templates=(
-            _t('"{premise}" Given that, it is {answer} that "{hypothesis}"',
-               "definitely true", "possibly true", "definitely false"),
-            _t("Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
-               "entails", "neither entails nor contradicts", "contradicts"),
-            _t("{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.",
-               "true", "maybe", "false"),
+        TaskPropositions(
+            "mnli",
+            ("premise", "hypothesis"),
+            templates=(
+                _t(
+                    '"{premise}" Given that, it is {answer} that "{hypothesis}"',
+                    "definitely true",
+                    "possibly true",
+                    "definitely false",
+                ),
+                _t(
+                    "Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
+                    "entails",
+                    "neither entails nor contradicts",
+                    "contradicts",
+                ),
+                _t(
+                    "{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.", "true", "maybe", "false"
+                ),
+            ),
+            prompt=_NLI_PROMPT,
+            verbalisers=(" True", " Neither", " False"),
         ),
-        prompt=_NLI_PROMPT, verbalisers=(" True", " Neither", " False")),
-    TaskPropositions(
-        "qnli", ("question", "sentence"),
-        templates=(
-            _t('Question: "{question}" The sentence "{sentence}" {answer} the answer.', "contains", "does not contain"),
-            _t("{sentence} Does that answer {question} {answer}.", "Yes", "No"),
-            _t('"{sentence}" {answer} to the question "{question}"', "is a fitting reply", "is no reply"),
+        TaskPropositions(
+            "qnli",
+            ("question", "sentence"),
+            templates=(
+                _t(
+                    'Question: "{question}" The sentence "{sentence}" {answer} the answer.',
+                    "contains",
+                    "does not contain",
+                ),
+                _t("{sentence} Does that answer {question} {answer}.", "Yes", "No"),
+                _t('"{sentence}" {answer} to the question "{question}"', "is a fitting reply", "is no reply"),
+            ),
+            prompt="Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Answer yes or "
+            "no.\nAnswer:",
+            verbalisers=(" yes", " no"),
         ),
-        prompt="Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Answer yes or "
-               "no.\nAnswer:",
-        verbalisers=(" yes", " no")),
-    TaskPropositions(
-        "rte", ("sentence1", "sentence2"),
-        templates=(
-            _t('"{sentence1}" Given that, it is {answer} that "{sentence2}"', "certainly true", "not certain"),
-            _t("Text: {sentence1} Claim: {sentence2} The text {answer} the claim.", "implies", "does not imply"),
-            _t("{sentence1} Question: {sentence2} True or false? Answer: {answer}.", "true", "false"),
+        TaskPropositions(
+            "rte",
+            ("sentence1", "sentence2"),
+            templates=(
+                _t('"{sentence1}" Given that, it is {answer} that "{sentence2}"', "certainly true", "not certain"),
+                _t("Text: {sentence1} Claim: {sentence2} The text {answer} the claim.", "implies", "does not imply"),
+                _t("{sentence1} Question: {sentence2} True or false? Answer: {answer}.", "true", "false"),
+            ),
+            prompt="{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:",
+            verbalisers=(" True", " False"),
         ),
-        prompt="{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", verbalisers=(" True", " False")),
-    TaskPropositions(
-        "wnli", ("sentence1", "sentence2"),
-        templates=(
-            _t('"{sentence1}" Given that, it is {answer} that "{sentence2}"', "not certain", "certainly true"),
-            _t("Text: {sentence1} Claim: {sentence2} The text {answer} the claim.", "does not imply", "implies"),
-            _t("{sentence1} Question: {sentence2} True or false? Answer: {answer}.", "false", "true"),
+        TaskPropositions(
+            "wnli",
+            ("sentence1", "sentence2"),
+            templates=(
+                _t('"{sentence1}" Given that, it is {answer} that "{sentence2}"', "not certain", "certainly true"),
+                _t("Text: {sentence1} Claim: {sentence2} The text {answer} the claim.", "does not imply", "implies"),
+                _t("{sentence1} Question: {sentence2} True or false? Answer: {answer}.", "false", "true"),
+            ),
+            prompt="{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:",
+            verbalisers=(" False", " True"),
         ),
-        prompt="{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", verbalisers=(" False", " True")),
-]}
+    ]
+}
 
 
 def generic_propositions(task: TaskSpec) -> TaskPropositions:
@@ -328,14 +438,25 @@ def propositions_for(task: TaskSpec) -> TaskPropositions:
     known = PROPOSITIONS.get(task.name)
     if known is None:
         return generic_propositions(task)
-    if known.text_fields != task.text_fields or (known.bins is not None) != task.is_regression or (
-            not task.is_regression and len(task.labels) != known.num_candidates):
+    if (
+        known.text_fields != task.text_fields
+        or (known.bins is not None) != task.is_regression
+        or (not task.is_regression and len(task.labels) != known.num_candidates)
+    ):
         raise DeltatuneError(
             f"The propositions written for task {task.name!r} expect fields {known.text_fields} and "
             f"{known.num_candidates} answers, but this {task.name!r} has fields {task.text_fields} and "
-            f"{task.num_labels} label(s). Rename your task so it does not clash with the catalog's.")
+            f"{task.num_labels} label(s). Rename your task so it does not clash with the catalog's."
+        )
     return known
 
 
-__all__ = ["PROPOSITIONS", "PropositionTemplate", "ScoreBins", "TaskPropositions", "equal_bins",
-           "generic_propositions", "propositions_for"]
+__all__ = [
+    "PROPOSITIONS",
+    "PropositionTemplate",
+    "ScoreBins",
+    "TaskPropositions",
+    "equal_bins",
+    "generic_propositions",
+    "propositions_for",
+]

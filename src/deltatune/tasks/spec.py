@@ -97,9 +97,7 @@ class TaskData:
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
-            raise DeltatuneError(
-                f"Task {self.task.name!r} has no {name!r} split. Available: {', '.join(self.splits)}."
-            )
+            raise DeltatuneError(f"Task {self.task.name!r} has no {name!r} split. Available: {', '.join(self.splits)}.")
         return self.splits[name]
 
     def fingerprint(self) -> str:
