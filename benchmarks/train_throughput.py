@@ -67,7 +67,9 @@ def load_setup(args):
     dev = data.split("dev")
     dev = dev.subset(range(min(len(dev), args.dev_examples)))
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_for_task(args.model, task)
+    # transformers' own sequence-classification model, as the HF side trains: the same computation on both
+    # sides (deltatune's default for a sentence-pair task on a sentence-embedding model is a bi-encoder)
+    model, tokenizer = load_model_for_task(args.model, task, head="cross-encoder", pooling="native")
     return model, tokenizer, task, train, dev
 
 
@@ -158,8 +160,10 @@ def flops_per_token(model, mean_length: float) -> float:
 
 def evaluate_model(model, tokenizer, task, dev, max_length: int) -> dict:
     from deltatune.batching import encode, evaluate
+    from deltatune.heads import encodes_texts_separately
 
-    return evaluate(model, encode(tokenizer, task, dev, max_length), task, tokenizer.pad_token_id or 0)
+    encoded = encode(tokenizer, task, dev, max_length, encodes_texts_separately(model))
+    return evaluate(model, encoded, task, tokenizer.pad_token_id or 0)
 
 
 def summarize_steps(step_seconds, step_tokens, step_examples, warmup: int) -> dict:

@@ -233,3 +233,15 @@ def test_prompting_baselines_score_with_a_decoder_and_refuse_an_encoder(tmp_path
         run_baseline("zero-shot", str(tiny_bert_dir), data)
     with pytest.raises(DeltatuneError, match="embedding-cosine scores sentence pairs"):
         run_baseline("embedding-cosine", str(tiny_bert_dir), data)
+
+
+def test_a_bi_encoder_given_pairs_encoded_together_is_a_clear_error(tmp_path, tiny_bert_dir):
+    from deltatune.batching import predict_encoded
+
+    model, tokenizer = load_model_for_task(str(tiny_bert_dir), SIMILARITY, head="bi-encoder", pooling="mean")
+    split = Split([("a good film", "a fine film"), ("a dog", "the man")], [1.0, 2.0])
+    together = encode(tokenizer, SIMILARITY, split, 32)
+    with pytest.raises(DeltatuneError, match="encodes the texts of a pair separately"):
+        predict_encoded(model, together, SIMILARITY, tokenizer.pad_token_id or 0)
+    apart = encode(tokenizer, SIMILARITY, split, 32, texts_separately=True)
+    assert predict_encoded(model, apart, SIMILARITY, tokenizer.pad_token_id or 0).shape == (2, 1)

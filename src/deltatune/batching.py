@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deltatune.devices import model_device
+from deltatune.errors import DeltatuneError
 from deltatune.metrics import compute_metrics
 from deltatune.precision import autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
@@ -176,6 +177,13 @@ def predict_encoded(
             batch.pop("labels")
             with autocast_for(precision, device.type):
                 logits = model(**batch).logits.float().cpu()
+            if logits.shape[0] != len(indices):
+                raise DeltatuneError(
+                    f"The model gave {logits.shape[0]} outputs for a batch of {len(indices)} examples: its head "
+                    "encodes the texts of a pair separately (a bi-encoder), but the split was encoded with the "
+                    "texts together. Encode it with encode(..., texts_separately="
+                    "deltatune.heads.encodes_texts_separately(model))."
+                )
             for position, index in enumerate(indices):
                 outputs[index] = logits[position].numpy()
     model.train(was_training)
