@@ -132,6 +132,31 @@ def local_reference(workspace):
     return workspace / "local"
 
 
+# first in the module: the Ray instances the later tests start linger for a minute, and --address auto finds them
+def test_address_auto_without_a_cluster_is_an_error_before_the_experiment_directory_exists(
+    workspace, monkeypatch, capsys
+):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'deltatune[ray]')")
+    from ray._private.services import get_ray_address_from_environment
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        pass
+    else:
+        pytest.skip("a Ray cluster is running on this machine, so --address auto finds one")
+    experiment = workspace / "auto-nothing"
+    assert (
+        main(
+            ["compare", str(workspace / "grid.yaml"), "--out", str(experiment), "--backend", "ray", "--address", "auto"]
+        )
+        == 2
+    )
+    assert "--address auto: no Ray cluster was started on this machine" in capsys.readouterr().err
+    assert not experiment.exists()
+
+
 def test_a_ray_grid_records_the_same_cells_and_rows_as_the_local_backend(workspace, local_ray, local_reference):
     experiment = workspace / "on-ray"
     messages: list[str] = []
@@ -231,30 +256,6 @@ def test_a_bad_backend_or_address_is_one_clear_error_and_loses_nothing(workspace
     assert error.startswith("deltatune: error: ") and named.replace("{port}", port) in error
     assert len(error.splitlines()) == 1
     assert rows(experiment) == before
-
-
-def test_address_auto_without_a_cluster_is_an_error_before_the_experiment_directory_exists(
-    workspace, monkeypatch, capsys
-):
-    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'deltatune[ray]')")
-    from ray._private.services import get_ray_address_from_environment
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    try:
-        get_ray_address_from_environment("auto", None)
-    except ConnectionError:
-        pass
-    else:
-        pytest.skip("a Ray cluster is running on this machine, so --address auto finds one")
-    experiment = workspace / "auto-nothing"
-    assert (
-        main(
-            ["compare", str(workspace / "grid.yaml"), "--out", str(experiment), "--backend", "ray", "--address", "auto"]
-        )
-        == 2
-    )
-    assert "--address auto: no Ray cluster was started on this machine" in capsys.readouterr().err
-    assert not experiment.exists()
 
 
 def test_without_ray_installed_the_ray_backend_names_the_extra(workspace, monkeypatch, capsys):
