@@ -8,6 +8,7 @@ import torch
 
 from conftest import build_tiny_model, build_tokenizer, make_sentiment_rows
 from deltatune.batching import collate, encode, length_bucketed_batches, stratified_subset
+from deltatune.errors import DeltatuneError
 from deltatune.methods import build_method, prepare_model
 from deltatune.tasks.spec import Split, TaskSpec
 from deltatune.training import TrainConfig, train
@@ -237,3 +238,12 @@ def test_the_kept_state_is_scored_on_test_once():
     predictions = result.test_outputs.argmax(axis=1)
     assert result.test_metrics["accuracy"] == pytest.approx(float((predictions == result.test_labels).mean()))
     assert all(point["step"] for point in result.learning_curve)  # the curve holds dev evaluations only
+
+
+def test_train_config_checks_each_literal_field_against_the_choices_the_cli_offers():
+    with pytest.raises(DeltatuneError, match=r"schedule='cosine' must be one of linear, constant, slanted_triangular"):
+        TrainConfig(schedule="cosine")
+    with pytest.raises(DeltatuneError, match=r"head='x' must be one of auto, cross-encoder, bi-encoder$"):
+        TrainConfig(head="x")
+    with pytest.raises(DeltatuneError, match=r"^regime='foo' must be one of standard, mezo, hft, surgical, promot$"):
+        TrainConfig(regime="foo")  # said once

@@ -49,6 +49,7 @@ from deltatune.batching import (
     to_device,
     to_task_units,
 )
+from deltatune.config import choice_problems
 from deltatune.devices import check_device_name, resolve_device
 from deltatune.distributed import check_fsdp, process_group, shard_model, share_of
 from deltatune.errors import DeltatuneError
@@ -58,9 +59,8 @@ from deltatune.loggers import Logger, ScalarLoggers, missing_logger_packages, op
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
 from deltatune.padding import padding_id
-from deltatune.precision import PRECISIONS, Precision, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
+from deltatune.precision import Precision, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.regimes import (
-    REGIMES,
     check_regime_method,
     regime_problems,
     regime_report,
@@ -206,8 +206,7 @@ class TrainConfig:
             problems.append(f"unfreeze_every={self.unfreeze_every} must be at least 1")
         if self.schedule == "slanted_triangular" and not self.warmup_ratio:
             problems.append("schedule=slanted_triangular needs warmup_ratio > 0 (its rising fraction, ULMFiT: 0.1)")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        problems += choice_problems(self)  # schedule, head, pooling, precision, regime: their Literal's choices
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         problems += _range_problems(self)
@@ -219,8 +218,6 @@ class TrainConfig:
         if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
             problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")
         problems += missing_logger_packages(self.report_to)
-        if self.regime not in REGIMES:
-            problems.append(f"regime={self.regime!r} must be one of {', '.join(REGIMES)}")
         problems += regime_problems(self)
         device_problem = check_device_name(self.device)
         if device_problem:
