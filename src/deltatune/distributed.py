@@ -49,10 +49,6 @@ class ProcessGroup:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def describe(self, sharded: bool = False) -> dict[str, object]:
-        """What a run record says about the processes (and, when sharded, that the model was)."""
-        return {"processes": self.world_size, "backend": self.backend or "none", **({"fsdp": True} if sharded else {})}
-
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """Sum each tensor over the ranks in place (one all-reduce per dtype, through a flat buffer)."""
         if not self.distributed or not tensors:

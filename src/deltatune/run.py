@@ -247,8 +247,8 @@ def _save_run(
 
 def _where_it_ran(trainer: Trainer, precision: str) -> dict:
     """The record's account of the machine: peak memory, the device, its model and the processes."""
-    device, processes = describe_device(trainer.device, precision), trainer.group.describe(trainer.sharded)
-    memory, count, sharded = device.get("memory_bytes"), processes["processes"], processes.get("fsdp")
+    device, group = describe_device(trainer.device, precision), trainer.group
+    memory = device.get("memory_bytes")
     return {
         "peak_memory_bytes": peak_memory_bytes(),
         "device": DeviceRecord(
@@ -259,9 +259,7 @@ def _where_it_ran(trainer: Trainer, precision: str) -> dict:
         ),
         "peak_device_memory_bytes": peak_device_memory_bytes(trainer.device),
         "distributed": ProcessesRecord(
-            processes=count if isinstance(count, int) else 1,
-            backend=str(processes["backend"]),
-            fsdp=sharded if isinstance(sharded, bool) else None,
+            processes=group.world_size, backend=group.backend or "none", fsdp=True if trainer.sharded else None
         ),
     }
 
