@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import inspect
 import typing
 
 import pytest
@@ -89,7 +90,7 @@ def test_generated_choices_are_the_literal_of_the_config_field(path, config_path
 
 
 def test_hand_written_choices_are_the_literals_the_library_validates_against():
-    from deltatune.analysis import RANK_KEYS, RankBy
+    from deltatune.analysis import RANK_KEYS, RankBy, analyze_run
     from deltatune.merge import HOWS, MajoritySign, MergeHow
     from deltatune.precision import PRECISIONS, Precision
     from deltatune.sources.data import SOURCES
@@ -97,6 +98,8 @@ def test_hand_written_choices_are_the_literals_the_library_validates_against():
 
     assert tuple(options(("analyze",))["--rank-by"].choices) == typing.get_args(RankBy) == tuple(RANK_KEYS)
     assert "matrix_angle" in options(("analyze",))["--rank-by"].choices
+    library_default = inspect.signature(analyze_run).parameters["rank_by"].default
+    assert options(("analyze",))["--rank-by"].default == library_default == "matrix_angle"
     for command in ("eval", "predict"):
         assert tuple(options((command,))["--precision"].choices) == typing.get_args(Precision) == PRECISIONS
     assert typing.get_type_hints(TrainConfig)["precision"] is Precision

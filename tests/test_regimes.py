@@ -86,6 +86,24 @@ def test_mezo_never_runs_a_backward_pass_nor_allocates_a_gradient(monkeypatch):
         _trainer("lora", max_steps=1)[0]._step()
 
 
+def test_mezo_takes_its_own_learning_rates_not_adamws():
+    from deltatune.search import learning_rate_candidates
+
+    search = TrainConfig(regime="mezo", lr_search="auto")
+    assert learning_rate_candidates(search, build_method("full")) == (1e-7, 1e-6, 1e-5)  # the paper's grid
+    assert learning_rate_candidates(search, build_method("lora")) == (1e-5, 5e-5, 1e-4)
+    bitfit = build_method("bitfit")  # not tuned in the paper: its AdamW candidates scaled by 1/100
+    assert learning_rate_candidates(search, bitfit) == tuple(
+        float(f"{rate / 100:.3g}") for rate in bitfit.learning_rate_candidates
+    )
+    assert learning_rate_candidates(TrainConfig(lr_search="auto"), bitfit) == bitfit.learning_rate_candidates
+    assert learning_rate_candidates(TrainConfig(regime="mezo", lr_search=(0.5,)), bitfit) == (0.5,)  # asked for
+    trainer, _ = _trainer("lora", regime="mezo", max_steps=1)
+    assert trainer.learning_rate == 5e-5  # the middle of LoRA's MeZO grid, not AdamW's default
+    assert _trainer("lora", max_steps=1)[0].learning_rate == build_method("lora").default_learning_rate
+    assert _trainer("lora", regime="mezo", max_steps=1, learning_rate=3e-3)[0].learning_rate == 3e-3
+
+
 def test_mezo_lowers_the_training_loss_on_a_learnable_task():
     from transformers import AutoModelForSequenceClassification
 

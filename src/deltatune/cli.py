@@ -438,11 +438,11 @@ def _add_analyze_parser(commands) -> None:
     analyze.add_argument("--base", help="load the base model from here instead of the recorded name")
     analyze.add_argument(
         "--rank-by",
-        default="angle",
+        default="matrix_angle",
         choices=typing.get_args(RankBy),
-        help="rank layers by the mean angle of their weight matrices (matrix_angle), the angle "
-        "of the whole layer (angle), or the mean absolute change per parameter (l1_mean) "
-        "(default: angle)",
+        help="rank layers by the mean angle of their weight matrices (matrix_angle, as the library's "
+        "analyze_run does), the angle of the whole layer (angle), or the mean absolute change per "
+        "parameter (l1_mean) (default: matrix_angle)",
     )
     add_switch(analyze, "--json", help="print the rows as JSON")
 

@@ -165,6 +165,35 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
+MEZO_LEARNING_RATES = {
+    "full": (1e-7, 1e-6, 1e-5),
+    "lora": (1e-5, 5e-5, 1e-4),
+    "prefix-tuning": (1e-3, 5e-3, 1e-2),
+}
+"""MeZO's learning-rate grids in Malladi et al. 2023 (appendix, RoBERTa-large: full parameters, LoRA, prefix),
+for `lr_search: auto` under the regime. SGD on a projected gradient takes steps on another scale than AdamW's
+normalised ones (for full fine-tuning, about a hundredth of them)."""
+MEZO_RATE_SCALE = 1e-2
+"""A method the paper did not tune gets its AdamW candidates times this (the paper's ratio for full fine-tuning
+and, within a factor of two, for LoRA)."""
+
+
+def mezo_learning_rates(method: Method) -> tuple[float, ...]:
+    """The candidate rates under MeZO: the paper's grid for `method`, else its AdamW candidates scaled down."""
+    if method.name in MEZO_LEARNING_RATES:
+        return MEZO_LEARNING_RATES[method.name]
+    adamw = method.learning_rate_candidates or (method.default_learning_rate,)
+    return tuple(float(f"{rate * MEZO_RATE_SCALE:.3g}") for rate in adamw)
+
+
+def regime_default_learning_rate(config: TrainConfig, method: Method) -> float:
+    """The rate a run uses when none is given: the method's own, or under MeZO the middle of its MeZO grid."""
+    if config.regime == "mezo":
+        rates = sorted(mezo_learning_rates(method))
+        return rates[len(rates) // 2]
+    return method.default_learning_rate
+
+
 def zeroth_order_for(config: TrainConfig, parameters: list[nn.Parameter]) -> ZerothOrder | None:
     """The MeZO step when the regime is mezo, else None (the loop backpropagates)."""
     return ZerothOrder(parameters, config.mezo_epsilon, config.seed) if config.regime == "mezo" else None

@@ -36,6 +36,10 @@ def learning_rate_candidates(config: TrainConfig, method) -> tuple[float, ...]:
         raise DeltatuneError("lr_search is not set: there is nothing to search")
     if config.lr_search != "auto":
         return tuple(sorted(set(config.lr_search)))
+    if config.regime == "mezo":
+        from deltatune.regimes import mezo_learning_rates
+
+        return tuple(sorted(mezo_learning_rates(method)))
     declared = getattr(method, "learning_rate_candidates", None)
     if declared:
         return tuple(sorted(declared))

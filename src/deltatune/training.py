@@ -62,6 +62,7 @@ from deltatune.padding import padding_id
 from deltatune.precision import Precision, autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.regimes import (
     check_regime_method,
+    regime_default_learning_rate,
     regime_problems,
     regime_report,
     stage_hook,
@@ -73,7 +74,8 @@ from deltatune.tasks.spec import Split, TaskSpec
 @dataclass(frozen=True)
 class TrainConfig:
     learning_rate: float | None = None
-    """Peak learning rate. Default: the method's own (`default_learning_rate`)."""
+    """Peak learning rate. Default: the method's own (`default_learning_rate`); under regime=mezo the middle of
+    the method's MeZO grid (`deltatune.regimes.MEZO_LEARNING_RATES`)."""
     batch_size: int = 32
     """Examples per optimizer step (divided over gradient_accumulation micro-batches): the global batch, which
     several processes (torchrun, accelerate launch) share, each taking batch_size / processes."""
@@ -665,7 +667,7 @@ class Trainer:
             check_fsdp(method.name, self.group, config.regime)
             shard_model(model)  # before the optimizer, which must hold the sharded parameters
         self.plan = plan_steps(len(data.train) if data is not None else self.strategy.examples_per_epoch or 1, config)
-        self.learning_rate = learning_rate or config.learning_rate or method.default_learning_rate
+        self.learning_rate = learning_rate or config.learning_rate or regime_default_learning_rate(config, method)
         self.contexts = ExitStack()
         self._enter_speed_levers(model, config)
         # fp16's narrow range needs the loss scaled up before backward and the gradients unscaled after
