@@ -319,6 +319,7 @@ def test_the_cli_trains_with_a_regime_and_records_it(tmp_path, capsys):
     record = json.loads((tmp_path / "surgical" / "run.json").read_text())
     assert record["regime_report"]["chosen_block"] in record["regime_report"]["probe_dev_scores"]
     assert record["train_config"]["regime"] == "surgical"
+    assert 0 < record["trainable_params"] < record["total_params"]  # one block and the head, not the whole model
     assert main([*common, "--method", "lora", "--regime", "mezo", "--out", str(tmp_path / "mezo")]) == 0
     assert json.loads((tmp_path / "mezo" / "run.json").read_text())["regime_report"]["backward_passes"] == 0
     capsys.readouterr()

@@ -180,6 +180,8 @@ def _train_and_save(
     model, method = trainer.model, trainer.method
     with trainer.closed_on_error():
         trainable_names = set(method.trainable_names(model))
+        if config.regime == "surgical":  # only the chosen block (and the head) trained
+            trainable_names &= {n for n, p in model.named_parameters() if p.requires_grad}
         trainable_params = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
         result = trainer.finish()
         model, method = _unsharded(trainer, model_name, task, config, method_overrides, tokenizer)
