@@ -281,3 +281,40 @@ def test_method_flags_parse_or_refuse(flags):
         parse_spec(spec_from_flags(tasks=["stsb"], methods=flags))
     except DeltatuneError:
         pass
+
+
+def _padded_cost(batches, lengths, overhead):
+    return sum(len(batch) * max(lengths[i] for i in batch) + overhead for batch in batches)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 60), min_size=1, max_size=9),
+    batch_size=st.integers(1, 5),
+    overhead=st.integers(0, 80),
+)
+def test_padding_aware_batches_are_the_cheapest_cut_of_the_sorted_rows(lengths, batch_size, overhead):
+    import itertools
+
+    from deltatune.batching import padding_aware_batches
+
+    batches = padding_aware_batches(lengths, batch_size, overhead)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))  # every row once
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    ordered = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    cheapest = min(  # every way of cutting the sorted rows into consecutive batches, by brute force
+        _padded_cost([ordered[a:b] for a, b in itertools.pairwise((0, *cuts, len(ordered)))], lengths, overhead)
+        for count in range(len(ordered))
+        for cuts in itertools.combinations(range(1, len(ordered)), count)
+        if all(b - a <= batch_size for a, b in itertools.pairwise((0, *cuts, len(ordered))))
+    )
+    assert _padded_cost(batches, lengths, overhead) == cheapest
+
+
+def test_padding_aware_batches_keep_short_rows_from_padding_to_a_long_one():
+    from deltatune.batching import padding_aware_batches
+
+    lengths = [10] * 15 + [120]
+    assert padding_aware_batches(lengths, 64, overhead_tokens=128) == [list(range(15)), [15]]  # 150+128+120+128
+    assert padding_aware_batches(lengths, 64, overhead_tokens=2000) == [list(range(16))]  # one pass is cheaper
+    assert padding_aware_batches([5, 5, 5], 2, overhead_tokens=0) in ([[0, 1], [2]], [[0], [1, 2]])

@@ -7,6 +7,7 @@ through these functions, so an example is encoded and padded the same way everyw
 
 from __future__ import annotations
 
+import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -107,6 +108,38 @@ def length_bucketed_batches(
         batches += [piece[i : i + batch_size] for i in range(0, len(piece), batch_size)]
     generator.shuffle(batches)
     return batches
+
+
+FORWARD_OVERHEAD_TOKENS = 128
+"""What one more forward pass costs, in padded tokens' worth of compute (its fixed per-call work: the module
+calls, the per-delta slices of a mixed batch). Measured for MiniLM-L6 with 16 mixed deltas on a 2-core CPU:
+a forward's time is about a + b·(rows × padded length) with a/b between 100 and 200 tokens."""
+
+
+def padding_aware_batches(lengths: list[int], batch_size: int, overhead_tokens: int = FORWARD_OVERHEAD_TOKENS):
+    """Index batches of at most `batch_size` rows, sorted by length and cut where it saves compute.
+
+    A batch costs its rows times its longest row (right padding) plus `overhead_tokens`. Among all ways of
+    cutting the length-sorted rows into consecutive batches, this returns the cheapest (dynamic programming,
+    O(rows × batch_size)): rows of similar lengths share a batch, a few long rows get their own instead of
+    padding every short one to their length, and rows are not split into batches so small that the fixed
+    cost dominates. Outputs do not depend on the cut beyond floating-point rounding (every row is masked to its
+    own length).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [0.0] + [math.inf] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(max(0, end - batch_size), end):
+            cost = best[start] + (end - start) * longest + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches, end = [], len(order)
+    while end:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
 
 
 def shuffled_batches(count: int, batch_size: int, generator: random.Random) -> list[list[int]]:

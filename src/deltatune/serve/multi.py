@@ -5,8 +5,9 @@ fingerprint each delta records), and attaches each delta under a name (its task'
 `MultiTaskModel.predict(inputs, task=...)` answers for one task, or for one task per input:
 
 - rows whose delta's method declares `batch_mixing = "per-row"` (LoRA, (IA)3, BitFit, LayerNorm
-  tuning, adapters, prompt and prefix tuning) share forward passes: batches are cut by length across
-  tasks; each batch's rows are sorted by delta so each site runs every delta's part on its slice of
+  tuning, adapters, prompt and prefix tuning) share forward passes: rows are sorted by length across tasks and cut into
+  batches where that saves compute (`batching.padding_aware_batches`: a few long rows do not pad every
+  short one, and batches are not made so small that each pass's fixed cost dominates); each batch's rows are sorted by delta so each site runs every delta's part on its slice of
   the batch (`deltatune.methods.state.mixed_rows`, `RowRouting.contiguous`);
 - rows of other deltas (full fine-tuning, freeze, sparse masks, ...) run in forward passes of their
   own, one delta at a time, with that delta active;
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltatune.batching import Encoded, collate, encode, length_bucketed_batches, to_task_units
+from deltatune.batching import Encoded, collate, encode, padding_aware_batches, to_task_units
 from deltatune.delta import load_checked_base, read_manifest, read_tensors
 from deltatune.devices import model_device
 from deltatune.errors import DeltatuneError
@@ -324,7 +325,7 @@ class MultiTaskModel:
     @staticmethod
     def _batches(encoded: Encoded, rows: list[int], batch_size: int) -> list[list[int]]:
         lengths = [encoded.lengths[row] for row in rows]
-        return [[rows[position] for position in batch] for batch in length_bucketed_batches(lengths, batch_size, None)]
+        return [[rows[position] for position in batch] for batch in padding_aware_batches(lengths, batch_size)]
 
     def _encode(self, rows: list[tuple[str, ...]], names: list[str]) -> Encoded:
         """Tokenise each task's rows as that task was trained (its fields and max length), in row order."""
