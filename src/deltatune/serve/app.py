@@ -6,8 +6,10 @@
     DELETE /v1/tasks/{name}   detach it once its queued requests are answered (--allow-admin)
     GET    /health            liveness, queue depth;  GET /docs: OpenAPI
 
-Requests that arrive within `batch_wait_ms` of each other share forward passes, across tasks, up to
-`max_batch_size` rows (a request is never split). The queue is bounded (503 with Retry-After when
+Requests share forward passes, across tasks, up to `max_batch_size` rows (a request is never split): a
+batch closes when full, or `batch_wait_ms` after the later of its first request's arrival and the end of the
+previous forward (under a closed loop of clients, the requests that queued during a forward then wait for
+those its answers bring back, instead of running as a half-size batch). The queue is bounded (503 with Retry-After when
 full), every request has a deadline (504), and every bad input gets a 4xx whose message starts with
 the field it is about. The model runs on one worker thread; the event loop only parses, queues and
 answers. Bodies are read up to `max_body_bytes` and parsed as JSON by hand: nothing in a request is
@@ -66,6 +68,8 @@ class Batcher:
         self.closing: set[str] = set()
         self.batches = 0
         """Forward batches run so far (requests that arrive together share one)."""
+        self.model_free_at = 0.0
+        """When the last forward batch ended (time.perf_counter)."""
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
 
@@ -111,7 +115,9 @@ class Batcher:
         while not self.queue:
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = self.queue[0].queued_at + self.settings.batch_wait_ms / 1000
+        # closed from batch_wait_ms after the later of its first request and the end of the previous forward:
+        # requests that queued while the model was busy still wait that long for the ones its answers bring back
+        deadline = max(self.queue[0].queued_at, self.model_free_at) + self.settings.batch_wait_ms / 1000
         while sum(len(p.rows) for p in self.queue) < self.settings.max_batch_size and time.perf_counter() < deadline:
             self._arrived.clear()
             try:
@@ -136,6 +142,7 @@ class Batcher:
                     rows = [row for pending in live for row in pending.rows]
                     names = [name for pending in live for name in pending.names]
                     results = await self.run_on_model(self._predict, rows, names)
+                    self.model_free_at = time.perf_counter()
                     self.batches += 1
                     start = 0
                     for pending in live:

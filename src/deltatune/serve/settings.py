@@ -33,8 +33,10 @@ class ServeSettings:
     """With allow_admin: the only directory (and below) deltas may be attached from."""
     max_batch_size: int = 64
     """Most rows in one forward pass; requests arriving together are batched up to it."""
-    batch_wait_ms: float = 5.0
-    """How long the first request of a batch waits for others to share its forward pass."""
+    batch_wait_ms: float = 20.0
+    """How long a batch waits for more requests to share its forward pass, counted from the later of its first
+    request's arrival and the end of the previous forward (so the requests that the previous batch's answers
+    bring back can join the ones that queued during it). A full batch goes at once."""
     max_queue: int = 1024
     """Most rows waiting; a request that would exceed it gets 503 with Retry-After."""
     request_timeout_s: float = 30.0

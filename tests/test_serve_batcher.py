@@ -1,0 +1,63 @@
+"""The server's batcher on its own (no HTTP): which requests share a forward pass."""
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from deltatune.serve.app import Batcher  # noqa: E402
+from deltatune.serve.settings import ServeSettings  # noqa: E402
+
+
+class RecordingEngine:
+    """Answers every row after `seconds`, recording the batches it was given."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.batches = seconds, []
+
+    def predict(self, rows, task, batch_size, precision):
+        self.batches.append([row[0] for row in rows])
+        time.sleep(self.seconds)
+        return [{"task": name, "label": "x"} for name in task]
+
+
+def test_requests_queued_during_a_forward_wait_for_those_its_answers_bring_back():
+    # r2 arrives while r1's forward runs; r1's client sends r3 as soon as it is answered. r2 has waited longer
+    # than batch_wait_ms by then, but the window counts from the end of the forward, so r2 and r3 share one.
+    engine = RecordingEngine(0.3)
+
+    async def scenario():
+        batcher = Batcher(engine, ServeSettings(max_batch_size=4, batch_wait_ms=150))
+        batcher.start()
+
+        async def first_client():
+            await batcher.submit([("r1",)], ["t"])
+            await batcher.submit([("r3",)], ["t"])
+
+        async def second_client():
+            await asyncio.sleep(0.2)  # r1 waits 150 ms for company, then its forward runs for 300 ms
+            await batcher.submit([("r2",)], ["t"])
+
+        await asyncio.gather(first_client(), second_client())
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert engine.batches == [["r1"], ["r2", "r3"]]
+
+
+def test_a_lone_request_waits_no_longer_than_batch_wait_ms():
+    engine = RecordingEngine(0.0)
+
+    async def scenario():
+        batcher = Batcher(engine, ServeSettings(batch_wait_ms=50))
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit([("a",)], ["t"])
+        waited = time.perf_counter() - started
+        await batcher.stop()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert 0.04 <= waited < 0.5 and engine.batches == [["a"]]
