@@ -447,7 +447,8 @@ def test_eval_and_predict_run_on_cuda(toy, tmp_path, capsys):
 
 
 def test_a_grid_cell_keeps_its_identity_at_the_default_device_and_names_any_other():
-    from deltatune.compare.spec import _check_train, train_config_for
+    from deltatune.compare.spec import train_config_for
+    from deltatune.compare.spec_checks import _check_train
 
     problems: list[str] = []
     default = _check_train({"epochs": 1}, "", problems)

@@ -342,7 +342,8 @@ def test_the_cli_trains_with_a_regime_and_records_it(tmp_path, capsys):
 
 
 def test_a_compare_spec_takes_a_regime_and_old_grids_keep_their_identity():
-    from deltatune.compare.spec import _check_train, train_config_for
+    from deltatune.compare.spec import train_config_for
+    from deltatune.compare.spec_checks import _check_train
 
     problems: list[str] = []
     mezo = _check_train({"epochs": 1, "regime": "mezo", "mezo_epsilon": 0.01}, "", problems)
