@@ -118,7 +118,7 @@ class Batcher:
         # closed from batch_wait_ms after the later of its first request and the end of the previous forward:
         # requests that queued while the model was busy still wait that long for the ones its answers bring back
         deadline = max(self.queue[0].queued_at, self.model_free_at) + self.settings.batch_wait_ms / 1000
-        while sum(len(p.rows) for p in self.queue) < self.settings.max_batch_size and time.perf_counter() < deadline:
+        while self.queued_rows < self.settings.max_batch_size and time.perf_counter() < deadline:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), deadline - time.perf_counter())
