@@ -61,3 +61,39 @@ def test_a_lone_request_waits_no_longer_than_batch_wait_ms():
 
     waited = asyncio.run(scenario())
     assert 0.04 <= waited < 0.5 and engine.batches == [["a"]]
+
+
+class FailingEngine(RecordingEngine):
+    """Fails its first batch after `seconds`, then answers like `RecordingEngine`."""
+
+    def predict(self, rows, task, batch_size, precision):
+        if not self.batches:
+            self.batches.append([row[0] for row in rows])
+            time.sleep(self.seconds)
+            raise RuntimeError("the model failed")
+        return super().predict(rows, task, batch_size, precision)
+
+
+def test_a_failed_forward_answers_its_requests_and_counts_as_the_model_busy():
+    # as in the first test, but r1's forward fails: r1 gets the error, and r2 (queued during it) still waits
+    # batch_wait_ms from the end of that forward, so it shares a batch with r3
+    engine = FailingEngine(0.3)
+
+    async def scenario():
+        batcher = Batcher(engine, ServeSettings(max_batch_size=4, batch_wait_ms=150))
+        batcher.start()
+
+        async def first_client():
+            with pytest.raises(RuntimeError, match="the model failed"):
+                await batcher.submit([("r1",)], ["t"])
+            await batcher.submit([("r3",)], ["t"])
+
+        async def second_client():
+            await asyncio.sleep(0.2)
+            await batcher.submit([("r2",)], ["t"])
+
+        await asyncio.gather(first_client(), second_client())
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert engine.batches == [["r1"], ["r2", "r3"]]

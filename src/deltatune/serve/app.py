@@ -142,7 +142,6 @@ class Batcher:
                     rows = [row for pending in live for row in pending.rows]
                     names = [name for pending in live for name in pending.names]
                     results = await self.run_on_model(self._predict, rows, names)
-                    self.model_free_at = time.perf_counter()
                     self.batches += 1
                     start = 0
                     for pending in live:
@@ -154,6 +153,8 @@ class Batcher:
                     if not pending.future.done():
                         pending.future.set_exception(error)
             finally:
+                if live:  # a forward that failed kept the model busy as long as one that answered
+                    self.model_free_at = time.perf_counter()
                 for pending in batch:
                     self.per_task.subtract(pending.names)
 
