@@ -254,3 +254,17 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
     pairs = make_run(tmp_path / "d", base, "lora", PAIRS, 4, head=("bi-encoder", "mean"))
     with pytest.raises(DeltatuneError, match="bi-encoder head .* which load_many does not serve yet"):
         deltatune.load_many([pairs])
+
+
+def test_batches_measure_the_rows_once(monkeypatch):
+    # `Encoded.lengths` measures every row; reading it once per row made a large predict call quadratic
+    from deltatune.batching import Encoded
+    from deltatune.serve.multi import MultiTaskModel
+
+    reads = []
+    measure = Encoded.lengths.fget
+    monkeypatch.setattr(Encoded, "lengths", property(lambda encoded: reads.append(1) or measure(encoded)))
+    encoded = Encoded({"input_ids": [[1] * (1 + row % 7) for row in range(500)]}, [0] * 500)
+    batches = MultiTaskModel._batches(encoded, list(range(0, 500, 2)), 16)
+    assert sorted(row for batch in batches for row in batch) == list(range(0, 500, 2))
+    assert len(reads) == 1

@@ -324,7 +324,8 @@ class MultiTaskModel:
 
     @staticmethod
     def _batches(encoded: Encoded, rows: list[int], batch_size: int) -> list[list[int]]:
-        lengths = [encoded.lengths[row] for row in rows]
+        every_length = encoded.lengths  # a property that measures every row: read it once, not once per row
+        lengths = [every_length[row] for row in rows]
         return [[rows[position] for position in batch] for batch in padding_aware_batches(lengths, batch_size)]
 
     def _encode(self, rows: list[tuple[str, ...]], names: list[str]) -> Encoded:
