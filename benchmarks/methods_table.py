@@ -10,6 +10,8 @@ The table reports test with dev beside it, the chosen rate with every candidate'
 whether the dev curve had levelled off (a run still rising at its end is marked "not converged").
 `--heads` runs every method with several heads (e.g. `cross-encoder:cls,cross-encoder:mean,bi-encoder:mean`).
 A method that fails stays in the table with its error. Re-running skips runs whose record already exists.
+Options after `--` go to every `deltatune train`, e.g. `-- --regime mezo --max-steps 4000` for a regime's
+rows (give them their own `--out`); a row trained under a regime other than standard names it.
 """
 
 from __future__ import annotations
@@ -118,11 +120,12 @@ def table(records: list[dict], primary: str, show_head: bool) -> str:
             if r.get("converged")
             else (f"no (+{100 * r['last_gain']:.1f} at the end)" if r.get("last_gain") is not None else "no")
         )
+        regime = r["train_config"].get("regime", "standard")
         lines.append(
             "| "
             + " | ".join(
                 [
-                    r["method"],
+                    r["method"] if regime == "standard" else f"{r['method']} ({regime})",
                     *shown_head,
                     f"{r['trainable_params']:,} ({r['trainable_percent']:.3g}%)",
                     f"{test[primary]:.4f}" if primary in test else "–",
