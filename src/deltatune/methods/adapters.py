@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltatuneError
@@ -161,8 +162,16 @@ def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Ten
     """
     parts = site.row_parts(routing)
     segments = routing.contiguous()
-    if segments is not None:  # a batch sorted by delta: each adapter on its own slice, in place
-        for group, start, end in segments:
+    if segments is not None:  # outside autograd: rows may be rewritten in place
+        joined = routing.stacked(site, lambda: _joined_adapters(parts), "joined")
+        if joined is not None:  # several adapters: one matmul pair over all their bottlenecks, masked per row
+            activation, down, down_bias, up, up_bias, owner = joined
+            row_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 2)
+            inner = activation(F.linear(hidden_states, down, down_bias))
+            inner = inner * (routing.index[:, None] == owner[None, :]).view(*row_shape, -1).to(inner.dtype)
+            update = F.linear(inner, up)
+            return hidden_states + (update + up_bias[routing.index].view(*row_shape, -1).to(update.dtype))
+        for group, start, end in segments:  # one adapter (or very wide ones): each on its own slice
             adapter = parts[group]
             if adapter is not None:
                 hidden_states[start:end] = adapter(hidden_states[start:end])
@@ -205,6 +214,41 @@ def _stack_adapters(parts: list[nn.Module | None]) -> Any:
             down[group, :size], down_bias[group, :size] = adapter.down.weight, adapter.down.bias
             up[group, :, :size], up_bias[group] = adapter.up.weight, adapter.up.bias
     return bottlenecks[0].activation, down, down_bias, up, up_bias
+
+
+JOINED_WIDTH_PER_HIDDEN = 4
+"""A mixed batch joins its deltas' adapters at a site into one matmul pair while their bottleneck widths sum
+to at most this many times the hidden size."""
+
+
+@torch.no_grad()
+def _joined_adapters(parts: list[nn.Module | None]) -> Any:
+    """The routed adapters at a site joined along their bottlenecks, or None (fewer than two, not all
+    bottleneck adapters of one activation, or too wide): (activation, down weight (widths, d), down bias,
+    up weight (d, widths), each group's up bias (groups, d; zero where it has no adapter), each bottleneck
+    unit's group). A row's product is masked to its own adapter's units, so the others add exact zeros."""
+    present = [(group, adapter) for group, adapter in enumerate(parts) if isinstance(adapter, BottleneckAdapter)]
+    if len(present) < 2 or len(present) < sum(adapter is not None for adapter in parts):
+        return None
+    adapters = [adapter for _, adapter in present]
+    hidden = adapters[0].up.out_features
+    width = sum(adapter.down.out_features for adapter in adapters)
+    if len({repr(adapter.activation) for adapter in adapters}) > 1 or width > JOINED_WIDTH_PER_HIDDEN * hidden:
+        return None
+    up_bias = adapters[0].up.bias.new_zeros(len(parts), hidden)
+    for group, adapter in present:
+        up_bias[group] = adapter.up.bias
+    owner = torch.cat(
+        [torch.full((adapter.down.out_features,), group, device=up_bias.device) for group, adapter in present]
+    )
+    return (
+        adapters[0].activation,
+        torch.cat([adapter.down.weight for adapter in adapters]),
+        torch.cat([adapter.down.bias for adapter in adapters]),
+        torch.cat([adapter.up.weight for adapter in adapters], dim=1),
+        up_bias,
+        owner,
+    )
 
 
 def transformer_layers(model: nn.Module) -> tuple[list[nn.Module], dict[str, tuple[str, str]]]:

