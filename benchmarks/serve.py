@@ -13,9 +13,12 @@ to one of the 16 deltas uniformly at random. Measured, in one process with alter
   `TunedModel` (a LoRA delta) on the same texts at the same batch size: once with each `predict` call
   opening and closing the mixed-batch state, once with it kept open by `serving()` as the server does;
 - 16 LoRA deltas in deltatune against PEFT's mixed-adapter batches (`adapter_names=` per row) with the
-  same 16 LoRAs (the 4 trained LoRAs under 4 names each), on the same batches (same rows, same padding),
-  both in fp32. PEFT's adapters carry no heads (PEFT cannot merge different heads into one batch), so
-  its side computes the base model's head: the same work, other numbers;
+  same 16 LoRAs (the 4 trained LoRAs under 4 names each), on the same inputs at the same batch size
+  (deltatune in its own padding-aware batches, PEFT in length-sorted ones), both in fp32 and both in bf16
+  (deltatune's bf16; PEFT's model cast to bf16). Beside them the base model alone on PEFT's batches (its
+  adapters disabled), fp32: what any mixed-adapter side costs at least on those batches, so its ratio to
+  PEFT bounds the ratio a side can reach there. PEFT's adapters carry no heads (PEFT cannot merge
+  different heads into one batch), so its side computes the base model's head: the same work, other numbers;
 - resident memory (RSS after loading and one prediction, each in a fresh process): the 16 deltas on one
   base, one single-task TunedModel, and 16 separately loaded TunedModels;
 - a load test of the live server (`deltatune serve` in its own process on 127.0.0.1): `--clients`
@@ -48,6 +51,7 @@ AS_SERVED = (
     "order (what a server sees: no sorting across batches)"
 )
 METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
+BASE_ALONE = "the base model alone (PEFT's adapters disabled), fp32: the ceiling of any 16-LoRA side in fp32"
 
 
 # ------------------------------------------------------------------------------------- set-up
@@ -144,14 +148,22 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     rng = random.Random(args.seed + 1)
     lora_names = [rng.choice(peft_names) for _ in texts]
 
-    def run_peft():
-        encoded = encode(single.tokenizer, single.task, Split([(t,) for t in texts], [0] * len(texts)), 128)
+    encoded = encode(single.tokenizer, single.task, Split([(t,) for t in texts], [0] * len(texts)), 128)
+    peft_batches = length_bucketed_batches(encoded.lengths, args.batch_size, None)
+    peft_bf16, _ = peft_model(args, lora_runs, copies)
+    peft_bf16 = peft_bf16.to(torch.bfloat16)  # what a PEFT user does for bf16 inference: the model in bf16
+
+    def run_peft(model=peft, adapters=True):
         outputs = []
         with torch.no_grad():
-            for batch in length_bucketed_batches(encoded.lengths, args.batch_size, None):
+            for batch in peft_batches:
                 features = collate(encoded, batch, single.tokenizer.pad_token_id or 0, False)
                 features.pop("labels")
-                outputs.append(peft(**features, adapter_names=[lora_names[i] for i in batch]).logits)
+                if adapters:
+                    outputs.append(model(**features, adapter_names=[lora_names[i] for i in batch]).logits)
+                else:
+                    with model.disable_adapter():  # the base layers alone, on the same batches
+                        outputs.append(model(**features).logits)
         return outputs
 
     # the same 16 deltas as the server holds them: the mixed-batch state (routing plans, bf16 weight copies)
@@ -177,6 +189,11 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
             texts, task=lora_names, batch_size=args.batch_size, precision="fp32"
         ),
         "PEFT, 16 LoRAs mixed (adapter_names), fp32": run_peft,
+        BASE_ALONE: lambda: run_peft(adapters=False),
+        "deltatune, 16 LoRAs mixed, bf16": lambda: loras.predict(
+            texts, task=lora_names, batch_size=args.batch_size, precision="bf16"
+        ),
+        "PEFT, 16 LoRAs mixed (adapter_names), bf16 weights": lambda: run_peft(peft_bf16),
     }
     for run in sides.values():  # warm-up
         run()
@@ -416,6 +433,8 @@ def report(args, results: dict) -> str:
             KEPT_OPEN: (single, "vs single-task TunedModel"),
             AS_SERVED: (KEPT_OPEN, "vs the same sorted across all requests"),
             ours: (peft, "vs PEFT"),
+            BASE_ALONE: (peft, "vs PEFT: the most any mixed-adapter side could reach"),
+            "deltatune, 16 LoRAs mixed, bf16": ("PEFT, 16 LoRAs mixed (adapter_names), bf16 weights", "vs PEFT"),
         }.get(name)
         text = f"{ratio(name, against[0]):.2f}x {against[1]}" if against else "1.00x"
         lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {text} |")
