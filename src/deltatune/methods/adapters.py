@@ -156,9 +156,11 @@ def _run_adapter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.
 def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Tensor) -> torch.Tensor:
     """A mixed batch: each row through its own delta's adapter (rows without one here pass unchanged).
 
-    When the routed adapters share one activation, their weights are stacked (zero-padded to the widest
-    bottleneck; a zero row adds act(0) = 0) and gathered per row: two batched matmuls for the whole
-    batch. Otherwise each adapter runs on its own rows.
+    Outside autograd, with the batch sorted by delta: several adapters of one activation are joined along
+    their bottlenecks (`_joined_adapters`: two matmuls, each row masked to its own adapter's units); a single
+    adapter runs on its slice. Under autograd, when the routed adapters share one activation, their weights
+    are stacked (zero-padded to the widest bottleneck; a zero row adds act(0) = 0) and gathered per row: two
+    batched matmuls for the whole batch. Otherwise each adapter runs on its own rows.
     """
     parts = site.row_parts(routing)
     segments = routing.contiguous()

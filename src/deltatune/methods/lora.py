@@ -8,7 +8,7 @@ A starts Kaiming-uniform (as nn.Linear initialises its weight) and B at zero, so
 model is unchanged before training. After training, B A can be folded into W (`merge`) so that
 inference costs nothing extra, and taken out again (`unmerge`). Each layer holds one branch per
 named delta (`LoRALinear.deltas[name]`); the active delta's branch runs, or, in a batch mixing deltas
-row by row, each row's own branch (A and B gathered per row, one batched matmul pair per layer).
+row by row, each row's own branch (one matmul pair per layer for the whole batch: see `_forward_rows`).
 
 Parameter cost: r · (d_in + d_out) per adapted layer. With the defaults (r=8 on the query and
 value projections) that is 2 · 8 · (384 + 384) = 12,288 per layer on MiniLM-L6 (0.33% of the model
@@ -184,9 +184,11 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
         return updated.view(result.shape)
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
-        """A mixed batch: each row's own B·A, gathered by the row's index (rows without a branch here get 0).
+        """A mixed batch: each row's own B·A (rows without a branch here get 0).
 
-        One batched matmul pair for the whole batch, however many deltas it mixes: no per-delta split.
+        Outside autograd, with the batch sorted by delta (`RowRouting.contiguous`): the routed deltas' ranks
+        joined into one matmul pair, each row masked to its own ranks (`_joined_ranks`), or one delta's
+        branch on its slice. Under autograd: A and B gathered per row by its index, one batched matmul pair.
         """
         segments = routing.contiguous()
         if segments is not None:  # outside autograd: the update is added to the base output in place
