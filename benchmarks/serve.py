@@ -51,7 +51,7 @@ AS_SERVED = (
     "order (what a server sees: no sorting across batches)"
 )
 METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
-BASE_ALONE = "the base model alone (PEFT's adapters disabled), fp32: the ceiling of any 16-LoRA side in fp32"
+BASE_ALONE = "the base model alone on PEFT's batches (its adapters disabled), fp32"
 
 
 # ------------------------------------------------------------------------------------- set-up
@@ -433,7 +433,7 @@ def report(args, results: dict) -> str:
             KEPT_OPEN: (single, "vs single-task TunedModel"),
             AS_SERVED: (KEPT_OPEN, "vs the same sorted across all requests"),
             ours: (peft, "vs PEFT"),
-            BASE_ALONE: (peft, "vs PEFT: the most any mixed-adapter side could reach"),
+            BASE_ALONE: (peft, "vs PEFT: what its batches cost with no adapter at all"),
             "deltatune, 16 LoRAs mixed, bf16": ("PEFT, 16 LoRAs mixed (adapter_names), bf16 weights", "vs PEFT"),
         }.get(name)
         text = f"{ratio(name, against[0]):.2f}x {against[1]}" if against else "1.00x"
