@@ -38,7 +38,16 @@ from deltatune.methods.base import Method
 from deltatune.methods.common import head_names, text_config
 from deltatune.methods.layers import find_layer_list, is_norm
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, DeltaSite, RowRouting, base_parameters, own_parameter_names, site_at
+from deltatune.methods.state import (
+    DEFAULT_DELTA,
+    JOINED_UNITS_PER_WIDTH,
+    DeltaSite,
+    RowRouting,
+    base_parameters,
+    joined_owners,
+    own_parameter_names,
+    site_at,
+)
 
 Activation = Literal["relu", "gelu", "tanh", "swish"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
@@ -170,7 +179,7 @@ def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Ten
             activation, down, down_bias, up, up_bias, owner = joined
             row_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 2)
             inner = activation(F.linear(hidden_states, down, down_bias))
-            inner = inner * (routing.index[:, None] == owner[None, :]).view(*row_shape, -1).to(inner.dtype)
+            inner = inner * routing.joined_mask(owner, inner.dtype).view(*row_shape, -1)
             update = F.linear(inner, up)
             return hidden_states + (update + up_bias[routing.index].view(*row_shape, -1).to(update.dtype))
         for group, start, end in segments:  # one adapter (or very wide ones): each on its own slice
@@ -218,11 +227,6 @@ def _stack_adapters(parts: list[nn.Module | None]) -> Any:
     return bottlenecks[0].activation, down, down_bias, up, up_bias
 
 
-JOINED_WIDTH_PER_HIDDEN = 4
-"""A mixed batch joins its deltas' adapters at a site into one matmul pair while their bottleneck widths sum
-to at most this many times the hidden size."""
-
-
 @torch.no_grad()
 def _joined_adapters(parts: list[nn.Module | None]) -> Any:
     """The routed adapters at a site joined along their bottlenecks, or None (fewer than two, not all
@@ -235,13 +239,13 @@ def _joined_adapters(parts: list[nn.Module | None]) -> Any:
     adapters = [adapter for _, adapter in present]
     hidden = adapters[0].up.out_features
     width = sum(adapter.down.out_features for adapter in adapters)
-    if len({repr(adapter.activation) for adapter in adapters}) > 1 or width > JOINED_WIDTH_PER_HIDDEN * hidden:
+    if len({repr(adapter.activation) for adapter in adapters}) > 1 or width > JOINED_UNITS_PER_WIDTH * hidden:
         return None
     up_bias = adapters[0].up.bias.new_zeros(len(parts), hidden)
     for group, adapter in present:
         up_bias[group] = adapter.up.bias
-    owner = torch.cat(
-        [torch.full((adapter.down.out_features,), group, device=up_bias.device) for group, adapter in present]
+    owner = joined_owners(
+        [group for group, _ in present], [adapter.down.out_features for adapter in adapters], up_bias.device
     )
     return (
         adapters[0].activation,

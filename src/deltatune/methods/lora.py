@@ -49,7 +49,14 @@ from deltatune.methods._linear_targets import (
 from deltatune.methods.base import Method, OptimizerSettings, PeftAdapter, decay_groups
 from deltatune.methods.common import head_names
 from deltatune.methods.registry import register
-from deltatune.methods.state import DEFAULT_DELTA, RowRouting, merge_sites, own_parameter_names
+from deltatune.methods.state import (
+    DEFAULT_DELTA,
+    JOINED_UNITS_PER_WIDTH,
+    RowRouting,
+    joined_owners,
+    merge_sites,
+    own_parameter_names,
+)
 
 # The query and value projections, which the paper found the best pair to adapt (its Table 5),
 # under the names BERT-family and Llama-family models give them.
@@ -117,30 +124,21 @@ class LoRAUpdate(WeightUpdate):
         return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, dropout={dropout:g}"
 
 
-JOINED_RANKS_PER_WIDTH = 4
-"""A mixed batch joins its deltas' LoRA ranks into one matmul pair while their sum is at most this many
-times the layer's narrower side (1,536 on MiniLM-L6: 192 deltas of rank 8)."""
-
-
 def _joined_ranks(
     parts: list[tuple[torch.Tensor, torch.Tensor] | None], in_features: int, out_features: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The routed deltas' A stacked by rank (in, ranks), scaled Bᵀ (ranks, out) and each rank's group, or None
-    when fewer than two deltas have a branch here or their ranks are too many to join.
-
-    Joined, a batch of K deltas costs two matmuls over K·r ranks, with each row's product masked to its own
-    delta's ranks (every other rank contributes an exact zero), instead of K slices of two small matmuls
-    each: measured on MiniLM-L6's 384-wide query in bf16 (64 rows of 32 tokens, rank 8, 2-core Xeon with AMX),
-    0.36 ms against 0.52 ms per layer for 4 deltas, 0.61 against 1.61 ms for 16.
+    """The routed deltas' A stacked by rank (in, ranks), scaled Bᵀ (ranks, out) and each rank's group
+    (`joined_owners`), or None when fewer than two deltas have a branch here or their ranks are too many to
+    join. Measured on MiniLM-L6's 384-wide query in bf16 (64 rows of 32 tokens, rank 8, 2-core Xeon with AMX):
+    0.36 ms against 0.52 ms per layer for 4 deltas, 0.61 against 1.61 ms for 16, joined against sliced.
     """
     present = [(group, part) for group, part in enumerate(parts) if part is not None]
-    ranks = sum(down.shape[0] for _, (down, _) in present)
-    if len(present) < 2 or ranks > JOINED_RANKS_PER_WIDTH * min(in_features, out_features):
+    ranks = [down.shape[0] for _, (down, _) in present]
+    if len(present) < 2 or sum(ranks) > JOINED_UNITS_PER_WIDTH * min(in_features, out_features):
         return None
     down_weight = torch.cat([down for _, (down, _) in present]).t().contiguous()
     up_weight = torch.cat([up for _, (_, up) in present])
-    owner = torch.cat([torch.full((down.shape[0],), group, device=down.device) for group, (down, _) in present])
-    return down_weight, up_weight, owner
+    return down_weight, up_weight, joined_owners([group for group, _ in present], ranks, down_weight.device)
 
 
 class LoRALinear(WrappedLinear[LoRAUpdate]):
@@ -208,8 +206,7 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
             if joined is not None:  # several deltas: one matmul pair over all their ranks, masked per row
                 down_weight, up_weight, owner = joined
                 rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(result.dtype)
-                mask = (routing.index[:, None] == owner[None, :]).to(result.dtype)
-                down = (rows @ down_weight) * mask[:, None, :]
+                down = (rows @ down_weight) * routing.joined_mask(owner, result.dtype)[:, None, :]
                 result.view(-1, result.shape[-1]).addmm_(down.view(-1, down.shape[-1]), up_weight)
                 return result
             for group, start, end in segments:  # one delta (or very many ranks): each on its own slice

@@ -578,6 +578,10 @@ class RowRouting:
         """
         return None if torch.is_grad_enabled() else self.segments
 
+    def joined_mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, units): 1 where a joined unit (`joined_owners`) belongs to the row's own delta, else 0."""
+        return (self.index[:, None] == owner[None, :]).to(dtype)
+
     def rows(self, *groups: int) -> torch.Tensor:
         """The rows (ascending) of the given groups in this batch."""
         if groups not in self._rows:
@@ -593,6 +597,23 @@ class RowRouting:
         if key not in self.cache:
             self.cache[key] = build()
         return self.cache[key]
+
+
+JOINED_UNITS_PER_WIDTH = 4
+"""Sites join the routed deltas' units (LoRA ranks, adapter bottleneck units) into one matmul pair while the
+units add up to at most this many times the layer's narrower side (1,536 on MiniLM-L6: 192 deltas of rank 8)."""
+
+
+def joined_owners(groups: list[int], widths: list[int], device: torch.device) -> torch.Tensor:
+    """Each joined unit's group: `widths[i]` units of group `groups[i]`, in order (the columns that
+    `RowRouting.joined_mask` keeps for each row).
+
+    A batch of K deltas joined costs two matmuls over all their units, each row's product masked to its own
+    delta's units (every other unit contributes an exact zero), instead of K slices of two small matmuls.
+    """
+    return torch.repeat_interleave(
+        torch.tensor(groups, device=device), torch.tensor(widths, device=device), output_size=sum(widths)
+    )
 
 
 _STACKED_SETS = 8
@@ -969,6 +990,8 @@ __all__ = [
     "check_delta_tensors",
     "detach_delta",
     "head_specs",
+    "JOINED_UNITS_PER_WIDTH",
+    "joined_owners",
     "merge_sites",
     "mixed_rows",
     "own_parameter_names",
