@@ -23,17 +23,20 @@ class RecordingEngine:
         return [{"task": name, "label": "x"} for name in task]
 
 
-def test_requests_queued_during_a_forward_wait_for_those_its_answers_bring_back():
-    # r2 arrives while r1's forward runs; r1's client sends r3 as soon as it is answered. r2 has waited longer
-    # than batch_wait_ms by then, but the window counts from the end of the forward, so r2 and r3 share one.
-    engine = RecordingEngine(0.3)
+def closed_loop_batches(engine, first_fails: bool = False) -> list[list[str]]:
+    """r1 alone, then r2 queued during r1's 300 ms forward, then r3 sent by r1's client once r1 is answered
+    (with an error when `first_fails`); the batches the engine was given."""
 
     async def scenario():
         batcher = Batcher(engine, ServeSettings(max_batch_size=4, batch_wait_ms=150))
         batcher.start()
 
         async def first_client():
-            await batcher.submit([("r1",)], ["t"])
+            if first_fails:
+                with pytest.raises(RuntimeError, match="the model failed"):
+                    await batcher.submit([("r1",)], ["t"])
+            else:
+                await batcher.submit([("r1",)], ["t"])
             await batcher.submit([("r3",)], ["t"])
 
         async def second_client():
@@ -44,7 +47,13 @@ def test_requests_queued_during_a_forward_wait_for_those_its_answers_bring_back(
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert engine.batches == [["r1"], ["r2", "r3"]]
+    return engine.batches
+
+
+def test_requests_queued_during_a_forward_wait_for_those_its_answers_bring_back():
+    # r2 has waited longer than batch_wait_ms by the time r3 comes, but the window counts from the end of
+    # r1's forward, so r2 and r3 share one
+    assert closed_loop_batches(RecordingEngine(0.3)) == [["r1"], ["r2", "r3"]]
 
 
 def test_a_lone_request_waits_no_longer_than_batch_wait_ms():
@@ -75,25 +84,6 @@ class FailingEngine(RecordingEngine):
 
 
 def test_a_failed_forward_answers_its_requests_and_counts_as_the_model_busy():
-    # as in the first test, but r1's forward fails: r1 gets the error, and r2 (queued during it) still waits
+    # as above, but r1's forward fails: r1 gets the error, and r2 (queued during it) still waits
     # batch_wait_ms from the end of that forward, so it shares a batch with r3
-    engine = FailingEngine(0.3)
-
-    async def scenario():
-        batcher = Batcher(engine, ServeSettings(max_batch_size=4, batch_wait_ms=150))
-        batcher.start()
-
-        async def first_client():
-            with pytest.raises(RuntimeError, match="the model failed"):
-                await batcher.submit([("r1",)], ["t"])
-            await batcher.submit([("r3",)], ["t"])
-
-        async def second_client():
-            await asyncio.sleep(0.2)
-            await batcher.submit([("r2",)], ["t"])
-
-        await asyncio.gather(first_client(), second_client())
-        await batcher.stop()
-
-    asyncio.run(scenario())
-    assert engine.batches == [["r1"], ["r2", "r3"]]
+    assert closed_loop_batches(FailingEngine(0.3), first_fails=True) == [["r1"], ["r2", "r3"]]
