@@ -238,15 +238,13 @@ def _joined_adapters(parts: list[nn.Module | None]) -> Any:
         return None
     adapters = [adapter for _, adapter in present]
     hidden = adapters[0].up.out_features
-    width = sum(adapter.down.out_features for adapter in adapters)
-    if len({repr(adapter.activation) for adapter in adapters}) > 1 or width > JOINED_UNITS_PER_WIDTH * hidden:
+    widths = [adapter.down.out_features for adapter in adapters]
+    if len({repr(adapter.activation) for adapter in adapters}) > 1 or sum(widths) > JOINED_UNITS_PER_WIDTH * hidden:
         return None
     up_bias = adapters[0].up.bias.new_zeros(len(parts), hidden)
     for group, adapter in present:
         up_bias[group] = adapter.up.bias
-    owner = joined_owners(
-        [group for group, _ in present], [adapter.down.out_features for adapter in adapters], up_bias.device
-    )
+    owner = joined_owners([group for group, _ in present], widths, up_bias.device)
     return (
         adapters[0].activation,
         torch.cat([adapter.down.weight for adapter in adapters]),
