@@ -265,6 +265,6 @@ def test_batches_measure_the_rows_once(monkeypatch):
     measure = Encoded.lengths.fget
     monkeypatch.setattr(Encoded, "lengths", property(lambda encoded: reads.append(1) or measure(encoded)))
     encoded = Encoded({"input_ids": [[1] * (1 + row % 7) for row in range(500)]}, [0] * 500)
-    batches = MultiTaskModel._batches(encoded, list(range(0, 500, 2)), 16)
+    batches, _ = MultiTaskModel._batches(encoded, list(range(0, 500, 2)), 16, packable=True)
     assert sorted(row for batch in batches for row in batch) == list(range(0, 500, 2))
     assert len(reads) == 1

@@ -291,6 +291,7 @@ class _Adapters(Method):
     """Shared by houlsby and pfeiffer: only the sites and the defaults differ."""
 
     batch_mixing = "per-row"
+    position_wise = True
 
     _sites: tuple[str, ...] = ()
     # adapters start as the identity and are fresh, small modules: they need a learning rate 10-30x

@@ -20,9 +20,10 @@ Hooks (the defaults in brackets):
     load_delta_state(model, tensors)   the inverse, strictly checked [copy by canonical name]
     export_peft(tensors)               the delta in PEFT's adapter format [cannot: raises]
 Attributes: `name` (set by @register), `batch_mixing` ("per-row" or "grouped", the default: how a
-batch mixing several deltas runs), `default_learning_rate`, `learning_rate_candidates`
-(derived from the default unless a method sets its own), `config`, `tokenizer` (given by
-`prepare_model` to methods that embed text), `delta_name` (set by `apply`).
+batch mixing several deltas runs), `position_wise` (its sites act on each token alone),
+`default_learning_rate`, `learning_rate_candidates` (derived from the default unless a method sets its
+own), `config`, `tokenizer` (given by `prepare_model` to methods that embed text), `delta_name` (set by
+`apply`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ class Method:
     part, gathered by a per-row index; the base tensors it rewrites, if any, are applied row by row) or
     "grouped" (the default: one forward pass per delta, with that delta active). A method declares
     "per-row" only when its sites implement it (see `deltatune.methods.state.mixed_rows`)."""
+    position_wise: ClassVar[bool] = False
+    """True when each of the method's sites computes every token position from that position alone (no
+    tokens added, attention unchanged): a mixed batch may then run its rows' tokens packed, without
+    padding, through an encoder's layers (`deltatune.serve.packed`). Declared by per-row methods only."""
     config: Any
     """The method's frozen config dataclass."""
     tokenizer: Any

@@ -30,6 +30,7 @@ class BitFit(Method):
 
     # its tensors are small: a batch mixing deltas applies each row's own (deltatune.methods.state.mixed_rows)
     batch_mixing = "per-row"
+    position_wise = True
 
     # biases move the model little per unit step: the paper tunes 1e-4..1e-3; 1e-3 suits small encoders
     default_learning_rate = 1e-3

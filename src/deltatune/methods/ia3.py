@@ -225,6 +225,7 @@ class IA3(Method):
     """(IA)³: learned vectors rescale attention keys, values and the feed-forward inner activation."""
 
     batch_mixing = "per-row"
+    position_wise = True
 
     # a multiplicative scale around 1 moves the model slowly per unit step and has few parameters
     # to overfit with: the paper trains it with 3e-3 (T-Few recipe, Adafactor)

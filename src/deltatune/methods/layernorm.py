@@ -67,6 +67,7 @@ class LayerNormTuning(Method):
 
     # its tensors are small: a batch mixing deltas applies each row's own (deltatune.methods.state.mixed_rows)
     batch_mixing = "per-row"
+    position_wise = True
 
     # a few thousand scale/shift parameters near 1 and 0: like BitFit they need a large step to matter
     default_learning_rate = 1e-3

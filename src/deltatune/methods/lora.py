@@ -260,6 +260,7 @@ class LoRA(Method):
     """LoRA: a trainable low-rank update (alpha/r)·B·A beside frozen linear layers (query and value by default)."""
 
     batch_mixing = "per-row"
+    position_wise = True
     # B starts at zero and the update is damped by alpha/r, so LoRA wants a much larger step than
     # full fine-tuning: the paper uses 4e-4..5e-4 for RoBERTa-base on GLUE (its Table 9)
     default_learning_rate = 5e-4

@@ -659,16 +659,37 @@ class RowMixer:
         index = torch.tensor(groups, dtype=torch.long, device=device)
         if (names, device) not in self._caches and len(self._caches) >= _STACKED_SETS:
             del self._caches[next(iter(self._caches))]  # a long session sees many sets of deltas: keep the latest
-        self.routing = RowRouting(
-            names,
-            index,
-            self._caches.setdefault((names, device), {}),
-            segments=_segments(groups),
-            per_delta_cache=self._per_delta,
+        self.use(
+            RowRouting(
+                names,
+                index,
+                self._caches.setdefault((names, device), {}),
+                segments=_segments(groups),
+                per_delta_cache=self._per_delta,
+            )
         )
-        for site in self.sites:
-            site.row_routing = self.routing
+        assert self.routing is not None
         return self.routing
+
+    def per_token(self, lengths: torch.Tensor) -> RowRouting:
+        """The routing of the current batch's tokens, packed row after row (`lengths[row]` tokens each) and
+        each presented to the sites as a row of its own: token t runs its row's delta.
+
+        Only for a batch whose rows are grouped by delta (`grouped_order`): each delta's tokens are then one
+        contiguous run as well. Install it with `use`; the row routing comes back with `use` again.
+        """
+        rows = self.routing
+        assert rows is not None and rows.segments is not None  # a routed batch sorted by delta
+        ends = torch.cumsum(lengths, 0).tolist()
+        segments = tuple((group, ends[start - 1] if start else 0, ends[end - 1]) for group, start, end in rows.segments)
+        index = torch.repeat_interleave(rows.index, lengths.to(rows.index.device), output_size=ends[-1])
+        return RowRouting(rows.names, index, rows.cache, segments=segments, per_delta_cache=rows.per_delta_cache)
+
+    def use(self, routing: RowRouting) -> None:
+        """Route the next forward pass (or the rest of this one) by `routing`."""
+        self.routing = routing
+        for site in self.sites:
+            site.row_routing = routing
 
     def grouped_order(self, row_deltas: list[str | None]) -> list[int]:
         """Positions of `row_deltas` reordered so each delta's rows are together (stable within a delta).

@@ -41,9 +41,14 @@ from deltatune.methods.state import PER_ROW, RowMixer, attached_deltas, mixed_ro
 from deltatune.padding import padding_id
 from deltatune.precision import PRECISIONS, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.records import DeltaManifest, ManifestHead
+from deltatune.serve.packed import packable_deltas, packed_encoder
 from deltatune.tasks.spec import Split, TaskSpec
 
 Example = str | Sequence[str]
+
+PACK_ABOVE_PADDING = 1.15
+"""A mixed call's batches run packed when their padded rows would hold more than this many positions per real
+token (and every routed delta allows it): see `MultiTaskModel._batches`."""
 
 
 @dataclass(frozen=True)
@@ -287,11 +292,13 @@ class MultiTaskModel:
         mixed = [row for row, name in enumerate(names) if self.tasks[name].batch_mixing == PER_ROW]
         if mixed:
             mixer = self._open_session(precision)
-            for batch in self._batches(encoded, mixed, batch_size):
+            packed = packable_deltas(self.model, [names[row] for row in mixed])
+            batches, packed = self._batches(encoded, mixed, batch_size, packed)
+            for batch in batches:
                 # each delta's rows together: sites then work on slices of the batch, not per-row gathers
                 batch = [batch[position] for position in mixer.grouped_order([names[row] for row in batch])]
                 mixer.route([names[row] for row in batch])
-                self._forward(encoded, batch, names, outputs)
+                self._forward(encoded, batch, names, outputs, packed=mixer if packed else None)
         for name in dict.fromkeys(name for name in names if self.tasks[name].batch_mixing != PER_ROW):
             self._close_session()
             activate_delta(self.model, name)
@@ -299,7 +306,7 @@ class MultiTaskModel:
             with ExitStack() as stack:
                 if precision == "bf16" and self.device.type == "cpu":
                     stack.enter_context(frozen_linear_weights_in_bf16(self.model, include_trainable=True))
-                for batch in self._batches(encoded, rows_of_delta, batch_size):
+                for batch in self._batches(encoded, rows_of_delta, batch_size)[0]:
                     self._forward(encoded, batch, names, outputs, precision)
             activate_delta(self.model, None)
         predicted = [output for output in outputs if output is not None]
@@ -307,8 +314,15 @@ class MultiTaskModel:
         return predicted
 
     def _forward(
-        self, encoded: Encoded, batch: list[int], names: list[str], outputs: list, precision: str | None = None
+        self,
+        encoded: Encoded,
+        batch: list[int],
+        names: list[str],
+        outputs: list,
+        precision: str | None = None,
+        packed: RowMixer | None = None,
     ) -> None:
+        """One forward pass over `batch`; `packed`: the mixer that routed it, to run its encoder without padding."""
         from deltatune.batching import to_device
         from deltatune.precision import autocast_for
 
@@ -317,16 +331,37 @@ class MultiTaskModel:
         features.pop("labels")
         precision = precision or self._session_precision
         assert precision is not None  # outside a mixed-batch session the caller names the precision
-        with torch.no_grad(), autocast_for(precision, device.type):
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(autocast_for(precision, device.type))
+            if packed is not None:
+                stack.enter_context(packed_encoder(self.model, packed, features["attention_mask"]))
             logits = self.model(**features).logits.float().cpu()
         for position, row in enumerate(batch):
             outputs[row] = logits[position, : self.tasks[names[row]].task.num_labels].numpy()
 
     @staticmethod
-    def _batches(encoded: Encoded, rows: list[int], batch_size: int) -> list[list[int]]:
+    def _batches(
+        encoded: Encoded, rows: list[int], batch_size: int, packable: bool = False
+    ) -> tuple[list[list[int]], bool]:
+        """Rows sorted by length and cut into batches where padding costs (`padding_aware_batches`), and whether
+        to run them packed instead (`deltatune.serve.packed`, when `packable`): then the rows are cut into as few
+        batches as `batch_size` allows, since no linear layer computes padding.
+
+        Packing pays where the padded batches would hold many padding positions (a server's batch of requests
+        in arrival order); over rows sorted across a large call the padded batches hold few, and packing's
+        regathering for attention costs more than it saves.
+        """
         every_length = encoded.lengths  # a property that measures every row: read it once, not once per row
         lengths = [every_length[row] for row in rows]
-        return [[rows[position] for position in batch] for batch in padding_aware_batches(lengths, batch_size)]
+        padded = padding_aware_batches(lengths, batch_size)
+        if packable:
+            padded_tokens = sum(len(batch) * max(lengths[position] for position in batch) for batch in padded)
+            if padded_tokens > PACK_ABOVE_PADDING * sum(lengths):
+                order = sorted(range(len(rows)), key=lengths.__getitem__)
+                chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+                return [[rows[position] for position in chunk] for chunk in chunks], True
+        return [[rows[position] for position in batch] for batch in padded], False
 
     def _encode(self, rows: list[tuple[str, ...]], names: list[str]) -> Encoded:
         """Tokenise each task's rows as that task was trained (its fields and max length), in row order."""
