@@ -18,13 +18,17 @@ to one of the 16 deltas uniformly at random. Measured, in one process with alter
   (deltatune's bf16; PEFT's model cast to bf16). Beside them the base model alone on PEFT's batches (its
   adapters disabled), fp32: what any mixed-adapter side costs at least on those batches, so its ratio to
   PEFT bounds the ratio a side can reach there. PEFT's adapters carry no heads (PEFT cannot merge
-  different heads into one batch), so its side computes the base model's head: the same work, other numbers;
+  different heads into one batch), so its side computes the base model's head: the same work, other numbers.
+  Once more in fp32 on what a server sees, one call per batch-size slice of the requests in arrival order,
+  on both sides (deltatune kept open as the server runs it; where padding would cost it packs the batch);
 - resident memory (RSS after loading and one prediction, each in a fresh process): the 16 deltas on one
   base, one single-task TunedModel, and 16 separately loaded TunedModels;
 - a load test of the live server (`deltatune serve` in its own process on 127.0.0.1): `--clients`
   threads sending requests for `--load-seconds` (bounded in time and count, it stops by itself), a
   delta attached a third of the way in and detached at two thirds; every answer is compared with the
-  offline prediction for the same task and text.
+  offline prediction for the same task and text. Its rate is set against the offline mixed rate of the
+  rounds above and against the same rate measured just before and just after the test (the VM's speed
+  drifts over minutes; the rounds end minutes before the test starts).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ AS_SERVED = (
 )
 METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
 BASE_ALONE = "the base model alone on PEFT's batches (its adapters disabled), fp32"
+LORAS_ARRIVING = "deltatune, 16 LoRAs mixed, fp32, kept open, one call per batch-size slice in arrival order"
+PEFT_ARRIVING = "PEFT, 16 LoRAs mixed (adapter_names), fp32, the same slices in arrival order"
 
 
 # ------------------------------------------------------------------------------------- set-up
@@ -153,10 +159,14 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     peft_bf16, _ = peft_model(args, lora_runs, copies)
     peft_bf16 = peft_bf16.to(torch.bfloat16)  # what a PEFT user does for bf16 inference: the model in bf16
 
-    def run_peft(model=peft, adapters=True):
+    arriving = [
+        list(range(start, min(start + args.batch_size, len(texts)))) for start in range(0, len(texts), args.batch_size)
+    ]
+
+    def run_peft(model=peft, adapters=True, batches=peft_batches):
         outputs = []
         with torch.no_grad():
-            for batch in peft_batches:
+            for batch in batches:
                 features = collate(encoded, batch, single.tokenizer.pad_token_id or 0, False)
                 features.pop("labels")
                 if adapters:
@@ -171,6 +181,12 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     kept = deltatune.load_many(list(runs.values()), names=list(runs))
     kept_open = kept.serving()
     kept_open.__enter__()
+    loras_kept = deltatune.load_many(  # the 16 LoRAs as a server holds them, for the arrival-order comparison
+        [run for _ in range(copies) for run in lora_runs],
+        names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
+    )
+    loras_open = loras_kept.serving()
+    loras_open.__enter__()
     sides = {
         "deltatune, 16 deltas of 4 methods, mixed": lambda: shared.predict(
             texts, task=names, batch_size=args.batch_size
@@ -194,6 +210,16 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
             texts, task=lora_names, batch_size=args.batch_size, precision="bf16"
         ),
         "PEFT, 16 LoRAs mixed (adapter_names), bf16 weights": lambda: run_peft(peft_bf16),
+        LORAS_ARRIVING: lambda: [
+            loras_kept.predict(
+                [texts[i] for i in batch],
+                task=[lora_names[i] for i in batch],
+                batch_size=args.batch_size,
+                precision="fp32",
+            )
+            for batch in arriving
+        ],
+        PEFT_ARRIVING: lambda: run_peft(batches=arriving),
     }
     for run in sides.values():  # warm-up
         run()
@@ -205,6 +231,7 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
             run()
             rates[name].append(len(texts) / (time.perf_counter() - started))
     kept_open.__exit__(None, None, None)
+    loras_open.__exit__(None, None, None)
     return {
         "rates": rates,
         "offline": statistics.median(rates["deltatune, 16 deltas of 4 methods, mixed"]),
@@ -412,6 +439,7 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
 
 def report(args, results: dict) -> str:
     rates, load, memory_bytes = results["rates"], results["load"], results["memory_rss"]
+    around = results["offline_around_load"]
     mixed = "deltatune, 16 deltas of 4 methods, mixed"
     single = "one single-task TunedModel (LoRA)"
     ours, peft = "deltatune, 16 LoRAs mixed, fp32", "PEFT, 16 LoRAs mixed (adapter_names), fp32"
@@ -435,6 +463,7 @@ def report(args, results: dict) -> str:
             ours: (peft, "vs PEFT"),
             BASE_ALONE: (peft, "vs PEFT: what its batches cost with no adapter at all"),
             "deltatune, 16 LoRAs mixed, bf16": ("PEFT, 16 LoRAs mixed (adapter_names), bf16 weights", "vs PEFT"),
+            LORAS_ARRIVING: (PEFT_ARRIVING, "vs PEFT on the same arrival-order batches"),
         }.get(name)
         text = f"{ratio(name, against[0]):.2f}x {against[1]}" if against else "1.00x"
         lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {text} |")
@@ -457,9 +486,12 @@ def report(args, results: dict) -> str:
         f"Live server: {args.clients} clients x {args.inputs_per_request} input(s) per request for "
         f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores).",
         "",
-        "| requests | answered inputs/s | vs offline mixed | p50 ms | p99 ms | 503 | other errors | same label as offline | max probability difference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| requests | answered inputs/s | vs offline mixed (rounds above) | vs offline mixed just before / after | "
+        "p50 ms | p99 ms | 503 | other errors | same label as offline | max probability difference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| {load['requests']} | {load['inputs_per_s']:.1f} | {load['inputs_per_s'] / results['offline']:.2f}x | "
+        f"{load['inputs_per_s'] / around[0]:.2f}x / {load['inputs_per_s'] / around[1]:.2f}x "
+        f"({around[0]:.1f} / {around[1]:.1f} inputs/s) | "
         f"{load['p50_ms']:.0f} | {load['p99_ms']:.0f} | {load['rejected_503']} | {len(load['errors'])} | "
         f"{load['same_label']}/{load['compared']} | {load['max_probability_difference']:.2g} |",
         "",
@@ -505,11 +537,20 @@ def main() -> None:
     results["memory_rss"] = memory(args)
     import deltatune
 
+    # the offline mixed rate again just before and just after the live test: the VM's speed drifts by minutes,
+    # so the live rate is also set against these two, measured around it, not only against the rounds above
     shared = deltatune.load_many(list(runs.values()), names=list(runs))
+    shared.predict(texts[: args.batch_size], task=names[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    started = time.perf_counter()
     offline = shared.predict(texts, task=names, batch_size=args.batch_size)
+    bracket = [len(texts) / (time.perf_counter() - started)]
+    results["load"] = load_test(args, runs, texts, names, offline)
+    started = time.perf_counter()
+    shared.predict(texts, task=names, batch_size=args.batch_size)
+    bracket.append(len(texts) / (time.perf_counter() - started))
+    results["offline_around_load"] = bracket
     del shared
     gc.collect()
-    results["load"] = load_test(args, runs, texts, names, offline)
     results["load_after"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
     text = report(args, results) + f"\nLoad average after: {results['load_after']}."
     print(text)
