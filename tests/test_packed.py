@@ -5,6 +5,7 @@ padded batches would hold many padding positions and the engine chooses to pack 
 """
 
 import pytest
+import torch
 
 import deltatune
 import deltatune.serve.multi as multi
@@ -75,6 +76,44 @@ def test_every_position_wise_method_packed_answers_as_padded(served_runs, monkey
         assert got["label"] == expected["label"]
         for label, probability in expected["probabilities"].items():
             assert got["probabilities"][label] == pytest.approx(probability, abs=1e-5)
+
+
+def save_tiny_roberta_dir(path):
+    from transformers import AutoModel, RobertaConfig
+
+    from conftest import WORDS, build_tokenizer
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,  # RoBERTa's positions start after the padding index
+        type_vocab_size=1,
+        pad_token_id=0,
+    )
+    AutoModel.from_config(config).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_roberta_deltas_packed_answer_as_padded(tmp_path, monkeypatch):
+    base = save_tiny_roberta_dir(tmp_path / "roberta")
+    methods = {"lora": {}, "bitfit": {}, "pfeiffer": {"bottleneck_size": 4}}
+    runs = [
+        make_run(tmp_path / method, base, method, SENTIMENT if seed % 2 else TOPIC, seed, options)
+        for seed, (method, options) in enumerate(methods.items(), start=1)
+    ]
+    engine = deltatune.load_many(runs, names=list(methods))
+    calls = PackedCalls(monkeypatch)
+    packed = predict_all(engine, list(methods))
+    assert calls.count == 2
+    calls.disable()
+    padded = predict_all(engine, list(methods))
+    for got, expected in zip(packed, padded, strict=True):
+        assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
 
 
 def test_each_delta_packed_alone_answers_as_its_delta_loaded_alone(served_runs, monkeypatch):

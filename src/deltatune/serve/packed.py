@@ -6,7 +6,7 @@ on the serving benchmark's requests (MiniLM-L6, batches of 64 in arrival order),
 padded tokens of the same inputs sorted by length across a whole workload and need twice the forward passes.
 
 Within the encoder nothing but attention mixes positions. So for the duration of one forward pass the
-encoder (`backbone.encoder` of a BERT model) is given the batch's real tokens alone, one after another, as
+encoder (`backbone.encoder` of a BERT or RoBERTa model) is given the batch's real tokens alone, one after another, as
 a batch of one-token rows `(tokens, 1, width)`:
 
 - every linear layer, LayerNorm and activation runs on the real tokens only;
@@ -21,7 +21,7 @@ the padded rows after (padding positions zeroed, which no pooling reads), routed
 Only deltas whose method declares `position_wise` (its sites act on each token alone: LoRA, (IA)3,
 BitFit, LayerNorm tuning, adapters) are packed; prompts and prefixes add tokens or change attention, and
 their batches run padded. Outputs equal the padded forward's up to floating-point rounding (tested per
-method on a tiny BERT).
+method on a tiny BERT, and on a tiny RoBERTa).
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from deltatune.batching import padding_aware_batches
 from deltatune.methods.state import RowMixer, attached_deltas
 
 ATTENTION_NAME = "deltatune_packed"
-PACKABLE_MODEL_TYPES = frozenset({"bert"})
+PACKABLE_MODEL_TYPES = frozenset({"bert", "roberta"})
 """Encoders whose layers take (hidden states, attention mask), use transformers' attention-function registry
-and mix positions nowhere but in self-attention, and whose packed outputs are tested against padded ones
-(RoBERTa's layers are BERT's too; it joins this set with a test)."""
+and mix positions nowhere but in self-attention, and whose packed outputs are tested against padded ones."""
 
 
 @dataclass
