@@ -830,3 +830,31 @@ def test_cli_reads_the_loop_options_freelm_gained():
         )
     with pytest.raises(DeltatuneError, match="keep_best_dev needs eval_every"):
         freelm_config_from(build_parser().parse_args(["freelm", "train", "--keep-best-dev"]))
+
+
+def test_dev_evaluation_never_scores_the_examples_the_run_chose_its_checkpoint_on(
+    tmp_path, tiny_causal_dir, offline_data
+):
+    from deltatune.freelm.evaluation import evaluate_freelm, selection_examples
+    from deltatune.sources.data import load_task_data
+
+    out = tmp_path / "kept-best"
+    run_freelm_training(str(tiny_causal_dir), FreeLMConfig(**SMALL_RUN, eval_every=3, keep_best_dev=True), out=out)
+    data = load_task_data("rotten-tomatoes")
+    config = json.loads((out / "deltatune.json").read_text())["freelm"]["config"]
+    held = selection_examples(config, data, "dev")
+    assert len(held) == SMALL_RUN["dev_examples_per_task"]
+    dev = data.split("dev")
+    report = evaluate_freelm(
+        out, ["rotten-tomatoes"], baselines=("zero-shot",), max_examples=None, split="dev", quiet=True
+    )
+    task = report["tasks"]["rotten-tomatoes"]
+    assert task["selection_examples_left_out"] == len(held)
+    assert task["num_examples"] == len(dev) - len(held)
+    test = evaluate_freelm(
+        out, ["rotten-tomatoes"], baselines=("zero-shot",), max_examples=None, split="test", quiet=True
+    )
+    assert test["tasks"]["rotten-tomatoes"]["selection_examples_left_out"] == 0
+    assert test["tasks"]["rotten-tomatoes"]["num_examples"] == len(data.split("test"))
+    # a run that kept its last state chose nothing on dev: nothing is left out
+    assert selection_examples({**config, "keep_best_dev": False}, data, "dev") == set()

@@ -62,12 +62,17 @@ def evaluate_freelm(
     log = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     causal_lm, tokenizer = load_causal_lm(base or manifest.base_model.name)
     causal_lm.eval()
-    examples = {}
+    examples, left_out = {}, {}
     for task_name in tasks:
         data = load_task_data(task_name)
         evaluation = data.split(split)
-        chosen = stratified_subset(evaluation.labels, max_examples or len(evaluation), seed, data.task.is_regression)
-        examples[task_name] = (data, evaluation.subset(chosen))
+        # the dev examples a run chose its kept checkpoint on (--keep-best-dev) would flatter it: never scored here
+        held = selection_examples(freelm.get("config", {}), data, split)
+        pool = [index for index in range(len(evaluation)) if index not in held]
+        labels = [evaluation.labels[index] for index in pool]
+        chosen = stratified_subset(labels, max_examples or len(pool), seed, data.task.is_regression)
+        examples[task_name] = (data, evaluation.subset([pool[position] for position in chosen]))
+        left_out[task_name] = len(held)
 
     results: dict[str, dict] = {}
     for task_name, (data, subset) in examples.items():
@@ -76,6 +81,7 @@ def evaluate_freelm(
             "num_examples": len(subset),
             "split": split,
             "train_task": task_name in freelm["train_tasks"],
+            "selection_examples_left_out": left_out[task_name],
             "systems": {},
             "labels": list(subset.labels),
         }
@@ -100,6 +106,19 @@ def evaluate_freelm(
             "tasks": results,
         }
     )
+
+
+def selection_examples(config: dict, data, split: str) -> set[int]:
+    """The indices of `split` on which a run with `config` (its recorded FreeLM config) chose its kept
+    checkpoint: the stratified dev subset of each training task its dev checks scored, when it kept the best
+    (the same draw `training.seen_task_dev_metrics` makes). Empty otherwise."""
+    count = config.get("dev_examples_per_task") or 0
+    if split != "dev" or not config.get("keep_best_dev") or not count:
+        return set()
+    if data.task.name not in config.get("train_tasks", ()):
+        return set()
+    labels = data.split("dev").labels
+    return set(stratified_subset(labels, count, config.get("seed", 0), data.task.is_regression))
 
 
 def _score_with_freelm(
@@ -285,6 +304,13 @@ def format_table(report: dict) -> str:
         f"{report['max_examples'] or 'all'} examples of the {report['split']} split per task (stratified, "
         f"seed {report['seed']})."
     ]
+    left_out = {name: task.get("selection_examples_left_out", 0) for name, task in report["tasks"].items()}
+    if any(left_out.values()):
+        footer.append(
+            "Left out of the pool: the dev examples the run chose its kept checkpoint on ("
+            + ", ".join(f"{name} {count}" for name, count in left_out.items() if count)
+            + "), so no figure here was scored on them."
+        )
     if training:
         footer.append(
             f"FreeLM training: {training['steps']} steps ({training['teacher_steps']} teacher, "
