@@ -8,7 +8,10 @@ fingerprint each delta records), and attaches each delta under a name (its task'
   tuning, adapters, prompt and prefix tuning) share forward passes: rows are sorted by length across tasks and cut into
   batches where that saves compute (`batching.padding_aware_batches`: a few long rows do not pad every
   short one, and batches are not made so small that each pass's fixed cost dominates); each batch's rows are sorted by delta so each site runs every delta's part on its slice of
-  the batch (`deltatune.methods.state.mixed_rows`, `RowRouting.contiguous`);
+  the batch (`deltatune.methods.state.mixed_rows`, `RowRouting.contiguous`). Where those batches would
+  still hold many padding positions (a server's requests in arrival order) and every delta is
+  position-wise, the rows run packed through a BERT or RoBERTa encoder instead, in as few batches as the
+  batch size allows (`deltatune.serve.packed`);
 - rows of other deltas (full fine-tuning, freeze, sparse masks, ...) run in forward passes of their
   own, one delta at a time, with that delta active;
 - each row's own head gives its task's outputs, mapped to labels or to score units by its own
@@ -292,8 +295,8 @@ class MultiTaskModel:
         mixed = [row for row, name in enumerate(names) if self.tasks[name].batch_mixing == PER_ROW]
         if mixed:
             mixer = self._open_session(precision)
-            packed = packable_deltas(self.model, [names[row] for row in mixed])
-            batches, packed = self._batches(encoded, mixed, batch_size, packed)
+            packable = packable_deltas(self.model, [names[row] for row in mixed])
+            batches, packed = self._batches(encoded, mixed, batch_size, packable)
             for batch in batches:
                 # each delta's rows together: sites then work on slices of the batch, not per-row gathers
                 batch = [batch[position] for position in mixer.grouped_order([names[row] for row in batch])]
