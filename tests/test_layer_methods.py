@@ -334,6 +334,35 @@ def test_sparsity_schedule_warms_up_ramps_and_holds():
         build_method("sparse-mask", {"sparsity": "1.5", "warmup_fraction": "0.7", "ramp_fraction": "0.7"})
 
 
+def test_a_sparse_mask_is_settled_only_once_its_ramp_has_ended():
+    method = build_method("sparse-mask", {"sparsity": "0.04", "warmup_fraction": "0.1", "ramp_fraction": "0.4"})
+    assert [method.settled(step, 100) for step in (0, 10, 30, 49, 50, 100)] == [False] * 4 + [True] * 2
+    assert build_method("lora", {}).settled(0, 100)  # every other method: any state may be kept
+
+
+def test_the_best_state_keeps_an_unsettled_check_only_until_a_settled_one():
+    from deltatune.training import BestState
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    best = BestState([("weight", weight)])
+    outputs = np.zeros((3, 1), np.float32)
+
+    def check(value: float, step: int, settled: bool) -> None:
+        weight.data.fill_(step)
+        best.offer(value, step, {"pearson": value}, outputs, settled)
+
+    check(0.9, 10, settled=False)
+    check(0.8, 20, settled=False)
+    assert (best.step, best.evaluations_since, best.settled) == (10, 0, False)  # nothing counts toward stopping
+    check(0.5, 50, settled=True)  # the first settled check replaces it, though it scores lower
+    assert (best.step, best.value, best.settled) == (50, 0.5, True)
+    check(0.4, 60, settled=True)
+    check(0.99, 70, settled=False)  # never again an unsettled one
+    assert (best.step, best.evaluations_since) == (50, 1)
+    best.restore()
+    assert weight.tolist() == [50.0, 50.0]
+
+
 def train_sparse(kind: str, options: dict, steps: int = 6, seed: int = 0):
     """A few real AdamW steps with the loop's hook order: backward, step, on_step_end."""
     model = build_tiny_model(kind, num_labels=3, seed=seed)

@@ -45,3 +45,12 @@ def test_methods_can_add_facts_to_the_run_record(local):
     report = record.method_report
     assert report["target_sparsity"] == 0.05 and 0 < report["achieved_sparsity"] <= 0.05 + 1e-6
     assert run_training(model, data, "bitfit", {}, TrainConfig(max_steps=1, quiet=True)).method_report == {}
+
+
+def test_a_sparse_mask_is_kept_and_stopped_only_after_its_ramp(local):
+    model, data = local
+    # the ramp ends at half the 20 steps; dev is checked after every step and stopping is as impatient as it gets
+    config = TrainConfig(max_steps=20, batch_size=16, eval_every=1, early_stopping_patience=1, quiet=True)
+    record = run_training(model, data, "sparse-mask", {"sparsity": "0.05"}, config)
+    assert record.best_step >= 10 and record.steps >= 11
+    assert record.method_report["achieved_sparsity"] == pytest.approx(0.05, abs=1e-3)

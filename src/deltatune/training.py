@@ -493,13 +493,29 @@ class BestState:
         self.metrics: dict[str, float] = {}
         self.outputs: np.ndarray | None = None
         self.evaluations_since = 0
+        self.settled = False
+        """Whether the kept state is one the method called settled."""
 
-    def offer(self, value: float, step: int, metrics: dict[str, float], outputs: np.ndarray) -> None:
-        """Keep this state if it beats the best so far (NaN never does)."""
-        if math.isnan(value) or value <= self.value or not np.isfinite(outputs).all():
+    def offer(
+        self, value: float, step: int, metrics: dict[str, float], outputs: np.ndarray, settled: bool = True
+    ) -> None:
+        """Keep this state if it beats the best so far (NaN never does). A state the method calls unsettled
+        (`Method.settled`) is kept only while no settled one is, and counts nothing toward early stopping; the
+        first settled state replaces it whatever the scores."""
+        usable = not math.isnan(value) and np.isfinite(outputs).all()
+        if not settled:
+            if usable and not self.settled and value > self.value:
+                self.value, self.step, self.metrics, self.outputs = value, step, metrics, outputs
+                self._copy()
+            return
+        if not usable or (self.settled and value <= self.value):
             self.evaluations_since += 1
             return
         self.value, self.step, self.metrics, self.outputs, self.evaluations_since = value, step, metrics, outputs, 0
+        self.settled = True
+        self._copy()
+
+    def _copy(self) -> None:
         with torch.no_grad():
             for name, parameter in self.named_parameters:
                 if name in self.tensors:
@@ -914,7 +930,8 @@ class Trainer:
         )
         self.loggers.log({f"dev/{name}": value for name, value in metrics.items()}, self.step)
         if evaluation.value is not None:
-            self.best.offer(evaluation.value, self.step, metrics, evaluation.outputs)
+            settled = self.method.settled(self.step, self.plan.planned_steps)
+            self.best.offer(evaluation.value, self.step, metrics, evaluation.outputs, settled)
         patience = self.config.early_stopping_patience
         if not self.done and patience is not None and self.best.evaluations_since >= patience:
             self.stopped_by = "early_stopping"

@@ -10,6 +10,8 @@ Hooks (the defaults in brackets):
     apply(model, name)                 add the method's modules for delta `name` [register the delta]
     trainable_names(model)             parameter names that train and are saved (required)
     on_step_end(model, step, total)    per-step updates: masks, schedules [nothing]
+    settled(step, total)               whether the delta after `step` is the one the method promises, so a
+                                       dev check may keep it as the best state [True]
     extra_loss(model)                  a regulariser added to the task loss [0.0]
     param_groups(model, lr, settings)  AdamW groups honouring weight decay and layer-wise LR decay
                                        [decay on matrices only; lr · decay^depth]
@@ -230,6 +232,12 @@ class Method:
 
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Runs after every optimizer step (`step` counts from 1)."""
+
+    def settled(self, step: int, total_steps: int) -> bool:
+        """Whether the delta after `step` of `total_steps` is the kind the method promises (a sparse mask whose
+        sparsity ramp has ended). Dev checks before it are on the curve, are kept only while no settled one
+        exists, and do not count toward early stopping."""
+        return True
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | float:
         """A term the training loop adds to the task loss of every batch (a regulariser of the method's own)."""

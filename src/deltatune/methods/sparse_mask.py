@@ -22,7 +22,8 @@ zeroed is decided by the ranking of the scores alone. Ties at the threshold (ent
 never moved) are broken toward the smaller |W|, so a matrix always has exactly k zeros. Because the
 mask is a function of the scores alone, restoring the best dev scores restores its mask exactly;
 if that checkpoint came before the ramp ended, the delta zeroes fewer entries than the
-target (`achieved_sparsity(model)` says how sparse).
+target (`achieved_sparsity(model)` says how sparse). So dev checks during the ramp are kept only until the
+first check after it (`settled`), and early stopping counts only checks after it.
 
 Learning rate: with a fixed threshold at zero, the scores would need a large learning rate
 (1e-2..1e-1), because a score must travel all the way from its positive initial value to zero before
@@ -304,6 +305,10 @@ class SparseMask(Method):
     def describe(self, model: nn.Module) -> dict:
         """The sparsity the saved mask really has (the best dev state may predate the end of the ramp)."""
         return {"target_sparsity": self.config.sparsity, "achieved_sparsity": achieved_sparsity(model, self.delta_name)}
+
+    def settled(self, step: int, total_steps: int) -> bool:
+        """Only once the sparsity ramp has reached its target: a mask kept earlier zeroes fewer entries."""
+        return self.config.sparsity_at(step, total_steps) >= self.config.sparsity
 
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         sparsity = self.config.sparsity_at(step, total_steps)
