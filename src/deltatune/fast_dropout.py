@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from deltatune.attention import register_attention
+
 ATTENTION_NAME = "deltatune_sdpa"
 _LANE_STATES = 65536
 
@@ -100,17 +102,6 @@ def attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
-def _register_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    except ImportError:  # an older transformers without the attention registry: module dropout only
-        return False
-    AttentionInterface.register(ATTENTION_NAME, attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-    return True
-
-
 @contextmanager
 def fast_dropout(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `model` drops out with `keep_mask`; afterwards it is exactly as it was."""
@@ -122,7 +113,10 @@ def fast_dropout(model: nn.Module) -> Iterator[nn.Module]:
     previous = getattr(config, "_attn_implementation", None)
     switch_attention = getattr(model, "set_attn_implementation", None)
     if not (
-        previous == "sdpa" and _attention_dropout(config) > 0 and switch_attention is not None and _register_attention()
+        previous == "sdpa"
+        and _attention_dropout(config) > 0
+        and switch_attention is not None
+        and register_attention(ATTENTION_NAME, attention_forward)
     ):
         switch_attention = None  # attention dropout stays as it is
     if switch_attention is not None:

@@ -30,12 +30,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.attention import register_attention
 from deltatune.batching import padding_aware_batches
 from deltatune.methods.state import RowMixer, attached_deltas
 
@@ -72,7 +74,7 @@ def packable(model: nn.Module, methods: list) -> bool:
         getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES
         and isinstance(getattr(getattr(backbone, "encoder", None), "layer", None), nn.ModuleList)
         and not getattr(config, "is_decoder", False)
-        and _registered()
+        and register_attention(ATTENTION_NAME, packed_attention)
         and all(method is None or method.position_wise for method in methods)
     )
 
@@ -85,9 +87,7 @@ def packable_deltas(model: nn.Module, names: list[str | None]) -> bool:
 
 def _layout(lengths: list[int], device: torch.device) -> list[_Group]:
     """Rows (packed one after another, `lengths[row]` tokens each) cut into attention groups of similar length."""
-    starts = [0]
-    for length in lengths[:-1]:
-        starts.append(starts[-1] + length)
+    starts = [0, *accumulate(lengths[:-1])]
     groups = []
     for batch in padding_aware_batches(lengths, len(lengths)):
         width = max(lengths[row] for row in batch)
@@ -180,21 +180,6 @@ def packed_encoder(model: nn.Module, mixer: RowMixer, attention_mask: torch.Tens
             encoder.forward = original
         else:
             del encoder.forward  # the class's forward again
-
-
-def _registered() -> bool:
-    """Register the packed attention function with transformers once; False where it has no registry."""
-    if getattr(_registered, "done", None) is None:
-        try:
-            from transformers import AttentionInterface
-            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-        except ImportError:
-            _registered.done = False  # type: ignore[attr-defined]
-        else:
-            AttentionInterface.register(ATTENTION_NAME, packed_attention)
-            ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-            _registered.done = True  # type: ignore[attr-defined]
-    return bool(_registered.done)  # type: ignore[attr-defined]
 
 
 __all__ = ["ATTENTION_NAME", "PACKABLE_MODEL_TYPES", "packable", "packable_deltas", "packed_encoder"]
