@@ -659,17 +659,15 @@ class RowMixer:
         index = torch.tensor(groups, dtype=torch.long, device=device)
         if (names, device) not in self._caches and len(self._caches) >= _STACKED_SETS:
             del self._caches[next(iter(self._caches))]  # a long session sees many sets of deltas: keep the latest
-        self.use(
-            RowRouting(
-                names,
-                index,
-                self._caches.setdefault((names, device), {}),
-                segments=_segments(groups),
-                per_delta_cache=self._per_delta,
-            )
+        routing = RowRouting(
+            names,
+            index,
+            self._caches.setdefault((names, device), {}),
+            segments=_segments(groups),
+            per_delta_cache=self._per_delta,
         )
-        assert self.routing is not None
-        return self.routing
+        self.use(routing)
+        return routing
 
     def per_token(self, lengths: torch.Tensor) -> RowRouting:
         """The routing of the current batch's tokens, packed row after row (`lengths[row]` tokens each) and
