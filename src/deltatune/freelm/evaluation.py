@@ -29,6 +29,7 @@ from deltatune.freelm.scoring import (
     task_metrics,
     verbaliser_scores,
 )
+from deltatune.freelm.training import dev_check_examples
 from deltatune.tasks.propositions import propositions_for
 
 BASELINES = ("zero-shot", "k-shot")
@@ -111,14 +112,13 @@ def evaluate_freelm(
 def selection_examples(config: dict, data, split: str) -> set[int]:
     """The indices of `split` on which a run with `config` (its recorded FreeLM config) chose its kept
     checkpoint: the stratified dev subset of each training task its dev checks scored, when it kept the best
-    (the same draw `training.seen_task_dev_metrics` makes). Empty otherwise."""
+    (`deltatune.freelm.training.dev_check_examples`). Empty otherwise."""
     count = config.get("dev_examples_per_task") or 0
     if split != "dev" or not config.get("keep_best_dev") or not count:
         return set()
     if data.task.name not in config.get("train_tasks", ()):
         return set()
-    labels = data.split("dev").labels
-    return set(stratified_subset(labels, count, config.get("seed", 0), data.task.is_regression))
+    return set(dev_check_examples(data, count, config.get("seed", 0)))
 
 
 def _score_with_freelm(

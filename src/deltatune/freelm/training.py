@@ -542,6 +542,12 @@ def perplexity(model: FreeLMModel, blocks: Sequence[list[int]], batch_size: int 
     return float(math.exp(np.mean(losses)))
 
 
+def dev_check_examples(data: TaskData, count: int, seed: int) -> list[int]:
+    """The dev examples a run's dev checks score (`seen_task_metrics`): a stratified draw of `count`, by `seed`.
+    `deltatune freelm eval` leaves them out of a dev evaluation of a run that kept its best check."""
+    return stratified_subset(data.split("dev").labels, count, seed, data.task.is_regression)
+
+
 def seen_task_metrics(
     model: FreeLMModel,
     tokenizer,
@@ -559,9 +565,7 @@ def seen_task_metrics(
         if not config.dev_examples_per_task or "dev" not in data.splits:
             continue
         task_propositions = (propositions or {}).get(data.task.name) or propositions_for(data.task)
-        dev = data.split("dev")
-        chosen = stratified_subset(dev.labels, config.dev_examples_per_task, config.seed, data.task.is_regression)
-        subset = dev.subset(chosen)
+        subset = data.split("dev").subset(dev_check_examples(data, config.dev_examples_per_task, config.seed))
         # the first template only: a cheap check that training took; `deltatune freelm eval` averages them all
         scores = proposition_scores(
             model, tokenizer, task_propositions, subset.texts, [0], max_length=config.max_length, precision=precision
