@@ -135,56 +135,89 @@ def peft_model(args, lora_runs: list[Path], copies: int):
 # --------------------------------------------------------------------------------- throughput
 
 
+def mixed_loras(lora_runs: list[Path], copies: int):
+    """The LoRA deltas on one base, each under `copies` names (16 deltas from 4 trained LoRAs)."""
+    import deltatune
+
+    return deltatune.load_many(
+        [run for _ in range(copies) for run in lora_runs],
+        names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
+    )
+
+
+def lora_requests(args, texts: list[str], peft_names: list[str]) -> list[str]:
+    """The LoRA delta each request goes to (the same draw in every script that compares with PEFT)."""
+    rng = random.Random(args.seed + 1)
+    return [rng.choice(peft_names) for _ in texts]
+
+
+def arrival_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Consecutive slices of `batch_size` requests in arrival order: what a server's batches hold."""
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
+def run_peft(model, encoded, pad_token_id: int, lora_names: list[str], batches, adapters: bool = True) -> list:
+    """PEFT's mixed-adapter inference over `batches` (each row with its `lora_names` adapter), or its base
+    layers alone on the same batches."""
+    import torch
+
+    from deltatune.batching import collate
+
+    outputs = []
+    with torch.no_grad():
+        for batch in batches:
+            features = collate(encoded, batch, pad_token_id, False)
+            features.pop("labels")
+            if adapters:
+                outputs.append(model(**features, adapter_names=[lora_names[i] for i in batch]).logits)
+            else:
+                with model.disable_adapter():  # the base layers alone, on the same batches
+                    outputs.append(model(**features).logits)
+    return outputs
+
+
+def alternate_rounds(sides: dict, rounds: int, count: int) -> dict[str, list[float]]:
+    """Each side once to warm up, then `rounds` rounds of every side in turn: inputs per second per round."""
+    for run in sides.values():
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, run in sides.items():
+            gc.collect()
+            started = time.perf_counter()
+            run()
+            rates[name].append(count / (time.perf_counter() - started))
+    return rates
+
+
 def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) -> dict:
     import torch
 
     import deltatune
-    from deltatune.batching import collate, encode, length_bucketed_batches
+    from deltatune.batching import encode, length_bucketed_batches
     from deltatune.tasks.spec import Split
 
     shared = deltatune.load_many(list(runs.values()), names=list(runs))
     single = deltatune.load(runs[f"{TASKS[0]}-lora"])
     lora_runs = [runs[f"{task}-lora"] for task in TASKS]
     copies = 4
-    loras = deltatune.load_many(
-        [run for _ in range(copies) for run in lora_runs],
-        names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
-    )
+    loras = mixed_loras(lora_runs, copies)
     peft, peft_names = peft_model(args, lora_runs, copies)
-    rng = random.Random(args.seed + 1)
-    lora_names = [rng.choice(peft_names) for _ in texts]
+    lora_names = lora_requests(args, texts, peft_names)
 
     encoded = encode(single.tokenizer, single.task, Split([(t,) for t in texts], [0] * len(texts)), 128)
     peft_batches = length_bucketed_batches(encoded.lengths, args.batch_size, None)
     peft_bf16, _ = peft_model(args, lora_runs, copies)
     peft_bf16 = peft_bf16.to(torch.bfloat16)  # what a PEFT user does for bf16 inference: the model in bf16
-
-    arriving = [
-        list(range(start, min(start + args.batch_size, len(texts)))) for start in range(0, len(texts), args.batch_size)
-    ]
-
-    def run_peft(model=peft, adapters=True, batches=peft_batches):
-        outputs = []
-        with torch.no_grad():
-            for batch in batches:
-                features = collate(encoded, batch, single.tokenizer.pad_token_id or 0, False)
-                features.pop("labels")
-                if adapters:
-                    outputs.append(model(**features, adapter_names=[lora_names[i] for i in batch]).logits)
-                else:
-                    with model.disable_adapter():  # the base layers alone, on the same batches
-                        outputs.append(model(**features).logits)
-        return outputs
+    arriving = arrival_batches(len(texts), args.batch_size)
+    pad_token_id = single.tokenizer.pad_token_id or 0
 
     # the same 16 deltas as the server holds them: the mixed-batch state (routing plans, bf16 weight copies)
     # kept open across calls by `serving()`, where a plain `predict` call opens and closes it each time
     kept = deltatune.load_many(list(runs.values()), names=list(runs))
     kept_open = kept.serving()
     kept_open.__enter__()
-    loras_kept = deltatune.load_many(  # the 16 LoRAs as a server holds them, for the arrival-order comparison
-        [run for _ in range(copies) for run in lora_runs],
-        names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
-    )
+    loras_kept = mixed_loras(lora_runs, copies)  # the 16 LoRAs as a server holds them, for arrival order
     loras_open = loras_kept.serving()
     loras_open.__enter__()
     sides = {
@@ -204,12 +237,16 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
         "deltatune, 16 LoRAs mixed, fp32": lambda: loras.predict(
             texts, task=lora_names, batch_size=args.batch_size, precision="fp32"
         ),
-        "PEFT, 16 LoRAs mixed (adapter_names), fp32": run_peft,
-        BASE_ALONE: lambda: run_peft(adapters=False),
+        "PEFT, 16 LoRAs mixed (adapter_names), fp32": lambda: run_peft(
+            peft, encoded, pad_token_id, lora_names, peft_batches
+        ),
+        BASE_ALONE: lambda: run_peft(peft, encoded, pad_token_id, lora_names, peft_batches, adapters=False),
         "deltatune, 16 LoRAs mixed, bf16": lambda: loras.predict(
             texts, task=lora_names, batch_size=args.batch_size, precision="bf16"
         ),
-        "PEFT, 16 LoRAs mixed (adapter_names), bf16 weights": lambda: run_peft(peft_bf16),
+        "PEFT, 16 LoRAs mixed (adapter_names), bf16 weights": lambda: run_peft(
+            peft_bf16, encoded, pad_token_id, lora_names, peft_batches
+        ),
         LORAS_ARRIVING: lambda: [
             loras_kept.predict(
                 [texts[i] for i in batch],
@@ -219,17 +256,9 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
             )
             for batch in arriving
         ],
-        PEFT_ARRIVING: lambda: run_peft(batches=arriving),
+        PEFT_ARRIVING: lambda: run_peft(peft, encoded, pad_token_id, lora_names, arriving),
     }
-    for run in sides.values():  # warm-up
-        run()
-    rates = {name: [] for name in sides}
-    for _ in range(args.rounds):
-        for name, run in sides.items():
-            gc.collect()
-            started = time.perf_counter()
-            run()
-            rates[name].append(len(texts) / (time.perf_counter() - started))
+    rates = alternate_rounds(sides, args.rounds, len(texts))
     kept_open.__exit__(None, None, None)
     loras_open.__exit__(None, None, None)
     return {

@@ -12,11 +12,8 @@ what a server sees. A quick repeat of those rows without the memory and live-ser
 from __future__ import annotations
 
 import argparse
-import gc
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,10 +22,8 @@ import serve as bench  # noqa: E402  (benchmarks/serve.py, beside this file)
 
 
 def main() -> None:
-    import torch
-
     import deltatune
-    from deltatune.batching import collate, encode, length_bucketed_batches
+    from deltatune.batching import encode, length_bucketed_batches
     from deltatune.tasks.spec import Split
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,26 +37,14 @@ def main() -> None:
     texts, _ = bench.request_pool(args, runs)
     lora_runs = [runs[f"{task}-lora"] for task in bench.TASKS]
     copies = 4
-    loras = deltatune.load_many(
-        [run for _ in range(copies) for run in lora_runs],
-        names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
-    )
+    loras = bench.mixed_loras(lora_runs, copies)
     peft, peft_names = bench.peft_model(args, lora_runs, copies)
-    rng = random.Random(args.seed + 1)  # the delta of each request, drawn as benchmarks/serve.py draws them
-    lora_names = [rng.choice(peft_names) for _ in texts]
+    lora_names = bench.lora_requests(args, texts, peft_names)
     single = deltatune.load(runs[f"{bench.TASKS[0]}-lora"])
     encoded = encode(single.tokenizer, single.task, Split([(text,) for text in texts], [0] * len(texts)), 128)
     sorted_batches = length_bucketed_batches(encoded.lengths, args.batch_size, None)
-    arriving = [
-        list(range(start, min(start + args.batch_size, len(texts)))) for start in range(0, len(texts), args.batch_size)
-    ]
-
-    def run_peft(batches: list[list[int]]) -> None:
-        with torch.no_grad():
-            for batch in batches:
-                features = collate(encoded, batch, single.tokenizer.pad_token_id or 0, False)
-                features.pop("labels")
-                peft(**features, adapter_names=[lora_names[i] for i in batch])
+    arriving = bench.arrival_batches(len(texts), args.batch_size)
+    pad_token_id = single.tokenizer.pad_token_id or 0
 
     def run_deltatune(batches: list[list[int]] | None) -> None:
         if batches is None:
@@ -73,20 +56,12 @@ def main() -> None:
 
     sides = {
         "deltatune, sorted": lambda: run_deltatune(None),
-        "PEFT, sorted": lambda: run_peft(sorted_batches),
+        "PEFT, sorted": lambda: bench.run_peft(peft, encoded, pad_token_id, lora_names, sorted_batches),
         "deltatune, arrival order": lambda: run_deltatune(arriving),
-        "PEFT, arrival order": lambda: run_peft(arriving),
+        "PEFT, arrival order": lambda: bench.run_peft(peft, encoded, pad_token_id, lora_names, arriving),
     }
-    rates: dict[str, list[float]] = {name: [] for name in sides}
     with loras.serving():
-        for run in sides.values():  # warm-up
-            run()
-        for _ in range(options.rounds):
-            for name, run in sides.items():
-                gc.collect()
-                started = time.perf_counter()
-                run()
-                rates[name].append(len(texts) / (time.perf_counter() - started))
+        rates = bench.alternate_rounds(sides, options.rounds, len(texts))
     for name, values in rates.items():
         print(f"{name}: {statistics.median(values):.1f} inputs/s (median of {options.rounds} rounds)")
     for ours, theirs in (("deltatune, sorted", "PEFT, sorted"), ("deltatune, arrival order", "PEFT, arrival order")):
