@@ -37,8 +37,7 @@ class ScriptedTrainer:
         if until >= 1.0:
             self.stopped_by = "epochs"
 
-    def score(self, encoded) -> float:
-        assert encoded is self.data.rung_dev
+    def rung_score(self) -> float:
         return self.scores[self.step]
 
     def close(self) -> None:
@@ -126,3 +125,88 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
 
     assert curve(searched) == curve(single) and [p["step"] for p in single.learning_curve][:2] == [6, 12]
     assert searched.dev_metrics == single.dev_metrics and searched.test_metrics == single.test_metrics
+
+
+def _count_forwards(monkeypatch) -> list[int]:
+    """Patch the training loop's `predict_encoded` to note how many examples each scoring pass reads."""
+    import deltatune.training as training
+
+    sizes: list[int] = []
+    real = training.predict_encoded
+
+    def counted(model, encoded, *args, **kwargs):
+        sizes.append(len(encoded))
+        return real(model, encoded, *args, **kwargs)
+
+    monkeypatch.setattr(training, "predict_encoded", counted)
+    return sizes
+
+
+def test_a_rung_on_an_evaluation_step_reads_that_evaluation_instead_of_scoring_again(local, monkeypatch):  # noqa: F811
+    import deltatune.training as training
+    from deltatune.run import run_training
+
+    model, data = local
+    monkeypatch.setattr(training, "RUNG_DEV_EXAMPLES", 6)  # a rung part strictly smaller than dev
+    sizes = _count_forwards(monkeypatch)
+    settings = dict(max_steps=40, batch_size=8, eval_every=10, quiet=True, seed=3, precision="fp32")
+    record = run_training(
+        model, data, "full", {}, TrainConfig(lr_search=(1e-7, 3e-3), lr_search_rungs=(0.25,), **settings)
+    )
+    # two candidates evaluated at step 10 (where the rung is), the survivor at 20, 30, 40, then test: no rung pass
+    dev_size = sizes[0]
+    assert sizes[:-1] == [dev_size] * 5 and dev_size > 6
+    survivor = next(c for c in record.lr_search["candidates"] if c["stopped_at_rung"] is None)
+    assert record.lr_search["rung_examples"] == 6 and len(survivor["rung_scores"]) == 1
+
+    # the score read from the evaluation is the score of a pass over the rung's examples alone
+    from deltatune.sources.models import load_model_for_task, load_tokenizer
+    from deltatune.sources.records import load_data_from_record
+    from deltatune.training import Trainer, prepare_data
+
+    task_data = load_data_from_record(data)
+    task_model, _ = load_model_for_task(model, task_data.task)
+    tokenizer = load_tokenizer(model)
+    config = TrainConfig(learning_rate=3e-3, **settings)
+    prepared = prepare_data(
+        task_model, tokenizer, task_data.task, task_data.split("train"), task_data.split("dev"), None, config
+    )
+    from deltatune.methods import build_method
+    from deltatune.run import prepare_model
+
+    method = build_method("full", {})
+    prepare_model(task_model, method, tokenizer)
+    trainer = Trainer(task_model, method, task_data.task, prepared, config)
+    trainer.advance(0.25)
+    before = len(sizes)
+    reused = trainer.rung_score()
+    assert len(sizes) == before  # no forward pass
+    assert reused == pytest.approx(trainer.score(prepared.rung_dev), abs=1e-6)
+    assert len(sizes) == before + 1 and sizes[-1] == 6
+    trainer.close()
+
+
+def test_eval_examples_cuts_the_evaluations_to_a_fixed_part_of_dev_and_records_the_whole(local, monkeypatch):  # noqa: F811
+    from deltatune.run import run_training
+
+    model, data = local
+    settings = dict(max_steps=24, batch_size=8, eval_every=8, quiet=True, seed=5, precision="fp32", learning_rate=3e-3)
+    whole = run_training(model, data, "full", {}, TrainConfig(**settings))
+    sizes = _count_forwards(monkeypatch)
+    part = run_training(model, data, "full", {}, TrainConfig(eval_examples=6, **settings))
+    # three evaluations of 6 examples, then the kept state over the whole of dev, then test
+    assert sizes[:3] == [6, 6, 6] and sizes[3] > 6 and len(sizes) == 5
+    assert [p["step"] for p in part.learning_curve] == [8, 16, 24]
+    # training does not depend on what dev is read, so the kept state is one the whole-dev run also evaluated:
+    # its record holds that state's whole-dev metrics
+    kept = next(p for p in whole.learning_curve if p["step"] == part.best_step)
+    assert part.dev_metrics == pytest.approx(kept["metrics"], abs=1e-9) and part.test_metrics is not None
+
+    def curve(record):
+        return [(point["step"], point["metrics"]) for point in record.learning_curve]
+
+    # asking for at least all of dev is the default run
+    same = run_training(model, data, "full", {}, TrainConfig(eval_examples=10_000, **settings))
+    assert curve(same) == curve(whole) and same.dev_metrics == whole.dev_metrics
+    with pytest.raises(Exception, match="eval_examples=0"):
+        TrainConfig(eval_examples=0)

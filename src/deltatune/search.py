@@ -127,7 +127,7 @@ def _halve(
             break
         for candidate in alive:
             candidate.trainer.advance(rung)
-            candidate.rung_scores.append(candidate.trainer.score(candidate.trainer.data.rung_dev))
+            candidate.rung_scores.append(candidate.trainer.rung_score())
         # stable sort: on a tie the smaller rate (listed first) goes on
         ranked = sorted(alive, key=lambda c: -c.rank_score())
         keep = math.ceil(len(alive) / 2)

@@ -116,6 +116,10 @@ class TrainConfig:
     """Evaluate on dev every this many steps. Default: once per epoch (and always at the end)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a dev improvement; none to disable."""
+    eval_examples: int | None = None
+    """Dev examples the evaluations during training read (the curve, early stopping, the kept state, the
+    learning-rate search): a stratified subset of this many, fixed by the seed, so each costs less; the kept
+    state is then scored once on the whole of dev for the record. Default: all of dev every time."""
     convergence_tolerance: float = 0.005
     """A run is flagged not converged when its best dev evaluation was its last and beat every earlier one
     by more than this (in metric units: 0.005 is half a point of accuracy or Pearson); a curve with a
@@ -194,7 +198,14 @@ class TrainConfig:
             problems.append(f"data_fraction={self.data_fraction} must be in (0, 1]")
         if self.epochs <= 0:
             problems.append(f"epochs={self.epochs} must be positive")
-        for name in ("max_steps", "min_steps", "num_examples", "eval_every", "early_stopping_patience"):
+        for name in (
+            "max_steps",
+            "min_steps",
+            "num_examples",
+            "eval_every",
+            "early_stopping_patience",
+            "eval_examples",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name}={value} must be at least 1 (or left unset)")
@@ -274,7 +285,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
 @dataclass
 class TrainResult:
     best_metrics: dict[str, float]
-    """Dev metrics of the kept (best dev) state."""
+    """Dev metrics of the kept (best dev) state, over the whole of dev (see `TrainConfig.eval_examples`)."""
     best_step: int
     steps: int
     examples_seen: int
@@ -295,7 +306,7 @@ class TrainResult:
     learning_curve: list[dict] = field(default_factory=list)
     """One entry per evaluation: step, examples seen, training seconds so far, dev metrics."""
     best_dev_outputs: np.ndarray | None = None
-    """The model's raw dev outputs (logits or scores, in task units) at the best evaluation, in dev order."""
+    """The kept state's raw outputs (logits or scores, in task units) on the whole of dev, in dev order."""
     dev_labels: list | None = None
     test_metrics: dict[str, float] | None = None
     """Metrics of the kept state on the test split; None when the task has none."""
@@ -418,6 +429,16 @@ class TrainingData:
     pad_token_id: int
     rung_dev: Encoded
     """The part of dev a learning-rate search ranks its candidates on (`RUNG_DEV_EXAMPLES`)."""
+    selection_dev: Encoded | None = None
+    """The part of dev the evaluations during training read (`TrainConfig.eval_examples`); None: all of it."""
+    rung_positions: list[int] | None = None
+    """Where each rung_dev example sits in what the evaluations read (selection_dev, else dev): a rung that
+    falls on an evaluation's step takes its score from that evaluation's outputs instead of a second forward."""
+
+    @property
+    def evaluated_dev(self) -> Encoded:
+        """What each evaluation during training scores: selection_dev if set, else the whole of dev."""
+        return self.selection_dev if self.selection_dev is not None else self.dev
 
 
 def prepare_data(
@@ -454,9 +475,17 @@ def prepare_data(
     if scale is not None:
         offset, factor = scale
         train_data.labels = [(y - offset) / factor for y in train_data.labels]
-    rung_size = max(RUNG_DEV_EXAMPLES, len(dev_data) // 4)
-    rung_dev = dev_data.subset(stratified_subset(dev_data.labels, rung_size, config.seed, task.is_regression))
-    return TrainingData(train_data, dev_data, test_data, scale, pad_token_id, rung_dev)
+    selection_dev = None
+    if config.eval_examples is not None and config.eval_examples < len(dev_data):
+        chosen = stratified_subset(dev_data.labels, config.eval_examples, config.seed, task.is_regression)
+        selection_dev = dev_data.subset(chosen)
+    evaluated = selection_dev if selection_dev is not None else dev_data
+    rung_size = max(RUNG_DEV_EXAMPLES, len(evaluated) // 4)
+    rung_positions = stratified_subset(evaluated.labels, rung_size, config.seed, task.is_regression)
+    rung_dev = evaluated.subset(rung_positions)
+    return TrainingData(
+        train_data, dev_data, test_data, scale, pad_token_id, rung_dev, selection_dev, list(rung_positions)
+    )
 
 
 @dataclass(frozen=True)
@@ -642,7 +671,7 @@ class TaskBatches(BatchStrategy):
         return StepWork(loss, len(indices), real_tokens, padded_tokens)
 
     def evaluate(self, trainer: Trainer) -> Evaluation | None:
-        task, dev = trainer.task, trainer.data.dev
+        task, dev = trainer.task, trainer.data.evaluated_dev
         outputs = trainer._outputs(dev)
         metrics = compute_metrics(task.metrics, outputs_to_predictions(outputs, task), dev.labels)
         return Evaluation(metrics, metrics[task.metric], outputs)
@@ -722,6 +751,8 @@ class Trainer:
         # a GPU draws its dropout masks from its own generator: kept per trainer the same way
         self.device_rng_state = _seeded_cuda_rng_state((config.seed + self.group.rank) % 2**63, self.device)
         self.curve: list[dict] = []
+        self.last_outputs: tuple[int, np.ndarray] | None = None
+        """The step of the latest dev evaluation and its outputs (what a rung at that step scores)."""
         self.step = 0
         self.meters = Meters()
         self.stopped_by: str | None = None
@@ -804,6 +835,17 @@ class Trainer:
         value = compute_metrics((self.task.metric,), outputs_to_predictions(outputs, self.task), encoded.labels)
         self.meters.add_evaluation(started)
         return value[self.task.metric]
+
+    def rung_score(self) -> float:
+        """The primary metric of the current state on the search's part of dev (`TrainingData.rung_dev`): read
+        from the dev evaluation of this very step when there was one (its outputs hold the rung's examples),
+        else scored afresh (`score`)."""
+        data = self.data
+        if self.last_outputs is not None and self.last_outputs[0] == self.step and data.rung_positions is not None:
+            outputs = self.last_outputs[1][data.rung_positions]
+            predictions = outputs_to_predictions(outputs, self.task)
+            return compute_metrics((self.task.metric,), predictions, data.rung_dev.labels)[self.task.metric]
+        return self.score(data.rung_dev)
 
     def _next_batch(self) -> list[int]:
         """The indices of the next batch; a new epoch gets a new batch order."""
@@ -929,6 +971,8 @@ class Trainer:
             }
         )
         self.loggers.log({f"dev/{name}": value for name, value in metrics.items()}, self.step)
+        if evaluation.outputs is not None:
+            self.last_outputs = (self.step, evaluation.outputs)
         if evaluation.value is not None:
             settled = self.method.settled(self.step, self.plan.planned_steps)
             self.best.offer(evaluation.value, self.step, metrics, evaluation.outputs, settled)
@@ -990,6 +1034,20 @@ class Trainer:
         self.loggers.log({f"test/{name}": value for name, value in metrics.items()}, self.step)
         return metrics, outputs
 
+    def _whole_dev(self) -> tuple[dict[str, float], np.ndarray | None]:
+        """The kept state's dev metrics and outputs over the whole of dev: the kept evaluation's own when the
+        evaluations read all of dev, else one more pass (on the main process; others return the kept ones)."""
+        data = self._data
+        if data is None or data.selection_dev is None or self.best.outputs is None:
+            return self.best.metrics, self.best.outputs
+        if not (self.group.is_main or self.sharded):
+            return self.best.metrics, self.best.outputs
+        started = time.perf_counter()
+        outputs = self._outputs(self.data.dev)
+        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.dev.labels)
+        self.meters.add_evaluation(started)
+        return metrics, outputs
+
     def restore_best(self) -> None:
         """Undo the training-time changes to the model and leave it holding its best dev state (the last state
         when nothing was chosen), in evaluation mode."""
@@ -1001,9 +1059,11 @@ class Trainer:
         self.model.eval()
 
     def finish(self) -> TrainResult:
-        """Leave the model holding its best dev state, evaluate that state on test, and say how it went."""
+        """Leave the model holding its best dev state, evaluate that state on test (and on the whole of dev when
+        the evaluations read part of it), and say how it went."""
         self.restore_best()
         try:
+            dev_metrics, dev_outputs = self._whole_dev()
             test_metrics, test_outputs = self._test()
         finally:
             self.loggers.close()
@@ -1012,7 +1072,7 @@ class Trainer:
         )
         width, meters = self.task.num_labels, self.meters
         return TrainResult(
-            best_metrics=self.best.metrics,
+            best_metrics=dev_metrics,
             best_step=self.best.step,
             steps=self.step,
             examples_seen=meters.examples_seen,
@@ -1032,7 +1092,7 @@ class Trainer:
             converged=not rising,
             last_gain=gain,
             learning_curve=self.curve,
-            best_dev_outputs=self.best.outputs if self.best.outputs is not None else np.zeros((0, width), np.float32),
+            best_dev_outputs=dev_outputs if dev_outputs is not None else np.zeros((0, width), np.float32),
             dev_labels=list(self.data.dev.labels),
             test_metrics=test_metrics,
             test_outputs=test_outputs,
