@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_sentiment_rows, save_tiny_model_dir
 from deltatune.cli import main
-from deltatune.compare.presets import preset_spec
+from deltatune.compare.presets import estimate_seconds, preset_spec
 from deltatune.compare.spec import parse_method_flag, parse_spec, read_spec_file, spec_from_flags
 from deltatune.errors import DeltatuneError
 
@@ -263,10 +263,16 @@ def test_a_method_variant_can_carry_its_own_training_settings(workspace):
 
 
 def test_presets_are_valid_at_every_size():
-    for size, cells in (("demo", 3 * 2), ("small", 4 * 5 * 3 * (4 + 2)), ("full", 4 * 5 * 3 * (4 + 3))):
+    for size, cells in (("demo", 3 * 2), ("small", 4 * 3 * 2 * 3), ("full", 4 * 5 * 3 * (4 + 3))):
         spec = parse_spec(preset_spec("doering2024", size))
         assert len(spec.cells) == cells
         assert spec.baseline == "full"
+    # the short sizes read 500 dev examples at each evaluation; their estimates are the minutes and the hour
+    # their docs promise
+    for size, limit in (("demo", 12 * 60), ("small", 90 * 60)):
+        spec = parse_spec(preset_spec("doering2024", size))
+        assert {cell.payload()["train"]["eval_examples"] for cell in spec.cells} == {500}
+        assert estimate_seconds(spec) < limit
     full = parse_spec(preset_spec("doering2024", "full"))
     assert {m.name for m in full.methods} == {"full", "bitfit", "houlsby", "pfeiffer", "lora"}
     assert {t.name: t.max_train_examples for t in full.tasks}["snli"] == 5000

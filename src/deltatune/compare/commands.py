@@ -199,9 +199,10 @@ def compare_command(args: argparse.Namespace) -> int:
     estimate_text = None
     if estimate is not None:
         estimate_text = (
-            f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with AMX "
-            f"(MiniLM-L6 in bf16), about {_format_duration(2 * estimate)} on one without (e.g. AMD "
-            "Zen 4); early stopping usually ends cells sooner"
+            f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with native bf16 "
+            "(a Xeon with AMX or an AMD Zen 4; MiniLM-L6 in bf16), about "
+            f"{_format_duration(2 * estimate)} on one without, which trains in fp32; early stopping usually "
+            "ends cells sooner"
         )
     if args.dry_run:
         untrained = f" and {len(spec.baseline_cells)} without training" if spec.baseline_cells else ""

@@ -12,11 +12,14 @@ training set.
 Every size chooses each method's learning rate on dev (successive halving over its candidates), trains
 at least `min_steps` and stops early on dev, judges on the test split, and adds no-training rows
 (majority; embedding-cosine for STS-B). Sizes, with `estimate_seconds` (one cell at a time on a 2-core
-CPU with AMX, MiniLM-L6 in bf16; an upper bound, since early stopping usually ends cells sooner; about
-twice as long on a CPU without AMX such as AMD Zen 4):
-    demo   stsb only, full/bitfit/lora, a 2,000-example pool at 25% and 100%, 1 seed, 2 learning rates per method
-    small  all four tasks and five methods, 2,000-example pools, 3 seeds, time budgets 20 and 60 s
-    full   whole training sets (SNLI: a 5,000-pair pool), 3 seeds, time budgets 30, 90 and 270 s
+CPU with native bf16, MiniLM-L6 in bf16; an upper bound, since early stopping usually ends cells sooner;
+measured: the demo took 8 min 56 s on a Xeon with AMX and 9 min 44 s on an AMD Zen 4):
+    demo   stsb only, full/bitfit/lora, a 2,000-example pool at 25% and 100%, 1 seed, 2 learning rates per
+           method (about 10 minutes)
+    small  all four tasks, full/bitfit/lora, 1,000-example pools at 25% and 100%, 3 seeds, the demo's
+           learning rates and budgets (about an hour)
+    full   whole training sets (SNLI: a 5,000-pair pool), all five methods, 4 data fractions, 3 seeds, 4
+           learning rates per method, and time budgets of 30, 90 and 270 s (a day or more)
 `deltatune compare --preset doering2024 --size S --dry-run` prints the cells and the estimate.
 """
 
@@ -33,9 +36,25 @@ _DOERING_DESCRIPTION = (
     "sms-spam (MCC, for CoLA) and an SNLI subset."
 )
 
-_SMALL_TRAIN = {"batch_size": 32, "epochs": 6, "min_steps": 200, "eval_every": 50, "early_stopping_patience": 3}
-"""Every cell: at least 200 steps (a 200-example fraction is not starved), at most 6 epochs, stopping once
-dev has not improved for 150 steps; evaluations every 50 steps."""
+_TWO_RATES = [
+    {"name": "full", "method": "full", "train": {"lr_search": [5e-5, 1e-4]}},
+    {"name": "bitfit", "method": "bitfit", "train": {"lr_search": [3e-3, 1e-2]}},
+    {"name": "lora", "method": "lora", "train": {"lr_search": [2e-3, 5e-3]}},
+]
+"""The demo and small sizes: two candidates each, from the upper middle of the method's own range
+(`learning_rate_candidates`), where a run of a few hundred steps does best."""
+_SHORT_TRAIN = {
+    "batch_size": 32,
+    "epochs": 3,
+    "min_steps": 80,
+    "eval_every": 20,
+    "early_stopping_patience": 2,
+    "lr_search_rungs": [0.25],
+    "eval_examples": 500,
+}
+"""The demo and small sizes: at least 80 steps, at most 3 epochs, dev every 20 steps on a fixed 500-example
+part of dev (the kept state is scored on the whole of dev and on test), stopping after 2 evaluations without
+improvement; the search halves its two candidates at a quarter of the plan."""
 
 PRESETS: dict[str, dict[str, dict]] = {
     "doering2024": {
@@ -61,26 +80,20 @@ PRESETS: dict[str, dict[str, dict]] = {
             ],
         },
         "small": {
-            "title": "BitFit and adapters against full fine-tuning (Doering et al. 2024), small size",
-            "description": _DOERING_DESCRIPTION + " Every task's training pool is capped at 2,000 examples.",
+            "title": "BitFit and LoRA against full fine-tuning (Doering et al. 2024), small size",
+            "description": _DOERING_DESCRIPTION
+            + " Full fine-tuning, BitFit and LoRA; every task's training pool is capped at 1,000 examples;"
+            " 3 seeds.",
             "models": ["minilm-l6"],
             "tasks": ["stsb", "rotten-tomatoes", "sms-spam", "snli"],
-            "max_train_examples": 2000,
-            "methods": _DOERING_METHODS,
+            "max_train_examples": 1000,
+            "methods": _TWO_RATES,
+            "fractions": [0.25, 1.0],
+            "time_budgets": [None],
             "seeds": [0, 1, 2],
-            "train": _SMALL_TRAIN,
-            "lr_search": "auto",
+            "train": _SHORT_TRAIN,
             "baselines": ["majority", "embedding-cosine"],
             "baseline": "full",
-            "grids": [
-                {"name": "data", "fractions": [0.1, 0.3, 0.6, 1.0], "time_budgets": [None]},
-                {
-                    "name": "time",
-                    "fractions": [1.0],
-                    "time_budgets": [20, 60],
-                    "train": {"epochs": 50, "early_stopping_patience": None},
-                },
-            ],
         },
         "demo": {
             "title": "BitFit and LoRA against full fine-tuning on STS-B (Doering et al. 2024, demo size)",
@@ -93,23 +106,11 @@ PRESETS: dict[str, dict[str, dict]] = {
             "models": ["minilm-l6"],
             "tasks": ["stsb"],
             "max_train_examples": 2000,
-            # two candidates each, from the middle of the method's own range (`learning_rate_candidates`)
-            "methods": [
-                {"name": "full", "method": "full", "train": {"lr_search": [5e-5, 1e-4]}},
-                {"name": "bitfit", "method": "bitfit", "train": {"lr_search": [3e-3, 1e-2]}},
-                {"name": "lora", "method": "lora", "train": {"lr_search": [2e-3, 5e-3]}},
-            ],
+            "methods": _TWO_RATES,
             "fractions": [0.25, 1.0],
             "time_budgets": [None],
             "seeds": [0],
-            "train": {
-                "batch_size": 32,
-                "epochs": 3,
-                "min_steps": 80,
-                "eval_every": 20,
-                "early_stopping_patience": 2,
-                "lr_search_rungs": [0.25],
-            },
+            "train": _SHORT_TRAIN,
             "baselines": ["embedding-cosine"],
             "baseline": "full",
         },
@@ -150,7 +151,7 @@ TRAIN_EXAMPLES_PER_S = {"full": 75.0, "freeze": 140.0, "sparse-mask": 60.0, "hou
 """MiniLM-L6 training speed in bf16 on a 2-core CPU with AMX, in STS-B pairs per second through the bi-encoder
 head (two texts of ~14 tokens each: the slower case; a single text of the same length trains faster), as
 measured by the demo preset's cells; a method not listed trains at DEFAULT_EXAMPLES_PER_S. A 2-core AMD Zen 4
-without AMX runs about half as fast."""
+(AVX512-BF16, no AMX) ran the demo within 10% of that time (9 min 44 s against 8 min 56 s)."""
 DEFAULT_EXAMPLES_PER_S = 125.0
 EVAL_EXAMPLES_PER_S = 500.0
 STARTUP_S = 15.0
@@ -173,8 +174,8 @@ def preset_spec(name: str, size: str = "full") -> dict:
 def estimate_cell_seconds(cell, speed_scale: float = 1.0) -> float:
     """A wall-clock estimate of one cell, with no early stopping (so usually more than it takes).
 
-    A task of unknown size counts as 1,000 training examples. `speed_scale` multiplies every speed (0.5 for
-    a CPU without AMX). The runner scales these by how long finished cells really took, for its ETA.
+    A task of unknown size counts as 1,000 training examples. `speed_scale` multiplies every speed (e.g. 0.5 for
+    a CPU without native bf16, which trains in fp32). The runner scales these by how long finished cells really took, for its ETA.
     """
     from deltatune.compare.spec import BaselineCell
 
@@ -195,7 +196,10 @@ def estimate_cell_seconds(cell, speed_scale: float = 1.0) -> float:
     runs = search_cost(_candidate_count(cell, config), config.lr_search_rungs) if config.lr_search else 1.0
     evaluations = runs * (seconds * speed / config.batch_size) / plan.eval_every + 2 * len(config.lr_search_rungs) + 1
     dev, test = APPROXIMATE_DEV_SIZES.get(cell.task.name, 200), APPROXIMATE_TEST_SIZES.get(cell.task.name, 200)
-    return runs * seconds + (evaluations * dev + test) / (EVAL_EXAMPLES_PER_S * speed_scale) + STARTUP_S
+    # evaluations read `eval_examples` of dev; the kept state is then scored on the whole of dev once more
+    evaluated = min(dev, config.eval_examples or dev)
+    scored = evaluations * evaluated + (dev if evaluated < dev else 0) + test
+    return runs * seconds + scored / (EVAL_EXAMPLES_PER_S * speed_scale) + STARTUP_S
 
 
 def _train_config(cell):
