@@ -267,12 +267,15 @@ def test_presets_are_valid_at_every_size():
         spec = parse_spec(preset_spec("doering2024", size))
         assert len(spec.cells) == cells
         assert spec.baseline == "full"
-    # the short sizes read 500 dev examples at each evaluation; their estimates are the minutes and the hour
-    # their docs promise
-    for size, limit in (("demo", 12 * 60), ("small", 90 * 60)):
+    # the small size reads 500 dev examples at each evaluation, the demo all of dev; their estimates are the
+    # minutes and the hour their docs promise, and reading part of dev is estimated to cost less
+    for size, limit, evaluated in (("demo", 12 * 60, None), ("small", 90 * 60, 500)):
         spec = parse_spec(preset_spec("doering2024", size))
-        assert {cell.payload()["train"]["eval_examples"] for cell in spec.cells} == {500}
+        assert {cell.payload()["train"]["eval_examples"] for cell in spec.cells} == {evaluated}
         assert estimate_seconds(spec) < limit
+    whole_dev = preset_spec("doering2024", "small")
+    whole_dev["train"]["eval_examples"] = None
+    assert estimate_seconds(parse_spec(whole_dev)) > estimate_seconds(parse_spec(preset_spec("doering2024", "small")))
     full = parse_spec(preset_spec("doering2024", "full"))
     assert {m.name for m in full.methods} == {"full", "bitfit", "houlsby", "pfeiffer", "lora"}
     assert {t.name: t.max_train_examples for t in full.tasks}["snli"] == 5000
