@@ -3,6 +3,7 @@ untrained output is the embedding-cosine baseline."""
 
 import csv
 import json
+import math
 import random
 
 import numpy as np
@@ -245,3 +246,71 @@ def test_a_bi_encoder_given_pairs_encoded_together_is_a_clear_error(tmp_path, ti
         predict_encoded(model, together, SIMILARITY, tokenizer.pad_token_id or 0)
     apart = encode(tokenizer, SIMILARITY, split, 32, texts_separately=True)
     assert predict_encoded(model, apart, SIMILARITY, tokenizer.pad_token_id or 0).shape == (2, 1)
+
+
+def test_cosent_penalises_each_pair_scored_the_wrong_way_round():
+    from deltatune.training import cosent_loss, fit_line
+
+    labels = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    right = cosent_loss(torch.tensor([0.9, 0.1, 0.3], dtype=torch.float64), labels)
+    # the pairs (0, 1) and (0, 2) are ordered; the tie (1, 2) is not a pair
+    expected = math.log(1 + math.exp(20 * (0.1 - 0.9)) + math.exp(20 * (0.3 - 0.9)))
+    assert right.item() == pytest.approx(expected, rel=1e-5)
+    wrong = cosent_loss(torch.tensor([0.1, 0.9, 0.3], dtype=torch.float64), labels)
+    assert wrong.item() == pytest.approx(math.log(1 + math.exp(16) + math.exp(4)), rel=1e-5)
+    assert cosent_loss(torch.tensor([0.2, 0.7]), torch.tensor([0.5, 0.5])).item() == 0.0  # no ordered pair
+    assert fit_line(np.array([0.0, 1.0, 2.0]), np.array([1.0, 3.0, 5.0])) == pytest.approx((1.0, 2.0))
+    assert fit_line(np.array([0.4, 0.4]), np.array([1.0, 3.0])) == (2.0, 0.0)
+
+
+def test_a_cosent_run_maps_its_cosines_onto_the_score_range_by_a_line_fitted_on_training_data(tmp_path, tiny_bert_dir):
+    import deltatune
+    from deltatune.run import load_data_from_record
+
+    local = {
+        "path": str(write_pairs(tmp_path / "pairs.csv", 120, 3)),
+        "text_fields": ["a", "b"],
+        "label_field": "score",
+        "regression": True,
+    }
+    data = deltatune.data_record("pairs", local=local)
+    record = deltatune.train(
+        str(tiny_bert_dir),
+        data=data,
+        method="lora",
+        out=str(tmp_path / "run"),
+        head="bi-encoder",
+        regression_loss="cosent",
+        max_steps=6,
+        batch_size=16,
+        learning_rate=1e-2,
+        quiet=True,
+        precision="fp32",
+    )
+    low, high = load_data_from_record(data).task.score_range
+    tuned = deltatune.load(tmp_path / "run")
+    offset, factor = tuned.manifest.target_scale
+    assert (offset, factor) != (low, high - low) and record.dev_metrics["pearson"] > -1  # refitted
+    # the saved delta predicts through the fitted line: its outputs on the training pairs fit their scores
+    train = load_data_from_record(data).split("train")
+    answers = tuned.predict([a for a, _ in train.texts], [b for _, b in train.texts], precision="fp32")
+    predicted = np.array([answer["score"] for answer in answers])
+    gold = np.asarray(train.labels, dtype=float)
+    raw = (predicted - offset) / factor
+    # a least-squares line: its outputs average the gold scores, and miss them by less than the plain cosine
+    # mapping (or any other line) does
+    assert predicted.mean() == pytest.approx(gold.mean(), abs=1e-2)
+    plain = low + (high - low) * raw
+    assert ((predicted - gold) ** 2).sum() <= ((plain - gold) ** 2).sum()
+    assert ((predicted - gold) ** 2).sum() <= ((gold.mean() + 0.5 * (predicted - gold.mean()) - gold) ** 2).sum()
+    with pytest.raises(DeltatuneError, match="regression_loss=cosent ranks the cosine similarities"):
+        deltatune.train(
+            str(tiny_bert_dir),
+            data=data,
+            method="lora",
+            out=str(tmp_path / "cross"),
+            head="cross-encoder",
+            regression_loss="cosent",
+            max_steps=1,
+            quiet=True,
+        )

@@ -132,6 +132,11 @@ class TrainConfig:
     """Successive halving: at each of these fractions of the planned steps (or of the time budget) every
     remaining learning rate is scored on a fixed part of dev (see `RUNG_DEV_EXAMPLES`) and the better half
     (rounded up) goes on. With 4 candidates and (0.125, 0.25) the search trains 4/8 + 2/8 + 3/4 = 1.5 runs."""
+    regression_loss: Literal["mse", "cosent"] = "mse"
+    """A score task's loss: mse on the scaled target, or cosent (Su 2022; bi-encoder head only): for every two
+    examples of a batch whose gold scores differ, log(1 + sum exp(20 (cos_lower - cos_higher))), which trains
+    the order of the cosines and not their values; the kept state's outputs are then mapped onto the score
+    range by a least-squares line fitted on the training examples."""
     head: Literal["auto", "cross-encoder", "bi-encoder"] = "auto"
     """The task head: the text (or pair) as one sequence, or each text of a pair encoded alone and compared
     (see `deltatune.heads`); auto picks per model family and task."""
@@ -239,11 +244,33 @@ class TrainConfig:
             raise DeltatuneError("; ".join(problems))
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+COSENT_SCALE = 20.0
+"""CoSENT's temperature over cosine differences (Su 2022's value)."""
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, loss: str = "mse") -> torch.Tensor:
     logits = logits.float()
     if regression:
+        if loss == "cosent":
+            return cosent_loss(logits.squeeze(-1), labels)
         return nn.functional.mse_loss(logits.squeeze(-1), labels)
     return nn.functional.cross_entropy(logits, labels)
+
+
+def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float = COSENT_SCALE) -> torch.Tensor:
+    """CoSENT: log(1 + sum over pairs (i, j) with labels[i] > labels[j] of exp(scale * (scores[j] - scores[i])))."""
+    wrong_way = scale * (scores[None, :] - scores[:, None])  # [i, j]: how far j's score is above i's
+    ordered = labels[:, None] > labels[None, :]
+    terms = torch.cat([wrong_way.new_zeros(1), wrong_way[ordered]])
+    return torch.logsumexp(terms, dim=0)
+
+
+def fit_line(raw: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising sum (a + b raw - target)^2; a flat `raw` gives b = 0 and a the targets' mean."""
+    raw, targets = np.asarray(raw, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    spread = float(((raw - raw.mean()) ** 2).sum())
+    slope = float(((raw - raw.mean()) * (targets - targets.mean())).sum() / spread) if spread > 0 else 0.0
+    return float(targets.mean() - slope * raw.mean()), slope
 
 
 def peak_memory_bytes() -> int:
@@ -706,6 +733,14 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.model, self.method, self.task, self._data = model.to(self.device), method, task, data
+        self.target_scale = data.target_scale if data is not None else None
+        """Regression: (offset, factor) from the model's raw outputs to task units (a CoSENT run refits it at the end)."""
+        if config.regression_loss == "cosent" and not (task.is_regression and encodes_texts_separately(model)):
+            raise DeltatuneError(
+                f"regression_loss=cosent ranks the cosine similarities of a bi-encoder, but {task.name!r} "
+                + ("is a classification task" if not task.is_regression else "is read by a cross-encoder head")
+                + ": use it with a sentence-pair score task and --head bi-encoder, or leave --regression-loss mse."
+            )
         self.strategy = strategy or TaskBatches()
         self.sharded = config.fsdp
         if config.fsdp:
@@ -876,9 +911,8 @@ class Trainer:
             labels = batch.pop("labels")
             with autocast_for(config.precision, self.device.type):
                 logits = self.model(**batch).logits
-            loss = (task_loss(logits, labels, self.task.is_regression) + self.method.extra_loss(self.model)) * (
-                len(part) / len(indices)
-            )
+            task_part = task_loss(logits, labels, self.task.is_regression, config.regression_loss)
+            loss = (task_part + self.method.extra_loss(self.model)) * (len(part) / len(indices))
             if backward:
                 # FSDP averages the ranks' gradients, where these losses are weighted to be summed
                 reduced = loss * group.world_size if self.sharded else loss
@@ -984,7 +1018,31 @@ class Trainer:
         raw = predict_encoded(
             self.model, encoded, self.task, self.data.pad_token_id, self.config.eval_batch_size, self.config.precision
         )
-        return to_task_units(raw, self.data.target_scale)
+        return to_task_units(raw, self.target_scale)
+
+    def _calibrate(self) -> None:
+        """A run trained with CoSENT learned the order of its outputs, not their values: fit raw -> target on
+        the training examples (raw units) and fold the line into `target_scale`, re-expressing the kept dev
+        outputs and metrics in the new units. Every rank computes it (the same weights give the same line)."""
+        if self.config.regression_loss != "cosent" or self._data is None or self.target_scale is None:
+            return
+        offset, factor = self.target_scale
+        raw = predict_encoded(
+            self.model,
+            self.data.train,
+            self.task,
+            self.data.pad_token_id,
+            self.config.eval_batch_size,
+            self.config.precision,
+        )[:, 0]
+        intercept, slope = fit_line(raw, np.asarray(self.data.train.labels))
+        self.target_scale = (offset + factor * intercept, factor * slope)
+        if self.best.outputs is not None:
+            raw_dev = (self.best.outputs - offset) / factor
+            self.best.outputs = to_task_units(raw_dev, self.target_scale)
+            evaluated = self.data.evaluated_dev
+            predictions = outputs_to_predictions(self.best.outputs, self.task)
+            self.best.metrics = compute_metrics(self.task.metrics, predictions, evaluated.labels)
 
     def _progress_bar(self):
         if self.config.quiet or not self.group.is_main:
@@ -1063,6 +1121,7 @@ class Trainer:
         the evaluations read part of it), and say how it went."""
         self.restore_best()
         try:
+            self._calibrate()
             dev_metrics, dev_outputs = self._whole_dev()
             test_metrics, test_outputs = self._test()
         finally:
@@ -1097,7 +1156,7 @@ class Trainer:
             test_metrics=test_metrics,
             test_outputs=test_outputs,
             test_labels=list(self.data.test.labels) if self.data.test is not None else None,
-            target_scale=self.data.target_scale,
+            target_scale=self.target_scale,
             step_seconds=meters.step_seconds,
             step_real_tokens=meters.step_real_tokens,
             precision=self.config.precision,
