@@ -274,18 +274,9 @@ def test_a_cosent_run_maps_its_cosines_onto_the_score_range_by_a_line_fitted_on_
         "regression": True,
     }
     data = deltatune.data_record("pairs", local=local)
+    settings = dict(data=data, method="lora", regression_loss="cosent", batch_size=16, quiet=True, precision="fp32")
     record = deltatune.train(
-        str(tiny_bert_dir),
-        data=data,
-        method="lora",
-        out=str(tmp_path / "run"),
-        head="bi-encoder",
-        regression_loss="cosent",
-        max_steps=6,
-        batch_size=16,
-        learning_rate=1e-2,
-        quiet=True,
-        precision="fp32",
+        str(tiny_bert_dir), out=str(tmp_path / "run"), head="bi-encoder", max_steps=6, learning_rate=1e-2, **settings
     )
     low, high = load_data_from_record(data).task.score_range
     tuned = deltatune.load(tmp_path / "run")
@@ -304,13 +295,4 @@ def test_a_cosent_run_maps_its_cosines_onto_the_score_range_by_a_line_fitted_on_
     assert ((predicted - gold) ** 2).sum() <= ((plain - gold) ** 2).sum()
     assert ((predicted - gold) ** 2).sum() <= ((gold.mean() + 0.5 * (predicted - gold.mean()) - gold) ** 2).sum()
     with pytest.raises(DeltatuneError, match="regression_loss=cosent ranks the cosine similarities"):
-        deltatune.train(
-            str(tiny_bert_dir),
-            data=data,
-            method="lora",
-            out=str(tmp_path / "cross"),
-            head="cross-encoder",
-            regression_loss="cosent",
-            max_steps=1,
-            quiet=True,
-        )
+        deltatune.train(str(tiny_bert_dir), out=str(tmp_path / "cross"), head="cross-encoder", max_steps=1, **settings)
