@@ -49,6 +49,8 @@ LATER_FIELD_DEFAULTS = {
     "mezo_epsilon": 1e-3,
     "hft_stage_steps": None,
     "surgical_probe_steps": 20,
+    "eval_examples": None,
+    "regression_loss": "mse",
 }
 """TrainConfig fields added after grids were first stored: left out of a cell's identity at their default,
 so an experiment stored before them resumes instead of training every cell again."""
