@@ -227,3 +227,17 @@ def test_markdown_export_keeps_small_learning_rates_readable():
         "0.0000",
         "12346",
     ]
+
+
+def test_the_report_says_which_part_of_dev_chose_the_checkpoints(experiment):
+    from deltatune.compare.report import _evaluation_fact
+
+    analysis = analyze(experiment)
+    assert "chosen on dev;" in _evaluation_fact(analysis)
+    first = analysis.finished[0]["record"]
+    analysis.finished[0]["record"] = {
+        **first,
+        "train_config": {**(first.get("train_config") or {}), "eval_examples": 500},
+    }
+    fact = _evaluation_fact(analysis)
+    assert "chosen on a fixed stratified 500 examples of dev" in fact and "all of dev" in fact

@@ -451,10 +451,20 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
 def _evaluation_fact(analysis: Analysis) -> str:
     split = _split(analysis)
     searched = any((c.get("record") or {}).get("lr_search") for c in analysis.finished)
+    parts = sorted(
+        {
+            n
+            for c in analysis.finished
+            if (n := ((c.get("record") or {}).get("train_config") or {}).get("eval_examples")) is not None
+        }
+    )
+    where = "dev" if not parts else f"a fixed stratified {' or '.join(f'{n:,}' for n in parts)} examples of dev"
     text = (
-        "checkpoint" + (" and learning rate (successive halving)" if searched else "") + " chosen on dev; "
+        "checkpoint" + (" and learning rate (successive halving)" if searched else "") + f" chosen on {where}; "
         f"reported metrics, intervals and verdicts on {split}"
     )
+    if parts:
+        text += " (the dev column scores the kept state on all of dev)"
     if split != "test":
         text += " (WARNING: a task without a test split is judged on the dev data that chose the checkpoint)"
     return text + "; a run whose dev curve still rose at its end is 'not converged' and gets no worse-by verdict"
