@@ -207,9 +207,13 @@ def test_min_steps_takes_more_epochs_when_the_data_are_few():
 def test_a_curve_still_rising_at_its_end_is_not_converged():
     from deltatune.training import still_improving
 
-    assert still_improving([0.5, 0.6, 0.7], 0.005) == (True, pytest.approx(0.1))
-    assert still_improving([0.5, 0.7, 0.703], 0.005)[0] is False  # levelled off within the tolerance
-    assert still_improving([0.5, 0.8, 0.7], 0.005)[0] is False  # its best came before the end
+    assert still_improving([0.5, 0.6, 0.7], 0.005) == (True, pytest.approx(0.2))  # the last two over the first
+    assert still_improving([0.5, 0.7, 0.703, 0.701], 0.005)[0] is False  # levelled off within the tolerance
+    assert still_improving([0.5, 0.8, 0.7, 0.75], 0.005)[0] is False  # its best came two evaluations before the end
+    # one dip after a climb is not a plateau (an SNLI BitFit curve): the last two still beat the earlier best
+    assert still_improving([0.418, 0.438, 0.504, 0.518, 0.5], 0.005) == (True, pytest.approx(0.014))
+    assert still_improving([0.5, 0.8, 0.7], 0.005)[0] is True
+    assert still_improving([0.5, 0.8], 0.005)[0] is True and still_improving([0.8, 0.5], 0.005)[0] is False
     assert still_improving([0.6], 0.005) == (True, None)  # one point cannot show convergence
     _, flat = trained(epochs=3, eval_every=5, learning_rate=1e-12)  # nothing moves: converged at once
     assert flat.converged and flat.last_gain is not None and abs(flat.last_gain) < 1e-9

@@ -208,7 +208,7 @@ class RunRecord:
     converged: bool = True
     """False when the dev curve was still rising at the end."""
     last_gain: float | None = None
-    """How much the last evaluation beat every earlier one."""
+    """How much the best of the last two evaluations beat every earlier one (`training.still_improving`)."""
     examples_seen: int
     """Training examples processed, repeats counted."""
     train_time_s: float

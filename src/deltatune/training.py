@@ -121,7 +121,7 @@ class TrainConfig:
     learning-rate search): a stratified subset of this many, fixed by the seed, so each costs less; the kept
     state is then scored once on the whole of dev for the record. Default: all of dev every time."""
     convergence_tolerance: float = 0.005
-    """A run is flagged not converged when its best dev evaluation was its last and beat every earlier one
+    """A run is flagged not converged when the best of its last two dev evaluations beat every earlier one
     by more than this (in metric units: 0.005 is half a point of accuracy or Pearson); a curve with a
     single evaluation cannot show convergence and is flagged too."""
     lr_search: tuple[float, ...] | Literal["auto"] | None = None
@@ -329,7 +329,8 @@ class TrainResult:
     converged: bool
     """False when the dev curve was still rising at the end (see `still_improving`)."""
     last_gain: float | None
-    """How much the last evaluation beat every earlier one (metric units; None with fewer than two)."""
+    """How much the best of the last two evaluations beat every earlier one (metric units; None with fewer than
+    two evaluations; see `still_improving`)."""
     learning_curve: list[dict] = field(default_factory=list)
     """One entry per evaluation: step, examples seen, training seconds so far, dev metrics."""
     best_dev_outputs: np.ndarray | None = None
@@ -587,13 +588,20 @@ class BestState:
                     parameter.copy_(self.tensors[name])
 
 
+CONVERGENCE_WINDOW = 2
+"""A run has converged when its last this-many evaluations did not beat its earlier best by more than the
+tolerance: early stopping's own test at a patience of two, so one dip after a climb does not count as a plateau."""
+
+
 def still_improving(values: list[float], tolerance: float) -> tuple[bool, float | None]:
-    """(True when the curve's best is its last point and beat every earlier one by more than `tolerance`,
-    the last point's gain over the best earlier one). One point cannot show convergence: (True, None)."""
+    """(True when the best of the last `CONVERGENCE_WINDOW` evaluations beat every earlier one by more than
+    `tolerance`, that gain). A two-point curve is judged on its last point; one point cannot show
+    convergence: (True, None)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if len(values) < 2:
         return True, None
-    gain = values[-1] - max(values[:-1])
+    window = min(CONVERGENCE_WINDOW, len(values) - 1)
+    gain = max(values[-window:]) - max(values[:-window])
     return gain > tolerance, gain
 
 

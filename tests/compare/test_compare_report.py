@@ -241,3 +241,14 @@ def test_the_report_says_which_part_of_dev_chose_the_checkpoints(experiment):
     }
     fact = _evaluation_fact(analysis)
     assert "chosen on a fixed stratified 500 examples of dev" in fact and "all of dev" in fact
+
+
+def test_a_stored_cell_is_judged_converged_by_the_current_rule():
+    from deltatune.compare.summary import judged_convergence
+
+    # recorded as converged by the rule before (its last evaluation was not its best), though it still climbs
+    cell = {"kind": "train", "primary_metric": "accuracy", "converged": 1, "record": {"train_config": {}}}
+    curve = [{"metrics": {"accuracy": value}} for value in (0.418, 0.438, 0.504, 0.518, 0.5)]
+    assert judged_convergence(cell, curve) is False
+    assert judged_convergence(cell, [{"metrics": {"accuracy": v}} for v in (0.4, 0.52, 0.518, 0.519)]) is True
+    assert judged_convergence({**cell, "kind": "baseline"}, curve) is None and judged_convergence(cell, []) is None

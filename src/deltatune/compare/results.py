@@ -23,7 +23,10 @@ TABLES = ("cells", "curves")
 
 
 def cell_rows(exp_dir: str | Path, include_stale: bool = False) -> tuple[list[str], list[dict]]:
+    from deltatune.compare.summary import judged_convergence
+
     cells = store.load_cells(exp_dir, include_stale=include_stale)
+    curves = store.load_curves(exp_dir, [c["cell_id"] for c in cells if c["status"] == "finished"])
     metric_names = sorted({name for cell in cells for name in (cell["dev_metrics"] or {})})
     columns = [
         *store.SCALAR_COLUMNS,
@@ -34,6 +37,9 @@ def cell_rows(exp_dir: str | Path, include_stale: bool = False) -> tuple[list[st
     rows = []
     for cell in cells:
         row = {column: cell.get(column) for column in store.SCALAR_COLUMNS}
+        judged = judged_convergence(cell, curves.get(cell["cell_id"])) if cell["status"] == "finished" else None
+        if judged is not None:  # the report's rule, also for cells stored under an earlier one
+            row["converged"] = int(judged)
         for name in metric_names:
             row[f"test_{name}"] = (cell["test_metrics"] or {}).get(name)
             row[f"dev_{name}"] = (cell["dev_metrics"] or {}).get(name)

@@ -188,6 +188,10 @@ def analyze(exp_dir: str | Path, include_stale: bool = False) -> Analysis:
         if cell["variant"] not in order:
             order.append(cell["variant"])
     curves = store.load_curves(exp_dir, [c["cell_id"] for c in finished])
+    for cell in finished:
+        judged = judged_convergence(cell, curves.get(cell["cell_id"]))
+        if judged is not None:
+            cell["converged"] = judged
 
     by_group: dict[GroupKey, list[dict]] = defaultdict(list)
     untrained: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -333,6 +337,20 @@ def _withhold_unconverged(
     elif reference.still_rising and result.matches:
         result.inconclusive, result.matches = True, None
         result.verdict = f"inconclusive: {baseline} not converged after {_steps(reference.unconverged_steps)} steps"
+
+
+def judged_convergence(cell: dict, curve: list[dict] | None) -> bool | None:
+    """Whether a finished cell's dev curve had levelled off by the current rule (`training.still_improving`),
+    so a store recorded under an earlier rule is judged as a new one would be; None for a row without a
+    curve (no training), whose stored flag stands."""
+    if cell.get("kind") == "baseline" or not curve:
+        return None
+    from deltatune.training import still_improving
+
+    train_config = (cell.get("record") or {}).get("train_config") or {}
+    tolerance = train_config.get("convergence_tolerance", 0.005)
+    rising, _ = still_improving([point["metrics"].get(cell["primary_metric"]) for point in curve], tolerance)
+    return not rising
 
 
 def _steps(steps: list[int]) -> str:
