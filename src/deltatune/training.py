@@ -743,12 +743,7 @@ class Trainer:
         self.model, self.method, self.task, self._data = model.to(self.device), method, task, data
         self.target_scale = data.target_scale if data is not None else None
         """Regression: (offset, factor) from the model's raw outputs to task units (a CoSENT run refits it at the end)."""
-        if config.regression_loss == "cosent" and not (task.is_regression and encodes_texts_separately(model)):
-            raise DeltatuneError(
-                f"regression_loss=cosent ranks the cosine similarities of a bi-encoder, but {task.name!r} "
-                + ("is a classification task" if not task.is_regression else "is read by a cross-encoder head")
-                + ": use it with a sentence-pair score task and --head bi-encoder, or leave --regression-loss mse."
-            )
+        _check_regression_loss(config, task, model)
         self.strategy = strategy or TaskBatches()
         self.sharded = config.fsdp
         if config.fsdp:
@@ -1174,6 +1169,16 @@ class Trainer:
 
 STOP_REASONS = (None, "epochs", "min_steps", "max_steps", "time_budget", "early_stopping", "diverged")
 """What can end training (None: nothing yet), in the order several processes broadcast them."""
+
+
+def _check_regression_loss(config: TrainConfig, task: TaskSpec, model: nn.Module) -> None:
+    """CoSENT ranks a bi-encoder's cosines: refuse it for a classification task or a cross-encoder head."""
+    if config.regression_loss == "cosent" and not (task.is_regression and encodes_texts_separately(model)):
+        raise DeltatuneError(
+            f"regression_loss=cosent ranks the cosine similarities of a bi-encoder, but {task.name!r} "
+            + ("is a classification task" if not task.is_regression else "is read by a cross-encoder head")
+            + ": use it with a sentence-pair score task and --head bi-encoder, or leave --regression-loss mse."
+        )
 
 
 def _check_batch_divides(config: TrainConfig, world_size: int) -> None:
