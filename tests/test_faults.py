@@ -52,9 +52,26 @@ def train_command(workspace: Path, out: Path, *extra: str, model: Path | None = 
     ]
 
 
+_STARTED: list[subprocess.Popen] = []
+"""Every process a test started: killed when the test ends, passed or failed (a test that timed out waiting
+for one must not leave it training for hours on the machine)."""
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def start(command: list[str]) -> subprocess.Popen:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    _STARTED.append(process)
+    return process
 
 
 def wait_until(condition, timeout: float = 120.0, interval: float = 0.05, what: str = "condition") -> None:
