@@ -18,8 +18,8 @@ measured: the demo took 8 min 56 s on a Xeon with AMX and 9 min 44 s on an AMD Z
            method (about 10 minutes)
     small  all four tasks, full/bitfit/lora, 1,000-example pools at 25% and 100%, 3 seeds, the demo's
            learning rates and budgets (1 h 17 min on the AMD Zen 4; its 80-96 steps leave the classification
-           tasks' runs still learning, which the report says instead of giving verdicts; at least 250 steps
-           let them converge: docs/results/doering2024-small/)
+           tasks' runs still learning, which the report says instead of giving verdicts; with at least 250 steps
+           all but BitFit on SNLI and sms-spam converged: docs/results/doering2024-small/)
     full   whole training sets (SNLI: a 5,000-pair pool), all five methods, 4 data fractions, 3 seeds, 4
            learning rates per method, and time budgets of 30, 90 and 270 s (a day or more)
 `deltatune compare --preset doering2024 --size S --dry-run` prints the cells and the estimate.
