@@ -1088,10 +1088,7 @@ class Trainer:
         every rank but 0; a sharded model's ranks all run the forward passes)."""
         if self.data.test is None or not (self.group.is_main or self.sharded):
             return None, None
-        started = time.perf_counter()
-        outputs = self._outputs(self.data.test)
-        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.test.labels)
-        self.meters.add_evaluation(started)
+        metrics, outputs = self._scored(self.data.test)
         self.loggers.log({f"test/{name}": value for name, value in metrics.items()}, self.step)
         return metrics, outputs
 
@@ -1103,9 +1100,13 @@ class Trainer:
             return self.best.metrics, self.best.outputs
         if not (self.group.is_main or self.sharded):
             return self.best.metrics, self.best.outputs
+        return self._scored(self.data.dev)
+
+    def _scored(self, encoded: Encoded) -> tuple[dict[str, float], np.ndarray]:
+        """Every metric of the current state on `encoded` and its outputs, timed as evaluation."""
         started = time.perf_counter()
-        outputs = self._outputs(self.data.dev)
-        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), self.data.dev.labels)
+        outputs = self._outputs(encoded)
+        metrics = compute_metrics(self.task.metrics, outputs_to_predictions(outputs, self.task), encoded.labels)
         self.meters.add_evaluation(started)
         return metrics, outputs
 
