@@ -262,17 +262,82 @@ def test_a_method_variant_can_carry_its_own_training_settings(workspace):
         )
 
 
+def test_a_task_can_carry_its_own_training_settings_under_the_methods(workspace):
+    plain = parse_spec(
+        read_spec_file(
+            write_spec(
+                workspace,
+                """
+        models: [tiny-bert]
+        tasks: [stsb, {name: toy, path: toy.csv, text_fields: [text]}]
+        methods: [full, {name: full-fast, method: full, train: {learning_rate: 1e-4}}]
+        train: {epochs: 2, min_steps: 10}
+    """,
+            )
+        )
+    )
+    spec = parse_spec(
+        read_spec_file(
+            write_spec(
+                workspace,
+                """
+        models: [tiny-bert]
+        tasks: [stsb, {name: toy, path: toy.csv, text_fields: [text], train: {min_steps: 50, learning_rate: 3e-5}}]
+        methods: [full, {name: full-fast, method: full, train: {learning_rate: 1e-4}}]
+        train: {epochs: 2, min_steps: 10}
+    """,
+            )
+        )
+    )
+    settings = {(c.task.name, c.method.name): (c.train["min_steps"], c.train["learning_rate"]) for c in spec.cells}
+    # the task's settings go over the grid's, a method variant's over the task's
+    assert settings == {
+        ("stsb", "full"): (10, None),
+        ("stsb", "full-fast"): (10, 1e-4),
+        ("toy", "full"): (50, 3e-5),
+        ("toy", "full-fast"): (50, 1e-4),
+    }
+    # a task without settings of its own keeps its cells' identities: a stored grid resumes them
+    before = {(c.task.name, c.method.name): c.cell_id for c in plain.cells}
+    after = {(c.task.name, c.method.name): c.cell_id for c in spec.cells}
+    assert [key for key in after if after[key] == before[key]] == [("stsb", "full"), ("stsb", "full-fast")]
+    with pytest.raises(DeltatuneError) as caught:
+        parse_spec(
+            read_spec_file(
+                write_spec(
+                    workspace,
+                    """
+            models: [tiny-bert]
+            tasks: [{task: stsb, train: {min_step: 5}}, {task: sst2, train: 7}]
+            methods: [full]
+        """,
+                )
+            )
+        )
+    message = str(caught.value)
+    assert "tasks (stsb): Invalid TrainConfig" in message and "min_step" in message
+    assert "tasks[1] (sst2): train must be a mapping" in message and "not 7" in message
+
+
 def test_presets_are_valid_at_every_size():
     for size, cells in (("demo", 3 * 2), ("small", 4 * 3 * 2 * 3), ("full", 4 * 5 * 3 * (4 + 3))):
         spec = parse_spec(preset_spec("doering2024", size))
         assert len(spec.cells) == cells
         assert spec.baseline == "full"
     # the small size reads 500 dev examples at each evaluation, the demo all of dev; their estimates are the
-    # minutes and the hour their docs promise, and reading part of dev is estimated to cost less
-    for size, limit, evaluated in (("demo", 12 * 60, None), ("small", 90 * 60, 500)):
+    # minutes and the hours their docs promise, and reading part of dev is estimated to cost less
+    for size, limit, evaluated in (("demo", 12 * 60, None), ("small", 150 * 60, 500)):
         spec = parse_spec(preset_spec("doering2024", size))
         assert {cell.payload()["train"].get("eval_examples") for cell in spec.cells} == {evaluated}
         assert estimate_seconds(spec) < limit
+    # the small size's classification tasks train at least 250 steps, STS-B keeps the demo's budget
+    small = parse_spec(preset_spec("doering2024", "small"))
+    assert {(c.task.name, c.train["min_steps"]) for c in small.cells} == {
+        ("stsb", 80),
+        ("rotten-tomatoes", 250),
+        ("sms-spam", 250),
+        ("snli", 250),
+    }
     whole_dev = preset_spec("doering2024", "small")
     whole_dev["train"]["eval_examples"] = None
     assert estimate_seconds(parse_spec(whole_dev)) > estimate_seconds(parse_spec(preset_spec("doering2024", "small")))

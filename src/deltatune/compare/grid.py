@@ -69,8 +69,9 @@ LOCAL_TASK_KEYS = (
     "dev_path",
     "test_path",
     "max_train_examples",
+    "train",
 )
-CATALOG_TASK_KEYS = ("task", "source", "max_train_examples")
+CATALOG_TASK_KEYS = ("task", "source", "max_train_examples", "train")
 METHOD_KEYS = ("name", "method", "config", "train")
 GRID_KEYS = ("name", *AXES)
 
@@ -114,6 +115,9 @@ class TaskEntry:
     """Fractions are taken of at most this many training examples (a fixed stratified pool)."""
     data_sha256: str | None = None
     """For local files: their content hash, so an edited file gives new cells."""
+    train: dict = field(default_factory=dict)
+    """Training settings for this task's cells only, over the grid's (e.g. a longer budget for a harder task);
+    a method variant's own settings go over these."""
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,16 @@
 A spec is a YAML file (or the same mapping built from CLI flags). Its axes are models, tasks,
 methods (each with optional config variants under its own name), data fractions, time budgets
 and seeds; `train` holds the training settings every cell shares (any `TrainConfig` field except
-the three that are axes; a method entry may carry its own `train` overrides, e.g. a learning
-rate). `grids` optionally lists several sub-grids, each overriding some axes;
-the union of their cells runs, each distinct cell once.
+the three that are axes). A task entry may carry its own `train` overrides (e.g. a longer budget for a
+harder task) and a method entry its own (e.g. a learning rate); a cell's settings are the grid's, then its
+sub-grid's, then its task's, then its method's. `grids` optionally lists several sub-grids, each overriding
+some axes; the union of their cells runs, each distinct cell once.
 
     title: BitFit and LoRA against full fine-tuning
     models: [minilm-l6]
     tasks:
       - stsb
-      - {task: snli, max_train_examples: 5000}
+      - {task: snli, max_train_examples: 5000, train: {min_steps: 500}}
       - {name: reviews, path: data/reviews.csv, text_fields: [text]}
     methods:
       - full
@@ -312,7 +313,7 @@ def _expand_grid(
     for seed, task, model, fraction, budget, variant in itertools.product(
         seeds, tasks, models, fractions, budgets, methods
     ):
-        train = trains[variant.name]
+        train = trains[task.name, variant.name]
         cell_id = identity_hash(cell_identity(model, task, variant, train, fraction, budget, seed))
         if cell_id in expansion.cells:
             if expansion.cells[cell_id].method.name != variant.name:

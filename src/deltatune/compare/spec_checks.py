@@ -186,17 +186,20 @@ def _check_axes(
     ]
     fractions, budgets, seeds = _check_number_axes(merged, wheres, problems)
     train = _check_train(merged["train"], wheres["train"], problems)
+    grid_train = merged["train"] if isinstance(merged["train"], dict) else {}
     trains = {}
-    for variant in methods:  # a variant's own settings (e.g. its learning rate) over the grid's
-        if variant is not None:
-            trains[variant.name] = (
-                train
-                if not variant.train
-                else _check_train(
-                    {**(merged["train"] if isinstance(merged["train"], dict) else {}), **variant.train},
-                    f"{wheres['methods']}methods ({variant.name}): ",
-                    problems,
-                )
+    for task in tasks:  # the grid's settings, then the task's own, then the method variant's
+        for variant in methods:
+            if task is None or variant is None:
+                continue
+            if not task.train and not variant.train:
+                trains[task.name, variant.name] = train
+                continue
+            where = (f"{wheres['tasks']}tasks ({task.name}): " if task.train else "") + (
+                f"{wheres['methods']}methods ({variant.name}): " if variant.train else ""
+            )
+            trains[task.name, variant.name] = _check_train(
+                {**grid_train, **task.train, **variant.train}, where, problems
             )
     axes: tuple[tuple[str, list[Any]], ...] = (
         ("models", [m for m in models if m]),
@@ -318,7 +321,22 @@ def _check_catalog_task(
         problems.append(f"{where}: source={source!r} must be auto, mirror or hub")
         return None
     cap = _check_cap(value.get("max_train_examples", default_cap), f"{where}.max_train_examples", problems)
-    return None if unknown else TaskEntry(name, data_record(name, source=source), cap)
+    train = _task_train(value, where, name, problems)
+    if unknown or train is None:
+        return None
+    return TaskEntry(name, data_record(name, source=source), cap, train=train)
+
+
+def _task_train(value: dict, where: str, name: str, problems: list[str]) -> dict | None:
+    """A task entry's own training settings (checked with the rest of the cell's settings in `_check_axes`)."""
+    train = value.get("train") or {}
+    if not isinstance(train, dict):
+        problems.append(
+            f"{where} ({name}): train must be a mapping of training settings for this task's cells, "
+            f"e.g. {{min_steps: 250, epochs: 8}}, not {train!r}"
+        )
+        return None
+    return dict(train)
 
 
 def _check_task(
@@ -375,7 +393,8 @@ def _check_task(
     name = str(value.get("name") or Path(local.get("path", "data")).stem)
     local["name"] = name
     cap = _check_cap(value.get("max_train_examples", default_cap), f"{where}.max_train_examples", problems)
-    if unknown or any(not f.is_file() for f in files):
+    train = _task_train(value, where, name, problems)
+    if unknown or train is None or any(not f.is_file() for f in files):
         return None
     digest = hashlib.sha256()
     for path in files:
@@ -383,7 +402,7 @@ def _check_task(
         if key not in cache:
             cache[key] = _file_sha256(path)
         digest.update(cache[key].encode())
-    return TaskEntry(name, data_record(name, local=local), cap, digest.hexdigest())
+    return TaskEntry(name, data_record(name, local=local), cap, digest.hexdigest(), train)
 
 
 def _file_sha256(path: Path) -> str:
