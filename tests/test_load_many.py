@@ -252,8 +252,51 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
     ):
         deltatune.load_many([pooled["sentiment-lora"], native])
     pairs = make_run(tmp_path / "d", base, "lora", PAIRS, 4, head=("bi-encoder", "mean"))
-    with pytest.raises(DeltatuneError, match="bi-encoder head .* which load_many does not serve yet"):
+    with pytest.raises(DeltatuneError, match="bi-encoder classifier .* which load_many does not serve"):
         deltatune.load_many([pairs])
+
+
+SIMILAR = TaskSpec("similar", ("first", "second"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
+
+
+def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(tmp_path):
+    """MiniLM-L6's defaults: STS-B trains a mean-pooled bi-encoder, classification a mean-pooled cross-encoder;
+    one process serves both, each text of a bi-encoder's pair a row of the shared forward pass."""
+    base = save_tiny_model_dir(tmp_path / "base", "bert")
+    bi, cross = ("bi-encoder", "mean"), ("cross-encoder", "mean")
+    runs = {
+        "similar": (make_run(tmp_path / "a", base, "lora", SIMILAR, 1, head=bi), SIMILAR),
+        "sentiment": (make_run(tmp_path / "b", base, "bitfit", SENTIMENT, 2, head=cross), SENTIMENT),
+        "similar-2": (make_run(tmp_path / "c", base, "ia3", SIMILAR, 3, head=bi), SIMILAR),
+        "similar-3": (make_run(tmp_path / "d", base, "full", SIMILAR, 4, head=bi), SIMILAR),  # a pass of its own
+        "pairs": (make_run(tmp_path / "e", base, "pfeiffer", PAIRS, 5, head=cross), PAIRS),
+    }
+    served = deltatune.load_many([run for run, _ in runs.values()])
+    assert list(served.tasks) == list(runs)
+    assert [t.describe(served.fingerprint)["head"] for t in served.tasks.values()][:2] == [
+        "bi-encoder",
+        "cross-encoder",
+    ]
+    expected = {name: alone(run, task) for name, (run, task) in runs.items()}
+    order = [(name, row) for row in range(len(TEXTS)) for name in runs]
+    inputs = [inputs_for(runs[name][1])[row] for name, row in order]
+    for batch_size in (3, 64):  # pairs split across batches, and all in one
+        results = served.predict(inputs, task=[name for name, _ in order], batch_size=batch_size, precision="fp32")
+        for (name, row), result in zip(order, results, strict=True):
+            assert result["task"] == name
+            assert_same(result, expected[name][row])
+    # the deltas differ, so equal answers are not one delta's answers repeated
+    assert len({round(expected[name][0]["score"], 4) for name in ("similar", "similar-2", "similar-3")}) == 3
+    # bi-encoders alone: the base is loaded as theirs
+    alone_served = deltatune.load_many([runs["similar"][0], runs["similar-2"][0]])
+    results = alone_served.predict(inputs_for(SIMILAR), task="similar-2", precision="fp32")
+    for row, result in enumerate(results):
+        assert_same(result, expected["similar-2"][row])
+    with pytest.raises(DeltatuneError, match="needs the base loaded with a cross-encoder head pooling by mean"):
+        alone_served.attach(runs["sentiment"][0])
+    native = make_run(tmp_path / "f", base, "lora", SENTIMENT, 6)
+    with pytest.raises(DeltatuneError, match="need different forward passes of the base"):
+        deltatune.load_many([runs["similar"][0], native])
 
 
 def test_batches_measure_the_rows_once(monkeypatch):

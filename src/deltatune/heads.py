@@ -335,7 +335,42 @@ def shared_head(
     return {"kind": kind, "pooling": pooling}
 
 
+def serving_head(run_dirs: Sequence[str | Path], manifests: list[DeltaManifest]) -> dict:
+    """The head `load_many` builds the shared base with, for deltas that may mix cross- and bi-encoders.
+
+    The cross-encoder deltas share one head (`shared_head`). Bi-encoder deltas of score tasks (a cosine of two
+    pooled texts, no weights of their own) run on the same forward passes, each text as its own row, so they
+    join them when they pool the same way and the cross-encoders use deltatune's pooled head (transformers'
+    own [CLS] head reads a pooler a bi-encoder's base does not have). A bi-encoder classifier over
+    [u, v, |u-v|] has a head no cross-encoder base holds: it is served by `deltatune.load`."""
+    pairs = list(zip(run_dirs, manifests, strict=True))
+    apart = [(d, m) for d, m in pairs if m.head is not None and m.head.kind == "bi-encoder"]
+    together = [(d, m) for d, m in pairs if m.head is None or m.head.kind != "bi-encoder"]
+    for directory, manifest in apart:
+        if not manifest.task.is_regression:
+            raise DeltatuneError(
+                f"{directory} was trained with a bi-encoder classifier (over [u, v, |u-v|] of the two texts), "
+                "which load_many does not serve. Use deltatune.load for it, or train it with --head "
+                "cross-encoder."
+            )
+    poolings = sorted({manifest.head.pooling for _, manifest in apart if manifest.head is not None})
+    if len(poolings) > 1:
+        shared_head([d for d, _ in apart], [m for _, m in apart], allow_bi_encoder=True)  # names the groups
+    if not together:
+        return {"kind": "bi-encoder", "pooling": poolings[0]}
+    head = shared_head([d for d, _ in together], [m for _, m in together])
+    if apart and head["pooling"] != poolings[0]:
+        raise DeltatuneError(
+            f"{apart[0][0]} (a bi-encoder pooling by {poolings[0]}) and {together[0][0]} (a cross-encoder "
+            f"pooling by {head['pooling']}) need different forward passes of the base. Serve bi-encoders "
+            f"beside cross-encoders that pool the same way (--head cross-encoder --pooling {poolings[0]}), "
+            "or in a process of their own."
+        )
+    return head
+
+
 __all__ = [
+    "serving_head",
     "shared_head",
     "foreign_head",
     "HEAD_KINDS",

@@ -15,7 +15,11 @@ fingerprint each delta records), and attaches each delta under a name (its task'
 - rows of other deltas (full fine-tuning, freeze, sparse masks, ...) run in forward passes of their
   own, one delta at a time, with that delta active;
 - each row's own head gives its task's outputs, mapped to labels or to score units by its own
-  regression scale.
+  regression scale;
+- a bi-encoder delta of a score task (each text of a pair pooled alone, their cosine the score: MiniLM-L6's
+  default for STS-B) joins the same forward passes with each text as a row of its own, and its two pooled
+  rows give the cosine afterwards; it is served beside cross-encoders that pool the same way
+  (`deltatune.heads.serving_head`).
 
 The model is used by one thread at a time (`lock`). A long-running caller (the HTTP server) keeps the
 mixed-batch state open across calls with `serving()`; attaching or detaching a delta closes and
@@ -29,13 +33,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from deltatune.batching import Encoded, collate, encode, padding_aware_batches, to_task_units
+from deltatune.batching import SECOND_TEXT, Encoded, collate, encode, padding_aware_batches, to_task_units
 from deltatune.delta import load_checked_base, read_manifest, read_tensors
 from deltatune.devices import model_device
 from deltatune.errors import DeltatuneError
@@ -70,6 +75,8 @@ class ServedTask:
     """Size of its delta.safetensors."""
     resident_bytes: int
     """Memory it holds beside the base model (a full fine-tuning delta holds a whole model's weights)."""
+    texts_apart: bool = False
+    """A bi-encoder: each text of an input is its own row of the forward pass; the score is their cosine."""
 
     def describe(self, base_fingerprint: str) -> dict:
         task = self.task
@@ -82,6 +89,7 @@ class ServedTask:
             "metric": task.metric,
             "dev_metrics": self.manifest.metrics.get("dev", {}),
             "method": self.method,
+            "head": self.manifest.resolved_head.kind,
             "batch_mixing": self.batch_mixing,
             "delta_bytes": self.delta_bytes,
             "resident_bytes": self.resident_bytes,
@@ -93,11 +101,14 @@ class ServedTask:
 class MultiTaskModel:
     """A frozen base model with many task deltas attached; predicts for any mix of their tasks."""
 
-    def __init__(self, model: nn.Module, tokenizer, base_name: str, fingerprint: str) -> None:
+    def __init__(self, model: nn.Module, tokenizer, base_name: str, fingerprint: str, head: dict | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.fingerprint = fingerprint
+        self.head = head
+        """The head the base was loaded with ({'kind', 'pooling'}: `deltatune.heads.serving_head`); deltas
+        attached later must fit it. None: not checked (the caller built the base)."""
         self.tasks: dict[str, ServedTask] = {}
         self.lock = threading.RLock()
         self._session: ExitStack | None = None
@@ -132,6 +143,7 @@ class MultiTaskModel:
         tensors = read_tensors(directory)
         task = manifest.task
         with self.lock:
+            self._check_head(directory, manifest)
             name = name if name is not None else self._unique_name(task.name)
             if name in self.tasks:
                 raise DeltatuneError(
@@ -140,6 +152,8 @@ class MultiTaskModel:
                 )
             self._close_session()
             method = build_method(manifest.method, manifest.method_config)
+            if manifest.resolved_head.kind == "bi-encoder":
+                tensors = {**self._unused_head(), **tensors}
             device = self.device
             attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
             self.model.to(device)  # a delta's tensors load on the CPU: join the base where it computes
@@ -154,9 +168,39 @@ class MultiTaskModel:
                 directory,
                 (directory / "delta.safetensors").stat().st_size,
                 self._resident_bytes(name),
+                manifest.resolved_head.kind == "bi-encoder",
             )
             self.tasks[name] = served
             return served
+
+    def _check_head(self, directory: Path, manifest: DeltaManifest) -> None:
+        """Refuse a delta whose head needs another forward pass of the base than the one loaded."""
+        from deltatune.heads import serving_head
+
+        if self.head is None:
+            return
+        served = list(self.tasks.values())
+        wanted = serving_head([*(t.directory for t in served), directory], [*(t.manifest for t in served), manifest])
+        # a base loaded with a cross-encoder head also serves bi-encoders that pool the same way
+        fits = wanted == self.head or (
+            self.head["kind"] == "cross-encoder" and wanted == {**self.head, "kind": "bi-encoder"}
+        )
+        if not fits:
+            raise DeltatuneError(
+                f"{directory} needs the base loaded with a {wanted['kind']} head pooling by {wanted['pooling']}, "
+                f"but this process loaded it with a {self.head['kind']} head pooling by {self.head['pooling']}. "
+                "Serve it from another process, or start this one with every delta at once (load_many)."
+            )
+
+    def _unused_head(self) -> dict[str, torch.Tensor]:
+        """The base's head tensors, for a bi-encoder delta to carry (it has no head weights; its rows never reach
+        the head, but every attached delta holds a value of each tensor the deltas of the model rewrite)."""
+        from deltatune.methods.common import head_names
+
+        head = head_names(self.model)
+        return {
+            name: parameter.detach().cpu().clone() for name, parameter in self.model.named_parameters() if name in head
+        }
 
     def detach(self, name: str) -> None:
         """Remove delta `name`; the others and the base are left as they were."""
@@ -288,10 +332,13 @@ class MultiTaskModel:
     def _raw_outputs(
         self, rows: list[tuple[str, ...]], names: list[str], batch_size: int, precision: str
     ) -> list[np.ndarray]:
-        """Each row's raw head outputs (its task's width), per-row deltas in shared forward passes."""
+        """Each input's raw head outputs (its task's width), per-row deltas in shared forward passes.
+
+        The forward passes run over encoder rows: one per input, or one per text of a bi-encoder's input."""
         precision = resolve_precision(precision, self.device.type)
-        encoded = self._encode(rows, names)
-        outputs: list[np.ndarray | None] = [None] * len(rows)
+        encoded, owners = self._encode(rows, names)
+        inputs_names, names = names, [names[owner] for owner in owners]
+        outputs: list[np.ndarray | None] = [None] * len(owners)
         mixed = [row for row, name in enumerate(names) if self.tasks[name].batch_mixing == PER_ROW]
         if mixed:
             mixer = self._open_session(precision)
@@ -314,7 +361,21 @@ class MultiTaskModel:
             activate_delta(self.model, None)
         predicted = [output for output in outputs if output is not None]
         assert len(predicted) == len(outputs)  # every row ran in a mixed batch or with its own delta
-        return predicted
+        return self._per_input(predicted, owners, inputs_names)
+
+    def _per_input(self, outputs: list[np.ndarray], owners: list[int], names: list[str]) -> list[np.ndarray]:
+        """Encoder rows' outputs back to one per input: a bi-encoder's two pooled texts give their cosine."""
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for owner, output in zip(owners, outputs, strict=True):
+            parts[owner].append(output)
+        apart = [row for row, name in enumerate(names) if self.tasks[name].texts_apart]
+        if apart:  # as the bi-encoder head computes it (`PooledTaskModel.forward`), in fp32
+            first = torch.from_numpy(np.stack([parts[row][0] for row in apart]))
+            second = torch.from_numpy(np.stack([parts[row][1] for row in apart]))
+            cosines = nn.functional.cosine_similarity(first, second, dim=-1).numpy()
+            for row, cosine in zip(apart, cosines, strict=True):
+                parts[row] = [np.asarray([cosine], dtype=np.float32)]
+        return [part[0] for part in parts]
 
     def _forward(
         self,
@@ -325,8 +386,12 @@ class MultiTaskModel:
         precision: str | None = None,
         packed: RowMixer | None = None,
     ) -> None:
-        """One forward pass over `batch`; `packed`: the mixer that routed it, to run its encoder without padding."""
+        """One forward pass over `batch`; `packed`: the mixer that routed it, to run its encoder without padding.
+
+        A row of a bi-encoder keeps its pooled hidden state (the cosine of its pair comes in `_per_input`); every
+        other row its head's outputs."""
         from deltatune.batching import to_device
+        from deltatune.heads import pool
         from deltatune.precision import autocast_for
 
         device = self.device
@@ -334,14 +399,34 @@ class MultiTaskModel:
         features.pop("labels")
         precision = precision or self._session_precision
         assert precision is not None  # outside a mixed-batch session the caller names the precision
+        apart = [self.tasks[names[row]] for row in batch if self.tasks[names[row]].texts_apart]
+        hidden: list[torch.Tensor] = []
+        logits = None
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(autocast_for(precision, device.type))
             if packed is not None:
                 stack.enter_context(packed_encoder(self.model, packed, features["attention_mask"]))
-            logits = self.model(**features).logits.float().cpu()
+            backbone = self.model.base_model
+            assert isinstance(backbone, nn.Module)  # a task model's pretrained backbone
+            if len(apart) == len(batch):  # no head to run: the backbone alone
+                hidden.append(backbone(**features).last_hidden_state)
+            else:
+                if apart:
+                    handle = backbone.register_forward_hook(lambda _m, _a, output: hidden.append(output[0]))
+                    stack.callback(handle.remove)
+                logits = self.model(**features).logits.float().cpu()
+            pooled = (
+                pool(hidden[0], features["attention_mask"], apart[0].manifest.resolved_head.pooling) if apart else None
+            )
         for position, row in enumerate(batch):
-            outputs[row] = logits[position, : self.tasks[names[row]].task.num_labels].numpy()
+            served = self.tasks[names[row]]
+            if served.texts_apart:
+                assert pooled is not None
+                outputs[row] = pooled[position].float().cpu().numpy()
+            else:
+                assert logits is not None
+                outputs[row] = logits[position, : served.task.num_labels].numpy()
 
     @staticmethod
     def _batches(
@@ -366,24 +451,29 @@ class MultiTaskModel:
                 return [[rows[position] for position in chunk] for chunk in chunks], True
         return [[rows[position] for position in batch] for batch in padded], False
 
-    def _encode(self, rows: list[tuple[str, ...]], names: list[str]) -> Encoded:
-        """Tokenise each task's rows as that task was trained (its fields and max length), in row order."""
+    def _encode(self, rows: list[tuple[str, ...]], names: list[str]) -> tuple[Encoded, list[int]]:
+        """Tokenise each task's inputs as that task was trained (its fields and max length), in input order, and
+        say which input each encoder row belongs to (a bi-encoder's input gives two rows: its texts apart)."""
+        counts = [2 if self.tasks[name].texts_apart else 1 for name in names]
+        starts = [0, *accumulate(counts[:-1])]
+        owners = [row for row, count in enumerate(counts) for _ in range(count)]
         features: dict[str, list] = {}
         for name in dict.fromkeys(names):
             served = self.tasks[name]
             positions = [row for row, row_name in enumerate(names) if row_name == name]
             split = Split([rows[row] for row in positions], [0] * len(positions))
-            part = encode(self.tokenizer, served.task, split, served.manifest.max_length)
+            part = encode(self.tokenizer, served.task, split, served.manifest.max_length, served.texts_apart)
             for key, values in part.features.items():
-                column = features.setdefault(key, [None] * len(rows))
+                column = features.setdefault("input_ids" if key == SECOND_TEXT else key, [None] * len(owners))
+                offset = 1 if key == SECOND_TEXT else 0
                 for row, value in zip(positions, values, strict=True):
-                    column[row] = value
+                    column[starts[row] + offset] = value
         if "token_type_ids" in features:  # tasks encoded without them (none here today) get zeros
             features["token_type_ids"] = [
                 value if value is not None else [0] * len(ids)
                 for value, ids in zip(features["token_type_ids"], features["input_ids"], strict=True)
             ]
-        return Encoded(features, [0] * len(rows))
+        return Encoded(features, [0] * len(owners)), owners
 
     def _open_session(self, precision: str):
         """The mixed-batch state: base active, per-row routing installed, bf16 weight copies if asked."""
@@ -462,9 +552,9 @@ def load_many(
         if len(names) != len(run_dirs) or len(set(names)) != len(names):
             raise DeltatuneError(f"names={names!r} must give one distinct name per run directory ({len(run_dirs)}).")
     manifests = [read_manifest(directory) for directory in run_dirs]
-    from deltatune.heads import shared_head
+    from deltatune.heads import serving_head
 
-    head = shared_head(run_dirs, manifests)
+    head = serving_head(run_dirs, manifests)
     by_fingerprint: dict[str, list[str]] = {}
     for directory, manifest in zip(run_dirs, manifests, strict=True):
         by_fingerprint.setdefault(manifest.base_model.fingerprint, []).append(
@@ -483,7 +573,7 @@ def load_many(
         head=ManifestHead(head["kind"], head["pooling"]),
         fix="Load these deltas onto {name!r} (pass base= to point at a copy of it).",
     )
-    served = MultiTaskModel(model, tokenizer, base_name, manifests[0].base_model.fingerprint)
+    served = MultiTaskModel(model, tokenizer, base_name, manifests[0].base_model.fingerprint, head)
     for position, directory in enumerate(run_dirs):
         served.attach(directory, names[position] if names is not None else None)
     return served
