@@ -259,7 +259,7 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
 SIMILAR = TaskSpec("similar", ("first", "second"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
 
 
-def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(tmp_path):
+def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(tmp_path, monkeypatch):
     """MiniLM-L6's defaults: STS-B trains a mean-pooled bi-encoder, classification a mean-pooled cross-encoder;
     one process serves both, each text of a bi-encoder's pair a row of the shared forward pass."""
     base = save_tiny_model_dir(tmp_path / "base", "bert")
@@ -287,6 +287,20 @@ def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(t
             assert_same(result, expected[name][row])
     # the deltas differ, so equal answers are not one delta's answers repeated
     assert len({round(expected[name][0]["score"], 4) for name in ("similar", "similar-2", "similar-3")}) == 3
+    # texts of very different lengths side by side: the batch runs packed (no padding through the encoder)
+    import deltatune.serve.multi as multi
+
+    packed = []
+    original = multi.packed_encoder
+    monkeypatch.setattr(multi, "packed_encoder", lambda *args: packed.append(1) or original(*args))
+    long = " ".join(TEXTS * 3)
+    rows = [("a", long), "b", (long, "c"), long, ("x y", "z")]
+    names = ["similar", "sentiment", "similar-2", "sentiment", "similar"]
+    answers = served.predict(rows, task=names, precision="fp32")
+    assert packed
+    for row, name, answer in zip(rows, names, answers, strict=True):
+        columns = [[text] for text in row] if isinstance(row, tuple) else [[row]]
+        assert_same(answer, deltatune.load(runs[name][0]).predict(*columns, precision="fp32")[0])
     # bi-encoders alone: the base is loaded as theirs
     alone_served = deltatune.load_many([runs["similar"][0], runs["similar-2"][0]])
     results = alone_served.predict(inputs_for(SIMILAR), task="similar-2", precision="fp32")
