@@ -468,7 +468,7 @@ class MultiTaskModel:
                 offset = 1 if key == SECOND_TEXT else 0
                 for row, value in zip(positions, values, strict=True):
                     column[starts[row] + offset] = value
-        if "token_type_ids" in features:  # tasks encoded without them (none here today) get zeros
+        if "token_type_ids" in features:  # rows encoded without them (a bi-encoder's texts, each alone) get zeros
             features["token_type_ids"] = [
                 value if value is not None else [0] * len(ids)
                 for value, ids in zip(features["token_type_ids"], features["input_ids"], strict=True)
