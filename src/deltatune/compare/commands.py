@@ -92,6 +92,14 @@ def add_compare_parser(commands) -> None:
         help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
         "(default: a Ray instance of this machine's own)",
     )
+    compare.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="EXP_DIR",
+        help="earlier experiment directories: a cell of this grid finished there with the same settings is "
+        "copied in instead of run again",
+    )
     add_switch(compare, "--retry-failed", help="run cells recorded as failed again")
     add_switch(compare, "--dry-run", help="validate and list the cells, run nothing")
     add_switch(compare, "--print-spec", help="print the resulting spec as YAML and exit")
@@ -219,6 +227,7 @@ def compare_command(args: argparse.Namespace) -> int:
         "retry_failed": args.retry_failed,
         "say": lambda text: print(text, flush=True),
         "command": _command_line(args),
+        "reuse": args.reuse,
     }
     if args.backend == "ray":
         from deltatune.compare.ray_backend import run_grid_on_ray

@@ -423,7 +423,7 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
     machine = meta.get("machine") or {}
     finished, failed = len(analysis.finished), len(analysis.failed)
     facts = [
-        ("cells", f"{finished} finished, {failed} failed, of {analysis.total_cells} in the spec"),
+        ("cells", f"{finished} finished, {failed} failed, of {analysis.total_cells} in the spec" + _reused(meta)),
         ("command", meta.get("command") or "–"),
         (
             "machine",
@@ -446,6 +446,15 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
         ("generated", time.strftime("%Y-%m-%d %H:%M %Z")),
     ]
     return facts
+
+
+def _reused(meta: dict) -> str:
+    """Where cells taken finished from other experiments (`--reuse`) came from."""
+    reused = meta.get("reused") or {}
+    if not reused:
+        return ""
+    sources = ", ".join(f"{count} from {source}" for source, count in reused.items())
+    return f" ({sources}: finished there with the same settings, copied by --reuse)"
 
 
 def _evaluation_fact(analysis: Analysis) -> str:
