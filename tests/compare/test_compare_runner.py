@@ -276,6 +276,12 @@ def test_cells_finished_in_another_experiment_are_copied_not_run_again(workspace
     # nothing left to take or run: a second run reuses nothing more and keeps the count
     again = run_grid(parse_spec(read_spec_file(spec_path)), experiment, say=messages.append, reuse=[reference])
     assert again.reused == 0 and again.left == 0 and store.load_meta(experiment)["reused"] == {str(reference): 3}
+    # the dry run says which cells need no run, and where they finished
+    assert (
+        main(["compare", str(spec_path), "--out", str(workspace / "new"), "--reuse", str(reference), "--dry-run"]) == 0
+    )
+    listing = capsys.readouterr().out
+    assert listing.count(f"(finished in {reference})") == 3 and not (workspace / "new").exists()
     # a directory that is not an experiment, or the experiment itself, is refused before anything runs
     for wrong, says in ((workspace, "is not an experiment directory"), (experiment, "is the experiment itself")):
         assert main(["compare", str(spec_path), "--out", str(experiment), "--reuse", str(wrong)]) != 0
