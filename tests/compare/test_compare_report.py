@@ -243,6 +243,24 @@ def test_the_report_says_which_part_of_dev_chose_the_checkpoints(experiment):
     assert "chosen on a fixed stratified 500 examples of dev" in fact and "all of dev" in fact
 
 
+def test_the_report_gives_each_tasks_training_budget(experiment):
+    from deltatune.compare.report import _budget_fact
+
+    analysis = analyze(experiment)
+    # the fake grid's two sub-grids train 3 and 50 epochs: each task of each
+    assert _budget_fact(analysis) == "alpha (data), beta (data): batch 32, at most 3 epochs; " + (
+        "alpha (time), beta (time): batch 32, at most 50 epochs"
+    )
+    analysis.finished = [cell for cell in analysis.finished if cell.get("grid") == "data"]
+    assert _budget_fact(analysis) == "batch 32, at most 3 epochs"  # one budget for every task: said once
+    for cell in analysis.finished:
+        if cell["task"] == "beta":
+            cell["settings"] = {**cell["settings"], "train": {"batch_size": 16, "min_steps": 250, "eval_every": 25}}
+    assert _budget_fact(analysis) == "alpha: batch 32, at most 3 epochs; beta: batch 16, at least 250 steps, " + (
+        "dev every 25 steps"
+    )
+
+
 def test_a_stored_cell_is_judged_converged_by_the_current_rule():
     from deltatune.compare.summary import judged_convergence
 

@@ -253,3 +253,36 @@ def test_a_searched_cell_and_a_no_training_row_reach_the_store_and_the_report(wo
     text = markdown.read_text(encoding="utf-8")
     assert "majority (no training)" in text and "## Learning-rate search (dev)" in text
     assert f"{search['chosen']:g}" in text and "test accuracy × 100; dev beside it" in text
+
+
+def test_cells_finished_in_another_experiment_are_copied_not_run_again(workspace, reference, capsys):
+    """`--reuse`: a cell of the new grid with the same identity as a finished one elsewhere is taken from there."""
+    spec_path = workspace / "wider.yaml"
+    spec_path.write_text(
+        (workspace / "grid.yaml").read_text(encoding="utf-8").replace("config: {r: 4}}]", "config: {r: 4}}, ia3]"),
+        encoding="utf-8",
+    )
+    experiment = workspace / "wider"
+    messages: list[str] = []
+    summary = run_grid(parse_spec(read_spec_file(spec_path)), experiment, say=messages.append, reuse=[reference])
+    assert summary.reused == 3 and summary.finished_now == 1 and summary.failed_now == 0
+    assert f"3 taken finished from {reference} (3)" in messages[0]
+    reused = {cell_id: row for cell_id, row in table(experiment).items() if cell_id in table(reference)}
+    assert reused == table(reference)  # metrics and whole learning curves, as they were recorded there
+    assert {c["variant"] for c in store.load_cells(experiment)} == {"full", "bitfit", "lora-r4", "ia3"}
+    assert (experiment / "logs" / f"{next(iter(reused))}.log").is_file()
+    write_report(experiment)
+    assert f"3 from {reference}" in (experiment / "report.md").read_text(encoding="utf-8")
+    # nothing left to take or run: a second run reuses nothing more and keeps the count
+    again = run_grid(parse_spec(read_spec_file(spec_path)), experiment, say=messages.append, reuse=[reference])
+    assert again.reused == 0 and again.left == 0 and store.load_meta(experiment)["reused"] == {str(reference): 3}
+    # the dry run says which cells need no run, and where they finished
+    assert (
+        main(["compare", str(spec_path), "--out", str(workspace / "new"), "--reuse", str(reference), "--dry-run"]) == 0
+    )
+    listing = capsys.readouterr().out
+    assert listing.count(f"(finished in {reference})") == 3 and not (workspace / "new").exists()
+    # a directory that is not an experiment, or the experiment itself, is refused before anything runs
+    for wrong, says in ((workspace, "is not an experiment directory"), (experiment, "is the experiment itself")):
+        assert main(["compare", str(spec_path), "--out", str(experiment), "--reuse", str(wrong)]) != 0
+        assert says in capsys.readouterr().err

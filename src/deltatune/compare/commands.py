@@ -92,6 +92,14 @@ def add_compare_parser(commands) -> None:
         help="with --backend ray: the cluster to run on, auto or ray://HOST:PORT "
         "(default: a Ray instance of this machine's own)",
     )
+    compare.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="EXP_DIR",
+        help="earlier experiment directories: a cell of this grid finished there with the same settings is "
+        "copied in instead of run again",
+    )
     add_switch(compare, "--retry-failed", help="run cells recorded as failed again")
     add_switch(compare, "--dry-run", help="validate and list the cells, run nothing")
     add_switch(compare, "--print-spec", help="print the resulting spec as YAML and exit")
@@ -177,7 +185,7 @@ def _command_line(args: argparse.Namespace) -> str:
 def compare_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from deltatune.compare.presets import estimate_seconds
+    from deltatune.compare.presets import estimate_cell_seconds, estimate_seconds
     from deltatune.compare.report import write_report
     from deltatune.compare.runner import _format_duration, run_grid
     from deltatune.compare.spec import parse_spec
@@ -204,11 +212,19 @@ def compare_command(args: argparse.Namespace) -> int:
             f"{_format_duration(2 * estimate)} on one without, which trains in fp32; early stopping usually "
             "ends cells sooner"
         )
+    done = _finished_elsewhere(spec, args.out, args.reuse)
+    if done and estimate_text is not None:
+        left = sum(estimate_cell_seconds(cell) for cell in spec.every_cell if cell.cell_id not in done)
+        estimate_text += (
+            f"; {len(done)} of its cells are finished already (in --out or --reuse), the other "
+            f"{len(spec.every_cell) - len(done)} at most about {_format_duration(left)}"
+        )
     if args.dry_run:
         untrained = f" and {len(spec.baseline_cells)} without training" if spec.baseline_cells else ""
         print(f"{spec.title}: {len(spec.cells)} cells{untrained}" + (f"; {estimate_text}" if estimate_text else ""))
         for cell in spec.every_cell:
-            print(f"  {cell.cell_id}  [{cell.grid}] {cell.describe()}")
+            where = f"  ({done[cell.cell_id]})" if cell.cell_id in done else ""
+            print(f"  {cell.cell_id}  [{cell.grid}] {cell.describe()}{where}")
         return 0
     if not args.out:
         raise DeltatuneError("Give --out EXP_DIR: the directory for the results (an existing one is resumed).")
@@ -219,6 +235,7 @@ def compare_command(args: argparse.Namespace) -> int:
         "retry_failed": args.retry_failed,
         "say": lambda text: print(text, flush=True),
         "command": _command_line(args),
+        "reuse": args.reuse,
     }
     if args.backend == "ray":
         from deltatune.compare.ray_backend import run_grid_on_ray
@@ -241,6 +258,27 @@ def compare_command(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _finished_elsewhere(spec, out: str | None, reuse: list[str]) -> dict[str, str]:
+    """The cells of `spec` that need no run: finished in `out`, or in a `reuse` experiment (cell id -> where)."""
+    from contextlib import closing
+
+    from deltatune.compare import store
+    from deltatune.compare.cell import CELL_RESULT, cell_paths
+
+    ids = {cell.cell_id for cell in spec.every_cell}
+    done: dict[str, str] = {}
+    if out and store.store_path(out).is_file():
+        with closing(store.connect_read_only(out)) as connection:
+            done = {
+                cell_id: "finished" for cell_id, status in store.statuses(connection).items() if status == "finished"
+            }
+    for source in reuse:
+        for cell_id in sorted(ids - done.keys()):
+            if (cell_paths(Path(source), cell_id)["final"] / CELL_RESULT).is_file():
+                done[cell_id] = f"finished in {source}"
+    return {cell_id: where for cell_id, where in done.items() if cell_id in ids}
 
 
 def results_command(args: argparse.Namespace) -> int:

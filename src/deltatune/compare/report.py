@@ -423,7 +423,7 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
     machine = meta.get("machine") or {}
     finished, failed = len(analysis.finished), len(analysis.failed)
     facts = [
-        ("cells", f"{finished} finished, {failed} failed, of {analysis.total_cells} in the spec"),
+        ("cells", f"{finished} finished, {failed} failed, of {analysis.total_cells} in the spec" + _reused(meta)),
         ("command", meta.get("command") or "–"),
         (
             "machine",
@@ -435,6 +435,7 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
             "parallelism",
             f"{machine.get('jobs', '?')} cell(s) at a time, {machine.get('threads_per_cell', '?')} thread(s) each",
         ),
+        ("training", _budget_fact(analysis)),
         ("evaluation", _evaluation_fact(analysis)),
         (
             "statistics",
@@ -446,6 +447,43 @@ def _facts(analysis: Analysis) -> list[tuple[str, str]]:
         ("generated", time.strftime("%Y-%m-%d %H:%M %Z")),
     ]
     return facts
+
+
+def _budget_fact(analysis: Analysis) -> str:
+    """Each task's training budget (tasks of one budget together): a spec may give a task, or a sub-grid, its own."""
+    budgets: dict[str, list[str]] = {}
+    trained = [cell for cell in analysis.finished if cell.get("kind") != "baseline"]
+    several_grids = len({cell.get("grid") for cell in trained}) > 1
+    for cell in trained:
+        train = (cell.get("settings") or {}).get("train") or {}
+        parts = [f"batch {train.get('batch_size', '?')}"]
+        if train.get("min_steps"):
+            parts.append(f"at least {train['min_steps']} steps")
+        parts.append(f"at most {train.get('epochs', '?'):g} epochs" if train.get("epochs") else "")
+        if train.get("max_steps"):
+            parts.append(f"at most {train['max_steps']} steps")
+        if train.get("eval_every"):
+            parts.append(f"dev every {train['eval_every']} steps")
+        if train.get("early_stopping_patience"):
+            parts.append(f"early stopping after {train['early_stopping_patience']} evaluations without improvement")
+        tasks = budgets.setdefault(", ".join(part for part in parts if part), [])
+        label = f"{cell['task']} ({cell.get('grid')})" if several_grids else cell["task"]
+        if label not in tasks:
+            tasks.append(label)
+    if not budgets:
+        return "–"
+    if len(budgets) == 1:
+        return next(iter(budgets))
+    return "; ".join(f"{', '.join(tasks)}: {budget}" for budget, tasks in budgets.items())
+
+
+def _reused(meta: dict) -> str:
+    """Where cells taken finished from other experiments (`--reuse`) came from."""
+    reused = meta.get("reused") or {}
+    if not reused:
+        return ""
+    sources = ", ".join(f"{count} from {source}" for source, count in reused.items())
+    return f" ({sources}: finished there with the same settings, copied by --reuse)"
 
 
 def _evaluation_fact(analysis: Analysis) -> str:

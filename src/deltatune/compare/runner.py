@@ -84,6 +84,8 @@ class GridRunSummary:
     interrupted: bool = False
     stale: list[str] = field(default_factory=list)
     """Descriptions of recorded cells that no longer belong to the spec."""
+    reused: int = 0
+    """Cells taken finished from other experiments (`reuse`), counted in `recovered`."""
 
 
 @dataclass
@@ -289,15 +291,19 @@ def run_grid(
     threads: int | None = None,
     backend: str = "local",
     execute: Callable[..., None] | None = None,
+    reuse: Sequence[str | Path] = (),
 ) -> GridRunSummary:
     """Run every cell of `spec` not yet finished in `exp_dir`; see the module docstring for the guarantees.
 
     `execute` runs the pending cells: by default up to `jobs` processes on this machine; `backend` names
-    where, for the store's record (`deltatune.compare.ray_backend.run_grid_on_ray` passes Ray's).
+    where, for the store's record (`deltatune.compare.ray_backend.run_grid_on_ray` passes Ray's). `reuse`
+    names other experiment directories: a cell of this spec finished there (the same identity: the same
+    settings, data and code path to its result) is copied here instead of run again.
     """
     if jobs < 1:
         raise DeltatuneError(f"--jobs {jobs} must be at least 1.")
     exp_dir = Path(exp_dir).resolve()
+    sources = _reuse_sources(reuse, exp_dir)
     if exp_dir.exists() and not exp_dir.is_dir():
         raise DeltatuneError(f"--out {exp_dir} is a file, not a directory. Give a directory for the experiment.")
     try:
@@ -315,7 +321,17 @@ def run_grid(
     try:
         with _disk_full_as("opening the results store"), closing(store.connect(exp_dir)) as connection:
             return _run_locked(
-                spec, exp_dir, connection, jobs, retry_failed, say, command, threads, backend, execute or _execute
+                spec,
+                exp_dir,
+                connection,
+                jobs,
+                retry_failed,
+                say,
+                command,
+                threads,
+                backend,
+                execute or _execute,
+                sources,
             )
     except _DiskFull as full:
         raise DeltatuneError(_disk_full_message(exp_dir, full.what, full.summary)) from None
@@ -335,6 +351,7 @@ def _run_locked(
     threads: int | None,
     backend: str,
     execute: Callable[..., None],
+    sources: Sequence[Path] = (),
 ) -> GridRunSummary:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -367,6 +384,13 @@ def _run_locked(
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
+    reused = _copy_reused(store.statuses(connection), every_cell, exp_dir, sources, retry_failed)
+    if reused:
+        earlier = store.get_meta(connection).get("reused") or {}
+        for source, count in reused.items():
+            earlier[source] = earlier.get(source, 0) + count
+        with _disk_full_as("updating the results store"):
+            store.set_meta(connection, reused=earlier)
     recovered = _recover_finished(connection, every_cell, current, exp_dir)
     status = store.statuses(connection)
     finished_before = sum(status.get(c.cell_id) == "finished" for c in every_cell) - recovered
@@ -383,12 +407,23 @@ def _run_locked(
         failed_kept=failed_kept,
         left=len(pending),
         stale=stale,
+        reused=sum(reused.values()),
     )
 
     untrained = f" (and {len(spec.baseline_cells)} without training)" if spec.baseline_cells else ""
     say(
         f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
-        + (f", {recovered} finished but unrecorded (now recorded)" if recovered else "")
+        + (
+            f", {summary.reused} taken finished from "
+            + ", ".join(f"{source} ({count})" for source, count in reused.items())
+            if summary.reused
+            else ""
+        )
+        + (
+            f", {recovered - summary.reused} finished but unrecorded (now recorded)"
+            if recovered > summary.reused
+            else ""
+        )
         + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
         + f"; {len(pending)} to run, "
         + (f"{jobs} at a time" if backend == "local" else f"on {backend}")
@@ -404,6 +439,54 @@ def _run_locked(
         return summary
     execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
     return summary
+
+
+def _reuse_sources(reuse: Sequence[str | Path], exp_dir: Path) -> list[Path]:
+    """The experiment directories to take finished cells from, checked before anything is written."""
+    sources = []
+    for given in reuse:
+        source = Path(given).expanduser().resolve()
+        if not store.store_path(source).is_file():
+            raise DeltatuneError(
+                f"--reuse {str(given)!r} is not an experiment directory ({store.STORE_NAME} is missing there). "
+                "Give the --out of an earlier `deltatune compare`."
+            )
+        if source == exp_dir:
+            raise DeltatuneError(
+                f"--reuse {str(given)!r} is the experiment itself; its finished cells are resumed anyway. Leave it out."
+            )
+        sources.append(source)
+    return sources
+
+
+def _copy_reused(
+    status: dict[str, str], every_cell: Sequence, exp_dir: Path, sources: Sequence[Path], retry_failed: bool
+) -> dict[str, int]:
+    """Copy each cell's result directory (and log) from the first source that holds it finished, for
+    `_recover_finished` to record; returns how many came from each source. A cell finished here is left alone,
+    and so is one failed here unless `retry_failed`. The copy lands under its final name only once whole."""
+    copied: dict[str, int] = {}
+    for cell in every_cell:
+        if status.get(cell.cell_id) == "finished" or (status.get(cell.cell_id) == "failed" and not retry_failed):
+            continue
+        paths = cell_paths(exp_dir, cell.cell_id)
+        if (paths["final"] / CELL_RESULT).is_file():
+            continue  # finished here but unrecorded: `_recover_finished` records it
+        for source in sources:
+            theirs = cell_paths(source, cell.cell_id)
+            if not (theirs["final"] / CELL_RESULT).is_file():
+                continue
+            with _disk_full_as("copying a finished cell from --reuse"):
+                shutil.rmtree(paths["staging"], ignore_errors=True)
+                shutil.copytree(theirs["final"], paths["staging"])
+                if theirs["log"].is_file():
+                    shutil.copy2(theirs["log"], paths["log"])
+                if paths["final"].exists():  # an incomplete result directory: replaced by the finished one
+                    shutil.rmtree(paths["final"])
+                paths["staging"].rename(paths["final"])
+            copied[str(source)] = copied.get(str(source), 0) + 1
+            break
+    return copied
 
 
 def _recover_finished(connection, every_cell: Sequence, current: dict[str, dict], exp_dir: Path) -> int:
