@@ -216,7 +216,9 @@ def compare_command(args: argparse.Namespace) -> int:
     if done and estimate_text is not None:
         left = sum(estimate_cell_seconds(cell) for cell in spec.every_cell if cell.cell_id not in done)
         estimate_text += (
-            f"; {len(done)} of its cells are finished already (in --out or --reuse), the other "
+            "; all of its cells are finished already (in --out or --reuse)"
+            if len(done) == len(spec.every_cell)
+            else f"; {len(done)} of its cells are finished already (in --out or --reuse), the other "
             f"{len(spec.every_cell) - len(done)} at most about {_format_duration(left)}"
         )
     if args.dry_run:
