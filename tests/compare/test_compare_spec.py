@@ -360,6 +360,10 @@ def test_cli_dry_run_and_invalid_specs_run_nothing(workspace, capsys):
     assert not out.exists()
     assert main(["compare", "--preset", "doering2024", "--size", "demo", "--seeds", "0", "1", "--print-spec"]) == 0
     assert "seeds:\n- 0\n- 1" in capsys.readouterr().out
+    # a setting several task entries share is written out at each: a spec to start from, without YAML anchors
+    assert main(["compare", "--preset", "doering2024", "--size", "small", "--print-spec"]) == 0
+    printed = capsys.readouterr().out
+    assert "&" not in printed and printed.count("min_steps: 250") == 3
     assert json.loads(json.dumps(preset_spec("doering2024", "demo")))  # presets are plain data
 
 

@@ -193,7 +193,12 @@ def compare_command(args: argparse.Namespace) -> int:
     mapping = build_spec_mapping(args)
     if args.print_spec:
         printable = {k: v for k, v in mapping.items() if not k.startswith("_")}
-        print(yaml.safe_dump(printable, sort_keys=False, allow_unicode=True), end="")
+
+        class Plain(yaml.SafeDumper):  # a setting shared by several entries is written out at each, no &anchors
+            def ignore_aliases(self, data) -> bool:
+                return True
+
+        print(yaml.dump(printable, Dumper=Plain, sort_keys=False, allow_unicode=True), end="")
         return 0
     if args.backend not in BACKENDS:
         raise DeltatuneError(f"--backend {args.backend!r} is not a grid backend. Available: {', '.join(BACKENDS)}.")
