@@ -18,8 +18,8 @@ measured: the demo took 8 min 56 s on a Xeon with AMX and 9 min 44 s on an AMD Z
            method (about 10 minutes)
     small  all four tasks, full/bitfit/lora, 1,000-example pools at 25% and 100%, 3 seeds, the demo's
            learning rates; STS-B with the demo's budget, the classification tasks with at least 250 steps
-           (`_LONGER_TRAIN`: the demo's 80-96 steps left their runs still learning) (estimated at most
-           2 h 30 min: docs/results/doering2024-small/)
+           (`_LONGER_TRAIN`: the demo's 80-96 steps left their runs still learning); estimated at most
+           2 h 27 min, its cells took 2 h 13 min on the AMD Zen 4 (docs/results/doering2024-small/)
     full   whole training sets (SNLI: a 5,000-pair pool), all five methods, 4 data fractions, 3 seeds, 4
            learning rates per method, and time budgets of 30, 90 and 270 s (a day or more)
 `deltatune compare --preset doering2024 --size S --dry-run` prints the cells and the estimate.
