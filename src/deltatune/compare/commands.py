@@ -185,9 +185,8 @@ def _command_line(args: argparse.Namespace) -> str:
 def compare_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from deltatune.compare.presets import estimate_cell_seconds, estimate_seconds
     from deltatune.compare.report import write_report
-    from deltatune.compare.runner import _format_duration, run_grid
+    from deltatune.compare.runner import run_grid
     from deltatune.compare.spec import parse_spec
 
     mapping = build_spec_mapping(args)
@@ -208,24 +207,8 @@ def compare_command(args: argparse.Namespace) -> int:
             "--backend ray, or leave --address out to run the cells on this machine."
         )
     spec = parse_spec(mapping)
-    estimate = estimate_seconds(spec)
-    estimate_text = None
-    if estimate is not None:
-        estimate_text = (
-            f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with native bf16 "
-            "(a Xeon with AMX or an AMD Zen 4; MiniLM-L6 in bf16), about "
-            f"{_format_duration(2 * estimate)} on one without, which trains in fp32; early stopping usually "
-            "ends cells sooner"
-        )
     done = _finished_elsewhere(spec, args.out, args.reuse)
-    if done and estimate_text is not None:
-        left = sum(estimate_cell_seconds(cell) for cell in spec.every_cell if cell.cell_id not in done)
-        estimate_text += (
-            "; all of its cells are finished already (in --out or --reuse)"
-            if len(done) == len(spec.every_cell)
-            else f"; {len(done)} of its cells are finished already (in --out or --reuse), the other "
-            f"{len(spec.every_cell) - len(done)} at most about {_format_duration(left)}"
-        )
+    estimate_text = _estimate_text(spec, done)
     if args.dry_run:
         untrained = f" and {len(spec.baseline_cells)} without training" if spec.baseline_cells else ""
         print(f"{spec.title}: {len(spec.cells)} cells{untrained}" + (f"; {estimate_text}" if estimate_text else ""))
@@ -265,6 +248,31 @@ def compare_command(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _estimate_text(spec, done: dict[str, str]) -> str | None:
+    """How long the grid should take (None when a task's size is unknown), and what is left of it given `done`."""
+    from deltatune.compare.presets import estimate_cell_seconds, estimate_seconds
+    from deltatune.compare.runner import _format_duration
+
+    estimate = estimate_seconds(spec)
+    if estimate is None:
+        return None
+    text = (
+        f"at most about {_format_duration(estimate)} one cell at a time on a 2-core CPU with native bf16 "
+        "(a Xeon with AMX or an AMD Zen 4; MiniLM-L6 in bf16), about "
+        f"{_format_duration(2 * estimate)} on one without, which trains in fp32; early stopping usually "
+        "ends cells sooner"
+    )
+    if not done:
+        return text
+    if len(done) == len(spec.every_cell):
+        return text + "; all of its cells are finished already (in --out or --reuse)"
+    left = sum(estimate_cell_seconds(cell) for cell in spec.every_cell if cell.cell_id not in done)
+    return (
+        text + f"; {len(done)} of its cells are finished already (in --out or --reuse), the other "
+        f"{len(spec.every_cell) - len(done)} at most about {_format_duration(left)}"
+    )
 
 
 def _finished_elsewhere(spec, out: str | None, reuse: list[str]) -> dict[str, str]:

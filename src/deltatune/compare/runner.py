@@ -361,36 +361,13 @@ def _run_locked(
         row["cell_id"]: json.loads(row["settings"]) for row in connection.execute("SELECT cell_id, settings FROM cells")
     }
     stale = [_describe_payload(settings) for cell_id, settings in recorded_settings.items() if cell_id not in current]
-    with _disk_full_as("updating the results store"):
-        store.mark_current(connection, current)
-        store.set_meta(
-            connection,
-            spec=spec.raw,
-            title=spec.title,
-            description=spec.description,
-            baseline=spec.baseline,
-            statistics=vars(spec.statistics),
-            methods=[m.name for m in spec.methods],
-            method_kinds={m.name: m.method for m in spec.methods},
-            baselines=list(spec.baselines),
-            tasks=[t.name for t in spec.tasks],
-            total_cells=len(every_cell),
-            command=command,
-            machine={**machine_description(jobs, threads), "backend": backend},
-            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        )
+    _record_spec(connection, spec, current, command, machine_description(jobs, threads), backend)
 
     # whatever a killed runner or cell left half-written goes; nothing can be running (we hold the lock)
     for leftover in (exp_dir / "cells").glob(".*staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
-    reused = _copy_reused(store.statuses(connection), every_cell, exp_dir, sources, retry_failed)
-    if reused:
-        earlier = store.get_meta(connection).get("reused") or {}
-        for source, count in reused.items():
-            earlier[source] = earlier.get(source, 0) + count
-        with _disk_full_as("updating the results store"):
-            store.set_meta(connection, reused=earlier)
+    reused = _copy_reused(connection, every_cell, exp_dir, sources, retry_failed)
     recovered = _recover_finished(connection, every_cell, current, exp_dir)
     status = store.statuses(connection)
     finished_before = sum(status.get(c.cell_id) == "finished" for c in every_cell) - recovered
@@ -413,17 +390,7 @@ def _run_locked(
     untrained = f" (and {len(spec.baseline_cells)} without training)" if spec.baseline_cells else ""
     say(
         f"{spec.title}: {len(spec.cells)} cells in the grid{untrained}; {finished_before} finished earlier"
-        + (
-            f", {summary.reused} taken finished from "
-            + ", ".join(f"{source} ({count})" for source, count in reused.items())
-            if summary.reused
-            else ""
-        )
-        + (
-            f", {recovered - summary.reused} finished but unrecorded (now recorded)"
-            if recovered > summary.reused
-            else ""
-        )
+        + _taken_and_recovered(reused, recovered)
         + (f", {failed_kept} failed earlier (kept as failed; --retry-failed runs them again)" if failed_kept else "")
         + f"; {len(pending)} to run, "
         + (f"{jobs} at a time" if backend == "local" else f"on {backend}")
@@ -439,6 +406,28 @@ def _run_locked(
         return summary
     execute(pending, current, exp_dir, connection, jobs, threads, say, summary)
     return summary
+
+
+def _record_spec(connection, spec: GridSpec, current: dict[str, dict], command, machine: dict, backend: str) -> None:
+    """Mark the spec's cells as current and store what the report needs to know about the grid and the machine."""
+    with _disk_full_as("updating the results store"):
+        store.mark_current(connection, current)
+        store.set_meta(
+            connection,
+            spec=spec.raw,
+            title=spec.title,
+            description=spec.description,
+            baseline=spec.baseline,
+            statistics=vars(spec.statistics),
+            methods=[m.name for m in spec.methods],
+            method_kinds={m.name: m.method for m in spec.methods},
+            baselines=list(spec.baselines),
+            tasks=[t.name for t in spec.tasks],
+            total_cells=len(spec.every_cell),
+            command=command,
+            machine={**machine, "backend": backend},
+            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
 
 def _reuse_sources(reuse: Sequence[str | Path], exp_dir: Path) -> list[Path]:
@@ -459,12 +448,23 @@ def _reuse_sources(reuse: Sequence[str | Path], exp_dir: Path) -> list[Path]:
     return sources
 
 
+def _taken_and_recovered(reused: dict[str, int], recovered: int) -> str:
+    """The start line's account of cells recorded without running: copied by --reuse, or found unrecorded."""
+    taken = sum(reused.values())
+    text = f", {taken} taken finished from " + ", ".join(f"{s} ({n})" for s, n in reused.items()) if taken else ""
+    if recovered > taken:
+        text += f", {recovered - taken} finished but unrecorded (now recorded)"
+    return text
+
+
 def _copy_reused(
-    status: dict[str, str], every_cell: Sequence, exp_dir: Path, sources: Sequence[Path], retry_failed: bool
+    connection, every_cell: Sequence, exp_dir: Path, sources: Sequence[Path], retry_failed: bool
 ) -> dict[str, int]:
     """Copy each cell's result directory (and log) from the first source that holds it finished, for
-    `_recover_finished` to record; returns how many came from each source. A cell finished here is left alone,
-    and so is one failed here unless `retry_failed`. The copy lands under its final name only once whole."""
+    `_recover_finished` to record; returns how many came from each source, and adds them to the store's count.
+    A cell finished here is left alone, and so is one failed here unless `retry_failed`. The copy lands under its
+    final name only once whole."""
+    status = store.statuses(connection)
     copied: dict[str, int] = {}
     for cell in every_cell:
         if status.get(cell.cell_id) == "finished" or (status.get(cell.cell_id) == "failed" and not retry_failed):
@@ -486,6 +486,12 @@ def _copy_reused(
                 paths["staging"].rename(paths["final"])
             copied[str(source)] = copied.get(str(source), 0) + 1
             break
+    if copied:
+        earlier = store.get_meta(connection).get("reused") or {}
+        for where, count in copied.items():
+            earlier[where] = earlier.get(where, 0) + count
+        with _disk_full_as("updating the results store"):
+            store.set_meta(connection, reused=earlier)
     return copied
 
 
