@@ -280,20 +280,19 @@ def _finished_elsewhere(spec, out: str | None, reuse: list[str]) -> dict[str, st
     from contextlib import closing
 
     from deltatune.compare import store
-    from deltatune.compare.cell import CELL_RESULT, cell_paths
+    from deltatune.compare.runner import reusable_from, reuse_sources
 
-    ids = {cell.cell_id for cell in spec.every_cell}
+    sources = reuse_sources(reuse, Path(out).resolve() if out else None)
     done: dict[str, str] = {}
     if out and store.store_path(out).is_file():
         with closing(store.connect_read_only(out)) as connection:
-            done = {
-                cell_id: "finished" for cell_id, status in store.statuses(connection).items() if status == "finished"
-            }
-    for source in reuse:
-        for cell_id in sorted(ids - done.keys()):
-            if (cell_paths(Path(source), cell_id)["final"] / CELL_RESULT).is_file():
-                done[cell_id] = f"finished in {source}"
-    return {cell_id: where for cell_id, where in done.items() if cell_id in ids}
+            finished = {cell_id for cell_id, status in store.statuses(connection).items() if status == "finished"}
+        done = {cell.cell_id: "finished" for cell in spec.every_cell if cell.cell_id in finished}
+    for cell in spec.every_cell:
+        source = None if cell.cell_id in done else reusable_from(sources, cell.cell_id)
+        if source is not None:
+            done[cell.cell_id] = f"finished in {source}"
+    return done
 
 
 def results_command(args: argparse.Namespace) -> int:

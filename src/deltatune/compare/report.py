@@ -459,14 +459,15 @@ def _budget_fact(analysis: Analysis) -> str:
         parts = [f"batch {train.get('batch_size', '?')}"]
         if train.get("min_steps"):
             parts.append(f"at least {train['min_steps']} steps")
-        parts.append(f"at most {train.get('epochs', '?'):g} epochs" if train.get("epochs") else "")
+        if train.get("epochs"):
+            parts.append(f"at most {train['epochs']:g} epochs")
         if train.get("max_steps"):
             parts.append(f"at most {train['max_steps']} steps")
         if train.get("eval_every"):
             parts.append(f"dev every {train['eval_every']} steps")
         if train.get("early_stopping_patience"):
             parts.append(f"early stopping after {train['early_stopping_patience']} evaluations without improvement")
-        tasks = budgets.setdefault(", ".join(part for part in parts if part), [])
+        tasks = budgets.setdefault(", ".join(parts), [])
         label = f"{cell['task']} ({cell.get('grid')})" if several_grids else cell["task"]
         if label not in tasks:
             tasks.append(label)

@@ -303,7 +303,7 @@ def run_grid(
     if jobs < 1:
         raise DeltatuneError(f"--jobs {jobs} must be at least 1.")
     exp_dir = Path(exp_dir).resolve()
-    sources = _reuse_sources(reuse, exp_dir)
+    sources = reuse_sources(reuse, exp_dir)
     if exp_dir.exists() and not exp_dir.is_dir():
         raise DeltatuneError(f"--out {exp_dir} is a file, not a directory. Give a directory for the experiment.")
     try:
@@ -430,7 +430,7 @@ def _record_spec(connection, spec: GridSpec, current: dict[str, dict], command, 
         )
 
 
-def _reuse_sources(reuse: Sequence[str | Path], exp_dir: Path) -> list[Path]:
+def reuse_sources(reuse: Sequence[str | Path], exp_dir: Path | None) -> list[Path]:
     """The experiment directories to take finished cells from, checked before anything is written."""
     sources = []
     for given in reuse:
@@ -446,6 +446,11 @@ def _reuse_sources(reuse: Sequence[str | Path], exp_dir: Path) -> list[Path]:
             )
         sources.append(source)
     return sources
+
+
+def reusable_from(sources: Sequence[Path], cell_id: str) -> Path | None:
+    """The first of `sources` holding cell `cell_id` finished (its whole result directory), or None."""
+    return next((source for source in sources if (cell_paths(source, cell_id)["final"] / CELL_RESULT).is_file()), None)
 
 
 def _taken_and_recovered(reused: dict[str, int], recovered: int) -> str:
@@ -472,20 +477,19 @@ def _copy_reused(
         paths = cell_paths(exp_dir, cell.cell_id)
         if (paths["final"] / CELL_RESULT).is_file():
             continue  # finished here but unrecorded: `_recover_finished` records it
-        for source in sources:
-            theirs = cell_paths(source, cell.cell_id)
-            if not (theirs["final"] / CELL_RESULT).is_file():
-                continue
-            with _disk_full_as("copying a finished cell from --reuse"):
-                shutil.rmtree(paths["staging"], ignore_errors=True)
-                shutil.copytree(theirs["final"], paths["staging"])
-                if theirs["log"].is_file():
-                    shutil.copy2(theirs["log"], paths["log"])
-                if paths["final"].exists():  # an incomplete result directory: replaced by the finished one
-                    shutil.rmtree(paths["final"])
-                paths["staging"].rename(paths["final"])
-            copied[str(source)] = copied.get(str(source), 0) + 1
-            break
+        source = reusable_from(sources, cell.cell_id)
+        if source is None:
+            continue
+        theirs = cell_paths(source, cell.cell_id)
+        with _disk_full_as("copying a finished cell from --reuse"):
+            shutil.rmtree(paths["staging"], ignore_errors=True)
+            shutil.copytree(theirs["final"], paths["staging"])
+            if theirs["log"].is_file():
+                shutil.copy2(theirs["log"], paths["log"])
+            if paths["final"].exists():  # an incomplete result directory: replaced by the finished one
+                shutil.rmtree(paths["final"])
+            paths["staging"].rename(paths["final"])
+        copied[str(source)] = copied.get(str(source), 0) + 1
     if copied:
         earlier = store.get_meta(connection).get("reused") or {}
         for where, count in copied.items():
