@@ -28,7 +28,9 @@ to one of the 16 deltas uniformly at random. Measured, in one process with alter
   delta attached a third of the way in and detached at two thirds; every answer is compared with the
   offline prediction for the same task and text. Its rate is set against the offline mixed rate of the
   rounds above and against the same rate measured just before and just after the test (the VM's speed
-  drifts over minutes; the rounds end minutes before the test starts).
+  drifts over minutes; the rounds end minutes before the test starts). `--precision` sets the server's
+  precision and its offline reference's (default auto: bf16 on CPUs with native bf16); `--live-only` runs
+  only the live test and the offline rates around it.
 """
 
 from __future__ import annotations
@@ -356,6 +358,8 @@ def start_server(args, runs: dict[str, Path]) -> tuple[subprocess.Popen, int]:
         "4096",
         "--log-level",
         "warning",
+        "--precision",
+        args.precision,
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -383,6 +387,7 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
         "rejected_503": 0,
         "errors": [],
         "same_label": 0,
+        "identical": 0,
         "compared": 0,
         "max_probability_difference": 0.0,
         "requests": 0,
@@ -413,6 +418,7 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
                     for i, got in zip(picks, answer["predictions"], strict=True):
                         stats["compared"] += 1
                         stats["same_label"] += got["label"] == offline[i]["label"]
+                        stats["identical"] += got["probabilities"] == offline[i]["probabilities"]
                         difference = max(
                             abs(got["probabilities"][k] - v) for k, v in offline[i]["probabilities"].items()
                         )
@@ -467,8 +473,16 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
 
 
 def report(args, results: dict) -> str:
-    rates, load, memory_bytes = results["rates"], results["load"], results["memory_rss"]
-    around = results["offline_around_load"]
+    lines = (
+        [f"Model {args.model}; the 16 deltas; load average before: {results['load_before']}.", ""]
+        if args.live_only
+        else offline_report(args, results)
+    )
+    return "\n".join(lines + live_report(args, results))
+
+
+def offline_report(args, results: dict) -> list[str]:
+    rates, memory_bytes = results["rates"], results["memory_rss"]
     mixed = "deltatune, 16 deltas of 4 methods, mixed"
     single = "one single-task TunedModel (LoRA)"
     ours, peft = "deltatune, 16 LoRAs mixed, fp32", "PEFT, 16 LoRAs mixed (adapter_names), fp32"
@@ -510,19 +524,28 @@ def report(args, results: dict) -> str:
         lines.append(
             f"| {label} | {memory_bytes[kind] / mib:.0f} | {memory_bytes[kind] / memory_bytes['single']:.2f}x |"
         )
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def live_report(args, results: dict) -> list[str]:
+    load, around = results["load"], results["offline_around_load"]
+    rounds = f"{load['inputs_per_s'] / results['offline']:.2f}x | " if "offline" in results else ""
+    return [
         f"Live server: {args.clients} clients x {args.inputs_per_request} input(s) per request for "
-        f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores).",
+        f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores); precision "
+        f"{args.precision}, the offline answers too.",
         "",
-        "| requests | answered inputs/s | vs offline mixed (rounds above) | vs offline mixed just before / after | "
-        "p50 ms | p99 ms | 503 | other errors | same label as offline | max probability difference |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {load['requests']} | {load['inputs_per_s']:.1f} | {load['inputs_per_s'] / results['offline']:.2f}x | "
+        "| requests | answered inputs/s | "
+        + ("vs offline mixed (rounds above) | " if rounds else "")
+        + "vs offline mixed just before / after | p50 ms | p99 ms | 503 | other errors | same label as offline | "
+        "same probabilities to the last bit | max probability difference |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""),
+        f"| {load['requests']} | {load['inputs_per_s']:.1f} | {rounds}"
         f"{load['inputs_per_s'] / around[0]:.2f}x / {load['inputs_per_s'] / around[1]:.2f}x "
         f"({around[0]:.1f} / {around[1]:.1f} inputs/s) | "
         f"{load['p50_ms']:.0f} | {load['p99_ms']:.0f} | {load['rejected_503']} | {len(load['errors'])} | "
-        f"{load['same_label']}/{load['compared']} | {load['max_probability_difference']:.2g} |",
+        f"{load['same_label']}/{load['compared']} | {load['identical']}/{load['compared']} | "
+        f"{load['max_probability_difference']:.2g} |",
         "",
         f"CPU cores used during the load test: server {load['server_cores_used']:.2f}, the client threads "
         f"{load['client_cores_used']:.2f} (of {os.cpu_count()}); each client keeps its connection open. The server "
@@ -535,7 +558,6 @@ def report(args, results: dict) -> str:
         "",
         f"Produced by `python benchmarks/serve.py {' '.join(sys.argv[1:])}`.",
     ]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -552,6 +574,12 @@ def main() -> None:
     parser.add_argument("--inputs-per-request", type=int, default=2)
     parser.add_argument("--max-requests", type=int, default=200_000, help="the load test stops after this many")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision", default="auto", help="the live test's: the server's and its offline reference answers'"
+    )
+    parser.add_argument(
+        "--live-only", action="store_true", help="only the live test (and the offline rate just before and after)"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--measure-memory", choices=("single", "shared", "separate"), help=argparse.SUPPRESS)
@@ -562,20 +590,22 @@ def main() -> None:
         return
     results = {"load_before": " ".join(f"{value:.2f}" for value in os.getloadavg())}
     texts, names = request_pool(args, runs)
-    results.update(throughput(args, runs, texts, names))
-    results["memory_rss"] = memory(args)
+    if not args.live_only:
+        results.update(throughput(args, runs, texts, names))
+        results["memory_rss"] = memory(args)
     import deltatune
 
     # the offline mixed rate again just before and just after the live test: the VM's speed drifts by minutes,
     # so the live rate is also set against these two, measured around it, not only against the rounds above
     shared = deltatune.load_many(list(runs.values()), names=list(runs))
-    shared.predict(texts[: args.batch_size], task=names[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    options = {"precision": args.precision, "batch_size": args.batch_size}
+    shared.predict(texts[: args.batch_size], task=names[: args.batch_size], **options)  # warm-up
     started = time.perf_counter()
-    offline = shared.predict(texts, task=names, batch_size=args.batch_size)
+    offline = shared.predict(texts, task=names, **options)
     bracket = [len(texts) / (time.perf_counter() - started)]
     results["load"] = load_test(args, runs, texts, names, offline)
     started = time.perf_counter()
-    shared.predict(texts, task=names, batch_size=args.batch_size)
+    shared.predict(texts, task=names, **options)
     bracket.append(len(texts) / (time.perf_counter() - started))
     results["offline_around_load"] = bracket
     del shared

@@ -251,17 +251,16 @@ def test_deltas_of_one_pooled_head_share_a_base_and_other_heads_are_refused(tmp_
         r"cross-encoder pooling by native: ",
     ):
         deltatune.load_many([pooled["sentiment-lora"], native])
-    pairs = make_run(tmp_path / "d", base, "lora", PAIRS, 4, head=("bi-encoder", "mean"))
-    with pytest.raises(DeltatuneError, match="bi-encoder classifier .* which load_many does not serve"):
-        deltatune.load_many([pairs])
 
 
 SIMILAR = TaskSpec("similar", ("first", "second"), score_range=(0.0, 5.0), metric="pearson", metrics=("pearson",))
+NLI = TaskSpec("nli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"))
 
 
-def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(tmp_path, monkeypatch):
+def test_bi_encoders_share_the_forward_passes_of_cross_encoders(tmp_path, monkeypatch):
     """MiniLM-L6's defaults: STS-B trains a mean-pooled bi-encoder, classification a mean-pooled cross-encoder;
-    one process serves both, each text of a bi-encoder's pair a row of the shared forward pass."""
+    one process serves both (and bi-encoder classifiers), each text of a bi-encoder's pair a row of the shared
+    forward pass."""
     base = save_tiny_model_dir(tmp_path / "base", "bert")
     bi, cross = ("bi-encoder", "mean"), ("cross-encoder", "mean")
     runs = {
@@ -270,6 +269,9 @@ def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(t
         "similar-2": (make_run(tmp_path / "c", base, "ia3", SIMILAR, 3, head=bi), SIMILAR),
         "similar-3": (make_run(tmp_path / "d", base, "full", SIMILAR, 4, head=bi), SIMILAR),  # a pass of its own
         "pairs": (make_run(tmp_path / "e", base, "pfeiffer", PAIRS, 5, head=cross), PAIRS),
+        # bi-encoder classifiers: their own linear layer over [u, v, |u-v|], 3 and 2 labels
+        "nli": (make_run(tmp_path / "g", base, "lora", NLI, 7, head=bi), NLI),
+        "pairs-2": (make_run(tmp_path / "h", base, "bitfit", PAIRS, 8, head=bi), PAIRS),
     }
     served = deltatune.load_many([run for run, _ in runs.values()])
     assert list(served.tasks) == list(runs)
@@ -287,6 +289,7 @@ def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(t
             assert_same(result, expected[name][row])
     # the deltas differ, so equal answers are not one delta's answers repeated
     assert len({round(expected[name][0]["score"], 4) for name in ("similar", "similar-2", "similar-3")}) == 3
+    assert served.tasks["nli"].pair_head is not None and served.tasks["nli"].pair_head[0].shape == (3, 3 * 32)
     # texts of very different lengths side by side: the batch runs packed (no padding through the encoder)
     import deltatune.serve.multi as multi
 
@@ -295,17 +298,17 @@ def test_bi_encoders_of_score_tasks_share_the_forward_passes_of_cross_encoders(t
     monkeypatch.setattr(multi, "packed_encoder", lambda *args: packed.append(1) or original(*args))
     long = " ".join(TEXTS * 3)
     rows = [("a", long), "b", (long, "c"), long, ("x y", "z")]
-    names = ["similar", "sentiment", "similar-2", "sentiment", "similar"]
+    names = ["similar", "sentiment", "nli", "sentiment", "pairs-2"]
     answers = served.predict(rows, task=names, precision="fp32")
     assert packed
     for row, name, answer in zip(rows, names, answers, strict=True):
         columns = [[text] for text in row] if isinstance(row, tuple) else [[row]]
         assert_same(answer, deltatune.load(runs[name][0]).predict(*columns, precision="fp32")[0])
     # bi-encoders alone: the base is loaded as theirs
-    alone_served = deltatune.load_many([runs["similar"][0], runs["similar-2"][0]])
-    results = alone_served.predict(inputs_for(SIMILAR), task="similar-2", precision="fp32")
-    for row, result in enumerate(results):
-        assert_same(result, expected["similar-2"][row])
+    alone_served = deltatune.load_many([runs["nli"][0], runs["similar"][0], runs["similar-2"][0]])
+    for name in ("similar-2", "nli"):
+        for row, result in enumerate(alone_served.predict(inputs_for(runs[name][1]), task=name, precision="fp32")):
+            assert_same(result, expected[name][row])
     with pytest.raises(DeltatuneError, match="needs the base loaded with a cross-encoder head pooling by mean"):
         alone_served.attach(runs["sentiment"][0])
     native = make_run(tmp_path / "f", base, "lora", SENTIMENT, 6)

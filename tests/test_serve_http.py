@@ -158,18 +158,21 @@ def test_mixed_tasks_over_http_answer_as_each_delta_alone_and_share_forward_pass
 
 
 def test_a_bi_encoder_is_served_beside_cross_encoders_of_its_pooling(tmp_path):
-    """MiniLM-L6's defaults over HTTP: a mean-pooled bi-encoder for a score task beside a mean-pooled classifier."""
+    """MiniLM-L6's defaults over HTTP: a mean-pooled bi-encoder for a score task beside a mean-pooled classifier,
+    and a bi-encoder classifier (its own layer over [u, v, |u-v|])."""
     base = save_tiny_model_dir(tmp_path / "base", "bert")
     runs = {
         "similar": make_run(tmp_path / "similar", base, "lora", SIMILAR, 1, head=("bi-encoder", "mean")),
         "sentiment": make_run(tmp_path / "sentiment", base, "bitfit", SENTIMENT, 2, head=("cross-encoder", "mean")),
+        "pairs": make_run(tmp_path / "pairs", base, "ia3", PAIRS, 3, head=("bi-encoder", "mean")),
     }
     pair_rows = [[text, TEXTS[-1 - i]] for i, text in enumerate(TEXTS)]
     expected = {
         "similar": expected_rows(runs, "similar", SIMILAR, pair_rows),
         "sentiment": expected_rows(runs, "sentiment", SENTIMENT, TEXTS),
+        "pairs": expected_rows(runs, "pairs", PAIRS, pair_rows),
     }
-    inputs = {"similar": pair_rows, "sentiment": TEXTS}
+    inputs = {"similar": pair_rows, "sentiment": TEXTS, "pairs": pair_rows}
     with Server(deltatune.load_many(list(runs.values())), precision="fp32") as server:
         items = [{"task": name, "input": inputs[name][row]} for row in range(len(TEXTS)) for name in inputs]
         status, body, _ = server.call("POST", "/v1/predict", items)
@@ -177,7 +180,7 @@ def test_a_bi_encoder_is_served_beside_cross_encoders_of_its_pooling(tmp_path):
         for item, answer in zip(items, body["predictions"], strict=True):
             assert close_to(answer, expected[item["task"]][inputs[item["task"]].index(item["input"])])
         described = {task["name"]: task for task in server.call("GET", "/v1/tasks")[1]["tasks"]}
-        assert described["similar"]["head"] == "bi-encoder" and described["sentiment"]["head"] == "cross-encoder"
+        assert [described[name]["head"] for name in runs] == ["bi-encoder", "cross-encoder", "bi-encoder"]
         status, body, _ = server.call("POST", "/v1/predict", {"task": "similar", "inputs": ["one text"]})
         assert status == 422 and "inputs[0] has 1 text(s) but task 'similar' takes 2" in body["detail"]
 

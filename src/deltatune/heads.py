@@ -335,24 +335,21 @@ def shared_head(
     return {"kind": kind, "pooling": pooling}
 
 
+PAIR_HEAD = ("classifier.weight", "classifier.bias")
+"""The tensors of a bi-encoder classifier's head (`PooledTaskModel.classifier` over [u, v, |u-v|])."""
+
+
 def serving_head(run_dirs: Sequence[str | Path], manifests: list[DeltaManifest]) -> dict:
     """The head `load_many` builds the shared base with, for deltas that may mix cross- and bi-encoders.
 
-    The cross-encoder deltas share one head (`shared_head`). Bi-encoder deltas of score tasks (a cosine of two
-    pooled texts, no weights of their own) run on the same forward passes, each text as its own row, so they
-    join them when they pool the same way and the cross-encoders use deltatune's pooled head (transformers'
-    own [CLS] head reads a pooler a bi-encoder's base does not have). A bi-encoder classifier over
-    [u, v, |u-v|] has a head no cross-encoder base holds: it is served by `deltatune.load`."""
+    The cross-encoder deltas share one head (`shared_head`). Bi-encoder deltas run on the same forward passes,
+    each text of a pair as its own row, so they join them when they pool the same way and the cross-encoders
+    use deltatune's pooled head (transformers' own [CLS] head reads a pooler a bi-encoder's base does not
+    have): a score task's two pooled texts give their cosine, a classifier's own linear layer reads
+    [u, v, |u-v|] of them (`PAIR_HEAD`), kept beside the base's head."""
     pairs = list(zip(run_dirs, manifests, strict=True))
     apart = [(d, m) for d, m in pairs if m.head is not None and m.head.kind == "bi-encoder"]
     together = [(d, m) for d, m in pairs if m.head is None or m.head.kind != "bi-encoder"]
-    for directory, manifest in apart:
-        if not manifest.task.is_regression:
-            raise DeltatuneError(
-                f"{directory} was trained with a bi-encoder classifier (over [u, v, |u-v|] of the two texts), "
-                "which load_many does not serve. Use deltatune.load for it, or train it with --head "
-                "cross-encoder."
-            )
     poolings = sorted({manifest.head.pooling for _, manifest in apart if manifest.head is not None})
     if len(poolings) > 1:
         shared_head([d for d, _ in apart], [m for _, m in apart], allow_bi_encoder=True)  # names the groups
@@ -371,6 +368,7 @@ def serving_head(run_dirs: Sequence[str | Path], manifests: list[DeltaManifest])
 
 __all__ = [
     "serving_head",
+    "PAIR_HEAD",
     "shared_head",
     "foreign_head",
     "HEAD_KINDS",

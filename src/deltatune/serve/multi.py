@@ -16,10 +16,10 @@ fingerprint each delta records), and attaches each delta under a name (its task'
   own, one delta at a time, with that delta active;
 - each row's own head gives its task's outputs, mapped to labels or to score units by its own
   regression scale;
-- a bi-encoder delta of a score task (each text of a pair pooled alone, their cosine the score: MiniLM-L6's
-  default for STS-B) joins the same forward passes with each text as a row of its own, and its two pooled
-  rows give the cosine afterwards; it is served beside cross-encoders that pool the same way
-  (`deltatune.heads.serving_head`).
+- a bi-encoder delta (each text of a pair pooled alone: MiniLM-L6's default for STS-B) joins the same
+  forward passes with each text as a row of its own; afterwards its two pooled rows give the cosine (a score
+  task) or go through its own classifier over [u, v, |u-v|] (a classification task); it is served beside
+  cross-encoders that pool the same way (`deltatune.heads.serving_head`).
 
 The model is used by one thread at a time (`lock`). A long-running caller (the HTTP server) keeps the
 mixed-batch state open across calls with `serving()`; attaching or detaching a delta closes and
@@ -77,6 +77,8 @@ class ServedTask:
     """Memory it holds beside the base model (a full fine-tuning delta holds a whole model's weights)."""
     texts_apart: bool = False
     """A bi-encoder: each text of an input is its own row of the forward pass; the score is their cosine."""
+    pair_head: tuple[torch.Tensor, torch.Tensor] | None = None
+    """A bi-encoder classifier's own linear layer (weight, bias) over [u, v, |u-v|] of the two pooled texts."""
 
     def describe(self, base_fingerprint: str) -> dict:
         task = self.task
@@ -152,8 +154,9 @@ class MultiTaskModel:
                 )
             self._close_session()
             method = build_method(manifest.method, manifest.method_config)
+            pair_head = None
             if manifest.resolved_head.kind == "bi-encoder":
-                tensors = {**self._unused_head(), **tensors}
+                tensors, pair_head = self._bi_encoder_tensors(tensors)
             device = self.device
             attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
             self.model.to(device)  # a delta's tensors load on the CPU: join the base where it computes
@@ -167,8 +170,9 @@ class MultiTaskModel:
                 manifest,
                 directory,
                 (directory / "delta.safetensors").stat().st_size,
-                self._resident_bytes(name),
+                self._resident_bytes(name) + sum(t.numel() * t.element_size() for t in pair_head or ()),
                 manifest.resolved_head.kind == "bi-encoder",
+                pair_head,
             )
             self.tasks[name] = served
             return served
@@ -192,15 +196,28 @@ class MultiTaskModel:
                 "Serve it from another process, or start this one with every delta at once (load_many)."
             )
 
-    def _unused_head(self) -> dict[str, torch.Tensor]:
-        """The base's head tensors, for a bi-encoder delta to carry (it has no head weights; its rows never reach
-        the head, but every attached delta holds a value of each tensor the deltas of the model rewrite)."""
+    def _bi_encoder_tensors(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """A bi-encoder delta's tensors to attach, and its classifier's (weight, bias) kept apart (None for a
+        score task's cosine, which has no weights).
+
+        Its rows never reach the base's head (their pooled texts are read before it), but every attached delta
+        holds a value of each tensor the deltas of the model rewrite: it carries the base's head tensors, and
+        its own classifier, which reads [u, v, |u-v|] (three times the base head's width), stays beside them."""
+        from deltatune.heads import PAIR_HEAD
         from deltatune.methods.common import head_names
 
+        pair_head = None
+        if all(name in tensors for name in PAIR_HEAD):
+            tensors = dict(tensors)
+            weight, bias = (tensors.pop(name).float() for name in PAIR_HEAD)  # on the CPU, as the pooled rows
+            pair_head = (weight, bias)
         head = head_names(self.model)
-        return {
+        unused = {
             name: parameter.detach().cpu().clone() for name, parameter in self.model.named_parameters() if name in head
         }
+        return {**unused, **tensors}, pair_head
 
     def detach(self, name: str) -> None:
         """Remove delta `name`; the others and the base are left as they were."""
@@ -364,17 +381,26 @@ class MultiTaskModel:
         return self._per_input(predicted, owners, inputs_names)
 
     def _per_input(self, outputs: list[np.ndarray], owners: list[int], names: list[str]) -> list[np.ndarray]:
-        """Encoder rows' outputs back to one per input: a bi-encoder's two pooled texts give their cosine."""
+        """Encoder rows' outputs back to one per input: a bi-encoder's two pooled texts give their cosine, or its
+        classifier's outputs."""
         parts: list[list[np.ndarray]] = [[] for _ in names]
         for owner, output in zip(owners, outputs, strict=True):
             parts[owner].append(output)
-        apart = [row for row, name in enumerate(names) if self.tasks[name].texts_apart]
-        if apart:  # as the bi-encoder head computes it (`PooledTaskModel.forward`), in fp32
-            first = torch.from_numpy(np.stack([parts[row][0] for row in apart]))
-            second = torch.from_numpy(np.stack([parts[row][1] for row in apart]))
-            cosines = nn.functional.cosine_similarity(first, second, dim=-1).numpy()
-            for row, cosine in zip(apart, cosines, strict=True):
-                parts[row] = [np.asarray([cosine], dtype=np.float32)]
+        apart: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            if self.tasks[name].texts_apart:
+                apart.setdefault(name, []).append(row)
+        for name, rows in apart.items():  # as the bi-encoder head computes it (`PooledTaskModel.forward`), in fp32
+            first = torch.from_numpy(np.stack([parts[row][0] for row in rows]))
+            second = torch.from_numpy(np.stack([parts[row][1] for row in rows]))
+            pair_head = self.tasks[name].pair_head
+            if pair_head is None:
+                answers = nn.functional.cosine_similarity(first, second, dim=-1).unsqueeze(-1)
+            else:
+                features = torch.cat([first, second, (first - second).abs()], dim=-1)
+                answers = nn.functional.linear(features, *pair_head)
+            for row, output in zip(rows, answers.numpy(), strict=True):
+                parts[row] = [output.astype(np.float32)]
         return [part[0] for part in parts]
 
     def _forward(
