@@ -175,13 +175,17 @@ def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Ten
     segments = routing.contiguous()
     if segments is not None:  # outside autograd: rows may be rewritten in place
         joined = routing.stacked(site, lambda: _joined_adapters(parts), "joined")
-        if joined is not None:  # several adapters: one matmul pair over all their bottlenecks, masked per row
+        if joined is not None:  # several adapters: one matmul pair over all their bottlenecks, masked per row,
+            # on the span of rows that have an adapter here
             activation, down, down_bias, up, up_bias, owner = joined
-            row_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 2)
-            inner = activation(F.linear(hidden_states, down, down_bias))
-            inner = inner * routing.joined_mask(owner, inner.dtype).view(*row_shape, -1)
-            update = F.linear(inner, up)
-            return hidden_states + (update + up_bias[routing.index].view(*row_shape, -1).to(update.dtype))
+            start, end = routing.span(parts)
+            rows = hidden_states[start:end]
+            row_shape = (end - start,) + (1,) * (hidden_states.ndim - 2)
+            inner = activation(F.linear(rows, down, down_bias))
+            inner = inner * routing.joined_mask(owner, inner.dtype, start, end).view(*row_shape, -1)
+            update = F.linear(inner, up) + up_bias[routing.index[start:end]].view(*row_shape, -1).to(inner.dtype)
+            rows.add_(update)  # the span of `hidden_states`, in place
+            return hidden_states
         for group, start, end in segments:  # one adapter (or very wide ones): each on its own slice
             adapter = parts[group]
             if adapter is not None:

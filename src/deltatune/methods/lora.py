@@ -203,11 +203,13 @@ class LoRALinear(WrappedLinear[LoRAUpdate]):
             joined = routing.stacked(
                 self, lambda: _joined_ranks(parts, self.in_features, self.out_features), f"joined {result.dtype}"
             )
-            if joined is not None:  # several deltas: one matmul pair over all their ranks, masked per row
+            if joined is not None:  # several deltas: one matmul pair over all their ranks, masked per row,
+                # on the span of rows that have a branch here
                 down_weight, up_weight, owner = joined
-                rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(result.dtype)
-                down = (rows @ down_weight) * routing.joined_mask(owner, result.dtype)[:, None, :]
-                result.view(-1, result.shape[-1]).addmm_(down.view(-1, down.shape[-1]), up_weight)
+                start, end = routing.span(parts)
+                rows = x[start:end].reshape(end - start, -1, x.shape[-1]).to(result.dtype)
+                down = (rows @ down_weight) * routing.joined_mask(owner, result.dtype, start, end)[:, None, :]
+                result[start:end].view(-1, result.shape[-1]).addmm_(down.view(-1, down.shape[-1]), up_weight)
                 return result
             for group, start, end in segments:  # one delta (or very many ranks): each on its own slice
                 if parts[group] is not None:

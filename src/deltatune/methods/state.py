@@ -28,7 +28,7 @@ overwrite), each with the shape and dtype the method saves.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -578,9 +578,22 @@ class RowRouting:
         """
         return None if torch.is_grad_enabled() else self.segments
 
-    def joined_mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, units): 1 where a joined unit (`joined_owners`) belongs to the row's own delta, else 0."""
-        return (self.index[:, None] == owner[None, :]).to(dtype)
+    def joined_mask(
+        self, owner: torch.Tensor, dtype: torch.dtype, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """(rows, units): 1 where a joined unit (`joined_owners`) belongs to the row's own delta, else 0; for
+        rows `start:end` of the batch."""
+        return (self.index[start:end, None] == owner[None, :]).to(dtype)
+
+    def span(self, parts: Sequence[Any]) -> tuple[int, int]:
+        """(first row, end row) of a contiguous batch's groups that have a part at a site (`parts[group]` not
+        None): the rows a site's joined computation needs. Rows of other groups inside the span are masked
+        out (`joined_mask`); `RowMixer.grouped_order` places deltas of one method side by side, so the span
+        of a site that one method owns holds that method's rows alone."""
+        assert self.segments is not None  # a contiguous batch
+        covered = [(start, end) for group, start, end in self.segments if parts[group] is not None]
+        assert covered  # a joined site has parts
+        return covered[0][0], covered[-1][1]
 
     def rows(self, *groups: int) -> torch.Tensor:
         """The rows (ascending) of the given groups in this batch."""
@@ -690,15 +703,22 @@ class RowMixer:
             site.row_routing = routing
 
     def grouped_order(self, row_deltas: list[str | None]) -> list[int]:
-        """Positions of `row_deltas` reordered so each delta's rows are together (stable within a delta).
+        """Positions of `row_deltas` reordered so each delta's rows are together (stable within a delta), and
+        the deltas of one method side by side.
 
-        A batch routed in this order runs each site on contiguous slices (`RowRouting.contiguous`).
+        A batch routed in this order runs each site on contiguous slices (`RowRouting.contiguous`), and a site
+        that only one method's deltas have (LoRA's, an adapter's) computes on their span of rows alone
+        (`RowRouting.span`), not on the whole batch.
         """
-        order = {name: position for position, name in enumerate(self.record.methods)}
+        methods = self.record.methods
+        first_of_method: dict[str, int] = {}
+        order: dict[str, tuple[int, int]] = {}
+        for position, (name, method) in enumerate(methods.items()):
+            order[name] = (first_of_method.setdefault(method.name, position), position)
 
-        def place(row: int) -> int:
+        def place(row: int) -> tuple[int, int]:
             name = row_deltas[row]
-            return -1 if name is None else order.get(name, len(order))
+            return (-1, -1) if name is None else order.get(name, (len(order), 0))
 
         return sorted(range(len(row_deltas)), key=place)
 
