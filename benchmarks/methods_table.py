@@ -195,7 +195,8 @@ def main() -> None:
         f"early stopping after {args.patience} evaluations without improvement, the best dev state kept; "
         f"{search}; seed {args.seed}, precision {precision}. The kept state is scored once on the test split "
         f"(the official STS-B test for stsb), which chose nothing. 'converged' says whether the dev curve had "
-        f"levelled off (not: its last evaluation was its best by more than 0.5 points).\n\n"
+        f"levelled off (not: the best of its last two evaluations beat every earlier one by more than 0.5 "
+        f"points, the training loop's `still_improving`).\n\n"
         f"{table(records, primary, len(heads) > 1)}\n\nProduced by `{command}`.\n"
     )
     (args.out / "table.md").write_text(text, encoding="utf-8")
