@@ -328,3 +328,15 @@ def test_batches_measure_the_rows_once(monkeypatch):
     batches, _ = MultiTaskModel._batches(encoded, list(range(0, 500, 2)), 16, packable=True)
     assert sorted(row for batch in batches for row in batch) == list(range(0, 500, 2))
     assert len(reads) == 1
+
+
+def test_a_bi_encoder_classifier_without_its_classifier_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = save_tiny_model_dir(tmp_path / "base", "bert")
+    run = make_run(tmp_path / "nli", base, "lora", NLI, 1, head=("bi-encoder", "mean"))
+    tensors = load_file(str(run / "delta.safetensors"))
+    assert {"classifier.weight", "classifier.bias"} <= set(tensors)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("classifier.")}, str(run / "delta.safetensors"))
+    with pytest.raises(DeltatuneError, match="bi-encoder classifier, but its delta.safetensors holds no classifier"):
+        deltatune.load_many([run])

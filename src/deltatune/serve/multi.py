@@ -157,6 +157,12 @@ class MultiTaskModel:
             pair_head = None
             if manifest.resolved_head.kind == "bi-encoder":
                 tensors, pair_head = self._bi_encoder_tensors(tensors)
+                if pair_head is None and not task.is_regression:
+                    raise DeltatuneError(
+                        f"{directory} was trained with a bi-encoder classifier, but its delta.safetensors holds no "
+                        "classifier (classifier.weight, classifier.bias) to read [u, v, |u-v|] with. The file is "
+                        "not the one training wrote: train the run again."
+                    )
             device = self.device
             attach_delta(self.model, method, tensors, name, tokenizer=self.tokenizer)
             self.model.to(device)  # a delta's tensors load on the CPU: join the base where it computes
