@@ -76,7 +76,8 @@ class ServedTask:
     resident_bytes: int
     """Memory it holds beside the base model (a full fine-tuning delta holds a whole model's weights)."""
     texts_apart: bool = False
-    """A bi-encoder: each text of an input is its own row of the forward pass; the score is their cosine."""
+    """A bi-encoder: each text of an input is its own row of the forward pass; their pooled rows give the cosine
+    (a score task) or go through `pair_head` (a classifier)."""
     pair_head: tuple[torch.Tensor, torch.Tensor] | None = None
     """A bi-encoder classifier's own linear layer (weight, bias) over [u, v, |u-v|] of the two pooled texts."""
 
