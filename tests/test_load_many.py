@@ -290,6 +290,8 @@ def test_bi_encoders_share_the_forward_passes_of_cross_encoders(tmp_path, monkey
     # the deltas differ, so equal answers are not one delta's answers repeated
     assert len({round(expected[name][0]["score"], 4) for name in ("similar", "similar-2", "similar-3")}) == 3
     assert served.tasks["nli"].pair_head is not None and served.tasks["nli"].pair_head[0].shape == (3, 3 * 32)
+    # its own layer counts in what it holds, in `memory()` as in `/v1/tasks`
+    assert served.memory()["delta_bytes"]["nli"] == served.tasks["nli"].resident_bytes
     # texts of very different lengths side by side: the batch runs packed (no padding through the encoder)
     import deltatune.serve.multi as multi
 

@@ -177,7 +177,7 @@ class MultiTaskModel:
                 manifest,
                 directory,
                 (directory / "delta.safetensors").stat().st_size,
-                self._resident_bytes(name) + sum(t.numel() * t.element_size() for t in pair_head or ()),
+                self._resident_bytes(name, pair_head),
                 manifest.resolved_head.kind == "bi-encoder",
                 pair_head,
             )
@@ -242,8 +242,9 @@ class MultiTaskModel:
             name, number = f"{stem}-{number}", number + 1
         return name
 
-    def _resident_bytes(self, name: str) -> int:
-        """Bytes delta `name` holds beside the base: its own parts and its values of base tensors it rewrites."""
+    def _resident_bytes(self, name: str, pair_head: tuple[torch.Tensor, ...] | None = None) -> int:
+        """Bytes delta `name` holds beside the base: its own parts, its values of base tensors it rewrites, and a
+        bi-encoder classifier's own layer (`pair_head`)."""
         record = attached_deltas(self.model)
         index = parameter_index(self.model)
         tensors: list[torch.Tensor] = [parameter for _, parameter in index.of(name).values()]
@@ -251,6 +252,7 @@ class MultiTaskModel:
             tensors += [index.base[canonical][1] for canonical in record.rewritten(self.model, name, index)]
         else:
             tensors += list(record.stored.get(name, {}).values())
+        tensors += list(pair_head or ())
         return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     def memory(self) -> dict:
@@ -259,7 +261,7 @@ class MultiTaskModel:
         base = sum(parameter.numel() * parameter.element_size() for _, parameter in index.base.values())
         base += sum(buffer.numel() * buffer.element_size() for buffer in self.model.buffers())
         with self.lock:
-            deltas = {name: self._resident_bytes(name) for name in self.tasks}
+            deltas = {name: self._resident_bytes(name, task.pair_head) for name, task in self.tasks.items()}
         return {"base_bytes": base, "delta_bytes": deltas, "total_bytes": base + sum(deltas.values())}
 
     # -------------------------------------------------------------------------- prediction
@@ -407,7 +409,7 @@ class MultiTaskModel:
                 features = torch.cat([first, second, (first - second).abs()], dim=-1)
                 answers = nn.functional.linear(features, *pair_head)
             for row, output in zip(rows, answers.numpy(), strict=True):
-                parts[row] = [output.astype(np.float32)]
+                parts[row] = [output]  # float32: pooled rows and the layer are
         return [part[0] for part in parts]
 
     def _forward(
