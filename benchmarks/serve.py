@@ -12,6 +12,9 @@ to one of the 16 deltas uniformly at random. Measured, in one process with alter
 - the 16 deltas served by `deltatune.load_many` on the mixed requests, against one single-task
   `TunedModel` (a LoRA delta) on the same texts at the same batch size: once with each `predict` call
   opening and closing the mixed-batch state, once with it kept open by `serving()` as the server does;
+  and again batch by batch (`--paired-rounds`): the requests sorted by length and cut into batches, the
+  single-task model and the 16 deltas kept open taking turns on each batch, so that both see the same
+  moment of the VM's speed (whole-workload rounds seconds apart move by 10-20% on a shared VM);
 - 16 LoRA deltas in deltatune against PEFT's mixed-adapter batches (`adapter_names=` per row) with the
   same 16 LoRAs (the 4 trained LoRAs under 4 names each), on the same inputs at the same batch size
   (deltatune in its own padding-aware batches, PEFT in length-sorted ones), both in fp32 and both in bf16
@@ -58,6 +61,8 @@ AS_SERVED = (
 )
 METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
 BASE_ALONE = "the base model alone on PEFT's batches (its adapters disabled), fp32"
+PAIRED_SINGLE = "one single-task TunedModel (LoRA)"
+PAIRED_MIXED = "deltatune, 16 deltas of 4 methods, mixed, kept open"
 LORAS_ARRIVING = "deltatune, 16 LoRAs mixed, fp32, kept open, one call per batch-size slice in arrival order"
 PEFT_ARRIVING = "PEFT, 16 LoRAs mixed (adapter_names), fp32, the same slices in arrival order"
 
@@ -192,6 +197,28 @@ def alternate_rounds(sides: dict, rounds: int, count: int) -> dict[str, list[flo
     return rates
 
 
+def paired_batches(sides: dict, batches: list[list[int]], rounds: int) -> dict[str, list[float]]:
+    """Two sides on the same batches, taking turns batch by batch (which goes first alternates): each side's
+    inputs per second per round. A side's whole-workload round lasts seconds, over which this VM's speed moves
+    by 10-20%; batch by batch both sides run within a fraction of a second of each other on every batch."""
+    for batch in batches:  # warm up: every batch shape once
+        for run in sides.values():
+            run(batch)
+    count = sum(len(batch) for batch in batches)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for _ in range(rounds):
+        spent = dict.fromkeys(names, 0.0)
+        for number, batch in enumerate(batches):
+            for name in names if number % 2 else names[::-1]:
+                started = time.perf_counter()
+                sides[name](batch)
+                spent[name] += time.perf_counter() - started
+        for name in names:
+            rates[name].append(count / spent[name])
+    return rates
+
+
 def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) -> dict:
     import torch
 
@@ -261,10 +288,25 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
         PEFT_ARRIVING: lambda: run_peft(peft, encoded, pad_token_id, lora_names, arriving),
     }
     rates = alternate_rounds(sides, args.rounds, len(texts))
+    # the 0.9x comparison again, batch by batch: the requests sorted by length and cut into batches, each
+    # batch run by the single-task model and by the 16 deltas (kept open, as the server runs them) in turn
+    by_length = sorted(range(len(texts)), key=lambda row: encoded.lengths[row])
+    sorted_batches = [by_length[start : start + args.batch_size] for start in range(0, len(texts), args.batch_size)]
+    paired = paired_batches(
+        {
+            PAIRED_SINGLE: lambda batch: single.predict([texts[i] for i in batch], batch_size=args.batch_size),
+            PAIRED_MIXED: lambda batch: kept.predict(
+                [texts[i] for i in batch], task=[names[i] for i in batch], batch_size=args.batch_size
+            ),
+        },
+        sorted_batches,
+        args.paired_rounds,
+    )
     kept_open.__exit__(None, None, None)
     loras_open.__exit__(None, None, None)
     return {
         "rates": rates,
+        "paired": paired,
         "offline": statistics.median(rates["deltatune, 16 deltas of 4 methods, mixed"]),
         "threads": torch.get_num_threads(),
         "memory": shared.memory(),
@@ -510,6 +552,20 @@ def offline_report(args, results: dict) -> list[str]:
         }.get(name)
         text = f"{ratio(name, against[0]):.2f}x {against[1]}" if against else "1.00x"
         lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {text} |")
+    paired = results.get("paired")
+    if paired:
+        ratios = [x / y for x, y in zip(paired[PAIRED_MIXED], paired[PAIRED_SINGLE], strict=True)]
+        lines += [
+            "",
+            f"Batch by batch: the same requests sorted by length and cut into batches of {args.batch_size}; each "
+            f"batch run by both sides in turn (which goes first alternates), {len(ratios)} rounds.",
+            "",
+            "| side | inputs/s (median) | ratio (median of rounds; lowest, highest) |",
+            "|---|---|---|",
+            f"| {PAIRED_MIXED} | {statistics.median(paired[PAIRED_MIXED]):.1f} | "
+            f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}, {max(ratios):.3f}) vs single-task TunedModel |",
+            f"| {PAIRED_SINGLE} | {statistics.median(paired[PAIRED_SINGLE]):.1f} | 1.00x |",
+        ]
     mib = 2**20
     lines += [
         "",
@@ -569,6 +625,9 @@ def main() -> None:
     parser.add_argument("--texts-per-task", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--paired-rounds", type=int, default=5, help="rounds of the batch-by-batch mixed-against-single comparison"
+    )
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--inputs-per-request", type=int, default=2)
