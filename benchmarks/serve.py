@@ -33,7 +33,9 @@ to one of the 16 deltas uniformly at random. Measured, in one process with alter
   rounds above and against the same rate measured just before and just after the test (the VM's speed
   drifts over minutes; the rounds end minutes before the test starts). `--precision` sets the server's
   precision and its offline reference's (default auto: bf16 on CPUs with native bf16); `--live-only` runs
-  only the live test and the offline rates around it.
+  only the live test and the offline rates around it. Then the live server and offline `predict` in turns
+  (`--live-windows` windows of `--window-seconds` of load, each between two offline passes), so that each
+  live rate is set against offline rates measured seconds, not minutes, around it.
 """
 
 from __future__ import annotations
@@ -511,6 +513,51 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
     }
 
 
+def live_windows(args, runs: dict[str, Path], texts: list[str], names: list[str], offline_rate) -> dict:
+    """The live server against offline `predict` in turns: `--live-windows` windows of `--window-seconds` of
+    load (the clients of the load test, throughput only), each between two offline passes over the requests
+    (`offline_rate()`, inputs per second) with the server idle. Each window's ratio is its live rate over the
+    mean of the two offline rates around it: both measured within seconds, not minutes, of each other."""
+    process, port = start_server(args, runs)
+    listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
+    server_name = {name: entry["name"] for name, entry in zip(runs, listed, strict=True)}
+
+    def drive(seconds: float) -> float:
+        answered = [0] * args.clients
+        deadline = time.monotonic() + seconds
+
+        def client(number: int) -> None:
+            rng = random.Random(1000 + number)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            while time.monotonic() < deadline:
+                picks = [rng.randrange(len(texts)) for _ in range(args.inputs_per_request)]
+                body = [{"task": server_name[names[i]], "input": texts[i]} for i in picks]
+                if post(port, "POST", "/v1/predict", body, connection=connection)[0] == 200:
+                    answered[number] += len(picks)
+            connection.close()
+
+        threads = [threading.Thread(target=client, args=(number,)) for number in range(args.clients)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(answered) / (time.monotonic() - started)
+
+    try:
+        drive(min(5.0, args.window_seconds))  # warm-up: the server's first batches
+        offline = [offline_rate()]
+        live = []
+        for _ in range(args.live_windows):
+            live.append(drive(args.window_seconds))
+            offline.append(offline_rate())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    ratios = [rate / ((offline[k] + offline[k + 1]) / 2) for k, rate in enumerate(live)]
+    return {"live": live, "offline": offline, "ratios": ratios}
+
+
 # -------------------------------------------------------------------------------------- report
 
 
@@ -612,7 +659,28 @@ def live_report(args, results: dict) -> list[str]:
         f"{load['admin'].get('requests_to_attached')}; detach: HTTP {load['admin'].get('detach')}; server exit "
         f"code after SIGTERM: {load['server_exit_code']}.",
         "",
+        *windows_report(args, results),
         f"Produced by `python benchmarks/serve.py {' '.join(sys.argv[1:])}`.",
+    ]
+
+
+def windows_report(args, results: dict) -> list[str]:
+    windows = results.get("live_windows")
+    if not windows:
+        return []
+    ratios = windows["ratios"]
+    return [
+        f"Live and offline in turns: {len(ratios)} windows of {args.window_seconds:.0f} s of the same load (a fresh "
+        "server), each between two offline passes over the requests with the server idle; a window's ratio is its "
+        "live rate over the mean of the two offline rates around it.",
+        "",
+        "| live inputs/s per window | offline inputs/s between windows | ratios | median ratio (lowest, highest) |",
+        "|---|---|---|---|",
+        f"| {', '.join(f'{rate:.1f}' for rate in windows['live'])} | "
+        f"{', '.join(f'{rate:.1f}' for rate in windows['offline'])} | "
+        f"{', '.join(f'{ratio:.2f}' for ratio in ratios)} | "
+        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}, {max(ratios):.2f}) |",
+        "",
     ]
 
 
@@ -629,6 +697,10 @@ def main() -> None:
         "--paired-rounds", type=int, default=5, help="rounds of the batch-by-batch mixed-against-single comparison"
     )
     parser.add_argument("--load-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--live-windows", type=int, default=4, help="windows of live load, each between two offline passes (0: none)"
+    )
+    parser.add_argument("--window-seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--inputs-per-request", type=int, default=2)
     parser.add_argument("--max-requests", type=int, default=200_000, help="the load test stops after this many")
@@ -667,6 +739,14 @@ def main() -> None:
     shared.predict(texts, task=names, **options)
     bracket.append(len(texts) / (time.perf_counter() - started))
     results["offline_around_load"] = bracket
+    if args.live_windows:
+
+        def offline_rate(model=shared) -> float:
+            started = time.perf_counter()
+            model.predict(texts, task=names, **options)
+            return len(texts) / (time.perf_counter() - started)
+
+        results["live_windows"] = live_windows(args, runs, texts, names, offline_rate)
     del shared
     gc.collect()
     results["load_after"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
