@@ -6,6 +6,7 @@ runs in forward passes of its own).
 """
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -342,3 +343,32 @@ def test_a_bi_encoder_classifier_without_its_classifier_is_refused(tmp_path):
     save_file({k: v for k, v in tensors.items() if not k.startswith("classifier.")}, str(run / "delta.safetensors"))
     with pytest.raises(DeltatuneError, match="bi-encoder classifier, but its delta.safetensors holds no classifier"):
         deltatune.load_many([run])
+
+
+def test_a_session_left_open_ends_quietly_with_the_process(tmp_path):
+    """`serving()` entered and never left (a script that just ends): the interpreter closes the generator while
+    it shuts down, when restoring the base's tensors has nothing left to serve; it must not print a traceback."""
+    import subprocess
+    import sys
+
+    base = save_tiny_model_dir(tmp_path / "base", "bert")
+    run_a = make_run(tmp_path / "a", base, "lora", SENTIMENT, 1)
+    run_b = make_run(tmp_path / "b", base, "bitfit", TOPIC, 2)
+    script = (
+        "import deltatune, sys\n"
+        f"served = deltatune.load_many([{str(run_a)!r}, {str(run_b)!r}])\n"
+        "session = served.serving()\n"
+        "session.__enter__()\n"
+        "print(len(served.predict(['a good movie', 'cat eats food'], task=['sentiment', 'topic'])))\n"
+    )
+    source = Path(deltatune.__file__).parents[1]
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(source)},
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "2"
+    assert "Traceback" not in finished.stderr and "Exception ignored" not in finished.stderr, finished.stderr

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class MultiTaskModel:
         self.tasks: dict[str, ServedTask] = {}
         self.lock = threading.RLock()
         self._session: ExitStack | None = None
+        self._session_closer: weakref.finalize | None = None
         self._session_precision: str | None = None
         self._mixer: RowMixer | None = None
         self._keep_open = 0
@@ -524,11 +526,16 @@ class MultiTaskModel:
             stack.close()
             raise
         self._session, self._session_precision = stack, precision
+        # a session still open when the interpreter exits (a `serving()` block never left) is closed before
+        # the modules that undo it are torn down, not by the garbage collector after them
+        self._session_closer = weakref.finalize(self, stack.close)
         return self._mixer
 
     def _close_session(self) -> None:
         if self._session is not None:
             session, self._session, self._mixer, self._session_precision = self._session, None, None, None
+            if self._session_closer is not None:
+                self._session_closer.detach()
             session.close()
 
     @staticmethod
