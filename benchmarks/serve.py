@@ -63,7 +63,7 @@ AS_SERVED = (
 )
 METHODS = ("lora", "bitfit", "ia3", "pfeiffer")
 BASE_ALONE = "the base model alone on PEFT's batches (its adapters disabled), fp32"
-PAIRED_SINGLE = "one single-task TunedModel (LoRA)"
+SINGLE = "one single-task TunedModel (LoRA)"
 PAIRED_MIXED = "deltatune, 16 deltas of 4 methods, mixed, kept open"
 LORAS_ARRIVING = "deltatune, 16 LoRAs mixed, fp32, kept open, one call per batch-size slice in arrival order"
 PEFT_ARRIVING = "PEFT, 16 LoRAs mixed (adapter_names), fp32, the same slices in arrival order"
@@ -264,7 +264,7 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
             )
             for start in range(0, len(texts), args.batch_size)
         ],
-        "one single-task TunedModel (LoRA)": lambda: single.predict(texts, batch_size=args.batch_size),
+        SINGLE: lambda: single.predict(texts, batch_size=args.batch_size),
         "deltatune, 16 LoRAs mixed, fp32": lambda: loras.predict(
             texts, task=lora_names, batch_size=args.batch_size, precision="fp32"
         ),
@@ -296,7 +296,7 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     sorted_batches = [by_length[start : start + args.batch_size] for start in range(0, len(texts), args.batch_size)]
     paired = paired_batches(
         {
-            PAIRED_SINGLE: lambda batch: single.predict([texts[i] for i in batch], batch_size=args.batch_size),
+            SINGLE: lambda batch: single.predict([texts[i] for i in batch], batch_size=args.batch_size),
             PAIRED_MIXED: lambda batch: kept.predict(
                 [texts[i] for i in batch], task=[names[i] for i in batch], batch_size=args.batch_size
             ),
@@ -419,12 +419,24 @@ def start_server(args, runs: dict[str, Path]) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the server did not start within 300 s")
 
 
+def served_names(port: int, runs: dict[str, Path]) -> dict[str, str]:
+    """The server's name for each run: it names each delta by its task, made unique, in the order given."""
+    listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
+    return {name: entry["name"] for name, entry in zip(runs, listed, strict=True)}
+
+
+def random_request(
+    rng: random.Random, count: int, texts: list[str], names: list[str], server_name: dict[str, str]
+) -> tuple[list[int], list[dict]]:
+    """`count` requests drawn from the pool: their positions in it, and the body that asks for them."""
+    picks = [rng.randrange(len(texts)) for _ in range(count)]
+    return picks, [{"task": server_name[names[i]], "input": texts[i]} for i in picks]
+
+
 def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], offline: list[dict]) -> dict:
     """`--clients` threads for `--load-seconds`, each sending `--inputs-per-request` inputs per request."""
     process, port = start_server(args, runs)
-    # the server names each delta by its task, made unique, in the order the runs were given
-    listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
-    server_name = {name: entry["name"] for name, entry in zip(runs, listed, strict=True)}
+    server_name = served_names(port, runs)
     stats = {
         "latencies": [],
         "ok_inputs": 0,
@@ -444,8 +456,7 @@ def load_test(args, runs: dict[str, Path], texts: list[str], names: list[str], o
         rng = random.Random(number)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # kept alive, as clients do
         while time.monotonic() < deadline and stats["requests"] < args.max_requests:
-            picks = [rng.randrange(len(texts)) for _ in range(args.inputs_per_request)]
-            body = [{"task": server_name[names[i]], "input": texts[i]} for i in picks]
+            picks, body = random_request(rng, args.inputs_per_request, texts, names, server_name)
             sent = time.perf_counter()
             try:
                 status, answer = post(port, "POST", "/v1/predict", body, connection=connection)
@@ -519,8 +530,7 @@ def live_windows(args, runs: dict[str, Path], texts: list[str], names: list[str]
     (`offline_rate()`, inputs per second) with the server idle. Each window's ratio is its live rate over the
     mean of the two offline rates around it: both measured within seconds, not minutes, of each other."""
     process, port = start_server(args, runs)
-    listed = post(port, "GET", "/v1/tasks")[1]["tasks"]
-    server_name = {name: entry["name"] for name, entry in zip(runs, listed, strict=True)}
+    server_name = served_names(port, runs)
 
     def drive(seconds: float) -> float:
         answered = [0] * args.clients
@@ -530,8 +540,7 @@ def live_windows(args, runs: dict[str, Path], texts: list[str], names: list[str]
             rng = random.Random(1000 + number)
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             while time.monotonic() < deadline:
-                picks = [rng.randrange(len(texts)) for _ in range(args.inputs_per_request)]
-                body = [{"task": server_name[names[i]], "input": texts[i]} for i in picks]
+                picks, body = random_request(rng, args.inputs_per_request, texts, names, server_name)
                 if post(port, "POST", "/v1/predict", body, connection=connection)[0] == 200:
                     answered[number] += len(picks)
             connection.close()
@@ -573,7 +582,7 @@ def report(args, results: dict) -> str:
 def offline_report(args, results: dict) -> list[str]:
     rates, memory_bytes = results["rates"], results["memory_rss"]
     mixed = "deltatune, 16 deltas of 4 methods, mixed"
-    single = "one single-task TunedModel (LoRA)"
+    single = SINGLE
     ours, peft = "deltatune, 16 LoRAs mixed, fp32", "PEFT, 16 LoRAs mixed (adapter_names), fp32"
 
     def ratio(a, b):
@@ -601,7 +610,7 @@ def offline_report(args, results: dict) -> list[str]:
         lines.append(f"| {name} | {statistics.median(rates[name]):.1f} | {text} |")
     paired = results.get("paired")
     if paired:
-        ratios = [x / y for x, y in zip(paired[PAIRED_MIXED], paired[PAIRED_SINGLE], strict=True)]
+        ratios = [x / y for x, y in zip(paired[PAIRED_MIXED], paired[SINGLE], strict=True)]
         lines += [
             "",
             f"Batch by batch: the same requests sorted by length and cut into batches of {args.batch_size}; each "
@@ -611,7 +620,7 @@ def offline_report(args, results: dict) -> list[str]:
             "|---|---|---|",
             f"| {PAIRED_MIXED} | {statistics.median(paired[PAIRED_MIXED]):.1f} | "
             f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}, {max(ratios):.3f}) vs single-task TunedModel |",
-            f"| {PAIRED_SINGLE} | {statistics.median(paired[PAIRED_SINGLE]):.1f} | 1.00x |",
+            f"| {SINGLE} | {statistics.median(paired[SINGLE]):.1f} | 1.00x |",
         ]
     mib = 2**20
     lines += [
@@ -735,17 +744,15 @@ def main() -> None:
     offline = shared.predict(texts, task=names, **options)
     bracket = [len(texts) / (time.perf_counter() - started)]
     results["load"] = load_test(args, runs, texts, names, offline)
-    started = time.perf_counter()
-    shared.predict(texts, task=names, **options)
-    bracket.append(len(texts) / (time.perf_counter() - started))
+
+    def offline_rate(model=shared) -> float:
+        started = time.perf_counter()
+        model.predict(texts, task=names, **options)
+        return len(texts) / (time.perf_counter() - started)
+
+    bracket.append(offline_rate())
     results["offline_around_load"] = bracket
     if args.live_windows:
-
-        def offline_rate(model=shared) -> float:
-            started = time.perf_counter()
-            model.predict(texts, task=names, **options)
-            return len(texts) / (time.perf_counter() - started)
-
         results["live_windows"] = live_windows(args, runs, texts, names, offline_rate)
     del shared
     gc.collect()
