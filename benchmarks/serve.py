@@ -144,13 +144,14 @@ def peft_model(args, lora_runs: list[Path], copies: int):
 # --------------------------------------------------------------------------------- throughput
 
 
-def mixed_loras(lora_runs: list[Path], copies: int):
+def mixed_loras(lora_runs: list[Path], copies: int, batch_invariant: bool = True):
     """The LoRA deltas on one base, each under `copies` names (16 deltas from 4 trained LoRAs)."""
     import deltatune
 
     return deltatune.load_many(
         [run for _ in range(copies) for run in lora_runs],
         names=[f"{run.name}-{copy}" for copy in range(copies) for run in lora_runs],
+        batch_invariant=batch_invariant,
     )
 
 
@@ -228,11 +229,12 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
     from deltatune.batching import encode, length_bucketed_batches
     from deltatune.tasks.spec import Split
 
-    shared = deltatune.load_many(list(runs.values()), names=list(runs))
+    invariant = {"batch_invariant": args.batch_invariant}
+    shared = deltatune.load_many(list(runs.values()), names=list(runs), **invariant)
     single = deltatune.load(runs[f"{TASKS[0]}-lora"])
     lora_runs = [runs[f"{task}-lora"] for task in TASKS]
     copies = 4
-    loras = mixed_loras(lora_runs, copies)
+    loras = mixed_loras(lora_runs, copies, **invariant)
     peft, peft_names = peft_model(args, lora_runs, copies)
     lora_names = lora_requests(args, texts, peft_names)
 
@@ -245,10 +247,10 @@ def throughput(args, runs: dict[str, Path], texts: list[str], names: list[str]) 
 
     # the same 16 deltas as the server holds them: the mixed-batch state (routing plans, bf16 weight copies)
     # kept open across calls by `serving()`, where a plain `predict` call opens and closes it each time
-    kept = deltatune.load_many(list(runs.values()), names=list(runs))
+    kept = deltatune.load_many(list(runs.values()), names=list(runs), **invariant)
     kept_open = kept.serving()
     kept_open.__enter__()
-    loras_kept = mixed_loras(lora_runs, copies)  # the 16 LoRAs as a server holds them, for arrival order
+    loras_kept = mixed_loras(lora_runs, copies, **invariant)  # the 16 LoRAs as a server holds them, for arrival order
     loras_open = loras_kept.serving()
     loras_open.__enter__()
     sides = {
@@ -324,7 +326,7 @@ def measure_memory(kind: str, args, runs: dict[str, Path]) -> int:
 
     texts = ["a fine film", "call now to win a prize"] * 32
     if kind == "shared":
-        served = deltatune.load_many(list(runs.values()), names=list(runs))
+        served = deltatune.load_many(list(runs.values()), names=list(runs), batch_invariant=args.batch_invariant)
         served.predict(texts, task=[list(runs)[i % len(runs)] for i in range(len(texts))])
         keep = [served]
     else:
@@ -344,7 +346,17 @@ def memory(args) -> dict[str, int]:
     values = {}
     for kind in ("single", "shared", "separate"):
         output = subprocess.run(
-            [sys.executable, __file__, "--measure-memory", kind, "--runs", str(args.runs), "--model", args.model],
+            [
+                sys.executable,
+                __file__,
+                "--measure-memory",
+                kind,
+                "--runs",
+                str(args.runs),
+                "--model",
+                args.model,
+                "--batch-invariant" if args.batch_invariant else "--no-batch-invariant",
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -404,6 +416,7 @@ def start_server(args, runs: dict[str, Path]) -> tuple[subprocess.Popen, int]:
         "warning",
         "--precision",
         args.precision,
+        "--batch-invariant" if args.batch_invariant else "--no-batch-invariant",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -645,7 +658,8 @@ def live_report(args, results: dict) -> list[str]:
     return [
         f"Live server: {args.clients} clients x {args.inputs_per_request} input(s) per request for "
         f"{args.load_seconds} s on 127.0.0.1 (server and clients share the machine's cores); precision "
-        f"{args.precision}, the offline answers too.",
+        f"{args.precision}, the offline answers too"
+        + (", both batch-invariant (the default)." if args.batch_invariant else ", neither batch-invariant."),
         "",
         "| requests | answered inputs/s | "
         + ("vs offline mixed (rounds above) | " if rounds else "")
@@ -718,6 +732,12 @@ def main() -> None:
         "--precision", default="auto", help="the live test's: the server's and its offline reference answers'"
     )
     parser.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every model and the server with batch_invariant (the default; bit-identical answers)",
+    )
+    parser.add_argument(
         "--live-only", action="store_true", help="only the live test (and the offline rate just before and after)"
     )
     parser.add_argument("--out", type=Path)
@@ -737,7 +757,7 @@ def main() -> None:
 
     # the offline mixed rate again just before and just after the live test: the VM's speed drifts by minutes,
     # so the live rate is also set against these two, measured around it, not only against the rounds above
-    shared = deltatune.load_many(list(runs.values()), names=list(runs))
+    shared = deltatune.load_many(list(runs.values()), names=list(runs), batch_invariant=args.batch_invariant)
     options = {"precision": args.precision, "batch_size": args.batch_size}
     shared.predict(texts[: args.batch_size], task=names[: args.batch_size], **options)  # warm-up
     started = time.perf_counter()

@@ -298,7 +298,7 @@ def test_bi_encoders_share_the_forward_passes_of_cross_encoders(tmp_path, monkey
 
     packed = []
     original = multi.packed_encoder
-    monkeypatch.setattr(multi, "packed_encoder", lambda *args: packed.append(1) or original(*args))
+    monkeypatch.setattr(multi, "packed_encoder", lambda *args, **kwargs: packed.append(1) or original(*args, **kwargs))
     long = " ".join(TEXTS * 3)
     rows = [("a", long), "b", (long, "c"), long, ("x y", "z")]
     names = ["similar", "sentiment", "nli", "sentiment", "pairs-2"]

@@ -96,12 +96,14 @@ def load(directory: str | Path, base: str | None = None):
     return load_delta(directory, base=base)
 
 
-def load_many(run_dirs, names=None, base: str | None = None):
+def load_many(run_dirs, names=None, base: str | None = None, batch_invariant: bool = True):
     """Many saved deltas on one base model, loaded once: `.predict(inputs, task=...)` with one task per input
-    or for all, `.evaluate(task, split)`, `.attach(run_dir)` / `.detach(name)` (see `deltatune.serve`)."""
+    or for all, `.evaluate(task, split)`, `.attach(run_dir)` / `.detach(name)` (see `deltatune.serve`).
+    `batch_invariant` (default on): an input's answer does not depend on the inputs batched with it (see
+    `MultiTaskModel.batch_invariant`)."""
     from deltatune.serve.multi import load_many as load_deltas
 
-    return load_deltas(run_dirs, names=names, base=base)
+    return load_deltas(run_dirs, names=names, base=base, batch_invariant=batch_invariant)
 
 
 def data_record(name: str, *, source: str = "auto", local: dict | None = None) -> dict:

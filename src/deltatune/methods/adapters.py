@@ -188,7 +188,12 @@ def _adapt_rows(site: AdapterSite, routing: RowRouting, hidden_states: torch.Ten
             return hidden_states
         for group, start, end in segments:  # one adapter (or very wide ones): each on its own slice
             adapter = parts[group]
-            if adapter is not None:
+            if isinstance(adapter, BottleneckAdapter):  # as the joined path computes it: the up bias added after
+                # the matmul, so a row's answer does not depend on whether its batch joined adapters here
+                rows = hidden_states[start:end]
+                inner = adapter.activation(F.linear(rows, adapter.down.weight, adapter.down.bias))
+                rows.add_(F.linear(inner, adapter.up.weight) + adapter.up.bias.to(inner.dtype))
+            elif adapter is not None:
                 hidden_states[start:end] = adapter(hidden_states[start:end])
         return hidden_states
     stacks = routing.stacked(site, lambda: _stack_adapters(parts))

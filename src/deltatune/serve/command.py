@@ -65,7 +65,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)  # refused here, before the model loads, if the bind is unsafe
     device = resolve_device(settings.device)  # a device this machine lacks is refused before loading
-    engine = load_many(args.run_dirs, base=args.base).to(device)
+    engine = load_many(args.run_dirs, base=args.base, batch_invariant=settings.batch_invariant).to(device)
     app = create_app(engine, settings)
     names = ", ".join(f"{name} ({served.method})" for name, served in engine.tasks.items())
     print(f"deltatune serve: {len(engine.tasks)} task(s) on {engine.base_name}: {names}", flush=True)

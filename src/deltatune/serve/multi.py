@@ -105,7 +105,15 @@ class ServedTask:
 class MultiTaskModel:
     """A frozen base model with many task deltas attached; predicts for any mix of their tasks."""
 
-    def __init__(self, model: nn.Module, tokenizer, base_name: str, fingerprint: str, head: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        base_name: str,
+        fingerprint: str,
+        head: dict | None = None,
+        batch_invariant: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
@@ -113,6 +121,10 @@ class MultiTaskModel:
         self.head = head
         """The head the base was loaded with ({'kind', 'pooling'}: `deltatune.heads.serving_head`); deltas
         attached later must fit it. None: not checked (the caller built the base)."""
+        self.batch_invariant = batch_invariant
+        """Whether an input's answer is kept from depending on the inputs it shares a batch with: mixed batches
+        of packable deltas always run packed, each row attending among rows of its own length alone (see
+        "Batch invariance" in `deltatune.serve.packed`)."""
         self.tasks: dict[str, ServedTask] = {}
         self.lock = threading.RLock()
         self._session: ExitStack | None = None
@@ -371,7 +383,7 @@ class MultiTaskModel:
         if mixed:
             mixer = self._open_session(precision)
             packable = packable_deltas(self.model, [names[row] for row in mixed])
-            batches, packed = self._batches(encoded, mixed, batch_size, packable)
+            batches, packed = self._batches(encoded, mixed, batch_size, packable, always=self.batch_invariant)
             for batch in batches:
                 # each delta's rows together: sites then work on slices of the batch, not per-row gathers
                 batch = [batch[position] for position in mixer.grouped_order([names[row] for row in batch])]
@@ -443,7 +455,9 @@ class MultiTaskModel:
             stack.enter_context(torch.no_grad())
             stack.enter_context(autocast_for(precision, device.type))
             if packed is not None:
-                stack.enter_context(packed_encoder(self.model, packed, features["attention_mask"]))
+                stack.enter_context(
+                    packed_encoder(self.model, packed, features["attention_mask"], exact=self.batch_invariant)
+                )
             backbone = self.model.base_model
             assert isinstance(backbone, nn.Module)  # a task model's pretrained backbone
             if len(apart) == len(batch):  # no head to run: the backbone alone
@@ -467,11 +481,12 @@ class MultiTaskModel:
 
     @staticmethod
     def _batches(
-        encoded: Encoded, rows: list[int], batch_size: int, packable: bool = False
+        encoded: Encoded, rows: list[int], batch_size: int, packable: bool = False, always: bool = False
     ) -> tuple[list[list[int]], bool]:
         """Rows sorted by length and cut into batches where padding costs (`padding_aware_batches`), and whether
         to run them packed instead (`deltatune.serve.packed`, when `packable`): then the rows are cut into as few
-        batches as `batch_size` allows, since no linear layer computes padding.
+        batches as `batch_size` allows, since no linear layer computes padding. `always`: packed whenever
+        `packable` (batch invariance).
 
         Packing pays where the padded batches would hold many padding positions (a server's batch of requests
         in arrival order); over rows sorted across a large call the padded batches hold few, and packing's
@@ -482,7 +497,7 @@ class MultiTaskModel:
         padded = padding_aware_batches(lengths, batch_size)
         if packable:
             padded_tokens = sum(len(batch) * max(lengths[position] for position in batch) for batch in padded)
-            if padded_tokens > PACK_ABOVE_PADDING * sum(lengths):
+            if always or padded_tokens > PACK_ABOVE_PADDING * sum(lengths):
                 order = sorted(range(len(rows)), key=lengths.__getitem__)
                 chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
                 return [[rows[position] for position in chunk] for chunk in chunks], True
@@ -573,13 +588,17 @@ def check_example(example, task: TaskSpec, field: str) -> tuple[str, ...]:
 
 
 def load_many(
-    run_dirs: Sequence[str | Path], names: Sequence[str] | None = None, base: str | None = None
+    run_dirs: Sequence[str | Path],
+    names: Sequence[str] | None = None,
+    base: str | None = None,
+    batch_invariant: bool = True,
 ) -> MultiTaskModel:
     """Load the base model once and attach every delta of `run_dirs`, each under its own name.
 
     `names` gives the names (default: each run's task name, made unique: 'stsb', 'stsb-2');
     `base` overrides where the base model is loaded from. All deltas must have been trained on the
-    same base model (checked by its weight fingerprint) before anything is loaded.
+    same base model (checked by its weight fingerprint) before anything is loaded. `batch_invariant`:
+    see `MultiTaskModel.batch_invariant`.
     """
     if isinstance(run_dirs, (str, Path)):
         raise DeltatuneError(
@@ -615,7 +634,9 @@ def load_many(
         head=ManifestHead(head["kind"], head["pooling"]),
         fix="Load these deltas onto {name!r} (pass base= to point at a copy of it).",
     )
-    served = MultiTaskModel(model, tokenizer, base_name, manifests[0].base_model.fingerprint, head)
+    served = MultiTaskModel(
+        model, tokenizer, base_name, manifests[0].base_model.fingerprint, head, batch_invariant=batch_invariant
+    )
     for position, directory in enumerate(run_dirs):
         served.attach(directory, names[position] if names is not None else None)
     return served

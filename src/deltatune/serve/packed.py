@@ -22,6 +22,19 @@ Only deltas whose method declares `position_wise` (its sites act on each token a
 BitFit, LayerNorm tuning, adapters) are packed; prompts and prefixes add tokens or change attention, and
 their batches run padded. Outputs equal the padded forward's up to floating-point rounding (tested per
 method on a tiny BERT, and on a tiny RoBERTa).
+
+Batch invariance (`MultiTaskModel.batch_invariant`, on by default; `deltatune serve --no-batch-invariant` turns it
+off). Without it a row's answer depends, at the last bits, on the rows that share its forward pass: attention
+runs each row padded to the longest of its group, and SDPA's result for a row changes with that width (up to
+one bf16 step, 3.9e-3, in a row's attention output on a 2-core AMD Zen 4). The answers to 559 of 2,048 requests then
+differ in their last bits between calls of 64 in arrival order and one sorted call
+(`benchmarks/batch_invariance.py`). With it, every mixed batch of position-wise deltas runs packed, each row
+attends in a group of rows of exactly its own length, with no mask (and in either mode a lone adapter at a site
+adds its bias after the matmul, as joined adapters do): nothing a row computes depends on another row, provided the matmuls give a row the same bits whatever
+the rows beside it. oneDNN's bf16 matmuls do, from two rows up, on the AMD Zen 4 measured (MKL's fp32 matmuls
+do not: a row's bits change between 7 and 8 rows), so the guarantee is bf16 on such a CPU; elsewhere answers
+agree to rounding. The price is more, smaller attention calls, and packing where padding would not cost:
+0.95x on a length-sorted call, 0.98x on arrival-order calls (docs/results/serve.md).
 """
 
 from __future__ import annotations
@@ -55,8 +68,8 @@ class _Group:
     width: int
     gather: torch.Tensor
     """(rows · width,) the packed token at each padded position (a padding position reads token 0, masked)."""
-    key_mask: torch.Tensor
-    """(rows, 1, 1, width) bool: which keys are real tokens."""
+    key_mask: torch.Tensor | None
+    """(rows, 1, 1, width) bool: which keys are real tokens; None where every row is `width` long."""
     real: torch.Tensor
     """The padded positions (of rows · width) that are real tokens, in packed order."""
     tokens: torch.Tensor
@@ -85,11 +98,19 @@ def packable_deltas(model: nn.Module, names: list[str | None]) -> bool:
     return packable(model, [None if name is None else methods[name] for name in dict.fromkeys(names)])
 
 
-def _layout(lengths: list[int], device: torch.device) -> list[_Group]:
-    """Rows (packed one after another, `lengths[row]` tokens each) cut into attention groups of similar length."""
+def _layout(lengths: list[int], device: torch.device, exact: bool = False) -> list[_Group]:
+    """Rows (packed one after another, `lengths[row]` tokens each) cut into attention groups of similar length;
+    `exact`: of equal length, so no row's attention sees padding (`MultiTaskModel.batch_invariant`)."""
     starts = [0, *accumulate(lengths[:-1])]
+    if exact:
+        same: dict[int, list[int]] = {}
+        for row, length in enumerate(lengths):
+            same.setdefault(length, []).append(row)
+        batches = list(same.values())
+    else:
+        batches = padding_aware_batches(lengths, len(lengths))
     groups = []
-    for batch in padding_aware_batches(lengths, len(lengths)):
+    for batch in batches:
         width = max(lengths[row] for row in batch)
         positions = torch.arange(width)
         valid = positions[None, :] < torch.tensor([lengths[row] for row in batch])[:, None]
@@ -100,7 +121,7 @@ def _layout(lengths: list[int], device: torch.device) -> list[_Group]:
                 len(batch),
                 width,
                 torch.where(valid, index, torch.zeros_like(index)).flatten().to(device),
-                valid[:, None, None, :].to(device),
+                None if exact else valid[:, None, None, :].to(device),
                 real.to(device),
                 index.flatten()[real].to(device),
             )
@@ -138,14 +159,17 @@ def packed_attention(
 
 
 @contextmanager
-def packed_encoder(model: nn.Module, mixer: RowMixer, attention_mask: torch.Tensor) -> Iterator[None]:
+def packed_encoder(
+    model: nn.Module, mixer: RowMixer, attention_mask: torch.Tensor, exact: bool = False
+) -> Iterator[None]:
     """Within the block, one forward pass of `model` (its rows routed by `mixer`, grouped by delta, right-padded
-    as `attention_mask` says) runs its encoder on the real tokens alone: see the module docstring."""
+    as `attention_mask` says) runs its encoder on the real tokens alone: see the module docstring. `exact`:
+    each row attends in a group of rows of its own length, without padding (`_layout`)."""
     backbone: Any = model.base_model
     encoder: Any = backbone.encoder
     keep = attention_mask.bool()
     lengths = keep.sum(dim=1)
-    layout = _layout(lengths.tolist(), keep.device)
+    layout = _layout(lengths.tolist(), keep.device, exact)
     rows = mixer.routing
     assert rows is not None  # the caller routed this batch
     tokens = mixer.per_token(lengths)

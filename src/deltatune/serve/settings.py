@@ -50,6 +50,12 @@ class ServeSettings:
     precision: Precision = "auto"
     """Prediction precision: auto (bf16 on CPUs with native bf16 and on GPUs that support it), fp32, bf16 or
     fp16 (CUDA only)."""
+    batch_invariant: bool = True
+    """Keep each answer from depending on the requests it happens to share a forward pass with: batches of
+    position-wise deltas on a BERT or RoBERTa base always run packed, each text attending among texts of its own
+    length alone. In bf16 on a CPU whose matmuls are row-invariant, answers then equal offline predict
+    (load_many, which does the same by default) bit for bit. Off: a few percent faster on requests of mixed
+    lengths, answers equal to floating-point rounding."""
     device: str = "auto"
     """Where the model computes: auto (a CUDA GPU when present, else Apple MPS, else the CPU), cpu, cuda,
     cuda:N or mps."""
