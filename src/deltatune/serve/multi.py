@@ -56,8 +56,8 @@ from deltatune.tasks.spec import Split, TaskSpec
 Example = str | Sequence[str]
 
 PACK_ABOVE_PADDING = 1.15
-"""A mixed call's batches run packed when their padded rows would hold more than this many positions per real
-token (and every routed delta allows it): see `MultiTaskModel._batches`."""
+"""Without batch invariance, a mixed call's batches run packed when their padded rows would hold more than this
+many positions per real token (and every routed delta allows it): see `MultiTaskModel._batches`."""
 
 
 @dataclass(frozen=True)
