@@ -154,7 +154,7 @@ def test_a_decoder_is_never_packed(tmp_path):
     assert packable(bert, [None])
 
 
-def test_the_encoder_and_attention_are_restored_even_when_the_forward_fails(served_runs):
+def test_the_embeddings_encoder_and_attention_are_restored_even_when_the_forward_fails(served_runs):
     from deltatune.methods.state import mixed_rows
 
     _, runs = served_runs
@@ -170,7 +170,7 @@ def test_the_encoder_and_attention_are_restored_even_when_the_forward_fails(serv
             with packed_encoder(model, mixer, features["attention_mask"]):
                 model(**features)
         assert mixer.routing is not None and mixer.routing.index.shape == (2,)  # the rows' routing again
-    assert "forward" not in vars(encoder)
+    assert "forward" not in vars(encoder) and "forward" not in vars(model.base_model.embeddings)
     assert config._attn_implementation == implementation
 
 

@@ -16,8 +16,10 @@ a batch of one-token rows `(tokens, 1, width)`:
   tokens into padded groups of rows of similar length, runs SDPA with a key mask, and scatters the
   outputs back, so attention costs what it costs on length-sorted padded rows.
 
-The embeddings (absolute positions included) run on the padded rows before, and the pooler and heads on
-the padded rows after (padding positions zeroed, which no pooling reads), routed per row as usual.
+The embeddings run on the real tokens too (each token with the position and token type it has in its padded
+row; a delta's embedding LayerNorm or bias routed per token), and the pooler and heads on the padded rows
+after (padding positions zeroed, which no pooling reads), routed per row as usual. A row alone in its
+attention group (batch invariance, below) attends on its slice of the packed tokens, without a gather.
 Only deltas whose method declares `position_wise` (its sites act on each token alone: LoRA, (IA)3,
 BitFit, LayerNorm tuning, adapters) are packed; prompts and prefixes add tokens or change attention, and
 their batches run padded. Outputs equal the padded forward's up to floating-point rounding (tested per
@@ -74,6 +76,8 @@ class _Group:
     """The padded positions (of rows · width) that are real tokens, in packed order."""
     tokens: torch.Tensor
     """The packed tokens they hold."""
+    span: tuple[int, int] | None = None
+    """(first, end) packed token of a group of one row without padding: its tokens are a slice, not a gather."""
 
 
 _local = threading.local()
@@ -116,6 +120,7 @@ def _layout(lengths: list[int], device: torch.device, exact: bool = False) -> li
         valid = positions[None, :] < torch.tensor([lengths[row] for row in batch])[:, None]
         index = torch.tensor([starts[row] for row in batch])[:, None] + positions[None, :]
         real = valid.flatten().nonzero().flatten()
+        alone = exact and len(batch) == 1
         groups.append(
             _Group(
                 len(batch),
@@ -124,6 +129,7 @@ def _layout(lengths: list[int], device: torch.device, exact: bool = False) -> li
                 None if exact else valid[:, None, None, :].to(device),
                 real.to(device),
                 index.flatten()[real].to(device),
+                (starts[batch[0]], starts[batch[0]] + width) if alone else None,
             )
         )
     return groups
@@ -146,6 +152,15 @@ def packed_attention(
     heads, head_width = query.shape[1:]
     output = torch.empty_like(query)
     for group in groups:
+        if group.span is not None:  # one row, unpadded: its tokens in place
+            start, end = group.span
+            row_query, row_key, row_value = (
+                tensor[start:end].view(1, end - start, heads, head_width).transpose(1, 2)
+                for tensor in (query, key, value)
+            )
+            attended = F.scaled_dot_product_attention(row_query, row_key, row_value, scale=scaling)
+            output[start:end] = attended.transpose(1, 2).reshape(-1, heads, head_width)
+            continue
         grouped_query, grouped_key, grouped_value = (
             tensor.index_select(0, group.gather).view(group.rows, group.width, heads, head_width).transpose(1, 2)
             for tensor in (query, key, value)
@@ -158,22 +173,62 @@ def packed_attention(
     return output.unsqueeze(1), None
 
 
+def _default_positions(embeddings: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """The position ids the embeddings module computes for right-padded `input_ids` when given none: RoBERTa's
+    count from its padding index, BERT's from zero."""
+    create = getattr(embeddings, "create_position_ids_from_input_ids", None)
+    if create is not None:
+        return create(input_ids, embeddings.padding_idx)
+    width = input_ids.shape[1]
+    return embeddings.position_ids[:, :width].expand(input_ids.shape[0], width)
+
+
 @contextmanager
 def packed_encoder(
     model: nn.Module, mixer: RowMixer, attention_mask: torch.Tensor, exact: bool = False
 ) -> Iterator[None]:
     """Within the block, one forward pass of `model` (its rows routed by `mixer`, grouped by delta, right-padded
-    as `attention_mask` says) runs its encoder on the real tokens alone: see the module docstring. `exact`:
-    each row attends in a group of rows of its own length, without padding (`_layout`)."""
+    as `attention_mask` says) runs its embeddings and encoder on the real tokens alone: see the module docstring.
+    `exact`: each row attends in a group of rows of its own length, without padding (`_layout`)."""
     backbone: Any = model.base_model
     encoder: Any = backbone.encoder
+    embeddings: Any = backbone.embeddings
     keep = attention_mask.bool()
     lengths = keep.sum(dim=1)
     layout = _layout(lengths.tolist(), keep.device, exact)
     rows = mixer.routing
     assert rows is not None  # the caller routed this batch
     tokens = mixer.per_token(lengths)
-    original = encoder.forward
+    embedded: list[torch.Tensor] = []
+    original_embeddings, original = embeddings.forward, encoder.forward
+
+    def embed(input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
+        if input_ids is None or inputs_embeds is not None:  # not a batch of token ids: as the model would
+            return original_embeddings(
+                input_ids=input_ids,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        if position_ids is None:
+            position_ids = _default_positions(embeddings, input_ids)
+        if token_type_ids is None:  # what both models' buffers hold
+            token_type_ids = torch.zeros_like(input_ids)
+        mixer.use(tokens)  # a delta's embedding LayerNorm or bias sees one row per token
+        try:
+            packed = original_embeddings(
+                input_ids=input_ids[keep][:, None],
+                token_type_ids=token_type_ids.expand_as(input_ids)[keep][:, None],
+                position_ids=position_ids.expand_as(input_ids)[keep][:, None],
+                **kwargs,
+            )
+        finally:
+            mixer.use(rows)
+        embedded.append(packed)
+        unpacked = packed.new_zeros((*keep.shape, packed.shape[-1]))
+        unpacked[keep] = packed[:, 0]
+        return unpacked
 
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         kwargs.pop("attention_mask", None)
@@ -184,7 +239,8 @@ def packed_encoder(
         mixer.use(tokens)
         config._attn_implementation = ATTENTION_NAME
         try:
-            output = original(hidden_states[keep].unsqueeze(1), None, **kwargs)
+            packed_input = embedded.pop() if embedded else hidden_states[keep].unsqueeze(1)
+            output = original(packed_input, None, **kwargs)
         finally:
             config._attn_implementation = implementation
             mixer.use(rows)
@@ -195,15 +251,16 @@ def packed_encoder(
         output.last_hidden_state = unpacked
         return output
 
-    patched = "forward" in vars(encoder)  # an instance-level forward already (another wrapper): put it back after
-    encoder.forward = forward
+    patched = {module: "forward" in vars(module) for module in (embeddings, encoder)}  # instance-level already
+    embeddings.forward, encoder.forward = embed, forward
     try:
         yield
     finally:
-        if patched:
-            encoder.forward = original
-        else:
-            del encoder.forward  # the class's forward again
+        for module, wrapped in ((embeddings, original_embeddings), (encoder, original)):
+            if patched[module]:
+                module.forward = wrapped  # put another wrapper back
+            else:
+                del module.forward  # the class's forward again
 
 
 __all__ = ["ATTENTION_NAME", "PACKABLE_MODEL_TYPES", "packable", "packable_deltas", "packed_encoder"]
