@@ -36,7 +36,7 @@ adds its bias after the matmul, as joined adapters do): nothing a row computes d
 the rows beside it. oneDNN's bf16 matmuls do, from two rows up, on the AMD Zen 4 measured (MKL's fp32 matmuls
 do not: a row's bits change between 7 and 8 rows), so the guarantee is bf16 on such a CPU; elsewhere answers
 agree to rounding. The price is more, smaller attention calls, and packing where padding would not cost:
-0.95x on a length-sorted call, 0.98x on arrival-order calls (docs/results/serve.md).
+0.95-0.99x on a length-sorted call, 0.98-1.03x on arrival-order calls (two runs, docs/results/serve.md).
 """
 
 from __future__ import annotations
