@@ -191,14 +191,24 @@ def test_batches_are_packed_only_where_padding_would_cost():
 
 
 def rows_keep_their_bits(width: int, inner: int) -> bool:
-    """Whether this machine's bf16 matmuls give a row the same bits whatever the rows beside it (2 to 64 rows):
-    the kernel property batch invariance builds on; a CPU without it gets the test skipped, not failed."""
+    """Whether this machine's bf16 matmuls give a row the same bits whatever the rows beside it (2 to 512 rows, at
+    the layers' shapes and the joined low-rank ones), and its attention whatever rows of the same length share the
+    call (the tiny model's 4 heads): the kernel properties batch invariance builds on; a CPU without them gets the
+    test skipped, not failed."""
     generator = torch.Generator().manual_seed(0)
-    for fan_in, fan_out in ((width, width), (width, inner), (inner, width)):
+    counts = [*range(3, 65), 100, 128, 200, 256, 400, 512]
+    shapes = [(width, width), (width, inner), (inner, width), (width, 8), (8, width), (width, 24), (24, width)]
+    for fan_in, fan_out in shapes:
         weight = torch.randn(fan_out, fan_in, generator=generator).bfloat16()
-        rows = torch.randn(64, fan_in, generator=generator).bfloat16()
+        rows = torch.randn(512, fan_in, generator=generator).bfloat16()
         first = torch.nn.functional.linear(rows[:2], weight)[:1]
-        if any(not torch.equal(torch.nn.functional.linear(rows[:m], weight)[:1], first) for m in range(3, 65)):
+        if any(not torch.equal(torch.nn.functional.linear(rows[:m], weight)[:1], first) for m in counts):
+            return False
+    for length in (3, 9, 17):  # and attention: a row alone, or among rows of its length
+        query, key, value = (torch.randn(8, 4, length, width // 4, generator=generator).bfloat16() for _ in range(3))
+        alone = torch.nn.functional.scaled_dot_product_attention(query[:1], key[:1], value[:1])
+        together = torch.nn.functional.scaled_dot_product_attention(query, key, value)[:1]
+        if not torch.equal(alone, together):
             return False
     return True
 
@@ -208,7 +218,7 @@ def test_batch_invariant_answers_do_not_depend_on_the_batch(tmp_path):
     shows): with batch_invariant, an input scores the same to the last bit alone, in the whole call, or among
     other inputs. Without it, 3 of these 12 scores differ between alone and together on the 2-core AMD Zen 4."""
     if not rows_keep_their_bits(32, 64):
-        pytest.skip("this CPU's bf16 matmuls give a row different bits in different batches")
+        pytest.skip("this CPU's bf16 matmuls or attention give a row different bits in different batches")
     base = save_tiny_model_dir(tmp_path / "base", "bert")
     names = list(POSITION_WISE)
     runs = [
