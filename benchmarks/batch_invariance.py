@@ -27,15 +27,15 @@ import serve as bench  # noqa: E402  (benchmarks/serve.py, beside this file)
 MODES = {True: "batch-invariant (default)", False: "not batch-invariant"}
 
 
-def regroupings(count: int, seed: int) -> dict[str, list[list[int]]]:
-    """The ways the requests are cut into calls: name -> the calls' request indices."""
+def regroupings(count: int, seed: int) -> dict[str, tuple[list[list[int]], int]]:
+    """The ways the requests are cut into calls: name -> (the calls' request indices, the batch size they run at)."""
     shuffled = list(range(count))
     random.Random(seed).shuffle(shuffled)
     return {
-        "calls of 64 in arrival order": [list(range(start, min(start + 64, count))) for start in range(0, count, 64)],
-        "calls of 2": [list(range(start, min(start + 2, count))) for start in range(0, count, 2)],
-        "each request alone": [[row] for row in range(count)],
-        "shuffled, one call in batches of 32": [shuffled],
+        "calls of 64 in arrival order": (bench.arrival_batches(count, 64), 64),
+        "calls of 2": (bench.arrival_batches(count, 2), 64),
+        "each request alone": (bench.arrival_batches(count, 1), 64),
+        "shuffled, one call in batches of 32": ([shuffled], 32),
     }
 
 
@@ -43,11 +43,10 @@ def agreement(model, texts: list[str], names: list[str], seed: int) -> list[dict
     """Each regrouping's answers against the one-call answers."""
     reference = model.predict(texts, task=names, batch_size=64)
     rows = []
-    for label, calls in regroupings(len(texts), seed).items():
+    for label, (calls, batch_size) in regroupings(len(texts), seed).items():
         answers: list = [None] * len(texts)
         for call in calls:
-            batch = 32 if len(calls) == 1 else 64
-            got = model.predict([texts[i] for i in call], task=[names[i] for i in call], batch_size=batch)
+            got = model.predict([texts[i] for i in call], task=[names[i] for i in call], batch_size=batch_size)
             for row, answer in zip(call, got, strict=True):
                 answers[row] = answer
         rows.append(
@@ -67,7 +66,7 @@ def agreement(model, texts: list[str], names: list[str], seed: int) -> list[dict
 
 def cost(models: dict, texts: list[str], names: list[str], rounds: int) -> dict[str, list[float]]:
     """Inputs/s of each model on the sorted call and on arrival-order calls of 64, alternating which goes first."""
-    calls = regroupings(len(texts), 0)["calls of 64 in arrival order"]
+    calls = bench.arrival_batches(len(texts), 64)
     workloads = {
         "one call, sorted by length": lambda model: model.predict(texts, task=names, batch_size=64),
         "calls of 64 in arrival order": lambda model: [
