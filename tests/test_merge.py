@@ -156,6 +156,25 @@ def test_tasks_merged_give_one_run_per_task_with_the_merged_body_and_its_own_hea
     assert deltatune.load(written[1]).predict(TEXTS)[0]["label"] in TOPIC.labels
 
 
+def test_one_run_scaled_by_task_arithmetic_lies_between_the_base_and_the_run_with_its_own_head(tmp_path, base):
+    """WiSE-FT: base + w·(run − base) for every body tensor; w = 0 is the base model, w = 1 the run."""
+    from transformers import AutoModelForSequenceClassification
+
+    run = make_run(tmp_path / "full", base, "full", SENTIMENT, 1)
+    tuned = load_file(str(run / "delta.safetensors"))
+    start = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=2).state_dict()
+    body = [name for name in tuned if name in start and not name.startswith("classifier.")]
+    assert body and all(not torch.equal(tuned[name], start[name]) for name in body)  # every tensor moved
+    for weight in (0.0, 0.3, 1.0):
+        (merged,) = merge_runs([run], tmp_path / f"w{weight}", MergeConfig(how="task-arithmetic", weights=(weight,)))
+        tensors = load_file(str(merged / "delta.safetensors"))
+        for name in body:
+            torch.testing.assert_close(tensors[name], start[name] + weight * (tuned[name] - start[name]))
+        assert torch.equal(tensors["classifier.weight"], tuned["classifier.weight"])  # the head as trained
+        assert json.loads((merged / "deltatune.json").read_text())["merge"]["weights"] == [weight]
+    assert deltatune.load(tmp_path / "w0.3").predict("a good movie")[0]["label"] in SENTIMENT.labels
+
+
 def test_ia3_and_sparse_mask_merge_by_their_task_vectors(tmp_path, base):
     runs = [make_run(tmp_path / f"i{i}", base, "ia3", SENTIMENT, i) for i in (1, 2)]
     (merged,) = merge_runs(runs, tmp_path / "ia3", MergeConfig(how="task-arithmetic", weights=(0.5, 2.0)))
@@ -189,11 +208,12 @@ def test_merges_that_make_no_sense_are_refused_saying_why(tmp_path, base):
         ([lora, stranger], "different base models"),
         ([adapter, adapter], "pfeiffer deltas are not changes of the base model's weights"),
         ([lora, lora_keys], "adapt different layers"),
-        ([lora], "at least two run directories"),
     ]
     for runs, message in cases:
         with pytest.raises(DeltatuneError, match=message):
             merge_runs(runs, tmp_path / "out", MergeConfig())
+    with pytest.raises(DeltatuneError, match="--how linear needs at least two run directories, got 1; one run merges"):
+        merge_runs([lora], tmp_path / "out", MergeConfig(how="linear"))
     with pytest.raises(DeltatuneError, match="gives 1 weight"):
         merge_runs([lora, lora], tmp_path / "out", MergeConfig(weights=(1.0,)))
     with pytest.raises(DeltatuneError, match="--how 'soup' must be one of"):

@@ -2,6 +2,7 @@
 
     deltatune merge RUN_A RUN_B --how task-arithmetic --out runs/merged
     deltatune merge SEED_1 SEED_2 SEED_3 --how linear --out runs/soup --evaluate dev
+    deltatune merge RUN --how task-arithmetic --weights 0.7 --out runs/wise-ft --evaluate dev
 
 Every merge works on *task vectors*: what each delta changes, τ_i (a LoRA delta's s·B·A per layer, an
 (IA)3 delta's scales minus one, a BitFit / LayerNorm / freeze / full delta's tensors minus the base
@@ -9,7 +10,9 @@ model's, a sparse mask's W⊙M − W). The merged delta is base + merge(τ_1 .. 
 
     linear            Σ w_i τ_i, the weights normalised to sum to 1 (a model soup when the sources are
                       seeds of one task: Wortsman et al. 2022); default: equal weights
-    task-arithmetic   Σ w_i τ_i, weights as given (default 1 each: Ilharco et al. 2023)
+    task-arithmetic   Σ w_i τ_i, weights as given (default 1 each: Ilharco et al. 2023); one run with
+                      weight w in (0, 1) is base + w·τ, a point between the base model and the run
+                      (WiSE-FT: Wortsman et al. 2022), its head kept as trained
     ties              keep each τ_i's `density` largest entries by magnitude, elect each entry's sign
                       from the sum of the trimmed vectors, average the weighted entries that agree with
                       it (Yadav et al. 2023; default density 0.2)
@@ -162,10 +165,16 @@ class Source:
         return json.dumps(self.manifest.task.to_dict(), sort_keys=True)
 
 
-def read_sources(run_dirs: list[str | Path]) -> list[Source]:
-    """Every source read and checked together: one base, one method, a method that changes weights."""
-    if len(run_dirs) < 2:
-        raise DeltatuneError(f"deltatune merge needs at least two run directories, got {len(run_dirs)}.")
+def read_sources(run_dirs: list[str | Path], how: str = "task-arithmetic") -> list[Source]:
+    """Every source read and checked together: one base, one method, a method that changes weights.
+
+    One source is enough for task arithmetic (its task vector scaled: WiSE-FT); every other way needs two.
+    """
+    if not run_dirs or (len(run_dirs) < 2 and how != "task-arithmetic"):
+        raise DeltatuneError(
+            f"deltatune merge --how {how} needs at least two run directories, got {len(run_dirs)}; one run "
+            "merges only with --how task-arithmetic --weights W (W < 1 moves it back toward the base model)."
+        )
     sources = [
         Source(Path(directory), read_manifest(directory), read_tensors(Path(directory))) for directory in run_dirs
     ]
@@ -373,7 +382,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig 
     config = config or MergeConfig()
     out = Path(out)
     _check_new_directory(out)
-    sources = read_sources(run_dirs)
+    sources = read_sources(run_dirs, config.how)
     if config.weights is not None and len(config.weights) != len(sources):
         raise DeltatuneError(
             f"--weights gives {len(config.weights)} weight(s) for {len(sources)} run directories; give one per run."
