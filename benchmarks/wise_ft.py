@@ -7,12 +7,13 @@ For each run and each weight w (default 0.1, 0.2, .., 1.0) the delta base + w·(
 `deltatune merge RUN --how task-arithmetic --weights w` (Wortsman et al. 2022, "Robust fine-tuning of zero-shot
 models") and scored on dev and on test. Dev chooses w (a tie goes to the larger w, the run itself at 1.0); the
 test score of every point is listed beside it, and nothing is chosen by test. Points already written are
-scored again, not rebuilt.
+not rebuilt, and their scores (`scores.json` in each) are read back.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -21,8 +22,15 @@ from deltatune.merge import MergeConfig, merge_runs
 
 
 def score(directory: Path, metric: str) -> tuple[float, float]:
-    tuned = deltatune.load(directory)
-    return tuned.evaluate("dev")[metric], tuned.evaluate("test")[metric]
+    """Dev and test `metric` of a point; kept in `scores.json` beside it, so a second table costs no forward."""
+    kept = directory / "scores.json"
+    if kept.exists():
+        scores = json.loads(kept.read_text())
+    else:
+        tuned = deltatune.load(directory)
+        scores = {"dev": tuned.evaluate("dev"), "test": tuned.evaluate("test")}
+        kept.write_text(json.dumps(scores, indent=2))
+    return scores["dev"][metric], scores["test"][metric]
 
 
 def scan(run: Path, weights: list[float], out: Path, metric: str) -> list[dict]:
