@@ -67,9 +67,18 @@ def _no_process_outlives_its_test():
             process.communicate()
 
 
-def start(command: list[str]) -> subprocess.Popen:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+def start(command: list[str], interruptible: bool = False) -> subprocess.Popen:
+    """`interruptible`: the process starts with SIGINT's default action even when this test run ignores it (a
+    shell starts background commands so, and a child inherits an ignored signal: it would never see Ctrl-C)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if interruptible else None,
+    )
     _STARTED.append(process)
     return process
 
@@ -283,6 +292,17 @@ def _finished(experiment: Path) -> int:
         return 0
 
 
+def signal_state(pid: int) -> str:
+    """A process's blocked, ignored and caught signal masks and where it sleeps in the kernel (for a failure message)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError as error:
+        return f"pid {pid}: {error}"
+    masks = [line.replace("\t", " ") for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt", "State"))]
+    return f"pid {pid}: {', '.join(masks)}, wchan {wchan}"
+
+
 def torch_is_loading(pid: int) -> bool:
     try:
         return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
@@ -295,13 +315,21 @@ def test_ctrl_c_at_start_up_or_in_training_is_one_line_and_leaves_nothing(worksp
     if not Path("/proc/self/maps").is_file():
         pytest.skip("needs /proc to see when torch starts loading")
     out = tmp_path / "run"
-    process = start(train_command(workspace, out, "--method", "full", "--max-steps", "100000"))
+    process = start(train_command(workspace, out, "--method", "full", "--max-steps", "100000"), interruptible=True)
     wait_until(lambda: torch_is_loading(process.pid), interval=0.01, what="torch to start loading")
     if moment == "training":
         wait_until(lambda: lock_is_held(tmp_path / ".run.lock"), what="the run to take its lock")
         time.sleep(1.0)
     process.send_signal(signal.SIGINT)
-    output, errors = process.communicate(timeout=120)
+    try:
+        output, errors = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        state = signal_state(process.pid)
+        process.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) prints every thread's stack
+        output, errors = process.communicate(timeout=60)
+        pytest.fail(
+            f"still running 120 s after SIGINT ({state}; this test's own {signal_state(os.getpid())}):\n{errors[-8000:]}"
+        )
     assert process.returncode == 130, errors
     assert "interrupted; nothing half-written was kept" in errors and "Traceback" not in errors
     assert not out.exists() and leftovers(tmp_path, "run") == []
