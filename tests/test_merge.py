@@ -248,3 +248,23 @@ def test_merge_from_the_command_line_evaluates_against_each_delta_and_eval_works
     assert "accuracy" in manifest["metrics"]["dev"]
     assert main(["eval", str(tmp_path / "soup"), "--split", "test"]) == 0
     assert "dev accuracy" in (tmp_path / "soup" / "README.md").read_text()
+
+
+def test_eval_limit_scores_the_first_examples_of_a_bi_encoder_run_as_evaluate_does(tmp_path, capsys):
+    """`--eval-limit` on a bi-encoder (each text of a pair encoded alone) scores what `evaluate(limit=)` does."""
+    from conftest import save_tiny_model_dir
+    from test_heads import write_pairs
+
+    base = save_tiny_model_dir(tmp_path / "bert", "bert")
+    local = {"path": str(write_pairs(tmp_path / "pairs.csv", 80, 1)), "text_fields": ["a", "b"]}
+    data = deltatune.data_record("pairs", local={**local, "label_field": "score", "regression": True})
+    run = tmp_path / "run"
+    deltatune.train(str(base), data=data, method="bitfit", out=str(run), head="bi-encoder", max_steps=2, quiet=True)
+    argv = ["merge", str(run), "--weights", "0.5", "--out", str(tmp_path / "half"), "--evaluate", "dev"]
+    assert main([*argv, "--eval-limit", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["evaluation"]
+    half, own = deltatune.load(tmp_path / "half"), deltatune.load(run)
+    assert rows[0]["pearson"] == half.evaluate("dev", limit=5)["pearson"] != half.evaluate("dev")["pearson"]
+    assert rows[1]["pearson"] == own.evaluate("dev", limit=5)["pearson"]
+    with pytest.raises(DeltatuneError, match="limit must be a positive whole number of examples or None"):
+        own.evaluate("dev", limit=0)

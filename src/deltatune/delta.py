@@ -237,13 +237,18 @@ class TunedModel:
         return min(recorded, limit) if limit else recorded
 
     def evaluate(
-        self, split: str = "dev", batch_size: int = 64, precision: str = "auto", data_changed_ok: bool = False
+        self,
+        split: str = "dev",
+        batch_size: int = 64,
+        precision: str = "auto",
+        data_changed_ok: bool = False,
+        limit: int | None = None,
     ) -> dict[str, float]:
         """Metrics on a split of the task's data, rebuilt from the source recorded in the delta.
 
         The data must be the ones the delta was trained on (their recorded fingerprint is checked):
         a split re-made from changed data could overlap the training rows. `data_changed_ok=True`
-        evaluates anyway.
+        evaluates anyway. `limit`: only the split's first `limit` examples.
         """
         from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
         from deltatune.heads import encodes_texts_separately
@@ -255,8 +260,12 @@ class TunedModel:
         _check_run_options(batch_size, precision)
         if not isinstance(data_changed_ok, bool):
             raise DeltatuneError(f"data_changed_ok must be True or False, got {data_changed_ok!r}.")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise DeltatuneError(f"limit must be a positive whole number of examples or None (all), got {limit!r}.")
         data = load_data_from_record(self.manifest.training_data(self.directory), run=str(self.directory))
         selected = data.split(split)
+        if limit is not None:
+            selected = selected.subset(range(min(limit, len(selected))))
         if not data_changed_ok:
             check_data_unchanged(data, *self.manifest.recorded_data(self.directory), run=str(self.directory))
         encoded = encode(self.tokenizer, self.task, selected, self.max_length, encodes_texts_separately(self.model))

@@ -11,8 +11,9 @@ model's, a sparse mask's W⊙M − W). The merged delta is base + merge(τ_1 .. 
     linear            Σ w_i τ_i, the weights normalised to sum to 1 (a model soup when the sources are
                       seeds of one task: Wortsman et al. 2022); default: equal weights
     task-arithmetic   Σ w_i τ_i, weights as given (default 1 each: Ilharco et al. 2023); one run with
-                      weight w in (0, 1) is base + w·τ, a point between the base model and the run
-                      (WiSE-FT: Wortsman et al. 2022), its head kept as trained
+                      weight w is base + w·τ, its head kept as trained: w in (0, 1) a point between
+                      the base model and the run (WiSE-FT: Wortsman et al. 2022), w > 1 beyond the run
+                      along its task vector (ExPO: Zheng et al. 2024)
     ties              keep each τ_i's `density` largest entries by magnitude, elect each entry's sign
                       from the sum of the trimmed vectors, average the weighted entries that agree with
                       it (Yadav et al. 2023; default density 0.2)
@@ -50,7 +51,6 @@ from safetensors.torch import save_file
 from deltatune.cli_options import add_switch
 from deltatune.delta import MANIFEST, TENSORS, load_checked_base, read_manifest, read_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
-from deltatune.padding import padding_id
 from deltatune.records import DeltaManifest
 from deltatune.run_directory import staged_directory
 
@@ -478,7 +478,7 @@ def evaluate_merge(merged: list[Path], run_dirs: list[str | Path], split: str, l
     rows = []
     for directory in merged:
         manifest = read_manifest(directory)
-        metrics = _evaluate(deltatune.load(directory), split, limit)
+        metrics = deltatune.load(directory).evaluate(split, limit=limit)
         manifest = replace(manifest, metrics={**manifest.metrics, split: metrics})
         write_json_atomic(directory / MANIFEST, manifest.to_json())
         write_model_card(directory, manifest)
@@ -491,26 +491,10 @@ def evaluate_merge(merged: list[Path], run_dirs: list[str | Path], split: str, l
                         "task": manifest.task.name,
                         "delta": str(source),
                         "kind": "own delta",
-                        **_evaluate(deltatune.load(source), split, limit),
+                        **deltatune.load(source).evaluate(split, limit=limit),
                     }
                 )
     return rows
-
-
-def _evaluate(tuned, split: str, limit: int | None) -> dict[str, float]:
-    if limit is None:
-        return tuned.evaluate(split)
-    from deltatune.batching import encode, outputs_to_predictions, predict_encoded, to_task_units
-    from deltatune.metrics import compute_metrics
-    from deltatune.sources.records import load_data_from_record
-
-    data = load_data_from_record(tuned.manifest.training_data(tuned.directory)).split(split)
-    data = data.subset(range(min(limit, len(data))))
-    encoded = encode(tuned.tokenizer, tuned.task, data, tuned.manifest.max_length)
-    outputs = to_task_units(
-        predict_encoded(tuned.model, encoded, tuned.task, padding_id(tuned.tokenizer)), tuned.manifest.target_scale
-    )
-    return compute_metrics(tuned.task.metrics, outputs_to_predictions(outputs, tuned.task), encoded.labels)
 
 
 def format_report(rows: list[dict]) -> str:
