@@ -135,7 +135,7 @@ def disk_full_on_save(monkeypatch: pytest.MonkeyPatch, workspace: Path) -> None:
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(deltatune.delta, "save_file", full)
+    monkeypatch.setattr(deltatune.delta, "save_tensors", full)
 
 
 def no_leftovers(workspace: Path) -> None:

@@ -262,7 +262,7 @@ def test_a_full_disk_while_saving_a_reader_is_one_error_and_keeps_the_old_one(tm
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(artifact, "save_file", full)
+    monkeypatch.setattr(artifact, "save_tensors", full)
     with pytest.raises(DiskFullError, match=r"No space left on the device holding .*reader.* while writing the reader"):
         train_reader(out, overwrite=True, model=causal_model)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -303,3 +303,27 @@ def test_export_and_merge_publish_whole_directories_or_nothing(tmp_path, monkeyp
         assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
     with pytest.raises(DeltatuneError, match="already exists"):
         merge_runs([sentiment, topic], merged, MergeConfig(how="task-arithmetic"))
+
+
+def test_equal_tensors_give_a_byte_identical_delta_file_in_every_process(tmp_path):
+    """The header's metadata is written sorted: safetensors alone writes it in an order that changes between
+    processes, so two equal trainings wrote files with different hashes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from pathlib import Path; from deltatune.delta import save_tensors; "
+        "tensors = {'b.weight': torch.arange(6.0).view(2, 3), 'a.bias': torch.ones(4, dtype=torch.bfloat16)}; "
+        "save_tensors(tensors, Path(sys.argv[1]), {'method': 'full', 'format': 'deltatune', 'kind': 'x'})"
+    )
+    paths = [tmp_path / f"{number}.safetensors" for number in range(3)]
+    for path in paths:  # each process draws its own hash seed
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    contents = {path.read_bytes() for path in paths}
+    assert len(contents) == 1
+    (content,) = contents
+    header = json.loads(content[8 : 8 + int.from_bytes(content[:8], "little")])
+    assert list(header["__metadata__"]) == ["format", "kind", "method"]
+    from safetensors.torch import load_file
+
+    assert load_file(str(paths[0]))["b.weight"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]

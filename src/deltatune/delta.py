@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from deltatune.errors import DeltatuneError
@@ -63,12 +63,28 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`tensors` as a safetensors file whose header lists `metadata` in sorted order, so that equal tensors give
+    equal bytes (safetensors writes metadata from a hash map, in an order that changes from process to process).
+    """
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the library pads its header to 8 bytes; so do we
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        handle.write(memoryview(data)[8 + length :])
+
+
 def save_delta(directory: Path, model: nn.Module, method: Method, manifest: DeltaManifest) -> int:
     """Write delta.safetensors and deltatune.json into `directory`; returns the tensor file's bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in method.delta_state(model).items()}
     _refuse_non_finite(tensors)
-    save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": method.name})
+    save_tensors(tensors, directory / TENSORS, {"format": "deltatune", "method": method.name})
     size = (directory / TENSORS).stat().st_size
     write_json_atomic(
         directory / MANIFEST, replace(manifest, format_version=FORMAT_VERSION, delta_bytes=size).to_json()

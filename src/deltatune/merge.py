@@ -46,10 +46,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 
 from deltatune.cli_options import add_switch
-from deltatune.delta import MANIFEST, TENSORS, load_checked_base, read_manifest, read_tensors, write_json_atomic
+from deltatune.delta import (
+    MANIFEST,
+    TENSORS,
+    load_checked_base,
+    read_manifest,
+    read_tensors,
+    save_tensors,
+    write_json_atomic,
+)
 from deltatune.errors import DeltatuneError
 from deltatune.records import DeltaManifest
 from deltatune.run_directory import staged_directory
@@ -438,7 +445,7 @@ def _write_merged(
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in {**body.tensors, **heads}.items()}
-    save_file(tensors, str(directory / TENSORS), metadata={"format": "deltatune", "method": body.method})
+    save_tensors(tensors, directory / TENSORS, {"format": "deltatune", "method": body.method})
     record = {
         "how": config.how,
         "sources": [str(source.directory.resolve()) for source in sources],

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deltatune.config import to_jsonable
-from deltatune.delta import write_json_atomic
+from deltatune.delta import save_tensors, write_json_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.reader.config import ReaderConfig
 from deltatune.reader.data import QADataset
@@ -127,7 +127,7 @@ def _train_and_save(
 
 def _publish(out_path: Path, tensors: dict[str, torch.Tensor], record: dict, overwrite: bool = False) -> None:
     with staged_directory(out_path, READER_FILES, overwrite, what="the reader") as staging:
-        save_file(tensors, str(staging / TENSORS), metadata={"format": "deltatune", "kind": KIND})
+        save_tensors(tensors, staging / TENSORS, {"format": "deltatune", "kind": KIND})
         write_json_atomic(staging / MANIFEST, record)
 
 
