@@ -172,7 +172,7 @@ class Source:
         return json.dumps(self.manifest.task.to_dict(), sort_keys=True)
 
 
-def read_sources(run_dirs: list[str | Path], how: str = "task-arithmetic") -> list[Source]:
+def read_sources(run_dirs: list[str | Path], how: str) -> list[Source]:
     """Every source read and checked together: one base, one method, a method that changes weights.
 
     One source is enough for task arithmetic (its task vector scaled: WiSE-FT); every other way needs two.

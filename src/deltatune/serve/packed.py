@@ -25,18 +25,19 @@ BitFit, LayerNorm tuning, adapters) are packed; prompts and prefixes add tokens 
 their batches run padded. Outputs equal the padded forward's up to floating-point rounding (tested per
 method on a tiny BERT, and on a tiny RoBERTa).
 
-Batch invariance (`MultiTaskModel.batch_invariant`, on by default; `deltatune serve --no-batch-invariant` turns it
-off). Without it a row's answer depends, at the last bits, on the rows that share its forward pass: attention
-runs each row padded to the longest of its group, and SDPA's result for a row changes with that width (up to
-one bf16 step, 3.9e-3, in a row's attention output on a 2-core AMD Zen 4). The answers to 559 of 2,048 requests then
+Batch invariance (`MultiTaskModel.batch_invariant`, on by default; `deltatune serve --no-batch-invariant` turns
+it off). Without it a row's answer depends, at the last bits, on the rows that share its forward pass: attention
+runs each row padded to the longest of its group, and SDPA's result for a row changes with that width (up to one
+bf16 step, 3.9e-3, in a row's attention output on a 2-core AMD Zen 4). The answers to 559 of 2,048 requests then
 differ in their last bits between calls of 64 in arrival order and one sorted call
 (`benchmarks/batch_invariance.py`). With it, every mixed batch of position-wise deltas runs packed, each row
 attends in a group of rows of exactly its own length, with no mask (and in either mode a lone adapter at a site
 adds its bias after the matmul, as joined adapters do): nothing a row computes depends on another row, provided
-the matmuls give a row the same bits whatever the rows beside it. oneDNN's bf16 matmuls do, from two rows up, on the AMD Zen 4 measured (MKL's fp32 matmuls
-do not: a row's bits change between 7 and 8 rows), so the guarantee is bf16 on such a CPU; elsewhere answers
-agree to rounding. The price is more, smaller attention calls, and packing where padding would not cost:
-0.95-0.99x on a length-sorted call, 0.98-1.03x on arrival-order calls (two runs, docs/results/serve.md).
+the matmuls give a row the same bits whatever the rows beside it. oneDNN's bf16 matmuls do, from two rows up, on
+the AMD Zen 4 measured (MKL's fp32 matmuls do not: a row's bits change between 7 and 8 rows), so the guarantee
+is bf16 on such a CPU; elsewhere answers agree to rounding. The price is more, smaller attention calls, and
+packing where padding would not cost: 0.95-0.99x on a length-sorted call, 0.98-1.03x on arrival-order calls (two
+runs, docs/results/serve.md).
 """
 
 from __future__ import annotations
