@@ -7,9 +7,16 @@ import torch
 
 from conftest import build_tiny_model, build_tokenizer
 from deltatune import precision
-from deltatune.fast_dropout import ATTENTION_NAME, attention_forward, fast_dropout, keep_mask, masked_dropout
+from deltatune.fast_dropout import (
+    ATTENTION_NAME,
+    attention_forward,
+    dropout_set_to,
+    fast_dropout,
+    keep_mask,
+    masked_dropout,
+)
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
-from test_training import trained
+from test_training import SENTIMENT, sentiment_splits, trained
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -77,6 +84,75 @@ def test_fast_dropout_swaps_in_and_restores_everything():
     assert model.config._attn_implementation == "sdpa"
     assert not any("forward" in vars(m) for m in model.modules())
     assert torch.equal(model(**batch).logits, reference)
+
+
+def _dropout_values(model) -> list[float]:
+    values = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    values += [m.attention_dropout for m in model.modules() if isinstance(vars(m).get("attention_dropout"), float)]
+    return values + [v for k, v in sorted(vars(model.config).items()) if "dropout" in k and isinstance(v, float)]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_dropout_set_to_reaches_every_dropout_and_restores_it(kind):
+    """BERT drops out through nn.Dropout modules, Llama's attention through a plain float it reads each call."""
+    model, tokenizer = build_tiny_model(kind, seed=1), build_tokenizer()
+    if kind == "llama":
+        for layer in model.base_model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        model.config.attention_dropout = 0.3
+    before = _dropout_values(model)
+    assert any(v > 0 for v in before)
+    batch = tokenizer(["the dog plays", "a very sad film was not good"], padding=True, return_tensors="pt")
+    reference = model(**batch).logits
+    with dropout_set_to(model, 0.0):
+        model.train()
+        assert torch.equal(model(**batch).logits, reference)  # training mode, nothing dropped
+        model.eval()
+    assert _dropout_values(model) == before
+    with dropout_set_to(model, 0.5):
+        assert set(_dropout_values(model)) == {0.5}
+        model.train()
+        assert not torch.equal(model(**batch).logits, reference)
+        model.eval()
+    assert _dropout_values(model) == before
+
+
+def test_training_with_dropout_zero_equals_training_a_model_built_without_dropout():
+    """--dropout 0 on BERT's 0.1 trains exactly what a checkpoint configured with no dropout trains."""
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_bert_config
+    from deltatune.methods import build_method, prepare_model
+    from deltatune.training import TrainConfig, train
+
+    def run(dropout_in_config: float, dropout_setting: float | None):
+        torch.manual_seed(0)
+        config = tiny_bert_config(hidden_dropout_prob=dropout_in_config, attention_probs_dropout_prob=dropout_in_config)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+        method = build_method("full")
+        prepare_model(model, method)
+        settings = TrainConfig(epochs=2, batch_size=16, learning_rate=3e-3, quiet=True, seed=3, dropout=dropout_setting)
+        result = train(model, build_tokenizer(), SENTIMENT, *sentiment_splits(), method, settings)
+        return model, result
+
+    plain, plain_result = run(0.0, None)
+    overridden, overridden_result = run(0.1, 0.0)
+    default, _ = run(0.1, None)
+    assert [c["metrics"] for c in overridden_result.learning_curve] == [
+        c["metrics"] for c in plain_result.learning_curve
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), overridden.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain.parameters(), default.parameters(), strict=True))
+    assert overridden.config.hidden_dropout_prob == 0.1  # the model is handed back as it came
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_a_dropout_outside_zero_to_one_is_refused_with_the_range(value):
+    from deltatune.errors import DeltatuneError
+    from deltatune.training import TrainConfig
+
+    with pytest.raises(DeltatuneError, match=r"dropout=.* must be in \[0, 1\)"):
+        TrainConfig(dropout=value)
 
 
 def test_frozen_linear_weights_are_cast_for_the_block_and_restored_exactly():

@@ -7,6 +7,8 @@ each 64-bit draw from the same generator feeds four 16-bit lanes, and an element
 lane clears a threshold, so one draw decides four elements (a keep probability within 1/65,536 of
 1 - p). The mask is saved as bytes for backward, as torch's own dropout does.
 
+`dropout_set_to(model, p)` sets every dropout probability of a model for a block (`TrainConfig.dropout`).
+
 `fast_dropout(model)` swaps this in for the duration of training and puts everything back after:
 every `nn.Dropout` module, and attention dropout through an attention function registered with
 transformers that computes attention with this mask while training and defers to SDPA otherwise.
@@ -130,6 +132,45 @@ def fast_dropout(model: nn.Module) -> Iterator[nn.Module]:
             switch_attention(previous)
 
 
+_FLOAT_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_rate")
+"""Module attributes some architectures keep their dropout in as a plain number (Llama's attention, T5's)."""
+
+
+def _is_probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@contextmanager
+def dropout_set_to(model: nn.Module, p: float) -> Iterator[nn.Module]:
+    """Within the block every dropout of `model` drops with probability `p`; afterwards it is as it was.
+
+    That is every `nn.Dropout` module (the backbone's, its attention's where read from the module, the method's
+    own), the numeric dropout attributes some attention modules read at each call, and the config's dropout
+    fields (which attention implementations and `fast_dropout` read)."""
+    restore: list[tuple[object, str, object]] = []
+
+    def set_value(owner: object, name: str) -> None:
+        restore.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, p)
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            set_value(module, "p")
+        for name in _FLOAT_DROPOUT_ATTRIBUTES:
+            if _is_probability(module.__dict__.get(name)):
+                set_value(module, name)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and _is_probability(value):
+                set_value(config, name)
+    try:
+        yield model
+    finally:
+        for owner, name, value in reversed(restore):
+            setattr(owner, name, value)
+
+
 def _attention_dropout(config) -> float:
     for name in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "attention_probs_dropout"):
         value = getattr(config, name, None)
@@ -138,4 +179,4 @@ def _attention_dropout(config) -> float:
     return 0.0
 
 
-__all__ = ["fast_dropout", "masked_dropout", "keep_mask", "attention_forward", "ATTENTION_NAME"]
+__all__ = ["dropout_set_to", "fast_dropout", "masked_dropout", "keep_mask", "attention_forward", "ATTENTION_NAME"]

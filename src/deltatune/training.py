@@ -53,7 +53,7 @@ from deltatune.config import choice_problems
 from deltatune.devices import check_device_name, resolve_device
 from deltatune.distributed import check_fsdp, process_group, shard_model, share_of
 from deltatune.errors import DeltatuneError
-from deltatune.fast_dropout import fast_dropout
+from deltatune.fast_dropout import dropout_set_to, fast_dropout
 from deltatune.heads import encodes_texts_separately, target_scale
 from deltatune.loggers import Logger, ScalarLoggers, missing_logger_packages, open_loggers
 from deltatune.methods.base import Method, OptimizerSettings
@@ -112,6 +112,10 @@ class TrainConfig:
     """AdamW weight decay, applied to weight matrices only (not biases or norms)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; none to disable."""
+    dropout: float | None = None
+    """Every dropout probability of the model set to this while training (the backbone's nn.Dropout modules,
+    its attention dropout, and the method's own dropout modules such as LoRA's); none keeps the checkpoint's
+    own (BERT's 0.1). Evaluation and the saved delta never drop out, so only training changes."""
     eval_every: int | None = None
     """Evaluate on dev every this many steps. Default: once per epoch (and always at the end)."""
     early_stopping_patience: int | None = None
@@ -302,6 +306,10 @@ def _range_problems(config: TrainConfig) -> list[str]:
         )
     if not config.weight_decay >= 0:
         problems.append(f"weight_decay={config.weight_decay} must be zero or positive")
+    if config.dropout is not None and not 0 <= config.dropout < 1:
+        problems.append(
+            f"dropout={config.dropout} must be in [0, 1) (0 turns dropout off; or leave it unset for the model's own)"
+        )
     if config.threads is not None and config.threads < 1:
         problems.append(f"threads={config.threads} must be at least 1 (or left unset for torch's choice)")
     if not 0 <= config.seed < 2**63:
@@ -804,6 +812,8 @@ class Trainer:
     def _enter_speed_levers(self, model: nn.Module, config: TrainConfig) -> None:
         """The CPU's speed levers (measured there only, so a GPU does without them) and gradient checkpointing."""
         on_cpu = self.device.type == "cpu"
+        if config.dropout is not None:  # before fast_dropout, which swaps only the dropouts that drop
+            self.contexts.enter_context(dropout_set_to(model, config.dropout))
         if config.fast_dropout and on_cpu:
             self.contexts.enter_context(fast_dropout(model))
         # weights frozen throughout can be held in bf16; gradual unfreezing and HFT thaw them, so they keep fp32

@@ -51,6 +51,7 @@ LATER_FIELD_DEFAULTS = {
     "surgical_probe_steps": 20,
     "eval_examples": None,
     "regression_loss": "mse",
+    "dropout": None,
 }
 """TrainConfig fields added after grids were first stored: left out of a cell's identity at their default,
 so an experiment stored before them resumes instead of training every cell again."""
