@@ -114,8 +114,8 @@ class TrainConfig:
     """Clip the global gradient norm to this; none to disable."""
     dropout: float | None = None
     """Every dropout probability of the model set to this while training (the backbone's nn.Dropout modules,
-    its attention dropout, and the method's own dropout modules such as LoRA's); none keeps the checkpoint's
-    own (BERT's 0.1). Evaluation and the saved delta never drop out, so only training changes."""
+    its attention dropout, and the method's own dropout modules, such as LoRA's when its method.dropout is above
+    0); none keeps the checkpoint's own (BERT's 0.1). Evaluation and the saved delta never drop out."""
     eval_every: int | None = None
     """Evaluate on dev every this many steps. Default: once per epoch (and always at the end)."""
     early_stopping_patience: int | None = None
