@@ -109,12 +109,18 @@ def test_dropout_set_to_reaches_every_dropout_and_restores_it(kind):
         assert torch.equal(model(**batch).logits, reference)  # training mode, nothing dropped
         model.eval()
     assert _dropout_values(model) == before
+    if kind == "bert":  # a sub-config, as a multimodal model holds its text model's
+        from conftest import tiny_bert_config
+
+        model.config.text_config = tiny_bert_config(hidden_dropout_prob=0.2)
     with dropout_set_to(model, 0.5):
         assert set(_dropout_values(model)) == {0.5}
+        assert kind != "bert" or model.config.text_config.hidden_dropout_prob == 0.5
         model.train()
         assert not torch.equal(model(**batch).logits, reference)
         model.eval()
     assert _dropout_values(model) == before
+    assert kind != "bert" or model.config.text_config.hidden_dropout_prob == 0.2
 
 
 def test_training_with_dropout_zero_equals_training_a_model_built_without_dropout():

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from deltatune.attention import register_attention
 
@@ -159,11 +160,17 @@ def dropout_set_to(model: nn.Module, p: float) -> Iterator[nn.Module]:
         for name in _FLOAT_DROPOUT_ATTRIBUTES:
             if _is_probability(module.__dict__.get(name)):
                 set_value(module, name)
-    config = getattr(model, "config", None)
-    if config is not None:
+    configs, seen = [getattr(model, "config", None)], set()
+    while configs:  # the config and the sub-configs it holds (a multimodal model's text_config)
+        config = configs.pop()
+        if config is None or id(config) in seen:
+            continue
+        seen.add(id(config))
         for name, value in list(vars(config).items()):
             if ("dropout" in name or name.endswith("pdrop")) and _is_probability(value):
                 set_value(config, name)
+            elif isinstance(value, PretrainedConfig):
+                configs.append(value)
     try:
         yield model
     finally:

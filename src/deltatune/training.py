@@ -810,7 +810,7 @@ class Trainer:
         )
 
     def _enter_speed_levers(self, model: nn.Module, config: TrainConfig) -> None:
-        """The CPU's speed levers (measured there only, so a GPU does without them) and gradient checkpointing."""
+        """`--dropout`, the CPU's speed levers (measured there only, so a GPU does without them), gradient checkpointing."""
         on_cpu = self.device.type == "cpu"
         if config.dropout is not None:  # before fast_dropout, which swaps only the dropouts that drop
             self.contexts.enter_context(dropout_set_to(model, config.dropout))
