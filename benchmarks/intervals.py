@@ -6,7 +6,7 @@
 Each group is the runs of one recipe (its seeds). Its interval resamples the test examples (the same draws
 for every group), averages the seeds' metric on each resample and reports the 2.5% and 97.5% quantiles,
 with the share of resamples at or above `--target` when given. Every later group is also compared with the
-first, paired on the same examples (`deltatune.compare.stats.paired_bootstrap`, which draws the seeds too).
+first with as many runs, paired on the same examples (`deltatune.compare.stats.paired_bootstrap`, which draws the seeds too).
 The scores come from each run's saved `test_outputs.safetensors`; nothing is trained or run.
 """
 
@@ -73,6 +73,9 @@ def main() -> None:
         print(f"| {name} | {len(pairs)} | {whole:.4f} | [{low:.4f}, {high:.4f}] |{share}")
     reference, *others = loaded
     for name in others:
+        if len(loaded[name]) != len(loaded[reference]):
+            print(f"\n{name} minus {reference}: not paired ({len(loaded[name])} runs against {len(loaded[reference])})")
+            continue
         result = paired_bootstrap(
             [p for p, _ in loaded[name]], [p for p, _ in loaded[reference]], labels, metric, args.samples
         )
