@@ -760,6 +760,8 @@ class Trainer:
         self.plan = plan_steps(len(data.train) if data is not None else self.strategy.examples_per_epoch or 1, config)
         self.learning_rate = learning_rate or config.learning_rate or regime_default_learning_rate(config, method)
         self.contexts = ExitStack()
+        if config.dropout is not None:  # before the speed levers: fast_dropout swaps only the dropouts that drop
+            self.contexts.enter_context(dropout_set_to(model, config.dropout))
         self._enter_speed_levers(model, config)
         # fp16's narrow range needs the loss scaled up before backward and the gradients unscaled after
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
@@ -810,10 +812,8 @@ class Trainer:
         )
 
     def _enter_speed_levers(self, model: nn.Module, config: TrainConfig) -> None:
-        """`--dropout`, the CPU's speed levers (measured there only, so a GPU does without them), gradient checkpointing."""
+        """The CPU's speed levers (measured there only, so a GPU does without them) and gradient checkpointing."""
         on_cpu = self.device.type == "cpu"
-        if config.dropout is not None:  # before fast_dropout, which swaps only the dropouts that drop
-            self.contexts.enter_context(dropout_set_to(model, config.dropout))
         if config.fast_dropout and on_cpu:
             self.contexts.enter_context(fast_dropout(model))
         # weights frozen throughout can be held in bf16; gradual unfreezing and HFT thaw them, so they keep fp32
