@@ -333,3 +333,24 @@ def test_ctrl_c_at_start_up_or_in_training_is_one_line_and_leaves_nothing(worksp
     assert process.returncode == 130, errors
     assert "interrupted; nothing half-written was kept" in errors and "Traceback" not in errors
     assert not out.exists() and leftovers(tmp_path, "run") == []
+
+
+def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_training():
+    """A SIGINT that lands in a `__del__` is printed as 'Exception ignored' and lost; the loop still stops."""
+    from deltatune import interrupts
+    from test_training import trained
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the KeyboardInterrupt is raised here, and swallowed
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupts.install()
+        Collected()  # collected at once: its interrupt does not reach this test
+        with pytest.raises(KeyboardInterrupt):
+            trained(epochs=1)
+    finally:
+        interrupts.clear()
+        signal.signal(signal.SIGINT, previous)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 # Only light modules here: torch and transformers are imported inside main(), so Ctrl-C while they load
 # is handled like any other interruption instead of ending in a traceback from an import.
+from deltatune import interrupts
 from deltatune.cli_options import add_config_options, add_switch, config_from_options, split_method_options
 from deltatune.config import describe_fields
 from deltatune.errors import DeltatuneError
@@ -484,6 +485,7 @@ def _show_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _show_warnings()
+    interrupts.install()
     try:
         argv, method_options = split_method_options(argv)
         args = build_parser().parse_args(argv)

@@ -55,6 +55,7 @@ from deltatune.distributed import check_fsdp, process_group, shard_model, share_
 from deltatune.errors import DeltatuneError
 from deltatune.fast_dropout import dropout_set_to, fast_dropout
 from deltatune.heads import encodes_texts_separately, target_scale
+from deltatune.interrupts import raise_if_requested
 from deltatune.loggers import Logger, ScalarLoggers, missing_logger_packages, open_loggers
 from deltatune.methods.base import Method, OptimizerSettings
 from deltatune.metrics import compute_metrics
@@ -858,6 +859,7 @@ class Trainer:
         self.model.train()
         progress = self._progress_bar()
         while not self.done and self.progress < until:
+            raise_if_requested()  # a Ctrl-C the garbage collector swallowed (see deltatune.interrupts)
             self._step()
             if self.diverged is not None:
                 break

@@ -1,0 +1,41 @@
+"""Ctrl-C that cannot be lost.
+
+Python turns SIGINT into a KeyboardInterrupt at the next bytecode of the main thread. When that bytecode
+belongs to a `__del__` the garbage collector is running (a tokenizer's regex objects, for one), Python prints
+"Exception ignored in ..." and carries on: the interrupt is gone, and a training run goes on to its end.
+`install()` (called by the command line) keeps a note of every SIGINT beside raising as before, and the
+training loop calls `raise_if_requested()` between steps, so a swallowed Ctrl-C still stops the run.
+"""
+
+from __future__ import annotations
+
+import signal
+
+_requested = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _requested
+    _requested = True
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Note SIGINTs as well as raising them; a SIGINT a parent set to be ignored (nohup) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def raise_if_requested() -> None:
+    """Raise KeyboardInterrupt if a SIGINT arrived, even one swallowed inside a `__del__`."""
+    if _requested:
+        raise KeyboardInterrupt
+
+
+def clear() -> None:
+    """Forget a SIGINT already handled (for a process that goes on after one, e.g. a test)."""
+    global _requested
+    _requested = False
+
+
+__all__ = ["install", "raise_if_requested", "clear"]
