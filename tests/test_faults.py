@@ -344,13 +344,17 @@ def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_training():
         def __del__(self):
             os.kill(os.getpid(), signal.SIGINT)  # the KeyboardInterrupt is raised here, and swallowed
 
-    previous = signal.getsignal(signal.SIGINT)
+    reported = []
+    previous, previous_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = reported.append
     try:
         interrupts.install()
         Collected()  # collected at once: its interrupt does not reach this test
         with pytest.raises(KeyboardInterrupt):
             trained(epochs=1)
+        assert reported == []  # no "Exception ignored" report beside the one-line message
     finally:
         interrupts.clear()
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
