@@ -335,10 +335,40 @@ def test_ctrl_c_at_start_up_or_in_training_is_one_line_and_leaves_nothing(worksp
     assert not out.exists() and leftovers(tmp_path, "run") == []
 
 
-def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_training():
+def _tiny_training():
+    from test_training import trained
+
+    trained(epochs=1)
+
+
+def _tiny_evaluation():
+    from conftest import build_tiny_model, build_tokenizer
+    from deltatune.batching import encode, predict_encoded
+    from test_training import SENTIMENT, sentiment_splits
+
+    model, tokenizer = build_tiny_model("bert"), build_tokenizer()
+    _, dev_split = sentiment_splits()
+    predict_encoded(model, encode(tokenizer, SENTIMENT, dev_split, 64), SENTIMENT, tokenizer.pad_token_id, 8)
+
+
+def _tiny_reader_prompt_training():
+    from conftest import build_tokenizer
+    from deltatune.reader.config import ReaderConfig
+    from deltatune.reader.pipeline import FrozenReader, train_reader
+    from test_reader import tiny_causal_lm, toy_dataset
+
+    config = ReaderConfig(top_k=0, rerank=False, prompt_tokens=4, steps=40, batch_size=4, train_examples=12, quiet=True)
+    train_reader(FrozenReader(tiny_causal_lm(), build_tokenizer(), config), toy_dataset(), None)
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [_tiny_training, _tiny_evaluation, _tiny_reader_prompt_training],
+    ids=["training", "evaluation", "reader-prompt"],
+)
+def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_the_loop(loop):
     """A SIGINT that lands in a `__del__` is printed as 'Exception ignored' and lost; the loop still stops."""
     from deltatune import interrupts
-    from test_training import trained
 
     class Collected:
         def __del__(self):
@@ -352,7 +382,7 @@ def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_training():
         interrupts.install()
         Collected()  # collected at once: its interrupt does not reach this test
         with pytest.raises(KeyboardInterrupt):
-            trained(epochs=1)
+            loop()
         assert reported == []  # no "Exception ignored" report beside the one-line message
     finally:
         interrupts.clear()

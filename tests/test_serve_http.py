@@ -332,7 +332,8 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_exits(runs, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_lets_the_request_in_flight_finish_then_exits(runs, tmp_path, stop):
     port = free_port()
     process = subprocess.Popen(
         [
@@ -349,6 +350,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(runs, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, not a background job
     )
     try:
         deadline = time.monotonic() + 120
@@ -365,11 +367,16 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(runs, tmp_path):
                 request, port, "POST", "/v1/predict", {"task": "sentiment", "inputs": ["a good movie"]}
             )
             time.sleep(0.5)  # the request is being answered (the model takes 1.5 s)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             status, body, _ = answer.result(timeout=60)
         assert status == 200 and body["predictions"][0]["label"] in SENTIMENT.labels
-        # uvicorn re-raises the signal once it has shut down, so a supervisor sees why the process ended
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        # uvicorn re-raises the signal once it has shut down, so a supervisor sees why the process ended; a
+        # re-raised SIGINT is the command line's KeyboardInterrupt: exit status 130
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM if stop == signal.SIGTERM else 130), (
+            process.stdout.read().decode()
+        )
+        if stop == signal.SIGINT:
+            assert "stopped (Ctrl-C); the requests in flight were answered" in process.stdout.read().decode()
         with pytest.raises(OSError):
             request(port, "GET", "/health")
     finally:

@@ -18,6 +18,7 @@ from torch import nn
 
 from deltatune.devices import model_device
 from deltatune.errors import DeltatuneError
+from deltatune.interrupts import raise_if_requested
 from deltatune.metrics import compute_metrics
 from deltatune.precision import autocast_for, frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.tasks.spec import Split, TaskSpec
@@ -207,6 +208,7 @@ def predict_encoded(
     cast_once = precision == "bf16" and device.type == "cpu"
     with frozen_linear_weights_in_bf16(model, include_trainable=True) if cast_once else nullcontext():
         for indices in length_bucketed_batches(encoded.lengths, batch_size, None):
+            raise_if_requested()  # a Ctrl-C swallowed by a destructor still stops a long evaluation
             batch = to_device(collate(encoded, indices, pad_token_id, task.is_regression), device)
             batch.pop("labels")
             with autocast_for(precision, device.type):

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deltatune.batching import autocast_for
 from deltatune.errors import DeltatuneError
+from deltatune.interrupts import raise_if_requested
 from deltatune.methods.prompts import word_embeddings
 from deltatune.precision import frozen_linear_weights_in_bf16, resolve_precision
 from deltatune.reader.config import ReaderConfig
@@ -217,6 +218,7 @@ def train_prompt(
     order: list[int] = []
     losses = []
     for step in range(config.steps):
+        raise_if_requested()  # a Ctrl-C swallowed by a destructor (see deltatune.interrupts)
         if len(order) < config.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = order[: config.batch_size], order[config.batch_size :]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from deltatune.cli_options import add_config_options, config_from_options
@@ -77,7 +78,11 @@ def run_serve_command(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         access_log=False,
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again
+        print("deltatune serve: stopped (Ctrl-C); the requests in flight were answered.", file=sys.stderr)
+        return 130
     return 0
 
 
