@@ -147,6 +147,21 @@ _STSB_BINS = equal_bins(0.0, 5.0, ("low", "medium", "high"))
 _MOVIE_BINS = equal_bins(-4.0, 4.0, ("negative", "mixed", "positive"))
 
 _NLI_PROMPT = "{premise}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:"
+_NLI_TEMPLATES = (  # SNLI and MNLI: entailment, neutral, contradiction
+    _t(
+        '"{premise}" Given that, it is {answer} that "{hypothesis}"',
+        "definitely true",
+        "possibly true",
+        "definitely false",
+    ),
+    _t(
+        "Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
+        "entails",
+        "neither entails nor contradicts",
+        "contradicts",
+    ),
+    _t("{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.", "true", "maybe", "false"),
+)
 
 PROPOSITIONS: dict[str, TaskPropositions] = {
     p.task: p
@@ -155,23 +170,7 @@ PROPOSITIONS: dict[str, TaskPropositions] = {
         TaskPropositions(
             "snli",
             ("premise", "hypothesis"),
-            templates=(
-                _t(
-                    '"{premise}" Given that, it is {answer} that "{hypothesis}"',
-                    "definitely true",
-                    "possibly true",
-                    "definitely false",
-                ),
-                _t(
-                    "Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
-                    "entails",
-                    "neither entails nor contradicts",
-                    "contradicts",
-                ),
-                _t(
-                    "{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.", "true", "maybe", "false"
-                ),
-            ),
+            templates=_NLI_TEMPLATES,
             prompt=_NLI_PROMPT,
             verbalisers=(" True", " Neither", " False"),
         ),
@@ -350,23 +349,7 @@ PROPOSITIONS: dict[str, TaskPropositions] = {
         TaskPropositions(
             "mnli",
             ("premise", "hypothesis"),
-            templates=(
-                _t(
-                    '"{premise}" Given that, it is {answer} that "{hypothesis}"',
-                    "definitely true",
-                    "possibly true",
-                    "definitely false",
-                ),
-                _t(
-                    "Premise: {premise} Hypothesis: {hypothesis} The premise {answer} the hypothesis.",
-                    "entails",
-                    "neither entails nor contradicts",
-                    "contradicts",
-                ),
-                _t(
-                    "{premise} Question: {hypothesis} True, false or maybe? Answer: {answer}.", "true", "maybe", "false"
-                ),
-            ),
+            templates=_NLI_TEMPLATES,
             prompt=_NLI_PROMPT,
             verbalisers=(" True", " Neither", " False"),
         ),
