@@ -6,7 +6,8 @@
 Each group is the runs of one recipe (its seeds). Its interval resamples the test examples (the same draws
 for every group), averages the seeds' metric on each resample and reports the 2.5% and 97.5% quantiles,
 with the share of resamples at or above `--target` when given. Every later group is also compared with the
-first with as many runs, paired on the same examples (`deltatune.compare.stats.paired_bootstrap`, which draws the seeds too).
+first with as many runs, paired on the same examples (`deltatune.compare.stats.paired_bootstrap`, which draws the seeds too),
+with `deltatune compare`'s verdict at `--margin` points (e.g. "within 1.5 points": the whole interval inside ±1.5).
 The scores come from each run's saved `test_outputs.safetensors`; nothing is trained or run.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from deltatune.compare.stats import metric_rows, paired_bootstrap, predictions_from_outputs
+from deltatune.compare.stats import metric_rows, paired_bootstrap, predictions_from_outputs, verdict
 
 
 def read_test_predictions(run: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--group", action="append", required=True, help="NAME=RUN,RUN,... (one recipe's seeds)")
     parser.add_argument("--metric", default=None, help="default: the first run's primary metric")
     parser.add_argument("--target", type=float, default=None, help="report the share of resamples at or above it")
+    parser.add_argument(
+        "--margin", type=float, default=1.0, help="points: the verdict's margin (as `deltatune compare`'s, default 1)"
+    )
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -64,13 +68,14 @@ def main() -> None:
             raise SystemExit(f"group {name!r}: its runs were scored on other test labels than {first_run}")
     draws = np.random.default_rng(args.seed).integers(0, len(labels), size=(args.samples, len(labels)))
     share_column = "" if args.target is None else f" share of resamples >= {args.target} |"
-    print(f"| group | runs | test {metric} | 95% interval |{share_column}")
-    print("|---|---|---|---|" + ("" if args.target is None else "---|"))
+    print(f"| group | runs | each run | test {metric} | 95% interval |{share_column}")
+    print("|---|---|---|---|---|" + ("" if args.target is None else "---|"))
     for name, pairs in loaded.items():
         whole, resampled = group_interval([p for p, _ in pairs], labels, metric, draws)
+        each = ", ".join(f"{metric_rows(metric, p[None], labels[None])[0]:.4f}" for p, _ in pairs)
         low, high = np.quantile(resampled, [0.025, 0.975])
         share = "" if args.target is None else f" {float((resampled >= args.target).mean()):.2f} |"
-        print(f"| {name} | {len(pairs)} | {whole:.4f} | [{low:.4f}, {high:.4f}] |{share}")
+        print(f"| {name} | {len(pairs)} | {each} | {whole:.4f} | [{low:.4f}, {high:.4f}] |{share}")
     reference, *others = loaded
     for name in others:
         if len(loaded[name]) != len(loaded[reference]):
@@ -81,7 +86,7 @@ def main() -> None:
         )
         print(
             f"\n{name} minus {reference}: {100 * result.difference:+.2f} points "
-            f"[{100 * result.low:+.2f}, {100 * result.high:+.2f}]"
+            f"[{100 * result.low:+.2f}, {100 * result.high:+.2f}]: {verdict(result, args.margin)}"
         )
 
 
