@@ -33,10 +33,11 @@ def read_test_predictions(run: str, metric: str) -> tuple[np.ndarray, np.ndarray
 
 
 def group_interval(predictions: list[np.ndarray], labels: np.ndarray, metric: str, draws: np.ndarray):
-    """The seeds' mean metric on the whole split and on each resample (`draws`: one row of indices each)."""
-    whole = float(np.mean([metric_rows(metric, p[None], labels[None])[0] for p in predictions]))
+    """Each seed's metric on the whole split, and the seeds' mean on each resample (`draws`: one row of indices
+    each)."""
+    each = [float(metric_rows(metric, p[None], labels[None])[0]) for p in predictions]
     resampled = np.mean([metric_rows(metric, p[draws], labels[draws]) for p in predictions], axis=0)
-    return whole, resampled
+    return each, resampled
 
 
 def main() -> None:
@@ -71,11 +72,11 @@ def main() -> None:
     print(f"| group | runs | each run | test {metric} | 95% interval |{share_column}")
     print("|---|---|---|---|---|" + ("" if args.target is None else "---|"))
     for name, pairs in loaded.items():
-        whole, resampled = group_interval([p for p, _ in pairs], labels, metric, draws)
-        each = ", ".join(f"{metric_rows(metric, p[None], labels[None])[0]:.4f}" for p, _ in pairs)
+        each, resampled = group_interval([p for p, _ in pairs], labels, metric, draws)
         low, high = np.quantile(resampled, [0.025, 0.975])
         share = "" if args.target is None else f" {float((resampled >= args.target).mean()):.2f} |"
-        print(f"| {name} | {len(pairs)} | {each} | {whole:.4f} | [{low:.4f}, {high:.4f}] |{share}")
+        shown = ", ".join(f"{value:.4f}" for value in each)
+        print(f"| {name} | {len(pairs)} | {shown} | {np.mean(each):.4f} | [{low:.4f}, {high:.4f}] |{share}")
     reference, *others = loaded
     for name in others:
         if len(loaded[name]) != len(loaded[reference]):

@@ -3,9 +3,10 @@
 Python turns SIGINT into a KeyboardInterrupt at the next bytecode of the main thread. When that bytecode
 belongs to a `__del__` the garbage collector is running (a tokenizer's regex objects, for one), Python prints
 "Exception ignored in ..." and carries on: the interrupt is gone, and a training run goes on to its end.
-`install()` (called by the command line) keeps a note of every SIGINT beside raising as before, and the
-training loop calls `raise_if_requested()` between steps, so a swallowed Ctrl-C still stops the run; the
-"Exception ignored" report of such an interrupt is left out, so the user still reads one line.
+`install()` (called by the command line) keeps a note of every SIGINT beside raising as before, and the long
+loops call `raise_if_requested()` between steps or batches (training, evaluation and prediction over a split,
+the frozen reader's prompt training), so a swallowed Ctrl-C still stops them; the "Exception ignored" report
+of such an interrupt is left out, so the user still reads one line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _on_sigint(signum, frame) -> None:
 
 def _quiet_noted_interrupts(unraisable, report) -> None:
     """sys.unraisablehook: a noted KeyboardInterrupt swallowed in a `__del__` is not reported (it is raised
-    again between training steps); everything else goes to the hook that was there before."""
+    again by the next `raise_if_requested()`); everything else goes to the hook that was there before."""
     if not (_requested and isinstance(unraisable.exc_value, KeyboardInterrupt)):
         report(unraisable)
 
