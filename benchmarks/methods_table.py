@@ -80,11 +80,14 @@ def run_method(method: str, head: str, args: argparse.Namespace) -> dict:
 
 def _candidates(record: dict) -> str:
     from deltatune.run import describe_search
+    from deltatune.search import rate_at_edge
 
     search = record.get("lr_search")
     if not search:
         return f"{record['learning_rate']:g}"
-    return f"**{search['chosen']:g}** ({describe_search(search)})"
+    edge = rate_at_edge(search)
+    marked = f"; the {edge} candidate: the best may lie outside the range" if edge else ""
+    return f"**{search['chosen']:g}** ({describe_search(search)}{marked})"
 
 
 def table(records: list[dict], primary: str, show_head: bool) -> str:

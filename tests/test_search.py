@@ -1,10 +1,18 @@
 """The learning-rate search: successive halving on dev, and a survivor that trains exactly as a single run."""
 
+import dataclasses
 import math
 
 import pytest
 
-from deltatune.search import learning_rate_candidates, search_cost, successive_halving
+from deltatune.search import (
+    edge_note,
+    learning_rate_candidates,
+    rate_at_edge,
+    search_cost,
+    successive_halving,
+    widened_range,
+)
 from deltatune.training import TrainConfig
 from test_run import local  # noqa: F401 - the fixture: a tiny BERT directory and a toy CSV
 
@@ -90,6 +98,24 @@ def test_search_cost_of_the_default_rungs():
     assert search_cost(2, ()) == pytest.approx(2.0)
 
 
+def _searched(rates, chosen) -> dict:
+    return {"candidates": [{"learning_rate": rate} for rate in rates], "chosen": chosen}
+
+
+def test_a_rate_chosen_at_an_end_of_the_range_is_named_with_a_range_that_reaches_past_it():
+    rates = (1e-5, 2e-5, 5e-5, 1e-4)
+    assert rate_at_edge(_searched(rates, 1e-5)) == "lowest" and rate_at_edge(_searched(rates, 1e-4)) == "highest"
+    assert rate_at_edge(_searched(rates, 2e-5)) is None and edge_note(_searched(rates, 5e-5)) is None
+    assert rate_at_edge(_searched((3e-3,), 3e-3)) is None  # one candidate: nothing was searched
+    # one step past the end, the two end candidates' ratio again, centred on the chosen rate
+    assert widened_range(_searched(rates, 1e-5)) == (5e-6, 1e-5, 2e-5)
+    assert widened_range(_searched((2e-4, 5e-4, 1e-3, 3e-3), 3e-3)) == (1e-3, 3e-3, 9e-3)
+    note = edge_note(_searched(rates, 1e-5))
+    assert note is not None and "1e-05 is the lowest" in note and "below" in note
+    assert "--lr-search 5e-06,1e-05,2e-05" in note
+    assert "above" in (edge_note(_searched((5e-5, 1e-4), 1e-4)) or "")
+
+
 def test_candidates_come_from_the_spec_or_the_method():
     from deltatune.methods import build_method
 
@@ -125,6 +151,14 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
 
     assert curve(searched) == curve(single) and [p["step"] for p in single.learning_curve][:2] == [6, 12]
     assert searched.dev_metrics == single.dev_metrics and searched.test_metrics == single.test_metrics
+    # the summary a user reads names a rate chosen at an end of the range, and only then
+    from deltatune.run import summarize
+
+    def summary(chosen: float) -> str:
+        return summarize(dataclasses.replace(searched, lr_search={**search, "chosen": chosen}))
+
+    assert "NOTE: the chosen learning rate 0.01 is the highest candidate" in summary(1e-2)
+    assert "NOTE" not in summary(3e-3)
 
 
 def _count_forwards(monkeypatch) -> list[int]:

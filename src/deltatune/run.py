@@ -498,7 +498,10 @@ def summarize(record: RunRecord) -> str:
 def _search_summary(search: dict | None) -> str:
     if not search:
         return ""
-    return f", chosen on dev from {describe_search(search)}"
+    from deltatune.search import edge_note
+
+    note = edge_note(search)
+    return f", chosen on dev from {describe_search(search)}" + (f"\n  NOTE: {note}" if note else "")
 
 
 def describe_search(search: dict) -> str:

@@ -15,6 +15,10 @@ its batch order and its random state and gains no evaluation from the pause, so 
 been evaluated and kept its checkpoint exactly as a single run at its rate would have. Scoring the rungs on
 part of dev keeps their cost (every live candidate, at every rung) to about a quarter of full
 evaluations. The test split plays no part: it is scored once, on the survivor's kept state.
+
+A chosen rate that is the lowest or the highest candidate (`rate_at_edge`) says the best rate may lie outside
+the range searched: the run's summary, `deltatune compare`'s report and the methods table say so, with a
+range that reaches past it.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from deltatune.errors import DeltatuneError
-from deltatune.training import TrainConfig, Trainer
+
+if TYPE_CHECKING:  # the report reads `rate_at_edge` without importing torch
+    from deltatune.training import TrainConfig, Trainer
 
 FALLBACK_FACTORS = (1 / 3, 1.0, 3.0)
 """Candidates around the default learning rate for a method that declares none of its own."""
@@ -56,6 +63,39 @@ def search_cost(num_candidates: int, rungs: Sequence[float]) -> float:
         cost += alive * (rung - done)
         alive, done = math.ceil(alive / 2), rung
     return cost + alive * (1.0 - done)
+
+
+def rate_at_edge(search: dict) -> str | None:
+    """Where a search's chosen rate sits when it is an end of the candidates' range: "lowest" or "highest";
+    None inside the range (or with one candidate)."""
+    rates = sorted(candidate["learning_rate"] for candidate in search["candidates"])
+    if len(rates) < 2:
+        return None
+    if search["chosen"] == rates[0]:
+        return "lowest"
+    return "highest" if search["chosen"] == rates[-1] else None
+
+
+def widened_range(search: dict) -> tuple[float, ...]:
+    """Three rates centred on a chosen rate at the edge of `search`'s range: one step past it (the step the two
+    candidates nearest that end are apart, as a ratio), the chosen rate, and its neighbour inside."""
+    rates = sorted(candidate["learning_rate"] for candidate in search["candidates"])
+    inner, outer = (rates[1], rates[0]) if rate_at_edge(search) == "lowest" else (rates[-2], rates[-1])
+    beyond = float(f"{outer * outer / inner:.2g}")
+    return tuple(sorted((beyond, outer, inner)))
+
+
+def edge_note(search: dict) -> str | None:
+    """A sentence for a user whose search chose a rate at the edge of its range; None otherwise."""
+    edge = rate_at_edge(search)
+    if edge is None:
+        return None
+    direction = "below" if edge == "lowest" else "above"
+    suggestion = ",".join(f"{rate:g}" for rate in widened_range(search))
+    return (
+        f"the chosen learning rate {search['chosen']:g} is the {edge} candidate searched, so the best may lie "
+        f"{direction} it; search a range that reaches past it (e.g. --lr-search {suggestion})"
+    )
 
 
 @dataclass
@@ -165,4 +205,12 @@ def _halve(
     return SearchResult(chosen.trainer, record)
 
 
-__all__ = ["learning_rate_candidates", "search_cost", "successive_halving", "SearchResult"]
+__all__ = [
+    "learning_rate_candidates",
+    "search_cost",
+    "successive_halving",
+    "SearchResult",
+    "rate_at_edge",
+    "widened_range",
+    "edge_note",
+]

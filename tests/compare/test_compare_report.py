@@ -243,6 +243,22 @@ def test_the_report_says_which_part_of_dev_chose_the_checkpoints(experiment):
     assert "chosen on a fixed stratified 500 examples of dev" in fact and "all of dev" in fact
 
 
+def test_the_report_marks_a_rate_chosen_at_an_end_of_its_range(experiment):
+    from deltatune.compare.report import _search_note, _search_table
+
+    analysis = analyze(experiment)
+    searched = [cell for cell in analysis.finished if (cell.get("record") or {}).get("lr_search")]
+    # every fake cell searches (0.001, 0.01) and keeps 0.001, the lowest
+    assert {row[5] for row in _search_table(analysis)[1]} == {"0.001 (lowest candidate)"}
+    assert f"{len(searched)} of {len(searched)} searches chose the lowest or the highest" in _search_note(analysis)
+    for cell in searched:  # a third candidate below: 0.001 is now inside the range
+        search = cell["record"]["lr_search"]
+        lower = {**search["candidates"][1], "learning_rate": 1e-4, "stopped_at_rung": 0}
+        cell["record"] = {**cell["record"], "lr_search": {**search, "candidates": [lower, *search["candidates"]]}}
+    assert {row[5] for row in _search_table(analysis)[1]} == {"0.001"}
+    assert "may lie outside" not in _search_note(analysis)
+
+
 def test_the_report_gives_each_tasks_training_budget(experiment):
     from deltatune.compare.report import _budget_fact
 

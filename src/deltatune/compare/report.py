@@ -25,6 +25,7 @@ from markupsafe import Markup
 from deltatune.compare import stats
 from deltatune.compare.summary import Analysis, Group, VariantResult, analyze, claims
 from deltatune.compare.svg import Plot, bar_chart, method_colors
+from deltatune.search import rate_at_edge
 
 REPORT_HTML = "report.html"
 REPORT_MARKDOWN = "report.md"
@@ -556,7 +557,7 @@ def render_html(analysis: Analysis) -> str:
         tasks=[_task_section(analysis, task, colors) for task in analysis.tasks],
         cost_plots=_markup_plots(cost_plots(analysis, colors)),
         search=_table_context(*_search_table(analysis)),
-        search_note=_SEARCH_NOTE,
+        search_note=_search_note(analysis),
         areas=_table_context(*_area_table(analysis)),
         split=_split(analysis),
         time_to_target=_table_context(*_time_to_target_table(analysis)),
@@ -624,6 +625,20 @@ _SEARCH_NOTE = (
     "end; the chosen rate is the survivor. Cost: optimizer steps of all candidates together, and as a "
     "multiple of the chosen run's own steps."
 )
+
+
+def _search_note(analysis: Analysis) -> str:
+    """The search table's note, and how many cells chose a rate at an end of their range (their best rate may
+    lie outside it)."""
+    searches = [search for c in analysis.finished if (search := (c.get("record") or {}).get("lr_search"))]
+    at_edge = sum(rate_at_edge(search) is not None for search in searches)
+    if not at_edge:
+        return _SEARCH_NOTE
+    return (
+        f"{_SEARCH_NOTE} {at_edge} of {len(searches)} searches chose the lowest or the highest of their "
+        "candidates (marked): their best rate may lie outside the range searched, so those cells may be below "
+        "their method's best; a range that reaches past the chosen rate settles it."
+    )
 
 
 def _claims_note(analysis: Analysis) -> str:
@@ -757,7 +772,7 @@ def _search_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                 condition,
                 str(cell["seed"]),
                 "; ".join(shown),
-                f"{search['chosen']:g}",
+                f"{search['chosen']:g}" + (f" ({edge} candidate)" if (edge := rate_at_edge(search)) else ""),
                 f"{search['steps']} ({search['steps'] / max(1, cell['steps']):.2f}×)",
             ]
         )
@@ -889,7 +904,7 @@ def render_markdown(analysis: Analysis) -> str:
         lines += [_markdown_table(["condition", "method", *_table_header(analysis)], rows), ""]
     search = _search_table(analysis)
     if search[1]:
-        lines += ["## Learning-rate search (dev)", "", _SEARCH_NOTE, "", _markdown_table(*search), ""]
+        lines += ["## Learning-rate search (dev)", "", _search_note(analysis), "", _markdown_table(*search), ""]
     if analysis.areas:
         lines += [
             "## Area under the data-fraction curve (× 100, mean ± std over seeds)",
