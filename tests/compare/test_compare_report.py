@@ -251,12 +251,16 @@ def test_the_report_marks_a_rate_chosen_at_an_end_of_its_range(experiment):
     # every fake cell searches (0.001, 0.01) and keeps 0.001, the lowest
     assert {row[5] for row in _search_table(analysis)[1]} == {"0.001 (lowest candidate)"}
     assert f"{len(searched)} of {len(searched)} searches chose the lowest or the highest" in _search_note(analysis)
+    caveat = "its learning rate was the lowest candidate searched, so it may do better outside the range"
+    bitfit = next(s for s in claims(analysis) if s.startswith("**bitfit**") and "data amounts" in s)
+    assert "(worse by" in bitfit and caveat in bitfit  # a method found worse may have been held back by its range
     for cell in searched:  # a third candidate below: 0.001 is now inside the range
         search = cell["record"]["lr_search"]
         lower = {**search["candidates"][1], "learning_rate": 1e-4, "stopped_at_rung": 0}
         cell["record"] = {**cell["record"], "lr_search": {**search, "candidates": [lower, *search["candidates"]]}}
     assert {row[5] for row in _search_table(analysis)[1]} == {"0.001"}
     assert "may lie outside" not in _search_note(analysis)
+    assert not any("candidate searched" in sentence for sentence in claims(analysis))
 
 
 def test_the_report_gives_each_tasks_training_budget(experiment):

@@ -12,7 +12,8 @@ A verdict needs both runs trained as far as they could go. In the data sweep, a 
 was still rising at its end (not converged) is not called worse: its verdict reads "inconclusive: not
 converged after N steps". Likewise a method cannot be said to match or beat a reference that was itself
 still rising. Under a time budget the budget is the question, so a verdict stands there and says that
-the method was still improving when its time ran out.
+the method was still improving when its time ran out. A "worse by" verdict on a method whose learning-rate
+search chose the lowest or highest of its candidates says so: the method may do better outside that range.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from deltatune.baselines import SEEDED
 from deltatune.compare import stats, store
 from deltatune.compare.spec import StatisticsConfig
+from deltatune.search import rate_at_edge
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,13 @@ class VariantResult:
     @property
     def still_rising(self) -> bool:
         return any(flag is False for flag in self.converged)
+
+    @property
+    def rate_edges(self) -> list[str]:
+        """'lowest' / 'highest' for each seed whose learning-rate search chose that end of its range (its best
+        rate may lie outside it); empty when every search chose inside, or none searched."""
+        searches = [search for cell in self.cells if (search := (cell.get("record") or {}).get("lr_search"))]
+        return sorted({edge for search in searches if (edge := rate_at_edge(search)) is not None})
 
     @property
     def unconverged_steps(self) -> list[int]:
@@ -495,6 +504,12 @@ def _claim(analysis: Analysis, variant: str, sweep: str) -> str | None:
             missed.append(
                 f"{place} (worse by {-difference:.1f} points [{-high:.1f}, {-low:.1f}]"
                 + (", still improving when its time ran out" if result.still_rising else "")
+                + (
+                    f"; its learning rate was the {' or '.join(result.rate_edges)} candidate searched, so it may "
+                    "do better outside the range"
+                    if result.rate_edges
+                    else ""
+                )
                 + ")"
             )
         else:
