@@ -91,6 +91,53 @@ def test_a_candidate_that_diverged_ranks_last_and_is_never_chosen_over_one_that_
     assert by_rate[4.0]["diverged"].startswith("Training diverged at step 10") and "diverged" not in by_rate[2.0]
 
 
+def test_a_search_that_chose_an_end_goes_past_it_until_it_keeps_a_rate_inside():
+    # 3.0 wins the search at the top of the range; 4.5 (one step past: 3 * 3/2) does better; 6.8 past that is worse
+    scripts = {
+        1.0: {10: 0.1, 20: 0.2, 80: 0.3},
+        2.0: {10: 0.2, 20: 0.3, 80: 0.4},
+        3.0: {10: 0.5, 20: 0.7, 80: 0.8},
+        4.5: {10: 0.6, 20: 0.8, 80: 0.9},
+        6.8: {10: 0.4, 20: 0.5, 80: 0.6},
+    }
+    made: list[float] = []
+    trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
+
+    def make(rate: float) -> ScriptedTrainer:
+        made.append(rate)
+        return trainers[rate]
+
+    result = successive_halving(make, [1.0, 2.0, 3.0], (0.125, 0.25), "pearson", extend=3)
+    assert made == [1.0, 2.0, 3.0, 4.5, 6.8]  # the third extension was not needed: 4.5 lies inside 1..6.8
+    assert result.trainer is trainers[4.5] and result.record["chosen"] == 4.5 and rate_at_edge(result.record) is None
+    by_rate = {c["learning_rate"]: c for c in result.record["candidates"]}
+    assert by_rate[4.5]["extension"] and by_rate[6.8]["extension"] and "extension" not in by_rate[3.0]
+    assert by_rate[4.5]["steps"] == by_rate[6.8]["steps"] == 80 and by_rate[4.5]["rung_scores"] == []
+    assert by_rate[3.0]["stopped_at_rung"] == by_rate[6.8]["stopped_at_rung"] == 2  # dropped after the rungs
+    assert trainers[3.0].closed and trainers[6.8].closed and not trainers[4.5].closed
+    assert result.record["planned_cost_runs"] == pytest.approx(search_cost(3, (0.125, 0.25)) + 2)
+    # with one extension allowed, 4.5 is kept and is again the end: the record still says so
+    trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
+    one = successive_halving(trainers.__getitem__, [1.0, 2.0, 3.0], (0.125, 0.25), "pearson", extend=1)
+    assert one.record["chosen"] == 4.5 and rate_at_edge(one.record) == "highest"
+
+
+def test_no_rate_past_the_range_without_extend_or_when_the_choice_is_inside():
+    scripts = {1.0: {10: 0.1, 20: 0.2, 80: 0.3}, 2.0: {10: 0.5, 20: 0.6, 80: 0.7}, 3.0: {10: 0.3, 20: 0.4, 80: 0.5}}
+    for rates, extend in (([1.0, 2.0, 3.0], 2), ([1.0, 2.0], 0)):
+        made: list[float] = []
+        trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
+        result = successive_halving(
+            lambda rate, made=made, trainers=trainers: made.append(rate) or trainers[rate],
+            rates,
+            (0.125, 0.25),
+            "pearson",
+            extend=extend,
+        )
+        assert made == rates and result.record["chosen"] == 2.0
+        assert not any(c.get("extension") for c in result.record["candidates"])
+
+
 def test_search_cost_of_the_default_rungs():
     assert search_cost(4, (0.125, 0.25)) == pytest.approx(1.5)
     assert search_cost(3, (0.125, 0.25)) == pytest.approx(3 / 8 + 2 / 8 + 3 / 4)
@@ -159,6 +206,29 @@ def test_the_searched_run_is_the_single_run_at_the_chosen_rate(local):  # noqa: 
 
     assert "NOTE: the chosen learning rate 0.01 is the highest candidate" in summary(1e-2)
     assert "NOTE" not in summary(3e-3)
+
+
+def test_a_real_search_trains_past_the_end_it_chose(local):  # noqa: F811 - the fixture imported above
+    from deltatune.run import run_training
+
+    model, data = local
+    settings = dict(max_steps=16, batch_size=8, eval_every=8, quiet=True, seed=3, precision="fp32")
+    record = run_training(
+        model,
+        data,
+        "full",
+        {},
+        TrainConfig(lr_search=(1e-4, 1e-3), lr_search_extend=1, lr_search_rungs=(0.5,), **settings),
+    )
+    search = record.lr_search
+    rates = [c["learning_rate"] for c in search["candidates"]]
+    assert rates[:2] == [1e-4, 1e-3] and rates[2] in (1e-5, 1e-2)  # two candidates: either choice is an end
+    assert [bool(c.get("extension")) for c in search["candidates"]] == [False, False, True]
+    assert search["candidates"][2]["steps"] == 16 and record.learning_rate == search["chosen"]
+    with pytest.raises(Exception, match="lr_search_extend"):
+        TrainConfig(lr_search="auto", lr_search_extend=-1)
+    with pytest.raises(Exception, match="extends a learning-rate search, and none is set"):
+        TrainConfig(lr_search_extend=2)
 
 
 def _count_forwards(monkeypatch) -> list[int]:

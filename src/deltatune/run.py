@@ -374,15 +374,19 @@ def _train(
     remaining = list(rates)
 
     def make_trainer(rate: float) -> Trainer:
-        remaining.remove(rate)
-        candidate = model if not remaining else copy.deepcopy(model)  # the last one takes the original
+        if rate in remaining:
+            remaining.remove(rate)
+        # the last candidate takes the original, unless rates past the range may still need a fresh copy
+        candidate = model if not remaining and not config.lr_search_extend else copy.deepcopy(model)
         torch.set_rng_state(start_state)
         candidate_method = build_method(method_name, method_overrides)
         resolve_critical_layers(candidate_method, candidate)
         prepare_model(candidate, candidate_method, tokenizer)
         return Trainer(candidate, candidate_method, task, prepared, config, learning_rate=rate)
 
-    search = successive_halving(make_trainer, rates, config.lr_search_rungs, task.metric, say)
+    search = successive_halving(
+        make_trainer, rates, config.lr_search_rungs, task.metric, say, extend=config.lr_search_extend
+    )
     return search.trainer, search.record
 
 
@@ -508,7 +512,11 @@ def describe_search(search: dict) -> str:
     """'0.0005: 0.871, 0.001: 0.883 → 0.885, ...': each candidate's rung scores on dev, in order."""
     return ", ".join(
         f"{c['learning_rate']:g}: "
-        + " → ".join(f"{v:.3f}" for v in c["rung_scores"])
+        + (
+            f"{c['best_dev']:.3f} (past the range)"
+            if c.get("extension") and c["best_dev"] is not None
+            else " → ".join(f"{v:.3f}" for v in c["rung_scores"])
+        )
         + (" (stopped)" if c["stopped_at_rung"] is not None else "")
         for c in search["candidates"]
     )

@@ -18,7 +18,9 @@ evaluations. The test split plays no part: it is scored once, on the survivor's 
 
 A chosen rate that is the lowest or the highest candidate (`rate_at_edge`) says the best rate may lie outside
 the range searched: the run's summary, `deltatune compare`'s report and the methods table say so, with a
-range that reaches past it.
+range that reaches past it. With `lr_search_extend` N the search goes past that end itself: up to N more rates,
+one step further each (the ratio of the two candidates nearest that end), each a whole run from the same
+start, the better on dev kept, until it keeps a rate inside the range.
 """
 
 from __future__ import annotations
@@ -80,9 +82,17 @@ def widened_range(search: dict) -> tuple[float, ...]:
     """Three rates centred on a chosen rate at the edge of `search`'s range: one step past it (the step the two
     candidates nearest that end are apart, as a ratio), the chosen rate, and its neighbour inside."""
     rates = sorted(candidate["learning_rate"] for candidate in search["candidates"])
-    inner, outer = (rates[1], rates[0]) if rate_at_edge(search) == "lowest" else (rates[-2], rates[-1])
-    beyond = float(f"{outer * outer / inner:.2g}")
-    return tuple(sorted((beyond, outer, inner)))
+    edge = rate_at_edge(search)
+    assert edge is not None, "widened_range is for a search that chose an end of its range"
+    inner, outer = (rates[1], rates[0]) if edge == "lowest" else (rates[-2], rates[-1])
+    return tuple(sorted((_one_step_past(rates, edge), outer, inner)))
+
+
+def _one_step_past(rates: Sequence[float], edge: str) -> float:
+    """The rate one step past the `edge` end of sorted `rates`, the step being the ratio of the two rates
+    nearest that end (2e-5 below 5e-5, 1e-4: 1e-5 ... 2 significant digits)."""
+    inner, outer = (rates[1], rates[0]) if edge == "lowest" else (rates[-2], rates[-1])
+    return float(f"{outer * outer / inner:.2g}")
 
 
 def edge_note(search: dict) -> str | None:
@@ -94,7 +104,8 @@ def edge_note(search: dict) -> str | None:
     suggestion = ",".join(f"{rate:g}" for rate in widened_range(search))
     return (
         f"the chosen learning rate {search['chosen']:g} is the {edge} candidate searched, so the best may lie "
-        f"{direction} it; search a range that reaches past it (e.g. --lr-search {suggestion})"
+        f"{direction} it; search a range that reaches past it (e.g. --lr-search {suggestion}, or let the search "
+        "go on past it with --lr-search-extend 2)"
     )
 
 
@@ -105,6 +116,9 @@ class Candidate:
     rung_scores: list[float] = field(default_factory=list)
     """Its score on the rung part of dev at each rung it reached."""
     stopped_at_rung: int | None = None
+    extension: bool = False
+    """Trained past the end of the range after the search chose that end (`lr_search_extend`): a whole run,
+    judged by its best dev score, with no rungs."""
 
     @property
     def best(self) -> float:
@@ -127,7 +141,13 @@ class Candidate:
             "stopped_at_rung": self.stopped_at_rung,
             "stopped_by": self.trainer.stopped_by,
             **({"diverged": self.trainer.diverged} if self.trainer.diverged is not None else {}),
+            **({"extension": True} if self.extension else {}),
         }
+
+    def final_key(self) -> tuple[bool, float]:
+        """How the candidates that trained to the end are compared: a diverged one is chosen only when every one
+        diverged (its message then reaches the user), then the best dev score."""
+        return self.trainer.diverged is None, self.best
 
 
 @dataclass
@@ -145,13 +165,21 @@ def successive_halving(
     rungs: Sequence[float],
     metric: str,
     say: Callable[[str], None] | None = None,
+    extend: int = 0,
 ) -> SearchResult:
-    """Run the search; every trainer but the survivor's is closed. See the module docstring."""
+    """Run the search; every trainer but the survivor's is closed. See the module docstring. `extend`: at most
+    this many rates past an end of the range that the search chose (`TrainConfig.lr_search_extend`)."""
     candidates: list[Candidate] = []
     try:
         for rate in learning_rates:
             candidates.append(Candidate(rate, make_trainer(rate)))
-        return _halve(candidates, rungs, metric, say)
+        chosen = _halve(candidates, rungs, metric, say)
+        for _ in range(extend):
+            edge = _edge(candidates, chosen)
+            if edge is None:
+                break
+            chosen = _train_past(candidates, chosen, edge, make_trainer, len(rungs), metric, say)
+        return SearchResult(chosen.trainer, _search_record(candidates, chosen, rungs, metric))
     except BaseException:
         for candidate in candidates:  # closing twice is a no-op: losers were closed when they stopped
             candidate.trainer.close(failed=True)
@@ -160,7 +188,7 @@ def successive_halving(
 
 def _halve(
     candidates: list[Candidate], rungs: Sequence[float], metric: str, say: Callable[[str], None] | None
-) -> SearchResult:
+) -> Candidate:
     alive = list(candidates)
     for index, rung in enumerate(rungs):
         if len(alive) <= 1:
@@ -185,24 +213,59 @@ def _halve(
             )
     for candidate in alive:
         candidate.trainer.advance()
-    # a diverged candidate is chosen only when every survivor diverged (its message then reaches the user)
-    chosen = max(alive, key=lambda c: (c.trainer.diverged is None, c.best))
+    chosen = max(alive, key=Candidate.final_key)
     for candidate in alive:
         if candidate is not chosen:
             candidate.stopped_at_rung = len(rungs)
             candidate.trainer.close()
-    record = {
+    return chosen
+
+
+def _edge(candidates: list[Candidate], chosen: Candidate) -> str | None:
+    return rate_at_edge(
+        {"candidates": [{"learning_rate": c.learning_rate} for c in candidates], "chosen": chosen.learning_rate}
+    )
+
+
+def _train_past(
+    candidates: list[Candidate],
+    chosen: Candidate,
+    edge: str,
+    make_trainer: Callable[[float], Trainer],
+    end_rung: int,
+    metric: str,
+    say: Callable[[str], None] | None,
+) -> Candidate:
+    """Train one rate past the `edge` end of the candidates' range as a whole run; the better on dev is kept."""
+    rate = _one_step_past(sorted(c.learning_rate for c in candidates), edge)
+    extension = Candidate(rate, make_trainer(rate), extension=True)
+    candidates.append(extension)
+    extension.trainer.advance()
+    kept = max((chosen, extension), key=Candidate.final_key)  # a tie keeps the rate inside the range
+    dropped = extension if kept is chosen else chosen
+    dropped.stopped_at_rung = end_rung
+    dropped.trainer.close()
+    if say is not None:
+        say(
+            f"lr {chosen.learning_rate:g} was the {edge} candidate: lr {rate:g}, past it, trained too; "
+            f"{metric} {chosen.best:.4f} against {extension.best:.4f}: lr {kept.learning_rate:g} kept"
+        )
+    return kept
+
+
+def _search_record(candidates: list[Candidate], chosen: Candidate, rungs: Sequence[float], metric: str) -> dict:
+    extensions = sum(c.extension for c in candidates)
+    return {
         "candidates": [c.describe() for c in candidates],
         "rungs": list(rungs),
         "metric": metric,
         "chosen": chosen.learning_rate,
         "split": "dev",
         "rung_examples": len(chosen.trainer.data.rung_dev),
-        "planned_cost_runs": search_cost(len(candidates), rungs),
+        "planned_cost_runs": search_cost(len(candidates) - extensions, rungs) + extensions,
         "train_time_s": round(sum(c.trainer.train_time for c in candidates), 3),
         "steps": sum(c.trainer.step for c in candidates),
     }
-    return SearchResult(chosen.trainer, record)
 
 
 __all__ = [

@@ -137,6 +137,11 @@ class TrainConfig:
     """Successive halving: at each of these fractions of the planned steps (or of the time budget) every
     remaining learning rate is scored on a fixed part of dev (see `RUNG_DEV_EXAMPLES`) and the better half
     (rounded up) goes on. With 4 candidates and (0.125, 0.25) the search trains 4/8 + 2/8 + 3/4 = 1.5 runs."""
+    lr_search_extend: int = 0
+    """When the search chooses the lowest or highest of its candidates, train up to this many more rates past
+    that end, one at a time (each one step further, the step between the two candidates nearest that end),
+    each a whole run from the same start; dev keeps the better, and the search stops once it chooses a rate
+    inside the range. Each costs one run. 0: never (the run's summary then suggests a wider range)."""
     regression_loss: Literal["mse", "cosent"] = "mse"
     """A score task's loss: mse on the scaled target, or cosent (Su 2022; bi-encoder head only): for every two
     examples of a batch whose gold scores differ, log(1 + sum exp(20 (cos_lower - cos_higher))), which trains
@@ -237,6 +242,13 @@ class TrainConfig:
             problems.append(f"convergence_tolerance={self.convergence_tolerance} must not be negative")
         if isinstance(self.lr_search, tuple) and (not self.lr_search or min(self.lr_search) <= 0):
             problems.append(f"lr_search={self.lr_search} must be positive learning rates, or auto")
+        if self.lr_search_extend < 0:
+            problems.append(f"lr_search_extend={self.lr_search_extend} must be 0 (never) or more extra rates")
+        elif self.lr_search_extend and self.lr_search is None:
+            problems.append(
+                f"lr_search_extend={self.lr_search_extend} extends a learning-rate search, and none is set: "
+                "add lr_search (--lr-search auto, or a list of rates)"
+            )
         rungs = self.lr_search_rungs
         if any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
             problems.append(f"lr_search_rungs={rungs} must be increasing fractions in (0, 1), e.g. 0.125,0.25")

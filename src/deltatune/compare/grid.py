@@ -52,6 +52,7 @@ LATER_FIELD_DEFAULTS = {
     "eval_examples": None,
     "regression_loss": "mse",
     "dropout": None,
+    "lr_search_extend": 0,
 }
 """TrainConfig fields added after grids were first stored: left out of a cell's identity at their default,
 so an experiment stored before them resumes instead of training every cell again."""

@@ -622,8 +622,9 @@ _SEARCH_NOTE = (
     "Each cell trains every candidate learning rate from the same start; at each rung the candidates "
     "are scored on a fixed stratified part of dev and the better half goes on, the rest stop. Shown: "
     "dev × 100 at each rung (that part of dev) and, for the survivor, its best on all of dev at the "
-    "end; the chosen rate is the survivor. Cost: optimizer steps of all candidates together, and as a "
-    "multiple of the chosen run's own steps."
+    "end; the chosen rate is the survivor. A rate 'past the range' was trained as a whole run after the search "
+    "chose an end of its range (lr_search_extend), its best on all of dev shown. Cost: optimizer steps of all "
+    "candidates together, and as a multiple of the chosen run's own steps."
 )
 
 
@@ -755,11 +756,12 @@ def _search_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
         shown = []
         for candidate in search["candidates"]:
             scores = [f"{100 * v:.1f}" if v is not None else "–" for v in candidate["rung_scores"]]
-            if candidate["stopped_at_rung"] is None:
+            if candidate["stopped_at_rung"] is None or candidate.get("extension"):
                 scores.append(f"{100 * candidate['best_dev']:.1f}" if candidate["best_dev"] is not None else "–")
             shown.append(
                 f"{candidate['learning_rate']:g}: "
                 + " → ".join(scores)
+                + (" (past the range)" if candidate.get("extension") else "")
                 + (" (stopped)" if candidate["stopped_at_rung"] is not None else "")
             )
         condition = f"fraction {cell['data_fraction']:g}" + (
