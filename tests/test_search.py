@@ -120,6 +120,7 @@ def test_a_search_that_chose_an_end_goes_past_it_until_it_keeps_a_rate_inside():
     trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
     one = successive_halving(trainers.__getitem__, [1.0, 2.0, 3.0], (0.125, 0.25), "pearson", extend=1)
     assert one.record["chosen"] == 4.5 and rate_at_edge(one.record) == "highest"
+    assert "a larger --lr-search-extend" in (edge_note(one.record) or "")
 
 
 def test_no_rate_past_the_range_without_extend_or_when_the_choice_is_inside():

@@ -105,7 +105,11 @@ def edge_note(search: dict) -> str | None:
     return (
         f"the chosen learning rate {search['chosen']:g} is the {edge} candidate searched, so the best may lie "
         f"{direction} it; search a range that reaches past it (e.g. --lr-search {suggestion}, or let the search "
-        "go on past it with --lr-search-extend 2)"
+        + (
+            "go further past it with a larger --lr-search-extend)"
+            if any(candidate.get("extension") for candidate in search["candidates"])
+            else "go on past it with --lr-search-extend 2)"
+        )
     )
 
 
