@@ -137,6 +137,13 @@ def test_no_rate_past_the_range_without_extend_or_when_the_choice_is_inside():
         )
         assert made == rates and result.record["chosen"] == 2.0
         assert not any(c.get("extension") for c in result.record["candidates"])
+    # every candidate diverged: the one kept carries the message, and nothing trains past it
+    made = []
+    diverging = {rate: ScriptedTrainer({9: rate / 10, 80: rate / 5}, diverges_at=10) for rate in (1.0, 2.0)}
+    result = successive_halving(
+        lambda rate: made.append(rate) or diverging[rate], [1.0, 2.0], (0.125, 0.25), "pearson", extend=2
+    )
+    assert made == [1.0, 2.0] and result.trainer.diverged is not None
 
 
 def test_search_cost_of_the_default_rungs():

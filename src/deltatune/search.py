@@ -90,7 +90,7 @@ def widened_range(search: dict) -> tuple[float, ...]:
 
 def _one_step_past(rates: Sequence[float], edge: str) -> float:
     """The rate one step past the `edge` end of sorted `rates`, the step being the ratio of the two rates
-    nearest that end (2e-5 below 5e-5, 1e-4: 1e-5 ... 2 significant digits)."""
+    nearest that end, to 2 significant digits: 8e-6 below 2e-5, 5e-5; 0.009 above 0.001, 0.003."""
     inner, outer = (rates[1], rates[0]) if edge == "lowest" else (rates[-2], rates[-1])
     return float(f"{outer * outer / inner:.2g}")
 
@@ -180,7 +180,7 @@ def successive_halving(
         chosen = _halve(candidates, rungs, metric, say)
         for _ in range(extend):
             edge = _edge(candidates, chosen)
-            if edge is None:
+            if edge is None or chosen.trainer.diverged is not None:  # inside the range, or nothing trained
                 break
             chosen = _train_past(candidates, chosen, edge, make_trainer, len(rungs), metric, say)
         return SearchResult(chosen.trainer, _search_record(candidates, chosen, rungs, metric))
