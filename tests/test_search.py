@@ -91,6 +91,16 @@ def test_a_candidate_that_diverged_ranks_last_and_is_never_chosen_over_one_that_
     assert by_rate[4.0]["diverged"].startswith("Training diverged at step 10") and "diverged" not in by_rate[2.0]
 
 
+def _recording(trainers: dict, made: list[float]):
+    """A `make_trainer` that hands out the scripted trainers and notes each rate it was asked for."""
+
+    def make(rate: float) -> ScriptedTrainer:
+        made.append(rate)
+        return trainers[rate]
+
+    return make
+
+
 def test_a_search_that_chose_an_end_goes_past_it_until_it_keeps_a_rate_inside():
     # 3.0 wins the search at the top of the range; 4.5 (one step past: 3 * 3/2) does better; 6.8 past that is worse
     scripts = {
@@ -102,12 +112,7 @@ def test_a_search_that_chose_an_end_goes_past_it_until_it_keeps_a_rate_inside():
     }
     made: list[float] = []
     trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
-
-    def make(rate: float) -> ScriptedTrainer:
-        made.append(rate)
-        return trainers[rate]
-
-    result = successive_halving(make, [1.0, 2.0, 3.0], (0.125, 0.25), "pearson", extend=3)
+    result = successive_halving(_recording(trainers, made), [1.0, 2.0, 3.0], (0.125, 0.25), "pearson", extend=3)
     assert made == [1.0, 2.0, 3.0, 4.5, 6.8]  # the third extension was not needed: 4.5 lies inside 1..6.8
     assert result.trainer is trainers[4.5] and result.record["chosen"] == 4.5 and rate_at_edge(result.record) is None
     by_rate = {c["learning_rate"]: c for c in result.record["candidates"]}
@@ -128,21 +133,13 @@ def test_no_rate_past_the_range_without_extend_or_when_the_choice_is_inside():
     for rates, extend in (([1.0, 2.0, 3.0], 2), ([1.0, 2.0], 0)):
         made: list[float] = []
         trainers = {rate: ScriptedTrainer(script) for rate, script in scripts.items()}
-        result = successive_halving(
-            lambda rate, made=made, trainers=trainers: made.append(rate) or trainers[rate],
-            rates,
-            (0.125, 0.25),
-            "pearson",
-            extend=extend,
-        )
+        result = successive_halving(_recording(trainers, made), rates, (0.125, 0.25), "pearson", extend=extend)
         assert made == rates and result.record["chosen"] == 2.0
         assert not any(c.get("extension") for c in result.record["candidates"])
     # every candidate diverged: the one kept carries the message, and nothing trains past it
     made = []
     diverging = {rate: ScriptedTrainer({9: rate / 10, 80: rate / 5}, diverges_at=10) for rate in (1.0, 2.0)}
-    result = successive_halving(
-        lambda rate: made.append(rate) or diverging[rate], [1.0, 2.0], (0.125, 0.25), "pearson", extend=2
-    )
+    result = successive_halving(_recording(diverging, made), [1.0, 2.0], (0.125, 0.25), "pearson", extend=2)
     assert made == [1.0, 2.0] and result.trainer.diverged is not None
 
 

@@ -70,12 +70,16 @@ def search_cost(num_candidates: int, rungs: Sequence[float]) -> float:
 def rate_at_edge(search: dict) -> str | None:
     """Where a search's chosen rate sits when it is an end of the candidates' range: "lowest" or "highest";
     None inside the range (or with one candidate)."""
-    rates = sorted(candidate["learning_rate"] for candidate in search["candidates"])
+    return _end_of(sorted(candidate["learning_rate"] for candidate in search["candidates"]), search["chosen"])
+
+
+def _end_of(rates: Sequence[float], chosen: float) -> str | None:
+    """`rate_at_edge` over sorted `rates`."""
     if len(rates) < 2:
         return None
-    if search["chosen"] == rates[0]:
+    if chosen == rates[0]:
         return "lowest"
-    return "highest" if search["chosen"] == rates[-1] else None
+    return "highest" if chosen == rates[-1] else None
 
 
 def widened_range(search: dict) -> tuple[float, ...]:
@@ -84,8 +88,8 @@ def widened_range(search: dict) -> tuple[float, ...]:
     rates = sorted(candidate["learning_rate"] for candidate in search["candidates"])
     edge = rate_at_edge(search)
     assert edge is not None, "widened_range is for a search that chose an end of its range"
-    inner, outer = (rates[1], rates[0]) if edge == "lowest" else (rates[-2], rates[-1])
-    return tuple(sorted((_one_step_past(rates, edge), outer, inner)))
+    end_pair = rates[:2] if edge == "lowest" else rates[-2:]
+    return tuple(sorted((_one_step_past(rates, edge), *end_pair)))
 
 
 def _one_step_past(rates: Sequence[float], edge: str) -> float:
@@ -179,7 +183,7 @@ def successive_halving(
             candidates.append(Candidate(rate, make_trainer(rate)))
         chosen = _halve(candidates, rungs, metric, say)
         for _ in range(extend):
-            edge = _edge(candidates, chosen)
+            edge = _end_of(sorted(c.learning_rate for c in candidates), chosen.learning_rate)
             if edge is None or chosen.trainer.diverged is not None:  # inside the range, or nothing trained
                 break
             chosen = _train_past(candidates, chosen, edge, make_trainer, len(rungs), metric, say)
@@ -223,12 +227,6 @@ def _halve(
             candidate.stopped_at_rung = len(rungs)
             candidate.trainer.close()
     return chosen
-
-
-def _edge(candidates: list[Candidate], chosen: Candidate) -> str | None:
-    return rate_at_edge(
-        {"candidates": [{"learning_rate": c.learning_rate} for c in candidates], "chosen": chosen.learning_rate}
-    )
 
 
 def _train_past(
